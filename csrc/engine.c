@@ -1,0 +1,652 @@
+/*
+ * engine.c - runs any plan over a comm's connections.
+ *
+ * One non-blocking loop per collective. Each (peer, stripe) connection is a
+ * *channel* with a send FIFO and a receive FIFO holding the plan's ops in
+ * plan order. An op may start when all its dependencies are done and it is
+ * at the head of its FIFO; local ops (copy, reduce, scale) run as soon as
+ * they are ready. Sends write header + payload with one sendmsg; receives
+ * read the header and payload with one recvmsg, straight into the
+ * destination, or, for receive-reduce, through a small per-channel staging
+ * buffer that is reduced into the destination while it is still in cache.
+ * When nothing moves the loop spins briefly (small messages) then sleeps in
+ * poll() on the channels it waits for plus the comm's cancel pipe, never
+ * past the deadline. On any failure every connection of the comm is shut
+ * down, so peers blocked on us fail at once instead of waiting out a
+ * timeout; the comm is then unusable and the caller builds a new one.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "plan.h"
+#include "pycoll.h"
+#include "transport.h"
+#include "wire.h"
+
+#define STAGE_BYTES (256u * 1024u)
+
+typedef struct {
+    int32_t *send_q, nsend, send_head;
+    int32_t *recv_q, nrecv, recv_head;
+    uint8_t shdr[PC_HDR_BYTES];
+    uint64_t sdone;        /* header + payload bytes sent of the head op */
+    uint8_t rhdr[PC_HDR_BYTES];
+    uint64_t rdone;        /* header + payload bytes received of the head op */
+    uint64_t reduced;      /* payload bytes already reduced (receive-reduce) */
+    uint32_t stage_fill;   /* bytes waiting in the staging buffer */
+    short want;            /* poll events this channel waits for */
+} chan_state;
+
+struct pc_comm {
+    int32_t rank, nranks, stripes;
+    pc_conn **conns;          /* nranks * stripes, NULL for self */
+    uint8_t **stage;          /* per channel, allocated on first use */
+    int cancel_pipe[2];
+    int cancelled;            /* atomic */
+    int broken;
+    int spin_us;
+    void *scratch;
+    uint64_t scratch_cap;
+    uint64_t sent, received;
+    char err[512];
+};
+
+static void set_err(pc_comm *c, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(c->err, sizeof c->err, fmt, ap);
+    va_end(ap);
+}
+
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+/* ---- comm lifetime ----------------------------------------------------- */
+pc_status pc_comm_create(int32_t rank, int32_t nranks, int32_t stripes, const int32_t *fds,
+                         int32_t sockbuf_bytes, pc_comm **out) {
+    *out = NULL;
+    int32_t nconn = nranks * stripes;
+    if (nranks < 1 || rank < 0 || rank >= nranks || stripes < 1 || stripes > 64) {
+        for (int32_t i = 0; fds && nranks > 0 && stripes > 0 && i < nconn; i++)
+            if (fds[i] >= 0) close(fds[i]);
+        return PC_ERR_ARG;
+    }
+    pc_comm *c = calloc(1, sizeof *c);
+    pc_status st = PC_ERR_NOMEM;
+    if (!c) goto fail_fds;
+    c->rank = rank;
+    c->nranks = nranks;
+    c->stripes = stripes;
+    c->spin_us = 50;
+    c->cancel_pipe[0] = c->cancel_pipe[1] = -1;
+    c->conns = calloc((size_t)nconn, sizeof *c->conns);
+    c->stage = calloc((size_t)nconn, sizeof *c->stage);
+    if (!c->conns || !c->stage) goto fail_fds;
+    if (pipe(c->cancel_pipe) != 0) {
+        st = PC_ERR_IO;
+        goto fail_fds;
+    }
+    for (int i = 0; i < 2; i++) {
+        fcntl(c->cancel_pipe[i], F_SETFL, O_NONBLOCK);
+        fcntl(c->cancel_pipe[i], F_SETFD, FD_CLOEXEC);
+    }
+    for (int32_t i = 0; i < nconn; i++) {
+        if (i / stripes == rank || fds[i] < 0) continue;
+        c->conns[i] = pc_tcp_conn(fds[i], sockbuf_bytes);
+        if (!c->conns[i]) {
+            /* fds from i on are not owned by a conn yet */
+            for (int32_t j = i; j < nconn; j++)
+                if (j / stripes != rank && fds[j] >= 0) close(fds[j]);
+            pc_comm_free(c);
+            return PC_ERR_NOMEM;
+        }
+    }
+    *out = c;
+    return PC_OK;
+fail_fds:
+    for (int32_t i = 0; i < nconn; i++)
+        if (i / stripes != rank && fds[i] >= 0) close(fds[i]);
+    if (c) {
+        free(c->conns);
+        free(c->stage);
+        if (c->cancel_pipe[0] >= 0) close(c->cancel_pipe[0]);
+        if (c->cancel_pipe[1] >= 0) close(c->cancel_pipe[1]);
+        free(c);
+    }
+    return st;
+}
+
+void pc_comm_cancel(pc_comm *c) {
+    __atomic_store_n(&c->cancelled, 1, __ATOMIC_SEQ_CST);
+    char b = 1;
+    ssize_t r = write(c->cancel_pipe[1], &b, 1);
+    (void)r; /* a full pipe already wakes the loop */
+}
+
+void pc_comm_clear_cancel(pc_comm *c) {
+    char buf[64];
+    while (read(c->cancel_pipe[0], buf, sizeof buf) > 0) {
+    }
+    __atomic_store_n(&c->cancelled, 0, __ATOMIC_SEQ_CST);
+}
+
+void pc_comm_set_spin(pc_comm *c, int32_t spin_us) { c->spin_us = spin_us < 0 ? 0 : spin_us; }
+
+void pc_comm_shutdown(pc_comm *c) {
+    c->broken = 1;
+    for (int32_t i = 0; i < c->nranks * c->stripes; i++)
+        if (c->conns[i]) c->conns[i]->ops->shutdown(c->conns[i]);
+}
+
+void pc_comm_free(pc_comm *c) {
+    if (!c) return;
+    for (int32_t i = 0; i < c->nranks * c->stripes; i++) {
+        if (c->conns && c->conns[i]) c->conns[i]->ops->destroy(c->conns[i]);
+        if (c->stage) free(c->stage[i]);
+    }
+    free(c->conns);
+    free(c->stage);
+    free(c->scratch);
+    if (c->cancel_pipe[0] >= 0) close(c->cancel_pipe[0]);
+    if (c->cancel_pipe[1] >= 0) close(c->cancel_pipe[1]);
+    free(c);
+}
+
+const char *pc_comm_last_error(const pc_comm *c) { return c->err; }
+uint64_t pc_comm_bytes_sent(const pc_comm *c) { return c->sent; }
+uint64_t pc_comm_bytes_received(const pc_comm *c) { return c->received; }
+
+/* ---- frame validation (also exported for fuzzing) ---------------------- */
+pc_status pc_frame_check(const uint8_t *hdr, uint32_t tag, uint32_t desc, uint64_t seq,
+                         uint64_t len, char *why, uint32_t why_len) {
+    pc_frame_hdr h;
+    hdr_decode(hdr, &h);
+    const char *what = NULL;
+    char detail[160] = "";
+    if (h.magic != PC_MAGIC) what = "bad magic (not a pycoll peer?)";
+    else if (h.version != PC_VERSION)
+        snprintf(detail, sizeof detail, "protocol version %u, expected %u", h.version, PC_VERSION);
+    else if (h.kind != PC_FRAME_DATA)
+        snprintf(detail, sizeof detail, "unknown frame kind %u", h.kind);
+    else if (h.seq != seq)
+        snprintf(detail, sizeof detail, "frame of collective #%llu while running #%llu (ranks called collectives in different orders?)",
+                 (unsigned long long)h.seq, (unsigned long long)seq);
+    else if (h.desc != desc)
+        snprintf(detail, sizeof detail, "mismatched collective arguments across ranks (peer digest %08x, ours %08x): same collective, dtype, op, shape and root are required",
+                 h.desc, desc);
+    else if (h.len != len)
+        snprintf(detail, sizeof detail, "frame length %llu, expected %llu (mismatched sizes across ranks?)",
+                 (unsigned long long)h.len, (unsigned long long)len);
+    else if (h.tag != tag)
+        snprintf(detail, sizeof detail, "frame tag %08x, expected %08x (mismatched algorithm across ranks?)", h.tag, tag);
+    if (what) snprintf(detail, sizeof detail, "%s", what);
+    if (!detail[0]) return PC_OK;
+    if (why && why_len) snprintf(why, why_len, "%s", detail);
+    return PC_ERR_PROTO;
+}
+
+/* ---- the run ----------------------------------------------------------- */
+typedef struct {
+    pc_comm *comm;
+    const pc_plan *plan;
+    uint8_t *buf[PC_BUF_COUNT];
+    int32_t dtype, op, es;
+    uint64_t seq;
+    uint32_t desc;
+    int32_t *pending;      /* unfinished deps per op */
+    int32_t *dep_start, *dependents; /* CSR: ops that wait for op i */
+    int32_t *ready;        /* stack of ready local ops */
+    int32_t nready;
+    int32_t done, before_tail;
+    chan_state *ch;
+    int32_t *active;       /* channels with any op */
+    int32_t nactive;
+    int32_t failed_peer;
+    pc_status status;
+} run_state;
+
+static int is_net(int32_t kind) { return kind == PC_OP_SEND || kind == PC_OP_RECV || kind == PC_OP_RECV_REDUCE; }
+
+static int op_ready(const run_state *r, int32_t i) {
+    return r->pending[i] == 0 && (i < r->plan->tail_first || r->before_tail == 0);
+}
+
+static void complete(run_state *r, int32_t i) {
+    const pc_plan *p = r->plan;
+    r->done++;
+    for (int32_t k = r->dep_start[i]; k < r->dep_start[i + 1]; k++) {
+        int32_t d = r->dependents[k];
+        if (--r->pending[d] == 0 && !is_net(p->ops[d].kind) && op_ready(r, d)) r->ready[r->nready++] = d;
+    }
+    if (i < p->tail_first && --r->before_tail == 0) {
+        for (int32_t t = p->tail_first; t < p->nops; t++)
+            if (r->pending[t] == 0 && !is_net(p->ops[t].kind)) r->ready[r->nready++] = t;
+    }
+}
+
+static void run_local(run_state *r, int32_t i) {
+    const pc_op *op = &r->plan->ops[i];
+    uint8_t *dst = op->dst_buf >= 0 ? r->buf[op->dst_buf] + op->dst_off : NULL;
+    const uint8_t *src = op->src_buf >= 0 ? r->buf[op->src_buf] + op->src_off : NULL;
+    uint64_t n = op->len / (uint64_t)r->es;
+    switch (op->kind) {
+    case PC_OP_COPY:
+        if (dst != src && op->len) memcpy(dst, src, op->len);
+        break;
+    case PC_OP_REDUCE:
+        pc_reduce(dst, dst, src, n, r->dtype, r->op);
+        break;
+    case PC_OP_SCALE:
+        if (r->op == PC_AVG) pc_scale(dst, n, r->dtype, r->plan->nranks);
+        break;
+    default:
+        break;
+    }
+}
+
+static void fail(run_state *r, pc_status st, int32_t peer, const char *fmt, ...) {
+    if (r->status != PC_OK) return;
+    r->status = st;
+    r->failed_peer = peer;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(r->comm->err, sizeof r->comm->err, fmt, ap);
+    va_end(ap);
+}
+
+static void io_fail(run_state *r, long res, int32_t peer, const char *dir) {
+    if (res == PC_IO_CLOSED)
+        fail(r, PC_ERR_PEER, peer, "connection to rank %d closed while %s (peer died or aborted)", peer, dir);
+    else
+        fail(r, PC_ERR_IO, peer, "socket error while %s rank %d", dir, peer);
+}
+
+/* Advance the head send of channel k; returns 1 if bytes moved. */
+static int pump_send(run_state *r, int32_t k) {
+    chan_state *cs = &r->ch[k];
+    pc_conn *cn = r->comm->conns[k];
+    int moved = 0;
+    while (cs->send_head < cs->nsend) {
+        int32_t i = cs->send_q[cs->send_head];
+        if (!op_ready(r, i)) return moved;
+        const pc_op *op = &r->plan->ops[i];
+        if (cs->sdone == 0) {
+            pc_frame_hdr h = {PC_MAGIC, PC_VERSION, PC_FRAME_DATA, op->tag, r->desc, r->seq, op->len};
+            hdr_encode(cs->shdr, &h);
+        }
+        struct iovec iov[2];
+        int n = 0;
+        if (cs->sdone < PC_HDR_BYTES) {
+            iov[n].iov_base = cs->shdr + cs->sdone;
+            iov[n++].iov_len = PC_HDR_BYTES - cs->sdone;
+        }
+        uint64_t pdone = cs->sdone > PC_HDR_BYTES ? cs->sdone - PC_HDR_BYTES : 0;
+        if (op->len > pdone) {
+            iov[n].iov_base = r->buf[op->src_buf] + op->src_off + pdone;
+            iov[n++].iov_len = op->len - pdone;
+        }
+        long res = cn->ops->sendv(cn, iov, n);
+        if (res == PC_IO_AGAIN) {
+            cs->want |= POLLOUT;
+            return moved;
+        }
+        if (res < 0) {
+            io_fail(r, res, op->peer, "sending to");
+            return moved;
+        }
+        moved = 1;
+        cs->sdone += (uint64_t)res;
+        r->comm->sent += (uint64_t)res;
+        if (cs->sdone == PC_HDR_BYTES + op->len) {
+            cs->sdone = 0;
+            cs->send_head++;
+            complete(r, i);
+        }
+    }
+    return moved;
+}
+
+static int check_header(run_state *r, chan_state *cs, const pc_op *op) {
+    char why[256];
+    if (pc_frame_check(cs->rhdr, op->tag, r->desc, r->seq, op->len, why, sizeof why) == PC_OK) return 1;
+    fail(r, PC_ERR_PROTO, op->peer, "bad frame from rank %d: %s", op->peer, why);
+    return 0;
+}
+
+/* Advance the head receive of channel k; returns 1 if bytes moved. */
+static int pump_recv(run_state *r, int32_t k) {
+    chan_state *cs = &r->ch[k];
+    pc_comm *comm = r->comm;
+    pc_conn *cn = comm->conns[k];
+    int moved = 0;
+    while (cs->recv_head < cs->nrecv) {
+        int32_t i = cs->recv_q[cs->recv_head];
+        if (!op_ready(r, i)) return moved;
+        const pc_op *op = &r->plan->ops[i];
+        int reduce = op->kind == PC_OP_RECV_REDUCE;
+        if (reduce && !comm->stage[k]) {
+            comm->stage[k] = malloc(STAGE_BYTES);
+            if (!comm->stage[k]) {
+                fail(r, PC_ERR_NOMEM, -1, "out of memory for a staging buffer");
+                return moved;
+            }
+        }
+        struct iovec iov[2];
+        int n = 0;
+        if (cs->rdone < PC_HDR_BYTES) {
+            iov[n].iov_base = cs->rhdr + cs->rdone;
+            iov[n++].iov_len = PC_HDR_BYTES - cs->rdone;
+        }
+        uint64_t pdone = cs->rdone > PC_HDR_BYTES ? cs->rdone - PC_HDR_BYTES : 0;
+        uint64_t left = op->len - pdone;
+        if (left) {
+            if (reduce) {
+                uint64_t room = STAGE_BYTES - cs->stage_fill;
+                iov[n].iov_base = comm->stage[k] + cs->stage_fill;
+                iov[n++].iov_len = left < room ? left : room;
+            } else {
+                iov[n].iov_base = r->buf[op->dst_buf] + op->dst_off + pdone;
+                iov[n++].iov_len = left;
+            }
+        }
+        long res = cn->ops->recvv(cn, iov, n);
+        if (res == PC_IO_AGAIN) {
+            cs->want |= POLLIN;
+            return moved;
+        }
+        if (res < 0) {
+            io_fail(r, res, op->peer, "receiving from");
+            return moved;
+        }
+        moved = 1;
+        uint64_t before = cs->rdone;
+        cs->rdone += (uint64_t)res;
+        comm->received += (uint64_t)res;
+        if (before < PC_HDR_BYTES && cs->rdone >= PC_HDR_BYTES && !check_header(r, cs, op)) return moved;
+        if (reduce && cs->rdone > PC_HDR_BYTES) {
+            uint64_t got = cs->rdone - PC_HDR_BYTES - pdone; /* payload bytes this call */
+            cs->stage_fill += (uint32_t)got;
+            uint32_t whole = cs->stage_fill - cs->stage_fill % (uint32_t)r->es;
+            if (whole) {
+                uint64_t off = op->dst_off + cs->reduced;
+                pc_reduce(r->buf[op->dst_buf] + off, r->buf[op->src_buf] + op->src_off + cs->reduced,
+                          comm->stage[k], whole / (uint32_t)r->es, r->dtype, r->op);
+                cs->reduced += whole;
+                memmove(comm->stage[k], comm->stage[k] + whole, cs->stage_fill - whole);
+                cs->stage_fill -= whole;
+            }
+        }
+        if (cs->rdone == PC_HDR_BYTES + op->len) {
+            cs->rdone = 0;
+            cs->reduced = 0;
+            cs->stage_fill = 0;
+            cs->recv_head++;
+            complete(r, i);
+        }
+    }
+    return moved;
+}
+
+static int run_locals(run_state *r) {
+    int any = 0;
+    while (r->nready) {
+        int32_t i = r->ready[--r->nready];
+        run_local(r, i);
+        complete(r, i);
+        any = 1;
+    }
+    return any;
+}
+
+/* Build per-run bookkeeping: dependents (CSR), FIFOs per channel. */
+static pc_status prepare(run_state *r) {
+    const pc_plan *p = r->plan;
+    pc_comm *c = r->comm;
+    int32_t nops = p->nops, nch = c->nranks * c->stripes;
+    r->pending = calloc((size_t)nops + 1, sizeof(int32_t));
+    r->dep_start = calloc((size_t)nops + 2, sizeof(int32_t));
+    r->dependents = calloc((size_t)p->ndeps + 1, sizeof(int32_t));
+    r->ready = calloc((size_t)nops + 1, sizeof(int32_t));
+    r->ch = calloc((size_t)nch, sizeof(chan_state));
+    r->active = calloc((size_t)nch, sizeof(int32_t));
+    if (!r->pending || !r->dep_start || !r->dependents || !r->ready || !r->ch || !r->active) return PC_ERR_NOMEM;
+    for (int32_t i = 0; i < nops; i++) {
+        const pc_op *op = &p->ops[i];
+        r->pending[i] = op->dep_count;
+        for (int32_t k = 0; k < op->dep_count; k++) {
+            int32_t d = p->deps[op->dep_first + k];
+            if (d < 0 || d >= i) return PC_ERR_ARG; /* deps point backwards: no cycles */
+            r->dep_start[d + 1]++;
+        }
+        if (is_net(op->kind)) {
+            if (op->peer < 0 || op->peer >= c->nranks || op->peer == c->rank || op->stripe < 0 ||
+                op->stripe >= c->stripes || !c->conns[op->peer * c->stripes + op->stripe])
+                return PC_ERR_ARG;
+            chan_state *cs = &r->ch[op->peer * c->stripes + op->stripe];
+            if (op->kind == PC_OP_SEND) cs->nsend++;
+            else cs->nrecv++;
+        }
+    }
+    for (int32_t i = 0; i < nops; i++) r->dep_start[i + 1] += r->dep_start[i];
+    int32_t *fill = calloc((size_t)nops + 1, sizeof(int32_t));
+    if (!fill) return PC_ERR_NOMEM;
+    for (int32_t i = 0; i < nops; i++) {
+        const pc_op *op = &p->ops[i];
+        for (int32_t k = 0; k < op->dep_count; k++) {
+            int32_t d = p->deps[op->dep_first + k];
+            r->dependents[r->dep_start[d] + fill[d]++] = i;
+        }
+    }
+    free(fill);
+    for (int32_t k = 0; k < nch; k++) {
+        chan_state *cs = &r->ch[k];
+        if (!cs->nsend && !cs->nrecv) continue;
+        r->active[r->nactive++] = k;
+        cs->send_q = malloc(sizeof(int32_t) * ((size_t)cs->nsend + 1));
+        cs->recv_q = malloc(sizeof(int32_t) * ((size_t)cs->nrecv + 1));
+        if (!cs->send_q || !cs->recv_q) return PC_ERR_NOMEM;
+        cs->nsend = cs->nrecv = 0;
+    }
+    for (int32_t i = 0; i < nops; i++) {
+        const pc_op *op = &p->ops[i];
+        if (!is_net(op->kind)) continue;
+        chan_state *cs = &r->ch[op->peer * c->stripes + op->stripe];
+        if (op->kind == PC_OP_SEND) cs->send_q[cs->nsend++] = i;
+        else cs->recv_q[cs->nrecv++] = i;
+    }
+    r->before_tail = p->tail_first;
+    for (int32_t i = 0; i < nops; i++)
+        if (r->pending[i] == 0 && !is_net(p->ops[i].kind) && op_ready(r, i)) r->ready[r->nready++] = i;
+    return PC_OK;
+}
+
+static void release(run_state *r) {
+    int32_t nch = r->comm->nranks * r->comm->stripes;
+    if (r->ch)
+        for (int32_t k = 0; k < nch; k++) {
+            free(r->ch[k].send_q);
+            free(r->ch[k].recv_q);
+        }
+    free(r->ch);
+    free(r->active);
+    free(r->pending);
+    free(r->dep_start);
+    free(r->dependents);
+    free(r->ready);
+}
+
+static void wait_for_io(run_state *r, double deadline) {
+    pc_comm *c = r->comm;
+    struct pollfd stack_fds[65];
+    struct pollfd *fds = r->nactive + 1 <= 65 ? stack_fds : malloc(sizeof(struct pollfd) * ((size_t)r->nactive + 1));
+    if (!fds) return;
+    int n = 0;
+    fds[n].fd = c->cancel_pipe[0];
+    fds[n].events = POLLIN;
+    fds[n++].revents = 0;
+    for (int32_t a = 0; a < r->nactive; a++) {
+        chan_state *cs = &r->ch[r->active[a]];
+        if (!cs->want) continue;
+        fds[n].fd = c->conns[r->active[a]]->fd;
+        fds[n].events = cs->want;
+        fds[n++].revents = 0;
+    }
+    double left = deadline - now_s();
+    int ms = left <= 0 ? 0 : (left > 0.2 ? 200 : (int)(left * 1000.0) + 1);
+    poll(fds, (nfds_t)n, ms);
+    if (fds != stack_fds) free(fds);
+}
+
+pc_status pc_comm_run(pc_comm *comm, const pc_plan *plan, void *const *bufs, const uint64_t *buf_bytes,
+                      int32_t dtype, int32_t op, uint64_t seq, uint32_t desc, double timeout_s,
+                      int32_t *failed_peer) {
+    if (failed_peer) *failed_peer = -1;
+    if (comm->broken) {
+        set_err(comm, "communicator was shut down by an earlier failure; rebuild it");
+        return PC_ERR_IO;
+    }
+    int32_t es = pc_dtype_size(dtype);
+    if (!es || op < 0 || op >= PC_OP_COUNT) {
+        set_err(comm, "unsupported dtype %d or op %d", dtype, op);
+        return PC_ERR_ARG;
+    }
+    if (plan->nranks != comm->nranks || plan->rank != comm->rank) {
+        set_err(comm, "plan built for rank %d of %d, comm is rank %d of %d", plan->rank, plan->nranks,
+                comm->rank, comm->nranks);
+        return PC_ERR_ARG;
+    }
+    for (int b = 0; b < 2; b++)
+        if (plan->need_bytes[b] > (bufs[b] ? buf_bytes[b] : 0)) {
+            set_err(comm, "buffer %d holds %llu bytes, plan needs %llu", b, (unsigned long long)buf_bytes[b],
+                    (unsigned long long)plan->need_bytes[b]);
+            return PC_ERR_ARG;
+        }
+    if (plan->need_bytes[PC_BUF_SCRATCH] > comm->scratch_cap) {
+        void *s = realloc(comm->scratch, plan->need_bytes[PC_BUF_SCRATCH]);
+        if (!s) {
+            set_err(comm, "out of memory for %llu bytes of scratch", (unsigned long long)plan->need_bytes[PC_BUF_SCRATCH]);
+            return PC_ERR_NOMEM;
+        }
+        comm->scratch = s;
+        comm->scratch_cap = plan->need_bytes[PC_BUF_SCRATCH];
+    }
+    run_state r;
+    memset(&r, 0, sizeof r);
+    r.comm = comm;
+    r.plan = plan;
+    r.buf[PC_BUF_IN] = bufs[PC_BUF_IN];
+    r.buf[PC_BUF_OUT] = bufs[PC_BUF_OUT];
+    r.buf[PC_BUF_SCRATCH] = comm->scratch;
+    r.dtype = dtype;
+    r.op = op;
+    r.es = es;
+    r.seq = seq;
+    r.desc = desc;
+    r.failed_peer = -1;
+    pc_status st = prepare(&r);
+    if (st != PC_OK) {
+        set_err(comm, st == PC_ERR_NOMEM ? "out of memory preparing a plan" : "malformed plan");
+        release(&r);
+        return st;
+    }
+    double deadline = now_s() + (timeout_s > 0 ? timeout_s : 1e9);
+    double idle_since = -1;
+    while (r.status == PC_OK && r.done < plan->nops) {
+        int moved = run_locals(&r);
+        for (int32_t a = 0; a < r.nactive && r.status == PC_OK; a++) {
+            int32_t k = r.active[a];
+            r.ch[k].want = 0;
+            moved |= pump_send(&r, k);
+            moved |= pump_recv(&r, k);
+        }
+        moved |= run_locals(&r);
+        if (r.status != PC_OK || r.done == plan->nops) break;
+        if (__atomic_load_n(&comm->cancelled, __ATOMIC_SEQ_CST)) {
+            fail(&r, PC_ERR_CANCELLED, -1, "collective cancelled");
+            break;
+        }
+        double t = now_s();
+        if (t > deadline) {
+            fail(&r, PC_ERR_TIMEOUT, -1, "collective timed out after %.3f s (%d of %d steps done)", timeout_s,
+                 r.done, plan->nops);
+            break;
+        }
+        if (moved) {
+            idle_since = -1;
+            continue;
+        }
+        /* Nothing moved: spin a little (a reply is often microseconds
+         * away), then sleep until a socket is ready or we are cancelled. */
+        if (idle_since < 0) idle_since = t;
+        if ((t - idle_since) * 1e6 < comm->spin_us) continue;
+        wait_for_io(&r, deadline);
+    }
+    st = r.status;
+    if (failed_peer) *failed_peer = r.failed_peer;
+    release(&r);
+    if (st != PC_OK) pc_comm_shutdown(comm);
+    return st;
+}
+
+/* ---- raw ring stream: the transport ceiling ---------------------------- */
+pc_status pc_comm_stream_ring(pc_comm *comm, uint64_t bytes, double timeout_s, double *seconds) {
+    *seconds = 0;
+    if (comm->nranks < 2) return PC_OK;
+    int32_t right = (comm->rank + 1) % comm->nranks, left = (comm->rank + comm->nranks - 1) % comm->nranks;
+    pc_conn *out = comm->conns[right * comm->stripes], *in = comm->conns[left * comm->stripes];
+    if (!out || !in) return PC_ERR_ARG;
+    enum { BUF = 1 << 20 };
+    uint8_t *sb = calloc(1, BUF), *rb = malloc(BUF);
+    if (!sb || !rb) {
+        free(sb);
+        free(rb);
+        return PC_ERR_NOMEM;
+    }
+    uint64_t sent = 0, got = 0;
+    double t0 = now_s(), deadline = t0 + timeout_s;
+    pc_status st = PC_OK;
+    while (sent < bytes || got < bytes) {
+        int moved = 0;
+        short want_out = 0, want_in = 0;
+        if (sent < bytes) {
+            uint64_t n = bytes - sent < BUF ? bytes - sent : BUF;
+            struct iovec v = {sb, n};
+            long res = out->ops->sendv(out, &v, 1);
+            if (res > 0) sent += (uint64_t)res, moved = 1;
+            else if (res == PC_IO_AGAIN) want_out = POLLOUT;
+            else { st = PC_ERR_PEER; break; }
+        }
+        if (got < bytes) {
+            uint64_t n = bytes - got < BUF ? bytes - got : BUF;
+            struct iovec v = {rb, n};
+            long res = in->ops->recvv(in, &v, 1);
+            if (res > 0) got += (uint64_t)res, moved = 1;
+            else if (res == PC_IO_AGAIN) want_in = POLLIN;
+            else { st = PC_ERR_PEER; break; }
+        }
+        if (now_s() > deadline) { st = PC_ERR_TIMEOUT; break; }
+        if (!moved) {
+            struct pollfd p[2] = {{out->fd, want_out, 0}, {in->fd, want_in, 0}};
+            poll(p, 2, 100);
+        }
+    }
+    *seconds = now_s() - t0;
+    free(sb);
+    free(rb);
+    if (st != PC_OK) {
+        set_err(comm, "stream test failed");
+        pc_comm_shutdown(comm);
+    }
+    return st;
+}

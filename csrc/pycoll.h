@@ -1,0 +1,182 @@
+/*
+ * pycoll.h - the one public interface of the pycoll C core.
+ *
+ * Terms used throughout:
+ *   comm     a set of connections from this rank to every other rank of one
+ *            membership epoch (n ranks, k "stripes" = connections per pair).
+ *   plan     what one rank does for one collective: an ordered list of ops
+ *            (send / recv / recv-reduce / copy / reduce) over byte ranges of
+ *            three buffers, with dependencies. Planners build plans; the engine
+ *            runs any plan and never knows which algorithm it runs.
+ *   buffer   PC_BUF_IN (the caller's input), PC_BUF_OUT (the caller's output,
+ *            may be the same memory as IN), PC_BUF_SCRATCH (engine-owned).
+ *
+ * Every function returns a pc_status (0 = success). Detail for the last
+ * failure of a comm is in pc_comm_last_error(); the rank that caused a
+ * PC_ERR_PEER / PC_ERR_PROTO failure is returned through an out-parameter.
+ * Nothing here calls abort() or exit(); every blocking wait has a deadline.
+ */
+#ifndef PYCOLL_H
+#define PYCOLL_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#define PC_VERSION 1
+
+typedef enum {
+    PC_OK = 0,
+    PC_ERR_ARG = 1,       /* usage error: bad argument, unsupported dtype/op */
+    PC_ERR_NOMEM = 2,     /* allocation failed */
+    PC_ERR_IO = 3,        /* socket error other than a closed peer */
+    PC_ERR_PEER = 4,      /* a peer closed its connection or reset it */
+    PC_ERR_PROTO = 5,     /* a frame failed validation (bad magic, length,
+                             sequence, or mismatched collective arguments) */
+    PC_ERR_TIMEOUT = 6,   /* the deadline passed without completion */
+    PC_ERR_CANCELLED = 7  /* pc_comm_cancel() was called */
+} pc_status;
+
+/* Element types. Values are part of the wire header: do not renumber. */
+typedef enum {
+    PC_F16 = 0, PC_BF16 = 1, PC_F32 = 2, PC_F64 = 3,
+    PC_I8 = 4, PC_I16 = 5, PC_I32 = 6, PC_I64 = 7,
+    PC_U8 = 8, PC_U16 = 9, PC_U32 = 10, PC_U64 = 11,
+    PC_DTYPE_COUNT = 12
+} pc_dtype;
+
+typedef enum {
+    PC_SUM = 0, PC_PROD = 1, PC_MIN = 2, PC_MAX = 3, PC_AVG = 4,
+    PC_OP_COUNT = 5
+} pc_redop;
+
+/* Op kinds of a plan. */
+typedef enum {
+    PC_OP_SEND = 0,        /* send src[len] to peer on stripe */
+    PC_OP_RECV = 1,        /* receive len bytes from peer into dst */
+    PC_OP_RECV_REDUCE = 2, /* dst = src (op) incoming; src may equal dst */
+    PC_OP_COPY = 3,        /* dst = src, local */
+    PC_OP_REDUCE = 4,      /* dst = dst (op) src, local */
+    PC_OP_SCALE = 5        /* dst = dst / nranks (the final step of PC_AVG) */
+} pc_op_kind;
+
+typedef enum { PC_BUF_IN = 0, PC_BUF_OUT = 1, PC_BUF_SCRATCH = 2, PC_BUF_COUNT = 3 } pc_buf_id;
+
+/* One step of a plan. Offsets and lengths are in bytes. */
+typedef struct {
+    int32_t kind;      /* pc_op_kind */
+    int32_t peer;      /* remote rank for SEND/RECV/RECV_REDUCE, else -1 */
+    int32_t stripe;    /* connection index to that peer */
+    uint32_t tag;      /* carried in the frame; sender and receiver agree */
+    int32_t src_buf;   /* pc_buf_id, -1 when unused */
+    int32_t dst_buf;
+    uint64_t src_off;
+    uint64_t dst_off;
+    uint64_t len;
+    int32_t dep_first; /* this op waits for deps[dep_first .. dep_first+dep_count) */
+    int32_t dep_count;
+} pc_op;
+
+typedef struct pc_plan pc_plan;
+typedef struct pc_comm pc_comm;
+
+/* ---- plan inspection (for verifiers and `pycoll topology --show-plan`) --- */
+int32_t pc_plan_nops(const pc_plan *plan);
+const pc_op *pc_plan_ops(const pc_plan *plan);
+const int32_t *pc_plan_deps(const pc_plan *plan);
+int32_t pc_plan_ndeps(const pc_plan *plan);
+uint64_t pc_plan_scratch_bytes(const pc_plan *plan);
+/* Bytes of IN / OUT / SCRATCH the plan touches (buf in pc_buf_id). */
+uint64_t pc_plan_need_bytes(const pc_plan *plan, int32_t buf);
+/* Ops from this index on run only after all earlier ops completed. */
+int32_t pc_plan_tail_first(const pc_plan *plan);
+void pc_plan_free(pc_plan *plan);
+
+/* ---- planners ---------------------------------------------------------- */
+typedef enum {
+    PC_COLL_ALLREDUCE = 0,
+    PC_COLL_ALLGATHER = 1,
+    PC_COLL_REDUCE_SCATTER = 2,
+    PC_COLL_BROADCAST = 3,
+    PC_COLL_BARRIER = 4
+} pc_collective;
+
+/* Plan flags. */
+#define PC_PLAN_PRESERVE_INPUT 1u /* never write IN/OUT before every transfer is
+                                     done (results go through scratch), so a
+                                     failed collective leaves the caller's
+                                     buffer untouched */
+#define PC_PLAN_AVG 2u            /* the op is an average: divide once by n */
+
+/*
+ * Multi-ring planner. `rings` holds nrings permutations of 0..nranks-1 (each
+ * one ring order, row-major, nrings*nranks entries); the payload is split
+ * evenly across the rings and each ring runs a pipelined ring algorithm on
+ * its share. One ring = the classic ring. `count` is the element count of
+ * the per-rank block for ALLGATHER and REDUCE_SCATTER (IN holds one block /
+ * nranks blocks, OUT holds nranks blocks / one block), otherwise the element
+ * count of the whole buffer. `stripes` spreads each ring's traffic over that
+ * many connections per pair. `segment_bytes` is the pipeline granularity.
+ */
+pc_status pc_plan_rings(pc_collective coll, int32_t nranks, int32_t rank,
+                        const int32_t *rings, int32_t nrings, int32_t root,
+                        uint64_t count, int32_t elem_size, uint64_t segment_bytes,
+                        int32_t stripes, uint32_t flags, pc_plan **out);
+
+/* ---- reduction kernels ------------------------------------------------- */
+int32_t pc_dtype_size(int32_t dtype);
+/* dst[i] = a[i] (op) b[i] for i < count; dst may alias a or b. PC_AVG reduces
+ * as PC_SUM (the division happens once, at the end, via pc_scale). */
+pc_status pc_reduce(void *dst, const void *a, const void *b, uint64_t count,
+                    int32_t dtype, int32_t op);
+/* dst[i] = dst[i] / divisor (integers truncate toward zero). */
+pc_status pc_scale(void *dst, uint64_t count, int32_t dtype, int32_t divisor);
+
+/* ---- communicator ------------------------------------------------------ */
+/*
+ * Takes ownership of connected, handshaken sockets: fds[peer*stripes + s] is
+ * stripe s to `peer` (-1 for peer == rank). They are closed by pc_comm_free
+ * and on every failure path of this function.
+ */
+pc_status pc_comm_create(int32_t rank, int32_t nranks, int32_t stripes,
+                         const int32_t *fds, int32_t sockbuf_bytes,
+                         pc_comm **out);
+/* Thread-safe: makes the running (or next) pc_comm_run return
+ * PC_ERR_CANCELLED promptly. pc_comm_clear_cancel() re-arms the comm. */
+void pc_comm_cancel(pc_comm *comm);
+void pc_comm_clear_cancel(pc_comm *comm);
+/* Microseconds to busy-poll before sleeping in poll() (default 50). */
+void pc_comm_set_spin(pc_comm *comm, int32_t spin_us);
+/* Closes every connection; the comm can only be freed afterwards. Peers
+ * blocked on us see PC_ERR_PEER at once (this is how a failure propagates). */
+void pc_comm_shutdown(pc_comm *comm);
+void pc_comm_free(pc_comm *comm);
+const char *pc_comm_last_error(const pc_comm *comm);
+uint64_t pc_comm_bytes_sent(const pc_comm *comm);
+uint64_t pc_comm_bytes_received(const pc_comm *comm);
+
+/*
+ * Runs a plan to completion or failure. `bufs[PC_BUF_IN]`/`bufs[PC_BUF_OUT]`
+ * are the caller's memory (sizes in buf_bytes; checked against the plan);
+ * scratch is owned by the comm. `seq` and `desc` go into every frame and
+ * must match on the receiving side: `seq` orders collectives, `desc` is a
+ * digest of the collective's arguments so mismatched calls fail cleanly.
+ * Releases nothing the caller owns; on failure *failed_peer is the rank whose
+ * connection failed or sent a bad frame (-1 if none).
+ */
+pc_status pc_comm_run(pc_comm *comm, const pc_plan *plan, void *const *bufs,
+                      const uint64_t *buf_bytes, int32_t dtype, int32_t op,
+                      uint64_t seq, uint32_t desc, double timeout_s,
+                      int32_t *failed_peer);
+
+/* Validates a 32-byte frame header against what the plan expects; on
+ * mismatch returns PC_ERR_PROTO and writes the reason into why. */
+pc_status pc_frame_check(const uint8_t *hdr, uint32_t tag, uint32_t desc, uint64_t seq,
+                         uint64_t len, char *why, uint32_t why_len);
+
+/* ---- transport measurement --------------------------------------------- */
+/* Sends `bytes` to (rank+1)%n while receiving as many from (rank-1)%n over
+ * stripe 0, no reduction: the ceiling a ring can reach on these links. */
+pc_status pc_comm_stream_ring(pc_comm *comm, uint64_t bytes, double timeout_s,
+                              double *seconds);
+
+#endif
