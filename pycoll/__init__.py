@@ -1,0 +1,22 @@
+"""pycoll: fault-tolerant collective communication for ML training.
+
+A small C core moves and reduces tensors over TCP; this package keeps a
+group of peers working while peers crash, join and leave.
+
+    import pycoll
+    comm = pycoll.init()                 # RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT
+    comm.all_reduce(arr, op="sum")       # in place
+"""
+from .comm import Communicator, Stat
+from .errors import (Cancelled, CollectiveError, CollectiveTimeout, CoordinatorError, InvalidArgument,
+                     PeerFailure, ProtocolError)
+from .group import connect, init
+from .work import Work
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "init", "connect", "Communicator", "Work", "Stat",
+    "CollectiveError", "PeerFailure", "ProtocolError", "CollectiveTimeout", "Cancelled",
+    "InvalidArgument", "CoordinatorError",
+]

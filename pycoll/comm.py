@@ -1,0 +1,400 @@
+"""The communicator: collectives over the current membership epoch.
+
+Rank and world size can change at run time (after a peer dies, or when
+joiners are admitted at ``update_topology()``); read ``comm.rank`` and
+``comm.world_size`` after each such point.
+
+Data path: every collective becomes a plan (cached per epoch) that the C
+engine runs with the GIL released. Control path (Python): membership,
+rebuilding the connection mesh after a failure, async queueing, stats.
+"""
+import collections
+import logging
+import os
+import queue
+import struct
+import threading
+import time
+import zlib
+
+from . import planners
+from ._native import ffi, lib, status_error
+from .buffers import as_buffer
+from .dtypes import op_code
+from .errors import Cancelled, CollectiveError, InvalidArgument, PeerFailure
+from .mesh import build_mesh
+from .work import Work
+
+log = logging.getLogger("pycoll")
+
+DEFAULT_TIMEOUT = float(os.environ.get("PYCOLL_TIMEOUT", "120"))
+
+
+class Stat(collections.namedtuple("Stat", "op algorithm nbytes seconds world_size epoch ok retries")):
+    """One finished collective: what, how, how big, how long, over whom."""
+
+
+class Communicator:
+    """A group of peers that run collectives together. Use :func:`pycoll.init`
+    or :func:`pycoll.connect` to make one."""
+
+    def __init__(self, client, listener, *, stripes=1, timeout=DEFAULT_TIMEOUT, preserve_input=True,
+                 segment_bytes=1 << 19, spin_us=50, mesh_timeout=30.0, sync_timeout=120.0,
+                 coordinator=None, sockbuf=0):
+        self._client = client
+        self._listener = listener
+        self._coordinator = coordinator  # the in-process coordinator we host, if any
+        self.stripes = stripes
+        self.timeout = timeout
+        self.preserve_input = preserve_input
+        self.segment_bytes = segment_bytes
+        self.spin_us = spin_us
+        self.mesh_timeout = mesh_timeout
+        self.sync_timeout = sync_timeout
+        self.sockbuf = sockbuf
+        self.rank = -1
+        self.world_size = 0
+        self.epoch = 0
+        self.members = []
+        self.lost = []              # names lost at the last membership change
+        self.stats = collections.deque(maxlen=10000)
+        self._comm = None
+        self._comm_lock = threading.Lock()   # guards self._comm against cancel-during-free
+        self._exec_lock = threading.Lock()   # one collective at a time, in call order
+        self._submit_lock = threading.Lock()
+        self._queue = None
+        self._worker = None
+        self._inflight = 0
+        self._seq = 0
+        self._plans = {}
+        self._broken = False
+        self._aborted_epoch = -1
+        self._abort_reason = ""
+        self._closed = False
+        client.on_abort = self._on_abort
+
+    # ---- membership ----------------------------------------------------
+    def _on_abort(self, msg):
+        """Coordinator push (heartbeat thread): a member of our epoch failed."""
+        if msg.get("epoch") != self.epoch:
+            return
+        self._aborted_epoch = msg["epoch"]
+        self._abort_reason = msg.get("why", "")
+        with self._comm_lock:
+            if self._comm is not None:
+                lib.pc_comm_cancel(self._comm)
+
+    def _sync(self, rebuild):
+        """Reach a sync point with every live member; rebuild the mesh if the
+        membership changed (or we must). Returns True if it changed."""
+        reply = self._client.request({"t": "sync", "epoch": self.epoch, "rebuild": rebuild},
+                                     timeout=self.sync_timeout)
+        if reply.get("unchanged") and not rebuild and self._comm is not None:
+            return False
+        self._install_epoch(reply)
+        return True
+
+    def _install_epoch(self, reply):
+        self._drop_comm()
+        members = reply["members"]
+        rank = reply["rank"]
+        addrs = [m[1] for m in members]
+        fds = build_mesh(self._listener, rank, addrs, self.stripes, reply["epoch"], reply["token"],
+                         self.mesh_timeout, self.sockbuf)
+        out = ffi.new("pc_comm **")
+        st = lib.pc_comm_create(rank, len(members), self.stripes, fds, 0, out)
+        if st != lib.PC_OK:
+            raise status_error(st, f"cannot create the C communicator (status {st})")
+        lib.pc_comm_set_spin(out[0], self.spin_us)
+        with self._comm_lock:
+            self._comm = out[0]
+        self.rank, self.world_size, self.epoch = rank, len(members), reply["epoch"]
+        self.members = [m[0] for m in members]
+        self.lost = list(reply.get("lost", []))
+        self._seq = 0
+        self._plans.clear()
+        self._broken = False
+        log.info("epoch %d: rank %d of %d%s", self.epoch, rank, self.world_size,
+                 f" (lost {len(self.lost)})" if self.lost else "")
+
+    def _drop_comm(self):
+        with self._comm_lock:
+            comm, self._comm = self._comm, None
+        if comm is not None:
+            lib.pc_comm_shutdown(comm)
+            lib.pc_comm_free(comm)
+
+    def update_topology(self):
+        """A sync point: every current member must call it (between steps).
+        Admits pending joiners and drops dead members; returns True if the
+        membership changed. Cheap when nothing changed."""
+        with self._exec_lock:
+            self._wait_idle_locked()
+            return self._sync(rebuild=self._broken)
+
+    def pending_joiners(self):
+        """Number of peers waiting to be admitted (from the last heartbeat)."""
+        return int(self._client.last_status.get("pending", 0))
+
+    def _wait_idle_locked(self):
+        pass  # async work runs under _exec_lock, so holding it means idle
+
+    # ---- running collectives ------------------------------------------
+    def _plan(self, coll, algorithm, count, itemsize, root, avg, preserve):
+        key = (coll, algorithm, count, itemsize, root, avg, preserve)
+        plan = self._plans.get(key)
+        if plan is None:
+            rings = [list(range(self.world_size))]
+            plan = planners.plan_rings(coll, self.world_size, self.rank, rings, count, itemsize, root=root,
+                                       segment_bytes=self.segment_bytes, stripes=self.stripes,
+                                       preserve=preserve, avg=avg)
+            if len(self._plans) > 256:
+                self._plans.clear()
+            self._plans[key] = plan
+        return plan
+
+    def _ensure_ready(self):
+        if self._closed:
+            raise CollectiveError("communicator is closed")
+        if self._broken or self._comm is None or self._aborted_epoch == self.epoch:
+            self._sync(rebuild=True)
+
+    def _execute(self, coll, inbuf, outbuf, count, op, root, algorithm, timeout, preserve):
+        """Run one collective on the current epoch; raises on failure."""
+        self._ensure_ready()
+        algorithm = planners.check_algorithm(algorithm)
+        chosen = "ring" if algorithm == "auto" else algorithm
+        if not 0 <= root < self.world_size:
+            raise InvalidArgument(f"root {root} is not a rank of this group (world size {self.world_size})")
+        dtype = inbuf.dtype
+        opc = op_code(op)
+        avg = opc == lib.PC_AVG
+        itemsize = inbuf.nbytes // max(inbuf.count, 1) if inbuf.count else lib.pc_dtype_size(inbuf.code)
+        plan = self._plan(coll, chosen, count, itemsize, root, avg, preserve)
+        desc = zlib.crc32(struct.pack("<iiiQi8s", planners.COLLECTIVES[coll], inbuf.code, opc, count, root,
+                                      chosen.encode()[:8]))
+        self._seq += 1
+        bufs = ffi.new("void *[2]", [ffi.cast("void *", inbuf.address), ffi.cast("void *", outbuf.address)])
+        sizes = ffi.new("uint64_t[2]", [inbuf.nbytes, outbuf.nbytes])
+        failed = ffi.new("int32_t *")
+        lib.pc_comm_clear_cancel(self._comm)
+        if self._aborted_epoch == self.epoch:
+            lib.pc_comm_cancel(self._comm)
+        t0 = time.perf_counter()
+        st = lib.pc_comm_run(self._comm, plan.ptr, bufs, sizes, inbuf.code, opc, self._seq, desc,
+                             timeout if timeout is not None else self.timeout, failed)
+        dt = time.perf_counter() - t0
+        nbytes = max(inbuf.nbytes, outbuf.nbytes)
+        self.stats.append(Stat(coll, chosen, nbytes, dt, self.world_size, self.epoch, st == lib.PC_OK, 0))
+        if st == lib.PC_OK:
+            log.debug("%s %s %d B in %.6f s", coll, chosen, nbytes, dt)
+            return chosen
+        raise self._failure(st, int(failed[0]), coll)
+
+    def _failure(self, st, peer, coll):
+        message = ffi.string(lib.pc_comm_last_error(self._comm)).decode(errors="replace")
+        self._broken = True
+        if st == lib.PC_ERR_ARG:  # bad arguments: nothing was sent, the mesh is intact
+            self._broken = False
+            return status_error(st, f"{coll}: {message}", peer)
+        if self._aborted_epoch == self.epoch and st in (lib.PC_ERR_CANCELLED, lib.PC_ERR_PEER, lib.PC_ERR_IO):
+            message = f"{message}; coordinator: {self._abort_reason}"
+            st = lib.PC_ERR_PEER
+        try:  # let everyone else abort now rather than at their timeout
+            self._client.request({"t": "fail", "epoch": self.epoch, "why": message}, timeout=2.0)
+        except CollectiveError:
+            pass
+        exc = status_error(st, f"rank {self.rank} {coll} (epoch {self.epoch}): {message}", peer)
+        if isinstance(exc, Cancelled) and self._aborted_epoch == self.epoch:
+            exc = PeerFailure(str(exc), st, peer)
+        return exc
+
+    def _call(self, fn, async_op, description):
+        """Run fn now (sync) or queue it (async), keeping call order."""
+        if not async_op:
+            with self._submit_lock:
+                if self._inflight == 0:
+                    self._exec_lock.acquire()
+                    inline = True
+                else:
+                    inline = False
+            if inline:
+                try:
+                    return fn()
+                finally:
+                    self._exec_lock.release()
+            return self._submit(fn, description).wait()
+        return self._submit(fn, description)
+
+    def _submit(self, fn, description):
+        work = Work(description)
+        with self._submit_lock:
+            if self._worker is None:
+                self._queue = queue.Queue()
+                self._worker = threading.Thread(target=self._worker_loop, name="pycoll-worker", daemon=True)
+                self._worker.start()
+            self._inflight += 1
+            self._queue.put((fn, work))
+        return work
+
+    def _worker_loop(self):
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            fn, work = item
+            with self._exec_lock:
+                try:
+                    result, exc = fn(), None
+                except BaseException as e:  # noqa: BLE001 - handed to the waiter
+                    result, exc = None, e
+            with self._submit_lock:
+                self._inflight -= 1
+            work._finish(result, exc)
+
+    # ---- public collectives -------------------------------------------
+    def all_reduce(self, arr, op="sum", algorithm="auto", *, timeout=None, dtype=None, async_op=False):
+        """Reduce ``arr`` across all ranks, in place; returns ``arr``.
+
+        On failure the array holds its input again (unless the communicator
+        was made with ``preserve_input=False``) and an exception is raised.
+        """
+        buf = as_buffer(arr, writable=True, what="all_reduce buffer", dtype=dtype)
+        op_code(op)
+
+        def run():
+            self._execute("all_reduce", buf, buf, buf.count, op, 0, algorithm, timeout, self.preserve_input)
+            return arr
+        return self._call(run, async_op, "all_reduce")
+
+    def all_reduce_async(self, arr, op="sum", algorithm="auto", **kw):
+        """Like all_reduce, returns a :class:`Work`; several may be in flight."""
+        return self.all_reduce(arr, op, algorithm, async_op=True, **kw)
+
+    def all_gather(self, send, recv, algorithm="auto", *, timeout=None, dtype=None, async_op=False):
+        """``recv`` receives world_size blocks of ``send``, in rank order."""
+        sb = as_buffer(send, writable=False, what="all_gather send", dtype=dtype)
+        rb = as_buffer(recv, writable=True, what="all_gather recv", dtype=dtype)
+        self._check_same_dtype(sb, rb, "all_gather")
+
+        def run():
+            if rb.count != sb.count * self.world_size:
+                raise InvalidArgument(f"all_gather: recv has {rb.count} elements, needs world_size "
+                                      f"({self.world_size}) x {sb.count}")
+            self._execute("all_gather", sb, rb, sb.count, "sum", 0, algorithm, timeout, False)
+            return recv
+        return self._call(run, async_op, "all_gather")
+
+    def all_gather_async(self, send, recv, algorithm="auto", **kw):
+        return self.all_gather(send, recv, algorithm, async_op=True, **kw)
+
+    def reduce_scatter(self, send, recv, op="sum", algorithm="auto", *, timeout=None, dtype=None,
+                       async_op=False):
+        """``recv`` = this rank's block of the elementwise reduction of ``send``
+        (``send`` holds world_size blocks of ``recv``'s size)."""
+        sb = as_buffer(send, writable=False, what="reduce_scatter send", dtype=dtype)
+        rb = as_buffer(recv, writable=True, what="reduce_scatter recv", dtype=dtype)
+        self._check_same_dtype(sb, rb, "reduce_scatter")
+        op_code(op)
+
+        def run():
+            if sb.count != rb.count * self.world_size:
+                raise InvalidArgument(f"reduce_scatter: send has {sb.count} elements, needs world_size "
+                                      f"({self.world_size}) x {rb.count}")
+            self._execute("reduce_scatter", sb, rb, rb.count, op, 0, algorithm, timeout, False)
+            return recv
+        return self._call(run, async_op, "reduce_scatter")
+
+    def reduce_scatter_async(self, send, recv, op="sum", algorithm="auto", **kw):
+        return self.reduce_scatter(send, recv, op, algorithm, async_op=True, **kw)
+
+    def broadcast(self, arr, root=0, algorithm="auto", *, timeout=None, dtype=None, async_op=False):
+        """Copy ``root``'s ``arr`` into every rank's ``arr``, in place."""
+        buf = as_buffer(arr, writable=True, what="broadcast buffer", dtype=dtype)
+
+        def run():
+            self._execute("broadcast", buf, buf, buf.count, "sum", root, algorithm, timeout,
+                          self.preserve_input)
+            return arr
+        return self._call(run, async_op, "broadcast")
+
+    def broadcast_async(self, arr, root=0, algorithm="auto", **kw):
+        return self.broadcast(arr, root, algorithm, async_op=True, **kw)
+
+    def barrier(self, *, timeout=None, async_op=False):
+        """Return once every rank has entered the barrier."""
+        empty = _EMPTY
+
+        def run():
+            self._execute("barrier", empty, empty, 0, "sum", 0, "ring", timeout, False)
+        return self._call(run, async_op, "barrier")
+
+    @staticmethod
+    def _check_same_dtype(a, b, what):
+        if a.dtype != b.dtype:
+            raise InvalidArgument(f"{what}: send is {a.dtype} but recv is {b.dtype}")
+
+    # ---- measurement ---------------------------------------------------
+    def stream_ring(self, nbytes, timeout=60.0):
+        """Raw transport ceiling: every rank streams nbytes to its right-hand
+        neighbour while receiving as many from the left (no reduction).
+        Returns seconds."""
+        with self._exec_lock:
+            self._ensure_ready()
+            secs = ffi.new("double *")
+            st = lib.pc_comm_stream_ring(self._comm, nbytes, timeout, secs)
+            if st != lib.PC_OK:
+                raise self._failure(st, -1, "stream_ring")
+            return secs[0]
+
+    @property
+    def bytes_sent(self):
+        return lib.pc_comm_bytes_sent(self._comm) if self._comm is not None else 0
+
+    # ---- lifetime ------------------------------------------------------
+    def close(self):
+        """Leave the group and release every socket and buffer."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._worker is not None:
+            self._queue.put(None)
+            self._worker.join(timeout=self.timeout)
+        try:
+            self._client.request({"t": "leave"}, timeout=2.0)
+        except CollectiveError:
+            pass
+        self._drop_comm()
+        self._listener.close()
+        if self._coordinator is not None:
+            self._linger_coordinator()
+        self._client.close()
+
+    def _linger_coordinator(self, limit=10.0):
+        """We host the coordinator: keep it up until the others have left."""
+        deadline = time.monotonic() + limit
+        while time.monotonic() < deadline:
+            if not any(m.alive for m in list(self._coordinator.members.values())):
+                break
+            time.sleep(0.02)
+        self._coordinator.stop()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self):
+        return f"<pycoll.Communicator rank {self.rank} of {self.world_size}, epoch {self.epoch}>"
+
+
+class _Empty:
+    address = 0
+    nbytes = 0
+    count = 0
+    dtype = "uint8"
+    code = lib.PC_U8
+
+
+_EMPTY = _Empty()

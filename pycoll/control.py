@@ -1,0 +1,124 @@
+"""A peer's side of the coordinator protocol.
+
+Two DEALER sockets: ``req`` (requests with replies, used under a lock by
+whichever thread calls) and ``hb`` (owned by a heartbeat thread that also
+receives pushed ``abort`` messages and hands them to a callback). Every
+wait has a deadline: a coordinator that vanishes is a CoordinatorError,
+never a hang.
+"""
+import logging
+import threading
+import time
+import uuid
+
+import zmq
+
+from .coordinator import PROTOCOL, pack, unpack
+from .errors import CoordinatorError
+
+log = logging.getLogger("pycoll.control")
+
+
+class CoordinatorClient:
+    def __init__(self, host, port, name=None, heartbeat_interval=0.5, heartbeat_timeout=5.0,
+                 on_abort=None, context=None):
+        self.host, self.port = host, port
+        self.name = name or uuid.uuid4().hex[:12]
+        self.heartbeat_interval = heartbeat_interval
+        self.heartbeat_timeout = heartbeat_timeout
+        self.on_abort = on_abort
+        self.last_status = {}
+        self._ctx = context or zmq.Context.instance()
+        self._lock = threading.Lock()
+        self._rid = 0
+        self._req = self._socket(b"/req")
+        self._stop = threading.Event()
+        self._lost_since = None
+        self._last_reply = time.monotonic()
+        self._hb_thread = None
+
+    def _socket(self, suffix):
+        s = self._ctx.socket(zmq.DEALER)
+        s.setsockopt(zmq.LINGER, 0)
+        s.setsockopt(zmq.IDENTITY, self.name.encode() + suffix + uuid.uuid4().hex[:6].encode())
+        s.setsockopt(zmq.MAXMSGSIZE, 16 << 20)
+        s.connect(f"tcp://{self.host}:{self.port}")
+        return s
+
+    @property
+    def endpoint(self):
+        return f"{self.host}:{self.port}"
+
+    def request(self, msg, timeout):
+        """Send one request and wait up to ``timeout`` s for its reply."""
+        with self._lock:
+            self._rid += 1
+            rid = self._rid
+            msg = dict(msg, rid=rid, name=self.name)
+            try:
+                self._req.send(pack(msg), zmq.NOBLOCK)
+            except zmq.ZMQError as exc:
+                raise CoordinatorError(f"cannot send to coordinator at {self.endpoint}: {exc}") from exc
+            deadline = time.monotonic() + timeout
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise CoordinatorError(
+                        f"no answer from the coordinator at {self.endpoint} to {msg['t']!r} within "
+                        f"{timeout:.1f} s (is it running? did the group lose a member it waits for?)")
+                if self._stop.is_set():
+                    raise CoordinatorError("client closed")
+                if self._req.poll(min(left, 0.2) * 1000):
+                    reply = unpack(self._req.recv())
+                    if reply.get("rid") != rid:
+                        continue  # a late reply to a request that already timed out
+                    if not reply.get("ok"):
+                        raise CoordinatorError(f"coordinator refused {msg['t']!r}: {reply.get('error')}")
+                    return reply
+                if self.coordinator_lost():
+                    raise CoordinatorError(
+                        f"the coordinator at {self.endpoint} stopped answering heartbeats; restart it "
+                        "(`pycoll master`) and re-run, or resume from a checkpoint")
+
+    # ---- heartbeats ----------------------------------------------------
+    def start_heartbeats(self):
+        self._hb_thread = threading.Thread(target=self._heartbeat_loop, name="pycoll-heartbeat", daemon=True)
+        self._hb_thread.start()
+
+    def coordinator_lost(self):
+        return self._hb_thread is not None and time.monotonic() - self._last_reply > self.heartbeat_timeout
+
+    def _heartbeat_loop(self):
+        hb = self._socket(b"/hb")
+        try:
+            next_beat = 0.0
+            while not self._stop.is_set():
+                now = time.monotonic()
+                if now >= next_beat:
+                    try:
+                        hb.send(pack({"t": "hb", "name": self.name}), zmq.NOBLOCK)
+                    except zmq.ZMQError:
+                        pass
+                    next_beat = now + self.heartbeat_interval
+                if hb.poll(max(0.0, min(next_beat - time.monotonic(), 0.1)) * 1000):
+                    try:
+                        msg = unpack(hb.recv())
+                    except Exception:  # noqa: BLE001
+                        continue
+                    self._last_reply = time.monotonic()
+                    if msg.get("t") == "hb":
+                        self.last_status = msg
+                    elif msg.get("t") == "abort" and self.on_abort is not None:
+                        try:
+                            self.on_abort(msg)
+                        except Exception:  # noqa: BLE001
+                            log.exception("abort callback failed")
+        finally:
+            hb.close(0)
+
+    def close(self):
+        self._stop.set()
+        if self._hb_thread is not None and self._hb_thread is not threading.current_thread():
+            self._hb_thread.join(timeout=2)
+        with self._lock:
+            self._req.close(0)

@@ -1,0 +1,115 @@
+"""Making communicators: ``init`` (a fixed group, torchrun-style) and
+``connect`` (join an elastic group at any time)."""
+import logging
+import os
+import socket
+
+from .comm import DEFAULT_TIMEOUT, Communicator
+from .control import CoordinatorClient
+from .coordinator import PROTOCOL, Coordinator
+from .errors import CollectiveError, InvalidArgument
+from .mesh import Listener, host_id, local_address_towards
+
+log = logging.getLogger("pycoll")
+
+
+def _env_int(name):
+    v = os.environ.get(name)
+    if v is None:
+        return None
+    try:
+        return int(v)
+    except ValueError:
+        raise InvalidArgument(f"environment variable {name}={v!r} is not an integer") from None
+
+
+def _start_coordinator_if_free(host, port, world_size, heartbeat_timeout):
+    """Rank 0 hosts the coordinator unless one already listens on the port."""
+    bind_host = "127.0.0.1" if host in ("127.0.0.1", "localhost") else "0.0.0.0"
+    probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(0.5)
+        if probe.connect_ex((host if host != "localhost" else "127.0.0.1", port)) == 0:
+            return None  # someone (pycoll master) is already there
+    finally:
+        probe.close()
+    try:
+        return Coordinator(bind_host, port, world_size=world_size, heartbeat_timeout=heartbeat_timeout).start()
+    except Exception as exc:  # noqa: BLE001 - port raced away: use whoever has it
+        log.info("not hosting a coordinator on port %d: %s", port, exc)
+        return None
+
+
+def _make(master_addr, master_port, rank, world_size, *, join_timeout, heartbeat_interval, heartbeat_timeout,
+          host_coordinator, **comm_options):
+    advertise = os.environ.get("PYCOLL_ADDR") or local_address_towards(master_addr)
+    bind = "127.0.0.1" if advertise.startswith("127.") else "0.0.0.0"
+    coordinator = None
+    if host_coordinator:
+        coordinator = _start_coordinator_if_free(master_addr, master_port, world_size, heartbeat_timeout)
+    listener = Listener(bind, advertise, sockbuf=comm_options.get("sockbuf", 0))
+    client = CoordinatorClient(master_addr, master_port, heartbeat_interval=heartbeat_interval,
+                               heartbeat_timeout=heartbeat_timeout)
+    comm = None
+    try:
+        client.request({"t": "join", "proto": PROTOCOL, "addr": list(listener.addr), "host_id": host_id(),
+                        "rank": rank, "world_size": world_size, "info": {"pid": os.getpid()}},
+                       timeout=join_timeout)
+        client.start_heartbeats()
+        comm = Communicator(client, listener, coordinator=coordinator, sync_timeout=join_timeout, **comm_options)
+        comm._sync(rebuild=True)
+        return comm
+    except BaseException:
+        if comm is not None:
+            comm._drop_comm()
+        listener.close()
+        client.close()
+        if coordinator is not None:
+            coordinator.stop()
+        raise
+
+
+def init(rank=None, world_size=None, master_addr=None, master_port=None, *, timeout=DEFAULT_TIMEOUT,
+         join_timeout=120.0, heartbeat_interval=0.5, heartbeat_timeout=5.0, stripes=None,
+         preserve_input=True, **options):
+    """Join a group of ``world_size`` peers as ``rank``.
+
+    Arguments default to torchrun's environment variables RANK, WORLD_SIZE,
+    MASTER_ADDR and MASTER_PORT. Rank 0 starts the coordinator on
+    MASTER_PORT unless one (``pycoll master``) is already running there.
+    Returns once all ``world_size`` peers are connected.
+    """
+    rank = rank if rank is not None else _env_int("RANK")
+    world_size = world_size if world_size is not None else _env_int("WORLD_SIZE")
+    master_addr = master_addr or os.environ.get("MASTER_ADDR", "127.0.0.1")
+    master_port = master_port if master_port is not None else _env_int("MASTER_PORT")
+    if rank is None or world_size is None or master_port is None:
+        raise InvalidArgument("pycoll.init needs rank, world_size and master_port (or RANK, WORLD_SIZE, "
+                              "MASTER_PORT in the environment, as torchrun and `pycoll run` set them)")
+    if not 0 <= rank < world_size:
+        raise InvalidArgument(f"rank {rank} is not in [0, {world_size})")
+    stripes = stripes if stripes is not None else (_env_int("PYCOLL_STRIPES") or 1)
+    return _make(master_addr, master_port, rank, world_size, join_timeout=join_timeout,
+                 heartbeat_interval=heartbeat_interval, heartbeat_timeout=heartbeat_timeout,
+                 host_coordinator=(rank == 0), timeout=timeout, stripes=stripes,
+                 preserve_input=preserve_input, **options)
+
+
+def connect(master_addr=None, master_port=None, *, timeout=DEFAULT_TIMEOUT, join_timeout=300.0,
+            heartbeat_interval=0.5, heartbeat_timeout=5.0, stripes=None, **options):
+    """Join an elastic group through its coordinator, at any time.
+
+    Returns once this peer has been admitted, which happens when the current
+    members next call ``update_topology()`` (immediately if the group is empty).
+    """
+    master_addr = master_addr or os.environ.get("MASTER_ADDR", "127.0.0.1")
+    master_port = master_port if master_port is not None else _env_int("MASTER_PORT")
+    if master_port is None:
+        raise InvalidArgument("pycoll.connect needs master_port (or MASTER_PORT in the environment)")
+    stripes = stripes if stripes is not None else (_env_int("PYCOLL_STRIPES") or 1)
+    return _make(master_addr, master_port, None, None, join_timeout=join_timeout,
+                 heartbeat_interval=heartbeat_interval, heartbeat_timeout=heartbeat_timeout,
+                 host_coordinator=False, timeout=timeout, stripes=stripes, **options)
+
+
+__all__ = ["init", "connect", "CollectiveError"]
