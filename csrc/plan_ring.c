@@ -24,6 +24,7 @@
  * copies writes the caller's buffer only after every transfer succeeded.
  */
 #include <stdlib.h>
+#include <string.h>
 
 #include "plan.h"
 
@@ -249,6 +250,23 @@ static void plan_barrier(pc_plan *plan, int32_t n, int32_t rank) {
     }
 }
 
+/* Every ring must visit each rank exactly once. */
+static int rings_are_permutations(const int32_t *rings, int32_t nrings, int32_t n) {
+    uint8_t *seen = calloc((size_t)n, 1);
+    if (!seen) return 0;
+    int ok = 1;
+    for (int32_t r = 0; r < nrings && ok; r++) {
+        memset(seen, 0, (size_t)n);
+        for (int32_t i = 0; i < n && ok; i++) {
+            int32_t v = rings[(size_t)r * n + i];
+            if (v < 0 || v >= n || seen[v]) ok = 0;
+            else seen[v] = 1;
+        }
+    }
+    free(seen);
+    return ok;
+}
+
 pc_status pc_plan_rings(pc_collective coll, int32_t nranks, int32_t rank,
                         const int32_t *rings, int32_t nrings, int32_t root,
                         uint64_t count, int32_t elem_size, uint64_t segment_bytes,
@@ -257,6 +275,7 @@ pc_status pc_plan_rings(pc_collective coll, int32_t nranks, int32_t rank,
     if (nranks < 1 || rank < 0 || rank >= nranks || elem_size <= 0 || stripes < 1 ||
         (coll != PC_COLL_BARRIER && (nrings < 1 || !rings)) || (root < 0 || root >= nranks))
         return PC_ERR_ARG;
+    if (coll != PC_COLL_BARRIER && !rings_are_permutations(rings, nrings, nranks)) return PC_ERR_ARG;
     pc_plan *plan = plan_new(nranks, rank);
     if (!plan) return PC_ERR_NOMEM;
     uint64_t es = (uint64_t)elem_size;

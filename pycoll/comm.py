@@ -23,6 +23,7 @@ from .buffers import as_buffer
 from .dtypes import op_code
 from .errors import Cancelled, CollectiveError, InvalidArgument, PeerFailure
 from .mesh import build_mesh
+from .testing import fault_armed, fault_point
 from .work import Work
 
 log = logging.getLogger("pycoll")
@@ -177,6 +178,9 @@ class Communicator:
         bufs = ffi.new("void *[2]", [ffi.cast("void *", inbuf.address), ffi.cast("void *", outbuf.address)])
         sizes = ffi.new("uint64_t[2]", [inbuf.nbytes, outbuf.nbytes])
         failed = ffi.new("int32_t *")
+        fault_point(f"before:{coll}")
+        if fault_armed(f"during:{coll}"):  # test harness: die while the collective runs
+            threading.Timer(0.002, fault_point, (f"during:{coll}",)).start()
         lib.pc_comm_clear_cancel(self._comm)
         if self._aborted_epoch == self.epoch:
             lib.pc_comm_cancel(self._comm)
