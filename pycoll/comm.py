@@ -157,7 +157,14 @@ class Communicator:
     def _ensure_ready(self):
         if self._closed:
             raise CollectiveError("communicator is closed")
-        if self._broken or self._comm is None or self._aborted_epoch == self.epoch:
+        if self._aborted_epoch == self.epoch and not self._broken:
+            # A peer failed after our last call finished. Peers that were
+            # inside a collective got PeerFailure there; we report it on this
+            # call (not run) so every survivor sees the failure exactly once.
+            self._broken = True
+            raise PeerFailure(f"rank {self.rank}: epoch {self.epoch} was aborted ({self._abort_reason}); "
+                              "this call did not run; the next call runs on the survivors")
+        if self._broken or self._comm is None:
             self._sync(rebuild=True)
 
     def _execute(self, coll, inbuf, outbuf, count, op, root, algorithm, timeout, preserve):

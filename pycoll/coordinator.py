@@ -250,7 +250,7 @@ class Coordinator:
     def _on_leave(self, ident, msg):
         m = self._member_for(ident, msg)
         if m is not None:
-            self._declare_dead(m, "left the group")
+            self._declare_dead(m, "left the group", graceful=True)
         self._reply(ident, msg)
 
     def _on_status(self, ident, msg):
@@ -265,12 +265,14 @@ class Coordinator:
             if m.alive and m.hb_ident is not None and now - m.last_seen > self.heartbeat_timeout:
                 self._declare_dead(m, f"no heartbeat for {now - m.last_seen:.1f} s")
 
-    def _declare_dead(self, m, why):
+    def _declare_dead(self, m, why, graceful=False):
         if not m.alive:
             return
         m.alive = False
-        (log.info if why == "left the group" else log.warning)("member %s is gone: %s", m.name, why)
-        if m.name in self.epoch_members:
+        (log.info if graceful else log.warning)("member %s is gone: %s", m.name, why)
+        # A graceful leave finished its collectives: peers still completing
+        # theirs must not be aborted. They notice at the next sync point.
+        if m.name in self.epoch_members and not graceful:
             self._push_abort(f"rank {self.epoch_members.index(m.name)} lost: {why}", lost=[m.name])
         self._maybe_form_epoch()
 

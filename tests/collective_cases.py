@@ -1,0 +1,63 @@
+"""Rank-side functions and parent-side references for collective tests.
+
+A *case* is (collective, dtype, op, count, seed, algorithm); each rank
+builds its input deterministically from (seed, rank), runs the collective
+and returns the raw output bytes. The parent recomputes the expected bytes
+by executing the same plans in Python (plansim), i.e. in the same
+reduction order, so floats are compared bit for bit.
+"""
+import numpy as np
+
+from reference import make_input, reduce_fn, scale_fn, storage_dtype
+
+
+def rank_input(case, rank, world_size):
+    coll, dtype, op, count, seed, _ = case
+    if coll == "reduce_scatter":
+        return make_input(dtype, op, count * world_size, rank, seed)
+    return make_input(dtype, op, count, rank, seed)
+
+
+def run_cases(comm, cases):
+    """Executed on every rank."""
+    out = []
+    for case in cases:
+        coll, dtype, op, count, seed, algorithm = case
+        x = rank_input(case, comm.rank, comm.world_size)
+        kw = {"dtype": dtype, "algorithm": algorithm}
+        if coll == "all_reduce":
+            comm.all_reduce(x, op=op, **kw)
+            res = x
+        elif coll == "all_gather":
+            res = np.zeros(count * comm.world_size, dtype=x.dtype)
+            comm.all_gather(x, res, **kw)
+        elif coll == "reduce_scatter":
+            res = np.zeros(count, dtype=x.dtype)
+            comm.reduce_scatter(x, res, op=op, **kw)
+        elif coll == "broadcast":
+            comm.broadcast(x, root=seed % comm.world_size, **kw)
+            res = x
+        out.append(res.tobytes())
+    return out
+
+
+def expected(case, world_size, plans_for):
+    """Reference bytes per rank, from the plans the communicator would use."""
+    from plansim import simulate
+
+    coll, dtype, op, count, seed, _ = case
+    sd = storage_dtype(dtype)
+    inputs = [rank_input(case, r, world_size) for r in range(world_size)]
+    plans = plans_for(case, world_size)
+    bufs = []
+    for r in range(world_size):
+        x = inputs[r].copy()
+        scratch = np.zeros(plans[r].need_bytes(2) // sd.itemsize, dtype=sd)
+        if coll in ("all_reduce", "broadcast"):
+            bufs.append([x, x, scratch])
+        elif coll == "all_gather":
+            bufs.append([x, np.zeros(count * world_size, dtype=sd), scratch])
+        else:
+            bufs.append([x, np.zeros(count, dtype=sd), scratch])
+    simulate(plans, bufs, sd.itemsize, reduce_fn(dtype, op), scale_fn(dtype, op, world_size))
+    return [bufs[r][1].tobytes() for r in range(world_size)]
