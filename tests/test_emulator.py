@@ -18,9 +18,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-try:
-    import pycoll.emulator  # noqa: F401
-except ImportError:  # running from a checkout without installing
+# Test the checkout this file lives in, even if another pycoll is installed.
+if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from pycoll.emulator import (Emulator, EmuSpec, LinkSpec, RUN_PREFIX, available,  # noqa: E402
@@ -235,3 +234,15 @@ def test_mesh_links_independent_and_nic_shared(emu_ok):
         assert 0.35 * cap <= v <= 0.65 * cap, (p, v)
     for a, b in (((0, 1), (0, 2)), ((0, 2), (1, 2))):
         assert 0.80 * cap <= rates[a] + rates[b] <= 1.05 * cap, (a, b, rates)
+
+
+# --------------------------------------------------------------- CLI
+
+@pytest.mark.timeout(120)
+def test_cli_runs_command_in_every_peer(emu_ok):
+    from pycoll.emulator.__main__ import main
+    script = ('test "$PEER_IPS" = 10.77.0.1,10.77.0.2,10.77.0.3 && '
+              'ip -br addr show emu0 | grep -q "$PEER_IP/16" && exit $((PEER_RANK * 3))')
+    assert main(["--peers", "3", "--delay", "1ms", "--", "sh", "-c", script]) == 3
+    assert main(["--peers", "2", "--", "true"]) == 0
+    assert not [ns for ns in list_netns() if ns.startswith(RUN_PREFIX)]

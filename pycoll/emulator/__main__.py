@@ -75,6 +75,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     spec = EmuSpec.uniform(args.peers, rate, parse_time(args.delay), args.loss,
                            parse_time(args.jitter), parse_rate(args.nic))
     timeout = parse_time(args.timeout)
+    try:
+        return _run(spec, args, cmd, rate, timeout)
+    except KeyboardInterrupt:  # the with-block has already torn everything down
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _run(spec, args, cmd, rate, timeout) -> int:
     with Emulator(spec, mtu=args.mtu, seed=args.seed, keep_logs=args.keep_logs) as emu:
         if args.keep_logs:
             print(f"logs: {emu.log_dir}", file=sys.stderr)
