@@ -129,10 +129,12 @@ def _delete_netns(ns: str) -> Optional[str]:
 
 
 def cleanup_stale() -> List[str]:
-    """Delete namespaces left by emulator runs whose creator process is dead.
+    """Delete namespaces (and temp dirs) left by emulator runs whose creator
+    process is dead.
 
     Only touches names of the form ``pce<pid>-...`` whose pid is not alive
-    (the creator was SIGKILLed before it could clean up)."""
+    (the creator was SIGKILLed before it could clean up).  Returns the
+    namespaces removed."""
     removed = []
     for ns in list_netns():
         m = _STALE_RE.match(ns)
@@ -143,6 +145,11 @@ def cleanup_stale() -> List[str]:
             continue
         if _delete_netns(ns) is None:
             removed.append(ns)
+    # Their temp dirs (config, delay-line log) too.
+    for d in Path(tempfile.gettempdir()).glob("pce*-*"):
+        m = _STALE_RE.match(d.name)
+        if m and d.is_dir() and int(m.group(1)) != os.getpid() and not _pid_alive(int(m.group(1))):
+            shutil.rmtree(d, ignore_errors=True)
     return removed
 
 
