@@ -19,6 +19,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
+#include <sched.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -88,7 +89,7 @@ pc_status pc_comm_create(int32_t rank, int32_t nranks, int32_t stripes, const in
     c->rank = rank;
     c->nranks = nranks;
     c->stripes = stripes;
-    c->spin_us = 50;
+    c->spin_us = 200;
     c->cancel_pipe[0] = c->cancel_pipe[1] = -1;
     c->conns = calloc((size_t)nconn, sizeof *c->conns);
     c->stage = calloc((size_t)nconn, sizeof *c->stage);
@@ -589,7 +590,10 @@ pc_status pc_comm_run(pc_comm *comm, const pc_plan *plan, void *const *bufs, con
         /* Nothing moved: spin a little (a reply is often microseconds
          * away), then sleep until a socket is ready or we are cancelled. */
         if (idle_since < 0) idle_since = t;
-        if ((t - idle_since) * 1e6 < comm->spin_us) continue;
+        if ((t - idle_since) * 1e6 < comm->spin_us) {
+            sched_yield(); /* with more ranks than cores the peer we wait for needs this core */
+            continue;
+        }
         wait_for_io(&r, deadline);
     }
     st = r.status;
@@ -606,7 +610,7 @@ pc_status pc_comm_stream_ring(pc_comm *comm, uint64_t bytes, double timeout_s, d
     int32_t right = (comm->rank + 1) % comm->nranks, left = (comm->rank + comm->nranks - 1) % comm->nranks;
     pc_conn *out = comm->conns[right * comm->stripes], *in = comm->conns[left * comm->stripes];
     if (!out || !in) return PC_ERR_ARG;
-    enum { BUF = 1 << 20 };
+    enum { BUF = 4 << 20 };
     uint8_t *sb = calloc(1, BUF), *rb = malloc(BUF);
     if (!sb || !rb) {
         free(sb);
@@ -614,7 +618,7 @@ pc_status pc_comm_stream_ring(pc_comm *comm, uint64_t bytes, double timeout_s, d
         return PC_ERR_NOMEM;
     }
     uint64_t sent = 0, got = 0;
-    double t0 = now_s(), deadline = t0 + timeout_s;
+    double t0 = now_s(), deadline = t0 + timeout_s, idle_since = -1;
     pc_status st = PC_OK;
     while (sent < bytes || got < bytes) {
         int moved = 0;
@@ -635,8 +639,17 @@ pc_status pc_comm_stream_ring(pc_comm *comm, uint64_t bytes, double timeout_s, d
             else if (res == PC_IO_AGAIN) want_in = POLLIN;
             else { st = PC_ERR_PEER; break; }
         }
-        if (now_s() > deadline) { st = PC_ERR_TIMEOUT; break; }
-        if (!moved) {
+        double t = now_s();
+        if (t > deadline) { st = PC_ERR_TIMEOUT; break; }
+        if (moved) {
+            idle_since = -1;
+        } else {
+            /* same waiting policy as the engine: spin (yielding), then sleep */
+            if (idle_since < 0) idle_since = t;
+            if ((t - idle_since) * 1e6 < comm->spin_us) {
+                sched_yield();
+                continue;
+            }
             struct pollfd p[2] = {{out->fd, want_out, 0}, {in->fd, want_in, 0}};
             poll(p, 2, 100);
         }

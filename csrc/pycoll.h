@@ -144,7 +144,7 @@ pc_status pc_comm_create(int32_t rank, int32_t nranks, int32_t stripes,
  * PC_ERR_CANCELLED promptly. pc_comm_clear_cancel() re-arms the comm. */
 void pc_comm_cancel(pc_comm *comm);
 void pc_comm_clear_cancel(pc_comm *comm);
-/* Microseconds to busy-poll before sleeping in poll() (default 50). */
+/* Microseconds to busy-poll (yielding the CPU) before sleeping in poll() (default 200). */
 void pc_comm_set_spin(pc_comm *comm, int32_t spin_us);
 /* Closes every connection; the comm can only be freed afterwards. Peers
  * blocked on us see PC_ERR_PEER at once (this is how a failure propagates). */

@@ -40,7 +40,7 @@ class Communicator:
     or :func:`pycoll.connect` to make one."""
 
     def __init__(self, client, listener, *, stripes=1, timeout=DEFAULT_TIMEOUT, preserve_input=True,
-                 segment_bytes=1 << 19, spin_us=50, mesh_timeout=30.0, sync_timeout=120.0,
+                 segment_bytes=1 << 20, spin_us=200, mesh_timeout=30.0, sync_timeout=120.0,
                  coordinator=None, sockbuf=0):
         self._client = client
         self._listener = listener
