@@ -29,6 +29,7 @@ from .work import Work
 log = logging.getLogger("pycoll")
 
 DEFAULT_TIMEOUT = float(os.environ.get("PYCOLL_TIMEOUT", "120"))
+DEFAULT_SEGMENT = 1 << 20  # pipeline unit; 1 MiB measured best on loopback
 
 
 class Stat(collections.namedtuple("Stat", "op algorithm nbytes seconds world_size epoch ok retries")):
@@ -40,7 +41,7 @@ class Communicator:
     or :func:`pycoll.connect` to make one."""
 
     def __init__(self, client, listener, *, stripes=1, timeout=DEFAULT_TIMEOUT, preserve_input=True,
-                 segment_bytes=1 << 20, spin_us=200, mesh_timeout=30.0, sync_timeout=120.0,
+                 segment_bytes=DEFAULT_SEGMENT, spin_us=200, mesh_timeout=30.0, sync_timeout=120.0,
                  coordinator=None, sockbuf=0):
         self._client = client
         self._listener = listener

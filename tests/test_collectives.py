@@ -12,7 +12,7 @@ from collective_cases import expected, run_cases
 from pycoll import planners
 from reference import ALL_DTYPES, OPS
 
-SEGMENT = 1 << 19  # the communicator default; plans must match the ones it builds
+from pycoll.comm import DEFAULT_SEGMENT as SEGMENT  # plans must match the ones the communicator builds
 
 
 def ring_plans(case, n):
