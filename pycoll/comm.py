@@ -346,6 +346,13 @@ class Communicator:
         if a.dtype != b.dtype:
             raise InvalidArgument(f"{what}: send is {a.dtype} but recv is {b.dtype}")
 
+    def cancel(self):
+        """Cancel the collective running now (from any thread): it raises
+        :class:`Cancelled` promptly and the group re-forms at the next call."""
+        with self._comm_lock:
+            if self._comm is not None:
+                lib.pc_comm_cancel(self._comm)
+
     # ---- measurement ---------------------------------------------------
     def stream_ring(self, nbytes, timeout=60.0):
         """Raw transport ceiling: every rank streams nbytes to its right-hand
