@@ -9,6 +9,7 @@ engine runs with the GIL released. Control path (Python): membership,
 rebuilding the connection mesh after a failure, async queueing, stats.
 """
 import collections
+import functools
 import logging
 import os
 import queue
@@ -23,6 +24,7 @@ from .buffers import as_buffer
 from .dtypes import op_code
 from .errors import Cancelled, CollectiveError, InvalidArgument, PeerFailure
 from .mesh import build_mesh
+from . import testing
 from .testing import fault_armed, fault_point
 from .work import Work
 
@@ -73,6 +75,9 @@ class Communicator:
         self._aborted_epoch = -1
         self._abort_reason = ""
         self._closed = False
+        self._cbufs = ffi.new("void *[2]")
+        self._csizes = ffi.new("uint64_t[2]")
+        self._cfailed = ffi.new("int32_t *")
         client.on_abort = self._on_abort
 
     # ---- membership ----------------------------------------------------
@@ -180,15 +185,16 @@ class Communicator:
         avg = opc == lib.PC_AVG
         itemsize = inbuf.nbytes // max(inbuf.count, 1) if inbuf.count else lib.pc_dtype_size(inbuf.code)
         plan = self._plan(coll, chosen, count, itemsize, root, avg, preserve)
-        desc = zlib.crc32(struct.pack("<iiiQi8s", planners.COLLECTIVES[coll], inbuf.code, opc, count, root,
-                                      chosen.encode()[:8]))
+        desc = _digest(coll, inbuf.code, opc, count, root, chosen)
         self._seq += 1
-        bufs = ffi.new("void *[2]", [ffi.cast("void *", inbuf.address), ffi.cast("void *", outbuf.address)])
-        sizes = ffi.new("uint64_t[2]", [inbuf.nbytes, outbuf.nbytes])
-        failed = ffi.new("int32_t *")
-        fault_point(f"before:{coll}")
-        if fault_armed(f"during:{coll}"):  # test harness: die while the collective runs
-            threading.Timer(0.002, fault_point, (f"during:{coll}",)).start()
+        bufs, sizes, failed = self._cbufs, self._csizes, self._cfailed  # reused: one collective at a time
+        bufs[0] = ffi.cast("void *", inbuf.address)
+        bufs[1] = ffi.cast("void *", outbuf.address)
+        sizes[0], sizes[1] = inbuf.nbytes, outbuf.nbytes
+        if testing.FAULTS_ARMED:  # test harness only
+            fault_point(f"before:{coll}")
+            if fault_armed(f"during:{coll}"):  # die while the collective runs
+                threading.Timer(0.002, fault_point, (f"during:{coll}",)).start()
         lib.pc_comm_clear_cancel(self._comm)
         if self._aborted_epoch == self.epoch:
             lib.pc_comm_cancel(self._comm)
@@ -406,6 +412,14 @@ class Communicator:
 
     def __repr__(self):
         return f"<pycoll.Communicator rank {self.rank} of {self.world_size}, epoch {self.epoch}>"
+
+
+@functools.lru_cache(maxsize=4096)
+def _digest(coll, dtype_code, op_code_, count, root, algorithm):
+    """32-bit digest of a collective's arguments, carried in every frame so
+    that mismatched calls across ranks are detected by the receiver."""
+    return zlib.crc32(struct.pack("<iiiQi8s", planners.COLLECTIVES[coll], dtype_code, op_code_, count, root,
+                                  algorithm.encode()[:8]))
 
 
 class _Empty:

@@ -23,8 +23,24 @@ OPS = {"sum": lib.PC_SUM, "prod": lib.PC_PROD, "min": lib.PC_MIN, "max": lib.PC_
 ITEMSIZE = {name: lib.pc_dtype_size(code) for name, code in DTYPES.items()}
 
 
+_NAME_CACHE = {}
+
+
 def dtype_name(dtype):
     """Normalise a NumPy dtype, torch dtype or string to a pycoll dtype name."""
+    try:
+        return _NAME_CACHE[dtype]
+    except (KeyError, TypeError):
+        pass
+    name = _dtype_name(dtype)
+    try:
+        _NAME_CACHE[dtype] = name
+    except TypeError:  # unhashable: fine, just not cached
+        pass
+    return name
+
+
+def _dtype_name(dtype):
     if isinstance(dtype, str):
         name = _ALIASES.get(dtype, dtype)
     else:
@@ -42,6 +58,9 @@ def dtype_name(dtype):
 
 def op_code(op):
     """C constant for an op name (or a torch ReduceOp-like object with a name)."""
+    code = OPS.get(op) if isinstance(op, str) else None
+    if code is not None:
+        return code
     if not isinstance(op, str):
         op = getattr(op, "name", str(op)).lower()
         op = {"product": "prod", "average": "avg"}.get(op, op)

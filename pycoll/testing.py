@@ -34,6 +34,11 @@ KILLED = "<killed>"
 _FAULT_ENV = "PYCOLL_FAULT"       # "point" or "after:<seconds>" for this process
 _DELAY_ENV = "PYCOLL_FAULT_DELAY"
 
+#: True when this process may hit a fault (lets pycoll skip fault points, which
+#: sit on the hot path, at no cost otherwise). Set from the environment at
+#: import, or by the harness.
+FAULTS_ARMED = bool(os.environ.get(_FAULT_ENV) or os.environ.get(_DELAY_ENV))
+
 
 class RankError(AssertionError):
     """A rank failed; ``rank`` and ``remote_traceback`` say where and why."""
@@ -45,7 +50,8 @@ class RankError(AssertionError):
 
 
 def fault_point(name):
-    """Call at a named point in your code; the harness may kill or delay here."""
+    """Call at a named point in your code; the harness may kill or delay here.
+    (Set PYCOLL_FAULT=<name> / PYCOLL_FAULT_DELAY=<s> to arm it by hand.)"""
     delay = os.environ.get(_DELAY_ENV)
     if delay:
         time.sleep(float(delay))
@@ -75,6 +81,9 @@ def free_port():
 
 
 def _rank_main(fn, args, rank, world_size, port, init_kwargs, fault, delay, conn):
+    global FAULTS_ARMED
+    if fault is not None or delay:
+        FAULTS_ARMED = True
     if fault is not None:
         if isinstance(fault, (int, float)):
             threading.Timer(float(fault), lambda: os.kill(os.getpid(), signal.SIGKILL)).start()
