@@ -11,6 +11,7 @@ from .comm import Communicator, Stat
 from .errors import (Cancelled, CollectiveError, CollectiveTimeout, CoordinatorError, InvalidArgument,
                      PeerFailure, ProtocolError)
 from .group import connect, init
+from .limits import Limits
 from .work import Work
 
 __version__ = "0.1.0"
@@ -18,5 +19,5 @@ __version__ = "0.1.0"
 __all__ = [
     "init", "connect", "Communicator", "Work", "Stat",
     "CollectiveError", "PeerFailure", "ProtocolError", "CollectiveTimeout", "Cancelled",
-    "InvalidArgument", "CoordinatorError",
+    "InvalidArgument", "CoordinatorError", "Limits",
 ]

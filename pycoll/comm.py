@@ -43,8 +43,8 @@ class Communicator:
     or :func:`pycoll.connect` to make one."""
 
     def __init__(self, client, listener, *, stripes=1, timeout=DEFAULT_TIMEOUT, preserve_input=True,
-                 segment_bytes=DEFAULT_SEGMENT, spin_us=200, mesh_timeout=30.0, sync_timeout=120.0,
-                 coordinator=None, sockbuf=0):
+                 segment_bytes=DEFAULT_SEGMENT, spin_us=200, mesh_timeout=None, sync_timeout=120.0,
+                 coordinator=None, sockbuf=0, mesh_key=None):
         self._client = client
         self._listener = listener
         self._coordinator = coordinator  # the in-process coordinator we host, if any
@@ -53,7 +53,8 @@ class Communicator:
         self.preserve_input = preserve_input
         self.segment_bytes = segment_bytes
         self.spin_us = spin_us
-        self.mesh_timeout = mesh_timeout
+        self.mesh_timeout = mesh_timeout if mesh_timeout is not None else listener.limits.connect_timeout
+        self._mesh_key = mesh_key  # authenticates peer connections (pycoll.auth); None: no secret
         self.sync_timeout = sync_timeout
         self.sockbuf = sockbuf
         self.rank = -1
@@ -107,7 +108,7 @@ class Communicator:
         rank = reply["rank"]
         addrs = [m[1] for m in members]
         fds = build_mesh(self._listener, rank, addrs, self.stripes, reply["epoch"], reply["token"],
-                         self.mesh_timeout, self.sockbuf)
+                         self.mesh_timeout, self.sockbuf, key=self._mesh_key)
         out = ffi.new("pc_comm **")
         st = lib.pc_comm_create(rank, len(members), self.stripes, fds, 0, out)
         if st != lib.PC_OK:

@@ -4,7 +4,8 @@ Two DEALER sockets: ``req`` (requests with replies, used under a lock by
 whichever thread calls) and ``hb`` (owned by a heartbeat thread that also
 receives pushed ``abort`` messages and hands them to a callback). Every
 wait has a deadline: a coordinator that vanishes is a CoordinatorError,
-never a hang.
+never a hang. Messages are signed both ways (``pycoll.auth``); anything from
+the coordinator's address that fails the check is ignored.
 """
 import logging
 import threading
@@ -13,16 +14,24 @@ import uuid
 
 import zmq
 
+from . import auth
 from .coordinator import PROTOCOL, pack, unpack
 from .errors import CoordinatorError
+from .limits import resolve
 
 log = logging.getLogger("pycoll.control")
 
 
 class CoordinatorClient:
     def __init__(self, host, port, name=None, heartbeat_interval=0.5, heartbeat_timeout=5.0,
-                 on_abort=None, context=None):
+                 on_abort=None, context=None, secret=None, limits=None):
         self.host, self.port = host, port
+        self.limits = resolve(limits)
+        secret = auth.load_secret(secret)
+        self._to_key = auth.derive(secret, "to-coordinator")
+        self._from_key = auth.derive(secret, "from-coordinator")
+        self._sealer = auth.Sealer(self._to_key)  # used under self._lock only
+        self.cred = ""  # given by the coordinator at join
         self.name = name or uuid.uuid4().hex[:12]
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_timeout = heartbeat_timeout
@@ -32,6 +41,7 @@ class CoordinatorClient:
         self._lock = threading.Lock()
         self._rid = 0
         self._req = self._socket(b"/req")
+        self._req_opener = auth.Opener(self._from_key, self.limits.replay_window)
         self._stop = threading.Event()
         self._lost_since = None
         self._last_reply = time.monotonic()
@@ -41,7 +51,8 @@ class CoordinatorClient:
         s = self._ctx.socket(zmq.DEALER)
         s.setsockopt(zmq.LINGER, 0)
         s.setsockopt(zmq.IDENTITY, self.name.encode() + suffix + uuid.uuid4().hex[:6].encode())
-        s.setsockopt(zmq.MAXMSGSIZE, 16 << 20)
+        s.setsockopt(zmq.MAXMSGSIZE, self.limits.max_message_bytes)
+        s.setsockopt(zmq.HANDSHAKE_IVL, int(self.limits.handshake_timeout * 1000))
         s.connect(f"tcp://{self.host}:{self.port}")
         return s
 
@@ -54,9 +65,10 @@ class CoordinatorClient:
         with self._lock:
             self._rid += 1
             rid = self._rid
-            msg = dict(msg, rid=rid, name=self.name)
+            msg = dict(msg, rid=rid, name=self.name, cred=self.cred)
+            opener = self._req_opener
             try:
-                self._req.send(pack(msg), zmq.NOBLOCK)
+                self._req.send(self._sealer.seal(pack(msg)), zmq.NOBLOCK)
             except zmq.ZMQError as exc:
                 raise CoordinatorError(f"cannot send to coordinator at {self.endpoint}: {exc}") from exc
             deadline = time.monotonic() + timeout
@@ -69,16 +81,32 @@ class CoordinatorClient:
                 if self._stop.is_set():
                     raise CoordinatorError("client closed")
                 if self._req.poll(min(left, 0.2) * 1000):
-                    reply = unpack(self._req.recv())
-                    if reply.get("rid") != rid:
-                        continue  # a late reply to a request that already timed out
+                    reply = self._open(opener, self._req.recv(), msg["t"])
+                    if reply is None or reply.get("rid") != rid:
+                        continue  # forged, or a late reply to a request that already timed out
                     if not reply.get("ok"):
                         raise CoordinatorError(f"coordinator refused {msg['t']!r}: {reply.get('error')}")
+                    if msg["t"] == "join" and isinstance(reply.get("cred"), str):
+                        self.cred = reply["cred"]
                     return reply
                 if self.coordinator_lost():
                     raise CoordinatorError(
                         f"the coordinator at {self.endpoint} stopped answering heartbeats; restart it "
                         "(`pycoll master`) and re-run, or resume from a checkpoint")
+
+    def _open(self, opener, data, what=None):
+        """The coordinator's message as a dict, or None if it is not authentic."""
+        if what is not None and data[:4] == auth.REFUSED:
+            raise CoordinatorError(
+                f"the coordinator at {self.endpoint} refused {what!r}: "
+                f"{data[4:].decode(errors='replace')}. Every peer and the coordinator need the same "
+                "PYCOLL_SECRET (or token=)")
+        try:
+            msg = unpack(opener.open(data))
+        except Exception as exc:  # noqa: BLE001 - forged or garbled: ignore, never crash
+            log.warning("ignoring a message from the coordinator address that failed checks: %s", exc)
+            return None
+        return msg if isinstance(msg, dict) else None
 
     # ---- heartbeats ----------------------------------------------------
     def start_heartbeats(self):
@@ -90,20 +118,25 @@ class CoordinatorClient:
 
     def _heartbeat_loop(self):
         hb = self._socket(b"/hb")
+        sealer = auth.Sealer(self._to_key)
+        opener = auth.Opener(self._from_key, self.limits.replay_window)
         try:
             next_beat = 0.0
             while not self._stop.is_set():
                 now = time.monotonic()
                 if now >= next_beat:
                     try:
-                        hb.send(pack({"t": "hb", "name": self.name}), zmq.NOBLOCK)
+                        hb.send(sealer.seal(pack({"t": "hb", "name": self.name, "cred": self.cred})),
+                                zmq.NOBLOCK)
                     except zmq.ZMQError:
                         pass
                     next_beat = now + self.heartbeat_interval
                 if hb.poll(max(0.0, min(next_beat - time.monotonic(), 0.1)) * 1000):
                     try:
-                        msg = unpack(hb.recv())
+                        msg = self._open(opener, hb.recv())
                     except Exception:  # noqa: BLE001
+                        continue
+                    if msg is None:
                         continue
                     self._last_reply = time.monotonic()
                     if msg.get("t") == "hb":

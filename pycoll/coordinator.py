@@ -19,7 +19,14 @@ through the fd its heartbeats arrive on; instant for a killed process), heartbea
 ``heartbeat_timeout`` seconds, or the member says ``leave``. The coordinator
 then pushes ``abort`` to the other members of the epoch so a collective in
 flight is cancelled at once instead of waiting for a timeout.
+
+Security: every message in both directions is signed with a key derived from
+the shared secret (``pycoll.auth``); unsigned, forged, stale or replayed
+messages are dropped (and logged, rate-limited) before they are parsed.
+Requests are then shape-checked (``pycoll.schema``). A member's requests must
+carry the credential it was given at join, so nobody can speak for it.
 """
+import hmac
 import logging
 import os
 import secrets
@@ -29,6 +36,9 @@ import time
 import msgpack
 import zmq
 from zmq.utils.monitor import recv_monitor_message
+
+from . import auth, schema
+from .limits import resolve
 
 log = logging.getLogger("pycoll.coordinator")
 
@@ -46,7 +56,7 @@ def unpack(data):
 
 class Member:
     __slots__ = ("name", "addr", "host_id", "rank_hint", "join_seq", "last_seen", "alive",
-                 "req_ident", "hb_ident", "sync_rid", "sync_rebuild", "info")
+                 "req_ident", "hb_ident", "sync_rid", "sync_rebuild", "info", "cred")
 
     def __init__(self, name, addr, host_id, rank_hint, join_seq, info):
         self.name = name
@@ -61,6 +71,7 @@ class Member:
         self.sync_rid = None      # request id of a sync waiting for an answer
         self.sync_rebuild = False
         self.info = info
+        self.cred = secrets.token_hex(16)  # proves later requests come from this member
 
 
 class Coordinator:
@@ -69,18 +80,29 @@ class Coordinator:
     ``world_size``: when set, the first epoch waits for that many members
     (static groups, ``pycoll.init``); otherwise it forms as soon as
     ``min_world_size`` members are waiting (elastic groups, ``pycoll.connect``).
+    ``secret``: the shared secret (default: ``PYCOLL_SECRET``); ``limits``: a
+    :class:`pycoll.limits.Limits` (default: from the environment).
     """
 
     def __init__(self, host="127.0.0.1", port=0, world_size=None, min_world_size=1,
-                 heartbeat_timeout=5.0, context=None):
+                 heartbeat_timeout=5.0, context=None, secret=None, limits=None):
         self.world_size = world_size
         self.min_world_size = min_world_size
         self.heartbeat_timeout = heartbeat_timeout
+        self.limits = resolve(limits)
+        secret = auth.load_secret(secret)
+        auth.warn_if_exposed(host, secret, "the pycoll coordinator")
+        self._sealer = auth.Sealer(auth.derive(secret, "from-coordinator"))
+        self._opener = auth.Opener(auth.derive(secret, "to-coordinator"), self.limits.replay_window)
+        self._checks = schema.fields(self.limits.max_peers)
+        self.refusals = auth.QuietLog(log)
         self._ctx = context or zmq.Context.instance()
         self._sock = self._ctx.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a reconnecting peer keeps its identity
-        self._sock.setsockopt(zmq.MAXMSGSIZE, 1 << 20)
+        self._sock.setsockopt(zmq.MAXMSGSIZE, self.limits.max_message_bytes)
+        # a connection that never finishes its ZMTP greeting (slowloris) is closed
+        self._sock.setsockopt(zmq.HANDSHAKE_IVL, int(self.limits.handshake_timeout * 1000))
         if port:
             self._sock.bind(f"tcp://{host}:{port}")
             self.port = port
@@ -147,25 +169,46 @@ class Coordinator:
     # ---- plumbing ------------------------------------------------------
     def _send(self, ident, msg):
         try:
-            self._sock.send_multipart([ident, pack(msg)], zmq.NOBLOCK)
+            self._sock.send_multipart([ident, self._sealer.seal(pack(msg))], zmq.NOBLOCK)
         except zmq.ZMQError as exc:  # peer gone: its disconnect is handled separately
             log.debug("send to %r failed: %s", ident, exc)
 
     def _dispatch(self, frames):
         if len(frames) != 2:
-            log.warning("dropping malformed message (%d frames)", len(frames))
+            self.refusals.warning("frames", "dropping malformed message (%d frames)", len(frames))
             return
-        ident, data = frames[0].bytes, frames[1]
+        data = frames[1]
         try:
-            msg = unpack(data.bytes)
+            peer = data.get("Peer-Address")
+        except zmq.ZMQError:
+            peer = "?"
+        self.handle(frames[0].bytes, data.bytes, lambda: data.get(zmq.SRCFD), peer)
+
+    def handle(self, ident, data, fd=lambda: None, peer="?"):
+        """Authenticate, parse, check and dispatch one message; never raises."""
+        try:
+            payload = self._opener.open(data)
+        except auth.AuthError as exc:
+            self.refusals.warning("auth", "coordinator refused a message from %s (identity %r): %s",
+                                  peer, ident[:32], exc)
+            if data[:4] == auth.ENVELOPE_MAGIC:  # a pycoll peer: tell it why rather than let it time out
+                try:
+                    self._sock.send_multipart([ident, auth.REFUSED + str(exc).encode()[:200]], zmq.NOBLOCK)
+                except zmq.ZMQError:
+                    pass
+            return
+        try:
+            msg = unpack(payload)
+            schema.check_request(msg, self._checks)
             kind = msg["t"]
             handler = self.handlers[kind]
         except Exception as exc:  # noqa: BLE001 - anything malformed is dropped, never fatal
-            log.warning("dropping malformed message from %r: %s", ident[:32], exc)
+            self.refusals.warning("malformed", "dropping malformed message from %s (identity %r): %s",
+                                  peer, ident[:32], exc)
             return
         try:
             if kind == "hb":
-                handler(ident, msg, data.get(zmq.SRCFD))
+                handler(ident, msg, fd())
             else:
                 handler(ident, msg)
         except Exception as exc:  # noqa: BLE001
@@ -200,6 +243,9 @@ class Coordinator:
         old = self.members.get(name)
         if old is not None and old.alive:
             return self._error(ident, msg, f"a live member named {name!r} exists")
+        if sum(1 for m in self.members.values() if m.alive) >= self.limits.max_peers:
+            return self._error(ident, msg, f"the group is full (max_peers {self.limits.max_peers}, "
+                                           "PYCOLL_MAX_PEERS)")
         self._join_seq += 1
         m = Member(name, list(msg["addr"]), str(msg.get("host_id", "")), rank, self._join_seq,
                    msg.get("info") or {})
@@ -207,12 +253,16 @@ class Coordinator:
         self.members[name] = m
         self.by_ident[ident] = m
         log.info("member %s joined (rank hint %s)", name, rank)
-        self._reply(ident, msg, epoch=self.epoch)
+        self._reply(ident, msg, epoch=self.epoch, cred=m.cred)
         self._maybe_form_epoch()
 
     def _member_for(self, ident, msg):
         m = self.members.get(str(msg.get("name")))
         if m is None or not m.alive:
+            return None
+        if not hmac.compare_digest(str(msg.get("cred", "")).encode(), m.cred.encode()):
+            self.refusals.warning("cred", "refused a %r request for member %s without its credential "
+                                  "(identity %r): someone else speaks for it", msg.get("t"), m.name, ident[:32])
             return None
         return m
 
@@ -262,7 +312,8 @@ class Coordinator:
     def _check_liveness(self):
         now = time.monotonic()
         for m in list(self.members.values()):
-            if m.alive and m.hb_ident is not None and now - m.last_seen > self.heartbeat_timeout:
+            # last_seen starts at join: a member that never heartbeats expires too
+            if m.alive and now - m.last_seen > self.heartbeat_timeout:
                 self._declare_dead(m, f"no heartbeat for {now - m.last_seen:.1f} s")
 
     def _declare_dead(self, m, why, graceful=False):
@@ -325,7 +376,7 @@ class Coordinator:
 
 
 def main(host="127.0.0.1", port=29500, world_size=None, heartbeat_timeout=5.0):
-    """Run a coordinator in the foreground until interrupted."""
+    """Run a coordinator in the foreground until interrupted (secret from PYCOLL_SECRET)."""
     c = Coordinator(host, port, world_size=world_size, heartbeat_timeout=heartbeat_timeout)
     print(f"pycoll coordinator on tcp://{host}:{c.port} (pid {os.getpid()})", flush=True)
     try:

@@ -4,10 +4,12 @@ import logging
 import os
 import socket
 
+from . import auth
 from .comm import DEFAULT_TIMEOUT, Communicator
 from .control import CoordinatorClient
 from .coordinator import PROTOCOL, Coordinator
 from .errors import CollectiveError, InvalidArgument
+from .limits import resolve
 from .mesh import Listener, host_id, local_address_towards
 
 log = logging.getLogger("pycoll")
@@ -23,7 +25,7 @@ def _env_int(name):
         raise InvalidArgument(f"environment variable {name}={v!r} is not an integer") from None
 
 
-def _start_coordinator_if_free(host, port, world_size, heartbeat_timeout):
+def _start_coordinator_if_free(host, port, world_size, heartbeat_timeout, secret=None, limits=None):
     """Rank 0 hosts the coordinator unless one already listens on the port."""
     bind_host = "127.0.0.1" if host in ("127.0.0.1", "localhost") else "0.0.0.0"
     probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -34,22 +36,28 @@ def _start_coordinator_if_free(host, port, world_size, heartbeat_timeout):
     finally:
         probe.close()
     try:
-        return Coordinator(bind_host, port, world_size=world_size, heartbeat_timeout=heartbeat_timeout).start()
+        return Coordinator(bind_host, port, world_size=world_size, heartbeat_timeout=heartbeat_timeout,
+                           secret=secret, limits=limits).start()
     except Exception as exc:  # noqa: BLE001 - port raced away: use whoever has it
         log.info("not hosting a coordinator on port %d: %s", port, exc)
         return None
 
 
 def _make(master_addr, master_port, rank, world_size, *, join_timeout, heartbeat_interval, heartbeat_timeout,
-          host_coordinator, **comm_options):
+          host_coordinator, token=None, limits=None, **comm_options):
+    secret = auth.load_secret(token)
+    limits = resolve(limits)
     advertise = os.environ.get("PYCOLL_ADDR") or local_address_towards(master_addr)
     bind = "127.0.0.1" if advertise.startswith("127.") else "0.0.0.0"
     coordinator = None
     if host_coordinator:
-        coordinator = _start_coordinator_if_free(master_addr, master_port, world_size, heartbeat_timeout)
-    listener = Listener(bind, advertise, sockbuf=comm_options.get("sockbuf", 0))
+        coordinator = _start_coordinator_if_free(master_addr, master_port, world_size, heartbeat_timeout,
+                                                 secret, limits)
+    auth.warn_if_exposed(bind, secret, "this peer's data listener")
+    listener = Listener(bind, advertise, sockbuf=comm_options.get("sockbuf", 0), limits=limits)
     client = CoordinatorClient(master_addr, master_port, heartbeat_interval=heartbeat_interval,
-                               heartbeat_timeout=heartbeat_timeout)
+                               heartbeat_timeout=heartbeat_timeout, secret=secret, limits=limits)
+    comm_options["mesh_key"] = auth.derive(secret, "mesh")
     comm = None
     try:
         client.request({"t": "join", "proto": PROTOCOL, "addr": list(listener.addr), "host_id": host_id(),
@@ -71,13 +79,17 @@ def _make(master_addr, master_port, rank, world_size, *, join_timeout, heartbeat
 
 def init(rank=None, world_size=None, master_addr=None, master_port=None, *, timeout=DEFAULT_TIMEOUT,
          join_timeout=120.0, heartbeat_interval=0.5, heartbeat_timeout=5.0, stripes=None,
-         preserve_input=True, **options):
+         preserve_input=True, token=None, limits=None, **options):
     """Join a group of ``world_size`` peers as ``rank``.
 
     Arguments default to torchrun's environment variables RANK, WORLD_SIZE,
     MASTER_ADDR and MASTER_PORT. Rank 0 starts the coordinator on
     MASTER_PORT unless one (``pycoll master``) is already running there.
     Returns once all ``world_size`` peers are connected.
+
+    ``token``: the group's shared secret (default ``PYCOLL_SECRET``); every
+    peer and the coordinator must use the same one. ``limits``: a
+    :class:`pycoll.Limits` (default: from the environment).
     """
     rank = rank if rank is not None else _env_int("RANK")
     world_size = world_size if world_size is not None else _env_int("WORLD_SIZE")
@@ -92,15 +104,16 @@ def init(rank=None, world_size=None, master_addr=None, master_port=None, *, time
     return _make(master_addr, master_port, rank, world_size, join_timeout=join_timeout,
                  heartbeat_interval=heartbeat_interval, heartbeat_timeout=heartbeat_timeout,
                  host_coordinator=(rank == 0), timeout=timeout, stripes=stripes,
-                 preserve_input=preserve_input, **options)
+                 preserve_input=preserve_input, token=token, limits=limits, **options)
 
 
 def connect(master_addr=None, master_port=None, *, timeout=DEFAULT_TIMEOUT, join_timeout=300.0,
-            heartbeat_interval=0.5, heartbeat_timeout=5.0, stripes=None, **options):
+            heartbeat_interval=0.5, heartbeat_timeout=5.0, stripes=None, token=None, limits=None, **options):
     """Join an elastic group through its coordinator, at any time.
 
     Returns once this peer has been admitted, which happens when the current
     members next call ``update_topology()`` (immediately if the group is empty).
+    ``token`` and ``limits`` as for :func:`init`.
     """
     master_addr = master_addr or os.environ.get("MASTER_ADDR", "127.0.0.1")
     master_port = master_port if master_port is not None else _env_int("MASTER_PORT")
@@ -109,7 +122,8 @@ def connect(master_addr=None, master_port=None, *, timeout=DEFAULT_TIMEOUT, join
     stripes = stripes if stripes is not None else (_env_int("PYCOLL_STRIPES") or 1)
     return _make(master_addr, master_port, None, None, join_timeout=join_timeout,
                  heartbeat_interval=heartbeat_interval, heartbeat_timeout=heartbeat_timeout,
-                 host_coordinator=False, timeout=timeout, stripes=stripes, **options)
+                 host_coordinator=False, timeout=timeout, stripes=stripes, token=token, limits=limits,
+                 **options)
 
 
 __all__ = ["init", "connect", "CollectiveError"]
