@@ -97,9 +97,10 @@ class Sealer:
         self.session = os.urandom(8)
         self.counter = 0
 
-    def seal(self, payload):
+    def seal(self, payload, now=None):
+        """The signed message; ``now`` (unix time) only for tests."""
         self.counter += 1
-        head = _ENV_HDR.pack(ENVELOPE_MAGIC, self.session, self.counter, time.time())
+        head = _ENV_HDR.pack(ENVELOPE_MAGIC, self.session, self.counter, time.time() if now is None else now)
         return head + _mac(self.key, head, payload) + payload
 
 

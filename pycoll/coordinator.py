@@ -189,7 +189,8 @@ class Coordinator:
         try:
             payload = self._opener.open(data)
         except auth.AuthError as exc:
-            self.refusals.warning("auth", "coordinator refused a message from %s (identity %r): %s",
+            self.refusals.warning(" ".join(str(exc).split()[:2]),  # rate-limited per kind of failure
+                                  "coordinator refused a message from %s (identity %r): %s",
                                   peer, ident[:32], exc)
             if data[:4] == auth.ENVELOPE_MAGIC:  # a pycoll peer: tell it why rather than let it time out
                 try:

@@ -102,14 +102,16 @@ def feed_rank0(coll, count, segment, stream, timeout=5.0):
 
 
 class Relay:
-    """Forwards bytes between rank 0 and rank 1; ``tamper(data, offset)``
-    may rewrite what rank 1 sends rank 0 (return bytes to forward, or None
-    to cut the connection, or ... (Ellipsis) to hold everything from here)."""
+    """Forwards bytes between rank 0 and rank 1 over two socket pairs, and
+    tampers with what rank 1 sends rank 0: ``patch`` {stream offset: byte}
+    rewrites bytes, ``cut_at`` closes both sides once that many bytes went
+    through, ``hold_at`` stops forwarding from there on (a stalled peer)."""
 
-    def __init__(self, tamper=None):
+    def __init__(self, patch=None, cut_at=None, hold_at=None):
         self.r0, self.a = socket.socketpair()
         self.b, self.r1 = socket.socketpair()
-        self.tamper = tamper
+        self.patch = dict(patch or {})
+        self.cut_at, self.hold_at = cut_at, hold_at
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._loop, daemon=True)
 
@@ -121,33 +123,35 @@ class Relay:
         self.thread.start()
         return self
 
+    def _forward_from_rank1(self, data, offset):
+        data = bytearray(data)
+        for at, val in self.patch.items():
+            if offset <= at < offset + len(data):
+                data[at - offset] = val
+        for limit in (self.cut_at, self.hold_at):
+            if limit is not None and offset + len(data) > limit:
+                data = data[:max(0, limit - offset)]
+        return bytes(data)
+
     def _loop(self):
         sel = selectors.DefaultSelector()
         sel.register(self.a, selectors.EVENT_READ)
         sel.register(self.b, selectors.EVENT_READ)
-        offset, holding = 0, False
+        offset = 0
         try:
             while not self.stop.is_set():
                 for key, _ in sel.select(0.05):
-                    src = key.fileobj
-                    data = src.recv(1 << 16)
+                    data = key.fileobj.recv(1 << 16)
                     if not data:
                         return
-                    if src is self.a:  # rank 0 -> rank 1: untouched
+                    if key.fileobj is self.a:  # rank 0 -> rank 1: untouched
                         self.b.sendall(data)
                         continue
-                    if holding:
-                        continue
-                    if self.tamper is not None:
-                        out = self.tamper(data, offset)
-                        offset += len(data)
-                        if out is None:
-                            return
-                        if out is Ellipsis:
-                            holding = True
-                            continue
-                        data = out
-                    self.a.sendall(data)
+                    out = self._forward_from_rank1(data, offset)
+                    offset += len(data)
+                    self.a.sendall(out)
+                    if self.cut_at is not None and offset >= self.cut_at:
+                        return
         except OSError:
             pass
         finally:
