@@ -213,7 +213,8 @@ class Coordinator:
             else:
                 handler(ident, msg)
         except Exception as exc:  # noqa: BLE001
-            log.warning("bad %r request from %r: %s", kind, ident[:32], exc)
+            self.refusals.warning("bad " + kind, "bad %r request from %s (identity %r): %s", kind, peer, ident[:32],
+                                  exc)
             if "rid" in msg:
                 self._send(ident, {"rid": msg.get("rid"), "ok": False, "error": f"bad request: {exc}"})
 
@@ -326,6 +327,11 @@ class Coordinator:
         # theirs must not be aborted. They notice at the next sync point.
         if m.name in self.epoch_members and not graceful:
             self._push_abort(f"rank {self.epoch_members.index(m.name)} lost: {why}", lost=[m.name])
+        elif m.name not in self.epoch_members and self.members.get(m.name) is m:
+            # never admitted: forget it now, so a flood of joins cannot grow memory
+            del self.members[m.name]
+            for ident in [i for i, x in self.by_ident.items() if x is m]:
+                del self.by_ident[ident]
         self._maybe_form_epoch()
 
     def _push_abort(self, why, lost=(), exclude=None):

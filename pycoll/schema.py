@@ -19,10 +19,12 @@ def _int(lo, hi, optional=False):
     return check
 
 
-def _str(lo, hi):
+def _str(lo, hi, printable=True):
+    """A string of lo..hi characters; printable ones only unless told (names
+    end up in log lines: no forged lines through a newline in a name)."""
     def check(v):
-        if not isinstance(v, str) or not lo <= len(v) <= hi:
-            return f"a string of {lo}..{hi} characters"
+        if not isinstance(v, str) or not lo <= len(v) <= hi or (printable and not v.isprintable()):
+            return f"a string of {lo}..{hi}{' printable' if printable else ''} characters"
         return None
     return check
 
@@ -57,8 +59,13 @@ def fields(max_peers):
         "world_size": _int(1, max_peers, optional=True),
         "info": _info,
         "rebuild": _bool,
-        "why": _str(0, 4096),
+        "why": _str(0, 4096, printable=False),
     }
+
+
+# Fields a request kind cannot do without (checked here so that a handler
+# never fails on a missing field after it began to change state).
+REQUIRED = {"join": ("name", "addr")}
 
 
 def check_request(msg, checks):
@@ -67,6 +74,9 @@ def check_request(msg, checks):
         raise ValueError(f"a request must be a map, got {type(msg).__name__}")
     if "t" not in msg:
         raise ValueError("a request needs a 't' (kind) field")
+    for key in REQUIRED.get(msg["t"], ()) if isinstance(msg["t"], str) else ():
+        if key not in msg:
+            raise ValueError(f"a {msg['t']!r} request needs a {key!r} field")
     for key, value in msg.items():
         check = checks.get(key)
         if check is None:

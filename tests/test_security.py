@@ -598,3 +598,42 @@ def test_group_with_a_secret_shrugs_off_outsiders(tmp_path, caplog):
     assert np.allclose(np.frombuffer(finals.pop(), np.float64), ref)
     log = _messages(caplog)
     assert "coordinator refused a message" in log and "wrong or missing PYCOLL_SECRET" in log
+
+
+def test_join_floods_leave_nothing_behind():
+    """Joins that never heartbeat (or leave) are forgotten: memory stays bounded."""
+    coord = Coordinator("127.0.0.1", 0, heartbeat_timeout=0.3, limits=Limits(max_peers=50))
+    try:
+        sealer = auth.Sealer(auth.derive(None, "to-coordinator"))
+        for i in range(200):
+            coord.handle(b"flood%d" % i, sealer.seal(pack({"t": "join", "proto": PROTOCOL, "name": f"f{i}",
+                                                           "addr": ["127.0.0.1", 9], "rid": 1})))
+        assert len(coord.members) == 50  # max_peers: the rest were refused
+        time.sleep(0.4)
+        coord._check_liveness()
+        assert not coord.members and not coord.by_ident
+        for i in range(50):  # room again
+            coord.handle(b"again%d" % i, sealer.seal(pack({"t": "join", "proto": PROTOCOL, "name": f"g{i}",
+                                                           "addr": ["127.0.0.1", 9], "rid": 1})))
+        assert len(coord.members) == 50
+    finally:
+        coord._sock.disable_monitor()
+        coord._monitor.close(0)
+        coord._sock.close(0)
+
+
+@pytest.mark.parametrize("msg,why", [
+    ({"t": "join", "proto": PROTOCOL, "name": "a\nWARNING forged log line", "addr": ["h", 1]}, "printable"),
+    ({"t": "join", "proto": PROTOCOL, "name": "a", "addr": "h:1"}, "host, port"),
+    ({"t": "join", "proto": PROTOCOL, "name": "a", "addr": ["h", 70000]}, "host, port"),
+    ({"t": "join", "proto": PROTOCOL, "name": "a"}, "needs a 'addr'"),
+    ({"t": "join", "proto": PROTOCOL, "name": "a", "addr": ["h", 1], "rank": True}, "'rank'"),
+    ({"t": "join", "proto": PROTOCOL, "name": "a", "addr": ["h", 1], "world_size": 10**6}, "'world_size'"),
+    ({"t": "sync", "name": "x" * 129}, "'name'"),
+    ({"name": "a"}, "'t'"),
+    ([1, 2], "must be a map"),
+])
+def test_request_shape_checks(msg, why):
+    from pycoll import schema
+    with pytest.raises(ValueError, match=why):
+        schema.check_request(msg, schema.fields(1024))

@@ -10,10 +10,12 @@
  * was (the plans preserve their input). Every input is also fed to
  * pc_frame_check as a header, and the verdict compared with a plain decoding.
  *
- * Two ways to run it (tests/fuzz/README.md):
- *   libFuzzer (clang): coverage-guided, the real thing.
- *   Standalone (any C compiler): a seeded mutation loop over valid streams
- *   (bit flips, byte sets, interesting values, truncation, splicing).
+ * Two ways to run it (tests/fuzz/README.md, tests/fuzz/run.sh):
+ *   libFuzzer (clang, -DPC_LIBFUZZER): coverage-guided, the real thing.
+ *   Standalone (any C compiler): `fuzz_wire [inputs] [seed]`, a seeded
+ *   mutation loop over valid streams (bit flips, byte sets, interesting
+ *   values, truncation, insertion, duplication, header fields);
+ *   `fuzz_wire --corpus DIR` writes the valid streams as libFuzzer seeds.
  * The harness (not the library) reports a finding with abort().
  */
 #define _GNU_SOURCE
@@ -232,7 +234,30 @@ static size_t mutate(uint8_t *b, size_t n, size_t cap) {
     return n;
 }
 
+/* Writes one valid input per choice into dir (seeds for libFuzzer). */
+static int write_corpus(const char *dir) {
+    enum { CAP = 64 * 1024 };
+    uint8_t *buf = malloc(CAP + 1);
+    if (!buf) return 1;
+    int written = 0;
+    for (int choice = 0; choice < 256; choice++) {
+        buf[0] = (uint8_t)choice;
+        size_t n = 1 + valid_stream((uint8_t)choice, buf + 1, CAP);
+        char path[4096];
+        snprintf(path, sizeof path, "%s/valid-%03d", dir, choice);
+        FILE *f = fopen(path, "wb");
+        if (!f) continue;
+        written += fwrite(buf, 1, n, f) == n;
+        fclose(f);
+    }
+    free(buf);
+    free_plans();
+    printf("wrote %d seeds to %s\n", written, dir);
+    return written ? 0 : 1;
+}
+
 int main(int argc, char **argv) {
+    if (argc > 2 && strcmp(argv[1], "--corpus") == 0) return write_corpus(argv[2]);
     long iters = argc > 1 ? atol(argv[1]) : 100000;
     rng_state = argc > 2 ? strtoull(argv[2], NULL, 10) : (uint64_t)time(NULL);
     if (!rng_state) rng_state = 88172645463325252ull;
