@@ -351,7 +351,11 @@ static int pump_recv(run_state *r, int32_t k) {
         }
         uint64_t pdone = cs->rdone > PC_HDR_BYTES ? cs->rdone - PC_HDR_BYTES : 0;
         uint64_t left = op->len - pdone;
-        if (left) {
+        /* Bytes off the wire reach the caller's memory only behind a checked
+         * header: a plain receive into IN/OUT reads its header on its own
+         * (scratch and the staging buffer are ours, so those read both). */
+        int header_alone = !reduce && op->dst_buf != PC_BUF_SCRATCH && cs->rdone < PC_HDR_BYTES;
+        if (left && !header_alone) {
             if (reduce) {
                 uint64_t room = STAGE_BYTES - cs->stage_fill;
                 iov[n].iov_base = comm->stage[k] + cs->stage_fill;

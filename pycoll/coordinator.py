@@ -315,7 +315,9 @@ class Coordinator:
         now = time.monotonic()
         for m in list(self.members.values()):
             # last_seen starts at join: a member that never heartbeats expires too
-            if m.alive and now - m.last_seen > self.heartbeat_timeout:
+            # (with more grace: its client may not have started heartbeats yet)
+            limit = self.heartbeat_timeout if m.hb_ident is not None else 4 * self.heartbeat_timeout
+            if m.alive and now - m.last_seen > limit:
                 self._declare_dead(m, f"no heartbeat for {now - m.last_seen:.1f} s")
 
     def _declare_dead(self, m, why, graceful=False):

@@ -164,7 +164,7 @@ def _assert_consistent(c):
 
 @pytest.fixture(scope="module")
 def fuzz_coordinator():
-    c = Coordinator("127.0.0.1", 0, secret=b"fuzz-secret", heartbeat_timeout=0.5)
+    c = Coordinator("127.0.0.1", 0, secret=b"fuzz-secret", heartbeat_timeout=0.1)
     yield c
     c._sock.disable_monitor()  # never served: close what serve() would have
     c._monitor.close(0)

@@ -552,8 +552,8 @@ def test_group_with_a_secret_shrugs_off_outsiders(tmp_path, caplog):
         for token in (None, b"guess"):
             t0 = time.monotonic()
             with pytest.raises(pycoll.CoordinatorError, match="PYCOLL_SECRET"):
-                pycoll.init(rank=1, world_size=n, master_port=port, join_timeout=5, token=token)
-            assert time.monotonic() - t0 < 5, "refused at once, not by timeout"
+                pycoll.init(rank=1, world_size=n, master_port=port, join_timeout=20, token=token)
+            assert time.monotonic() - t0 < 10, "refused at once, not by timeout"
         # 2. unsigned requests for real members
         d = _dealer(port)
         for m in members:
@@ -591,8 +591,8 @@ def test_group_with_a_secret_shrugs_off_outsiders(tmp_path, caplog):
     ref = sum(np.linspace(-1, 1, 10007, dtype=np.float64) * (r + 1) for r in range(n))
     finals = {r[4] for r in results}
     for ok, bad, epochs, ws, final in results:
-        assert ok > 5 and bad == 0
-        assert epochs == [1], "an outsider caused an abort or a rebuild"
+        assert ok > 5 and bad == 0, (ok, bad)
+        assert epochs == [1], f"an outsider caused an abort or a rebuild: epochs {epochs}\n{_messages(caplog)}"
         assert ws == n
     assert len(finals) == 1  # bit-identical on every rank
     assert np.allclose(np.frombuffer(finals.pop(), np.float64), ref)
@@ -602,14 +602,14 @@ def test_group_with_a_secret_shrugs_off_outsiders(tmp_path, caplog):
 
 def test_join_floods_leave_nothing_behind():
     """Joins that never heartbeat (or leave) are forgotten: memory stays bounded."""
-    coord = Coordinator("127.0.0.1", 0, heartbeat_timeout=0.3, limits=Limits(max_peers=50))
+    coord = Coordinator("127.0.0.1", 0, heartbeat_timeout=0.1, limits=Limits(max_peers=50))
     try:
         sealer = auth.Sealer(auth.derive(None, "to-coordinator"))
         for i in range(200):
             coord.handle(b"flood%d" % i, sealer.seal(pack({"t": "join", "proto": PROTOCOL, "name": f"f{i}",
                                                            "addr": ["127.0.0.1", 9], "rid": 1})))
         assert len(coord.members) == 50  # max_peers: the rest were refused
-        time.sleep(0.4)
+        time.sleep(0.5)  # 4 x heartbeat_timeout: members that never heartbeat expire
         coord._check_liveness()
         assert not coord.members and not coord.by_ident
         for i in range(50):  # room again
@@ -637,3 +637,28 @@ def test_request_shape_checks(msg, why):
     from pycoll import schema
     with pytest.raises(ValueError, match=why):
         schema.check_request(msg, schema.fields(1024))
+
+
+@pytest.mark.parametrize("coll", ["all_gather", "reduce_scatter"])
+def test_refused_frames_never_reach_caller_memory(coll):
+    """A frame with a bad header is refused before any of its payload lands
+    in the caller's buffers (even without preserve_input)."""
+    count, segment = 300, 256
+    p = wh.plan(coll, 2, 0, count, segment)
+    stream = bytearray(wh.valid_stream(coll, count, segment))
+    stream[0] ^= 0xFF  # first header: bad magic; its payload follows untouched
+    a, b = socket.socketpair()
+    b.sendall(bytes(stream))
+    b.shutdown(socket.SHUT_WR)
+    comm = wh.make_comm(0, 2, [-1, a.detach()])
+    inb, outb = wh.buffers(coll, p, count, 0)
+    before_in, before_out = inb.tobytes(), outb.tobytes()
+    st, failed, err = wh.run(comm, p, inb, outb)
+    b.close()
+    assert st == lib.PC_ERR_PROTO and "bad magic" in err
+    first = next(op for op in p.ops() if op["kind"] in (lib.PC_OP_RECV, lib.PC_OP_RECV_REDUCE))
+    buf = {0: (inb, before_in), 1: (outb, before_out)}.get(first["dst_buf"])
+    if buf is not None:
+        got, was = buf
+        lo, hi = first["dst_off"], first["dst_off"] + first["len"]
+        assert got.tobytes()[lo:hi] == was[lo:hi], "payload of a refused frame landed in caller memory"

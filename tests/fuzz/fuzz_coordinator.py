@@ -37,7 +37,7 @@ FIELDS = ["t", "rid", "name", "cred", "epoch", "proto", "addr", "host_id", "rank
           "rebuild", "why"]
 KINDS = ["join", "sync", "hb", "leave", "status", "fail"]
 
-coord = Coordinator("127.0.0.1", 0, secret=SECRET, heartbeat_timeout=0.2)
+coord = Coordinator("127.0.0.1", 0, secret=SECRET, heartbeat_timeout=0.05)
 sealer = auth.Sealer(auth.derive(SECRET, "to-coordinator"))
 stats = {"inputs": 0, "signed": 0}
 
