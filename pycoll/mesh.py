@@ -141,7 +141,7 @@ class Listener:
     def _accept_some(self, sel, partial):
         for _ in range(64):
             try:
-                conn, peer = self.sock.accept()
+                conn, _ = self.sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:  # e.g. out of file descriptors: the next round retries
