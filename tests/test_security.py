@@ -662,3 +662,30 @@ def test_refused_frames_never_reach_caller_memory(coll):
         got, was = buf
         lo, hi = first["dst_off"], first["dst_off"] + first["len"]
         assert got.tobytes()[lo:hi] == was[lo:hi], "payload of a refused frame landed in caller memory"
+
+
+@pytest.mark.timeout(30)
+def test_coordinator_closes_a_slowloris_greeting():
+    """A connection that never finishes its ZMTP greeting is closed after
+    handshake_timeout; real clients are served meanwhile."""
+    coord = Coordinator("127.0.0.1", 0, limits=Limits(handshake_timeout=0.5)).start()
+    client = _client(coord.port, None)
+    try:
+        slow = socket.create_connection(("127.0.0.1", coord.port), timeout=5)
+        slow.sendall(b"\xff")  # the first byte of a greeting, then nothing
+        t0 = time.monotonic()
+        assert client.request({"t": "status"}, timeout=5)["ok"]
+        closed = False
+        while time.monotonic() - t0 < 5:
+            try:
+                if not slow.recv(64):  # the coordinator's own greeting first, then EOF
+                    closed = True
+                    break
+            except ConnectionResetError:
+                closed = True
+                break
+        assert closed and time.monotonic() - t0 < 3, "slow greeting not dropped"
+        slow.close()
+    finally:
+        client.close()
+        coord.stop()
