@@ -165,11 +165,14 @@ class Relay:
 
 
 def run_pair(comms, plans, bufs, timeout=5.0):
-    """Run both ranks at once (threads; the C call releases the GIL)."""
+    """Run both ranks at once (threads; the C call releases the GIL).
+    ``timeout``: seconds, or one per rank."""
     results = [None, None]
+    timeouts = timeout if isinstance(timeout, (list, tuple)) else (timeout, timeout)
+    timeout = max(timeouts)
 
     def go(r):
-        results[r] = run(comms[r], plans[r], bufs[r][0], bufs[r][1], timeout=timeout)
+        results[r] = run(comms[r], plans[r], bufs[r][0], bufs[r][1], timeout=timeouts[r])
     threads = [threading.Thread(target=go, args=(r,)) for r in range(2)]
     for t in threads:
         t.start()
