@@ -43,4 +43,50 @@ static inline uint64_t split_len(uint64_t count, uint64_t parts, uint64_t i) {
     return count / parts + (i < count % parts ? 1 : 0);
 }
 
+static inline int32_t pc_mod(int64_t a, int32_t n) { return (int32_t)(((a % n) + n) % n); }
+
+/* Pipeline segments needed so no segment of a piece of max_piece_bytes is
+ * larger than segment_bytes (at least 1, at most 4096: tags hold 12 bits). */
+uint64_t plan_segments(uint64_t max_piece_bytes, uint64_t segment_bytes);
+
+/*
+ * A ring all-reduce schedule that other planners can embed (plan_ring.c
+ * implements it; plan_hier.c runs it among group aggregators).
+ *
+ * The `count` elements are split into one *share* per ring order; share r
+ * is cut into n *chunks* (one per ring position) and each chunk into `segs`
+ * *segments*. A *piece* is (ring r, chunk c, segment g) with id
+ * (r * n + c) * segs + g. This rank's own contribution is read from
+ * `local_buf` (IN for a plain ring; the group's partial in plan_hier.c)
+ * and results accumulate in `acc_buf`; both use the same byte offsets.
+ * `ready[piece]` (optional) is an op that must finish before the local data
+ * of that piece may be read; `final_op[piece]` (optional, filled in) is the
+ * op after which `acc_buf` holds the piece's final (scaled) result.
+ * Ops of all rings are interleaved per (step, segment), so rings that share
+ * a connection take turns on it instead of waiting for each other.
+ */
+typedef struct {
+    pc_plan *plan;
+    const int32_t *orders; /* nrings * n ranks */
+    int32_t nrings, n;
+    int32_t stripes, es, op_avg;
+    uint64_t count, segs;
+    int32_t local_buf, acc_buf;
+    const int32_t *ready;
+    int32_t *final_op;
+    uint32_t tag_base;     /* OR-ed into every tag */
+} ring_sched;
+
+/* Position of rank in a ring order, -1 if absent. */
+int32_t ring_position(const int32_t *order, int32_t n, int32_t rank);
+/* Segments for a ring schedule of `count` elements over nrings rings of n. */
+uint64_t ring_sched_segments(uint64_t count, int32_t nrings, int32_t n, int32_t es, uint64_t segment_bytes);
+/* Byte range of piece (r, c, g). */
+void ring_piece(const ring_sched *rs, int32_t r, int32_t c, uint64_t g, uint64_t *off, uint64_t *bytes);
+/* Order in which pieces become final at `rank` (npieces = nrings*n*segs
+ * ids); used by planners that forward results as soon as they are final. */
+pc_status ring_final_order(const ring_sched *rs, int32_t rank, int32_t *ids);
+/* Appends the all-reduce ops of this rank (plan->rank) to rs->plan. */
+pc_status ring_sched_allreduce(ring_sched *rs);
+
 #endif

@@ -122,6 +122,35 @@ pc_status pc_plan_rings(pc_collective coll, int32_t nranks, int32_t rank,
                         uint64_t count, int32_t elem_size, uint64_t segment_bytes,
                         int32_t stripes, uint32_t flags, pc_plan **out);
 
+/*
+ * Double binary tree planner (plan_tree.c): PC_COLL_ALLREDUCE (each of two
+ * complementary trees reduces half of the data up to its root and
+ * broadcasts it back down, pipelined in segments) and PC_COLL_BROADCAST
+ * (from `root`, half the data down each tree). Other collectives return
+ * PC_ERR_ARG. `count` is the element count of the whole buffer.
+ */
+pc_status pc_plan_tree(pc_collective coll, int32_t nranks, int32_t rank, int32_t root,
+                       uint64_t count, int32_t elem_size, uint64_t segment_bytes,
+                       int32_t stripes, uint32_t flags, pc_plan **out);
+/* The all-reduce trees: parent and children of `rank` in tree 0 or 1 of
+ * nranks ranks (-1 where there is none). */
+pc_status pc_tree_links(int32_t nranks, int32_t tree, int32_t rank, int32_t *parent,
+                        int32_t *child0, int32_t *child1);
+
+/*
+ * Hierarchical (in-network-style) all-reduce planner (plan_hier.c).
+ * agg_of[r] (nranks entries) is the rank that aggregates rank r's group;
+ * agg_of[r] == r for every *ring rank* (aggregators, and ranks of groups
+ * without an aggregator). `rings` holds nrings orders of the nring ring
+ * ranks. Members hand their data to their aggregator in segments, the
+ * aggregators run the (multi-)ring all-reduce on the group partials, and
+ * results flow back to the members. Only PC_COLL_ALLREDUCE.
+ */
+pc_status pc_plan_hier(pc_collective coll, int32_t nranks, int32_t rank, const int32_t *agg_of,
+                       const int32_t *rings, int32_t nrings, int32_t nring, uint64_t count,
+                       int32_t elem_size, uint64_t segment_bytes, int32_t stripes,
+                       uint32_t flags, pc_plan **out);
+
 /* ---- reduction kernels ------------------------------------------------- */
 int32_t pc_dtype_size(int32_t dtype);
 /* dst[i] = a[i] (op) b[i] for i < count; dst may alias a or b. PC_AVG reduces
