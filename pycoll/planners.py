@@ -1,8 +1,22 @@
-"""Algorithm choice and plan construction (the C planners do the work).
+"""Plan construction: thin wrappers around the C planners, and the dispatch
+from an algorithm name to a plan.
 
-Each algorithm turns (collective, world, sizes) into a C plan; plans are
-cached per communicator epoch. Adding an algorithm = a function here that
-calls its C planner, plus its verifier tests.
+Algorithms (``algorithm=`` of every collective):
+
+- ``ring``: pipelined ring over the topology's ring order (every collective).
+- ``hamiltonian``: one ring per Hamiltonian cycle of the complete digraph,
+  the payload split across them, so every ordered pair of peers carries
+  traffic at once (every collective; see :mod:`pycoll.layout` for the cycles).
+- ``tree``: pipelined double binary tree (all_reduce, broadcast).
+- ``innetwork``: hierarchical all-reduce through one aggregator per group
+  (all_reduce).
+- ``auto``: chosen per call by :mod:`pycoll.costmodel`.
+
+A collective an algorithm does not implement runs the ring instead; the
+algorithm that actually ran is what :func:`effective` returns and what
+``Stat.algorithm`` records. Plans are cached per communicator epoch.
+Adding an algorithm = a C planner, a branch in :func:`build`, its cost in
+:mod:`pycoll.costmodel`, and its verifier tests.
 """
 import numpy as np
 
@@ -64,10 +78,79 @@ def plan_rings(coll, nranks, rank, rings, count, itemsize, *, root=0, segment_by
     return Plan(out[0])
 
 
-ALGORITHMS = ("auto", "ring")
+def _flags(preserve, avg):
+    return (lib.PC_PLAN_PRESERVE_INPUT if preserve else 0) | (lib.PC_PLAN_AVG if avg else 0)
+
+
+def plan_tree(coll, nranks, rank, count, itemsize, *, root=0, segment_bytes=1 << 17, stripes=1,
+              preserve=False, avg=False):
+    """A double-binary-tree plan (all_reduce or broadcast)."""
+    out = ffi.new("pc_plan **")
+    st = lib.pc_plan_tree(COLLECTIVES[coll], nranks, rank, root, count, itemsize, segment_bytes, stripes,
+                          _flags(preserve, avg), out)
+    if st != lib.PC_OK:
+        raise InvalidArgument(f"cannot plan a tree {coll} for rank {rank} of {nranks} (status {st})")
+    return Plan(out[0])
+
+
+def tree_links(nranks, tree, rank):
+    """(parent, child0, child1) of ``rank`` in all-reduce tree 0 or 1; -1 where absent."""
+    p, c0, c1 = ffi.new("int32_t *"), ffi.new("int32_t *"), ffi.new("int32_t *")
+    st = lib.pc_tree_links(nranks, tree, rank, p, c0, c1)
+    if st != lib.PC_OK:
+        raise InvalidArgument(f"no tree {tree} link for rank {rank} of {nranks}")
+    return int(p[0]), int(c0[0]), int(c1[0])
+
+
+def plan_hier(coll, nranks, rank, agg_of, rings, count, itemsize, *, segment_bytes=1 << 19, stripes=1,
+              preserve=False, avg=False):
+    """A hierarchical all-reduce plan: ``agg_of[r]`` aggregates rank r's group
+    (itself for ring ranks); ``rings`` are orders of the ring ranks."""
+    agg = np.ascontiguousarray(np.asarray(agg_of, dtype=np.int32).reshape(nranks))
+    nring = len(rings[0]) if len(rings) else 0
+    orders = np.ascontiguousarray(np.asarray(rings, dtype=np.int32).reshape(len(rings), nring))
+    out = ffi.new("pc_plan **")
+    st = lib.pc_plan_hier(COLLECTIVES[coll], nranks, rank, ffi.cast("int32_t *", agg.ctypes.data),
+                          ffi.cast("int32_t *", orders.ctypes.data), len(orders), nring, count, itemsize,
+                          segment_bytes, stripes, _flags(preserve, avg), out)
+    if st != lib.PC_OK:
+        raise InvalidArgument(f"cannot plan a hierarchical {coll} for rank {rank} of {nranks} (status {st})")
+    return Plan(out[0])
+
+
+ALGORITHMS = ("auto", "ring", "hamiltonian", "tree", "innetwork")
+# Which collectives each algorithm implements; the others run the ring.
+SUPPORTS = {
+    "ring": {"all_reduce", "all_gather", "reduce_scatter", "broadcast", "barrier"},
+    "hamiltonian": {"all_reduce", "all_gather", "reduce_scatter", "broadcast"},
+    "tree": {"all_reduce", "broadcast"},
+    "innetwork": {"all_reduce"},
+}
+# Tree segments are smaller: its pipeline is as deep as the trees, a ring's only one hop.
+TREE_SEGMENT = 1 << 17
 
 
 def check_algorithm(name):
     if name not in ALGORITHMS:
         raise InvalidArgument(f"unknown algorithm {name!r}; choose one of {', '.join(ALGORITHMS)}")
     return name
+
+
+def effective(algorithm, coll):
+    """The algorithm that runs ``coll`` when ``algorithm`` (not auto) is asked for."""
+    return algorithm if coll in SUPPORTS.get(algorithm, ()) else "ring"
+
+
+def build(algorithm, coll, layout, rank, count, itemsize, *, root=0, segment_bytes=1 << 19, stripes=1,
+          preserve=False, avg=False):
+    """The plan of ``rank`` for ``coll`` under ``algorithm`` (an effective one,
+    not auto) on ``layout`` (a :class:`pycoll.layout.Layout`)."""
+    n = layout.world_size
+    kw = dict(segment_bytes=segment_bytes, stripes=stripes, preserve=preserve, avg=avg)
+    if algorithm == "tree":
+        kw["segment_bytes"] = min(segment_bytes, TREE_SEGMENT)
+        return plan_tree(coll, n, rank, count, itemsize, root=root, **kw)
+    if algorithm == "innetwork":
+        return plan_hier(coll, n, rank, layout.agg_of, [layout.agg_ring], count, itemsize, **kw)
+    rings = layout.cycles if algorithm == "hamiltonian" else [layout.ring]
+    return plan_rings(coll, n, rank, rings, count, itemsize, root=root, **kw)
