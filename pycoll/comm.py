@@ -18,7 +18,7 @@ import threading
 import time
 import zlib
 
-from . import planners
+from . import costmodel, planners
 from ._native import ffi, lib, status_error
 from .buffers import as_buffer
 from .dtypes import op_code
@@ -44,7 +44,7 @@ class Communicator:
 
     def __init__(self, client, listener, *, stripes=1, timeout=DEFAULT_TIMEOUT, preserve_input=True,
                  segment_bytes=DEFAULT_SEGMENT, spin_us=200, mesh_timeout=None, sync_timeout=120.0,
-                 coordinator=None, sockbuf=0, mesh_key=None):
+                 coordinator=None, sockbuf=0, mesh_key=None, topology=None, calibrate=None):
         self._client = client
         self._listener = listener
         self._coordinator = coordinator  # the in-process coordinator we host, if any
@@ -57,6 +57,12 @@ class Communicator:
         self._mesh_key = mesh_key  # authenticates peer connections (pycoll.auth); None: no secret
         self.sync_timeout = sync_timeout
         self.sockbuf = sockbuf
+        # Algorithm choice (pycoll.costmodel): a topology (file, TOML path or Topology) gives
+        # groups, ring order and the cost model; without one, auto measures at first use.
+        self.topology = _load_topology(topology if topology is not None else os.environ.get("PYCOLL_TOPOLOGY"))
+        self.calibrate = calibrate if calibrate is not None else os.environ.get("PYCOLL_CALIBRATE", "1") != "0"
+        self._selector = None
+        self._hosts = None
         self.rank = -1
         self.world_size = 0
         self.epoch = 0
@@ -118,6 +124,8 @@ class Communicator:
             self._comm = out[0]
         self.rank, self.world_size, self.epoch = rank, len(members), reply["epoch"]
         self.members = [m[0] for m in members]
+        self._hosts = [m[2] if len(m) > 2 else None for m in members]
+        self._selector = None
         self.lost = list(reply.get("lost", []))
         self._seq = 0
         self._plans.clear()
@@ -148,14 +156,25 @@ class Communicator:
         pass  # async work runs under _exec_lock, so holding it means idle
 
     # ---- running collectives ------------------------------------------
+    def _selector_for_epoch(self):
+        if self._selector is None:
+            calibrate = self._calibration_allreduce if self.calibrate else None
+            self._selector = costmodel.Selector(self.world_size, self.topology, self._hosts, self.segment_bytes,
+                                                calibrate)
+        return self._selector
+
+    def _calibration_allreduce(self, arr, op):
+        """A ring all-reduce for the cost model's start-up measurement (no stats, no faults)."""
+        buf = as_buffer(arr, writable=True, what="calibration buffer")
+        self._execute("all_reduce", buf, buf, buf.count, op, 0, "ring", None, False, internal=True)
+
     def _plan(self, coll, algorithm, count, itemsize, root, avg, preserve):
         key = (coll, algorithm, count, itemsize, root, avg, preserve)
         plan = self._plans.get(key)
         if plan is None:
-            rings = [list(range(self.world_size))]
-            plan = planners.plan_rings(coll, self.world_size, self.rank, rings, count, itemsize, root=root,
-                                       segment_bytes=self.segment_bytes, stripes=self.stripes,
-                                       preserve=preserve, avg=avg)
+            plan = planners.build(algorithm, coll, self._selector_for_epoch().layout, self.rank, count, itemsize,
+                                  root=root, segment_bytes=self.segment_bytes, stripes=self.stripes,
+                                  preserve=preserve, avg=avg)
             if len(self._plans) > 256:
                 self._plans.clear()
             self._plans[key] = plan
@@ -174,11 +193,11 @@ class Communicator:
         if self._broken or self._comm is None:
             self._sync(rebuild=True)
 
-    def _execute(self, coll, inbuf, outbuf, count, op, root, algorithm, timeout, preserve):
+    def _execute(self, coll, inbuf, outbuf, count, op, root, algorithm, timeout, preserve, internal=False):
         """Run one collective on the current epoch; raises on failure."""
         self._ensure_ready()
         algorithm = planners.check_algorithm(algorithm)
-        chosen = "ring" if algorithm == "auto" else algorithm
+        chosen = self._selector_for_epoch().choose(coll, algorithm, max(inbuf.nbytes, outbuf.nbytes))
         if not 0 <= root < self.world_size:
             raise InvalidArgument(f"root {root} is not a rank of this group (world size {self.world_size})")
         dtype = inbuf.dtype
@@ -192,7 +211,7 @@ class Communicator:
         bufs[0] = ffi.cast("void *", inbuf.address)
         bufs[1] = ffi.cast("void *", outbuf.address)
         sizes[0], sizes[1] = inbuf.nbytes, outbuf.nbytes
-        if testing.FAULTS_ARMED:  # test harness only
+        if testing.FAULTS_ARMED and not internal:  # test harness only
             fault_point(f"before:{coll}")
             if fault_armed(f"during:{coll}"):  # die while the collective runs
                 threading.Timer(0.002, fault_point, (f"during:{coll}",)).start()
@@ -204,7 +223,8 @@ class Communicator:
                              timeout if timeout is not None else self.timeout, failed)
         dt = time.perf_counter() - t0
         nbytes = max(inbuf.nbytes, outbuf.nbytes)
-        self.stats.append(Stat(coll, chosen, nbytes, dt, self.world_size, self.epoch, st == lib.PC_OK, 0))
+        if not internal:
+            self.stats.append(Stat(coll, chosen, nbytes, dt, self.world_size, self.epoch, st == lib.PC_OK, 0))
         if st == lib.PC_OK:
             log.debug("%s %s %d B in %.6f s", coll, chosen, nbytes, dt)
             return chosen
@@ -413,6 +433,16 @@ class Communicator:
 
     def __repr__(self):
         return f"<pycoll.Communicator rank {self.rank} of {self.world_size}, epoch {self.epoch}>"
+
+
+def _load_topology(spec):
+    """A Topology from a Topology, a path to a TOML file, or None."""
+    if spec is None or spec == "":
+        return None
+    if hasattr(spec, "world_size"):
+        return spec
+    from .topology import load_topology
+    return load_topology(spec)
 
 
 @functools.lru_cache(maxsize=4096)

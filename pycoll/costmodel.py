@@ -5,84 +5,98 @@ The model
 A collective over n ranks moves D bytes (the buffer for all_reduce and broadcast, the output of
 all_gather, the input of reduce_scatter). Algorithm A is predicted to take
 
-    T_A = sum over phases (steps · α_phase)  +  max(W_A, (L_A + S - 1) · u / B_path)
+    T_A = sum over phases of steps * alpha_phase  +  max(W_A, P_A)
 
-* **steps, α** (latency): a phase is a run of sequential steps over the same kind of link; α of
-  a phase = the largest one-way latency of the links it uses plus the software overhead ``o``
-  times the messages one rank handles per step. Ring all-reduce has 2(n-1) steps of 1 message
-  per ring (R rings: R messages, which is what the multi-ring pays for its bandwidth); ring
-  all-gather / reduce-scatter / broadcast n-1; the double tree 2·depth steps all-reduce
-  (depth = ceil(lg n) + 1) and depth steps broadcast, up to 3 messages per step;
-  ``innetwork`` 1 step up into the aggregators (m-1 messages at an aggregator of m), 2(k-1)
-  ring steps among the k ring ranks, 1 step down. L_A is the total number of steps.
-* **W** (bandwidth): the traffic of the algorithm's schedule, put on every resource it crosses,
-  divided by that resource's capacity, for the busiest resource: every directed link (the
-  topology's bandwidth), every host NIC direction (``host_nic``, traffic between hosts), and
-  every rank's own processing rate ``proc_Bps`` (bytes one process can send, and separately
-  receive, per second: the limit on loopback). E.g. each arc of R rings carries 2(n-1)/n·D/R
-  in an all-reduce; a tree edge D/2 each way; an aggregator of m members receives (m-1)·D.
-* **pipeline**: messages are cut into S segments of u bytes (a ring's chunk D/(nR), a tree's
-  half D/2, at most the segment size); the first segment needs L_A steps to cross the
-  schedule, so T is at least (L_A + S - 1)·u / B_path, B_path being the narrowest link or
-  processing rate on the way. This is what makes an unpipelined tree lose on medium sizes.
+* **latency**: a phase is a run of sequential steps over one kind of link. alpha of a phase =
+  the largest one-way latency among its links + o * (1 + (m - 1) / 2), where o is the software
+  cost of one message and m the messages a rank handles per step (messages on different
+  connections overlap about half; fitted on loopback). Ring all-reduce: 2(n-1) steps, m = R
+  for R rings (what the multi-ring pays for its bandwidth); all-gather, reduce-scatter, ring
+  broadcast: n-1 steps. Double tree: 2h steps all-reduce, h broadcast (h = tree height in
+  hops), m = 2. innetwork: 1 step up, 2(k-1) ring steps among its k ring ranks, 1 step down,
+  m = members per aggregator in the first and last step.
+* **W** (bandwidth): the traffic of the algorithm's schedule on every resource it crosses,
+  divided by the resource's capacity, for the busiest one. Resources: each directed link
+  (topology bandwidth); each host NIC direction (``host_nic``; traffic between hosts); each
+  host's processing (bytes sent by all its ranks / ``host_Bps``: ranks sharing a machine share
+  its CPUs and memory, the limit on loopback); each rank's own processing (bytes it sends, and
+  separately receives, / ``rank_Bps``: one thread). E.g. an arc of each of R rings carries
+  2(n-1)/n * D/R in an all-reduce, a tree edge D/2 each way, an aggregator of m members
+  receives (m-1) * D.
+* **P** (pipeline): the schedule cuts messages into S segments of u bytes (a ring chunk
+  D/(nR), a tree's half D/2, at most the segment size); the last segment leaves L + S - 1 steps
+  after the first, each moving u bytes at the rate a rank gets while all are busy (or the
+  narrowest link): P = (L + S - 1) * u / rate. This is what an unpipelined tree pays on
+  medium sizes.
 
-So small messages pick the algorithm with the fewest steps (tree, innetwork), large ones the
-least loaded resource: the ring where one rank's processing or one NIC is the limit, the
-Hamiltonian multi-ring where every ordered pair has its own capacity (n-1 times a ring), and
-innetwork where links between groups are thin (the ring between groups shrinks to k ranks).
+Small messages therefore go to the fewest steps (tree, innetwork), large ones to the least
+loaded resource: on one host all algorithms move the same total bytes, so the ring (fewest
+messages) wins ties; where each ordered pair of peers has its own capacity the Hamiltonian
+multi-ring gets n-1 times the ring's; where links between groups are thin, innetwork.
 
 Parameters
 ----------
-From a topology file (:meth:`CostModel.from_topology`): link bandwidth and latency, host NIC.
-Without one, from a measurement at start-up (:func:`calibrate`, run by the communicator at its
-first ``auto`` call of an epoch; ``PYCOLL_CALIBRATE=0`` skips it): a tiny ring all-reduce
-gives α per step, a 1 MiB one the processing rate; every rank takes the maximum over all ranks
-(one small all-reduce), so every rank builds the same model and picks the same algorithm.
-``o`` and ``proc_Bps`` default to :data:`DEFAULT_OVERHEAD_S` and :data:`DEFAULT_PROC_BPS`
-(measured on a 2-vCPU VM over loopback) where neither source gives them.
+From a topology file (:meth:`CostModel.from_topology`): link bandwidth and latency, hosts and
+their NIC cap; o, host_Bps and rank_Bps keep their defaults. Without a topology they are
+measured at start-up (:func:`calibrate`, run by the communicator at the first ``auto`` call of
+an epoch; ``PYCOLL_CALIBRATE=0`` keeps the defaults): a tiny ring all-reduce gives o, a 1 MiB
+one the rate of a rank while all are busy, times the ranks on the host = host_Bps, and
+rank_Bps = host_Bps / min(ranks on the host, CPUs). Every rank contributes its measurement and
+takes the worst over all ranks (one small all-reduce), so every rank builds the same model and
+picks the same algorithm. Defaults (:data:`DEFAULT_OVERHEAD_S`, ...) were measured on a 2-vCPU
+VM over loopback.
 """
 from __future__ import annotations
 
+import logging
 import math
+import os
 import time
 
 import numpy as np
 
 from . import planners
 
-DEFAULT_OVERHEAD_S = 20e-6    # per message, engine + kernel, loopback TCP
-DEFAULT_PROC_BPS = 1.5e9      # bytes/s one rank sends (and receives) over loopback TCP
+log = logging.getLogger("pycoll")
+
+DEFAULT_OVERHEAD_S = 12e-6   # per message, engine + kernel, loopback TCP
+DEFAULT_HOST_BPS = 4e9       # bytes/s all ranks of one host send together over loopback TCP
+DEFAULT_RANK_BPS = 2e9       # bytes/s one rank sends (and receives)
 CANDIDATES = ("ring", "hamiltonian", "tree", "innetwork")
 
 
 class CostModel:
     """Predicts collective times on n ranks; see the module docstring for the model.
 
-    ``bw``/``lat``: n×n matrices (bytes/s, inf = uncapped; seconds). ``host_of``: host id per
-    rank, ``nic_Bps``: per-direction NIC cap of every host (inf = none). ``overhead_s``:
-    software cost per message; ``proc_Bps``: per-rank processing rate.
+    ``bw``/``lat``: n x n matrices (bytes/s, inf = uncapped; seconds). ``host_of``: host id
+    per rank; ``nic_Bps``: per-direction NIC cap of every host (inf = none); ``overhead_s``:
+    software cost per message; ``host_Bps``/``rank_Bps``: processing rates (module doc).
     """
 
     def __init__(self, n, bw=None, lat=None, host_of=None, nic_Bps=math.inf, overhead_s=DEFAULT_OVERHEAD_S,
-                 proc_Bps=DEFAULT_PROC_BPS, source="defaults"):
+                 host_Bps=DEFAULT_HOST_BPS, rank_Bps=DEFAULT_RANK_BPS, source="defaults"):
         self.n = n
         self.bw = np.full((n, n), math.inf) if bw is None else np.asarray(bw, dtype=float)
         self.lat = np.zeros((n, n)) if lat is None else np.asarray(lat, dtype=float)
-        self.host_of = list(host_of) if host_of is not None else list(range(n))
+        self.host_of = list(host_of) if host_of is not None else [0] * n
         self.nic_Bps = float(nic_Bps)
         self.overhead_s = float(overhead_s)
-        self.proc_Bps = float(proc_Bps)
+        self.host_Bps = float(host_Bps)
+        self.rank_Bps = float(rank_Bps)
         self.source = source
+        self._local = {h: self.host_of.count(h) for h in set(self.host_of)}
+        self._heights = {}
 
     @classmethod
-    def from_topology(cls, topo, overhead_s=DEFAULT_OVERHEAD_S, proc_Bps=DEFAULT_PROC_BPS):
+    def from_topology(cls, topo, **params):
         n = topo.world_size
         return cls(n, topo.bandwidth_matrix(), topo.latency_matrix(), [topo.host_of(r) for r in range(n)],
-                   topo.host_nic_Bps(), overhead_s, proc_Bps, source=f"topology {topo.name}")
+                   topo.host_nic_Bps(), source=f"topology {topo.name}", **params)
 
     def __repr__(self):
-        return (f"CostModel(n={self.n}, o={self.overhead_s * 1e6:.1f}us, proc={self.proc_Bps / 1e9:.2f}GB/s, "
-                f"nic={self.nic_Bps / 1e9:.2f}GB/s, source={self.source})")
+        nic = "none" if not math.isfinite(self.nic_Bps) else f"{self.nic_Bps / 1e9:.3g}GB/s"
+        return (f"CostModel(n={self.n}, o={self.overhead_s * 1e6:.1f}us, host={self.host_Bps / 1e9:.2f}GB/s, "
+                f"rank={self.rank_Bps / 1e9:.2f}GB/s, nic={nic}, source={self.source})")
 
     # ---- prediction ------------------------------------------------------------------------
     def predict(self, algorithm, coll, nbytes, layout, segment_bytes=1 << 19):
@@ -94,22 +108,19 @@ class CostModel:
         D = float(nbytes)
         if algorithm == "tree":
             traffic, phases = self._tree(coll, D)
-            seg = min(segment_bytes, planners.TREE_SEGMENT)
-            piece = D / 2
+            seg, piece = min(segment_bytes, planners.TREE_SEGMENT), D / 2
         elif algorithm == "innetwork":
             traffic, phases = self._hier(D, layout)
             seg, piece = segment_bytes, D / max(len(layout.agg_ring), 1)
         else:
             rings = layout.cycles if algorithm == "hamiltonian" else [layout.ring]
             traffic, phases = self._rings(coll, D, rings)
-            seg = segment_bytes
-            piece = D / len(rings) / (1 if coll == "broadcast" else n)
-        latency = sum(steps * (lat + self.overhead_s * msgs) for steps, lat, msgs in phases)
+            seg, piece = segment_bytes, D / len(rings) / (1 if coll == "broadcast" else n)
+        latency = sum(steps * (lat + self.overhead_s * (1 + (msgs - 1) / 2)) for steps, lat, msgs in phases)
         steps = sum(p[0] for p in phases)
         segs = max(1, math.ceil(piece / seg)) if piece > 0 else 1
-        unit = piece / segs
-        path = min(self._narrowest(traffic), self.proc_Bps)
-        pipeline = (steps + segs - 1) * unit / path if path > 0 else 0.0
+        busy_rate = min(self.host_Bps / max(self._local.values()), self.rank_Bps, self._narrowest(traffic))
+        pipeline = (steps + segs - 1) * (piece / segs) / busy_rate
         return latency + max(self._busiest(traffic), pipeline)
 
     def choose(self, coll, nbytes, layout, segment_bytes=1 << 19, candidates=CANDIDATES):
@@ -123,8 +134,9 @@ class CostModel:
                 continue  # identical to the ring
             if eff not in times:
                 times[eff] = self.predict(eff, coll, nbytes, layout, segment_bytes)
-        # ties go to the simpler algorithm (candidate order)
-        best = min(times, key=lambda a: (times[a], CANDIDATES.index(a)))
+        # near-ties (within 3 %) go to the simpler algorithm (candidate order)
+        fastest = min(times.values())
+        best = next(a for a in CANDIDATES if a in times and times[a] <= fastest * 1.03)
         return best, times
 
     # ---- traffic of each schedule: ({(u, v): bytes}, [(steps, latency, msgs per step)]) --------
@@ -142,7 +154,6 @@ class CostModel:
 
     def _tree(self, coll, D):
         n = self.n
-        depth = math.ceil(math.log2(n)) + 1
         traffic = {}
         for t in (0, 1):
             for r in range(n):
@@ -152,8 +163,22 @@ class CostModel:
                     if coll == "all_reduce":
                         traffic[(r, p)] = traffic.get((r, p), 0.0) + D / 2
         worst = max(self.lat[u, v] for u, v in traffic)
-        steps = 2 * depth if coll == "all_reduce" else depth
-        return traffic, [(steps, worst, 3)]
+        h = self._height()
+        return traffic, [(2 * h if coll == "all_reduce" else h + 1, worst, 2)]
+
+    def _height(self):
+        """Hops from the deepest rank to the root, over both all-reduce trees."""
+        if self.n not in self._heights:
+            h = 0
+            for t in (0, 1):
+                parent = [planners.tree_links(self.n, t, r)[0] for r in range(self.n)]
+                for r in range(self.n):
+                    d, x = 0, r
+                    while parent[x] >= 0:
+                        x, d = parent[x], d + 1
+                    h = max(h, d)
+            self._heights[self.n] = h
+        return self._heights[self.n]
 
     def _hier(self, D, layout):
         traffic, members = {}, {}
@@ -167,34 +192,32 @@ class CostModel:
             intra = max(self.lat[u, v] for u, v in traffic)
             fan = max(members.values())
             phases += [(1, intra, fan), (1, intra, fan)]
-        k = len(layout.agg_ring)
-        if k > 1:
-            ring_traffic, ring_phases = self._sub_ring(D, layout.agg_ring)
-            for arc, b in ring_traffic.items():
-                traffic[arc] = traffic.get(arc, 0.0) + b
-            phases += ring_phases
-        return traffic, phases
-
-    def _sub_ring(self, D, order):
+        order = layout.agg_ring
         k = len(order)
-        traffic = {(order[i], order[(i + 1) % k]): 2 * (k - 1) / k * D for i in range(k)}
-        return traffic, [(2 * (k - 1), max(self.lat[u, v] for u, v in traffic), 1)]
+        if k > 1:
+            for i in range(k):
+                arc = (order[i], order[(i + 1) % k])
+                traffic[arc] = traffic.get(arc, 0.0) + 2 * (k - 1) / k * D
+            phases.append((2 * (k - 1), max(self.lat[order[i], order[(i + 1) % k]] for i in range(k)), 1))
+        return traffic, phases
 
     # ---- resources ---------------------------------------------------------------------------
     def _busiest(self, traffic):
-        """Seconds the most loaded resource (link, NIC direction, rank) needs."""
+        """Seconds the most loaded resource (link, NIC direction, host, rank) needs."""
         worst = 0.0
         sent, recv = np.zeros(self.n), np.zeros(self.n)
-        nic_out, nic_in = {}, {}
+        nic_out, nic_in, host_sent = {}, {}, {}
         for (u, v), b in traffic.items():
             worst = max(worst, b / self.bw[u, v])
             sent[u] += b
             recv[v] += b
             hu, hv = self.host_of[u], self.host_of[v]
+            host_sent[hu] = host_sent.get(hu, 0.0) + b
             if hu != hv:
                 nic_out[hu] = nic_out.get(hu, 0.0) + b
                 nic_in[hv] = nic_in.get(hv, 0.0) + b
-        worst = max(worst, sent.max() / self.proc_Bps, recv.max() / self.proc_Bps)
+        worst = max(worst, sent.max() / self.rank_Bps, recv.max() / self.rank_Bps,
+                    max(host_sent.values()) / self.host_Bps)
         if math.isfinite(self.nic_Bps):
             worst = max([worst] + [b / self.nic_Bps for b in list(nic_out.values()) + list(nic_in.values())])
         return worst
@@ -217,26 +240,78 @@ class CostModel:
 
 
 # ---- start-up measurement -----------------------------------------------------------------------
-def calibrate(run_ring_allreduce, n, small_reps=3, big_bytes=1 << 20):
-    """Measure (step latency, processing rate) with ring all-reduces and agree on them.
+def calibrate(run_ring_allreduce, n, hosts=None, small_reps=3, big_bytes=1 << 20):
+    """Measure o, host_Bps and rank_Bps with ring all-reduces; every rank gets the same model.
 
     ``run_ring_allreduce(array, op)`` must run a ring all-reduce on every rank (the caller's
-    communicator). Returns a :class:`CostModel` every rank shares (max over ranks).
+    communicator); ``hosts`` is the host id of every rank.
     """
     tiny = np.zeros(1, np.float32)
-    run_ring_allreduce(tiny, "sum")  # warm-up: first frames, page faults
+    run_ring_allreduce(tiny, "sum")  # warm-up: first frames
     best = math.inf
     for _ in range(small_reps):
         t0 = time.perf_counter()
         run_ring_allreduce(tiny, "sum")
         best = min(best, time.perf_counter() - t0)
-    per_step = best / (2 * (n - 1))
     big = np.zeros(big_bytes // 4, np.float32)
-    t0 = time.perf_counter()
-    run_ring_allreduce(big, "sum")
-    t_big = time.perf_counter() - t0
-    moved = 2 * (n - 1) / n * big_bytes
-    secs_per_byte = max(t_big - best, 1e-9) / moved
-    agreed = np.array([per_step, secs_per_byte], np.float64)
+    t_big = math.inf
+    for _ in range(2):  # the first one also pays for page faults and scratch
+        t0 = time.perf_counter()
+        run_ring_allreduce(big, "sum")
+        t_big = min(t_big, time.perf_counter() - t0)
+    moved = 2 * (n - 1) / n * big_bytes  # bytes each rank sends
+    # the worst over all ranks: max of (seconds per step, seconds per byte, 1 / CPUs)
+    agreed = np.array([best / (2 * (n - 1)), max(t_big - best, 1e-9) / moved, 1.0 / (os.cpu_count() or 1)])
     run_ring_allreduce(agreed, "max")
-    return CostModel(n, overhead_s=float(agreed[0]), proc_Bps=1.0 / float(agreed[1]), source="measured")
+    per_step, secs_per_byte, cpus = float(agreed[0]), float(agreed[1]), round(1.0 / float(agreed[2]))
+    hosts = list(hosts) if hosts and len(hosts) == n else [0] * n
+    local = max(hosts.count(h) for h in set(hosts))
+    host_Bps = local / secs_per_byte
+    return CostModel(n, host_of=hosts, overhead_s=per_step, host_Bps=host_Bps,
+                     rank_Bps=host_Bps / max(1, min(local, cpus)), source="measured")
+
+
+class Selector:
+    """Algorithm choice for one membership epoch: its layout, its cost model, and a cache.
+
+    ``calibrate``: a function running a ring all-reduce (``fn(array, op)``) on every rank, used
+    to measure the model's parameters at the first ``auto`` call when there is no topology;
+    None means use the defaults. Choices are cached per (collective, bytes): a decision is
+    made once per size and epoch, and every rank makes the same one.
+    """
+
+    def __init__(self, world_size, topology=None, hosts=None, segment_bytes=1 << 19, calibrate=None):
+        from .layout import Layout
+        self.layout = Layout(world_size, topology, hosts)
+        self.segment_bytes = segment_bytes
+        self._calibrate = calibrate
+        self._model = CostModel.from_topology(self.layout.topology) if self.layout.topology is not None else None
+        self._choices = {}
+
+    def model(self):
+        """The cost model (measured on first use when there is no topology)."""
+        if self._model is None:
+            n = self.layout.world_size
+            hosts = self.layout.hosts
+            self._model = (calibrate(self._calibrate, n, hosts) if self._calibrate and n > 1
+                           else CostModel(n, host_of=hosts))
+            log.debug("cost model: %r", self._model)
+        return self._model
+
+    def choose(self, coll, algorithm, nbytes):
+        """The algorithm that runs this call (``algorithm`` may be auto)."""
+        if algorithm != "auto":
+            return planners.effective(algorithm, coll)
+        key = (coll, nbytes)
+        chosen = self._choices.get(key)
+        if chosen is None:
+            if coll == "barrier" or self.layout.world_size == 1:
+                chosen = "ring"
+            else:
+                chosen, times = self.model().choose(coll, nbytes, self.layout, self.segment_bytes)
+                log.debug("auto: %s for %s of %d B (predicted %s)", chosen, coll, nbytes,
+                          ", ".join(f"{a} {t * 1e3:.3f} ms" for a, t in sorted(times.items(), key=lambda x: x[1])))
+            if len(self._choices) > 4096:
+                self._choices.clear()
+            self._choices[key] = chosen
+        return chosen

@@ -64,6 +64,7 @@ class Layout:
                      getattr(topology, "name", "?"), topology.world_size, n)
             topology = None
         self.topology = topology
+        self.hosts = list(hosts) if hosts and len(hosts) == n else None
         if topology is not None:
             from .topology import ring_order
             self.ring = list(ring_order(topology))

@@ -20,7 +20,12 @@ def rank_input(case, rank, world_size):
 
 def run_cases(comm, cases):
     """Executed on every rank."""
-    out = []
+    return run_cases_algorithms(comm, cases)[0]
+
+
+def run_cases_algorithms(comm, cases):
+    """Executed on every rank: (output bytes, algorithm that ran) per case."""
+    out, algorithms = [], []
     for case in cases:
         coll, dtype, op, count, seed, algorithm = case
         x = rank_input(case, comm.rank, comm.world_size)
@@ -38,7 +43,23 @@ def run_cases(comm, cases):
             comm.broadcast(x, root=seed % comm.world_size, **kw)
             res = x
         out.append(res.tobytes())
-    return out
+        algorithms.append(comm.stats[-1].algorithm)
+    return out, algorithms
+
+
+def make_plans(case, n, algorithm, topology=None):
+    """The plans a communicator of n local ranks builds for ``case`` under ``algorithm``
+    (an effective one, e.g. the Stat.algorithm it reported)."""
+    from pycoll import planners
+    from pycoll.comm import DEFAULT_SEGMENT
+    from pycoll.layout import Layout
+
+    coll, dtype, op, count, seed, _ = case
+    es = storage_dtype(dtype).itemsize
+    root = seed % n if coll == "broadcast" else 0
+    layout = Layout(n, topology, hosts=["localhost"] * n)
+    return [planners.build(algorithm, coll, layout, r, count, es, root=root, segment_bytes=DEFAULT_SEGMENT,
+                           preserve=coll in ("all_reduce", "broadcast"), avg=(op == "avg")) for r in range(n)]
 
 
 def expected(case, world_size, plans_for):

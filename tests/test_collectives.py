@@ -8,32 +8,28 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import pycoll.testing
-from collective_cases import expected, run_cases
+from collective_cases import expected, make_plans, run_cases_algorithms
 from pycoll import planners
 from reference import ALL_DTYPES, OPS
 
 from pycoll.comm import DEFAULT_SEGMENT as SEGMENT  # plans must match the ones the communicator builds
 
 
-def ring_plans(case, n):
-    coll, dtype, op, count, seed, algorithm = case
-    from reference import storage_dtype
-    es = storage_dtype(dtype).itemsize
-    root = seed % n if coll == "broadcast" else 0
-    return [planners.plan_rings(coll, n, r, [list(range(n))], count, es, root=root, segment_bytes=SEGMENT,
-                                preserve=coll in ("all_reduce", "broadcast"), avg=(op == "avg"))
-            for r in range(n)]
-
-
 def check(cases, world_size, timeout=120):
-    results = pycoll.testing.run(run_cases, world_size, args=(cases,), timeout=timeout,
+    """Run the cases; compare with the plans of the algorithm each case ran (auto may pick any)."""
+    results = pycoll.testing.run(run_cases_algorithms, world_size, args=(cases,), timeout=timeout,
                                  init_kwargs={"timeout": 60})
     for i, case in enumerate(cases):
-        want = expected(case, world_size, ring_plans)
+        ran = {results[r][1][i] for r in range(world_size)}
+        assert len(ran) == 1, f"ranks ran different algorithms for {case}: {ran}"
+        if case[5] != "auto":
+            assert ran == {planners.effective(case[5], case[0])}
+        algorithm = ran.pop()
+        want = expected(case, world_size, lambda c, n: make_plans(c, n, algorithm))
         for r in range(world_size):
-            assert results[r][i] == want[r], f"rank {r} differs for case {case}"
+            assert results[r][0][i] == want[r], f"rank {r} differs for case {case} ({algorithm})"
         if case[0] in ("all_reduce", "all_gather", "broadcast"):
-            assert len({results[r][i] for r in range(world_size)}) == 1, f"ranks disagree on {case}"
+            assert len({results[r][0][i] for r in range(world_size)}) == 1, f"ranks disagree on {case}"
 
 
 SIZES = [0, 1, 2, 3, 5, 7, 13, 31, 97, 1000, 4099, 65537, 300007]
