@@ -218,21 +218,11 @@ def run_loopback(impl, n, args):
     return collect(procs, args.timeout, f"{impl} on {n} loopback ranks")
 
 
-class _EmuTopology:
-    """What EmuSpec.from_topology needs, with the host NIC cap as a plain number."""
-
-    def __init__(self, topo):
-        self.world_size = topo.world_size
-        self.link = topo.link
-        nic = topo.host_nic_Bps()
-        self.host_nic_Bps = nic if nic != float("inf") else None
-
-
 def run_emulated(impl, topo_path, args):
     from pycoll.emulator import EmuSpec, Emulator
     from pycoll.topology import load_topology
     topo = load_topology(topo_path)
-    spec = EmuSpec.from_topology(_EmuTopology(topo))
+    spec = EmuSpec.from_topology(topo)
     env = {"PYTHONUNBUFFERED": "1", "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
            "GLOO_SOCKET_IFNAME": "emu0", "PYCOLL_TIMEOUT": "300"}
     with Emulator(spec) as emu:

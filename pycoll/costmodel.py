@@ -56,6 +56,7 @@ import time
 import numpy as np
 
 from . import planners
+from .layout import DOUBLE_COVERS, Layout
 
 log = logging.getLogger("pycoll")
 
@@ -63,6 +64,7 @@ DEFAULT_OVERHEAD_S = 12e-6   # per message, engine + kernel, loopback TCP
 DEFAULT_HOST_BPS = 4e9       # bytes/s all ranks of one host send together over loopback TCP
 DEFAULT_RANK_BPS = 2e9       # bytes/s one rank sends (and receives)
 CANDIDATES = ("ring", "hamiltonian", "tree", "innetwork")
+MAX_MULTIRING = 64  # auto considers the multi-ring up to this many ranks (the cycle search grows fast)
 
 
 class CostModel:
@@ -113,9 +115,10 @@ class CostModel:
             traffic, phases = self._hier(D, layout)
             seg, piece = segment_bytes, D / max(len(layout.agg_ring), 1)
         else:
-            rings = layout.cycles if algorithm == "hamiltonian" else [layout.ring]
+            rings = None if algorithm == "hamiltonian" else [layout.ring]
             traffic, phases = self._rings(coll, D, rings)
-            seg, piece = segment_bytes, D / len(rings) / (1 if coll == "broadcast" else n)
+            nrings = phases[0][2]
+            seg, piece = segment_bytes, D / nrings / (1 if coll == "broadcast" else n)
         latency = sum(steps * (lat + self.overhead_s * (1 + (msgs - 1) / 2)) for steps, lat, msgs in phases)
         steps = sum(p[0] for p in phases)
         segs = max(1, math.ceil(piece / seg)) if piece > 0 else 1
@@ -132,6 +135,8 @@ class CostModel:
             eff = planners.effective(a, coll)
             if eff == "innetwork" and not layout.aggregated:
                 continue  # identical to the ring
+            if eff == "hamiltonian" and self.n > MAX_MULTIRING:
+                continue
             if eff not in times:
                 times[eff] = self.predict(eff, coll, nbytes, layout, segment_bytes)
         # near-ties (within 3 %) go to the simpler algorithm (candidate order)
@@ -141,10 +146,17 @@ class CostModel:
 
     # ---- traffic of each schedule: ({(u, v): bytes}, [(steps, latency, msgs per step)]) --------
     def _rings(self, coll, D, rings):
-        n, R = self.n, len(rings)
+        """``rings`` None: the multi-ring, whose cycles load every ordered pair equally."""
+        n = self.n
         factor = {"all_reduce": 2 * (n - 1) / n, "broadcast": 1.0}.get(coll, (n - 1) / n)
         steps = {"all_reduce": 2 * (n - 1)}.get(coll, n - 1)
         traffic = {}
+        if rings is None:
+            R = len(DOUBLE_COVERS.get(n, ())) or max(n - 1, 1)
+            share = factor * D / (n - 1)  # each pair: 1 of n-1 cycles (or 2 of 2(n-1))
+            traffic = {(u, v): share for u in range(n) for v in range(n) if u != v}
+            return traffic, [(steps, max(self.lat[u, v] for u, v in traffic), R)]
+        R = len(rings)
         for order in rings:
             for i in range(n):
                 arc = (order[i], order[(i + 1) % n])
@@ -281,7 +293,6 @@ class Selector:
     """
 
     def __init__(self, world_size, topology=None, hosts=None, segment_bytes=1 << 19, calibrate=None):
-        from .layout import Layout
         self.layout = Layout(world_size, topology, hosts)
         self.segment_bytes = segment_bytes
         self._calibrate = calibrate

@@ -72,7 +72,7 @@ class Layout:
         else:
             self.ring = list(range(n))
             groups = _host_groups(n, hosts)
-        self.cycles = multiring_cycles(n)
+        self._cycles = None
         self.groups = [ranks for ranks, _ in groups]
         self.agg_of = list(range(n))
         for ranks, aggregated in groups:
@@ -82,13 +82,19 @@ class Layout:
         self.agg_ring = [r for r in self.ring if self.agg_of[r] == r]
 
     @property
+    def cycles(self) -> list[list[int]]:
+        """The multi-ring's ring orders (computed on first use: a search for large even n)."""
+        if self._cycles is None:
+            self._cycles = multiring_cycles(self.world_size)
+        return self._cycles
+
+    @property
     def aggregated(self) -> bool:
         """True if some rank hands its data to another (innetwork differs from ring)."""
         return len(self.agg_ring) < self.world_size
 
     def __repr__(self):
-        return (f"Layout(n={self.world_size}, ring={self.ring}, cycles={len(self.cycles)}, "
-                f"agg_ring={self.agg_ring})")
+        return f"Layout(n={self.world_size}, ring={self.ring}, agg_ring={self.agg_ring})"
 
 
 def _host_groups(n, hosts):

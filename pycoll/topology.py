@@ -240,8 +240,13 @@ class Topology:
         """Distinct host names in rank order."""
         return list(dict.fromkeys(self._hosts))
 
-    def host_nic_Bps(self, host: str | None = None) -> float:
-        """The per-direction NIC cap of a host in bytes/s (inf when uncapped); same for all hosts."""
+    def host_nic_Bps(self, host: str | int | None = None) -> float:
+        """The per-direction NIC cap of a host in bytes/s (inf when uncapped); same for all hosts.
+
+        ``host`` may also be a rank (the emulator asks per rank: ``EmuSpec.from_topology``).
+        """
+        if isinstance(host, (int, np.integer)) and not isinstance(host, bool):
+            host = self.host_of(int(host))
         if host is not None and host not in self._hosts:
             raise KeyError(f"no host named {host!r} in topology {self.name!r}")
         return self._host_nic_Bps

@@ -307,3 +307,15 @@ def test_every_size_has_a_schedule_for_uneven_counts():
         cycles = multiring_cycles(n)
         plans = [planners.plan_rings("all_reduce", n, r, cycles, count, 8, segment_bytes=8) for r in range(n)]
         check_allreduce(run_allreduce(plans, n, count), n, count)
+
+
+def test_emulator_spec_from_a_topology():
+    """The emulator reads link caps and the NIC cap of every rank's host from a topology."""
+    from pycoll.emulator import EmuSpec
+    from pycoll.topology import parse_topology
+    topo = parse_topology('[defaults]\nbandwidth = "100mbit"\nlatency = "1ms"\nhost_nic = "1gbit"\n'
+                          '[[group]]\nname = "m"\ncount = 3\n')
+    spec = EmuSpec.from_topology(topo)
+    assert spec.link_spec(0, 2).rate_bps == pytest.approx(100e6) and spec.link_spec(2, 1).delay_s == 0.001
+    assert spec.nic_bps(1) == pytest.approx(1e9)
+    assert topo.host_nic_Bps(2) == topo.host_nic_Bps(topo.host_of(2))
