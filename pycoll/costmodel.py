@@ -8,7 +8,8 @@ all_gather, the input of reduce_scatter). Algorithm A is predicted to take
     T_A = sum over phases of steps * alpha_phase  +  max(W_A, P_A)
 
 * **latency**: a phase is a run of sequential steps over one kind of link. alpha of a phase =
-  the largest one-way latency among its links + o * (1 + (m - 1) / 2), where o is the software
+  the mean one-way latency of the hops a piece crosses (a ring's chunk crosses each of its
+  arcs about equally often; a tree's deepest path) + o * (1 + (m - 1) / 2), where o is the software
   cost of one message and m the messages a rank handles per step (messages on different
   connections overlap about half; fitted on loopback). Ring all-reduce: 2(n-1) steps, m = R
   for R rings (what the multi-ring pays for its bandwidth); all-gather, reduce-scatter, ring
@@ -24,10 +25,10 @@ all_gather, the input of reduce_scatter). Algorithm A is predicted to take
   2(n-1)/n * D/R in an all-reduce, a tree edge D/2 each way, an aggregator of m members
   receives (m-1) * D.
 * **P** (pipeline): the schedule cuts messages into S segments of u bytes (a ring chunk
-  D/(nR), a tree's half D/2, at most the segment size); the last segment leaves L + S - 1 steps
-  after the first, each moving u bytes at the rate a rank gets while all are busy (or the
-  narrowest link): P = (L + S - 1) * u / rate. This is what an unpipelined tree pays on
-  medium sizes.
+  D/(nR), a tree's half D/2, at most the segment size). The first segment crosses every step's
+  hop, each at that hop's rate (its link, or what a rank processes while all are busy); the
+  other S - 1 follow at the slowest hop's rate: P = u * sum(1/rate of each hop) +
+  (S - 1) * u / slowest rate. This is what an unpipelined tree pays on medium sizes.
 
 Small messages therefore go to the fewest steps (tree, innetwork), large ones to the least
 loaded resource: on one host all algorithms move the same total bytes, so the ring (fewest
@@ -117,13 +118,12 @@ class CostModel:
         else:
             rings = None if algorithm == "hamiltonian" else [layout.ring]
             traffic, phases = self._rings(coll, D, rings)
-            nrings = phases[0][2]
-            seg, piece = segment_bytes, D / nrings / (1 if coll == "broadcast" else n)
-        latency = sum(steps * (lat + self.overhead_s * (1 + (msgs - 1) / 2)) for steps, lat, msgs in phases)
-        steps = sum(p[0] for p in phases)
+            seg, piece = segment_bytes, D / phases[0][2] / (1 if coll == "broadcast" else n)
+        latency = sum(steps * (lat + self.overhead_s * (1 + (msgs - 1) / 2)) for steps, lat, msgs, _ in phases)
         segs = max(1, math.ceil(piece / seg)) if piece > 0 else 1
-        busy_rate = min(self.host_Bps / max(self._local.values()), self.rank_Bps, self._narrowest(traffic))
-        pipeline = (steps + segs - 1) * (piece / segs) / busy_rate
+        unit = piece / segs
+        # the first segment crosses every step's hop, the others follow at the bottleneck's rate
+        pipeline = unit * sum(p[3] for p in phases) + (segs - 1) * unit * self._slowest(traffic)
         return latency + max(self._busiest(traffic), pipeline)
 
     def choose(self, coll, nbytes, layout, segment_bytes=1 << 19, candidates=CANDIDATES):
@@ -144,25 +144,37 @@ class CostModel:
         best = next(a for a in CANDIDATES if a in times and times[a] <= fastest * 1.03)
         return best, times
 
-    # ---- traffic of each schedule: ({(u, v): bytes}, [(steps, latency, msgs per step)]) --------
+    # ---- schedules: ({(u, v): bytes}, [(steps, mean latency, msgs per step, seconds per byte
+    # ---- summed over the steps' hops)]) ------------------------------------------------------
+    def _hop(self, u, v):
+        """Seconds per byte on u -> v while every rank is busy."""
+        return max(1.0 / self.bw[u, v], 1.0 / self._busy_Bps)
+
+    @property
+    def _busy_Bps(self):
+        return min(self.host_Bps / max(self._local.values()), self.rank_Bps)
+
     def _rings(self, coll, D, rings):
         """``rings`` None: the multi-ring, whose cycles load every ordered pair equally."""
         n = self.n
         factor = {"all_reduce": 2 * (n - 1) / n, "broadcast": 1.0}.get(coll, (n - 1) / n)
         steps = {"all_reduce": 2 * (n - 1)}.get(coll, n - 1)
-        traffic = {}
         if rings is None:
             R = len(DOUBLE_COVERS.get(n, ())) or max(n - 1, 1)
-            share = factor * D / (n - 1)  # each pair: 1 of n-1 cycles (or 2 of 2(n-1))
-            traffic = {(u, v): share for u in range(n) for v in range(n) if u != v}
-            return traffic, [(steps, max(self.lat[u, v] for u, v in traffic), R)]
-        R = len(rings)
+            arcs = [(u, v) for u in range(n) for v in range(n) if u != v]
+            traffic = {arc: factor * D / (n - 1) for arc in arcs}  # 1 of n-1 cycles (or 2 of 2(n-1))
+            lat = float(np.mean([self.lat[a] for a in arcs]))
+            spb = float(np.mean([self._hop(*a) for a in arcs]))
+            return traffic, [(steps, lat, R, steps * spb)]
+        R, traffic, lat, spb = len(rings), {}, 0.0, 0.0
         for order in rings:
-            for i in range(n):
-                arc = (order[i], order[(i + 1) % n])
+            arcs = [(order[i], order[(i + 1) % n]) for i in range(n)]
+            for arc in arcs:
                 traffic[arc] = traffic.get(arc, 0.0) + factor * D / R
-        worst = max(self.lat[u, v] for u, v in traffic)
-        return traffic, [(steps, worst, R)]
+            # a chunk crosses every arc of its ring steps/n times: mean latency, not the worst
+            lat = max(lat, float(np.mean([self.lat[a] for a in arcs])))
+            spb = max(spb, float(np.mean([self._hop(*a) for a in arcs])))
+        return traffic, [(steps, lat, R, steps * spb)]
 
     def _tree(self, coll, D):
         n = self.n
@@ -174,23 +186,30 @@ class CostModel:
                     traffic[(p, r)] = traffic.get((p, r), 0.0) + D / 2
                     if coll == "all_reduce":
                         traffic[(r, p)] = traffic.get((r, p), 0.0) + D / 2
-        worst = max(self.lat[u, v] for u, v in traffic)
-        h = self._height()
-        return traffic, [(2 * h if coll == "all_reduce" else h + 1, worst, 2)]
+        hops, lat, spb = self._tree_paths(coll)
+        steps = 2 * hops if coll == "all_reduce" else hops + 1
+        return traffic, [(steps, lat / steps, 2, spb)]
 
-    def _height(self):
-        """Hops from the deepest rank to the root, over both all-reduce trees."""
-        if self.n not in self._heights:
-            h = 0
+    def _tree_paths(self, coll):
+        """(most hops, largest latency sum, largest seconds-per-byte sum) of a rank's way to
+        the root and back (all-reduce) or from the root (broadcast, + the root's first hop)."""
+        if coll not in self._heights:
+            hops = lat_max = spb_max = 0.0
             for t in (0, 1):
                 parent = [planners.tree_links(self.n, t, r)[0] for r in range(self.n)]
                 for r in range(self.n):
-                    d, x = 0, r
+                    d, lat, spb, x = 0, 0.0, 0.0, r
                     while parent[x] >= 0:
-                        x, d = parent[x], d + 1
-                    h = max(h, d)
-            self._heights[self.n] = h
-        return self._heights[self.n]
+                        p = parent[x]
+                        lat += self.lat[p, x] + (self.lat[x, p] if coll == "all_reduce" else 0.0)
+                        spb += self._hop(p, x) + (self._hop(x, p) if coll == "all_reduce" else 0.0)
+                        x, d = p, d + 1
+                    hops, lat_max, spb_max = max(hops, d), max(lat_max, lat), max(spb_max, spb)
+            if coll != "all_reduce":
+                lat_max += float(np.max(self.lat))
+                spb_max += 1.0 / self._busy_Bps
+            self._heights[coll] = (int(hops), lat_max, spb_max)
+        return self._heights[coll]
 
     def _hier(self, D, layout):
         traffic, members = {}, {}
@@ -201,16 +220,20 @@ class CostModel:
                 members[a] = members.get(a, 0) + 1
         phases = []
         if members:
-            intra = max(self.lat[u, v] for u, v in traffic)
+            intra = list(traffic)
+            lat = max(self.lat[a] for a in intra)
+            spb = max(self._hop(*a) for a in intra)
             fan = max(members.values())
-            phases += [(1, intra, fan), (1, intra, fan)]
+            phases += [(1, lat, fan, spb), (1, lat, fan, spb)]
         order = layout.agg_ring
         k = len(order)
         if k > 1:
-            for i in range(k):
-                arc = (order[i], order[(i + 1) % k])
+            arcs = [(order[i], order[(i + 1) % k]) for i in range(k)]
+            for arc in arcs:
                 traffic[arc] = traffic.get(arc, 0.0) + 2 * (k - 1) / k * D
-            phases.append((2 * (k - 1), max(self.lat[order[i], order[(i + 1) % k]] for i in range(k)), 1))
+            steps = 2 * (k - 1)
+            phases.append((steps, float(np.mean([self.lat[a] for a in arcs])), 1,
+                           steps * float(np.mean([self._hop(*a) for a in arcs]))))
         return traffic, phases
 
     # ---- resources ---------------------------------------------------------------------------
@@ -234,11 +257,12 @@ class CostModel:
             worst = max([worst] + [b / self.nic_Bps for b in list(nic_out.values()) + list(nic_in.values())])
         return worst
 
-    def _narrowest(self, traffic):
-        caps = [self.bw[u, v] for u, v in traffic]
+    def _slowest(self, traffic):
+        """Seconds per byte of the slowest hop the schedule uses (link, NIC or processing)."""
+        worst = max(self._hop(u, v) for u, v in traffic)
         if math.isfinite(self.nic_Bps) and any(self.host_of[u] != self.host_of[v] for u, v in traffic):
-            caps.append(self.nic_Bps)
-        return min(caps) if caps else math.inf
+            worst = max(worst, 1.0 / self.nic_Bps)
+        return worst
 
     def switch_points(self, coll, layout, sizes, segment_bytes=1 << 19):
         """[(size, algorithm)] where the choice changes, scanning ``sizes`` in order."""
