@@ -59,6 +59,14 @@ int32_t plan_add(pc_plan *p, int32_t kind, int32_t peer, int32_t stripe, uint32_
     return p->nops++;
 }
 
+#define ANNOUNCE_TAG 0xa0000000u
+
+void plan_announce(pc_plan *p) {
+    if (p->nranks < 2) return;
+    plan_add(p, PC_OP_SEND, (p->rank + 1) % p->nranks, 0, ANNOUNCE_TAG, -1, 0, -1, 0, 0, NULL, 0);
+    plan_add(p, PC_OP_RECV, (p->rank + p->nranks - 1) % p->nranks, 0, ANNOUNCE_TAG, -1, 0, -1, 0, 0, NULL, 0);
+}
+
 void plan_begin_tail(pc_plan *p) {
     if (p->tail_first < 0) p->tail_first = p->nops;
 }

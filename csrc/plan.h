@@ -31,6 +31,11 @@ int32_t plan_add(pc_plan *p, int32_t kind, int32_t peer, int32_t stripe, uint32_
                  int32_t src_buf, uint64_t src_off, int32_t dst_buf, uint64_t dst_off,
                  uint64_t len, const int32_t *deps, int32_t ndeps);
 void plan_begin_tail(pc_plan *p);
+/* An empty frame to rank+1 and one from rank-1, first on those connections.
+ * Schedules in which some ranks begin by waiting (trees, aggregators) add it
+ * so that mismatched calls across ranks fail the header check at once
+ * instead of every rank waiting for its timeout. */
+void plan_announce(pc_plan *p);
 pc_status plan_finish(pc_plan *p, pc_plan **out);
 
 /* Split `count` elements into `parts` nearly equal pieces: piece i starts at

@@ -158,6 +158,7 @@ pc_status pc_plan_hier(pc_collective coll, int32_t nranks, int32_t rank, const i
         if (count) plan_add(plan, PC_OP_COPY, -1, 0, 0, PC_BUF_IN, 0, PC_BUF_OUT, 0, count * es, NULL, 0);
         return plan_finish(plan, out);
     }
+    plan_announce(plan); /* members and aggregators begin by waiting: see plan.h */
     ring_sched rs = {.plan = plan, .orders = rings, .nrings = nrings, .n = nring, .stripes = stripes,
                      .es = elem_size, .op_avg = (flags & PC_PLAN_AVG) != 0, .count = count,
                      .segs = ring_sched_segments(count, nrings, nring, elem_size, segment_bytes),

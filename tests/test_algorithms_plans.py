@@ -15,6 +15,7 @@ from pycoll import planners
 from pycoll.layout import DOUBLE_COVERS, Layout, multiring_cycles
 
 ALL_N = list(range(1, 33))
+ANNOUNCE = 0xA0000000  # tag of the empty frames that tree and hierarchical plans open with
 
 
 def run_allreduce(plans, n, count, avg=False):
@@ -94,6 +95,13 @@ def test_tree_broadcast(n, preserve):
         simulate(plans, bufs, 8, sym_reduce)
         for r in range(n):
             assert list(bufs[r][OUT]) == [(root, i) for i in range(count)]
+
+
+def test_tree_plans_open_with_the_announcement():
+    for r in range(5):
+        ops = planners.plan_tree("broadcast", 5, r, 10, 4, root=2).ops()
+        assert [(o["kind"], o["peer"], o["tag"]) for o in ops[:2]] == [(0, (r + 1) % 5, ANNOUNCE),
+                                                                          (1, (r - 1) % 5, ANNOUNCE)]
 
 
 def test_tree_rejects_other_collectives():
@@ -250,7 +258,11 @@ def test_hier_members_talk_only_to_their_aggregator():
     agg_of, ring = layout_for(n, [[0, 1, 2, 3], [4, 5, 6, 7]], [True, True])
     plans = hier_check(n, agg_of, [ring], 40)
     for r in range(n):
-        peers = {op["peer"] for op in plans[r].ops() if op["peer"] >= 0}
+        ops = plans[r].ops()
+        # the announcement (empty frames to rank+1, from rank-1) comes first, then data
+        assert [(o["kind"], o["peer"], o["len"], o["tag"]) for o in ops[:2]] == [
+            (0, (r + 1) % n, 0, ANNOUNCE), (1, (r - 1) % n, 0, ANNOUNCE)]
+        peers = {op["peer"] for op in ops[2:] if op["peer"] >= 0}
         if agg_of[r] != r:
             assert peers == {agg_of[r]}
         else:
