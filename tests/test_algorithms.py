@@ -172,3 +172,18 @@ def test_selector_caches_and_respects_explicit_algorithms():
     first = sel.choose("all_reduce", "auto", 1 << 20)
     assert sel.choose("all_reduce", "auto", 1 << 20) == first and (("all_reduce", 1 << 20) in sel._choices)
     assert sel.choose("barrier", "auto", 0) == "ring"
+
+
+def _gather_auto(comm, count):
+    x = np.full(count, comm.rank, np.int32)
+    out = np.zeros(count * comm.world_size, np.int32)
+    comm.all_gather(x, out)
+    return comm.stats[-1].algorithm, out[::count].tolist()
+
+
+@pytest.mark.timeout(120)
+def test_auto_follows_the_topology_file():
+    """With full-mesh-5 (a link per ordered pair), auto runs the multi-ring for large all-gathers."""
+    path = f"{pycoll.__path__[0]}/../topologies/full-mesh-5.toml"
+    results = pycoll.testing.run(_gather_auto, 5, args=(1 << 18,), timeout=100, init_kwargs={"topology": path})
+    assert results == [("hamiltonian", [0, 1, 2, 3, 4])] * 5
