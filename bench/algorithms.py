@@ -8,8 +8,8 @@ topology emulator, and the size at which ``auto`` switches.
 
 Method: float32, each iteration = barrier + the timed collective, rank 0's median. busbw
 (nccl-tests): all-reduce bytes/t * 2(n-1)/n, all-gather (output bytes)/t * (n-1)/n. Every
-algorithm runs in the same processes one after the other; Gloo runs in its own processes on
-the same network. ``auto`` is pycoll's default; the table shows what it picked, and below it
+algorithm and Gloo (torch.distributed, initialised in the same processes) take turns in every
+repetition, so load from other processes on a shared machine hits them alike. ``auto`` is pycoll's default; the table shows what it picked, and below it
 the cost model's switch points on a fine size grid (the model the ranks used: measured at
 start-up on loopback, from the topology in the emulator).
 
@@ -132,6 +132,11 @@ def worker_pycoll(a):
     import pycoll
     comm = pycoll.init(rank=a.rank, world_size=a.n, master_addr=a.master, master_port=a.port, timeout=300,
                        topology=a.topology or None)
+    if a.gloo:  # in the same processes, so Gloo takes turns with the others under the same load
+        import torch
+        import torch.distributed as dist
+        dist.init_process_group("gloo", init_method=f"tcp://{a.master}:{a.port + 1}", rank=a.rank,
+                                world_size=a.n)
     from pycoll import planners
     layout = comm._selector_for_epoch().layout
     out = {}
@@ -148,39 +153,23 @@ def worker_pycoll(a):
                     runs[algo] = (lambda al: lambda: comm.all_gather(x, y, algorithm=al))(algo)
                 else:
                     runs[algo] = (lambda al: lambda: comm.all_reduce(x, algorithm=al))(algo)
+            if a.gloo:
+                tx, ty = torch.from_numpy(x), (torch.from_numpy(y) if y is not None else None)
+                runs["gloo"] = ((lambda: dist.all_gather_into_tensor(ty, tx)) if coll == "all_gather"
+                                else (lambda: dist.all_reduce(tx)))
             times = _time_interleaved(runs, comm.barrier, reps_for(nbytes, a.scale, a.emulated))
-            ran = [st.algorithm for st in comm.stats if st.op == coll][-len(runs):]  # the last repetition
+            ours = [name for name in runs if name != "gloo"]
+            ran = [st.algorithm for st in comm.stats if st.op == coll][-len(ours):]  # the last repetition
             for algo, t in times.items():
-                out[f"{coll} {nbytes} {algo}"] = [t, ran[list(runs).index(algo)]]
+                out[f"{coll} {nbytes} {algo}"] = [t, ran[ours.index(algo)] if algo in ours else algo]
     sel = comm._selector_for_epoch()
     grid = [1 << k for k in range(10, 29)]
     points = {coll: sel.model().switch_points(coll, sel.layout, grid, comm.segment_bytes)
               for coll in a.colls.split(",")}
     out["model"] = [repr(sel.model()), points]
+    if a.gloo:
+        dist.destroy_process_group()
     comm.close()
-    return out
-
-
-def worker_gloo(a):
-    import torch
-    import torch.distributed as dist
-    dist.init_process_group("gloo", init_method=f"tcp://{a.master}:{a.port}", rank=a.rank, world_size=a.n)
-    out = {}
-    for coll in a.colls.split(","):
-        for nbytes in a.sizes:
-            x, y = _buffers(coll, nbytes, a.n)
-            tx = torch.from_numpy(x)
-            if coll == "all_gather":
-                ty = torch.from_numpy(y)
-
-                def run():
-                    dist.all_gather_into_tensor(ty, tx)
-            else:
-                def run():
-                    dist.all_reduce(tx)
-            t = _time_interleaved({"gloo": run}, dist.barrier, reps_for(nbytes, a.scale, a.emulated))["gloo"]
-            out[f"{coll} {nbytes} gloo"] = [t, "gloo"]
-    dist.destroy_process_group()
     return out
 
 
@@ -193,6 +182,8 @@ def worker_argv(impl, rank, n, master, port, args, topology, emulated):
         argv += ["--topology", topology]
     if emulated:
         argv += ["--emulated"]
+    if impl == "pycoll" and not args.no_gloo:
+        argv += ["--gloo"]
     return argv
 
 
@@ -288,8 +279,10 @@ def main(argv=None):
     ap.add_argument("--no-gloo", action="store_true")
     ap.add_argument("--json", help="also write the raw results here")
     ap.add_argument("--timeout", type=float, default=900)
-    for hidden in ("--worker", "--master", "--emulated"):
-        ap.add_argument(hidden, help=argparse.SUPPRESS, **({"action": "store_true"} if hidden == "--emulated" else {}))
+    for hidden in ("--worker", "--master"):
+        ap.add_argument(hidden, help=argparse.SUPPRESS)
+    for flag in ("--emulated", "--gloo"):
+        ap.add_argument(flag, action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--rank", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--n", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -297,7 +290,7 @@ def main(argv=None):
 
     if args.worker:
         args.sizes = [int(s) for s in args.sizes.split(",")]
-        out = {"pycoll": worker_pycoll, "gloo": worker_gloo}[args.worker](args)
+        out = worker_pycoll(args)
         if args.rank == 0:
             print("RESULT " + json.dumps(out), flush=True)
         return 0
@@ -329,7 +322,7 @@ def main(argv=None):
         t0 = time.monotonic()
         results = {"pycoll": runner("pycoll")}
         if not args.no_gloo:
-            results["gloo"] = runner("gloo")
+            results["gloo"] = results["pycoll"]  # measured in the same processes, interleaved
         report(title + f" [{time.monotonic() - t0:.0f} s]", n, results, args)
         everything[title] = results
         args.colls = args.sizes = None

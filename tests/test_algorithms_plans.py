@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from plansim import IN, OUT, SCRATCH, leaves, simulate, sym_array, sym_reduce, sym_scale
+from plansim import OUT, SCRATCH, leaves, simulate, sym_array, sym_reduce, sym_scale
 from pycoll import planners
 from pycoll.layout import DOUBLE_COVERS, Layout, multiring_cycles
 
