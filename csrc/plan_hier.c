@@ -32,6 +32,13 @@
 
 enum { TO_AGG = 1, FROM_AGG = 2 };
 
+#define P2P_TAG 0x70000001u
+
+typedef struct {
+    ring_sched rs;
+    int switch_mode; /* PC_PLAN_SWITCH: this rank aggregates but has no data */
+} hier_sched;
+
 /* Pieces in the order the ring schedule reads this ring rank's local data:
  * at reduce-scatter step s it needs chunk p - s of every ring. */
 static void need_order(const ring_sched *rs, const int32_t *pos, int32_t *ids) {
@@ -70,7 +77,8 @@ static int valid_layout(int32_t n, const int32_t *agg_of, const int32_t *rings, 
     return ok;
 }
 
-static pc_status hier_allreduce(ring_sched *rs, const int32_t *agg_of) {
+static pc_status hier_allreduce(hier_sched *hs, const int32_t *agg_of) {
+    ring_sched *rs = &hs->rs;
     pc_plan *plan = rs->plan;
     int32_t rank = plan->rank, n = plan->nranks, agg = agg_of[rank];
     int32_t npieces = (int32_t)((uint64_t)rs->nrings * (uint64_t)rs->n * rs->segs);
@@ -106,6 +114,10 @@ static pc_status hier_allreduce(ring_sched *rs, const int32_t *agg_of) {
     }
     int32_t nmembers = 0;
     for (int32_t r = 0; r < n; r++) nmembers += agg_of[r] == rank && r != rank;
+    if (hs->switch_mode && !nmembers) {
+        st = PC_ERR_ARG; /* a switch with nobody to aggregate has nothing to contribute */
+        goto out;
+    }
     if (nmembers) {
         for (int32_t k = 0; k < npieces; k++) {
             uint64_t off, bytes;
@@ -113,8 +125,12 @@ static pc_status hier_allreduce(ring_sched *rs, const int32_t *agg_of) {
             int32_t prev = -1, src = PC_BUF_IN;
             for (int32_t r = 0; r < n; r++) {
                 if (agg_of[r] != rank || r == rank) continue;
-                prev = plan_add(plan, PC_OP_RECV_REDUCE, r, k % rs->stripes, HIER_TAG(TO_AGG, k), src, off,
-                                rs->acc_buf, off, bytes, &prev, 1);
+                if (hs->switch_mode && prev < 0) /* no own data: the first member's is the start */
+                    prev = plan_add(plan, PC_OP_RECV, r, k % rs->stripes, HIER_TAG(TO_AGG, k), -1, 0,
+                                    rs->acc_buf, off, bytes, NULL, 0);
+                else
+                    prev = plan_add(plan, PC_OP_RECV_REDUCE, r, k % rs->stripes, HIER_TAG(TO_AGG, k), src, off,
+                                    rs->acc_buf, off, bytes, &prev, 1);
                 src = rs->acc_buf;
             }
             ready[need[k]] = prev;
@@ -159,19 +175,39 @@ pc_status pc_plan_hier(pc_collective coll, int32_t nranks, int32_t rank, const i
         return plan_finish(plan, out);
     }
     plan_announce(plan); /* members and aggregators begin by waiting: see plan.h */
-    ring_sched rs = {.plan = plan, .orders = rings, .nrings = nrings, .n = nring, .stripes = stripes,
+    uint32_t sw = flags & PC_PLAN_SWITCH;
+    if (sw && (agg_of[rank] != rank || (flags & PC_PLAN_AVG))) { /* avg would divide by the engine size */
+        pc_plan_free(plan);
+        return PC_ERR_ARG;
+    }
+    hier_sched hs = {.switch_mode = sw != 0};
+    hs.rs = (ring_sched){.plan = plan, .orders = rings, .nrings = nrings, .n = nring, .stripes = stripes,
                      .es = elem_size, .op_avg = (flags & PC_PLAN_AVG) != 0, .count = count,
                      .segs = ring_sched_segments(count, nrings, nring, elem_size, segment_bytes),
                      .local_buf = PC_BUF_IN,
-                     .acc_buf = (flags & PC_PLAN_PRESERVE_INPUT) ? PC_BUF_SCRATCH : PC_BUF_OUT};
-    pc_status st = hier_allreduce(&rs, agg_of);
+                     .acc_buf = (flags & (PC_PLAN_PRESERVE_INPUT | PC_PLAN_SWITCH)) ? PC_BUF_SCRATCH : PC_BUF_OUT};
+    pc_status st = hier_allreduce(&hs, agg_of);
     if (st != PC_OK) {
         pc_plan_free(plan);
         return st;
     }
-    if ((flags & PC_PLAN_PRESERVE_INPUT) && count) {
+    if ((flags & PC_PLAN_PRESERVE_INPUT) && !sw && count) {
         plan_begin_tail(plan);
         plan_add(plan, PC_OP_COPY, -1, 0, 0, PC_BUF_SCRATCH, 0, PC_BUF_OUT, 0, count * es, NULL, 0);
     }
+    return plan_finish(plan, out);
+}
+
+pc_status pc_plan_p2p(int32_t nranks, int32_t rank, int32_t peer, uint64_t nbytes, int32_t send, pc_plan **out) {
+    *out = NULL;
+    if (nranks < 2 || rank < 0 || rank >= nranks || peer < 0 || peer >= nranks || peer == rank ||
+        nbytes > (1u << 20))
+        return PC_ERR_ARG;
+    pc_plan *plan = plan_new(nranks, rank);
+    if (!plan) return PC_ERR_NOMEM;
+    if (send)
+        plan_add(plan, PC_OP_SEND, peer, 0, P2P_TAG, PC_BUF_IN, 0, -1, 0, nbytes, NULL, 0);
+    else
+        plan_add(plan, PC_OP_RECV, peer, 0, P2P_TAG, -1, 0, PC_BUF_OUT, 0, nbytes, NULL, 0);
     return plan_finish(plan, out);
 }

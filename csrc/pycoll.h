@@ -106,6 +106,10 @@ typedef enum {
                                      failed collective leaves the caller's
                                      buffer untouched */
 #define PC_PLAN_AVG 2u            /* the op is an average: divide once by n */
+#define PC_PLAN_SWITCH 4u         /* pc_plan_hier only: this rank is a standalone
+                                     aggregator with no data of its own; its
+                                     accumulator starts from its first member's
+                                     data and lives in scratch (IN/OUT unused) */
 
 /*
  * Multi-ring planner. `rings` holds nrings permutations of 0..nranks-1 (each
@@ -150,6 +154,15 @@ pc_status pc_plan_hier(pc_collective coll, int32_t nranks, int32_t rank, const i
                        const int32_t *rings, int32_t nrings, int32_t nring, uint64_t count,
                        int32_t elem_size, uint64_t segment_bytes, int32_t stripes,
                        uint32_t flags, pc_plan **out);
+
+/*
+ * One frame of `nbytes` between `rank` and `peer` (plan_hier.c): send != 0
+ * sends IN[0, nbytes), else receives into OUT[0, nbytes). Used for the small
+ * descriptor a group's lowest worker sends its standalone aggregator ahead
+ * of each collective.
+ */
+pc_status pc_plan_p2p(int32_t nranks, int32_t rank, int32_t peer, uint64_t nbytes, int32_t send,
+                      pc_plan **out);
 
 /* ---- reduction kernels ------------------------------------------------- */
 int32_t pc_dtype_size(int32_t dtype);

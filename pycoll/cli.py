@@ -25,6 +25,20 @@ def _cmd_run(args):
                keep_going=args.keep_going)
 
 
+def _cmd_aggregator(args):
+    from .aggregator import start
+    agg = start(args.group, args.master_addr, args.master_port, topology=args.topology, stripes=args.stripes)
+    print(f"pycoll aggregator for group {args.group!r} joined {args.master_addr}:{args.master_port} "
+          f"(pid {os.getpid()})", flush=True)
+    try:
+        agg.serve()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        agg.close()
+    return 0
+
+
 def build_parser():
     p = argparse.ArgumentParser(prog="pycoll", description="Fault-tolerant collective communication for ML training.")
     p.add_argument("--log-level", default=os.environ.get("PYCOLL_LOG", "WARNING"),
@@ -51,6 +65,19 @@ def build_parser():
     r.add_argument("-m", dest="module", default=None, help="run a module instead of a script")
     r.add_argument("script", nargs=argparse.REMAINDER, help="script and its arguments")
     r.set_defaults(func=_cmd_run)
+
+    a = sub.add_parser("aggregator", help="run a standalone in-network aggregator (a software switch)",
+                       description="Join a group as the standalone aggregator of one 'switch' group of the "
+                                   "topology file: aggregates that group's innetwork all-reduces, holds no "
+                                   "model state. Secret from PYCOLL_SECRET.")
+    a.add_argument("--group", required=True, help="name of the topology group this aggregator serves")
+    a.add_argument("--topology", default=os.environ.get("PYCOLL_TOPOLOGY"),
+                   help="the workers' topology file (also PYCOLL_TOPOLOGY)")
+    a.add_argument("--master-addr", default=os.environ.get("MASTER_ADDR", "127.0.0.1"))
+    a.add_argument("--master-port", type=int, default=int(os.environ.get("MASTER_PORT", "29500")))
+    a.add_argument("--stripes", type=int, default=int(os.environ.get("PYCOLL_STRIPES", "1")),
+                   help="connections per peer pair; must match the workers'")
+    a.set_defaults(func=_cmd_aggregator)
     return p
 
 

@@ -18,7 +18,7 @@ import threading
 import time
 import zlib
 
-from . import costmodel, planners
+from . import aggregator, costmodel, planners
 from ._native import ffi, lib, status_error
 from .buffers import as_buffer
 from .dtypes import op_code
@@ -70,6 +70,7 @@ class Communicator:
         self.lost = []              # names lost at the last membership change
         self.stats = collections.deque(maxlen=10000)
         self._comm = None
+        self._switch = None  # aggregator.SwitchPath when the epoch has standalone aggregators
         self._comm_lock = threading.Lock()   # guards self._comm against cancel-during-free
         self._exec_lock = threading.Lock()   # one collective at a time, in call order
         self._submit_lock = threading.Lock()
@@ -94,9 +95,7 @@ class Communicator:
             return
         self._aborted_epoch = msg["epoch"]
         self._abort_reason = msg.get("why", "")
-        with self._comm_lock:
-            if self._comm is not None:
-                lib.pc_comm_cancel(self._comm)
+        self.cancel()
 
     def _sync(self, rebuild):
         """Reach a sync point with every live member; rebuild the mesh if the
@@ -115,13 +114,15 @@ class Communicator:
         addrs = [m[1] for m in members]
         fds = build_mesh(self._listener, rank, addrs, self.stripes, reply["epoch"], reply["token"],
                          self.mesh_timeout, self.sockbuf, key=self._mesh_key)
-        out = ffi.new("pc_comm **")
-        st = lib.pc_comm_create(rank, len(members), self.stripes, fds, 0, out)
-        if st != lib.PC_OK:
-            raise status_error(st, f"cannot create the C communicator (status {st})")
-        lib.pc_comm_set_spin(out[0], self.spin_us)
+        nworkers, switches = aggregator.split_members(members)
+        hcomm = None
+        if switches:  # standalone aggregators: the whole mesh for them, the workers' part for us
+            hcomm = self._create_comm(rank, len(members), fds)
+            fds = [os.dup(fd) if fd >= 0 else -1 for fd in fds[:nworkers * self.stripes]]
+            members = members[:nworkers]
+        comm = self._create_comm(rank, len(members), fds)
         with self._comm_lock:
-            self._comm = out[0]
+            self._comm = comm
         self.rank, self.world_size, self.epoch = rank, len(members), reply["epoch"]
         self.members = [m[0] for m in members]
         self._hosts = [m[2] if len(m) > 2 else None for m in members]
@@ -130,15 +131,36 @@ class Communicator:
         self._seq = 0
         self._plans.clear()
         self._broken = False
+        if hcomm is not None:
+            self._install_switches(hcomm, switches)
         log.info("epoch %d: rank %d of %d%s", self.epoch, rank, self.world_size,
                  f" (lost {len(self.lost)})" if self.lost else "")
+
+    def _create_comm(self, rank, n, fds):
+        out = ffi.new("pc_comm **")
+        st = lib.pc_comm_create(rank, n, self.stripes, fds, 0, out)
+        if st != lib.PC_OK:
+            raise status_error(st, f"cannot create the C communicator (status {st})")
+        lib.pc_comm_set_spin(out[0], self.spin_us)
+        return out[0]
+
+    def _install_switches(self, hcomm, switches):
+        """Use the epoch's standalone aggregators for innetwork all-reduces, if they fit the topology."""
+        elayout = aggregator.EngineLayout(self._selector_for_epoch().layout, switches)
+        if not elayout.usable:
+            log.warning("epoch %d: standalone aggregators %s do not match the topology's switch groups; "
+                        "not using them", self.epoch, sorted(switches))
+        with self._comm_lock:  # kept even when unusable: the aggregators idle in the mesh until the next epoch
+            self._switch = aggregator.SwitchPath(hcomm, elayout, self.rank, self.stripes)
 
     def _drop_comm(self):
         with self._comm_lock:
             comm, self._comm = self._comm, None
-        if comm is not None:
-            lib.pc_comm_shutdown(comm)
-            lib.pc_comm_free(comm)
+            switch, self._switch = self._switch, None
+        for c in (comm, switch.hcomm if switch is not None else None):
+            if c is not None:
+                lib.pc_comm_shutdown(c)
+                lib.pc_comm_free(c)
 
     def update_topology(self):
         """A sync point: every current member must call it (between steps).
@@ -147,6 +169,16 @@ class Communicator:
         with self._exec_lock:
             self._wait_idle_locked()
             return self._sync(rebuild=self._broken)
+
+    @property
+    def aggregators(self):
+        """Names of the groups whose standalone aggregator (``pycoll aggregator``) serves this
+        epoch's innetwork all-reduces (empty: agent mode everywhere)."""
+        sw = self._switch
+        if sw is None or not sw.usable:
+            return []
+        groups = sw.elayout.groups
+        return sorted(groups)
 
     def pending_joiners(self):
         """Number of peers waiting to be admitted (from the last heartbeat)."""
@@ -204,7 +236,13 @@ class Communicator:
         opc = op_code(op)
         avg = opc == lib.PC_AVG
         itemsize = inbuf.nbytes // max(inbuf.count, 1) if inbuf.count else lib.pc_dtype_size(inbuf.code)
-        plan = self._plan(coll, chosen, count, itemsize, root, avg, preserve)
+        switch = self._switch if self._switch is not None and self._switch.usable else None
+        if switch is not None and switch.applies(coll, chosen, opc, count):
+            plan = switch.plan(count, itemsize, self.segment_bytes, preserve)
+            ccomm = switch.hcomm
+        else:
+            switch, ccomm = None, self._comm
+            plan = self._plan(coll, chosen, count, itemsize, root, avg, preserve)
         desc = _digest(coll, inbuf.code, opc, count, root, chosen)
         self._seq += 1
         bufs, sizes, failed = self._cbufs, self._csizes, self._cfailed  # reused: one collective at a time
@@ -215,12 +253,16 @@ class Communicator:
             fault_point(f"before:{coll}")
             if fault_armed(f"during:{coll}"):  # die while the collective runs
                 threading.Timer(0.002, fault_point, (f"during:{coll}",)).start()
-        lib.pc_comm_clear_cancel(self._comm)
+        timeout = timeout if timeout is not None else self.timeout
+        lib.pc_comm_clear_cancel(ccomm)
         if self._aborted_epoch == self.epoch:
-            lib.pc_comm_cancel(self._comm)
+            lib.pc_comm_cancel(ccomm)
         t0 = time.perf_counter()
-        st = lib.pc_comm_run(self._comm, plan.ptr, bufs, sizes, inbuf.code, opc, self._seq, desc,
-                             timeout if timeout is not None else self.timeout, failed)
+        st = lib.PC_OK
+        if switch is not None:  # tell our switches what comes (pycoll.aggregator)
+            st, failed[0] = switch.announce(self._seq, desc, inbuf.code, opc, count, itemsize, timeout)
+        if st == lib.PC_OK:
+            st = lib.pc_comm_run(ccomm, plan.ptr, bufs, sizes, inbuf.code, opc, self._seq, desc, timeout, failed)
         dt = time.perf_counter() - t0
         nbytes = max(inbuf.nbytes, outbuf.nbytes)
         if not internal:
@@ -228,10 +270,10 @@ class Communicator:
         if st == lib.PC_OK:
             log.debug("%s %s %d B in %.6f s", coll, chosen, nbytes, dt)
             return chosen
-        raise self._failure(st, int(failed[0]), coll)
+        raise self._failure(st, int(failed[0]), coll, ccomm)
 
-    def _failure(self, st, peer, coll):
-        message = ffi.string(lib.pc_comm_last_error(self._comm)).decode(errors="replace")
+    def _failure(self, st, peer, coll, ccomm=None):
+        message = ffi.string(lib.pc_comm_last_error(ccomm or self._comm)).decode(errors="replace")
         self._broken = True
         if st == lib.PC_ERR_ARG:  # bad arguments: nothing was sent, the mesh is intact
             self._broken = False
@@ -377,8 +419,9 @@ class Communicator:
         """Cancel the collective running now (from any thread): it raises
         :class:`Cancelled` promptly and the group re-forms at the next call."""
         with self._comm_lock:
-            if self._comm is not None:
-                lib.pc_comm_cancel(self._comm)
+            for c in (self._comm, self._switch.hcomm if self._switch is not None else None):
+                if c is not None:
+                    lib.pc_comm_cancel(c)
 
     # ---- measurement ---------------------------------------------------
     def stream_ring(self, nbytes, timeout=60.0):

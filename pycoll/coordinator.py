@@ -343,6 +343,12 @@ class Coordinator:
                 self._send(x.hb_ident, {"t": "abort", "epoch": self.epoch, "why": why, "lost": list(lost)})
 
     # ---- epochs --------------------------------------------------------
+    @staticmethod
+    def _switch_group(m):
+        """The group a standalone aggregator serves (pycoll.aggregator), else None (a worker)."""
+        info = m.info if isinstance(m.info, dict) else {}
+        return str(info.get("group", ""))[:128] if info.get("role") == "aggregator" else None
+
     def _maybe_form_epoch(self):
         current = [self.members[n] for n in self.epoch_members if self.members[n].alive]
         if any(m.sync_rid is None for m in current):
@@ -354,7 +360,7 @@ class Coordinator:
             return
         if not current:  # first epoch, or everybody died: wait for enough peers
             need = self.world_size if (self.world_size and self.epoch == 0) else self.min_world_size
-            if len(joiners) < need:
+            if sum(1 for m in joiners if self._switch_group(m) is None) < need:
                 return
         lost = [n for n in self.epoch_members if not self.members[n].alive]
         changed = bool(joiners or lost or any(m.sync_rebuild for m in current))
@@ -366,7 +372,8 @@ class Coordinator:
             return
         prev = {n: i for i, n in enumerate(self.epoch_members)}
         big = 1 << 30
-        waiting.sort(key=lambda m: (prev.get(m.name, big),
+        # workers first: their engine ranks are their ranks; aggregators last (pycoll.aggregator)
+        waiting.sort(key=lambda m: (self._switch_group(m) is not None, prev.get(m.name, big),
                                     m.rank_hint if m.rank_hint is not None else big, m.join_seq))
         self.epoch += 1
         self.epoch_members = [m.name for m in waiting]
@@ -375,7 +382,7 @@ class Coordinator:
             del self.members[name]
         for ident in [i for i, x in self.by_ident.items() if x.name not in self.members]:
             del self.by_ident[ident]
-        members = [[m.name, m.addr, m.host_id] for m in waiting]
+        members = [[m.name, m.addr, m.host_id, self._switch_group(m)] for m in waiting]
         log.info("epoch %d: %d members (lost %d, joined %d)", self.epoch, len(waiting), len(lost), len(joiners))
         for rank, m in enumerate(waiting):
             self._send(m.req_ident, {"rid": m.sync_rid, "ok": True, "epoch": self.epoch, "unchanged": False,

@@ -103,18 +103,28 @@ def tree_links(nranks, tree, rank):
 
 
 def plan_hier(coll, nranks, rank, agg_of, rings, count, itemsize, *, segment_bytes=1 << 19, stripes=1,
-              preserve=False, avg=False):
+              preserve=False, avg=False, switch=False):
     """A hierarchical all-reduce plan: ``agg_of[r]`` aggregates rank r's group
-    (itself for ring ranks); ``rings`` are orders of the ring ranks."""
+    (itself for ring ranks); ``rings`` are orders of the ring ranks. ``switch``:
+    ``rank`` is a standalone aggregator with no data (see :mod:`pycoll.aggregator`)."""
     agg = np.ascontiguousarray(np.asarray(agg_of, dtype=np.int32).reshape(nranks))
     nring = len(rings[0]) if len(rings) else 0
     orders = np.ascontiguousarray(np.asarray(rings, dtype=np.int32).reshape(len(rings), nring))
     out = ffi.new("pc_plan **")
     st = lib.pc_plan_hier(COLLECTIVES[coll], nranks, rank, ffi.cast("int32_t *", agg.ctypes.data),
                           ffi.cast("int32_t *", orders.ctypes.data), len(orders), nring, count, itemsize,
-                          segment_bytes, stripes, _flags(preserve, avg), out)
+                          segment_bytes, stripes, _flags(preserve, avg) | (lib.PC_PLAN_SWITCH if switch else 0), out)
     if st != lib.PC_OK:
         raise InvalidArgument(f"cannot plan a hierarchical {coll} for rank {rank} of {nranks} (status {st})")
+    return Plan(out[0])
+
+
+def plan_p2p(nranks, rank, peer, nbytes, send):
+    """One frame of ``nbytes`` from IN to ``peer`` (send) or from ``peer`` into OUT."""
+    out = ffi.new("pc_plan **")
+    st = lib.pc_plan_p2p(nranks, rank, peer, nbytes, 1 if send else 0, out)
+    if st != lib.PC_OK:
+        raise InvalidArgument(f"cannot plan a frame between ranks {rank} and {peer} of {nranks} (status {st})")
     return Plan(out[0])
 
 

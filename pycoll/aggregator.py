@@ -1,0 +1,333 @@
+"""The standalone in-network aggregator (``pycoll aggregator``) and the workers' side of it.
+
+A standalone aggregator is a software switch for one ``aggregator = "switch"`` group of the
+topology: it holds no model state, only scratch memory for the partial sums passing through.
+
+Membership. It joins the coordinator like a peer, with ``info = {"role": "aggregator",
+"group": NAME}``. The coordinator orders every epoch's members workers first, aggregators
+last, so a worker's *engine rank* (its index in the connection mesh and in the C plans) equals
+its user-visible ``comm.rank``, and the aggregators take engine ranks ``world_size ..``;
+``comm.world_size`` counts workers only. :func:`split_members` is the one place that maps
+between the two.
+
+Data path. Workers keep their usual communicator over the workers (every algorithm runs there,
+unchanged) and, when the epoch has switches, a second C communicator over the whole mesh (the
+same sockets, duplicated descriptors) for ``innetwork`` all-reduces. For each such collective
+the lowest worker of every switch group first sends its switch a 64-byte descriptor frame
+(sequence number, digest, dtype, op, count, element size; frame seq 0, never used by a
+collective); the switch then builds the aggregator half of :c:func:`pc_plan_hier` with
+``PC_PLAN_SWITCH`` (its accumulator starts from its first member's data, in scratch) and runs
+it. Frames on one connection arrive in order, so the descriptor always precedes the data.
+
+Epochs and faults. The aggregator keeps a ``sync`` request pending at the coordinator, so it
+never holds up a sync point and learns each new epoch at once. Its death aborts the epoch like
+any member's (collectives in flight fail with :class:`PeerFailure`); the next epoch has no
+switch for that group and the workers fall back to agent mode (the group's lowest rank
+aggregates). ``avg`` all-reduces also run in agent mode (the engine divides by the plan's
+rank count, which would include the switches).
+"""
+import logging
+import os
+import struct
+import threading
+import time
+
+from . import planners
+from ._native import ffi, lib, status_error
+from .errors import CollectiveError
+from .layout import Layout
+
+log = logging.getLogger("pycoll.aggregator")
+
+ROLE = "aggregator"
+DESC_FORMAT = "<8sQIiiQi24x"   # 64 bytes: magic, seq, digest, dtype, op, count, itemsize
+DESC_BYTES = struct.calcsize(DESC_FORMAT)
+DESC_MAGIC = b"pcswitch"
+DESC_SEQ = 0                   # frame seq of descriptors (collectives start at 1)
+DESC_DIGEST = 0x5357_4443      # frame digest of descriptors
+IDLE_TIMEOUT = 1e9             # a switch waits for the next collective as long as the epoch lasts
+
+
+
+def split_members(members):
+    """``members`` as the coordinator sends them ([name, addr, host, group-or-None], engine rank
+    order) -> (worker count, {group name: engine rank of its switch})."""
+    switches = {}
+    workers = 0
+    for e, m in enumerate(members):
+        group = m[3] if len(m) > 3 else None
+        if group is None:
+            if switches:
+                raise CollectiveError("coordinator sent an aggregator before a worker")
+            workers += 1
+        else:
+            switches.setdefault(group, []).append(e)
+    return workers, switches
+
+
+class EngineLayout:
+    """The hierarchical layout over the whole mesh (workers, then switches), for ``plan_hier``.
+
+    ``usable`` is False when some switch has no group to serve (unknown or duplicate group, or
+    no topology that matches the workers): then no switch is used this epoch, since every engine
+    rank takes part in a hierarchical plan.
+    """
+
+    def __init__(self, layout, switches):
+        self.workers = layout.world_size
+        nsw = sum(len(v) for v in switches.values())
+        self.world_size = self.workers + nsw
+        self.agg_of = list(layout.agg_of) + list(range(self.workers, self.world_size))
+        self.leaders = {}  # engine rank of a switch -> its group's lowest worker
+        self.groups = []   # names of the groups a switch serves
+        served = set()
+        groups = layout.topology.groups if layout.topology is not None else []
+        for g in groups:
+            if g.aggregator == "switch" and g.name in switches:
+                e = switches[g.name][0]
+                served.add(e)
+                self.groups.append(g.name)
+                self.leaders[e] = min(g.ranks)
+                for r in g.ranks:
+                    self.agg_of[r] = e
+        self.usable = bool(served) and len(served) == nsw
+        self.agg_ring = []
+        for r in layout.ring:
+            a = self.agg_of[r]
+            if a not in self.agg_ring:
+                self.agg_ring.append(a)
+
+    def plan(self, rank, count, itemsize, segment_bytes, stripes, preserve):
+        """The hierarchical all-reduce plan of engine rank ``rank``."""
+        return planners.plan_hier("all_reduce", self.world_size, rank, self.agg_of, [self.agg_ring], count,
+                                  itemsize, segment_bytes=segment_bytes, stripes=stripes,
+                                  preserve=preserve and rank < self.workers, switch=rank >= self.workers)
+
+
+def pack_descriptor(seq, digest, dtype, op, count, itemsize):
+    return struct.pack(DESC_FORMAT, DESC_MAGIC, seq, digest, dtype, op, count, itemsize)
+
+
+def unpack_descriptor(data):
+    """(seq, digest, dtype, op, count, itemsize); never trusts what came off the wire."""
+    magic, seq, digest, dtype, op, count, itemsize = struct.unpack(DESC_FORMAT, bytes(data))
+    if magic != DESC_MAGIC or lib.pc_dtype_size(dtype) != itemsize or not 0 <= op < lib.PC_OP_COUNT \
+            or op == lib.PC_AVG or count >= 1 << 40:
+        raise CollectiveError("malformed aggregator descriptor")
+    return seq, digest, dtype, op, count, itemsize
+
+
+def _run(comm, plan, in_addr, in_bytes, out_addr, out_bytes, dtype, op, seq, digest, timeout):
+    bufs = ffi.new("void *[2]", [ffi.cast("void *", in_addr), ffi.cast("void *", out_addr)])
+    sizes = ffi.new("uint64_t[2]", [in_bytes, out_bytes])
+    failed = ffi.new("int32_t *")
+    st = lib.pc_comm_run(comm, plan.ptr, bufs, sizes, dtype, op, seq, digest, timeout, failed)
+    return st, int(failed[0])
+
+
+class SwitchPath:
+    """A worker's route through the switches for one epoch: the whole-mesh C communicator and
+    the engine layout. Made by the communicator at each epoch that has usable switches."""
+
+    def __init__(self, hcomm, elayout, rank, stripes):
+        self.hcomm = hcomm
+        self.elayout = elayout
+        self.rank = rank
+        self.stripes = stripes
+        self.usable = elayout.usable
+        self._plans = {}
+        self._desc_plans = {e: planners.plan_p2p(elayout.world_size, rank, e, DESC_BYTES, True)
+                            for e, lead in elayout.leaders.items() if lead == rank and self.usable}
+        self._desc = ffi.new("uint8_t[]", DESC_BYTES)
+
+    def applies(self, coll, chosen, opc, count):
+        return coll == "all_reduce" and chosen == "innetwork" and opc != lib.PC_AVG and count > 0
+
+    def plan(self, count, itemsize, segment_bytes, preserve):
+        key = (count, itemsize, preserve)
+        p = self._plans.get(key)
+        if p is None:
+            if len(self._plans) > 64:
+                self._plans.clear()
+            p = self._plans[key] = self.elayout.plan(self.rank, count, itemsize, segment_bytes, self.stripes,
+                                                     preserve)
+        return p
+
+    def announce(self, seq, digest, dtype, op, count, itemsize, timeout):
+        """Send the descriptor to every switch this rank leads; returns (status, failed peer)."""
+        if not self._desc_plans:
+            return lib.PC_OK, -1
+        ffi.memmove(self._desc, pack_descriptor(seq, digest, dtype, op, count, itemsize), DESC_BYTES)
+        addr = int(ffi.cast("uintptr_t", self._desc))
+        for plan in self._desc_plans.values():
+            st, peer = _run(self.hcomm, plan, addr, DESC_BYTES, 0, 0, lib.PC_U8, lib.PC_SUM, DESC_SEQ,
+                            DESC_DIGEST, timeout)
+            if st != lib.PC_OK:
+                return st, peer
+        return lib.PC_OK, -1
+
+
+class Aggregator:
+    """A standalone aggregator process for group ``group`` (see the module doc)."""
+
+    def __init__(self, client, listener, group, *, topology=None, stripes=1, segment_bytes=1 << 20,
+                 mesh_timeout=None, mesh_key=None, sync_timeout=3600.0):
+        from .comm import _load_topology
+        self._client = client
+        self._listener = listener
+        self.group = group
+        self.topology = _load_topology(topology)
+        self.stripes = stripes
+        self.segment_bytes = segment_bytes
+        self.mesh_timeout = mesh_timeout if mesh_timeout is not None else listener.limits.connect_timeout
+        self._mesh_key = mesh_key
+        self.sync_timeout = sync_timeout
+        self.epoch = 0
+        self.collectives = 0       # collectives aggregated (all epochs)
+        self._comm = None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        client.on_abort = self._on_abort
+
+    def _on_abort(self, msg):
+        if msg.get("epoch") == self.epoch:
+            with self._lock:
+                if self._comm is not None:
+                    lib.pc_comm_cancel(self._comm)
+
+    def _drop(self):
+        with self._lock:
+            comm, self._comm = self._comm, None
+        if comm is not None:
+            lib.pc_comm_shutdown(comm)
+            lib.pc_comm_free(comm)
+
+    def _install(self, reply):
+        from .mesh import build_mesh
+        members = reply["members"]
+        rank = reply["rank"]
+        fds = build_mesh(self._listener, rank, [m[1] for m in members], self.stripes, reply["epoch"],
+                         reply["token"], self.mesh_timeout, 0, key=self._mesh_key)
+        out = ffi.new("pc_comm **")
+        st = lib.pc_comm_create(rank, len(members), self.stripes, fds, 0, out)
+        if st != lib.PC_OK:
+            raise status_error(st, f"aggregator: cannot create the C communicator (status {st})")
+        workers, switches = split_members(members)
+        layout = Layout(workers, self.topology, [m[2] for m in members[:workers]])
+        elayout = EngineLayout(layout, switches)
+        with self._lock:
+            self._comm = out[0]
+        self.epoch = reply["epoch"]
+        leader = elayout.leaders.get(rank)
+        log.info("aggregator %s: epoch %d, engine rank %d of %d, leader %s%s", self.group, self.epoch, rank,
+                 len(members), leader, "" if elayout.usable else " (idle: switches unusable this epoch)")
+        return rank, elayout if elayout.usable else None, leader
+
+    def _serve_epoch(self, rank, elayout, leader, epoch_changed):
+        """Aggregate collectives until this epoch's comm fails or is cancelled."""
+        if elayout is None or leader is None:
+            epoch_changed.wait()
+            return
+        desc_plan = planners.plan_p2p(elayout.world_size, rank, leader, DESC_BYTES, False)
+        desc = ffi.new("uint8_t[]", DESC_BYTES)
+        desc_addr = int(ffi.cast("uintptr_t", desc))
+        plans = {}
+        while not self._stop.is_set():
+            st, _ = _run(self._comm, desc_plan, 0, 0, desc_addr, DESC_BYTES, lib.PC_U8, lib.PC_SUM, DESC_SEQ,
+                         DESC_DIGEST, IDLE_TIMEOUT)
+            if st != lib.PC_OK:
+                return
+            seq, digest, dtype, op, count, itemsize = unpack_descriptor(ffi.buffer(desc, DESC_BYTES))
+            key = (count, itemsize)
+            plan = plans.get(key)
+            if plan is None:
+                if len(plans) > 64:
+                    plans.clear()
+                plan = plans[key] = elayout.plan(rank, count, itemsize, self.segment_bytes, self.stripes, False)
+            st, _ = _run(self._comm, plan, 0, 0, 0, 0, dtype, op, seq, digest, 60.0)
+            if st != lib.PC_OK:
+                log.warning("aggregator %s: collective %d failed: %s", self.group, seq,
+                            ffi.string(lib.pc_comm_last_error(self._comm)).decode(errors="replace"))
+                return
+            self.collectives += 1
+
+    def serve(self, max_seconds=None):
+        """Follow epochs and aggregate until stopped (or ``max_seconds``)."""
+        deadline = time.monotonic() + max_seconds if max_seconds else None
+        reply = self._client.request({"t": "sync", "epoch": self.epoch, "rebuild": True},
+                                     timeout=self.sync_timeout)
+        while not self._stop.is_set():
+            if reply.get("unchanged"):
+                reply = self._client.request({"t": "sync", "epoch": self.epoch, "rebuild": False},
+                                             timeout=self.sync_timeout)
+                continue
+            self._drop()
+            rank, elayout, leader = self._install(reply)
+            changed = threading.Event()
+            worker = threading.Thread(target=self._serve_epoch, args=(rank, elayout, leader, changed),
+                                      name="pycoll-aggregator", daemon=True)
+            worker.start()
+            # keep a sync pending: workers' sync points never wait for us
+            while True:
+                if deadline and time.monotonic() > deadline:
+                    self._stop.set()
+                    break
+                reply = self._client.request({"t": "sync", "epoch": self.epoch, "rebuild": False},
+                                             timeout=self.sync_timeout)
+                if not reply.get("unchanged"):
+                    break
+            changed.set()
+            with self._lock:
+                if self._comm is not None:
+                    lib.pc_comm_cancel(self._comm)
+            worker.join(timeout=10)
+
+    def close(self):
+        self._stop.set()
+        try:
+            self._client.request({"t": "leave"}, timeout=2.0)
+        except CollectiveError:
+            pass
+        self._drop()
+        self._listener.close()
+        self._client.close()
+
+
+def start(group, master_addr="127.0.0.1", master_port=29500, *, topology=None, token=None, limits=None,
+          join_timeout=120.0, heartbeat_interval=0.5, heartbeat_timeout=5.0, stripes=1, **options):
+    """Join the group's coordinator as the standalone aggregator of ``group``; returns an
+    :class:`Aggregator` (call ``serve()``)."""
+    from . import auth
+    from .control import CoordinatorClient
+    from .coordinator import PROTOCOL
+    from .limits import resolve
+    from .mesh import Listener, host_id, local_address_towards
+    secret = auth.load_secret(token)
+    limits = resolve(limits)
+    advertise = os.environ.get("PYCOLL_ADDR") or local_address_towards(master_addr)
+    bind = "127.0.0.1" if advertise.startswith("127.") else "0.0.0.0"
+    listener = Listener(bind, advertise, limits=limits)
+    client = CoordinatorClient(master_addr, master_port, heartbeat_interval=heartbeat_interval,
+                               heartbeat_timeout=heartbeat_timeout, secret=secret, limits=limits)
+    try:
+        deadline = time.monotonic() + join_timeout
+        while True:  # the coordinator may not be up yet (rank 0 hosts it)
+            try:
+                client.request({"t": "join", "proto": PROTOCOL, "addr": list(listener.addr), "host_id": host_id(),
+                                "rank": None, "world_size": None,
+                                "info": {"pid": os.getpid(), "role": ROLE, "group": str(group)}},
+                               timeout=min(2.0, max(0.1, deadline - time.monotonic())))
+                break
+            except CollectiveError:
+                if time.monotonic() > deadline:
+                    raise
+                client.close()
+                client = CoordinatorClient(master_addr, master_port, heartbeat_interval=heartbeat_interval,
+                                           heartbeat_timeout=heartbeat_timeout, secret=secret, limits=limits)
+        client.start_heartbeats()
+        return Aggregator(client, listener, group, topology=topology, stripes=stripes,
+                          mesh_key=auth.derive(secret, "mesh"), **options)
+    except BaseException:
+        listener.close()
+        client.close()
+        raise
