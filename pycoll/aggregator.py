@@ -206,13 +206,15 @@ class Aggregator:
         from .mesh import build_mesh
         members = reply["members"]
         rank = reply["rank"]
+        workers, switches = split_members(members)
+        if not workers:  # every worker has left: the job is over
+            return None
         fds = build_mesh(self._listener, rank, [m[1] for m in members], self.stripes, reply["epoch"],
                          reply["token"], self.mesh_timeout, 0, key=self._mesh_key)
         out = ffi.new("pc_comm **")
         st = lib.pc_comm_create(rank, len(members), self.stripes, fds, 0, out)
         if st != lib.PC_OK:
             raise status_error(st, f"aggregator: cannot create the C communicator (status {st})")
-        workers, switches = split_members(members)
         layout = Layout(workers, self.topology, [m[2] for m in members[:workers]])
         elayout = EngineLayout(layout, switches)
         with self._lock:
@@ -262,7 +264,11 @@ class Aggregator:
                                              timeout=self.sync_timeout)
                 continue
             self._drop()
-            rank, elayout, leader = self._install(reply)
+            installed = self._install(reply)
+            if installed is None:
+                log.info("aggregator %s: no workers left, stopping", self.group)
+                return
+            rank, elayout, leader = installed
             changed = threading.Event()
             worker = threading.Thread(target=self._serve_epoch, args=(rank, elayout, leader, changed),
                                       name="pycoll-aggregator", daemon=True)

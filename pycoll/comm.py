@@ -463,7 +463,9 @@ class Communicator:
         """We host the coordinator: keep it up until the others have left."""
         deadline = time.monotonic() + limit
         while time.monotonic() < deadline:
-            if not any(m.alive for m in list(self._coordinator.members.values())):
+            # standalone aggregators never leave on their own: they go when the workers have
+            if not any(m.alive and self._coordinator._switch_group(m) is None
+                       for m in list(self._coordinator.members.values())):
                 break
             time.sleep(0.02)
         self._coordinator.stop()

@@ -331,3 +331,65 @@ def test_emulator_spec_from_a_topology():
     assert spec.link_spec(0, 2).rate_bps == pytest.approx(100e6) and spec.link_spec(2, 1).delay_s == 0.001
     assert spec.nic_bps(1) == pytest.approx(1e9)
     assert topo.host_nic_Bps(2) == topo.host_nic_Bps(topo.host_of(2))
+
+
+# ---- standalone aggregators (PC_PLAN_SWITCH) -------------------------------------------------
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(st.integers(1, 10).flatmap(lambda n: st.tuples(
+    st.just(n), st.lists(st.integers(0, 3), min_size=n, max_size=n),
+    st.lists(st.sampled_from(["switch", "agent", None]), min_size=4, max_size=4),
+    st.integers(0, 3 * n + 7), st.booleans(), st.integers(1, 4))))
+def test_switch_plans_reduce_every_worker_once(args):
+    """Workers 0..n-1 plus one data-less switch per "switch" group (engine ranks n..): every
+    worker ends with the same expression over all workers' data; switches never touch IN/OUT."""
+    n, group_ids, kinds, count, preserve, seg = args
+    groups = [[r for r in range(n) if group_ids[r] == g] for g in range(4)]
+    agg_of, switches = list(range(n)), []
+    for g, kind in zip(groups, kinds):
+        if g and kind == "switch":
+            e = n + len(switches)
+            switches.append(e)
+            for r in g:
+                agg_of[r] = e
+        elif g and kind == "agent":
+            for r in g:
+                agg_of[r] = min(g)
+    agg_of += switches
+    e_n = len(agg_of)
+    ring = []
+    for r in range(n):
+        if agg_of[agg_of[r]] == agg_of[r] and agg_of[r] not in ring:
+            ring.append(agg_of[r])
+    plans = [planners.plan_hier("all_reduce", e_n, r, agg_of, [ring], count, 8, segment_bytes=8 * seg,
+                                preserve=preserve and r < n, switch=r >= n) for r in range(e_n)]
+    bufs = []
+    for r, p in enumerate(plans):
+        if r >= n:
+            assert p.need_bytes(0) == 0 and p.need_bytes(1) == 0, "a switch has no IN/OUT"
+            data = np.empty(0, dtype=object)
+        else:
+            data = sym_array(r, count)
+        bufs.append([data, data, np.empty(p.need_bytes(SCRATCH) // 8, dtype=object)])
+    simulate(plans, bufs, 8, sym_reduce)
+    check_allreduce([b[OUT] for b in bufs[:n]], n, count)
+
+
+def test_switch_flag_rejects_what_a_switch_cannot_do():
+    agg_of = [2, 2, 2]  # ranks 0, 1 handed to switch 2
+    planners.plan_hier("all_reduce", 3, 2, agg_of, [[2]], 8, 4, switch=True)
+    with pytest.raises(Exception):  # a member cannot be a switch
+        planners.plan_hier("all_reduce", 3, 0, agg_of, [[2]], 8, 4, switch=True)
+    with pytest.raises(Exception):  # avg divides by the plan's ranks, switches included
+        planners.plan_hier("all_reduce", 3, 2, agg_of, [[2]], 8, 4, switch=True, avg=True)
+    with pytest.raises(Exception):  # a switch with no members has no data to give the ring
+        planners.plan_hier("all_reduce", 3, 2, [0, 1, 2], [[0, 1, 2]], 8, 4, switch=True)
+
+
+def test_descriptor_frame_plans():
+    send = planners.plan_p2p(3, 0, 2, 64, True).ops()
+    recv = planners.plan_p2p(3, 2, 0, 64, False).ops()
+    assert [(o["kind"], o["peer"], o["len"]) for o in send] == [(0, 2, 64)]
+    assert [(o["kind"], o["peer"], o["len"]) for o in recv] == [(1, 0, 64)]
+    assert send[0]["tag"] == recv[0]["tag"]
+    with pytest.raises(Exception):
+        planners.plan_p2p(3, 1, 1, 64, True)
