@@ -40,7 +40,7 @@ from .layout import Layout
 log = logging.getLogger("pycoll.aggregator")
 
 ROLE = "aggregator"
-DESC_FORMAT = "<8sQIiiQi24x"   # 64 bytes: magic, seq, digest, dtype, op, count, itemsize
+DESC_FORMAT = "<8sQIiiQiI20x"  # 64 bytes: magic, seq, digest, dtype, op, count, itemsize, timeout (ms)
 DESC_BYTES = struct.calcsize(DESC_FORMAT)
 DESC_MAGIC = b"pcswitch"
 DESC_SEQ = 0                   # frame seq of descriptors (collectives start at 1)
@@ -104,17 +104,18 @@ class EngineLayout:
                                   preserve=preserve and rank < self.workers, switch=rank >= self.workers)
 
 
-def pack_descriptor(seq, digest, dtype, op, count, itemsize):
-    return struct.pack(DESC_FORMAT, DESC_MAGIC, seq, digest, dtype, op, count, itemsize)
+def pack_descriptor(seq, digest, dtype, op, count, itemsize, timeout):
+    ms = max(1, min(int(timeout * 1000), 0xFFFFFFFF))
+    return struct.pack(DESC_FORMAT, DESC_MAGIC, seq, digest, dtype, op, count, itemsize, ms)
 
 
 def unpack_descriptor(data):
-    """(seq, digest, dtype, op, count, itemsize); never trusts what came off the wire."""
-    magic, seq, digest, dtype, op, count, itemsize = struct.unpack(DESC_FORMAT, bytes(data))
+    """(seq, digest, dtype, op, count, itemsize, timeout s); never trusts what came off the wire."""
+    magic, seq, digest, dtype, op, count, itemsize, ms = struct.unpack(DESC_FORMAT, bytes(data))
     if magic != DESC_MAGIC or lib.pc_dtype_size(dtype) != itemsize or not 0 <= op < lib.PC_OP_COUNT \
-            or op == lib.PC_AVG or count >= 1 << 40:
+            or op == lib.PC_AVG or count >= 1 << 40 or ms == 0:
         raise CollectiveError("malformed aggregator descriptor")
-    return seq, digest, dtype, op, count, itemsize
+    return seq, digest, dtype, op, count, itemsize, ms / 1000.0
 
 
 def _run(comm, plan, in_addr, in_bytes, out_addr, out_bytes, dtype, op, seq, digest, timeout):
@@ -157,7 +158,7 @@ class SwitchPath:
         """Send the descriptor to every switch this rank leads; returns (status, failed peer)."""
         if not self._desc_plans:
             return lib.PC_OK, -1
-        ffi.memmove(self._desc, pack_descriptor(seq, digest, dtype, op, count, itemsize), DESC_BYTES)
+        ffi.memmove(self._desc, pack_descriptor(seq, digest, dtype, op, count, itemsize, timeout), DESC_BYTES)
         addr = int(ffi.cast("uintptr_t", self._desc))
         for plan in self._desc_plans.values():
             st, peer = _run(self.hcomm, plan, addr, DESC_BYTES, 0, 0, lib.PC_U8, lib.PC_SUM, DESC_SEQ,
@@ -239,14 +240,19 @@ class Aggregator:
                          DESC_DIGEST, IDLE_TIMEOUT)
             if st != lib.PC_OK:
                 return
-            seq, digest, dtype, op, count, itemsize = unpack_descriptor(ffi.buffer(desc, DESC_BYTES))
+            try:
+                seq, digest, dtype, op, count, itemsize, timeout = unpack_descriptor(ffi.buffer(desc, DESC_BYTES))
+            except CollectiveError as exc:  # the leader and we disagree: fail the epoch, never guess
+                log.warning("aggregator %s: %s", self.group, exc)
+                lib.pc_comm_shutdown(self._comm)
+                return
             key = (count, itemsize)
             plan = plans.get(key)
             if plan is None:
                 if len(plans) > 64:
                     plans.clear()
                 plan = plans[key] = elayout.plan(rank, count, itemsize, self.segment_bytes, self.stripes, False)
-            st, _ = _run(self._comm, plan, 0, 0, 0, 0, dtype, op, seq, digest, 60.0)
+            st, _ = _run(self._comm, plan, 0, 0, 0, 0, dtype, op, seq, digest, timeout)
             if st != lib.PC_OK:
                 log.warning("aggregator %s: collective %d failed: %s", self.group, seq,
                             ffi.string(lib.pc_comm_last_error(self._comm)).decode(errors="replace"))

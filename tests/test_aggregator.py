@@ -8,6 +8,8 @@ group in agent mode while the other switch keeps serving its group.
 import multiprocessing as mp
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -54,21 +56,29 @@ def _switch_main(group, port, topology):
     agg.serve()
 
 
-def _start_switches(port, path):
+def _start_switches(port, path, cli=False):
+    """Two switches; with ``cli`` rack1's is the real ``pycoll aggregator`` command."""
     ctx = mp.get_context("spawn")
-    procs = []
-    for g in ("rack0", "rack1"):
-        p = ctx.Process(target=_switch_main, args=(g, port, str(path)), daemon=True)
-        p.start()
-        procs.append(p)
+    procs = [ctx.Process(target=_switch_main, args=("rack0", port, str(path)), daemon=True)]
+    procs[0].start()
+    if cli:
+        procs.append(subprocess.Popen([sys.executable, "-m", "pycoll", "aggregator", "--group", "rack1",
+                                       "--topology", str(path), "--master-port", str(port)]))
+    else:
+        procs.append(ctx.Process(target=_switch_main, args=("rack1", port, str(path)), daemon=True))
+        procs[1].start()
     return procs
 
 
 def _stop(procs):
     for p in procs:
-        if p.is_alive():
+        if isinstance(p, subprocess.Popen):
             p.kill()
-        p.join(timeout=5)
+            p.wait(timeout=5)
+        else:
+            if p.is_alive():
+                p.kill()
+            p.join(timeout=5)
 
 
 def _wait_for_switches(comm, want):
@@ -124,7 +134,7 @@ def test_two_switches_bit_exact(tmp_path):
     path.write_text(TOPOLOGY)
     topo = load_topology(path)
     port = pycoll.testing.free_port()
-    procs = _start_switches(port, path)
+    procs = _start_switches(port, path, cli=True)
     try:
         results = pycoll.testing.run(_workers_through_switches, 4, timeout=150, port=port,
                                      init_kwargs={"timeout": 30, "topology": str(path)})
