@@ -25,6 +25,13 @@ def _env_int(name):
         raise InvalidArgument(f"environment variable {name}={v!r} is not an integer") from None
 
 
+def _env_master_port():
+    """The coordinator's port: PYCOLL_MASTER_PORT (set by `pycoll run`, which
+    leaves MASTER_PORT to torch.distributed), else MASTER_PORT (torchrun)."""
+    port = _env_int("PYCOLL_MASTER_PORT")
+    return port if port is not None else _env_int("MASTER_PORT")
+
+
 def _start_coordinator_if_free(host, port, world_size, heartbeat_timeout, secret=None, limits=None):
     """Rank 0 hosts the coordinator unless one already listens on the port."""
     bind_host = "127.0.0.1" if host in ("127.0.0.1", "localhost") else "0.0.0.0"
@@ -94,7 +101,7 @@ def init(rank=None, world_size=None, master_addr=None, master_port=None, *, time
     rank = rank if rank is not None else _env_int("RANK")
     world_size = world_size if world_size is not None else _env_int("WORLD_SIZE")
     master_addr = master_addr or os.environ.get("MASTER_ADDR", "127.0.0.1")
-    master_port = master_port if master_port is not None else _env_int("MASTER_PORT")
+    master_port = master_port if master_port is not None else _env_master_port()
     if rank is None or world_size is None or master_port is None:
         raise InvalidArgument("pycoll.init needs rank, world_size and master_port (or RANK, WORLD_SIZE, "
                               "MASTER_PORT in the environment, as torchrun and `pycoll run` set them)")
@@ -116,7 +123,7 @@ def connect(master_addr=None, master_port=None, *, timeout=DEFAULT_TIMEOUT, join
     ``token`` and ``limits`` as for :func:`init`.
     """
     master_addr = master_addr or os.environ.get("MASTER_ADDR", "127.0.0.1")
-    master_port = master_port if master_port is not None else _env_int("MASTER_PORT")
+    master_port = master_port if master_port is not None else _env_master_port()
     if master_port is None:
         raise InvalidArgument("pycoll.connect needs master_port (or MASTER_PORT in the environment)")
     stripes = stripes if stripes is not None else (_env_int("PYCOLL_STRIPES") or 1)

@@ -1,7 +1,9 @@
 """``pycoll run``: start a coordinator and N workers with torchrun's variables.
 
 Each worker gets RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR
-and MASTER_PORT; its output lines are prefixed with ``[rank]``. The launcher
+and MASTER_PORT; its output lines are prefixed with ``[rank]``. The coordinator
+listens on PYCOLL_MASTER_PORT (which ``pycoll.init()`` prefers), so that
+MASTER_PORT stays free for torch.distributed's store (``init_process_group``). The launcher
 returns the first non-zero exit code, and takes the whole group down on
 Ctrl-C or as soon as a worker fails (unless ``keep_going``: then the group
 carries on without it, which is what elastic jobs want).
@@ -45,13 +47,17 @@ def run(argv, nprocs, *, master_addr="127.0.0.1", master_port=None, keep_going=F
     """Run ``argv`` (a Python script and its arguments, or ``-m module ...``)
     on ``nprocs`` local ranks; returns the exit code."""
     port = master_port or free_port()
+    torch_port = free_port()
+    while torch_port == port:
+        torch_port = free_port()
     coordinator = Coordinator(master_addr, port, world_size=nprocs, heartbeat_timeout=heartbeat_timeout).start()
     procs, pumps = [], []
     try:
         for rank in range(nprocs):
             child_env = dict(os.environ if env is None else env)
             child_env.update(RANK=str(rank), WORLD_SIZE=str(nprocs), LOCAL_RANK=str(rank),
-                             LOCAL_WORLD_SIZE=str(nprocs), MASTER_ADDR=master_addr, MASTER_PORT=str(port),
+                             LOCAL_WORLD_SIZE=str(nprocs), MASTER_ADDR=master_addr, MASTER_PORT=str(torch_port),
+                             PYCOLL_MASTER_PORT=str(port),
                              PYTHONUNBUFFERED="1")
             p = subprocess.Popen([sys.executable] + list(argv), env=child_env, stdout=subprocess.PIPE,
                                  stderr=subprocess.PIPE)
