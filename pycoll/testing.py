@@ -1,25 +1,43 @@
-"""Run a function on N local ranks, with faults on demand.
+"""Test distributed code on N local ranks, with faults on demand.
 
-    def step(comm, scale):
+    import pycoll.testing
+
+    def step(comm, scale):                      # runs on every rank
         a = np.full(4, comm.rank * scale, np.float32)
         return comm.all_reduce(a)
 
     results = pycoll.testing.run(step, world_size=4, args=(2.0,), timeout=60)
 
-Each rank is a fresh process (spawned, so the function must be importable at
-module level) that calls ``pycoll.init`` and then ``fn(comm, *args)``; the
-return values come back in rank order. If a rank raises, :class:`RankError`
-carries its traceback; a rank that exceeds ``timeout`` is killed and
-reported, so a bug shows as a failure, never as a hang.
+Each rank is a fresh process (spawned, so ``fn`` must be defined at module level, importable by the
+children, and its arguments and result picklable). The results come back in rank order. If a rank
+raises, :class:`RankError` carries its rank and traceback; a rank that is still running at
+``timeout`` is killed and reported, so a bug shows as a failure, never as a hang. Every process is
+cleaned up, whatever happens.
 
-Faults: ``kill={rank: "point"}`` kills that rank with SIGKILL the first time
-its code calls ``pycoll.testing.fault_point("point")`` (pycoll itself calls
-fault points named ``before:<collective>`` and ``during:<collective>``; the
-latter fires from a background thread while the collective runs);
-``kill={rank: 1.5}`` kills it 1.5 s after start; ``delay={rank: 0.2}`` makes
-every fault point of that rank sleep 0.2 s. A killed rank's result is the
-:data:`KILLED` marker.
+What a rank runs (``init``):
+
+* ``"pycoll"`` (default): ``fn(comm, *args)`` with ``comm = pycoll.init(...)``, closed afterwards.
+* ``"torch:<backend>"``, e.g. ``"torch:pycoll"`` or ``"torch:gloo"``: ``fn(*args)`` after
+  ``torch.distributed.init_process_group(<backend>)``; the group is destroyed afterwards.
+* ``None``: ``fn(*args)`` with RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT set, as
+  torchrun sets them; the function makes its own group.
+
+Faults, per rank:
+
+* ``kill={2: "before:all_reduce"}``: SIGKILL rank 2 the first time it reaches that *fault point*;
+  ``kill={2: ("before:all_reduce", 3)}``: the third time. pycoll calls the points
+  ``before:<collective>`` (just before it sends anything) and ``during:<collective>`` (fired from
+  a background thread while the collective runs), for ``all_reduce``, ``all_gather``,
+  ``reduce_scatter``, ``broadcast`` and ``barrier``; your code adds its own with
+  :func:`fault_point` (``fault_point("after-optimizer-step")``).
+* ``kill={2: 1.5}``: SIGKILL rank 2 1.5 s after its group was initialised.
+* ``delay={1: 0.2}``: rank 1 sleeps 0.2 s at every fault point (a straggler);
+  ``delay={1: {"before:all_reduce": 0.5, "start": 2.0}}``: per point, where ``"start"`` delays the
+  rank's start (it joins late).
+
+A killed rank's result is :data:`KILLED`; the others carry on (or fail, as your code decides).
 """
+import json
 import multiprocessing as mp
 import os
 import pickle
@@ -29,15 +47,21 @@ import threading
 import time
 import traceback
 
+__all__ = ["run", "fault_point", "fault_armed", "free_port", "RankError", "KILLED"]
+
+#: The result of a rank that the harness killed on purpose.
 KILLED = "<killed>"
 
-_FAULT_ENV = "PYCOLL_FAULT"       # "point" or "after:<seconds>" for this process
-_DELAY_ENV = "PYCOLL_FAULT_DELAY"
+_FAULT_ENV = "PYCOLL_FAULT"       # JSON [point, nth]: this process dies at the nth hit of point
+_DELAY_ENV = "PYCOLL_FAULT_DELAY"  # seconds at every point, or JSON {point: seconds}
 
 #: True when this process may hit a fault (lets pycoll skip fault points, which
 #: sit on the hot path, at no cost otherwise). Set from the environment at
 #: import, or by the harness.
 FAULTS_ARMED = bool(os.environ.get(_FAULT_ENV) or os.environ.get(_DELAY_ENV))
+
+_hits = {}
+_hits_lock = threading.Lock()
 
 
 class RankError(AssertionError):
@@ -49,20 +73,53 @@ class RankError(AssertionError):
         self.remote_traceback = remote_traceback
 
 
+def _kill_target():
+    raw = os.environ.get(_FAULT_ENV)
+    if not raw:
+        return None, 0
+    try:
+        point, nth = json.loads(raw)
+        return str(point), int(nth)
+    except (ValueError, TypeError):
+        return raw, 1  # a bare point name: its first hit
+
+
+def _delay_for(name):
+    raw = os.environ.get(_DELAY_ENV)
+    if not raw:
+        return 0.0
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        return 0.0
+    if isinstance(value, dict):
+        return float(value.get(name, 0.0))
+    return float(value)
+
+
 def fault_point(name):
-    """Call at a named point in your code; the harness may kill or delay here.
-    (Set PYCOLL_FAULT=<name> / PYCOLL_FAULT_DELAY=<s> to arm it by hand.)"""
-    delay = os.environ.get(_DELAY_ENV)
-    if delay:
-        time.sleep(float(delay))
-    if os.environ.get(_FAULT_ENV) == name:
-        os.kill(os.getpid(), signal.SIGKILL)
+    """Mark a named point in your code: the harness may delay or kill this rank here.
+
+    Free when no fault is set up (one environment lookup). To arm it by hand, set
+    PYCOLL_FAULT=<name> (die at its first hit) and/or PYCOLL_FAULT_DELAY=<seconds>."""
+    if not (os.environ.get(_FAULT_ENV) or os.environ.get(_DELAY_ENV)):
+        return
+    delay = _delay_for(name)
+    if delay > 0:
+        time.sleep(delay)
+    point, nth = _kill_target()
+    if point == name:
+        with _hits_lock:
+            _hits[name] = _hits.get(name, 0) + 1
+            hit = _hits[name]
+        if hit >= nth:
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 def fault_armed(name):
     """True if this process is set to die at ``name`` (lets pycoll arm a
     background killer for ``during:*`` points only when needed)."""
-    return os.environ.get(_FAULT_ENV) == name
+    return _kill_target()[0] == name
 
 
 def free_port():
@@ -80,65 +137,126 @@ def free_port():
     raise RuntimeError("no free port found")
 
 
-def _rank_main(fn, args, rank, world_size, port, init_kwargs, fault, delay, conn):
+def _arm_faults(fault, delay):
+    """Set this process's fault plan; returns the kill-after seconds, if any."""
     global FAULTS_ARMED
     if fault is not None or delay:
         FAULTS_ARMED = True
-    if fault is not None:
-        if isinstance(fault, (int, float)):
-            threading.Timer(float(fault), lambda: os.kill(os.getpid(), signal.SIGKILL)).start()
-        else:
-            os.environ[_FAULT_ENV] = str(fault)
-    if delay:
-        os.environ[_DELAY_ENV] = str(delay)
+    if isinstance(delay, dict):
+        os.environ[_DELAY_ENV] = json.dumps({str(k): float(v) for k, v in delay.items()})
+    elif delay:
+        os.environ[_DELAY_ENV] = str(float(delay))
+    if fault is None:
+        return None
+    if isinstance(fault, (int, float)) and not isinstance(fault, bool):
+        return float(fault)
+    point, nth = (fault, 1) if isinstance(fault, str) else fault
+    os.environ[_FAULT_ENV] = json.dumps([str(point), int(nth)])
+    return None
+
+
+def _kill_after(seconds):
+    if seconds is not None:
+        t = threading.Timer(seconds, os.kill, (os.getpid(), signal.SIGKILL))
+        t.daemon = True
+        t.start()
+
+
+def _send(conn, payload):
     try:
-        import pycoll
-        comm = pycoll.init(rank=rank, world_size=world_size, master_addr="127.0.0.1", master_port=port,
-                           **init_kwargs)
-        try:
-            result = fn(comm, *args)
-        finally:
-            comm.close()
-        payload = ("ok", result)
-    except BaseException as exc:  # noqa: BLE001 - reported to the parent
-        payload = ("error", f"{type(exc).__name__}: {exc}", traceback.format_exc())
-    try:
-        conn.send_bytes(pickle.dumps(payload))
+        data = pickle.dumps(payload)
     except Exception as exc:  # noqa: BLE001 - unpicklable result
-        conn.send_bytes(pickle.dumps(("error", f"result not picklable: {exc}", "")))
+        data = pickle.dumps(("error", f"result not picklable: {exc}", ""))
+    conn.send_bytes(data)
     conn.close()
 
 
-def run(fn, world_size, *, args=(), timeout=60.0, kill=None, delay=None, init_kwargs=None, port=None,
-        return_exceptions=False):
-    """Run ``fn(comm, *args)`` on ``world_size`` local ranks; return results.
+def _rank_main(fn, args, rank, world_size, port, init, init_kwargs, fault, delay, env, conn):
+    os.environ.update(env)
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                      LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    after = _arm_faults(fault, delay)
+    start_delay = delay.get("start", 0.0) if isinstance(delay, dict) else 0.0
+    if start_delay:
+        time.sleep(float(start_delay))
+    close = None
+    try:
+        if init == "pycoll":
+            import pycoll
+            comm = pycoll.init(rank=rank, world_size=world_size, master_addr="127.0.0.1", master_port=port,
+                               **init_kwargs)
+            close = comm.close
+        elif init is not None and init.startswith("torch:"):
+            import torch.distributed as dist
+            backend = init.split(":", 1)[1]
+            if backend == "pycoll":
+                import pycoll.torch_backend  # noqa: F401 - registers the backend
+            dist.init_process_group(backend, rank=rank, world_size=world_size, **init_kwargs)
+            close = dist.destroy_process_group
+        _kill_after(after)
+        result = fn(comm, *args) if init == "pycoll" else fn(*args)
+        payload = ("ok", result)
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent
+        payload = ("error", f"{type(exc).__name__}: {exc}", traceback.format_exc())
+    # Report first: a rank that finished is not blamed for waiting on a hung one while it leaves.
+    _send(conn, payload)
+    if close is not None:
+        try:
+            close()
+        except Exception:  # noqa: BLE001 - the result is already reported
+            pass
 
-    Raises :class:`RankError` for the first rank that failed (unless
-    ``return_exceptions``, then that rank's entry is the RankError), and
-    always cleans up every process it started.
+
+def _check_faults(world_size, kill, delay):
+    for what, table in (("kill", kill), ("delay", delay)):
+        for rank in table:
+            if not isinstance(rank, int) or not 0 <= rank < world_size:
+                raise ValueError(f"{what}: {rank!r} is not a rank of a world of size {world_size}")
+    for rank, fault in kill.items():
+        ok = (isinstance(fault, (int, float)) and not isinstance(fault, bool) and fault >= 0) or isinstance(fault, str) \
+            or (isinstance(fault, tuple) and len(fault) == 2 and isinstance(fault[0], str)
+                and isinstance(fault[1], int) and fault[1] >= 1)
+        if not ok:
+            raise ValueError(f"kill[{rank}] = {fault!r}: give seconds, a point name, or (point name, n >= 1)")
+
+
+def run(fn, world_size, *, args=(), timeout=60.0, kill=None, delay=None, init="pycoll", init_kwargs=None,
+        env=None, port=None, return_exceptions=False):
+    """Run ``fn`` on ``world_size`` local ranks and return their results in rank order.
+
+    ``init`` chooses what each rank sets up before calling ``fn`` (see the module docstring);
+    ``init_kwargs`` go to ``pycoll.init`` (or ``init_process_group``); ``env`` is added to every
+    rank's environment; ``kill`` and ``delay`` inject faults. Raises :class:`RankError` for the
+    first rank that failed (unless ``return_exceptions``: then that rank's entry is the
+    RankError), and always cleans up every process it started.
     """
-    kill = kill or {}
-    delay = delay or {}
+    kill = dict(kill or {})
+    delay = dict(delay or {})
+    _check_faults(world_size, kill, delay)
+    if init is not None and init != "pycoll" and not str(init).startswith("torch:"):
+        raise ValueError(f"init={init!r}: use 'pycoll', 'torch:<backend>' or None")
+    try:
+        pickle.dumps((fn, args))
+    except Exception as exc:  # noqa: BLE001 - say what to do instead
+        raise TypeError(f"pycoll.testing.run: fn and args must be picklable (fn defined at module level, "
+                        f"not a lambda or a local function): {exc}") from exc
     port = port or free_port()
     ctx = mp.get_context("spawn")
     procs, pipes = [], []
-    for rank in range(world_size):
-        parent, child = ctx.Pipe(duplex=False)
-        p = ctx.Process(target=_rank_main, name=f"pycoll-rank{rank}",
-                        args=(fn, args, rank, world_size, port, init_kwargs or {}, kill.get(rank),
-                              delay.get(rank), child))
-        p.start()
-        child.close()
-        procs.append(p)
-        pipes.append(parent)
     results = [None] * world_size
     deadline = time.monotonic() + timeout
     try:
+        for rank in range(world_size):
+            parent, child = ctx.Pipe(duplex=False)
+            p = ctx.Process(target=_rank_main, name=f"pycoll-rank{rank}",
+                            args=(fn, args, rank, world_size, port, init, init_kwargs or {}, kill.get(rank),
+                                  delay.get(rank), dict(env or {}), child))
+            p.start()
+            child.close()
+            procs.append(p)
+            pipes.append(parent)
         pending = set(range(world_size))
-        while pending:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                break
+        while pending and time.monotonic() < deadline:
             for rank in list(pending):
                 if pipes[rank].poll(0):
                     try:
