@@ -45,7 +45,6 @@ import logging
 import os
 import queue
 import threading
-import weakref
 
 import torch
 import torch.distributed as dist
@@ -152,8 +151,12 @@ class _Completer:
     def submit(self, fn):
         self._queue.put(fn)
 
-    def stop(self):
+    def stop(self, timeout=10.0):
+        """Finish the queued completions and end the thread (joined, so no
+        daemon thread touches torch objects while the interpreter exits)."""
         self._queue.put(None)
+        if not self.on_thread():
+            self._thread.join(timeout)
 
     def _loop(self):
         while True:
@@ -164,14 +167,15 @@ class _Completer:
                 fn()
             except Exception:  # noqa: BLE001 - a callback's error belongs to its future
                 log.exception("completing a torch future failed")
+            del fn  # drop the work now, not when the next one arrives
 
 
 class _Work(dist.Work):
     """A torch Work over one or more queued pycoll collectives."""
 
-    def __init__(self, pg, pworks, outputs, post=None, what=""):
+    def __init__(self, state, pworks, outputs, post=None, what=""):
         super().__init__()
-        self._pg = pg
+        self._state = state
         self._outputs = outputs
         self._post = post
         self._what = what
@@ -180,7 +184,7 @@ class _Work(dist.Work):
         self._future = torch.futures.Future()
         # Works issued from a future callback complete on the worker itself
         # (the completion thread is busy running that callback).
-        self._inline = pg._completer.on_thread()
+        self._inline = state.completer.on_thread()
         self._left = len(pworks)
         self._lock = threading.Lock()
         if not pworks:
@@ -199,20 +203,20 @@ class _Work(dist.Work):
 
     def _finish(self, exc):
         if exc is None:
-            exc = self._pg._check_membership(self._what)
+            exc = self._state.check_membership(self._what)
         if exc is None and self._post is not None:
             try:
                 self._post()
             except Exception as e:  # noqa: BLE001 - reported through wait()/the future
                 exc = e
         if exc is not None:
-            self._pg._record_failure(exc)
+            self._state.record_failure(exc)
         self._exc = exc
         self._done.set()
         if self._inline:
             self._complete_future()
         else:
-            self._pg._completer.submit(self._complete_future)
+            self._state.completer.submit(self._complete_future)
 
     def _complete_future(self):
         if self._exc is not None:
@@ -254,6 +258,52 @@ class _Work(dist.Work):
         pass  # CPU only: nothing to synchronize with a stream
 
 
+class _GroupState:
+    """What works need from their process group. Works keep this plain object,
+    never the torch ProcessGroup itself: a pybind ProcessGroup freed on a
+    background thread while the interpreter exits aborts the process."""
+
+    def __init__(self, comm, rank, size):
+        self.comm = comm
+        self.rank = rank
+        self.size = size
+        self.completer = _Completer()
+        self.failure = None
+        self.closed = False
+
+    def usable(self):
+        if self.closed:
+            raise CollectiveError("pycoll backend: the process group was shut down")
+        if self.failure is not None:
+            raise PeerFailure("pycoll backend: this process group is unusable since a collective failed "
+                              f"({self.failure}); torch process groups have a fixed size: create a new "
+                              "one, or use pycoll.Communicator for elastic training")
+
+    def check_membership(self, what):
+        comm = self.comm
+        if comm.world_size != self.size or comm.rank != self.rank:
+            return PeerFailure(f"pycoll backend: {what} ran after the group re-formed (now rank {comm.rank} "
+                               f"of {comm.world_size}, process group has rank {self.rank} of {self.size})")
+        return None
+
+    def record_failure(self, exc):
+        if isinstance(exc, InvalidArgument):
+            return  # nothing was sent: the group is intact
+        if isinstance(exc, (PeerFailure, CoordinatorError)) or self.check_membership("") is not None:
+            if self.failure is None:
+                self.failure = exc
+                log.warning("pycoll process group rank %d: %s", self.rank, exc)
+
+    def close(self):
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            self.comm.close()
+        finally:
+            self.completer.stop()
+
+
 class ProcessGroupPycoll(dist.ProcessGroup):
     """A torch process group whose collectives run on a :class:`pycoll.Communicator`.
 
@@ -265,39 +315,13 @@ class ProcessGroupPycoll(dist.ProcessGroup):
         super().__init__(rank, size)
         self.communicator = comm
         self._timeout_s = timeout_s
-        self._completer = _Completer()
-        self._failure = None
-        self._closed = False
-        _LIVE.add(self)
-
-    # ---- helpers -------------------------------------------------------
-    def _usable(self):
-        if self._closed:
-            raise CollectiveError("pycoll backend: the process group was shut down")
-        if self._failure is not None:
-            raise PeerFailure("pycoll backend: this process group is unusable since a collective failed "
-                              f"({self._failure}); torch process groups have a fixed size: create a new "
-                              "one, or use pycoll.Communicator for elastic training")
-
-    def _check_membership(self, what):
-        comm = self.communicator
-        if comm.world_size != self.size() or comm.rank != self.rank():
-            return PeerFailure(f"pycoll backend: {what} ran after the group re-formed (now rank {comm.rank} "
-                               f"of {comm.world_size}, process group has rank {self.rank()} of {self.size()})")
-        return None
-
-    def _record_failure(self, exc):
-        if isinstance(exc, InvalidArgument):
-            return  # nothing was sent: the group is intact
-        if isinstance(exc, (PeerFailure, CoordinatorError)) or self._check_membership("") is not None:
-            if self._failure is None:
-                self._failure = exc
-                log.warning("pycoll process group rank %d: %s", self.rank(), exc)
+        self._state = _GroupState(comm, rank, size)
+        _LIVE.add(self._state)
 
     def _run(self, what, calls, outputs, post=None):
-        self._usable()
+        self._state.usable()
         pworks = [call() for call in calls]
-        return _Work(self, pworks, outputs, post, what)
+        return _Work(self._state, pworks, outputs, post, what)
 
     # ---- collectives ---------------------------------------------------
     def allreduce(self, tensors, opts=None):
@@ -451,14 +475,8 @@ class ProcessGroupPycoll(dist.ProcessGroup):
 
     def shutdown(self):
         """Leave the pycoll group (``dist.destroy_process_group`` calls this)."""
-        if self._closed:
-            return
-        self._closed = True
-        _LIVE.discard(self)
-        try:
-            self.communicator.close()
-        finally:
-            self._completer.stop()
+        _LIVE.discard(self._state)
+        self._state.close()
 
     def abort(self):
         self.shutdown()
@@ -467,16 +485,16 @@ class ProcessGroupPycoll(dist.ProcessGroup):
         return f"<ProcessGroupPycoll rank {self.rank()} of {self.size()}>"
 
 
-_LIVE = weakref.WeakSet()
+_LIVE = set()  # states of open groups, closed at exit
 
 
 @atexit.register
 def _close_all():
     """Leave the group cleanly at exit if the script never called
     destroy_process_group (rank 0 keeps its coordinator up until the others left)."""
-    for pg in list(_LIVE):
+    for state in list(_LIVE):
         try:
-            pg.shutdown()
+            state.close()
         except Exception:  # noqa: BLE001 - best effort at interpreter exit
             pass
 
