@@ -28,8 +28,9 @@ they must: ``all_gather`` into (``reduce_scatter`` from) a list whose tensors ar
 slices of one buffer goes through one temporary buffer. Lists made with
 ``torch.empty(n * k).chunk(n)`` are consecutive and are not copied.
 
-Async. Every call returns a ``torch.distributed.Work`` at once; the collectives run one at a time,
-in call order, on pycoll's worker thread, with the GIL released while bytes move. ``wait()``
+Async. With ``async_op=True`` (and for DDP) a call returns a ``torch.distributed.Work`` at once;
+the collectives run one at a time, in call order, on pycoll's worker thread, with the GIL
+released while bytes move. Blocking calls run on the calling thread (after any queued work). ``wait()``
 re-raises a failure; ``get_future()`` completes with the output tensors (DDP's hooks use it).
 Future callbacks run on a completion thread of their own, so a callback may itself wait for
 another collective (as PowerSGD's hook does).
@@ -53,6 +54,7 @@ from torch.distributed import ReduceOp
 from . import group as _group
 from .coordinator import Coordinator
 from .errors import CollectiveError, CoordinatorError, InvalidArgument, PeerFailure
+from .work import Work
 
 __all__ = ["BACKEND", "ProcessGroupPycoll", "register", "compression_hook", "communicator"]
 
@@ -318,9 +320,25 @@ class ProcessGroupPycoll(dist.ProcessGroup):
         self._state = _GroupState(comm, rank, size)
         _LIVE.add(self._state)
 
-    def _run(self, what, calls, outputs, post=None):
+    def _run(self, what, calls, outputs, post=None, opts=None):
+        """``calls``: functions of ``async_op`` that start one pycoll collective each."""
         self._state.usable()
-        pworks = [call() for call in calls]
+        if opts is not None and not getattr(opts, "asyncOp", True):
+            # The caller waits at once: run on this thread (no hand-off to the worker);
+            # pycoll still runs it after any queued async work.
+            pworks = []
+            for call in calls:
+                w = Work(what)
+                try:
+                    call(False)
+                    w._finish(None)
+                except InvalidArgument:
+                    raise  # bad arguments: raise here, as the async path does
+                except Exception as exc:  # noqa: BLE001 - reported through wait()
+                    w._finish(None, exc)
+                pworks.append(w)
+        else:
+            pworks = [call(True) for call in calls]
         return _Work(self._state, pworks, outputs, post, what)
 
     # ---- collectives ---------------------------------------------------
@@ -331,9 +349,9 @@ class ProcessGroupPycoll(dist.ProcessGroup):
         for i, t in enumerate(tensors):
             _check_tensor(t, f"all_reduce tensor[{i}]")
         comm = self.communicator
-        calls = [lambda t=t: comm.all_reduce(t, op=op, timeout=timeout, dtype=_DTYPES[t.dtype], async_op=True)
+        calls = [lambda a, t=t: comm.all_reduce(t, op=op, timeout=timeout, dtype=_DTYPES[t.dtype], async_op=a)
                  for t in tensors]
-        return self._run("all_reduce", calls, list(tensors))
+        return self._run("all_reduce", calls, list(tensors), opts=opts)
 
     def allgather(self, output_tensors, input_tensors, opts=None):
         """``dist.all_gather``: a list of world_size tensors per input."""
@@ -368,8 +386,8 @@ class ProcessGroupPycoll(dist.ProcessGroup):
 
     def _gather(self, inp, flat, opts, what, outputs, post=None):
         comm, timeout = self.communicator, _timeout_s(opts, self._timeout_s)
-        call = lambda: comm.all_gather(inp, flat, timeout=timeout, dtype=_DTYPES[inp.dtype], async_op=True)  # noqa: E731
-        return self._run(what, [call], outputs, post)
+        call = lambda a: comm.all_gather(inp, flat, timeout=timeout, dtype=_DTYPES[inp.dtype], async_op=a)  # noqa: E731
+        return self._run(what, [call], outputs, post, opts)
 
     def reduce_scatter(self, output_tensors, input_tensors, opts=None):
         """``dist.reduce_scatter``: a list of world_size input tensors."""
@@ -401,9 +419,9 @@ class ProcessGroupPycoll(dist.ProcessGroup):
     def _scatter(self, out, flat, opts, outputs):
         op = _op_name(opts.reduceOp if opts is not None else ReduceOp.SUM)
         comm, timeout = self.communicator, _timeout_s(opts, self._timeout_s)
-        call = lambda: comm.reduce_scatter(flat, out, op=op, timeout=timeout, dtype=_DTYPES[out.dtype],  # noqa: E731
-                                           async_op=True)
-        return self._run("reduce_scatter", [call], outputs)
+        call = lambda a: comm.reduce_scatter(flat, out, op=op, timeout=timeout, dtype=_DTYPES[out.dtype],  # noqa: E731
+                                             async_op=a)
+        return self._run("reduce_scatter", [call], outputs, opts=opts)
 
     def broadcast(self, tensors, opts=None):
         """``dist.broadcast``: root's tensor into every rank's, in place."""
@@ -415,14 +433,14 @@ class ProcessGroupPycoll(dist.ProcessGroup):
         for i, t in enumerate(tensors):
             _check_tensor(t, f"broadcast tensor[{i}]")
         comm, timeout = self.communicator, _timeout_s(opts, self._timeout_s)
-        calls = [lambda t=t: comm.broadcast(t, root=root, timeout=timeout, dtype=_DTYPES[t.dtype], async_op=True)
+        calls = [lambda a, t=t: comm.broadcast(t, root=root, timeout=timeout, dtype=_DTYPES[t.dtype], async_op=a)
                  for t in tensors]
-        return self._run("broadcast", calls, list(tensors))
+        return self._run("broadcast", calls, list(tensors), opts=opts)
 
     def barrier(self, opts=None):
         """``dist.barrier``."""
         comm, timeout = self.communicator, _timeout_s(opts, self._timeout_s)
-        return self._run("barrier", [lambda: comm.barrier(timeout=timeout, async_op=True)], [])
+        return self._run("barrier", [lambda a: comm.barrier(timeout=timeout, async_op=a)], [], opts=opts)
 
     # ---- what is not supported: say so clearly -------------------------
     def _unsupported(self, what):

@@ -1,0 +1,310 @@
+"""The all-reduce benchmark behind ``pycoll bench``: pycoll's algorithms against Gloo on local ranks.
+
+    pycoll bench                                   # 2 and 4 ranks, 4 KiB .. 16 MiB, table
+    pycoll bench -n 2,4,8 --sizes 1M,64M --plot busbw.png --json results.json
+
+Every world size runs in fresh local processes talking over loopback. For each implementation,
+algorithm and message size: a few warm-up calls, then iterations of *barrier, time one all-reduce
+of float32*; an iteration's time is the slowest rank's, and the table shows the median over
+iterations. Bandwidth as nccl-tests defines it: algbw = bytes / time, busbw = algbw * 2(n-1)/n.
+
+Implementations: ``pycoll`` (each algorithm in :data:`pycoll.planners.ALGORITHMS` but ``auto``),
+``gloo`` (torch.distributed's CPU backend: needs torch) and ``torch-pycoll`` (pycoll through the
+torch.distributed backend, to see what that layer costs). Use :func:`run_benchmark` from Python,
+or :func:`main` with command-line arguments (``bench/allreduce.py`` calls it).
+"""
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+__all__ = ["Result", "run_benchmark", "format_table", "plot", "parse_size", "main"]
+
+DEFAULT_SIZES = (4 << 10, 64 << 10, 1 << 20, 16 << 20)
+DEFAULT_WORLD_SIZES = (2, 4)
+IMPLS = ("pycoll", "gloo", "torch-pycoll")
+
+
+@dataclass
+class Result:
+    """One (implementation, algorithm, world size, size) measurement."""
+
+    impl: str
+    algorithm: str
+    world_size: int
+    nbytes: int
+    seconds: float       # median over iterations of the slowest rank's time
+    min_seconds: float
+    iters: int
+
+    @property
+    def algbw(self):
+        """Bytes per second of the message."""
+        return self.nbytes / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def busbw(self):
+        """Bytes per second on the busiest link, for an all-reduce: algbw * 2(n-1)/n."""
+        n = self.world_size
+        return self.algbw * 2 * (n - 1) / n if n > 1 else 0.0
+
+    @property
+    def label(self):
+        return self.impl if self.impl != "pycoll" else f"pycoll {self.algorithm}"
+
+
+def parse_size(text):
+    """'4K', '64KiB', '1M', '16MB', '1048576' -> bytes (powers of 1024)."""
+    t = str(text).strip().upper().removesuffix("IB").removesuffix("B")
+    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(t[-1:], 1)
+    digits = t[:-1] if t[-1:] in "KMG" else t
+    try:
+        value = int(float(digits) * mult)
+    except ValueError:
+        raise ValueError(f"bad size {text!r}: use bytes or a K/M/G suffix, e.g. 64K, 16M") from None
+    if value < 4 or value % 4:
+        raise ValueError(f"bad size {text!r}: must be a positive multiple of 4 bytes (float32)")
+    return value
+
+
+def human_size(n):
+    for unit, div in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= div:
+            v = n / div
+            return f"{v:.0f} {unit}" if v == int(v) else f"{v:.1f} {unit}"
+    return f"{n} B"
+
+
+def _default_iters(nbytes, world_size):
+    """Enough iterations for a stable median, about the same time per size."""
+    return int(max(5, min(200, (256 << 20) // (nbytes * max(1, world_size // 2)))))
+
+
+# ---- rank side -------------------------------------------------------------
+def _measure(comm, op, barrier, iters, warmup):
+    for _ in range(warmup):
+        op()
+    times = np.zeros(iters, np.float64)
+    for i in range(iters):
+        barrier()
+        t0 = time.perf_counter()
+        op()
+        times[i] = time.perf_counter() - t0
+    comm.all_reduce(times, op="max")  # an iteration lasts as long as its slowest rank
+    return float(np.median(times)), float(times.min())
+
+
+def _torch_group(backend, port, comm):
+    import torch.distributed as dist
+    if backend == "pycoll":
+        import pycoll.torch_backend  # noqa: F401 - registers the backend
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=comm.rank,
+                            world_size=comm.world_size)
+    return dist
+
+
+def _bench_rank(comm, plan, ports, iters, warmup, progress):
+    """Runs on every rank: ``plan`` is a list of (impl, algorithm, nbytes)."""
+    from tqdm import tqdm
+    out = []
+    bar = tqdm(total=len(plan), desc=f"{comm.world_size} ranks", unit="case", leave=False,
+               disable=not progress or comm.rank != 0, file=sys.stderr)
+    by_impl = {}
+    for case in plan:
+        by_impl.setdefault(case[0], []).append(case)
+    for impl, cases in by_impl.items():
+        dist = None
+        if impl != "pycoll":
+            dist = _torch_group("gloo" if impl == "gloo" else "pycoll", ports[impl], comm)
+        try:
+            for _, algorithm, nbytes in cases:
+                n_iter = iters or _default_iters(nbytes, comm.world_size)
+                arr = np.full(nbytes // 4, comm.rank + 1, np.float32)
+                if dist is None:
+                    def op(arr=arr, algorithm=algorithm):
+                        comm.all_reduce(arr, algorithm=algorithm)
+                    barrier = comm.barrier
+                else:
+                    import torch
+                    t = torch.from_numpy(arr)
+
+                    def op(t=t):
+                        dist.all_reduce(t)
+                    barrier = dist.barrier
+                med, best = _measure(comm, op, barrier, n_iter, warmup)
+                out.append((impl, algorithm, nbytes, med, best, n_iter))
+                bar.update(1)
+        finally:
+            if dist is not None:
+                dist.destroy_process_group()
+    bar.close()
+    return out
+
+
+# ---- driver ----------------------------------------------------------------
+def run_benchmark(world_sizes=DEFAULT_WORLD_SIZES, sizes=DEFAULT_SIZES, algorithms=None,
+                  impls=("pycoll", "gloo"), iters=None, warmup=2, progress=False, timeout=600.0):
+    """Measure and return a list of :class:`Result` (Gloo rows are skipped,
+    with a note on stderr, when torch is not installed)."""
+    from . import planners
+    from .testing import free_port, run
+
+    algorithms = list(algorithms or [a for a in planners.ALGORITHMS if a != "auto"])
+    for a in algorithms:
+        planners.check_algorithm(a)
+    impls = list(impls)
+    for impl in impls:
+        if impl not in IMPLS:
+            raise ValueError(f"unknown implementation {impl!r}; choose from {', '.join(IMPLS)}")
+    if any(i != "pycoll" for i in impls):
+        try:
+            import torch  # noqa: F401
+        except ImportError:
+            print("pycoll bench: torch is not installed: skipping gloo/torch-pycoll "
+                  "(pip install 'pycoll[torch]')", file=sys.stderr)
+            impls = [i for i in impls if i == "pycoll"]
+    plan = []
+    for impl in impls:
+        for algorithm in (algorithms if impl == "pycoll" else ["-"]):
+            plan += [(impl, algorithm, int(s)) for s in sizes]
+    results = []
+    for n in world_sizes:
+        ports = {impl: free_port() for impl in impls if impl != "pycoll"}
+        rows = run(_bench_rank, n, args=(plan, ports, iters, warmup, progress), timeout=timeout,
+                   init_kwargs={"timeout": 120})[0]
+        results += [Result(impl, algorithm, n, nbytes, med, best, k) for impl, algorithm, nbytes, med, best, k in rows]
+    return results
+
+
+def format_table(results):
+    """A plain-text table: one row per measurement, with the ratio to Gloo's busbw."""
+    gloo = {(r.world_size, r.nbytes): r.busbw for r in results if r.impl == "gloo"}
+    header = ["ranks", "implementation", "size", "time", "algbw GB/s", "busbw GB/s", "vs gloo"]
+    rows = []
+    for r in sorted(results, key=lambda r: (r.world_size, r.label, r.nbytes)):
+        ref = gloo.get((r.world_size, r.nbytes))
+        ratio = f"{r.busbw / ref:.2f}x" if ref and r.impl != "gloo" else ""
+        t = r.seconds
+        shown = f"{t * 1e6:.0f} us" if t < 1e-3 else f"{t * 1e3:.2f} ms"
+        rows.append([str(r.world_size), r.label, human_size(r.nbytes), shown, f"{r.algbw / 1e9:.3f}",
+                     f"{r.busbw / 1e9:.3f}", ratio])
+    return render_table(header, rows)
+
+
+def render_table(header, rows):
+    """Align columns: text left, numbers right."""
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+
+    def numeric(s):
+        return s[:1].isdigit() or s.endswith("x")
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)), "  ".join("-" * w for w in widths)]
+    for row in rows:
+        lines.append("  ".join(c.rjust(w) if numeric(c) else c.ljust(w) for c, w in zip(row, widths)).rstrip())
+    return "\n".join(lines)
+
+
+def plot(results, path):
+    """Draw busbw against message size, one panel per world size, one line per
+    implementation/algorithm; needs matplotlib (``pip install 'pycoll[plot]'``)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    worlds = sorted({r.world_size for r in results})
+    fig, axes = plt.subplots(1, len(worlds), figsize=(5.5 * len(worlds), 4.2), squeeze=False, sharey=True)
+    for ax, n in zip(axes[0], worlds):
+        mine = [r for r in results if r.world_size == n]
+        for label in sorted({r.label for r in mine}, key=lambda s: (s == "gloo", s)):
+            pts = sorted((r.nbytes, r.busbw / 1e9) for r in mine if r.label == label)
+            style = {"linestyle": "--", "color": "black"} if label == "gloo" else {}
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label, **style)
+        ax.set_xscale("log", base=2)
+        ticks = sorted({r.nbytes for r in mine})
+        ax.set_xticks(ticks, [human_size(t) for t in ticks], rotation=30)
+        ax.set_title(f"all-reduce, {n} ranks (loopback)")
+        ax.set_xlabel("message size")
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+    axes[0][0].set_ylabel("bus bandwidth (GB/s)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _csv_ints(text):
+    try:
+        values = [int(x) for x in str(text).split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _csv_sizes(text):
+    try:
+        return [parse_size(x) for x in str(text).split(",") if x.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def add_arguments(p):
+    """The benchmark's options (shared by ``pycoll bench`` and bench/allreduce.py)."""
+    p.add_argument("-n", "--world-sizes", type=_csv_ints, default=list(DEFAULT_WORLD_SIZES), metavar="N[,N...]",
+                   help="numbers of local ranks (default 2,4)")
+    p.add_argument("--sizes", type=_csv_sizes, default=list(DEFAULT_SIZES), metavar="SIZE[,SIZE...]",
+                   help="message sizes, e.g. 4K,64K,1M,16M (default)")
+    p.add_argument("--algorithms", default=None, metavar="A[,A...]",
+                   help="pycoll algorithms to run (default: all)")
+    p.add_argument("--impls", default="pycoll,gloo", metavar="I[,I...]",
+                   help=f"implementations: {', '.join(IMPLS)} (default pycoll,gloo)")
+    p.add_argument("--no-gloo", action="store_true", help="leave Gloo out")
+    p.add_argument("--iters", type=int, default=None, help="timed iterations per case (default: by size)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed calls first (default 2)")
+    p.add_argument("--plot", metavar="PNG", default=None, help="draw busbw vs size (needs matplotlib)")
+    p.add_argument("--json", metavar="FILE", default=None, help="write the results as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def run_from_args(args):
+    """Run what the parsed arguments ask for; returns an exit code."""
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            print("pycoll bench: --plot needs matplotlib: pip install 'pycoll[plot]'", file=sys.stderr)
+            return 2
+    impls = [i.strip() for i in args.impls.split(",") if i.strip()]
+    if args.no_gloo:
+        impls = [i for i in impls if i != "gloo"]
+    algorithms = [a.strip() for a in args.algorithms.split(",")] if args.algorithms else None
+    try:
+        results = run_benchmark(args.world_sizes, args.sizes, algorithms, impls, iters=args.iters,
+                                warmup=args.warmup, progress=not args.quiet)
+    except ValueError as exc:
+        print(f"pycoll bench: {exc}", file=sys.stderr)
+        return 2
+    print(format_table(results))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([dict(asdict(r), algbw=r.algbw, busbw=r.busbw) for r in results], f, indent=1)
+        print(f"wrote {args.json}")
+    if args.plot:
+        plot(results, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def main(argv=None):
+    """Command-line entry: ``python -m pycoll.benchmark`` or ``pycoll bench``."""
+    p = add_arguments(argparse.ArgumentParser(prog="pycoll bench", description=__doc__.split("\n\n")[0]))
+    return run_from_args(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
