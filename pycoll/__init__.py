@@ -12,12 +12,15 @@ from .errors import (Cancelled, CollectiveError, CollectiveTimeout, CoordinatorE
                      PeerFailure, ProtocolError)
 from .group import connect, init
 from .limits import Limits
+from .observability import configure_logging
 from .work import Work
+
+configure_logging()  # PYCOLL_LOG=debug|info|warning|error
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "init", "connect", "Communicator", "Work", "Stat",
+    "init", "connect", "Communicator", "Work", "Stat", "configure_logging",
     "CollectiveError", "PeerFailure", "ProtocolError", "CollectiveTimeout", "Cancelled",
     "InvalidArgument", "CoordinatorError", "Limits",
 ]

@@ -194,12 +194,12 @@ def format_table(results):
     return render_table(header, rows)
 
 
-def render_table(header, rows):
-    """Align columns: text left, numbers right."""
+def render_table(header, rows, align_numbers=True):
+    """Align columns: text left, numbers right (unless ``align_numbers`` is False)."""
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
 
     def numeric(s):
-        return s[:1].isdigit() or s.endswith("x")
+        return align_numbers and (s[:1].isdigit() or s.endswith("x"))
     lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)), "  ".join("-" * w for w in widths)]
     for row in rows:
         lines.append("  ".join(c.rjust(w) if numeric(c) else c.ljust(w) for c, w in zip(row, widths)).rstrip())

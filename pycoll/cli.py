@@ -1,4 +1,13 @@
-"""The ``pycoll`` command line (also ``python -m pycoll``)."""
+"""The ``pycoll`` command line (also ``python -m pycoll``).
+
+    pycoll demo                        # the tour: 4 peers, every algorithm, a fault, a join
+    pycoll run -n 4 train.py ...       # a coordinator and 4 workers (torchrun's variables)
+    pycoll master --port 29500         # a standalone coordinator
+    pycoll bench --plot busbw.png      # all-reduce benchmark against Gloo
+    pycoll topology topo.toml          # check a topology file, show rings and Hamiltonian cycles
+
+Every subcommand imports what it needs when it runs, so ``pycoll --help`` is instant.
+"""
 import argparse
 import logging
 import os
@@ -19,7 +28,10 @@ def _cmd_run(args):
     if args.module:
         argv = ["-m", args.module] + argv
     if not argv:
-        print("pycoll run: give a script (or -m module) to run", file=sys.stderr)
+        print("pycoll run: give a script (or -m module) to run, e.g. pycoll run -n 4 train.py", file=sys.stderr)
+        return 2
+    if args.nprocs < 1:
+        print("pycoll run: -n must be at least 1", file=sys.stderr)
         return 2
     return run(argv, args.nprocs, master_addr=args.master_addr, master_port=args.master_port,
                keep_going=args.keep_going)
@@ -39,11 +51,74 @@ def _cmd_aggregator(args):
     return 0
 
 
+def _cmd_bench(args):
+    from .benchmark import run_from_args
+    return run_from_args(args)
+
+
+def _cmd_demo(args):
+    from .benchmark import parse_size
+    from .demo import main
+    try:
+        nbytes = parse_size(args.size)
+    except ValueError as exc:
+        print(f"pycoll demo: {exc}", file=sys.stderr)
+        return 2
+    algorithms = [a.strip() for a in args.algorithms.split(",")] if args.algorithms else None
+    if algorithms:
+        from . import planners
+        unknown = [a for a in algorithms if a not in planners.ALGORITHMS]
+        if unknown:
+            print(f"pycoll demo: unknown algorithm {unknown[0]!r}; choose from "
+                  f"{', '.join(planners.ALGORITHMS)}", file=sys.stderr)
+            return 2
+    if args.peers < 3:
+        print("pycoll demo: --peers must be at least 3 (one is killed, two must survive)", file=sys.stderr)
+        return 2
+    return main(peers=args.peers, nbytes=nbytes, algorithms=algorithms, iters=args.iters,
+                time_limit=args.time_limit, progress=not args.quiet)
+
+
+def _cmd_topology(args):
+    from .topology_view import show
+    return show(args.file, peers=args.peers, cycles=not args.no_cycles, out=sys.stdout)
+
+
 def build_parser():
-    p = argparse.ArgumentParser(prog="pycoll", description="Fault-tolerant collective communication for ML training.")
+    """The argument parser of the ``pycoll`` command."""
+    p = argparse.ArgumentParser(
+        prog="pycoll", description="Fault-tolerant collective communication for ML training.",
+        epilog="Start with `pycoll demo`. `pycoll COMMAND --help` describes each command. "
+               "Log level: --log-level or the PYCOLL_LOG environment variable (debug shows every collective).")
     p.add_argument("--log-level", default=os.environ.get("PYCOLL_LOG", "WARNING"),
-                   help="logging level (also PYCOLL_LOG); default WARNING")
+                   help="logging level: debug, info, warning (default; also PYCOLL_LOG)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    d = sub.add_parser("demo", help="tour: 4 local peers, every algorithm, a peer killed and one joining",
+                       description="Start a coordinator and local peers; run and time every algorithm on every "
+                                   "collective; train a toy model while one peer is killed and a new one joins; "
+                                   "check that every peer ends with identical parameters; print a summary.")
+    d.add_argument("--peers", type=int, default=4, help="peers at the start (default 4)")
+    d.add_argument("--size", default="4M", help="bytes per collective and model size (default 4M)")
+    d.add_argument("--algorithms", default=None, help="comma-separated subset (default: all)")
+    d.add_argument("--iters", type=int, default=5, help="timed iterations per collective (default 5)")
+    d.add_argument("--time-limit", type=float, default=90.0, help="give up after this many seconds (default 90)")
+    d.add_argument("--quiet", action="store_true", help="no progress bar")
+    d.set_defaults(func=_cmd_demo)
+
+    r = sub.add_parser("run", help="launch N local workers with a coordinator",
+                       description="Start a coordinator and N copies of a script with RANK, WORLD_SIZE, LOCAL_RANK, "
+                                   "MASTER_ADDR, MASTER_PORT set, as torchrun does (the coordinator listens on "
+                                   "PYCOLL_MASTER_PORT; MASTER_PORT is left to torch.distributed). Output lines "
+                                   "are prefixed with [rank]; the first failure stops the others.")
+    r.add_argument("-n", "--nprocs", type=int, required=True, help="number of workers")
+    r.add_argument("--master-addr", default="127.0.0.1", help="coordinator address (default 127.0.0.1)")
+    r.add_argument("--master-port", type=int, default=None, help="coordinator port (default: a free port)")
+    r.add_argument("--keep-going", action="store_true",
+                   help="do not stop the group when one worker fails (elastic jobs)")
+    r.add_argument("-m", dest="module", default=None, help="run a module instead of a script")
+    r.add_argument("script", nargs=argparse.REMAINDER, help="script and its arguments")
+    r.set_defaults(func=_cmd_run)
 
     m = sub.add_parser("master", help="run the coordinator in the foreground",
                        description="Run a coordinator that peers join with pycoll.init()/pycoll.connect().")
@@ -54,17 +129,23 @@ def build_parser():
     m.add_argument("--heartbeat-timeout", type=float, default=5.0, help="seconds without heartbeat = dead")
     m.set_defaults(func=_cmd_master)
 
-    r = sub.add_parser("run", help="launch N local workers with a coordinator",
-                       description="Start a coordinator and N copies of a script with RANK, WORLD_SIZE, "
-                                   "MASTER_ADDR, MASTER_PORT set (as torchrun does).")
-    r.add_argument("-n", "--nprocs", type=int, required=True, help="number of workers")
-    r.add_argument("--master-addr", default="127.0.0.1")
-    r.add_argument("--master-port", type=int, default=None, help="default: a free port")
-    r.add_argument("--keep-going", action="store_true",
-                   help="do not stop the group when one worker fails (elastic jobs)")
-    r.add_argument("-m", dest="module", default=None, help="run a module instead of a script")
-    r.add_argument("script", nargs=argparse.REMAINDER, help="script and its arguments")
-    r.set_defaults(func=_cmd_run)
+    from .benchmark import add_arguments
+    b = sub.add_parser("bench", help="all-reduce benchmark: pycoll's algorithms against Gloo",
+                       description="Time all-reduce on local ranks over loopback for each pycoll algorithm and "
+                                   "for Gloo (needs torch): median of barrier-separated iterations, slowest rank; "
+                                   "prints algbw and busbw per size; --plot draws busbw against size.")
+    add_arguments(b)
+    b.set_defaults(func=_cmd_bench)
+
+    t = sub.add_parser("topology", help="check a topology file; show groups, links, ring and Hamiltonian cycles",
+                       description="Load and validate a topology file (TOML; see topologies/README.md), then "
+                                   "print its peers, groups, links, the ring order pycoll would use and the "
+                                   "arc-disjoint Hamiltonian cycles for its number of peers. Exit code 2 if the "
+                                   "file is invalid.")
+    t.add_argument("file", nargs="?", default=None, help="topology file (.toml)")
+    t.add_argument("--peers", type=int, default=None, help="no file: show the cycles for this many peers")
+    t.add_argument("--no-cycles", action="store_true", help="do not print the Hamiltonian cycles")
+    t.set_defaults(func=_cmd_topology)
 
     a = sub.add_parser("aggregator", help="run a standalone in-network aggregator (a software switch)",
                        description="Join a group as the standalone aggregator of one 'switch' group of the "
@@ -74,7 +155,9 @@ def build_parser():
     a.add_argument("--topology", default=os.environ.get("PYCOLL_TOPOLOGY"),
                    help="the workers' topology file (also PYCOLL_TOPOLOGY)")
     a.add_argument("--master-addr", default=os.environ.get("MASTER_ADDR", "127.0.0.1"))
-    a.add_argument("--master-port", type=int, default=int(os.environ.get("MASTER_PORT", "29500")))
+    a.add_argument("--master-port", type=int,
+                   default=int(os.environ.get("PYCOLL_MASTER_PORT") or os.environ.get("MASTER_PORT", "29500")),
+                   help="coordinator port (default PYCOLL_MASTER_PORT, else MASTER_PORT, else 29500)")
     a.add_argument("--stripes", type=int, default=int(os.environ.get("PYCOLL_STRIPES", "1")),
                    help="connections per peer pair; must match the workers'")
     a.set_defaults(func=_cmd_aggregator)
@@ -82,10 +165,14 @@ def build_parser():
 
 
 def main(argv=None):
+    """Entry point of the ``pycoll`` command; returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.WARNING),
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    level = getattr(logging, str(args.log_level).upper(), None)
+    if not isinstance(level, int):
+        parser.error(f"--log-level: unknown level {args.log_level!r} (debug, info, warning, error)")
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("pycoll").setLevel(level)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

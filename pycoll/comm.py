@@ -268,8 +268,11 @@ class Communicator:
         if not internal:
             self.stats.append(Stat(coll, chosen, nbytes, dt, self.world_size, self.epoch, st == lib.PC_OK, 0))
         if st == lib.PC_OK:
-            log.debug("%s %s %d B in %.6f s", coll, chosen, nbytes, dt)
+            log.debug("rank %d/%d epoch %d: %s %s %d B in %.3f ms (%.3f GB/s)", self.rank, self.world_size,
+                      self.epoch, coll, chosen, nbytes, dt * 1e3, nbytes / dt / 1e9 if dt > 0 else 0.0)
             return chosen
+        log.info("rank %d/%d epoch %d: %s %s failed after %.3f ms (status %d)", self.rank, self.world_size,
+                 self.epoch, coll, chosen, dt * 1e3, st)
         raise self._failure(st, int(failed[0]), coll, ccomm)
 
     def _failure(self, st, peer, coll, ccomm=None):

@@ -76,3 +76,83 @@ def test_help_lists_commands():
     assert r.returncode == 0
     for cmd in ("master", "run"):
         assert cmd in r.stdout
+
+
+def test_every_command_has_help():
+    r = pycoll_cmd("--help")
+    for cmd in ("demo", "bench", "topology"):
+        assert cmd in r.stdout
+    for cmd, option in (("demo", "--peers"), ("run", "--keep-going"), ("master", "--world-size"),
+                        ("bench", "--plot"), ("topology", "--no-cycles")):
+        r = pycoll_cmd(cmd, "--help")
+        assert r.returncode == 0 and option in r.stdout, (cmd, r.stderr)
+
+
+def test_helpful_errors():
+    r = pycoll_cmd("demo", "--peers", "2")
+    assert r.returncode == 2 and "at least 3" in r.stderr
+    r = pycoll_cmd("demo", "--algorithms", "nonsense")
+    assert r.returncode == 2 and "unknown algorithm 'nonsense'" in r.stderr and "ring" in r.stderr
+    r = pycoll_cmd("bench", "--sizes", "12Q")
+    assert r.returncode == 2 and "bad size" in r.stderr
+    r = pycoll_cmd("run", "-n", "2")
+    assert r.returncode == 2 and "give a script" in r.stderr
+    r = pycoll_cmd("--log-level", "chatty", "demo")
+    assert r.returncode == 2 and "unknown level" in r.stderr
+    r = pycoll_cmd("frobnicate")
+    assert r.returncode == 2 and "invalid choice" in r.stderr
+
+
+@pytest.mark.timeout(200)
+def test_demo_runs_every_algorithm_survives_a_kill_and_a_join():
+    t0 = time.monotonic()
+    r = pycoll_cmd("demo", "--quiet", "--size", "1M", timeout=180)
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = r.stdout
+    for algorithm in (a for a in pycoll.planners.ALGORITHMS if a != "auto"):
+        for coll in ("all_reduce", "all_gather", "reduce_scatter", "broadcast"):
+            row = [line for line in out.splitlines() if line.startswith(algorithm) and f" {coll} " in line]
+            assert len(row) == 1, (algorithm, coll, out)
+            assert row[0].rstrip().endswith(" ok") or " n/a" in row[0], row[0]
+    assert "killed peer 2 (SIGKILL)" in out
+    assert "survivors re-formed as 3 peers" in out
+    assert "new peer admitted: 4 peers again" in out
+    assert "parity: all 4 peers hold identical parameters" in out
+    assert "identical (" in out and "DIFFERENT" not in out
+    assert time.monotonic() - t0 < 150
+
+
+@pytest.mark.timeout(300)
+def test_bench_table_json_and_plot(tmp_path):
+    png, js = tmp_path / "busbw.png", tmp_path / "r.json"
+    r = pycoll_cmd("bench", "-n", "2", "--sizes", "4K,256K", "--iters", "4", "--quiet", "--plot", str(png),
+                   "--json", str(js), timeout=240)
+    assert r.returncode == 0, r.stderr
+    import json
+    rows = json.loads(js.read_text())
+    labels = {(x["impl"], x["algorithm"], x["nbytes"]) for x in rows}
+    want = {("gloo", "-", s) for s in (4096, 262144)}
+    want |= {("pycoll", a, s) for a in pycoll.planners.ALGORITHMS if a != "auto" for s in (4096, 262144)}
+    assert labels == want
+    for x in rows:
+        assert x["world_size"] == 2 and x["iters"] == 4 and x["seconds"] > 0
+        assert abs(x["busbw"] - x["nbytes"] / x["seconds"]) < 1e-6 * x["busbw"]  # 2 ranks: busbw = algbw
+        assert f"{x['busbw'] / 1e9:.3f}" in r.stdout
+    gloo = {x["nbytes"]: x["busbw"] for x in rows if x["impl"] == "gloo"}
+    ring = [x for x in rows if x["algorithm"] == "ring"]
+    for x in ring:
+        assert f"{x['busbw'] / gloo[x['nbytes']]:.2f}x" in r.stdout
+    import matplotlib.image
+    img = matplotlib.image.imread(str(png))
+    assert img.shape[0] > 300 and img.shape[1] > 400
+    assert img.std() > 0.05  # not a blank canvas
+
+
+@pytest.mark.timeout(120)
+def test_log_level_from_environment_shows_every_collective():
+    env = dict(os.environ, PYCOLL_LOG="debug")
+    r = pycoll_cmd("run", "-n", "2", os.path.join(ROOT, "examples", "allreduce_numpy.py"), env=env)
+    assert r.returncode == 0, r.stderr
+    lines = [x for x in r.stderr.splitlines() if "all_reduce ring 4000000 B" in x]
+    assert len(lines) == 2 and "[0]" in "".join(lines) and "[1]" in "".join(lines), r.stderr[-3000:]
+    assert "rank 0/2 epoch 1" in r.stderr and "GB/s" in lines[0]

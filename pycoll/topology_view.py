@@ -1,0 +1,122 @@
+"""``pycoll topology``: validate a topology file and show what pycoll makes of it.
+
+Prints the peers and groups, the links between and within groups (the narrowest bandwidth and
+the longest latency of each block), the ring order, and the arc-disjoint directed Hamiltonian
+cycles for the number of peers (:mod:`pycoll.hamiltonian`), with peer names.
+"""
+import math
+
+__all__ = ["show", "format_bandwidth", "format_latency"]
+
+
+def format_bandwidth(bps):
+    """Bytes/s -> '10 Gbit/s' (links are usually quoted in bits)."""
+    if math.isinf(bps):
+        return "unlimited"
+    bits = bps * 8
+    for unit, div in (("Tbit/s", 1e12), ("Gbit/s", 1e9), ("Mbit/s", 1e6), ("kbit/s", 1e3)):
+        if bits >= div:
+            return f"{bits / div:g} {unit}"
+    return f"{bits:g} bit/s"
+
+
+def format_latency(s):
+    """Seconds -> '50 us'."""
+    for unit, mult in (("s", 1.0), ("ms", 1e3), ("us", 1e6)):
+        if s >= 1 / mult:
+            return f"{s * mult:g} {unit}"
+    return f"{s * 1e9:g} ns" if s else "0"
+
+
+def _span(ranks):
+    ranks = list(ranks)
+    if ranks and ranks == list(range(ranks[0], ranks[-1] + 1)) and len(ranks) > 1:
+        return f"{ranks[0]}-{ranks[-1]}"
+    return ",".join(map(str, ranks))
+
+
+def _modules():
+    try:
+        from . import hamiltonian, topology
+    except ImportError as exc:
+        raise SystemExit(f"pycoll topology: this build has no topology support ({exc})") from None
+    return topology, hamiltonian
+
+
+def show(path=None, peers=None, cycles=True, out=None):
+    """Print the report for ``path`` (or the cycles for ``peers``); returns an exit code."""
+    import sys
+    out = out or sys.stdout
+    topology, hamiltonian = _modules()
+    if path is None:
+        if peers is None or peers < 1:
+            print("pycoll topology: give a topology file, or --peers N for the cycles of N peers",
+                  file=sys.stderr)
+            return 2
+        topo = topology.single_host(peers)
+        names = [str(r) for r in range(peers)]
+        print(f"{peers} peers on one host, no link limits", file=out)
+    else:
+        try:
+            topo = topology.load_topology(path)
+        except topology.TopologyError as exc:
+            print(f"pycoll topology: invalid: {exc}", file=sys.stderr)
+            return 2
+        names = list(topo.peers)
+        _describe(topo, out)
+    n = topo.world_size
+    order = topology.ring_order(topo)
+    print(f"\nring order: {' -> '.join(names[r] for r in order)} -> {names[order[0]]}", file=out)
+    if n > 1 and path is not None:
+        bw = topo.bandwidth_matrix()
+        hops = [bw[order[i], order[(i + 1) % n]] for i in range(n)]
+        print(f"ring bottleneck: {format_bandwidth(min(hops))}", file=out)
+    if cycles:
+        cyc = hamiltonian.schedule_cycles(n)
+        hamiltonian.verify_decomposition(n, cyc)
+        full = n * (n - 1)
+        used = sum(len(hamiltonian.cycle_arcs(c)) for c in cyc)
+        print(f"\nHamiltonian cycles: {len(cyc)} arc-disjoint directed cycles on {n} peers "
+              f"({used} of {full} ordered pairs carry traffic)", file=out)
+        for i, c in enumerate(cyc):
+            print(f"  {i:2d}: {' -> '.join(names[r] for r in c)}", file=out)
+        left = hamiltonian.leftover_arcs(n, cyc)
+        if left and n > 2:
+            shown = ", ".join(f"{names[u]}->{names[v]}" for u, v in left)
+            print(f"  unused pairs (no full decomposition exists for {n} peers): {shown}", file=out)
+    return 0
+
+
+def _describe(topo, out):
+    groups = topo.groups
+    print(f"topology {topo.name!r} ({topo.source}): {topo.world_size} peers, {len(groups)} group(s), "
+          f"{len(topo.hosts())} host(s)", file=out)
+    nic = topo.host_nic_Bps()
+    if not math.isinf(nic):
+        print(f"host NIC: {format_bandwidth(nic)} per direction", file=out)
+    print("\ngroups:", file=out)
+    for g in groups:
+        extra = []
+        if g.host:
+            extra.append(f"host {g.host}")
+        if g.aggregator:
+            extra.append(f"aggregator {g.aggregator}" + (f" (rank {g.agent_rank})" if g.agent_rank is not None else ""))
+        print(f"  {g.name}: ranks {_span(g.ranks)} = {' '.join(g.peers)}" + (f"; {', '.join(extra)}" if extra else ""),
+              file=out)
+    bw, lat = topo.bandwidth_matrix(), topo.latency_matrix()
+    print("\nlinks (narrowest bandwidth per direction / longest one-way latency; row -> column):", file=out)
+    cells = []
+    for a in groups:
+        row = []
+        for b in groups:
+            pairs = [(u, v) for u in a.ranks for v in b.ranks if u != v]
+            if not pairs:
+                row.append("-")
+                continue
+            row.append(f"{format_bandwidth(min(bw[u, v] for u, v in pairs))} / "
+                       f"{format_latency(max(lat[u, v] for u, v in pairs))}")
+        cells.append(row)
+    width = max(len(x) for x in [g.name for g in groups] + [c for row in cells for c in row])
+    print("  " + " " * width + "  " + "  ".join(g.name.ljust(width) for g in groups), file=out)
+    for g, row in zip(groups, cells):
+        print("  " + g.name.ljust(width) + "  " + "  ".join(c.ljust(width) for c in row), file=out)
