@@ -116,7 +116,8 @@ def _describe(topo, out):
             row.append(f"{format_bandwidth(min(bw[u, v] for u, v in pairs))} / "
                        f"{format_latency(max(lat[u, v] for u, v in pairs))}")
         cells.append(row)
+    name_w = max(len(g.name) for g in groups)
     width = max(len(x) for x in [g.name for g in groups] + [c for row in cells for c in row])
-    print("  " + " " * width + "  " + "  ".join(g.name.ljust(width) for g in groups), file=out)
+    print(("  " + " " * name_w + "  " + "  ".join(g.name.ljust(width) for g in groups)).rstrip(), file=out)
     for g, row in zip(groups, cells):
-        print("  " + g.name.ljust(width) + "  " + "  ".join(c.ljust(width) for c in row), file=out)
+        print(("  " + g.name.ljust(name_w) + "  " + "  ".join(c.ljust(width) for c in row)).rstrip(), file=out)

@@ -156,3 +156,39 @@ def test_log_level_from_environment_shows_every_collective():
     lines = [x for x in r.stderr.splitlines() if "all_reduce ring 4000000 B" in x]
     assert len(lines) == 2 and "[0]" in "".join(lines) and "[1]" in "".join(lines), r.stderr[-3000:]
     assert "rank 0/2 epoch 1" in r.stderr and "GB/s" in lines[0]
+
+
+def test_topology_shows_groups_links_ring_and_cycles():
+    r = pycoll_cmd("topology", os.path.join(ROOT, "topologies", "two-racks.toml"))
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    assert "8 peers, 2 group(s)" in out
+    assert "rack0: ranks 0-3 = r0p0 r0p1 r0p2 r0p3; aggregator switch" in out
+    assert "1 Gbit/s / 200 us" in out and "100 Gbit/s / 5 us" in out
+    assert "ring bottleneck: 1 Gbit/s" in out
+    assert "7 arc-disjoint directed cycles on 8 peers (56 of 56 ordered pairs carry traffic)" in out
+    # the printed cycles are Hamiltonian and arc-disjoint: check them here, from the text
+    from pycoll.topology import load_topology
+    names = list(load_topology(os.path.join(ROOT, "topologies", "two-racks.toml")).peers)
+    cycles = [[names.index(p) for p in line.split(": ", 1)[1].split(" -> ")]
+              for line in out.splitlines() if line.strip()[:2].rstrip(":").isdigit() and "->" in line]
+    assert len(cycles) == 7
+    arcs = [(c[i], c[(i + 1) % 8]) for c in cycles for i in range(8)]
+    assert all(sorted(c) == list(range(8)) for c in cycles) and len(set(arcs)) == 56
+
+
+def test_topology_for_a_peer_count_names_the_unused_pairs():
+    r = pycoll_cmd("topology", "--peers", "4")
+    assert r.returncode == 0, r.stderr
+    assert "2 arc-disjoint directed cycles on 4 peers (8 of 12 ordered pairs" in r.stdout
+    assert "unused pairs (no full decomposition exists for 4 peers): 0->2, 1->3, 2->0, 3->1" in r.stdout
+
+
+def test_topology_rejects_an_invalid_file(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[[group]]\nname = "a"\npeers = ["x", "x"]\n')
+    r = pycoll_cmd("topology", str(bad))
+    assert r.returncode == 2
+    assert "invalid" in r.stderr and "bad.toml" in r.stderr and "duplicate" in r.stderr
+    r = pycoll_cmd("topology")
+    assert r.returncode == 2 and "--peers" in r.stderr
