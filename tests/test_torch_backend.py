@@ -317,33 +317,39 @@ def make_initial_params():
     return torch.cat([p.detach().reshape(-1) for p in make_model(seed=100).parameters()])
 
 
-def _hook_bytes(wire):
+def _hook_bytes(wires):
     from torch import nn
     from pycoll.torch_backend import communicator, compression_hook
-    torch.manual_seed(0)
-    model = torch.nn.parallel.DistributedDataParallel(nn.Linear(64, 64))
-    if wire is not None:
-        model.register_comm_hook(None, compression_hook(getattr(torch, wire)))
-    stats = communicator().stats
-    stats.clear()
-    g = torch.Generator().manual_seed(dist.get_rank())
-    model(torch.randn(8, 64, generator=g)).square().sum().backward()
-    grads = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
-    return [s.nbytes for s in stats if s.op == "all_reduce"], grads.numpy().tobytes()
+    out = {}
+    for wire in wires:  # one DDP model per wire dtype, in one process group
+        torch.manual_seed(0)
+        model = torch.nn.parallel.DistributedDataParallel(nn.Linear(64, 64))
+        if wire is not None:
+            model.register_comm_hook(None, compression_hook(getattr(torch, wire)))
+        stats = communicator().stats
+        stats.clear()
+        g = torch.Generator().manual_seed(dist.get_rank())
+        model(torch.randn(8, 64, generator=g)).square().sum().backward()
+        grads = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+        out[wire] = ([s.nbytes for s in stats if s.op == "all_reduce"], grads.numpy().tobytes())
+    return out
 
 
 @pytest.mark.timeout(180)
-@pytest.mark.parametrize("wire", ["bfloat16", "float16"])
-def test_compression_hook_halves_the_wire_bytes(wire):
-    plain = pycoll.testing.run(_hook_bytes, 2, args=(None,), init="torch:pycoll", timeout=120)
-    packed = pycoll.testing.run(_hook_bytes, 2, args=(wire,), init="torch:pycoll", timeout=120)
+def test_compression_hook_halves_the_wire_bytes():
+    wires = [None, "bfloat16", "float16"]
+    results = pycoll.testing.run(_hook_bytes, 2, args=(wires,), init="torch:pycoll", timeout=150)
     nparams = 64 * 64 + 64
-    assert sum(plain[0][0]) == 4 * nparams and sum(packed[0][0]) == 2 * nparams
-    assert packed[0][1] == packed[1][1], "ranks disagree on the gradients"
-    g_plain = np.frombuffer(plain[0][1], np.float32)
-    g_packed = np.frombuffer(packed[0][1], np.float32)
-    assert not np.array_equal(g_plain, g_packed)  # it really went through the narrow type
-    np.testing.assert_allclose(g_packed, g_plain, rtol=2e-2, atol=2e-2 * np.abs(g_plain).max())
+    plain_bytes, plain = results[0][None]
+    assert sum(plain_bytes) == 4 * nparams
+    g_plain = np.frombuffer(plain, np.float32)
+    for wire in wires[1:]:
+        packed_bytes, packed = results[0][wire]
+        assert sum(packed_bytes) == 2 * nparams, wire
+        assert packed == results[1][wire][1], f"{wire}: ranks disagree on the gradients"
+        g_packed = np.frombuffer(packed, np.float32)
+        assert not np.array_equal(g_plain, g_packed)  # it really went through the narrow type
+        np.testing.assert_allclose(g_packed, g_plain, rtol=2e-2, atol=2e-2 * np.abs(g_plain).max())
 
 
 # ---- registration ----------------------------------------------------------------
@@ -372,3 +378,28 @@ def test_torch_plugin_entry_point_registers_the_backend(tmp_path):
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=100, env=env)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "pycoll [0.0, 1.0, 2.0, 3.0]"
+
+
+def _subgroups():
+    import pycoll.torch_backend  # noqa: F401 - registers "pycoll" (the default group here is Gloo)
+    rank = dist.get_rank()
+    evens = dist.new_group(ranks=[0, 2], backend="pycoll")  # every rank calls new_group
+    everyone = dist.new_group(backend="pycoll")
+    out = {}
+    if rank in (0, 2):
+        t = torch.tensor([rank + 1], dtype=torch.int64)
+        dist.all_reduce(t, group=evens)
+        out["evens"] = (t.item(), dist.get_world_size(evens), dist.get_rank(evens))
+    t = torch.tensor([rank + 1], dtype=torch.int64)
+    dist.all_reduce(t, group=everyone)
+    out["everyone"] = t.item()
+    dist.barrier(group=everyone)
+    return out
+
+
+@pytest.mark.timeout(120)
+def test_new_group_with_the_pycoll_backend():
+    """Each group gets its own coordinator through the (prefixed) store; default group is Gloo."""
+    out = pycoll.testing.run(_subgroups, 3, init="torch:gloo", timeout=100)
+    assert out[0]["evens"] == (4, 2, 0) and out[2]["evens"] == (4, 2, 1) and "evens" not in out[1]
+    assert [o["everyone"] for o in out] == [6, 6, 6]
