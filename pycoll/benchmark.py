@@ -200,7 +200,7 @@ def render_table(header, rows, align_numbers=True):
 
     def numeric(s):
         return align_numbers and (s[:1].isdigit() or s.endswith("x"))
-    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)), "  ".join("-" * w for w in widths)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip(), "  ".join("-" * w for w in widths)]
     for row in rows:
         lines.append("  ".join(c.rjust(w) if numeric(c) else c.ljust(w) for c, w in zip(row, widths)).rstrip())
     return "\n".join(lines)

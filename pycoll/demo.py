@@ -42,7 +42,7 @@ class DemoSummary:
 
     peers: int
     nbytes: int
-    bench: list = field(default_factory=list)   # dicts: algorithm, collective, seconds, busbw, check
+    bench: list = field(default_factory=list)   # dicts: algorithm, collective, nbytes, seconds, busbw, check
     events: list = field(default_factory=list)  # (seconds since start, text)
     detect_s: float = None    # kill -> survivors re-formed
     join_s: float = None      # joiner started -> admitted
@@ -114,19 +114,20 @@ def _time(comm, coll, algorithm, nbytes, iters):
     return float(np.median(times))
 
 
-def _bench_phase(comm, events, algorithms, nbytes, iters):
+def _bench_phase(comm, events, algorithms, sizes, iters):
     import pycoll
     for algorithm in algorithms:
         for coll in COLLECTIVES:
             try:
                 ok = _check(comm, coll, algorithm)
                 ok = bool(comm.all_reduce(np.array([0 if ok else 1], np.int32))[0] == 0)  # all ranks
-                secs = _time(comm, coll, algorithm, nbytes, iters)
+                times = [_time(comm, coll, algorithm, nbytes, iters if nbytes >= 1 << 20 else 4 * iters)
+                         for nbytes in sizes]
                 note = "ok" if ok else "WRONG"
             except pycoll.InvalidArgument as exc:  # this algorithm does not do this collective
-                secs, note = None, f"n/a: {exc}"
+                times, note = [None] * len(sizes), f"n/a: {exc}"
             if comm.rank == 0:
-                _report(events, "bench", algorithm, coll, secs, note, comm.world_size)
+                _report(events, "bench", algorithm, coll, list(zip(sizes, times)), note, comm.world_size)
 
 
 class _Model:
@@ -200,7 +201,7 @@ def _peer(role, rank, port, events, options):
         if role == "member":
             comm = pycoll.init(rank=rank, world_size=options["peers"], **kw)
             _report(events, "ready", rank)
-            _bench_phase(comm, events, options["algorithms"], options["nbytes"], options["iters"])
+            _bench_phase(comm, events, options["algorithms"], options["sizes"], options["iters"])
         else:
             comm = pycoll.connect(**kw)  # admitted at the members' next update_topology()
             _report(events, "admitted", comm.rank, comm.world_size, time.monotonic() - t0)
@@ -249,7 +250,9 @@ def run_demo(peers=4, nbytes=4 << 20, algorithms=None, iters=5, time_limit=90.0,
     if quiet_logs.getEffectiveLevel() >= logging.WARNING:  # the kill is on purpose: no warning about it
         quiet_logs.setLevel(logging.ERROR)
     victim = peers - 2
-    options = {"peers": peers, "nbytes": nbytes, "algorithms": algorithms, "iters": iters, "victim": victim,
+    sizes = sorted({min(64 << 10, nbytes), nbytes})  # a latency-bound and a bandwidth-bound size
+    options = {"peers": peers, "nbytes": nbytes, "sizes": sizes, "algorithms": algorithms, "iters": iters,
+               "victim": victim,
                "deadline": start + time_limit * 0.6}
     port = free_port()
     coordinator = Coordinator("127.0.0.1", port, world_size=peers, heartbeat_timeout=2.0).start()
@@ -301,10 +304,10 @@ def run_demo(peers=4, nbytes=4 << 20, algorithms=None, iters=5, time_limit=90.0,
                     say(f"{peers} peers connected (full mesh over loopback TCP)")
                     advance("checking every algorithm")
             elif kind == "bench":
-                algorithm, coll, secs, note, n = rest
-                bw = busbw(coll, nbytes, secs, n) if secs else None
-                summary.bench.append({"algorithm": algorithm, "collective": coll, "seconds": secs, "busbw": bw,
-                                      "check": note})
+                algorithm, coll, timed, note, n = rest
+                for size, secs in timed:
+                    summary.bench.append({"algorithm": algorithm, "collective": coll, "nbytes": size, "seconds": secs,
+                                          "busbw": busbw(coll, size, secs, n) if secs else None, "check": note})
                 if note not in ("ok",) and not note.startswith("n/a"):
                     raise DemoError(f"{algorithm} {coll} gave a wrong result")
                 advance(f"{algorithm} {coll}")
@@ -377,11 +380,11 @@ def format_summary(summary):
     rows = []
     for b in summary.bench:
         t = b["seconds"]
-        rows.append([b["algorithm"], b["collective"], human_size(summary.nbytes),
+        rows.append([b["algorithm"], b["collective"], human_size(b["nbytes"]),
                      "-" if t is None else (f"{t * 1e3:.2f} ms"),
                      "-" if b["busbw"] is None else f"{b['busbw'] / 1e9:.2f}", b["check"]])
-    lines = [f"Collectives on {summary.peers} peers ({human_size(summary.nbytes)} of float32, median; "
-             "busbw as nccl-tests defines it):", "",
+    lines = [f"Collectives on {summary.peers} peers (float32, median of timed calls; busbw as nccl-tests "
+             "defines it):", "",
              render_table(["algorithm", "collective", "size", "time", "busbw GB/s", "check"], rows), ""]
     fault = [["peer killed (SIGKILL) -> survivors re-formed",
               "-" if summary.detect_s is None else f"{summary.detect_s * 1e3:.0f} ms"],
