@@ -71,6 +71,7 @@ def parse_size(text):
 
 
 def human_size(n):
+    """Bytes as '4 KiB', '1.5 MiB'."""
     for unit, div in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
         if n >= div:
             v = n / div

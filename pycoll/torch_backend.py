@@ -56,7 +56,7 @@ from .coordinator import Coordinator
 from .errors import CollectiveError, CoordinatorError, InvalidArgument, PeerFailure
 from .work import Work
 
-__all__ = ["BACKEND", "ProcessGroupPycoll", "register", "compression_hook", "communicator"]
+__all__ = ["BACKEND", "ProcessGroupPycoll", "register", "compression_hook", "communicator", "create_process_group"]
 
 log = logging.getLogger("pycoll.torch")
 
@@ -486,9 +486,11 @@ class ProcessGroupPycoll(dist.ProcessGroup):
 
     # ---- identity and lifetime ----------------------------------------
     def getBackendName(self):
+        """``"pycoll"``."""
         return BACKEND
 
     def name(self):
+        """``"pycoll"``."""
         return BACKEND
 
     def shutdown(self):
@@ -497,6 +499,7 @@ class ProcessGroupPycoll(dist.ProcessGroup):
         self._state.close()
 
     def abort(self):
+        """Same as :meth:`shutdown`: leave the group now."""
         self.shutdown()
 
     def __repr__(self):

@@ -403,3 +403,16 @@ def test_new_group_with_the_pycoll_backend():
     out = pycoll.testing.run(_subgroups, 3, init="torch:gloo", timeout=100)
     assert out[0]["evens"] == (4, 2, 0) and out[2]["evens"] == (4, 2, 1) and "evens" not in out[1]
     assert [o["everyone"] for o in out] == [6, 6, 6]
+
+
+@pytest.mark.timeout(60)
+def test_import_registers_the_backend_without_the_plugin_loader():
+    env = dict(os.environ, TORCH_DEVICE_BACKEND_AUTOLOAD="0",
+               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    check = "import torch.distributed as d; print('pycoll' in d.Backend.backend_list)"
+    r = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=50, env=env)
+    assert r.stdout.strip() == "False", r.stderr  # nothing registers it behind our back
+    for module in ("pycoll.torch", "pycoll.torch_backend"):
+        r = subprocess.run([sys.executable, "-c", f"import {module}; {check}"], capture_output=True, text=True,
+                           timeout=50, env=env)
+        assert r.stdout.strip() == "True", r.stderr
