@@ -8,7 +8,7 @@ algorithm and message size: a few warm-up calls, then iterations of *barrier, ti
 of float32*; an iteration's time is the slowest rank's, and the table shows the median over
 iterations. Bandwidth as nccl-tests defines it: algbw = bytes / time, busbw = algbw * 2(n-1)/n.
 
-Implementations: ``pycoll`` (each algorithm in :data:`pycoll.planners.ALGORITHMS` but ``auto``),
+Implementations: ``pycoll`` (each algorithm in :data:`pycoll.planners.ALGORITHMS`, ``auto`` too),
 ``gloo`` (torch.distributed's CPU backend: needs torch) and ``torch-pycoll`` (pycoll through the
 torch.distributed backend, to see what that layer costs). Use :func:`run_benchmark` from Python,
 or :func:`main` with command-line arguments (``bench/allreduce.py`` calls it).
@@ -153,7 +153,7 @@ def run_benchmark(world_sizes=DEFAULT_WORLD_SIZES, sizes=DEFAULT_SIZES, algorith
     from . import planners
     from .testing import free_port, run
 
-    algorithms = list(algorithms or [a for a in planners.ALGORITHMS if a != "auto"])
+    algorithms = list(algorithms or planners.ALGORITHMS)
     for a in algorithms:
         planners.check_algorithm(a)
     impls = list(impls)

@@ -121,13 +121,15 @@ def _bench_phase(comm, events, algorithms, sizes, iters):
             try:
                 ok = _check(comm, coll, algorithm)
                 ok = bool(comm.all_reduce(np.array([0 if ok else 1], np.int32))[0] == 0)  # all ranks
-                times = [_time(comm, coll, algorithm, nbytes, iters if nbytes >= 1 << 20 else 4 * iters)
-                         for nbytes in sizes]
+                times, ran = [], []
+                for nbytes in sizes:
+                    times.append(_time(comm, coll, algorithm, nbytes, iters if nbytes >= 1 << 20 else 4 * iters))
+                    ran.append(comm.stats[-2].algorithm)  # [-1] is the all_reduce of the timings
                 note = "ok" if ok else "WRONG"
             except pycoll.InvalidArgument as exc:  # this algorithm does not do this collective
-                times, note = [None] * len(sizes), f"n/a: {exc}"
+                times, ran, note = [None] * len(sizes), [algorithm] * len(sizes), f"n/a: {exc}"
             if comm.rank == 0:
-                _report(events, "bench", algorithm, coll, list(zip(sizes, times)), note, comm.world_size)
+                _report(events, "bench", algorithm, coll, list(zip(sizes, times, ran)), note, comm.world_size)
 
 
 class _Model:
@@ -305,9 +307,10 @@ def run_demo(peers=4, nbytes=4 << 20, algorithms=None, iters=5, time_limit=90.0,
                     advance("checking every algorithm")
             elif kind == "bench":
                 algorithm, coll, timed, note, n = rest
-                for size, secs in timed:
-                    summary.bench.append({"algorithm": algorithm, "collective": coll, "nbytes": size, "seconds": secs,
-                                          "busbw": busbw(coll, size, secs, n) if secs else None, "check": note})
+                for size, secs, ran in timed:
+                    summary.bench.append({"algorithm": algorithm, "ran": ran, "collective": coll, "nbytes": size,
+                                          "seconds": secs, "busbw": busbw(coll, size, secs, n) if secs else None,
+                                          "check": note})
                 if note not in ("ok",) and not note.startswith("n/a"):
                     raise DemoError(f"{algorithm} {coll} gave a wrong result")
                 advance(f"{algorithm} {coll}")
@@ -380,11 +383,12 @@ def format_summary(summary):
     rows = []
     for b in summary.bench:
         t = b["seconds"]
-        rows.append([b["algorithm"], b["collective"], human_size(b["nbytes"]),
+        name = b["algorithm"] if b.get("ran", b["algorithm"]) == b["algorithm"] else f"{b['algorithm']} (ran {b['ran']})"
+        rows.append([name, b["collective"], human_size(b["nbytes"]),
                      "-" if t is None else (f"{t * 1e3:.2f} ms"),
                      "-" if b["busbw"] is None else f"{b['busbw'] / 1e9:.2f}", b["check"]])
     lines = [f"Collectives on {summary.peers} peers (float32, median of timed calls; busbw as nccl-tests "
-             "defines it):", "",
+             "defines it; \"ran\": the algorithm that served a collective its own does not implement):", "",
              render_table(["algorithm", "collective", "size", "time", "busbw GB/s", "check"], rows), ""]
     fault = [["peer killed (SIGKILL) -> survivors re-formed",
               "-" if summary.detect_s is None else f"{summary.detect_s * 1e3:.0f} ms"],

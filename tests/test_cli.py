@@ -133,7 +133,7 @@ def test_bench_table_json_and_plot(tmp_path):
     rows = json.loads(js.read_text())
     labels = {(x["impl"], x["algorithm"], x["nbytes"]) for x in rows}
     want = {("gloo", "-", s) for s in (4096, 262144)}
-    want |= {("pycoll", a, s) for a in pycoll.planners.ALGORITHMS if a != "auto" for s in (4096, 262144)}
+    want |= {("pycoll", a, s) for a in pycoll.planners.ALGORITHMS for s in (4096, 262144)}
     assert labels == want
     for x in rows:
         assert x["world_size"] == 2 and x["iters"] == 4 and x["seconds"] > 0

@@ -11,18 +11,21 @@ from pycoll.observability import configure_logging, format_stats, summarize
 
 def _some_collectives(comm):
     comm.stats.clear()
-    comm.all_reduce(np.ones(1000, np.float32))
-    comm.all_reduce(np.ones(10, np.float64), op="max")
+    comm.all_reduce(np.ones(1000, np.float32), algorithm="ring")
+    comm.all_reduce(np.ones(10, np.float64), op="max", algorithm="ring")
     out = np.zeros(2 * comm.world_size, np.int32)
-    comm.all_gather(np.ones(2, np.int32), out)
-    comm.broadcast(np.ones(7, np.int8), root=1)
+    comm.all_gather(np.ones(2, np.int32), out, algorithm="ring")
+    comm.broadcast(np.ones(7, np.int8), root=1, algorithm="ring")
     comm.barrier()
-    return [tuple(s) for s in comm.stats], summarize(comm.stats), format_stats(comm.stats)
+    stats = [tuple(s) for s in comm.stats]
+    comm.all_reduce(np.ones(5, np.float32))  # auto: the stat names the algorithm it chose
+    return stats, summarize(list(comm.stats)[:5]), format_stats(list(comm.stats)[:5]), comm.stats[-1].algorithm
 
 
 @pytest.mark.timeout(60)
 def test_stats_record_every_collective():
-    stats, summary, table = pycoll.testing.run(_some_collectives, 3, timeout=50)[1]
+    stats, summary, table, chosen = pycoll.testing.run(_some_collectives, 3, timeout=50)[1]
+    assert chosen in pycoll.planners.ALGORITHMS and chosen != "auto"
     assert [(s[0], s[1], s[2], s[4], s[6]) for s in stats] == [
         ("all_reduce", "ring", 4000, 3, True), ("all_reduce", "ring", 80, 3, True),
         ("all_gather", "ring", 24, 3, True), ("broadcast", "ring", 7, 3, True), ("barrier", "ring", 0, 3, True)]
