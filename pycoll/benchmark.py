@@ -3,8 +3,9 @@
     pycoll bench                                   # 2 and 4 ranks, 4 KiB .. 16 MiB, table
     pycoll bench -n 2,4,8 --sizes 1M,64M --plot busbw.png --json results.json
 
-Every world size runs in fresh local processes talking over loopback. For each implementation,
-algorithm and message size: a few warm-up calls, then iterations of *barrier, time one all-reduce
+Every world size runs in fresh local processes talking over loopback; at each message size the
+implementations and algorithms take turns in the same processes (a change in the machine's load
+hits them alike). For each: a few warm-up calls, then iterations of *barrier, time one all-reduce
 of float32*; an iteration's time is the slowest rank's, and the table shows the median over
 iterations. Bandwidth as nccl-tests defines it: algbw = bytes / time, busbw = algbw * 2(n-1)/n.
 
@@ -98,50 +99,58 @@ def _measure(comm, op, barrier, iters, warmup):
     return float(np.median(times)), float(times.min())
 
 
-def _torch_group(backend, port, comm):
+def _torch_groups(impls, port, comm):
+    """torch.distributed groups for the torch implementations, all alive at
+    once so the cases can take turns: {impl: (dist, group)}."""
+    wanted = [i for i in impls if i != "pycoll"]
+    if not wanted:
+        return {}
     import torch.distributed as dist
-    if backend == "pycoll":
+    if "torch-pycoll" in wanted:
         import pycoll.torch_backend  # noqa: F401 - registers the backend
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=comm.rank,
+    default = "gloo" if "gloo" in wanted else "pycoll"
+    dist.init_process_group(default, init_method=f"tcp://127.0.0.1:{port}", rank=comm.rank,
                             world_size=comm.world_size)
-    return dist
+    groups = {"gloo" if default == "gloo" else "torch-pycoll": None}
+    if default == "gloo" and "torch-pycoll" in wanted:
+        groups["torch-pycoll"] = dist.new_group(backend="pycoll")
+    return {impl: (dist, group) for impl, group in groups.items()}
 
 
-def _bench_rank(comm, plan, ports, iters, warmup, progress):
-    """Runs on every rank: ``plan`` is a list of (impl, algorithm, nbytes)."""
+def _bench_rank(comm, plan, port, iters, warmup, progress):
+    """Runs on every rank: ``plan`` is a list of (impl, algorithm, nbytes),
+    in the order to run (implementations take turns at each size, so a
+    change in the machine's load hits them alike)."""
     from tqdm import tqdm
     out = []
     bar = tqdm(total=len(plan), desc=f"{comm.world_size} ranks", unit="case", leave=False,
                disable=not progress or comm.rank != 0, file=sys.stderr)
-    by_impl = {}
-    for case in plan:
-        by_impl.setdefault(case[0], []).append(case)
-    for impl, cases in by_impl.items():
-        dist = None
-        if impl != "pycoll":
-            dist = _torch_group("gloo" if impl == "gloo" else "pycoll", ports[impl], comm)
-        try:
-            for _, algorithm, nbytes in cases:
-                n_iter = iters or _default_iters(nbytes, comm.world_size)
-                arr = np.full(nbytes // 4, comm.rank + 1, np.float32)
-                if dist is None:
-                    def op(arr=arr, algorithm=algorithm):
-                        comm.all_reduce(arr, algorithm=algorithm)
-                    barrier = comm.barrier
-                else:
-                    import torch
-                    t = torch.from_numpy(arr)
+    torch_groups = _torch_groups({impl for impl, _, _ in plan}, port, comm)
+    try:
+        for impl, algorithm, nbytes in plan:
+            n_iter = iters or _default_iters(nbytes, comm.world_size)
+            arr = np.full(nbytes // 4, comm.rank + 1, np.float32)
+            if impl == "pycoll":
+                def op(arr=arr, algorithm=algorithm):
+                    comm.all_reduce(arr, algorithm=algorithm)
+                barrier = comm.barrier
+            else:
+                import torch
+                dist, group = torch_groups[impl]
+                t = torch.from_numpy(arr)
 
-                    def op(t=t):
-                        dist.all_reduce(t)
-                    barrier = dist.barrier
-                med, best = _measure(comm, op, barrier, n_iter, warmup)
-                out.append((impl, algorithm, nbytes, med, best, n_iter))
-                bar.update(1)
-        finally:
-            if dist is not None:
-                dist.destroy_process_group()
-    bar.close()
+                def op(t=t, dist=dist, group=group):
+                    dist.all_reduce(t, group=group)
+
+                def barrier(dist=dist, group=group):
+                    dist.barrier(group=group)
+            med, best = _measure(comm, op, barrier, n_iter, warmup)
+            out.append((impl, algorithm, nbytes, med, best, n_iter))
+            bar.update(1)
+    finally:
+        if torch_groups:
+            next(iter(torch_groups.values()))[0].destroy_process_group()
+        bar.close()
     return out
 
 
@@ -167,14 +176,11 @@ def run_benchmark(world_sizes=DEFAULT_WORLD_SIZES, sizes=DEFAULT_SIZES, algorith
             print("pycoll bench: torch is not installed: skipping gloo/torch-pycoll "
                   "(pip install 'pycoll[torch]')", file=sys.stderr)
             impls = [i for i in impls if i == "pycoll"]
-    plan = []
-    for impl in impls:
-        for algorithm in (algorithms if impl == "pycoll" else ["-"]):
-            plan += [(impl, algorithm, int(s)) for s in sizes]
+    plan = [(impl, algorithm, int(size)) for size in sizes for impl in impls
+            for algorithm in (algorithms if impl == "pycoll" else ["-"])]
     results = []
     for n in world_sizes:
-        ports = {impl: free_port() for impl in impls if impl != "pycoll"}
-        rows = run(_bench_rank, n, args=(plan, ports, iters, warmup, progress), timeout=timeout,
+        rows = run(_bench_rank, n, args=(plan, free_port(), iters, warmup, progress), timeout=timeout,
                    init_kwargs={"timeout": 120})[0]
         results += [Result(impl, algorithm, n, nbytes, med, best, k) for impl, algorithm, nbytes, med, best, k in rows]
     return results
