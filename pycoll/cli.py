@@ -5,6 +5,7 @@
     pycoll master --port 29500         # a standalone coordinator
     pycoll bench --plot busbw.png      # all-reduce benchmark against Gloo
     pycoll topology topo.toml          # check a topology file, show rings and Hamiltonian cycles
+    pycoll aggregator --group rack0    # a standalone in-network aggregator for one topology group
 
 Every subcommand imports what it needs when it runs, so ``pycoll --help`` is instant.
 """
