@@ -210,6 +210,7 @@ typedef struct {
     int32_t *ready;        /* stack of ready local ops */
     int32_t nready;
     int32_t done, before_tail;
+    int32_t end;           /* ops [0, end) run: nops, or tail_first for a body-only run */
     chan_state *ch;
     int32_t *active;       /* channels with any op */
     int32_t nactive;
@@ -220,7 +221,7 @@ typedef struct {
 static int is_net(int32_t kind) { return kind == PC_OP_SEND || kind == PC_OP_RECV || kind == PC_OP_RECV_REDUCE; }
 
 static int op_ready(const run_state *r, int32_t i) {
-    return r->pending[i] == 0 && (i < r->plan->tail_first || r->before_tail == 0);
+    return i < r->end && r->pending[i] == 0 && (i < r->plan->tail_first || r->before_tail == 0);
 }
 
 static void complete(run_state *r, int32_t i) {
@@ -231,7 +232,7 @@ static void complete(run_state *r, int32_t i) {
         if (--r->pending[d] == 0 && !is_net(p->ops[d].kind) && op_ready(r, d)) r->ready[r->nready++] = d;
     }
     if (i < p->tail_first && --r->before_tail == 0) {
-        for (int32_t t = p->tail_first; t < p->nops; t++)
+        for (int32_t t = p->tail_first; t < r->end; t++)
             if (r->pending[t] == 0 && !is_net(p->ops[t].kind)) r->ready[r->nready++] = t;
     }
 }
@@ -434,7 +435,7 @@ static pc_status prepare(run_state *r) {
             if (d < 0 || d >= i) return PC_ERR_ARG; /* deps point backwards: no cycles */
             r->dep_start[d + 1]++;
         }
-        if (is_net(op->kind)) {
+        if (is_net(op->kind) && i < r->end) {
             if (op->peer < 0 || op->peer >= c->nranks || op->peer == c->rank || op->stripe < 0 ||
                 op->stripe >= c->stripes || !c->conns[op->peer * c->stripes + op->stripe])
                 return PC_ERR_ARG;
@@ -463,7 +464,7 @@ static pc_status prepare(run_state *r) {
         if (!cs->send_q || !cs->recv_q) return PC_ERR_NOMEM;
         cs->nsend = cs->nrecv = 0;
     }
-    for (int32_t i = 0; i < nops; i++) {
+    for (int32_t i = 0; i < r->end; i++) {
         const pc_op *op = &p->ops[i];
         if (!is_net(op->kind)) continue;
         chan_state *cs = &r->ch[op->peer * c->stripes + op->stripe];
@@ -471,7 +472,7 @@ static pc_status prepare(run_state *r) {
         else cs->recv_q[cs->nrecv++] = i;
     }
     r->before_tail = p->tail_first;
-    for (int32_t i = 0; i < nops; i++)
+    for (int32_t i = 0; i < r->end; i++)
         if (r->pending[i] == 0 && !is_net(p->ops[i].kind) && op_ready(r, i)) r->ready[r->nready++] = i;
     return PC_OK;
 }
@@ -513,11 +514,57 @@ static void wait_for_io(run_state *r, double deadline) {
     if (fds != stack_fds) free(fds);
 }
 
+/* A body-only run must leave the caller's input as it found it, so that an
+ * aborted collective can be re-run: no op before the tail may write IN, nor
+ * OUT when OUT overlaps IN. */
+static int body_keeps_input(const pc_plan *plan, void *const *bufs, const uint64_t *buf_bytes) {
+    const uint8_t *in = bufs[PC_BUF_IN], *out = bufs[PC_BUF_OUT];
+    int overlap = in && out && out < in + buf_bytes[PC_BUF_IN] && in < out + buf_bytes[PC_BUF_OUT];
+    for (int32_t i = 0; i < plan->tail_first; i++) {
+        const pc_op *o = &plan->ops[i];
+        int writes = o->kind == PC_OP_RECV || o->kind == PC_OP_RECV_REDUCE || o->kind == PC_OP_COPY ||
+                     o->kind == PC_OP_REDUCE || o->kind == PC_OP_SCALE;
+        if (!writes || !o->len || !(o->dst_buf == PC_BUF_IN || (overlap && o->dst_buf == PC_BUF_OUT))) continue;
+        if (o->kind == PC_OP_COPY && (o->src_buf == PC_BUF_IN || o->src_buf == PC_BUF_OUT) &&
+            (const uint8_t *)bufs[o->src_buf] + o->src_off == (const uint8_t *)bufs[o->dst_buf] + o->dst_off)
+            continue; /* a copy onto itself (one rank: IN is OUT) changes nothing */
+        return 0;
+    }
+    return 1;
+}
+
+/* The tail alone: local ops only, in plan order, not cancellable (it runs
+ * after the group agreed that the body succeeded everywhere). */
+static pc_status run_tail(pc_comm *comm, const pc_plan *plan, run_state *r) {
+    for (int32_t i = plan->tail_first; i < plan->nops; i++)
+        if (is_net(plan->ops[i].kind)) {
+            set_err(comm, "plan tail holds a network op; it cannot run on its own");
+            return PC_ERR_ARG;
+        }
+    if (plan->need_bytes[PC_BUF_SCRATCH] > comm->scratch_cap) {
+        set_err(comm, "tail run without the body that fills scratch");
+        return PC_ERR_ARG;
+    }
+    for (int32_t i = plan->tail_first; i < plan->nops; i++) run_local(r, i);
+    return PC_OK;
+}
+
 pc_status pc_comm_run(pc_comm *comm, const pc_plan *plan, void *const *bufs, const uint64_t *buf_bytes,
                       int32_t dtype, int32_t op, uint64_t seq, uint32_t desc, double timeout_s,
                       int32_t *failed_peer) {
+    return pc_comm_run_part(comm, plan, PC_RUN_ALL, bufs, buf_bytes, dtype, op, seq, desc, timeout_s,
+                            failed_peer);
+}
+
+pc_status pc_comm_run_part(pc_comm *comm, const pc_plan *plan, int32_t part, void *const *bufs,
+                           const uint64_t *buf_bytes, int32_t dtype, int32_t op, uint64_t seq, uint32_t desc,
+                           double timeout_s, int32_t *failed_peer) {
     if (failed_peer) *failed_peer = -1;
-    if (comm->broken) {
+    if (part < PC_RUN_ALL || part > PC_RUN_TAIL || plan->tail_first < 0 || plan->tail_first > plan->nops) {
+        set_err(comm, "bad run part %d or unfinished plan", part);
+        return PC_ERR_ARG;
+    }
+    if (comm->broken && part != PC_RUN_TAIL) {
         set_err(comm, "communicator was shut down by an earlier failure; rebuild it");
         return PC_ERR_IO;
     }
@@ -537,7 +584,11 @@ pc_status pc_comm_run(pc_comm *comm, const pc_plan *plan, void *const *bufs, con
                     (unsigned long long)plan->need_bytes[b]);
             return PC_ERR_ARG;
         }
-    if (plan->need_bytes[PC_BUF_SCRATCH] > comm->scratch_cap) {
+    if (part == PC_RUN_BODY && !body_keeps_input(plan, bufs, buf_bytes)) {
+        set_err(comm, "this plan writes the caller's input before its tail; it cannot run in two parts");
+        return PC_ERR_ARG;
+    }
+    if (part != PC_RUN_TAIL && plan->need_bytes[PC_BUF_SCRATCH] > comm->scratch_cap) {
         void *s = realloc(comm->scratch, plan->need_bytes[PC_BUF_SCRATCH]);
         if (!s) {
             set_err(comm, "out of memory for %llu bytes of scratch", (unsigned long long)plan->need_bytes[PC_BUF_SCRATCH]);
@@ -559,6 +610,8 @@ pc_status pc_comm_run(pc_comm *comm, const pc_plan *plan, void *const *bufs, con
     r.seq = seq;
     r.desc = desc;
     r.failed_peer = -1;
+    r.end = part == PC_RUN_BODY ? plan->tail_first : plan->nops;
+    if (part == PC_RUN_TAIL) return run_tail(comm, plan, &r);
     pc_status st = prepare(&r);
     if (st != PC_OK) {
         set_err(comm, st == PC_ERR_NOMEM ? "out of memory preparing a plan" : "malformed plan");
@@ -567,7 +620,7 @@ pc_status pc_comm_run(pc_comm *comm, const pc_plan *plan, void *const *bufs, con
     }
     double deadline = now_s() + (timeout_s > 0 ? timeout_s : 1e9);
     double idle_since = -1;
-    while (r.status == PC_OK && r.done < plan->nops) {
+    while (r.status == PC_OK && r.done < r.end) {
         int moved = run_locals(&r);
         for (int32_t a = 0; a < r.nactive && r.status == PC_OK; a++) {
             int32_t k = r.active[a];
@@ -576,7 +629,7 @@ pc_status pc_comm_run(pc_comm *comm, const pc_plan *plan, void *const *bufs, con
             moved |= pump_recv(&r, k);
         }
         moved |= run_locals(&r);
-        if (r.status != PC_OK || r.done == plan->nops) break;
+        if (r.status != PC_OK || r.done == r.end) break;
         if (__atomic_load_n(&comm->cancelled, __ATOMIC_SEQ_CST)) {
             fail(&r, PC_ERR_CANCELLED, -1, "collective cancelled");
             break;
@@ -584,7 +637,7 @@ pc_status pc_comm_run(pc_comm *comm, const pc_plan *plan, void *const *bufs, con
         double t = now_s();
         if (t > deadline) {
             fail(&r, PC_ERR_TIMEOUT, -1, "collective timed out after %.3f s (%d of %d steps done)", timeout_s,
-                 r.done, plan->nops);
+                 r.done, r.end);
             break;
         }
         if (moved) {

@@ -210,6 +210,19 @@ pc_status pc_comm_run(pc_comm *comm, const pc_plan *plan, void *const *bufs,
                       uint64_t seq, uint32_t desc, double timeout_s,
                       int32_t *failed_peer);
 
+/* Parts of a plan for pc_comm_run_part. A collective that must agree with
+ * the group before it touches the caller's buffer runs its BODY (every
+ * transfer; results stay in scratch, the input is left as it was: plans
+ * that would write it are refused with PC_ERR_ARG), then, once the group
+ * decided to commit, its TAIL (the local copies out of scratch; not
+ * cancellable). ALL is both, as pc_comm_run does. */
+#define PC_RUN_ALL 0
+#define PC_RUN_BODY 1
+#define PC_RUN_TAIL 2
+pc_status pc_comm_run_part(pc_comm *comm, const pc_plan *plan, int32_t part, void *const *bufs,
+                           const uint64_t *buf_bytes, int32_t dtype, int32_t op, uint64_t seq,
+                           uint32_t desc, double timeout_s, int32_t *failed_peer);
+
 /* Validates a 32-byte frame header against what the plan expects; on
  * mismatch returns PC_ERR_PROTO and writes the reason into why. */
 pc_status pc_frame_check(const uint8_t *hdr, uint32_t tag, uint32_t desc, uint64_t seq,
@@ -220,5 +233,28 @@ pc_status pc_frame_check(const uint8_t *hdr, uint32_t tag, uint32_t desc, uint64
  * stripe 0, no reduction: the ceiling a ring can reach on these links. */
 pc_status pc_comm_stream_ring(pc_comm *comm, uint64_t bytes, double timeout_s,
                               double *seconds);
+
+/* ---- plans built op by op (point-to-point transfers, custom schedules) --- */
+/* An empty plan for `rank` of `nranks`. Append ops (deps are indices of
+ * earlier ops; *index receives the new op's index), optionally start the
+ * tail, then seal it before running. Every op is checked as it is added. */
+pc_status pc_plan_create(int32_t nranks, int32_t rank, pc_plan **out);
+pc_status pc_plan_append(pc_plan *plan, const pc_op *op, const int32_t *deps, int32_t ndeps,
+                         int32_t *index);
+pc_status pc_plan_start_tail(pc_plan *plan);
+pc_status pc_plan_seal(pc_plan *plan);
+
+/* ---- hashing ----------------------------------------------------------- */
+/*
+ * A fast 64-bit non-cryptographic hash for parity checks. Data is cut into
+ * fixed 64 KiB blocks hashed independently (4 lanes of multiply-rotate
+ * mixing each) and the block digests are folded in order, so the value does
+ * not depend on how many threads computed it. pc_hash64_many hashes n
+ * buffers at once with up to `threads` threads (0 = one per CPU, at most
+ * 16); out[i] is the hash of ptrs[i][0..lens[i]).
+ */
+pc_status pc_hash64(const void *data, uint64_t len, uint64_t seed, uint64_t *out);
+pc_status pc_hash64_many(const void *const *ptrs, const uint64_t *lens, int32_t n, uint64_t seed,
+                         int32_t threads, uint64_t *out);
 
 #endif

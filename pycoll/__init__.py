@@ -9,7 +9,7 @@ group of peers working while peers crash, join and leave.
 """
 from .comm import Communicator, Stat
 from .errors import (Cancelled, CollectiveError, CollectiveTimeout, CoordinatorError, InvalidArgument,
-                     PeerFailure, ProtocolError)
+                     ParityError, PeerFailure, ProtocolError)
 from .group import connect, init
 from .limits import Limits
 from .observability import configure_logging
@@ -22,5 +22,5 @@ __version__ = "0.1.0"
 __all__ = [
     "init", "connect", "Communicator", "Work", "Stat", "configure_logging",
     "CollectiveError", "PeerFailure", "ProtocolError", "CollectiveTimeout", "Cancelled",
-    "InvalidArgument", "CoordinatorError", "Limits",
+    "InvalidArgument", "CoordinatorError", "ParityError", "Limits",
 ]

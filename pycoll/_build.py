@@ -11,7 +11,8 @@ from cffi import FFI
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CSRC = os.path.join(os.path.dirname(HERE), "csrc")
-SOURCES = ["reduce.c", "plan.c", "plan_ring.c", "plan_tree.c", "plan_hier.c", "engine.c", "transport_tcp.c"]
+SOURCES = ["reduce.c", "plan.c", "plan_ring.c", "plan_tree.c", "plan_hier.c", "plan_custom.c", "engine.c",
+           "transport_tcp.c", "hash.c"]
 
 
 def header_cdef(path):
@@ -33,8 +34,8 @@ def header_cdef(path):
 def build_ffi():
     ffi = FFI()
     ffi.cdef(header_cdef(os.path.join(CSRC, "pycoll.h")))
-    cflags = ["-std=c99", "-O3", "-Wall", "-Wextra", "-Wno-unused-parameter", "-fno-strict-aliasing"]
-    ldflags = []
+    cflags = ["-std=c99", "-O3", "-Wall", "-Wextra", "-Wno-unused-parameter", "-fno-strict-aliasing", "-pthread"]
+    ldflags = ["-pthread"]  # hash.c hashes large buffers on several threads
     if os.environ.get("PYCOLL_SANITIZE"):
         cflags += ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-O1", "-g"]
         ldflags += ["-fsanitize=address,undefined"]

@@ -18,7 +18,7 @@ import threading
 import time
 import zlib
 
-from . import aggregator, costmodel, planners
+from . import aggregator, consensus, costmodel, planners, shared_state
 from ._native import ffi, lib, status_error
 from .buffers import as_buffer
 from .dtypes import op_code
@@ -68,6 +68,10 @@ class Communicator:
         self.epoch = 0
         self.members = []
         self.lost = []              # names lost at the last membership change
+        self.joined = []            # names admitted at the last membership change
+        self.name = client.name     # this peer's stable name
+        self.last_outcome = None    # consensus.Outcome of the last retry=/verify= collective
+        self.max_retries = 8        # attempts of a retry=True collective beyond the first
         self.stats = collections.deque(maxlen=10000)
         self._comm = None
         self._switch = None  # aggregator.SwitchPath when the epoch has standalone aggregators
@@ -80,8 +84,9 @@ class Communicator:
         self._seq = 0
         self._plans = {}
         self._broken = False
-        self._aborted_epoch = -1
+        self._aborted_epoch = -1    # highest epoch the coordinator said was aborted
         self._abort_reason = ""
+        self._abort_lost = []
         self._closed = False
         self._cbufs = ffi.new("void *[2]")
         self._csizes = ffi.new("uint64_t[2]")
@@ -90,30 +95,49 @@ class Communicator:
 
     # ---- membership ----------------------------------------------------
     def _on_abort(self, msg):
-        """Coordinator push (heartbeat thread): a member of our epoch failed."""
-        if msg.get("epoch") != self.epoch:
+        """Coordinator push (heartbeat thread): a member of an epoch failed.
+        The epoch may be one we are still connecting for (mesh building
+        watches _aborted_epoch)."""
+        epoch = int(msg.get("epoch", -1))
+        if epoch < self._aborted_epoch:
             return
-        self._aborted_epoch = msg["epoch"]
         self._abort_reason = msg.get("why", "")
+        self._abort_lost = list(msg.get("lost", []))
+        self._aborted_epoch = epoch
+        if epoch != self.epoch:
+            return
         self.cancel()
 
-    def _sync(self, rebuild):
+    def _sync(self, rebuild, admit=False):
         """Reach a sync point with every live member; rebuild the mesh if the
-        membership changed (or we must). Returns True if it changed."""
-        reply = self._client.request({"t": "sync", "epoch": self.epoch, "rebuild": rebuild},
-                                     timeout=self.sync_timeout)
-        if reply.get("unchanged") and not rebuild and self._comm is not None:
-            return False
-        self._install_epoch(reply)
-        return True
+        membership changed (or we must). Returns True if it changed.
+        Joiners are admitted only when every member syncs with ``admit``
+        (update_topology), never at a recovery sync. If a peer fails while
+        the new mesh is being built, every member notices and syncs again."""
+        deadline = time.monotonic() + self.sync_timeout
+        while True:
+            reply = self._client.request({"t": "sync", "epoch": self.epoch, "rebuild": rebuild, "admit": admit},
+                                         timeout=max(1.0, deadline - time.monotonic()))
+            if reply.get("unchanged") and not rebuild and self._comm is not None:
+                return False
+            try:
+                self._install_epoch(reply)
+                return True
+            except PeerFailure as exc:
+                consensus.report_epoch_failure(self, reply["epoch"], f"building the mesh failed: {exc}")
+                if time.monotonic() > deadline:
+                    raise
+                rebuild, admit = True, False
 
     def _install_epoch(self, reply):
         self._drop_comm()
         members = reply["members"]
         rank = reply["rank"]
         addrs = [m[1] for m in members]
-        fds = build_mesh(self._listener, rank, addrs, self.stripes, reply["epoch"], reply["token"],
-                         self.mesh_timeout, self.sockbuf, key=self._mesh_key)
+        epoch = reply["epoch"]
+        fds = build_mesh(self._listener, rank, addrs, self.stripes, epoch, reply["token"],
+                         self.mesh_timeout, self.sockbuf, key=self._mesh_key,
+                         should_abort=lambda: self._aborted_epoch >= epoch)
         nworkers, switches = aggregator.split_members(members)
         hcomm = None
         if switches:  # standalone aggregators: the whole mesh for them, the workers' part for us
@@ -128,6 +152,7 @@ class Communicator:
         self._hosts = [m[2] if len(m) > 2 else None for m in members]
         self._selector = None
         self.lost = list(reply.get("lost", []))
+        self.joined = list(reply.get("joined", []))
         self._seq = 0
         self._plans.clear()
         self._broken = False
@@ -165,10 +190,12 @@ class Communicator:
     def update_topology(self):
         """A sync point: every current member must call it (between steps).
         Admits pending joiners and drops dead members; returns True if the
-        membership changed. Cheap when nothing changed."""
+        membership changed (then ``rank``, ``world_size``, ``members``,
+        ``lost`` and ``joined`` describe the new group). Cheap when nothing
+        changed: one round trip to the coordinator."""
         with self._exec_lock:
             self._wait_idle_locked()
-            return self._sync(rebuild=self._broken)
+            return self._sync(rebuild=self._broken or self._aborted_epoch == self.epoch, admit=True)
 
     @property
     def aggregators(self):
@@ -221,13 +248,21 @@ class Communicator:
             # call (not run) so every survivor sees the failure exactly once.
             self._broken = True
             raise PeerFailure(f"rank {self.rank}: epoch {self.epoch} was aborted ({self._abort_reason}); "
-                              "this call did not run; the next call runs on the survivors")
+                              "this call did not run; the next call runs on the survivors",
+                              lost_names=self._abort_lost)
         if self._broken or self._comm is None:
             self._sync(rebuild=True)
 
-    def _execute(self, coll, inbuf, outbuf, count, op, root, algorithm, timeout, preserve, internal=False):
-        """Run one collective on the current epoch; raises on failure."""
-        self._ensure_ready()
+    def _execute(self, coll, inbuf, outbuf, count, op, root, algorithm, timeout, preserve, internal=False,
+                 agree=None):
+        """Run one collective on the current epoch; raises on failure.
+        ``agree`` (a consensus.Agreement) runs it with outcome consensus."""
+        if agree is not None:
+            agree.skip = consensus.begin(self)
+            if agree.root_name is not None:
+                root = agree.root(self)
+        else:
+            self._ensure_ready()
         algorithm = planners.check_algorithm(algorithm)
         chosen = self._selector_for_epoch().choose(coll, algorithm, max(inbuf.nbytes, outbuf.nbytes))
         if not 0 <= root < self.world_size:
@@ -257,6 +292,11 @@ class Communicator:
         lib.pc_comm_clear_cancel(ccomm)
         if self._aborted_epoch == self.epoch:
             lib.pc_comm_cancel(ccomm)
+        if agree is not None:
+            announce = (functools.partial(switch.announce, self._seq, desc, inbuf.code, opc, count, itemsize, timeout)
+                        if switch is not None else None)  # tell our switches what comes (pycoll.aggregator)
+            return agree.run(self, coll, chosen, plan, bufs, sizes, inbuf, outbuf, opc, desc, timeout, ccomm,
+                             announce)
         t0 = time.perf_counter()
         st = lib.PC_OK
         if switch is not None:  # tell our switches what comes (pycoll.aggregator)
@@ -281,16 +321,20 @@ class Communicator:
         if st == lib.PC_ERR_ARG:  # bad arguments: nothing was sent, the mesh is intact
             self._broken = False
             return status_error(st, f"{coll}: {message}", peer)
-        if self._aborted_epoch == self.epoch and st in (lib.PC_ERR_CANCELLED, lib.PC_ERR_PEER, lib.PC_ERR_IO):
-            message = f"{message}; coordinator: {self._abort_reason}"
+        # Let everyone else abort now rather than at their timeout, and learn
+        # the cause (who was lost) so the error can name it.
+        info = consensus.report_epoch_failure(self, self.epoch, message)
+        lost = info.get("lost") or []
+        if lost or (self._aborted_epoch == self.epoch and st in (lib.PC_ERR_CANCELLED, lib.PC_ERR_PEER,
+                                                                lib.PC_ERR_IO)):
+            message = f"{message}; coordinator: {info.get('why') or self._abort_reason}"
             st = lib.PC_ERR_PEER
-        try:  # let everyone else abort now rather than at their timeout
-            self._client.request({"t": "fail", "epoch": self.epoch, "why": message}, timeout=2.0)
-        except CollectiveError:
-            pass
         exc = status_error(st, f"rank {self.rank} {coll} (epoch {self.epoch}): {message}", peer)
         if isinstance(exc, Cancelled) and self._aborted_epoch == self.epoch:
             exc = PeerFailure(str(exc), st, peer)
+        if isinstance(exc, PeerFailure) and lost:
+            exc.lost, exc.lost_names = tuple(info.get("lost_ranks", ())), tuple(lost)
+            exc.peer = exc.lost[0] if exc.lost else peer
         return exc
 
     def _call(self, fn, async_op, description):
@@ -337,17 +381,30 @@ class Communicator:
             work._finish(result, exc)
 
     # ---- public collectives -------------------------------------------
-    def all_reduce(self, arr, op="sum", algorithm="auto", *, timeout=None, dtype=None, async_op=False):
+    def all_reduce(self, arr, op="sum", algorithm="auto", *, timeout=None, dtype=None, async_op=False,
+                   retry=False, verify=False):
         """Reduce ``arr`` across all ranks, in place; returns ``arr``.
 
         On failure the array holds its input again (unless the communicator
         was made with ``preserve_input=False``) and an exception is raised.
+
+        ``retry=True`` (or a number of retries): the group agrees on the
+        outcome before anyone writes ``arr`` (one extra round trip to the
+        coordinator); if a peer is lost the call re-runs over the survivors
+        and ``comm.last_outcome.contributors`` names the peers whose data is
+        in the result (``op="avg"`` divides by their number).
+        ``verify=True``: also cross-check a digest of the result across the
+        group; a mismatch raises ParityError on every rank, ``arr`` intact.
         """
         buf = as_buffer(arr, writable=True, what="all_reduce buffer", dtype=dtype)
         op_code(op)
 
         def run():
-            self._execute("all_reduce", buf, buf, buf.count, op, 0, algorithm, timeout, self.preserve_input)
+            if retry or verify:
+                consensus.run_agreed(self, lambda agree: self._execute(
+                    "all_reduce", buf, buf, buf.count, op, 0, algorithm, timeout, True, agree), retry, verify)
+            else:
+                self._execute("all_reduce", buf, buf, buf.count, op, 0, algorithm, timeout, self.preserve_input)
             return arr
         return self._call(run, async_op, "all_reduce")
 
@@ -355,8 +412,9 @@ class Communicator:
         """Like all_reduce, returns a :class:`Work`; several may be in flight."""
         return self.all_reduce(arr, op, algorithm, async_op=True, **kw)
 
-    def all_gather(self, send, recv, algorithm="auto", *, timeout=None, dtype=None, async_op=False):
-        """``recv`` receives world_size blocks of ``send``, in rank order."""
+    def all_gather(self, send, recv, algorithm="auto", *, timeout=None, dtype=None, async_op=False, verify=False):
+        """``recv`` receives world_size blocks of ``send``, in rank order.
+        ``verify=True`` cross-checks a digest of ``recv`` across the group."""
         sb = as_buffer(send, writable=False, what="all_gather send", dtype=dtype)
         rb = as_buffer(recv, writable=True, what="all_gather recv", dtype=dtype)
         self._check_same_dtype(sb, rb, "all_gather")
@@ -365,7 +423,11 @@ class Communicator:
             if rb.count != sb.count * self.world_size:
                 raise InvalidArgument(f"all_gather: recv has {rb.count} elements, needs world_size "
                                       f"({self.world_size}) x {sb.count}")
-            self._execute("all_gather", sb, rb, sb.count, "sum", 0, algorithm, timeout, False)
+            if verify:
+                consensus.run_agreed(self, lambda agree: self._execute(
+                    "all_gather", sb, rb, sb.count, "sum", 0, algorithm, timeout, False, agree), False, True)
+            else:
+                self._execute("all_gather", sb, rb, sb.count, "sum", 0, algorithm, timeout, False)
             return recv
         return self._call(run, async_op, "all_gather")
 
@@ -373,7 +435,7 @@ class Communicator:
         return self.all_gather(send, recv, algorithm, async_op=True, **kw)
 
     def reduce_scatter(self, send, recv, op="sum", algorithm="auto", *, timeout=None, dtype=None,
-                       async_op=False):
+                       async_op=False):  # no verify=: every rank holds a different block
         """``recv`` = this rank's block of the elementwise reduction of ``send``
         (``send`` holds world_size blocks of ``recv``'s size)."""
         sb = as_buffer(send, writable=False, what="reduce_scatter send", dtype=dtype)
@@ -392,13 +454,21 @@ class Communicator:
     def reduce_scatter_async(self, send, recv, op="sum", algorithm="auto", **kw):
         return self.reduce_scatter(send, recv, op, algorithm, async_op=True, **kw)
 
-    def broadcast(self, arr, root=0, algorithm="auto", *, timeout=None, dtype=None, async_op=False):
-        """Copy ``root``'s ``arr`` into every rank's ``arr``, in place."""
+    def broadcast(self, arr, root=0, algorithm="auto", *, timeout=None, dtype=None, async_op=False,
+                  retry=False, verify=False):
+        """Copy ``root``'s ``arr`` into every rank's ``arr``, in place.
+        ``retry``/``verify`` as for all_reduce; a retry follows the root peer
+        to its new rank and fails (not retryable) if the root itself was lost."""
         buf = as_buffer(arr, writable=True, what="broadcast buffer", dtype=dtype)
 
         def run():
-            self._execute("broadcast", buf, buf, buf.count, "sum", root, algorithm, timeout,
-                          self.preserve_input)
+            if retry or verify:
+                consensus.run_agreed(self, lambda agree: self._execute(
+                    "broadcast", buf, buf, buf.count, "sum", root, algorithm, timeout, True, agree),
+                    retry, verify, root=root)
+            else:
+                self._execute("broadcast", buf, buf, buf.count, "sum", root, algorithm, timeout,
+                              self.preserve_input)
             return arr
         return self._call(run, async_op, "broadcast")
 
@@ -499,6 +569,9 @@ def _digest(coll, dtype_code, op_code_, count, root, algorithm):
     that mismatched calls across ranks are detected by the receiver."""
     return zlib.crc32(struct.pack("<iiiQi8s", planners.COLLECTIVES[coll], dtype_code, op_code_, count, root,
                                   algorithm.encode()[:8]))
+
+
+shared_state.attach(Communicator)  # sync_shared_state(), verify_parity()
 
 
 class _Empty:

@@ -23,7 +23,12 @@ log = logging.getLogger("pycoll.control")
 
 
 class CoordinatorClient:
-    def __init__(self, host, port, name=None, heartbeat_interval=0.5, heartbeat_timeout=5.0,
+    """``heartbeat_timeout``: how long the coordinator may stay silent before
+    it counts as lost (requests then fail with CoordinatorError instead of
+    waiting on). Heartbeats go out every ``heartbeat_interval`` seconds
+    (default: a quarter of the timeout, at most 0.5 s)."""
+
+    def __init__(self, host, port, name=None, heartbeat_interval=None, heartbeat_timeout=5.0,
                  on_abort=None, context=None, secret=None, limits=None):
         self.host, self.port = host, port
         self.limits = resolve(limits)
@@ -33,8 +38,9 @@ class CoordinatorClient:
         self._sealer = auth.Sealer(self._to_key)  # used under self._lock only
         self.cred = ""  # given by the coordinator at join
         self.name = name or uuid.uuid4().hex[:12]
-        self.heartbeat_interval = heartbeat_interval
         self.heartbeat_timeout = heartbeat_timeout
+        self.heartbeat_interval = heartbeat_interval or min(0.5, heartbeat_timeout / 4.0)
+        self.evicted = None  # why the coordinator dropped us, once it says so
         self.on_abort = on_abort
         self.last_status = {}
         self._ctx = context or zmq.Context.instance()
@@ -75,9 +81,11 @@ class CoordinatorClient:
             while True:
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise CoordinatorError(
+                    exc = CoordinatorError(
                         f"no answer from the coordinator at {self.endpoint} to {msg['t']!r} within "
                         f"{timeout:.1f} s (is it running? did the group lose a member it waits for?)")
+                    exc.timed_out = True
+                    raise exc
                 if self._stop.is_set():
                     raise CoordinatorError("client closed")
                 if self._req.poll(min(left, 0.2) * 1000):
@@ -85,7 +93,8 @@ class CoordinatorClient:
                     if reply is None or reply.get("rid") != rid:
                         continue  # forged, or a late reply to a request that already timed out
                     if not reply.get("ok"):
-                        raise CoordinatorError(f"coordinator refused {msg['t']!r}: {reply.get('error')}")
+                        raise CoordinatorError(f"coordinator refused {msg['t']!r}: {reply.get('error')}",
+                                               evicted=bool(reply.get("evicted")))
                     if msg["t"] == "join" and isinstance(reply.get("cred"), str):
                         self.cred = reply["cred"]
                     return reply
@@ -141,6 +150,8 @@ class CoordinatorClient:
                     self._last_reply = time.monotonic()
                     if msg.get("t") == "hb":
                         self.last_status = msg
+                        if msg.get("known") is False:
+                            self.evicted = msg.get("why") or "unknown to the coordinator"
                     elif msg.get("t") == "abort" and self.on_abort is not None:
                         try:
                             self.on_abort(msg)

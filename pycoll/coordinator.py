@@ -1,24 +1,48 @@
-"""The coordinator: membership, epochs and liveness (pyzmq + msgpack).
+"""The coordinator: membership, epochs, liveness and agreement (pyzmq + msgpack).
 
 It never touches tensor data. Peers talk to it over two DEALER sockets each:
-``req`` for requests that get a reply (join, sync, ...) and ``hb`` for
-heartbeats and for messages the coordinator pushes (abort).
+``req`` for requests that get a reply (join, sync, outcome, ...) and ``hb``
+for heartbeats and for messages the coordinator pushes (abort).
 
 Membership moves in *epochs*. An epoch is a fixed, ordered list of members;
 a member's rank is its index. A new epoch forms at a *sync point*: every
-live member of the current epoch has sent ``sync`` (``update_topology()``,
-or the recovery after a failed collective). At that point the coordinator
-drops dead members, admits pending joiners, and answers all of them with the
-same member list; when nothing changed and nobody needs a rebuild the answer
-is "unchanged" and peers keep their connections. No collective is ever
-disturbed by a joiner, because joiners only enter at a sync point.
+live member of the current epoch has sent ``sync``. At that point the
+coordinator drops dead members and answers all of them with the same member
+list; when nothing changed and nobody needs a rebuild the answer is
+"unchanged" and peers keep their connections. Pending joiners are admitted
+only when every member's sync came from ``update_topology()`` (``admit``),
+never at the recovery sync after a failure, so no collective (and no retry
+of one) is ever disturbed by a joiner. Ranks are then reassigned
+deterministically: survivors keep their relative order, joiners follow in
+the order they joined.
 
 Death is noticed three ways: the member's heartbeat connection drops (a
 socket monitor reports the disconnected fd, which we map back to the member
-through the fd its heartbeats arrive on; instant for a killed process), heartbeats stop for
-``heartbeat_timeout`` seconds, or the member says ``leave``. The coordinator
-then pushes ``abort`` to the other members of the epoch so a collective in
-flight is cancelled at once instead of waiting for a timeout.
+through the fd its heartbeats arrive on; instant for a killed process),
+heartbeats stop for the member's detection bound (``heartbeat_timeout``,
+default 5 s, a peer may ask for less), or the member says ``leave``.
+
+*Aborts.* When a member of the epoch dies, or reports that an operation
+failed, the epoch is *aborted*: every member gets an ``abort`` push (which
+cancels a collective in flight) and must sync before running anything else.
+The abort's *cause* (who was lost, if anyone) becomes final as soon as a
+death is known, every live member has reported in, or ``cause_grace``
+seconds passed; waiting peers are answered then, so a survivor's error names
+the lost peer and every member agrees on whether a retry makes sense (it
+does when a member was lost).
+
+*Rounds.* Operations that need agreement are numbered like collectives (by
+the per-epoch sequence number every member keeps) and collect one report
+per member of the epoch:
+
+* ``collective`` (the outcome of ``retry=True``/``verify=True``
+  collectives): commit when every member reports its part succeeded (and,
+  with digests, they all agree), abort when the epoch is aborted first.
+  Each member copies results out of scratch only on commit, so the group
+  agrees on whether collective #k happened and over whom.
+* ``state`` (``sync_shared_state``): from per-tensor hashes, decide the
+  majority per tensor and who fetches which bytes from whom (pycoll.parity).
+* ``parity`` (``verify_parity``): the same comparison, reported, not fixed.
 
 Security: every message in both directions is signed with a key derived from
 the shared secret (``pycoll.auth``); unsigned, forged, stale or replayed
@@ -26,6 +50,7 @@ messages are dropped (and logged, rate-limited) before they are parsed.
 Requests are then shape-checked (``pycoll.schema``). A member's requests must
 carry the credential it was given at join, so nobody can speak for it.
 """
+import collections
 import hmac
 import logging
 import os
@@ -37,7 +62,7 @@ import msgpack
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from . import auth, schema
+from . import auth, parity, schema
 from .limits import resolve
 
 log = logging.getLogger("pycoll.coordinator")
@@ -56,9 +81,9 @@ def unpack(data):
 
 class Member:
     __slots__ = ("name", "addr", "host_id", "rank_hint", "join_seq", "last_seen", "alive",
-                 "req_ident", "hb_ident", "sync_rid", "sync_rebuild", "info", "cred")
+                 "req_ident", "hb_ident", "sync_rid", "sync_rebuild", "sync_admit", "info", "hb_timeout", "cred")
 
-    def __init__(self, name, addr, host_id, rank_hint, join_seq, info):
+    def __init__(self, name, addr, host_id, rank_hint, join_seq, info, hb_timeout):
         self.name = name
         self.addr = addr
         self.host_id = host_id
@@ -70,8 +95,38 @@ class Member:
         self.hb_ident = None
         self.sync_rid = None      # request id of a sync waiting for an answer
         self.sync_rebuild = False
+        self.sync_admit = False
         self.info = info
+        self.hb_timeout = hb_timeout
         self.cred = secrets.token_hex(16)  # proves later requests come from this member
+
+    def describe(self):
+        pid = self.info.get("pid") if isinstance(self.info, dict) else None
+        return f"{self.name}" + (f", pid {pid}" if pid else "")
+
+
+class Round:
+    """Reports of one numbered operation of the current epoch."""
+
+    __slots__ = ("seq", "kind", "reports", "waiters")
+
+    def __init__(self, seq, kind):
+        self.seq = seq
+        self.kind = kind
+        self.reports = {}   # name -> message
+        self.waiters = {}   # name -> (ident, rid)
+
+
+class Abort:
+    """Why the current epoch stopped; final once its cause is known."""
+
+    __slots__ = ("why", "since", "final", "lost")
+
+    def __init__(self, why):
+        self.why = why
+        self.since = time.monotonic()
+        self.final = False
+        self.lost = []
 
 
 class Coordinator:
@@ -80,15 +135,19 @@ class Coordinator:
     ``world_size``: when set, the first epoch waits for that many members
     (static groups, ``pycoll.init``); otherwise it forms as soon as
     ``min_world_size`` members are waiting (elastic groups, ``pycoll.connect``).
+    ``heartbeat_timeout``: the default detection bound for a silent member
+    (a member may ask for its own when it joins). ``cause_grace``: how long
+    a failure report waits for a death to explain it.
     ``secret``: the shared secret (default: ``PYCOLL_SECRET``); ``limits``: a
     :class:`pycoll.limits.Limits` (default: from the environment).
     """
 
     def __init__(self, host="127.0.0.1", port=0, world_size=None, min_world_size=1,
-                 heartbeat_timeout=5.0, context=None, secret=None, limits=None):
+                 heartbeat_timeout=5.0, context=None, cause_grace=0.5, secret=None, limits=None):
         self.world_size = world_size
         self.min_world_size = min_world_size
         self.heartbeat_timeout = heartbeat_timeout
+        self.cause_grace = cause_grace
         self.limits = resolve(limits)
         secret = auth.load_secret(secret)
         auth.warn_if_exposed(host, secret, "the pycoll coordinator")
@@ -113,14 +172,21 @@ class Coordinator:
         self._hb_fds = {}          # fd of a heartbeat connection -> Member
         self.members = {}          # name -> Member
         self.by_ident = {}         # zmq identity -> Member
+        self.removed = collections.OrderedDict()  # name -> why, for members declared dead (bounded)
         self.epoch = 0
         self.epoch_members = []    # names, rank order
         self.token = ""
+        self.abort = None          # Abort of the current epoch, or None
+        self.rounds = {}           # seq -> Round (current epoch)
+        self.decided = collections.OrderedDict()  # seq -> {rank: reply}, the last few decided rounds
+        self.fail_waiters = []     # (name, ident, rid): failure reports waiting for the cause
+        self.stats = collections.Counter()
         self._join_seq = 0
         self._stop = threading.Event()
         self._thread = None
         self.handlers = {"join": self._on_join, "sync": self._on_sync, "hb": self._on_hb,
-                         "leave": self._on_leave, "status": self._on_status, "fail": self._on_fail}
+                         "leave": self._on_leave, "status": self._on_status, "fail": self._on_fail,
+                         "round": self._on_round}
 
     # ---- running -------------------------------------------------------
     def start(self):
@@ -141,7 +207,7 @@ class Coordinator:
         log.info("coordinator listening on %s:%d", self.host, self.port)
         try:
             while not self._stop.is_set():
-                if poller.poll(100):
+                if poller.poll(50):
                     for _ in range(1000):  # drain, bounded
                         try:
                             frames = self._sock.recv_multipart(zmq.NOBLOCK, copy=False)
@@ -150,6 +216,7 @@ class Coordinator:
                         self._dispatch(frames)
                     self._drain_monitor()
                 self._check_liveness()
+                self._check_abort()
         finally:
             self._sock.disable_monitor()
             self._monitor.close(0)
@@ -221,8 +288,16 @@ class Coordinator:
     def _reply(self, ident, msg, **fields):
         self._send(ident, {"rid": msg.get("rid"), "ok": True, **fields})
 
-    def _error(self, ident, msg, error):
-        self._send(ident, {"rid": msg.get("rid"), "ok": False, "error": error})
+    def _error(self, ident, msg, error, **fields):
+        self._send(ident, {"rid": msg.get("rid"), "ok": False, "error": error, **fields})
+
+    def _rank_of(self, name):
+        return self.epoch_members.index(name) if name in self.epoch_members else -1
+
+    def _workers(self):
+        """Members of the epoch that take part in rounds (standalone
+        aggregators run their plans but never report)."""
+        return [n for n in self.epoch_members if n not in self.members or self._switch_group(self.members[n]) is None]
 
     # ---- handlers ------------------------------------------------------
     def _on_join(self, ident, msg):
@@ -245,17 +320,22 @@ class Coordinator:
         old = self.members.get(name)
         if old is not None and old.alive:
             return self._error(ident, msg, f"a live member named {name!r} exists")
+        if old is not None and name in self.epoch_members:
+            return self._error(ident, msg, f"member {name!r} is still being removed from epoch {self.epoch}; "
+                                           "join again once the group re-formed, or use another name")
         if sum(1 for m in self.members.values() if m.alive) >= self.limits.max_peers:
             return self._error(ident, msg, f"the group is full (max_peers {self.limits.max_peers}, "
                                            "PYCOLL_MAX_PEERS)")
         self._join_seq += 1
+        hb_timeout = float(msg.get("heartbeat_timeout") or self.heartbeat_timeout)
         m = Member(name, list(msg["addr"]), str(msg.get("host_id", "")), rank, self._join_seq,
-                   msg.get("info") or {})
+                   msg.get("info") or {}, hb_timeout)
         m.req_ident = ident
         self.members[name] = m
         self.by_ident[ident] = m
+        self.removed.pop(name, None)
         log.info("member %s joined (rank hint %s)", name, rank)
-        self._reply(ident, msg, epoch=self.epoch, cred=m.cred)
+        self._reply(ident, msg, epoch=self.epoch, heartbeat_timeout=hb_timeout, cred=m.cred)
         self._maybe_form_epoch()
 
     def _member_for(self, ident, msg):
@@ -268,10 +348,18 @@ class Coordinator:
             return None
         return m
 
+    def _unknown(self, ident, msg):
+        name = str(msg.get("name"))
+        why = self.removed.get(name)
+        if why is not None:
+            return self._error(ident, msg, f"this peer ({name}) was removed from the group: {why}; "
+                                           "join again with pycoll.connect()", evicted=True)
+        return self._error(ident, msg, "unknown or dead member: join again", evicted=True)
+
     def _on_hb(self, ident, msg, fd=None):
         m = self._member_for(ident, msg)
         if m is None:
-            return self._send(ident, {"t": "hb", "known": False})
+            return self._send(ident, {"t": "hb", "known": False, "why": self.removed.get(str(msg.get("name")))})
         if m.hb_ident != ident:
             m.hb_ident = ident
             self.by_ident[ident] = m
@@ -284,20 +372,51 @@ class Coordinator:
     def _on_sync(self, ident, msg):
         m = self._member_for(ident, msg)
         if m is None:
-            return self._error(ident, msg, "unknown or dead member: join again")
+            return self._unknown(ident, msg)
         m.req_ident = ident
         m.last_seen = time.monotonic()
         m.sync_rid = msg.get("rid")
         m.sync_rebuild = bool(msg.get("rebuild"))
+        m.sync_admit = bool(msg.get("admit"))
+        self._check_abort()
         self._maybe_form_epoch()
 
     def _on_fail(self, ident, msg):
-        """A member's collective failed: cancel the epoch everywhere."""
+        """A member's plain collective (or its mesh) failed: abort the epoch
+        everywhere, answer once the cause is known."""
         m = self._member_for(ident, msg)
-        if m is not None and msg.get("epoch") == self.epoch:
-            self._push_abort(f"rank {self.epoch_members.index(m.name) if m.name in self.epoch_members else '?'} "
-                             f"reported: {msg.get('why', 'failure')}", exclude=m)
-        self._reply(ident, msg)
+        if m is None:
+            return self._unknown(ident, msg)
+        if msg.get("epoch") != self.epoch or m.name not in self.epoch_members:
+            return self._reply(ident, msg, **self._abort_info(stale=True))
+        if msg.get("seq") in self.decided:  # gave up waiting, but it was decided meanwhile
+            return self._reply(ident, msg, decided=self.decided[msg["seq"]][self._rank_of(m.name)])
+        self._abort_epoch(f"rank {self._rank_of(m.name)} ({m.name}) reported: {msg.get('why', 'failure')}",
+                          exclude=m)
+        self.fail_waiters.append((m.name, ident, msg.get("rid")))
+        self._check_abort()
+
+    def _on_round(self, ident, msg):
+        """A report for round #seq of the epoch; answered when decided."""
+        m = self._member_for(ident, msg)
+        if m is None:
+            return self._unknown(ident, msg)
+        if msg.get("epoch") != self.epoch or m.name not in self.epoch_members:
+            return self._reply(ident, msg, decision="abort", **self._abort_info(stale=True))
+        seq, kind = int(msg["seq"]), str(msg["kind"])
+        rnd = self.rounds.get(seq)
+        if rnd is None:
+            rnd = self.rounds[seq] = Round(seq, kind)
+        rnd.reports[m.name] = msg
+        rnd.waiters[m.name] = (ident, msg.get("rid"))
+        if rnd.kind != kind:
+            self._abort_epoch(f"members called different operations as #{seq} of epoch {self.epoch} "
+                              f"({rnd.kind} and {kind})", final=True)
+        elif not msg.get("ok", True):
+            self._abort_epoch(f"rank {self._rank_of(m.name)} ({m.name}) failed: {msg.get('why', 'failure')}",
+                              exclude=m)
+        self._check_abort()
+        self._resolve(rnd)
 
     def _on_leave(self, ident, msg):
         m = self._member_for(ident, msg)
@@ -308,7 +427,7 @@ class Coordinator:
     def _on_status(self, ident, msg):
         self._reply(ident, msg, epoch=self.epoch, members=list(self.epoch_members),
                     alive=[n for n, x in self.members.items() if x.alive],
-                    world_size=self.world_size)
+                    world_size=self.world_size, stats=dict(self.stats))
 
     # ---- liveness ------------------------------------------------------
     def _check_liveness(self):
@@ -316,7 +435,7 @@ class Coordinator:
         for m in list(self.members.values()):
             # last_seen starts at join: a member that never heartbeats expires too
             # (with more grace: its client may not have started heartbeats yet)
-            limit = self.heartbeat_timeout if m.hb_ident is not None else 4 * self.heartbeat_timeout
+            limit = m.hb_timeout if m.hb_ident is not None else 4 * m.hb_timeout
             if m.alive and now - m.last_seen > limit:
                 self._declare_dead(m, f"no heartbeat for {now - m.last_seen:.1f} s")
 
@@ -324,23 +443,139 @@ class Coordinator:
         if not m.alive:
             return
         m.alive = False
+        self.removed[m.name] = why
+        while len(self.removed) > 1000:
+            self.removed.popitem(last=False)
         (log.info if graceful else log.warning)("member %s is gone: %s", m.name, why)
-        # A graceful leave finished its collectives: peers still completing
-        # theirs must not be aborted. They notice at the next sync point.
-        if m.name in self.epoch_members and not graceful:
-            self._push_abort(f"rank {self.epoch_members.index(m.name)} lost: {why}", lost=[m.name])
-        elif m.name not in self.epoch_members and self.members.get(m.name) is m:
+        if m.name in self.epoch_members:
+            rank = self._rank_of(m.name)
+            if not graceful:
+                self.stats["deaths"] += 1
+                self._abort_epoch(f"rank {rank} ({m.describe()}) lost: {why}", final=True)
+            elif any(m.name not in rnd.reports for rnd in self.rounds.values()):
+                # A graceful leave finished its collectives: peers still
+                # completing theirs are not aborted, only an operation
+                # that waits for the leaver is.
+                self._abort_epoch(f"rank {rank} ({m.describe()}) left during an operation", final=True)
+        elif self.members.get(m.name) is m:
             # never admitted: forget it now, so a flood of joins cannot grow memory
             del self.members[m.name]
             for ident in [i for i, x in self.by_ident.items() if x is m]:
                 del self.by_ident[ident]
+        self._check_abort()
         self._maybe_form_epoch()
 
-    def _push_abort(self, why, lost=(), exclude=None):
-        for name in self.epoch_members:
-            x = self.members.get(name)
-            if x is not None and x.alive and x is not exclude and x.hb_ident is not None:
-                self._send(x.hb_ident, {"t": "abort", "epoch": self.epoch, "why": why, "lost": list(lost)})
+    # ---- aborts --------------------------------------------------------
+    def _lost(self):
+        return [n for n in self.epoch_members if n in self.members and not self.members[n].alive]
+
+    def _abort_epoch(self, why, final=False, exclude=None):
+        if self.abort is None:
+            self.abort = Abort(why)
+            self.stats["aborts"] += 1
+            log.info("epoch %d aborted: %s", self.epoch, why)
+            lost = self._lost()
+            for name in self.epoch_members:
+                x = self.members.get(name)
+                if x is not None and x.alive and x is not exclude and x.hb_ident is not None:
+                    self._send(x.hb_ident, {"t": "abort", "epoch": self.epoch, "why": why, "lost": lost})
+        elif final and not self.abort.final and "lost" in why:
+            self.abort.why = why  # a death explains an earlier failure report better
+        if final:
+            self.abort.final = True
+
+    def _abort_info(self, stale=False):
+        if stale:
+            return {"why": "this operation belongs to an epoch that has ended", "lost": [], "lost_ranks": [],
+                    "retry": True}
+        lost = self.abort.lost
+        return {"why": self.abort.why, "lost": lost, "lost_ranks": [self._rank_of(n) for n in lost],
+                "lost_info": [self.members[n].describe() for n in lost if n in self.members],
+                "retry": bool(lost)}
+
+    def _check_abort(self):
+        """Make the abort's cause final when it is known, then answer waiters."""
+        a = self.abort
+        if a is None:
+            return
+        if not a.final:
+            live = [self.members[n] for n in self.epoch_members if self.members[n].alive]
+            waiting = {name for name, _, _ in self.fail_waiters}
+            for rnd in self.rounds.values():
+                waiting.update(rnd.waiters)
+            accounted = all(x.name in waiting or x.sync_rid is not None for x in live)
+            if self._lost() or accounted or time.monotonic() - a.since > self.cause_grace:
+                a.final = True
+        if not a.final:
+            return
+        a.lost = self._lost()
+        if a.lost and "lost" not in a.why:
+            x = self.members[a.lost[0]]
+            a.why = f"rank {self._rank_of(x.name)} ({x.describe()}) lost: {self.removed.get(x.name, 'gone')}"
+        info = self._abort_info()
+        for name, ident, rid in self.fail_waiters:
+            self._send(ident, {"rid": rid, "ok": True, **info})
+        self.fail_waiters = []
+        for rnd in list(self.rounds.values()):
+            for name, (ident, rid) in rnd.waiters.items():
+                self._send(ident, {"rid": rid, "ok": True, "decision": "abort", **info})
+            rnd.waiters.clear()
+        self.rounds.clear()
+
+    # ---- rounds --------------------------------------------------------
+    def _resolve(self, rnd):
+        """Decide a round once every member of the epoch reported."""
+        if self.abort is not None or rnd.seq not in self.rounds:
+            return
+        missing = [n for n in self._workers() if n not in rnd.reports]
+        if missing:
+            dead = [n for n in missing if not self.members[n].alive]
+            if dead:
+                self._abort_epoch(f"rank {self._rank_of(dead[0])} left before #{rnd.seq}", final=True)
+                self._check_abort()
+            return
+        del self.rounds[rnd.seq]
+        self.stats[f"round_{rnd.kind}"] += 1
+        by_rank = {self._rank_of(n): msg for n, msg in rnd.reports.items()}
+        replies = {}
+        try:
+            if rnd.kind == "collective":
+                replies = self._decide_collective(rnd, by_rank)
+            elif rnd.kind == "state":
+                replies = self._decide_state(by_rank)
+            elif rnd.kind == "parity":
+                report = parity.compare({r: m for r, m in by_rank.items()})
+                replies = {r: {"decision": "report", **report} for r in by_rank}
+            else:
+                replies = {r: {"decision": "error", "why": f"unknown round kind {rnd.kind!r}"} for r in by_rank}
+        except parity.LayoutMismatch as exc:
+            replies = {r: {"decision": "error", "why": str(exc)} for r in by_rank}
+        self.decided[rnd.seq] = replies
+        while len(self.decided) > 32:
+            self.decided.popitem(last=False)
+        for name, (ident, rid) in rnd.waiters.items():
+            self._send(ident, {"rid": rid, "ok": True, **replies[self._rank_of(name)]})
+
+    def _decide_collective(self, rnd, by_rank):
+        digests = {r: m.get("digest") for r, m in by_rank.items()}
+        common = {"members": self._workers(), "epoch": self.epoch, "seq": rnd.seq}
+        if any(d is not None for d in digests.values()):
+            want = parity.majority(digests)
+            odd = sorted(r for r, d in digests.items() if d != want)
+            if odd:
+                self.stats["parity_failures"] += 1
+                return {r: {"decision": "parity", "digests": [digests[q] for q in sorted(digests)],
+                            "differ": odd, **common} for r in by_rank}
+        self.stats["commits"] += 1
+        return {r: {"decision": "commit", **common} for r in by_rank}
+
+    def _decide_state(self, by_rank):
+        plan = parity.plan_sync(by_rank)
+        moved = any(plan["fetch"][r] for r in by_rank)
+        shared = {"revision": plan["revision"], "majority": [plan["majority"][n] for n in plan["names"]],
+                  "fetchers": plan["fetchers"], "transfer": moved}
+        return {r: {"decision": "state", "fetch": plan["fetch"][r], "serve": plan["serve"][r], **shared}
+                for r in by_rank}
 
     # ---- epochs --------------------------------------------------------
     @staticmethod
@@ -353,8 +588,9 @@ class Coordinator:
         current = [self.members[n] for n in self.epoch_members if self.members[n].alive]
         if any(m.sync_rid is None for m in current):
             return  # a live member has not reached the sync point yet
+        admit = all(m.sync_admit for m in current if self._switch_group(m) is None)
         joiners = [m for m in self.members.values()
-                   if m.alive and m.name not in self.epoch_members and m.sync_rid is not None]
+                   if m.alive and m.name not in self.epoch_members and m.sync_rid is not None] if admit else []
         waiting = current + joiners
         if not waiting:
             return
@@ -363,7 +599,7 @@ class Coordinator:
             if sum(1 for m in joiners if self._switch_group(m) is None) < need:
                 return
         lost = [n for n in self.epoch_members if not self.members[n].alive]
-        changed = bool(joiners or lost or any(m.sync_rebuild for m in current))
+        changed = bool(joiners or lost or any(m.sync_rebuild for m in current) or self.abort is not None)
         if not changed:
             for m in current:
                 self._send(m.req_ident, {"rid": m.sync_rid, "ok": True, "epoch": self.epoch,
@@ -378,17 +614,27 @@ class Coordinator:
         self.epoch += 1
         self.epoch_members = [m.name for m in waiting]
         self.token = secrets.token_hex(16)
-        for name in lost:  # forget the dead for good
-            del self.members[name]
+        self.abort = None
+        self.rounds = {}
+        self.decided.clear()
+        self.fail_waiters = []
+        self.stats["epochs"] += 1
+        for name in lost + [n for n, x in self.members.items() if not x.alive and n not in self.epoch_members]:
+            self.members.pop(name, None)  # forget the dead for good (members, and joiners that died waiting)
         for ident in [i for i, x in self.by_ident.items() if x.name not in self.members]:
             del self.by_ident[ident]
+        for fd in [f for f, x in self._hb_fds.items() if x.name not in self.members]:
+            del self._hb_fds[fd]
         members = [[m.name, m.addr, m.host_id, self._switch_group(m)] for m in waiting]
+        joined = [m.name for m in joiners]
         log.info("epoch %d: %d members (lost %d, joined %d)", self.epoch, len(waiting), len(lost), len(joiners))
         for rank, m in enumerate(waiting):
             self._send(m.req_ident, {"rid": m.sync_rid, "ok": True, "epoch": self.epoch, "unchanged": False,
-                                     "rank": rank, "members": members, "token": self.token, "lost": lost})
+                                     "rank": rank, "members": members, "token": self.token, "lost": lost,
+                                     "joined": joined})
             m.sync_rid = None
             m.sync_rebuild = False
+            m.sync_admit = False
 
 
 def main(host="127.0.0.1", port=29500, world_size=None, heartbeat_timeout=5.0):

@@ -27,12 +27,18 @@ class PeerFailure(CollectiveError):
     """A peer died, left, or broke the connection during the call.
 
     The communicator re-forms over the survivors before the next call.
-    ``lost`` lists the ranks the coordinator declared dead, when known.
+    ``lost`` lists the ranks (in the failed epoch) the coordinator declared
+    dead, when known, and ``lost_names`` the same peers by name (names stay
+    the same when ranks are reassigned). ``retryable`` is True when the
+    whole group agreed the call failed because a member was lost, so
+    running it again over the survivors is what every survivor does.
     """
 
-    def __init__(self, message, status=0, peer=None, lost=()):
+    def __init__(self, message, status=0, peer=None, lost=(), lost_names=(), retryable=False):
         super().__init__(message, status, peer)
         self.lost = tuple(lost)
+        self.lost_names = tuple(lost_names)
+        self.retryable = retryable
 
 
 class ProtocolError(CollectiveError):
@@ -50,4 +56,24 @@ class Cancelled(CollectiveError):
 
 
 class CoordinatorError(CollectiveError):
-    """The coordinator could not be reached, vanished, or refused us."""
+    """The coordinator could not be reached, vanished, or refused us.
+
+    ``evicted`` is True when the coordinator no longer counts this peer as a
+    member (it was declared dead, e.g. after a long stall); such a peer must
+    join again with ``pycoll.connect()``.
+    """
+
+    def __init__(self, message, status=0, peer=None, evicted=False):
+        super().__init__(message, status, peer)
+        self.evicted = evicted
+
+
+class ParityError(CollectiveError):
+    """Peers that should hold identical bytes do not (``verify=True`` found
+    different result digests). ``differ`` lists the ranks outside the
+    majority. A collective that raises it left the caller's buffer as it was.
+    """
+
+    def __init__(self, message, status=0, peer=None, differ=()):
+        super().__init__(message, status, peer)
+        self.differ = tuple(differ)

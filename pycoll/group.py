@@ -50,26 +50,32 @@ def _start_coordinator_if_free(host, port, world_size, heartbeat_timeout, secret
         return None
 
 
+DEFAULT_DETECTION = 5.0  # seconds of silence before a peer (or the coordinator) counts as lost
+
+
 def _make(master_addr, master_port, rank, world_size, *, join_timeout, heartbeat_interval, heartbeat_timeout,
-          host_coordinator, token=None, limits=None, **comm_options):
+          host_coordinator, token=None, limits=None, name=None, **comm_options):
     secret = auth.load_secret(token)
     limits = resolve(limits)
     advertise = os.environ.get("PYCOLL_ADDR") or local_address_towards(master_addr)
     bind = "127.0.0.1" if advertise.startswith("127.") else "0.0.0.0"
     coordinator = None
     if host_coordinator:
-        coordinator = _start_coordinator_if_free(master_addr, master_port, world_size, heartbeat_timeout,
-                                                 secret, limits)
+        coordinator = _start_coordinator_if_free(master_addr, master_port, world_size,
+                                                 heartbeat_timeout or DEFAULT_DETECTION, secret, limits)
     auth.warn_if_exposed(bind, secret, "this peer's data listener")
     listener = Listener(bind, advertise, sockbuf=comm_options.get("sockbuf", 0), limits=limits)
-    client = CoordinatorClient(master_addr, master_port, heartbeat_interval=heartbeat_interval,
-                               heartbeat_timeout=heartbeat_timeout, secret=secret, limits=limits)
+    client = CoordinatorClient(master_addr, master_port, name=name, heartbeat_interval=heartbeat_interval,
+                               heartbeat_timeout=heartbeat_timeout or DEFAULT_DETECTION, secret=secret,
+                               limits=limits)
     comm_options["mesh_key"] = auth.derive(secret, "mesh")
     comm = None
     try:
-        client.request({"t": "join", "proto": PROTOCOL, "addr": list(listener.addr), "host_id": host_id(),
-                        "rank": rank, "world_size": world_size, "info": {"pid": os.getpid()}},
-                       timeout=join_timeout)
+        join = {"t": "join", "proto": PROTOCOL, "addr": list(listener.addr), "host_id": host_id(),
+                "rank": rank, "world_size": world_size, "info": {"pid": os.getpid()}}
+        if heartbeat_timeout:
+            join["heartbeat_timeout"] = float(heartbeat_timeout)
+        client.request(join, timeout=join_timeout)
         client.start_heartbeats()
         comm = Communicator(client, listener, coordinator=coordinator, sync_timeout=join_timeout, **comm_options)
         comm._sync(rebuild=True)
@@ -85,7 +91,7 @@ def _make(master_addr, master_port, rank, world_size, *, join_timeout, heartbeat
 
 
 def init(rank=None, world_size=None, master_addr=None, master_port=None, *, timeout=DEFAULT_TIMEOUT,
-         join_timeout=120.0, heartbeat_interval=0.5, heartbeat_timeout=5.0, stripes=None,
+         join_timeout=120.0, heartbeat_interval=None, heartbeat_timeout=None, stripes=None,
          preserve_input=True, token=None, limits=None, **options):
     """Join a group of ``world_size`` peers as ``rank``.
 
@@ -93,6 +99,8 @@ def init(rank=None, world_size=None, master_addr=None, master_port=None, *, time
     MASTER_ADDR and MASTER_PORT. Rank 0 starts the coordinator on
     MASTER_PORT unless one (``pycoll master``) is already running there.
     Returns once all ``world_size`` peers are connected.
+    ``heartbeat_timeout`` is the detection bound (default 5 s): a peer silent
+    that long counts as dead, and so does a coordinator.
 
     ``token``: the group's shared secret (default ``PYCOLL_SECRET``); every
     peer and the coordinator must use the same one. ``limits``: a
@@ -115,12 +123,21 @@ def init(rank=None, world_size=None, master_addr=None, master_port=None, *, time
 
 
 def connect(master_addr=None, master_port=None, *, timeout=DEFAULT_TIMEOUT, join_timeout=300.0,
-            heartbeat_interval=0.5, heartbeat_timeout=5.0, stripes=None, token=None, limits=None, **options):
+            heartbeat_interval=None, heartbeat_timeout=None, stripes=None, name=None, token=None, limits=None,
+            **options):
     """Join an elastic group through its coordinator, at any time.
 
     Returns once this peer has been admitted, which happens when the current
     members next call ``update_topology()`` (immediately if the group is empty).
-    ``token`` and ``limits`` as for :func:`init`.
+    A joiner's first call must match what the members do right after
+    ``update_topology()`` (typically ``sync_shared_state``).
+
+    ``heartbeat_timeout``: this peer's detection bound (default: the
+    coordinator's, 5 s unless ``pycoll master --heartbeat-timeout`` says
+    otherwise): silent that long, it counts as dead and the group goes on
+    without it. ``name``: a stable, unique peer name (default: random);
+    ``comm.members`` and the contributors of ``retry=True`` collectives are
+    reported by name. ``token`` and ``limits`` as for :func:`init`.
     """
     master_addr = master_addr or os.environ.get("MASTER_ADDR", "127.0.0.1")
     master_port = master_port if master_port is not None else _env_master_port()
@@ -129,7 +146,7 @@ def connect(master_addr=None, master_port=None, *, timeout=DEFAULT_TIMEOUT, join
     stripes = stripes if stripes is not None else (_env_int("PYCOLL_STRIPES") or 1)
     return _make(master_addr, master_port, None, None, join_timeout=join_timeout,
                  heartbeat_interval=heartbeat_interval, heartbeat_timeout=heartbeat_timeout,
-                 host_coordinator=False, timeout=timeout, stripes=stripes, token=token, limits=limits,
+                 host_coordinator=False, timeout=timeout, stripes=stripes, name=name, token=token, limits=limits,
                  **options)
 
 

@@ -91,11 +91,13 @@ class Listener:
     def close(self):
         self.sock.close()
 
-    def accept_mesh(self, rank, expected, epoch, token, deadline, key=None):
+    def accept_mesh(self, rank, expected, epoch, token, deadline, key=None, should_abort=None):
         """Accept connections until ``expected`` {(peer, stripe)} all arrived.
 
         Returns {(peer, stripe): socket}. ``key``: the mesh key
         (``auth.derive(secret, "mesh")``); None means no secret.
+        ``should_abort()`` returning True (the epoch was aborted: a peer died
+        while connecting) stops the wait with PeerFailure.
         """
         key = key if key is not None else auth.derive(None, "mesh")
         timeout = self.limits.handshake_timeout
@@ -110,6 +112,8 @@ class Listener:
                     missing = sorted(set(expected) - set(got))
                     raise PeerFailure(f"rank {rank}: peers {sorted({p for p, _ in missing})} did not connect "
                                       f"in time for epoch {epoch}", peer=missing[0][0])
+                if should_abort is not None and should_abort():
+                    raise PeerFailure(f"rank {rank}: epoch {epoch} was aborted while connecting")
                 for sk, _ in sel.select(timeout=min(left, 0.2)):
                     if sk.fileobj is self.sock:
                         self._accept_some(sel, partial)
@@ -213,10 +217,22 @@ class Listener:
         got[(src, stripe)] = s
 
 
-def _recv_exact(s, n, what):
+def _recv_exact(s, n, what, should_abort=None, limit=HANDSHAKE_TIMEOUT):
+    """n bytes from s within ``limit`` seconds; with ``should_abort`` the wait
+    is cut into short slices so that an aborted epoch stops it."""
     buf = b""
+    end = time.monotonic() + limit
+    if should_abort is not None:
+        s.settimeout(0.1)
     while len(buf) < n:
-        part = s.recv(n - len(buf))
+        try:
+            part = s.recv(n - len(buf))
+        except socket.timeout:
+            if should_abort is None or time.monotonic() > end:
+                raise
+            if should_abort():
+                raise ConnectionError(f"epoch aborted while waiting for the {what}") from None
+            continue
         if not part:
             raise ConnectionError(f"closed during the hello ({what}): wrong PYCOLL_SECRET or epoch?")
         buf += part
@@ -224,21 +240,24 @@ def _recv_exact(s, n, what):
 
 
 def connect_peer(addr, rank, peer, stripe, epoch, token, deadline, sockbuf=0, key=None,
-                 handshake_timeout=HANDSHAKE_TIMEOUT):
+                 handshake_timeout=HANDSHAKE_TIMEOUT, should_abort=None):
     """Open one stripe to a lower-ranked peer and complete the authenticated hello."""
     key = key if key is not None else auth.derive(None, "mesh")
     hello = HELLO.pack(HELLO_MAGIC, HELLO_VERSION, stripe, rank, peer, epoch, token.encode()[:32])
     last = None
     while time.monotonic() < deadline:
+        if should_abort is not None and should_abort():
+            raise PeerFailure(f"rank {rank}: epoch {epoch} was aborted while connecting to rank {peer}", peer=peer)
         s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         _tune(s, sockbuf)
         s.settimeout(max(0.05, min(handshake_timeout, deadline - time.monotonic())))
         try:
             s.connect(tuple(addr))
-            chal = _recv_exact(s, auth.CHALLENGE_BYTES, "challenge")
+            limit = max(0.05, min(handshake_timeout, deadline - time.monotonic()))
+            chal = _recv_exact(s, auth.CHALLENGE_BYTES, "challenge", should_abort, limit)
             response = auth.respond(key, chal, hello)
             s.sendall(hello + response)
-            reply = _recv_exact(s, len(ACK) + auth.PROOF_BYTES, "ack")
+            reply = _recv_exact(s, len(ACK) + auth.PROOF_BYTES, "ack", should_abort, limit)
             if reply[:len(ACK)] != ACK:
                 raise ConnectionError("bad ack")
             if not auth.check_proof(key, chal, hello, response, reply[len(ACK):]):
@@ -256,7 +275,7 @@ def connect_peer(addr, rank, peer, stripe, epoch, token, deadline, sockbuf=0, ke
                       peer=peer)
 
 
-def build_mesh(listener, rank, addrs, stripes, epoch, token, timeout, sockbuf=0, key=None):
+def build_mesh(listener, rank, addrs, stripes, epoch, token, timeout, sockbuf=0, key=None, should_abort=None):
     """Connect to every peer; returns a list of n*stripes fds (-1 for self).
 
     ``key``: the mesh key (``auth.derive(secret, "mesh")``, None without a
@@ -274,14 +293,15 @@ def build_mesh(listener, rank, addrs, stripes, epoch, token, timeout, sockbuf=0,
             for p in range(rank):
                 for s in range(stripes):
                     outgoing[(p, s)] = connect_peer(addrs[p], rank, p, s, epoch, token, deadline, sockbuf,
-                                                    key, listener.limits.handshake_timeout)
+                                                    key, listener.limits.handshake_timeout, should_abort)
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 
     dialer = threading.Thread(target=dial, name="pycoll-dial", daemon=True)
     dialer.start()
     try:
-        incoming = listener.accept_mesh(rank, expected, epoch, token, deadline, key) if expected else {}
+        incoming = (listener.accept_mesh(rank, expected, epoch, token, deadline, key, should_abort)
+                    if expected else {})
     except BaseException:
         dialer.join(timeout=max(0.0, deadline - time.monotonic()) + 1)
         for s in outgoing.values():

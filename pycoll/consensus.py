@@ -1,0 +1,233 @@
+"""Collectives the whole group agrees on: ``retry=True`` and ``verify=True``.
+
+A plain collective is best effort per rank: when a peer dies near the end,
+a rank whose part already finished returns success while another raises.
+An *agreed* collective removes that ambiguity:
+
+1. every rank runs the plan's *body* (all transfers); results stay in the
+   engine's scratch and the caller's buffer is untouched;
+2. it reports ``done`` (with a digest of the result for ``verify=True``) or
+   ``failed`` to the coordinator as round #seq of the epoch: one small
+   round trip, the only extra cost of the fast path;
+3. the coordinator answers *commit* once every member reported done, or
+   *abort* if the epoch was aborted first (a death, a failure anywhere);
+4. on commit each rank runs the plan's *tail* (copies out of scratch); on
+   abort nothing was written, so the call raises with the input intact, or,
+   with ``retry=True`` and a lost member as the cause, every survivor
+   re-forms the group and runs the collective again over the survivors.
+
+So every participant agrees whether collective #k happened and over whom
+(``comm.last_outcome.contributors``). A member that dies *after* reporting
+done still contributed: its data is in every survivor's result.
+"""
+import collections
+import logging
+import time
+
+import numpy as np
+
+from ._native import ffi, lib, status_error
+from .errors import CollectiveError, CoordinatorError, InvalidArgument, ParityError, PeerFailure
+from . import testing
+from .testing import fault_point
+
+log = logging.getLogger("pycoll")
+
+#: seconds a failure report waits for the coordinator to name the cause
+FAIL_WAIT = 3.0
+#: extra seconds a rank waits for the decision beyond the collective timeout
+DECISION_MARGIN = 10.0
+
+
+class Outcome(collections.namedtuple("Outcome", "contributors world_size epoch seq attempts lost digest")):
+    """How the last ``retry=``/``verify=`` collective ended: the names of the
+    peers whose data is in the result (``contributors``, rank order of the
+    epoch it committed in), how many attempts it took, and the names of the
+    peers lost along the way."""
+
+
+def begin(comm):
+    """Prepare an agreed operation. Returns True when the current epoch is
+    already known to be aborted: the caller reports failure without running,
+    so it gets the same decision as the members that were inside."""
+    if comm._closed:
+        raise CollectiveError("communicator is closed")
+    if comm._aborted_epoch == comm.epoch and not comm._broken and comm._comm is not None:
+        return True
+    if comm._broken or comm._comm is None:
+        comm._sync(rebuild=True)
+    return False
+
+
+def report_epoch_failure(comm, epoch, why):
+    """Tell the coordinator an operation of ``epoch`` failed (so the other
+    members abort now rather than at their timeout) and wait briefly for the
+    cause. Returns the coordinator's answer ({} if it cannot be reached)."""
+    try:
+        return comm._client.request({"t": "fail", "epoch": epoch, "seq": comm._seq, "why": str(why)[:2000]},
+                                    timeout=FAIL_WAIT)
+    except CollectiveError:
+        return {}
+
+
+def report(comm, kind, seq, timeout, **fields):
+    """Round #seq of the epoch: send our report, wait for the decision."""
+    msg = {"t": "round", "kind": kind, "epoch": comm.epoch, "seq": seq, **fields}
+    try:
+        return comm._client.request(msg, timeout=timeout + DECISION_MARGIN)
+    except CoordinatorError as exc:
+        if not getattr(exc, "timed_out", False):
+            raise
+    # No decision in time (a member is stuck without being dead): withdraw,
+    # unless the round was decided meanwhile.
+    info = report_epoch_failure(comm, comm.epoch, f"no decision on #{seq} within {timeout + DECISION_MARGIN:.0f} s")
+    if "decided" in info:
+        return info["decided"]
+    return {"decision": "abort", "timed_out": True, **info}
+
+
+def abort_error(comm, what, reply, status=None, local="", failed_peer=-1):
+    """The exception for an abort decision (the same kind on every rank)."""
+    lost_names = list(reply.get("lost") or [])
+    lost_ranks = list(reply.get("lost_ranks") or [])
+    text = f"rank {comm.rank} {what} (epoch {comm.epoch}) did not complete: {reply.get('why', 'aborted')}"
+    if local:
+        text += f" [here: {local}]"
+    retry = bool(reply.get("retry"))
+    if retry or lost_names or status in (None, lib.PC_ERR_PEER, lib.PC_ERR_IO, lib.PC_ERR_CANCELLED):
+        peer = lost_ranks[0] if lost_ranks else (failed_peer if failed_peer >= 0 else None)
+        return PeerFailure(text, status or lib.PC_ERR_PEER, peer, lost=lost_ranks, lost_names=lost_names,
+                           retryable=retry)
+    if reply.get("timed_out"):
+        return status_error(lib.PC_ERR_TIMEOUT, text)
+    return status_error(status, text, failed_peer if failed_peer >= 0 else None)
+
+
+class Agreement:
+    """One attempt of an agreed collective (see the module docstring)."""
+
+    def __init__(self, verify=False, root_name=None):
+        self.verify = verify
+        self.root_name = root_name
+        self.skip = False
+
+    def root(self, comm):
+        """The broadcast root's rank in the current epoch (it may have moved)."""
+        if self.root_name not in comm.members:
+            raise PeerFailure(f"rank {comm.rank}: the broadcast root {self.root_name} was lost; nothing to retry",
+                              lost_names=(self.root_name,))
+        return comm.members.index(self.root_name)
+
+    def run(self, comm, coll, algorithm, plan, bufs, sizes, inbuf, outbuf, opc, desc, timeout, ccomm=None,
+            announce=None):
+        """``ccomm``: the C communicator the plan runs on (the switch mesh for
+        innetwork with standalone aggregators); ``announce()``: sends the
+        aggregators their descriptor first, returns (status, failed peer)."""
+        seq = comm._seq
+        ccomm = ccomm if ccomm is not None else comm._comm
+        nbytes = max(inbuf.nbytes, outbuf.nbytes)
+        t0 = time.perf_counter()
+        if self.skip:
+            why = f"epoch {comm.epoch} was aborted before this call ({comm._abort_reason})"
+            comm._broken = True
+            reply = report(comm, "collective", seq, timeout, ok=False, why=why)
+            raise abort_error(comm, f"{coll} #{seq}", reply, None, "this call did not run")
+        failed = ffi.new("int32_t *")
+        st = lib.PC_OK
+        if announce is not None:
+            st, failed[0] = announce()
+        if st == lib.PC_OK:
+            st = lib.pc_comm_run_part(ccomm, plan.ptr, lib.PC_RUN_BODY, bufs, sizes, inbuf.code, opc, seq, desc,
+                                      timeout, failed)
+        if st != lib.PC_OK:
+            message = ffi.string(lib.pc_comm_last_error(ccomm)).decode(errors="replace")
+            comm._broken = True
+            reply = report(comm, "collective", seq, timeout, ok=False, why=message)
+            comm.stats.append(_stat(comm, coll, algorithm, nbytes, t0, False))
+            if st == lib.PC_ERR_ARG:
+                raise InvalidArgument(f"{coll}: {message}", status=st)
+            raise abort_error(comm, f"{coll} #{seq}", reply, st, message, int(failed[0]))
+        if testing.FAULTS_ARMED:  # test hook: die between the body and the report
+            fault_point(f"agreed:{coll}")
+        digest = self._digest(ccomm, plan, bufs, sizes, inbuf, outbuf, opc, desc, seq) if self.verify else None
+        fields = {"ok": True}
+        if digest is not None:
+            fields["digest"] = digest
+        reply = report(comm, "collective", seq, timeout, **fields)
+        decision = reply.get("decision")
+        if testing.FAULTS_ARMED:  # test hook: die after the decision, before copying out
+            fault_point(f"decided:{coll}")
+        if decision == "commit":
+            st = lib.pc_comm_run_part(ccomm, plan.ptr, lib.PC_RUN_TAIL, bufs, sizes, inbuf.code, opc, seq, desc,
+                                      timeout, failed)
+            if st != lib.PC_OK:  # only a malformed plan gets here
+                raise status_error(st, ffi.string(lib.pc_comm_last_error(ccomm)).decode(errors="replace"))
+            comm.last_outcome = Outcome(tuple(reply.get("members", comm.members)), comm.world_size, comm.epoch, seq,
+                                        1, (), digest)
+            comm.stats.append(_stat(comm, coll, algorithm, nbytes, t0, True))
+            return algorithm
+        comm.stats.append(_stat(comm, coll, algorithm, nbytes, t0, False))
+        if decision == "parity":
+            differ = list(reply.get("differ", []))
+            raise ParityError(f"rank {comm.rank} {coll} #{seq} (epoch {comm.epoch}): result digests differ on "
+                              f"ranks {differ} (digests by rank: {[f'{d:016x}' for d in reply['digests']]}); "
+                              "the buffer was left as it was", differ=differ)
+        comm._broken = True
+        raise abort_error(comm, f"{coll} #{seq}", reply)
+
+    @staticmethod
+    def _digest(ccomm, plan, bufs, sizes, inbuf, outbuf, opc, desc, seq):
+        """Digest of what OUT will hold after the tail, computed before it."""
+        from .shared_state import hash_address
+        if plan.tail_first >= plan.nops:
+            return hash_address(outbuf.address, outbuf.nbytes)  # OUT already holds the result
+        tmp = np.empty(outbuf.nbytes, np.uint8)
+        tmp_addr = tmp.__array_interface__["data"][0]
+        if outbuf.nbytes:
+            ffi.memmove(ffi.cast("char *", tmp_addr), ffi.cast("char *", outbuf.address), outbuf.nbytes)
+        tbufs = ffi.new("void *[2]", [bufs[0], ffi.cast("void *", tmp_addr)])
+        failed = ffi.new("int32_t *")
+        st = lib.pc_comm_run_part(ccomm, plan.ptr, lib.PC_RUN_TAIL, tbufs, sizes, inbuf.code, opc, seq, desc,
+                                  0, failed)
+        if st != lib.PC_OK:
+            raise status_error(st, ffi.string(lib.pc_comm_last_error(ccomm)).decode(errors="replace"))
+        return hash_address(tmp_addr, tmp.nbytes)
+
+
+def _stat(comm, coll, algorithm, nbytes, t0, ok):
+    from .comm import Stat
+    return Stat(coll, algorithm, nbytes, time.perf_counter() - t0, comm.world_size, comm.epoch, ok, 0)
+
+
+def attempts_for(comm, retry):
+    """retry=False: 1 attempt; True: 1 + comm.max_retries; an int n: 1 + n."""
+    if isinstance(retry, bool):
+        return 1 + (comm.max_retries if retry else 0)
+    if int(retry) < 0:
+        raise InvalidArgument(f"retry must be a bool or a number of retries >= 0, not {retry!r}")
+    return 1 + int(retry)
+
+
+def run_agreed(comm, attempt, retry=False, verify=False, root=None):
+    """Run ``attempt(agreement)`` until it commits; re-run over the survivors
+    after a retryable failure (a member was lost), at most as ``retry``
+    allows. Sets ``comm.last_outcome`` and returns attempt's result."""
+    tries = attempts_for(comm, retry)
+    root_name = None
+    if root is not None:
+        if not 0 <= root < len(comm.members):
+            raise InvalidArgument(f"root {root} is not a rank of this group (world size {comm.world_size})")
+        root_name = comm.members[root]
+    lost = []
+    for n in range(tries):
+        try:
+            result = attempt(Agreement(verify, root_name))
+        except PeerFailure as exc:
+            if not exc.retryable or n + 1 >= tries:
+                raise
+            lost.extend(x for x in exc.lost_names if x not in lost)
+            log.info("rank %d: retrying over the survivors (attempt %d): %s", comm.rank, n + 2, exc)
+            continue
+        comm.last_outcome = comm.last_outcome._replace(attempts=n + 1, lost=tuple(lost))
+        return result
+    raise AssertionError("unreachable")
