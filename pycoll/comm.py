@@ -249,6 +249,7 @@ class Communicator:
             self._broken = True
             raise PeerFailure(f"rank {self.rank}: epoch {self.epoch} was aborted ({self._abort_reason}); "
                               "this call did not run; the next call runs on the survivors",
+                              lost=[self.members.index(n) for n in self._abort_lost if n in self.members],
                               lost_names=self._abort_lost)
         if self._broken or self._comm is None:
             self._sync(rebuild=True)
