@@ -18,6 +18,7 @@ meanwhile, the group re-forms and the sync starts over; a peer's arrays are
 never left half-written.
 """
 import dataclasses
+import threading
 import time
 import zlib
 
@@ -27,6 +28,7 @@ from . import consensus
 from ._native import ffi, lib, status_error
 from .buffers import as_buffer
 from .errors import CollectiveError, InvalidArgument, ParityError, PeerFailure
+from .testing import fault_armed, fault_point
 
 SEED = 0x70636F6C6C  # any fixed value: every peer must use the same
 
@@ -134,6 +136,9 @@ def _transfer(comm, names, bufs, reply, seq, timeout):
     serve = {idx: items for idx, items in reply["serve"]}
     tmps = {}
     failed = ffi.new("int32_t *")
+    fault_point("before:state_transfer")
+    if fault_armed("during:state_transfer"):  # test harness: die while the bytes move
+        threading.Timer(0.002, fault_point, ("during:state_transfer",)).start()
     for idx in sorted(set(fetch) | set(serve)):
         b = bufs[idx]
         tmp = np.empty(b.nbytes if idx in fetch else 0, np.uint8)
