@@ -22,7 +22,7 @@ from . import aggregator, consensus, costmodel, planners, shared_state
 from ._native import ffi, lib, status_error
 from .buffers import as_buffer
 from .dtypes import op_code
-from .errors import Cancelled, CollectiveError, InvalidArgument, PeerFailure
+from .errors import Cancelled, CollectiveError, CoordinatorError, InvalidArgument, PeerFailure
 from .mesh import build_mesh
 from . import testing
 from .testing import fault_armed, fault_point
@@ -44,7 +44,7 @@ class Communicator:
 
     def __init__(self, client, listener, *, stripes=1, timeout=DEFAULT_TIMEOUT, preserve_input=True,
                  segment_bytes=DEFAULT_SEGMENT, spin_us=200, mesh_timeout=None, sync_timeout=120.0,
-                 coordinator=None, sockbuf=0, mesh_key=None, topology=None, calibrate=None):
+                 coordinator=None, sockbuf=0, mesh_key=None, topology=None, calibrate=None, coordinator_wait=0.0):
         self._client = client
         self._listener = listener
         self._coordinator = coordinator  # the in-process coordinator we host, if any
@@ -63,6 +63,8 @@ class Communicator:
         self.calibrate = calibrate if calibrate is not None else os.environ.get("PYCOLL_CALIBRATE", "1") != "0"
         self._selector = None
         self._hosts = None
+        self.coordinator_wait = coordinator_wait  # seconds to wait for a lost coordinator to come back
+        self._join_msg = None       # what we joined with (re-registration sends it again)
         self.rank = -1
         self.world_size = 0
         self.epoch = 0
@@ -115,9 +117,19 @@ class Communicator:
         (update_topology), never at a recovery sync. If a peer fails while
         the new mesh is being built, every member notices and syncs again."""
         deadline = time.monotonic() + self.sync_timeout
+        if self._client.needs_rejoin:
+            self._rejoin()
+            rebuild = True
         while True:
-            reply = self._client.request({"t": "sync", "epoch": self.epoch, "rebuild": rebuild, "admit": admit},
-                                         timeout=max(1.0, deadline - time.monotonic()))
+            try:
+                reply = self._client.request({"t": "sync", "epoch": self.epoch, "rebuild": rebuild, "admit": admit},
+                                             timeout=max(1.0, deadline - time.monotonic()))
+            except CoordinatorError:
+                if not (self._client.needs_rejoin and self.coordinator_wait > 0):
+                    raise
+                self._rejoin()  # a restarted coordinator does not know us yet
+                rebuild = True
+                continue
             if reply.get("unchanged") and not rebuild and self._comm is not None:
                 return False
             try:
@@ -128,6 +140,33 @@ class Communicator:
                 if time.monotonic() > deadline:
                     raise
                 rebuild, admit = True, False
+
+    def _rejoin(self):
+        """The coordinator was lost (or dropped us): wait for one at the same
+        address, register again with what we know of our epoch, and let the
+        sync that follows re-form the group (membership and ranks)."""
+        if self.coordinator_wait <= 0 or self._join_msg is None:
+            raise CoordinatorError(
+                f"rank {self.rank}: lost contact with the coordinator at {self._client.endpoint}"
+                + (f" ({self._client.evicted})" if self._client.evicted else "")
+                + "; make the communicator with coordinator_wait=<seconds> to re-register automatically "
+                "with a restarted coordinator, or restart the job from a checkpoint")
+        if not self._client.wait_for_coordinator(self.coordinator_wait):
+            raise CoordinatorError(f"no coordinator at {self._client.endpoint} within {self.coordinator_wait:.0f} s")
+        resume = {"epoch": self.epoch, "members": list(self.members), "rank": self.rank}
+        deadline = time.monotonic() + self.coordinator_wait
+        while True:
+            try:
+                self._client.request(dict(self._join_msg, rank=None, world_size=None, resume=resume), timeout=10)
+                break
+            except CoordinatorError:
+                if time.monotonic() > deadline:  # e.g. our old self is still being removed
+                    raise
+                time.sleep(0.2)
+        log.warning("rank %d re-registered with the coordinator at %s", self.rank, self._client.endpoint)
+        self._client.needs_rejoin = False
+        self._client.evicted = None
+        self._broken = True
 
     def _install_epoch(self, reply):
         self._drop_comm()
@@ -251,7 +290,7 @@ class Communicator:
                               "this call did not run; the next call runs on the survivors",
                               lost=[self.members.index(n) for n in self._abort_lost if n in self.members],
                               lost_names=self._abort_lost)
-        if self._broken or self._comm is None:
+        if self._broken or self._comm is None or self._client.needs_rejoin:
             self._sync(rebuild=True)
 
     def _execute(self, coll, inbuf, outbuf, count, op, root, algorithm, timeout, preserve, internal=False,

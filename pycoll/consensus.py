@@ -54,7 +54,7 @@ def begin(comm):
         raise CollectiveError("communicator is closed")
     if comm._aborted_epoch == comm.epoch and not comm._broken and comm._comm is not None:
         return True
-    if comm._broken or comm._comm is None:
+    if comm._broken or comm._comm is None or comm._client.needs_rejoin:
         comm._sync(rebuild=True)
     return False
 

@@ -41,6 +41,7 @@ class CoordinatorClient:
         self.heartbeat_timeout = heartbeat_timeout
         self.heartbeat_interval = heartbeat_interval or min(0.5, heartbeat_timeout / 4.0)
         self.evicted = None  # why the coordinator dropped us, once it says so
+        self.needs_rejoin = False  # a request failed because the coordinator was lost, or we were evicted
         self.on_abort = on_abort
         self.last_status = {}
         self._ctx = context or zmq.Context.instance()
@@ -93,15 +94,20 @@ class CoordinatorClient:
                     if reply is None or reply.get("rid") != rid:
                         continue  # forged, or a late reply to a request that already timed out
                     if not reply.get("ok"):
+                        if reply.get("evicted"):
+                            self.needs_rejoin = True
                         raise CoordinatorError(f"coordinator refused {msg['t']!r}: {reply.get('error')}",
                                                evicted=bool(reply.get("evicted")))
                     if msg["t"] == "join" and isinstance(reply.get("cred"), str):
                         self.cred = reply["cred"]
                     return reply
                 if self.coordinator_lost():
+                    self.needs_rejoin = True
                     raise CoordinatorError(
-                        f"the coordinator at {self.endpoint} stopped answering heartbeats; restart it "
-                        "(`pycoll master`) and re-run, or resume from a checkpoint")
+                        f"the coordinator at {self.endpoint} stopped answering heartbeats for more than "
+                        f"{self.heartbeat_timeout:.1f} s. Restart it at the same address (`pycoll master --port "
+                        f"{self.port}`): peers made with coordinator_wait > 0 re-register at their next call; "
+                        "otherwise restart the job from a checkpoint")
 
     def _open(self, opener, data, what=None):
         """The coordinator's message as a dict, or None if it is not authentic."""
@@ -124,6 +130,16 @@ class CoordinatorClient:
 
     def coordinator_lost(self):
         return self._hb_thread is not None and time.monotonic() - self._last_reply > self.heartbeat_timeout
+
+    def wait_for_coordinator(self, timeout):
+        """Block until a coordinator answers our heartbeats again (a restarted
+        one at the same address); False if none did within ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not self._stop.is_set():
+            if time.monotonic() - self._last_reply < 2 * self.heartbeat_interval + 0.2:
+                return True
+            time.sleep(min(0.05, self.heartbeat_interval))
+        return False
 
     def _heartbeat_loop(self):
         hb = self._socket(b"/hb")

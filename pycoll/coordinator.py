@@ -179,6 +179,7 @@ class Coordinator:
         self.abort = None          # Abort of the current epoch, or None
         self.rounds = {}           # seq -> Round (current epoch)
         self.decided = collections.OrderedDict()  # seq -> {rank: reply}, the last few decided rounds
+        self.resume = None         # after a restart: {"epoch", "expect", "since"} from re-registering peers
         self.fail_waiters = []     # (name, ident, rid): failure reports waiting for the cause
         self.stats = collections.Counter()
         self._join_seq = 0
@@ -217,6 +218,8 @@ class Coordinator:
                     self._drain_monitor()
                 self._check_liveness()
                 self._check_abort()
+                if self.resume is not None:
+                    self._maybe_form_epoch()
         finally:
             self._sock.disable_monitor()
             self._monitor.close(0)
@@ -328,6 +331,16 @@ class Coordinator:
                                            "PYCOLL_MAX_PEERS)")
         self._join_seq += 1
         hb_timeout = float(msg.get("heartbeat_timeout") or self.heartbeat_timeout)
+        resume = msg.get("resume")
+        if resume and self.epoch == 0 and not self.epoch_members:
+            # A member of a group whose coordinator died re-registers with us
+            # (a restarted coordinator): remember who else to wait for.
+            if self.resume is None:
+                self.resume = {"epoch": 0, "expect": set(), "since": time.monotonic()}
+                log.warning("re-forming a group that lost its coordinator (epoch %s)", resume.get("epoch"))
+            self.resume["epoch"] = max(self.resume["epoch"], int(resume.get("epoch", 0)))
+            self.resume["expect"].update(str(n) for n in resume.get("members", []))
+            rank = resume.get("rank")
         m = Member(name, list(msg["addr"]), str(msg.get("host_id", "")), rank, self._join_seq,
                    msg.get("info") or {}, hb_timeout)
         m.req_ident = ident
@@ -594,7 +607,16 @@ class Coordinator:
         waiting = current + joiners
         if not waiting:
             return
-        if not current:  # first epoch, or everybody died: wait for enough peers
+        if not current and self.resume is not None:
+            # Re-forming after a coordinator restart: wait for every member of
+            # the old epoch to re-register, or for the detection bound (the
+            # missing ones are dead), then continue the epoch numbering.
+            missing = self.resume["expect"] - {m.name for m in joiners}
+            if missing and time.monotonic() - self.resume["since"] < self.heartbeat_timeout:
+                return
+            self.epoch = max(self.epoch, self.resume["epoch"])
+            self.resume = None
+        elif not current:  # first epoch, or everybody died: wait for enough peers
             need = self.world_size if (self.world_size and self.epoch == 0) else self.min_world_size
             if sum(1 for m in joiners if self._switch_group(m) is None) < need:
                 return

@@ -78,6 +78,7 @@ def _make(master_addr, master_port, rank, world_size, *, join_timeout, heartbeat
         client.request(join, timeout=join_timeout)
         client.start_heartbeats()
         comm = Communicator(client, listener, coordinator=coordinator, sync_timeout=join_timeout, **comm_options)
+        comm._join_msg = join
         comm._sync(rebuild=True)
         return comm
     except BaseException:

@@ -437,3 +437,77 @@ def test_coordinator_death_is_a_clear_error_not_a_hang():
         for p in procs:
             p.kill()
             p.join(5)
+
+
+def _through_restart(comm, steps):
+    state = {"w": np.zeros(1000)}
+    revision, errors = 0, 0
+    while True:
+        try:
+            res = comm.sync_shared_state(state, revision)
+            revision = res.revision
+            if revision >= steps:
+                break
+            d = np.ones(1000)
+            comm.all_reduce(d, retry=True)
+            state["w"] += d / len(comm.last_outcome.contributors)
+            revision += 1
+            comm.update_topology()
+            time.sleep(0.02)
+        except pycoll.CoordinatorError:
+            errors += 1  # the next call re-registers with the restarted coordinator
+            assert errors < 10
+    return revision, state["w"].tobytes(), errors, comm.epoch
+
+
+@pytest.mark.timeout(120)
+def test_peers_reregister_with_a_restarted_coordinator_and_carry_on():
+    hb, steps = 1.0, 80
+    port = free_port()
+    cmd = [sys.executable, "-m", "pycoll", "master", "--port", str(port), "--heartbeat-timeout", str(hb)]
+    master = subprocess.Popen(cmd)
+    import multiprocessing as mp
+    import pickle
+    from elastic_util import _peer_main
+    ctx = mp.get_context("spawn")
+    procs, pipes = [], []
+    try:
+        for i in range(3):
+            parent, child = ctx.Pipe(duplex=False)
+            p = ctx.Process(target=_peer_main, args=(_through_restart, (steps,), port, f"r{i}",
+                                                     {"heartbeat_timeout": hb, "timeout": 20,
+                                                      "coordinator_wait": 60}, None, child))
+            p.start()
+            child.close()
+            procs.append(p)
+            pipes.append(parent)
+        probe = CoordinatorClient("127.0.0.1", port, name="probe")
+        try:
+            deadline = time.monotonic() + 60
+            while len(probe.request({"t": "status"}, timeout=10)["members"]) < 3:
+                assert time.monotonic() < deadline, "group did not form"
+                time.sleep(0.05)
+            time.sleep(0.3)
+            epoch_before = probe.request({"t": "status"}, timeout=10)["epoch"]
+        finally:
+            probe.close()
+        master.kill()
+        master.wait(timeout=10)
+        time.sleep(hb + 0.5)  # everyone notices
+        master = subprocess.Popen(cmd)  # same address, no memory of the group
+        results = []
+        for pipe in pipes:
+            assert pipe.poll(90), "a peer hung"
+            status, *rest = pickle.loads(pipe.recv_bytes())
+            assert status == "ok", rest
+            results.append(rest[0])
+    finally:
+        master.kill()
+        master.wait()
+        for p in procs:
+            p.kill()
+            p.join(5)
+    assert {r[0] for r in results} == {steps}
+    assert len({r[1] for r in results}) == 1 and np.all(np.frombuffer(results[0][1]) == steps)
+    assert all(r[3] > epoch_before for r in results), "the group re-formed under the new coordinator"
+    print("errors seen by the application:", [r[2] for r in results], "epochs", epoch_before, [r[3] for r in results])
