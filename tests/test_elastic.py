@@ -511,3 +511,17 @@ def test_peers_reregister_with_a_restarted_coordinator_and_carry_on():
     assert len({r[1] for r in results}) == 1 and np.all(np.frombuffer(results[0][1]) == steps)
     assert all(r[3] > epoch_before for r in results), "the group re-formed under the new coordinator"
     print("errors seen by the application:", [r[2] for r in results], "epochs", epoch_before, [r[3] for r in results])
+
+
+@pytest.mark.timeout(200)
+def test_elastic_example_trains_through_churn():
+    here = os.path.dirname(os.path.abspath(__file__))
+    demo = os.path.join(here, "..", "examples", "elastic_demo.py")
+    out = subprocess.run([sys.executable, demo, "--steps", "100", "--kills", "2", "--seed", "3"],
+                         capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    losses = [float(line.split("loss")[1].split()[0]) for line in out.stdout.splitlines() if "] step" in line]
+    assert len(losses) >= 5 and losses[-1] < losses[0] / 10, losses
+    assert out.stdout.count("--- demo: SIGKILL") == 2
+    finals = {line.split("loss")[-1].strip() for line in out.stdout.splitlines() if "done at step 100" in line}
+    assert len(finals) == 1, "every finishing peer holds the same model"
