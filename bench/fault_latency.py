@@ -98,9 +98,9 @@ def trial_peer_fault(kind, peers, count, heartbeat, retry, rng):
 def trial_coordinator(peers, count, heartbeat, rng):
     port = free_port()
     master = subprocess.Popen([sys.executable, "-m", "pycoll", "master", "--port", str(port),
-                               "--heartbeat-timeout", str(heartbeat)])
+                               "--heartbeat-timeout", str(heartbeat), "--world-size", str(peers)])
     ctx = mp.get_context("spawn")
-    procs = []
+    procs, pipes = [], []
     with tempfile.TemporaryDirectory() as tmp:
         try:
             for i in range(peers):
@@ -108,7 +108,9 @@ def trial_coordinator(peers, count, heartbeat, rng):
                 p = ctx.Process(target=_peer_main, args=(_looper, (count, True, os.path.join(tmp, f"p{i}")), port,
                                                          f"p{i}", {"heartbeat_timeout": heartbeat}, None, child))
                 p.start()
+                child.close()
                 procs.append(p)
+                pipes.append(parent)
             probe = CoordinatorClient("127.0.0.1", port, name="probe")
             deadline = time.monotonic() + 60
             try:
@@ -129,6 +131,8 @@ def trial_coordinator(peers, count, heartbeat, rng):
             for p in procs:
                 p.kill()
                 p.join()
+            for c in pipes:
+                c.close()
 
 
 def summarize(label, samples):
