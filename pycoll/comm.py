@@ -286,10 +286,14 @@ class Communicator:
             # inside a collective got PeerFailure there; we report it on this
             # call (not run) so every survivor sees the failure exactly once.
             self._broken = True
-            raise PeerFailure(f"rank {self.rank}: epoch {self.epoch} was aborted ({self._abort_reason}); "
+            # The push may have gone out before the cause was known: ask for it.
+            info = consensus.report_epoch_failure(self, self.epoch, "a call found the epoch aborted")
+            lost = info.get("lost") or self._abort_lost
+            raise PeerFailure(f"rank {self.rank}: epoch {self.epoch} was aborted "
+                              f"({info.get('why') or self._abort_reason}); "
                               "this call did not run; the next call runs on the survivors",
-                              lost=[self.members.index(n) for n in self._abort_lost if n in self.members],
-                              lost_names=self._abort_lost)
+                              lost=[self.members.index(n) for n in lost if n in self.members],
+                              lost_names=lost)
         if self._broken or self._comm is None or self._client.needs_rejoin:
             self._sync(rebuild=True)
 
@@ -442,7 +446,7 @@ class Communicator:
         def run():
             if retry or verify:
                 consensus.run_agreed(self, lambda agree: self._execute(
-                    "all_reduce", buf, buf, buf.count, op, 0, algorithm, timeout, True, agree), retry, verify)
+                    "all_reduce", buf, buf, buf.count, op, 0, algorithm, timeout, True, agree=agree), retry, verify)
             else:
                 self._execute("all_reduce", buf, buf, buf.count, op, 0, algorithm, timeout, self.preserve_input)
             return arr
@@ -465,7 +469,7 @@ class Communicator:
                                       f"({self.world_size}) x {sb.count}")
             if verify:
                 consensus.run_agreed(self, lambda agree: self._execute(
-                    "all_gather", sb, rb, sb.count, "sum", 0, algorithm, timeout, False, agree), False, True)
+                    "all_gather", sb, rb, sb.count, "sum", 0, algorithm, timeout, False, agree=agree), False, True)
             else:
                 self._execute("all_gather", sb, rb, sb.count, "sum", 0, algorithm, timeout, False)
             return recv
@@ -504,7 +508,7 @@ class Communicator:
         def run():
             if retry or verify:
                 consensus.run_agreed(self, lambda agree: self._execute(
-                    "broadcast", buf, buf, buf.count, "sum", root, algorithm, timeout, True, agree),
+                    "broadcast", buf, buf, buf.count, "sum", root, algorithm, timeout, True, agree=agree),
                     retry, verify, root=root)
             else:
                 self._execute("broadcast", buf, buf, buf.count, "sum", root, algorithm, timeout,

@@ -23,8 +23,17 @@ from pycoll.coordinator import Coordinator
 from pycoll.testing import KILLED, RankError, free_port
 
 
+def arm(point):
+    """Make this process SIGKILL itself at pycoll.testing fault point ``point``."""
+    import pycoll.testing
+    os.environ["PYCOLL_FAULT"] = point
+    pycoll.testing.FAULTS_ARMED = True
+
+
 def _peer_main(fn, args, port, name, connect_kwargs, env, conn):
     os.environ.update(env or {})
+    if env and "PYCOLL_FAULT" in env:
+        arm(env["PYCOLL_FAULT"])
     try:
         import pycoll
         comm = pycoll.connect("127.0.0.1", port, name=name, **connect_kwargs)

@@ -32,7 +32,7 @@ import numpy as np
 import pytest
 
 import pycoll
-from elastic_util import Cluster
+from elastic_util import Cluster, arm
 from pycoll import planners
 from pycoll.shared_state import hash_arrays
 
@@ -101,10 +101,10 @@ def chaos_worker(comm, outdir, steps, initial):
         if revision >= steps:
             break
         delta = local_delta(params, name, revision)
-        arm = os.path.join(outdir, f"arm_{name}")
-        if os.path.exists(arm):  # the harness wants us dead at this point of the next collective
-            with open(arm) as f:
-                os.environ["PYCOLL_FAULT"] = f.read().strip()
+        arm_file = os.path.join(outdir, f"arm_{name}")
+        if os.path.exists(arm_file):  # the harness wants us dead at this point of the next collective
+            with open(arm_file) as f:
+                arm(f.read().strip())
             log(event="armed", point=os.environ["PYCOLL_FAULT"], revision=revision)
         t0 = time.monotonic()
         comm.all_reduce(delta, op="sum", algorithm=ALGORITHMS[revision % len(ALGORITHMS)], retry=True)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import pycoll
-from elastic_util import Cluster
+from elastic_util import Cluster, arm
 from pycoll import planners
 from pycoll.control import CoordinatorClient
 from pycoll.testing import KILLED, free_port
@@ -120,7 +120,7 @@ def test_ranks_are_reassigned_deterministically_after_a_loss():
 # ---- a peer killed inside a collective, every algorithm ------------------
 def _killed_inside(comm, victim, algorithm, retry):
     if comm.name == victim:
-        os.environ["PYCOLL_FAULT"] = "during:all_reduce"
+        arm("during:all_reduce")
     start_members = list(comm.members)
     x = np.full(COUNT, _value(comm.name), np.float32)
     original = x.copy()
@@ -178,7 +178,7 @@ def test_retry_reruns_over_the_survivors(algorithm):
 
 def _dies_at(comm, victim, point, algorithm):
     if comm.name == victim:
-        os.environ["PYCOLL_FAULT"] = point
+        arm(point)
     x = np.full(1 << 16, _value(comm.name), np.float64)
     comm.all_reduce(x, algorithm=algorithm, retry=True)
     first = (float(x[0]), comm.last_outcome.contributors, comm.last_outcome.attempts)
@@ -280,7 +280,7 @@ def test_graceful_leave_is_a_clean_membership_change():
 # ---- broadcast: the root moves with retries; losing it is not retryable ---
 def _bcast(comm, victim, root_name, point):
     if comm.name == victim:
-        os.environ["PYCOLL_FAULT"] = point
+        arm(point)
     root = comm.members.index(root_name)
     x = np.full(COUNT, _value(comm.name), np.float32)
     try:

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import pycoll
-from elastic_util import Cluster
+from elastic_util import Cluster, arm
 from pycoll import parity
 from pycoll._native import ffi, lib
 from pycoll.shared_state import SEED, hash_address, hash_arrays
@@ -216,7 +216,7 @@ def _source_dies(comm, victim):
     if comm.name == "fetcher":
         state["w"][:] = 0
     if comm.name == victim:
-        os.environ["PYCOLL_FAULT"] = "during:state_transfer"
+        arm("during:state_transfer")
     res = comm.sync_shared_state(state, 1)
     digest = hash_arrays([state[k] for k in sorted(state)])
     return digest, res.attempts, sorted(res.fetched), comm.world_size
