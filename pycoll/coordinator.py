@@ -563,6 +563,8 @@ class Coordinator:
                 replies = {r: {"decision": "error", "why": f"unknown round kind {rnd.kind!r}"} for r in by_rank}
         except parity.LayoutMismatch as exc:
             replies = {r: {"decision": "error", "why": str(exc)} for r in by_rank}
+        except (KeyError, TypeError, ValueError, IndexError) as exc:  # a report missing its fields
+            replies = {r: {"decision": "error", "why": f"malformed report for #{rnd.seq}: {exc!r}"} for r in by_rank}
         self.decided[rnd.seq] = replies
         while len(self.decided) > 32:
             self.decided.popitem(last=False)

@@ -44,6 +44,37 @@ def _info(v):
     return None if v is None or isinstance(v, dict) else "a map or nil"
 
 
+def _float(lo, hi):
+    def check(v):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo <= v <= hi:
+            return f"a number in [{lo}, {hi}]"
+        return None
+    return check
+
+
+def _tensors(v):
+    """Shared-state reports: [[name, [dtype, dims..., nbytes], hash], ...]."""
+    if not isinstance(v, list) or len(v) > 100000:
+        return "a list of at most 100000 [name, key, hash] entries"
+    for t in v:
+        if (not isinstance(t, list) or len(t) != 3 or not isinstance(t[0], str) or not 1 <= len(t[0]) <= 1024
+                or not isinstance(t[1], list) or not 2 <= len(t[1]) <= 34 or not isinstance(t[1][0], str)
+                or any(isinstance(x, bool) or not isinstance(x, int) or x < 0 for x in t[1][1:])
+                or isinstance(t[2], bool) or not isinstance(t[2], int) or not 0 <= t[2] < 1 << 64):
+            return "a list of [name, [dtype, dims..., nbytes], 64-bit hash] entries"
+    return None
+
+
+def _resume(v):
+    """What a peer remembers of its group when it re-registers."""
+    if (not isinstance(v, dict) or isinstance(v.get("epoch"), bool) or not isinstance(v.get("epoch"), int)
+            or not 0 <= v["epoch"] <= _U63 or not isinstance(v.get("members"), list) or len(v["members"]) > 1 << 16
+            or not all(isinstance(n, str) and 1 <= len(n) <= 128 for n in v["members"])
+            or not (v.get("rank") is None or (isinstance(v["rank"], int) and not isinstance(v["rank"], bool)))):
+        return "a map with epoch, members (names) and rank"
+    return None
+
+
 def fields(max_peers):
     """Field name -> check (returns None when fine, else what was expected)."""
     return {
@@ -60,12 +91,22 @@ def fields(max_peers):
         "info": _info,
         "rebuild": _bool,
         "why": _str(0, 4096, printable=False),
+        # elastic groups, agreement rounds, shared state (pycoll.coordinator)
+        "admit": _bool,
+        "heartbeat_timeout": _float(0.01, 86400.0),
+        "seq": _int(0, _U63),
+        "kind": _str(1, 32),
+        "ok": _bool,
+        "digest": _int(0, (1 << 64) - 1),
+        "revision": _int(-(1 << 62), _U63),
+        "tensors": _tensors,
+        "resume": _resume,
     }
 
 
 # Fields a request kind cannot do without (checked here so that a handler
 # never fails on a missing field after it began to change state).
-REQUIRED = {"join": ("name", "addr")}
+REQUIRED = {"join": ("name", "addr"), "round": ("epoch", "seq", "kind")}
 
 
 def check_request(msg, checks):

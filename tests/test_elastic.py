@@ -525,3 +525,37 @@ def test_elastic_example_trains_through_churn():
     assert out.stdout.count("--- demo: SIGKILL") == 2
     finals = {line.split("loss")[-1].strip() for line in out.stdout.splitlines() if "done at step 100" in line}
     assert len(finals) == 1, "every finishing peer holds the same model"
+
+
+def test_malformed_round_reports_are_refused_or_answered_never_hang():
+    """Hand-made members send rounds the peers' code never sends: the shape
+    check drops them, or every waiter gets an error decision."""
+    import threading
+    from pycoll.coordinator import Coordinator
+    coord = Coordinator("127.0.0.1", 0, min_world_size=2).start()
+    clients = [CoordinatorClient("127.0.0.1", coord.port, name=f"y{i}") for i in range(2)]
+    try:
+        for i, cl in enumerate(clients):
+            cl.request({"t": "join", "proto": 1, "addr": ["127.0.0.1", 1 + i]}, timeout=5)
+        replies = [None, None]
+
+        def ask(i, msg, timeout=5):
+            try:
+                replies[i] = clients[i].request(msg, timeout=timeout)
+            except pycoll.CoordinatorError as exc:
+                replies[i] = exc
+        threads = [threading.Thread(target=ask, args=(i, {"t": "sync", "rebuild": True})) for i in range(2)]
+        [t.start() for t in threads]
+        [t.join(10) for t in threads]
+        ask(0, {"t": "round", "kind": "state", "epoch": 1, "seq": "x"}, timeout=1)  # bad shape: dropped
+        assert isinstance(replies[0], pycoll.CoordinatorError) and replies[0].timed_out
+        bad = [{"t": "round", "kind": "state", "epoch": 1, "seq": 5, "revision": 0},  # no tensors
+               {"t": "round", "kind": "state", "epoch": 1, "seq": 5, "revision": 0, "tensors": []}]
+        threads = [threading.Thread(target=ask, args=(i, bad[i])) for i in range(2)]
+        [t.start() for t in threads]
+        [t.join(10) for t in threads]
+        assert [r["decision"] for r in replies] == ["error", "error"], replies
+    finally:
+        for cl in clients:
+            cl.close()
+        coord.stop()
