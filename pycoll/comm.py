@@ -293,7 +293,7 @@ class Communicator:
                               f"({info.get('why') or self._abort_reason}); "
                               "this call did not run; the next call runs on the survivors",
                               lost=[self.members.index(n) for n in lost if n in self.members],
-                              lost_names=lost)
+                              lost_names=lost, retryable=bool(lost))
         if self._broken or self._comm is None or self._client.needs_rejoin:
             self._sync(rebuild=True)
 
@@ -379,6 +379,7 @@ class Communicator:
         if isinstance(exc, PeerFailure) and lost:
             exc.lost, exc.lost_names = tuple(info.get("lost_ranks", ())), tuple(lost)
             exc.peer = exc.lost[0] if exc.lost else peer
+            exc.retryable = True  # the coordinator's final word: a member was lost
         return exc
 
     def _call(self, fn, async_op, description):

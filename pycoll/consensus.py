@@ -211,7 +211,12 @@ def attempts_for(comm, retry):
 def run_agreed(comm, attempt, retry=False, verify=False, root=None):
     """Run ``attempt(agreement)`` until it commits; re-run over the survivors
     after a retryable failure (a member was lost), at most as ``retry``
-    allows. Sets ``comm.last_outcome`` and returns attempt's result."""
+    allows. Sets ``comm.last_outcome`` and returns attempt's result.
+
+    A PeerFailure before the round (re-forming the group, or the internal
+    collectives ``auto`` runs to calibrate) is retryable on the same terms:
+    the coordinator's final cause of the abort names a lost member, and every
+    survivor gets that same answer, wherever it was when it failed."""
     tries = attempts_for(comm, retry)
     root_name = None
     if root is not None:

@@ -30,8 +30,8 @@ class PeerFailure(CollectiveError):
     ``lost`` lists the ranks (in the failed epoch) the coordinator declared
     dead, when known, and ``lost_names`` the same peers by name (names stay
     the same when ranks are reassigned). ``retryable`` is True when the
-    whole group agreed the call failed because a member was lost, so
-    running it again over the survivors is what every survivor does.
+    group failed because a member was lost (the coordinator's final cause),
+    so running it again over the survivors is what every survivor does.
     """
 
     def __init__(self, message, status=0, peer=None, lost=(), lost_names=(), retryable=False):

@@ -1,7 +1,6 @@
 """Shared state with bit parity: the hash, the majority/fetch planning, and
 real syncs (divergent peers, stale peers, newcomers, a source dying in the
 middle of a transfer, torch tensors, layout mismatches)."""
-import os
 import time
 
 import numpy as np
