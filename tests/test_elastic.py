@@ -559,3 +559,43 @@ def test_malformed_round_reports_are_refused_or_answered_never_hang():
         for cl in clients:
             cl.close()
         coord.stop()
+
+
+# ---- standalone aggregators are members that never report rounds ---------
+def _agreed_through_switches(comm):
+    from test_aggregator import _wait_for_switches
+    _wait_for_switches(comm, ["rack0", "rack1"])
+    x = np.arange(1000, dtype=np.float64) * (comm.rank + 1)
+    y = x.copy()
+    comm.all_reduce(x, algorithm="innetwork")
+    sent = lib_bytes(comm)
+    comm.all_reduce(y, algorithm="innetwork", retry=True, verify=True)
+    through_switches = lib_bytes(comm) > sent
+    state = {"w": np.full(10, 1.0 if comm.rank == 0 else 0.0)}
+    res = comm.sync_shared_state(state, 1 if comm.rank == 0 else 0)
+    return (x.tobytes() == y.tobytes(), list(comm.last_outcome.contributors), list(comm.members),
+            state["w"].tolist(), res.revision, through_switches)
+
+
+def lib_bytes(comm):
+    from pycoll._native import lib
+    return lib.pc_comm_bytes_sent(comm._switch.hcomm)
+
+
+@pytest.mark.timeout(180)
+def test_agreement_and_shared_state_with_standalone_aggregators(tmp_path):
+    from test_aggregator import TOPOLOGY, _start_switches, _stop
+    import pycoll.testing
+    path = tmp_path / "racks.toml"
+    path.write_text(TOPOLOGY)
+    port = free_port()
+    procs = _start_switches(port, path)
+    try:
+        results = pycoll.testing.run(_agreed_through_switches, 4, timeout=150, port=port,
+                                     init_kwargs={"timeout": 30, "topology": str(path)})
+    finally:
+        _stop(procs)
+    for same, contributors, members, w, revision, through in results:
+        assert same and through, "the agreed all-reduce ran through the switches and matches the plain one"
+        assert contributors == members and len(members) == 4, "contributors are the workers, not the switches"
+        assert w == [1.0] * 10 and revision == 1
