@@ -620,6 +620,14 @@ pc_status pc_comm_run_part(pc_comm *comm, const pc_plan *plan, int32_t part, voi
     }
     double deadline = now_s() + (timeout_s > 0 ? timeout_s : 1e9);
     double idle_since = -1;
+    /* Spin only for small collectives: there the next frame is microseconds
+     * away. For bulk transfers a sleeping waiter wakes in time and spinning
+     * only takes the core from the ranks it waits for (measured with 4 ranks
+     * on 2 cores: 16 MiB took 41 ms without spinning, 47 ms with 200 us). */
+    uint64_t net_bytes = 0;
+    for (int32_t i = 0; i < plan->nops; i++)
+        if (plan->ops[i].kind == PC_OP_SEND) net_bytes += plan->ops[i].len;
+    int spin_us = net_bytes <= (1u << 20) ? comm->spin_us : 0;
     while (r.status == PC_OK && r.done < r.end) {
         int moved = run_locals(&r);
         for (int32_t a = 0; a < r.nactive && r.status == PC_OK; a++) {
@@ -647,7 +655,7 @@ pc_status pc_comm_run_part(pc_comm *comm, const pc_plan *plan, int32_t part, voi
         /* Nothing moved: spin a little (a reply is often microseconds
          * away), then sleep until a socket is ready or we are cancelled. */
         if (idle_since < 0) idle_since = t;
-        if ((t - idle_since) * 1e6 < comm->spin_us) {
+        if ((t - idle_since) * 1e6 < spin_us) {
             sched_yield(); /* with more ranks than cores the peer we wait for needs this core */
             continue;
         }
