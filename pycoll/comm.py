@@ -26,6 +26,7 @@ from .dtypes import op_code
 from .errors import Cancelled, CollectiveError, InvalidArgument, PeerFailure
 from .mesh import build_mesh
 from . import testing
+from .wan import set_keepalive
 from .testing import fault_armed, fault_point
 from .work import Work
 
@@ -33,6 +34,7 @@ log = logging.getLogger("pycoll")
 
 DEFAULT_TIMEOUT = float(os.environ.get("PYCOLL_TIMEOUT", "120"))
 DEFAULT_SEGMENT = 1 << 20  # pipeline unit; 1 MiB measured best on loopback
+DEFAULT_STALL = float(os.environ.get("PYCOLL_STALL_TIMEOUT", "30"))
 
 
 class Stat(collections.namedtuple("Stat", "op algorithm nbytes seconds world_size epoch ok retries")):
@@ -46,7 +48,8 @@ class Communicator:
     def __init__(self, client, listener, *, stripes=1, timeout=DEFAULT_TIMEOUT, preserve_input=True,
                  segment_bytes=DEFAULT_SEGMENT, spin_us=200, mesh_timeout=None, sync_timeout=120.0,
                  coordinator=None, sockbuf=0, mesh_key=None, topology=None, calibrate=None,
-                 compression=None, stall_timeout=0.0):
+                 compression=None, stall_timeout=DEFAULT_STALL,
+                 progress_timeout=0.0):
         self._client = client
         self._listener = listener
         self._coordinator = coordinator  # the in-process coordinator we host, if any
@@ -65,8 +68,11 @@ class Communicator:
         self.calibrate = calibrate if calibrate is not None else os.environ.get("PYCOLL_CALIBRATE", "1") != "0"
         self._selector = None
         self._hosts = None
-        self.compression = _compression.codec_name(compression)  # default wire codec for float32
-        self.stall_timeout = stall_timeout  # fail after this long without progress (0: off)
+        # default wire codec for float32 payloads
+        self.compression = _compression.codec_name(compression if compression is not None
+                                                    else os.environ.get("PYCOLL_COMPRESSION"))
+        self.stall_timeout = stall_timeout        # dead links noticed by keepalive (0: off)
+        self.progress_timeout = progress_timeout  # fail a collective idle this long (0: off)
         self.rank = -1
         self.world_size = 0
         self.epoch = 0
@@ -118,6 +124,7 @@ class Communicator:
         addrs = [m[1] for m in members]
         fds = build_mesh(self._listener, rank, addrs, self.stripes, reply["epoch"], reply["token"],
                          self.mesh_timeout, self.sockbuf, key=self._mesh_key)
+        set_keepalive(fds, self.stall_timeout)
         nworkers, switches = aggregator.split_members(members)
         hcomm = None
         if switches:  # standalone aggregators: the whole mesh for them, the workers' part for us
@@ -146,7 +153,7 @@ class Communicator:
         if st != lib.PC_OK:
             raise status_error(st, f"cannot create the C communicator (status {st})")
         lib.pc_comm_set_spin(out[0], self.spin_us)
-        lib.pc_comm_set_stall_timeout(out[0], float(self.stall_timeout or 0.0))
+        lib.pc_comm_set_stall_timeout(out[0], float(self.progress_timeout or 0.0))
         return out[0]
 
     def _install_switches(self, hcomm, switches):
