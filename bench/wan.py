@@ -1,14 +1,16 @@
 """WAN bandwidth: pycoll (1 vs k connections, each algorithm, compression) and
 Gloo over emulated long fat links, in one run.
 
-    sudo python bench/wan.py                       # the default scenarios, a few minutes
-    sudo python bench/wan.py --rate 1gbit --delay 50ms --loss 0.005 --sizes 64M
-    sudo python bench/wan.py --quick               # one size, fewer configurations
+    sudo python bench/wan.py                       # four scenarios, about 6 minutes
+    sudo python bench/wan.py --quick               # two sites at 256 MiB, about 1.5 minutes
+    sudo python bench/wan.py --scenario custom --peers 3 --rate 1gbit --delay 50ms --loss 0.01 --sizes 64M
 
-Each scenario builds a pycoll.emulator network of ``--peers`` hosts (network
+Scenarios (SCENARIOS below): two-sites (2 peers, 2 Gbit/s, RTT 50 ms, 16-256
+MiB, every configuration), lossy (the same with 0.5 % loss and +-2 ms
+jitter), three-sites (3 peers, 1 Gbit/s, RTT 50 ms: every algorithm), far
+(RTT 200 ms, 0.1 % loss). Each builds a pycoll.emulator network (network
 namespaces, real TCP; the C delay line adds the one-way delay, jitter and
-loss, tc caps every directed link at ``--rate``) and starts one worker per
-peer inside it. The workers run, in order: pycoll with 1 connection per pair
+loss, tc caps every directed link) and starts one worker per peer inside it. The workers run, in order: pycoll with 1 connection per pair
 (kernel autotuned buffers), 1 connection with the largest buffers the kernel
 grants, k connections with k and buffers from the bandwidth-delay product
 (pycoll.wan.link_plan), every other algorithm pycoll offers with that k, the
@@ -145,75 +147,89 @@ def worker(cfg):
 
 
 # ---- driver --------------------------------------------------------------------
-def configs(args, n, rate_Bps, rtt):
+# Named scenarios (the default run does all four, a few minutes in all).
+# "full": every configuration; "algorithms": every algorithm at k; "basic": 1 vs k connections, bf16.
+SCENARIOS = {
+    "two-sites": dict(peers=2, rate="2gbit", delay="25ms", loss=0.0, jitter="0ms", sizes="16M,64M,256M",
+                      kind="full"),
+    "lossy": dict(peers=2, rate="2gbit", delay="25ms", loss=0.005, jitter="2ms", sizes="64M", kind="basic"),
+    "three-sites": dict(peers=3, rate="1gbit", delay="25ms", loss=0.0, jitter="0ms", sizes="64M",
+                        kind="algorithms"),
+    "far": dict(peers=2, rate="2gbit", delay="100ms", loss=0.001, jitter="0ms", sizes="64M", kind="basic"),
+}
+
+
+def configs(kind, rate_Bps, rtt):
+    """pycoll configurations for one scenario, and the link plan behind k."""
     from pycoll import planners, wan
     lim = wan.kernel_limits()
     plan = wan.link_plan(rate_Bps, rtt, limits=lim)
+    k, buf = plan.stripes, plan.sockbuf
     biggest = min(lim["rmem_max"], lim["wmem_max"])
-    both = ["all_reduce", "all_gather"]
-    out = [
-        {"name": "ring k=1", "stripes": 1, "sockbuf": 0, "colls": both},
-        {"name": f"ring k=1 buf={biggest >> 20}M", "stripes": 1, "sockbuf": biggest, "colls": ["all_reduce"]},
-        {"name": f"ring k={plan.stripes}", "stripes": plan.stripes, "sockbuf": plan.sockbuf, "colls": both},
-    ]
-    if not args.quick:
-        out.append({"name": f"ring k={2 * plan.stripes}", "stripes": 2 * plan.stripes, "sockbuf": plan.sockbuf,
-                    "colls": ["all_reduce"]})
-    for alg in planners.ALGORITHMS:
-        if alg not in ("auto", "ring") and not args.quick:
-            out.append({"name": f"{alg} k={plan.stripes}", "stripes": plan.stripes, "sockbuf": plan.sockbuf,
-                        "algorithm": alg, "colls": both})
-    for codec in (["bf16", "int8"] if args.quick else ["fp16", "bf16", "int8"]):
-        out.append({"name": f"ring k={plan.stripes} {codec}", "stripes": plan.stripes, "sockbuf": plan.sockbuf,
-                    "compression": codec, "colls": ["all_reduce"] if codec != "bf16" else both})
+    both, ar = ["all_reduce", "all_gather"], ["all_reduce"]
+    out = [{"name": "ring k=1", "stripes": 1, "sockbuf": 0, "colls": both if kind == "full" else ar}]
+    if kind == "full":
+        out.append({"name": f"ring k=1 buf={biggest >> 20}M", "stripes": 1, "sockbuf": biggest, "colls": ar})
+    out.append({"name": f"ring k={k}", "stripes": k, "sockbuf": buf, "colls": both if kind != "basic" else ar})
+    if kind == "full":
+        out.append({"name": f"ring k={2 * k}", "stripes": 2 * k, "sockbuf": buf, "colls": ar})
+    if kind == "algorithms":
+        for alg in planners.ALGORITHMS:
+            if alg not in ("auto", "ring"):
+                out.append({"name": f"{alg} k={k}", "stripes": k, "sockbuf": buf, "algorithm": alg, "colls": both})
+    codecs = {"full": ["fp16", "bf16", "int8"], "basic": ["bf16"], "algorithms": []}[kind]
+    for codec in codecs:
+        out.append({"name": f"ring k={k} {codec}", "stripes": k, "sockbuf": buf, "compression": codec,
+                    "colls": both if (codec == "bf16" and kind == "full") else ar})
     return out, plan, lim
 
 
-def run_scenario(args, delay, loss):
-    from pycoll.emulator import Emulator, EmuSpec, parse_rate
-    n = args.peers
-    rate = parse_rate(args.rate)
+def run_scenario(name, sc, gloo=True, seed=1, timeout=900):
+    from pycoll.emulator import Emulator, EmuSpec, parse_rate, parse_time
+    n, rate = sc["peers"], parse_rate(sc["rate"])
+    delay, jitter = parse_time(sc["delay"]), parse_time(sc["jitter"])
     rtt = 2 * delay
-    cfgs, plan, lim = configs(args, n, rate / 8, rtt)
-    sizes = [parse_size(s) for s in args.sizes.split(",")]
-    if loss:  # lossy scenarios: the middle size, all-reduce, 1 vs k connections, bf16
-        sizes = sizes[len(sizes) // 2:len(sizes) // 2 + 1]
-        keep = {"ring k=1", f"ring k={plan.stripes}", f"ring k={plan.stripes} bf16"}
-        cfgs = [dict(c, colls=["all_reduce"]) for c in cfgs if c["name"] in keep]
-    spec = EmuSpec.uniform(n, rate_bps=rate, delay_s=delay, loss=loss, jitter_s=args.jitter)
-    wcfg = {"sizes": sizes, "pycoll": cfgs, "gloo": not args.no_gloo, "port": 29400}
+    cfgs, plan, lim = configs(sc["kind"], rate / 8, rtt)
+    sizes = [parse_size(x) for x in sc["sizes"].split(",")]
+    spec = EmuSpec.uniform(n, rate_bps=rate, delay_s=delay, loss=sc["loss"], jitter_s=jitter)
+    wcfg = {"sizes": sizes, "pycoll": cfgs, "gloo": gloo, "port": 29400}
     t0 = time.monotonic()
-    with Emulator(spec, tcp_buffers=False, seed=args.seed) as emu:
+    # tcp_buffers=False: the kernel's own TCP buffer limits inside the peers
+    with Emulator(spec, tcp_buffers=False, seed=seed) as emu:
         procs = [emu.run_python(r, [HERE, "--worker", json.dumps(wcfg)], stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True, env={"PYTHONPATH": ROOT, "PYTHONUNBUFFERED": "1"})
                  for r in range(n)]
         results, errors = [], []
         for r, p in enumerate(procs):
             try:
-                out, err = p.communicate(timeout=args.timeout)
+                out, err = p.communicate(timeout=timeout)
             except subprocess.TimeoutExpired:
                 for q in procs:
                     q.kill()
-                raise SystemExit(f"scenario delay={delay} loss={loss}: workers did not finish in {args.timeout} s")
+                raise SystemExit(f"scenario {name}: workers did not finish in {timeout} s")
             if p.returncode:
                 errors.append(f"rank {r}: exit {p.returncode}: {err[-1500:]}")
             if r == 0:
                 results = [json.loads(line[7:]) for line in out.splitlines() if line.startswith("RESULT ")]
         stats = emu.stats()
     for e in errors:
-        print("# worker error:", e, file=sys.stderr)
-    return {"delay_s": delay, "rtt_s": rtt, "loss": loss, "jitter_s": args.jitter, "rate_bps": rate, "peers": n,
-            "plan": {"stripes": plan.stripes, "sockbuf": plan.sockbuf, "bdp": plan.bdp, "window": plan.window},
+        print(f"# {name}: worker error: {e}", file=sys.stderr)
+    return {"name": name, "delay_s": delay, "rtt_s": rtt, "loss": sc["loss"], "jitter_s": jitter, "rate_bps": rate,
+            "peers": n, "plan": {"stripes": plan.stripes, "sockbuf": plan.sockbuf, "bdp": plan.bdp,
+                                 "window": plan.window},
             "limits": lim, "results": results, "wall_s": time.monotonic() - t0,
-            "delayline": {k: v for k, v in stats.items() if k != "links"}}
+            "delayline": {k: sum(link.get(k, 0) for link in stats.get("links", []))
+                          for k in ("in_pkts", "out_pkts", "out_bytes", "loss_drops", "overflow_drops")}}
 
 
 def report(sc):
     n, rate_Bps = sc["peers"], sc["rate_bps"] / 8
-    print(f"\n## {n} peers, every link {sc['rate_bps'] / 1e9:g} Gbit/s, RTT {sc['rtt_s'] * 1e3:.0f} ms, "
+    print(f"\n## {sc['name']}: {n} peers, every link {sc['rate_bps'] / 1e9:g} Gbit/s, RTT {sc['rtt_s'] * 1e3:.0f} ms, "
           f"loss {sc['loss'] * 100:g} %, jitter {sc['jitter_s'] * 1e3:g} ms "
           f"(BDP {sc['plan']['bdp'] / 2 ** 20:.1f} MiB; k={sc['plan']['stripes']}, "
-          f"sockbuf {sc['plan']['sockbuf'] / 2 ** 20:.2f} MiB; scenario took {sc['wall_s']:.0f} s)")
+          f"sockbuf {sc['plan']['sockbuf'] / 2 ** 20:.2f} MiB; scenario took {sc['wall_s']:.0f} s; "
+          f"delay line: {sc['delayline']['out_pkts']} packets, {sc['delayline']['loss_drops']} lost, "
+          f"{sc['delayline']['overflow_drops']} queue drops)")
     print("| config | collective | size | median | busbw Gbit/s | of link | vs ring k=1 | vs Gloo |")
     print("|---|---|---|---|---|---|---|---|")
     rows = [r for r in sc["results"] if "times" in r]
@@ -235,14 +251,16 @@ def report(sc):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--peers", type=int, default=3)
-    ap.add_argument("--rate", default="2gbit", help="cap of every directed link (default 2gbit)")
-    ap.add_argument("--delay", default="25ms", help="one-way delays, comma-separated (default 25ms: RTT 50 ms)")
-    ap.add_argument("--loss", default="0,0.005", help="loss rates, comma-separated; each > 0 runs a shorter "
-                                                      "scenario at the middle size (default 0,0.005)")
-    ap.add_argument("--jitter", default="0ms")
-    ap.add_argument("--sizes", default="16M,64M,256M")
-    ap.add_argument("--quick", action="store_true", help="fewer configurations")
+    ap.add_argument("--scenario", default=",".join(SCENARIOS),
+                    help=f"comma-separated, from {', '.join(SCENARIOS)} (default: all), or 'custom'")
+    ap.add_argument("--peers", type=int, default=2, help="custom scenario: peers (default 2)")
+    ap.add_argument("--rate", default="2gbit", help="custom: cap of every directed link (default 2gbit)")
+    ap.add_argument("--delay", default="25ms", help="custom: one-way delay (default 25ms: RTT 50 ms)")
+    ap.add_argument("--loss", type=float, default=0.0, help="custom: loss rate per packet")
+    ap.add_argument("--jitter", default="0ms", help="custom: +- jitter")
+    ap.add_argument("--sizes", default="16M,64M,256M", help="custom: sizes")
+    ap.add_argument("--kind", default="full", choices=["full", "basic", "algorithms"], help="custom: configurations")
+    ap.add_argument("--quick", action="store_true", help="the two-sites scenario at 256 MiB only")
     ap.add_argument("--no-gloo", action="store_true")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--timeout", type=float, default=900)
@@ -252,21 +270,32 @@ def main(argv=None):
     if args.worker:
         worker(json.loads(args.worker))
         return 0
-    from pycoll.emulator import available, parse_time
+    from pycoll.emulator import available
     ok, why = available()
     if not ok:
         print(f"# cannot emulate a network here: {why}")
         return 2
-    args.jitter = parse_time(args.jitter)
-    scenarios = []
-    for delay in [parse_time(d) for d in args.delay.split(",")]:
-        for loss in [float(x) for x in args.loss.split(",")]:
-            sc = run_scenario(args, delay, loss)
-            report(sc)
-            scenarios.append(sc)
+    todo = {}
+    if args.quick:
+        todo["two-sites"] = dict(SCENARIOS["two-sites"], sizes="256M")
+    for name in args.scenario.split(",") if not args.quick else []:
+        if name == "custom":
+            todo["custom"] = dict(peers=args.peers, rate=args.rate, delay=args.delay, loss=args.loss,
+                                  jitter=args.jitter, sizes=args.sizes, kind=args.kind)
+        elif name in SCENARIOS:
+            todo[name] = SCENARIOS[name]
+        else:
+            ap.error(f"unknown scenario {name!r}")
+    done = []
+    t0 = time.monotonic()
+    for name, sc in todo.items():
+        res = run_scenario(name, sc, gloo=not args.no_gloo, seed=args.seed, timeout=args.timeout)
+        report(res)
+        done.append(res)
+    print(f"\n# {len(done)} scenarios in {time.monotonic() - t0:.0f} s")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(scenarios, f, indent=1)
+            json.dump(done, f, indent=1)
     return 0
 
 
