@@ -497,6 +497,10 @@ static void rewrite_copy_in(cx *c, int32_t o, const pc_op *op) {
             if (id < 0) return;
             dep_reset(c);
             dep_add(c, c->encs[id].producer);
+            /* IN may be this very block of OUT (an in-place all-gather):
+             * decode only once every encoding of that range has read it */
+            for (int32_t k = 0; k < c->nins; k++)
+                if (c->ins[k].off < y && c->ins[k].off + c->ins[k].len > x) dep_add(c, c->encs[c->ins[k].enc].producer);
         }
         uint64_t d = op->dst_off + (x - op->src_off);
         rep_add(c, emit_local(c, PC_OP_DECODE, PC_BUF_SCRATCH, c->encs[id].e_off, op->dst_buf, d, y - x));
