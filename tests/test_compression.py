@@ -249,6 +249,11 @@ def _rank_cases(comm, cases):
             y = np.zeros(n * count, F32)
             comm.all_gather(x, y, compression=codec)
             out.append(y.tobytes())
+        elif coll == "all_gather_in_place":  # the send block is this rank's block of recv
+            y = np.zeros(n * count, F32)
+            y[r * count:(r + 1) * count] = rng.standard_normal(count).astype(F32)
+            comm.all_gather(y[r * count:(r + 1) * count], y, compression=codec)
+            out.append(y.tobytes())
         else:
             x = rng.standard_normal(n * count).astype(F32)
             y = np.zeros(count, F32)
@@ -259,6 +264,7 @@ def _rank_cases(comm, cases):
 
 def expected_bytes(case, n, stripes, segment=DEFAULT_SEGMENT, preserve=True):
     coll, codec, op, count, seed = case
+    coll = "all_gather" if coll == "all_gather_in_place" else coll
     plans = [compression.compress(planners.plan_rings(coll, n, r, [list(range(n))], count, 4,
                                                       segment_bytes=segment, stripes=stripes,
                                                       preserve=preserve and coll == "all_reduce",
@@ -296,6 +302,7 @@ def test_compressed_collectives_match_reference(n):
              for i, codec in enumerate(NAMES)
              for j, (c, op, count) in enumerate([("all_reduce", "sum", 1000), ("all_reduce", "avg", 77),
                                                  ("all_reduce", "max", 513), ("all_gather", "sum", 300),
+                                                 ("all_gather_in_place", "sum", 1000),
                                                  ("reduce_scatter", "sum", 257)])]
     check_cases(cases, n)
 
