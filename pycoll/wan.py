@@ -174,7 +174,7 @@ def resolve_stripes(stripes, options):
     "auto" also fills in ``sockbuf`` unless given."""
     options = dict(options)
     link = options.pop("link", None) or os.environ.get("PYCOLL_LINK")
-    topology = options.pop("topology", None) or os.environ.get("PYCOLL_TOPOLOGY")
+    topology = options.get("topology") or os.environ.get("PYCOLL_TOPOLOGY")  # the communicator uses it too
     if stripes is None:
         stripes = os.environ.get("PYCOLL_STRIPES") or 1
     if isinstance(stripes, str) and stripes.strip().lower() == "auto":

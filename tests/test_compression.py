@@ -242,22 +242,22 @@ def _rank_cases(comm, cases):
         rng = np.random.default_rng([seed, r])
         if coll == "all_reduce":
             x = rng.standard_normal(count).astype(F32)
-            comm.all_reduce(x, op=op, compression=codec)
+            comm.all_reduce(x, op=op, algorithm="ring", compression=codec)
             out.append(x.tobytes())
         elif coll == "all_gather":
             x = rng.standard_normal(count).astype(F32)
             y = np.zeros(n * count, F32)
-            comm.all_gather(x, y, compression=codec)
+            comm.all_gather(x, y, algorithm="ring", compression=codec)
             out.append(y.tobytes())
         elif coll == "all_gather_in_place":  # the send block is this rank's block of recv
             y = np.zeros(n * count, F32)
             y[r * count:(r + 1) * count] = rng.standard_normal(count).astype(F32)
-            comm.all_gather(y[r * count:(r + 1) * count], y, compression=codec)
+            comm.all_gather(y[r * count:(r + 1) * count], y, algorithm="ring", compression=codec)
             out.append(y.tobytes())
         else:
             x = rng.standard_normal(n * count).astype(F32)
             y = np.zeros(count, F32)
-            comm.reduce_scatter(x, y, op=op, compression=codec)
+            comm.reduce_scatter(x, y, op=op, algorithm="ring", compression=codec)
             out.append(y.tobytes())
     return out
 

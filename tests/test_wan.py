@@ -74,7 +74,7 @@ def _compressed_striped(comm):
     out = []
     for codec in ("bf16", "int8"):
         x = rank_input(("all_reduce", "float32", "sum", 200_003, 7, "ring"), comm.rank, comm.world_size)
-        comm.all_reduce(x, compression=codec)
+        comm.all_reduce(x, algorithm="ring", compression=codec)
         out.append(x.tobytes())
     return out, comm.stripes
 
