@@ -342,3 +342,47 @@ def test_communicator_default_and_per_call_compression():
         assert i == [2 * v for v in range(10)]
         assert err and "float32" in err
     assert res[0][0] == res[1][0]
+
+
+# ---- every algorithm's plans compress ---------------------------------------
+def algorithm_plans(alg, coll, n, count, codec, avg):
+    """Compressed plans of ``alg`` as the communicator builds them (ranks on
+    hosts of two, so the in-network planner has groups to aggregate)."""
+    kw = dict(segment_bytes=16, stripes=2, preserve=coll == "all_reduce", avg=avg)
+    if hasattr(planners, "build"):
+        from pycoll.layout import Layout
+        layout = Layout(n, None, [r // 2 for r in range(n)])
+        alg = planners.effective(alg, coll)
+        return [compression.compress(planners.build(alg, coll, layout, r, count, 4, **kw), codec) for r in range(n)]
+    return [compression.compress(planners.plan_rings(coll, n, r, [list(range(n))], count, 4, **kw), codec)
+            for r in range(n)]
+
+
+@pytest.mark.parametrize("alg", [a for a in planners.ALGORITHMS if a != "auto"])
+@pytest.mark.parametrize("n", [2, 3, 4, 5, 6, 8])
+@pytest.mark.parametrize("coll", ["all_reduce", "all_gather", "reduce_scatter"])
+def test_every_algorithm_compresses(alg, n, coll):
+    for codec, avg in (("bf16", False), ("int8", coll != "all_gather")):
+        count = 7 * n + 3
+        plans = algorithm_plans(alg, coll, n, count, codec, avg)
+        bufs = []
+        for r, p in enumerate(plans):
+            check_plan_races(p.ops(), p.tail_first, SymbolicCodec(codec), aliased=coll == "all_reduce", rank=r)
+            scratch = np.empty(p.need_bytes(SCRATCH) // 4, dtype=object)
+            if coll == "all_reduce":
+                d = sym_array(r, count)
+                bufs.append([d, d, scratch])
+            elif coll == "all_gather":
+                bufs.append([sym_array(r, count), np.empty(n * count, dtype=object), scratch])
+            else:
+                bufs.append([sym_array(r, n * count), np.empty(count, dtype=object), scratch])
+        simulate(plans, bufs, 4, sym_reduce, sym_scale if avg else None, codec=SymbolicCodec(codec))
+        for i in range(len(bufs[0][OUT])):
+            if coll != "reduce_scatter":
+                assert len({repr(bufs[r][OUT][i]) for r in range(n)}) == 1, f"{alg} {codec}: element {i} differs"
+            if coll == "all_reduce":
+                assert sorted(leaves(bufs[0][OUT][i])) == [(r, i) for r in range(n)]
+        if coll == "reduce_scatter":
+            for r in range(n):
+                assert [sorted(leaves(e)) for e in bufs[r][OUT]] == [[(q, r * count + i) for q in range(n)]
+                                                                     for i in range(count)]
