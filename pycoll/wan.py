@@ -169,14 +169,15 @@ def set_keepalive(fds, stall_timeout):
 
 def resolve_stripes(stripes, options):
     """For pycoll.init/connect: turn ``stripes`` (an int, "auto", or None for
-    $PYCOLL_STRIPES, default 1) plus the ``link=``/``topology=`` options
-    (or $PYCOLL_LINK / $PYCOLL_TOPOLOGY) into (stripes, remaining options);
-    "auto" also fills in ``sockbuf`` unless given."""
+    $PYCOLL_STRIPES, else "auto" when a link or topology is known, else 1)
+    plus the ``link=``/``topology=`` options (or $PYCOLL_LINK /
+    $PYCOLL_TOPOLOGY) into (stripes, remaining options); "auto" also fills
+    in ``sockbuf`` unless given."""
     options = dict(options)
     link = options.pop("link", None) or os.environ.get("PYCOLL_LINK")
     topology = options.get("topology") or os.environ.get("PYCOLL_TOPOLOGY")  # the communicator uses it too
-    if stripes is None:
-        stripes = os.environ.get("PYCOLL_STRIPES") or 1
+    if stripes is None:  # default: from the links when we know them, else one connection
+        stripes = os.environ.get("PYCOLL_STRIPES") or ("auto" if (link or topology) else 1)
     if isinstance(stripes, str) and stripes.strip().lower() == "auto":
         auto = comm_options(link=link, topology=topology)
         options.setdefault("sockbuf", auto["sockbuf"])

@@ -80,7 +80,7 @@ def _compressed_striped(comm):
 
 
 @pytest.mark.timeout(200)
-@pytest.mark.parametrize("stripes", [1, 4, 8])
+@pytest.mark.parametrize("stripes", range(1, 9))
 def test_striping_with_compression(stripes):
     res = pycoll.testing.run(_compressed_striped, 3, timeout=150,
                              init_kwargs={"timeout": 60, "stripes": stripes, "segment_bytes": SEGMENT})
@@ -103,8 +103,10 @@ def test_stripes_auto_from_link_and_topology():
     assert res == [(plan.stripes, plan.sockbuf)] * 2
     topo = ROOT / "topologies" / "three-sites-wan.toml"
     want = wan.comm_options(topology=str(topo), limits=lim)
-    res = pycoll.testing.run(_auto, 2, timeout=90, init_kwargs={"stripes": "auto", "topology": str(topo)})
+    res = pycoll.testing.run(_auto, 2, timeout=90, init_kwargs={"topology": str(topo)})  # the default: auto
     assert res == [(want["stripes"], want["sockbuf"])] * 2
+    assert wan.resolve_stripes(None, {})[0] == int(os.environ.get("PYCOLL_STRIPES", 1))  # nothing known: 1
+    assert wan.resolve_stripes(3, {"link": "2gbit/50ms"}) == (3, {})
     with pytest.raises(pycoll.InvalidArgument):
         pycoll.init(rank=0, world_size=1, master_port=1, stripes="auto")  # nothing to derive it from
 
