@@ -1,6 +1,5 @@
 """Making communicators: ``init`` (a fixed group, torchrun-style) and
 ``connect`` (join an elastic group at any time)."""
-import inspect
 import logging
 import os
 import socket
@@ -37,12 +36,9 @@ def _env_master_port():
 def _stripes(stripes, options):
     """stripes: an int, "auto" (from link=/topology=, see pycoll.wan), or $PYCOLL_STRIPES."""
     try:
-        stripes, options = resolve_stripes(stripes, options)
+        return resolve_stripes(stripes, options)
     except ValueError as exc:
         raise InvalidArgument(str(exc)) from None
-    if "topology" not in inspect.signature(Communicator).parameters:
-        options.pop("topology", None)  # only used to derive the stripes then
-    return stripes, options
 
 
 def _start_coordinator_if_free(host, port, world_size, heartbeat_timeout, secret=None, limits=None):
