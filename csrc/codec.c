@@ -23,8 +23,10 @@
  * Error bounds per encode-decode round trip, for finite x (u = 2^-24):
  *   FP16  |err| <= 2^-11 |x| for 2^-14 <= |x| <= 65504, <= 2^-25 below.
  *   BF16  |err| <= 2^-8 |x| (<= 2^-134 in float32's subnormal range).
- *   INT8  |err| <= (hi - lo) / 510 * (1 + 2^-10) + 4u * max(|lo|, |hi|),
- *         lo and hi being the block's minimum and maximum.
+ *   INT8  |err| <= (hi - lo) / 510 * (1 + 2^-10) + 4u * max(|lo|, |hi|) + 2^-149,
+ *         lo and hi being the block's minimum and maximum (a block whose
+ *         range exceeds FLT_MAX loses hi - lo - FLT_MAX more at the top:
+ *         the step is kept small enough that decoding never overflows).
  */
 #include <float.h>
 #include <string.h>
@@ -72,6 +74,19 @@ static void int8_encode_block(uint8_t *out, const float *x, uint32_t n) {
     hi += 0.0f;
     double range = (double)hi - (double)lo;
     float step = (float)(range / 255.0);
+    if ((double)step * 255.0 < range) { /* round up: 255 steps must span the block */
+        bits32 b = {.f = step};
+        b.u += 1; /* the next float away from zero (step >= 0, finite) */
+        step = b.f;
+    }
+    for (;;) { /* decoding must not overflow: try the largest code the way decoding computes it */
+        float p = 255.0f * step;
+        float top = lo + p;
+        if (p <= FLT_MAX && top <= FLT_MAX) break;
+        bits32 b = {.f = step};
+        b.u -= 1; /* the next float towards zero */
+        step = b.f;
+    }
     put_f32(out, lo);
     put_f32(out + 4, step);
     if (step == 0.0f) { /* constant block: exact */

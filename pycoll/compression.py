@@ -15,8 +15,9 @@ name      bytes  error of one round trip
 ``fp16``  2      <= 2^-11 |x| for 2^-14 <= |x| <= 65504, <= 2^-25 below;
                  beyond 65504 a value becomes inf
 ``bf16``  2      <= 2^-8 |x| (float32's range)
-``int8``  ~1.03  <= (hi - lo)/510 * (1 + 2^-10) + 2^-22 max(|lo|, |hi|) per
-                 block of 256 values with minimum lo and maximum hi; a block
+``int8``  ~1.03  <= (hi - lo)/510 * (1 + 2^-10) + 2^-22 max(|lo|, |hi|) + 2^-149 per
+                 block of 256 values with minimum lo and maximum hi (plus
+                 hi - lo - FLT_MAX if that range exceeds FLT_MAX); a block
                  with inf or NaN becomes NaN
 ========  =====  =============================================================
 

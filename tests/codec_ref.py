@@ -22,6 +22,11 @@ def _int8_block(x):
     hi = x[np.argmax(x)] + _F32(0.0)
     rng = np.float64(hi) - np.float64(lo)
     step = _F32(rng / 255.0)
+    if np.float64(step) * 255.0 < rng:  # round up: 255 steps must span the block
+        step = np.nextafter(step, _F32(np.inf))
+    with np.errstate(over="ignore"):
+        while not (np.isfinite(_F32(255.0) * step) and np.isfinite(lo + _F32(255.0) * step)):
+            step = np.nextafter(step, _F32(0))  # decoding must not overflow
     if step == 0:
         q = np.zeros(x.size, np.uint8)
     elif step >= np.finfo(_F32).tiny and rng <= 1e38:
