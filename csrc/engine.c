@@ -54,6 +54,7 @@ struct pc_comm {
     int cancelled;            /* atomic */
     int broken;
     int spin_us;
+    double stall_s;           /* fail when nothing moved this long (0: off) */
     void *scratch;
     uint64_t scratch_cap;
     uint64_t sent, received;
@@ -143,6 +144,7 @@ void pc_comm_clear_cancel(pc_comm *c) {
 }
 
 void pc_comm_set_spin(pc_comm *c, int32_t spin_us) { c->spin_us = spin_us < 0 ? 0 : spin_us; }
+void pc_comm_set_stall_timeout(pc_comm *c, double seconds) { c->stall_s = seconds > 0 ? seconds : 0; }
 
 void pc_comm_shutdown(pc_comm *c) {
     c->broken = 1;
@@ -251,6 +253,16 @@ static void run_local(run_state *r, int32_t i) {
         break;
     case PC_OP_SCALE:
         if (r->op == PC_AVG) pc_scale(dst, n, r->dtype, r->plan->nranks);
+        break;
+    case PC_OP_ENCODE: /* compressed plans (plan_codec.c): float32 only */
+        pc_codec_encode(r->plan->codec, dst, (const float *)src, n);
+        break;
+    case PC_OP_DECODE:
+        pc_codec_decode(r->plan->codec, (float *)dst, src, n);
+        break;
+    case PC_OP_DECODE_REDUCE:
+        pc_codec_decode_reduce(r->plan->codec, (float *)dst, (const float *)src, r->buf[op->aux_buf] + op->aux_off, n,
+                               r->op);
         break;
     default:
         break;
@@ -492,6 +504,20 @@ static void release(run_state *r) {
     free(r->ready);
 }
 
+/* No byte moved for too long: name a connection we are waiting on. */
+static void stall_fail(run_state *r, double idle) {
+    int32_t stripes = r->comm->stripes, k = -1;
+    const char *dir = "sending to";
+    for (int32_t a = 0; a < r->nactive && k < 0; a++)
+        if (r->ch[r->active[a]].recv_head < r->ch[r->active[a]].nrecv) k = r->active[a], dir = "receiving from";
+    for (int32_t a = 0; a < r->nactive && k < 0; a++)
+        if (r->ch[r->active[a]].send_head < r->ch[r->active[a]].nsend) k = r->active[a];
+    int32_t peer = k >= 0 ? k / stripes : -1, stripe = k >= 0 ? k % stripes : -1;
+    fail(r, PC_ERR_TIMEOUT, peer,
+         "no progress for %.1f s (stalled %s rank %d on connection %d; %d of %d steps done): the link or the peer hangs",
+         idle, dir, peer, stripe, r->done, r->plan->nops);
+}
+
 static void wait_for_io(run_state *r, double deadline) {
     pc_comm *c = r->comm;
     struct pollfd stack_fds[65];
@@ -573,6 +599,10 @@ pc_status pc_comm_run_part(pc_comm *comm, const pc_plan *plan, int32_t part, voi
         set_err(comm, "unsupported dtype %d or op %d", dtype, op);
         return PC_ERR_ARG;
     }
+    if (plan->codec != PC_CODEC_NONE && dtype != PC_F32) {
+        set_err(comm, "a compressed plan carries float32 only (dtype %d)", dtype);
+        return PC_ERR_ARG;
+    }
     if (plan->nranks != comm->nranks || plan->rank != comm->rank) {
         set_err(comm, "plan built for rank %d of %d, comm is rank %d of %d", plan->rank, plan->nranks,
                 comm->rank, comm->nranks);
@@ -619,7 +649,7 @@ pc_status pc_comm_run_part(pc_comm *comm, const pc_plan *plan, int32_t part, voi
         return st;
     }
     double deadline = now_s() + (timeout_s > 0 ? timeout_s : 1e9);
-    double idle_since = -1;
+    double idle_since = -1, last_move = now_s();
     /* Spin only for small collectives: there the next frame is microseconds
      * away. For bulk transfers a sleeping waiter wakes in time and spinning
      * only takes the core from the ranks it waits for (measured with 4 ranks
@@ -650,7 +680,12 @@ pc_status pc_comm_run_part(pc_comm *comm, const pc_plan *plan, int32_t part, voi
         }
         if (moved) {
             idle_since = -1;
+            last_move = t;
             continue;
+        }
+        if (comm->stall_s > 0 && t - last_move > comm->stall_s) {
+            stall_fail(&r, t - last_move);
+            break;
         }
         /* Nothing moved: spin a little (a reply is often microseconds
          * away), then sleep until a socket is ready or we are cancelled. */

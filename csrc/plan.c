@@ -50,6 +50,7 @@ int32_t plan_add(pc_plan *p, int32_t kind, int32_t peer, int32_t stripe, uint32_
     op->src_off = src_off;
     op->dst_off = dst_off;
     op->len = len;
+    op->aux_buf = -1;
     op->dep_first = p->ndeps;
     for (int32_t i = 0; i < ndeps; i++)
         if (deps[i] >= 0) p->deps[p->ndeps++] = deps[i];
@@ -94,6 +95,7 @@ const int32_t *pc_plan_deps(const pc_plan *p) { return p->deps; }
 int32_t pc_plan_ndeps(const pc_plan *p) { return p->ndeps; }
 uint64_t pc_plan_scratch_bytes(const pc_plan *p) { return p->need_bytes[PC_BUF_SCRATCH]; }
 int32_t pc_plan_tail_first(const pc_plan *p) { return p->tail_first; }
+int32_t pc_plan_codec(const pc_plan *p) { return p->codec; }
 uint64_t pc_plan_need_bytes(const pc_plan *p, int32_t buf) {
     return (buf >= 0 && buf < PC_BUF_COUNT) ? p->need_bytes[buf] : 0;
 }

@@ -22,6 +22,7 @@ struct pc_plan {
     int32_t nranks, rank;
     uint64_t need_bytes[PC_BUF_COUNT]; /* minimum size of each buffer */
     int failed;               /* an allocation failed while building */
+    int32_t codec;            /* pc_codec of the payloads on the wire */
 };
 
 pc_plan *plan_new(int32_t nranks, int32_t rank);

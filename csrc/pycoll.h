@@ -56,7 +56,12 @@ typedef enum {
     PC_OP_RECV_REDUCE = 2, /* dst = src (op) incoming; src may equal dst */
     PC_OP_COPY = 3,        /* dst = src, local */
     PC_OP_REDUCE = 4,      /* dst = dst (op) src, local */
-    PC_OP_SCALE = 5        /* dst = dst / nranks (the final step of PC_AVG) */
+    PC_OP_SCALE = 5,       /* dst = dst / nranks (the final step of PC_AVG) */
+    /* Local ops of compressed plans (see pc_plan_compress); len counts the
+     * float32 bytes, the encoded side spans pc_codec_bytes(codec, len / 4). */
+    PC_OP_ENCODE = 6,      /* dst (encoded) = encode(src) */
+    PC_OP_DECODE = 7,      /* dst = decode(src (encoded)) */
+    PC_OP_DECODE_REDUCE = 8 /* dst = src (op) decode(aux (encoded)) */
 } pc_op_kind;
 
 typedef enum { PC_BUF_IN = 0, PC_BUF_OUT = 1, PC_BUF_SCRATCH = 2, PC_BUF_COUNT = 3 } pc_buf_id;
@@ -74,6 +79,9 @@ typedef struct {
     uint64_t len;
     int32_t dep_first; /* this op waits for deps[dep_first .. dep_first+dep_count) */
     int32_t dep_count;
+    int32_t aux_buf;   /* third operand (PC_OP_DECODE_REDUCE), else -1 */
+    int32_t reserved;
+    uint64_t aux_off;
 } pc_op;
 
 typedef struct pc_plan pc_plan;
@@ -89,6 +97,8 @@ uint64_t pc_plan_scratch_bytes(const pc_plan *plan);
 uint64_t pc_plan_need_bytes(const pc_plan *plan, int32_t buf);
 /* Ops from this index on run only after all earlier ops completed. */
 int32_t pc_plan_tail_first(const pc_plan *plan);
+/* The wire codec of the plan's payloads (pc_codec), PC_CODEC_NONE if plain. */
+int32_t pc_plan_codec(const pc_plan *plan);
 void pc_plan_free(pc_plan *plan);
 
 /* ---- planners ---------------------------------------------------------- */
@@ -164,6 +174,19 @@ pc_status pc_plan_hier(pc_collective coll, int32_t nranks, int32_t rank, const i
 pc_status pc_plan_p2p(int32_t nranks, int32_t rank, int32_t peer, uint64_t nbytes, int32_t send,
                       pc_plan **out);
 
+/*
+ * Compression as a plan transformation: returns a plan that does what `plan`
+ * does with every payload on the wire encoded by `codec` (pc_codec), for
+ * float32 data. Sends encode into scratch (PC_OP_ENCODE), receives land in
+ * scratch and decode (PC_OP_DECODE, PC_OP_DECODE_REDUCE); the network ops
+ * move the encoded bytes as opaque data. Every rank ends bit-identical: a
+ * value is encoded once where it is made, whoever forwards it forwards those
+ * bytes, and the rank that made it keeps the decoded bytes too. Works for
+ * any planner's plan (planners never see codecs). PC_ERR_ARG if `plan` is
+ * already compressed or the codec is unknown.
+ */
+pc_status pc_plan_compress(const pc_plan *plan, int32_t codec, pc_plan **out);
+
 /* ---- reduction kernels ------------------------------------------------- */
 int32_t pc_dtype_size(int32_t dtype);
 /* dst[i] = a[i] (op) b[i] for i < count; dst may alias a or b. PC_AVG reduces
@@ -172,6 +195,23 @@ pc_status pc_reduce(void *dst, const void *a, const void *b, uint64_t count,
                     int32_t dtype, int32_t op);
 /* dst[i] = dst[i] / divisor (integers truncate toward zero). */
 pc_status pc_scale(void *dst, uint64_t count, int32_t dtype, int32_t divisor);
+
+/* ---- wire codecs (csrc/codec.c documents formats and error bounds) ----- */
+typedef enum {
+    PC_CODEC_NONE = 0, /* float32 as is */
+    PC_CODEC_FP16 = 1, /* IEEE half, round to nearest-even */
+    PC_CODEC_BF16 = 2, /* bfloat16, round to nearest-even */
+    PC_CODEC_INT8 = 3, /* per block of PC_CODEC_INT8_BLOCK values: min, step, uint8 */
+    PC_CODEC_COUNT = 4
+} pc_codec;
+#define PC_CODEC_INT8_BLOCK 256
+/* Encoded size of `count` float32 values (0 for an unknown codec). */
+uint64_t pc_codec_bytes(int32_t codec, uint64_t count);
+pc_status pc_codec_encode(int32_t codec, void *dst, const float *src, uint64_t count);
+pc_status pc_codec_decode(int32_t codec, float *dst, const void *src, uint64_t count);
+/* dst[i] = a[i] (op) decode(src)[i]; dst may alias a. */
+pc_status pc_codec_decode_reduce(int32_t codec, float *dst, const float *a, const void *src,
+                                 uint64_t count, int32_t op);
 
 /* ---- communicator ------------------------------------------------------ */
 /*
@@ -188,6 +228,10 @@ void pc_comm_cancel(pc_comm *comm);
 void pc_comm_clear_cancel(pc_comm *comm);
 /* Microseconds to busy-poll (yielding the CPU) before sleeping in poll() (default 200). */
 void pc_comm_set_spin(pc_comm *comm, int32_t spin_us);
+/* Fail a collective with PC_ERR_TIMEOUT when no byte moved on any of its
+ * connections for `seconds` (0, the default, turns this off). Meant for
+ * long-haul links, where the collective deadline must be long. */
+void pc_comm_set_stall_timeout(pc_comm *comm, double seconds);
 /* Closes every connection; the comm can only be freed afterwards. Peers
  * blocked on us see PC_ERR_PEER at once (this is how a failure propagates). */
 void pc_comm_shutdown(pc_comm *comm);

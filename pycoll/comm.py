@@ -18,6 +18,7 @@ import threading
 import time
 import zlib
 
+from . import compression as _compression
 from . import aggregator, consensus, costmodel, planners, shared_state
 from ._native import ffi, lib, status_error
 from .buffers import as_buffer
@@ -25,6 +26,7 @@ from .dtypes import op_code
 from .errors import Cancelled, CollectiveError, CoordinatorError, InvalidArgument, PeerFailure
 from .mesh import build_mesh
 from . import testing
+from .wan import set_keepalive
 from .testing import fault_armed, fault_point
 from .work import Work
 
@@ -32,6 +34,7 @@ log = logging.getLogger("pycoll")
 
 DEFAULT_TIMEOUT = float(os.environ.get("PYCOLL_TIMEOUT", "120"))
 DEFAULT_SEGMENT = 1 << 20  # pipeline unit; 1 MiB measured best on loopback
+DEFAULT_STALL = float(os.environ.get("PYCOLL_STALL_TIMEOUT", "30"))
 
 
 class Stat(collections.namedtuple("Stat", "op algorithm nbytes seconds world_size epoch ok retries")):
@@ -44,7 +47,8 @@ class Communicator:
 
     def __init__(self, client, listener, *, stripes=1, timeout=DEFAULT_TIMEOUT, preserve_input=True,
                  segment_bytes=DEFAULT_SEGMENT, spin_us=200, mesh_timeout=None, sync_timeout=120.0,
-                 coordinator=None, sockbuf=0, mesh_key=None, topology=None, calibrate=None, coordinator_wait=0.0):
+                 coordinator=None, sockbuf=0, mesh_key=None, topology=None, calibrate=None, coordinator_wait=0.0,
+                 compression=None, stall_timeout=DEFAULT_STALL, progress_timeout=0.0):
         self._client = client
         self._listener = listener
         self._coordinator = coordinator  # the in-process coordinator we host, if any
@@ -65,6 +69,11 @@ class Communicator:
         self._hosts = None
         self.coordinator_wait = coordinator_wait  # seconds to wait for a lost coordinator to come back
         self._join_msg = None       # what we joined with (re-registration sends it again)
+        # default wire codec for float32 payloads
+        self.compression = _compression.codec_name(compression if compression is not None
+                                                    else os.environ.get("PYCOLL_COMPRESSION"))
+        self.stall_timeout = stall_timeout        # dead links noticed by keepalive (0: off)
+        self.progress_timeout = progress_timeout  # fail a collective idle this long (0: off)
         self.rank = -1
         self.world_size = 0
         self.epoch = 0
@@ -177,6 +186,7 @@ class Communicator:
         fds = build_mesh(self._listener, rank, addrs, self.stripes, epoch, reply["token"],
                          self.mesh_timeout, self.sockbuf, key=self._mesh_key,
                          should_abort=lambda: self._aborted_epoch >= epoch)
+        set_keepalive(fds, self.stall_timeout)
         nworkers, switches = aggregator.split_members(members)
         hcomm = None
         if switches:  # standalone aggregators: the whole mesh for them, the workers' part for us
@@ -206,6 +216,7 @@ class Communicator:
         if st != lib.PC_OK:
             raise status_error(st, f"cannot create the C communicator (status {st})")
         lib.pc_comm_set_spin(out[0], self.spin_us)
+        lib.pc_comm_set_stall_timeout(out[0], float(self.progress_timeout or 0.0))
         return out[0]
 
     def _install_switches(self, hcomm, switches):
@@ -266,13 +277,14 @@ class Communicator:
         buf = as_buffer(arr, writable=True, what="calibration buffer")
         self._execute("all_reduce", buf, buf, buf.count, op, 0, "ring", None, False, internal=True)
 
-    def _plan(self, coll, algorithm, count, itemsize, root, avg, preserve):
-        key = (coll, algorithm, count, itemsize, root, avg, preserve)
+    def _plan(self, coll, algorithm, count, itemsize, root, avg, preserve, codec="none"):
+        key = (coll, algorithm, count, itemsize, root, avg, preserve, codec)
         plan = self._plans.get(key)
         if plan is None:
             plan = planners.build(algorithm, coll, self._selector_for_epoch().layout, self.rank, count, itemsize,
                                   root=root, segment_bytes=self.segment_bytes, stripes=self.stripes,
                                   preserve=preserve, avg=avg)
+            plan = _compression.compress(plan, codec)
             if len(self._plans) > 256:
                 self._plans.clear()
             self._plans[key] = plan
@@ -297,8 +309,21 @@ class Communicator:
         if self._broken or self._comm is None or self._client.needs_rejoin:
             self._sync(rebuild=True)
 
-    def _execute(self, coll, inbuf, outbuf, count, op, root, algorithm, timeout, preserve, internal=False,
-                 agree=None):
+    def _codec(self, coll, dtype, compression):
+        """The wire codec for this call: float32 of a compressible collective
+        only (a per-call request for anything else is an error)."""
+        name = self.compression if compression is None else _compression.codec_name(compression)
+        if name == "none" or self.world_size < 2:
+            return "none"
+        if coll in _compression.COMPRESSIBLE and dtype == "float32":
+            return name
+        if compression is not None:
+            raise InvalidArgument(f"{coll}: compression={compression!r} applies to float32 all_reduce, all_gather "
+                                  f"and reduce_scatter only (got {dtype})")
+        return "none"
+
+    def _execute(self, coll, inbuf, outbuf, count, op, root, algorithm, timeout, preserve, compression=None,
+                 internal=False, agree=None):
         """Run one collective on the current epoch; raises on failure.
         ``agree`` (a consensus.Agreement) runs it with outcome consensus."""
         if agree is not None:
@@ -315,14 +340,16 @@ class Communicator:
         opc = op_code(op)
         avg = opc == lib.PC_AVG
         itemsize = inbuf.nbytes // max(inbuf.count, 1) if inbuf.count else lib.pc_dtype_size(inbuf.code)
+        codec = self._codec(coll, dtype, compression)
         switch = self._switch if self._switch is not None and self._switch.usable else None
         if switch is not None and switch.applies(coll, chosen, opc, count):
+            codec = "none"  # a standalone aggregator sums plain float32
             plan = switch.plan(count, itemsize, self.segment_bytes, preserve)
             ccomm = switch.hcomm
         else:
             switch, ccomm = None, self._comm
-            plan = self._plan(coll, chosen, count, itemsize, root, avg, preserve)
-        desc = _digest(coll, inbuf.code, opc, count, root, chosen)
+            plan = self._plan(coll, chosen, count, itemsize, root, avg, preserve, codec)
+        desc = _digest(coll, inbuf.code, opc, count, root, chosen, codec)
         self._seq += 1
         bufs, sizes, failed = self._cbufs, self._csizes, self._cfailed  # reused: one collective at a time
         bufs[0] = ffi.cast("void *", inbuf.address)
@@ -427,8 +454,12 @@ class Communicator:
 
     # ---- public collectives -------------------------------------------
     def all_reduce(self, arr, op="sum", algorithm="auto", *, timeout=None, dtype=None, async_op=False,
-                   retry=False, verify=False):
+                   retry=False, verify=False, compression=None):
         """Reduce ``arr`` across all ranks, in place; returns ``arr``.
+
+        ``compression`` ("fp16", "bf16", "int8", "none"; default: the
+        communicator's) encodes float32 payloads on the wire; see
+        :mod:`pycoll.compression` for the error bounds.
 
         On failure the array holds its input again (unless the communicator
         was made with ``preserve_input=False``) and an exception is raised.
@@ -447,9 +478,11 @@ class Communicator:
         def run():
             if retry or verify:
                 consensus.run_agreed(self, lambda agree: self._execute(
-                    "all_reduce", buf, buf, buf.count, op, 0, algorithm, timeout, True, agree=agree), retry, verify)
+                    "all_reduce", buf, buf, buf.count, op, 0, algorithm, timeout, True, compression, agree=agree),
+                    retry, verify)
             else:
-                self._execute("all_reduce", buf, buf, buf.count, op, 0, algorithm, timeout, self.preserve_input)
+                self._execute("all_reduce", buf, buf, buf.count, op, 0, algorithm, timeout, self.preserve_input,
+                              compression)
             return arr
         return self._call(run, async_op, "all_reduce")
 
@@ -457,7 +490,8 @@ class Communicator:
         """Like all_reduce, returns a :class:`Work`; several may be in flight."""
         return self.all_reduce(arr, op, algorithm, async_op=True, **kw)
 
-    def all_gather(self, send, recv, algorithm="auto", *, timeout=None, dtype=None, async_op=False, verify=False):
+    def all_gather(self, send, recv, algorithm="auto", *, timeout=None, dtype=None, async_op=False, verify=False,
+                   compression=None):
         """``recv`` receives world_size blocks of ``send``, in rank order.
         ``verify=True`` cross-checks a digest of ``recv`` across the group."""
         sb = as_buffer(send, writable=False, what="all_gather send", dtype=dtype)
@@ -470,9 +504,10 @@ class Communicator:
                                       f"({self.world_size}) x {sb.count}")
             if verify:
                 consensus.run_agreed(self, lambda agree: self._execute(
-                    "all_gather", sb, rb, sb.count, "sum", 0, algorithm, timeout, False, agree=agree), False, True)
+                    "all_gather", sb, rb, sb.count, "sum", 0, algorithm, timeout, False, compression, agree=agree),
+                    False, True)
             else:
-                self._execute("all_gather", sb, rb, sb.count, "sum", 0, algorithm, timeout, False)
+                self._execute("all_gather", sb, rb, sb.count, "sum", 0, algorithm, timeout, False, compression)
             return recv
         return self._call(run, async_op, "all_gather")
 
@@ -480,7 +515,7 @@ class Communicator:
         return self.all_gather(send, recv, algorithm, async_op=True, **kw)
 
     def reduce_scatter(self, send, recv, op="sum", algorithm="auto", *, timeout=None, dtype=None,
-                       async_op=False):  # no verify=: every rank holds a different block
+                       async_op=False, compression=None):  # no verify=: every rank holds a different block
         """``recv`` = this rank's block of the elementwise reduction of ``send``
         (``send`` holds world_size blocks of ``recv``'s size)."""
         sb = as_buffer(send, writable=False, what="reduce_scatter send", dtype=dtype)
@@ -492,7 +527,7 @@ class Communicator:
             if sb.count != rb.count * self.world_size:
                 raise InvalidArgument(f"reduce_scatter: send has {sb.count} elements, needs world_size "
                                       f"({self.world_size}) x {rb.count}")
-            self._execute("reduce_scatter", sb, rb, rb.count, op, 0, algorithm, timeout, False)
+            self._execute("reduce_scatter", sb, rb, rb.count, op, 0, algorithm, timeout, False, compression)
             return recv
         return self._call(run, async_op, "reduce_scatter")
 
@@ -609,11 +644,11 @@ def _load_topology(spec):
 
 
 @functools.lru_cache(maxsize=4096)
-def _digest(coll, dtype_code, op_code_, count, root, algorithm):
+def _digest(coll, dtype_code, op_code_, count, root, algorithm, codec="none"):
     """32-bit digest of a collective's arguments, carried in every frame so
     that mismatched calls across ranks are detected by the receiver."""
-    return zlib.crc32(struct.pack("<iiiQi8s", planners.COLLECTIVES[coll], dtype_code, op_code_, count, root,
-                                  algorithm.encode()[:8]))
+    return zlib.crc32(struct.pack("<iiiQi8s4s", planners.COLLECTIVES[coll], dtype_code, op_code_, count, root,
+                                  algorithm.encode()[:8], codec.encode()[:4]))
 
 
 shared_state.attach(Communicator)  # sync_shared_state(), verify_parity()

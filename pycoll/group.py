@@ -11,6 +11,7 @@ from .coordinator import PROTOCOL, Coordinator
 from .errors import CollectiveError, InvalidArgument
 from .limits import resolve
 from .mesh import Listener, host_id, local_address_towards
+from .wan import resolve_stripes
 
 log = logging.getLogger("pycoll")
 
@@ -30,6 +31,14 @@ def _env_master_port():
     leaves MASTER_PORT to torch.distributed), else MASTER_PORT (torchrun)."""
     port = _env_int("PYCOLL_MASTER_PORT")
     return port if port is not None else _env_int("MASTER_PORT")
+
+
+def _stripes(stripes, options):
+    """stripes: an int, "auto" (from link=/topology=, see pycoll.wan), or $PYCOLL_STRIPES."""
+    try:
+        return resolve_stripes(stripes, options)
+    except ValueError as exc:
+        raise InvalidArgument(str(exc)) from None
 
 
 def _start_coordinator_if_free(host, port, world_size, heartbeat_timeout, secret=None, limits=None):
@@ -97,7 +106,8 @@ def init(rank=None, world_size=None, master_addr=None, master_port=None, *, time
     """Join a group of ``world_size`` peers as ``rank``.
 
     Arguments default to torchrun's environment variables RANK, WORLD_SIZE,
-    MASTER_ADDR and MASTER_PORT. Rank 0 starts the coordinator on
+    MASTER_ADDR and MASTER_PORT. ``stripes``: connections per peer pair, or
+    "auto" with ``link="2gbit/50ms"`` or ``topology=`` (see :mod:`pycoll.wan`). Rank 0 starts the coordinator on
     MASTER_PORT unless one (``pycoll master``) is already running there.
     Returns once all ``world_size`` peers are connected.
     ``heartbeat_timeout`` is the detection bound (default 5 s): a peer silent
@@ -116,7 +126,7 @@ def init(rank=None, world_size=None, master_addr=None, master_port=None, *, time
                               "MASTER_PORT in the environment, as torchrun and `pycoll run` set them)")
     if not 0 <= rank < world_size:
         raise InvalidArgument(f"rank {rank} is not in [0, {world_size})")
-    stripes = stripes if stripes is not None else (_env_int("PYCOLL_STRIPES") or 1)
+    stripes, options = _stripes(stripes, options)
     return _make(master_addr, master_port, rank, world_size, join_timeout=join_timeout,
                  heartbeat_interval=heartbeat_interval, heartbeat_timeout=heartbeat_timeout,
                  host_coordinator=(rank == 0), timeout=timeout, stripes=stripes,
@@ -144,7 +154,7 @@ def connect(master_addr=None, master_port=None, *, timeout=DEFAULT_TIMEOUT, join
     master_port = master_port if master_port is not None else _env_master_port()
     if master_port is None:
         raise InvalidArgument("pycoll.connect needs master_port (or MASTER_PORT in the environment)")
-    stripes = stripes if stripes is not None else (_env_int("PYCOLL_STRIPES") or 1)
+    stripes, options = _stripes(stripes, options)
     return _make(master_addr, master_port, None, None, join_timeout=join_timeout,
                  heartbeat_interval=heartbeat_interval, heartbeat_timeout=heartbeat_timeout,
                  host_coordinator=False, timeout=timeout, stripes=stripes, name=name, token=token, limits=limits,

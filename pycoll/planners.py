@@ -54,12 +54,18 @@ class Plan:
                 "src_buf": int(o.src_buf), "src_off": int(o.src_off), "dst_buf": int(o.dst_buf),
                 "dst_off": int(o.dst_off), "len": int(o.len),
                 "deps": [int(deps[o.dep_first + k]) for k in range(o.dep_count)],
+                "aux_buf": int(o.aux_buf), "aux_off": int(o.aux_off),
             })
         return out
 
     @property
     def tail_first(self):
         return lib.pc_plan_tail_first(self.ptr)
+
+    @property
+    def codec(self):
+        """The wire codec (a ``lib.PC_CODEC_*`` constant; 0 = none)."""
+        return lib.pc_plan_codec(self.ptr)
 
     def need_bytes(self, buf):
         return lib.pc_plan_need_bytes(self.ptr, buf)
