@@ -548,8 +548,7 @@ static int body_keeps_input(const pc_plan *plan, void *const *bufs, const uint64
     int overlap = in && out && out < in + buf_bytes[PC_BUF_IN] && in < out + buf_bytes[PC_BUF_OUT];
     for (int32_t i = 0; i < plan->tail_first; i++) {
         const pc_op *o = &plan->ops[i];
-        int writes = o->kind == PC_OP_RECV || o->kind == PC_OP_RECV_REDUCE || o->kind == PC_OP_COPY ||
-                     o->kind == PC_OP_REDUCE || o->kind == PC_OP_SCALE;
+        int writes = o->kind != PC_OP_SEND; /* every other kind writes its destination */
         if (!writes || !o->len || !(o->dst_buf == PC_BUF_IN || (overlap && o->dst_buf == PC_BUF_OUT))) continue;
         if (o->kind == PC_OP_COPY && (o->src_buf == PC_BUF_IN || o->src_buf == PC_BUF_OUT) &&
             (const uint8_t *)bufs[o->src_buf] + o->src_off == (const uint8_t *)bufs[o->dst_buf] + o->dst_off)

@@ -599,3 +599,27 @@ def test_agreement_and_shared_state_with_standalone_aggregators(tmp_path):
         assert same and through, "the agreed all-reduce ran through the switches and matches the plain one"
         assert contributors == members and len(members) == 4, "contributors are the workers, not the switches"
         assert w == [1.0] * 10 and revision == 1
+
+
+def _compressed_retry(comm, victim):
+    if comm.name == victim:
+        arm("during:all_reduce")
+    x = np.full(COUNT, _value(comm.name), np.float32)  # small integers: fp16 sums stay exact
+    comm.all_reduce(x, retry=True, compression="fp16", algorithm="ring")
+    return x.tobytes(), sorted(comm.last_outcome.contributors), comm.last_outcome.attempts
+
+
+@pytest.mark.timeout(120)
+def test_retry_with_wire_compression_keeps_the_input_until_commit():
+    names = ["c0", "c1", "c2", "c3"]
+    with Cluster(min_world_size=4) as c:
+        for n in names:
+            c.spawn(n, _compressed_retry, "c1")
+        res = dict(zip(names, c.results(names, timeout=100)))
+    assert res["c1"] == KILLED
+    survivors = ["c0", "c2", "c3"]
+    want = np.full(COUNT, _expected(survivors), np.float32).tobytes()
+    for n in survivors:
+        data, contributors, attempts = res[n]
+        assert contributors == survivors and attempts == 2
+        assert data == want, "the retry started from a damaged input"
