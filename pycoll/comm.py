@@ -145,7 +145,8 @@ class Communicator:
                 self._install_epoch(reply)
                 return True
             except PeerFailure as exc:
-                consensus.report_epoch_failure(self, reply["epoch"], f"building the mesh failed: {exc}")
+                consensus.report_epoch_failure(self, reply["epoch"], f"building the mesh failed: {exc}",
+                                               lib.PC_ERR_PEER)
                 if time.monotonic() > deadline:
                     raise
                 rebuild, admit = True, False
@@ -305,7 +306,7 @@ class Communicator:
                               f"({info.get('why') or self._abort_reason}); "
                               "this call did not run; the next call runs on the survivors",
                               lost=[self.members.index(n) for n in lost if n in self.members],
-                              lost_names=lost, retryable=bool(lost))
+                              lost_names=lost, retryable=bool(info.get("retry", lost)))
         if self._broken or self._comm is None or self._client.needs_rejoin:
             self._sync(rebuild=True)
 
@@ -394,7 +395,7 @@ class Communicator:
             return status_error(st, f"{coll}: {message}", peer)
         # Let everyone else abort now rather than at their timeout, and learn
         # the cause (who was lost) so the error can name it.
-        info = consensus.report_epoch_failure(self, self.epoch, message)
+        info = consensus.report_epoch_failure(self, self.epoch, message, st)
         lost = info.get("lost") or []
         if lost or (self._aborted_epoch == self.epoch and st in (lib.PC_ERR_CANCELLED, lib.PC_ERR_PEER,
                                                                 lib.PC_ERR_IO)):
@@ -406,7 +407,8 @@ class Communicator:
         if isinstance(exc, PeerFailure) and lost:
             exc.lost, exc.lost_names = tuple(info.get("lost_ranks", ())), tuple(lost)
             exc.peer = exc.lost[0] if exc.lost else peer
-            exc.retryable = True  # the coordinator's final word: a member was lost
+        if isinstance(exc, PeerFailure):
+            exc.retryable = bool(info.get("retry"))  # the coordinator's final word
         return exc
 
     def _call(self, fn, async_op, description):

@@ -59,13 +59,15 @@ def begin(comm):
     return False
 
 
-def report_epoch_failure(comm, epoch, why):
+def report_epoch_failure(comm, epoch, why, status=lib.PC_ERR_CANCELLED):
     """Tell the coordinator an operation of ``epoch`` failed (so the other
     members abort now rather than at their timeout) and wait briefly for the
-    cause. Returns the coordinator's answer ({} if it cannot be reached)."""
+    cause. ``status``: the C status of the failure (connection-level ones,
+    peer/IO/cancelled, keep the abort retryable). Returns the coordinator's
+    answer ({} if it cannot be reached)."""
     try:
-        return comm._client.request({"t": "fail", "epoch": epoch, "seq": comm._seq, "why": str(why)[:2000]},
-                                    timeout=FAIL_WAIT)
+        return comm._client.request({"t": "fail", "epoch": epoch, "seq": comm._seq, "why": str(why)[:2000],
+                                     "status": int(status)}, timeout=FAIL_WAIT)
     except CollectiveError:
         return {}
 
@@ -80,7 +82,8 @@ def report(comm, kind, seq, timeout, **fields):
             raise
     # No decision in time (a member is stuck without being dead): withdraw,
     # unless the round was decided meanwhile.
-    info = report_epoch_failure(comm, comm.epoch, f"no decision on #{seq} within {timeout + DECISION_MARGIN:.0f} s")
+    info = report_epoch_failure(comm, comm.epoch, f"no decision on #{seq} within {timeout + DECISION_MARGIN:.0f} s",
+                                lib.PC_ERR_TIMEOUT)
     if "decided" in info:
         return info["decided"]
     return {"decision": "abort", "timed_out": True, **info}
@@ -130,7 +133,7 @@ class Agreement:
         if self.skip:
             why = f"epoch {comm.epoch} was aborted before this call ({comm._abort_reason})"
             comm._broken = True
-            reply = report(comm, "collective", seq, timeout, ok=False, why=why)
+            reply = report(comm, "collective", seq, timeout, ok=False, why=why, status=lib.PC_ERR_CANCELLED)
             raise abort_error(comm, f"{coll} #{seq}", reply, None, "this call did not run")
         failed = ffi.new("int32_t *")
         st = lib.PC_OK
@@ -142,7 +145,7 @@ class Agreement:
         if st != lib.PC_OK:
             message = ffi.string(lib.pc_comm_last_error(ccomm)).decode(errors="replace")
             comm._broken = True
-            reply = report(comm, "collective", seq, timeout, ok=False, why=message)
+            reply = report(comm, "collective", seq, timeout, ok=False, why=message, status=int(st))
             comm.stats.append(_stat(comm, coll, algorithm, nbytes, t0, False))
             if st == lib.PC_ERR_ARG:
                 raise InvalidArgument(f"{coll}: {message}", status=st)

@@ -69,6 +69,12 @@ log = logging.getLogger("pycoll.coordinator")
 
 PROTOCOL = 1
 
+# C statuses (csrc/pycoll.h) of failures that say only "a connection broke or
+# the call was stopped": re-running over the group that re-forms is safe. Any
+# other reported failure (a protocol error, a timeout, a bad argument) makes
+# an abort not retryable unless a member was lost.
+_CONNECTION_STATUSES = {3, 4, 7}  # PC_ERR_IO, PC_ERR_PEER, PC_ERR_CANCELLED
+
 
 def pack(obj):
     return msgpack.packb(obj, use_bin_type=True)
@@ -120,13 +126,14 @@ class Round:
 class Abort:
     """Why the current epoch stopped; final once its cause is known."""
 
-    __slots__ = ("why", "since", "final", "lost")
+    __slots__ = ("why", "since", "final", "lost", "fatal")
 
     def __init__(self, why):
         self.why = why
         self.since = time.monotonic()
         self.final = False
         self.lost = []
+        self.fatal = False  # a failure was reported that a retry would repeat
 
 
 class Coordinator:
@@ -405,7 +412,7 @@ class Coordinator:
         if msg.get("seq") in self.decided:  # gave up waiting, but it was decided meanwhile
             return self._reply(ident, msg, decided=self.decided[msg["seq"]][self._rank_of(m.name)])
         self._abort_epoch(f"rank {self._rank_of(m.name)} ({m.name}) reported: {msg.get('why', 'failure')}",
-                          exclude=m)
+                          exclude=m, status=msg.get("status"))
         self.fail_waiters.append((m.name, ident, msg.get("rid")))
         self._check_abort()
 
@@ -424,10 +431,10 @@ class Coordinator:
         rnd.waiters[m.name] = (ident, msg.get("rid"))
         if rnd.kind != kind:
             self._abort_epoch(f"members called different operations as #{seq} of epoch {self.epoch} "
-                              f"({rnd.kind} and {kind})", final=True)
+                              f"({rnd.kind} and {kind})", final=True, status=-1)
         elif not msg.get("ok", True):
             self._abort_epoch(f"rank {self._rank_of(m.name)} ({m.name}) failed: {msg.get('why', 'failure')}",
-                              exclude=m)
+                              exclude=m, status=msg.get("status"))
         self._check_abort()
         self._resolve(rnd)
 
@@ -482,7 +489,9 @@ class Coordinator:
     def _lost(self):
         return [n for n in self.epoch_members if n in self.members and not self.members[n].alive]
 
-    def _abort_epoch(self, why, final=False, exclude=None):
+    def _abort_epoch(self, why, final=False, exclude=None, status=None):
+        """Abort the current epoch (once); ``status``: the C status of a
+        reported failure, None for a death."""
         if self.abort is None:
             self.abort = Abort(why)
             self.stats["aborts"] += 1
@@ -494,6 +503,8 @@ class Coordinator:
                     self._send(x.hb_ident, {"t": "abort", "epoch": self.epoch, "why": why, "lost": lost})
         elif final and not self.abort.final and "lost" in why:
             self.abort.why = why  # a death explains an earlier failure report better
+        if status is not None and status not in _CONNECTION_STATUSES and not self.abort.final:
+            self.abort.fatal = True
         if final:
             self.abort.final = True
 
@@ -504,7 +515,7 @@ class Coordinator:
         lost = self.abort.lost
         return {"why": self.abort.why, "lost": lost, "lost_ranks": [self._rank_of(n) for n in lost],
                 "lost_info": [self.members[n].describe() for n in lost if n in self.members],
-                "retry": bool(lost)}
+                "retry": bool(lost) or not self.abort.fatal}
 
     def _check_abort(self):
         """Make the abort's cause final when it is known, then answer waiters."""

@@ -118,7 +118,8 @@ def _round(comm, kind, revision, tensors, hashes, timeout):
     seq = comm._seq
     if skip:
         comm._broken = True
-        reply = consensus.report(comm, kind, seq, timeout, ok=False, why="epoch aborted before this call")
+        reply = consensus.report(comm, kind, seq, timeout, ok=False, why="epoch aborted before this call",
+                                 status=lib.PC_ERR_CANCELLED)
     else:
         reply = consensus.report(comm, kind, seq, timeout, revision=int(revision),
                                  tensors=[t + [h] for t, h in zip(tensors, hashes)])
@@ -232,10 +233,11 @@ def _sync_once(comm, names, bufs, tensors, revision, timeout, threads):
         got = _hash_buffers([as_buffer(tmps[i], writable=False) for i in sorted(tmps)], threads)
         bad = [names[i] for i, h in zip(sorted(tmps), got) if h != majority[i]]
         if bad:
-            fields = {"ok": False, "why": f"received bytes of {bad[:4]} do not match the majority hash"}
+            fields = {"ok": False, "why": f"received bytes of {bad[:4]} do not match the majority hash",
+                      "status": lib.PC_ERR_PROTO}
     else:
         comm._broken = True
-        fields = {"ok": False, "why": failure[1]}
+        fields = {"ok": False, "why": failure[1], "status": int(failure[0])}
     comm._seq += 1
     reply = consensus.report(comm, "collective", comm._seq, timeout, **fields)
     if reply.get("decision") != "commit":

@@ -623,3 +623,38 @@ def test_retry_with_wire_compression_keeps_the_input_until_commit():
         data, contributors, attempts = res[n]
         assert contributors == survivors and attempts == 2
         assert data == want, "the retry started from a damaged input"
+
+
+def test_abort_is_retryable_for_broken_connections_not_for_protocol_errors():
+    """The coordinator's decision, driven by two hand-made members: with no
+    member lost, an abort caused by a broken connection is retried by
+    everyone, one caused by a protocol error (or a timeout) by no one."""
+    import threading
+    from pycoll.coordinator import Coordinator
+    coord = Coordinator("127.0.0.1", 0, min_world_size=2, cause_grace=0.2).start()
+    clients = [CoordinatorClient("127.0.0.1", coord.port, name=f"z{i}") for i in range(2)]
+    replies = [None, None]
+
+    def both(msgs):
+        def ask(i):
+            replies[i] = clients[i].request(msgs[i], timeout=5)
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(2)]
+        [t.start() for t in threads]
+        [t.join(10) for t in threads]
+        return list(replies)
+    try:
+        for i, cl in enumerate(clients):
+            cl.request({"t": "join", "proto": 1, "addr": ["127.0.0.1", 1 + i]}, timeout=5)
+        outcomes = []
+        for epoch, status in ((1, 4), (2, 5), (3, 6), (4, 7)):  # PEER, PROTO, TIMEOUT, CANCELLED
+            assert both([{"t": "sync", "rebuild": True}] * 2)[0]["epoch"] == epoch
+            got = both([{"t": "round", "kind": "collective", "epoch": epoch, "seq": 1, "ok": False,
+                         "status": status, "why": "x"},
+                        {"t": "round", "kind": "collective", "epoch": epoch, "seq": 1, "ok": True}])
+            assert [r["decision"] for r in got] == ["abort", "abort"] and got[0]["retry"] == got[1]["retry"]
+            outcomes.append(got[0]["retry"])
+        assert outcomes == [True, False, False, True]
+    finally:
+        for cl in clients:
+            cl.close()
+        coord.stop()
