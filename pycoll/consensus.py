@@ -59,15 +59,19 @@ def begin(comm):
     return False
 
 
-def report_epoch_failure(comm, epoch, why, status=lib.PC_ERR_CANCELLED):
+def report_epoch_failure(comm, epoch, why, status=lib.PC_ERR_CANCELLED, withdraw=False):
     """Tell the coordinator an operation of ``epoch`` failed (so the other
     members abort now rather than at their timeout) and wait briefly for the
     cause. ``status``: the C status of the failure (connection-level ones,
     peer/IO/cancelled, keep the abort retryable). Returns the coordinator's
-    answer ({} if it cannot be reached)."""
+    answer ({} if it cannot be reached). ``withdraw``: we gave up waiting for
+    the decision of round #seq; if it was decided meanwhile, the answer is
+    that decision ({"decided": ...}) and nothing is aborted."""
+    msg = {"t": "fail", "epoch": epoch, "seq": comm._seq, "why": str(why)[:2000], "status": int(status)}
+    if withdraw:
+        msg["withdraw"] = True
     try:
-        return comm._client.request({"t": "fail", "epoch": epoch, "seq": comm._seq, "why": str(why)[:2000],
-                                     "status": int(status)}, timeout=FAIL_WAIT)
+        return comm._client.request(msg, timeout=FAIL_WAIT)
     except CollectiveError:
         return {}
 
@@ -83,7 +87,7 @@ def report(comm, kind, seq, timeout, **fields):
     # No decision in time (a member is stuck without being dead): withdraw,
     # unless the round was decided meanwhile.
     info = report_epoch_failure(comm, comm.epoch, f"no decision on #{seq} within {timeout + DECISION_MARGIN:.0f} s",
-                                lib.PC_ERR_TIMEOUT)
+                                lib.PC_ERR_TIMEOUT, withdraw=True)
     if "decided" in info:
         return info["decided"]
     return {"decision": "abort", "timed_out": True, **info}

@@ -409,7 +409,7 @@ class Coordinator:
             return self._unknown(ident, msg)
         if msg.get("epoch") != self.epoch or m.name not in self.epoch_members:
             return self._reply(ident, msg, **self._abort_info(stale=True))
-        if msg.get("seq") in self.decided:  # gave up waiting, but it was decided meanwhile
+        if msg.get("withdraw") and msg.get("seq") in self.decided:  # gave up waiting, but it was decided
             return self._reply(ident, msg, decided=self.decided[msg["seq"]][self._rank_of(m.name)])
         self._abort_epoch(f"rank {self._rank_of(m.name)} ({m.name}) reported: {msg.get('why', 'failure')}",
                           exclude=m, status=msg.get("status"))

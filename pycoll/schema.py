@@ -96,6 +96,7 @@ def fields(max_peers):
         "heartbeat_timeout": _float(0.01, 86400.0),
         "seq": _int(0, _U63),
         "status": _int(-1, 1 << 16),
+        "withdraw": _bool,
         "kind": _str(1, 32),
         "ok": _bool,
         "digest": _int(0, (1 << 64) - 1),

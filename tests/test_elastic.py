@@ -658,3 +658,38 @@ def test_abort_is_retryable_for_broken_connections_not_for_protocol_errors():
         for cl in clients:
             cl.close()
         coord.stop()
+
+
+def test_a_failure_after_a_commit_gets_the_abort_not_the_old_commit():
+    """Regression: a call that finds the epoch aborted reports the last seq,
+    which the previous agreed collective used; it must get the abort and its
+    cause, and only a member withdrawing from a round gets that round's
+    decision back."""
+    import threading
+    from pycoll.coordinator import Coordinator
+    coord = Coordinator("127.0.0.1", 0, min_world_size=2, cause_grace=0.2).start()
+    clients = [CoordinatorClient("127.0.0.1", coord.port, name=f"q{i}") for i in range(2)]
+    replies = [None, None]
+
+    def both(msgs):
+        def ask(i):
+            replies[i] = clients[i].request(msgs[i], timeout=5)
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(2)]
+        [t.start() for t in threads]
+        [t.join(10) for t in threads]
+        return list(replies)
+    try:
+        for i, cl in enumerate(clients):
+            cl.request({"t": "join", "proto": 1, "addr": ["127.0.0.1", 1 + i]}, timeout=5)
+        both([{"t": "sync", "rebuild": True}] * 2)
+        done = {"t": "round", "kind": "collective", "epoch": 1, "seq": 1, "ok": True}
+        assert [r["decision"] for r in both([done, done])] == ["commit", "commit"]
+        late = clients[0].request({"t": "fail", "epoch": 1, "seq": 1, "status": 4, "why": "x", "withdraw": True},
+                                  timeout=5)
+        assert late["decided"]["decision"] == "commit"  # withdrawing from #1: it had committed
+        info = clients[0].request({"t": "fail", "epoch": 1, "seq": 1, "status": 4, "why": "broken"}, timeout=5)
+        assert "decided" not in info and info["retry"] is True and "broken" in info["why"]
+    finally:
+        for cl in clients:
+            cl.close()
+        coord.stop()
