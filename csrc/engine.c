@@ -9,9 +9,19 @@
  * read the header and payload with one recvmsg, straight into the
  * destination, or, for receive-reduce, through a small per-channel staging
  * buffer that is reduced into the destination while it is still in cache.
+ * A transport that can show received bytes in place (peek/consume: shared
+ * memory) skips the staging buffer: the reduction reads the peer's bytes
+ * where they lie. Such transports ask for frames padded to 8 bytes
+ * (conn->align), so every payload element lies naturally aligned there.
  * When nothing moves the loop spins briefly (small messages) then sleeps in
  * poll() on the channels it waits for plus the comm's cancel pipe, never
- * past the deadline. On any failure every connection of the comm is shut
+ * past the deadline. Waits on shared-memory channels only spin longer
+ * (shm_spin_us, 20 ms): there a reply costs nanoseconds to notice but a
+ * sleep costs a wake-up and, on a busy machine, a trip to the back of the
+ * run queue, often for milliseconds, which every later step then pays too.
+ * That longer spin is for hosts with a core per rank; otherwise spins
+ * yield the CPU between checks (the peer we wait for may need ours). On any
+ * failure every connection of the comm is shut
  * down, so peers blocked on us fail at once instead of waiting out a
  * timeout; the comm is then unusable and the caller builds a new one.
  */
@@ -55,6 +65,8 @@ struct pc_comm {
     int broken;
     int spin_us;
     double stall_s;           /* fail when nothing moved this long (0: off) */
+    int shm_spin_us;          /* spin this long on shm-only waits */
+    int oversubscribed;       /* more ranks on this host than CPUs */
     void *scratch;
     uint64_t scratch_cap;
     uint64_t sent, received;
@@ -75,15 +87,51 @@ static double now_s(void) {
 }
 
 /* ---- comm lifetime ----------------------------------------------------- */
+static void close_from(int32_t from, int32_t nconn, int32_t stripes, int32_t rank, const int32_t *fds,
+                       const int32_t *shm_fds) {
+    for (int32_t i = from; i < nconn; i++) {
+        if (i / stripes == rank) continue;
+        if (fds && fds[i] >= 0) close(fds[i]);
+        for (int k = 0; shm_fds && k < 3; k++)
+            if (shm_fds[3 * i + k] >= 0) close(shm_fds[3 * i + k]);
+    }
+}
+
+static int32_t local_ranks(const pc_comm *c) {
+    int32_t n = 1;
+    for (int32_t p = 0; p < c->nranks; p++) {
+        pc_conn *cn = p == c->rank ? NULL : c->conns[p * c->stripes];
+        n += cn && cn->ops->arm; /* only shared-memory conns have arm */
+    }
+    return n;
+}
+
+static int32_t cpus_available(void) {
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof set, &set) != 0) return 1 << 30;
+    return CPU_COUNT(&set);
+}
+
 pc_status pc_comm_create(int32_t rank, int32_t nranks, int32_t stripes, const int32_t *fds,
                          int32_t sockbuf_bytes, pc_comm **out) {
+    return pc_comm_create_mixed(rank, nranks, stripes, NULL, fds, NULL, sockbuf_bytes, out);
+}
+
+pc_status pc_comm_create_mixed(int32_t rank, int32_t nranks, int32_t stripes, const int32_t *kinds,
+                               const int32_t *fds, const int32_t *shm_fds, int32_t sockbuf_bytes,
+                               pc_comm **out) {
     *out = NULL;
     int32_t nconn = nranks * stripes;
-    if (nranks < 1 || rank < 0 || rank >= nranks || stripes < 1 || stripes > 64) {
-        for (int32_t i = 0; fds && nranks > 0 && stripes > 0 && i < nconn; i++)
-            if (fds[i] >= 0) close(fds[i]);
+    if (nranks < 1 || rank < 0 || rank >= nranks || stripes < 1 || stripes > 64 || !fds) {
+        if (nranks > 0 && stripes > 0 && stripes <= 64) close_from(0, nconn, stripes, -1, fds, shm_fds);
         return PC_ERR_ARG;
     }
+    for (int32_t i = 0; kinds && i < nconn; i++)
+        if (i / stripes != rank && (kinds[i] < PC_CONN_TCP || kinds[i] > PC_CONN_SHM ||
+                                    (kinds[i] == PC_CONN_SHM && !shm_fds))) {
+            close_from(0, nconn, stripes, rank, fds, shm_fds);
+            return PC_ERR_ARG;
+        }
     pc_comm *c = calloc(1, sizeof *c);
     pc_status st = PC_ERR_NOMEM;
     if (!c) goto fail_fds;
@@ -91,6 +139,7 @@ pc_status pc_comm_create(int32_t rank, int32_t nranks, int32_t stripes, const in
     c->nranks = nranks;
     c->stripes = stripes;
     c->spin_us = 200;
+    c->shm_spin_us = 20000;
     c->cancel_pipe[0] = c->cancel_pipe[1] = -1;
     c->conns = calloc((size_t)nconn, sizeof *c->conns);
     c->stage = calloc((size_t)nconn, sizeof *c->stage);
@@ -104,21 +153,29 @@ pc_status pc_comm_create(int32_t rank, int32_t nranks, int32_t stripes, const in
         fcntl(c->cancel_pipe[i], F_SETFD, FD_CLOEXEC);
     }
     for (int32_t i = 0; i < nconn; i++) {
-        if (i / stripes == rank || fds[i] < 0) continue;
-        c->conns[i] = pc_tcp_conn(fds[i], sockbuf_bytes);
+        int32_t peer = i / stripes;
+        if (peer == rank) continue;
+        int shm = kinds && kinds[i] == PC_CONN_SHM;
+        if (fds[i] < 0) {
+            close_from(i, i + 1, stripes, rank, NULL, shm_fds);
+            continue;
+        }
+        st = PC_ERR_NOMEM;
+        c->conns[i] = shm ? pc_shm_conn(fds[i], shm_fds + 3 * i, rank < peer ? 0 : 1, &st)
+                          : pc_tcp_conn(fds[i], sockbuf_bytes);
         if (!c->conns[i]) {
             /* fds from i on are not owned by a conn yet */
-            for (int32_t j = i; j < nconn; j++)
-                if (j / stripes != rank && fds[j] >= 0) close(fds[j]);
+            close_from(i, nconn, stripes, rank, fds, shm_fds);
             pc_comm_free(c);
-            return PC_ERR_NOMEM;
+            return st;
         }
+        if (!shm) close_from(i, i + 1, stripes, rank, NULL, shm_fds);
     }
+    c->oversubscribed = local_ranks(c) > cpus_available();
     *out = c;
     return PC_OK;
 fail_fds:
-    for (int32_t i = 0; i < nconn; i++)
-        if (i / stripes != rank && fds[i] >= 0) close(fds[i]);
+    close_from(0, nconn, stripes, rank, fds, shm_fds);
     if (c) {
         free(c->conns);
         free(c->stage);
@@ -136,15 +193,23 @@ void pc_comm_cancel(pc_comm *c) {
     (void)r; /* a full pipe already wakes the loop */
 }
 
-void pc_comm_clear_cancel(pc_comm *c) {
+static void drain_cancel_pipe(pc_comm *c) {
     char buf[64];
     while (read(c->cancel_pipe[0], buf, sizeof buf) > 0) {
     }
+}
+
+void pc_comm_clear_cancel(pc_comm *c) {
+    /* Called before every collective: no system call unless a cancel came
+     * (a byte a racing cancel leaves behind is drained by wait_for_io). */
+    if (!__atomic_load_n(&c->cancelled, __ATOMIC_SEQ_CST)) return;
+    drain_cancel_pipe(c);
     __atomic_store_n(&c->cancelled, 0, __ATOMIC_SEQ_CST);
 }
 
 void pc_comm_set_spin(pc_comm *c, int32_t spin_us) { c->spin_us = spin_us < 0 ? 0 : spin_us; }
 void pc_comm_set_stall_timeout(pc_comm *c, double seconds) { c->stall_s = seconds > 0 ? seconds : 0; }
+void pc_comm_set_shm_spin(pc_comm *c, int32_t spin_us) { c->shm_spin_us = spin_us < 0 ? 0 : spin_us; }
 
 void pc_comm_shutdown(pc_comm *c) {
     c->broken = 1;
@@ -286,6 +351,13 @@ static void io_fail(run_state *r, long res, int32_t peer, const char *dir) {
         fail(r, PC_ERR_IO, peer, "socket error while %s rank %d", dir, peer);
 }
 
+static const uint8_t zero_pad[8];
+
+/* Bytes of padding after a payload of len bytes on conn c. */
+static uint64_t pad_of(const pc_conn *c, uint64_t len) {
+    return c->align > 1 ? (uint64_t)(-len) & (uint64_t)(c->align - 1) : 0;
+}
+
 /* Advance the head send of channel k; returns 1 if bytes moved. */
 static int pump_send(run_state *r, int32_t k) {
     chan_state *cs = &r->ch[k];
@@ -299,7 +371,8 @@ static int pump_send(run_state *r, int32_t k) {
             pc_frame_hdr h = {PC_MAGIC, PC_VERSION, PC_FRAME_DATA, op->tag, r->desc, r->seq, op->len};
             hdr_encode(cs->shdr, &h);
         }
-        struct iovec iov[2];
+        uint64_t pad = pad_of(cn, op->len), frame = PC_HDR_BYTES + op->len + pad;
+        struct iovec iov[3];
         int n = 0;
         if (cs->sdone < PC_HDR_BYTES) {
             iov[n].iov_base = cs->shdr + cs->sdone;
@@ -309,6 +382,11 @@ static int pump_send(run_state *r, int32_t k) {
         if (op->len > pdone) {
             iov[n].iov_base = r->buf[op->src_buf] + op->src_off + pdone;
             iov[n++].iov_len = op->len - pdone;
+        }
+        uint64_t tdone = pdone > op->len ? pdone - op->len : 0;
+        if (pad > tdone) {
+            iov[n].iov_base = (void *)(zero_pad + tdone);
+            iov[n++].iov_len = pad - tdone;
         }
         long res = cn->ops->sendv(cn, iov, n);
         if (res == PC_IO_AGAIN) {
@@ -322,7 +400,7 @@ static int pump_send(run_state *r, int32_t k) {
         moved = 1;
         cs->sdone += (uint64_t)res;
         r->comm->sent += (uint64_t)res;
-        if (cs->sdone == PC_HDR_BYTES + op->len) {
+        if (cs->sdone == frame) {
             cs->sdone = 0;
             cs->send_head++;
             complete(r, i);
@@ -338,17 +416,72 @@ static int check_header(run_state *r, chan_state *cs, const pc_op *op) {
     return 0;
 }
 
+static uint64_t min_u64(uint64_t a, uint64_t b) { return a < b ? a : b; }
+
+static void recv_done(run_state *r, chan_state *cs, int32_t i) {
+    cs->rdone = 0;
+    cs->reduced = 0;
+    cs->stage_fill = 0;
+    cs->recv_head++;
+    complete(r, i);
+}
+
+/* Receive-reduce straight out of the transport's buffer (shared memory):
+ * one pass reads the peer's bytes where they lie and writes the result.
+ * Returns 1 if bytes moved, 0 if nothing did; sets *again when it must wait,
+ * and leaves partial elements to the staged path. */
+static int reduce_from_peer(run_state *r, int32_t k, int32_t i, int *again) {
+    chan_state *cs = &r->ch[k];
+    pc_conn *cn = r->comm->conns[k];
+    const pc_op *op = &r->plan->ops[i];
+    const void *data;
+    long avail = cn->ops->peek(cn, &data);
+    if (avail == PC_IO_AGAIN) {
+        cs->want |= POLLIN;
+        *again = 1;
+        return 0;
+    }
+    if (avail < 0) {
+        io_fail(r, avail, op->peer, "receiving from");
+        *again = 1;
+        return 0;
+    }
+    uint64_t take = min_u64((uint64_t)avail, op->len - cs->reduced);
+    take -= take % (uint64_t)r->es;
+    if (!take) return 0;
+    pc_reduce(r->buf[op->dst_buf] + op->dst_off + cs->reduced, r->buf[op->src_buf] + op->src_off + cs->reduced,
+              data, take / (uint64_t)r->es, r->dtype, r->op);
+    cn->ops->consume(cn, take);
+    cs->reduced += take;
+    cs->rdone += take;
+    r->comm->received += take;
+    return 1;
+}
+
 /* Advance the head receive of channel k; returns 1 if bytes moved. */
 static int pump_recv(run_state *r, int32_t k) {
     chan_state *cs = &r->ch[k];
     pc_comm *comm = r->comm;
     pc_conn *cn = comm->conns[k];
+    uint8_t trash[8];
     int moved = 0;
     while (cs->recv_head < cs->nrecv) {
         int32_t i = cs->recv_q[cs->recv_head];
         if (!op_ready(r, i)) return moved;
         const pc_op *op = &r->plan->ops[i];
         int reduce = op->kind == PC_OP_RECV_REDUCE;
+        int zero_copy = reduce && cn->ops->peek != NULL;
+        uint64_t pad = pad_of(cn, op->len), frame = PC_HDR_BYTES + op->len + pad;
+        uint64_t pdone = cs->rdone > PC_HDR_BYTES ? cs->rdone - PC_HDR_BYTES : 0; /* payload + pad */
+        if (zero_copy && cs->rdone >= PC_HDR_BYTES && pdone < op->len && cs->stage_fill == 0) {
+            int again = 0;
+            if (reduce_from_peer(r, k, i, &again)) {
+                moved = 1;
+                if (cs->rdone == frame) recv_done(r, cs, i);
+                continue;
+            }
+            if (again) return moved;
+        }
         if (reduce && !comm->stage[k]) {
             comm->stage[k] = malloc(STAGE_BYTES);
             if (!comm->stage[k]) {
@@ -356,27 +489,37 @@ static int pump_recv(run_state *r, int32_t k) {
                 return moved;
             }
         }
-        struct iovec iov[2];
+        struct iovec iov[3];
         int n = 0;
         if (cs->rdone < PC_HDR_BYTES) {
             iov[n].iov_base = cs->rhdr + cs->rdone;
             iov[n++].iov_len = PC_HDR_BYTES - cs->rdone;
         }
-        uint64_t pdone = cs->rdone > PC_HDR_BYTES ? cs->rdone - PC_HDR_BYTES : 0;
-        uint64_t left = op->len - pdone;
+        uint64_t payload_done = min_u64(pdone, op->len), left = op->len - payload_done;
+        int to_end = left == 0; /* this read may reach the end of the payload */
         /* Bytes off the wire reach the caller's memory only behind a checked
          * header: a plain receive into IN/OUT reads its header on its own
-         * (scratch and the staging buffer are ours, so those read both). */
-        int header_alone = !reduce && op->dst_buf != PC_BUF_SCRATCH && cs->rdone < PC_HDR_BYTES;
+         * (scratch and the staging buffer are ours, so those read both). A
+         * zero-copy receive-reduce reads it alone too: its payload is then
+         * reduced where it lies. */
+        int header_alone = cs->rdone < PC_HDR_BYTES && (zero_copy || (!reduce && op->dst_buf != PC_BUF_SCRATCH));
         if (left && !header_alone) {
+            uint64_t want = left;
             if (reduce) {
-                uint64_t room = STAGE_BYTES - cs->stage_fill;
+                /* staged: whole buffers; after peek found a partial element: just that element */
+                want = min_u64(left, zero_copy ? (uint64_t)(r->es - (int32_t)cs->stage_fill)
+                                               : STAGE_BYTES - cs->stage_fill);
                 iov[n].iov_base = comm->stage[k] + cs->stage_fill;
-                iov[n++].iov_len = left < room ? left : room;
             } else {
-                iov[n].iov_base = r->buf[op->dst_buf] + op->dst_off + pdone;
-                iov[n++].iov_len = left;
+                iov[n].iov_base = r->buf[op->dst_buf] + op->dst_off + payload_done;
             }
+            iov[n++].iov_len = want;
+            to_end = want == left;
+        }
+        uint64_t pad_done = pdone > op->len ? pdone - op->len : 0;
+        if (to_end && pad > pad_done) {
+            iov[n].iov_base = trash;
+            iov[n++].iov_len = pad - pad_done;
         }
         long res = cn->ops->recvv(cn, iov, n);
         if (res == PC_IO_AGAIN) {
@@ -393,25 +536,19 @@ static int pump_recv(run_state *r, int32_t k) {
         comm->received += (uint64_t)res;
         if (before < PC_HDR_BYTES && cs->rdone >= PC_HDR_BYTES && !check_header(r, cs, op)) return moved;
         if (reduce && cs->rdone > PC_HDR_BYTES) {
-            uint64_t got = cs->rdone - PC_HDR_BYTES - pdone; /* payload bytes this call */
-            cs->stage_fill += (uint32_t)got;
+            uint64_t now_done = min_u64(cs->rdone - PC_HDR_BYTES, op->len);
+            cs->stage_fill += (uint32_t)(now_done - payload_done); /* payload bytes this call */
             uint32_t whole = cs->stage_fill - cs->stage_fill % (uint32_t)r->es;
             if (whole) {
-                uint64_t off = op->dst_off + cs->reduced;
-                pc_reduce(r->buf[op->dst_buf] + off, r->buf[op->src_buf] + op->src_off + cs->reduced,
+                uint64_t off = cs->reduced;
+                pc_reduce(r->buf[op->dst_buf] + op->dst_off + off, r->buf[op->src_buf] + op->src_off + off,
                           comm->stage[k], whole / (uint32_t)r->es, r->dtype, r->op);
                 cs->reduced += whole;
                 memmove(comm->stage[k], comm->stage[k] + whole, cs->stage_fill - whole);
                 cs->stage_fill -= whole;
             }
         }
-        if (cs->rdone == PC_HDR_BYTES + op->len) {
-            cs->rdone = 0;
-            cs->reduced = 0;
-            cs->stage_fill = 0;
-            cs->recv_head++;
-            complete(r, i);
-        }
+        if (cs->rdone == frame) recv_done(r, cs, i);
     }
     return moved;
 }
@@ -518,10 +655,23 @@ static void stall_fail(run_state *r, double idle) {
          idle, dir, peer, stripe, r->done, r->plan->nops);
 }
 
+/* Every channel we wait on is shared memory (no socket to wait for). */
+static int shm_only_waits(const run_state *r) {
+    for (int32_t a = 0; a < r->nactive; a++)
+        if (r->ch[r->active[a]].want && !r->comm->conns[r->active[a]]->ops->arm) return 0;
+    return 1;
+}
+
+/* Events to poll for on c->fd while waiting for `want`; 0: ready now. */
+static short poll_events(pc_conn *c, short want) {
+    return c->ops->arm ? c->ops->arm(c, want) : want;
+}
+
 static void wait_for_io(run_state *r, double deadline) {
     pc_comm *c = r->comm;
-    struct pollfd stack_fds[65];
-    struct pollfd *fds = r->nactive + 1 <= 65 ? stack_fds : malloc(sizeof(struct pollfd) * ((size_t)r->nactive + 1));
+    struct pollfd stack_fds[129];
+    size_t need = 2 * (size_t)r->nactive + 1;
+    struct pollfd *fds = need <= 129 ? stack_fds : malloc(sizeof(struct pollfd) * need);
     if (!fds) return;
     int n = 0;
     fds[n].fd = c->cancel_pipe[0];
@@ -530,13 +680,26 @@ static void wait_for_io(run_state *r, double deadline) {
     for (int32_t a = 0; a < r->nactive; a++) {
         chan_state *cs = &r->ch[r->active[a]];
         if (!cs->want) continue;
-        fds[n].fd = c->conns[r->active[a]]->fd;
-        fds[n].events = cs->want;
+        short ev = poll_events(c->conns[r->active[a]], cs->want);
+        if (!ev) { /* became ready while we prepared to sleep */
+            if (fds != stack_fds) free(fds);
+            return;
+        }
+        pc_conn *cn = c->conns[r->active[a]];
+        fds[n].fd = cn->fd;
+        fds[n].events = ev;
         fds[n++].revents = 0;
+        if (cn->fd2 >= 0) {
+            fds[n].fd = cn->fd2;
+            fds[n].events = POLLIN;
+            fds[n++].revents = 0;
+        }
     }
     double left = deadline - now_s();
     int ms = left <= 0 ? 0 : (left > 0.2 ? 200 : (int)(left * 1000.0) + 1);
     poll(fds, (nfds_t)n, ms);
+    if ((fds[0].revents & POLLIN) && !__atomic_load_n(&c->cancelled, __ATOMIC_SEQ_CST))
+        drain_cancel_pipe(c); /* stale: left by a cancel that raced the last clear */
     if (fds != stack_fds) free(fds);
 }
 
@@ -689,7 +852,14 @@ pc_status pc_comm_run_part(pc_comm *comm, const pc_plan *plan, int32_t part, voi
         /* Nothing moved: spin a little (a reply is often microseconds
          * away), then sleep until a socket is ready or we are cancelled. */
         if (idle_since < 0) idle_since = t;
-        if ((t - idle_since) * 1e6 < spin_us) {
+        double idle_us = (t - idle_since) * 1e6;
+        /* A same-host peer on a core of its own answers sooner than the
+         * scheduler would bring a sleeper back, whatever the size: keep
+         * polling shared-memory-only waits while this host has a core per
+         * rank (and spinning is on at all). */
+        if (comm->spin_us > 0 && !comm->oversubscribed && idle_us < comm->shm_spin_us && shm_only_waits(&r))
+            continue;
+        if (idle_us < spin_us) {
             sched_yield(); /* with more ranks than cores the peer we wait for needs this core */
             continue;
         }
@@ -749,8 +919,12 @@ pc_status pc_comm_stream_ring(pc_comm *comm, uint64_t bytes, double timeout_s, d
                 sched_yield();
                 continue;
             }
-            struct pollfd p[2] = {{out->fd, want_out, 0}, {in->fd, want_in, 0}};
-            poll(p, 2, 100);
+            short ev_out = want_out ? poll_events(out, want_out) : 0;
+            short ev_in = want_in ? poll_events(in, want_in) : 0;
+            if ((want_out && !ev_out) || (want_in && !ev_in)) continue;
+            struct pollfd p[4] = {{out->fd, ev_out, 0}, {in->fd, ev_in, 0}, {out->fd2, POLLIN, 0},
+                                  {in->fd2, POLLIN, 0}};
+            poll(p, out->fd2 >= 0 || in->fd2 >= 0 ? 4 : 2, 100); /* negative fds are skipped */
         }
     }
     *seconds = now_s() - t0;

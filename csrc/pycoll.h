@@ -222,16 +222,52 @@ pc_status pc_codec_decode_reduce(int32_t codec, float *dst, const float *a, cons
 pc_status pc_comm_create(int32_t rank, int32_t nranks, int32_t stripes,
                          const int32_t *fds, int32_t sockbuf_bytes,
                          pc_comm **out);
+/* Connection kinds for pc_comm_create_mixed. */
+#define PC_CONN_TCP 0 /* fds[i]: a connected TCP socket */
+#define PC_CONN_SHM 1 /* fds[i]: a connected unix stream socket to the same
+                         peer; shm_fds[3*i .. 3*i+2]: its shared segment */
+
+/*
+ * Like pc_comm_create, with a kind per connection (kinds[peer*stripes + s],
+ * PC_CONN_*): peers on this host can use shared memory, the rest TCP. For
+ * PC_CONN_SHM, shm_fds[3*i .. 3*i+2] are the three fds made by
+ * pc_shm_segment_create (the lower rank of the pair creates them and passes
+ * them to the higher one); both ends use the same three. Takes ownership of
+ * every fd >= 0 in fds and shm_fds (closed by pc_comm_free and on every
+ * failure path). kinds == NULL means all TCP; shm_fds may be NULL when no
+ * kind is PC_CONN_SHM.
+ */
+pc_status pc_comm_create_mixed(int32_t rank, int32_t nranks, int32_t stripes, const int32_t *kinds,
+                               const int32_t *fds, const int32_t *shm_fds, int32_t sockbuf_bytes,
+                               pc_comm **out);
+/*
+ * The shared parts of one shared-memory connection: fds[0] an anonymous
+ * segment (memfd, sealed against resizing) with ring_bytes per direction (a
+ * power of two, 64 KiB .. 1 GiB), fds[1] and fds[2] the doorbells (eventfds)
+ * of the lower and the higher rank. The caller owns the fds. Nothing is
+ * named: the memory is freed when the last process holding an fd or a
+ * mapping of it exits, however it exits.
+ */
+pc_status pc_shm_segment_create(uint64_t ring_bytes, int32_t *fds);
+
 /* Thread-safe: makes the running (or next) pc_comm_run return
  * PC_ERR_CANCELLED promptly. pc_comm_clear_cancel() re-arms the comm. */
 void pc_comm_cancel(pc_comm *comm);
 void pc_comm_clear_cancel(pc_comm *comm);
-/* Microseconds to busy-poll (yielding the CPU) before sleeping in poll() (default 200). */
+/* Microseconds to busy-poll (yielding the CPU) before sleeping in poll()
+ * (default 200; 0 also turns off the longer spin on shared memory below). */
 void pc_comm_set_spin(pc_comm *comm, int32_t spin_us);
 /* Fail a collective with PC_ERR_TIMEOUT when no byte moved on any of its
  * connections for `seconds` (0, the default, turns this off). Meant for
  * long-haul links, where the collective deadline must be long. */
 void pc_comm_set_stall_timeout(pc_comm *comm, double seconds);
+/* Microseconds to keep polling before sleeping when every connection a
+ * collective waits on is shared memory and this host runs no more of the
+ * comm's ranks than it has CPUs (default 20000). A reply there is seen at
+ * once, while a sleep costs a wake-up and, on a busy machine, a wait for a
+ * CPU that is often longer than a few milliseconds (then each step of a
+ * collective pays it). */
+void pc_comm_set_shm_spin(pc_comm *comm, int32_t spin_us);
 /* Closes every connection; the comm can only be freed afterwards. Peers
  * blocked on us see PC_ERR_PEER at once (this is how a failure propagates). */
 void pc_comm_shutdown(pc_comm *comm);

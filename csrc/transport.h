@@ -1,7 +1,7 @@
 /*
  * transport.h - a byte-stream connection to one peer, behind a small table
- * of functions. The engine only ever calls these; TCP is one implementation
- * and a same-host shared-memory transport can be another. All calls are
+ * of functions. The engine only ever calls these; TCP (transport_tcp.c) and
+ * same-host shared memory (transport_shm.c) implement them. All calls are
  * non-blocking and report readiness through a pollable fd.
  */
 #ifndef PYCOLL_TRANSPORT_H
@@ -9,6 +9,8 @@
 
 #include <stdint.h>
 #include <sys/uio.h>
+
+#include "pycoll.h"
 
 typedef struct pc_conn pc_conn;
 
@@ -22,16 +24,35 @@ typedef struct {
     long (*recvv)(pc_conn *c, const struct iovec *iov, int iovcnt);
     void (*shutdown)(pc_conn *c); /* wake and fail the peer's pending I/O */
     void (*destroy)(pc_conn *c);  /* release everything */
+    /* Optional (NULL for sockets). */
+    /* Called just before the engine sleeps waiting for `want` (POLLIN /
+     * POLLOUT): returns the events to poll for on fd, or 0 if the conn is
+     * ready already (the engine then does not sleep). */
+    short (*arm)(pc_conn *c, short want);
+    /* Zero-copy receive: *data = the next bytes in place; returns how many
+     * are contiguous there (> 0), or PC_IO_AGAIN / CLOSED / ERROR. They
+     * stay valid until consume(c, n) releases the first n of them. */
+    long (*peek)(pc_conn *c, const void **data);
+    void (*consume)(pc_conn *c, uint64_t n);
 } pc_conn_ops;
 
 struct pc_conn {
     const pc_conn_ops *ops;
-    int fd;   /* poll() on this for POLLIN / POLLOUT */
-    int err;  /* errno of the last PC_IO_ERROR */
+    int fd;          /* poll() on this for POLLIN / POLLOUT (via arm if set) */
+    int fd2;         /* if >= 0, also poll() this one for POLLIN while waiting */
+    int err;         /* errno of the last PC_IO_ERROR */
+    uint32_t align;  /* frames are padded to a multiple of this (0/1: none) */
     void *impl;
 };
 
 /* Wraps a connected TCP socket (takes ownership of fd). */
 pc_conn *pc_tcp_conn(int fd, int sockbuf_bytes);
+
+/* A shared-memory conn over shm_fds (segment, doorbell of side 0, doorbell
+ * of side 1: see pc_shm_segment_create) with `sock`, a connected unix stream
+ * socket to the same peer, as liveness signal. side: 0 for the lower rank,
+ * 1 for the higher. On success the conn owns sock and the doorbells and the
+ * segment fd is closed; on failure (NULL, *st set) all stay with the caller. */
+pc_conn *pc_shm_conn(int sock, const int32_t *shm_fds, int side, pc_status *st);
 
 #endif

@@ -47,7 +47,7 @@ static void tcp_destroy(pc_conn *c) {
     free(c);
 }
 
-static const pc_conn_ops tcp_ops = {tcp_sendv, tcp_recvv, tcp_shutdown, tcp_destroy};
+static const pc_conn_ops tcp_ops = {tcp_sendv, tcp_recvv, tcp_shutdown, tcp_destroy, NULL, NULL, NULL};
 
 pc_conn *pc_tcp_conn(int fd, int sockbuf_bytes) {
     pc_conn *c = calloc(1, sizeof *c);
@@ -62,5 +62,6 @@ pc_conn *pc_tcp_conn(int fd, int sockbuf_bytes) {
     if (fl >= 0) fcntl(fd, F_SETFL, fl | O_NONBLOCK);
     c->ops = &tcp_ops;
     c->fd = fd;
+    c->fd2 = -1;
     return c;
 }

@@ -24,7 +24,7 @@ from ._native import ffi, lib, status_error
 from .buffers import as_buffer
 from .dtypes import op_code
 from .errors import Cancelled, CollectiveError, CoordinatorError, InvalidArgument, PeerFailure
-from .mesh import build_mesh
+from .mesh import connect_mesh, local_peers, transport_mode
 from . import testing
 from .wan import set_keepalive
 from .testing import fault_armed, fault_point
@@ -48,7 +48,7 @@ class Communicator:
     def __init__(self, client, listener, *, stripes=1, timeout=DEFAULT_TIMEOUT, preserve_input=True,
                  segment_bytes=DEFAULT_SEGMENT, spin_us=200, mesh_timeout=None, sync_timeout=120.0,
                  coordinator=None, sockbuf=0, mesh_key=None, topology=None, calibrate=None, coordinator_wait=0.0,
-                 compression=None, stall_timeout=DEFAULT_STALL, progress_timeout=0.0):
+                 compression=None, stall_timeout=DEFAULT_STALL, progress_timeout=0.0, transport=None):
         self._client = client
         self._listener = listener
         self._coordinator = coordinator  # the in-process coordinator we host, if any
@@ -74,6 +74,11 @@ class Communicator:
                                                     else os.environ.get("PYCOLL_COMPRESSION"))
         self.stall_timeout = stall_timeout        # dead links noticed by keepalive (0: off)
         self.progress_timeout = progress_timeout  # fail a collective idle this long (0: off)
+        # "auto": shared memory to same-host peers, TCP to the rest; "shm"; "tcp"
+        self.transport = transport_mode(transport)
+        if self.transport != "tcp":
+            listener.enable_local()
+        self.peer_transports = []   # per rank of this epoch: "shm", "tcp" or "self"
         self.rank = -1
         self.world_size = 0
         self.epoch = 0
@@ -184,23 +189,27 @@ class Communicator:
         rank = reply["rank"]
         addrs = [m[1] for m in members]
         epoch = reply["epoch"]
-        fds = build_mesh(self._listener, rank, addrs, self.stripes, epoch, reply["token"],
-                         self.mesh_timeout, self.sockbuf, key=self._mesh_key,
-                         should_abort=lambda: self._aborted_epoch >= epoch)
-        set_keepalive(fds, self.stall_timeout)
+        links = connect_mesh(self._listener, rank, addrs, self.stripes, epoch, reply["token"],
+                             self.mesh_timeout, self.sockbuf, key=self._mesh_key,
+                             should_abort=lambda: self._aborted_epoch >= epoch,
+                             local=local_peers(members, rank, self.transport), mode=self.transport)
+        set_keepalive(links.fds, self.stall_timeout)
         nworkers, switches = aggregator.split_members(members)
         hcomm = None
         if switches:  # standalone aggregators: the whole mesh for them, the workers' part for us
-            hcomm = self._create_comm(rank, len(members), fds)
-            fds = [os.dup(fd) if fd >= 0 else -1 for fd in fds[:nworkers * self.stripes]]
+            workers = links.dup_prefix(nworkers * self.stripes)  # before the first comm takes links
+            hcomm = self._create_comm(rank, len(members), links)
+            links = workers
             members = members[:nworkers]
-        comm = self._create_comm(rank, len(members), fds)
+        comm = self._create_comm(rank, len(members), links)
         with self._comm_lock:
             self._comm = comm
         self.rank, self.world_size, self.epoch = rank, len(members), reply["epoch"]
         self.members = [m[0] for m in members]
         self._hosts = [m[2] if len(m) > 2 else None for m in members]
         self._selector = None
+        self.peer_transports = ["self" if p == rank else "shm" if links.kinds[p * self.stripes] == lib.PC_CONN_SHM
+                                else "tcp" for p in range(len(members))]
         self.lost = list(reply.get("lost", []))
         self.joined = list(reply.get("joined", []))
         self._seq = 0
@@ -211,9 +220,9 @@ class Communicator:
         log.info("epoch %d: rank %d of %d%s", self.epoch, rank, self.world_size,
                  f" (lost {len(self.lost)})" if self.lost else "")
 
-    def _create_comm(self, rank, n, fds):
+    def _create_comm(self, rank, n, links):
         out = ffi.new("pc_comm **")
-        st = lib.pc_comm_create(rank, n, self.stripes, fds, 0, out)
+        st = lib.pc_comm_create_mixed(rank, n, self.stripes, links.kinds, links.fds, links.shm_fds, 0, out)
         if st != lib.PC_OK:
             raise status_error(st, f"cannot create the C communicator (status {st})")
         lib.pc_comm_set_spin(out[0], self.spin_us)

@@ -13,7 +13,19 @@ epoch, or one that is too slow (``handshake_timeout``) is dropped and logged
 and does not count; at most ``max_pending`` handshakes wait at once (the
 oldest is dropped first). The finished sockets are handed to the C core by
 file descriptor.
+
+Same-host peers (equal :func:`host_id`) can use shared memory instead: the
+connector dials the acceptor's unix socket in the abstract namespace (bound
+to the network namespace, like the TCP port it is named after) and runs the
+same handshake; the ack then carries an anonymous shared-memory segment and
+two doorbells (a sealed memfd and two eventfds, passed with SCM_RIGHTS). The
+unix socket stays open as the connection's liveness signal (see
+csrc/transport_shm.c). Nothing is ever named in a filesystem, so nothing can
+leak when a process is killed. ``transport``: "auto" uses shared memory for
+same-host peers that accept it and TCP otherwise; "shm" requires it for
+same-host peers; "tcp" never uses it.
 """
+import collections
 import logging
 import os
 import selectors
@@ -23,7 +35,8 @@ import threading
 import time
 
 from . import auth
-from .errors import PeerFailure
+from ._native import check, ffi, lib
+from .errors import CollectiveError, InvalidArgument, PeerFailure
 from .limits import resolve
 
 log = logging.getLogger("pycoll.mesh")
@@ -34,6 +47,58 @@ ACK = b"PCOK"
 HELLO_VERSION = 2  # 2: challenge-response authentication
 HANDSHAKE_TIMEOUT = 5.0  # default of Limits.handshake_timeout
 GREETING = HELLO.size + auth.RESPONSE_BYTES  # what the acceptor reads: hello + response
+TRANSPORTS = ("auto", "shm", "tcp")
+SHM_RING_BYTES = 1 << 20  # per direction and connection; PYCOLL_SHM_RING overrides
+
+
+def transport_mode(value=None):
+    """The transport policy: ``value``, else $PYCOLL_TRANSPORT, else "auto"."""
+    mode = (value or os.environ.get("PYCOLL_TRANSPORT") or "auto").lower()
+    if mode not in TRANSPORTS:
+        raise InvalidArgument(f"transport {mode!r} is not one of {', '.join(TRANSPORTS)}")
+    return mode
+
+
+def shm_ring_bytes():
+    """Ring size per direction of a shared-memory connection (a power of two)."""
+    v = os.environ.get("PYCOLL_SHM_RING")
+    if not v:
+        return SHM_RING_BYTES
+    try:
+        n = int(v)
+    except ValueError:
+        raise InvalidArgument(f"PYCOLL_SHM_RING={v!r} is not an integer") from None
+    if n < 65536 or n & (n - 1):
+        raise InvalidArgument(f"PYCOLL_SHM_RING={n} must be a power of two >= 65536")
+    return n
+
+
+def local_peers(members, rank, mode):
+    """Ranks that share this host with ``rank`` (members: [name, addr, host_id]
+    rows of an epoch) and so may use shared memory under ``mode``."""
+    if mode == "tcp":
+        return set()
+    mine = members[rank][2] if len(members[rank]) > 2 else ""
+    return {p for p, m in enumerate(members) if p != rank and mine and len(m) > 2 and m[2] == mine}
+
+
+def local_name(addr):
+    """The abstract unix socket name that goes with a TCP listening address."""
+    return f"\0pycoll-mesh/{addr[0]}:{addr[1]}".encode()
+
+
+def _new_segment():
+    """The three fds of a shared-memory connection (segment, two doorbells)."""
+    fds = ffi.new("int32_t[3]")
+    check(lib.pc_shm_segment_create(shm_ring_bytes(), fds), "creating a shared-memory segment")
+    return [int(fd) for fd in fds]
+
+
+def _close_fds(fds):
+    for fd in fds or ():
+        if fd >= 0:
+            os.close(fd)
+
 
 
 def host_id():
@@ -87,23 +152,49 @@ class Listener:
         self.sock.listen(512)
         self.sock.setblocking(False)
         self.addr = (advertise_host or bind_host, self.sock.getsockname()[1])
+        self.local = None  # unix socket for same-host (shared-memory) peers
+
+    def enable_local(self):
+        """Accept same-host peers over shared memory too. Returns False (and
+        stays TCP only) if the name is taken."""
+        if self.local is not None:
+            return True
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            s.bind(local_name(self.addr))
+        except OSError as exc:
+            log.warning("shared memory disabled: cannot bind %r: %s", local_name(self.addr), exc)
+            s.close()
+            return False
+        s.listen(512)
+        s.setblocking(False)
+        self.local = s
+        return True
 
     def close(self):
         self.sock.close()
+        if self.local is not None:
+            self.local.close()
 
-    def accept_mesh(self, rank, expected, epoch, token, deadline, key=None, should_abort=None):
+
+    def accept_mesh(self, rank, expected, epoch, token, deadline, key=None, should_abort=None, segs=None):
         """Accept connections until ``expected`` {(peer, stripe)} all arrived.
 
         Returns {(peer, stripe): socket}. ``key``: the mesh key
         (``auth.derive(secret, "mesh")``); None means no secret.
         ``should_abort()`` returning True (the epoch was aborted: a peer died
-        while connecting) stops the wait with PeerFailure.
+        while connecting) stops the wait with PeerFailure. Peers that came
+        over the unix socket got a shared segment: its three fds go into
+        ``segs[(peer, stripe)]`` (the caller owns them).
         """
+        segs = {} if segs is None else segs
         key = key if key is not None else auth.derive(None, "mesh")
         timeout = self.limits.handshake_timeout
         got = {}
         sel = selectors.DefaultSelector()
         sel.register(self.sock, selectors.EVENT_READ, None)
+        if self.local is not None:
+            sel.register(self.local, selectors.EVENT_READ, None)
         partial = {}  # socket -> (bytes so far, started, challenge); insertion order = age
         try:
             while len(got) < len(expected):
@@ -115,10 +206,10 @@ class Listener:
                 if should_abort is not None and should_abort():
                     raise PeerFailure(f"rank {rank}: epoch {epoch} was aborted while connecting")
                 for sk, _ in sel.select(timeout=min(left, 0.2)):
-                    if sk.fileobj is self.sock:
-                        self._accept_some(sel, partial)
+                    if sk.fileobj is self.sock or sk.fileobj is self.local:
+                        self._accept_some(sk.fileobj, sel, partial)
                     elif sk.fileobj in partial:  # (it may have been dropped this round)
-                        self._read_hello(sk.fileobj, sel, partial, got, rank, expected, epoch, token, key)
+                        self._read_hello(sk.fileobj, sel, partial, got, rank, expected, epoch, token, key, segs)
                 now = time.monotonic()
                 for s, (_, started, _) in list(partial.items()):
                     if now - started > timeout:
@@ -128,6 +219,9 @@ class Listener:
         except BaseException:
             for s in got.values():
                 s.close()
+            for fds in segs.values():
+                _close_fds(fds)
+            segs.clear()
             raise
         finally:
             for s in partial:
@@ -142,10 +236,10 @@ class Listener:
         del partial[s]
         s.close()
 
-    def _accept_some(self, sel, partial):
+    def _accept_some(self, lsock, sel, partial):
         for _ in range(64):
             try:
-                conn, _ = self.sock.accept()
+                conn, _ = lsock.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:  # e.g. out of file descriptors: the next round retries
@@ -166,7 +260,7 @@ class Listener:
             sel.register(conn, selectors.EVENT_READ, None)
             partial[conn] = (b"", time.monotonic(), chal)
 
-    def _read_hello(self, s, sel, partial, got, rank, expected, epoch, token, key):
+    def _read_hello(self, s, sel, partial, got, rank, expected, epoch, token, key, segs):
         data, started, chal = partial[s]
         try:
             chunk = s.recv(GREETING - len(data))
@@ -201,72 +295,130 @@ class Listener:
             why = "malformed hello"
         if why is not None:
             try:
-                addr = "%s:%d" % s.getpeername()[:2]
+                addr = "%s:%d" % s.getpeername()[:2] if s.family != socket.AF_UNIX else "this host (unix)"
             except OSError:
                 addr = "?"
             self.refusals.warning(why.split(" ")[0], "rank %d rejected a connection from %s: %s", rank, addr, why)
             s.close()
             return
+        seg = None
         try:
             s.setblocking(True)
             s.settimeout(self.limits.handshake_timeout)
-            s.sendall(ACK + auth.proof(key, chal, hello, response))
-        except OSError:
+            reply = ACK + auth.proof(key, chal, hello, response)
+            if s.family == socket.AF_UNIX:  # a same-host peer: the shared segment goes with the ack
+                seg = _new_segment()
+                if socket.send_fds(s, [reply], seg) != len(reply):
+                    raise OSError("short ack")
+            else:
+                s.sendall(reply)
+        except (OSError, CollectiveError) as exc:
+            log.warning("rank %d: handshake with rank %d failed: %s", rank, src, exc)
+            _close_fds(seg)
             s.close()
             return
         got[(src, stripe)] = s
+        if seg is not None:
+            segs[(src, stripe)] = seg
 
 
-def _recv_exact(s, n, what, should_abort=None, limit=HANDSHAKE_TIMEOUT):
+def _recv_exact(s, n, what, should_abort=None, limit=HANDSHAKE_TIMEOUT, fds=None):
     """n bytes from s within ``limit`` seconds; with ``should_abort`` the wait
-    is cut into short slices so that an aborted epoch stops it."""
+    is cut into short slices so that an aborted epoch stops it. With ``fds``
+    (a list), the fds that come with the bytes are appended to it (and
+    closed again if this fails)."""
     buf = b""
     end = time.monotonic() + limit
     if should_abort is not None:
         s.settimeout(0.1)
-    while len(buf) < n:
-        try:
-            part = s.recv(n - len(buf))
-        except socket.timeout:
-            if should_abort is None or time.monotonic() > end:
-                raise
-            if should_abort():
-                raise ConnectionError(f"epoch aborted while waiting for the {what}") from None
-            continue
-        if not part:
-            raise ConnectionError(f"closed during the hello ({what}): wrong PYCOLL_SECRET or epoch?")
-        buf += part
+    try:
+        while len(buf) < n:
+            try:
+                if fds is not None:
+                    part, got, _, _ = socket.recv_fds(s, n - len(buf), 3)
+                    fds.extend(got)
+                else:
+                    part = s.recv(n - len(buf))
+            except socket.timeout:
+                if should_abort is None or time.monotonic() > end:
+                    raise
+                if should_abort():
+                    raise ConnectionError(f"epoch aborted while waiting for the {what}") from None
+                continue
+            if not part:
+                raise ConnectionError(f"closed during the hello ({what}): wrong PYCOLL_SECRET or epoch?")
+            buf += part
+    except BaseException:
+        if fds:
+            _close_fds(fds)
+            fds.clear()
+        raise
     return buf
 
 
+def _handshake(s, rank, peer, addr, hello, key, local, should_abort, limit):
+    """Run the connector's side of the hello on a connected socket; over a
+    unix socket the ack carries the shared segment: returns its three fds
+    (else None)."""
+    chal = _recv_exact(s, auth.CHALLENGE_BYTES, "challenge", should_abort, limit)
+    response = auth.respond(key, chal, hello)
+    s.sendall(hello + response)
+    fds = [] if local else None
+    reply = _recv_exact(s, len(ACK) + auth.PROOF_BYTES, "ack", should_abort, limit, fds)
+    try:
+        if reply[:len(ACK)] != ACK:
+            raise ConnectionError("bad ack")
+        if not auth.check_proof(key, chal, hello, response, reply[len(ACK):]):
+            # not retried: the listener at this address is not our peer
+            s.close()
+            raise PeerFailure(f"rank {rank}: the listener at {addr[0]}:{addr[1]} failed to prove it holds "
+                              f"the secret (not rank {peer}?)", peer=peer)
+        if local and len(fds) != 3:
+            raise ConnectionError("the shared segment did not come with the ack")
+    except BaseException:
+        _close_fds(fds)
+        raise
+    return fds
+
+
 def connect_peer(addr, rank, peer, stripe, epoch, token, deadline, sockbuf=0, key=None,
-                 handshake_timeout=HANDSHAKE_TIMEOUT, should_abort=None):
-    """Open one stripe to a lower-ranked peer and complete the authenticated hello."""
+                 handshake_timeout=HANDSHAKE_TIMEOUT, should_abort=None, local=None):
+    """Open one stripe to a lower-ranked peer and complete the authenticated hello.
+
+    ``local``: None for TCP; "auto" or "shm" to try shared memory first (the
+    peer shares our host), falling back to TCP under "auto" when the peer
+    does not accept it. Returns (socket, the segment's three fds or None).
+    """
     key = key if key is not None else auth.derive(None, "mesh")
     hello = HELLO.pack(HELLO_MAGIC, HELLO_VERSION, stripe, rank, peer, epoch, token.encode()[:32])
     last = None
+    shm = local is not None
     while time.monotonic() < deadline:
         if should_abort is not None and should_abort():
             raise PeerFailure(f"rank {rank}: epoch {epoch} was aborted while connecting to rank {peer}", peer=peer)
-        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        _tune(s, sockbuf)
+        if shm:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        else:
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            _tune(s, sockbuf)
         s.settimeout(max(0.05, min(handshake_timeout, deadline - time.monotonic())))
         try:
-            s.connect(tuple(addr))
-            limit = max(0.05, min(handshake_timeout, deadline - time.monotonic()))
-            chal = _recv_exact(s, auth.CHALLENGE_BYTES, "challenge", should_abort, limit)
-            response = auth.respond(key, chal, hello)
-            s.sendall(hello + response)
-            reply = _recv_exact(s, len(ACK) + auth.PROOF_BYTES, "ack", should_abort, limit)
-            if reply[:len(ACK)] != ACK:
-                raise ConnectionError("bad ack")
-            if not auth.check_proof(key, chal, hello, response, reply[len(ACK):]):
-                # not retried: the listener at this address is not our peer
+            try:
+                s.connect(local_name(addr) if shm else tuple(addr))
+            except (ConnectionRefusedError, FileNotFoundError) as exc:
+                if not shm:
+                    raise
                 s.close()
-                raise PeerFailure(f"rank {rank}: the listener at {addr[0]}:{addr[1]} failed to prove it holds "
-                                  f"the secret (not rank {peer}?)", peer=peer)
+                if local == "shm":
+                    raise PeerFailure(f"rank {rank}: rank {peer} does not accept shared-memory connections "
+                                      f"(transport=shm here; is it running with transport=tcp?): {exc}",
+                                      peer=peer) from None
+                shm = False  # nobody there: the peer runs TCP only
+                continue
+            limit = max(0.05, min(handshake_timeout, deadline - time.monotonic()))
+            seg = _handshake(s, rank, peer, addr, hello, key, shm, should_abort, limit)
             s.settimeout(None)
-            return s
+            return s, seg
         except OSError as exc:
             last = exc
             s.close()
@@ -275,12 +427,35 @@ def connect_peer(addr, rank, peer, stripe, epoch, token, deadline, sockbuf=0, ke
                       peer=peer)
 
 
+class MeshLinks(collections.namedtuple("MeshLinks", "kinds fds shm_fds")):
+    """Connections of one epoch for pc_comm_create_mixed: kinds and fds have
+    n*stripes entries (self: PC_CONN_TCP, -1), shm_fds three per connection
+    (-1 for TCP)."""
+
+    def dup_prefix(self, n):
+        """Duplicates of the first n connections' fds (for a second comm)."""
+        fds = [os.dup(fd) if fd >= 0 else -1 for fd in self.fds[:n]]
+        return MeshLinks(list(self.kinds[:n]), fds, [os.dup(fd) if fd >= 0 else -1 for fd in self.shm_fds[:3 * n]])
+
+
+KIND_TCP, KIND_SHM = lib.PC_CONN_TCP, lib.PC_CONN_SHM
+
+
 def build_mesh(listener, rank, addrs, stripes, epoch, token, timeout, sockbuf=0, key=None, should_abort=None):
-    """Connect to every peer; returns a list of n*stripes fds (-1 for self).
+    """Connect to every peer over TCP; returns a list of n*stripes fds (-1 for self).
 
     ``key``: the mesh key (``auth.derive(secret, "mesh")``, None without a
     secret). The caller owns the returned fds (they are detached from Python
     sockets).
+    """
+    return connect_mesh(listener, rank, addrs, stripes, epoch, token, timeout, sockbuf, key, should_abort).fds
+
+
+def connect_mesh(listener, rank, addrs, stripes, epoch, token, timeout, sockbuf=0, key=None, should_abort=None,
+                 local=(), mode="auto"):
+    """Connect to every peer: shared memory to the ranks in ``local`` (under
+    ``mode``, see the module docstring), TCP to the rest. Returns
+    :class:`MeshLinks`; the caller owns every fd in it.
     """
     n = len(addrs)
     deadline = time.monotonic() + timeout
@@ -293,28 +468,43 @@ def build_mesh(listener, rank, addrs, stripes, epoch, token, timeout, sockbuf=0,
             for p in range(rank):
                 for s in range(stripes):
                     outgoing[(p, s)] = connect_peer(addrs[p], rank, p, s, epoch, token, deadline, sockbuf,
-                                                    key, listener.limits.handshake_timeout, should_abort)
+                                                    key, listener.limits.handshake_timeout, should_abort,
+                                                    mode if p in local else None)
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 
+    def close_outgoing():
+        for sock, seg in outgoing.values():
+            sock.close()
+            _close_fds(seg)
+
     dialer = threading.Thread(target=dial, name="pycoll-dial", daemon=True)
     dialer.start()
+    segs = {}
     try:
-        incoming = (listener.accept_mesh(rank, expected, epoch, token, deadline, key, should_abort)
+        incoming = (listener.accept_mesh(rank, expected, epoch, token, deadline, key, should_abort, segs)
                     if expected else {})
     except BaseException:
         dialer.join(timeout=max(0.0, deadline - time.monotonic()) + 1)
-        for s in outgoing.values():
-            s.close()
+        close_outgoing()
         raise
     dialer.join(timeout=max(0.0, deadline - time.monotonic()) + 1)
     if errors or dialer.is_alive():
-        for s in list(outgoing.values()) + list(incoming.values()):
-            s.close()
+        close_outgoing()
+        for sock in incoming.values():
+            sock.close()
+        for fds in segs.values():
+            _close_fds(fds)
         if errors:
             raise errors[0]
         raise PeerFailure(f"rank {rank}: connecting to peers timed out for epoch {epoch}")
-    fds = [-1] * (n * stripes)
-    for (p, s), sock in list(outgoing.items()) + list(incoming.items()):
-        fds[p * stripes + s] = sock.detach()
-    return fds
+    links = MeshLinks([KIND_TCP] * (n * stripes), [-1] * (n * stripes), [-1] * (3 * n * stripes))
+    conns = {key_: (sock, segs.get(key_)) for key_, sock in incoming.items()}
+    conns.update(outgoing)
+    for (p, s), (sock, seg) in conns.items():
+        i = p * stripes + s
+        links.fds[i] = sock.detach()
+        if seg is not None:
+            links.shm_fds[3 * i:3 * i + 3] = seg
+            links.kinds[i] = KIND_SHM
+    return links

@@ -1,7 +1,10 @@
-"""Every collective x dtype x op on 1..5 real processes over loopback TCP.
+"""Every collective x dtype x op on 1..5 real processes on this host.
 
 Results must be bit-identical on every rank and equal to a NumPy reference
 that follows the same reduction order (the plans, executed in Python).
+The whole matrix runs over shared memory (what same-host peers use by
+default) and a representative part of it over loopback TCP; every run
+checks that the transport it asked for is the one the peers use.
 """
 import numpy as np
 import pytest
@@ -15,10 +18,16 @@ from reference import ALL_DTYPES, OPS
 from pycoll.comm import DEFAULT_SEGMENT as SEGMENT  # plans must match the ones the communicator builds
 
 
-def check(cases, world_size, timeout=120):
+def _run_on(comm, cases, transport):
+    want = ["self" if p == comm.rank else transport for p in range(comm.world_size)]
+    assert comm.peer_transports == want, f"asked for {transport}, peers use {comm.peer_transports}"
+    return run_cases_algorithms(comm, cases)
+
+
+def check(cases, world_size, timeout=120, transport="shm"):
     """Run the cases; compare with the plans of the algorithm each case ran (auto may pick any)."""
-    results = pycoll.testing.run(run_cases_algorithms, world_size, args=(cases,), timeout=timeout,
-                                 init_kwargs={"timeout": 60})
+    results = pycoll.testing.run(_run_on, world_size, args=(cases, transport), timeout=timeout,
+                                 init_kwargs={"timeout": 60, "transport": transport})
     for i, case in enumerate(cases):
         ran = {results[r][1][i] for r in range(world_size)}
         assert len(ran) == 1, f"ranks ran different algorithms for {case}: {ran}"
@@ -39,31 +48,32 @@ case_strategy = st.tuples(collectives, st.sampled_from(ALL_DTYPES), st.sampled_f
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("world_size", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("world_size,transport", [(1, "shm"), (2, "shm"), (3, "shm"), (4, "shm"), (5, "shm"),
+                                                  (3, "tcp")])
 @settings(max_examples=4, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 @given(cases=st.lists(case_strategy, min_size=12, max_size=20))
-def test_random_cases(world_size, cases):
-    check(cases, world_size)
+def test_random_cases(world_size, transport, cases):
+    check(cases, world_size, transport=transport)
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("world_size", [2, 3, 4])
-def test_every_dtype_and_op(world_size):
+@pytest.mark.parametrize("world_size,transport", [(2, "shm"), (3, "shm"), (4, "shm"), (2, "tcp")])
+def test_every_dtype_and_op(world_size, transport):
     cases = [(c, d, o, 13 + i, i, "ring") for i, (c, d, o) in enumerate(
         (c, d, o) for c in ("all_reduce", "reduce_scatter") for d in ALL_DTYPES for o in OPS)]
     cases += [(c, d, "sum", 11, 3, "auto") for c in ("all_gather", "broadcast") for d in ALL_DTYPES]
-    check(cases, world_size)
+    check(cases, world_size, transport=transport)
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("world_size", [2, 4])
-def test_multi_mib_sizes(world_size):
+@pytest.mark.parametrize("world_size,transport", [(2, "shm"), (4, "shm"), (3, "tcp")])
+def test_multi_mib_sizes(world_size, transport):
     cases = [("all_reduce", "float32", "sum", (3 << 20) // 4 + 1, 1, "ring"),
              ("all_reduce", "bfloat16", "avg", 1 << 20, 2, "ring"),
              ("all_gather", "float64", "sum", (1 << 19) + 3, 3, "ring"),
              ("reduce_scatter", "int32", "max", (1 << 19) - 1, 4, "ring"),
              ("broadcast", "uint8", "sum", (5 << 20) + 7, 5, "ring")]
-    check(cases, world_size, timeout=240)
+    check(cases, world_size, timeout=240, transport=transport)
 
 
 def _async_many(comm):

@@ -1,7 +1,8 @@
 """A peer killed mid-collective: every survivor fails fast with PeerFailure
 naming the lost peer, its buffer holds its input again, and the next call
 runs on the survivors. For every algorithm (new ones are picked up from
-pycoll.planners.ALGORITHMS)."""
+pycoll.planners.ALGORITHMS), over shared memory (what same-host peers use),
+and once over TCP."""
 import time
 
 import numpy as np
@@ -41,13 +42,14 @@ def _survive(comm, coll, algorithm):
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("algorithm", ALGORITHMS)
-@pytest.mark.parametrize("coll", ["all_reduce", "broadcast"])
-def test_kill_during_collective(coll, algorithm):
+@pytest.mark.parametrize("algorithm,coll,transport",
+                         [(a, c, "shm") for a in ALGORITHMS for c in ("all_reduce", "broadcast")]
+                         + [("ring", "all_reduce", "tcp")])
+def test_kill_during_collective(coll, algorithm, transport):
     n, victim = 4, 2
     results = pycoll.testing.run(_survive, n, args=(coll, algorithm), timeout=100,
                                  kill={victim: f"during:{coll}"},
-                                 init_kwargs={"timeout": 30, "heartbeat_timeout": 3.0})
+                                 init_kwargs={"timeout": 30, "heartbeat_timeout": 3.0, "transport": transport})
     assert results[victim] == KILLED
     survivors = [r for r in range(n) if r != victim]
     lost_names = {results[r][5][0] for r in survivors}

@@ -1,0 +1,345 @@
+/*
+ * transport_shm.c - a same-host pc_conn over shared memory.
+ *
+ * Terms: a *segment* is one memfd shared by the two ends of one connection
+ * (one (peer, stripe) pair). It holds a control page and two *rings*, one
+ * per direction: ring s is written only by *side* s (side 0 = the lower
+ * rank, which created the segment) and read only by the other side. A ring
+ * is a single-producer single-consumer byte queue: `head` counts bytes ever
+ * written, `tail` bytes ever consumed; both only grow, the data of byte i
+ * lives at i % ring_bytes.
+ *
+ * Waking and liveness use three more fds per connection:
+ *   - two eventfds, one *doorbell* per side: an end about to sleep sets a
+ *     `wait` flag in the control page and polls its doorbell; the other end,
+ *     after moving bytes, sees the flag and writes its peer's doorbell.
+ *     (Dekker-style: the sleeper stores the flag, fences, then re-checks the
+ *     ring; the waker updates the ring, fences, then reads the flag; one of
+ *     them always sees the other.) An eventfd, not the socket, because a
+ *     socket wakes its reader "synchronously": the scheduler then puts the
+ *     sleeper on the waker's CPU, behind the waker that keeps spinning.
+ *   - the unix stream socket of the mesh handshake (which passed the fds):
+ *     when a process dies the kernel closes its end, so the survivor's poll
+ *     wakes with EOF and its calls return PC_IO_CLOSED; a dead peer never
+ *     leaves a waiter blocked. A graceful shutdown also sets a `closed` flag
+ *     that a spinning peer sees without a system call.
+ *
+ * Nothing has a name: the memfd is anonymous, sealed against resizing (so a
+ * peer cannot make our mapping fault), and freed by the kernel once both
+ * ends unmapped it, whatever way the processes exit (SIGKILL included).
+ *
+ * Writers copy at most what fits and cut partial writes at multiples of 8
+ * bytes; with the engine padding frames to 8 bytes (conn->align), every
+ * payload element in a ring is naturally aligned and never wraps, so the
+ * engine can reduce straight out of the ring (peek / consume).
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <poll.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/eventfd.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "pycoll.h"
+#include "transport.h"
+
+#define CTL_BYTES 4096u
+#define RING_MIN (64u * 1024u)
+#define RING_MAX (1ull << 30)
+#define PUBLISH_BYTES (64u * 1024u) /* a long copy publishes its progress this often */
+
+/* One cache line per field that a different side writes. */
+typedef struct {
+    uint64_t head; /* written by the producer */
+    uint8_t pad0[56];
+    uint64_t tail; /* written by the consumer */
+    uint8_t pad1[56];
+    uint32_t prod_wait; /* producer sleeps until space frees; cleared by the consumer */
+    uint8_t pad2[60];
+    uint32_t cons_wait; /* consumer sleeps until data arrives; cleared by the producer */
+    uint8_t pad3[60];
+} ring_ctl;
+
+typedef struct {
+    ring_ctl ring[2];
+    uint32_t closed[2]; /* side s shut its end down */
+} shm_ctl;
+
+typedef struct {
+    shm_ctl *ctl;
+    void *map;
+    size_t map_len;
+    ring_ctl *tx, *rx;
+    uint8_t *txd, *rxd;
+    uint64_t size, mask;
+    uint64_t tx_tail_seen; /* last tail of tx read from shared memory */
+    int side, dead;
+    int peer_bell;         /* the peer's doorbell (we write it) */
+    short armed;           /* wait flags we set before sleeping */
+} shm_conn;
+
+#define LOAD_ACQ(p) __atomic_load_n((p), __ATOMIC_ACQUIRE)
+#define LOAD_RLX(p) __atomic_load_n((p), __ATOMIC_RELAXED)
+#define STORE_REL(p, v) __atomic_store_n((p), (v), __ATOMIC_RELEASE)
+#define FENCE() __atomic_thread_fence(__ATOMIC_SEQ_CST)
+
+static shm_conn *impl(pc_conn *c) { return (shm_conn *)c->impl; }
+
+static void ring_doorbell(pc_conn *c) {
+    uint64_t one = 1;
+    ssize_t r = write(impl(c)->peer_bell, &one, sizeof one);
+    (void)r; /* only fails when the counter is saturated: then it wakes anyway */
+}
+
+/* We are running again: stop asking the peer for wake-ups. */
+static void disarm(shm_conn *s) {
+    if (!s->armed) return;
+    if (s->armed & POLLIN) __atomic_store_n(&s->rx->cons_wait, 0u, __ATOMIC_RELAXED);
+    if (s->armed & POLLOUT) __atomic_store_n(&s->tx->prod_wait, 0u, __ATOMIC_RELAXED);
+    s->armed = 0;
+}
+
+/* After we changed a ring: wake the other side if it said it sleeps. */
+static void wake_if_waiting(pc_conn *c, uint32_t *flag) {
+    FENCE();
+    if (LOAD_RLX(flag) && __atomic_exchange_n(flag, 0u, __ATOMIC_ACQ_REL)) ring_doorbell(c);
+}
+
+static int peer_gone(pc_conn *c) {
+    shm_conn *s = impl(c);
+    return s->dead || LOAD_ACQ(&s->ctl->closed[1 - s->side]) || LOAD_RLX(&s->ctl->closed[s->side]);
+}
+
+/* Bytes queued in rx; > size means the peer corrupted the counters. */
+static uint64_t rx_avail(shm_conn *s) { return LOAD_ACQ(&s->rx->head) - LOAD_RLX(&s->rx->tail); }
+
+/* Free bytes in tx (re-reading the consumer's tail only when the last
+ * value we saw leaves less than `want`); UINT64_MAX if the peer corrupted
+ * the counters. */
+static uint64_t tx_space(shm_conn *s, uint64_t want) {
+    uint64_t head = LOAD_RLX(&s->tx->head);
+    uint64_t used = head - s->tx_tail_seen;
+    if (used > s->size || s->size - used < want) {
+        s->tx_tail_seen = LOAD_ACQ(&s->tx->tail);
+        used = head - s->tx_tail_seen;
+    }
+    return used > s->size ? UINT64_MAX : s->size - used;
+}
+
+static long shm_sendv(pc_conn *c, const struct iovec *iov, int iovcnt) {
+    shm_conn *s = impl(c);
+    disarm(s);
+    if (peer_gone(c)) return PC_IO_CLOSED;
+    uint64_t total = 0;
+    for (int i = 0; i < iovcnt; i++) total += iov[i].iov_len;
+    if (total == 0) return PC_IO_AGAIN;
+    uint64_t head = LOAD_RLX(&s->tx->head);
+    uint64_t space = tx_space(s, total);
+    if (space == UINT64_MAX) {
+        c->err = EPROTO;
+        return PC_IO_ERROR;
+    }
+    uint64_t n = total <= space ? total : (space & ~(uint64_t)7);
+    if (n == 0) return PC_IO_AGAIN;
+    uint64_t left = n, pos = head;
+    for (int i = 0; i < iovcnt && left; i++) {
+        const uint8_t *src = iov[i].iov_base;
+        uint64_t len = iov[i].iov_len < left ? iov[i].iov_len : left;
+        while (len) {
+            uint64_t at = pos & s->mask, run = s->size - at < len ? s->size - at : len;
+            if (run > PUBLISH_BYTES) run = PUBLISH_BYTES;
+            memcpy(s->txd + at, src, run);
+            src += run;
+            pos += run;
+            len -= run;
+            left -= run;
+            if (left && pos - head >= PUBLISH_BYTES && !((pos - head) & 7)) {
+                /* let the reader start on what is there while we copy on */
+                STORE_REL(&s->tx->head, pos);
+                wake_if_waiting(c, &s->tx->cons_wait);
+            }
+        }
+    }
+    STORE_REL(&s->tx->head, head + n);
+    wake_if_waiting(c, &s->tx->cons_wait);
+    return (long)n;
+}
+
+static long shm_recvv(pc_conn *c, const struct iovec *iov, int iovcnt) {
+    shm_conn *s = impl(c);
+    disarm(s);
+    uint64_t avail = rx_avail(s);
+    if (avail > s->size) {
+        c->err = EPROTO;
+        return PC_IO_ERROR;
+    }
+    if (avail == 0) return peer_gone(c) ? PC_IO_CLOSED : PC_IO_AGAIN;
+    uint64_t tail = LOAD_RLX(&s->rx->tail), pos = tail, got = 0;
+    for (int i = 0; i < iovcnt && got < avail; i++) {
+        uint8_t *dst = iov[i].iov_base;
+        uint64_t len = iov[i].iov_len < avail - got ? iov[i].iov_len : avail - got;
+        while (len) {
+            uint64_t at = pos & s->mask, run = s->size - at < len ? s->size - at : len;
+            memcpy(dst, s->rxd + at, run);
+            dst += run;
+            pos += run;
+            len -= run;
+            got += run;
+        }
+    }
+    if (got == 0) return PC_IO_AGAIN; /* empty iovec */
+    STORE_REL(&s->rx->tail, tail + got);
+    wake_if_waiting(c, &s->rx->prod_wait);
+    return (long)got;
+}
+
+static long shm_peek(pc_conn *c, const void **data) {
+    shm_conn *s = impl(c);
+    disarm(s);
+    uint64_t avail = rx_avail(s);
+    *data = NULL;
+    if (avail > s->size) {
+        c->err = EPROTO;
+        return PC_IO_ERROR;
+    }
+    if (avail == 0) return peer_gone(c) ? PC_IO_CLOSED : PC_IO_AGAIN;
+    uint64_t at = LOAD_RLX(&s->rx->tail) & s->mask;
+    uint64_t run = s->size - at < avail ? s->size - at : avail;
+    *data = s->rxd + at;
+    return (long)(run > (uint64_t)LONG_MAX ? LONG_MAX : run);
+}
+
+static void shm_consume(pc_conn *c, uint64_t n) {
+    shm_conn *s = impl(c);
+    STORE_REL(&s->rx->tail, LOAD_RLX(&s->rx->tail) + n);
+    wake_if_waiting(c, &s->rx->prod_wait);
+}
+
+/* Clear our doorbell; notice EOF on the socket (the peer process is gone). */
+static void drain(pc_conn *c) {
+    shm_conn *s = impl(c);
+    uint64_t v;
+    ssize_t r = read(c->fd, &v, sizeof v);
+    (void)r; /* EAGAIN: nobody rang */
+    char b;
+    r = recv(c->fd2, &b, 1, MSG_DONTWAIT | MSG_PEEK);
+    if (r == 0 || (r < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)) s->dead = 1;
+}
+
+static short shm_arm(pc_conn *c, short want) {
+    shm_conn *s = impl(c);
+    drain(c);
+    if (peer_gone(c)) return 0;
+    if (want & POLLIN) __atomic_store_n(&s->rx->cons_wait, 1u, __ATOMIC_RELAXED);
+    if (want & POLLOUT) __atomic_store_n(&s->tx->prod_wait, 1u, __ATOMIC_RELAXED);
+    s->armed |= want & (POLLIN | POLLOUT);
+    FENCE();
+    if ((want & POLLIN) && rx_avail(s) != 0) return 0;
+    if ((want & POLLOUT) && tx_space(s, 8) >= 8) return 0; /* (or corrupt: let sendv say so) */
+    if (peer_gone(c)) return 0;
+    return POLLIN; /* our doorbell rang (fd2, the socket, reports EOF) */
+}
+
+static void shm_shutdown(pc_conn *c) {
+    shm_conn *s = impl(c);
+    STORE_REL(&s->ctl->closed[s->side], 1u);
+    FENCE();
+    ring_doorbell(c);
+    if (c->fd2 >= 0) shutdown(c->fd2, SHUT_RDWR); /* the peer's poll sees EOF */
+}
+
+static void shm_destroy(pc_conn *c) {
+    shm_conn *s = impl(c);
+    if (s) {
+        if (s->map) munmap(s->map, s->map_len);
+        if (s->peer_bell >= 0) close(s->peer_bell);
+        free(s);
+    }
+    if (c->fd >= 0) close(c->fd);
+    if (c->fd2 >= 0) close(c->fd2);
+    free(c);
+}
+
+static const pc_conn_ops shm_ops = {shm_sendv, shm_recvv, shm_shutdown, shm_destroy,
+                                    shm_arm, shm_peek, shm_consume};
+
+pc_status pc_shm_segment_create(uint64_t ring_bytes, int32_t *fds) {
+    fds[0] = fds[1] = fds[2] = -1;
+    if (ring_bytes < RING_MIN || ring_bytes > RING_MAX || (ring_bytes & (ring_bytes - 1))) return PC_ERR_ARG;
+    pc_status st = PC_ERR_IO;
+    fds[0] = memfd_create("pycoll-shm", MFD_CLOEXEC | MFD_ALLOW_SEALING);
+    for (int i = 1; i < 3; i++) fds[i] = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    if (fds[0] < 0 || fds[1] < 0 || fds[2] < 0) goto fail;
+    if (ftruncate(fds[0], (off_t)(CTL_BYTES + 2 * ring_bytes)) != 0 ||
+        fcntl(fds[0], F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) != 0)
+        goto fail;
+    return PC_OK;
+fail:
+    if (errno == ENOMEM || errno == ENOSPC || errno == EMFILE || errno == ENFILE) st = PC_ERR_NOMEM;
+    for (int i = 0; i < 3; i++) {
+        if (fds[i] >= 0) close(fds[i]);
+        fds[i] = -1;
+    }
+    return st;
+}
+
+/* Ownership: on success the conn owns sock and both doorbells and the
+ * segment fd is closed; on failure all stay with the caller. */
+pc_conn *pc_shm_conn(int sock, const int32_t *shm_fds, int side, pc_status *st) {
+    *st = PC_ERR_ARG;
+    pc_conn *c = NULL;
+    shm_conn *s = NULL;
+    struct stat sb;
+    int seg_fd = shm_fds[0], bell[2] = {shm_fds[1], shm_fds[2]};
+    if (side < 0 || side > 1 || bell[0] < 0 || bell[1] < 0) goto fail;
+    int seals = fcntl(seg_fd, F_GET_SEALS);
+    /* Trust nothing about the segment: size a power of two plus the control
+     * page, and sealed so the peer cannot shrink it under our mapping. */
+    if (seals < 0 || !(seals & F_SEAL_SHRINK) || fstat(seg_fd, &sb) != 0) goto fail;
+    uint64_t len = (uint64_t)sb.st_size;
+    if (len < CTL_BYTES + 2 * (uint64_t)RING_MIN || len > CTL_BYTES + 2 * RING_MAX) goto fail;
+    uint64_t ring = (len - CTL_BYTES) / 2;
+    if ((ring & (ring - 1)) || CTL_BYTES + 2 * ring != len) goto fail;
+    *st = PC_ERR_NOMEM;
+    c = calloc(1, sizeof *c);
+    s = calloc(1, sizeof *s);
+    if (!c || !s) goto fail;
+    void *map = mmap(NULL, (size_t)len, PROT_READ | PROT_WRITE, MAP_SHARED, seg_fd, 0);
+    if (map == MAP_FAILED) goto fail;
+    madvise(map, (size_t)len, MADV_DONTFORK); /* a forked child (a data loader) does not keep it */
+    s->map = map;
+    s->map_len = (size_t)len;
+    s->ctl = map;
+    s->side = side;
+    s->size = ring;
+    s->mask = ring - 1;
+    s->tx = &s->ctl->ring[side];
+    s->rx = &s->ctl->ring[1 - side];
+    s->txd = (uint8_t *)map + CTL_BYTES + (uint64_t)side * ring;
+    s->rxd = (uint8_t *)map + CTL_BYTES + (uint64_t)(1 - side) * ring;
+    s->tx_tail_seen = LOAD_ACQ(&s->tx->tail);
+    s->peer_bell = bell[1 - side];
+    for (int i = 0; i < 2; i++) {
+        int fd = i ? sock : bell[side];
+        int fl = fcntl(fd, F_GETFL, 0);
+        if (fl >= 0) fcntl(fd, F_SETFL, fl | O_NONBLOCK);
+    }
+    c->ops = &shm_ops;
+    c->fd = bell[side];
+    c->fd2 = sock;
+    c->align = 8;
+    c->impl = s;
+    close(seg_fd); /* the mapping keeps the memory */
+    *st = PC_OK;
+    return c;
+fail:
+    free(c);
+    free(s);
+    return NULL;
+}
