@@ -119,6 +119,12 @@ static int peer_gone(pc_conn *c) {
 /* Bytes queued in rx; > size means the peer corrupted the counters. */
 static uint64_t rx_avail(shm_conn *s) { return LOAD_ACQ(&s->rx->head) - LOAD_RLX(&s->rx->tail); }
 
+/* Nothing queued: if the peer is gone, look once more. Its last bytes may
+ * have landed between our first look and its exit, and like a socket we
+ * deliver everything sent before the end (the peer publishes head before
+ * it sets `closed`; its exit happens before we see EOF). */
+static uint64_t rx_avail_at_end(pc_conn *c) { return peer_gone(c) ? rx_avail(impl(c)) : 0; }
+
 /* Free bytes in tx (re-reading the consumer's tail only when the last
  * value we saw leaves less than `want`); UINT64_MAX if the peer corrupted
  * the counters. */
@@ -175,11 +181,11 @@ static long shm_recvv(pc_conn *c, const struct iovec *iov, int iovcnt) {
     shm_conn *s = impl(c);
     disarm(s);
     uint64_t avail = rx_avail(s);
+    if (avail == 0 && (avail = rx_avail_at_end(c)) == 0) return peer_gone(c) ? PC_IO_CLOSED : PC_IO_AGAIN;
     if (avail > s->size) {
         c->err = EPROTO;
         return PC_IO_ERROR;
     }
-    if (avail == 0) return peer_gone(c) ? PC_IO_CLOSED : PC_IO_AGAIN;
     uint64_t tail = LOAD_RLX(&s->rx->tail), pos = tail, got = 0;
     for (int i = 0; i < iovcnt && got < avail; i++) {
         uint8_t *dst = iov[i].iov_base;
@@ -204,11 +210,11 @@ static long shm_peek(pc_conn *c, const void **data) {
     disarm(s);
     uint64_t avail = rx_avail(s);
     *data = NULL;
+    if (avail == 0 && (avail = rx_avail_at_end(c)) == 0) return peer_gone(c) ? PC_IO_CLOSED : PC_IO_AGAIN;
     if (avail > s->size) {
         c->err = EPROTO;
         return PC_IO_ERROR;
     }
-    if (avail == 0) return peer_gone(c) ? PC_IO_CLOSED : PC_IO_AGAIN;
     uint64_t at = LOAD_RLX(&s->rx->tail) & s->mask;
     uint64_t run = s->size - at < avail ? s->size - at : avail;
     *data = s->rxd + at;

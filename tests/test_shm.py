@@ -343,6 +343,49 @@ def test_a_hostile_peer_cannot_make_us_overrun(attack):
         sock.close()
 
 
+def _bcast_from_1(mesh, count, order):
+    """Rank 1 broadcasts and shuts down at once; rank 0 receives. ``order``:
+    "sender_first" runs rank 1 to the end first, "together" races them."""
+    plans = [planners.plan_rings("broadcast", 2, r, [[0, 1]], count, 4, root=1) for r in range(2)]
+    x = [np.zeros(count, np.float32), np.arange(count, dtype=np.float32)]
+    bufs = [[x[0], x[0]], [x[1], x[1]]]
+
+    def sender():
+        st = mesh.run(plans, bufs, "float32", "sum", only=[1])[0]
+        lib.pc_comm_shutdown(mesh.comms[1])
+        return st
+    if order == "sender_first":
+        assert sender() == lib.PC_OK
+        mesh.seq -= 1  # the same collective, now on rank 0
+        st = mesh.run(plans, bufs, "float32", "sum", timeout=10, only=[0])[0]
+    else:
+        with ThreadPoolExecutor(1) as ex:
+            fut = ex.submit(sender)
+            st = mesh.run(plans, bufs, "float32", "sum", timeout=10, only=[0])[0]
+            assert fut.result() == lib.PC_OK
+    return st, np.array_equal(x[0], x[1])
+
+
+@pytest.mark.timeout(120)
+def test_bytes_sent_before_a_peer_shuts_down_are_delivered():
+    """Like a socket: what a peer sent before it closed arrives in full; only
+    then does the connection read as closed (also when the close races our
+    look at an empty ring)."""
+    mesh = Mesh(2)
+    try:
+        assert _bcast_from_1(mesh, 3000, "sender_first") == (lib.PC_OK, True)
+    finally:
+        mesh.close()
+    for i in range(40):
+        mesh = Mesh(2, sleepy=i % 2 == 1)
+        try:
+            st, same = _bcast_from_1(mesh, 1 + 997 * i, "together")
+            assert st == lib.PC_OK, ffi.string(lib.pc_comm_last_error(mesh.comms[0]))
+            assert same
+        finally:
+            mesh.close()
+
+
 CHILD = textwrap.dedent("""
     import sys, time
     from pycoll._native import ffi, lib
