@@ -269,7 +269,10 @@ class Communicator:
 
     def pending_joiners(self):
         """Number of peers waiting to be admitted (from the last heartbeat)."""
-        return int(self._client.last_status.get("pending", 0))
+        status = self._client.last_status
+        if status.get("epoch", self.epoch) < self.epoch:
+            return 0  # from before our epoch formed: its "pending" counted us
+        return int(status.get("pending", 0))
 
     def _wait_idle_locked(self):
         pass  # async work runs under _exec_lock, so holding it means idle
