@@ -43,6 +43,8 @@
 #include "wire.h"
 
 #define STAGE_BYTES (256u * 1024u)
+#define REMOTE_BUDGET (4ull << 20) /* bytes copied from a peer per pump call */
+#define REMOTE_OP_MIN (64u * 1024u) /* smaller payloads always go through the ring */
 
 typedef struct {
     int32_t *send_q, nsend, send_head;
@@ -54,6 +56,12 @@ typedef struct {
     uint64_t reduced;      /* payload bytes already reduced (receive-reduce) */
     uint32_t stage_fill;   /* bytes waiting in the staging buffer */
     short want;            /* poll events this channel waits for */
+    /* single copy (PC_FRAME_REMOTE) */
+    int sremote;           /* the head send goes as a descriptor */
+    uint64_t stoken;       /* != 0: its descriptor is out, waiting for the reader's ack */
+    uint8_t sdesc[PC_REMOTE_DESC_BYTES];
+    int rremote;           /* the head receive came as a descriptor */
+    uint8_t rdesc[PC_REMOTE_DESC_BYTES];
 } chan_state;
 
 struct pc_comm {
@@ -66,10 +74,12 @@ struct pc_comm {
     int spin_us;
     double stall_s;           /* fail when nothing moved this long (0: off) */
     int shm_spin_us;          /* spin this long on shm-only waits */
+    uint64_t remote_min;      /* payloads this big go single-copy where the peer can (0: never) */
     int oversubscribed;       /* more ranks on this host than CPUs */
     void *scratch;
     uint64_t scratch_cap;
     uint64_t sent, received;
+    uint64_t single_copied;   /* bytes we copied straight out of a peer's memory */
     char err[512];
 };
 
@@ -140,6 +150,7 @@ pc_status pc_comm_create_mixed(int32_t rank, int32_t nranks, int32_t stripes, co
     c->stripes = stripes;
     c->spin_us = 200;
     c->shm_spin_us = 20000;
+    c->remote_min = PC_SINGLE_COPY_DEFAULT;
     c->cancel_pipe[0] = c->cancel_pipe[1] = -1;
     c->conns = calloc((size_t)nconn, sizeof *c->conns);
     c->stage = calloc((size_t)nconn, sizeof *c->stage);
@@ -211,6 +222,12 @@ void pc_comm_set_spin(pc_comm *c, int32_t spin_us) { c->spin_us = spin_us < 0 ? 
 void pc_comm_set_stall_timeout(pc_comm *c, double seconds) { c->stall_s = seconds > 0 ? seconds : 0; }
 void pc_comm_set_shm_spin(pc_comm *c, int32_t spin_us) { c->shm_spin_us = spin_us < 0 ? 0 : spin_us; }
 
+void pc_comm_set_single_copy(pc_comm *c, uint64_t min_bytes) {
+    c->remote_min = min_bytes;
+    for (int32_t i = 0; i < c->nranks * c->stripes; i++)
+        if (c->conns[i] && c->conns[i]->ops->rma_allow) c->conns[i]->ops->rma_allow(c->conns[i], min_bytes != 0);
+}
+
 void pc_comm_shutdown(pc_comm *c) {
     c->broken = 1;
     for (int32_t i = 0; i < c->nranks * c->stripes; i++)
@@ -234,6 +251,7 @@ void pc_comm_free(pc_comm *c) {
 const char *pc_comm_last_error(const pc_comm *c) { return c->err; }
 uint64_t pc_comm_bytes_sent(const pc_comm *c) { return c->sent; }
 uint64_t pc_comm_bytes_received(const pc_comm *c) { return c->received; }
+uint64_t pc_comm_bytes_single_copy(const pc_comm *c) { return c->single_copied; }
 
 /* ---- frame validation (also exported for fuzzing) ---------------------- */
 pc_status pc_frame_check(const uint8_t *hdr, uint32_t tag, uint32_t desc, uint64_t seq,
@@ -282,6 +300,7 @@ typedef struct {
     int32_t *active;       /* channels with any op */
     int32_t nactive;
     int32_t failed_peer;
+    int remote;            /* big enough for single copy (comm->remote_min) */
     pc_status status;
 } run_state;
 
@@ -367,11 +386,39 @@ static int pump_send(run_state *r, int32_t k) {
         int32_t i = cs->send_q[cs->send_head];
         if (!op_ready(r, i)) return moved;
         const pc_op *op = &r->plan->ops[i];
-        if (cs->sdone == 0) {
-            pc_frame_hdr h = {PC_MAGIC, PC_VERSION, PC_FRAME_DATA, op->tag, r->desc, r->seq, op->len};
-            hdr_encode(cs->shdr, &h);
+        const uint8_t *src = r->buf[op->src_buf] + op->src_off;
+        if (cs->stoken) { /* descriptor sent: done once the peer has read our bytes */
+            long res = cn->ops->rma_wait(cn, cs->stoken);
+            if (res == PC_IO_AGAIN) {
+                cs->want |= PC_WANT_RMA_ACK;
+                return moved;
+            }
+            if (res < 0) {
+                io_fail(r, res, op->peer, "sending to");
+                return moved;
+            }
+            moved = 1;
+            r->comm->sent += op->len;
+            cs->stoken = 0;
+            cs->sdone = 0;
+            cs->send_head++;
+            complete(r, i);
+            continue;
         }
-        uint64_t pad = pad_of(cn, op->len), frame = PC_HDR_BYTES + op->len + pad;
+        if (cs->sdone == 0) {
+            cs->sremote = r->remote && op->len >= REMOTE_OP_MIN && cn->ops->rma_ok && cn->ops->rma_ok(cn);
+            pc_frame_hdr h = {PC_MAGIC, PC_VERSION, cs->sremote ? PC_FRAME_REMOTE : PC_FRAME_DATA, op->tag,
+                              r->desc, r->seq, op->len};
+            hdr_encode(cs->shdr, &h);
+            if (cs->sremote) {
+                put_u64(cs->sdesc, (uint64_t)(uintptr_t)src);
+                put_u64(cs->sdesc + 8, op->len);
+            }
+        }
+        /* on the wire: header, then the payload or its descriptor, then padding */
+        uint64_t body = cs->sremote ? PC_REMOTE_DESC_BYTES : op->len;
+        const uint8_t *body_at = cs->sremote ? cs->sdesc : src;
+        uint64_t pad = pad_of(cn, body), frame = PC_HDR_BYTES + body + pad;
         struct iovec iov[3];
         int n = 0;
         if (cs->sdone < PC_HDR_BYTES) {
@@ -379,11 +426,11 @@ static int pump_send(run_state *r, int32_t k) {
             iov[n++].iov_len = PC_HDR_BYTES - cs->sdone;
         }
         uint64_t pdone = cs->sdone > PC_HDR_BYTES ? cs->sdone - PC_HDR_BYTES : 0;
-        if (op->len > pdone) {
-            iov[n].iov_base = r->buf[op->src_buf] + op->src_off + pdone;
-            iov[n++].iov_len = op->len - pdone;
+        if (body > pdone) {
+            iov[n].iov_base = (void *)(body_at + pdone);
+            iov[n++].iov_len = body - pdone;
         }
-        uint64_t tdone = pdone > op->len ? pdone - op->len : 0;
+        uint64_t tdone = pdone > body ? pdone - body : 0;
         if (pad > tdone) {
             iov[n].iov_base = (void *)(zero_pad + tdone);
             iov[n++].iov_len = pad - tdone;
@@ -399,8 +446,10 @@ static int pump_send(run_state *r, int32_t k) {
         }
         moved = 1;
         cs->sdone += (uint64_t)res;
-        r->comm->sent += (uint64_t)res;
-        if (cs->sdone == frame) {
+        if (!cs->sremote) r->comm->sent += (uint64_t)res;
+        if (cs->sdone == frame && cs->sremote) {
+            cs->stoken = cn->ops->rma_post(cn); /* completes above, once acked */
+        } else if (cs->sdone == frame) {
             cs->sdone = 0;
             cs->send_head++;
             complete(r, i);
@@ -409,9 +458,15 @@ static int pump_send(run_state *r, int32_t k) {
     return moved;
 }
 
-static int check_header(run_state *r, chan_state *cs, const pc_op *op) {
+static int check_header(run_state *r, chan_state *cs, const pc_op *op, const pc_conn *cn) {
     char why[256];
-    if (pc_frame_check(cs->rhdr, op->tag, r->desc, r->seq, op->len, why, sizeof why) == PC_OK) return 1;
+    uint8_t h[PC_HDR_BYTES];
+    memcpy(h, cs->rhdr, sizeof h);
+    /* a descriptor instead of bytes: only where this connection can read the sender's memory */
+    int remote = get_u16(h + 6) == PC_FRAME_REMOTE && cn->ops->rma_read;
+    if (remote) put_u16(h + 6, PC_FRAME_DATA);
+    cs->rremote = remote;
+    if (pc_frame_check(h, op->tag, r->desc, r->seq, op->len, why, sizeof why) == PC_OK) return 1;
     fail(r, PC_ERR_PROTO, op->peer, "bad frame from rank %d: %s", op->peer, why);
     return 0;
 }
@@ -419,6 +474,7 @@ static int check_header(run_state *r, chan_state *cs, const pc_op *op) {
 static uint64_t min_u64(uint64_t a, uint64_t b) { return a < b ? a : b; }
 
 static void recv_done(run_state *r, chan_state *cs, int32_t i) {
+    cs->rremote = 0;
     cs->rdone = 0;
     cs->reduced = 0;
     cs->stage_fill = 0;
@@ -458,6 +514,79 @@ static int reduce_from_peer(run_state *r, int32_t k, int32_t i, int *again) {
     return 1;
 }
 
+/* A PC_FRAME_REMOTE frame whose header we checked: read the descriptor,
+ * copy (and reduce) the bytes it names straight out of the sender's memory,
+ * tell the sender we are done. Returns 1 if bytes moved. */
+static int pump_remote(run_state *r, int32_t k, int32_t i) {
+    chan_state *cs = &r->ch[k];
+    pc_comm *comm = r->comm;
+    pc_conn *cn = comm->conns[k];
+    const pc_op *op = &r->plan->ops[i];
+    uint64_t desc_end = PC_HDR_BYTES + PC_REMOTE_DESC_BYTES;
+    int moved = 0;
+    if (cs->rdone < desc_end) {
+        struct iovec v = {cs->rdesc + (cs->rdone - PC_HDR_BYTES), desc_end - cs->rdone};
+        long res = cn->ops->recvv(cn, &v, 1);
+        if (res == PC_IO_AGAIN) {
+            cs->want |= POLLIN;
+            return 0;
+        }
+        if (res < 0) {
+            io_fail(r, res, op->peer, "receiving from");
+            return 0;
+        }
+        cs->rdone += (uint64_t)res;
+        if (cs->rdone < desc_end) return 1;
+        if (get_u64(cs->rdesc + 8) != op->len) {
+            fail(r, PC_ERR_PROTO, op->peer, "bad frame from rank %d: remote-read descriptor of %llu bytes, expected %llu",
+                 op->peer, (unsigned long long)get_u64(cs->rdesc + 8), (unsigned long long)op->len);
+            return 1;
+        }
+        moved = 1;
+    }
+    int reduce = op->kind == PC_OP_RECV_REDUCE;
+    if (reduce && !comm->stage[k] && !(comm->stage[k] = malloc(STAGE_BYTES))) {
+        fail(r, PC_ERR_NOMEM, -1, "out of memory for a staging buffer");
+        return moved;
+    }
+    uint64_t from = get_u64(cs->rdesc), budget = REMOTE_BUDGET;
+    uint8_t *dst = r->buf[op->dst_buf] + op->dst_off;
+    while (cs->reduced < op->len && budget) {
+        /* a reduction reads through the staging buffer, while it is in cache */
+        uint64_t n = min_u64(op->len - cs->reduced, reduce ? STAGE_BYTES : budget);
+        long res = cn->ops->rma_read(cn, reduce ? comm->stage[k] : dst + cs->reduced, from + cs->reduced, n);
+        if (res == PC_IO_ERROR && cn->err == EPROTO) {
+            fail(r, PC_ERR_PROTO, op->peer, "bad frame from rank %d: a remote-read descriptor we never agreed to",
+                 op->peer);
+            return moved;
+        }
+        if (res == PC_IO_ERROR) {
+            fail(r, PC_ERR_IO, op->peer, "cannot read the memory rank %d named (%s)", op->peer, strerror(cn->err));
+            return moved;
+        }
+        if (res < 0) {
+            io_fail(r, res, op->peer, "reading the memory of");
+            return moved;
+        }
+        if (reduce)
+            pc_reduce(dst + cs->reduced, r->buf[op->src_buf] + op->src_off + cs->reduced, comm->stage[k],
+                      n / (uint64_t)r->es, r->dtype, r->op);
+        cs->reduced += n;
+        comm->received += n;
+        comm->single_copied += n;
+        budget -= min_u64(budget, n);
+        moved = 1;
+    }
+    if (cs->reduced < op->len) return moved;
+    long res = cn->ops->rma_done(cn);
+    if (res < 0) {
+        io_fail(r, res, op->peer, "receiving from");
+        return moved;
+    }
+    recv_done(r, cs, i);
+    return 1;
+}
+
 /* Advance the head receive of channel k; returns 1 if bytes moved. */
 static int pump_recv(run_state *r, int32_t k) {
     chan_state *cs = &r->ch[k];
@@ -469,6 +598,12 @@ static int pump_recv(run_state *r, int32_t k) {
         int32_t i = cs->recv_q[cs->recv_head];
         if (!op_ready(r, i)) return moved;
         const pc_op *op = &r->plan->ops[i];
+        if (cs->rremote) {
+            int m = pump_remote(r, k, i);
+            moved |= m;
+            if (cs->rremote && (!m || r->status != PC_OK)) return moved; /* waiting, or failed */
+            continue;
+        }
         int reduce = op->kind == PC_OP_RECV_REDUCE;
         int zero_copy = reduce && cn->ops->peek != NULL;
         uint64_t pad = pad_of(cn, op->len), frame = PC_HDR_BYTES + op->len + pad;
@@ -502,7 +637,8 @@ static int pump_recv(run_state *r, int32_t k) {
          * (scratch and the staging buffer are ours, so those read both). A
          * zero-copy receive-reduce reads it alone too: its payload is then
          * reduced where it lies. */
-        int header_alone = cs->rdone < PC_HDR_BYTES && (zero_copy || (!reduce && op->dst_buf != PC_BUF_SCRATCH));
+        int header_alone = cs->rdone < PC_HDR_BYTES &&
+                           (zero_copy || cn->ops->rma_read || (!reduce && op->dst_buf != PC_BUF_SCRATCH));
         if (left && !header_alone) {
             uint64_t want = left;
             if (reduce) {
@@ -534,7 +670,8 @@ static int pump_recv(run_state *r, int32_t k) {
         uint64_t before = cs->rdone;
         cs->rdone += (uint64_t)res;
         comm->received += (uint64_t)res;
-        if (before < PC_HDR_BYTES && cs->rdone >= PC_HDR_BYTES && !check_header(r, cs, op)) return moved;
+        if (before < PC_HDR_BYTES && cs->rdone >= PC_HDR_BYTES && !check_header(r, cs, op, cn)) return moved;
+        if (cs->rremote) continue; /* the descriptor follows: pump_remote */
         if (reduce && cs->rdone > PC_HDR_BYTES) {
             uint64_t now_done = min_u64(cs->rdone - PC_HDR_BYTES, op->len);
             cs->stage_fill += (uint32_t)(now_done - payload_done); /* payload bytes this call */
@@ -803,6 +940,12 @@ pc_status pc_comm_run_part(pc_comm *comm, const pc_plan *plan, int32_t part, voi
     r.desc = desc;
     r.failed_peer = -1;
     r.end = part == PC_RUN_BODY ? plan->tail_first : plan->nops;
+    /* Single copy pays once the buffers outgrow the caches: below that, the
+     * ring's copy in and copy out run on two cores at once, in cache, and
+     * beat one process_vm_readv that must also pin the peer's pages. */
+    uint64_t span = plan->need_bytes[PC_BUF_IN] > plan->need_bytes[PC_BUF_OUT] ? plan->need_bytes[PC_BUF_IN]
+                                                                               : plan->need_bytes[PC_BUF_OUT];
+    r.remote = comm->remote_min && span >= comm->remote_min;
     if (part == PC_RUN_TAIL) return run_tail(comm, plan, &r);
     pc_status st = prepare(&r);
     if (st != PC_OK) {

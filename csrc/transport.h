@@ -8,6 +8,7 @@
 #define PYCOLL_TRANSPORT_H
 
 #include <stdint.h>
+#include <poll.h>
 #include <sys/uio.h>
 
 #include "pycoll.h"
@@ -34,7 +35,20 @@ typedef struct {
      * stay valid until consume(c, n) releases the first n of them. */
     long (*peek)(pc_conn *c, const void **data);
     void (*consume)(pc_conn *c, uint64_t n);
+    /* Single copy (same host): instead of a payload the sender writes a
+     * PC_FRAME_REMOTE frame naming its buffer, and the receiver copies the
+     * bytes straight out of the sender's memory. The sender's op completes
+     * only once the receiver says it is done reading. */
+    int (*rma_ok)(pc_conn *c);                 /* 1: the peer reads our memory itself */
+    uint64_t (*rma_post)(pc_conn *c);          /* a descriptor went out: its token */
+    long (*rma_wait)(pc_conn *c, uint64_t token); /* 1 once read; PC_IO_AGAIN / CLOSED */
+    long (*rma_read)(pc_conn *c, void *dst, uint64_t from, uint64_t n); /* n, or < 0 */
+    long (*rma_done)(pc_conn *c);              /* finished one descriptor: 1, or CLOSED */
+    void (*rma_allow)(pc_conn *c, int allow);  /* 0: peers must not ask us to read them */
 } pc_conn_ops;
+
+/* Poll bit (arm's `want`) for "waiting until the peer finished a remote read". */
+#define PC_WANT_RMA_ACK POLLPRI
 
 struct pc_conn {
     const pc_conn_ops *ops;

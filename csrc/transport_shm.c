@@ -28,6 +28,18 @@
  * peer cannot make our mapping fault), and freed by the kernel once both
  * ends unmapped it, whatever way the processes exit (SIGKILL included).
  *
+ * Single copy: for large payloads the engine sends a descriptor (address,
+ * length) instead of the bytes, and the receiver copies them straight out
+ * of the sender's memory with process_vm_readv (one copy instead of two:
+ * into the ring and out of it). The reader then bumps `rma_acks` of that
+ * ring, which is what completes the sender's op. Each side tells the other
+ * whether it can read its memory (`can_read`): it found out by reading a
+ * probe word the other published (a cookie at a known address) the first
+ * time it received; ptrace rules (Yama, seccomp, a non-dumpable process)
+ * can forbid it, and then the bytes go through the ring as before. A
+ * reader checks after every copy that the writer has not shut down: a
+ * writer whose collective failed may change its buffer once it returns.
+ *
  * Writers copy at most what fits and cut partial writes at multiples of 8
  * bytes; with the engine padding frames to 8 bytes (conn->align), every
  * payload element in a ring is naturally aligned and never wraps, so the
@@ -44,6 +56,9 @@
 #include <sys/socket.h>
 #include <sys/eventfd.h>
 #include <sys/stat.h>
+#include <sys/types.h>
+#include <sys/uio.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "pycoll.h"
@@ -58,8 +73,9 @@
 typedef struct {
     uint64_t head; /* written by the producer */
     uint8_t pad0[56];
-    uint64_t tail; /* written by the consumer */
-    uint8_t pad1[56];
+    uint64_t tail;     /* written by the consumer */
+    uint64_t rma_acks; /* descriptors the consumer finished reading */
+    uint8_t pad1[48];
     uint32_t prod_wait; /* producer sleeps until space frees; cleared by the consumer */
     uint8_t pad2[60];
     uint32_t cons_wait; /* consumer sleeps until data arrives; cleared by the producer */
@@ -68,8 +84,13 @@ typedef struct {
 
 typedef struct {
     ring_ctl ring[2];
-    uint32_t closed[2]; /* side s shut its end down */
+    uint32_t closed[2];      /* side s shut its end down */
+    uint32_t can_read[2];    /* side s reads side 1-s's memory: 0 not yet known, 1 yes, 2 no */
+    uint64_t probe_addr[2];  /* side s: address of its probe word (0: not published yet) */
+    uint64_t probe_val[2];   /* ... and the value the reader must find there */
 } shm_ctl;
+
+enum { RMA_UNKNOWN = 0, RMA_YES = 1, RMA_NO = 2 };
 
 typedef struct {
     shm_ctl *ctl;
@@ -82,6 +103,10 @@ typedef struct {
     int side, dead;
     int peer_bell;         /* the peer's doorbell (we write it) */
     short armed;           /* wait flags we set before sleeping */
+    pid_t peer_pid;        /* from SO_PEERCRED; 0: unknown (no single copy) */
+    uint64_t probe_word;   /* the peer reads this to prove it can read us */
+    uint64_t rma_posted;   /* descriptors we sent */
+    int rma_state;         /* can we read the peer (RMA_*) */
 } shm_conn;
 
 #define LOAD_ACQ(p) __atomic_load_n((p), __ATOMIC_ACQUIRE)
@@ -90,6 +115,7 @@ typedef struct {
 #define FENCE() __atomic_thread_fence(__ATOMIC_SEQ_CST)
 
 static shm_conn *impl(pc_conn *c) { return (shm_conn *)c->impl; }
+static void probe(shm_conn *s);
 
 static void ring_doorbell(pc_conn *c) {
     uint64_t one = 1;
@@ -101,7 +127,7 @@ static void ring_doorbell(pc_conn *c) {
 static void disarm(shm_conn *s) {
     if (!s->armed) return;
     if (s->armed & POLLIN) __atomic_store_n(&s->rx->cons_wait, 0u, __ATOMIC_RELAXED);
-    if (s->armed & POLLOUT) __atomic_store_n(&s->tx->prod_wait, 0u, __ATOMIC_RELAXED);
+    if (s->armed & (POLLOUT | PC_WANT_RMA_ACK)) __atomic_store_n(&s->tx->prod_wait, 0u, __ATOMIC_RELAXED);
     s->armed = 0;
 }
 
@@ -180,6 +206,7 @@ static long shm_sendv(pc_conn *c, const struct iovec *iov, int iovcnt) {
 static long shm_recvv(pc_conn *c, const struct iovec *iov, int iovcnt) {
     shm_conn *s = impl(c);
     disarm(s);
+    if (s->rma_state == RMA_UNKNOWN) probe(s);
     uint64_t avail = rx_avail(s);
     if (avail == 0 && (avail = rx_avail_at_end(c)) == 0) return peer_gone(c) ? PC_IO_CLOSED : PC_IO_AGAIN;
     if (avail > s->size) {
@@ -208,6 +235,7 @@ static long shm_recvv(pc_conn *c, const struct iovec *iov, int iovcnt) {
 static long shm_peek(pc_conn *c, const void **data) {
     shm_conn *s = impl(c);
     disarm(s);
+    if (s->rma_state == RMA_UNKNOWN) probe(s);
     uint64_t avail = rx_avail(s);
     *data = NULL;
     if (avail == 0 && (avail = rx_avail_at_end(c)) == 0) return peer_gone(c) ? PC_IO_CLOSED : PC_IO_AGAIN;
@@ -227,6 +255,74 @@ static void shm_consume(pc_conn *c, uint64_t n) {
     wake_if_waiting(c, &s->rx->prod_wait);
 }
 
+/* ---- single copy ------------------------------------------------------ */
+static long peer_read(shm_conn *s, void *dst, uint64_t from, uint64_t n) {
+    uint8_t *d = dst;
+    while (n) {
+        struct iovec l = {d, n}, r = {(void *)(uintptr_t)from, n};
+        ssize_t got = process_vm_readv(s->peer_pid, &l, 1, &r, 1, 0);
+        if (got <= 0) return got == 0 ? -EFAULT : -errno;
+        d += got;
+        from += (uint64_t)got;
+        n -= (uint64_t)got;
+    }
+    return 0;
+}
+
+/* The first time we receive: can we read the peer's memory? */
+static void probe(shm_conn *s) {
+    uint64_t addr = LOAD_ACQ(&s->ctl->probe_addr[1 - s->side]), seen = 0;
+    if (!addr) return; /* the peer has not published its probe word yet */
+    int ok = s->peer_pid > 0 && peer_read(s, &seen, addr, sizeof seen) == 0 &&
+             seen == LOAD_RLX(&s->ctl->probe_val[1 - s->side]);
+    s->rma_state = ok ? RMA_YES : RMA_NO;
+    STORE_REL(&s->ctl->can_read[s->side], (uint32_t)s->rma_state);
+}
+
+static int shm_rma_ok(pc_conn *c) {
+    shm_conn *s = impl(c);
+    return LOAD_ACQ(&s->ctl->can_read[1 - s->side]) == RMA_YES;
+}
+
+static uint64_t shm_rma_post(pc_conn *c) { return ++impl(c)->rma_posted; }
+
+static long shm_rma_wait(pc_conn *c, uint64_t token) {
+    shm_conn *s = impl(c);
+    disarm(s);
+    if (LOAD_ACQ(&s->tx->rma_acks) >= token) return 1;
+    return peer_gone(c) ? PC_IO_CLOSED : PC_IO_AGAIN;
+}
+
+static long shm_rma_read(pc_conn *c, void *dst, uint64_t from, uint64_t n) {
+    shm_conn *s = impl(c);
+    if (s->rma_state != RMA_YES) { /* the peer sent a descriptor we never asked for */
+        c->err = EPROTO;
+        return PC_IO_ERROR;
+    }
+    long e = peer_read(s, dst, from, n);
+    if (peer_gone(c)) return PC_IO_CLOSED; /* it may have changed the bytes under us */
+    if (e == -ESRCH) return PC_IO_CLOSED;
+    if (e) {
+        c->err = (int)-e;
+        return PC_IO_ERROR;
+    }
+    return (long)n;
+}
+
+static long shm_rma_done(pc_conn *c) {
+    shm_conn *s = impl(c);
+    if (peer_gone(c)) return PC_IO_CLOSED;
+    STORE_REL(&s->rx->rma_acks, LOAD_RLX(&s->rx->rma_acks) + 1);
+    wake_if_waiting(c, &s->rx->prod_wait);
+    return 1;
+}
+
+static void shm_rma_allow(pc_conn *c, int allow) {
+    shm_conn *s = impl(c);
+    s->rma_state = allow ? RMA_UNKNOWN : RMA_NO;
+    STORE_REL(&s->ctl->can_read[s->side], (uint32_t)s->rma_state);
+}
+
 /* Clear our doorbell; notice EOF on the socket (the peer process is gone). */
 static void drain(pc_conn *c) {
     shm_conn *s = impl(c);
@@ -243,11 +339,13 @@ static short shm_arm(pc_conn *c, short want) {
     drain(c);
     if (peer_gone(c)) return 0;
     if (want & POLLIN) __atomic_store_n(&s->rx->cons_wait, 1u, __ATOMIC_RELAXED);
-    if (want & POLLOUT) __atomic_store_n(&s->tx->prod_wait, 1u, __ATOMIC_RELAXED);
-    s->armed |= want & (POLLIN | POLLOUT);
+    /* the reader wakes prod_wait both when it frees space and when it acks a descriptor */
+    if (want & (POLLOUT | PC_WANT_RMA_ACK)) __atomic_store_n(&s->tx->prod_wait, 1u, __ATOMIC_RELAXED);
+    s->armed |= want & (POLLIN | POLLOUT | PC_WANT_RMA_ACK);
     FENCE();
     if ((want & POLLIN) && rx_avail(s) != 0) return 0;
     if ((want & POLLOUT) && tx_space(s, 8) >= 8) return 0; /* (or corrupt: let sendv say so) */
+    if ((want & PC_WANT_RMA_ACK) && LOAD_ACQ(&s->tx->rma_acks) >= s->rma_posted) return 0;
     if (peer_gone(c)) return 0;
     return POLLIN; /* our doorbell rang (fd2, the socket, reports EOF) */
 }
@@ -272,8 +370,9 @@ static void shm_destroy(pc_conn *c) {
     free(c);
 }
 
-static const pc_conn_ops shm_ops = {shm_sendv, shm_recvv, shm_shutdown, shm_destroy,
-                                    shm_arm, shm_peek, shm_consume};
+static const pc_conn_ops shm_ops = {shm_sendv,    shm_recvv,    shm_shutdown, shm_destroy,  shm_arm,
+                                    shm_peek,     shm_consume,  shm_rma_ok,   shm_rma_post, shm_rma_wait,
+                                    shm_rma_read, shm_rma_done, shm_rma_allow};
 
 pc_status pc_shm_segment_create(uint64_t ring_bytes, int32_t *fds) {
     fds[0] = fds[1] = fds[2] = -1;
@@ -336,6 +435,16 @@ pc_conn *pc_shm_conn(int sock, const int32_t *shm_fds, int side, pc_status *st) 
         int fl = fcntl(fd, F_GETFL, 0);
         if (fl >= 0) fcntl(fd, F_SETFL, fl | O_NONBLOCK);
     }
+    struct ucred cred;
+    socklen_t cl = sizeof cred;
+    s->peer_pid = getsockopt(sock, SOL_SOCKET, SO_PEERCRED, &cred, &cl) == 0 ? cred.pid : 0;
+    /* publish our probe word: any value the peer cannot guess by accident */
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    s->probe_word = ((uint64_t)ts.tv_nsec << 20) ^ (uint64_t)ts.tv_sec ^ ((uint64_t)getpid() << 40) ^
+                    (uint64_t)(uintptr_t)s;
+    STORE_REL(&s->ctl->probe_val[side], s->probe_word);
+    STORE_REL(&s->ctl->probe_addr[side], (uint64_t)(uintptr_t)&s->probe_word);
     c->ops = &shm_ops;
     c->fd = bell[side];
     c->fd2 = sock;

@@ -47,7 +47,9 @@ static void tcp_destroy(pc_conn *c) {
     free(c);
 }
 
-static const pc_conn_ops tcp_ops = {tcp_sendv, tcp_recvv, tcp_shutdown, tcp_destroy, NULL, NULL, NULL};
+/* designated: the optional shared-memory ops stay NULL */
+static const pc_conn_ops tcp_ops = {.sendv = tcp_sendv, .recvv = tcp_recvv, .shutdown = tcp_shutdown,
+                                    .destroy = tcp_destroy};
 
 pc_conn *pc_tcp_conn(int fd, int sockbuf_bytes) {
     pc_conn *c = calloc(1, sizeof *c);

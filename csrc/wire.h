@@ -4,11 +4,14 @@
  * 32 bytes, little-endian:
  *   0  u32 magic    "PCOL"
  *   4  u16 version  PC_VERSION
- *   6  u16 kind     PC_FRAME_DATA
+ *   6  u16 kind     PC_FRAME_DATA, or PC_FRAME_REMOTE: the payload is then a
+ *                   16-byte descriptor (u64 address, u64 len) of the bytes in
+ *                   the sender's memory, for the receiver to copy itself
+ *                   (same-host shared-memory connections only)
  *   8  u32 tag      which piece of which step (planner-defined)
  *  12  u32 desc     digest of the collective's arguments
  *  16  u64 seq      collective sequence number on this comm
- *  24  u64 len      payload bytes that follow
+ *  24  u64 len      payload bytes that follow (REMOTE: bytes the descriptor names)
  * The receiver knows what it expects (its plan says peer, tag and length),
  * so a header is accepted only if every field equals that expectation; a
  * length off the wire is never used to size or place anything.
@@ -20,6 +23,8 @@
 
 #define PC_MAGIC 0x4c4f4350u /* "PCOL" read as little-endian */
 #define PC_FRAME_DATA 1
+#define PC_FRAME_REMOTE 2
+#define PC_REMOTE_DESC_BYTES 16
 #define PC_HDR_BYTES 32
 
 typedef struct {

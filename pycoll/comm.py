@@ -24,7 +24,7 @@ from ._native import ffi, lib, status_error
 from .buffers import as_buffer
 from .dtypes import op_code
 from .errors import Cancelled, CollectiveError, CoordinatorError, InvalidArgument, PeerFailure
-from .mesh import connect_mesh, local_peers, transport_mode
+from .mesh import connect_mesh, local_peers, single_copy_bytes, transport_mode
 from . import testing
 from .wan import set_keepalive
 from .testing import fault_armed, fault_point
@@ -48,7 +48,7 @@ class Communicator:
     def __init__(self, client, listener, *, stripes=1, timeout=DEFAULT_TIMEOUT, preserve_input=True,
                  segment_bytes=DEFAULT_SEGMENT, spin_us=200, mesh_timeout=None, sync_timeout=120.0,
                  coordinator=None, sockbuf=0, mesh_key=None, topology=None, calibrate=None, coordinator_wait=0.0,
-                 compression=None, stall_timeout=DEFAULT_STALL, progress_timeout=0.0, transport=None):
+                 compression=None, stall_timeout=DEFAULT_STALL, progress_timeout=0.0, transport=None, single_copy=None):
         self._client = client
         self._listener = listener
         self._coordinator = coordinator  # the in-process coordinator we host, if any
@@ -78,6 +78,9 @@ class Communicator:
         self.transport = transport_mode(transport)
         if self.transport != "tcp":
             listener.enable_local()
+        # same-host payloads of at least this many bytes: the peer copies them straight
+        # out of our buffer instead of through the shared ring (0: off)
+        self.single_copy = single_copy_bytes(single_copy)
         self.peer_transports = []   # per rank of this epoch: "shm", "tcp" or "self"
         self.rank = -1
         self.world_size = 0
@@ -226,6 +229,7 @@ class Communicator:
         if st != lib.PC_OK:
             raise status_error(st, f"cannot create the C communicator (status {st})")
         lib.pc_comm_set_spin(out[0], self.spin_us)
+        lib.pc_comm_set_single_copy(out[0], self.single_copy)
         lib.pc_comm_set_stall_timeout(out[0], float(self.progress_timeout or 0.0))
         return out[0]
 
@@ -605,7 +609,14 @@ class Communicator:
 
     @property
     def bytes_sent(self):
+        """Bytes this epoch's connections carried out of this peer."""
         return lib.pc_comm_bytes_sent(self._comm) if self._comm is not None else 0
+
+    @property
+    def bytes_single_copy(self):
+        """Bytes this peer copied straight out of same-host peers' memory this
+        epoch (single copy, see ``single_copy``), instead of through a ring."""
+        return lib.pc_comm_bytes_single_copy(self._comm) if self._comm is not None else 0
 
     # ---- lifetime ------------------------------------------------------
     def close(self):

@@ -73,6 +73,24 @@ def shm_ring_bytes():
     return n
 
 
+def single_copy_bytes(value=None):
+    """Smallest payload sent single-copy to a same-host peer (see
+    pc_comm_set_single_copy): ``value``, else $PYCOLL_SINGLE_COPY, else the C
+    default; 0 turns single copy off."""
+    v = value if value is not None else os.environ.get("PYCOLL_SINGLE_COPY")
+    if v is None or v == "":
+        return lib.PC_SINGLE_COPY_DEFAULT
+    if isinstance(v, str) and v.lower() in ("off", "no", "false"):
+        return 0
+    try:
+        n = int(v)
+    except (TypeError, ValueError):
+        raise InvalidArgument(f"single copy threshold {v!r} is not a byte count (or 0 / off)") from None
+    if n < 0:
+        raise InvalidArgument(f"single copy threshold {n} is negative")
+    return n
+
+
 def local_peers(members, rank, mode):
     """Ranks that share this host with ``rank`` (members: [name, addr, host_id]
     rows of an epoch) and so may use shared memory under ``mode``."""

@@ -55,7 +55,7 @@ def tcp_pair():
 class Mesh:
     """n comms in this process, fully connected; kind(i, j) picks each pair's transport."""
 
-    def __init__(self, n, stripes=1, ring=RING_MIN, kind=lambda i, j: SHM, sleepy=False):
+    def __init__(self, n, stripes=1, ring=RING_MIN, kind=lambda i, j: SHM, sleepy=False, single_copy=None):
         self.n, self.stripes = n, stripes
         kinds = [[TCP] * (n * stripes) for _ in range(n)]
         fds = [[-1] * (n * stripes) for _ in range(n)]
@@ -81,6 +81,8 @@ class Mesh:
             if sleepy:  # never spin: every wait goes through the doorbells
                 lib.pc_comm_set_spin(out[0], 0)
                 lib.pc_comm_set_shm_spin(out[0], 0)
+            if single_copy is not None:  # bytes; 1: every payload of 64 KiB or more
+                lib.pc_comm_set_single_copy(out[0], single_copy)
             self.comms.append(out[0])
         self.seq = 0
 
@@ -152,13 +154,14 @@ cases = st.tuples(st.sampled_from(["all_reduce", "all_gather", "reduce_scatter",
 @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
 @given(case_list=st.lists(cases, min_size=3, max_size=6), n=st.integers(2, 4), stripes=st.integers(1, 2),
        nrings=st.integers(1, 2), segment_bytes=st.sampled_from([4096, 9000, 1 << 16, 200000]),
-       ring=st.sampled_from([RING_MIN, 4 * RING_MIN]), sleepy=st.booleans())
-def test_small_rings_wrap_and_pad(case_list, n, stripes, nrings, segment_bytes, ring, sleepy):
+       ring=st.sampled_from([RING_MIN, 4 * RING_MIN]), sleepy=st.booleans(), single_copy=st.sampled_from([0, 1]))
+def test_small_rings_wrap_and_pad(case_list, n, stripes, nrings, segment_bytes, ring, sleepy, single_copy):
     """Rings of 64 or 256 KiB, segments from 4 KiB: frames of every length
     and alignment wrap around the ring, are cut into partial writes and
     published while being copied; with `sleepy` every wait sleeps and must
-    be woken by the peer's doorbell."""
-    mesh = Mesh(n, stripes, ring=ring, sleepy=sleepy)
+    be woken by the peer's doorbell. With `single_copy` every payload of
+    64 KiB or more goes as a descriptor, mixed with the inline frames."""
+    mesh = Mesh(n, stripes, ring=ring, sleepy=sleepy, single_copy=single_copy)
     try:
         for case in case_list:  # several collectives on one comm: the rings carry over
             run_case(mesh, case, segment_bytes, nrings)
@@ -175,6 +178,63 @@ def test_long_copies_published_while_copying(sleepy):
     try:
         for coll, dtype in [("all_reduce", "float64"), ("reduce_scatter", "bfloat16"), ("all_gather", "int32")]:
             run_case(mesh, (coll, dtype, "sum", 100003, 7, "ring"), 200000)
+    finally:
+        mesh.close()
+
+
+def _single_copied(mesh):
+    return [lib.pc_comm_bytes_single_copy(c) for c in mesh.comms]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("sleepy", [False, True])
+def test_single_copy_reads_the_senders_buffer(sleepy):
+    """Payloads of 64 KiB and more go as descriptors and the receiver copies
+    (and reduces) them straight out of the sender's memory: every
+    collective, odd lengths, several segments per step; results bit-exact,
+    and the bytes really went that way (and do not when it is off)."""
+    for single_copy in (1, 0):
+        mesh = Mesh(3, ring=4 * RING_MIN, sleepy=sleepy, single_copy=single_copy)
+        try:
+            for i, (coll, dtype, op) in enumerate([("all_reduce", "float32", "sum"), ("all_reduce", "bfloat16", "max"),
+                                                   ("reduce_scatter", "float64", "prod"),
+                                                   ("all_gather", "int8", "sum"), ("broadcast", "uint16", "sum")]):
+                run_case(mesh, (coll, dtype, op, 300007, i, "ring"), 200000)
+            copied = _single_copied(mesh)
+            assert all(c > 0 for c in copied) if single_copy else copied == [0, 0, 0], copied
+        finally:
+            mesh.close()
+
+
+@pytest.mark.timeout(120)
+def test_single_copy_threshold_counts_the_whole_buffer():
+    """Collectives on buffers under the threshold keep to the ring (there
+    the two copies run on two cores, in cache); above it they copy once."""
+    mesh = Mesh(2, single_copy=1 << 20)
+    try:
+        run_case(mesh, ("all_reduce", "float32", "sum", (1 << 18) - 1, 1, "ring"), 1 << 20)  # just under 1 MiB
+        assert _single_copied(mesh) == [0, 0]
+        run_case(mesh, ("all_reduce", "float32", "sum", 1 << 18, 2, "ring"), 1 << 20)
+        # each read half the buffer from the other twice: to reduce it, then the other's result
+        assert _single_copied(mesh) == [1 << 20, 1 << 20]
+    finally:
+        mesh.close()
+
+
+@pytest.mark.timeout(120)
+def test_single_copy_off_on_one_side():
+    """A comm that turned single copy off is never sent a descriptor, while
+    its peer still may be; results are the same either way."""
+    mesh = Mesh(2)
+    lib.pc_comm_set_single_copy(mesh.comms[0], 0)
+    lib.pc_comm_set_single_copy(mesh.comms[1], 1)
+    try:
+        for i in range(3):
+            run_case(mesh, ("all_reduce", "float32", "sum", 200003 + i, i, "ring"), 1 << 18)
+        assert _single_copied(mesh) == [0, 0]  # 0 refuses to read; 1 is never asked to, as 0 never sends
+        lib.pc_comm_set_single_copy(mesh.comms[0], 1)
+        run_case(mesh, ("all_reduce", "float32", "sum", 200003, 9, "ring"), 1 << 18)
+        assert all(c > 0 for c in _single_copied(mesh))
     finally:
         mesh.close()
 
@@ -311,6 +371,56 @@ def _u64(mem, off, value=None):
     if value is not None:
         mem[off:off + 8] = struct.pack("<Q", value)
     return struct.unpack("<Q", mem[off:off + 8])[0]
+
+
+def _first_recv_from_1():
+    plan = planners.plan_rings("all_reduce", 2, 0, [[0, 1]], 1 << 16, 4, preserve=True)
+    return next(op for op in plan.ops() if op["kind"] in (lib.PC_OP_RECV, lib.PC_OP_RECV_REDUCE) and op["peer"] == 1)
+
+
+def _send_descriptor(mem, address, length, probe=None):
+    """Play side 1 sending rank 0 a PC_FRAME_REMOTE frame (the first of the
+    all-reduce in _one_sided_run); with ``probe`` (an array in this process,
+    which is also the peer's process here) also publish a probe word that
+    rank 0's probe will find, so that rank 0 agrees to read us."""
+    import struct
+    if probe is not None:
+        probe[0] = 0x5A5A_1234_ABCD_0042
+        _u64(mem, 552, int(probe[0]))           # probe_val[1]
+        _u64(mem, 536, probe.ctypes.data)       # probe_addr[1]
+    op = _first_recv_from_1()
+    frame = struct.pack("<IHHIIQQ", 0x4C4F4350, lib.PC_VERSION, 2, op["tag"], 0x5EED, 1, op["len"])
+    frame += struct.pack("<QQ", address, op["len"] if length is None else length)
+    mem[4096 + RING_MIN:4096 + RING_MIN + len(frame)] = frame
+    _u64(mem, 256, len(frame))
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("attack", ["unasked", "bad_address", "wrong_length"])
+def test_a_hostile_descriptor_is_refused(attack):
+    """Single copy trusts a descriptor no more than a length off the wire:
+    one we never agreed to read, one naming memory the peer does not have,
+    and one whose length differs from what the plan expects all fail the
+    collective cleanly (protocol error, I/O error), input intact."""
+    mesh, mem, sock = _hostile_side()
+    probe = np.zeros(1, np.uint64)
+    try:
+        if attack == "unasked":
+            _send_descriptor(mem, probe.ctypes.data, None)  # no probe word published: rank 0 never agreed
+        elif attack == "bad_address":
+            _send_descriptor(mem, 8, None, probe=probe)
+        else:
+            _send_descriptor(mem, probe.ctypes.data, _first_recv_from_1()["len"] + 8, probe=probe)
+        st, dt, why = _one_sided_run(mesh, timeout=2.0)
+        want = {"unasked": lib.PC_ERR_PROTO, "bad_address": lib.PC_ERR_IO, "wrong_length": lib.PC_ERR_PROTO}[attack]
+        assert st == want, why
+        assert dt < 5
+        if attack != "unasked":
+            assert _u64(mem, 520) >> 32 == 0 and _u64(mem, 520) & 0xFFFFFFFF == 1, "rank 0 agreed to read us"
+    finally:
+        mesh.close()
+        mem.close()
+        sock.close()
 
 
 @pytest.mark.timeout(60)
@@ -560,3 +670,36 @@ def test_shm_ring_size_setting(monkeypatch):
     from test_collectives import check
     check([("all_reduce", "float32", "sum", (1 << 20) + 3, 1, "ring"),
            ("broadcast", "int8", "sum", (1 << 20) + 1, 2, "ring")], 3, transport="shm")
+
+
+def _single_copy_job(comm):
+    x = np.arange(1 << 20, dtype=np.float32) * (comm.rank + 1)  # 4 MiB
+    comm.all_reduce(x)
+    want = np.arange(1 << 20, dtype=np.float32) * sum(r + 1 for r in range(comm.world_size))
+    return comm.single_copy, comm.bytes_single_copy, bool(np.array_equal(x, want))
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("setting,env,want", [(None, None, lib.PC_SINGLE_COPY_DEFAULT), (None, "off", 0),
+                                              (1 << 20, None, 1 << 20), (0, "65536", 0)])
+def test_single_copy_setting(monkeypatch, setting, env, want):
+    """single_copy= (else PYCOLL_SINGLE_COPY) sets the threshold; 0 or "off"
+    keeps every byte in the rings. A 4 MiB all-reduce over 3 ranks copies
+    once whenever it is on (above the default threshold too)."""
+    if env is None:
+        monkeypatch.delenv("PYCOLL_SINGLE_COPY", raising=False)
+    else:
+        monkeypatch.setenv("PYCOLL_SINGLE_COPY", env)
+    kw = {"transport": "shm"} if setting is None else {"transport": "shm", "single_copy": setting}
+    results = pycoll.testing.run(_single_copy_job, 3, timeout=90, init_kwargs=kw)
+    for threshold, copied, ok in results:
+        assert ok and threshold == want
+        assert (copied > 0) == (want > 0), copied
+
+
+def test_single_copy_setting_is_checked():
+    from pycoll.mesh import single_copy_bytes
+    assert single_copy_bytes("off") == 0 and single_copy_bytes("4096") == 4096
+    for bad in ("lots", -1):
+        with pytest.raises(pycoll.InvalidArgument, match="single copy"):
+            single_copy_bytes(bad)
