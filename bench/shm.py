@@ -15,6 +15,8 @@ bytes x 2(n-1)/n / time (the nccl-tests convention).
 intact if a collective fails (preserve_input=True: results go through
 scratch and are copied out at the end). Open MPI and Gloo make no such
 promise; "pycoll-shm-np" (preserve_input=False) is the like-for-like row.
+"pycoll-shm-np-ring" (not run unless named in --impls) also turns single
+copy off, to show what it gains on large buffers.
 Open MPI runs under mpirun (needs mpi4py), Gloo under torch.distributed;
 either is skipped with a note when missing.
 """
@@ -78,11 +80,11 @@ def pycoll_rank(comm, sizes, scale):
     return wall, {n: engine[n][-len(wall[n]):] for n in sizes}
 
 
-def run_pycoll(world, sizes, scale, transport, preserve):
+def run_pycoll(world, sizes, scale, transport, preserve, **options):
     sys.path.insert(0, ROOT)
     import pycoll.testing
     res = pycoll.testing.run(pycoll_rank, world, args=(sizes, scale), timeout=900,
-                             init_kwargs={"transport": transport, "preserve_input": preserve, "timeout": 300})
+                             init_kwargs=dict(options, transport=transport, preserve_input=preserve, timeout=300))
     return res
 
 
@@ -166,6 +168,8 @@ def run_impl(impl, world, sizes, scale):
         return run_pycoll(world, sizes, scale, "shm", True)
     if impl == "pycoll-shm-np":
         return run_pycoll(world, sizes, scale, "shm", False)
+    if impl == "pycoll-shm-np-ring":  # single copy off: every byte through the rings
+        return run_pycoll(world, sizes, scale, "shm", False, single_copy=0)
     if impl == "pycoll-tcp":
         return run_pycoll(world, sizes, scale, "tcp", True)
     if impl == "gloo":
