@@ -386,7 +386,7 @@ static int pump_send(run_state *r, int32_t k) {
         int32_t i = cs->send_q[cs->send_head];
         if (!op_ready(r, i)) return moved;
         const pc_op *op = &r->plan->ops[i];
-        const uint8_t *src = r->buf[op->src_buf] + op->src_off;
+        const uint8_t *src = op->src_buf >= 0 ? r->buf[op->src_buf] + op->src_off : NULL; /* barrier: no bytes */
         if (cs->stoken) { /* descriptor sent: done once the peer has read our bytes */
             long res = cn->ops->rma_wait(cn, cs->stoken);
             if (res == PC_IO_AGAIN) {
