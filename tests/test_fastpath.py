@@ -17,7 +17,7 @@ import pycoll
 import pycoll.testing
 from collective_cases import expected, make_plans, run_cases_algorithms
 from pycoll.testing import KILLED
-from reference import ALL_DTYPES, OPS
+from reference import OPS
 
 
 def _count_fast(comm):
