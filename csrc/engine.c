@@ -78,6 +78,8 @@ struct pc_comm {
     int oversubscribed;       /* more ranks on this host than CPUs */
     void *scratch;
     uint64_t scratch_cap;
+    void *run_mem;            /* a run's bookkeeping (prepare), kept for the next run */
+    size_t run_cap;
     uint64_t sent, received;
     uint64_t single_copied;   /* bytes we copied straight out of a peer's memory */
     char err[512];
@@ -243,6 +245,7 @@ void pc_comm_free(pc_comm *c) {
     free(c->conns);
     free(c->stage);
     free(c->scratch);
+    free(c->run_mem);
     if (c->cancel_pipe[0] >= 0) close(c->cancel_pipe[0]);
     if (c->cancel_pipe[1] >= 0) close(c->cancel_pipe[1]);
     free(c);
@@ -701,18 +704,33 @@ static int run_locals(run_state *r) {
     return any;
 }
 
-/* Build per-run bookkeeping: dependents (CSR), FIFOs per channel. */
+/* Build per-run bookkeeping: dependents (CSR), FIFOs per channel. It lives
+ * in one block the comm keeps between runs (grown when a plan needs more):
+ * a small collective then allocates nothing. */
 static pc_status prepare(run_state *r) {
     const pc_plan *p = r->plan;
     pc_comm *c = r->comm;
     int32_t nops = p->nops, nch = c->nranks * c->stripes;
-    r->pending = calloc((size_t)nops + 1, sizeof(int32_t));
-    r->dep_start = calloc((size_t)nops + 2, sizeof(int32_t));
-    r->dependents = calloc((size_t)p->ndeps + 1, sizeof(int32_t));
-    r->ready = calloc((size_t)nops + 1, sizeof(int32_t));
-    r->ch = calloc((size_t)nch, sizeof(chan_state));
-    r->active = calloc((size_t)nch, sizeof(int32_t));
-    if (!r->pending || !r->dep_start || !r->dependents || !r->ready || !r->ch || !r->active) return PC_ERR_NOMEM;
+    /* int32 slots: pending, dep_start, dependents, ready, active, fill, and
+     * the per-channel FIFOs (every net op once, plus one spare per FIFO) */
+    size_t n32 = 5 * ((size_t)nops + 2) + ((size_t)p->ndeps + 1) + 3 * (size_t)nch;
+    size_t need = sizeof(chan_state) * (size_t)nch + sizeof(int32_t) * n32;
+    if (need > c->run_cap) {
+        void *m = realloc(c->run_mem, need);
+        if (!m) return PC_ERR_NOMEM;
+        c->run_mem = m;
+        c->run_cap = need;
+    }
+    memset(c->run_mem, 0, need);
+    r->ch = c->run_mem; /* first: the most strictly aligned */
+    int32_t *next = (int32_t *)(r->ch + nch);
+    r->pending = next, next += nops + 1;
+    r->dep_start = next, next += nops + 2;
+    r->dependents = next, next += p->ndeps + 1;
+    r->ready = next, next += nops + 1;
+    r->active = next, next += nch;
+    int32_t *fill = next;
+    next += nops + 1;
     for (int32_t i = 0; i < nops; i++) {
         const pc_op *op = &p->ops[i];
         r->pending[i] = op->dep_count;
@@ -731,8 +749,6 @@ static pc_status prepare(run_state *r) {
         }
     }
     for (int32_t i = 0; i < nops; i++) r->dep_start[i + 1] += r->dep_start[i];
-    int32_t *fill = calloc((size_t)nops + 1, sizeof(int32_t));
-    if (!fill) return PC_ERR_NOMEM;
     for (int32_t i = 0; i < nops; i++) {
         const pc_op *op = &p->ops[i];
         for (int32_t k = 0; k < op->dep_count; k++) {
@@ -740,14 +756,12 @@ static pc_status prepare(run_state *r) {
             r->dependents[r->dep_start[d] + fill[d]++] = i;
         }
     }
-    free(fill);
     for (int32_t k = 0; k < nch; k++) {
         chan_state *cs = &r->ch[k];
         if (!cs->nsend && !cs->nrecv) continue;
         r->active[r->nactive++] = k;
-        cs->send_q = malloc(sizeof(int32_t) * ((size_t)cs->nsend + 1));
-        cs->recv_q = malloc(sizeof(int32_t) * ((size_t)cs->nrecv + 1));
-        if (!cs->send_q || !cs->recv_q) return PC_ERR_NOMEM;
+        cs->send_q = next, next += cs->nsend + 1;
+        cs->recv_q = next, next += cs->nrecv + 1;
         cs->nsend = cs->nrecv = 0;
     }
     for (int32_t i = 0; i < r->end; i++) {
@@ -761,21 +775,6 @@ static pc_status prepare(run_state *r) {
     for (int32_t i = 0; i < r->end; i++)
         if (r->pending[i] == 0 && !is_net(p->ops[i].kind) && op_ready(r, i)) r->ready[r->nready++] = i;
     return PC_OK;
-}
-
-static void release(run_state *r) {
-    int32_t nch = r->comm->nranks * r->comm->stripes;
-    if (r->ch)
-        for (int32_t k = 0; k < nch; k++) {
-            free(r->ch[k].send_q);
-            free(r->ch[k].recv_q);
-        }
-    free(r->ch);
-    free(r->active);
-    free(r->pending);
-    free(r->dep_start);
-    free(r->dependents);
-    free(r->ready);
 }
 
 /* No byte moved for too long: name a connection we are waiting on. */
@@ -950,7 +949,6 @@ pc_status pc_comm_run_part(pc_comm *comm, const pc_plan *plan, int32_t part, voi
     pc_status st = prepare(&r);
     if (st != PC_OK) {
         set_err(comm, st == PC_ERR_NOMEM ? "out of memory preparing a plan" : "malformed plan");
-        release(&r);
         return st;
     }
     double deadline = now_s() + (timeout_s > 0 ? timeout_s : 1e9);
@@ -1010,7 +1008,6 @@ pc_status pc_comm_run_part(pc_comm *comm, const pc_plan *plan, int32_t part, voi
     }
     st = r.status;
     if (failed_peer) *failed_peer = r.failed_peer;
-    release(&r);
     if (st != PC_OK) pc_comm_shutdown(comm);
     return st;
 }

@@ -7,6 +7,9 @@ joiners are admitted at ``update_topology()``); read ``comm.rank`` and
 Data path: every collective becomes a plan (cached per epoch) that the C
 engine runs with the GIL released. Control path (Python): membership,
 rebuilding the connection mesh after a failure, async queueing, stats.
+A call that repeats an earlier one of the epoch (same arguments, same
+dtypes and sizes) skips its checks and planning and goes almost straight to
+the engine (Communicator._fast_run): small collectives cost microseconds.
 """
 import collections
 import functools
@@ -17,6 +20,8 @@ import struct
 import threading
 import time
 import zlib
+
+import numpy as np
 
 from . import compression as _compression
 from . import aggregator, consensus, costmodel, planners, shared_state
@@ -36,9 +41,33 @@ DEFAULT_TIMEOUT = float(os.environ.get("PYCOLL_TIMEOUT", "120"))
 DEFAULT_SEGMENT = 1 << 20  # pipeline unit; 1 MiB measured best on loopback
 DEFAULT_STALL = float(os.environ.get("PYCOLL_STALL_TIMEOUT", "30"))
 
+# Bound once: the per-call path (Communicator._launch, _fast_run) runs every few microseconds.
+_comm_run = lib.pc_comm_run
+_clear_cancel = lib.pc_comm_clear_cancel
+_from_buffer = ffi.from_buffer
+_perf_counter = time.perf_counter
+_tuple_new = tuple.__new__  # builds a Stat without the namedtuple's Python-level __new__
+_NULL = ffi.NULL
+_OK = lib.PC_OK
+_ndarray = np.ndarray
+
 
 class Stat(collections.namedtuple("Stat", "op algorithm nbytes seconds world_size epoch ok retries")):
     """One finished collective: what, how, how big, how long, over whom."""
+
+
+class _Call:
+    """A prepared collective: what identical calls of one epoch share (plan,
+    engine arguments, sizes). Only the buffers' addresses vary per call."""
+
+    __slots__ = ("coll", "algorithm", "plan", "ptr", "ccomm", "switch", "desc", "code", "opc", "count", "itemsize",
+                 "nbytes", "sizes")
+
+    def __init__(self, coll, algorithm, plan, ccomm, switch, desc, code, opc, count, itemsize, in_nbytes, out_nbytes):
+        self.coll, self.algorithm, self.plan, self.ptr = coll, algorithm, plan, plan.ptr
+        self.ccomm, self.switch, self.desc, self.code, self.opc = ccomm, switch, desc, code, opc
+        self.count, self.itemsize, self.nbytes = count, itemsize, max(in_nbytes, out_nbytes)
+        self.sizes = ffi.new("uint64_t[2]", [in_nbytes, out_nbytes])  # read-only once made
 
 
 class Communicator:
@@ -102,13 +131,13 @@ class Communicator:
         self._inflight = 0
         self._seq = 0
         self._plans = {}
+        self._fast = {}             # call key -> _Call of this epoch (see _fast_run)
         self._broken = False
         self._aborted_epoch = -1    # highest epoch the coordinator said was aborted
         self._abort_reason = ""
         self._abort_lost = []
         self._closed = False
         self._cbufs = ffi.new("void *[2]")
-        self._csizes = ffi.new("uint64_t[2]")
         self._cfailed = ffi.new("int32_t *")
         client.on_abort = self._on_abort
 
@@ -217,6 +246,7 @@ class Communicator:
         self.joined = list(reply.get("joined", []))
         self._seq = 0
         self._plans.clear()
+        self._fast.clear()
         self._broken = False
         if hcomm is not None:
             self._install_switches(hcomm, switches)
@@ -246,6 +276,7 @@ class Communicator:
         with self._comm_lock:
             comm, self._comm = self._comm, None
             switch, self._switch = self._switch, None
+            self._fast.clear()  # its calls name the comm freed below
         for c in (comm, switch.hcomm if switch is not None else None):
             if c is not None:
                 lib.pc_comm_shutdown(c)
@@ -340,24 +371,43 @@ class Communicator:
         return "none"
 
     def _execute(self, coll, inbuf, outbuf, count, op, root, algorithm, timeout, preserve, compression=None,
-                 internal=False, agree=None):
+                 internal=False, agree=None, fast_key=None):
         """Run one collective on the current epoch; raises on failure.
-        ``agree`` (a consensus.Agreement) runs it with outcome consensus."""
+        ``agree`` (a consensus.Agreement) runs it with outcome consensus.
+        ``fast_key``: remember this call's prepared state under that key, so
+        that the same call again can skip straight to the engine
+        (:meth:`_fast_run`)."""
         if agree is not None:
             agree.skip = consensus.begin(self)
             if agree.root_name is not None:
                 root = agree.root(self)
         else:
             self._ensure_ready()
+        call = self._prepare(coll, inbuf, outbuf, count, op, root, algorithm, preserve, compression)
+        if agree is not None:
+            return self._launch(call, ffi.cast("void *", inbuf.address), ffi.cast("void *", outbuf.address),
+                                timeout, internal, agree, inbuf, outbuf)
+        if fast_key is not None and not internal and call.switch is None:
+            if len(self._fast) > 256:
+                self._fast.clear()
+            try:
+                self._fast[fast_key] = call
+            except TypeError:  # an unhashable argument that passed the checks: just not remembered
+                pass
+        return self._launch(call, ffi.cast("void *", inbuf.address), ffi.cast("void *", outbuf.address), timeout,
+                            internal)
+
+    def _prepare(self, coll, inbuf, outbuf, count, op, root, algorithm, preserve, compression):
+        """Check the arguments against this epoch and build (or find) the
+        plan: a :class:`_Call`, the same for the same arguments and epoch."""
         algorithm = planners.check_algorithm(algorithm)
         chosen = self._selector_for_epoch().choose(coll, algorithm, max(inbuf.nbytes, outbuf.nbytes))
         if not 0 <= root < self.world_size:
             raise InvalidArgument(f"root {root} is not a rank of this group (world size {self.world_size})")
-        dtype = inbuf.dtype
         opc = op_code(op)
         avg = opc == lib.PC_AVG
         itemsize = inbuf.nbytes // max(inbuf.count, 1) if inbuf.count else lib.pc_dtype_size(inbuf.code)
-        codec = self._codec(coll, dtype, compression)
+        codec = self._codec(coll, inbuf.dtype, compression)
         switch = self._switch if self._switch is not None and self._switch.usable else None
         if switch is not None and switch.applies(coll, chosen, opc, count):
             codec = "none"  # a standalone aggregator sums plain float32
@@ -367,41 +417,93 @@ class Communicator:
             switch, ccomm = None, self._comm
             plan = self._plan(coll, chosen, count, itemsize, root, avg, preserve, codec)
         desc = _digest(coll, inbuf.code, opc, count, root, chosen, codec)
+        return _Call(coll, chosen, plan, ccomm, switch, desc, inbuf.code, opc, count, itemsize, inbuf.nbytes,
+                     outbuf.nbytes)
+
+    def _launch(self, call, inptr, outptr, timeout, internal=False, agree=None, inbuf=None, outbuf=None):
+        """Run a prepared call on the memory at ``inptr``/``outptr`` (cffi
+        pointers). Everything per call happens here, for both paths."""
         self._seq += 1
-        bufs, sizes, failed = self._cbufs, self._csizes, self._cfailed  # reused: one collective at a time
-        bufs[0] = ffi.cast("void *", inbuf.address)
-        bufs[1] = ffi.cast("void *", outbuf.address)
-        sizes[0], sizes[1] = inbuf.nbytes, outbuf.nbytes
+        bufs, failed = self._cbufs, self._cfailed  # reused: one collective at a time
+        bufs[0] = inptr
+        bufs[1] = outptr
+        coll = call.coll
         if testing.FAULTS_ARMED and not internal:  # test harness only
             fault_point(f"before:{coll}")
             if fault_armed(f"during:{coll}"):  # die while the collective runs
                 threading.Timer(0.002, fault_point, (f"during:{coll}",)).start()
-        timeout = timeout if timeout is not None else self.timeout
-        lib.pc_comm_clear_cancel(ccomm)
-        if self._aborted_epoch == self.epoch:
+        if timeout is None:
+            timeout = self.timeout
+        ccomm = call.ccomm
+        _clear_cancel(ccomm)
+        if self._aborted_epoch == self.epoch:  # the abort came before the clear: keep its cancel
             lib.pc_comm_cancel(ccomm)
+        switch = call.switch
         if agree is not None:
-            announce = (functools.partial(switch.announce, self._seq, desc, inbuf.code, opc, count, itemsize, timeout)
+            announce = (functools.partial(switch.announce, self._seq, call.desc, call.code, call.opc, call.count,
+                                          call.itemsize, timeout)
                         if switch is not None else None)  # tell our switches what comes (pycoll.aggregator)
-            return agree.run(self, coll, chosen, plan, bufs, sizes, inbuf, outbuf, opc, desc, timeout, ccomm,
-                             announce)
-        t0 = time.perf_counter()
-        st = lib.PC_OK
+            return agree.run(self, coll, call.algorithm, call.plan, bufs, call.sizes, inbuf, outbuf, call.opc,
+                             call.desc, timeout, ccomm, announce)
+        t0 = _perf_counter()
+        st = _OK
         if switch is not None:  # tell our switches what comes (pycoll.aggregator)
-            st, failed[0] = switch.announce(self._seq, desc, inbuf.code, opc, count, itemsize, timeout)
-        if st == lib.PC_OK:
-            st = lib.pc_comm_run(ccomm, plan.ptr, bufs, sizes, inbuf.code, opc, self._seq, desc, timeout, failed)
-        dt = time.perf_counter() - t0
-        nbytes = max(inbuf.nbytes, outbuf.nbytes)
+            st, failed[0] = switch.announce(self._seq, call.desc, call.code, call.opc, call.count, call.itemsize,
+                                            timeout)
+        if st == _OK:
+            st = _comm_run(ccomm, call.ptr, bufs, call.sizes, call.code, call.opc, self._seq, call.desc, timeout,
+                           failed)
+        dt = _perf_counter() - t0
         if not internal:
-            self.stats.append(Stat(coll, chosen, nbytes, dt, self.world_size, self.epoch, st == lib.PC_OK, 0))
-        if st == lib.PC_OK:
-            log.debug("rank %d/%d epoch %d: %s %s %d B in %.3f ms (%.3f GB/s)", self.rank, self.world_size,
-                      self.epoch, coll, chosen, nbytes, dt * 1e3, nbytes / dt / 1e9 if dt > 0 else 0.0)
-            return chosen
+            self.stats.append(_tuple_new(Stat, (coll, call.algorithm, call.nbytes, dt, self.world_size, self.epoch,
+                                                st == _OK, 0)))
+        if st == _OK:
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("rank %d/%d epoch %d: %s %s %d B in %.3f ms (%.3f GB/s)", self.rank, self.world_size,
+                          self.epoch, coll, call.algorithm, call.nbytes, dt * 1e3,
+                          call.nbytes / dt / 1e9 if dt > 0 else 0.0)
+            return call.algorithm
         log.info("rank %d/%d epoch %d: %s %s failed after %.3f ms (status %d)", self.rank, self.world_size,
-                 self.epoch, coll, chosen, dt * 1e3, st)
+                 self.epoch, coll, call.algorithm, dt * 1e3, st)
         raise self._failure(st, int(failed[0]), coll, ccomm)
+
+    def _fast_call(self, key):
+        """The prepared call remembered under ``key`` (see :meth:`_fast_run`),
+        or None; ``key`` is the collective, its arguments and its arrays'
+        dtypes and sizes (plus the communicator settings a plan depends on)."""
+        try:
+            return self._fast.get(key)
+        except TypeError:  # an unhashable argument (it fails the full path's checks, or is never cached)
+            return None
+
+    def _fast_run(self, call, inarr, outarr, timeout, in_writable=False):
+        """Run ``call`` (from :meth:`_fast_call`) on these arrays without
+        checking and planning it again: identical arguments passed those
+        checks and gave this plan earlier in this epoch. What can differ per
+        call is checked here: the arrays' memory (C-contiguous, and writable
+        where written: the buffer export checks both) and the communicator's
+        state (failures, aborts, queued async work, closing, test faults).
+        Returns the algorithm that ran, or None when this call must take the
+        full path (then nothing ran). Arrays are NumPy ndarrays, or None for
+        no buffer."""
+        try:
+            if inarr is None:
+                inptr = outptr = _NULL
+            else:
+                inptr = _from_buffer("char[]", inarr, in_writable)
+                outptr = inptr if outarr is inarr and in_writable else _from_buffer("char[]", outarr, True)
+        except (TypeError, ValueError, BufferError):  # the full path says what is wrong
+            return None
+        self._exec_lock.acquire()
+        try:
+            # Inline only when no async work is queued (as _call; work queued
+            # later by another thread is concurrent with this call anyway).
+            if (self._inflight or call.ccomm is not self._comm or self._broken or self._closed
+                    or self._aborted_epoch == self.epoch or testing.FAULTS_ARMED or self._client.needs_rejoin):
+                return None
+            return self._launch(call, inptr, outptr, timeout)  # the exports keep the memory alive
+        finally:
+            self._exec_lock.release()
 
     def _failure(self, st, peer, coll, ccomm=None):
         message = ffi.string(lib.pc_comm_last_error(ccomm or self._comm)).decode(errors="replace")
@@ -490,6 +592,18 @@ class Communicator:
         ``verify=True``: also cross-check a digest of the result across the
         group; a mismatch raises ParityError on every rank, ``arr`` intact.
         """
+        key = None
+        if type(arr) is _ndarray and not (async_op or retry or verify):  # a repeat call skips to the engine
+            key = ("all_reduce", arr.dtype, arr.size, op, algorithm, dtype, compression, self.preserve_input,
+                   self.compression)
+            call = self._fast_call(key)
+            if call is not None and self._fast_run(call, arr, arr, timeout, True) is not None:
+                return arr
+        return self._all_reduce(arr, op, algorithm, timeout, dtype, async_op, retry, verify, compression, key)
+
+    # The full paths live apart from the public methods: a closure's variables cost the enclosing
+    # function a cell each at every call, fast path or not.
+    def _all_reduce(self, arr, op, algorithm, timeout, dtype, async_op, retry, verify, compression, key):
         buf = as_buffer(arr, writable=True, what="all_reduce buffer", dtype=dtype)
         op_code(op)
 
@@ -500,7 +614,7 @@ class Communicator:
                     retry, verify)
             else:
                 self._execute("all_reduce", buf, buf, buf.count, op, 0, algorithm, timeout, self.preserve_input,
-                              compression)
+                              compression, fast_key=key)
             return arr
         return self._call(run, async_op, "all_reduce")
 
@@ -512,6 +626,16 @@ class Communicator:
                    compression=None):
         """``recv`` receives world_size blocks of ``send``, in rank order.
         ``verify=True`` cross-checks a digest of ``recv`` across the group."""
+        key = None
+        if type(send) is _ndarray and type(recv) is _ndarray and not (async_op or verify):
+            key = ("all_gather", send.dtype, send.size, recv.dtype, recv.size, algorithm, dtype, compression,
+                   self.compression)
+            call = self._fast_call(key)
+            if call is not None and self._fast_run(call, send, recv, timeout) is not None:
+                return recv
+        return self._all_gather(send, recv, algorithm, timeout, dtype, async_op, verify, compression, key)
+
+    def _all_gather(self, send, recv, algorithm, timeout, dtype, async_op, verify, compression, key):
         sb = as_buffer(send, writable=False, what="all_gather send", dtype=dtype)
         rb = as_buffer(recv, writable=True, what="all_gather recv", dtype=dtype)
         self._check_same_dtype(sb, rb, "all_gather")
@@ -525,7 +649,8 @@ class Communicator:
                     "all_gather", sb, rb, sb.count, "sum", 0, algorithm, timeout, False, compression, agree=agree),
                     False, True)
             else:
-                self._execute("all_gather", sb, rb, sb.count, "sum", 0, algorithm, timeout, False, compression)
+                self._execute("all_gather", sb, rb, sb.count, "sum", 0, algorithm, timeout, False, compression,
+                              fast_key=key)
             return recv
         return self._call(run, async_op, "all_gather")
 
@@ -536,6 +661,16 @@ class Communicator:
                        async_op=False, compression=None):  # no verify=: every rank holds a different block
         """``recv`` = this rank's block of the elementwise reduction of ``send``
         (``send`` holds world_size blocks of ``recv``'s size)."""
+        key = None
+        if type(send) is _ndarray and type(recv) is _ndarray and not async_op:
+            key = ("reduce_scatter", send.dtype, send.size, recv.dtype, recv.size, op, algorithm, dtype, compression,
+                   self.compression)
+            call = self._fast_call(key)
+            if call is not None and self._fast_run(call, send, recv, timeout) is not None:
+                return recv
+        return self._reduce_scatter(send, recv, op, algorithm, timeout, dtype, async_op, compression, key)
+
+    def _reduce_scatter(self, send, recv, op, algorithm, timeout, dtype, async_op, compression, key):
         sb = as_buffer(send, writable=False, what="reduce_scatter send", dtype=dtype)
         rb = as_buffer(recv, writable=True, what="reduce_scatter recv", dtype=dtype)
         self._check_same_dtype(sb, rb, "reduce_scatter")
@@ -545,7 +680,8 @@ class Communicator:
             if sb.count != rb.count * self.world_size:
                 raise InvalidArgument(f"reduce_scatter: send has {sb.count} elements, needs world_size "
                                       f"({self.world_size}) x {rb.count}")
-            self._execute("reduce_scatter", sb, rb, rb.count, op, 0, algorithm, timeout, False, compression)
+            self._execute("reduce_scatter", sb, rb, rb.count, op, 0, algorithm, timeout, False, compression,
+                          fast_key=key)
             return recv
         return self._call(run, async_op, "reduce_scatter")
 
@@ -557,6 +693,15 @@ class Communicator:
         """Copy ``root``'s ``arr`` into every rank's ``arr``, in place.
         ``retry``/``verify`` as for all_reduce; a retry follows the root peer
         to its new rank and fails (not retryable) if the root itself was lost."""
+        key = None
+        if type(arr) is _ndarray and type(root) is int and not (async_op or retry or verify):
+            key = ("broadcast", arr.dtype, arr.size, root, algorithm, dtype, self.preserve_input)
+            call = self._fast_call(key)
+            if call is not None and self._fast_run(call, arr, arr, timeout, True) is not None:
+                return arr
+        return self._broadcast(arr, root, algorithm, timeout, dtype, async_op, retry, verify, key)
+
+    def _broadcast(self, arr, root, algorithm, timeout, dtype, async_op, retry, verify, key):
         buf = as_buffer(arr, writable=True, what="broadcast buffer", dtype=dtype)
 
         def run():
@@ -566,7 +711,7 @@ class Communicator:
                     retry, verify, root=root)
             else:
                 self._execute("broadcast", buf, buf, buf.count, "sum", root, algorithm, timeout,
-                              self.preserve_input)
+                              self.preserve_input, fast_key=key)
             return arr
         return self._call(run, async_op, "broadcast")
 
@@ -575,10 +720,17 @@ class Communicator:
 
     def barrier(self, *, timeout=None, async_op=False):
         """Return once every rank has entered the barrier."""
+        if not async_op:
+            call = self._fast.get(_BARRIER_KEY)
+            if call is not None and self._fast_run(call, None, None, timeout) is not None:
+                return None
+        return self._barrier(timeout, async_op)
+
+    def _barrier(self, timeout, async_op):
         empty = _EMPTY
 
         def run():
-            self._execute("barrier", empty, empty, 0, "sum", 0, "ring", timeout, False)
+            self._execute("barrier", empty, empty, 0, "sum", 0, "ring", timeout, False, fast_key=_BARRIER_KEY)
         return self._call(run, async_op, "barrier")
 
     @staticmethod
@@ -688,3 +840,4 @@ class _Empty:
 
 
 _EMPTY = _Empty()
+_BARRIER_KEY = ("barrier",)
