@@ -10,6 +10,22 @@ import numpy as np
 
 from reference import make_input, reduce_fn, scale_fn, storage_dtype
 
+#: The data paths same-host peers can use. Tests that take the ``transport``
+#: fixture (tests/conftest.py) run once on each.
+TRANSPORTS = ("shm", "tcp")
+
+
+def assert_transport(comm, transport):
+    """Every peer of ``comm`` is reached over ``transport`` (not a silent fallback)."""
+    want = ["self" if p == comm.rank else transport for p in range(comm.world_size)]
+    assert comm.peer_transports == want, f"asked for {transport}, peers use {comm.peer_transports}"
+
+
+def on_transport(comm, transport, fn, *args):
+    """Executed on every rank: check the transport, then return ``fn(comm, *args)``."""
+    assert_transport(comm, transport)
+    return fn(comm, *args)
+
 
 def rank_input(case, rank, world_size):
     coll, dtype, op, count, seed, _ = case
