@@ -27,6 +27,14 @@ def on_transport(comm, transport, fn, *args):
     return fn(comm, *args)
 
 
+def run_on(fn, world_size, transport, args=(), timeout=90, init_kwargs=None, **run_kwargs):
+    """pycoll.testing.run of ``fn(comm, *args)`` over ``transport``; every
+    rank first checks that its peers really use it."""
+    import pycoll.testing
+    return pycoll.testing.run(on_transport, world_size, args=(transport, fn) + tuple(args), timeout=timeout,
+                              init_kwargs=dict(init_kwargs or {}, transport=transport), **run_kwargs)
+
+
 def rank_input(case, rank, world_size):
     coll, dtype, op, count, seed, _ = case
     if coll == "reduce_scatter":

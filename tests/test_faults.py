@@ -1,15 +1,15 @@
 """A peer killed mid-collective: every survivor fails fast with PeerFailure
 naming the lost peer, its buffer holds its input again, and the next call
-runs on the survivors. For every algorithm (new ones are picked up from
-pycoll.planners.ALGORITHMS), over shared memory (what same-host peers use),
-and once over TCP."""
+runs on the survivors, over the same transport. For every algorithm (new
+ones are picked up from pycoll.planners.ALGORITHMS), over shared memory
+(what same-host peers use) and over TCP."""
 import time
 
 import numpy as np
 import pytest
 
 import pycoll
-import pycoll.testing
+from collective_cases import run_on
 from pycoll import planners
 from pycoll.testing import KILLED
 
@@ -38,24 +38,22 @@ def _survive(comm, coll, algorithm):
     # the next call runs over the survivors
     y = np.full(8, rank0 + 1, np.float64)
     comm.all_reduce(y, algorithm=algorithm)
-    return err, detect, intact, comm.world_size, y[0], comm.lost
+    return err, detect, intact, comm.world_size, y[0], comm.lost, comm.peer_transports
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("algorithm,coll,transport",
-                         [(a, c, "shm") for a in ALGORITHMS for c in ("all_reduce", "broadcast")]
-                         + [("ring", "all_reduce", "tcp")])
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+@pytest.mark.parametrize("coll", ["all_reduce", "broadcast"])
 def test_kill_during_collective(coll, algorithm, transport):
     n, victim = 4, 2
-    results = pycoll.testing.run(_survive, n, args=(coll, algorithm), timeout=100,
-                                 kill={victim: f"during:{coll}"},
-                                 init_kwargs={"timeout": 30, "heartbeat_timeout": 3.0, "transport": transport})
+    results = run_on(_survive, n, transport, args=(coll, algorithm), timeout=100, kill={victim: f"during:{coll}"},
+                     init_kwargs={"timeout": 30, "heartbeat_timeout": 3.0})
     assert results[victim] == KILLED
     survivors = [r for r in range(n) if r != victim]
     lost_names = {results[r][5][0] for r in survivors}
     assert len(lost_names) == 1  # every survivor saw the same peer go
     for r in survivors:
-        err, detect, intact, ws, total, _ = results[r]
+        err, detect, intact, ws, total, _, transports = results[r]
         assert err is not None, f"rank {r} never saw the failure"
         text, lost, names = err
         assert lost == (victim,) and names == tuple(lost_names), f"rank {r}: {err}"
@@ -64,3 +62,4 @@ def test_kill_during_collective(coll, algorithm, transport):
         assert intact, f"rank {r}: buffer not restored"
         assert ws == n - 1
         assert total == sum(q + 1 for q in survivors)
+        assert transports.count(transport) == n - 2, f"rank {r}: the survivors use {transports}"
