@@ -84,8 +84,8 @@ def _holders(name):
         except OSError:  # gone, or not ours to read
             continue
         # /proc/PID/environ is the environment a process started with: ours has no marker
-        mine = int(pid) == os.getpid() or marker in env.get(MARKER_ENV.encode(), b"").decode(errors="replace").split(":")
-        found.append((int(pid), mine))
+        markers = env.get(MARKER_ENV.encode(), b"").decode(errors="replace").split(":")
+        found.append((int(pid), int(pid) == os.getpid() or marker in markers))
     return found
 
 

@@ -1,4 +1,5 @@
-"""Every algorithm on 1..9 real processes over loopback TCP, and the choice made by auto.
+"""Every algorithm on 1..9 real processes, over shared memory and over loopback TCP, and the
+choice made by auto.
 
 Each world size runs one batch of cases (algorithm x collective x dtype x op x uneven size)
 under a topology whose groups mix an agent aggregator, no aggregator (incremental deployment)
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 
 import pycoll.testing
-from collective_cases import expected, make_plans, run_cases_algorithms
+from collective_cases import expected, make_plans, run_cases_algorithms, run_on
 from pycoll import planners
 from pycoll.costmodel import CostModel, Selector
 from pycoll.layout import Layout
@@ -55,13 +56,13 @@ def cases_for(n):
 
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("n", range(1, 10))
-def test_every_algorithm_bit_exact(n, tmp_path):
+def test_every_algorithm_bit_exact(n, transport, tmp_path):
     path = tmp_path / "groups.toml"
     path.write_text(grouped_topology(n))
     topo = load_topology(path)
     cases = cases_for(n)
-    results = pycoll.testing.run(run_cases_algorithms, n, args=(cases,), timeout=200,
-                                 init_kwargs={"timeout": 60, "topology": str(path)})
+    results = run_on(run_cases_algorithms, n, transport, args=(cases,), timeout=200,
+                     init_kwargs={"timeout": 60, "topology": str(path)})
     int_results = {}
     for i, case in enumerate(cases):
         coll, dtype, op, count, seed, algo = case

@@ -14,7 +14,8 @@ across the peers that report it and equals the sum over exactly its
 contributors, replaying the whole run from the logs gives the final
 parameters bit for bit, every finishing peer (joiners included) ends
 bit-identical, no established peer ever had to fetch (parity failures = 0),
-and no process or socket is left behind.
+and no process or socket is left behind. Runs over shared memory and over
+TCP.
 
 Environment: PYCOLL_CHAOS_STEPS (default 100), PYCOLL_CHAOS_SEED (random).
 """
@@ -31,6 +32,7 @@ import zlib
 import numpy as np
 import pytest
 
+from collective_cases import on_transport
 from elastic_util import Cluster, arm
 from pycoll import planners
 from pycoll.shared_state import hash_arrays
@@ -144,7 +146,7 @@ def _open_fds():
 
 
 @pytest.mark.timeout(DEADLINE + 60)
-def test_chaos(tmp_path):
+def test_chaos(tmp_path, transport):
     seed = int(os.environ.get("PYCOLL_CHAOS_SEED", str(random.randrange(1 << 30))))
     rng = random.Random(seed)
     outdir = str(tmp_path)
@@ -160,9 +162,9 @@ def test_chaos(tmp_path):
     names = [f"w{i}" for i in range(INITIAL)]
     exitcodes, unadmitted = {}, []
     with Cluster(heartbeat_timeout=HEARTBEAT, min_world_size=INITIAL,
-                 connect_kwargs=dict(timeout=60, join_timeout=DEADLINE)) as c:
+                 connect_kwargs=dict(timeout=60, join_timeout=DEADLINE, transport=transport)) as c:
         for n in names:
-            c.spawn(n, chaos_worker, outdir, STEPS, True)
+            c.spawn(n, on_transport, transport, chaos_worker, outdir, STEPS, True)
         # Chaos is scheduled by progress (training steps), not wall time, so a
         # fast run gets as much of it as a slow one.
         kill_at = [(step, rng.random() < 0.15, rng.choice(KILL_POINTS))
@@ -189,7 +191,7 @@ def test_chaos(tmp_path):
                 join_at.pop(0)
                 name = f"j{njoin}"
                 njoin += 1
-                c.spawn(name, chaos_worker, outdir, STEPS, False)
+                c.spawn(name, on_transport, transport, chaos_worker, outdir, STEPS, False)
                 joined_spawned.append(name)
             if kill_at and progress >= kill_at[0][0]:
                 _, pending_joiner, point = kill_at[0]

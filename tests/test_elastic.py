@@ -1,8 +1,9 @@
 """Elastic membership and churn: joins at update_topology only, deterministic
 ranks, deaths detected (SIGKILL, SIGSTOP, graceful leave), PeerFailure
 naming the lost peer, retry=True over the survivors with agreed
-contributors, for every algorithm; coordinator trouble is an error, never
-a hang."""
+contributors, for every algorithm (a peer killed inside a collective: over
+shared memory and over TCP); coordinator trouble is an error, never a
+hang."""
 import os
 import signal
 import subprocess
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 
 import pycoll
+from collective_cases import on_transport
 from elastic_util import Cluster, arm
 from pycoll import planners
 from pycoll.control import CoordinatorClient
@@ -144,11 +146,11 @@ def _killed_inside(comm, victim, algorithm, retry):
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
-def test_kill_inside_collective_names_the_lost_peer(algorithm):
+def test_kill_inside_collective_names_the_lost_peer(algorithm, transport):
     names = ["p0", "p1", "p2", "p3"]
-    with Cluster(min_world_size=4) as c:
+    with Cluster(min_world_size=4, connect_kwargs={"transport": transport}) as c:
         for n in names:
-            c.spawn(n, _killed_inside, "p2", algorithm, False)
+            c.spawn(n, on_transport, transport, _killed_inside, "p2", algorithm, False)
         res = dict(zip(names, c.results(names, timeout=90)))
     assert res["p2"] == KILLED
     survivors = [n for n in names if n != "p2"]
@@ -161,11 +163,11 @@ def test_kill_inside_collective_names_the_lost_peer(algorithm):
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
-def test_retry_reruns_over_the_survivors(algorithm):
+def test_retry_reruns_over_the_survivors(algorithm, transport):
     names = ["p0", "p1", "p2", "p3", "p4"]
-    with Cluster(min_world_size=5) as c:
+    with Cluster(min_world_size=5, connect_kwargs={"transport": transport}) as c:
         for n in names:
-            c.spawn(n, _killed_inside, "p3", algorithm, True)
+            c.spawn(n, on_transport, transport, _killed_inside, "p3", algorithm, True)
         res = dict(zip(names, c.results(names, timeout=90)))
     assert res["p3"] == KILLED
     survivors = [n for n in names if n != "p3"]

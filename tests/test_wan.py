@@ -1,7 +1,8 @@
-"""Long-haul links: striping over k = 1..8 connections, stripes and buffers
-from the bandwidth-delay product, stall detection, and one short run over an
-emulated lossy, jittery WAN (skipped, with the reason printed, only where
-network namespaces cannot be created)."""
+"""Long-haul links: striping over k = 1..8 connections (TCP and shared
+memory), stripes and buffers from the bandwidth-delay product, stall
+detection (both transports), and one short run over an emulated lossy,
+jittery WAN (skipped, with the reason printed, only where network
+namespaces cannot be created)."""
 import json
 import os
 import signal
@@ -17,7 +18,7 @@ import pytest
 import pycoll
 import pycoll.testing
 from codec_ref import NumericCodec
-from collective_cases import rank_input, run_cases
+from collective_cases import rank_input, run_cases, run_on
 from plansim import simulate
 from pycoll import compression, planners, wan
 from reference import reduce_fn, scale_fn, storage_dtype
@@ -60,10 +61,10 @@ CASES = [("all_reduce", "float32", "sum", 150_001, 1, "ring"),
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("stripes", range(1, 9))
-def test_striping_is_exact_for_k_1_to_8(stripes):
+def test_striping_is_exact_for_k_1_to_8(stripes, transport):
     n = 2 + stripes % 3  # 2, 3 and 4 ranks across the k values
-    res = pycoll.testing.run(run_cases, n, args=(CASES,), timeout=150,
-                             init_kwargs={"timeout": 60, "stripes": stripes, "segment_bytes": SEGMENT})
+    res = run_on(run_cases, n, transport, args=(CASES,), timeout=150,
+                 init_kwargs={"timeout": 60, "stripes": stripes, "segment_bytes": SEGMENT})
     for i, case in enumerate(CASES):
         want = expected(case, n, stripes)
         for r in range(n):
@@ -175,9 +176,9 @@ def _stop_one(comm, stopped):
 
 
 @pytest.mark.timeout(120)
-def test_progress_timeout_fails_a_hung_collective():
-    res = pycoll.testing.run(_stop_one, 3, args=(2,), timeout=90, return_exceptions=True,
-                             init_kwargs={"timeout": 60, "progress_timeout": 1.5, "heartbeat_timeout": 30})
+def test_progress_timeout_fails_a_hung_collective(transport):
+    res = run_on(_stop_one, 3, transport, args=(2,), timeout=90, return_exceptions=True,
+                 init_kwargs={"timeout": 60, "progress_timeout": 1.5, "heartbeat_timeout": 30})
     for r in (0, 1):
         outcome, secs = res[r]
         assert outcome in ("CollectiveTimeout", "PeerFailure"), res
@@ -195,8 +196,8 @@ def _straggler(comm):
 
 
 @pytest.mark.timeout(120)
-def test_slow_peer_is_not_a_stall():
-    res = pycoll.testing.run(_straggler, 3, timeout=90, init_kwargs={"stall_timeout": 2.0, "timeout": 60})
+def test_slow_peer_is_not_a_stall(transport):
+    res = run_on(_straggler, 3, transport, init_kwargs={"stall_timeout": 2.0, "timeout": 60})
     assert res == [3.0] * 3
 
 
