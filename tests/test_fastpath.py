@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import pycoll
 import pycoll.testing
-from collective_cases import expected, make_plans, run_cases_algorithms
+from collective_cases import expected, make_plans, run_cases_algorithms, run_on
 from pycoll.testing import KILLED
 from reference import OPS
 
@@ -68,9 +68,8 @@ _cases = st.tuples(st.sampled_from(["all_reduce", "all_gather", "reduce_scatter"
 @pytest.mark.parametrize("world_size", [2, 3])
 @settings(max_examples=2, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 @given(cases=st.lists(_cases, min_size=8, max_size=14).map(lambda c: c + c[::-1] + c))
-def test_repeated_calls_match_the_reference_whatever_changes(world_size, cases):
-    results = pycoll.testing.run(_run_counted, world_size, args=(cases,), timeout=240,
-                                 init_kwargs={"timeout": 60, "transport": "shm"})
+def test_repeated_calls_match_the_reference_whatever_changes(world_size, transport, cases):
+    results = run_on(_run_counted, world_size, transport, args=(cases,), timeout=240, init_kwargs={"timeout": 60})
     for i, case in enumerate(cases):
         ran = {results[r][1][i] for r in range(world_size)}
         assert len(ran) == 1, f"ranks ran different algorithms for {case}: {ran}"
@@ -182,10 +181,10 @@ def _through_a_loss(comm, victim):
 
 
 @pytest.mark.timeout(120)
-def test_a_remembered_call_fails_cleanly_and_the_survivors_carry_on():
+def test_a_remembered_call_fails_cleanly_and_the_survivors_carry_on(transport):
     n, victim = 3, 2
-    results = pycoll.testing.run(_through_a_loss, n, args=(victim,), timeout=100, kill={victim: "die"},
-                                 init_kwargs={"timeout": 30, "heartbeat_timeout": 3.0, "transport": "shm"})
+    results = run_on(_through_a_loss, n, transport, args=(victim,), timeout=100, kill={victim: "die"},
+                     init_kwargs={"timeout": 30, "heartbeat_timeout": 3.0})
     assert results[victim] == KILLED
     for r in (0, 1):
         err, sums, after, hits, ws, epoch, last = results[r]
