@@ -145,11 +145,17 @@ static int peer_gone(pc_conn *c) {
 /* Bytes queued in rx; > size means the peer corrupted the counters. */
 static uint64_t rx_avail(shm_conn *s) { return LOAD_ACQ(&s->rx->head) - LOAD_RLX(&s->rx->tail); }
 
-/* Nothing queued: if the peer is gone, look once more. Its last bytes may
- * have landed between our first look and its exit, and like a socket we
- * deliver everything sent before the end (the peer publishes head before
- * it sets `closed`; its exit happens before we see EOF). */
-static uint64_t rx_avail_at_end(pc_conn *c) { return peer_gone(c) ? rx_avail(impl(c)) : 0; }
+/* Bytes queued in rx, and in *gone whether the peer has left. The order
+ * matters: the peer publishes its last bytes before it leaves (head, then
+ * `closed`; its exit before the EOF we see), so "gone" read first and then
+ * "nothing queued" really means it left nothing for us. Read the other way
+ * round, a peer that sends its last frame and leaves between the two looks
+ * like one that died without sending, and the survivor fails a collective
+ * the peer completed. */
+static uint64_t rx_avail_or_gone(pc_conn *c, int *gone) {
+    *gone = peer_gone(c);
+    return rx_avail(impl(c));
+}
 
 /* Free bytes in tx (re-reading the consumer's tail only when the last
  * value we saw leaves less than `want`); UINT64_MAX if the peer corrupted
@@ -207,8 +213,9 @@ static long shm_recvv(pc_conn *c, const struct iovec *iov, int iovcnt) {
     shm_conn *s = impl(c);
     disarm(s);
     if (s->rma_state == RMA_UNKNOWN) probe(s);
-    uint64_t avail = rx_avail(s);
-    if (avail == 0 && (avail = rx_avail_at_end(c)) == 0) return peer_gone(c) ? PC_IO_CLOSED : PC_IO_AGAIN;
+    int gone;
+    uint64_t avail = rx_avail_or_gone(c, &gone);
+    if (avail == 0) return gone ? PC_IO_CLOSED : PC_IO_AGAIN;
     if (avail > s->size) {
         c->err = EPROTO;
         return PC_IO_ERROR;
@@ -236,9 +243,10 @@ static long shm_peek(pc_conn *c, const void **data) {
     shm_conn *s = impl(c);
     disarm(s);
     if (s->rma_state == RMA_UNKNOWN) probe(s);
-    uint64_t avail = rx_avail(s);
+    int gone;
+    uint64_t avail = rx_avail_or_gone(c, &gone);
     *data = NULL;
-    if (avail == 0 && (avail = rx_avail_at_end(c)) == 0) return peer_gone(c) ? PC_IO_CLOSED : PC_IO_AGAIN;
+    if (avail == 0) return gone ? PC_IO_CLOSED : PC_IO_AGAIN;
     if (avail > s->size) {
         c->err = EPROTO;
         return PC_IO_ERROR;
@@ -289,8 +297,9 @@ static uint64_t shm_rma_post(pc_conn *c) { return ++impl(c)->rma_posted; }
 static long shm_rma_wait(pc_conn *c, uint64_t token) {
     shm_conn *s = impl(c);
     disarm(s);
+    int gone = peer_gone(c); /* first: an ack then a quick exit must still count as an ack */
     if (LOAD_ACQ(&s->tx->rma_acks) >= token) return 1;
-    return peer_gone(c) ? PC_IO_CLOSED : PC_IO_AGAIN;
+    return gone ? PC_IO_CLOSED : PC_IO_AGAIN;
 }
 
 static long shm_rma_read(pc_conn *c, void *dst, uint64_t from, uint64_t n) {
