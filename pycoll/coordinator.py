@@ -336,6 +336,9 @@ class Coordinator:
         if sum(1 for m in self.members.values() if m.alive) >= self.limits.max_peers:
             return self._error(ident, msg, f"the group is full (max_peers {self.limits.max_peers}, "
                                            "PYCOLL_MAX_PEERS)")
+        clash = self._transport_clash(str(msg.get("host_id", "")), msg.get("info"))
+        if clash:
+            return self._error(ident, msg, clash)
         self._join_seq += 1
         hb_timeout = float(msg.get("heartbeat_timeout") or self.heartbeat_timeout)
         resume = msg.get("resume")
@@ -610,6 +613,27 @@ class Coordinator:
         info = m.info if isinstance(m.info, dict) else {}
         return str(info.get("group", ""))[:128] if info.get("role") == "aggregator" else None
 
+    @staticmethod
+    def _transport_of(info):
+        """A member's same-host transport setting ("auto", "shm" or "tcp")."""
+        mode = info.get("transport") if isinstance(info, dict) else None
+        return mode if mode in ("auto", "shm", "tcp") else "auto"
+
+    def _transport_clash(self, host_id, info):
+        """Why a joiner's transport setting cannot work with the live members
+        on its host (one requires shared memory, the other refuses it), else
+        None. Refused at the join, so a misconfigured peer gets the error and
+        the running group is not disturbed."""
+        mode = self._transport_of(info)
+        if mode == "auto" or not host_id:
+            return None
+        other = "tcp" if mode == "shm" else "shm"
+        for m in self.members.values():
+            if m.alive and m.host_id == host_id and self._transport_of(m.info) == other:
+                return (f"transport={mode} conflicts with member {m.name} on the same host, which uses "
+                        f"transport={other}: peers on one host must not mix shm and tcp (auto works with either)")
+        return None
+
     def _maybe_form_epoch(self):
         current = [self.members[n] for n in self.epoch_members if self.members[n].alive]
         if any(m.sync_rid is None for m in current):
@@ -660,7 +684,7 @@ class Coordinator:
             del self.by_ident[ident]
         for fd in [f for f, x in self._hb_fds.items() if x.name not in self.members]:
             del self._hb_fds[fd]
-        members = [[m.name, m.addr, m.host_id, self._switch_group(m)] for m in waiting]
+        members = [[m.name, m.addr, m.host_id, self._switch_group(m), self._transport_of(m.info)] for m in waiting]
         joined = [m.name for m in joiners]
         log.info("epoch %d: %d members (lost %d, joined %d)", self.epoch, len(waiting), len(lost), len(joiners))
         for rank, m in enumerate(waiting):

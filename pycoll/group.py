@@ -10,7 +10,7 @@ from .control import CoordinatorClient
 from .coordinator import PROTOCOL, Coordinator
 from .errors import CollectiveError, InvalidArgument
 from .limits import resolve
-from .mesh import Listener, host_id, local_address_towards
+from .mesh import Listener, host_id, local_address_towards, transport_mode
 from .wan import resolve_stripes
 
 log = logging.getLogger("pycoll")
@@ -81,7 +81,8 @@ def _make(master_addr, master_port, rank, world_size, *, join_timeout, heartbeat
     comm = None
     try:
         join = {"t": "join", "proto": PROTOCOL, "addr": list(listener.addr), "host_id": host_id(),
-                "rank": rank, "world_size": world_size, "info": {"pid": os.getpid()}}
+                "rank": rank, "world_size": world_size,
+                "info": {"pid": os.getpid(), "transport": transport_mode(comm_options.get("transport"))}}
         if heartbeat_timeout:
             join["heartbeat_timeout"] = float(heartbeat_timeout)
         client.request(join, timeout=join_timeout)

@@ -92,12 +92,15 @@ def single_copy_bytes(value=None):
 
 
 def local_peers(members, rank, mode):
-    """Ranks that share this host with ``rank`` (members: [name, addr, host_id]
-    rows of an epoch) and so may use shared memory under ``mode``."""
+    """Ranks that share this host with ``rank`` (members: [name, addr, host_id,
+    group, transport] rows of an epoch) and so use shared memory under
+    ``mode``: neither side asked for TCP (every rank decides alike from the
+    same rows, so a "tcp" peer gets TCP from everyone)."""
     if mode == "tcp":
         return set()
     mine = members[rank][2] if len(members[rank]) > 2 else ""
-    return {p for p, m in enumerate(members) if p != rank and mine and len(m) > 2 and m[2] == mine}
+    return {p for p, m in enumerate(members)
+            if p != rank and mine and len(m) > 2 and m[2] == mine and (len(m) < 5 or m[4] != "tcp")}
 
 
 def local_name(addr):

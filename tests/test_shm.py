@@ -732,3 +732,47 @@ def test_a_peer_that_finishes_and_leaves_at_once_is_not_a_failure(sleepy):
         finally:
             mesh.close()
     assert not failures, failures[:3]
+
+
+def _rank_with_transport(rank, world, port, transport, conn):
+    try:
+        comm = pycoll.init(rank=rank, world_size=world, master_addr="127.0.0.1", master_port=port, timeout=30,
+                           join_timeout=8, transport=transport)
+        with comm:
+            conn.send(("ok", comm.peer_transports))
+    except BaseException as exc:  # noqa: BLE001 - reported to the test
+        conn.send(("error", f"{type(exc).__name__}: {exc}"))
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("modes", [["shm", "tcp"], ["tcp", "shm"]])
+def test_shm_and_tcp_on_one_host_is_refused_at_the_join(modes):
+    """One peer requires shared memory, a same-host peer refuses it: the
+    coordinator refuses the second to join with an error naming both
+    settings, instead of a group that silently runs TCP or blames a healthy
+    peer. No rank runs a collective."""
+    import multiprocessing as mp
+    ctx = mp.get_context("spawn")
+    port = pycoll.testing.free_port()
+    pipes, procs = [], []
+    for rank, mode in enumerate(modes):
+        parent, child = ctx.Pipe(duplex=False)
+        p = ctx.Process(target=_rank_with_transport, args=(rank, 2, port, mode, child))
+        p.start()
+        child.close()
+        pipes.append(parent)
+        procs.append(p)
+        time.sleep(0.5)  # rank 0 hosts the coordinator
+    try:
+        results = []
+        for parent in pipes:
+            assert parent.poll(60), "a rank did not finish"
+            results.append(parent.recv())
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+    assert all(status == "error" for status, _ in results), results
+    assert any("conflicts with member" in text and "transport=shm" in text and "transport=tcp" in text
+               for _, text in results), results
