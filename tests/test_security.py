@@ -526,7 +526,11 @@ def _steady(comm, stop_path):
         ok += bool(np.array_equal(x, want))
         bad += not np.array_equal(x, want)
         epochs.add(comm.epoch)
-        if os.path.exists(stop_path) and i > 5:
+        # stop together: ranks that saw the file at different iterations would
+        # call different collectives next (a mismatch, not what this test is about)
+        stop = np.array([os.path.exists(stop_path) and i > 5], np.int64)
+        comm.all_reduce(stop, op="max")
+        if stop[0]:
             break
         time.sleep(0.005)
     y = np.linspace(-1, 1, 10007, dtype=np.float64) * (comm.rank + 1)
