@@ -19,8 +19,8 @@
  * (shm_spin_us, 20 ms): there a reply costs nanoseconds to notice but a
  * sleep costs a wake-up and, on a busy machine, a trip to the back of the
  * run queue, often for milliseconds, which every later step then pays too.
- * That longer spin is for hosts with a core per rank; otherwise spins
- * yield the CPU between checks (the peer we wait for may need ours). On any
+ * With more ranks on the host than CPUs, those spins yield the CPU between
+ * checks (the peer we wait for may need ours). On any
  * failure every connection of the comm is shut
  * down, so peers blocked on us fail at once instead of waiting out a
  * timeout; the comm is then unusable and the caller builds a new one.
@@ -994,12 +994,16 @@ pc_status pc_comm_run_part(pc_comm *comm, const pc_plan *plan, int32_t part, voi
          * away), then sleep until a socket is ready or we are cancelled. */
         if (idle_since < 0) idle_since = t;
         double idle_us = (t - idle_since) * 1e6;
-        /* A same-host peer on a core of its own answers sooner than the
-         * scheduler would bring a sleeper back, whatever the size: keep
-         * polling shared-memory-only waits while this host has a core per
-         * rank (and spinning is on at all). */
-        if (comm->spin_us > 0 && !comm->oversubscribed && idle_us < comm->shm_spin_us && shm_only_waits(&r))
+        /* A same-host peer answers sooner than the scheduler would bring a
+         * sleeper back, whatever the size: keep polling shared-memory-only
+         * waits for a while (if spinning is on at all). */
+        if (comm->spin_us > 0 && idle_us < comm->shm_spin_us && shm_only_waits(&r)) {
+            /* More ranks than CPUs: yield between looks, so the rank we wait
+             * for gets a core; still far cheaper than a sleep and a wake-up
+             * per step (4 ranks on 2 cores, 4-16 MiB: 30-45 % faster). */
+            if (comm->oversubscribed) sched_yield();
             continue;
+        }
         if (idle_us < spin_us) {
             sched_yield(); /* with more ranks than cores the peer we wait for needs this core */
             continue;

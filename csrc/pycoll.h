@@ -262,8 +262,8 @@ void pc_comm_set_spin(pc_comm *comm, int32_t spin_us);
  * long-haul links, where the collective deadline must be long. */
 void pc_comm_set_stall_timeout(pc_comm *comm, double seconds);
 /* Microseconds to keep polling before sleeping when every connection a
- * collective waits on is shared memory and this host runs no more of the
- * comm's ranks than it has CPUs (default 20000). A reply there is seen at
+ * collective waits on is shared memory (default 20000; with more of the
+ * comm's ranks on this host than CPUs it yields between looks). A reply there is seen at
  * once, while a sleep costs a wake-up and, on a busy machine, a wait for a
  * CPU that is often longer than a few milliseconds (then each step of a
  * collective pays it). */
