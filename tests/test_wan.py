@@ -4,6 +4,7 @@ detection (both transports), and one short run over an emulated lossy,
 jittery WAN (skipped, with the reason printed, only where network
 namespaces cannot be created)."""
 import json
+import math
 import os
 import signal
 import subprocess
@@ -117,17 +118,22 @@ LIMITS = {"rmem_max": 4 << 20, "wmem_max": 4 << 20, "tcp_rmem_max": 6 << 20, "tc
 
 
 def test_link_plan_covers_the_bdp():
+    seen = set()
     for gbit in (0.1, 0.5, 1, 2, 5, 10, 40):
         for rtt in (0.001, 0.01, 0.025, 0.05, 0.1, 0.2):
             bw = gbit * 1e9 / 8
             p = wan.link_plan(bw, rtt, limits=LIMITS)
-            assert 1 <= p.stripes <= wan.MAX_STRIPES
+            # the fewest windows that cover the headroom'd BDP, at least one, at most the cap
+            fewest = max(1, math.ceil(wan.HEADROOM * bw * rtt / p.window))
+            assert p.stripes == min(fewest, wan.MAX_STRIPES), (gbit, rtt, p)
+            seen.add("one" if p.stripes == 1 else "capped" if fewest > wan.MAX_STRIPES else "between")
             assert p.bdp == pytest.approx(bw * rtt)
             if p.stripes < wan.MAX_STRIPES:
                 assert p.stripes * p.window >= wan.HEADROOM * p.bdp, (gbit, rtt, p)
             if p.stripes > 1:  # no more connections than needed
                 assert (p.stripes - 1) * p.window < wan.HEADROOM * p.bdp
             assert p.sockbuf in (0, 4 << 20)
+    assert seen == {"one", "between", "capped"}  # the grid reaches all three regimes
 
 
 def test_link_plan_examples():
