@@ -26,6 +26,9 @@ import sys
 import tempfile
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+from pycoll.benchmark import human_size, parse_size  # noqa: E402
+
 HERE = os.path.abspath(__file__)
 ROOT = os.path.dirname(os.path.dirname(HERE))
 ALGOS = ["ring", "hamiltonian", "tree", "innetwork", "auto"]
@@ -70,17 +73,8 @@ count = 4
 }
 
 
-def parse_size(text):
-    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    text = text.strip().upper().rstrip("B").rstrip("I")
-    return int(float(text[:-1]) * mult[text[-1]]) if text[-1] in mult else int(text)
 
 
-def human(nbytes):
-    for unit, div in (("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if nbytes >= div:
-            return f"{nbytes / div:g} {unit}"
-    return f"{nbytes} B"
 
 
 def reps_for(nbytes, scale, emulated):
@@ -250,7 +244,7 @@ def report(title, n, results, args):
                 if key in src:
                     t[i] = src[key]
             bw = {i: nbytes / v[0] * bus_factor(coll, n) / 1e9 for i, v in t.items()}
-            row = f"| {human(nbytes)} | " + " | ".join(
+            row = f"| {human_size(nbytes)} | " + " | ".join(
                 f"{bw[i]:.3f} ({fmt_t(t[i][0])})" if i in t else "-" for i in impls)
             row += " | " + " | ".join(f"{bw[i] / bw['ring']:.2f}x" if i in bw and "ring" in bw else "-"
                                       for i in impls if i != "ring")
@@ -259,7 +253,7 @@ def report(title, n, results, args):
     model, points = results["pycoll"]["model"]
     print(f"\nauto's model: {model}")
     for coll, pts in points.items():
-        print(f"auto switch points ({coll}): " + ", ".join(f"from {human(s)}: {a}" for s, a in pts))
+        print(f"auto switch points ({coll}): " + ", ".join(f"from {human_size(s)}: {a}" for s, a in pts))
 
 
 def fmt_t(seconds):

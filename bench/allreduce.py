@@ -24,21 +24,15 @@ import subprocess
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+from pycoll.benchmark import human_size, parse_size  # noqa: E402
+
 HERE = os.path.abspath(__file__)
 DEFAULT_SIZES = "4K,64K,1M,16M,64M"
 
 
-def parse_size(text):
-    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    text = text.strip().upper().rstrip("B").rstrip("I")
-    return int(float(text[:-1]) * mult[text[-1]]) if text[-1] in mult else int(text)
 
 
-def human(nbytes):
-    for unit, div in (("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if nbytes >= div:
-            return f"{nbytes / div:g} {unit}"
-    return f"{nbytes} B"
 
 
 def reps_for(nbytes, scale):
@@ -169,7 +163,7 @@ def main(argv=None):
     ap.add_argument("--n", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    sizes = [parse_size(s) if not s.isdigit() else int(s) for s in args.sizes.split(",")]
+    sizes = [parse_size(s) for s in args.sizes.split(",")]
 
     if args.worker == "mpi":
         rank, out = worker_mpi(sizes, args.scale)
@@ -217,7 +211,7 @@ def main(argv=None):
             fb = busbw(nbytes, fast, n)
             # the ceiling streamed 2(n-1)/n * nbytes per rank in ceil_t: same bus bytes as the all-reduce
             cb = (nbytes * 2 * (n - 1) / n) / ceil_t / 1e9 if ceil_t else 0.0
-            row = f"| {human(nbytes)} | {fmt_t(med['pycoll'])} | {fmt_t(fast)} | "
+            row = f"| {human_size(nbytes)} | {fmt_t(med['pycoll'])} | {fmt_t(fast)} | "
             row += " | ".join(fmt_t(med[i]) for i in impls if i != "pycoll")
             row += f" | {pb:.2f} | {fb:.2f} | {cb:.2f} | " + (f"{100 * fb / cb:.0f}%" if cb else "-") + " | "
             row += " | ".join(f"{med[i] / med['pycoll']:.2f}x" for i in impls if i != "pycoll") + " |"

@@ -30,6 +30,9 @@ import time
 
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+from pycoll.benchmark import human_size, parse_size  # noqa: E402
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 SIZES = "4K,16K,64K,256K,1M,4M,16M,64M"
@@ -37,10 +40,6 @@ IMPLS = ["pycoll-shm", "pycoll-shm-np", "pycoll-tcp", "gloo", "mpi"]
 QUIET_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
-def parse_size(s):
-    s = s.strip().upper()
-    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(s[-1], 1)
-    return int(s[:-1] if s[-1] in "KMG" else s) * mult
 
 
 def iterations(nbytes, scale):
@@ -198,8 +197,6 @@ def fmt_time(s):
     return f"{s * 1e6:.1f} us" if s < 1e-3 else f"{s * 1e3:.2f} ms"
 
 
-def label(n):
-    return f"{n >> 20} MiB" if n >= 1 << 20 else f"{n >> 10} KiB" if n >= 1 << 10 else f"{n} B"
 
 
 def main():
@@ -269,7 +266,7 @@ def report(samples, impls, sizes, worlds):
 
             def ratio(a, b):
                 return f"{bw[a] / bw[b]:.2f}x" if a in bw and b in bw else "-"
-            print(f"| {label(n)} | " + " | ".join(cells) + f" | {ratio('pycoll-shm', 'pycoll-tcp')} | "
+            print(f"| {human_size(n)} | " + " | ".join(cells) + f" | {ratio('pycoll-shm', 'pycoll-tcp')} | "
                   f"{ratio('pycoll-shm', 'mpi')} | {ratio('pycoll-shm-np', 'mpi')} |")
 
 

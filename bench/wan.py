@@ -41,16 +41,11 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HERE = os.path.abspath(__file__)
 sys.path.insert(0, ROOT)
+from pycoll.benchmark import human_size, parse_size  # noqa: E402
 
 
-def parse_size(text):
-    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    text = text.strip().upper().rstrip("B").rstrip("I")
-    return int(float(text[:-1]) * mult[text[-1]]) if text[-1] in mult else int(text)
 
 
-def human(nbytes):
-    return f"{nbytes >> 20} MiB" if nbytes >= 1 << 20 else f"{nbytes >> 10} KiB"
 
 
 def reps_for(nbytes, seconds_per_rep):
@@ -241,7 +236,7 @@ def report(sc):
         bus = r["nbytes"] * factor / t
         base = med.get(("ring k=1", r["coll"], r["nbytes"]))
         gloo = med.get(("gloo", r["coll"], r["nbytes"]))
-        print(f"| {r['config']} | {r['coll']} | {human(r['nbytes'])} | {t:.2f} s ({len(r['times'])}x) | "
+        print(f"| {r['config']} | {r['coll']} | {human_size(r['nbytes'])} | {t:.2f} s ({len(r['times'])}x) | "
               f"{bus * 8 / 1e9:.2f} | {bus / rate_Bps:.0%} | "
               + (f"{base / t:.1f}x" if base else "-") + " | " + (f"{gloo / t:.1f}x" if gloo else "-") + " |")
     for r in sc["results"]:

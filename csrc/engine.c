@@ -517,6 +517,13 @@ static int reduce_from_peer(run_state *r, int32_t k, int32_t i, int *again) {
     return 1;
 }
 
+/* Channel k's staging buffer for receive-reduce, made on first use. */
+static int has_stage(run_state *r, int32_t k) {
+    if (r->comm->stage[k] || (r->comm->stage[k] = malloc(STAGE_BYTES))) return 1;
+    fail(r, PC_ERR_NOMEM, -1, "out of memory for a staging buffer");
+    return 0;
+}
+
 /* A PC_FRAME_REMOTE frame whose header we checked: read the descriptor,
  * copy (and reduce) the bytes it names straight out of the sender's memory,
  * tell the sender we are done. Returns 1 if bytes moved. */
@@ -548,10 +555,7 @@ static int pump_remote(run_state *r, int32_t k, int32_t i) {
         moved = 1;
     }
     int reduce = op->kind == PC_OP_RECV_REDUCE;
-    if (reduce && !comm->stage[k] && !(comm->stage[k] = malloc(STAGE_BYTES))) {
-        fail(r, PC_ERR_NOMEM, -1, "out of memory for a staging buffer");
-        return moved;
-    }
+    if (reduce && !has_stage(r, k)) return moved;
     uint64_t from = get_u64(cs->rdesc), budget = REMOTE_BUDGET;
     uint8_t *dst = r->buf[op->dst_buf] + op->dst_off;
     while (cs->reduced < op->len && budget) {
@@ -620,13 +624,7 @@ static int pump_recv(run_state *r, int32_t k) {
             }
             if (again) return moved;
         }
-        if (reduce && !comm->stage[k]) {
-            comm->stage[k] = malloc(STAGE_BYTES);
-            if (!comm->stage[k]) {
-                fail(r, PC_ERR_NOMEM, -1, "out of memory for a staging buffer");
-                return moved;
-            }
-        }
+        if (reduce && !has_stage(r, k)) return moved;
         struct iovec iov[3];
         int n = 0;
         if (cs->rdone < PC_HDR_BYTES) {

@@ -209,7 +209,15 @@ static long shm_sendv(pc_conn *c, const struct iovec *iov, int iovcnt) {
     return (long)n;
 }
 
-static long shm_recvv(pc_conn *c, const struct iovec *iov, int iovcnt) {
+static void shm_consume(pc_conn *c, uint64_t n) {
+    shm_conn *s = impl(c);
+    STORE_REL(&s->rx->tail, LOAD_RLX(&s->rx->tail) + n);
+    wake_if_waiting(c, &s->rx->prod_wait);
+}
+
+/* What every read starts with: the bytes queued (> 0), or PC_IO_AGAIN /
+ * CLOSED / ERROR (the peer corrupted the counters). */
+static long rx_begin(pc_conn *c) {
     shm_conn *s = impl(c);
     disarm(s);
     if (s->rma_state == RMA_UNKNOWN) probe(s);
@@ -220,7 +228,14 @@ static long shm_recvv(pc_conn *c, const struct iovec *iov, int iovcnt) {
         c->err = EPROTO;
         return PC_IO_ERROR;
     }
-    uint64_t tail = LOAD_RLX(&s->rx->tail), pos = tail, got = 0;
+    return (long)avail; /* <= the ring size, 1 GiB at most */
+}
+
+static long shm_recvv(pc_conn *c, const struct iovec *iov, int iovcnt) {
+    shm_conn *s = impl(c);
+    long ready = rx_begin(c);
+    if (ready <= 0) return ready;
+    uint64_t avail = (uint64_t)ready, pos = LOAD_RLX(&s->rx->tail), got = 0;
     for (int i = 0; i < iovcnt && got < avail; i++) {
         uint8_t *dst = iov[i].iov_base;
         uint64_t len = iov[i].iov_len < avail - got ? iov[i].iov_len : avail - got;
@@ -234,33 +249,19 @@ static long shm_recvv(pc_conn *c, const struct iovec *iov, int iovcnt) {
         }
     }
     if (got == 0) return PC_IO_AGAIN; /* empty iovec */
-    STORE_REL(&s->rx->tail, tail + got);
-    wake_if_waiting(c, &s->rx->prod_wait);
+    shm_consume(c, got);
     return (long)got;
 }
 
 static long shm_peek(pc_conn *c, const void **data) {
     shm_conn *s = impl(c);
-    disarm(s);
-    if (s->rma_state == RMA_UNKNOWN) probe(s);
-    int gone;
-    uint64_t avail = rx_avail_or_gone(c, &gone);
+    long ready = rx_begin(c);
     *data = NULL;
-    if (avail == 0) return gone ? PC_IO_CLOSED : PC_IO_AGAIN;
-    if (avail > s->size) {
-        c->err = EPROTO;
-        return PC_IO_ERROR;
-    }
+    if (ready <= 0) return ready;
     uint64_t at = LOAD_RLX(&s->rx->tail) & s->mask;
-    uint64_t run = s->size - at < avail ? s->size - at : avail;
+    uint64_t run = s->size - at < (uint64_t)ready ? s->size - at : (uint64_t)ready;
     *data = s->rxd + at;
-    return (long)(run > (uint64_t)LONG_MAX ? LONG_MAX : run);
-}
-
-static void shm_consume(pc_conn *c, uint64_t n) {
-    shm_conn *s = impl(c);
-    STORE_REL(&s->rx->tail, LOAD_RLX(&s->rx->tail) + n);
-    wake_if_waiting(c, &s->rx->prod_wait);
+    return (long)run;
 }
 
 /* ---- single copy ------------------------------------------------------ */

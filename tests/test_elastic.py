@@ -4,6 +4,7 @@ naming the lost peer, retry=True over the survivors with agreed
 contributors, for every algorithm (a peer killed inside a collective: over
 shared memory and over TCP); coordinator trouble is an error, never a
 hang."""
+import contextlib
 import os
 import signal
 import subprocess
@@ -627,14 +628,14 @@ def test_retry_with_wire_compression_keeps_the_input_until_commit():
         assert data == want, "the retry started from a damaged input"
 
 
-def test_abort_is_retryable_for_broken_connections_not_for_protocol_errors():
-    """The coordinator's decision, driven by two hand-made members: with no
-    member lost, an abort caused by a broken connection is retried by
-    everyone, one caused by a protocol error (or a timeout) by no one."""
+@contextlib.contextmanager
+def _two_members():
+    """A coordinator with two hand-made members (joined, no epoch yet) and
+    ``both(msgs)``: each member sends its message at the same time; the replies."""
     import threading
     from pycoll.coordinator import Coordinator
     coord = Coordinator("127.0.0.1", 0, min_world_size=2, cause_grace=0.2).start()
-    clients = [CoordinatorClient("127.0.0.1", coord.port, name=f"z{i}") for i in range(2)]
+    clients = [CoordinatorClient("127.0.0.1", coord.port, name=f"m{i}") for i in range(2)]
     replies = [None, None]
 
     def both(msgs):
@@ -647,6 +648,18 @@ def test_abort_is_retryable_for_broken_connections_not_for_protocol_errors():
     try:
         for i, cl in enumerate(clients):
             cl.request({"t": "join", "proto": 1, "addr": ["127.0.0.1", 1 + i]}, timeout=5)
+        yield clients, both
+    finally:
+        for cl in clients:
+            cl.close()
+        coord.stop()
+
+
+def test_abort_is_retryable_for_broken_connections_not_for_protocol_errors():
+    """The coordinator's decision, driven by two hand-made members: with no
+    member lost, an abort caused by a broken connection is retried by
+    everyone, one caused by a protocol error (or a timeout) by no one."""
+    with _two_members() as (clients, both):
         outcomes = []
         for epoch, status in ((1, 4), (2, 5), (3, 6), (4, 7)):  # PEER, PROTO, TIMEOUT, CANCELLED
             assert both([{"t": "sync", "rebuild": True}] * 2)[0]["epoch"] == epoch
@@ -656,10 +669,6 @@ def test_abort_is_retryable_for_broken_connections_not_for_protocol_errors():
             assert [r["decision"] for r in got] == ["abort", "abort"] and got[0]["retry"] == got[1]["retry"]
             outcomes.append(got[0]["retry"])
         assert outcomes == [True, False, False, True]
-    finally:
-        for cl in clients:
-            cl.close()
-        coord.stop()
 
 
 def test_a_failure_after_a_commit_gets_the_abort_not_the_old_commit():
@@ -667,22 +676,7 @@ def test_a_failure_after_a_commit_gets_the_abort_not_the_old_commit():
     which the previous agreed collective used; it must get the abort and its
     cause, and only a member withdrawing from a round gets that round's
     decision back."""
-    import threading
-    from pycoll.coordinator import Coordinator
-    coord = Coordinator("127.0.0.1", 0, min_world_size=2, cause_grace=0.2).start()
-    clients = [CoordinatorClient("127.0.0.1", coord.port, name=f"q{i}") for i in range(2)]
-    replies = [None, None]
-
-    def both(msgs):
-        def ask(i):
-            replies[i] = clients[i].request(msgs[i], timeout=5)
-        threads = [threading.Thread(target=ask, args=(i,)) for i in range(2)]
-        [t.start() for t in threads]
-        [t.join(10) for t in threads]
-        return list(replies)
-    try:
-        for i, cl in enumerate(clients):
-            cl.request({"t": "join", "proto": 1, "addr": ["127.0.0.1", 1 + i]}, timeout=5)
+    with _two_members() as (clients, both):
         both([{"t": "sync", "rebuild": True}] * 2)
         done = {"t": "round", "kind": "collective", "epoch": 1, "seq": 1, "ok": True}
         assert [r["decision"] for r in both([done, done])] == ["commit", "commit"]
@@ -691,7 +685,3 @@ def test_a_failure_after_a_commit_gets_the_abort_not_the_old_commit():
         assert late["decided"]["decision"] == "commit"  # withdrawing from #1: it had committed
         info = clients[0].request({"t": "fail", "epoch": 1, "seq": 1, "status": 4, "why": "broken"}, timeout=5)
         assert "decided" not in info and info["retry"] is True and "broken" in info["why"]
-    finally:
-        for cl in clients:
-            cl.close()
-        coord.stop()
