@@ -37,6 +37,7 @@ Faults, per rank:
 
 A killed rank's result is :data:`KILLED`; the others carry on (or fail, as your code decides).
 """
+import faulthandler
 import json
 import multiprocessing as mp
 import os
@@ -172,6 +173,9 @@ def _send(conn, payload):
 
 
 def _rank_main(fn, args, rank, world_size, port, init, init_kwargs, fault, delay, env, conn):
+    # On SIGUSR1 print every thread's stack: the parent sends it to a rank that overran its time
+    # before killing it, so a hang in CI shows where each thread was waiting.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     os.environ.update(env)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                       LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -205,6 +209,19 @@ def _rank_main(fn, args, rank, world_size, port, init, init_kwargs, fault, delay
             close()
         except Exception:  # noqa: BLE001 - the result is already reported
             pass
+
+
+def _dump_stacks(procs):
+    """Ask each still-running rank to print its threads' stacks (to stderr,
+    which the test output keeps), so a hang can be read after the fact."""
+    live = [p for p in procs if p.is_alive()]
+    for p in live:
+        try:
+            os.kill(p.pid, signal.SIGUSR1)
+        except (ProcessLookupError, PermissionError):
+            pass
+    if live:
+        time.sleep(0.5)  # faulthandler writes from the signal handler: give it a moment
 
 
 def _check_faults(world_size, kill, delay):
@@ -270,6 +287,7 @@ def run(fn, world_size, *, args=(), timeout=60.0, kill=None, delay=None, init="p
             time.sleep(0.005)
         for rank in pending:
             results[rank] = ("error", f"did not finish within {timeout} s (killed)", "")
+        _dump_stacks([procs[rank] for rank in sorted(pending)])
     finally:
         for p in procs:
             if p.is_alive():

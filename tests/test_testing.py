@@ -50,13 +50,16 @@ def _hang_on_two(comm):
 
 
 @pytest.mark.timeout(60)
-def test_a_hanging_rank_is_killed_at_the_timeout():
+def test_a_hanging_rank_is_killed_at_the_timeout(capfd):
     t0 = time.monotonic()
     with pytest.raises(RankError) as info:
         pycoll.testing.run(_hang_on_two, 3, timeout=4)
     assert info.value.rank == 2 and "did not finish within 4" in str(info.value)
     assert time.monotonic() - t0 < 20
     assert multiprocessing.active_children() == []
+    # before the kill, the hung rank printed where it was stuck (and only that rank)
+    err = capfd.readouterr().err
+    assert "in _hang_on_two" in err and err.count("in _rank_main") == 1, err
 
 
 def _steps(comm, steps):
