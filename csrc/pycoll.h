@@ -146,6 +146,16 @@ pc_status pc_plan_rings(pc_collective coll, int32_t nranks, int32_t rank,
 pc_status pc_plan_tree(pc_collective coll, int32_t nranks, int32_t rank, int32_t root,
                        uint64_t count, int32_t elem_size, uint64_t segment_bytes,
                        int32_t stripes, uint32_t flags, pc_plan **out);
+/*
+ * One-shot all-reduce planner (plan_direct.c), for small messages: every
+ * rank sends its whole buffer to every other rank and reduces all n
+ * contributions itself, in rank order (bit-identical everywhere). One step
+ * of latency, n-1 times a ring's traffic. Only PC_COLL_ALLREDUCE; `count`
+ * is the element count of the whole buffer; the result reaches OUT through
+ * scratch (the input is intact if the collective fails).
+ */
+pc_status pc_plan_direct(pc_collective coll, int32_t nranks, int32_t rank, uint64_t count,
+                         int32_t elem_size, int32_t stripes, uint32_t flags, pc_plan **out);
 /* The all-reduce trees: parent and children of `rank` in tree 0 or 1 of
  * nranks ranks (-1 where there is none). */
 pc_status pc_tree_links(int32_t nranks, int32_t tree, int32_t rank, int32_t *parent,

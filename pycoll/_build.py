@@ -12,7 +12,7 @@ from cffi import FFI
 HERE = os.path.dirname(os.path.abspath(__file__))
 CSRC = os.path.join(os.path.dirname(HERE), "csrc")
 # Keep SOURCES on one line: tests/sanitize.sh reads it with sed.
-SOURCES = ["reduce.c", "codec.c", "plan.c", "plan_ring.c", "plan_tree.c", "plan_hier.c", "plan_custom.c", "plan_codec.c", "engine.c", "transport_tcp.c", "transport_shm.c", "hash.c"]
+SOURCES = ["reduce.c", "codec.c", "plan.c", "plan_ring.c", "plan_tree.c", "plan_direct.c", "plan_hier.c", "plan_custom.c", "plan_codec.c", "engine.c", "transport_tcp.c", "transport_shm.c", "hash.c"]
 
 
 def header_cdef(path):

@@ -15,7 +15,7 @@ all_gather, the input of reduce_scatter). Algorithm A is predicted to take
   for R rings (what the multi-ring pays for its bandwidth); all-gather, reduce-scatter, ring
   broadcast: n-1 steps. Double tree: 2h steps all-reduce, h broadcast (h = tree height in
   hops), m = 2. innetwork: 1 step up, 2(k-1) ring steps among its k ring ranks, 1 step down,
-  m = members per aggregator in the first and last step.
+  m = members per aggregator in the first and last step. direct (one-shot): 1 step, m = n-1.
 * **W** (bandwidth): the traffic of the algorithm's schedule on every resource it crosses,
   divided by the resource's capacity, for the busiest one. Resources: each directed link
   (topology bandwidth); each host NIC direction (``host_nic``; traffic between hosts); each
@@ -23,14 +23,14 @@ all_gather, the input of reduce_scatter). Algorithm A is predicted to take
   its CPUs and memory, the limit on loopback); each rank's own processing (bytes it sends, and
   separately receives, / ``rank_Bps``: one thread). E.g. an arc of each of R rings carries
   2(n-1)/n * D/R in an all-reduce, a tree edge D/2 each way, an aggregator of m members
-  receives (m-1) * D.
+  receives (m-1) * D, direct D on every ordered pair (n-1 times a ring's bytes per rank).
 * **P** (pipeline): the schedule cuts messages into S segments of u bytes (a ring chunk
   D/(nR), a tree's half D/2, at most the segment size). The first segment crosses every step's
   hop, each at that hop's rate (its link, or what a rank processes while all are busy); the
   other S - 1 follow at the slowest hop's rate: P = u * sum(1/rate of each hop) +
   (S - 1) * u / slowest rate. This is what an unpipelined tree pays on medium sizes.
 
-Small messages therefore go to the fewest steps (tree, innetwork), large ones to the least
+Small messages therefore go to the fewest steps (direct, tree, innetwork), large ones to the least
 loaded resource: on one host all algorithms move the same total bytes, so the ring (fewest
 messages) wins ties; where each ordered pair of peers has its own capacity the Hamiltonian
 multi-ring gets n-1 times the ring's; where links between groups are thin, innetwork.
@@ -64,7 +64,11 @@ log = logging.getLogger("pycoll")
 DEFAULT_OVERHEAD_S = 12e-6   # per message, engine + kernel, loopback TCP
 DEFAULT_HOST_BPS = 4e9       # bytes/s all ranks of one host send together over loopback TCP
 DEFAULT_RANK_BPS = 2e9       # bytes/s one rank sends (and receives)
-CANDIDATES = ("ring", "hamiltonian", "tree", "innetwork")
+CANDIDATES = ("ring", "hamiltonian", "tree", "innetwork", "direct")
+# The model has no term for reduction work, which direct multiplies by n-1 (every rank reduces
+# the whole buffer n-1 times, against about once for the others): auto offers direct only up to
+# this size, where per-message latency dominates and that work is a few microseconds at most.
+DIRECT_MAX_BYTES = 64 << 10
 MAX_MULTIRING = 64  # auto considers the multi-ring up to this many ranks (the cycle search grows fast)
 
 
@@ -109,7 +113,10 @@ class CostModel:
         if n == 1:
             return 0.0
         D = float(nbytes)
-        if algorithm == "tree":
+        if algorithm == "direct":
+            traffic, phases = self._direct(D)
+            seg, piece = max(D, 1.0), D  # one unsegmented message per pair
+        elif algorithm == "tree":
             traffic, phases = self._tree(coll, D)
             seg, piece = min(segment_bytes, planners.TREE_SEGMENT), D / 2
         elif algorithm == "innetwork":
@@ -136,6 +143,8 @@ class CostModel:
             if eff == "innetwork" and not layout.aggregated:
                 continue  # identical to the ring
             if eff == "hamiltonian" and self.n > MAX_MULTIRING:
+                continue
+            if eff == "direct" and nbytes > DIRECT_MAX_BYTES:
                 continue
             if eff not in times:
                 times[eff] = self.predict(eff, coll, nbytes, layout, segment_bytes)
@@ -175,6 +184,15 @@ class CostModel:
             lat = max(lat, float(np.mean([self.lat[a] for a in arcs])))
             spb = max(spb, float(np.mean([self._hop(*a) for a in arcs])))
         return traffic, [(steps, lat, R, steps * spb)]
+
+    def _direct(self, D):
+        n = self.n
+        arcs = [(u, v) for u in range(n) for v in range(n) if u != v]
+        traffic = {arc: D for arc in arcs}
+        # the last of the n-1 frames to arrive ends the step: the worst arc, not the mean
+        lat = float(max(self.lat[a] for a in arcs))
+        spb = float(max(self._hop(*a) for a in arcs))
+        return traffic, [(1, lat, n - 1, spb)]
 
     def _tree(self, coll, D):
         n = self.n

@@ -8,6 +8,8 @@ Algorithms (``algorithm=`` of every collective):
   the payload split across them, so every ordered pair of peers carries
   traffic at once (every collective; see :mod:`pycoll.layout` for the cycles).
 - ``tree``: pipelined double binary tree (all_reduce, broadcast).
+- ``direct``: one-shot all-reduce, every rank sends its buffer to every
+  other and reduces all contributions itself (all_reduce; small messages).
 - ``innetwork``: hierarchical all-reduce through one aggregator per group
   (all_reduce).
 - ``auto``: chosen per call by :mod:`pycoll.costmodel`.
@@ -99,6 +101,16 @@ def plan_tree(coll, nranks, rank, count, itemsize, *, root=0, segment_bytes=1 <<
     return Plan(out[0])
 
 
+def plan_direct(coll, nranks, rank, count, itemsize, *, stripes=1, preserve=False, avg=False):
+    """A one-shot plan (all_reduce only): every rank sends its buffer to every
+    other and reduces all n contributions in rank order."""
+    out = ffi.new("pc_plan **")
+    st = lib.pc_plan_direct(COLLECTIVES[coll], nranks, rank, count, itemsize, stripes, _flags(preserve, avg), out)
+    if st != lib.PC_OK:
+        raise InvalidArgument(f"cannot plan a direct {coll} for rank {rank} of {nranks} (status {st})")
+    return Plan(out[0])
+
+
 def tree_links(nranks, tree, rank):
     """(parent, child0, child1) of ``rank`` in all-reduce tree 0 or 1; -1 where absent."""
     p, c0, c1 = ffi.new("int32_t *"), ffi.new("int32_t *"), ffi.new("int32_t *")
@@ -134,13 +146,14 @@ def plan_p2p(nranks, rank, peer, nbytes, send):
     return Plan(out[0])
 
 
-ALGORITHMS = ("auto", "ring", "hamiltonian", "tree", "innetwork")
+ALGORITHMS = ("auto", "ring", "hamiltonian", "tree", "innetwork", "direct")
 # Which collectives each algorithm implements; the others run the ring.
 SUPPORTS = {
     "ring": {"all_reduce", "all_gather", "reduce_scatter", "broadcast", "barrier"},
     "hamiltonian": {"all_reduce", "all_gather", "reduce_scatter", "broadcast"},
     "tree": {"all_reduce", "broadcast"},
     "innetwork": {"all_reduce"},
+    "direct": {"all_reduce"},
 }
 # Tree segments are smaller: its pipeline is as deep as the trees, a ring's only one hop.
 TREE_SEGMENT = 1 << 17
@@ -166,6 +179,8 @@ def build(algorithm, coll, layout, rank, count, itemsize, *, root=0, segment_byt
     if algorithm == "tree":
         kw["segment_bytes"] = min(segment_bytes, TREE_SEGMENT)
         return plan_tree(coll, n, rank, count, itemsize, root=root, **kw)
+    if algorithm == "direct":
+        return plan_direct(coll, n, rank, count, itemsize, stripes=stripes, preserve=preserve, avg=avg)
     if algorithm == "innetwork":
         return plan_hier(coll, n, rank, layout.agg_of, [layout.agg_ring], count, itemsize, **kw)
     rings = layout.cycles if algorithm == "hamiltonian" else [layout.ring]

@@ -13,11 +13,11 @@ import pytest
 import pycoll.testing
 from collective_cases import expected, make_plans, run_cases_algorithms, run_on
 from pycoll import planners
-from pycoll.costmodel import CostModel, Selector
+from pycoll.costmodel import DIRECT_MAX_BYTES, CostModel, Selector
 from pycoll.layout import Layout
 from pycoll.topology import load_topology, parse_topology
 
-ALGOS = ["ring", "hamiltonian", "tree", "innetwork", "auto"]
+ALGOS = ["ring", "hamiltonian", "tree", "innetwork", "direct", "auto"]
 
 
 def grouped_topology(n):
@@ -127,10 +127,27 @@ def test_auto_prefers_few_steps_for_small_messages_and_bandwidth_for_large():
     n = 16
     lay = Layout(n, None, hosts=[f"h{r}" for r in range(n)])
     model = CostModel(n, lat=np.full((n, n), 1e-3), nic_Bps=1e9)
-    assert model.choose("all_reduce", 4096, lay)[0] == "tree"
+    # one step (direct) while its n-1 frames per rank are cheap, then log-depth (tree), then bandwidth
+    assert model.choose("all_reduce", 4096, lay)[0] == "direct"
     assert model.choose("all_reduce", 256 << 20, lay)[0] == "ring"
     points = model.switch_points("all_reduce", lay, [4 << k for k in range(28)])
-    assert [a for _, a in points] == ["tree", "ring"]
+    assert [a for _, a in points] == ["direct", "tree", "ring"]
+    # direct is offered only up to DIRECT_MAX_BYTES (the model has no term for its extra reduction work)
+    assert points[1][0] == DIRECT_MAX_BYTES * 2
+    # without the cap the model would keep direct further: the cap decides, not the traffic
+    _, times = model.choose("all_reduce", DIRECT_MAX_BYTES * 2, lay, candidates=("tree", "direct"))
+    assert "direct" not in times and "tree" in times
+
+
+def test_direct_is_chosen_for_small_messages_on_one_host():
+    """The same-host defaults: the one-step plan wins the smallest sizes for every group size,
+    ring or tree take over before the cap."""
+    for n in (2, 3, 4, 8):
+        model, lay = CostModel(n), Layout(n)
+        assert model.choose("all_reduce", 64, lay)[0] == "direct"
+        assert model.choose("all_reduce", 4096, lay)[0] == "direct"
+        assert model.choose("all_reduce", 1 << 20, lay)[0] != "direct"
+        assert model.choose("broadcast", 64, lay)[0] != "direct"  # all_reduce only
 
 
 def test_auto_uses_aggregators_when_groups_are_far_apart():
@@ -156,9 +173,13 @@ host = "rack-b"
     topo = parse_topology(text)
     lay = Layout(8, topo)
     model = CostModel.from_topology(topo)
-    for size in (4096, 1 << 20, 64 << 20):
+    for size in (1 << 20, 64 << 20):
         algo, times = model.choose("all_reduce", size, lay)
         assert algo == "innetwork", (size, times)
+    # 4 KiB: one crossing of the 10 ms link (direct) beats two (the aggregators' ring), even with
+    # every rank's frames sharing the 100 Mbit NIC
+    algo, times = model.choose("all_reduce", 4096, lay)
+    assert algo == "direct" and times["innetwork"] > times["direct"] > 0.010, times
     # a ring chunk crosses the slow link 2(n-1)/n * 2 = 3.5 times, an aggregator ring's twice;
     # and the ring's slow arcs carry 2(n-1)/n = 1.75 D, the aggregators' D: the slow link
     # dominates both, so the ratio is 1.75 up to the (small) intra-rack terms

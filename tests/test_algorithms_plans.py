@@ -1,4 +1,4 @@
-"""Symbolic verification of the tree, Hamiltonian multi-ring and hierarchical planners.
+"""Symbolic verification of the tree, direct, Hamiltonian multi-ring and hierarchical planners.
 
 Every plan set is executed in Python (plansim) with expressions instead of numbers: each output
 element must be reduced over every rank exactly once, and all ranks must hold the *same*
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from plansim import OUT, SCRATCH, leaves, simulate, sym_array, sym_reduce, sym_scale
+from plansim import OUT, SCRATCH, check_plan_races, leaves, simulate, sym_array, sym_reduce, sym_scale
 from pycoll import planners
 from pycoll.layout import DOUBLE_COVERS, Layout, multiring_cycles
 
@@ -108,6 +108,42 @@ def test_tree_rejects_other_collectives():
     for coll in ("all_gather", "reduce_scatter"):
         with pytest.raises(Exception):
             planners.plan_tree(coll, 4, 0, 8, 4)
+
+
+# ---- direct ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("n", ALL_N)
+@pytest.mark.parametrize("preserve,avg", [(False, False), (True, True), (False, True)])
+def test_direct_all_reduce_reduces_in_rank_order(n, preserve, avg):
+    count = 5
+    plans = [planners.plan_direct("all_reduce", n, r, count, 8, preserve=preserve, avg=avg) for r in range(n)]
+    for r, p in enumerate(plans):  # in place (IN is OUT): nothing may write what a send still reads
+        check_plan_races(p.ops(), p.tail_first, aliased=True, rank=r, itemsize=8)
+    outs = run_allreduce(plans, n, count, avg)
+    check_allreduce(outs, n, count, avg)
+    for i in range(count):  # x_0 (op) x_1 (op) ... left to right, the same on every rank
+        assert leaves(outs[0][i]) == [(r, i) for r in range(n)]
+
+
+@pytest.mark.parametrize("n", [2, 3, 8])
+@pytest.mark.parametrize("count", [0, 1, 7])
+def test_direct_sends_first_one_frame_to_every_peer(n, count):
+    for r in range(n):
+        ops = planners.plan_direct("all_reduce", n, r, count, 4).ops()
+        net = [o for o in ops if o["kind"] in (0, 1, 2)]  # send, recv, recv-reduce
+        if count == 0:
+            assert net == []  # nothing to move, nothing to wait for
+            continue
+        sends = [o for o in net if o["kind"] == 0]
+        assert ops[:n - 1] == sends and all(o["deps"] == [] for o in sends)  # all on their way at once
+        assert sorted(o["peer"] for o in sends) == sorted(set(range(n)) - {r})
+        assert sorted(o["peer"] for o in net if o["kind"] != 0) == sorted(set(range(n)) - {r})
+        assert all(o["len"] == 4 * count for o in net)
+
+
+def test_direct_rejects_other_collectives():
+    for coll in ("all_gather", "reduce_scatter", "broadcast"):
+        with pytest.raises(Exception, match="direct"):
+            planners.plan_direct(coll, 4, 0, 8, 4)
 
 
 # ---- Hamiltonian multi-ring -------------------------------------------------------------------
@@ -302,7 +338,7 @@ aggregator = "switch"
     assert Layout(4, None, hosts=["x", "y", "x", "y"]).agg_of == [0, 1, 0, 1]
 
 
-@pytest.mark.parametrize("algorithm", ["ring", "hamiltonian", "tree", "innetwork"])
+@pytest.mark.parametrize("algorithm", ["ring", "hamiltonian", "tree", "innetwork", "direct"])
 @pytest.mark.parametrize("coll", ["all_reduce", "all_gather", "reduce_scatter", "broadcast"])
 def test_build_dispatch_for_every_pair(algorithm, coll):
     n = 5
