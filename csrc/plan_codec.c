@@ -25,8 +25,9 @@
  *     made a value holds exactly what it sent;
  *   - any write to a range ends its twin.
  * IN is never written; its bytes always encode the same way, and a COPY of
- * IN into OUT (the all-gather's own block) decodes the bytes already sent
- * for that range, so the sender holds what its peers received.
+ * IN into OUT (the all-gather's own block), or into scratch once the range
+ * was sent (direct's own contribution), decodes the bytes already sent for
+ * that range, so the sender holds what its peers received.
  * Every new op depends on what the original op depended on; anything that
  * depended on an original op depends on all the ops that replace it.
  * Encoded bytes and decoded copies get fresh scratch past the original
@@ -411,6 +412,13 @@ static void in_record(cx *c, uint64_t off, uint64_t len, int32_t enc) {
     c->nins++;
 }
 
+/* The encoding of exactly IN[off, off+len), or -1. */
+static int32_t in_exact(const cx *c, uint64_t off, uint64_t len) {
+    for (int32_t k = 0; k < c->nins; k++)
+        if (c->ins[k].off == off && c->ins[k].len == len) return c->ins[k].enc;
+    return -1;
+}
+
 /* ---- one original op --------------------------------------------------- */
 static void rewrite_send(cx *c, int32_t o, const pc_op *op) {
     dep_reset(c);
@@ -421,6 +429,8 @@ static void rewrite_send(cx *c, int32_t o, const pc_op *op) {
     if (t) { /* forward the bytes we hold */
         id = t->enc;
         dep_add(c, c->encs[id].producer);
+    } else if (op->src_buf == PC_BUF_IN && (id = in_exact(c, op->src_off, op->len)) >= 0) {
+        dep_add(c, c->encs[id].producer); /* sent before: IN never changes, send the same bytes again */
     } else if (op->src_buf == PC_BUF_IN) {
         id = encode_into_new(c, PC_BUF_IN, op->src_off, op->len);
         if (id < 0) return;
@@ -509,9 +519,25 @@ static void rewrite_copy_in(cx *c, int32_t o, const pc_op *op) {
     }
 }
 
+/* Every byte of IN[off, off+len) was already encoded, in pieces that lie
+ * inside the range (for a send). */
+static int in_already_encoded(const cx *c, uint64_t off, uint64_t len) {
+    uint64_t x = off, end = off + len;
+    while (x < end) {
+        uint64_t y = x;
+        for (int32_t k = 0; k < c->nins; k++)
+            if (c->ins[k].off == x && x + c->ins[k].len <= end && x + c->ins[k].len > y) y = x + c->ins[k].len;
+        if (y == x) return 0;
+        x = y;
+    }
+    return 1;
+}
+
 static void rewrite_copy(cx *c, int32_t o, const pc_op *op) {
     if (op->src_buf == PC_BUF_IN) {
-        if (op->dst_buf == PC_BUF_OUT) {
+        /* Into OUT, or into scratch once that range went out (direct's own
+         * contribution): the decoded form of what the peers received. */
+        if (op->dst_buf == PC_BUF_OUT || (op->len && in_already_encoded(c, op->src_off, op->len))) {
             rewrite_copy_in(c, o, op);
             return;
         }

@@ -9,8 +9,8 @@
  *
  * Reduction order: acc = x_0 (op) x_1 (op) ... (op) x_{n-1}, left to right
  * by rank, the same on every rank, so every rank ends with the same bits.
- * Rank r's own contribution x_r comes from IN, the others' straight off
- * their connections (PC_OP_RECV_REDUCE reduces on arrival); each step
+ * Rank r's own contribution x_r comes from a copy of IN, the others'
+ * straight off their connections (PC_OP_RECV_REDUCE reduces on arrival); each step
  * depends on the one before, so the order holds whatever arrives first.
  * The sends depend on nothing: every frame is on its way at the start, and
  * a receive waits only for data that was already sent (no deadlock, however
@@ -42,18 +42,23 @@ pc_status pc_plan_direct(pc_collective coll, int32_t nranks, int32_t rank, uint6
      * rank sends to a different peer, so no receiver is hit by all at once. */
     for (int32_t k = 1; k < nranks; k++)
         plan_add(plan, PC_OP_SEND, (rank + k) % nranks, 0, DIRECT_TAG, PC_BUF_IN, 0, -1, 0, bytes, NULL, 0);
-    int32_t prev = -1;
-    for (int32_t j = 0; j < nranks; j++) {
-        if (j == 0 && rank == 0) continue; /* x_0 enters with x_1 below */
+    /* This rank's own x_r enters through a copy into scratch (after the
+     * sends, so with wire compression the copy is the decoded form of what
+     * the peers received: plan_codec.c). Scratch: [0, bytes) the
+     * accumulator, [bytes, 2 bytes) the copy of x_r (rank 0 copies straight
+     * into the accumulator, which x_0 starts). */
+    uint64_t own = rank == 0 ? 0 : bytes;
+    int32_t mine = plan_add(plan, PC_OP_COPY, -1, 0, 0, PC_BUF_IN, 0, PC_BUF_SCRATCH, own, bytes, NULL, 0);
+    int32_t prev = rank == 0 ? mine : -1;
+    for (int32_t j = rank == 0 ? 1 : 0; j < nranks; j++) {
         if (j == rank) {
-            /* acc (op)= IN; rank 0 never gets here (it starts the chain) */
-            prev = plan_add(plan, PC_OP_REDUCE, -1, 0, 0, PC_BUF_IN, 0, PC_BUF_SCRATCH, 0, bytes, &prev, 1);
+            int32_t deps[2] = {prev, mine};
+            prev = plan_add(plan, PC_OP_REDUCE, -1, 0, 0, PC_BUF_SCRATCH, own, PC_BUF_SCRATCH, 0, bytes, deps, 2);
         } else if (j == 0) {
             prev = plan_add(plan, PC_OP_RECV, 0, 0, DIRECT_TAG, -1, 0, PC_BUF_SCRATCH, 0, bytes, NULL, 0);
-        } else {
-            /* acc = acc (op) x_j; rank 0's first step reads x_0 from IN */
-            int32_t src = (rank == 0 && j == 1) ? PC_BUF_IN : PC_BUF_SCRATCH;
-            prev = plan_add(plan, PC_OP_RECV_REDUCE, j, 0, DIRECT_TAG, src, 0, PC_BUF_SCRATCH, 0, bytes, &prev, 1);
+        } else { /* acc = acc (op) x_j */
+            prev = plan_add(plan, PC_OP_RECV_REDUCE, j, 0, DIRECT_TAG, PC_BUF_SCRATCH, 0, PC_BUF_SCRATCH, 0, bytes,
+                            &prev, 1);
         }
     }
     if (flags & PC_PLAN_AVG) plan_add(plan, PC_OP_SCALE, -1, 0, 0, -1, 0, PC_BUF_SCRATCH, 0, bytes, &prev, 1);
