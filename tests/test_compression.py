@@ -237,14 +237,14 @@ def test_all_reduce_int8_error_bound(n, count, seed):
 
 
 # ---- real processes ---------------------------------------------------------
-def _rank_cases(comm, cases):
+def _rank_cases(comm, cases, algorithm="ring"):
     out = []
     for coll, codec, op, count, seed in cases:
         n, r = comm.world_size, comm.rank
         rng = np.random.default_rng([seed, r])
         if coll == "all_reduce":
             x = rng.standard_normal(count).astype(F32)
-            comm.all_reduce(x, op=op, algorithm="ring", compression=codec)
+            comm.all_reduce(x, op=op, algorithm=algorithm, compression=codec)
             out.append(x.tobytes())
         elif coll == "all_gather":
             x = rng.standard_normal(count).astype(F32)
@@ -264,13 +264,17 @@ def _rank_cases(comm, cases):
     return out
 
 
-def expected_bytes(case, n, stripes, segment=DEFAULT_SEGMENT, preserve=True):
+def expected_bytes(case, n, stripes, segment=DEFAULT_SEGMENT, preserve=True, algorithm="ring"):
     coll, codec, op, count, seed = case
     coll = "all_gather" if coll == "all_gather_in_place" else coll
-    plans = [compression.compress(planners.plan_rings(coll, n, r, [list(range(n))], count, 4,
-                                                      segment_bytes=segment, stripes=stripes,
-                                                      preserve=preserve and coll == "all_reduce",
-                                                      avg=op == "avg"), codec) for r in range(n)]
+    if algorithm == "direct" and coll == "all_reduce":
+        plans = [compression.compress(planners.plan_direct(coll, n, r, count, 4, stripes=stripes, preserve=preserve,
+                                                           avg=op == "avg"), codec) for r in range(n)]
+    else:
+        plans = [compression.compress(planners.plan_rings(coll, n, r, [list(range(n))], count, 4,
+                                                          segment_bytes=segment, stripes=stripes,
+                                                          preserve=preserve and coll == "all_reduce",
+                                                          avg=op == "avg"), codec) for r in range(n)]
     bufs = []
     for r, p in enumerate(plans):
         rng = np.random.default_rng([seed, r])
@@ -286,11 +290,11 @@ def expected_bytes(case, n, stripes, segment=DEFAULT_SEGMENT, preserve=True):
     return [b[OUT].tobytes() for b in bufs]
 
 
-def check_cases(cases, n, stripes=1, **init_kwargs):
-    results = pycoll.testing.run(_rank_cases, n, args=(cases,), timeout=150,
+def check_cases(cases, n, stripes=1, algorithm="ring", **init_kwargs):
+    results = pycoll.testing.run(_rank_cases, n, args=(cases, algorithm), timeout=150,
                                  init_kwargs={"timeout": 60, "stripes": stripes, **init_kwargs})
     for i, case in enumerate(cases):
-        want = expected_bytes(case, n, stripes)
+        want = expected_bytes(case, n, stripes, algorithm=algorithm)
         for r in range(n):
             assert results[r][i] == want[r], f"rank {r} differs from the reference for {case}"
         if case[0] != "reduce_scatter":
@@ -307,6 +311,16 @@ def test_compressed_collectives_match_reference(n):
                                                  ("all_gather_in_place", "sum", 1000),
                                                  ("reduce_scatter", "sum", 257)])]
     check_cases(cases, n)
+
+
+@pytest.mark.timeout(200)
+@pytest.mark.parametrize("n", [2, 4])
+def test_compressed_direct_all_reduce_matches_reference(n):
+    """direct reduces every contribution on every rank: each must use what the others received of its
+    own data (the decoded bytes), or the ranks would end with different bits."""
+    cases = [("all_reduce", codec, op, count, 10 * i + j) for i, codec in enumerate(NAMES)
+             for j, (op, count) in enumerate([("sum", 1000), ("avg", 77), ("max", 5)])]
+    check_cases(cases, n, algorithm="direct")
 
 
 @pytest.mark.timeout(200)
