@@ -297,20 +297,28 @@ def run(fn, world_size, *, args=(), timeout=60.0, kill=None, delay=None, init="p
                 p.join(timeout=5)
         for c in pipes:
             c.close()
-    out = []
+    out, outcomes = [], []
     for rank, res in enumerate(results):
         if res is None:
             code = procs[rank].exitcode
             if code == -signal.SIGKILL and rank in kill:
                 out.append(KILLED)
+                outcomes.append("killed as asked")
                 continue
             err = RankError(rank, f"process died with exit code {code}")
         elif res[0] == "ok":
             out.append(res[1])
+            outcomes.append("ok")
             continue
         else:
             err = RankError(rank, res[1], res[2])
-        if not return_exceptions:
-            raise err
         out.append(err)
+        outcomes.append(str(err).split("\n", 1)[0].split(": ", 1)[1])
+    errors = [e for e in out if isinstance(e, RankError)]
+    if errors and not return_exceptions:
+        # the first failure, with what every rank did: a hang on one rank reads differently
+        # when the others finished than when one of them crashed first
+        first = errors[0]
+        raise RankError(first.rank, outcomes[first.rank] + "\nall ranks: " +
+                        "; ".join(f"rank {r}: {o}" for r, o in enumerate(outcomes)), first.remote_traceback)
     return out

@@ -55,6 +55,7 @@ def test_a_hanging_rank_is_killed_at_the_timeout(capfd):
     with pytest.raises(RankError) as info:
         pycoll.testing.run(_hang_on_two, 3, timeout=4)
     assert info.value.rank == 2 and "did not finish within 4" in str(info.value)
+    assert "all ranks: rank 0: ok; rank 1: ok; rank 2: did not finish" in str(info.value)
     assert time.monotonic() - t0 < 20
     assert multiprocessing.active_children() == []
     # before the kill, the hung rank printed where it was stuck (and only that rank)
