@@ -152,7 +152,9 @@ pc_status pc_plan_tree(pc_collective coll, int32_t nranks, int32_t rank, int32_t
  * contributions itself, in rank order (bit-identical everywhere). One step
  * of latency, n-1 times a ring's traffic. Only PC_COLL_ALLREDUCE; `count`
  * is the element count of the whole buffer; the result reaches OUT through
- * scratch (the input is intact if the collective fails).
+ * scratch (the input is intact if the collective fails, whatever `flags`
+ * says of PC_PLAN_PRESERVE_INPUT). Each frame is one small message, sent on
+ * the first of the `stripes` connections of its pair.
  */
 pc_status pc_plan_direct(pc_collective coll, int32_t nranks, int32_t rank, uint64_t count,
                          int32_t elem_size, int32_t stripes, uint32_t flags, pc_plan **out);
