@@ -61,7 +61,7 @@ def _run_counted(comm, cases):
 _cases = st.tuples(st.sampled_from(["all_reduce", "all_gather", "reduce_scatter", "broadcast"]),
                    st.sampled_from(["float32", "int32", "bfloat16", "float64"]),
                    st.sampled_from(OPS), st.sampled_from([1, 7, 1024]), st.integers(0, 1000),
-                   st.sampled_from(["auto", "ring", "tree"]))
+                   st.sampled_from(["auto", "ring", "tree", "direct"]))
 
 
 @pytest.mark.timeout(300)
