@@ -166,6 +166,9 @@ class Coordinator:
         self._sock = self._ctx.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a reconnecting peer keeps its identity
+        # a send to an identity with no live connection fails (EHOSTUNREACH) instead of vanishing:
+        # how a disconnect is checked against the member it seems to belong to (_routable)
+        self._sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self._sock.setsockopt(zmq.MAXMSGSIZE, self.limits.max_message_bytes)
         # a connection that never finishes its ZMTP greeting (slowloris) is closed
         self._sock.setsockopt(zmq.HANDSHAKE_IVL, int(self.limits.handshake_timeout * 1000))
@@ -176,7 +179,8 @@ class Coordinator:
             self.port = self._sock.bind_to_random_port(f"tcp://{host}", min_port=20000, max_port=30000)
         self.host = host
         self._monitor = self._sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
-        self._hb_fds = {}          # fd of a heartbeat connection -> Member
+        self._hb_fds = {}          # fd of a heartbeat connection -> Member (a hint: fds are reused)
+        self._suspects = {}        # name -> until when a disconnect hint is rechecked (_check_suspects)
         self.members = {}          # name -> Member
         self.by_ident = {}         # zmq identity -> Member
         self.removed = collections.OrderedDict()  # name -> why, for members declared dead (bounded)
@@ -224,6 +228,7 @@ class Coordinator:
                         self._dispatch(frames)
                     self._drain_monitor()
                 self._check_liveness()
+                self._check_suspects()
                 self._check_abort()
                 if self.resume is not None:
                     self._maybe_form_epoch()
@@ -241,7 +246,41 @@ class Coordinator:
             if event["event"] == zmq.EVENT_DISCONNECTED:
                 member = self._hb_fds.pop(event["value"], None)
                 if member is not None and member.alive:
-                    self._declare_dead(member, "its connection to the coordinator dropped")
+                    self._suspect(member)
+
+    # A disconnect event names only a file descriptor, and the kernel reuses those at once: a
+    # stranger's (or a port probe's) connection that closes can be reported after its fd already
+    # carries another member's heartbeats. So a disconnect is a hint, checked against the member's
+    # own heartbeat connection: gone (not routable) -> dead now; still there -> rechecked for a
+    # moment (in case the router has not yet seen the close), then cleared.
+    SUSPECT_S = 0.5
+
+    def _suspect(self, m):
+        if not self._routable(m):
+            self._suspects.pop(m.name, None)
+            self._declare_dead(m, "its connection to the coordinator dropped")
+        else:
+            self._suspects[m.name] = time.monotonic() + self.SUSPECT_S
+
+    def _check_suspects(self):
+        now = time.monotonic()
+        for name, until in list(self._suspects.items()):
+            m = self.members.get(name)
+            if m is None or not m.alive or now > until:
+                del self._suspects[name]
+            elif not self._routable(m):
+                del self._suspects[name]
+                self._declare_dead(m, "its connection to the coordinator dropped")
+
+    def _routable(self, m):
+        """The member's heartbeat connection is open (a probe it ignores gets through)."""
+        if m.hb_ident is None:
+            return False
+        try:
+            self._sock.send_multipart([m.hb_ident, self._sealer.seal(pack({"t": "probe"}))], zmq.NOBLOCK)
+        except zmq.ZMQError as exc:
+            return exc.errno == zmq.EAGAIN  # queue full: connected, just slow
+        return True
 
     # ---- plumbing ------------------------------------------------------
     def _send(self, ident, msg):
@@ -387,7 +426,10 @@ class Coordinator:
             m.hb_ident = ident
             self.by_ident[ident] = m
         if fd is not None and self._hb_fds.get(fd) is not m:
+            prev = self._hb_fds.get(fd)
             self._hb_fds[fd] = m
+            if prev is not None and prev.alive:
+                self._suspect(prev)  # its fd carries another connection now: its own has closed
         m.last_seen = time.monotonic()
         pending = sum(1 for x in self.members.values() if x.alive and x.name not in self.epoch_members)
         self._send(ident, {"t": "hb", "known": True, "epoch": self.epoch, "pending": pending})

@@ -693,3 +693,106 @@ def test_coordinator_closes_a_slowloris_greeting():
     finally:
         client.close()
         coord.stop()
+
+
+# ---- a closed stranger connection and fd reuse ------------------------------------------------
+def _member_reusing_a_fd(port, go, out):
+    """Joins, starts its heartbeats at the moment ``go`` sends (monotonic time, the same clock in
+    every process of a host), reports after a while whether the coordinator dropped it, then
+    waits to be killed."""
+    c = CoordinatorClient("127.0.0.1", port, name="reuser", heartbeat_timeout=5.0)
+    c.request({"t": "join", "proto": PROTOCOL, "addr": ["127.0.0.1", 1001]}, timeout=10)
+    start_at = go.recv()
+    time.sleep(max(0.0, start_at - time.monotonic()))
+    c.start_heartbeats()
+    time.sleep(2.0)
+    out.send(c.evicted)
+    time.sleep(60)
+
+
+def _accepted_fd(local_port, peer_port):
+    """This process's fd of the accepted TCP connection local_port <- peer_port (or None)."""
+    inodes = set()
+    with open("/proc/net/tcp") as f:
+        for line in f.readlines()[1:]:
+            cols = line.split()
+            if int(cols[1].split(":")[1], 16) == local_port and int(cols[2].split(":")[1], 16) == peer_port:
+                inodes.add(cols[9])
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            link = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if link[8:-1] in inodes and link.startswith("socket:["):
+            return int(fd)
+    return None
+
+
+@pytest.mark.timeout(90)
+def test_a_closed_stranger_connection_does_not_evict_the_member_that_reuses_its_fd():
+    """The coordinator learns of a dropped connection from an event that names only its file
+    descriptor. A stranger (here: a port probe, as rank 0's `pycoll.init` makes) connects and
+    closes; the kernel hands its fd to the next connection, a member's heartbeats; if the
+    coordinator's thread was busy meanwhile (its process importing torch, say), it reads that
+    heartbeat before the stale event. It must not evict the member (it did: a group then never
+    formed, and every rank waited in init), and a member that really dies must still be noticed
+    at once, long before the heartbeat timeout."""
+    import fcntl
+    import multiprocessing as mp
+    import signal
+    import sys
+    ctx = mp.get_context("spawn")
+    coord = Coordinator("127.0.0.1", 0, heartbeat_timeout=5.0).start()
+    out_r, out_w = ctx.Pipe(duplex=False)
+    go_r, go_w = ctx.Pipe(duplex=False)
+    member = ctx.Process(target=_member_reusing_a_fd, args=(coord.port, go_r, out_w), daemon=True)
+    dummies = []
+    try:
+        member.start()
+        assert _wait(lambda: "reuser" in coord.members, 20), "the member did not join"
+        # every free fd below the highest open one taken, so the stranger's is the next one freed
+        top = max(int(x) for x in os.listdir("/proc/self/fd"))
+        while True:
+            fd = os.open(os.devnull, os.O_RDONLY)
+            if fd > top:
+                os.close(fd)
+                break
+            dummies.append(fd)
+        low = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        stranger = socket.socket(fileno=fcntl.fcntl(low.fileno(), fcntl.F_DUPFD, 4000))  # its own end: high
+        low.close()
+        stranger.connect(("127.0.0.1", coord.port))
+        time.sleep(0.3)  # accepted by now; looking earlier would take an fd (a file) the accept wants
+        assert _wait(lambda: _accepted_fd(coord.port, stranger.getsockname()[1]) is not None)
+        stale = _accepted_fd(coord.port, stranger.getsockname()[1])
+        start_at = time.monotonic() + 0.5
+        go_w.send(start_at)
+        time.sleep(0.2)
+        # Keep the coordinator's thread off the GIL (zmq's I/O thread does not need it) while the
+        # stranger's connection closes and the member's heartbeat connection takes its fd.
+        switch = sys.getswitchinterval()
+        sys.setswitchinterval(30.0)
+        try:
+            stranger.close()
+            end = start_at + 1.0
+            while time.monotonic() < end:
+                pass
+        finally:
+            sys.setswitchinterval(switch)
+        assert out_r.poll(15)
+        assert out_r.recv() is None, "the coordinator evicted a live member"
+        assert coord.members["reuser"].alive
+        assert stale in coord._hb_fds, "the heartbeats did not reuse the stranger's fd (the scene did not happen)"
+        # a real death is still seen through its connection, not only after the 5 s heartbeat timeout
+        t0 = time.monotonic()
+        os.kill(member.pid, signal.SIGKILL)
+        assert _wait(lambda: "reuser" in coord.removed, 3.0)  # a joiner never admitted is forgotten at once
+        assert time.monotonic() - t0 < 2.0
+        assert "dropped" in coord.removed["reuser"], coord.removed["reuser"]
+    finally:
+        for fd in dummies:
+            os.close(fd)
+        if member.is_alive():
+            member.kill()
+        member.join(5)
+        coord.stop()
