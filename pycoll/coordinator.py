@@ -219,7 +219,9 @@ class Coordinator:
         log.info("coordinator listening on %s:%d", self.host, self.port)
         try:
             while not self._stop.is_set():
-                if poller.poll(50):
+                # a suspect is rechecked within milliseconds: its death usually reaches the router
+                # a moment after the disconnect event, and survivors wait on the cause
+                if poller.poll(2 if self._suspects else 50):
                     for _ in range(1000):  # drain, bounded
                         try:
                             frames = self._sock.recv_multipart(zmq.NOBLOCK, copy=False)
