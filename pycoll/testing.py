@@ -10,9 +10,10 @@
 
 Each rank is a fresh process (spawned, so ``fn`` must be defined at module level, importable by the
 children, and its arguments and result picklable). The results come back in rank order. If a rank
-raises, :class:`RankError` carries its rank and traceback; a rank that is still running at
-``timeout`` is killed and reported, so a bug shows as a failure, never as a hang. Every process is
-cleaned up, whatever happens.
+raises, :class:`RankError` carries its rank and traceback (and what every other rank did); a rank
+that is still running at ``timeout`` prints every thread's stack to stderr, is killed and reported,
+so a bug shows as a failure, never as a hang, and the failure shows where it waited. Every process
+is cleaned up, whatever happens.
 
 What a rank runs (``init``):
 
