@@ -519,25 +519,12 @@ static void rewrite_copy_in(cx *c, int32_t o, const pc_op *op) {
     }
 }
 
-/* Every byte of IN[off, off+len) was already encoded, in pieces that lie
- * inside the range (for a send). */
-static int in_already_encoded(const cx *c, uint64_t off, uint64_t len) {
-    uint64_t x = off, end = off + len;
-    while (x < end) {
-        uint64_t y = x;
-        for (int32_t k = 0; k < c->nins; k++)
-            if (c->ins[k].off == x && x + c->ins[k].len <= end && x + c->ins[k].len > y) y = x + c->ins[k].len;
-        if (y == x) return 0;
-        x = y;
-    }
-    return 1;
-}
-
 static void rewrite_copy(cx *c, int32_t o, const pc_op *op) {
     if (op->src_buf == PC_BUF_IN) {
-        /* Into OUT, or into scratch once that range went out (direct's own
-         * contribution): the decoded form of what the peers received. */
-        if (op->dst_buf == PC_BUF_OUT || (op->len && in_already_encoded(c, op->src_off, op->len))) {
+        /* Into OUT, or into scratch once exactly that range went out
+         * (direct's own contribution): the decoded form of what the peers
+         * received. */
+        if (op->dst_buf == PC_BUF_OUT || (op->len && in_exact(c, op->src_off, op->len) >= 0)) {
             rewrite_copy_in(c, o, op);
             return;
         }

@@ -10,8 +10,9 @@
  * Reduction order: acc = x_0 (op) x_1 (op) ... (op) x_{n-1}, left to right
  * by rank, the same on every rank, so every rank ends with the same bits.
  * Rank r's own contribution x_r comes from a copy of IN, the others'
- * straight off their connections (PC_OP_RECV_REDUCE reduces on arrival); each step
- * depends on the one before, so the order holds whatever arrives first.
+ * straight off their connections (PC_OP_RECV_REDUCE reduces on arrival);
+ * each step depends on the one before, so the order holds whatever arrives
+ * first.
  * The sends depend on nothing: every frame is on its way at the start, and
  * a receive waits only for data that was already sent (no deadlock, however
  * small the connection buffers).

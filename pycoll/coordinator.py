@@ -180,7 +180,7 @@ class Coordinator:
         self.host = host
         self._monitor = self._sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self._hb_fds = {}          # fd of a heartbeat connection -> Member (a hint: fds are reused)
-        self._suspects = {}        # name -> until when a disconnect hint is rechecked (_check_suspects)
+        self._suspects = {}        # name -> (recheck until, next recheck, interval): _check_suspects
         self.members = {}          # name -> Member
         self.by_ident = {}         # zmq identity -> Member
         self.removed = collections.OrderedDict()  # name -> why, for members declared dead (bounded)
@@ -254,7 +254,9 @@ class Coordinator:
     # stranger's (or a port probe's) connection that closes can be reported after its fd already
     # carries another member's heartbeats. So a disconnect is a hint, checked against the member's
     # own heartbeat connection: gone (not routable) -> dead now; still there -> rechecked for a
-    # moment (in case the router has not yet seen the close), then cleared.
+    # moment (in case the router has not yet seen the close), then cleared. Rechecks come at
+    # 2, 4, 8, ... ms: a real death shows at the first, and a live member gets a handful of
+    # probes, not one per pass of the loop.
     SUSPECT_S = 0.5
 
     def _suspect(self, m):
@@ -262,17 +264,22 @@ class Coordinator:
             self._suspects.pop(m.name, None)
             self._declare_dead(m, "its connection to the coordinator dropped")
         else:
-            self._suspects[m.name] = time.monotonic() + self.SUSPECT_S
+            now = time.monotonic()
+            self._suspects[m.name] = (now + self.SUSPECT_S, now + 0.002, 0.002)
 
     def _check_suspects(self):
         now = time.monotonic()
-        for name, until in list(self._suspects.items()):
+        for name, (until, due, step) in list(self._suspects.items()):
             m = self.members.get(name)
             if m is None or not m.alive or now > until:
                 del self._suspects[name]
+            elif now < due:
+                continue
             elif not self._routable(m):
                 del self._suspects[name]
                 self._declare_dead(m, "its connection to the coordinator dropped")
+            else:
+                self._suspects[name] = (until, now + 2 * step, 2 * step)
 
     def _routable(self, m):
         """The member's heartbeat connection is open (a probe it ignores gets through)."""

@@ -298,7 +298,7 @@ def run(fn, world_size, *, args=(), timeout=60.0, kill=None, delay=None, init="p
                 p.join(timeout=5)
         for c in pipes:
             c.close()
-    out, outcomes = [], []
+    out, outcomes, first = [], [], None
     for rank, res in enumerate(results):
         if res is None:
             code = procs[rank].exitcode
@@ -306,20 +306,21 @@ def run(fn, world_size, *, args=(), timeout=60.0, kill=None, delay=None, init="p
                 out.append(KILLED)
                 outcomes.append("killed as asked")
                 continue
-            err = RankError(rank, f"process died with exit code {code}")
+            message, remote = f"process died with exit code {code}", ""
         elif res[0] == "ok":
             out.append(res[1])
             outcomes.append("ok")
             continue
         else:
-            err = RankError(rank, res[1], res[2])
-        out.append(err)
-        outcomes.append(str(err).split("\n", 1)[0].split(": ", 1)[1])
-    errors = [e for e in out if isinstance(e, RankError)]
-    if errors and not return_exceptions:
+            message, remote = res[1], res[2]
+        out.append(RankError(rank, message, remote))
+        outcomes.append(message.split("\n", 1)[0])
+        if first is None:
+            first = (rank, message, remote)
+    if first is not None and not return_exceptions:
         # the first failure, with what every rank did: a hang on one rank reads differently
         # when the others finished than when one of them crashed first
-        first = errors[0]
-        raise RankError(first.rank, outcomes[first.rank] + "\nall ranks: " +
-                        "; ".join(f"rank {r}: {o}" for r, o in enumerate(outcomes)), first.remote_traceback)
+        rank, message, remote = first
+        raise RankError(rank, message + "\nall ranks: " + "; ".join(f"rank {r}: {o}" for r, o in enumerate(outcomes)),
+                        remote)
     return out

@@ -134,7 +134,9 @@ def test_auto_prefers_few_steps_for_small_messages_and_bandwidth_for_large():
     assert [a for _, a in points] == ["direct", "tree", "ring"]
     # direct is offered only up to DIRECT_MAX_BYTES (the model has no term for its extra reduction work)
     assert points[1][0] == DIRECT_MAX_BYTES * 2
-    # without the cap the model would keep direct further: the cap decides, not the traffic
+    # the model alone would keep direct further (it has no term for the reduction work): the cap decides
+    assert model.predict("direct", "all_reduce", DIRECT_MAX_BYTES * 2, lay) < \
+        model.predict("tree", "all_reduce", DIRECT_MAX_BYTES * 2, lay)
     _, times = model.choose("all_reduce", DIRECT_MAX_BYTES * 2, lay, candidates=("tree", "direct"))
     assert "direct" not in times and "tree" in times
 

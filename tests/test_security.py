@@ -7,11 +7,15 @@ messages, identity spoofing, hostile frames on a data connection (bad magic,
 version, length, oversized length, wrong sequence number, truncation, a
 stalled peer), and the configurable limits.
 """
+import fcntl
 import logging
+import multiprocessing as mp
 import os
 import secrets
+import signal
 import socket
 import struct
+import sys
 import threading
 import time
 
@@ -737,10 +741,6 @@ def test_a_closed_stranger_connection_does_not_evict_the_member_that_reuses_its_
     heartbeat before the stale event. It must not evict the member (it did: a group then never
     formed, and every rank waited in init), and a member that really dies must still be noticed
     at once, long before the heartbeat timeout."""
-    import fcntl
-    import multiprocessing as mp
-    import signal
-    import sys
     ctx = mp.get_context("spawn")
     coord = Coordinator("127.0.0.1", 0, heartbeat_timeout=5.0).start()
     out_r, out_w = ctx.Pipe(duplex=False)
