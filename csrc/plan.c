@@ -68,6 +68,15 @@ void plan_announce(pc_plan *p) {
     plan_add(p, PC_OP_RECV, (p->rank + p->nranks - 1) % p->nranks, 0, ANNOUNCE_TAG, -1, 0, -1, 0, 0, NULL, 0);
 }
 
+#define AGREE_TAG 0xa1000000u
+
+void plan_agree(pc_plan *p) {
+    for (int32_t d = 1; d < p->nranks; d++)
+        plan_add(p, PC_OP_SEND, (p->rank + d) % p->nranks, 0, AGREE_TAG, -1, 0, -1, 0, 0, NULL, 0);
+    for (int32_t d = 1; d < p->nranks; d++)
+        plan_add(p, PC_OP_RECV, (p->rank + p->nranks - d) % p->nranks, 0, AGREE_TAG, -1, 0, -1, 0, 0, NULL, 0);
+}
+
 void plan_begin_tail(pc_plan *p) {
     if (p->tail_first < 0) p->tail_first = p->nops;
 }

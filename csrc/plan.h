@@ -37,6 +37,14 @@ void plan_begin_tail(pc_plan *p);
  * so that mismatched calls across ranks fail the header check at once
  * instead of every rank waiting for its timeout. */
 void plan_announce(pc_plan *p);
+/* An empty frame to every other rank and one from every other rank, first on
+ * those connections, all in one step. For schedules in which some rank would
+ * otherwise finish without receiving anything from some other rank (a
+ * broadcast root, the head of a chain): every frame's header carries the
+ * digest of the sender's arguments, so a rank whose call differs from any
+ * other's fails the check on every rank, in the same call, instead of some
+ * ranks returning normally. */
+void plan_agree(pc_plan *p);
 pc_status plan_finish(pc_plan *p, pc_plan **out);
 
 /* Split `count` elements into `parts` nearly equal pieces: piece i starts at

@@ -367,6 +367,7 @@ pc_status pc_plan_rings(pc_collective coll, int32_t nranks, int32_t rank,
         if (bytes) plan_add(plan, PC_OP_COPY, -1, 0, 0, PC_BUF_IN, 0, PC_BUF_OUT, 0, bytes, NULL, 0);
         return plan_finish(plan, out);
     }
+    if (coll == PC_COLL_BROADCAST) plan_agree(plan); /* the root receives nothing else: see plan.h */
     pc_status st = PC_OK;
     if (coll == PC_COLL_ALLREDUCE) {
         ring_sched rs = {.plan = plan, .orders = rings, .nrings = nrings, .n = nranks, .stripes = stripes,

@@ -212,7 +212,10 @@ pc_status pc_plan_tree(pc_collective coll, int32_t nranks, int32_t rank, int32_t
         if (count) plan_add(plan, PC_OP_COPY, -1, 0, 0, PC_BUF_IN, 0, PC_BUF_OUT, 0, count * es, NULL, 0);
         return plan_finish(plan, out);
     }
-    plan_announce(plan); /* some ranks begin by waiting: see plan.h */
+    if (coll == PC_COLL_BROADCAST)
+        plan_agree(plan); /* the root receives nothing else: see plan.h */
+    else
+        plan_announce(plan); /* some ranks begin by waiting: see plan.h */
     tree_ctx c = {.plan = plan, .stripes = stripes, .es = elem_size, .count = count,
                   .segs = plan_segments((count / 2 + 1) * es, segment_bytes)};
     pc_status st = coll == PC_COLL_ALLREDUCE ? tree_allreduce(&c, nranks, rank, flags)

@@ -50,6 +50,8 @@ _tuple_new = tuple.__new__  # builds a Stat without the namedtuple's Python-leve
 _NULL = ffi.NULL
 _OK = lib.PC_OK
 _ndarray = np.ndarray
+# Failures every rank must raise as what they are, wherever they were detected.
+_CAUSE_STATUSES = (lib.PC_ERR_PROTO, lib.PC_ERR_TIMEOUT)
 
 
 class Stat(collections.namedtuple("Stat", "op algorithm nbytes seconds world_size epoch ok retries")):
@@ -60,11 +62,12 @@ class _Call:
     """A prepared collective: what identical calls of one epoch share (plan,
     engine arguments, sizes). Only the buffers' addresses vary per call."""
 
-    __slots__ = ("coll", "algorithm", "plan", "ptr", "ccomm", "switch", "desc", "code", "opc", "count", "itemsize",
-                 "nbytes", "sizes")
+    __slots__ = ("coll", "algorithm", "plan", "ptr", "ccomm", "switch", "desc", "ident", "code", "opc", "count",
+                 "itemsize", "nbytes", "sizes")
 
-    def __init__(self, coll, algorithm, plan, ccomm, switch, desc, code, opc, count, itemsize, in_nbytes, out_nbytes):
-        self.coll, self.algorithm, self.plan, self.ptr = coll, algorithm, plan, plan.ptr
+    def __init__(self, coll, algorithm, plan, ccomm, switch, desc, ident, code, opc, count, itemsize, in_nbytes,
+                 out_nbytes):
+        self.coll, self.algorithm, self.plan, self.ptr, self.ident = coll, algorithm, plan, plan.ptr, ident
         self.ccomm, self.switch, self.desc, self.code, self.opc = ccomm, switch, desc, code, opc
         self.count, self.itemsize, self.nbytes = count, itemsize, max(in_nbytes, out_nbytes)
         self.sizes = ffi.new("uint64_t[2]", [in_nbytes, out_nbytes])  # read-only once made
@@ -338,17 +341,33 @@ class Communicator:
             self._plans[key] = plan
         return plan
 
-    def _ensure_ready(self):
+    def _ensure_ready(self, ident=None):
+        """Ready the epoch for a call (``ident``: its identity, see _identity)."""
         if self._closed:
             raise CollectiveError("communicator is closed")
         if self._aborted_epoch == self.epoch and not self._broken:
-            # A peer failed after our last call finished. Peers that were
-            # inside a collective got PeerFailure there; we report it on this
-            # call (not run) so every survivor sees the failure exactly once.
+            # The epoch failed after our last call finished. Peers that were
+            # inside a collective got the error there; we report it on this
+            # call (not run) so every rank fails that call exactly once, and
+            # all are at the same call afterwards.
             self._broken = True
             # The push may have gone out before the cause was known: ask for it.
             info = consensus.report_epoch_failure(self, self.epoch, "a call found the epoch aborted")
             lost = info.get("lost") or self._abort_lost
+            if (ident is not None and info.get("call") is not None and info.get("seq") == self._seq + 1
+                    and info["call"] != ident):
+                # The call that failed was #seq, and ours is not it: we skipped it
+                # (the others' next call is ours). Run ours in the re-formed group.
+                log.warning("rank %d: the others' call #%d of epoch %d failed (%s) and this rank never made "
+                            "it; this call runs in the re-formed group", self.rank, self._seq + 1, self.epoch,
+                            info.get("why") or self._abort_reason)
+                self._sync(rebuild=True)
+                return
+            cause = info.get("status")
+            if not lost and cause in _CAUSE_STATUSES:  # the call we missed failed by mismatch or timeout
+                raise status_error(cause, f"rank {self.rank}: epoch {self.epoch} was aborted "
+                                          f"({info.get('why') or self._abort_reason}); this call did not run; "
+                                          "the next call re-forms the group")
             raise PeerFailure(f"rank {self.rank}: epoch {self.epoch} was aborted "
                               f"({info.get('why') or self._abort_reason}); "
                               "this call did not run; the next call runs on the survivors",
@@ -382,7 +401,7 @@ class Communicator:
             if agree.root_name is not None:
                 root = agree.root(self)
         else:
-            self._ensure_ready()
+            self._ensure_ready(_identity(coll, inbuf.code, op, count, root, algorithm, compression))
         call = self._prepare(coll, inbuf, outbuf, count, op, root, algorithm, preserve, compression)
         if agree is not None:
             return self._launch(call, ffi.cast("void *", inbuf.address), ffi.cast("void *", outbuf.address),
@@ -417,7 +436,8 @@ class Communicator:
             switch, ccomm = None, self._comm
             plan = self._plan(coll, chosen, count, itemsize, root, avg, preserve, codec)
         desc = _digest(coll, inbuf.code, opc, count, root, chosen, codec)
-        return _Call(coll, chosen, plan, ccomm, switch, desc, inbuf.code, opc, count, itemsize, inbuf.nbytes,
+        ident = _identity(coll, inbuf.code, op, count, root, algorithm, compression)
+        return _Call(coll, chosen, plan, ccomm, switch, desc, ident, inbuf.code, opc, count, itemsize, inbuf.nbytes,
                      outbuf.nbytes)
 
     def _launch(self, call, inptr, outptr, timeout, internal=False, agree=None, inbuf=None, outbuf=None):
@@ -465,7 +485,7 @@ class Communicator:
             return call.algorithm
         log.info("rank %d/%d epoch %d: %s %s failed after %.3f ms (status %d)", self.rank, self.world_size,
                  self.epoch, coll, call.algorithm, dt * 1e3, st)
-        raise self._failure(st, int(failed[0]), coll, ccomm)
+        raise self._failure(st, int(failed[0]), coll, ccomm, call.ident)
 
     def _fast_call(self, key):
         """The prepared call remembered under ``key`` (see :meth:`_fast_run`),
@@ -505,7 +525,7 @@ class Communicator:
         finally:
             self._exec_lock.release()
 
-    def _failure(self, st, peer, coll, ccomm=None):
+    def _failure(self, st, peer, coll, ccomm=None, ident=None):
         message = ffi.string(lib.pc_comm_last_error(ccomm or self._comm)).decode(errors="replace")
         self._broken = True
         if st == lib.PC_ERR_ARG:  # bad arguments: nothing was sent, the mesh is intact
@@ -513,10 +533,16 @@ class Communicator:
             return status_error(st, f"{coll}: {message}", peer)
         # Let everyone else abort now rather than at their timeout, and learn
         # the cause (who was lost) so the error can name it.
-        info = consensus.report_epoch_failure(self, self.epoch, message, st)
+        info = consensus.report_epoch_failure(self, self.epoch, message, st, call=ident)
         lost = info.get("lost") or []
-        if lost or (self._aborted_epoch == self.epoch and st in (lib.PC_ERR_CANCELLED, lib.PC_ERR_PEER,
-                                                                lib.PC_ERR_IO)):
+        cause = info.get("status")
+        if not lost and cause in _CAUSE_STATUSES and st != cause:
+            # Mismatched calls or a timeout elsewhere; we saw its echo (an aborted or
+            # closed connection): every rank raises the cause's kind in this same call.
+            message = f"{message}; coordinator: {info.get('why') or self._abort_reason}"
+            st = cause
+        elif lost or (self._aborted_epoch == self.epoch and st in (lib.PC_ERR_CANCELLED, lib.PC_ERR_PEER,
+                                                                  lib.PC_ERR_IO)):
             message = f"{message}; coordinator: {info.get('why') or self._abort_reason}"
             st = lib.PC_ERR_PEER
         exc = status_error(st, f"rank {self.rank} {coll} (epoch {self.epoch}): {message}", peer)
@@ -826,6 +852,14 @@ def _digest(coll, dtype_code, op_code_, count, root, algorithm, codec="none"):
     that mismatched calls across ranks are detected by the receiver."""
     return zlib.crc32(struct.pack("<iiiQi8s4s", planners.COLLECTIVES[coll], dtype_code, op_code_, count, root,
                                   algorithm.encode()[:8], codec.encode()[:4]))
+
+
+@functools.lru_cache(maxsize=4096)
+def _identity(coll, dtype_code, op, count, root, algorithm, compression):
+    """32-bit digest of a call as the caller wrote it (before ``auto`` chooses),
+    so that a rank can tell, without running anything, whether its call is
+    the one the others failed in."""
+    return zlib.crc32(repr((coll, dtype_code, str(op), count, root, str(algorithm), str(compression))).encode())
 
 
 shared_state.attach(Communicator)  # sync_shared_state(), verify_parity()

@@ -59,15 +59,19 @@ def begin(comm):
     return False
 
 
-def report_epoch_failure(comm, epoch, why, status=lib.PC_ERR_CANCELLED, withdraw=False):
+def report_epoch_failure(comm, epoch, why, status=lib.PC_ERR_CANCELLED, withdraw=False, call=None):
     """Tell the coordinator an operation of ``epoch`` failed (so the other
     members abort now rather than at their timeout) and wait briefly for the
     cause. ``status``: the C status of the failure (connection-level ones,
     peer/IO/cancelled, keep the abort retryable). Returns the coordinator's
     answer ({} if it cannot be reached). ``withdraw``: we gave up waiting for
     the decision of round #seq; if it was decided meanwhile, the answer is
-    that decision ({"decided": ...}) and nothing is aborted."""
+    that decision ({"decided": ...}) and nothing is aborted. ``call``: the
+    identity of the call #seq that failed while we were inside it (see
+    Communicator._ensure_ready)."""
     msg = {"t": "fail", "epoch": epoch, "seq": comm._seq, "why": str(why)[:2000], "status": int(status)}
+    if call is not None:
+        msg["call"] = call
     if withdraw:
         msg["withdraw"] = True
     try:

@@ -126,7 +126,7 @@ class Round:
 class Abort:
     """Why the current epoch stopped; final once its cause is known."""
 
-    __slots__ = ("why", "since", "final", "lost", "fatal")
+    __slots__ = ("why", "since", "final", "lost", "fatal", "status", "seq", "call")
 
     def __init__(self, why):
         self.why = why
@@ -134,6 +134,9 @@ class Abort:
         self.final = False
         self.lost = []
         self.fatal = False  # a failure was reported that a retry would repeat
+        self.status = None  # its C status (mismatched calls, a timeout): every rank raises that kind
+        self.seq = None     # the call that failed (#seq, identity digest of its arguments), from the
+        self.call = None    # first member that was inside it: a late member compares its own call
 
 
 class Coordinator:
@@ -467,6 +470,8 @@ class Coordinator:
             return self._reply(ident, msg, decided=self.decided[msg["seq"]][self._rank_of(m.name)])
         self._abort_epoch(f"rank {self._rank_of(m.name)} ({m.name}) reported: {msg.get('why', 'failure')}",
                           exclude=m, status=msg.get("status"))
+        if "call" in msg and self.abort.call is None:
+            self.abort.seq, self.abort.call = msg.get("seq"), msg["call"]
         self.fail_waiters.append((m.name, ident, msg.get("rid")))
         self._check_abort()
 
@@ -559,6 +564,8 @@ class Coordinator:
             self.abort.why = why  # a death explains an earlier failure report better
         if status is not None and status not in _CONNECTION_STATUSES and not self.abort.final:
             self.abort.fatal = True
+            if self.abort.status is None:
+                self.abort.status = status
         if final:
             self.abort.final = True
 
@@ -569,7 +576,8 @@ class Coordinator:
         lost = self.abort.lost
         return {"why": self.abort.why, "lost": lost, "lost_ranks": [self._rank_of(n) for n in lost],
                 "lost_info": [self.members[n].describe() for n in lost if n in self.members],
-                "retry": bool(lost) or not self.abort.fatal}
+                "retry": bool(lost) or not self.abort.fatal, "status": None if lost else self.abort.status,
+                "seq": self.abort.seq, "call": self.abort.call}
 
     def _check_abort(self):
         """Make the abort's cause final when it is known, then answer waiters."""

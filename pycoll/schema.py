@@ -100,6 +100,7 @@ def fields(max_peers):
         "kind": _str(1, 32),
         "ok": _bool,
         "digest": _int(0, (1 << 64) - 1),
+        "call": _int(0, (1 << 32) - 1),
         "revision": _int(-(1 << 62), _U63),
         "tensors": _tensors,
         "resume": _resume,
