@@ -88,6 +88,41 @@ def test_spec_parsing_and_from_topology():
         EmuSpec.uniform(2, loss=2.0)
 
 
+@pytest.mark.timeout(120)
+def test_delayline_build_cache(tmp_path, monkeypatch):
+    """The delay line compiles once into the cache dir (no root needed): $PYCOLL_CACHE_DIR, else
+    $XDG_CACHE_HOME/pycoll, else (unusable) a per-user folder in the temp dir."""
+    from pycoll.emulator import _build
+    if _build.compiler() is None:
+        pytest.fail("no C compiler: the emulator needs one (and so does installing pycoll)")
+    for var in ("PYCOLL_DELAYLINE_BIN", "PYCOLL_DELAYLINE_SRC", "PYCOLL_CACHE_DIR"):
+        monkeypatch.delenv(var, raising=False)
+    assert _build.source_path().is_file()
+    assert _build.source_path() in _build.source_candidates()
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    first = Path(_build.delayline_binary())
+    assert first.parent == tmp_path / "xdg" / "pycoll" and os.access(first, os.X_OK)
+    mtime = first.stat().st_mtime_ns
+    assert Path(_build.delayline_binary()) == first and first.stat().st_mtime_ns == mtime  # cached
+    r = subprocess.run([str(first)], capture_output=True, text=True, timeout=10)
+    assert r.returncode != 0 and "usage" in r.stderr  # it is the delay line
+
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))  # ~/.cache unusable
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    fallback = Path(_build.delayline_binary())
+    assert fallback.parent == tmp_path / "tmp" / f"pycoll-cache-{os.getuid()}", fallback
+
+    monkeypatch.setenv("PYCOLL_CACHE_DIR", str(tmp_path / "explicit"))
+    assert Path(_build.delayline_binary()).parent == tmp_path / "explicit"
+    monkeypatch.setenv("PYCOLL_DELAYLINE_SRC", str(tmp_path / "missing.c"))
+    with pytest.raises(RuntimeError, match="source not found"):
+        _build.delayline_binary()
+
+
 # --------------------------------------------------------------- (a) delay
 
 @pytest.mark.timeout(120)
