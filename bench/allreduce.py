@@ -35,7 +35,14 @@ DEFAULT_SIZES = "4K,64K,1M,16M,64M"
 
 
 
-def reps_for(nbytes, scale):
+FIXED_REPS = None  # --reps (set by main, in the driver and in every worker)
+
+
+def reps_for(nbytes, scale, reps=None):
+    """Timed repetitions at one size: ``reps`` (or --reps) if given, else by size times ``scale``."""
+    reps = reps if reps is not None else FIXED_REPS
+    if reps:
+        return int(reps)
     base = 200 if nbytes <= 64 << 10 else 40 if nbytes <= 1 << 20 else 10 if nbytes <= 16 << 20 else 5
     return max(3, int(base * scale))
 
@@ -111,9 +118,9 @@ def worker_mpi(sizes, scale):
 
 
 # ---- driver -------------------------------------------------------------------
-def launch(impl, n, sizes, scale, timeout):
+def launch(impl, n, sizes, scale, timeout, reps=None):
     """Run one implementation on n local processes; rank 0's results."""
-    args = ["--sizes", ",".join(map(str, sizes)), "--scale", str(scale)]
+    args = ["--sizes", ",".join(map(str, sizes)), "--scale", str(scale)] + (["--reps", str(reps)] if reps else [])
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     if impl == "mpi":
         cmd = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-n", str(n), "--mca", "btl", "tcp,self",
@@ -148,11 +155,13 @@ def busbw(nbytes, seconds, n):
     return nbytes / seconds * 2 * (n - 1) / n / 1e9 if seconds else 0.0
 
 
-def main(argv=None):
+def build_parser():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ranks", default="2,4", help="comma-separated world sizes (default 2,4)")
     ap.add_argument("--sizes", default=DEFAULT_SIZES, help=f"message sizes (default {DEFAULT_SIZES})")
     ap.add_argument("--scale", type=float, default=1.0, help="multiply the repetition counts")
+    ap.add_argument("--reps", type=int, default=None,
+                    help="timed repetitions per size (default: 200 for small sizes down to 5 for large, times --scale)")
     ap.add_argument("--no-mpi", action="store_true", help="skip Open MPI")
     ap.add_argument("--no-gloo", action="store_true", help="skip Gloo")
     ap.add_argument("--json", help="also write the results to this file")
@@ -162,7 +171,16 @@ def main(argv=None):
     ap.add_argument("--rank", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--n", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None):
+    global FIXED_REPS
+    args = build_parser().parse_args(argv)
+    if args.reps is not None and args.reps < 1:
+        print("bench/allreduce.py: --reps must be at least 1", file=sys.stderr)
+        return 2
+    FIXED_REPS = args.reps
     sizes = [parse_size(s) for s in args.sizes.split(",")]
 
     if args.worker == "mpi":
@@ -195,7 +213,7 @@ def main(argv=None):
             print("# Open MPI skipped: needs mpirun (apt-get install openmpi-bin libopenmpi-dev) and mpi4py")
     all_results = {}
     for n in [int(x) for x in args.ranks.split(",")]:
-        res = {impl: launch(impl, n, sizes, args.scale, args.timeout) for impl in impls}
+        res = {impl: launch(impl, n, sizes, args.scale, args.timeout, args.reps) for impl in impls}
         all_results[n] = res
         print(f"\n## all-reduce, float32 sum, {n} ranks on loopback (median; busbw in GB/s)")
         head = "| size | pycoll | pycoll no-preserve | " + " | ".join(i for i in impls if i != "pycoll")

@@ -36,6 +36,7 @@ import os
 import statistics
 import subprocess
 import sys
+import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -81,9 +82,14 @@ def worker(cfg):
         if rank == 0:
             print("RESULT " + json.dumps(rec), flush=True)
 
+    def progress(**rec):  # the driver prints these as they come: a long run shows where it is
+        if rank == 0:
+            print("PROGRESS " + json.dumps(rec), flush=True)
+
     def measure(name, all_reduce, all_gather, barrier, colls, agree):
         for coll in colls:
             for s in sizes:
+                progress(config=name, coll=coll, nbytes=s)
                 x = data[s]
                 if coll == "all_reduce":
                     a = x.copy()
@@ -99,6 +105,7 @@ def worker(cfg):
 
     import pycoll
     for i, c in enumerate(cfg["pycoll"]):
+        progress(config=c["name"], step="connecting")
         try:
             comm = pycoll.init(rank=rank, world_size=n, master_addr=master, master_port=port + i, timeout=900,
                                stripes=c["stripes"], sockbuf=c["sockbuf"], join_timeout=120)
@@ -125,6 +132,7 @@ def worker(cfg):
         except ImportError as exc:
             emit(config="gloo", error=f"torch not installed: {exc}")
             return
+        progress(config="gloo", step="connecting")
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "emu0")
         dist.init_process_group("gloo", init_method=f"tcp://{master}:{port + 99}", rank=rank, world_size=n)
         def agree(v):
@@ -189,23 +197,55 @@ def run_scenario(name, sc, gloo=True, seed=1, timeout=900):
     spec = EmuSpec.uniform(n, rate_bps=rate, delay_s=delay, loss=sc["loss"], jitter_s=jitter)
     wcfg = {"sizes": sizes, "pycoll": cfgs, "gloo": gloo, "port": 29400}
     t0 = time.monotonic()
+
+    def say(msg):
+        print(f"# [{time.monotonic() - t0:5.1f} s] {name}: {msg}", flush=True)
+    say(f"{n} peers, {sc['rate']} links, one-way delay {sc['delay']}, loss {sc['loss']}; "
+        f"{len(cfgs)} pycoll configurations{' and Gloo' if gloo else ''} at {', '.join(map(human_size, sizes))}; "
+        f"building the network")
     # tcp_buffers=False: the kernel's own TCP buffer limits inside the peers
     with Emulator(spec, tcp_buffers=False, seed=seed) as emu:
         procs = [emu.run_python(r, [HERE, "--worker", json.dumps(wcfg)], stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True, env={"PYTHONPATH": ROOT, "PYTHONUNBUFFERED": "1"})
                  for r in range(n)]
-        results, errors = [], []
+        say("workers started")
+        results, errors, outputs = [], [], {}
+        expired = threading.Event()
+
+        def expire():
+            expired.set()
+            for q in procs:
+                q.kill()
+        timer = threading.Timer(timeout, expire)
+        timer.daemon = True
+        timer.start()
+
+        def drain(r, p):  # rank 0's stderr and everything of the other ranks, read while rank 0 reports
+            outputs[r] = ("" if r == 0 else p.stdout.read(), p.stderr.read())
+        drains = [threading.Thread(target=drain, args=(r, p), daemon=True) for r, p in enumerate(procs)]
+        for t in drains:
+            t.start()
+        for line in procs[0].stdout:  # rank 0 reports each measurement as it starts and ends
+            if line.startswith("RESULT "):
+                rec = json.loads(line[7:])
+                results.append(rec)
+                if "times" in rec:
+                    say(f"{rec['config']} {rec['coll']} {human_size(rec['nbytes'])}: "
+                        f"median {statistics.median(rec['times']):.2f} s over {len(rec['times'])}")
+                else:
+                    say(f"{rec['config']}: error: {rec.get('error', '?')[:200]}")
+            elif line.startswith("PROGRESS "):
+                rec = json.loads(line[9:])
+                what = rec.get("step") or f"{rec['coll']} {human_size(rec['nbytes'])}"
+                say(f"{rec['config']}: {what} ...")
         for r, p in enumerate(procs):
-            try:
-                out, err = p.communicate(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                for q in procs:
-                    q.kill()
-                raise SystemExit(f"scenario {name}: workers did not finish in {timeout} s")
-            if p.returncode:
-                errors.append(f"rank {r}: exit {p.returncode}: {err[-1500:]}")
-            if r == 0:
-                results = [json.loads(line[7:]) for line in out.splitlines() if line.startswith("RESULT ")]
+            p.wait()
+            drains[r].join()
+            if p.returncode and not expired.is_set():
+                errors.append(f"rank {r}: exit {p.returncode}: {outputs[r][1][-1500:]}")
+        timer.cancel()
+        if expired.is_set():
+            raise SystemExit(f"scenario {name}: workers did not finish in {timeout} s")
         stats = emu.stats()
     for e in errors:
         print(f"# {name}: worker error: {e}", file=sys.stderr)

@@ -15,7 +15,11 @@ from .limits import Limits
 from .observability import configure_logging
 from .work import Work
 
-configure_logging()  # PYCOLL_LOG=debug|info|warning|error
+try:
+    configure_logging()  # PYCOLL_LOG=debug|info|warning|error
+except ValueError as _exc:  # a bad PYCOLL_LOG must not make `import pycoll` (or `pycoll --help`) fail
+    import logging as _logging
+    _logging.getLogger("pycoll").warning("%s (ignored)", _exc)
 
 __version__ = "0.1.0"
 

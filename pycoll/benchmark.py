@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-__all__ = ["Result", "run_benchmark", "format_table", "plot", "parse_size", "main"]
+__all__ = ["Result", "run_benchmark", "format_table", "figure", "plot", "parse_size", "main"]
 
 DEFAULT_SIZES = (4 << 10, 64 << 10, 1 << 20, 16 << 20)
 DEFAULT_WORLD_SIZES = (2, 4)
@@ -213,30 +213,52 @@ def render_table(header, rows, align_numbers=True):
     return "\n".join(lines)
 
 
-def plot(results, path):
-    """Draw busbw against message size, one panel per world size, one line per
-    implementation/algorithm; needs matplotlib (``pip install 'pycoll[plot]'``)."""
+def figure(results):
+    """The matplotlib figure of :func:`plot`: busbw against message size on log-log axes, one panel
+    per world size, one line per implementation/algorithm, and one legend below the panels (so it
+    hides no line)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     worlds = sorted({r.world_size for r in results})
-    fig, axes = plt.subplots(1, len(worlds), figsize=(5.5 * len(worlds), 4.2), squeeze=False, sharey=True)
+    labels = sorted({r.label for r in results}, key=lambda s: (s == "gloo", s))
+    fig, axes = plt.subplots(1, len(worlds), figsize=(5.5 * len(worlds), 4.8), squeeze=False, sharey=True)
+    colors = {label: f"C{i}" for i, label in enumerate(x for x in labels if x != "gloo")}
     for ax, n in zip(axes[0], worlds):
         mine = [r for r in results if r.world_size == n]
-        for label in sorted({r.label for r in mine}, key=lambda s: (s == "gloo", s)):
-            pts = sorted((r.nbytes, r.busbw / 1e9) for r in mine if r.label == label)
-            style = {"linestyle": "--", "color": "black"} if label == "gloo" else {}
+        for label in labels:
+            pts = sorted((r.nbytes, r.busbw / 1e9) for r in mine if r.label == label and r.busbw > 0)
+            if not pts:
+                continue
+            style = {"linestyle": "--", "color": "black"} if label == "gloo" else {"color": colors[label]}
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label, **style)
         ax.set_xscale("log", base=2)
+        ax.set_yscale("log")  # small and large messages differ by orders of magnitude
         ticks = sorted({r.nbytes for r in mine})
         ax.set_xticks(ticks, [human_size(t) for t in ticks], rotation=30)
         ax.set_title(f"all-reduce, {n} ranks (loopback)")
         ax.set_xlabel("message size")
-        ax.grid(True, alpha=0.3)
-        ax.legend()
-    axes[0][0].set_ylabel("bus bandwidth (GB/s)")
-    fig.tight_layout()
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].set_ylabel("bus bandwidth (GB/s, log scale)")
+    handles = {}
+    for ax in axes[0]:
+        for line in ax.lines:
+            handles.setdefault(line.get_label(), line)
+    ncol = min(len(handles), 4)
+    rows = -(-len(handles) // max(1, ncol))
+    bottom = min(0.4, 0.14 + 0.05 * rows)  # room below the panels for the legend's rows
+    fig.tight_layout(rect=(0, bottom, 1, 1))
+    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=ncol, frameon=False,
+               bbox_to_anchor=(0.5, 0.0))
+    return fig
+
+
+def plot(results, path):
+    """Draw busbw against message size (log-log), one panel per world size, one line per
+    implementation/algorithm, the legend below; needs matplotlib (``pip install 'pycoll[plot]'``)."""
+    import matplotlib.pyplot as plt
+    fig = figure(results)
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path

@@ -4,7 +4,7 @@
     pycoll run -n 4 train.py ...       # a coordinator and 4 workers (torchrun's variables)
     pycoll master --port 29500         # a standalone coordinator
     pycoll bench --plot busbw.png      # all-reduce benchmark against Gloo
-    pycoll topology topo.toml          # check a topology file, show rings and Hamiltonian cycles
+    pycoll topology topo.toml          # check a topology file, show the ring and the multi-ring's cycles
     pycoll aggregator --group rack0    # a standalone in-network aggregator for one topology group
 
 Every subcommand imports what it needs when it runs, so ``pycoll --help`` is instant.
@@ -15,9 +15,57 @@ import os
 import sys
 
 
+class UsageError(Exception):
+    """A bad option or setting: ``main`` prints it on one line and exits with code 2."""
+
+
+class RuntimeFailure(Exception):
+    """Something the command could not do (a busy port): one line, exit code 1."""
+
+
+def _port(text):
+    """argparse type of a TCP port: an integer in 1..65535."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"port {value} is out of range (1-65535)")
+    return value
+
+
+def _env_port(names, default):
+    """The first of the environment variables ``names`` that is set, checked as a port
+    (read when used, so that a bad value never breaks ``--help``)."""
+    for name in names:
+        raw = os.environ.get(name)
+        if raw:
+            try:
+                return _port(raw)
+            except argparse.ArgumentTypeError as exc:
+                raise UsageError(f"environment variable {name}={raw!r}: {exc}") from None
+    return default
+
+
+def _listen_error(exc, host, port, option):
+    """A coordinator that cannot bind: one line naming the option (exit code 1)."""
+    why = getattr(exc, "strerror", None) or str(exc)
+    if "in use" in why.lower():
+        why = "address already in use"
+    return RuntimeFailure(f"cannot listen on {host}:{port} ({option}): {why}")
+
+
 def _cmd_master(args):
-    from .coordinator import main
-    main(args.host, args.port, world_size=args.world_size, heartbeat_timeout=args.heartbeat_timeout)
+    from .coordinator import Coordinator
+    try:
+        c = Coordinator(args.host, args.port, world_size=args.world_size, heartbeat_timeout=args.heartbeat_timeout)
+    except Exception as exc:  # noqa: BLE001 - zmq.ZMQError, OSError: the port is taken or not ours
+        raise _listen_error(exc, args.host, args.port, "--port") from None
+    print(f"pycoll coordinator on tcp://{args.host}:{c.port} (pid {os.getpid()})", flush=True)
+    try:
+        c.serve()
+    except KeyboardInterrupt:
+        pass
     return 0
 
 
@@ -34,13 +82,31 @@ def _cmd_run(args):
     if args.nprocs < 1:
         print("pycoll run: -n must be at least 1", file=sys.stderr)
         return 2
-    return run(argv, args.nprocs, master_addr=args.master_addr, master_port=args.master_port,
-               keep_going=args.keep_going)
+    import zmq
+    try:
+        return run(argv, args.nprocs, master_addr=args.master_addr, master_port=args.master_port,
+                   keep_going=args.keep_going)
+    except zmq.ZMQError as exc:  # the coordinator could not listen
+        raise _listen_error(exc, args.master_addr, args.master_port or "a free port", "--master-port") from None
+
+
+def _stripes(args):
+    """--stripes, else $PYCOLL_STRIPES, resolved as the workers resolve theirs ("auto" from
+    $PYCOLL_LINK or the topology): returns (stripes, options for the aggregator)."""
+    from .wan import resolve_stripes
+    source = "--stripes" if args.stripes is not None else "environment variable PYCOLL_STRIPES"
+    try:
+        return resolve_stripes(args.stripes, {"topology": args.topology} if args.topology else {})
+    except ValueError as exc:
+        raise UsageError(f"{source}: {exc}") from None
 
 
 def _cmd_aggregator(args):
     from .aggregator import start
-    agg = start(args.group, args.master_addr, args.master_port, topology=args.topology, stripes=args.stripes)
+    if args.master_port is None:
+        args.master_port = _env_port(("PYCOLL_MASTER_PORT", "MASTER_PORT"), 29500)
+    stripes, _ = _stripes(args)  # (the socket buffer sizes "auto" also gives are the workers' business)
+    agg = start(args.group, args.master_addr, args.master_port, topology=args.topology, stripes=stripes)
     print(f"pycoll aggregator for group {args.group!r} joined {args.master_addr}:{args.master_port} "
           f"(pid {os.getpid()})", flush=True)
     try:
@@ -91,8 +157,9 @@ def build_parser():
         prog="pycoll", description="Fault-tolerant collective communication for ML training.",
         epilog="Start with `pycoll demo`. `pycoll COMMAND --help` describes each command. "
                "Log level: --log-level or the PYCOLL_LOG environment variable (debug shows every collective).")
-    p.add_argument("--log-level", default=os.environ.get("PYCOLL_LOG", "WARNING"),
+    p.add_argument("--log-level", default=None,
                    help="logging level: debug, info, warning (default; also PYCOLL_LOG)")
+    p.add_argument("--version", action="version", version=f"pycoll {_version()}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     d = sub.add_parser("demo", help="tour: 4 local peers, every algorithm, a peer killed and one joining",
@@ -114,7 +181,7 @@ def build_parser():
                                    "are prefixed with [rank]; the first failure stops the others.")
     r.add_argument("-n", "--nprocs", type=int, required=True, help="number of workers")
     r.add_argument("--master-addr", default="127.0.0.1", help="coordinator address (default 127.0.0.1)")
-    r.add_argument("--master-port", type=int, default=None, help="coordinator port (default: a free port)")
+    r.add_argument("--master-port", type=_port, default=None, help="coordinator port (default: a free port)")
     r.add_argument("--keep-going", action="store_true",
                    help="do not stop the group when one worker fails (elastic jobs)")
     r.add_argument("-m", dest="module", default=None, help="run a module instead of a script")
@@ -124,7 +191,7 @@ def build_parser():
     m = sub.add_parser("master", help="run the coordinator in the foreground",
                        description="Run a coordinator that peers join with pycoll.init()/pycoll.connect().")
     m.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    m.add_argument("--port", type=int, default=29500, help="port to listen on (default 29500)")
+    m.add_argument("--port", type=_port, default=29500, help="port to listen on (default 29500)")
     m.add_argument("--world-size", type=int, default=None,
                    help="wait for this many peers before the first epoch (omit for an elastic group)")
     m.add_argument("--heartbeat-timeout", type=float, default=5.0, help="seconds without heartbeat = dead")
@@ -141,8 +208,8 @@ def build_parser():
     t = sub.add_parser("topology", help="check a topology file; show groups, links, ring and Hamiltonian cycles",
                        description="Load and validate a topology file (TOML; see topologies/README.md), then "
                                    "print its peers, groups, links, the ring order pycoll would use and the "
-                                   "arc-disjoint Hamiltonian cycles for its number of peers. Exit code 2 if the "
-                                   "file is invalid.")
+                                   "directed Hamiltonian cycles the hamiltonian algorithm runs for its number of "
+                                   "peers. Exit code 2 if the file is invalid.")
     t.add_argument("file", nargs="?", default=None, help="topology file (.toml)")
     t.add_argument("--peers", type=int, default=None, help="no file: show the cycles for this many peers")
     t.add_argument("--no-cycles", action="store_true", help="do not print the Hamiltonian cycles")
@@ -156,28 +223,52 @@ def build_parser():
     a.add_argument("--topology", default=os.environ.get("PYCOLL_TOPOLOGY"),
                    help="the workers' topology file (also PYCOLL_TOPOLOGY)")
     a.add_argument("--master-addr", default=os.environ.get("MASTER_ADDR", "127.0.0.1"))
-    a.add_argument("--master-port", type=int,
-                   default=int(os.environ.get("PYCOLL_MASTER_PORT") or os.environ.get("MASTER_PORT", "29500")),
+    a.add_argument("--master-port", type=_port, default=None,
                    help="coordinator port (default PYCOLL_MASTER_PORT, else MASTER_PORT, else 29500)")
-    a.add_argument("--stripes", type=int, default=int(os.environ.get("PYCOLL_STRIPES", "1")),
-                   help="connections per peer pair; must match the workers'")
+    a.add_argument("--stripes", default=None,
+                   help="connections per peer pair, or 'auto'; must match the workers' "
+                        "(default PYCOLL_STRIPES, else as the workers choose)")
     a.set_defaults(func=_cmd_aggregator)
     return p
+
+
+def _version():
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("pycoll")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 def main(argv=None):
     """Entry point of the ``pycoll`` command; returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    level = getattr(logging, str(args.log_level).upper(), None)
+    source, raw = ("--log-level", args.log_level) if args.log_level is not None else \
+        ("environment variable PYCOLL_LOG", os.environ.get("PYCOLL_LOG") or "WARNING")
+    level = getattr(logging, str(raw).upper(), None)
     if not isinstance(level, int):
-        parser.error(f"--log-level: unknown level {args.log_level!r} (debug, info, warning, error)")
+        parser.error(f"{source}: unknown level {raw!r} (debug, info, warning, error)")
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("pycoll").setLevel(level)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    return args.func(args)
+    prog = f"pycoll {args.command}"
+    from .errors import InvalidArgument
+    try:
+        return args.func(args)
+    except UsageError as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return 2
+    except RuntimeFailure as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except InvalidArgument as exc:  # e.g. a bad PYCOLL_* setting, read when used
+        print(f"{prog}: {str(exc).splitlines()[0] if str(exc) else exc!r}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

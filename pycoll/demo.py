@@ -1,6 +1,7 @@
 """``pycoll demo``: the whole library in about half a minute on one machine.
 
-A coordinator and 4 local peers (processes talking over loopback):
+A coordinator and 4 local peers (processes on this machine; peers talk over shared memory where
+they can, else over loopback TCP, and the demo prints which):
 
 1. every algorithm in :data:`pycoll.planners.ALGORITHMS` runs every collective; each result is
    checked exactly against what it must be, and its bandwidth measured;
@@ -66,6 +67,22 @@ def _report(events, *msg):
     # One pipe per peer, not a shared queue: a peer killed while writing to a
     # shared queue would leave its lock held and silence everyone else.
     events.send((time.monotonic(),) + msg)
+
+
+_TRANSPORT_NAMES = {"shm": "shared memory", "tcp": "TCP (loopback)"}
+
+
+def describe_transports(by_rank):
+    """What connects the peers, from every rank's ``comm.peer_transports``: e.g.
+    'full mesh: 6 pairs over shared memory' (a pair counted once, by the lower rank's view)."""
+    counts = {}
+    for r, row in enumerate(by_rank):
+        for p, kind in enumerate(row):
+            if p > r:
+                counts[kind] = counts.get(kind, 0) + 1
+    parts = [f"{k} pair{'s' if k != 1 else ''} over {_TRANSPORT_NAMES.get(kind, kind)}"
+             for kind, k in sorted(counts.items(), key=lambda kv: (kv[0] != "shm", kv[0]))]
+    return "full mesh: " + (", ".join(parts) if parts else "no pairs")
 
 
 def _check(comm, coll, algorithm):
@@ -202,7 +219,7 @@ def _peer(role, rank, port, events, options):
         kw = dict(master_addr="127.0.0.1", master_port=port, heartbeat_timeout=2.0, timeout=30.0)
         if role == "member":
             comm = pycoll.init(rank=rank, world_size=options["peers"], **kw)
-            _report(events, "ready", rank)
+            _report(events, "ready", rank, list(comm.peer_transports))
             _bench_phase(comm, events, options["algorithms"], options["sizes"], options["iters"])
         else:
             comm = pycoll.connect(**kw)  # admitted at the members' next update_topology()
@@ -284,7 +301,7 @@ def run_demo(peers=4, nbytes=4 << 20, algorithms=None, iters=5, time_limit=90.0,
         for r in range(peers):
             spawn("member", r)
         say(f"coordinator on 127.0.0.1:{port}; started {peers} peers")
-        ready, kill_time, parity, epochs = set(), None, {}, {}
+        ready, kill_time, parity, epochs = {}, None, {}, {}
         joiner_started = None
         while len(parity) < peers:
             left = start + time_limit - time.monotonic()
@@ -301,9 +318,9 @@ def run_demo(peers=4, nbytes=4 << 20, algorithms=None, iters=5, time_limit=90.0,
             if kind == "error":
                 raise DemoError(f"{rest[0]} {rest[1]} failed: {rest[2]}\n{rest[3]}")
             if kind == "ready":
-                ready.add(rest[0])
+                ready[rest[0]] = rest[1]
                 if len(ready) == peers:
-                    say(f"{peers} peers connected (full mesh over loopback TCP)")
+                    say(f"{peers} peers connected ({describe_transports([ready[r] for r in sorted(ready)])})")
                     advance("checking every algorithm")
             elif kind == "bench":
                 algorithm, coll, timed, note, n = rest

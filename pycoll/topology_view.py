@@ -1,8 +1,10 @@
 """``pycoll topology``: validate a topology file and show what pycoll makes of it.
 
 Prints the peers and groups, the links between and within groups (the narrowest bandwidth and
-the longest latency of each block), the ring order, and the arc-disjoint directed Hamiltonian
-cycles for the number of peers (:mod:`pycoll.hamiltonian`), with peer names.
+the longest latency of each block), the ring order, and the directed Hamiltonian cycles the
+``hamiltonian`` algorithm runs for that number of peers (:func:`pycoll.layout.multiring_cycles`:
+arc-disjoint cycles covering every ordered pair, or for 4 and 6 peers, where no such decomposition
+exists, a double cover), with peer names.
 """
 import math
 
@@ -37,17 +39,17 @@ def _span(ranks):
 
 def _modules():
     try:
-        from . import hamiltonian, topology
+        from . import hamiltonian, layout, topology
     except ImportError as exc:
         raise SystemExit(f"pycoll topology: this build has no topology support ({exc})") from None
-    return topology, hamiltonian
+    return topology, hamiltonian, layout
 
 
 def show(path=None, peers=None, cycles=True, out=None):
     """Print the report for ``path`` (or the cycles for ``peers``); returns an exit code."""
     import sys
     out = out or sys.stdout
-    topology, hamiltonian = _modules()
+    topology, hamiltonian, layout = _modules()
     if path is None:
         if peers is None or peers < 1:
             print("pycoll topology: give a topology file, or --peers N for the cycles of N peers",
@@ -72,12 +74,19 @@ def show(path=None, peers=None, cycles=True, out=None):
         hops = [bw[order[i], order[(i + 1) % n]] for i in range(n)]
         print(f"ring bottleneck: {format_bandwidth(min(hops))}", file=out)
     if cycles:
-        cyc = hamiltonian.schedule_cycles(n)
-        hamiltonian.verify_decomposition(n, cyc)
+        cyc = layout.multiring_cycles(n)  # what the hamiltonian algorithm runs (planners use Layout.cycles)
         full = n * (n - 1)
-        used = sum(len(hamiltonian.cycle_arcs(c)) for c in cyc)
-        print(f"\nHamiltonian cycles: {len(cyc)} arc-disjoint directed cycles on {n} peers "
-              f"({used} of {full} ordered pairs carry traffic)", file=out)
+        arcs = [a for c in cyc for a in hamiltonian.cycle_arcs(c)]
+        used = len(set(arcs))
+        if len(arcs) == len(set(arcs)):
+            hamiltonian.verify_decomposition(n, cyc)
+            print(f"\nHamiltonian cycles: {len(cyc)} arc-disjoint directed cycles on {n} peers "
+                  f"({used} of {full} ordered pairs carry traffic)", file=out)
+        else:
+            times = len(arcs) // max(1, used)
+            print(f"\nHamiltonian cycles: {len(cyc)} directed cycles on {n} peers, a double cover: every "
+                  f"ordered pair is in exactly {times} of them ({used} of {full} ordered pairs carry traffic, "
+                  f"each cycle 1/{len(cyc)} of the data; {n} peers have no arc-disjoint decomposition)", file=out)
         for i, c in enumerate(cyc):
             print(f"  {i:2d}: {' -> '.join(names[r] for r in c)}", file=out)
         left = hamiltonian.leftover_arcs(n, cyc)

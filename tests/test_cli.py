@@ -115,6 +115,7 @@ def test_demo_runs_every_algorithm_survives_a_kill_and_a_join():
             assert len(row) == 2, (algorithm, coll, out)  # 64 KiB and 1 MiB
             assert "64 KiB" in row[0] and "1 MiB" in row[1]
             assert all(x.rstrip().endswith(" ok") or " n/a" in x for x in row), row
+    assert "4 peers connected (full mesh: 6 pairs over " in out, out
     assert "killed peer 2 (SIGKILL)" in out
     assert "survivors re-formed as 3 peers" in out
     assert "new peer admitted: 4 peers again" in out
@@ -178,11 +179,29 @@ def test_topology_shows_groups_links_ring_and_cycles():
     assert all(sorted(c) == list(range(8)) for c in cycles) and len(set(arcs)) == 56
 
 
-def test_topology_for_a_peer_count_names_the_unused_pairs():
-    r = pycoll_cmd("topology", "--peers", "4")
-    assert r.returncode == 0, r.stderr
-    assert "2 arc-disjoint directed cycles on 4 peers (8 of 12 ordered pairs" in r.stdout
-    assert "unused pairs (no full decomposition exists for 4 peers): 0->2, 1->3, 2->0, 3->1" in r.stdout
+def _printed_cycles(out):
+    return [[int(p) for p in line.split(": ", 1)[1].split(" -> ")]
+            for line in out.splitlines() if line.strip()[:2].rstrip(":").isdigit() and "->" in line]
+
+
+def test_topology_shows_the_cycles_the_algorithm_runs():
+    from collections import Counter
+
+    from pycoll.layout import multiring_cycles
+    for n, k in ((4, 6), (6, 10)):
+        r = pycoll_cmd("topology", "--peers", str(n))
+        assert r.returncode == 0, r.stderr
+        assert (f"{k} directed cycles on {n} peers, a double cover: every ordered pair is in exactly 2 of them "
+                f"({n * (n - 1)} of {n * (n - 1)} ordered pairs carry traffic") in r.stdout, r.stdout
+        assert "unused pairs" not in r.stdout
+        cycles = _printed_cycles(r.stdout)
+        assert cycles == multiring_cycles(n)
+        arcs = Counter((c[i], c[(i + 1) % n]) for c in cycles for i in range(n))
+        assert all(sorted(c) == list(range(n)) for c in cycles) and set(arcs.values()) == {2}
+        assert len(arcs) == n * (n - 1)
+    r = pycoll_cmd("topology", "--peers", "5")
+    assert "4 arc-disjoint directed cycles on 5 peers (20 of 20 ordered pairs carry traffic)" in r.stdout
+    assert _printed_cycles(r.stdout) == multiring_cycles(5)
 
 
 def test_topology_rejects_an_invalid_file(tmp_path):
@@ -193,3 +212,250 @@ def test_topology_rejects_an_invalid_file(tmp_path):
     assert "invalid" in r.stderr and "bad.toml" in r.stderr and "duplicate" in r.stderr
     r = pycoll_cmd("topology")
     assert r.returncode == 2 and "--peers" in r.stderr
+
+
+# ---- the command line tells the truth (hardening) ------------------------------------------------
+def _no_traceback(r):
+    return "Traceback" not in r.stderr and "Traceback" not in r.stdout
+
+
+def test_documented_settings_never_break_help():
+    env = dict(os.environ, PYCOLL_STRIPES="auto", MASTER_PORT="nonsense", PYCOLL_MASTER_PORT="also-bad")
+    for cmd in ([], ["demo"], ["run"], ["master"], ["bench"], ["topology"], ["aggregator"]):
+        r = pycoll_cmd(*cmd, "--help", env=env, timeout=60)
+        assert r.returncode == 0 and _no_traceback(r), (cmd, r.stderr)
+
+
+@pytest.mark.timeout(60)
+def test_bad_settings_give_one_line_errors_when_used():
+    env = dict(os.environ, PYCOLL_STRIPES="many")
+    r = pycoll_cmd("aggregator", "--group", "g", env=env, timeout=30)
+    assert r.returncode == 2 and _no_traceback(r) and "PYCOLL_STRIPES" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    env = {k: v for k, v in os.environ.items() if k != "PYCOLL_MASTER_PORT"}
+    for value in ("99999", "abc"):
+        r = pycoll_cmd("aggregator", "--group", "g", env=dict(env, MASTER_PORT=value), timeout=30)
+        assert r.returncode == 2 and _no_traceback(r) and "MASTER_PORT" in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    r = pycoll_cmd("master", "--port", "99999", timeout=30)
+    assert r.returncode == 2 and _no_traceback(r) and "--port" in r.stderr, r.stderr
+    r = pycoll_cmd("run", "--master-port", "70000", "-n", "1", "x.py", timeout=30)
+    assert r.returncode == 2 and _no_traceback(r) and "--master-port" in r.stderr, r.stderr
+
+
+@pytest.mark.timeout(60)
+def test_busy_port_is_a_one_line_error():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        r = pycoll_cmd("master", "--port", str(port), timeout=30)
+        assert r.returncode == 1 and _no_traceback(r), r.stderr
+        assert "--port" in r.stderr and str(port) in r.stderr and "in use" in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+        r = pycoll_cmd("run", "--master-port", str(port), "-n", "1", os.path.join(ROOT, "examples",
+                                                                                   "allreduce_numpy.py"), timeout=30)
+        assert r.returncode == 1 and _no_traceback(r) and "--master-port" in r.stderr, r.stderr
+
+
+def test_version():
+    from importlib.metadata import version
+    r = pycoll_cmd("--version")
+    assert r.returncode == 0 and r.stdout.strip() == f"pycoll {version('pycoll')}", r.stdout
+
+
+@pytest.mark.timeout(60)
+def test_run_names_the_rank_and_signal_of_a_killed_worker(tmp_path):
+    script = tmp_path / "die.py"
+    script.write_text(textwrap.dedent("""
+        import os, signal, time
+        if os.environ["RANK"] == "1":
+            os.kill(os.getpid(), signal.SIGKILL)
+        time.sleep(60)
+    """))
+    r = pycoll_cmd("run", "-n", "2", str(script), timeout=40)
+    assert r.returncode == 128 + 9, (r.returncode, r.stderr)
+    assert "rank 1 was killed by SIGKILL" in r.stderr, r.stderr
+
+
+@pytest.mark.timeout(60)
+def test_run_names_the_rank_and_code_of_a_failed_worker(tmp_path):
+    script = tmp_path / "fail.py"
+    script.write_text("import os, sys, time\nif os.environ['RANK'] == '0':\n    sys.exit(5)\ntime.sleep(60)\n")
+    r = pycoll_cmd("run", "-n", "2", str(script), timeout=40)
+    assert r.returncode == 5 and "rank 0 exited with code 5" in r.stderr, (r.returncode, r.stderr)
+
+
+def _wait_for_pids(files, timeout=30):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if all(f.exists() and f.read_text().strip() for f in files):
+            return [int(f.read_text()) for f in files]
+        time.sleep(0.05)
+    raise AssertionError("the workers did not start")
+
+
+def _alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        return False
+
+
+def _sleeper(tmp_path, ignore_term=False):
+    script = tmp_path / "sleep.py"
+    script.write_text(textwrap.dedent(f"""
+        import os, signal, sys, time
+        if {ignore_term!r}:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+        open(sys.argv[1] + os.environ["RANK"], "w").write(str(os.getpid()))
+        time.sleep(120)
+    """))
+    return script
+
+
+@pytest.mark.timeout(60)
+def test_run_second_ctrl_c_prints_no_traceback(tmp_path):
+    import signal
+    script = _sleeper(tmp_path, ignore_term=True)
+    p = subprocess.Popen([sys.executable, "-m", "pycoll", "run", "-n", "2", str(script), str(tmp_path / "pid")],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        pids = _wait_for_pids([tmp_path / "pid0", tmp_path / "pid1"])
+        p.send_signal(signal.SIGINT)
+        time.sleep(0.5)
+        p.send_signal(signal.SIGINT)  # impatient: the workers ignore SIGTERM
+        out, err = p.communicate(timeout=20)
+    finally:
+        p.kill()
+    assert p.returncode == 130 and "Traceback" not in err, err
+    assert not any(_alive(pid) for pid in pids)
+
+
+def _launcher_sigkill_takes_workers_down(tmp_path, cmd):
+    import signal
+    script = _sleeper(tmp_path)
+    p = subprocess.Popen(cmd + [str(script), str(tmp_path / "pid")], stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+    pids = _wait_for_pids([tmp_path / "pid0", tmp_path / "pid1"])
+    try:
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and any(_alive(pid) for pid in pids):
+            time.sleep(0.05)
+        assert not any(_alive(pid) for pid in pids), "the workers outlived their launcher"
+    finally:
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+@pytest.mark.timeout(60)
+def test_workers_exit_when_the_launcher_is_sigkilled(tmp_path):
+    _launcher_sigkill_takes_workers_down(tmp_path, [sys.executable, "-m", "pycoll", "run", "-n", "2"])
+
+
+@pytest.mark.timeout(60)
+def test_workers_exit_when_the_launcher_is_sigkilled_without_prctl(tmp_path):
+    code = ("import sys, pycoll.launcher as L; L._PDEATHSIG = None; "
+            "sys.exit(L.run(sys.argv[1:], 2))")
+    _launcher_sigkill_takes_workers_down(tmp_path, [sys.executable, "-c", code])
+
+
+def test_bad_log_setting_breaks_neither_help_nor_import():
+    env = dict(os.environ, PYCOLL_LOG="chatty")
+    r = pycoll_cmd("--help", env=env)
+    assert r.returncode == 0 and _no_traceback(r), r.stderr
+    r = pycoll_cmd("topology", "--peers", "3", env=env)
+    assert r.returncode == 2 and _no_traceback(r) and "PYCOLL_LOG" in r.stderr and "chatty" in r.stderr, r.stderr
+
+
+def test_demo_names_the_transports_that_run():
+    from pycoll.demo import describe_transports
+    shm = [["self", "shm", "shm"], ["shm", "self", "shm"], ["shm", "shm", "self"]]
+    assert describe_transports(shm) == "full mesh: 3 pairs over shared memory"
+    mixed = [["self", "shm", "tcp"], ["shm", "self", "tcp"], ["tcp", "tcp", "self"]]
+    assert describe_transports(mixed) == "full mesh: 1 pair over shared memory, 2 pairs over TCP (loopback)"
+    tcp = [["self", "tcp"], ["tcp", "self"]]
+    assert describe_transports(tcp) == "full mesh: 1 pair over TCP (loopback)"
+
+
+def _bench_module(name):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", os.path.join(ROOT, "bench", f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_bench_allreduce_accepts_its_own_examples():
+    import shlex
+    mod = _bench_module("allreduce")
+    examples = [shlex.split(line.split("#")[0])[2:] for line in mod.__doc__.splitlines()
+                if line.strip().startswith("python bench/allreduce.py")]
+    assert len(examples) >= 2
+    for argv in examples:
+        mod.build_parser().parse_args(argv)  # SystemExit(2) if rejected
+    args = mod.build_parser().parse_args(["--reps", "5"])
+    assert mod.reps_for(4096, args.scale, args.reps) == 5 and mod.reps_for(4096, 1.0) == 200
+
+
+@pytest.mark.timeout(120)
+def test_bench_wan_prints_progress_as_it_goes():
+    from pycoll.emulator import available
+    ok, why = available()
+    if not ok:
+        pytest.skip(f"needs the network emulator: {why}")
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "wan.py"), "--scenario", "custom", "--peers", "2",
+                        "--rate", "200mbit", "--delay", "2ms", "--sizes", "256K", "--kind", "basic", "--no-gloo"],
+                       capture_output=True, text=True, timeout=100)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    table = next(i for i, line in enumerate(lines) if line.startswith("## custom"))
+    before = lines[:table]
+    assert any("building the network" in x for x in before), r.stdout
+    assert any(x.endswith("ring k=1: all_reduce 256 KiB ...") for x in before), r.stdout
+    assert any("ring k=1 all_reduce 256 KiB: median" in x for x in before), r.stdout
+
+
+def test_bench_plot_log_scale_and_a_legend_that_hides_no_line(tmp_path):
+    pytest.importorskip("matplotlib")
+    from pycoll.benchmark import Result, figure
+    algs = ["auto", "ring", "hamiltonian", "tree", "innetwork", "direct"]
+    results = [Result("pycoll", a, n, s, s / (1e8 * (i + 1)), s / 2e9, 5)
+               for n in (2, 4) for i, a in enumerate(algs) for s in (4096, 1 << 20, 16 << 20)]
+    results += [Result("gloo", "-", n, s, s / 5e8, s / 5e8, 5) for n in (2, 4) for s in (4096, 1 << 20, 16 << 20)]
+    fig = figure(results)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    axes = [ax for ax in fig.axes if ax.lines]
+    assert len(axes) == 2 and all(ax.get_yscale() == "log" for ax in axes)
+    legends = [ax.get_legend() for ax in axes if ax.get_legend()] + list(fig.legends)
+    assert legends
+    labels = {t.get_text() for lg in legends for t in lg.get_texts()}
+    assert labels == {ln.get_label() for ax in axes for ln in ax.lines}
+    for lg in legends:
+        box = lg.get_window_extent(renderer)
+        for ax in axes:
+            assert not box.overlaps(ax.get_window_extent(renderer)), "the legend covers a panel"
+
+
+def test_bad_timeout_settings_do_not_break_help():
+    for name in ("PYCOLL_TIMEOUT", "PYCOLL_STALL_TIMEOUT"):
+        r = pycoll_cmd("--help", env=dict(os.environ, **{name: "soon"}))
+        assert r.returncode == 0 and _no_traceback(r) and name in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_init_names_a_bad_master_port_setting():
+    env = {k: v for k, v in os.environ.items() if k != "PYCOLL_MASTER_PORT"}
+    r = subprocess.run([sys.executable, "-c", "import pycoll; pycoll.init(rank=0, world_size=1, join_timeout=5)"],
+                       env=dict(env, MASTER_PORT="99999"), capture_output=True, text=True, timeout=60)
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode != 0 and "InvalidArgument" in last and "MASTER_PORT='99999'" in last, r.stderr
