@@ -8,6 +8,7 @@ never a hang. Messages are signed both ways (``pycoll.auth``); anything from
 the coordinator's address that fails the check is ignored.
 """
 import logging
+import socket
 import threading
 import time
 import uuid
@@ -53,6 +54,8 @@ class CoordinatorClient:
         self._lost_since = None
         self._last_reply = time.monotonic()
         self._hb_thread = None
+        self.on_wait = None  # called as on_wait(kind, waited_s) every progress_interval s a request waits
+        self.progress_interval = 5.0
 
     def _socket(self, suffix):
         s = self._ctx.socket(zmq.DEALER)
@@ -78,9 +81,18 @@ class CoordinatorClient:
                 self._req.send(self._sealer.seal(pack(msg)), zmq.NOBLOCK)
             except zmq.ZMQError as exc:
                 raise CoordinatorError(f"cannot send to coordinator at {self.endpoint}: {exc}") from exc
-            deadline = time.monotonic() + timeout
+            start = time.monotonic()
+            deadline = start + timeout
+            next_progress = start + self.progress_interval
             while True:
-                left = deadline - time.monotonic()
+                now = time.monotonic()
+                left = deadline - now
+                if self.on_wait is not None and now >= next_progress and left > 0:
+                    next_progress = now + self.progress_interval
+                    try:
+                        self.on_wait(msg["t"], now - start)
+                    except Exception:  # noqa: BLE001 - progress reports never break a request
+                        log.debug("progress callback failed", exc_info=True)
                 if left <= 0:
                     exc = CoordinatorError(
                         f"no answer from the coordinator at {self.endpoint} to {msg['t']!r} within "
@@ -96,8 +108,12 @@ class CoordinatorClient:
                     if not reply.get("ok"):
                         if reply.get("evicted"):
                             self.needs_rejoin = True
-                        raise CoordinatorError(f"coordinator refused {msg['t']!r}: {reply.get('error')}",
+                            self.evicted = self.evicted or str(reply.get("why") or reply.get("error"))
+                        exc = CoordinatorError(f"coordinator refused {msg['t']!r}: {reply.get('error')}",
                                                evicted=bool(reply.get("evicted")))
+                        exc.retry = bool(reply.get("retry"))  # a passing state (shutting down): try again
+                        exc.conflict = bool(reply.get("conflict"))
+                        raise exc
                     if msg["t"] == "join" and isinstance(reply.get("cred"), str):
                         self.cred = reply["cred"]
                     return reply
@@ -122,6 +138,14 @@ class CoordinatorClient:
             log.warning("ignoring a message from the coordinator address that failed checks: %s", exc)
             return None
         return msg if isinstance(msg, dict) else None
+
+    # ---- first contact -------------------------------------------------
+    def check_endpoint(self, wait=4.0):
+        """Before the first request: is ``host:port`` a pycoll coordinator?
+        Returns "zmq" (a ZeroMQ peer answered), "closed" (nothing listens yet:
+        wait for it) or raises CoordinatorError naming the problem (a name that
+        does not resolve, another program on the port)."""
+        return check_endpoint(self.host, self.port, wait)
 
     # ---- heartbeats ----------------------------------------------------
     def start_heartbeats(self):
@@ -182,3 +206,55 @@ class CoordinatorClient:
             self._hb_thread.join(timeout=2)
         with self._lock:
             self._req.close(0)
+
+
+def resolve_host(host, port):
+    """Raise CoordinatorError at once when ``host`` does not resolve."""
+    try:
+        socket.getaddrinfo(host, port, socket.AF_INET, socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise CoordinatorError(f"the coordinator address {host!r} (MASTER_ADDR) does not resolve: {exc.strerror or exc}. "
+                               "Check MASTER_ADDR (a host name or IP address every rank can reach)") from None
+
+
+def check_endpoint(host, port, wait=4.0):
+    """"zmq", "closed", or CoordinatorError for a port held by something that
+    is not a pycoll coordinator. A ZeroMQ socket sends its 10-byte ZMTP
+    signature (0xFF ... 0x7F) as soon as a connection opens; other bytes, or
+    silence for ``wait`` s, come from another program. A connection closed
+    without a word counts as "closed" (a coordinator shutting down does that)."""
+    resolve_host(host, port)
+    try:
+        s = socket.create_connection((host, port), timeout=2.0)
+    except socket.timeout:
+        return "closed"  # filtered or far away: the join's own timeout speaks
+    except OSError:
+        return "closed"
+    got = b""
+    try:
+        s.settimeout(0.2)
+        deadline = time.monotonic() + wait
+        while len(got) < 10 and time.monotonic() < deadline:
+            try:
+                chunk = s.recv(10 - len(got))
+            except socket.timeout:
+                continue
+            except OSError:
+                break
+            if not chunk:
+                break
+            got += chunk
+            if got[:1] != b"\xff":
+                break
+    finally:
+        s.close()
+    if len(got) == 10 and got[0] == 0xFF and got[9] & 1:
+        return "zmq"
+    if got:
+        what = f"it answered {got[:32]!r}"
+    elif time.monotonic() < deadline:
+        return "closed"  # closed without a word: a coordinator shutting down (or a program that went away)
+    else:
+        what = f"it accepted a connection but sent nothing for {wait:.0f} s"
+    raise CoordinatorError(f"port {port} on {host} is held by another program, not a pycoll coordinator ({what}). "
+                           "Pick a free MASTER_PORT (or stop what listens there)")

@@ -135,7 +135,7 @@ class Abort:
         self.lost = []
         self.fatal = False  # a failure was reported that a retry would repeat
         self.status = None  # its C status (mismatched calls, a timeout): every rank raises that kind
-        self.seq = None     # the call that failed (#seq, identity digest of its arguments), from the
+        self.seq = None     # the call that failed (the user's call number, identity digest of its arguments), from the
         self.call = None    # first member that was inside it: a late member compares its own call
 
 
@@ -150,11 +150,22 @@ class Coordinator:
     a failure report waits for a death to explain it.
     ``secret``: the shared secret (default: ``PYCOLL_SECRET``); ``limits``: a
     :class:`pycoll.limits.Limits` (default: from the environment).
+    ``job_id``: the job this coordinator serves; joiners that carry another
+    job id (``PYCOLL_JOB_ID``, torchrun's ``TORCHELASTIC_RUN_ID``) are refused.
+    Without it, the coordinator adopts the first job id a joiner carries
+    (until the group is empty again). A joiner without a job id is accepted.
     """
 
     def __init__(self, host="127.0.0.1", port=0, world_size=None, min_world_size=1,
-                 heartbeat_timeout=5.0, context=None, cause_grace=0.5, secret=None, limits=None):
+                 heartbeat_timeout=5.0, context=None, cause_grace=0.5, secret=None, limits=None, job_id=None):
         self.world_size = world_size
+        self._fixed_world_size = world_size is not None
+        self.job_id = job_id or None
+        self._fixed_job = self.job_id is not None
+        self._job_origin = "its coordinator" if self._fixed_job else None
+        self.host_name = None   # the member whose process hosts us (pycoll.init rank 0): its leave = we stop soon
+        self.closing = False    # shutting down: joins are refused (retry=True) so they wait for the next one
+        self.conflict = None    # (why, until): a launch mistake that failed the forming group
         self.min_world_size = min_world_size
         self.heartbeat_timeout = heartbeat_timeout
         self.cause_grace = cause_grace
@@ -211,6 +222,7 @@ class Coordinator:
         return self
 
     def stop(self):
+        self.closing = True
         self._stop.set()
         if self._thread and self._thread is not threading.current_thread():
             self._thread.join(timeout=5)
@@ -361,24 +373,100 @@ class Coordinator:
         return [n for n in self.epoch_members if n not in self.members or self._switch_group(self.members[n]) is None]
 
     # ---- handlers ------------------------------------------------------
+    def _live_epoch_members(self):
+        return [self.members[n] for n in self.epoch_members if n in self.members and self.members[n].alive]
+
+    def _forming_static(self):
+        """Live members that joined with a rank (pycoll.init) and wait for the group to form."""
+        return [m for m in self.members.values()
+                if m.alive and m.rank_hint is not None and m.name not in self.epoch_members]
+
+    @staticmethod
+    def _who(rank, info, host_id=""):
+        pid = info.get("pid") if isinstance(info, dict) else None
+        return f"rank {rank}" + (f" (pid {pid})" if pid else "")
+
+    def _fail_forming(self, why):
+        """A launch mistake (world sizes differ, a rank started twice): every
+        rank waiting for this group gets ``why`` now, and ranks of the same
+        launch that come in the next few seconds too, instead of waiting for
+        the join timeout."""
+        log.warning("the group cannot form: %s", why)
+        self.conflict = (why, time.monotonic() + max(5.0, self.heartbeat_timeout))
+        for m in self._forming_static():
+            if m.sync_rid is not None and m.req_ident is not None:
+                self._send(m.req_ident, {"rid": m.sync_rid, "ok": False, "error": why, "conflict": True})
+            m.alive = False
+            self.removed[m.name] = why
+            del self.members[m.name]
+            for ident in [i for i, x in self.by_ident.items() if x is m]:
+                del self.by_ident[ident]
+        if not self._fixed_world_size and not self._live_epoch_members():
+            self.world_size = None
+
     def _on_join(self, ident, msg):
         if msg.get("proto") != PROTOCOL:
             return self._error(ident, msg, f"protocol {msg.get('proto')} != {PROTOCOL}")
         name = str(msg["name"])
         rank = msg.get("rank")
         ws = msg.get("world_size")
-        if ws is not None:
-            if self.world_size is None and self.epoch == 0:
-                self.world_size = int(ws)
-            elif self.world_size is not None and int(ws) != self.world_size:
-                return self._error(ident, msg, f"world_size {ws} differs from the group's {self.world_size}")
-        if rank is not None and self.epoch == 0:
+        info = msg.get("info") or {}
+        old = self.members.get(name)
+        if old is not None and old.alive and old.req_ident == ident and old.addr == list(msg["addr"]):
+            # the same peer asking again (its first try's answer was lost, or came late): same answer
+            return self._reply(ident, msg, epoch=self.epoch, heartbeat_timeout=old.hb_timeout, cred=old.cred)
+        if self.closing:
+            return self._error(ident, msg, f"the coordinator at {self.host}:{self.port} is shutting down (the "
+                                           "process that hosts it is closing); waiting for the next one",
+                               retry=True)
+        job = msg.get("job") or None
+        live = [m for m in self.members.values() if m.alive]
+        if not live and not self._fixed_job:
+            self.job_id, self._job_origin = None, None  # an empty coordinator serves whichever job comes
+        if job is not None and self.job_id is not None and job != self.job_id:
+            return self._error(ident, msg, f"this peer belongs to job {job!r}, but the coordinator at "
+                                           f"{self.host}:{self.port} serves job {self.job_id!r} (its job id came "
+                                           f"from {self._job_origin}): two jobs share this port; give each job "
+                                           "its own MASTER_PORT")
+        running = self._live_epoch_members()
+        resume = msg.get("resume")
+        if rank is not None and not resume:
+            if running:
+                return self._error(ident, msg, f"a group of {len(self.epoch_members)} is already running here "
+                                               f"(epoch {self.epoch}" + (f", job {self.job_id!r}" if self.job_id
+                                                                          else "") +
+                                   "): pycoll.init joins only a group that is forming (another job on this port? "
+                                   "pycoll.connect joins a running elastic group)", retry=True)
+            conflict = self.conflict
+            if conflict is not None and time.monotonic() < conflict[1]:
+                return self._error(ident, msg, conflict[0], conflict=True)
+            self.conflict = None
+            forming = self._forming_static()
+            if ws is not None:
+                if not forming and not self._fixed_world_size:
+                    self.world_size = int(ws)  # a new group forms: its first rank sets the size
+                elif self.world_size is not None and int(ws) != self.world_size:
+                    first = min(forming, key=lambda m: m.join_seq) if forming else None
+                    origin = (f", set by {self._who(first.rank_hint, first.info, first.host_id)}" if first
+                              else " (the coordinator's)")
+                    why = (f"world_size mismatch: {self._who(rank, info, str(msg.get('host_id', '')))} was started "
+                           f"with world_size {ws}, but the group has world_size {self.world_size}{origin}; every "
+                           "rank must get the same WORLD_SIZE")
+                    self._fail_forming(why)
+                    return self._error(ident, msg, why, conflict=True)
             if self.world_size is not None and not 0 <= int(rank) < self.world_size:
                 return self._error(ident, msg, f"rank {rank} out of range for world_size {self.world_size}")
-            for m in self.members.values():
-                if m.alive and m.rank_hint == rank and m.name != name:
-                    return self._error(ident, msg, f"rank {rank} is already taken by another peer")
-        old = self.members.get(name)
+            for m in forming:
+                if m.rank_hint == rank and m.name != name:
+                    why = (f"rank {rank} was started twice: {self._who(rank, m.info, m.host_id)} and "
+                           f"{self._who(rank, info, str(msg.get('host_id', '')))} both claim it; every rank "
+                           "must be started exactly once (check RANK for each process)")
+                    self._fail_forming(why)
+                    return self._error(ident, msg, why, conflict=True)
+        if job is not None and self.job_id is None:
+            self.job_id = job
+            self._job_origin = f"its first member ({self._who(rank, info)})" if rank is not None \
+                else f"its first member ({name})"
         if old is not None and old.alive:
             return self._error(ident, msg, f"a live member named {name!r} exists")
         if old is not None and name in self.epoch_members:
@@ -409,7 +497,7 @@ class Coordinator:
         self.by_ident[ident] = m
         self.removed.pop(name, None)
         log.info("member %s joined (rank hint %s)", name, rank)
-        self._reply(ident, msg, epoch=self.epoch, heartbeat_timeout=hb_timeout, cred=m.cred)
+        self._reply(ident, msg, epoch=self.epoch, heartbeat_timeout=hb_timeout, cred=m.cred, job=self.job_id)
         self._maybe_form_epoch()
 
     def _member_for(self, ident, msg):
@@ -425,9 +513,14 @@ class Coordinator:
     def _unknown(self, ident, msg):
         name = str(msg.get("name"))
         why = self.removed.get(name)
+        if why is not None and self.conflict is not None and why == self.conflict[0]:
+            return self._error(ident, msg, why, conflict=True)  # a launch mistake failed its group (_fail_forming)
         if why is not None:
-            return self._error(ident, msg, f"this peer ({name}) was removed from the group: {why}; "
-                                           "join again with pycoll.connect()", evicted=True)
+            return self._error(ident, msg, f"this peer ({name}) was evicted from the group by the coordinator at "
+                                           f"{self.host}:{self.port} (removed: {why}); the group went on without "
+                                           "it. Join again with pycoll.connect(), or make the communicator with "
+                                           "coordinator_wait=<seconds> to re-register automatically",
+                               evicted=True, why=why)
         return self._error(ident, msg, "unknown or dead member: join again", evicted=True)
 
     def _on_hb(self, ident, msg, fd=None):
@@ -444,7 +537,12 @@ class Coordinator:
                 self._suspect(prev)  # its fd carries another connection now: its own has closed
         m.last_seen = time.monotonic()
         pending = sum(1 for x in self.members.values() if x.alive and x.name not in self.epoch_members)
-        self._send(ident, {"t": "hb", "known": True, "epoch": self.epoch, "pending": pending})
+        reply = {"t": "hb", "known": True, "epoch": self.epoch, "pending": pending}
+        if m.name not in self.epoch_members and m.rank_hint is not None:
+            # a rank waiting for its group to form: who is there (progress lines, pycoll.init)
+            reply["forming"] = {"world_size": self.world_size,
+                                "ranks": sorted(x.rank_hint for x in self._forming_static())}
+        self._send(ident, reply)
 
     def _on_sync(self, ident, msg):
         m = self._member_for(ident, msg)
@@ -471,7 +569,7 @@ class Coordinator:
         self._abort_epoch(f"rank {self._rank_of(m.name)} ({m.name}) reported: {msg.get('why', 'failure')}",
                           exclude=m, status=msg.get("status"))
         if "call" in msg and self.abort.call is None:
-            self.abort.seq, self.abort.call = msg.get("seq"), msg["call"]
+            self.abort.seq, self.abort.call = msg.get("callno"), msg["call"]
         self.fail_waiters.append((m.name, ident, msg.get("rid")))
         self._check_abort()
 
@@ -500,6 +598,8 @@ class Coordinator:
     def _on_leave(self, ident, msg):
         m = self._member_for(ident, msg)
         if m is not None:
+            if self.host_name is not None and m.name == self.host_name:
+                self.closing = True  # our host is closing: it stops us once the others left
             self._declare_dead(m, "left the group", graceful=True)
         self._reply(ident, msg)
 
@@ -516,7 +616,7 @@ class Coordinator:
             # (with more grace: its client may not have started heartbeats yet)
             limit = m.hb_timeout if m.hb_ident is not None else 4 * m.hb_timeout
             if m.alive and now - m.last_seen > limit:
-                self._declare_dead(m, f"no heartbeat for {now - m.last_seen:.1f} s")
+                self._declare_dead(m, f"no heartbeat for {now - m.last_seen:.1f} s (its limit: {limit:.1f} s)")
 
     def _declare_dead(self, m, why, graceful=False):
         if not m.alive:
@@ -713,7 +813,10 @@ class Coordinator:
             self.epoch = max(self.epoch, self.resume["epoch"])
             self.resume = None
         elif not current:  # first epoch, or everybody died: wait for enough peers
-            need = self.world_size if (self.world_size and self.epoch == 0) else self.min_world_size
+            # a static group (pycoll.init, ranks given) waits for all its ranks, also when it forms again
+            # on a coordinator whose earlier group has left (a persistent `pycoll master`/`pycoll run`)
+            static = self.epoch == 0 or any(m.rank_hint is not None for m in joiners)
+            need = self.world_size if (self.world_size and static) else self.min_world_size
             if sum(1 for m in joiners if self._switch_group(m) is None) < need:
                 return
         lost = [n for n in self.epoch_members if not self.members[n].alive]

@@ -3,13 +3,14 @@
 import logging
 import os
 import socket
+import time
 
 from . import auth
 from .comm import DEFAULT_TIMEOUT, Communicator
-from .control import CoordinatorClient
+from .control import CoordinatorClient, check_endpoint, resolve_host
 from .coordinator import PROTOCOL, Coordinator
-from .errors import CollectiveError, InvalidArgument
-from .limits import resolve
+from .errors import CollectiveError, CoordinatorError, InvalidArgument
+from .limits import Limits, resolve
 from .mesh import Listener, host_id, local_address_towards, transport_mode
 from .wan import resolve_stripes
 
@@ -29,8 +30,37 @@ def _env_int(name):
 def _env_master_port():
     """The coordinator's port: PYCOLL_MASTER_PORT (set by `pycoll run`, which
     leaves MASTER_PORT to torch.distributed), else MASTER_PORT (torchrun)."""
-    port = _env_int("PYCOLL_MASTER_PORT")
-    return port if port is not None else _env_int("MASTER_PORT")
+    name = "PYCOLL_MASTER_PORT" if os.environ.get("PYCOLL_MASTER_PORT") is not None else "MASTER_PORT"
+    port = _env_int(name)
+    if port is not None and not 1 <= port <= 65535:
+        raise InvalidArgument(f"environment variable {name}={os.environ[name]!r} is not a port (1-65535)")
+    return port
+
+
+def job_id():
+    """This process's job id: PYCOLL_JOB_ID, else torchrun's TORCHELASTIC_RUN_ID
+    (unless it is torchrun's default, "none"), else None. A coordinator
+    refuses joiners whose job id differs from its own (two jobs on one port)."""
+    job = os.environ.get("PYCOLL_JOB_ID") or os.environ.get("TORCHELASTIC_RUN_ID")
+    if not job or job == "none":
+        return None
+    return job[:128]
+
+
+def _join_timeout(join_timeout, default):
+    """The join wait: the argument, else PYCOLL_JOIN_TIMEOUT (seconds), else ``default``."""
+    if join_timeout is not None:
+        return float(join_timeout)
+    raw = os.environ.get("PYCOLL_JOIN_TIMEOUT")
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise InvalidArgument(f"environment variable PYCOLL_JOIN_TIMEOUT={raw!r} is not a number of seconds") from None
+    if value <= 0:
+        raise InvalidArgument(f"PYCOLL_JOIN_TIMEOUT={raw!r} must be positive")
+    return value
 
 
 def _stripes(stripes, options):
@@ -60,12 +90,64 @@ def _start_coordinator_if_free(host, port, world_size, heartbeat_timeout, secret
 
 
 DEFAULT_DETECTION = 5.0  # seconds of silence before a peer (or the coordinator) counts as lost
+PROGRESS_S = 5.0  # a WARNING line this often while a rank waits for its group to form
+
+
+def _forming_text(client, world_size):
+    """"2 of 4 ranks joined; waiting for ranks 2, 3" from the coordinator's last heartbeat."""
+    forming = client.last_status.get("forming") if isinstance(client.last_status, dict) else None
+    if not isinstance(forming, dict) or world_size is None:
+        return None
+    ranks = [r for r in forming.get("ranks", []) if isinstance(r, int)]
+    missing = [r for r in range(world_size) if r not in ranks]
+    text = f"{len(ranks)} of {world_size} ranks joined"
+    if missing:
+        shown = ", ".join(str(r) for r in missing[:16]) + (", ..." if len(missing) > 16 else "")
+        text += f"; waiting for rank{'s' if len(missing) > 1 else ''} {shown}"
+    return text
+
+
+def _join(client, join, deadline, host, rank, retry_host):
+    """Send the join until the coordinator takes it: waits (with progress
+    lines) while no coordinator answers yet or one is shutting down, fails at
+    once on a refusal that waiting cannot fix."""
+    last_progress = start = time.monotonic()
+    why_waiting = "no coordinator answers yet" + (" (rank 0 starts it: has it started?)" if rank else "")
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise CoordinatorError(
+                f"{'rank ' + str(rank) if rank is not None else 'this peer'} could not join the coordinator at "
+                f"{host}:{client.port} within {deadline - start:.0f} s: {why_waiting}. Check MASTER_ADDR/MASTER_PORT "
+                "and that rank 0 (or `pycoll master`) runs; PYCOLL_JOIN_TIMEOUT sets this wait")
+        try:
+            return client.request(join, timeout=min(left, 2.0))
+        except CoordinatorError as exc:
+            if getattr(exc, "retry", False):
+                why_waiting = str(exc).split(": ", 1)[-1]
+            elif not getattr(exc, "timed_out", False):
+                raise
+            else:
+                check_endpoint(host, client.port, wait=3.0)  # another program took the port: say so now
+        if retry_host is not None:
+            retry_host()
+        now = time.monotonic()
+        if now - last_progress >= PROGRESS_S:
+            last_progress = now
+            log.warning("pycoll: %s waiting to join the coordinator at %s:%d for %.0f s (of %.0f s): %s",
+                        f"rank {rank}" if rank is not None else "a peer", host, client.port, now - start,
+                        deadline - start, why_waiting)
+        time.sleep(0.1)
 
 
 def _make(master_addr, master_port, rank, world_size, *, join_timeout, heartbeat_interval, heartbeat_timeout,
           host_coordinator, token=None, limits=None, name=None, **comm_options):
     secret = auth.load_secret(token)
     limits = resolve(limits)
+    started = time.monotonic()
+    deadline = started + join_timeout
+    resolve_host(master_addr, master_port)  # a name that does not resolve: say so now, not at the timeout
+    check_endpoint(master_addr, master_port)  # another program on the port: the same
     advertise = os.environ.get("PYCOLL_ADDR") or local_address_towards(master_addr)
     bind = "127.0.0.1" if advertise.startswith("127.") else "0.0.0.0"
     coordinator = None
@@ -79,17 +161,61 @@ def _make(master_addr, master_port, rank, world_size, *, join_timeout, heartbeat
                                limits=limits)
     comm_options["mesh_key"] = auth.derive(secret, "mesh")
     comm = None
+    who = f"rank {rank}" if rank is not None else f"peer {client.name}"
+
+    def retry_host():  # rank 0: the coordinator it found was shutting down (or the port was busy): host anew
+        nonlocal coordinator
+        if host_coordinator and coordinator is None:
+            coordinator = _start_coordinator_if_free(master_addr, master_port, world_size,
+                                                     heartbeat_timeout or DEFAULT_DETECTION, secret, limits)
+            if coordinator is not None:
+                coordinator.host_name = client.name
+
+    def progress(kind, waited):
+        if kind != "sync":
+            return
+        text = _forming_text(client, world_size) if rank is not None else \
+            "waiting to be admitted (the members admit joiners at their next update_topology())"
+        if text:
+            log.warning("pycoll: %s waiting for the group at %s:%d for %.0f s (of %.0f s): %s", who, master_addr,
+                        master_port, time.monotonic() - started, join_timeout, text)
+
     try:
+        if coordinator is not None:
+            coordinator.host_name = client.name  # its leave means the coordinator stops: joins then wait
         join = {"t": "join", "proto": PROTOCOL, "addr": list(listener.addr), "host_id": host_id(),
                 "rank": rank, "world_size": world_size,
                 "info": {"pid": os.getpid(), "transport": transport_mode(comm_options.get("transport"))}}
+        job = job_id()
+        if job is not None:
+            join["job"] = job
         if heartbeat_timeout:
             join["heartbeat_timeout"] = float(heartbeat_timeout)
-        client.request(join, timeout=join_timeout)
+        _join(client, join, deadline, master_addr, rank, retry_host if host_coordinator else None)
         client.start_heartbeats()
         comm = Communicator(client, listener, coordinator=coordinator, sync_timeout=join_timeout, **comm_options)
         comm._join_msg = join
-        comm._sync(rebuild=True)
+        client.on_wait, client.progress_interval = progress, PROGRESS_S
+        comm.sync_timeout = max(1.0, deadline - time.monotonic())  # the join wait covers both steps
+        try:
+            comm._sync(rebuild=True)
+        except CoordinatorError as exc:
+            if not getattr(exc, "timed_out", False):
+                raise
+            text = _forming_text(client, world_size) if rank is not None else None
+            raise CoordinatorError(
+                f"{who}: the group at {master_addr}:{master_port} did not form within {join_timeout:.0f} s"
+                + (f": {text}" if text else " (this peer was not admitted: do the members call update_topology()?)")
+                + (". Did every rank start, with the same MASTER_ADDR, MASTER_PORT and WORLD_SIZE? "
+                   "PYCOLL_JOIN_TIMEOUT sets this wait" if rank is not None else "")) from None
+        finally:
+            client.on_wait = None
+            comm.sync_timeout = join_timeout
+        if world_size is not None and comm.world_size != world_size:
+            raise CoordinatorError(f"{who}: the coordinator at {master_addr}:{master_port} formed a group of "
+                                   f"{comm.world_size}, not world_size {world_size}: another group shares this port?")
+        if rank is None:
+            comm._fresh_join = comm.epoch  # admitted: a first update_topology() has nothing left to do
         return comm
     except BaseException:
         if comm is not None:
@@ -101,9 +227,11 @@ def _make(master_addr, master_port, rank, world_size, *, join_timeout, heartbeat
         raise
 
 
-def init(rank=None, world_size=None, master_addr=None, master_port=None, *, timeout=DEFAULT_TIMEOUT,
-         join_timeout=120.0, heartbeat_interval=None, heartbeat_timeout=None, stripes=None,
-         preserve_input=True, token=None, limits=None, **options):
+def init(rank: int | None = None, world_size: int | None = None, master_addr: str | None = None,
+         master_port: int | None = None, *, timeout: float = DEFAULT_TIMEOUT, join_timeout: float | None = None,
+         heartbeat_interval: float | None = None, heartbeat_timeout: float | None = None,
+         stripes: int | str | None = None, preserve_input: bool = True, token: str | bytes | None = None,
+         limits: "Limits | None" = None, **options: object) -> Communicator:
     """Join a group of ``world_size`` peers as ``rank``.
 
     Arguments default to torchrun's environment variables RANK, WORLD_SIZE,
@@ -112,7 +240,9 @@ def init(rank=None, world_size=None, master_addr=None, master_port=None, *, time
     MASTER_PORT unless one (``pycoll master``) is already running there.
     Returns once all ``world_size`` peers are connected.
     ``heartbeat_timeout`` is the detection bound (default 5 s): a peer silent
-    that long counts as dead, and so does a coordinator.
+    that long counts as dead, and so does a coordinator. ``join_timeout``: how
+    long to wait for the group to form (default ``PYCOLL_JOIN_TIMEOUT``, else
+    120 s); a WARNING line every 5 s says which ranks are still missing.
 
     ``token``: the group's shared secret (default ``PYCOLL_SECRET``); every
     peer and the coordinator must use the same one. ``limits``: a
@@ -128,15 +258,17 @@ def init(rank=None, world_size=None, master_addr=None, master_port=None, *, time
     if not 0 <= rank < world_size:
         raise InvalidArgument(f"rank {rank} is not in [0, {world_size})")
     stripes, options = _stripes(stripes, options)
-    return _make(master_addr, master_port, rank, world_size, join_timeout=join_timeout,
+    return _make(master_addr, master_port, rank, world_size, join_timeout=_join_timeout(join_timeout, 120.0),
                  heartbeat_interval=heartbeat_interval, heartbeat_timeout=heartbeat_timeout,
                  host_coordinator=(rank == 0), timeout=timeout, stripes=stripes,
                  preserve_input=preserve_input, token=token, limits=limits, **options)
 
 
-def connect(master_addr=None, master_port=None, *, timeout=DEFAULT_TIMEOUT, join_timeout=300.0,
-            heartbeat_interval=None, heartbeat_timeout=None, stripes=None, name=None, token=None, limits=None,
-            **options):
+def connect(master_addr: str | None = None, master_port: int | None = None, *, timeout: float = DEFAULT_TIMEOUT,
+            join_timeout: float | None = None, heartbeat_interval: float | None = None,
+            heartbeat_timeout: float | None = None, stripes: int | str | None = None, name: str | None = None,
+            token: str | bytes | None = None, limits: "Limits | None" = None,
+            **options: object) -> Communicator:
     """Join an elastic group through its coordinator, at any time.
 
     Returns once this peer has been admitted, which happens when the current
@@ -156,7 +288,7 @@ def connect(master_addr=None, master_port=None, *, timeout=DEFAULT_TIMEOUT, join
     if master_port is None:
         raise InvalidArgument("pycoll.connect needs master_port (or MASTER_PORT in the environment)")
     stripes, options = _stripes(stripes, options)
-    return _make(master_addr, master_port, None, None, join_timeout=join_timeout,
+    return _make(master_addr, master_port, None, None, join_timeout=_join_timeout(join_timeout, 300.0),
                  heartbeat_interval=heartbeat_interval, heartbeat_timeout=heartbeat_timeout,
                  host_coordinator=False, timeout=timeout, stripes=stripes, name=name, token=token, limits=limits,
                  **options)

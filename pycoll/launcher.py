@@ -120,7 +120,9 @@ def run(argv, nprocs, *, master_addr="127.0.0.1", master_port=None, keep_going=F
     torch_port = free_port()
     while torch_port == port:
         torch_port = free_port()
-    coordinator = Coordinator(master_addr, port, world_size=nprocs, heartbeat_timeout=heartbeat_timeout).start()
+    job_id = (os.environ if env is None else env).get("PYCOLL_JOB_ID") or f"run-{os.urandom(6).hex()}"
+    coordinator = Coordinator(master_addr, port, world_size=nprocs, heartbeat_timeout=heartbeat_timeout,
+                              job_id=job_id).start()
     procs, pumps, watchdog = [], [], None
     previous_sigint = None
 
@@ -134,7 +136,7 @@ def run(argv, nprocs, *, master_addr="127.0.0.1", master_port=None, keep_going=F
             child_env = dict(os.environ if env is None else env)
             child_env.update(RANK=str(rank), WORLD_SIZE=str(nprocs), LOCAL_RANK=str(rank),
                              LOCAL_WORLD_SIZE=str(nprocs), MASTER_ADDR=master_addr, MASTER_PORT=str(torch_port),
-                             PYCOLL_MASTER_PORT=str(port),
+                             PYCOLL_MASTER_PORT=str(port), PYCOLL_JOB_ID=job_id,
                              PYTHONUNBUFFERED="1")
             p = subprocess.Popen([sys.executable] + list(argv), env=child_env, stdout=subprocess.PIPE,
                                  stderr=subprocess.PIPE,

@@ -101,9 +101,11 @@ def fields(max_peers):
         "ok": _bool,
         "digest": _int(0, (1 << 64) - 1),
         "call": _int(0, (1 << 32) - 1),
+        "callno": _int(0, _U63),
         "revision": _int(-(1 << 62), _U63),
         "tensors": _tensors,
         "resume": _resume,
+        "job": _str(1, 128),  # the job id (PYCOLL_JOB_ID / TORCHELASTIC_RUN_ID) of a joiner
     }
 
 
