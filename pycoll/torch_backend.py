@@ -31,7 +31,8 @@ slices of one buffer goes through one temporary buffer. Lists made with
 Async. With ``async_op=True`` (and for DDP) a call returns a ``torch.distributed.Work`` at once;
 the collectives run one at a time, in call order, on pycoll's worker thread, with the GIL
 released while bytes move. Blocking calls run on the calling thread (after any queued work). ``wait()``
-re-raises a failure; ``get_future()`` completes with the output tensors (DDP's hooks use it).
+re-raises a failure; ``get_future()`` completes with the output tensors (DDP's hooks use it), or
+with the failure as its error (its ``wait()``/``value()`` raise a RuntimeError that names it).
 Future callbacks run on a completion thread of their own, so a callback may itself wait for
 another collective (as PowerSGD's hook does).
 
@@ -144,6 +145,8 @@ class _Completer:
 
     def __init__(self):
         self._queue = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._stopped = False
         self._thread = threading.Thread(target=self._loop, name="pycoll-torch-futures", daemon=True)
         self._thread.start()
 
@@ -151,12 +154,20 @@ class _Completer:
         return threading.current_thread() is self._thread
 
     def submit(self, fn):
-        self._queue.put(fn)
+        with self._lock:
+            if not self._stopped:
+                self._queue.put(fn)
+                return
+        _run_completion(fn)  # stopped: nobody reads the queue any more; complete here
 
     def stop(self, timeout=10.0):
         """Finish the queued completions and end the thread (joined, so no
         daemon thread touches torch objects while the interpreter exits)."""
-        self._queue.put(None)
+        with self._lock:
+            if self._stopped:
+                return
+            self._stopped = True
+            self._queue.put(None)
         if not self.on_thread():
             self._thread.join(timeout)
 
@@ -165,11 +176,26 @@ class _Completer:
             fn = self._queue.get()
             if fn is None:
                 return
-            try:
-                fn()
-            except Exception:  # noqa: BLE001 - a callback's error belongs to its future
-                log.exception("completing a torch future failed")
+            _run_completion(fn)
             del fn  # drop the work now, not when the next one arrives
+
+
+def _run_completion(fn):
+    try:
+        fn()
+    except Exception:  # noqa: BLE001 - a callback's error belongs to its future
+        log.exception("completing a torch future failed")
+
+
+def _future_value(box):
+    """The value of a Work's torch future: its output tensors, or (raised, so
+    that torch stores it as the future's error) the collective's failure."""
+    def value(_):
+        exc, outputs = box
+        if exc is not None:
+            raise exc
+        return outputs
+    return value
 
 
 class _Work(dist.Work):
@@ -183,7 +209,16 @@ class _Work(dist.Work):
         self._what = what
         self._done = threading.Event()
         self._exc = None
-        self._future = torch.futures.Future()
+        # The future torch sees (get_future(): DDP's reducer reads it from C++) must be
+        # completed with an *error* on failure. torch.futures.Future.set_exception does
+        # not do that: it stores the exception as the future's value (only Python's
+        # wait()/value() raise it), and C++ readers take that value for the output
+        # tensors (DDP: SIGSEGV in parseCppCommHookResult). A `then` callback that
+        # raises is torch's one way to set a real error from Python, so the future
+        # handed out is the child of a trigger that _complete_future fires.
+        self._box = [None, outputs]  # (failure, outputs), read by the callback
+        self._trigger = torch.futures.Future()
+        self._future = self._trigger.then(_future_value(self._box))
         # Works issued from a future callback complete on the worker itself
         # (the completion thread is busy running that callback).
         self._inline = state.completer.on_thread()
@@ -204,27 +239,30 @@ class _Work(dist.Work):
             self._finish(self._exc)
 
     def _finish(self, exc):
-        if exc is None:
-            exc = self._state.check_membership(self._what)
-        if exc is None and self._post is not None:
-            try:
-                self._post()
-            except Exception as e:  # noqa: BLE001 - reported through wait()/the future
-                exc = e
-        if exc is not None:
-            self._state.record_failure(exc)
-        self._exc = exc
-        self._done.set()
-        if self._inline:
-            self._complete_future()
-        else:
-            self._state.completer.submit(self._complete_future)
+        try:
+            if exc is None:
+                exc = self._state.check_membership(self._what)
+            if exc is None and self._post is not None:
+                try:
+                    self._post()
+                except Exception as e:  # noqa: BLE001 - reported through wait()/the future
+                    exc = e
+            if exc is not None:
+                self._state.record_failure(exc)
+        except Exception as e:  # noqa: BLE001 - never leave the work (and its future) pending
+            exc = exc or e
+        finally:
+            self._exc = exc
+            self._box[0] = exc
+            self._done.set()
+            if self._inline:
+                _run_completion(self._complete_future)
+            else:
+                self._state.completer.submit(self._complete_future)
 
     def _complete_future(self):
-        if self._exc is not None:
-            self._future.set_exception(self._exc)
-        else:
-            self._future.set_result(self._outputs)
+        # runs _future_value: the future gets the outputs, or the failure as its error
+        self._trigger.set_result(None)
 
     def wait(self, timeout=None):
         """Block until the collective finished; re-raise its failure."""

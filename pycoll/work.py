@@ -1,4 +1,5 @@
 """Handles for asynchronous collectives."""
+import logging
 import threading
 
 from .errors import CollectiveTimeout
@@ -25,7 +26,15 @@ class Work:
             self._done.set()
             callbacks, self._callbacks = self._callbacks, []
         for cb in callbacks:
+            self._run_callback(cb)
+
+    def _run_callback(self, cb):
+        # A callback's error must not escape into whoever finished the work (pycoll's
+        # worker thread: it would die, and every later async call would hang).
+        try:
             cb(self)
+        except Exception:  # noqa: BLE001 - logged; the work itself is finished
+            logging.getLogger("pycoll").exception("a done callback of %r failed", self)
 
     def done(self):
         """True once the collective finished, successfully or not."""

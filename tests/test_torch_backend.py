@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from typing import List
 
 import numpy as np
 import pytest
@@ -419,3 +420,131 @@ def test_import_registers_the_backend_without_the_plugin_loader():
         r = subprocess.run([sys.executable, "-c", f"import {module}; {check}"], capture_output=True, text=True,
                            timeout=50, env=env)
         assert r.stdout.strip() == "True", r.stderr
+
+
+# ---- failures through futures (DDP's reducer reads them from C++) ---------------
+def _ddp_lost_peer():
+    """DDP training until a peer dies in an all_reduce; a survivor must get a Python exception
+    (the reducer used to read the failed future's value as tensors and crash)."""
+    from torch import nn
+    torch.manual_seed(0)
+    model = torch.nn.parallel.DistributedDataParallel(nn.Sequential(nn.Linear(512, 512), nn.Linear(512, 512)))
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    x = torch.randn(16, 512, generator=torch.Generator().manual_seed(dist.get_rank()))
+    for step in range(200):
+        try:
+            model(x).square().mean().backward()
+        except Exception as exc:  # noqa: BLE001 - what we check
+            return ("raised", step, type(exc).__name__, str(exc))
+        opt.step()
+        opt.zero_grad()
+    return ("no failure", step, "", "")
+
+
+@pytest.mark.timeout(200)
+def test_ddp_survivors_raise_when_a_peer_dies_in_all_reduce(transport):
+    out = pycoll.testing.run(_ddp_lost_peer, 4, init="torch:pycoll", timeout=180,
+                             kill={2: ("during:all_reduce", 30)}, env={"PYCOLL_TRANSPORT": transport},
+                             return_exceptions=True)
+    assert out[2] == KILLED, out
+    for r in (0, 1, 3):
+        assert not isinstance(out[r], Exception), f"rank {r}: {out[r]}"  # e.g. died with SIGSEGV
+        what, step, kind, message = out[r]
+        assert what == "raised", out[r]
+        assert "PeerFailure" in kind + message or "pycoll" in message, out[r]
+
+
+def _wait_tensors(fut: torch.jit.Future[List[torch.Tensor]]) -> List[torch.Tensor]:
+    return torch.jit.wait(fut)
+
+
+def _cpp_wait(fut):
+    """Wait as C++ code does (DDP's reducer): TorchScript's wait reads the future's value without
+    the Python wrapper's unwrapping, so a failure stored as a value comes back as that value."""
+    return torch.jit.script(_wait_tensors)(fut)
+
+
+FUTURE_CASES = ["all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter", "reduce_scatter_tensor",
+                "broadcast", "barrier"]
+
+
+def _failed_future(case):
+    n = dist.get_world_size()
+    x = torch.ones(10_000)
+    if case == "all_reduce":
+        work = dist.all_reduce(x, async_op=True)
+    elif case == "all_gather":
+        work = dist.all_gather([torch.empty_like(x) for _ in range(n)], x, async_op=True)
+    elif case == "all_gather_into_tensor":
+        work = dist.all_gather_into_tensor(torch.empty(n * x.numel()), x, async_op=True)
+    elif case == "reduce_scatter":
+        work = dist.reduce_scatter(torch.empty_like(x), [torch.ones_like(x) for _ in range(n)], async_op=True)
+    elif case == "reduce_scatter_tensor":
+        work = dist.reduce_scatter_tensor(torch.empty_like(x), torch.ones(n * x.numel()), async_op=True)
+    elif case == "broadcast":
+        work = dist.broadcast(x, src=0, async_op=True)
+    else:
+        work = dist.barrier(async_op=True)
+    fut = work.get_future()
+    out = {}
+    ways = {
+        "work.wait": work.wait,
+        "fut.wait": fut.wait,
+        "fut.value": fut.value,
+        "then": lambda: fut.then(lambda f: f.value()).wait(),
+        # C++'s view of the future (what DDP's reducer reads): collect_all hands back the
+        # future itself, without the Python wrapper's unwrapping
+        "collect_all": lambda: torch.futures.collect_all([fut]).wait()[0].wait(),
+        "wait_all": lambda: torch.futures.wait_all([fut]),
+        "torchscript_wait": lambda: _cpp_wait(fut),
+    }
+    for how, get in ways.items():
+        try:
+            value = get()
+            out[how] = ("returned", repr(value)[:200])
+        except Exception as exc:  # noqa: BLE001 - what we check
+            out[how] = ("raised", type(exc).__name__, str(exc))
+    out["done"] = (fut.done(), work.is_completed(), work.is_success())
+    return out
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("case", FUTURE_CASES)
+def test_the_future_of_a_failed_collective_raises(case):
+    coll = {"all_gather_into_tensor": "all_gather", "reduce_scatter_tensor": "reduce_scatter"}.get(case, case)
+    out = pycoll.testing.run(_failed_future, 2, args=(case,), init="torch:pycoll", timeout=100,
+                             kill={1: f"before:{coll}"})
+    assert out[1] == KILLED
+    res = out[0]
+    assert res["done"] == (True, True, False), res
+    for how, got in res.items():
+        if how == "done":
+            continue
+        assert got[0] == "raised", f"{case}: {how} returned {got[1]}"
+        assert "PeerFailure" in got[1] + got[2], f"{case}: {how}: {got}"
+
+
+def _future_values():
+    x = torch.ones(5)
+    work = dist.all_reduce(x, async_op=True)
+    cpp = _cpp_wait(work.get_future())  # as DDP's reducer reads it
+    barrier = _cpp_wait(dist.barrier(async_op=True).get_future())
+    out = torch.empty(5 * dist.get_world_size())
+    gathered = _cpp_wait(dist.all_gather_into_tensor(out, x, async_op=True).get_future())
+    return ([t.tolist() for t in cpp], cpp[0].data_ptr() == x.data_ptr(), barrier,
+            gathered[0].data_ptr() == out.data_ptr())
+
+
+@pytest.mark.timeout(60)
+def test_the_future_of_a_collective_holds_its_output_tensors():
+    for value, same, barrier, gathered in pycoll.testing.run(_future_values, 2, init="torch:pycoll", timeout=50):
+        assert value == [[2.0] * 5] and same and barrier == [] and gathered
+
+
+def test_completions_after_the_completion_thread_stopped_still_run():
+    from pycoll.torch_backend import _Completer
+    c = _Completer()
+    c.stop()
+    done = []
+    c.submit(lambda: done.append(1))  # e.g. a work that finished while its group shut down
+    assert done == [1]
