@@ -13,6 +13,7 @@ the engine (Communicator._fast_run): small collectives cost microseconds.
 """
 import collections
 import functools
+import hashlib
 import logging
 import os
 import queue
@@ -37,15 +38,29 @@ from .work import Work
 
 log = logging.getLogger("pycoll")
 
-DEFAULT_TIMEOUT = float(os.environ.get("PYCOLL_TIMEOUT", "120"))
+
+
+def _env_seconds(name, default):
+    """$name as seconds; a bad value is reported on one line and ignored, so that it cannot
+    break ``import pycoll`` (or ``pycoll --help``)."""
+    raw = os.environ.get(name)
+    try:
+        return float(raw) if raw else default
+    except ValueError:
+        log.warning("environment variable %s=%r is not a number of seconds: using %g", name, raw, default)
+        return default
+
+
+DEFAULT_TIMEOUT = _env_seconds("PYCOLL_TIMEOUT", 120.0)
 DEFAULT_SEGMENT = 1 << 20  # pipeline unit; 1 MiB measured best on loopback
-DEFAULT_STALL = float(os.environ.get("PYCOLL_STALL_TIMEOUT", "30"))
+DEFAULT_STALL = _env_seconds("PYCOLL_STALL_TIMEOUT", 30.0)
 
 # Bound once: the per-call path (Communicator._launch, _fast_run) runs every few microseconds.
 _comm_run = lib.pc_comm_run
 _clear_cancel = lib.pc_comm_clear_cancel
 _from_buffer = ffi.from_buffer
 _perf_counter = time.perf_counter
+_current_thread = threading.current_thread
 _tuple_new = tuple.__new__  # builds a Stat without the namedtuple's Python-level __new__
 _NULL = ffi.NULL
 _OK = lib.PC_OK
@@ -73,6 +88,36 @@ class _Call:
         self.sizes = ffi.new("uint64_t[2]", [in_nbytes, out_nbytes])  # read-only once made
 
 
+class _Channel:
+    """The connections of one tag (``tags=``) within an epoch: its calls pair
+    across ranks by their order on it, and run beside other channels' calls
+    (each holds its own lock, so one thread per tag at a time)."""
+
+    __slots__ = ("tag", "ccomm", "seq", "lock", "bufs", "failed")
+
+    def __init__(self, tag, ccomm):
+        self.tag, self.ccomm, self.seq = tag, ccomm, 0
+        self.lock = threading.Lock()
+        self.bufs = ffi.new("void *[2]")
+        self.failed = ffi.new("int32_t *")
+
+
+def _tag_list(tags):
+    """The tags a communicator offers, in a canonical order (every rank must name the same)."""
+    if tags is None or tags == ():
+        return ()
+    if isinstance(tags, (str, bytes, int)):
+        tags = (tags,)
+    out = []
+    for t in tags:
+        if not isinstance(t, (str, int)) or isinstance(t, bool):
+            raise InvalidArgument(f"tags: {t!r} is not a str or int")
+        if t in out:
+            raise InvalidArgument(f"tags: {t!r} is named twice")
+        out.append(t)
+    return tuple(sorted(out, key=repr))
+
+
 class Communicator:
     """A group of peers that run collectives together. Use :func:`pycoll.init`
     or :func:`pycoll.connect` to make one."""
@@ -80,7 +125,8 @@ class Communicator:
     def __init__(self, client, listener, *, stripes=1, timeout=DEFAULT_TIMEOUT, preserve_input=True,
                  segment_bytes=DEFAULT_SEGMENT, spin_us=200, mesh_timeout=None, sync_timeout=120.0,
                  coordinator=None, sockbuf=0, mesh_key=None, topology=None, calibrate=None, coordinator_wait=0.0,
-                 compression=None, stall_timeout=DEFAULT_STALL, progress_timeout=0.0, transport=None, single_copy=None):
+                 compression=None, stall_timeout=DEFAULT_STALL, progress_timeout=0.0, transport=None, single_copy=None,
+                 tags=()):
         self._client = client
         self._listener = listener
         self._coordinator = coordinator  # the in-process coordinator we host, if any
@@ -133,6 +179,8 @@ class Communicator:
         self._worker = None
         self._inflight = 0
         self._seq = 0
+        self._calls = 0             # untagged calls of this epoch made by the user (not internal ones)
+        self._ident = None          # identity of the untagged call being prepared (see _identity)
         self._plans = {}
         self._fast = {}             # call key -> _Call of this epoch (see _fast_run)
         self._broken = False
@@ -142,6 +190,15 @@ class Communicator:
         self._closed = False
         self._cbufs = ffi.new("void *[2]")
         self._cfailed = ffi.new("int32_t *")
+        # Tags (see all_reduce's tag=): one channel each, connections of their own.
+        self.tags = _tag_list(tags)
+        self._channels = {}         # tag -> _Channel of this epoch
+        self._tag_broken = False    # a tagged call failed: the epoch must re-form
+        self._settled = set()       # tags whose call of this epoch already failed (in flight or not run)
+        self._owed = {}             # tag -> (epoch, seq): its next call reports that epoch's failure
+        self._epoch_info = None     # (epoch, the coordinator's word on its failure)
+        self._threads_seen = {}     # untagged calls in flight at once: warned once per thread pair
+        self._holder = None         # the thread of the untagged call running now (see _contended)
         client.on_abort = self._on_abort
 
     # ---- membership ----------------------------------------------------
@@ -195,6 +252,14 @@ class Communicator:
         """The coordinator was lost (or dropped us): wait for one at the same
         address, register again with what we know of our epoch, and let the
         sync that follows re-form the group (membership and ranks)."""
+        if self._client.evicted and (self.coordinator_wait <= 0 or self._join_msg is None):
+            raise CoordinatorError(
+                f"rank {self.rank} ({self.name}) was evicted from the group by the coordinator at "
+                f"{self._client.endpoint}, which is alive: {self._client.evicted} (a peer silent longer than its "
+                f"heartbeat timeout, {self._client.heartbeat_timeout:.1f} s here, e.g. a stopped process, counts as "
+                "dead, and the group went on without it). To take part again, join anew with pycoll.connect(), or "
+                "make the communicator with coordinator_wait=<seconds> to re-register automatically",
+                evicted=True)
         if self.coordinator_wait <= 0 or self._join_msg is None:
             raise CoordinatorError(
                 f"rank {self.rank}: lost contact with the coordinator at {self._client.endpoint}"
@@ -224,6 +289,8 @@ class Communicator:
         rank = reply["rank"]
         addrs = [m[1] for m in members]
         epoch = reply["epoch"]
+        if self.tags:
+            self._listener.expect_meshes({self._channel_token(reply["token"])})
         links = connect_mesh(self._listener, rank, addrs, self.stripes, epoch, reply["token"],
                              self.mesh_timeout, self.sockbuf, key=self._mesh_key,
                              should_abort=lambda: self._aborted_epoch >= epoch,
@@ -237,6 +304,7 @@ class Communicator:
             links = workers
             members = members[:nworkers]
         comm = self._create_comm(rank, len(members), links)
+        channels = self._connect_channels(rank, [m[1] for m in members], epoch, reply["token"], members)
         with self._comm_lock:
             self._comm = comm
         self.rank, self.world_size, self.epoch = rank, len(members), reply["epoch"]
@@ -248,13 +316,58 @@ class Communicator:
         self.lost = list(reply.get("lost", []))
         self.joined = list(reply.get("joined", []))
         self._seq = 0
+        self._calls = 0
         self._plans.clear()
         self._fast.clear()
         self._broken = False
+        self._tag_broken = False
+        self._settled = set()
         if hcomm is not None:
             self._install_switches(hcomm, switches)
+        if channels:
+            # auto's cost model is measured with untagged calls at its first use; a tag's thread
+            # must not be the one to start that, so measure now, at the sync point, first.
+            try:
+                self._selector_for_epoch().model()
+            except BaseException:
+                for ch in channels.values():
+                    lib.pc_comm_shutdown(ch.ccomm)
+                    lib.pc_comm_free(ch.ccomm)
+                raise
+            with self._comm_lock:
+                self._channels = channels
         log.info("epoch %d: rank %d of %d%s", self.epoch, rank, self.world_size,
                  f" (lost {len(self.lost)})" if self.lost else "")
+
+    def _channel_token(self, token):
+        """The mesh token of this epoch's tag channels (a hello for it is parked
+        while the group's own mesh is accepted, see mesh.Listener)."""
+        return hashlib.sha256(f"{token}/tags/{self.tags!r}".encode()).hexdigest()[:32]
+
+    def _connect_channels(self, rank, addrs, epoch, token, members):
+        """Tag channels: one more mesh of the workers with len(tags) x stripes
+        connections per pair, cut into one C comm per tag."""
+        if not self.tags or len(addrs) < 1:
+            return {}
+        ctoken = self._channel_token(token)
+        k = len(self.tags)
+        try:  # (connections that came early are parked for this token: accept_mesh takes them)
+            links = connect_mesh(self._listener, rank, addrs, self.stripes * k, epoch, ctoken, self.mesh_timeout,
+                                 self.sockbuf, key=self._mesh_key, should_abort=lambda: self._aborted_epoch >= epoch,
+                                 local=local_peers(members, rank, self.transport), mode=self.transport)
+        finally:
+            self._listener.expect_meshes(())
+        set_keepalive(links.fds, self.stall_timeout)
+        channels = {}
+        try:
+            for i, tag in enumerate(self.tags):
+                channels[tag] = _Channel(tag, self._create_comm(rank, len(addrs), links.channel(i, k, self.stripes)))
+        except BaseException:
+            for ch in channels.values():
+                lib.pc_comm_shutdown(ch.ccomm)
+                lib.pc_comm_free(ch.ccomm)
+            raise
+        return channels
 
     def _create_comm(self, rank, n, links):
         out = ffi.new("pc_comm **")
@@ -279,7 +392,13 @@ class Communicator:
         with self._comm_lock:
             comm, self._comm = self._comm, None
             switch, self._switch = self._switch, None
+            channels, self._channels = self._channels, {}
             self._fast.clear()  # its calls name the comm freed below
+        for ch in channels.values():
+            with ch.lock:  # a tagged call still running (cancelled by now) finishes first
+                ccomm, ch.ccomm = ch.ccomm, None
+            lib.pc_comm_shutdown(ccomm)
+            lib.pc_comm_free(ccomm)
         for c in (comm, switch.hcomm if switch is not None else None):
             if c is not None:
                 lib.pc_comm_shutdown(c)
@@ -293,6 +412,12 @@ class Communicator:
         changed: one round trip to the coordinator."""
         with self._exec_lock:
             self._wait_idle_locked()
+            if (getattr(self, "_fresh_join", None) == self.epoch and self._seq == 0 and not self._broken
+                    and self._aborted_epoch != self.epoch and not self._client.needs_rejoin):
+                # pycoll.connect returned at the members' update_topology(): this call is that one
+                # (a sync now would wait for the members' next one while they wait in a collective)
+                self._fresh_join = None
+                return False
             return self._sync(rebuild=self._broken or self._aborted_epoch == self.epoch, admit=True)
 
     @property
@@ -345,36 +470,121 @@ class Communicator:
         """Ready the epoch for a call (``ident``: its identity, see _identity)."""
         if self._closed:
             raise CollectiveError("communicator is closed")
+        if None in self._owed:  # a tagged call re-formed the group before we heard of the failure
+            raise self._not_run(self._owed.pop(None))
         if self._aborted_epoch == self.epoch and not self._broken:
             # The epoch failed after our last call finished. Peers that were
             # inside a collective got the error there; we report it on this
             # call (not run) so every rank fails that call exactly once, and
             # all are at the same call afterwards.
             self._broken = True
-            # The push may have gone out before the cause was known: ask for it.
-            info = consensus.report_epoch_failure(self, self.epoch, "a call found the epoch aborted")
-            lost = info.get("lost") or self._abort_lost
-            if (ident is not None and info.get("call") is not None and info.get("seq") == self._seq + 1
+            info = self._abort_info_now()
+            if (ident is not None and info.get("call") is not None and info.get("seq") == self._calls + 1
                     and info["call"] != ident):
                 # The call that failed was #seq, and ours is not it: we skipped it
                 # (the others' next call is ours). Run ours in the re-formed group.
                 log.warning("rank %d: the others' call #%d of epoch %d failed (%s) and this rank never made "
-                            "it; this call runs in the re-formed group", self.rank, self._seq + 1, self.epoch,
+                            "it; this call runs in the re-formed group", self.rank, self._calls + 1, self.epoch,
                             info.get("why") or self._abort_reason)
+                self._carry_owed()
                 self._sync(rebuild=True)
                 return
-            cause = info.get("status")
-            if not lost and cause in _CAUSE_STATUSES:  # the call we missed failed by mismatch or timeout
-                raise status_error(cause, f"rank {self.rank}: epoch {self.epoch} was aborted "
-                                          f"({info.get('why') or self._abort_reason}); this call did not run; "
-                                          "the next call re-forms the group")
-            raise PeerFailure(f"rank {self.rank}: epoch {self.epoch} was aborted "
-                              f"({info.get('why') or self._abort_reason}); "
-                              "this call did not run; the next call runs on the survivors",
-                              lost=[self.members.index(n) for n in lost if n in self.members],
-                              lost_names=lost, retryable=bool(info.get("retry", lost)))
-        if self._broken or self._comm is None or self._client.needs_rejoin:
+            raise self._not_run(self.epoch)
+        if self._broken or self._tag_broken or self._comm is None or self._client.needs_rejoin:
+            self._carry_owed()
             self._sync(rebuild=True)
+
+    def _abort_info_now(self):
+        """The coordinator's word on the current epoch's failure (asked once;
+        the push may have gone out before the cause was known)."""
+        if self._epoch_info is None or self._epoch_info[0] != self.epoch:
+            info = consensus.report_epoch_failure(self, self.epoch, "a call found the epoch aborted")
+            self._epoch_info = (self.epoch, info)
+        return self._epoch_info[1]
+
+    def _not_run(self, epoch):
+        """The error of a call that did not run because ``epoch`` failed before it."""
+        info = self._epoch_info[1] if self._epoch_info is not None and self._epoch_info[0] == epoch else {}
+        lost = info.get("lost") or self._abort_lost
+        why = info.get("why") or self._abort_reason
+        cause = info.get("status")
+        if not lost and cause in _CAUSE_STATUSES:  # the call we missed failed by mismatch or timeout
+            return status_error(cause, f"rank {self.rank}: epoch {epoch} was aborted ({why}); this call did not "
+                                       "run; the next call re-forms the group")
+        return PeerFailure(f"rank {self.rank}: epoch {epoch} was aborted ({why}); this call did not run; the next "
+                           "call runs on the survivors",
+                           lost=[self.members.index(n) for n in lost if n in self.members],
+                           lost_names=lost, retryable=bool(info.get("retry", lost)))
+
+    def _carry_owed(self):
+        """Before the group re-forms after a failure: every channel that has not
+        failed a call for it yet (untagged or tagged) fails its next one, in
+        the new epoch, so that it stays paired with the ranks where that
+        channel's call was in flight."""
+        if self._aborted_epoch != self.epoch:
+            return
+        self._abort_info_now()
+        for tag in self._channels:
+            if tag not in self._settled:
+                self._owed[tag] = self.epoch
+        if not self._broken:
+            self._owed[None] = self.epoch
+
+    def _contended(self):
+        """Another thread is inside an untagged call: untagged calls pair by call
+        order across ranks, which differs between ranks when threads race, so
+        say so (once per pair of threads), then wait for our turn."""
+        holder, me = self._holder, _current_thread()
+        if holder is not None and holder is not me and holder is not self._worker:
+            pair = (holder.name, me.name)
+            if pair not in self._threads_seen and len(self._threads_seen) < 64:
+                self._threads_seen[pair] = True
+                log.warning("rank %d: threads %r and %r make untagged collective calls on one communicator at "
+                            "the same time; untagged calls pair across ranks by their order, which racing "
+                            "threads make differ between ranks (results then mix). Give each thread its own "
+                            "tag (tags=... and tag=...), or make the calls from one thread",
+                            self.rank, holder.name, me.name)
+        self._exec_lock.acquire()
+
+    def _tag_needs_care(self, tag):
+        return (self._closed or self._broken or self._tag_broken or self._aborted_epoch == self.epoch
+                or tag in self._owed or self._client.needs_rejoin)
+
+    def _run_tagged(self, tag, run, description):
+        """Run ``run(chan)`` on ``tag``'s channel, beside calls on other channels
+        (blocking: tagged calls are made from threads of one's own). When the
+        epoch fails, every channel fails exactly one call, the one it was
+        running or else its next, as untagged calls do."""
+        if tag not in self.tags:
+            raise InvalidArgument(f"{description}: tag {tag!r} was not declared: make the communicator with "
+                                  f"tags=(...) naming it (declared: {list(self.tags)})")
+        for _ in range(100):  # each turn runs, raises, or re-forms the epoch
+            chan = self._channels.get(tag)
+            if chan is not None and not self._tag_needs_care(tag):
+                with chan.lock:
+                    if chan.ccomm is not None and not self._tag_needs_care(tag):
+                        return run(chan)
+            with self._exec_lock:  # the untagged calls' lock: re-forming waits for none of ours
+                self._holder = None  # (not an untagged call: see _contended)
+                self._ready_tag(tag)
+        raise CollectiveError(f"{description} (tag {tag!r}): the group kept re-forming; giving up")
+
+    def _ready_tag(self, tag):
+        if self._closed:
+            raise CollectiveError("communicator is closed")
+        if tag in self._owed:
+            raise self._not_run(self._owed.pop(tag))
+        if self._aborted_epoch == self.epoch and tag not in self._settled and tag in self._channels:
+            self._settled.add(tag)
+            self._tag_broken = True
+            self._abort_info_now()
+            raise self._not_run(self.epoch)
+        if (self._broken or self._tag_broken or self._comm is None or self._client.needs_rejoin
+                or self._aborted_epoch == self.epoch):
+            self._carry_owed()
+            self._sync(rebuild=True)
+        if tag not in self._channels:
+            raise CollectiveError(f"tag {tag!r}: this epoch has no channel for it")
 
     def _codec(self, coll, dtype, compression):
         """The wire codec for this call: float32 of a compressible collective
@@ -390,18 +600,26 @@ class Communicator:
         return "none"
 
     def _execute(self, coll, inbuf, outbuf, count, op, root, algorithm, timeout, preserve, compression=None,
-                 internal=False, agree=None, fast_key=None):
+                 internal=False, agree=None, fast_key=None, chan=None):
         """Run one collective on the current epoch; raises on failure.
         ``agree`` (a consensus.Agreement) runs it with outcome consensus.
         ``fast_key``: remember this call's prepared state under that key, so
         that the same call again can skip straight to the engine
-        (:meth:`_fast_run`)."""
+        (:meth:`_fast_run`). ``chan``: a tag's channel (see _run_tagged,
+        which readied the epoch)."""
+        if chan is not None:
+            call = self._prepare(coll, inbuf, outbuf, count, op, root, algorithm, preserve, compression, chan)
+            return self._launch(call, ffi.cast("void *", inbuf.address), ffi.cast("void *", outbuf.address),
+                                timeout, internal, chan=chan)
         if agree is not None:
             agree.skip = consensus.begin(self)
             if agree.root_name is not None:
                 root = agree.root(self)
         else:
-            self._ensure_ready(_identity(coll, inbuf.code, op, count, root, algorithm, compression))
+            ident = _identity(coll, inbuf.code, op, count, root, algorithm, compression)
+            if not internal:  # (an internal call is part of the user's call that started it)
+                self._ident = ident
+            self._ensure_ready(ident)
         call = self._prepare(coll, inbuf, outbuf, count, op, root, algorithm, preserve, compression)
         if agree is not None:
             return self._launch(call, ffi.cast("void *", inbuf.address), ffi.cast("void *", outbuf.address),
@@ -416,7 +634,7 @@ class Communicator:
         return self._launch(call, ffi.cast("void *", inbuf.address), ffi.cast("void *", outbuf.address), timeout,
                             internal)
 
-    def _prepare(self, coll, inbuf, outbuf, count, op, root, algorithm, preserve, compression):
+    def _prepare(self, coll, inbuf, outbuf, count, op, root, algorithm, preserve, compression, chan=None):
         """Check the arguments against this epoch and build (or find) the
         plan: a :class:`_Call`, the same for the same arguments and epoch."""
         algorithm = planners.check_algorithm(algorithm)
@@ -427,24 +645,31 @@ class Communicator:
         avg = opc == lib.PC_AVG
         itemsize = inbuf.nbytes // max(inbuf.count, 1) if inbuf.count else lib.pc_dtype_size(inbuf.code)
         codec = self._codec(coll, inbuf.dtype, compression)
-        switch = self._switch if self._switch is not None and self._switch.usable else None
+        switch = self._switch if self._switch is not None and self._switch.usable and chan is None else None
         if switch is not None and switch.applies(coll, chosen, opc, count):
             codec = "none"  # a standalone aggregator sums plain float32
             plan = switch.plan(count, itemsize, self.segment_bytes, preserve)
             ccomm = switch.hcomm
         else:
-            switch, ccomm = None, self._comm
+            switch, ccomm = None, self._comm if chan is None else chan.ccomm
             plan = self._plan(coll, chosen, count, itemsize, root, avg, preserve, codec)
         desc = _digest(coll, inbuf.code, opc, count, root, chosen, codec)
         ident = _identity(coll, inbuf.code, op, count, root, algorithm, compression)
         return _Call(coll, chosen, plan, ccomm, switch, desc, ident, inbuf.code, opc, count, itemsize, inbuf.nbytes,
                      outbuf.nbytes)
 
-    def _launch(self, call, inptr, outptr, timeout, internal=False, agree=None, inbuf=None, outbuf=None):
+    def _launch(self, call, inptr, outptr, timeout, internal=False, agree=None, inbuf=None, outbuf=None, chan=None):
         """Run a prepared call on the memory at ``inptr``/``outptr`` (cffi
         pointers). Everything per call happens here, for both paths."""
-        self._seq += 1
-        bufs, failed = self._cbufs, self._cfailed  # reused: one collective at a time
+        if chan is not None:  # a tag's channel: its own sequence and argument arrays
+            chan.seq += 1
+            seq, bufs, failed = chan.seq, chan.bufs, chan.failed
+        else:
+            self._seq += 1
+            seq = self._seq
+            if not internal:
+                self._calls += 1
+            bufs, failed = self._cbufs, self._cfailed  # reused: one collective at a time
         bufs[0] = inptr
         bufs[1] = outptr
         coll = call.coll
@@ -471,8 +696,7 @@ class Communicator:
             st, failed[0] = switch.announce(self._seq, call.desc, call.code, call.opc, call.count, call.itemsize,
                                             timeout)
         if st == _OK:
-            st = _comm_run(ccomm, call.ptr, bufs, call.sizes, call.code, call.opc, self._seq, call.desc, timeout,
-                           failed)
+            st = _comm_run(ccomm, call.ptr, bufs, call.sizes, call.code, call.opc, seq, call.desc, timeout, failed)
         dt = _perf_counter() - t0
         if not internal:
             self.stats.append(_tuple_new(Stat, (coll, call.algorithm, call.nbytes, dt, self.world_size, self.epoch,
@@ -485,7 +709,12 @@ class Communicator:
             return call.algorithm
         log.info("rank %d/%d epoch %d: %s %s failed after %.3f ms (status %d)", self.rank, self.world_size,
                  self.epoch, coll, call.algorithm, dt * 1e3, st)
-        raise self._failure(st, int(failed[0]), coll, ccomm, call.ident)
+        if chan is not None:
+            raise self._tag_failure(st, int(failed[0]), coll, chan)
+        # (identity, number) of the user's call: an internal one (the cost model's measurement)
+        # is part of the call that started it
+        raise self._failure(st, int(failed[0]), coll, ccomm,
+                            (self._ident, self._calls + 1) if internal else (call.ident, self._calls))
 
     def _fast_call(self, key):
         """The prepared call remembered under ``key`` (see :meth:`_fast_run`),
@@ -514,7 +743,9 @@ class Communicator:
                 outptr = inptr if outarr is inarr and in_writable else _from_buffer("char[]", outarr, True)
         except (TypeError, ValueError, BufferError):  # the full path says what is wrong
             return None
-        self._exec_lock.acquire()
+        if not self._exec_lock.acquire(False):
+            self._contended()
+        self._holder = _current_thread()
         try:
             # Inline only when no async work is queued (as _call; work queued
             # later by another thread is concurrent with this call anyway).
@@ -527,13 +758,27 @@ class Communicator:
 
     def _failure(self, st, peer, coll, ccomm=None, ident=None):
         message = ffi.string(lib.pc_comm_last_error(ccomm or self._comm)).decode(errors="replace")
-        self._broken = True
         if st == lib.PC_ERR_ARG:  # bad arguments: nothing was sent, the mesh is intact
-            self._broken = False
             return status_error(st, f"{coll}: {message}", peer)
+        self._broken = True
+        return self._explain(st, peer, coll, message, ident)
+
+    def _tag_failure(self, st, peer, coll, chan):
+        """A tagged call failed: the epoch re-forms at the next call; the
+        other channels' next calls report the failure (see _run_tagged)."""
+        message = ffi.string(lib.pc_comm_last_error(chan.ccomm)).decode(errors="replace")
+        if st == lib.PC_ERR_ARG:
+            return status_error(st, f"{coll} (tag {chan.tag!r}): {message}", peer)
+        self._tag_broken = True
+        self._settled.add(chan.tag)
+        return self._explain(st, peer, f"{coll} (tag {chan.tag!r})", message, None)
+
+    def _explain(self, st, peer, coll, message, ident):
+        """The exception for a failed collective, on the coordinator's word."""
         # Let everyone else abort now rather than at their timeout, and learn
         # the cause (who was lost) so the error can name it.
         info = consensus.report_epoch_failure(self, self.epoch, message, st, call=ident)
+        self._epoch_info = (self.epoch, info)
         lost = info.get("lost") or []
         cause = info.get("status")
         if not lost and cause in _CAUSE_STATUSES and st != cause:
@@ -553,54 +798,97 @@ class Communicator:
             exc.peer = exc.lost[0] if exc.lost else peer
         if isinstance(exc, PeerFailure):
             exc.retryable = bool(info.get("retry"))  # the coordinator's final word
+        if self._channels:
+            # Our report aborted the epoch (the coordinator tells only the others): every
+            # other channel's call fails too, and the idle ones owe it (see _carry_owed).
+            self._aborted_epoch = max(self._aborted_epoch, self.epoch)
+            self.cancel()
         return exc
 
-    def _call(self, fn, async_op, description):
-        """Run fn now (sync) or queue it (async), keeping call order."""
+    def _call(self, fn, async_op, description, bufs=()):
+        """Run fn now (sync) or queue it (async), keeping call order. ``bufs``
+        (buffers.Buffer) stay pinned until fn returned (see _run_pinned)."""
         if not async_op:
             with self._submit_lock:
                 if self._inflight == 0:
-                    self._exec_lock.acquire()
+                    if not self._exec_lock.acquire(False):
+                        self._contended()
+                    self._holder = _current_thread()
                     inline = True
                 else:
                     inline = False
             if inline:
                 try:
-                    return fn()
+                    return self._run_pinned(fn, bufs)
                 finally:
                     self._exec_lock.release()
-            return self._submit(fn, description).wait()
-        return self._submit(fn, description)
+            return self._submit(fn, description, bufs).wait()
+        return self._submit(fn, description, bufs)
 
-    def _submit(self, fn, description):
+    def _submit(self, fn, description, bufs=()):
         work = Work(description)
         with self._submit_lock:
-            if self._worker is None:
-                self._queue = queue.Queue()
-                self._worker = threading.Thread(target=self._worker_loop, name="pycoll-worker", daemon=True)
-                self._worker.start()
-            self._inflight += 1
-            self._queue.put((fn, work))
+            # close() sets _closed before it stops the worker: nothing queued now would run
+            if not self._closed:
+                if self._worker is None:
+                    self._queue = queue.Queue()
+                    self._worker = threading.Thread(target=self._worker_loop, name="pycoll-worker", daemon=True)
+                    self._worker.start()
+                self._inflight += 1
+                self._queue.put((fn, work, bufs))
+                return work
+        self._run_pinned(lambda: None, bufs)  # unpin
+        work._finish(None, CollectiveError(f"{description}: communicator is closed"))
         return work
 
     def _worker_loop(self):
         while True:
             item = self._queue.get()
             if item is None:
-                return
-            fn, work = item
+                break
+            fn, work, bufs = item
+            del item
             with self._exec_lock:
                 try:
-                    result, exc = fn(), None
+                    result, exc = self._run_pinned(fn, bufs), None
                 except BaseException as e:  # noqa: BLE001 - handed to the waiter
                     result, exc = None, e
+            del fn, bufs  # the caller's memory is theirs again
             with self._submit_lock:
                 self._inflight -= 1
             work._finish(result, exc)
+            del work, result, exc
+        # Closed: what was queued after the stop (a _submit racing close()) fails, never hangs.
+        while True:
+            with self._submit_lock:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    return
+                if item is not None:
+                    self._inflight -= 1
+            if item is not None:
+                self._run_pinned(lambda: None, item[2])
+                item[1]._finish(None, CollectiveError(f"{item[1].description}: communicator is closed"))
+
+    @staticmethod
+    def _run_pinned(fn, bufs):
+        """Run a collective's closure. Its buffers stay pinned (NumPy refuses to
+        resize them, torch storages stay alive) from the call until now, async
+        calls included: the engine got their addresses at the call. A tensor
+        whose memory moved meanwhile is reported (Buffer.check)."""
+        try:
+            result = fn()
+            for b in bufs:
+                b.check()
+            return result
+        finally:
+            for b in bufs:
+                b.release()
 
     # ---- public collectives -------------------------------------------
     def all_reduce(self, arr, op="sum", algorithm="auto", *, timeout=None, dtype=None, async_op=False,
-                   retry=False, verify=False, compression=None):
+                   retry=False, verify=False, compression=None, tag=None):
         """Reduce ``arr`` across all ranks, in place; returns ``arr``.
 
         ``compression`` ("fp16", "bf16", "int8", "none"; default: the
@@ -617,24 +905,32 @@ class Communicator:
         in the result (``op="avg"`` divides by their number).
         ``verify=True``: also cross-check a digest of the result across the
         group; a mismatch raises ParityError on every rank, ``arr`` intact.
+
+        ``tag``: run on that tag's own connections (the communicator must be
+        made with ``tags=`` naming it). Calls pair across ranks by their order
+        among calls of the same tag, so threads that each use their own tag
+        may call at once; see "Threads" in the README.
         """
         key = None
-        if type(arr) is _ndarray and not (async_op or retry or verify):  # a repeat call skips to the engine
+        if type(arr) is _ndarray and not (async_op or retry or verify or tag is not None):  # repeat: to the engine
             key = ("all_reduce", arr.dtype, arr.size, op, algorithm, dtype, compression, self.preserve_input,
                    self.compression)
             call = self._fast_call(key)
             if call is not None and self._fast_run(call, arr, arr, timeout, True) is not None:
                 return arr
-        return self._all_reduce(arr, op, algorithm, timeout, dtype, async_op, retry, verify, compression, key)
+        return self._all_reduce(arr, op, algorithm, timeout, dtype, async_op, retry, verify, compression, key, tag)
 
     # The full paths live apart from the public methods: a closure's variables cost the enclosing
     # function a cell each at every call, fast path or not.
-    def _all_reduce(self, arr, op, algorithm, timeout, dtype, async_op, retry, verify, compression, key):
+    def _all_reduce(self, arr, op, algorithm, timeout, dtype, async_op, retry, verify, compression, key, tag):
         buf = as_buffer(arr, writable=True, what="all_reduce buffer", dtype=dtype)
         op_code(op)
 
-        def run():
-            if retry or verify:
+        def run(chan=None):
+            if chan is not None:
+                self._execute("all_reduce", buf, buf, buf.count, op, 0, algorithm, timeout, self.preserve_input,
+                              compression, chan=chan)
+            elif retry or verify:
                 consensus.run_agreed(self, lambda agree: self._execute(
                     "all_reduce", buf, buf, buf.count, op, 0, algorithm, timeout, True, compression, agree=agree),
                     retry, verify)
@@ -642,35 +938,41 @@ class Communicator:
                 self._execute("all_reduce", buf, buf, buf.count, op, 0, algorithm, timeout, self.preserve_input,
                               compression, fast_key=key)
             return arr
-        return self._call(run, async_op, "all_reduce")
+        if tag is not None:
+            return self._tagged_call(tag, run, async_op or retry or verify, "all_reduce", (buf,))
+        return self._call(run, async_op, "all_reduce", (buf,))
 
     def all_reduce_async(self, arr, op="sum", algorithm="auto", **kw):
         """Like all_reduce, returns a :class:`Work`; several may be in flight."""
         return self.all_reduce(arr, op, algorithm, async_op=True, **kw)
 
     def all_gather(self, send, recv, algorithm="auto", *, timeout=None, dtype=None, async_op=False, verify=False,
-                   compression=None):
+                   compression=None, tag=None):
         """``recv`` receives world_size blocks of ``send``, in rank order.
-        ``verify=True`` cross-checks a digest of ``recv`` across the group."""
+        ``verify=True`` cross-checks a digest of ``recv`` across the group;
+        ``tag`` as for all_reduce."""
         key = None
-        if type(send) is _ndarray and type(recv) is _ndarray and not (async_op or verify):
+        if type(send) is _ndarray and type(recv) is _ndarray and not (async_op or verify or tag is not None):
             key = ("all_gather", send.dtype, send.size, recv.dtype, recv.size, algorithm, dtype, compression,
                    self.compression)
             call = self._fast_call(key)
             if call is not None and self._fast_run(call, send, recv, timeout) is not None:
                 return recv
-        return self._all_gather(send, recv, algorithm, timeout, dtype, async_op, verify, compression, key)
+        return self._all_gather(send, recv, algorithm, timeout, dtype, async_op, verify, compression, key, tag)
 
-    def _all_gather(self, send, recv, algorithm, timeout, dtype, async_op, verify, compression, key):
+    def _all_gather(self, send, recv, algorithm, timeout, dtype, async_op, verify, compression, key, tag):
         sb = as_buffer(send, writable=False, what="all_gather send", dtype=dtype)
         rb = as_buffer(recv, writable=True, what="all_gather recv", dtype=dtype)
         self._check_same_dtype(sb, rb, "all_gather")
 
-        def run():
+        def run(chan=None):
             if rb.count != sb.count * self.world_size:
                 raise InvalidArgument(f"all_gather: recv has {rb.count} elements, needs world_size "
                                       f"({self.world_size}) x {sb.count}")
-            if verify:
+            if chan is not None:
+                self._execute("all_gather", sb, rb, sb.count, "sum", 0, algorithm, timeout, False, compression,
+                              chan=chan)
+            elif verify:
                 consensus.run_agreed(self, lambda agree: self._execute(
                     "all_gather", sb, rb, sb.count, "sum", 0, algorithm, timeout, False, compression, agree=agree),
                     False, True)
@@ -678,60 +980,67 @@ class Communicator:
                 self._execute("all_gather", sb, rb, sb.count, "sum", 0, algorithm, timeout, False, compression,
                               fast_key=key)
             return recv
-        return self._call(run, async_op, "all_gather")
+        if tag is not None:
+            return self._tagged_call(tag, run, async_op or verify, "all_gather", (sb, rb))
+        return self._call(run, async_op, "all_gather", (sb, rb))
 
     def all_gather_async(self, send, recv, algorithm="auto", **kw):
         return self.all_gather(send, recv, algorithm, async_op=True, **kw)
 
     def reduce_scatter(self, send, recv, op="sum", algorithm="auto", *, timeout=None, dtype=None,
-                       async_op=False, compression=None):  # no verify=: every rank holds a different block
+                       async_op=False, compression=None, tag=None):  # no verify=: every rank holds its own block
         """``recv`` = this rank's block of the elementwise reduction of ``send``
-        (``send`` holds world_size blocks of ``recv``'s size)."""
+        (``send`` holds world_size blocks of ``recv``'s size); ``tag`` as for all_reduce."""
         key = None
-        if type(send) is _ndarray and type(recv) is _ndarray and not async_op:
+        if type(send) is _ndarray and type(recv) is _ndarray and not async_op and tag is None:
             key = ("reduce_scatter", send.dtype, send.size, recv.dtype, recv.size, op, algorithm, dtype, compression,
                    self.compression)
             call = self._fast_call(key)
             if call is not None and self._fast_run(call, send, recv, timeout) is not None:
                 return recv
-        return self._reduce_scatter(send, recv, op, algorithm, timeout, dtype, async_op, compression, key)
+        return self._reduce_scatter(send, recv, op, algorithm, timeout, dtype, async_op, compression, key, tag)
 
-    def _reduce_scatter(self, send, recv, op, algorithm, timeout, dtype, async_op, compression, key):
+    def _reduce_scatter(self, send, recv, op, algorithm, timeout, dtype, async_op, compression, key, tag):
         sb = as_buffer(send, writable=False, what="reduce_scatter send", dtype=dtype)
         rb = as_buffer(recv, writable=True, what="reduce_scatter recv", dtype=dtype)
         self._check_same_dtype(sb, rb, "reduce_scatter")
         op_code(op)
 
-        def run():
+        def run(chan=None):
             if sb.count != rb.count * self.world_size:
                 raise InvalidArgument(f"reduce_scatter: send has {sb.count} elements, needs world_size "
                                       f"({self.world_size}) x {rb.count}")
             self._execute("reduce_scatter", sb, rb, rb.count, op, 0, algorithm, timeout, False, compression,
-                          fast_key=key)
+                          fast_key=key if chan is None else None, chan=chan)
             return recv
-        return self._call(run, async_op, "reduce_scatter")
+        if tag is not None:
+            return self._tagged_call(tag, run, async_op, "reduce_scatter", (sb, rb))
+        return self._call(run, async_op, "reduce_scatter", (sb, rb))
 
     def reduce_scatter_async(self, send, recv, op="sum", algorithm="auto", **kw):
         return self.reduce_scatter(send, recv, op, algorithm, async_op=True, **kw)
 
     def broadcast(self, arr, root=0, algorithm="auto", *, timeout=None, dtype=None, async_op=False,
-                  retry=False, verify=False):
+                  retry=False, verify=False, tag=None):
         """Copy ``root``'s ``arr`` into every rank's ``arr``, in place.
-        ``retry``/``verify`` as for all_reduce; a retry follows the root peer
+        ``retry``/``verify``/``tag`` as for all_reduce; a retry follows the root peer
         to its new rank and fails (not retryable) if the root itself was lost."""
         key = None
-        if type(arr) is _ndarray and type(root) is int and not (async_op or retry or verify):
+        if type(arr) is _ndarray and type(root) is int and not (async_op or retry or verify or tag is not None):
             key = ("broadcast", arr.dtype, arr.size, root, algorithm, dtype, self.preserve_input)
             call = self._fast_call(key)
             if call is not None and self._fast_run(call, arr, arr, timeout, True) is not None:
                 return arr
-        return self._broadcast(arr, root, algorithm, timeout, dtype, async_op, retry, verify, key)
+        return self._broadcast(arr, root, algorithm, timeout, dtype, async_op, retry, verify, key, tag)
 
-    def _broadcast(self, arr, root, algorithm, timeout, dtype, async_op, retry, verify, key):
+    def _broadcast(self, arr, root, algorithm, timeout, dtype, async_op, retry, verify, key, tag):
         buf = as_buffer(arr, writable=True, what="broadcast buffer", dtype=dtype)
 
-        def run():
-            if retry or verify:
+        def run(chan=None):
+            if chan is not None:
+                self._execute("broadcast", buf, buf, buf.count, "sum", root, algorithm, timeout,
+                              self.preserve_input, chan=chan)
+            elif retry or verify:
                 consensus.run_agreed(self, lambda agree: self._execute(
                     "broadcast", buf, buf, buf.count, "sum", root, algorithm, timeout, True, agree=agree),
                     retry, verify, root=root)
@@ -739,13 +1048,18 @@ class Communicator:
                 self._execute("broadcast", buf, buf, buf.count, "sum", root, algorithm, timeout,
                               self.preserve_input, fast_key=key)
             return arr
-        return self._call(run, async_op, "broadcast")
+        if tag is not None:
+            return self._tagged_call(tag, run, async_op or retry or verify, "broadcast", (buf,))
+        return self._call(run, async_op, "broadcast", (buf,))
 
     def broadcast_async(self, arr, root=0, algorithm="auto", **kw):
         return self.broadcast(arr, root, algorithm, async_op=True, **kw)
 
-    def barrier(self, *, timeout=None, async_op=False):
-        """Return once every rank has entered the barrier."""
+    def barrier(self, *, timeout=None, async_op=False, tag=None):
+        """Return once every rank has entered the barrier (``tag`` as for all_reduce)."""
+        if tag is not None:
+            return self._tagged_call(tag, lambda chan: self._execute("barrier", _EMPTY, _EMPTY, 0, "sum", 0, "ring",
+                                                                     timeout, False, chan=chan), async_op, "barrier")
         if not async_op:
             call = self._fast.get(_BARRIER_KEY)
             if call is not None and self._fast_run(call, None, None, timeout) is not None:
@@ -759,6 +1073,13 @@ class Communicator:
             self._execute("barrier", empty, empty, 0, "sum", 0, "ring", timeout, False, fast_key=_BARRIER_KEY)
         return self._call(run, async_op, "barrier")
 
+    def _tagged_call(self, tag, run, unsupported, description, bufs=()):
+        """A tagged call (blocking; ``unsupported``: async_op, retry or verify was asked for)."""
+        if unsupported:
+            raise InvalidArgument(f"{description}: tag= runs blocking calls only (no async_op, retry or verify); "
+                                  "call from a thread of your own for each tag")
+        return self._run_pinned(lambda: self._run_tagged(tag, run, description), bufs)
+
     @staticmethod
     def _check_same_dtype(a, b, what):
         if a.dtype != b.dtype:
@@ -771,6 +1092,9 @@ class Communicator:
             for c in (self._comm, self._switch.hcomm if self._switch is not None else None):
                 if c is not None:
                     lib.pc_comm_cancel(c)
+            for ch in self._channels.values():
+                if ch.ccomm is not None:
+                    lib.pc_comm_cancel(ch.ccomm)
 
     # ---- measurement ---------------------------------------------------
     def stream_ring(self, nbytes, timeout=60.0):

@@ -67,11 +67,11 @@ def report_epoch_failure(comm, epoch, why, status=lib.PC_ERR_CANCELLED, withdraw
     answer ({} if it cannot be reached). ``withdraw``: we gave up waiting for
     the decision of round #seq; if it was decided meanwhile, the answer is
     that decision ({"decided": ...}) and nothing is aborted. ``call``: the
-    identity of the call #seq that failed while we were inside it (see
-    Communicator._ensure_ready)."""
+    identity and number of the user's call that failed while we were inside
+    it (see Communicator._ensure_ready)."""
     msg = {"t": "fail", "epoch": epoch, "seq": comm._seq, "why": str(why)[:2000], "status": int(status)}
-    if call is not None:
-        msg["call"] = call
+    if call is not None:  # (identity, number) of the user's call that failed
+        msg["call"], msg["callno"] = call
     if withdraw:
         msg["withdraw"] = True
     try:

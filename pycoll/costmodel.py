@@ -294,13 +294,15 @@ class CostModel:
 
 
 # ---- start-up measurement -----------------------------------------------------------------------
-def calibrate(run_ring_allreduce, n, hosts=None, small_reps=3, big_bytes=1 << 20):
+def calibrate(run_ring_allreduce, n, hosts=None, small_reps=10, big_bytes=1 << 20):
     """Measure o, host_Bps and rank_Bps with ring all-reduces; every rank gets the same model.
 
     ``run_ring_allreduce(array, op)`` must run a ring all-reduce on every rank (the caller's
     communicator); ``hosts`` is the host id of every rank.
     """
     tiny = np.zeros(1, np.float32)
+    # The best of several: on a shared host the best of 3 ranged from 3 to 37 us for one setup
+    # (a busy moment makes o, and so every small-message choice, wrong for the whole epoch).
     run_ring_allreduce(tiny, "sum")  # warm-up: first frames
     best = math.inf
     for _ in range(small_reps):

@@ -174,6 +174,11 @@ class Listener:
         self.sock.setblocking(False)
         self.addr = (advertise_host or bind_host, self.sock.getsockname()[1])
         self.local = None  # unix socket for same-host (shared-memory) peers
+        # Meshes of one epoch are built one after another (the group's, then its tag
+        # channels'); a fast peer may dial the next while we still accept the first.
+        # Its connections wait here, authenticated, for the build they belong to.
+        self.park_tokens = set()
+        self.parked = {}  # token -> {(peer, stripe): (socket, segment fds or None)}
 
     def enable_local(self):
         """Accept same-host peers over shared memory too. Returns False (and
@@ -192,7 +197,17 @@ class Listener:
         self.local = s
         return True
 
+    def expect_meshes(self, tokens):
+        """Park authenticated connections of these other mesh tokens (see
+        ``parked``) while accepting; an empty set drops whatever is parked."""
+        self.park_tokens = set(tokens)
+        for token in [t for t in self.parked if t not in self.park_tokens]:
+            for sock, seg in self.parked.pop(token).values():
+                sock.close()
+                _close_fds(seg)
+
     def close(self):
+        self.expect_meshes(())
         self.sock.close()
         if self.local is not None:
             self.local.close()
@@ -217,6 +232,14 @@ class Listener:
         if self.local is not None:
             sel.register(self.local, selectors.EVENT_READ, None)
         partial = {}  # socket -> (bytes so far, started, challenge); insertion order = age
+        for peer_stripe, (sock, seg) in self.parked.pop(token, {}).items():  # they came early
+            if peer_stripe in expected:
+                got[peer_stripe] = sock
+                if seg is not None:
+                    segs[peer_stripe] = seg
+            else:
+                sock.close()
+                _close_fds(seg)
         try:
             while len(got) < len(expected):
                 left = deadline - time.monotonic()
@@ -300,16 +323,25 @@ class Listener:
         del partial[s]
         hello, response = data[:HELLO.size], data[HELLO.size:]
         why = None
+        park = None  # the token of another mesh of this epoch this connection belongs to
         try:
             magic, version, stripe, src, dst, ep, tok = HELLO.unpack(hello)
+            other = tok.decode(errors="replace")
             if magic != HELLO_MAGIC:
                 why = "not a pycoll peer (bad magic)"
             elif version != HELLO_VERSION:
                 why = f"hello version {version}"
-            elif ep != epoch or tok != token.encode()[:32] or dst != rank:
+            elif ep != epoch or dst != rank:
                 why = f"hello for epoch {ep} rank {dst}, this is epoch {epoch} rank {rank}"
+            elif tok != token.encode()[:32] and other not in self.park_tokens:
+                why = (f"hello for epoch {ep} with another mesh's token (a stale connection, or a peer made "
+                       "with other tags=)")
             elif not auth.check_response(key, chal, hello, response):
                 why = f"authentication failed for a peer claiming rank {src} (wrong or missing PYCOLL_SECRET?)"
+            elif tok != token.encode()[:32]:
+                park = other
+                if (src, stripe) in self.parked.get(park, {}):
+                    why = f"duplicate connection from rank {src} stripe {stripe}"
             elif (src, stripe) not in expected or (src, stripe) in got:
                 why = f"unexpected or duplicate connection from rank {src} stripe {stripe}"
         except struct.error:
@@ -337,6 +369,9 @@ class Listener:
             log.warning("rank %d: handshake with rank %d failed: %s", rank, src, exc)
             _close_fds(seg)
             s.close()
+            return
+        if park is not None:
+            self.parked.setdefault(park, {})[(src, stripe)] = (s, seg)
             return
         got[(src, stripe)] = s
         if seg is not None:
@@ -452,6 +487,14 @@ class MeshLinks(collections.namedtuple("MeshLinks", "kinds fds shm_fds")):
     """Connections of one epoch for pc_comm_create_mixed: kinds and fds have
     n*stripes entries (self: PC_CONN_TCP, -1), shm_fds three per connection
     (-1 for TCP)."""
+
+    def channel(self, i, k, stripes):
+        """Channel i of a mesh built with k channels of ``stripes`` connections
+        per pair (peer p's connection j of channel i is p*k*stripes + i*stripes + j).
+        Takes those fds: each belongs to exactly one channel."""
+        idx = [p * k * stripes + i * stripes + j for p in range(len(self.fds) // (k * stripes)) for j in range(stripes)]
+        return MeshLinks([self.kinds[x] for x in idx], [self.fds[x] for x in idx],
+                         [f for x in idx for f in self.shm_fds[3 * x:3 * x + 3]])
 
     def dup_prefix(self, n):
         """Duplicates of the first n connections' fds (for a second comm)."""
