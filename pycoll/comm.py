@@ -11,6 +11,8 @@ A call that repeats an earlier one of the epoch (same arguments, same
 dtypes and sizes) skips its checks and planning and goes almost straight to
 the engine (Communicator._fast_run): small collectives cost microseconds.
 """
+from __future__ import annotations
+
 import collections
 import functools
 import hashlib
@@ -21,6 +23,7 @@ import struct
 import threading
 import time
 import zlib
+from typing import Any, Optional, Union
 
 import numpy as np
 
@@ -65,6 +68,10 @@ _tuple_new = tuple.__new__  # builds a Stat without the namedtuple's Python-leve
 _NULL = ffi.NULL
 _OK = lib.PC_OK
 _ndarray = np.ndarray
+
+# Public signatures: an array is a C-contiguous NumPy array or torch CPU tensor, used in place.
+Array = Any
+Tag = Union[str, int]
 # Failures every rank must raise as what they are, wherever they were detected.
 _CAUSE_STATUSES = (lib.PC_ERR_PROTO, lib.PC_ERR_TIMEOUT)
 
@@ -404,7 +411,7 @@ class Communicator:
                 lib.pc_comm_shutdown(c)
                 lib.pc_comm_free(c)
 
-    def update_topology(self):
+    def update_topology(self) -> bool:
         """A sync point: every current member must call it (between steps).
         Admits pending joiners and drops dead members; returns True if the
         membership changed (then ``rank``, ``world_size``, ``members``,
@@ -421,7 +428,7 @@ class Communicator:
             return self._sync(rebuild=self._broken or self._aborted_epoch == self.epoch, admit=True)
 
     @property
-    def aggregators(self):
+    def aggregators(self) -> list:
         """Names of the groups whose standalone aggregator (``pycoll aggregator``) serves this
         epoch's innetwork all-reduces (empty: agent mode everywhere)."""
         sw = self._switch
@@ -430,7 +437,7 @@ class Communicator:
         groups = sw.elayout.groups
         return sorted(groups)
 
-    def pending_joiners(self):
+    def pending_joiners(self) -> int:
         """Number of peers waiting to be admitted (from the last heartbeat)."""
         status = self._client.last_status
         if status.get("epoch", self.epoch) < self.epoch:
@@ -612,6 +619,7 @@ class Communicator:
             return self._launch(call, ffi.cast("void *", inbuf.address), ffi.cast("void *", outbuf.address),
                                 timeout, internal, chan=chan)
         if agree is not None:
+            self._ident = None  # (an agreed call: the group decides its outcome, no late-call rule)
             agree.skip = consensus.begin(self)
             if agree.root_name is not None:
                 root = agree.root(self)
@@ -619,7 +627,7 @@ class Communicator:
             ident = _identity(coll, inbuf.code, op, count, root, algorithm, compression)
             if not internal:  # (an internal call is part of the user's call that started it)
                 self._ident = ident
-            self._ensure_ready(ident)
+            self._ensure_ready(None if internal else ident)
         call = self._prepare(coll, inbuf, outbuf, count, op, root, algorithm, preserve, compression)
         if agree is not None:
             return self._launch(call, ffi.cast("void *", inbuf.address), ffi.cast("void *", outbuf.address),
@@ -713,8 +721,8 @@ class Communicator:
             raise self._tag_failure(st, int(failed[0]), coll, chan)
         # (identity, number) of the user's call: an internal one (the cost model's measurement)
         # is part of the call that started it
-        raise self._failure(st, int(failed[0]), coll, ccomm,
-                            (self._ident, self._calls + 1) if internal else (call.ident, self._calls))
+        ident = (self._ident, self._calls + 1) if internal else (call.ident, self._calls)
+        raise self._failure(st, int(failed[0]), coll, ccomm, ident if ident[0] is not None else None)
 
     def _fast_call(self, key):
         """The prepared call remembered under ``key`` (see :meth:`_fast_run`),
@@ -887,8 +895,9 @@ class Communicator:
                 b.release()
 
     # ---- public collectives -------------------------------------------
-    def all_reduce(self, arr, op="sum", algorithm="auto", *, timeout=None, dtype=None, async_op=False,
-                   retry=False, verify=False, compression=None, tag=None):
+    def all_reduce(self, arr: Array, op: str = "sum", algorithm: str = "auto", *, timeout: Optional[float] = None,
+                   dtype: Optional[str] = None, async_op: bool = False, retry: Union[bool, int] = False,
+                   verify: bool = False, compression: Optional[str] = None, tag: Optional[Tag] = None) -> Any:
         """Reduce ``arr`` across all ranks, in place; returns ``arr``.
 
         ``compression`` ("fp16", "bf16", "int8", "none"; default: the
@@ -942,12 +951,13 @@ class Communicator:
             return self._tagged_call(tag, run, async_op or retry or verify, "all_reduce", (buf,))
         return self._call(run, async_op, "all_reduce", (buf,))
 
-    def all_reduce_async(self, arr, op="sum", algorithm="auto", **kw):
+    def all_reduce_async(self, arr: Array, op: str = "sum", algorithm: str = "auto", **kw) -> Work:
         """Like all_reduce, returns a :class:`Work`; several may be in flight."""
         return self.all_reduce(arr, op, algorithm, async_op=True, **kw)
 
-    def all_gather(self, send, recv, algorithm="auto", *, timeout=None, dtype=None, async_op=False, verify=False,
-                   compression=None, tag=None):
+    def all_gather(self, send: Array, recv: Array, algorithm: str = "auto", *, timeout: Optional[float] = None,
+                   dtype: Optional[str] = None, async_op: bool = False, verify: bool = False,
+                   compression: Optional[str] = None, tag: Optional[Tag] = None) -> Any:
         """``recv`` receives world_size blocks of ``send``, in rank order.
         ``verify=True`` cross-checks a digest of ``recv`` across the group;
         ``tag`` as for all_reduce."""
@@ -984,11 +994,12 @@ class Communicator:
             return self._tagged_call(tag, run, async_op or verify, "all_gather", (sb, rb))
         return self._call(run, async_op, "all_gather", (sb, rb))
 
-    def all_gather_async(self, send, recv, algorithm="auto", **kw):
+    def all_gather_async(self, send: Array, recv: Array, algorithm: str = "auto", **kw) -> Work:
         return self.all_gather(send, recv, algorithm, async_op=True, **kw)
 
-    def reduce_scatter(self, send, recv, op="sum", algorithm="auto", *, timeout=None, dtype=None,
-                       async_op=False, compression=None, tag=None):  # no verify=: every rank holds its own block
+    def reduce_scatter(self, send: Array, recv: Array, op: str = "sum", algorithm: str = "auto", *,
+                       timeout: Optional[float] = None, dtype: Optional[str] = None, async_op: bool = False,
+                       compression: Optional[str] = None, tag: Optional[Tag] = None) -> Any:  # no verify=: every rank holds its own block
         """``recv`` = this rank's block of the elementwise reduction of ``send``
         (``send`` holds world_size blocks of ``recv``'s size); ``tag`` as for all_reduce."""
         key = None
@@ -1017,11 +1028,12 @@ class Communicator:
             return self._tagged_call(tag, run, async_op, "reduce_scatter", (sb, rb))
         return self._call(run, async_op, "reduce_scatter", (sb, rb))
 
-    def reduce_scatter_async(self, send, recv, op="sum", algorithm="auto", **kw):
+    def reduce_scatter_async(self, send: Array, recv: Array, op: str = "sum", algorithm: str = "auto", **kw) -> Work:
         return self.reduce_scatter(send, recv, op, algorithm, async_op=True, **kw)
 
-    def broadcast(self, arr, root=0, algorithm="auto", *, timeout=None, dtype=None, async_op=False,
-                  retry=False, verify=False, tag=None):
+    def broadcast(self, arr: Array, root: int = 0, algorithm: str = "auto", *, timeout: Optional[float] = None,
+                  dtype: Optional[str] = None, async_op: bool = False, retry: Union[bool, int] = False,
+                  verify: bool = False, tag: Optional[Tag] = None) -> Any:
         """Copy ``root``'s ``arr`` into every rank's ``arr``, in place.
         ``retry``/``verify``/``tag`` as for all_reduce; a retry follows the root peer
         to its new rank and fails (not retryable) if the root itself was lost."""
@@ -1052,10 +1064,11 @@ class Communicator:
             return self._tagged_call(tag, run, async_op or retry or verify, "broadcast", (buf,))
         return self._call(run, async_op, "broadcast", (buf,))
 
-    def broadcast_async(self, arr, root=0, algorithm="auto", **kw):
+    def broadcast_async(self, arr: Array, root: int = 0, algorithm: str = "auto", **kw) -> Work:
         return self.broadcast(arr, root, algorithm, async_op=True, **kw)
 
-    def barrier(self, *, timeout=None, async_op=False, tag=None):
+    def barrier(self, *, timeout: Optional[float] = None, async_op: bool = False,
+                tag: Optional[Tag] = None) -> Optional[Work]:
         """Return once every rank has entered the barrier (``tag`` as for all_reduce)."""
         if tag is not None:
             return self._tagged_call(tag, lambda chan: self._execute("barrier", _EMPTY, _EMPTY, 0, "sum", 0, "ring",
@@ -1085,7 +1098,7 @@ class Communicator:
         if a.dtype != b.dtype:
             raise InvalidArgument(f"{what}: send is {a.dtype} but recv is {b.dtype}")
 
-    def cancel(self):
+    def cancel(self) -> None:
         """Cancel the collective running now (from any thread): it raises
         :class:`Cancelled` promptly and the group re-forms at the next call."""
         with self._comm_lock:
@@ -1097,7 +1110,7 @@ class Communicator:
                     lib.pc_comm_cancel(ch.ccomm)
 
     # ---- measurement ---------------------------------------------------
-    def stream_ring(self, nbytes, timeout=60.0):
+    def stream_ring(self, nbytes: int, timeout: float = 60.0) -> float:
         """Raw transport ceiling: every rank streams nbytes to its right-hand
         neighbour while receiving as many from the left (no reduction).
         Returns seconds."""
@@ -1110,18 +1123,18 @@ class Communicator:
             return secs[0]
 
     @property
-    def bytes_sent(self):
+    def bytes_sent(self) -> int:
         """Bytes this epoch's connections carried out of this peer."""
         return lib.pc_comm_bytes_sent(self._comm) if self._comm is not None else 0
 
     @property
-    def bytes_single_copy(self):
+    def bytes_single_copy(self) -> int:
         """Bytes this peer copied straight out of same-host peers' memory this
         epoch (single copy, see ``single_copy``), instead of through a ring."""
         return lib.pc_comm_bytes_single_copy(self._comm) if self._comm is not None else 0
 
     # ---- lifetime ------------------------------------------------------
-    def close(self):
+    def close(self) -> None:
         """Leave the group and release every socket and buffer."""
         if self._closed:
             return

@@ -99,9 +99,30 @@ def test_tree_broadcast(n, preserve):
 
 def test_tree_plans_open_with_the_announcement():
     for r in range(5):
-        ops = planners.plan_tree("broadcast", 5, r, 10, 4, root=2).ops()
+        ops = planners.plan_tree("all_reduce", 5, r, 10, 4).ops()
         assert [(o["kind"], o["peer"], o["tag"]) for o in ops[:2]] == [(0, (r + 1) % 5, ANNOUNCE),
                                                                           (1, (r - 1) % 5, ANNOUNCE)]
+
+
+@pytest.mark.parametrize("algorithm", ["ring", "tree", "hamiltonian"])
+def test_broadcast_plans_open_with_an_empty_frame_to_and_from_every_peer(algorithm):
+    """The root of a broadcast receives no data: without these frames it would
+    finish even when another rank named another root (see plan_agree)."""
+    n, agree = 5, 0xa1000000
+    for root in (0, 3):
+        for r in range(n):
+            if algorithm == "ring":
+                plan = planners.plan_rings("broadcast", n, r, [list(range(n))], 10, 4, root=root)
+            elif algorithm == "hamiltonian":
+                plan = planners.plan_rings("broadcast", n, r, [list(range(n)), list(range(n))[::-1]], 10, 4,
+                                           root=root)
+            else:
+                plan = planners.plan_tree("broadcast", n, r, 10, 4, root=root)
+            ops = plan.ops()
+            head = [(o["kind"], o["peer"], o["tag"], o["len"]) for o in ops[:2 * (n - 1)]]
+            assert head == ([(0, (r + d) % n, agree, 0) for d in range(1, n)]
+                            + [(1, (r - d) % n, agree, 0) for d in range(1, n)])
+            assert not any(o["tag"] == agree for o in ops[2 * (n - 1):])
 
 
 def test_tree_rejects_other_collectives():

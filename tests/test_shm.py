@@ -439,10 +439,10 @@ def test_a_hostile_peer_cannot_make_us_overrun(attack):
         sock.close()
 
 
-def _bcast_from_1(mesh, count, order):
-    """Rank 1 broadcasts and shuts down at once; rank 0 receives. ``order``:
+def _send_from_1(mesh, count, order):
+    """Rank 1 sends one frame and shuts down at once; rank 0 receives. ``order``:
     "sender_first" runs rank 1 to the end first, "together" races them."""
-    plans = [planners.plan_rings("broadcast", 2, r, [[0, 1]], count, 4, root=1) for r in range(2)]
+    plans = [planners.plan_p2p(2, 0, 1, count * 4, send=False), planners.plan_p2p(2, 1, 0, count * 4, send=True)]
     x = [np.zeros(count, np.float32), np.arange(count, dtype=np.float32)]
     bufs = [[x[0], x[0]], [x[1], x[1]]]
 
@@ -469,13 +469,13 @@ def test_bytes_sent_before_a_peer_shuts_down_are_delivered():
     look at an empty ring)."""
     mesh = Mesh(2)
     try:
-        assert _bcast_from_1(mesh, 3000, "sender_first") == (lib.PC_OK, True)
+        assert _send_from_1(mesh, 3000, "sender_first") == (lib.PC_OK, True)
     finally:
         mesh.close()
     for i in range(40):
         mesh = Mesh(2, sleepy=i % 2 == 1)
         try:
-            st, same = _bcast_from_1(mesh, 1 + 997 * i, "together")
+            st, same = _send_from_1(mesh, 1 + 997 * i, "together")
             assert st == lib.PC_OK, ffi.string(lib.pc_comm_last_error(mesh.comms[0]))
             assert same
         finally:
