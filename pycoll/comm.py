@@ -63,7 +63,7 @@ _comm_run = lib.pc_comm_run
 _clear_cancel = lib.pc_comm_clear_cancel
 _from_buffer = ffi.from_buffer
 _perf_counter = time.perf_counter
-_current_thread = threading.current_thread
+_thread_id = threading.get_ident
 _tuple_new = tuple.__new__  # builds a Stat without the namedtuple's Python-level __new__
 _NULL = ffi.NULL
 _OK = lib.PC_OK
@@ -205,7 +205,7 @@ class Communicator:
         self._owed = {}             # tag -> (epoch, seq): its next call reports that epoch's failure
         self._epoch_info = None     # (epoch, the coordinator's word on its failure)
         self._threads_seen = {}     # untagged calls in flight at once: warned once per thread pair
-        self._holder = None         # the thread of the untagged call running now (see _contended)
+        self._holder = None         # thread id of the untagged call running now (see _contended)
         client.on_abort = self._on_abort
 
     # ---- membership ----------------------------------------------------
@@ -541,16 +541,18 @@ class Communicator:
         """Another thread is inside an untagged call: untagged calls pair by call
         order across ranks, which differs between ranks when threads race, so
         say so (once per pair of threads), then wait for our turn."""
-        holder, me = self._holder, _current_thread()
-        if holder is not None and holder is not me and holder is not self._worker:
-            pair = (holder.name, me.name)
+        holder, me = self._holder, _thread_id()
+        worker = self._worker.ident if self._worker is not None else None
+        if holder is not None and holder != me and holder != worker:
+            names = {t.ident: t.name for t in threading.enumerate()}
+            pair = (names.get(holder, f"thread {holder}"), names.get(me, f"thread {me}"))
             if pair not in self._threads_seen and len(self._threads_seen) < 64:
                 self._threads_seen[pair] = True
                 log.warning("rank %d: threads %r and %r make untagged collective calls on one communicator at "
                             "the same time; untagged calls pair across ranks by their order, which racing "
                             "threads make differ between ranks (results then mix). Give each thread its own "
                             "tag (tags=... and tag=...), or make the calls from one thread",
-                            self.rank, holder.name, me.name)
+                            self.rank, *pair)
         self._exec_lock.acquire()
 
     def _tag_needs_care(self, tag):
@@ -753,7 +755,7 @@ class Communicator:
             return None
         if not self._exec_lock.acquire(False):
             self._contended()
-        self._holder = _current_thread()
+        self._holder = _thread_id()
         try:
             # Inline only when no async work is queued (as _call; work queued
             # later by another thread is concurrent with this call anyway).
@@ -821,7 +823,7 @@ class Communicator:
                 if self._inflight == 0:
                     if not self._exec_lock.acquire(False):
                         self._contended()
-                    self._holder = _current_thread()
+                    self._holder = _thread_id()
                     inline = True
                 else:
                     inline = False
