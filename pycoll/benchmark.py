@@ -99,6 +99,19 @@ def _measure(comm, op, barrier, iters, warmup):
     return float(np.median(times)), float(times.min())
 
 
+def _settle(comm, seconds=0.5):
+    """Untimed small all-reduces until the group runs at its steady pace (the first
+    timed case otherwise pays for the processes' and scheduler's start-up)."""
+    a = np.zeros(1024, np.float32)
+    flag = np.zeros(1, np.float32)
+    t_end = time.perf_counter() + seconds
+    while flag[0] == 0:  # every rank stops after the same call (rank 0 decides)
+        for _ in range(50):
+            comm.all_reduce(a)
+        flag[0] = 1.0 if comm.rank == 0 and time.perf_counter() > t_end else 0.0
+        comm.all_reduce(flag, op="max")
+
+
 def _torch_groups(impls, port, comm):
     """torch.distributed groups for the torch implementations, all alive at
     once so the cases can take turns: {impl: (dist, group)}."""
@@ -127,6 +140,7 @@ def _bench_rank(comm, plan, port, iters, warmup, progress):
                disable=not progress or comm.rank != 0, file=sys.stderr)
     torch_groups = _torch_groups({impl for impl, _, _ in plan}, port, comm)
     try:
+        _settle(comm)
         for impl, algorithm, nbytes in plan:
             n_iter = iters or _default_iters(nbytes, comm.world_size)
             arr = np.full(nbytes // 4, comm.rank + 1, np.float32)
@@ -155,6 +169,20 @@ def _bench_rank(comm, plan, port, iters, warmup, progress):
 
 
 # ---- driver ----------------------------------------------------------------
+def case_order(sizes, impls, algorithms):
+    """The (impl, algorithm, bytes) cases in the order they run: size by size,
+    every case of a size in turn, the turn starting one case later at each
+    size, so that no case is always the one that first meets a change in the
+    machine (or the group's own settling in: measured at 4 ranks on 2 cores,
+    whatever ran first after start-up took 2-5x its later time)."""
+    cases = [(impl, algorithm) for impl in impls for algorithm in (algorithms if impl == "pycoll" else ["-"])]
+    plan = []
+    for i, size in enumerate(sizes):
+        k = i % len(cases) if cases else 0
+        plan += [(impl, algorithm, int(size)) for impl, algorithm in cases[k:] + cases[:k]]
+    return plan
+
+
 def run_benchmark(world_sizes=DEFAULT_WORLD_SIZES, sizes=DEFAULT_SIZES, algorithms=None,
                   impls=("pycoll", "gloo"), iters=None, warmup=2, progress=False, timeout=600.0):
     """Measure and return a list of :class:`Result` (Gloo rows are skipped,
@@ -176,8 +204,7 @@ def run_benchmark(world_sizes=DEFAULT_WORLD_SIZES, sizes=DEFAULT_SIZES, algorith
             print("pycoll bench: torch is not installed: skipping gloo/torch-pycoll "
                   "(pip install 'pycoll[torch]')", file=sys.stderr)
             impls = [i for i in impls if i == "pycoll"]
-    plan = [(impl, algorithm, int(size)) for size in sizes for impl in impls
-            for algorithm in (algorithms if impl == "pycoll" else ["-"])]
+    plan = case_order(sizes, impls, algorithms)
     results = []
     for n in world_sizes:
         rows = run(_bench_rank, n, args=(plan, free_port(), iters, warmup, progress), timeout=timeout,

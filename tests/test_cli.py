@@ -459,3 +459,16 @@ def test_init_names_a_bad_master_port_setting():
                        env=dict(env, MASTER_PORT="99999"), capture_output=True, text=True, timeout=60)
     last = r.stderr.strip().splitlines()[-1]
     assert r.returncode != 0 and "InvalidArgument" in last and "MASTER_PORT='99999'" in last, r.stderr
+
+
+def test_bench_cases_take_turns_being_first():
+    """No case always runs first at its size (the first one after start-up used
+    to carry the group's settling-in: auto looked 2x slower than what it chose)."""
+    from pycoll.benchmark import case_order
+    plan = case_order([4096, 65536, 1 << 20], ["pycoll", "gloo"], ["auto", "ring", "tree"])
+    firsts = [plan[i * 4][:2] for i in range(3)]
+    assert firsts == [("pycoll", "auto"), ("pycoll", "ring"), ("pycoll", "tree")]
+    for i in range(3):  # every case once per size
+        assert sorted(plan[i * 4:(i + 1) * 4]) == sorted((impl, alg, [4096, 65536, 1 << 20][i]) for impl, alg in
+                                                         [("pycoll", "auto"), ("pycoll", "ring"), ("pycoll", "tree"),
+                                                          ("gloo", "-")])
