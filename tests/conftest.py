@@ -9,6 +9,24 @@ import leak_guard  # noqa: E402 - needs the path above
 from collective_cases import TRANSPORTS  # noqa: E402
 
 
+# Tiers (markers): `unit` needs no sockets or processes (seconds: `pytest -m unit` is the quick
+# loop), `e2e` runs processes on loopback, `chaos` kills and starts peers at random, `fuzz` feeds
+# hostile input. A module not named here is e2e. The README's test command runs every tier.
+TIERS = {
+    "unit": {"test_algorithms_plans", "test_hamiltonian", "test_plans", "test_reduce", "test_topology",
+             "test_units", "test_cbuild", "test_architecture"},
+    "chaos": {"test_chaos"},
+    "fuzz": {"test_fuzz"},
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1] if item.module is not None else ""
+        tier = next((t for t, modules in TIERS.items() if module in modules), "e2e")
+        item.add_marker(getattr(pytest.mark, tier))
+
+
 @pytest.fixture(params=TRANSPORTS)
 def transport(request):
     """A test that takes ``transport`` runs once over shared memory and once
