@@ -253,7 +253,6 @@ void pc_comm_free(pc_comm *c) {
 
 const char *pc_comm_last_error(const pc_comm *c) { return c->err; }
 uint64_t pc_comm_bytes_sent(const pc_comm *c) { return c->sent; }
-uint64_t pc_comm_bytes_received(const pc_comm *c) { return c->received; }
 uint64_t pc_comm_bytes_single_copy(const pc_comm *c) { return c->single_copied; }
 
 /* ---- frame validation (also exported for fuzzing) ---------------------- */

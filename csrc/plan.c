@@ -101,8 +101,6 @@ void pc_plan_free(pc_plan *p) {
 int32_t pc_plan_nops(const pc_plan *p) { return p->nops; }
 const pc_op *pc_plan_ops(const pc_plan *p) { return p->ops; }
 const int32_t *pc_plan_deps(const pc_plan *p) { return p->deps; }
-int32_t pc_plan_ndeps(const pc_plan *p) { return p->ndeps; }
-uint64_t pc_plan_scratch_bytes(const pc_plan *p) { return p->need_bytes[PC_BUF_SCRATCH]; }
 int32_t pc_plan_tail_first(const pc_plan *p) { return p->tail_first; }
 int32_t pc_plan_codec(const pc_plan *p) { return p->codec; }
 uint64_t pc_plan_need_bytes(const pc_plan *p, int32_t buf) {

@@ -45,12 +45,6 @@ pc_status pc_plan_append(pc_plan *p, const pc_op *op, const int32_t *deps, int32
     return PC_OK;
 }
 
-pc_status pc_plan_start_tail(pc_plan *p) {
-    if (!p) return PC_ERR_ARG;
-    plan_begin_tail(p);
-    return PC_OK;
-}
-
 pc_status pc_plan_seal(pc_plan *p) {
     if (!p) return PC_ERR_ARG;
     if (p->failed) return PC_ERR_NOMEM;

@@ -91,8 +91,6 @@ typedef struct pc_comm pc_comm;
 int32_t pc_plan_nops(const pc_plan *plan);
 const pc_op *pc_plan_ops(const pc_plan *plan);
 const int32_t *pc_plan_deps(const pc_plan *plan);
-int32_t pc_plan_ndeps(const pc_plan *plan);
-uint64_t pc_plan_scratch_bytes(const pc_plan *plan);
 /* Bytes of IN / OUT / SCRATCH the plan touches (buf in pc_buf_id). */
 uint64_t pc_plan_need_bytes(const pc_plan *plan, int32_t buf);
 /* Ops from this index on run only after all earlier ops completed. */
@@ -296,7 +294,6 @@ void pc_comm_shutdown(pc_comm *comm);
 void pc_comm_free(pc_comm *comm);
 const char *pc_comm_last_error(const pc_comm *comm);
 uint64_t pc_comm_bytes_sent(const pc_comm *comm);
-uint64_t pc_comm_bytes_received(const pc_comm *comm);
 /* Bytes this comm copied straight out of peers' memory (single copy). */
 uint64_t pc_comm_bytes_single_copy(const pc_comm *comm);
 
@@ -340,12 +337,11 @@ pc_status pc_comm_stream_ring(pc_comm *comm, uint64_t bytes, double timeout_s,
 
 /* ---- plans built op by op (point-to-point transfers, custom schedules) --- */
 /* An empty plan for `rank` of `nranks`. Append ops (deps are indices of
- * earlier ops; *index receives the new op's index), optionally start the
- * tail, then seal it before running. Every op is checked as it is added. */
+ * earlier ops; *index receives the new op's index), then seal it before
+ * running. Every op is checked as it is added. */
 pc_status pc_plan_create(int32_t nranks, int32_t rank, pc_plan **out);
 pc_status pc_plan_append(pc_plan *plan, const pc_op *op, const int32_t *deps, int32_t ndeps,
                          int32_t *index);
-pc_status pc_plan_start_tail(pc_plan *plan);
 pc_status pc_plan_seal(pc_plan *plan);
 
 /* ---- hashing ----------------------------------------------------------- */

@@ -2,6 +2,8 @@
 
 The declarations cffi needs come from csrc/pycoll.h itself (preprocessor
 lines stripped, integer #defines kept), so Python and C cannot drift apart.
+The C sources are the SOURCES list of csrc/Makefile, the one list of them
+(the static library, tests/sanitize.sh and tests/fuzz/run.sh read it too).
 Set PYCOLL_SANITIZE=1 for an ASan/UBSan build, PYCOLL_CFLAGS for extra flags.
 """
 import os
@@ -11,8 +13,48 @@ from cffi import FFI
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CSRC = os.path.join(os.path.dirname(HERE), "csrc")
-# Keep SOURCES on one line: tests/sanitize.sh reads it with sed.
-SOURCES = ["reduce.c", "codec.c", "plan.c", "plan_ring.c", "plan_tree.c", "plan_direct.c", "plan_hier.c", "plan_custom.c", "plan_codec.c", "engine.c", "transport_tcp.c", "transport_shm.c", "hash.c"]
+
+
+def makefile_sources(path=os.path.join(CSRC, "Makefile")):
+    """The file names of the one ``SOURCES = a.c b.c ...`` assignment in a Makefile.
+
+    Strict on purpose, so that make and this script can never read two
+    different lists: exactly one assignment, with ``=`` or ``:=``
+    (backslash-continued lines allowed, a trailing ``# comment`` ignored),
+    only bare ``*.c`` names without make syntax, no duplicates, and each file
+    present next to the Makefile. Anything else raises ValueError.
+    """
+    try:
+        text = open(path, encoding="utf-8").read()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} is missing: it lists the C sources (an incomplete sdist? see MANIFEST.in)"
+                                ) from None
+    lines = re.sub(r"\\\n", " ", text).splitlines()  # make joins a backslash-newline into one space
+    found = []
+    for line in lines:
+        if re.match(r" *(?:define|undefine)\s+SOURCES\b", line):
+            raise ValueError(f"{path}: SOURCES must be a plain assignment, not {line.split()[0]}")
+        m = re.match(r" *(?:override\s+|export\s+)?SOURCES\s*([:+?!]*=)(.*)", line)
+        if m:
+            found.append((m.group(1), m.group(2)))
+    if len(found) != 1:
+        raise ValueError(f"{path}: expected one SOURCES assignment, found {len(found)}")
+    op, value = found[0]
+    if op not in ("=", ":="):
+        raise ValueError(f"{path}: SOURCES must be set with = or :=, not {op}")
+    names = value.split("#", 1)[0].split()
+    bad = [n for n in names if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*\.c", n)]
+    if bad or not names:
+        raise ValueError(f"{path}: SOURCES must list bare .c file names, got {bad or 'nothing'}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"{path}: SOURCES lists a file twice")
+    missing = [n for n in names if not os.path.isfile(os.path.join(os.path.dirname(path), n))]
+    if missing:
+        raise ValueError(f"{path}: SOURCES names files that do not exist: {missing}")
+    return names
+
+
+SOURCES = makefile_sources()
 
 
 def header_cdef(path):

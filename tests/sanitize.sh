@@ -31,7 +31,9 @@ PYTHONPATH="$work" python3 -m pytest -q -p no:cacheprovider "${tests[@]}"
 
 if [ -z "${SKIP_VALGRIND:-}" ] && command -v valgrind >/dev/null; then
     echo "== valgrind: the C core (plans, comms, runs that succeed and runs that fail) for 3000 inputs"
-    src=$(sed -n 's/^SOURCES = \[\(.*\)\]/\1/p' pycoll/_build.py | tr -d '",' | sed 's|\([^ ]*\)|csrc/\1|g')
+    # The C sources: csrc/Makefile's SOURCES, the one list of them.
+    src=$(make -s --no-print-directory -C csrc print-sources | sed 's|\([^ ]*\)|csrc/\1|g')
+    [ -n "$src" ] || { echo "no C sources from make -C csrc print-sources" >&2; exit 1; }
     # shellcheck disable=SC2086
     gcc -std=c99 -O1 -g -Icsrc tests/fuzz/fuzz_wire.c $src -o fuzz_wire_plain
     valgrind --quiet --leak-check=full --show-leak-kinds=definite,indirect,possible \

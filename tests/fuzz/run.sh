@@ -15,7 +15,9 @@ cd "$(dirname "$0")/../.."
 secs=${1:-300}
 out=${PYCOLL_FUZZ_DIR:-/tmp/pycoll-fuzz}
 mkdir -p "$out/corpus"
-src=$(sed -n 's/^SOURCES = \[\(.*\)\]/\1/p' pycoll/_build.py | tr -d '",' | sed 's|\([^ ]*\)|csrc/\1|g')
+# The C sources: csrc/Makefile's SOURCES, the one list of them.
+src=$(make -s --no-print-directory -C csrc print-sources | sed 's|\([^ ]*\)|csrc/\1|g')
+[ -n "$src" ] || { echo "no C sources from make -C csrc print-sources" >&2; exit 1; }
 flags="-std=c99 -O1 -g -Wall -Wextra -Wno-unused-parameter -fno-omit-frame-pointer -Icsrc"
 export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=1:halt_on_error=1}
 export UBSAN_OPTIONS=${UBSAN_OPTIONS:-halt_on_error=1:print_stacktrace=1}
