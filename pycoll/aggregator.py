@@ -1,4 +1,5 @@
-"""The standalone in-network aggregator (``pycoll aggregator``) and the workers' side of it.
+"""The standalone in-network aggregator (``pycoll aggregator``); the workers' side of it (and
+what both sides share: the engine layout, the descriptor frame) is :mod:`pycoll.switch`.
 
 A standalone aggregator is a software switch for one ``aggregator = "switch"`` group of the
 topology: it holds no model state, only scratch memory for the partial sums passing through.
@@ -28,144 +29,21 @@ rank count, which would include the switches).
 """
 import logging
 import os
-import struct
 import threading
 import time
 
-from . import planners
+from . import planners, topology as _topology
 from ._native import ffi, lib, status_error
 from .errors import CollectiveError
 from .layout import Layout
+# The workers' side, shared with the switch (and public here too, as before it moved to pycoll.switch):
+from .switch import (DESC_BYTES, DESC_DIGEST, DESC_FORMAT, DESC_MAGIC, DESC_SEQ,  # noqa: F401
+                     EngineLayout, SwitchPath, pack_descriptor, run_plan, split_members, unpack_descriptor)
 
 log = logging.getLogger("pycoll.aggregator")
 
 ROLE = "aggregator"
-DESC_FORMAT = "<8sQIiiQiI20x"  # 64 bytes: magic, seq, digest, dtype, op, count, itemsize, timeout (ms)
-DESC_BYTES = struct.calcsize(DESC_FORMAT)
-DESC_MAGIC = b"pcswitch"
-DESC_SEQ = 0                   # frame seq of descriptors (collectives start at 1)
-DESC_DIGEST = 0x5357_4443      # frame digest of descriptors
 IDLE_TIMEOUT = 1e9             # a switch waits for the next collective as long as the epoch lasts
-
-
-
-def split_members(members):
-    """``members`` as the coordinator sends them ([name, addr, host, group-or-None], engine rank
-    order) -> (worker count, {group name: engine rank of its switch})."""
-    switches = {}
-    workers = 0
-    for e, m in enumerate(members):
-        group = m[3] if len(m) > 3 else None
-        if group is None:
-            if switches:
-                raise CollectiveError("coordinator sent an aggregator before a worker")
-            workers += 1
-        else:
-            switches.setdefault(group, []).append(e)
-    return workers, switches
-
-
-class EngineLayout:
-    """The hierarchical layout over the whole mesh (workers, then switches), for ``plan_hier``.
-
-    ``usable`` is False when some switch has no group to serve (unknown or duplicate group, or
-    no topology that matches the workers): then no switch is used this epoch, since every engine
-    rank takes part in a hierarchical plan.
-    """
-
-    def __init__(self, layout, switches):
-        self.workers = layout.world_size
-        nsw = sum(len(v) for v in switches.values())
-        self.world_size = self.workers + nsw
-        self.agg_of = list(layout.agg_of) + list(range(self.workers, self.world_size))
-        self.leaders = {}  # engine rank of a switch -> its group's lowest worker
-        self.groups = []   # names of the groups a switch serves
-        served = set()
-        groups = layout.topology.groups if layout.topology is not None else []
-        for g in groups:
-            if g.aggregator == "switch" and g.name in switches:
-                e = switches[g.name][0]
-                served.add(e)
-                self.groups.append(g.name)
-                self.leaders[e] = min(g.ranks)
-                for r in g.ranks:
-                    self.agg_of[r] = e
-        self.usable = bool(served) and len(served) == nsw
-        self.agg_ring = []
-        for r in layout.ring:
-            a = self.agg_of[r]
-            if a not in self.agg_ring:
-                self.agg_ring.append(a)
-
-    def plan(self, rank, count, itemsize, segment_bytes, stripes, preserve):
-        """The hierarchical all-reduce plan of engine rank ``rank``."""
-        return planners.plan_hier("all_reduce", self.world_size, rank, self.agg_of, [self.agg_ring], count,
-                                  itemsize, segment_bytes=segment_bytes, stripes=stripes,
-                                  preserve=preserve and rank < self.workers, switch=rank >= self.workers)
-
-
-def pack_descriptor(seq, digest, dtype, op, count, itemsize, timeout):
-    ms = max(1, min(int(timeout * 1000), 0xFFFFFFFF))
-    return struct.pack(DESC_FORMAT, DESC_MAGIC, seq, digest, dtype, op, count, itemsize, ms)
-
-
-def unpack_descriptor(data):
-    """(seq, digest, dtype, op, count, itemsize, timeout s); never trusts what came off the wire."""
-    magic, seq, digest, dtype, op, count, itemsize, ms = struct.unpack(DESC_FORMAT, bytes(data))
-    if magic != DESC_MAGIC or lib.pc_dtype_size(dtype) != itemsize or not 0 <= op < lib.PC_OP_COUNT \
-            or op == lib.PC_AVG or count >= 1 << 40 or ms == 0:
-        raise CollectiveError("malformed aggregator descriptor")
-    return seq, digest, dtype, op, count, itemsize, ms / 1000.0
-
-
-def _run(comm, plan, in_addr, in_bytes, out_addr, out_bytes, dtype, op, seq, digest, timeout):
-    bufs = ffi.new("void *[2]", [ffi.cast("void *", in_addr), ffi.cast("void *", out_addr)])
-    sizes = ffi.new("uint64_t[2]", [in_bytes, out_bytes])
-    failed = ffi.new("int32_t *")
-    st = lib.pc_comm_run(comm, plan.ptr, bufs, sizes, dtype, op, seq, digest, timeout, failed)
-    return st, int(failed[0])
-
-
-class SwitchPath:
-    """A worker's route through the switches for one epoch: the whole-mesh C communicator and
-    the engine layout. Made by the communicator at each epoch that has usable switches."""
-
-    def __init__(self, hcomm, elayout, rank, stripes):
-        self.hcomm = hcomm
-        self.elayout = elayout
-        self.rank = rank
-        self.stripes = stripes
-        self.usable = elayout.usable
-        self._plans = {}
-        self._desc_plans = {e: planners.plan_p2p(elayout.world_size, rank, e, DESC_BYTES, True)
-                            for e, lead in elayout.leaders.items() if lead == rank and self.usable}
-        self._desc = ffi.new("uint8_t[]", DESC_BYTES)
-
-    def applies(self, coll, chosen, opc, count):
-        return coll == "all_reduce" and chosen == "innetwork" and opc != lib.PC_AVG and count > 0
-
-    def plan(self, count, itemsize, segment_bytes, preserve):
-        key = (count, itemsize, preserve)
-        p = self._plans.get(key)
-        if p is None:
-            if len(self._plans) > 64:
-                self._plans.clear()
-            p = self._plans[key] = self.elayout.plan(self.rank, count, itemsize, segment_bytes, self.stripes,
-                                                     preserve)
-        return p
-
-    def announce(self, seq, digest, dtype, op, count, itemsize, timeout):
-        """Send the descriptor to every switch this rank leads; returns (status, failed peer)."""
-        if not self._desc_plans:
-            return lib.PC_OK, -1
-        ffi.memmove(self._desc, pack_descriptor(seq, digest, dtype, op, count, itemsize, timeout), DESC_BYTES)
-        addr = int(ffi.cast("uintptr_t", self._desc))
-        for plan in self._desc_plans.values():
-            st, peer = _run(self.hcomm, plan, addr, DESC_BYTES, 0, 0, lib.PC_U8, lib.PC_SUM, DESC_SEQ,
-                            DESC_DIGEST, timeout)
-            if st != lib.PC_OK:
-                return st, peer
-        return lib.PC_OK, -1
 
 
 class Aggregator:
@@ -173,11 +51,10 @@ class Aggregator:
 
     def __init__(self, client, listener, group, *, topology=None, stripes=1, segment_bytes=1 << 20,
                  mesh_timeout=None, mesh_key=None, sync_timeout=3600.0):
-        from .comm import _load_topology
         self._client = client
         self._listener = listener
         self.group = group
-        self.topology = _load_topology(topology)
+        self.topology = _topology.load(topology)
         self.stripes = stripes
         self.segment_bytes = segment_bytes
         self.mesh_timeout = mesh_timeout if mesh_timeout is not None else listener.limits.connect_timeout
@@ -236,8 +113,8 @@ class Aggregator:
         desc_addr = int(ffi.cast("uintptr_t", desc))
         plans = {}
         while not self._stop.is_set():
-            st, _ = _run(self._comm, desc_plan, 0, 0, desc_addr, DESC_BYTES, lib.PC_U8, lib.PC_SUM, DESC_SEQ,
-                         DESC_DIGEST, IDLE_TIMEOUT)
+            st, _ = run_plan(self._comm, desc_plan, 0, 0, desc_addr, DESC_BYTES, lib.PC_U8, lib.PC_SUM,
+                             DESC_SEQ, DESC_DIGEST, IDLE_TIMEOUT)
             if st != lib.PC_OK:
                 return
             try:
@@ -252,7 +129,7 @@ class Aggregator:
                 if len(plans) > 64:
                     plans.clear()
                 plan = plans[key] = elayout.plan(rank, count, itemsize, self.segment_bytes, self.stripes, False)
-            st, _ = _run(self._comm, plan, 0, 0, 0, 0, dtype, op, seq, digest, timeout)
+            st, _ = run_plan(self._comm, plan, 0, 0, 0, 0, dtype, op, seq, digest, timeout)
             if st != lib.PC_OK:
                 log.warning("aggregator %s: collective %d failed: %s", self.group, seq,
                             ffi.string(lib.pc_comm_last_error(self._comm)).decode(errors="replace"))

@@ -22,6 +22,9 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from .observability import human_size, render_table  # noqa: F401 - public here too (demo, bench/)
+from . import units as _units
+
 __all__ = ["Result", "run_benchmark", "format_table", "figure", "plot", "parse_size", "main"]
 
 DEFAULT_SIZES = (4 << 10, 64 << 10, 1 << 20, 16 << 20)
@@ -58,26 +61,9 @@ class Result:
 
 
 def parse_size(text):
-    """'4K', '64KiB', '1M', '16MB', '1048576' -> bytes (powers of 1024)."""
-    t = str(text).strip().upper().removesuffix("IB").removesuffix("B")
-    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(t[-1:], 1)
-    digits = t[:-1] if t[-1:] in "KMG" else t
-    try:
-        value = int(float(digits) * mult)
-    except ValueError:
-        raise ValueError(f"bad size {text!r}: use bytes or a K/M/G suffix, e.g. 64K, 16M") from None
-    if value < 4 or value % 4:
-        raise ValueError(f"bad size {text!r}: must be a positive multiple of 4 bytes (float32)")
-    return value
-
-
-def human_size(n):
-    """Bytes as '4 KiB', '1.5 MiB'."""
-    for unit, div in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if n >= div:
-            v = n / div
-            return f"{v:.0f} {unit}" if v == int(v) else f"{v:.1f} {unit}"
-    return f"{n} B"
+    """'4K', '64KiB', '1M', '16MB', '1048576' -> bytes (powers of 1024, :func:`pycoll.units.parse_size`);
+    a multiple of 4, as the benchmark sends float32."""
+    return _units.parse_size(text, multiple=4)
 
 
 def _default_iters(nbytes, world_size):
@@ -226,18 +212,6 @@ def format_table(results):
         rows.append([str(r.world_size), r.label, human_size(r.nbytes), shown, f"{r.algbw / 1e9:.3f}",
                      f"{r.busbw / 1e9:.3f}", ratio])
     return render_table(header, rows)
-
-
-def render_table(header, rows, align_numbers=True):
-    """Align columns: text left, numbers right (unless ``align_numbers`` is False)."""
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
-
-    def numeric(s):
-        return align_numbers and (s[:1].isdigit() or s.endswith("x"))
-    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip(), "  ".join("-" * w for w in widths)]
-    for row in rows:
-        lines.append("  ".join(c.rjust(w) if numeric(c) else c.ljust(w) for c, w in zip(row, widths)).rstrip())
-    return "\n".join(lines)
 
 
 def figure(results):

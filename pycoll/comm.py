@@ -28,15 +28,16 @@ from typing import Any, Optional, Union
 import numpy as np
 
 from . import compression as _compression
-from . import aggregator, consensus, costmodel, planners, shared_state
+from . import consensus, costmodel, faults, planners, shared_state, topology as _topology
 from ._native import ffi, lib, status_error
 from .buffers import as_buffer
 from .dtypes import op_code
 from .errors import Cancelled, CollectiveError, CoordinatorError, InvalidArgument, PeerFailure
+from .faults import fault_armed, fault_point
 from .mesh import connect_mesh, local_peers, single_copy_bytes, transport_mode
-from . import testing
+from .observability import Stat
+from .switch import EngineLayout, SwitchPath, split_members
 from .wan import set_keepalive
-from .testing import fault_armed, fault_point
 from .work import Work
 
 log = logging.getLogger("pycoll")
@@ -74,10 +75,6 @@ Array = Any
 Tag = Union[str, int]
 # Failures every rank must raise as what they are, wherever they were detected.
 _CAUSE_STATUSES = (lib.PC_ERR_PROTO, lib.PC_ERR_TIMEOUT)
-
-
-class Stat(collections.namedtuple("Stat", "op algorithm nbytes seconds world_size epoch ok retries")):
-    """One finished collective: what, how, how big, how long, over whom."""
 
 
 class _Call:
@@ -148,7 +145,7 @@ class Communicator:
         self.sockbuf = sockbuf
         # Algorithm choice (pycoll.costmodel): a topology (file, TOML path or Topology) gives
         # groups, ring order and the cost model; without one, auto measures at first use.
-        self.topology = _load_topology(topology if topology is not None else os.environ.get("PYCOLL_TOPOLOGY"))
+        self.topology = _topology.load(topology if topology is not None else os.environ.get("PYCOLL_TOPOLOGY"))
         self.calibrate = calibrate if calibrate is not None else os.environ.get("PYCOLL_CALIBRATE", "1") != "0"
         self._selector = None
         self._hosts = None
@@ -178,7 +175,7 @@ class Communicator:
         self.max_retries = 8        # attempts of a retry=True collective beyond the first
         self.stats = collections.deque(maxlen=10000)
         self._comm = None
-        self._switch = None  # aggregator.SwitchPath when the epoch has standalone aggregators
+        self._switch = None  # pycoll.switch.SwitchPath when the epoch has standalone aggregators
         self._comm_lock = threading.Lock()   # guards self._comm against cancel-during-free
         self._exec_lock = threading.Lock()   # one collective at a time, in call order
         self._submit_lock = threading.Lock()
@@ -303,7 +300,7 @@ class Communicator:
                              should_abort=lambda: self._aborted_epoch >= epoch,
                              local=local_peers(members, rank, self.transport), mode=self.transport)
         set_keepalive(links.fds, self.stall_timeout)
-        nworkers, switches = aggregator.split_members(members)
+        nworkers, switches = split_members(members)
         hcomm = None
         if switches:  # standalone aggregators: the whole mesh for them, the workers' part for us
             workers = links.dup_prefix(nworkers * self.stripes)  # before the first comm takes links
@@ -388,12 +385,12 @@ class Communicator:
 
     def _install_switches(self, hcomm, switches):
         """Use the epoch's standalone aggregators for innetwork all-reduces, if they fit the topology."""
-        elayout = aggregator.EngineLayout(self._selector_for_epoch().layout, switches)
+        elayout = EngineLayout(self._selector_for_epoch().layout, switches)
         if not elayout.usable:
             log.warning("epoch %d: standalone aggregators %s do not match the topology's switch groups; "
                         "not using them", self.epoch, sorted(switches))
         with self._comm_lock:  # kept even when unusable: the aggregators idle in the mesh until the next epoch
-            self._switch = aggregator.SwitchPath(hcomm, elayout, self.rank, self.stripes)
+            self._switch = SwitchPath(hcomm, elayout, self.rank, self.stripes)
 
     def _drop_comm(self):
         with self._comm_lock:
@@ -418,7 +415,6 @@ class Communicator:
         ``lost`` and ``joined`` describe the new group). Cheap when nothing
         changed: one round trip to the coordinator."""
         with self._exec_lock:
-            self._wait_idle_locked()
             if (getattr(self, "_fresh_join", None) == self.epoch and self._seq == 0 and not self._broken
                     and self._aborted_epoch != self.epoch and not self._client.needs_rejoin):
                 # pycoll.connect returned at the members' update_topology(): this call is that one
@@ -443,9 +439,6 @@ class Communicator:
         if status.get("epoch", self.epoch) < self.epoch:
             return 0  # from before our epoch formed: its "pending" counted us
         return int(status.get("pending", 0))
-
-    def _wait_idle_locked(self):
-        pass  # async work runs under _exec_lock, so holding it means idle
 
     # ---- running collectives ------------------------------------------
     def _selector_for_epoch(self):
@@ -683,7 +676,7 @@ class Communicator:
         bufs[0] = inptr
         bufs[1] = outptr
         coll = call.coll
-        if testing.FAULTS_ARMED and not internal:  # test harness only
+        if faults.FAULTS_ARMED and not internal:  # test harness only
             fault_point(f"before:{coll}")
             if fault_armed(f"during:{coll}"):  # die while the collective runs
                 threading.Timer(0.002, fault_point, (f"during:{coll}",)).start()
@@ -697,12 +690,12 @@ class Communicator:
         if agree is not None:
             announce = (functools.partial(switch.announce, self._seq, call.desc, call.code, call.opc, call.count,
                                           call.itemsize, timeout)
-                        if switch is not None else None)  # tell our switches what comes (pycoll.aggregator)
+                        if switch is not None else None)  # tell our switches what comes (pycoll.switch)
             return agree.run(self, coll, call.algorithm, call.plan, bufs, call.sizes, inbuf, outbuf, call.opc,
                              call.desc, timeout, ccomm, announce)
         t0 = _perf_counter()
         st = _OK
-        if switch is not None:  # tell our switches what comes (pycoll.aggregator)
+        if switch is not None:  # tell our switches what comes (pycoll.switch)
             st, failed[0] = switch.announce(self._seq, call.desc, call.code, call.opc, call.count, call.itemsize,
                                             timeout)
         if st == _OK:
@@ -760,7 +753,7 @@ class Communicator:
             # Inline only when no async work is queued (as _call; work queued
             # later by another thread is concurrent with this call anyway).
             if (self._inflight or call.ccomm is not self._comm or self._broken or self._closed
-                    or self._aborted_epoch == self.epoch or testing.FAULTS_ARMED or self._client.needs_rejoin):
+                    or self._aborted_epoch == self.epoch or faults.FAULTS_ARMED or self._client.needs_rejoin):
                 return None
             return self._launch(call, inptr, outptr, timeout)  # the exports keep the memory alive
         finally:
@@ -1111,6 +1104,26 @@ class Communicator:
                 if ch.ccomm is not None:
                     lib.pc_comm_cancel(ch.ccomm)
 
+    # ---- shared state (pycoll.shared_state) -----------------------------
+    def sync_shared_state(self, state: dict, revision: int, *, timeout: Optional[float] = None,
+                          retry: Union[bool, int] = True, threads: int = 0) -> shared_state.SyncResult:
+        """Make ``state`` bit-identical on every peer; returns a SyncResult.
+
+        Every member must call it at the same point. Peers whose bytes differ
+        from the majority, or whose ``revision`` is behind, receive the majority
+        bytes in place (see :mod:`pycoll.shared_state`). Afterwards every peer holds
+        ``result.revision``. A lost peer restarts the sync over the survivors
+        (``retry``, as for collectives). Raises InvalidArgument when peers
+        disagree on names, dtypes or shapes.
+        """
+        return shared_state.sync_shared_state(self, state, revision, timeout=timeout, retry=retry, threads=threads)
+
+    def verify_parity(self, state: dict, revision: int = 0, *, timeout: Optional[float] = None,
+                      threads: int = 0) -> shared_state.ParityReport:
+        """Check, without fixing, that every peer holds the same bytes: returns
+        a ParityReport (``report.ok``). Every member must call it together."""
+        return shared_state.verify_parity(self, state, revision, timeout=timeout, threads=threads)
+
     # ---- measurement ---------------------------------------------------
     def stream_ring(self, nbytes: int, timeout: float = 60.0) -> float:
         """Raw transport ceiling: every rank streams nbytes to its right-hand
@@ -1175,16 +1188,6 @@ class Communicator:
         return f"<pycoll.Communicator rank {self.rank} of {self.world_size}, epoch {self.epoch}>"
 
 
-def _load_topology(spec):
-    """A Topology from a Topology, a path to a TOML file, or None."""
-    if spec is None or spec == "":
-        return None
-    if hasattr(spec, "world_size"):
-        return spec
-    from .topology import load_topology
-    return load_topology(spec)
-
-
 @functools.lru_cache(maxsize=4096)
 def _digest(coll, dtype_code, op_code_, count, root, algorithm, codec="none"):
     """32-bit digest of a collective's arguments, carried in every frame so
@@ -1199,9 +1202,6 @@ def _identity(coll, dtype_code, op, count, root, algorithm, compression):
     so that a rank can tell, without running anything, whether its call is
     the one the others failed in."""
     return zlib.crc32(repr((coll, dtype_code, str(op), count, root, str(algorithm), str(compression))).encode())
-
-
-shared_state.attach(Communicator)  # sync_shared_state(), verify_parity()
 
 
 class _Empty:

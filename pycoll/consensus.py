@@ -26,10 +26,12 @@ import time
 
 import numpy as np
 
+from . import faults
 from ._native import ffi, lib, status_error
 from .errors import CollectiveError, CoordinatorError, InvalidArgument, ParityError, PeerFailure
-from . import testing
-from .testing import fault_point
+from .faults import fault_point
+from .hashing import hash_address
+from .observability import Stat
 
 log = logging.getLogger("pycoll")
 
@@ -158,7 +160,7 @@ class Agreement:
             if st == lib.PC_ERR_ARG:
                 raise InvalidArgument(f"{coll}: {message}", status=st)
             raise abort_error(comm, f"{coll} #{seq}", reply, st, message, int(failed[0]))
-        if testing.FAULTS_ARMED:  # test hook: die between the body and the report
+        if faults.FAULTS_ARMED:  # test hook: die between the body and the report
             fault_point(f"agreed:{coll}")
         digest = self._digest(ccomm, plan, bufs, sizes, inbuf, outbuf, opc, desc, seq) if self.verify else None
         fields = {"ok": True}
@@ -166,7 +168,7 @@ class Agreement:
             fields["digest"] = digest
         reply = report(comm, "collective", seq, timeout, **fields)
         decision = reply.get("decision")
-        if testing.FAULTS_ARMED:  # test hook: die after the decision, before copying out
+        if faults.FAULTS_ARMED:  # test hook: die after the decision, before copying out
             fault_point(f"decided:{coll}")
         if decision == "commit":
             st = lib.pc_comm_run_part(ccomm, plan.ptr, lib.PC_RUN_TAIL, bufs, sizes, inbuf.code, opc, seq, desc,
@@ -189,7 +191,6 @@ class Agreement:
     @staticmethod
     def _digest(ccomm, plan, bufs, sizes, inbuf, outbuf, opc, desc, seq):
         """Digest of what OUT will hold after the tail, computed before it."""
-        from .shared_state import hash_address
         if plan.tail_first >= plan.nops:
             return hash_address(outbuf.address, outbuf.nbytes)  # OUT already holds the result
         tmp = np.empty(outbuf.nbytes, np.uint8)
@@ -206,7 +207,6 @@ class Agreement:
 
 
 def _stat(comm, coll, algorithm, nbytes, t0, ok):
-    from .comm import Stat
     return Stat(coll, algorithm, nbytes, time.perf_counter() - t0, comm.world_size, comm.epoch, ok, 0)
 
 

@@ -10,13 +10,23 @@ same for the command line.
 Statistics. ``comm.stats`` holds the last 10,000 collectives as :class:`pycoll.Stat` records
 (op, algorithm, nbytes, seconds, world_size, epoch, ok, retries); :func:`summarize` folds them
 into one row per (op, algorithm) and :func:`format_stats` prints that as a table.
+
+:class:`Stat` is defined here, low in the house (this module imports only :mod:`pycoll.units`), so
+that the communicator and the agreement (``comm``, ``consensus``) both record them.
 """
+import collections
 import logging
 import os
 
-__all__ = ["configure_logging", "summarize", "format_stats"]
+from .units import human_size
+
+__all__ = ["configure_logging", "summarize", "format_stats", "Stat"]
 
 _FORMAT = "%(asctime)s pycoll[%(process)d] %(name)s %(levelname)s %(message)s"
+
+
+class Stat(collections.namedtuple("Stat", "op algorithm nbytes seconds world_size epoch ok retries")):
+    """One finished collective: what, how, how big, how long, over whom."""
 
 
 def configure_logging(level=None):
@@ -58,7 +68,18 @@ def summarize(stats):
 
 def format_stats(stats):
     """:func:`summarize` as a text table."""
-    from .benchmark import human_size, render_table
     rows = [[r["op"], r["algorithm"], str(r["calls"]), str(r["failed"]), human_size(r["bytes"]),
              f"{r['seconds'] * 1e3:.2f} ms", f"{r['algbw'] / 1e9:.3f}"] for r in summarize(stats)]
     return render_table(["op", "algorithm", "calls", "failed", "bytes", "time", "algbw GB/s"], rows)
+
+
+def render_table(header, rows, align_numbers=True):
+    """Align columns: text left, numbers right (unless ``align_numbers`` is False)."""
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+
+    def numeric(s):
+        return align_numbers and (s[:1].isdigit() or s.endswith("x"))
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip(), "  ".join("-" * w for w in widths)]
+    for row in rows:
+        lines.append("  ".join(c.rjust(w) if numeric(c) else c.ljust(w) for c, w in zip(row, widths)).rstrip())
+    return "\n".join(lines)

@@ -24,45 +24,13 @@ import zlib
 
 import numpy as np
 
-from . import consensus, testing
+from . import consensus, faults
 from ._native import ffi, lib, status_error
 from .buffers import as_buffer
 from .errors import CollectiveError, InvalidArgument, ParityError, PeerFailure
-from .testing import fault_armed, fault_point
-
-SEED = 0x70636F6C6C  # any fixed value: every peer must use the same
-
-
-def hash_address(address, nbytes, threads=0):
-    """64-bit hash of ``nbytes`` bytes at ``address`` (GIL released)."""
-    out = ffi.new("uint64_t *")
-    st = lib.pc_hash64(ffi.cast("void *", address), nbytes, SEED, out) if threads == 1 else \
-        lib.pc_hash64_many(ffi.new("void *[1]", [ffi.cast("void *", address)]), ffi.new("uint64_t[1]", [nbytes]),
-                           1, SEED, threads, out)
-    if st != lib.PC_OK:
-        raise status_error(st, "hashing failed")
-    return int(out[0])
-
-
-def hash_arrays(arrays, threads=0):
-    """Hashes of several arrays (NumPy or torch CPU, contiguous), in one C
-    call: blocks of all arrays are spread over ``threads`` threads (0 = one
-    per CPU). The value does not depend on the thread count."""
-    bufs = [as_buffer(a, writable=False, what="hashed array") for a in arrays]
-    return _hash_buffers(bufs, threads)
-
-
-def _hash_buffers(bufs, threads=0):
-    n = len(bufs)
-    if n == 0:
-        return []
-    ptrs = ffi.new("void *[]", [ffi.cast("void *", b.address) for b in bufs])
-    lens = ffi.new("uint64_t[]", [b.nbytes for b in bufs])
-    out = ffi.new("uint64_t[]", n)
-    st = lib.pc_hash64_many(ptrs, lens, n, SEED, threads, out)
-    if st != lib.PC_OK:
-        raise status_error(st, "hashing failed")
-    return [int(out[i]) for i in range(n)]
+from .faults import fault_armed, fault_point
+from .hashing import SEED, hash_address, hash_arrays  # noqa: F401 - public here too (pycoll.shared_state)
+from .hashing import hash_buffers as _hash_buffers
 
 
 @dataclasses.dataclass
@@ -137,7 +105,7 @@ def _transfer(comm, names, bufs, reply, seq, timeout):
     serve = {idx: items for idx, items in reply["serve"]}
     tmps = {}
     failed = ffi.new("int32_t *")
-    if testing.FAULTS_ARMED:
+    if faults.FAULTS_ARMED:
         fault_point("before:state_transfer")
         if fault_armed("during:state_transfer"):  # test harness: die while the bytes move
             threading.Timer(0.002, fault_point, ("during:state_transfer",)).start()
@@ -271,22 +239,6 @@ def verify_parity(comm, state, revision=0, *, timeout=None, threads=0):
     majority = dict(reply["majority"])
     behind = list(reply["behind"])
     return ParityReport(not differ and not behind, int(reply["revision"]), differ, behind, majority)
-
-
-def attach(cls):
-    """Give the Communicator class its shared-state methods."""
-    def sync_shared_state_method(self, state, revision, **kw):
-        return sync_shared_state(self, state, revision, **kw)
-    sync_shared_state_method.__doc__ = sync_shared_state.__doc__
-    sync_shared_state_method.__name__ = "sync_shared_state"
-
-    def verify_parity_method(self, state, revision=0, **kw):
-        return verify_parity(self, state, revision, **kw)
-    verify_parity_method.__doc__ = verify_parity.__doc__
-    verify_parity_method.__name__ = "verify_parity"
-    cls.sync_shared_state = sync_shared_state_method
-    cls.verify_parity = verify_parity_method
-    return cls
 
 
 __all__ = ["sync_shared_state", "verify_parity", "hash_arrays", "SyncResult", "ParityReport", "CollectiveError"]

@@ -39,31 +39,43 @@ Faults, per rank:
 A killed rank's result is :data:`KILLED`; the others carry on (or fail, as your code decides).
 """
 import faulthandler
-import json
 import multiprocessing as mp
 import os
 import pickle
 import signal
 import socket
+import sys
 import threading
 import time
 import traceback
+import types
+
+from . import faults
+from .faults import fault_armed, fault_point  # noqa: F401 - public here too (the harness's API)
 
 __all__ = ["run", "fault_point", "fault_armed", "free_port", "RankError", "KILLED"]
 
 #: The result of a rank that the harness killed on purpose.
 KILLED = "<killed>"
 
-_FAULT_ENV = "PYCOLL_FAULT"       # JSON [point, nth]: this process dies at the nth hit of point
-_DELAY_ENV = "PYCOLL_FAULT_DELAY"  # seconds at every point, or JSON {point: seconds}
+_FAULT_ENV = faults.FAULT_ENV
+_DELAY_ENV = faults.DELAY_ENV
 
-#: True when this process may hit a fault (lets pycoll skip fault points, which
-#: sit on the hot path, at no cost otherwise). Set from the environment at
-#: import, or by the harness.
-FAULTS_ARMED = bool(os.environ.get(_FAULT_ENV) or os.environ.get(_DELAY_ENV))
 
-_hits = {}
-_hits_lock = threading.Lock()
+class _TestingModule(types.ModuleType):
+    """``pycoll.testing.FAULTS_ARMED`` reads and sets :data:`pycoll.faults.FAULTS_ARMED`, the flag
+    the core reads at each fault point (code that arms a process by hand sets it here)."""
+
+    @property
+    def FAULTS_ARMED(self):  # noqa: N802 - the public name
+        return faults.FAULTS_ARMED
+
+    @FAULTS_ARMED.setter
+    def FAULTS_ARMED(self, value):  # noqa: N802
+        faults.FAULTS_ARMED = bool(value)
+
+
+sys.modules[__name__].__class__ = _TestingModule
 
 
 class RankError(AssertionError):
@@ -73,55 +85,6 @@ class RankError(AssertionError):
         super().__init__(f"rank {rank}: {message}\n{remote_traceback}")
         self.rank = rank
         self.remote_traceback = remote_traceback
-
-
-def _kill_target():
-    raw = os.environ.get(_FAULT_ENV)
-    if not raw:
-        return None, 0
-    try:
-        point, nth = json.loads(raw)
-        return str(point), int(nth)
-    except (ValueError, TypeError):
-        return raw, 1  # a bare point name: its first hit
-
-
-def _delay_for(name):
-    raw = os.environ.get(_DELAY_ENV)
-    if not raw:
-        return 0.0
-    try:
-        value = json.loads(raw)
-    except ValueError:
-        return 0.0
-    if isinstance(value, dict):
-        return float(value.get(name, 0.0))
-    return float(value)
-
-
-def fault_point(name):
-    """Mark a named point in your code: the harness may delay or kill this rank here.
-
-    Free when no fault is set up (one environment lookup). To arm it by hand, set
-    PYCOLL_FAULT=<name> (die at its first hit) and/or PYCOLL_FAULT_DELAY=<seconds>."""
-    if not (os.environ.get(_FAULT_ENV) or os.environ.get(_DELAY_ENV)):
-        return
-    delay = _delay_for(name)
-    if delay > 0:
-        time.sleep(delay)
-    point, nth = _kill_target()
-    if point == name:
-        with _hits_lock:
-            _hits[name] = _hits.get(name, 0) + 1
-            hit = _hits[name]
-        if hit >= nth:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-
-def fault_armed(name):
-    """True if this process is set to die at ``name`` (lets pycoll arm a
-    background killer for ``during:*`` points only when needed)."""
-    return _kill_target()[0] == name
 
 
 def free_port():
@@ -139,22 +102,7 @@ def free_port():
     raise RuntimeError("no free port found")
 
 
-def _arm_faults(fault, delay):
-    """Set this process's fault plan; returns the kill-after seconds, if any."""
-    global FAULTS_ARMED
-    if fault is not None or delay:
-        FAULTS_ARMED = True
-    if isinstance(delay, dict):
-        os.environ[_DELAY_ENV] = json.dumps({str(k): float(v) for k, v in delay.items()})
-    elif delay:
-        os.environ[_DELAY_ENV] = str(float(delay))
-    if fault is None:
-        return None
-    if isinstance(fault, (int, float)) and not isinstance(fault, bool):
-        return float(fault)
-    point, nth = (fault, 1) if isinstance(fault, str) else fault
-    os.environ[_FAULT_ENV] = json.dumps([str(point), int(nth)])
-    return None
+_arm_faults = faults.arm  # (fault, delay) -> kill-after seconds
 
 
 def _kill_after(seconds):

@@ -27,9 +27,11 @@ A topology file is TOML (read with :mod:`tomllib`)::
     latency = "5ms"
     symmetric = true                # default; false sets only the a -> b direction
 
-Units. Bandwidth: a number, an optional decimal prefix ``k m g t`` (either case, powers of
-1000) and a unit, either bits (``bit``, ``bit/s``, ``bps``, ``b/s``) or bytes (``B``, ``B/s``,
-``Bps``); ``"unlimited"`` means no cap. Examples: ``"10gbit"``, ``"100Mbps"``, ``"1.25GB"``.
+Units (:mod:`pycoll.units`, the same everywhere in pycoll). Bandwidth: a number, an optional
+prefix ``k m g t`` (either case, powers of 1000) or ``Ki Mi Gi Ti`` (powers of 1024) and a unit,
+either bits (``bit``, ``bit/s``, ``bps``, ``b/s``) or bytes (``B``, ``B/s``, ``Bps``);
+``"unlimited"`` means no cap. ``"100mbps"`` is 100 megabits per second (not tc's megabytes).
+Examples: ``"10gbit"``, ``"100Mbps"``, ``"1.25GB"``, ``"1GiB/s"``.
 Latency: a number and ``ns``, ``us`` (or ``µs``), ``ms`` or ``s``; a bare ``0`` is allowed.
 Internally bandwidth is bytes per second and latency seconds.
 
@@ -66,6 +68,8 @@ from typing import Any
 
 import numpy as np
 
+from . import units as _units
+
 __all__ = [
     "TopologyError",
     "LinkParams",
@@ -86,14 +90,6 @@ _DEFAULT_KEYS = _LINK_FIELDS | {"host_nic"}
 _GROUP_KEYS = {"name", "peers", "count", "aggregator", "host"}
 _OVERRIDE_KEYS = _LINK_FIELDS | {"a", "b", "symmetric"}
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*\Z")
-_NUMBER = r"(\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?"
-_BANDWIDTH_RE = re.compile(
-    r"\s*(?P<num>" + _NUMBER + r")\s*(?P<prefix>[kKmMgGtT]?)(?P<unit>bit/s|bit|bps|b/s|B/s|Bps|B)\s*\Z"
-)
-_LATENCY_RE = re.compile(r"\s*(?P<num>" + _NUMBER + r")\s*(?P<unit>ns|us|µs|ms|s)\s*\Z")
-_PREFIX = {"": 1.0, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}
-# Divisors rather than factors: 200 / 1e6 rounds to 0.0002 exactly, 200 * 1e-6 does not.
-_PER_SECOND = {"ns": 1e9, "us": 1e6, "µs": 1e6, "ms": 1e3, "s": 1.0}
 
 
 class TopologyError(ValueError):
@@ -125,49 +121,19 @@ class Group:
         return min(self.ranks) if self.aggregator == "agent" else None
 
 
-# --- units -----------------------------------------------------------------------------------
+# --- units (pycoll.units is the one parser; these keep the field names topology errors use) -----
 
 
 def parse_bandwidth(value: Any, field: str = "bandwidth") -> float:
-    """Parse a bandwidth such as ``"10gbit"`` or ``"1.25GB"`` into bytes per second."""
-    if isinstance(value, bool) or not isinstance(value, str):
-        raise ValueError(
-            f"{field}: expected a string with a unit such as '10gbit' or '1.25GB', got {value!r}"
-        )
-    text = value.strip()
-    if text.lower() in ("unlimited", "inf"):
-        return math.inf
-    if text.startswith("-"):
-        raise ValueError(f"{field}: must not be negative, got {value!r}")
-    match = _BANDWIDTH_RE.match(text)
-    if not match:
-        raise ValueError(
-            f"{field}: bad bandwidth {value!r}; use a number, an optional k/m/g/t prefix and "
-            "'bit', 'bps' (bits/s) or 'B', 'Bps' (bytes/s), e.g. '10gbit', '100Mbps', '1.25GB'"
-        )
-    bits_per_unit = 1 if match["unit"] in ("bit/s", "bit", "bps", "b/s") else 8
-    result = float(match["num"]) * _PREFIX[match["prefix"].lower()] * bits_per_unit / 8
-    if result <= 0:
-        raise ValueError(f"{field}: must be positive, got {value!r}")
-    return result
+    """Parse a bandwidth such as ``"10gbit"``, ``"100mbps"`` or ``"1.25GB"`` into bytes per second
+    (see :func:`pycoll.units.parse_bandwidth`; "mbps" is megabits per second)."""
+    return _units.parse_bandwidth(value, field)
 
 
 def parse_latency(value: Any, field: str = "latency") -> float:
-    """Parse a one-way latency such as ``"50us"`` or ``"5ms"`` into seconds (bare 0 allowed)."""
-    if not isinstance(value, bool) and isinstance(value, (int, float)):
-        if value == 0:
-            return 0.0
-        if value < 0:
-            raise ValueError(f"{field}: must not be negative, got {value!r}")
-        raise ValueError(f"{field}: a non-zero latency needs a unit (ns, us, ms, s), got {value!r}")
-    if not isinstance(value, str):
-        raise ValueError(f"{field}: expected a string such as '50us', got {value!r}")
-    if value.strip().startswith("-"):
-        raise ValueError(f"{field}: must not be negative, got {value!r}")
-    match = _LATENCY_RE.match(value)
-    if not match:
-        raise ValueError(f"{field}: bad latency {value!r}; use a number and ns, us, ms or s, e.g. '50us'")
-    return float(match["num"]) / _PER_SECOND[match["unit"]]
+    """Parse a one-way latency such as ``"50us"`` or ``"5ms"`` into seconds (bare 0 allowed;
+    see :func:`pycoll.units.parse_duration`)."""
+    return _units.parse_duration(value, field, what="latency")
 
 
 def _parse_loss(value: Any, field: str) -> float:
@@ -295,6 +261,16 @@ def load_topology(path: str | Path) -> Topology:
     except (OSError, UnicodeDecodeError) as err:
         raise TopologyError(f"{path}: cannot read topology file: {err}") from err
     return parse_topology(text, source=str(path))
+
+
+def load(spec: Topology | str | Path | None) -> Topology | None:
+    """A Topology from a Topology (returned as it is), a path to a TOML file, or None/"" (None):
+    what ``pycoll.init(topology=...)`` and ``pycoll aggregator --topology`` accept."""
+    if spec is None or spec == "":
+        return None
+    if hasattr(spec, "world_size"):
+        return spec
+    return load_topology(spec)
 
 
 def parse_topology(text: str, source: str = "<string>") -> Topology:

@@ -27,6 +27,8 @@ import re
 import socket
 from dataclasses import dataclass
 
+from .units import parse_bandwidth, parse_duration
+
 #: Fraction of a socket buffer TCP keeps in flight (measured here: one
 #: autotuned stream over 50 ms moved 477 Mbit/s with a 4 MiB send cap, 0.71).
 USABLE = 0.7
@@ -114,16 +116,21 @@ def topology_plans(topology, limits=None):
     return out
 
 
-_LINK_RE = re.compile(r"\s*([^/@]+?)\s*[/@]\s*(.+?)\s*\Z")
+# The round trip follows the last "/" or "@": a bandwidth may itself contain one ("100 Mbit/s/20ms").
+_LINK_RE = re.compile(r"\s*(.+?)\s*[/@]\s*([^/@]+?)\s*\Z")
 
 
 def parse_link(text):
-    """"2gbit/50ms" (bandwidth / round trip) -> (bytes/s, seconds)."""
-    from .topology import parse_bandwidth, parse_latency
+    """"2gbit/50ms" (bandwidth / round trip) -> (bytes/s, seconds), in :mod:`pycoll.units`'
+    spellings ("100mbps/20ms" is 100 megabits per second)."""
     m = _LINK_RE.match(str(text))
     if not m:
         raise ValueError(f"link {text!r}: expected BANDWIDTH/RTT, e.g. '2gbit/50ms'")
-    return parse_bandwidth(m.group(1), "link bandwidth"), parse_latency(m.group(2), "link rtt")
+    try:
+        return (parse_bandwidth(m.group(1), "link bandwidth"),
+                parse_duration(m.group(2), "link rtt", what="round trip"))
+    except ValueError as exc:
+        raise ValueError(f"link {text!r}: {exc}") from None
 
 
 def comm_options(*, link=None, topology=None, limits=None):

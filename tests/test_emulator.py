@@ -59,7 +59,8 @@ def _wait_gone(pids, timeout=5.0):
 @pytest.mark.timeout(120)
 def test_spec_parsing_and_from_topology():
     assert parse_rate("100mbit") == 100e6
-    assert parse_rate("12.5mbps") == 100e6
+    assert parse_rate("100mbps") == 100e6  # megabits (pycoll.units), not tc's megabytes
+    assert parse_rate("12.5MB/s") == 100e6
     assert parse_rate(None) is None and parse_rate("none") is None
     assert parse_time("25ms") == pytest.approx(0.025)
     assert parse_time(0.5) == 0.5

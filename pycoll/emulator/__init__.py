@@ -10,11 +10,12 @@ Quick use::
         ...
 
 CLI: ``python -m pycoll.emulator --peers 3 --rate 100mbit --delay 25ms -- CMD...``.
+Rates and times use pycoll.units' spellings ("100mbit" = "100mbps" = 100 megabits/s).
 See core.py for the design (one netns per peer, a C delay line between TUN
 devices, tc htb (+ifb for NIC ingress) for rates).
 """
-from .spec import EmuSpec, LinkSpec, parse_rate, parse_time
+from .spec import EmuSpec, LinkSpec, parse_rate, parse_time, tc_rate
 from .core import Emulator, available, cleanup_stale, list_netns, peer_address, RUN_PREFIX
 
 __all__ = ["Emulator", "EmuSpec", "LinkSpec", "available", "cleanup_stale", "list_netns",
-           "parse_rate", "parse_time", "peer_address", "RUN_PREFIX"]
+           "parse_rate", "parse_time", "peer_address", "tc_rate", "RUN_PREFIX"]

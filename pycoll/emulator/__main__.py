@@ -23,7 +23,8 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pycoll.emulator", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--peers", type=int, default=2, help="number of hosts (default 2)")
-    p.add_argument("--rate", default=None, help="per-link cap, e.g. 100mbit, 1gbit (default none)")
+    p.add_argument("--rate", default=None,
+                   help="per-link cap, e.g. 100mbit (= 100mbps: megabits/s), 1gbit, 125MB/s (default none)")
     p.add_argument("--delay", default="0ms", help="one-way delay per link, e.g. 25ms")
     p.add_argument("--jitter", default="0ms", help="+- uniform jitter (never reorders)")
     p.add_argument("--loss", type=float, default=0.0, help="per-packet loss probability")

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from ._build import delayline_binary
-from .spec import EmuSpec
+from .spec import EmuSpec, tc_rate, tc_size
 
 RUN_PREFIX = f"pce{os.getpid()}-"
 _STALE_RE = re.compile(r"^pce(\d+)-")
@@ -432,13 +432,13 @@ class Emulator:
             parent = "1:"
             if nic:
                 b = self._burst(nic)
-                cmds.append(f"class add dev {IFNAME} parent 1: classid 1:1 htb rate {int(nic)}bit "
-                            f"ceil {int(nic)}bit burst {b}b cburst {b}b quantum {quantum}")
+                cmds.append(f"class add dev {IFNAME} parent 1: classid 1:1 htb rate {tc_rate(nic)} "
+                            f"ceil {tc_rate(nic)} burst {tc_size(b)} cburst {tc_size(b)} quantum {quantum}")
                 parent = "1:1"
                 # default class for anything not addressed to a peer
                 cmds.append(f"class add dev {IFNAME} parent 1:1 classid 1:2 htb "
-                            f"rate {max(8000, int(share / 100))}bit ceil {int(nic)}bit "
-                            f"burst {b}b cburst {b}b quantum {quantum}")
+                            f"rate {tc_rate(max(8000, share / 100))} ceil {tc_rate(nic)} "
+                            f"burst {tc_size(b)} cburst {tc_size(b)} quantum {quantum}")
             for d, cap in caps.items():
                 if cap is None and not nic:
                     continue  # unclassified -> htb direct queue: not shaped
@@ -447,8 +447,8 @@ class Emulator:
                 b = self._burst(ceil)
                 cid = f"1:{100 + d:x}"
                 cmds.append(f"class add dev {IFNAME} parent {parent} classid {cid} htb "
-                            f"rate {int(rate)}bit ceil {int(ceil)}bit burst {b}b cburst {b}b "
-                            f"quantum {quantum}")
+                            f"rate {tc_rate(rate)} ceil {tc_rate(ceil)} "
+                            f"burst {tc_size(b)} cburst {tc_size(b)} quantum {quantum}")
                 cmds.append(f"filter add dev {IFNAME} parent 1: protocol ip prio 1 u32 "
                             f"match ip dst {self.peer_ips[d]}/32 flowid {cid}")
         if nic:
@@ -465,18 +465,18 @@ class Emulator:
                      f"filter add dev {IFNAME} parent ffff: protocol all prio 1 u32 match u32 0 0 "
                      f"action mirred egress redirect dev {IFB}",
                      f"qdisc add dev {IFB} root handle 1: htb default 2",
-                     f"class add dev {IFB} parent 1: classid 1:1 htb rate {int(nic)}bit "
-                     f"ceil {int(nic)}bit burst {b}b cburst {b}b quantum {quantum}",
+                     f"class add dev {IFB} parent 1: classid 1:1 htb rate {tc_rate(nic)} "
+                     f"ceil {tc_rate(nic)} burst {tc_size(b)} cburst {tc_size(b)} quantum {quantum}",
                      f"class add dev {IFB} parent 1:1 classid 1:2 htb "
-                     f"rate {max(8000, int(share / 100))}bit ceil {int(nic)}bit "
-                     f"burst {b}b cburst {b}b quantum {quantum}",
+                     f"rate {tc_rate(max(8000, share / 100))} ceil {tc_rate(nic)} "
+                     f"burst {tc_size(b)} cburst {tc_size(b)} quantum {quantum}",
                      f"qdisc add dev {IFB} parent 1:2 bfifo limit {limit}"]
             for src in range(self.n):
                 if src == r:
                     continue
                 cid = f"1:{100 + src:x}"
-                cmds += [f"class add dev {IFB} parent 1:1 classid {cid} htb rate {int(share)}bit "
-                         f"ceil {int(nic)}bit burst {b}b cburst {b}b quantum {quantum}",
+                cmds += [f"class add dev {IFB} parent 1:1 classid {cid} htb rate {tc_rate(share)} "
+                         f"ceil {tc_rate(nic)} burst {tc_size(b)} cburst {tc_size(b)} quantum {quantum}",
                          f"qdisc add dev {IFB} parent {cid} bfifo limit {limit}",
                          f"filter add dev {IFB} parent 1: protocol ip prio 1 u32 "
                          f"match ip src {self.peer_ips[src]}/32 flowid {cid}"]

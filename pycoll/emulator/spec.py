@@ -4,17 +4,21 @@
 (e.g. ``pycoll.topology.Topology``) can be converted with
 :meth:`EmuSpec.from_topology` without this package importing them.
 
-Units: rates are **bits per second** (like ``tc``), times are seconds, loss
-is a probability in [0, 1] applied per packet.
+Units: rates are **bits per second**, times are seconds, loss is a probability
+in [0, 1] applied per packet.  Strings are read by :mod:`pycoll.units`, the same
+parser as topology files and ``link=``: "100mbit" and "100mbps" are both 100
+megabits per second (tc would read "100mbps" as megabytes; :func:`tc_rate` is the
+one place that writes rates for tc, always as plain ``bit``).
 """
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 from typing import Callable, Dict, NamedTuple, Optional, Sequence, Tuple, Union
 
-__all__ = ["LinkSpec", "EmuSpec", "parse_rate", "parse_time"]
+from ..units import parse_bandwidth, parse_duration
+
+__all__ = ["LinkSpec", "EmuSpec", "parse_rate", "parse_time", "tc_rate", "tc_size"]
 
 
 class LinkSpec(NamedTuple):
@@ -197,40 +201,41 @@ class EmuSpec:
         raise TypeError(f"cannot build an EmuSpec from {type(obj).__name__}")
 
 
-_RATE_UNITS = {"": 1, "bit": 1, "bps": 1, "kbit": 1e3, "mbit": 1e6, "gbit": 1e9, "tbit": 1e12,
-               "k": 1e3, "m": 1e6, "g": 1e9,
-               "kbps": 8e3, "mbps": 8e6, "gbps": 8e9, "b/s": 8, "kb/s": 8e3, "mb/s": 8e6,
-               "gb/s": 8e9}
-_TIME_UNITS = {"": 1, "s": 1, "sec": 1, "ms": 1e-3, "msec": 1e-3, "us": 1e-6, "usec": 1e-6,
-               "ns": 1e-9}
-
-
 def parse_rate(v) -> Optional[float]:
-    """'100mbit' -> 1e8 bits/s.  tc conventions: 'mbit' = megabits, 'mbps' = megaBYTES.
+    """A rate in :mod:`pycoll.units` spellings -> bits/s (the emulator's unit), or None (uncapped).
 
-    None, '', 'none', 'inf', 0 -> None (uncapped)."""
+    '100mbit' and '100mbps' -> 1e8 ("mbps" is megabits per second everywhere in pycoll, unlike
+    tc, where it means megabytes; see :func:`tc_rate` for what tc is given); '12.5MB/s' -> 1e8.
+    Numbers, and strings without a unit, are bits/s. None, '', 'none', 'inf', 'unlimited', 0
+    -> None."""
     if v is None:
         return None
-    if isinstance(v, (int, float)):
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
         return None if (v <= 0 or not math.isfinite(v)) else float(v)
-    s = str(v).strip().lower()
-    if s in ("", "none", "inf", "unlimited", "0"):
+    s = str(v).strip()
+    if s.lower() in ("", "none", "inf", "unlimited", "0"):
         return None
-    m = re.fullmatch(r"([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([a-z/]*)", s)
-    if not m or m.group(2) not in _RATE_UNITS:
-        raise ValueError(f"bad rate {v!r} (e.g. 100mbit, 1gbit, 12.5mbps)")
-    r = float(m.group(1)) * _RATE_UNITS[m.group(2)]
-    return r if r > 0 else None
+    return parse_bandwidth(s, "rate", bare="bit") * 8
 
 
 def parse_time(v) -> float:
-    """'25ms' -> 0.025; plain numbers are seconds."""
+    """'25ms' -> 0.025 (:func:`pycoll.units.parse_duration`); plain numbers are seconds; None -> 0."""
     if v is None:
         return 0.0
-    if isinstance(v, (int, float)):
-        return float(v)
-    s = str(v).strip().lower()
-    m = re.fullmatch(r"([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([a-z]*)", s)
-    if not m or m.group(2) not in _TIME_UNITS:
-        raise ValueError(f"bad time {v!r} (e.g. 25ms, 0.1s, 500us)")
-    return float(m.group(1)) * _TIME_UNITS[m.group(2)]
+    return parse_duration(v, "time", bare="s")
+
+
+def tc_rate(rate_bps: float) -> str:
+    """bits/s -> a tc rate, always in tc's explicit ``bit`` unit ("100000000bit").
+
+    tc reads "mbps" as megaBYTES per second while pycoll reads it as megabits, so the emulator
+    never passes a user's spelling through: every rate it gives tc goes through here."""
+    r = float(rate_bps)
+    if not (r > 0 and math.isfinite(r)):
+        raise ValueError(f"tc rate must be positive and finite, got {rate_bps!r}")
+    return f"{max(1, int(r))}bit"
+
+
+def tc_size(nbytes: float) -> str:
+    """bytes -> a tc size ("3000b": in tc sizes a bare ``b`` is bytes)."""
+    return f"{max(1, int(nbytes))}b"

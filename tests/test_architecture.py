@@ -1,0 +1,60 @@
+"""The house in layers: ``lint-imports`` checks the contracts in ``.importlinter`` (imports only go
+down, only the tools import pycoll.testing, planning never reaches the network), and a broken
+copy of the package proves that the contracts bite."""
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / ".importlinter"
+LAYERS = "pycoll in layers: imports only go down"
+TESTING = "only the tools import pycoll.testing"
+PLANNING = "planning never reaches the network"  # planners, costmodel, topology, compression
+
+
+def _lint_imports(cwd, pythonpath=None):
+    exe = Path(sys.executable).with_name("lint-imports")
+    exe = str(exe) if exe.exists() else shutil.which("lint-imports")
+    assert exe, "lint-imports is missing: pip install -e '.[test]' (import-linter)"
+    env = dict(os.environ, COLUMNS="200")
+    if pythonpath is not None:
+        env["PYTHONPATH"] = str(pythonpath)
+    # --no-cache: nothing written into the tree; the config is given, since cwd may be a copy
+    proc = subprocess.run([exe, "--no-cache", "--no-logo", str(CONFIG)], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=120)
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def _says(out, name, verdict):
+    """``out`` reports contract ``name`` as ``verdict`` (KEPT/BROKEN), however the lines were wrapped."""
+    return re.sub(r"\s+", "", name + verdict) in re.sub(r"\s+", "", out)
+
+
+def test_contracts_are_kept():
+    rc, out = _lint_imports(ROOT, ROOT)
+    assert rc == 0, out
+    for name in (LAYERS, TESTING, PLANNING):
+        assert _says(out, name, "KEPT"), out
+
+
+@pytest.mark.parametrize("module, line, broken", [
+    ("faults.py", "from . import comm", [LAYERS]),                    # the bottom reaching up
+    ("consensus.py", "from . import testing", [LAYERS, TESTING]),     # the core importing the harness
+    ("planners.py", "from . import mesh", [LAYERS, PLANNING]),        # planning reaching the network
+    ("errors.py", "def f():\n    from . import group", [LAYERS]),    # a lazy import counts too
+])
+def test_contracts_bite(tmp_path, module, line, broken):
+    """An upward import injected into a copy of the package fails the named contracts."""
+    shutil.copytree(ROOT / "pycoll", tmp_path / "pycoll", ignore=shutil.ignore_patterns("__pycache__", "*.so", "*.c"))
+    target = tmp_path / "pycoll" / module
+    target.write_text(target.read_text() + "\n" + line + "\n")
+    rc, out = _lint_imports(tmp_path, tmp_path)
+    assert rc != 0, out
+    for name in broken:
+        assert _says(out, name, "BROKEN"), out
+    assert f"pycoll.{module[:-3]} -> " in out, out  # the chain names the broken module
