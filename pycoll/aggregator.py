@@ -32,8 +32,8 @@ import os
 import threading
 import time
 
-from . import planners, topology as _topology
-from ._native import ffi, lib, status_error
+from . import engine, planners, topology as _topology
+from ._native import ffi, lib
 from .errors import CollectiveError
 from .layout import Layout
 # The workers' side, shared with the switch (and public here too, as before it moved to pycoll.switch):
@@ -71,14 +71,12 @@ class Aggregator:
         if msg.get("epoch") == self.epoch:
             with self._lock:
                 if self._comm is not None:
-                    lib.pc_comm_cancel(self._comm)
+                    engine.cancel(self._comm)
 
     def _drop(self):
         with self._lock:
             comm, self._comm = self._comm, None
-        if comm is not None:
-            lib.pc_comm_shutdown(comm)
-            lib.pc_comm_free(comm)
+        engine.close(comm)
 
     def _install(self, reply):
         from .mesh import build_mesh
@@ -89,14 +87,11 @@ class Aggregator:
             return None
         fds = build_mesh(self._listener, rank, [m[1] for m in members], self.stripes, reply["epoch"],
                          reply["token"], self.mesh_timeout, 0, key=self._mesh_key)
-        out = ffi.new("pc_comm **")
-        st = lib.pc_comm_create(rank, len(members), self.stripes, fds, 0, out)
-        if st != lib.PC_OK:
-            raise status_error(st, f"aggregator: cannot create the C communicator (status {st})")
+        comm = engine.create_tcp(rank, len(members), self.stripes, fds)
         layout = Layout(workers, self.topology, [m[2] for m in members[:workers]])
         elayout = EngineLayout(layout, switches)
         with self._lock:
-            self._comm = out[0]
+            self._comm = comm
         self.epoch = reply["epoch"]
         leader = elayout.leaders.get(rank)
         log.info("aggregator %s: epoch %d, engine rank %d of %d, leader %s%s", self.group, self.epoch, rank,
@@ -121,7 +116,7 @@ class Aggregator:
                 seq, digest, dtype, op, count, itemsize, timeout = unpack_descriptor(ffi.buffer(desc, DESC_BYTES))
             except CollectiveError as exc:  # the leader and we disagree: fail the epoch, never guess
                 log.warning("aggregator %s: %s", self.group, exc)
-                lib.pc_comm_shutdown(self._comm)
+                engine.shutdown(self._comm)
                 return
             key = (count, itemsize)
             plan = plans.get(key)
@@ -132,7 +127,7 @@ class Aggregator:
             st, _ = run_plan(self._comm, plan, 0, 0, 0, 0, dtype, op, seq, digest, timeout)
             if st != lib.PC_OK:
                 log.warning("aggregator %s: collective %d failed: %s", self.group, seq,
-                            ffi.string(lib.pc_comm_last_error(self._comm)).decode(errors="replace"))
+                            engine.last_error(self._comm))
                 return
             self.collectives += 1
 
@@ -168,7 +163,7 @@ class Aggregator:
             changed.set()
             with self._lock:
                 if self._comm is not None:
-                    lib.pc_comm_cancel(self._comm)
+                    engine.cancel(self._comm)
             worker.join(timeout=10)
 
     def close(self):

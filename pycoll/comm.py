@@ -28,8 +28,8 @@ from typing import Any, Optional, Union
 import numpy as np
 
 from . import compression as _compression
-from . import consensus, costmodel, faults, planners, shared_state, topology as _topology
-from ._native import ffi, lib, status_error
+from . import consensus, costmodel, engine, faults, planners, shared_state, topology as _topology
+from ._native import ffi, lib
 from .buffers import as_buffer
 from .dtypes import op_code
 from .errors import Cancelled, CollectiveError, CoordinatorError, InvalidArgument, PeerFailure
@@ -60,8 +60,8 @@ DEFAULT_SEGMENT = 1 << 20  # pipeline unit; 1 MiB measured best on loopback
 DEFAULT_STALL = _env_seconds("PYCOLL_STALL_TIMEOUT", 30.0)
 
 # Bound once: the per-call path (Communicator._launch, _fast_run) runs every few microseconds.
-_comm_run = lib.pc_comm_run
-_clear_cancel = lib.pc_comm_clear_cancel
+_comm_run = engine.run  # the C function itself (pycoll.engine)
+_clear_cancel = engine.clear_cancel
 _from_buffer = ffi.from_buffer
 _perf_counter = time.perf_counter
 _thread_id = threading.get_ident
@@ -335,8 +335,7 @@ class Communicator:
                 self._selector_for_epoch().model()
             except BaseException:
                 for ch in channels.values():
-                    lib.pc_comm_shutdown(ch.ccomm)
-                    lib.pc_comm_free(ch.ccomm)
+                    engine.close(ch.ccomm)
                 raise
             with self._comm_lock:
                 self._channels = channels
@@ -368,20 +367,13 @@ class Communicator:
                 channels[tag] = _Channel(tag, self._create_comm(rank, len(addrs), links.channel(i, k, self.stripes)))
         except BaseException:
             for ch in channels.values():
-                lib.pc_comm_shutdown(ch.ccomm)
-                lib.pc_comm_free(ch.ccomm)
+                engine.close(ch.ccomm)
             raise
         return channels
 
     def _create_comm(self, rank, n, links):
-        out = ffi.new("pc_comm **")
-        st = lib.pc_comm_create_mixed(rank, n, self.stripes, links.kinds, links.fds, links.shm_fds, 0, out)
-        if st != lib.PC_OK:
-            raise status_error(st, f"cannot create the C communicator (status {st})")
-        lib.pc_comm_set_spin(out[0], self.spin_us)
-        lib.pc_comm_set_single_copy(out[0], self.single_copy)
-        lib.pc_comm_set_stall_timeout(out[0], float(self.progress_timeout or 0.0))
-        return out[0]
+        return engine.create(rank, n, self.stripes, links, spin_us=self.spin_us, single_copy=self.single_copy,
+                             stall_timeout=self.progress_timeout or 0.0)
 
     def _install_switches(self, hcomm, switches):
         """Use the epoch's standalone aggregators for innetwork all-reduces, if they fit the topology."""
@@ -401,12 +393,9 @@ class Communicator:
         for ch in channels.values():
             with ch.lock:  # a tagged call still running (cancelled by now) finishes first
                 ccomm, ch.ccomm = ch.ccomm, None
-            lib.pc_comm_shutdown(ccomm)
-            lib.pc_comm_free(ccomm)
+            engine.close(ccomm)
         for c in (comm, switch.hcomm if switch is not None else None):
-            if c is not None:
-                lib.pc_comm_shutdown(c)
-                lib.pc_comm_free(c)
+            engine.close(c)
 
     def update_topology(self) -> bool:
         """A sync point: every current member must call it (between steps).
@@ -509,8 +498,8 @@ class Communicator:
         why = info.get("why") or self._abort_reason
         cause = info.get("status")
         if not lost and cause in _CAUSE_STATUSES:  # the call we missed failed by mismatch or timeout
-            return status_error(cause, f"rank {self.rank}: epoch {epoch} was aborted ({why}); this call did not "
-                                       "run; the next call re-forms the group")
+            return engine.error(None, cause, None, message=f"rank {self.rank}: epoch {epoch} was aborted ({why}); "
+                                "this call did not run; the next call re-forms the group")
         return PeerFailure(f"rank {self.rank}: epoch {epoch} was aborted ({why}); this call did not run; the next "
                            "call runs on the survivors",
                            lost=[self.members.index(n) for n in lost if n in self.members],
@@ -685,7 +674,7 @@ class Communicator:
         ccomm = call.ccomm
         _clear_cancel(ccomm)
         if self._aborted_epoch == self.epoch:  # the abort came before the clear: keep its cancel
-            lib.pc_comm_cancel(ccomm)
+            engine.cancel(ccomm)
         switch = call.switch
         if agree is not None:
             announce = (functools.partial(switch.announce, self._seq, call.desc, call.code, call.opc, call.count,
@@ -760,18 +749,18 @@ class Communicator:
             self._exec_lock.release()
 
     def _failure(self, st, peer, coll, ccomm=None, ident=None):
-        message = ffi.string(lib.pc_comm_last_error(ccomm or self._comm)).decode(errors="replace")
+        message = engine.last_error(ccomm or self._comm)
         if st == lib.PC_ERR_ARG:  # bad arguments: nothing was sent, the mesh is intact
-            return status_error(st, f"{coll}: {message}", peer)
+            return engine.error(None, st, coll, peer, message)
         self._broken = True
         return self._explain(st, peer, coll, message, ident)
 
     def _tag_failure(self, st, peer, coll, chan):
         """A tagged call failed: the epoch re-forms at the next call; the
         other channels' next calls report the failure (see _run_tagged)."""
-        message = ffi.string(lib.pc_comm_last_error(chan.ccomm)).decode(errors="replace")
+        message = engine.last_error(chan.ccomm)
         if st == lib.PC_ERR_ARG:
-            return status_error(st, f"{coll} (tag {chan.tag!r}): {message}", peer)
+            return engine.error(None, st, f"{coll} (tag {chan.tag!r})", peer, message)
         self._tag_broken = True
         self._settled.add(chan.tag)
         return self._explain(st, peer, f"{coll} (tag {chan.tag!r})", message, None)
@@ -793,7 +782,7 @@ class Communicator:
                                                                   lib.PC_ERR_IO)):
             message = f"{message}; coordinator: {info.get('why') or self._abort_reason}"
             st = lib.PC_ERR_PEER
-        exc = status_error(st, f"rank {self.rank} {coll} (epoch {self.epoch}): {message}", peer)
+        exc = engine.error(None, st, f"rank {self.rank} {coll} (epoch {self.epoch})", peer, message)
         if isinstance(exc, Cancelled) and self._aborted_epoch == self.epoch:
             exc = PeerFailure(str(exc), st, peer)
         if isinstance(exc, PeerFailure) and lost:
@@ -1099,10 +1088,10 @@ class Communicator:
         with self._comm_lock:
             for c in (self._comm, self._switch.hcomm if self._switch is not None else None):
                 if c is not None:
-                    lib.pc_comm_cancel(c)
+                    engine.cancel(c)
             for ch in self._channels.values():
                 if ch.ccomm is not None:
-                    lib.pc_comm_cancel(ch.ccomm)
+                    engine.cancel(ch.ccomm)
 
     # ---- shared state (pycoll.shared_state) -----------------------------
     def sync_shared_state(self, state: dict, revision: int, *, timeout: Optional[float] = None,
@@ -1131,22 +1120,21 @@ class Communicator:
         Returns seconds."""
         with self._exec_lock:
             self._ensure_ready()
-            secs = ffi.new("double *")
-            st = lib.pc_comm_stream_ring(self._comm, nbytes, timeout, secs)
+            st, secs = engine.stream_ring(self._comm, nbytes, timeout)
             if st != lib.PC_OK:
                 raise self._failure(st, -1, "stream_ring")
-            return secs[0]
+            return secs
 
     @property
     def bytes_sent(self) -> int:
         """Bytes this epoch's connections carried out of this peer."""
-        return lib.pc_comm_bytes_sent(self._comm) if self._comm is not None else 0
+        return engine.bytes_sent(self._comm)
 
     @property
     def bytes_single_copy(self) -> int:
         """Bytes this peer copied straight out of same-host peers' memory this
         epoch (single copy, see ``single_copy``), instead of through a ring."""
-        return lib.pc_comm_bytes_single_copy(self._comm) if self._comm is not None else 0
+        return engine.bytes_single_copy(self._comm)
 
     # ---- lifetime ------------------------------------------------------
     def close(self) -> None:

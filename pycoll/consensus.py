@@ -26,8 +26,8 @@ import time
 
 import numpy as np
 
-from . import faults
-from ._native import ffi, lib, status_error
+from . import engine, faults
+from ._native import ffi, lib
 from .errors import CollectiveError, CoordinatorError, InvalidArgument, ParityError, PeerFailure
 from .faults import fault_point
 from .hashing import hash_address
@@ -112,8 +112,8 @@ def abort_error(comm, what, reply, status=None, local="", failed_peer=-1):
         return PeerFailure(text, status or lib.PC_ERR_PEER, peer, lost=lost_ranks, lost_names=lost_names,
                            retryable=retry)
     if reply.get("timed_out"):
-        return status_error(lib.PC_ERR_TIMEOUT, text)
-    return status_error(status, text, failed_peer if failed_peer >= 0 else None)
+        return engine.error(None, lib.PC_ERR_TIMEOUT, None, message=text)
+    return engine.error(None, status, None, failed_peer if failed_peer >= 0 else None, text)
 
 
 class Agreement:
@@ -150,15 +150,14 @@ class Agreement:
         if announce is not None:
             st, failed[0] = announce()
         if st == lib.PC_OK:
-            st = lib.pc_comm_run_part(ccomm, plan.ptr, lib.PC_RUN_BODY, bufs, sizes, inbuf.code, opc, seq, desc,
-                                      timeout, failed)
+            st = engine.run_body(ccomm, plan.ptr, bufs, sizes, inbuf.code, opc, seq, desc, timeout, failed)
         if st != lib.PC_OK:
-            message = ffi.string(lib.pc_comm_last_error(ccomm)).decode(errors="replace")
+            message = engine.last_error(ccomm)
             comm._broken = True
             reply = report(comm, "collective", seq, timeout, ok=False, why=message, status=int(st))
             comm.stats.append(_stat(comm, coll, algorithm, nbytes, t0, False))
             if st == lib.PC_ERR_ARG:
-                raise InvalidArgument(f"{coll}: {message}", status=st)
+                raise engine.error(None, st, coll, message=message)
             raise abort_error(comm, f"{coll} #{seq}", reply, st, message, int(failed[0]))
         if faults.FAULTS_ARMED:  # test hook: die between the body and the report
             fault_point(f"agreed:{coll}")
@@ -171,10 +170,9 @@ class Agreement:
         if faults.FAULTS_ARMED:  # test hook: die after the decision, before copying out
             fault_point(f"decided:{coll}")
         if decision == "commit":
-            st = lib.pc_comm_run_part(ccomm, plan.ptr, lib.PC_RUN_TAIL, bufs, sizes, inbuf.code, opc, seq, desc,
-                                      timeout, failed)
+            st = engine.run_tail(ccomm, plan.ptr, bufs, sizes, inbuf.code, opc, seq, desc, timeout, failed)
             if st != lib.PC_OK:  # only a malformed plan gets here
-                raise status_error(st, ffi.string(lib.pc_comm_last_error(ccomm)).decode(errors="replace"))
+                raise engine.error(ccomm, st, f"{coll} #{seq}")
             comm.last_outcome = Outcome(tuple(reply.get("members", comm.members)), comm.world_size, comm.epoch, seq,
                                         1, (), digest)
             comm.stats.append(_stat(comm, coll, algorithm, nbytes, t0, True))
@@ -199,10 +197,9 @@ class Agreement:
             ffi.memmove(ffi.cast("char *", tmp_addr), ffi.cast("char *", outbuf.address), outbuf.nbytes)
         tbufs = ffi.new("void *[2]", [bufs[0], ffi.cast("void *", tmp_addr)])
         failed = ffi.new("int32_t *")
-        st = lib.pc_comm_run_part(ccomm, plan.ptr, lib.PC_RUN_TAIL, tbufs, sizes, inbuf.code, opc, seq, desc,
-                                  0, failed)
+        st = engine.run_tail(ccomm, plan.ptr, tbufs, sizes, inbuf.code, opc, seq, desc, 0, failed)
         if st != lib.PC_OK:
-            raise status_error(st, ffi.string(lib.pc_comm_last_error(ccomm)).decode(errors="replace"))
+            raise engine.error(ccomm, st, f"digest of #{seq}")
         return hash_address(tmp_addr, tmp.nbytes)
 
 

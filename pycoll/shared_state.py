@@ -24,7 +24,7 @@ import zlib
 
 import numpy as np
 
-from . import consensus, faults
+from . import consensus, engine, faults
 from ._native import ffi, lib, status_error
 from .buffers import as_buffer
 from .errors import CollectiveError, InvalidArgument, ParityError, PeerFailure
@@ -117,10 +117,10 @@ def _transfer(comm, names, bufs, reply, seq, timeout):
                                       ffi.cast("void *", tmp.__array_interface__["data"][0])])
         sizes = ffi.new("uint64_t[2]", [b.nbytes, tmp.nbytes])
         desc = zlib.crc32(f"state:{names[idx]}:{b.nbytes}".encode())
-        st = lib.pc_comm_run(comm._comm, plan, addrs, sizes, lib.PC_U8, lib.PC_SUM, seq, desc, timeout, failed)
+        st = engine.run(comm._comm, plan, addrs, sizes, lib.PC_U8, lib.PC_SUM, seq, desc, timeout, failed)
         lib.pc_plan_free(plan)
         if st != lib.PC_OK:
-            message = ffi.string(lib.pc_comm_last_error(comm._comm)).decode(errors="replace")
+            message = engine.last_error(comm._comm)
             return None, (st, message, int(failed[0]))
         if idx in fetch:
             tmps[idx] = tmp

@@ -15,7 +15,7 @@ See :mod:`pycoll.aggregator` for membership, the data path, and what happens on 
 """
 import struct
 
-from . import planners
+from . import engine, planners
 from ._native import ffi, lib
 from .errors import CollectiveError
 
@@ -103,7 +103,7 @@ def run_plan(comm, plan, in_addr, in_bytes, out_addr, out_bytes, dtype, op, seq,
     bufs = ffi.new("void *[2]", [ffi.cast("void *", in_addr), ffi.cast("void *", out_addr)])
     sizes = ffi.new("uint64_t[2]", [in_bytes, out_bytes])
     failed = ffi.new("int32_t *")
-    st = lib.pc_comm_run(comm, plan.ptr, bufs, sizes, dtype, op, seq, digest, timeout, failed)
+    st = engine.run(comm, plan.ptr, bufs, sizes, dtype, op, seq, digest, timeout, failed)
     return st, int(failed[0])
 
 

@@ -1,6 +1,8 @@
 """The house in layers: ``lint-imports`` checks the contracts in ``.importlinter`` (imports only go
 down, only the tools import pycoll.testing, planning never reaches the network), and a broken
-copy of the package proves that the contracts bite."""
+copy of the package proves that the contracts bite. One engine boundary: only pycoll.engine calls
+the C communicator (``lib.pc_comm_*``)."""
+import ast
 import os
 import re
 import shutil
@@ -58,3 +60,43 @@ def test_contracts_bite(tmp_path, module, line, broken):
     for name in broken:
         assert _says(out, name, "BROKEN"), out
     assert f"pycoll.{module[:-3]} -> " in out, out  # the chain names the broken module
+
+
+# The C communicator's functions are named only here (and where the C core is built and loaded).
+ENGINE_ONLY = {"engine.py", "_build.py", "_native.py"}
+
+
+def _c_communicator_uses(package):
+    """[(file, line, name)] for every ``pc_comm_*`` named in code (an attribute, a name, or a
+    string that is exactly such a name, as for getattr) outside ENGINE_ONLY; comments and
+    docstrings that mention one do not count."""
+    found = []
+    for path in sorted(Path(package).rglob("*.py")):
+        rel = path.relative_to(package).as_posix()
+        if rel in ENGINE_ONLY:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            name = (node.attr if isinstance(node, ast.Attribute) else node.id if isinstance(node, ast.Name)
+                    else node.value if isinstance(node, ast.Constant) and isinstance(node.value, str)
+                    and re.fullmatch(r"pc_comm_\w+", node.value) else None)
+            if name and name.startswith("pc_comm_"):
+                found.append((rel, node.lineno, name))
+    return found
+
+
+def test_only_the_engine_calls_the_c_communicator():
+    """pycoll.engine is the one module that calls lib.pc_comm_* (mentions in prose are fine)."""
+    assert _c_communicator_uses(ROOT / "pycoll") == []
+
+
+@pytest.mark.parametrize("module, line, name", [
+    ("consensus.py", "def f(c):\n    return lib.pc_comm_last_error(c)", "pc_comm_last_error"),  # a call
+    ("comm.py", "_stop = getattr(lib, 'pc_comm_shutdown')", "pc_comm_shutdown"),              # by name
+    ("emulator/core.py", "from pycoll._native import lib\nrun = lib.pc_comm_run", "pc_comm_run"),  # a subpackage
+])
+def test_the_engine_boundary_bites(tmp_path, module, line, name):
+    """A C-communicator call injected into a copy of the package outside pycoll.engine is found."""
+    shutil.copytree(ROOT / "pycoll", tmp_path / "pycoll", ignore=shutil.ignore_patterns("__pycache__", "*.so", "*.c"))
+    target = tmp_path / "pycoll" / module
+    target.write_text(target.read_text() + "\n" + line + "\n")
+    assert [(f, n) for f, _, n in _c_communicator_uses(tmp_path / "pycoll")] == [(module, name)]
