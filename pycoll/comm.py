@@ -144,7 +144,7 @@ class Communicator:
         self.sync_timeout = sync_timeout
         self.sockbuf = sockbuf
         # Algorithm choice (pycoll.costmodel): a topology (file, TOML path or Topology) gives
-        # groups, ring order and the cost model; without one, auto measures at first use.
+        # groups, ring order and the cost model; without one, it is measured when an epoch is installed.
         self.topology = _topology.load(topology if topology is not None else os.environ.get("PYCOLL_TOPOLOGY"))
         self.calibrate = calibrate if calibrate is not None else os.environ.get("PYCOLL_CALIBRATE", "1") != "0"
         self._selector = None
@@ -184,7 +184,7 @@ class Communicator:
         self._inflight = 0
         self._seq = 0
         self._calls = 0             # untagged calls of this epoch made by the user (not internal ones)
-        self._ident = None          # identity of the untagged call being prepared (see _identity)
+        self._epoch_seq = 0         # _seq when the epoch was installed (after its calibration)
         self._plans = {}
         self._fast = {}             # call key -> _Call of this epoch (see _fast_run)
         self._broken = False
@@ -328,15 +328,18 @@ class Communicator:
         self._settled = set()
         if hcomm is not None:
             self._install_switches(hcomm, switches)
+        # auto's cost model is measured here, at the sync point, by every member before any call
+        # of the epoch: choosing an algorithm never runs a collective (not inside an agreed call,
+        # not on a tag's thread). A peer lost meanwhile raises PeerFailure, as in building the
+        # mesh: _sync reports the epoch failed and syncs again.
+        try:
+            self._calibrate_epoch()
+        except BaseException:
+            for ch in channels.values():
+                engine.close(ch.ccomm)
+            raise
+        self._epoch_seq = self._seq
         if channels:
-            # auto's cost model is measured with untagged calls at its first use; a tag's thread
-            # must not be the one to start that, so measure now, at the sync point, first.
-            try:
-                self._selector_for_epoch().model()
-            except BaseException:
-                for ch in channels.values():
-                    engine.close(ch.ccomm)
-                raise
             with self._comm_lock:
                 self._channels = channels
         log.info("epoch %d: rank %d of %d%s", self.epoch, rank, self.world_size,
@@ -404,7 +407,7 @@ class Communicator:
         ``lost`` and ``joined`` describe the new group). Cheap when nothing
         changed: one round trip to the coordinator."""
         with self._exec_lock:
-            if (getattr(self, "_fresh_join", None) == self.epoch and self._seq == 0 and not self._broken
+            if (getattr(self, "_fresh_join", None) == self.epoch and self._seq == self._epoch_seq and not self._broken
                     and self._aborted_epoch != self.epoch and not self._client.needs_rejoin):
                 # pycoll.connect returned at the members' update_topology(): this call is that one
                 # (a sync now would wait for the members' next one while they wait in a collective)
@@ -431,16 +434,33 @@ class Communicator:
 
     # ---- running collectives ------------------------------------------
     def _selector_for_epoch(self):
+        """The epoch's algorithm choice: its layout and cost model (see _calibrate_epoch)."""
         if self._selector is None:
-            calibrate = self._calibration_allreduce if self.calibrate else None
-            self._selector = costmodel.Selector(self.world_size, self.topology, self._hosts, self.segment_bytes,
-                                                calibrate)
+            self._selector = costmodel.Selector(self.world_size, self.topology, self._hosts, self.segment_bytes)
         return self._selector
 
+    def _calibrate_epoch(self):
+        """Measure the cost model of the epoch just installed (costmodel.calibrate: a few ring
+        all-reduces), when calibration is on and no topology gives the model. Every member runs
+        it at the end of _install_epoch, so every member's calls of the epoch start at the same
+        sequence number and every rank builds the same model."""
+        sel = self._selector_for_epoch()
+        if not (self.calibrate and sel.needs_calibration):
+            return
+        model = costmodel.calibrate(self._calibration_allreduce, self.world_size, sel.layout.hosts)
+        log.debug("epoch %d: cost model %r", self.epoch, model)
+        self._selector = costmodel.Selector(self.world_size, self.topology, self._hosts, self.segment_bytes, model)
+
     def _calibration_allreduce(self, arr, op):
-        """A ring all-reduce for the cost model's start-up measurement (no stats, no faults)."""
+        """A ring all-reduce for the cost model's measurement (no stats, no faults), run while the
+        epoch is installed: straight to the engine, not through _execute's readiness checks
+        (which would sync again); an abort of the epoch cancels it (see _launch)."""
+        if faults.FAULTS_ARMED:  # test harness: die while the epoch is being installed
+            fault_point("calibrate")
         buf = as_buffer(arr, writable=True, what="calibration buffer")
-        self._execute("all_reduce", buf, buf, buf.count, op, 0, "ring", None, False, internal=True)
+        call = self._prepare("all_reduce", buf, buf, buf.count, op, 0, "ring", False, None)
+        ptr = ffi.cast("void *", buf.address)
+        self._launch(call, ptr, ptr, None, internal=True)
 
     def _plan(self, coll, algorithm, count, itemsize, root, avg, preserve, codec="none"):
         key = (coll, algorithm, count, itemsize, root, avg, preserve, codec)
@@ -603,14 +623,11 @@ class Communicator:
             return self._launch(call, ffi.cast("void *", inbuf.address), ffi.cast("void *", outbuf.address),
                                 timeout, internal, chan=chan)
         if agree is not None:
-            self._ident = None  # (an agreed call: the group decides its outcome, no late-call rule)
             agree.skip = consensus.begin(self)
             if agree.root_name is not None:
                 root = agree.root(self)
         else:
             ident = _identity(coll, inbuf.code, op, count, root, algorithm, compression)
-            if not internal:  # (an internal call is part of the user's call that started it)
-                self._ident = ident
             self._ensure_ready(None if internal else ident)
         call = self._prepare(coll, inbuf, outbuf, count, op, root, algorithm, preserve, compression)
         if agree is not None:
@@ -703,10 +720,10 @@ class Communicator:
                  self.epoch, coll, call.algorithm, dt * 1e3, st)
         if chan is not None:
             raise self._tag_failure(st, int(failed[0]), coll, chan)
-        # (identity, number) of the user's call: an internal one (the cost model's measurement)
-        # is part of the call that started it
-        ident = (self._ident, self._calls + 1) if internal else (call.ident, self._calls)
-        raise self._failure(st, int(failed[0]), coll, ccomm, ident if ident[0] is not None else None)
+        # (identity, number) of the user's call; an internal one (the cost model's measurement while
+        # the epoch is installed) is no user's call
+        ident = None if internal or call.ident is None else (call.ident, self._calls)
+        raise self._failure(st, int(failed[0]), coll, ccomm, ident)
 
     def _fast_call(self, key):
         """The prepared call remembered under ``key`` (see :meth:`_fast_run`),

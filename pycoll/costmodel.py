@@ -39,8 +39,9 @@ Parameters
 ----------
 From a topology file (:meth:`CostModel.from_topology`): link bandwidth and latency, hosts and
 their NIC cap; o, host_Bps and rank_Bps keep their defaults. Without a topology they are
-measured at start-up (:func:`calibrate`, run by the communicator at the first ``auto`` call of
-an epoch; ``PYCOLL_CALIBRATE=0`` keeps the defaults): a tiny ring all-reduce gives o, a 1 MiB
+measured at start-up (:func:`calibrate`, run by the communicator once when it installs an
+epoch, before any call of it: choosing an algorithm never runs a collective;
+``PYCOLL_CALIBRATE=0`` keeps the defaults): a tiny ring all-reduce gives o, a 1 MiB
 one the rate of a rank while all are busy, times the ranks on the host = host_Bps, and
 rank_Bps = host_Bps / min(ranks on the host, CPUs). Every rank contributes its measurement and
 takes the worst over all ranks (one small all-reduce), so every rank builds the same model and
@@ -330,27 +331,28 @@ def calibrate(run_ring_allreduce, n, hosts=None, small_reps=10, big_bytes=1 << 2
 class Selector:
     """Algorithm choice for one membership epoch: its layout, its cost model, and a cache.
 
-    ``calibrate``: a function running a ring all-reduce (``fn(array, op)``) on every rank, used
-    to measure the model's parameters at the first ``auto`` call when there is no topology;
-    None means use the defaults. Choices are cached per (collective, bytes): a decision is
-    made once per size and epoch, and every rank makes the same one.
+    The model is the topology's when there is one, else ``model`` (measured by the caller
+    with :func:`calibrate`), else the defaults; choosing never measures (it runs no
+    collective). Choices are cached per (collective, bytes): a decision is made once per size
+    and epoch, and every rank makes the same one.
     """
 
-    def __init__(self, world_size, topology=None, hosts=None, segment_bytes=1 << 19, calibrate=None):
+    def __init__(self, world_size, topology=None, hosts=None, segment_bytes=1 << 19, model=None):
         self.layout = Layout(world_size, topology, hosts)
         self.segment_bytes = segment_bytes
-        self._calibrate = calibrate
-        self._model = CostModel.from_topology(self.layout.topology) if self.layout.topology is not None else None
+        if self.layout.topology is not None:
+            model = CostModel.from_topology(self.layout.topology)
+        self._model = model if model is not None else CostModel(world_size, host_of=self.layout.hosts)
+        self.measured = model is not None and model.source == "measured"
         self._choices = {}
 
+    @property
+    def needs_calibration(self):
+        """True when no topology gives the model and nothing was measured (a group of 2 or more)."""
+        return self.layout.topology is None and not self.measured and self.layout.world_size > 1
+
     def model(self):
-        """The cost model (measured on first use when there is no topology)."""
-        if self._model is None:
-            n = self.layout.world_size
-            hosts = self.layout.hosts
-            self._model = (calibrate(self._calibrate, n, hosts) if self._calibrate and n > 1
-                           else CostModel(n, host_of=hosts))
-            log.debug("cost model: %r", self._model)
+        """The cost model (see the class)."""
         return self._model
 
     def choose(self, coll, algorithm, nbytes):

@@ -1,7 +1,8 @@
 """Fault points: named places in the code where a test may delay or kill this process.
 
 pycoll calls them ``before:<collective>``, ``during:<collective>``, ``agreed:<collective>``,
-``decided:<collective>``, ``before:state_transfer`` and ``during:state_transfer``; user code adds
+``decided:<collective>``, ``before:state_transfer``, ``during:state_transfer`` and ``calibrate``
+(before each of the all-reduces that measure the cost model when an epoch is installed); user code adds
 its own with :func:`fault_point`. A process is armed from its environment (``PYCOLL_FAULT``:
 die at a point, ``PYCOLL_FAULT_DELAY``: sleep at points) or by :func:`arm` (which
 :func:`pycoll.testing.run` calls in each rank it starts).

@@ -74,7 +74,7 @@ def _skip_one_call(comm, late_is_same_call):
     then either makes A late (the same call) or skips it and makes B."""
     a = np.ones(16, np.float32)
     b = np.full(8, comm.rank + 1, np.int32)
-    comm.all_reduce(np.ones(16, np.float32))  # the first call of an epoch calibrates the cost model
+    comm.all_reduce(np.ones(16, np.float32))  # a first call that both ranks make (A is then the second)
     outcomes = []
 
     def attempt(fn):

@@ -48,7 +48,7 @@ MIN_ALIVE = 3          # never kill below this many admitted peers
 KILLS = int(os.environ.get("PYCOLL_CHAOS_KILLS", "12"))
 JOINS = int(os.environ.get("PYCOLL_CHAOS_JOINS", "10"))
 DEADLINE = 240.0
-ALGORITHMS = list(planners.ALGORITHMS)  # "auto" too: it calibrates (more collectives) after every change
+ALGORITHMS = list(planners.ALGORITHMS)  # "auto" too (every new epoch calibrates when installed: more collectives)
 KILL_POINTS = ["sigkill", "sigkill", "during:all_reduce", "during:all_reduce", "agreed:all_reduce",
                "decided:all_reduce"]
 

@@ -63,3 +63,35 @@ def test_kill_during_collective(coll, algorithm, transport):
         assert ws == n - 1
         assert total == sum(q + 1 for q in survivors)
         assert transports.count(transport) == n - 2, f"rank {r}: the survivors use {transports}"
+
+
+# ---- a peer lost while an epoch is being installed (its cost model measured) -------------------
+CALIBRATION_CALLS = 14  # costmodel.calibrate: 1 warm-up, 10 tiny, 2 of 1 MiB, 1 to agree
+
+
+def _loss_while_calibrating(comm):
+    out = []
+    for _ in range(6):
+        x = np.ones(4, np.float32)
+        try:
+            comm.all_reduce(x)
+            out.append(float(x[0]))
+        except pycoll.PeerFailure:
+            out.append("failed")
+    return out, comm.world_size, comm.epoch, comm._selector_for_epoch().model().source
+
+
+@pytest.mark.timeout(120)
+def test_a_peer_lost_while_the_epoch_calibrates():
+    """Rank 3 dies at its third call; the survivors re-form, and rank 2 dies in the middle of
+    the new epoch's calibration (which runs when the epoch is installed): like a death while
+    the mesh is built, the epoch is reported failed and the group syncs again, so the call
+    that re-formed it runs over the last two ranks, with a measured cost model."""
+    results = pycoll.testing.run(_loss_while_calibrating, 4, timeout=100,
+                                 kill={3: ("before:all_reduce", 3), 2: ("calibrate", CALIBRATION_CALLS + 5)},
+                                 init_kwargs={"timeout": 30, "heartbeat_timeout": 3.0})
+    assert results[2] == KILLED and results[3] == KILLED
+    for r in (0, 1):
+        out, ws, epoch, source = results[r]
+        assert out == [4.0, 4.0, "failed", 2.0, 2.0, 2.0], f"rank {r}: {out}"
+        assert ws == 2 and epoch >= 3 and source == "measured", results[r]
