@@ -28,11 +28,10 @@ aggregates). ``avg`` all-reduces also run in agent mode (the engine divides by t
 rank count, which would include the switches).
 """
 import logging
-import os
 import threading
 import time
 
-from . import engine, planners, topology as _topology
+from . import bootstrap, engine, planners, topology as _topology
 from ._native import ffi, lib
 from .errors import CollectiveError
 from .layout import Layout
@@ -178,40 +177,16 @@ class Aggregator:
 
 
 def start(group, master_addr="127.0.0.1", master_port=29500, *, topology=None, token=None, limits=None,
-          join_timeout=120.0, heartbeat_interval=0.5, heartbeat_timeout=5.0, stripes=1, **options):
-    """Join the group's coordinator as the standalone aggregator of ``group``; returns an
-    :class:`Aggregator` (call ``serve()``)."""
-    from . import auth
-    from .control import CoordinatorClient
-    from .coordinator import PROTOCOL
-    from .limits import resolve
-    from .mesh import Listener, host_id, local_address_towards
-    secret = auth.load_secret(token)
-    limits = resolve(limits)
-    advertise = os.environ.get("PYCOLL_ADDR") or local_address_towards(master_addr)
-    bind = "127.0.0.1" if advertise.startswith("127.") else "0.0.0.0"
-    listener = Listener(bind, advertise, limits=limits)
-    client = CoordinatorClient(master_addr, master_port, heartbeat_interval=heartbeat_interval,
-                               heartbeat_timeout=heartbeat_timeout, secret=secret, limits=limits)
+          join_timeout=120.0, heartbeat_interval=0.5, heartbeat_timeout=None, stripes=1, **options):
+    """Join the group's coordinator as the standalone aggregator of ``group`` (through
+    :func:`pycoll.bootstrap.join`, as every peer does); returns an :class:`Aggregator` (call
+    ``serve()``). ``heartbeat_timeout``: its detection bound (default: the coordinator's)."""
+    joined = bootstrap.join(master_addr, master_port, join_timeout=join_timeout, heartbeat_interval=heartbeat_interval,
+                            heartbeat_timeout=heartbeat_timeout, token=token, limits=limits,
+                            info={"role": ROLE, "group": str(group)}, who=f"aggregator {str(group)!r}")
     try:
-        deadline = time.monotonic() + join_timeout
-        while True:  # the coordinator may not be up yet (rank 0 hosts it)
-            try:
-                client.request({"t": "join", "proto": PROTOCOL, "addr": list(listener.addr), "host_id": host_id(),
-                                "rank": None, "world_size": None,
-                                "info": {"pid": os.getpid(), "role": ROLE, "group": str(group)}},
-                               timeout=min(2.0, max(0.1, deadline - time.monotonic())))
-                break
-            except CollectiveError:
-                if time.monotonic() > deadline:
-                    raise
-                client.close()
-                client = CoordinatorClient(master_addr, master_port, heartbeat_interval=heartbeat_interval,
-                                           heartbeat_timeout=heartbeat_timeout, secret=secret, limits=limits)
-        client.start_heartbeats()
-        return Aggregator(client, listener, group, topology=topology, stripes=stripes,
-                          mesh_key=auth.derive(secret, "mesh"), **options)
+        return Aggregator(joined.client, joined.listener, group, topology=topology, stripes=stripes,
+                          mesh_key=joined.mesh_key, **options)
     except BaseException:
-        listener.close()
-        client.close()
+        joined.close()
         raise

@@ -2,16 +2,14 @@
 ``connect`` (join an elastic group at any time)."""
 import logging
 import os
-import socket
 import time
 
-from . import auth
+from . import bootstrap
+from .bootstrap import PROGRESS_S, job_id  # job_id: public here too, as before
 from .comm import DEFAULT_TIMEOUT, Communicator
-from .control import CoordinatorClient, check_endpoint, resolve_host
-from .coordinator import PROTOCOL, Coordinator
 from .errors import CollectiveError, CoordinatorError, InvalidArgument
-from .limits import Limits, resolve
-from .mesh import Listener, host_id, local_address_towards, transport_mode
+from .limits import Limits
+from .mesh import transport_mode
 from .wan import resolve_stripes
 
 log = logging.getLogger("pycoll")
@@ -35,16 +33,6 @@ def _env_master_port():
     if port is not None and not 1 <= port <= 65535:
         raise InvalidArgument(f"environment variable {name}={os.environ[name]!r} is not a port (1-65535)")
     return port
-
-
-def job_id():
-    """This process's job id: PYCOLL_JOB_ID, else torchrun's TORCHELASTIC_RUN_ID
-    (unless it is torchrun's default, "none"), else None. A coordinator
-    refuses joiners whose job id differs from its own (two jobs on one port)."""
-    job = os.environ.get("PYCOLL_JOB_ID") or os.environ.get("TORCHELASTIC_RUN_ID")
-    if not job or job == "none":
-        return None
-    return job[:128]
 
 
 def _join_timeout(join_timeout, default):
@@ -71,28 +59,6 @@ def _stripes(stripes, options):
         raise InvalidArgument(str(exc)) from None
 
 
-def _start_coordinator_if_free(host, port, world_size, heartbeat_timeout, secret=None, limits=None):
-    """Rank 0 hosts the coordinator unless one already listens on the port."""
-    bind_host = "127.0.0.1" if host in ("127.0.0.1", "localhost") else "0.0.0.0"
-    probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        probe.settimeout(0.5)
-        if probe.connect_ex((host if host != "localhost" else "127.0.0.1", port)) == 0:
-            return None  # someone (pycoll master) is already there
-    finally:
-        probe.close()
-    try:
-        return Coordinator(bind_host, port, world_size=world_size, heartbeat_timeout=heartbeat_timeout,
-                           secret=secret, limits=limits).start()
-    except Exception as exc:  # noqa: BLE001 - port raced away: use whoever has it
-        log.info("not hosting a coordinator on port %d: %s", port, exc)
-        return None
-
-
-DEFAULT_DETECTION = 5.0  # seconds of silence before a peer (or the coordinator) counts as lost
-PROGRESS_S = 5.0  # a WARNING line this often while a rank waits for its group to form
-
-
 def _forming_text(client, world_size):
     """"2 of 4 ranks joined; waiting for ranks 2, 3" from the coordinator's last heartbeat."""
     forming = client.last_status.get("forming") if isinstance(client.last_status, dict) else None
@@ -107,69 +73,17 @@ def _forming_text(client, world_size):
     return text
 
 
-def _join(client, join, deadline, host, rank, retry_host):
-    """Send the join until the coordinator takes it: waits (with progress
-    lines) while no coordinator answers yet or one is shutting down, fails at
-    once on a refusal that waiting cannot fix."""
-    last_progress = start = time.monotonic()
-    why_waiting = "no coordinator answers yet" + (" (rank 0 starts it: has it started?)" if rank else "")
-    while True:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise CoordinatorError(
-                f"{'rank ' + str(rank) if rank is not None else 'this peer'} could not join the coordinator at "
-                f"{host}:{client.port} within {deadline - start:.0f} s: {why_waiting}. Check MASTER_ADDR/MASTER_PORT "
-                "and that rank 0 (or `pycoll master`) runs; PYCOLL_JOIN_TIMEOUT sets this wait")
-        try:
-            return client.request(join, timeout=min(left, 2.0))
-        except CoordinatorError as exc:
-            if getattr(exc, "retry", False):
-                why_waiting = str(exc).split(": ", 1)[-1]
-            elif not getattr(exc, "timed_out", False):
-                raise
-            else:
-                check_endpoint(host, client.port, wait=3.0)  # another program took the port: say so now
-        if retry_host is not None:
-            retry_host()
-        now = time.monotonic()
-        if now - last_progress >= PROGRESS_S:
-            last_progress = now
-            log.warning("pycoll: %s waiting to join the coordinator at %s:%d for %.0f s (of %.0f s): %s",
-                        f"rank {rank}" if rank is not None else "a peer", host, client.port, now - start,
-                        deadline - start, why_waiting)
-        time.sleep(0.1)
-
-
 def _make(master_addr, master_port, rank, world_size, *, join_timeout, heartbeat_interval, heartbeat_timeout,
           host_coordinator, token=None, limits=None, name=None, **comm_options):
-    secret = auth.load_secret(token)
-    limits = resolve(limits)
-    started = time.monotonic()
-    deadline = started + join_timeout
-    resolve_host(master_addr, master_port)  # a name that does not resolve: say so now, not at the timeout
-    check_endpoint(master_addr, master_port)  # another program on the port: the same
-    advertise = os.environ.get("PYCOLL_ADDR") or local_address_towards(master_addr)
-    bind = "127.0.0.1" if advertise.startswith("127.") else "0.0.0.0"
-    coordinator = None
-    if host_coordinator:
-        coordinator = _start_coordinator_if_free(master_addr, master_port, world_size,
-                                                 heartbeat_timeout or DEFAULT_DETECTION, secret, limits)
-    auth.warn_if_exposed(bind, secret, "this peer's data listener")
-    listener = Listener(bind, advertise, sockbuf=comm_options.get("sockbuf", 0), limits=limits)
-    client = CoordinatorClient(master_addr, master_port, name=name, heartbeat_interval=heartbeat_interval,
-                               heartbeat_timeout=heartbeat_timeout or DEFAULT_DETECTION, secret=secret,
-                               limits=limits)
-    comm_options["mesh_key"] = auth.derive(secret, "mesh")
+    joined = bootstrap.join(master_addr, master_port, join_timeout=join_timeout, rank=rank, world_size=world_size,
+                            heartbeat_interval=heartbeat_interval, heartbeat_timeout=heartbeat_timeout,
+                            host_coordinator=host_coordinator, token=token, limits=limits, name=name,
+                            info={"transport": transport_mode(comm_options.get("transport"))}, job=job_id(),
+                            sockbuf=comm_options.get("sockbuf", 0), who=f"rank {rank}" if rank is not None else None)
+    client, started, deadline = joined.client, joined.started, joined.deadline
+    comm_options["mesh_key"] = joined.mesh_key
     comm = None
     who = f"rank {rank}" if rank is not None else f"peer {client.name}"
-
-    def retry_host():  # rank 0: the coordinator it found was shutting down (or the port was busy): host anew
-        nonlocal coordinator
-        if host_coordinator and coordinator is None:
-            coordinator = _start_coordinator_if_free(master_addr, master_port, world_size,
-                                                     heartbeat_timeout or DEFAULT_DETECTION, secret, limits)
-            if coordinator is not None:
-                coordinator.host_name = client.name
 
     def progress(kind, waited):
         if kind != "sync":
@@ -181,20 +95,9 @@ def _make(master_addr, master_port, rank, world_size, *, join_timeout, heartbeat
                         master_port, time.monotonic() - started, join_timeout, text)
 
     try:
-        if coordinator is not None:
-            coordinator.host_name = client.name  # its leave means the coordinator stops: joins then wait
-        join = {"t": "join", "proto": PROTOCOL, "addr": list(listener.addr), "host_id": host_id(),
-                "rank": rank, "world_size": world_size,
-                "info": {"pid": os.getpid(), "transport": transport_mode(comm_options.get("transport"))}}
-        job = job_id()
-        if job is not None:
-            join["job"] = job
-        if heartbeat_timeout:
-            join["heartbeat_timeout"] = float(heartbeat_timeout)
-        _join(client, join, deadline, master_addr, rank, retry_host if host_coordinator else None)
-        client.start_heartbeats()
-        comm = Communicator(client, listener, coordinator=coordinator, sync_timeout=join_timeout, **comm_options)
-        comm._join_msg = join
+        comm = Communicator(client, joined.listener, coordinator=joined.coordinator, sync_timeout=join_timeout,
+                            **comm_options)
+        comm._join_msg = joined.join
         client.on_wait, client.progress_interval = progress, PROGRESS_S
         comm.sync_timeout = max(1.0, deadline - time.monotonic())  # the join wait covers both steps
         try:
@@ -220,10 +123,7 @@ def _make(master_addr, master_port, rank, world_size, *, join_timeout, heartbeat
     except BaseException:
         if comm is not None:
             comm._drop_comm()
-        listener.close()
-        client.close()
-        if coordinator is not None:
-            coordinator.stop()
+        joined.close()
         raise
 
 
