@@ -8,26 +8,11 @@ exists, a double cover), with peer names.
 """
 import math
 
+from .units import format_bandwidth, format_duration
+
 __all__ = ["show", "format_bandwidth", "format_latency"]
 
-
-def format_bandwidth(bps):
-    """Bytes/s -> '10 Gbit/s' (links are usually quoted in bits)."""
-    if math.isinf(bps):
-        return "unlimited"
-    bits = bps * 8
-    for unit, div in (("Tbit/s", 1e12), ("Gbit/s", 1e9), ("Mbit/s", 1e6), ("kbit/s", 1e3)):
-        if bits >= div:
-            return f"{bits / div:g} {unit}"
-    return f"{bits:g} bit/s"
-
-
-def format_latency(s):
-    """Seconds -> '50 us'."""
-    for unit, mult in (("s", 1.0), ("ms", 1e3), ("us", 1e6)):
-        if s >= 1 / mult:
-            return f"{s * mult:g} {unit}"
-    return f"{s * 1e9:g} ns" if s else "0"
+format_latency = format_duration  # (the name this module has always exported)
 
 
 def _span(ranks):
