@@ -74,6 +74,7 @@ PROTOCOL = 1
 # other reported failure (a protocol error, a timeout, a bad argument) makes
 # an abort not retryable unless a member was lost.
 _CONNECTION_STATUSES = {3, 4, 7}  # PC_ERR_IO, PC_ERR_PEER, PC_ERR_CANCELLED
+_MISMATCH = 5  # PC_ERR_PROTO: ranks called different collectives
 
 
 def pack(obj):
@@ -677,7 +678,9 @@ class Coordinator:
         return {"why": self.abort.why, "lost": lost, "lost_ranks": [self._rank_of(n) for n in lost],
                 "lost_info": [self.members[n].describe() for n in lost if n in self.members],
                 "retry": bool(lost) or not self.abort.fatal, "status": None if lost else self.abort.status,
-                "seq": self.abort.seq, "call": self.abort.call}
+                # A mismatch has no one failed call (each rank made its own): a late rank's
+                # call then fails too rather than run as if it had skipped the failed one.
+                **({} if self.abort.status == _MISMATCH else {"seq": self.abort.seq, "call": self.abort.call})}
 
     def _check_abort(self):
         """Make the abort's cause final when it is known, then answer waiters."""
