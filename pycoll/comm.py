@@ -447,7 +447,19 @@ class Communicator:
         sel = self._selector_for_epoch()
         if not (self.calibrate and sel.needs_calibration):
             return
-        model = costmodel.calibrate(self._calibration_allreduce, self.world_size, sel.layout.hosts)
+        try:
+            model = costmodel.calibrate(self._calibration_allreduce, self.world_size, sel.layout.hosts)
+        except CollectiveError as exc:
+            if isinstance(exc, PeerFailure) and exc.lost:
+                raise  # a member died: _sync re-forms the group now
+            # The epoch failed for another reason while we measured: a faster rank, done
+            # measuring, already ran a call that failed (a mismatch, a timeout). That call is
+            # this rank's next one: it raises there ("did not run"), so install completes
+            # with the default model, which no collective of this failed epoch will use.
+            log.info("epoch %d: calibration stopped (%s); the next call reports it", self.epoch, exc)
+            self._aborted_epoch = max(self._aborted_epoch, self.epoch)
+            self._broken = False  # (the measurement is not a call of the user's: that one still owes it)
+            model = costmodel.CostModel(self.world_size, host_of=sel.layout.hosts)
         log.debug("epoch %d: cost model %r", self.epoch, model)
         self._selector = costmodel.Selector(self.world_size, self.topology, self._hosts, self.segment_bytes, model)
 
