@@ -342,6 +342,8 @@ class Listener:
                 park = other
                 if (src, stripe) in self.parked.get(park, {}):
                     why = f"duplicate connection from rank {src} stripe {stripe}"
+                elif sum(map(len, self.parked.values())) >= self.limits.max_pending:
+                    why = f"more than {self.limits.max_pending} early connections waiting (max_pending)"
             elif (src, stripe) not in expected or (src, stripe) in got:
                 why = f"unexpected or duplicate connection from rank {src} stripe {stripe}"
         except struct.error:
