@@ -7,13 +7,13 @@ group of peers working while peers crash, join and leave.
     comm = pycoll.init()                 # RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT
     comm.all_reduce(arr, op="sum")       # in place
 """
-from .comm import Communicator, Stat
-from .errors import (Cancelled, CollectiveError, CollectiveTimeout, CoordinatorError, InvalidArgument,
+from pycoll.comm.communicator import Communicator, Stat
+from pycoll.errors import (Cancelled, CollectiveError, CollectiveTimeout, CoordinatorError, InvalidArgument,
                      ParityError, PeerFailure, ProtocolError)
-from .group import connect, init
-from .limits import Limits
-from .observability import configure_logging
-from .work import Work
+from pycoll.group import connect, init
+from pycoll.limits import Limits
+from pycoll.observability import configure_logging
+from pycoll.comm.work import Work
 
 try:
     configure_logging()  # PYCOLL_LOG=debug|info|warning|error

@@ -1,4 +1,4 @@
-"""cffi build script: compiles csrc/ into the extension ``pycoll._core``.
+"""cffi build script: compiles csrc/ into the extension ``pycoll.core._core``.
 
 The declarations cffi needs come from csrc/pycoll.h itself (preprocessor
 lines stripped, integer #defines kept), so Python and C cannot drift apart.
@@ -83,7 +83,7 @@ def build_ffi():
         ldflags += ["-fsanitize=address,undefined"]
     cflags += os.environ.get("PYCOLL_CFLAGS", "").split()
     ffi.set_source(
-        "pycoll._core",
+        "pycoll.core._core",
         '#include "pycoll.h"',
         sources=[os.path.join("csrc", s) for s in SOURCES],
         include_dirs=["csrc"],

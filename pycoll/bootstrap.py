@@ -6,19 +6,19 @@ process's data listener and its coordinator client (rank 0 of ``init`` also host
 coordinator when none listens yet), sends the join until the coordinator takes it (waiting,
 with a WARNING line every few seconds, while none answers or one is shutting down), starts the
 heartbeats and returns a :class:`Joined`. What comes next is the caller's: a
-:class:`~pycoll.comm.Communicator` and its first sync for a peer, ``serve()`` for an aggregator.
+:class:`~pycoll.comm.communicator.Communicator` and its first sync for a peer, ``serve()`` for an aggregator.
 """
 import logging
 import os
 import socket
 import time
 
-from . import auth
-from .control import CoordinatorClient, check_endpoint, resolve_host
-from .coordinator import PROTOCOL, Coordinator
-from .errors import CoordinatorError
-from .limits import resolve
-from .mesh import Listener, host_id, local_address_towards
+from pycoll import auth
+from pycoll.control.client import CoordinatorClient, check_endpoint, resolve_host
+from pycoll.control.coordinator import PROTOCOL, Coordinator
+from pycoll.errors import CoordinatorError
+from pycoll.limits import resolve
+from pycoll.net.mesh import Listener, host_id, local_address_towards
 
 log = logging.getLogger("pycoll")
 

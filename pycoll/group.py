@@ -4,13 +4,13 @@ import logging
 import os
 import time
 
-from . import bootstrap
-from .bootstrap import PROGRESS_S, job_id  # job_id: public here too, as before
-from .comm import DEFAULT_TIMEOUT, Communicator
-from .errors import CollectiveError, CoordinatorError, InvalidArgument
-from .limits import Limits
-from .mesh import transport_mode
-from .wan import resolve_stripes
+from pycoll import bootstrap
+from pycoll.bootstrap import PROGRESS_S, job_id  # job_id: public here too, as before
+from pycoll.comm.communicator import DEFAULT_TIMEOUT, Communicator
+from pycoll.errors import CollectiveError, CoordinatorError, InvalidArgument
+from pycoll.limits import Limits
+from pycoll.net.mesh import transport_mode
+from pycoll.net.links import resolve_stripes
 
 log = logging.getLogger("pycoll")
 
@@ -52,7 +52,7 @@ def _join_timeout(join_timeout, default):
 
 
 def _stripes(stripes, options):
-    """stripes: an int, "auto" (from link=/topology=, see pycoll.wan), or $PYCOLL_STRIPES."""
+    """stripes: an int, "auto" (from link=/topology=, see pycoll.net.links), or $PYCOLL_STRIPES."""
     try:
         return resolve_stripes(stripes, options)
     except ValueError as exc:
@@ -136,7 +136,7 @@ def init(rank: int | None = None, world_size: int | None = None, master_addr: st
 
     Arguments default to torchrun's environment variables RANK, WORLD_SIZE,
     MASTER_ADDR and MASTER_PORT. ``stripes``: connections per peer pair, or
-    "auto" with ``link="2gbit/50ms"`` or ``topology=`` (see :mod:`pycoll.wan`). Rank 0 starts the coordinator on
+    "auto" with ``link="2gbit/50ms"`` or ``topology=`` (see :mod:`pycoll.net.links`). Rank 0 starts the coordinator on
     MASTER_PORT unless one (``pycoll master``) is already running there.
     Returns once all ``world_size`` peers are connected.
     ``heartbeat_timeout`` is the detection bound (default 5 s): a peer silent

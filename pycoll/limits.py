@@ -26,7 +26,7 @@ from a length read off the wire.
 import dataclasses
 import os
 
-from .errors import InvalidArgument
+from pycoll.errors import InvalidArgument
 
 _ENV = {
     "max_message_bytes": "PYCOLL_MAX_MESSAGE_BYTES",

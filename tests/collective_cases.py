@@ -74,9 +74,9 @@ def run_cases_algorithms(comm, cases):
 def make_plans(case, n, algorithm, topology=None):
     """The plans a communicator of n local ranks builds for ``case`` under ``algorithm``
     (an effective one, e.g. the Stat.algorithm it reported)."""
-    from pycoll import planners
-    from pycoll.comm import DEFAULT_SEGMENT
-    from pycoll.layout import Layout
+    from pycoll.plan import planners
+    from pycoll.comm.communicator import DEFAULT_SEGMENT
+    from pycoll.plan.layout import Layout
 
     coll, dtype, op, count, seed, _ = case
     es = storage_dtype(dtype).itemsize

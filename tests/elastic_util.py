@@ -19,7 +19,7 @@ import signal
 import time
 import traceback
 
-from pycoll.coordinator import Coordinator
+from pycoll.control.coordinator import Coordinator
 from pycoll.testing import KILLED, RankError, free_port
 
 

@@ -42,7 +42,7 @@ def _own_fds():
 
 
 def _pycoll_listeners():
-    """Inodes of unix sockets bound to pycoll's abstract names (pycoll.mesh.local_name)."""
+    """Inodes of unix sockets bound to pycoll's abstract names (pycoll.net.mesh.local_name)."""
     try:
         with open("/proc/net/unix") as f:
             rows = [line.split() for line in f.readlines()[1:]]

@@ -19,11 +19,11 @@ import pycoll.testing
 from collective_cases import expected, make_plans, rank_input, run_cases_algorithms
 from plansim import simulate
 from pycoll import aggregator
-from pycoll._native import lib
-from pycoll.comm import DEFAULT_SEGMENT
+from pycoll.core.native import lib
+from pycoll.comm.communicator import DEFAULT_SEGMENT
 from pycoll.errors import PeerFailure
-from pycoll.layout import Layout
-from pycoll.topology import load_topology
+from pycoll.plan.layout import Layout
+from pycoll.plan.topology import load_topology
 from reference import reduce_fn, storage_dtype
 
 TOPOLOGY = """

@@ -12,10 +12,10 @@ import pytest
 
 import pycoll.testing
 from collective_cases import expected, make_plans, run_cases_algorithms, run_on
-from pycoll import planners
-from pycoll.costmodel import DIRECT_MAX_BYTES, CostModel, Selector
-from pycoll.layout import Layout
-from pycoll.topology import load_topology, parse_topology
+from pycoll.plan import planners
+from pycoll.plan.costmodel import DIRECT_MAX_BYTES, CostModel, Selector
+from pycoll.plan.layout import Layout
+from pycoll.plan.topology import load_topology, parse_topology
 
 ALGOS = ["ring", "hamiltonian", "tree", "innetwork", "direct", "auto"]
 

@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from plansim import OUT, SCRATCH, check_plan_races, leaves, simulate, sym_array, sym_reduce, sym_scale
-from pycoll import planners
-from pycoll.layout import DOUBLE_COVERS, Layout, multiring_cycles
+from pycoll.plan import planners
+from pycoll.plan.layout import DOUBLE_COVERS, Layout, multiring_cycles
 
 ALL_N = list(range(1, 33))
 ANNOUNCE = 0xA0000000  # tag of the empty frames that tree and hierarchical plans open with
@@ -337,7 +337,7 @@ def test_hier_rejects_bad_layouts():
 
 # ---- layouts from topologies ------------------------------------------------------------------
 def test_layout_from_topology_groups():
-    from pycoll.topology import parse_topology
+    from pycoll.plan.topology import parse_topology
     topo = parse_topology("""
 [[group]]
 name = "a"
@@ -381,7 +381,7 @@ def test_every_size_has_a_schedule_for_uneven_counts():
 def test_emulator_spec_from_a_topology():
     """The emulator reads link caps and the NIC cap of every rank's host from a topology."""
     from pycoll.emulator import EmuSpec
-    from pycoll.topology import parse_topology
+    from pycoll.plan.topology import parse_topology
     topo = parse_topology('[defaults]\nbandwidth = "100mbit"\nlatency = "1ms"\nhost_nic = "1gbit"\n'
                           '[[group]]\nname = "m"\ncount = 3\n')
     spec = EmuSpec.from_topology(topo)

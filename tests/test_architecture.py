@@ -1,6 +1,6 @@
 """The house in layers: ``lint-imports`` checks the contracts in ``.importlinter`` (imports only go
 down, only the tools import pycoll.testing, planning never reaches the network), and a broken
-copy of the package proves that the contracts bite. One engine boundary: only pycoll.engine calls
+copy of the package proves that the contracts bite. One engine boundary: only pycoll.core.engine calls
 the C communicator (``lib.pc_comm_*``)."""
 import ast
 import os
@@ -16,7 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / ".importlinter"
 LAYERS = "pycoll in layers: imports only go down"
 TESTING = "only the tools import pycoll.testing"
-PLANNING = "planning never reaches the network"  # planners, costmodel, topology, compression
+PLANNING = "planning never reaches the network"  # pycoll.plan never imports net, control or comm
+COMM_ROOM = "pycoll.comm in layers"
 
 
 def _lint_imports(cwd, pythonpath=None):
@@ -40,15 +41,18 @@ def _says(out, name, verdict):
 def test_contracts_are_kept():
     rc, out = _lint_imports(ROOT, ROOT)
     assert rc == 0, out
-    for name in (LAYERS, TESTING, PLANNING):
+    for name in (LAYERS, TESTING, PLANNING, COMM_ROOM, "pycoll.core in layers", "pycoll.plan in layers",
+                 "pycoll.net in layers", "pycoll.control in layers"):
         assert _says(out, name, "KEPT"), out
 
 
 @pytest.mark.parametrize("module, line, broken", [
-    ("faults.py", "from . import comm", [LAYERS]),                    # the bottom reaching up
-    ("consensus.py", "from . import testing", [LAYERS, TESTING]),     # the core importing the harness
-    ("planners.py", "from . import mesh", [LAYERS, PLANNING]),        # planning reaching the network
-    ("errors.py", "def f():\n    from . import group", [LAYERS]),    # a lazy import counts too
+    ("faults.py", "from pycoll.comm import communicator", [LAYERS]),        # the bottom reaching up
+    ("comm/agreement.py", "from pycoll import testing", [LAYERS, TESTING]),  # the core importing the harness
+    ("plan/planners.py", "from pycoll.net import mesh", [LAYERS, PLANNING]),  # planning reaching the network
+    ("errors.py", "def f():\n    from pycoll import group", [LAYERS]),     # a lazy import counts too
+    ("comm/work.py", "from pycoll.comm import agreement", [COMM_ROOM]),      # upward inside a room
+    ("group.py", "from pycoll import wan", [LAYERS]),                        # an old flat name, used inside
 ])
 def test_contracts_bite(tmp_path, module, line, broken):
     """An upward import injected into a copy of the package fails the named contracts."""
@@ -59,11 +63,12 @@ def test_contracts_bite(tmp_path, module, line, broken):
     assert rc != 0, out
     for name in broken:
         assert _says(out, name, "BROKEN"), out
-    assert f"pycoll.{module[:-3]} -> " in out, out  # the chain names the broken module
+    dotted = "pycoll." + module[:-3].replace("/", ".")
+    assert f"{dotted} -> " in out, out  # the chain names the broken module
 
 
 # The C communicator's functions are named only here (and where the C core is built and loaded).
-ENGINE_ONLY = {"engine.py", "_build.py", "_native.py"}
+ENGINE_ONLY = {"core/engine.py", "_build.py", "core/native.py"}
 
 
 def _c_communicator_uses(package):
@@ -85,17 +90,17 @@ def _c_communicator_uses(package):
 
 
 def test_only_the_engine_calls_the_c_communicator():
-    """pycoll.engine is the one module that calls lib.pc_comm_* (mentions in prose are fine)."""
+    """pycoll.core.engine is the one module that calls lib.pc_comm_* (mentions in prose are fine)."""
     assert _c_communicator_uses(ROOT / "pycoll") == []
 
 
 @pytest.mark.parametrize("module, line, name", [
-    ("consensus.py", "def f(c):\n    return lib.pc_comm_last_error(c)", "pc_comm_last_error"),  # a call
-    ("comm.py", "_stop = getattr(lib, 'pc_comm_shutdown')", "pc_comm_shutdown"),              # by name
-    ("emulator/core.py", "from pycoll._native import lib\nrun = lib.pc_comm_run", "pc_comm_run"),  # a subpackage
+    ("comm/agreement.py", "def f(c):\n    return lib.pc_comm_last_error(c)", "pc_comm_last_error"),  # a call
+    ("comm/communicator.py", "_stop = getattr(lib, 'pc_comm_shutdown')", "pc_comm_shutdown"),              # by name
+    ("emulator/core.py", "from pycoll.core.native import lib\nrun = lib.pc_comm_run", "pc_comm_run"),  # a subpackage
 ])
 def test_the_engine_boundary_bites(tmp_path, module, line, name):
-    """A C-communicator call injected into a copy of the package outside pycoll.engine is found."""
+    """A C-communicator call injected into a copy of the package outside pycoll.core.engine is found."""
     shutil.copytree(ROOT / "pycoll", tmp_path / "pycoll", ignore=shutil.ignore_patterns("__pycache__", "*.so", "*.c"))
     target = tmp_path / "pycoll" / module
     target.write_text(target.read_text() + "\n" + line + "\n")

@@ -34,8 +34,8 @@ import pytest
 
 from collective_cases import on_transport
 from elastic_util import Cluster, arm
-from pycoll import planners
-from pycoll.shared_state import hash_arrays
+from pycoll.plan import planners
+from pycoll.comm.shared_state import hash_arrays
 
 STEPS = int(os.environ.get("PYCOLL_CHAOS_STEPS", "100"))
 INITIAL = 6
@@ -154,7 +154,7 @@ def test_chaos(tmp_path, transport):
     # multiprocessing resource tracker) exist before the baseline is taken.
     from multiprocessing import resource_tracker
     resource_tracker.ensure_running()
-    from pycoll.coordinator import Coordinator
+    from pycoll.control.coordinator import Coordinator
     Coordinator("127.0.0.1", 0).start().stop()
     fds_before = _open_fds()
     t_start = time.monotonic()

@@ -109,7 +109,7 @@ def test_demo_runs_every_algorithm_survives_a_kill_and_a_join():
     r = pycoll_cmd("demo", "--quiet", "--size", "1M", timeout=180)
     assert r.returncode == 0, r.stdout + r.stderr
     out = r.stdout
-    for algorithm in (a for a in pycoll.planners.ALGORITHMS if a != "auto"):
+    for algorithm in (a for a in pycoll.plan.planners.ALGORITHMS if a != "auto"):
         for coll in ("all_reduce", "all_gather", "reduce_scatter", "broadcast"):
             row = [line for line in out.splitlines() if line.startswith(algorithm) and f" {coll} " in line]
             assert len(row) == 2, (algorithm, coll, out)  # 64 KiB and 1 MiB
@@ -134,7 +134,7 @@ def test_bench_table_json_and_plot(tmp_path):
     rows = json.loads(js.read_text())
     labels = {(x["impl"], x["algorithm"], x["nbytes"]) for x in rows}
     want = {("gloo", "-", s) for s in (4096, 262144)}
-    want |= {("pycoll", a, s) for a in pycoll.planners.ALGORITHMS for s in (4096, 262144)}
+    want |= {("pycoll", a, s) for a in pycoll.plan.planners.ALGORITHMS for s in (4096, 262144)}
     assert labels == want
     for x in rows:
         assert x["world_size"] == 2 and x["iters"] == 4 and x["seconds"] > 0
@@ -170,7 +170,7 @@ def test_topology_shows_groups_links_ring_and_cycles():
     assert "ring bottleneck: 1 Gbit/s" in out
     assert "7 arc-disjoint directed cycles on 8 peers (56 of 56 ordered pairs carry traffic)" in out
     # the printed cycles are Hamiltonian and arc-disjoint: check them here, from the text
-    from pycoll.topology import load_topology
+    from pycoll.plan.topology import load_topology
     names = list(load_topology(os.path.join(ROOT, "topologies", "two-racks.toml")).peers)
     cycles = [[names.index(p) for p in line.split(": ", 1)[1].split(" -> ")]
               for line in out.splitlines() if line.strip()[:2].rstrip(":").isdigit() and "->" in line]
@@ -187,7 +187,7 @@ def _printed_cycles(out):
 def test_topology_shows_the_cycles_the_algorithm_runs():
     from collections import Counter
 
-    from pycoll.layout import multiring_cycles
+    from pycoll.plan.layout import multiring_cycles
     for n, k in ((4, 6), (6, 10)):
         r = pycoll_cmd("topology", "--peers", str(n))
         assert r.returncode == 0, r.stderr

@@ -11,10 +11,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from collective_cases import expected, make_plans, run_cases_algorithms, run_on
-from pycoll import planners
+from pycoll.plan import planners
 from reference import ALL_DTYPES, OPS
 
-from pycoll.comm import DEFAULT_SEGMENT as SEGMENT  # plans must match the ones the communicator builds
+from pycoll.comm.communicator import DEFAULT_SEGMENT as SEGMENT  # plans must match the ones the communicator builds
 
 
 def check(cases, world_size, timeout=120, transport="shm"):

@@ -9,8 +9,9 @@ from hypothesis import HealthCheck, assume, given, settings, strategies as st
 import pycoll.testing
 from codec_ref import NAMES, NumericCodec, SymbolicCodec, decode as ref_decode, encode as ref_encode
 from plansim import IN, OUT, SCRATCH, check_plan_races, leaves, quantised, simulate, sym_array, sym_reduce, sym_scale
-from pycoll import compression, planners
-from pycoll.comm import DEFAULT_SEGMENT
+from pycoll.plan import compression
+from pycoll.plan import planners
+from pycoll.comm.communicator import DEFAULT_SEGMENT
 from pycoll.errors import InvalidArgument
 from reference import reduce_fn, scale_fn
 
@@ -366,7 +367,7 @@ def algorithm_plans(alg, coll, n, count, codec, avg):
     hosts of two, so the in-network planner has groups to aggregate)."""
     kw = dict(segment_bytes=16, stripes=2, preserve=coll == "all_reduce", avg=avg)
     if hasattr(planners, "build"):
-        from pycoll.layout import Layout
+        from pycoll.plan.layout import Layout
         layout = Layout(n, None, [r // 2 for r in range(n)])
         alg = planners.effective(alg, coll)
         return [compression.compress(planners.build(alg, coll, layout, r, count, 4, **kw), codec) for r in range(n)]

@@ -17,8 +17,8 @@ import pytest
 import pycoll
 from collective_cases import on_transport
 from elastic_util import Cluster, arm
-from pycoll import planners
-from pycoll.control import CoordinatorClient
+from pycoll.plan import planners
+from pycoll.control.client import CoordinatorClient
 from pycoll.testing import KILLED, free_port
 
 ALGORITHMS = [a for a in planners.ALGORITHMS if a != "auto"]
@@ -356,7 +356,7 @@ def test_verify_cross_checks_digests():
 
 def test_coordinator_reports_digest_mismatch_to_every_member():
     """The decision logic itself, driven by two hand-made members."""
-    from pycoll.coordinator import Coordinator
+    from pycoll.control.coordinator import Coordinator
     coord = Coordinator("127.0.0.1", 0, min_world_size=2).start()
     clients = [CoordinatorClient("127.0.0.1", coord.port, name=f"x{i}") for i in range(2)]
     try:
@@ -537,7 +537,7 @@ def test_malformed_round_reports_are_refused_or_answered_never_hang():
     """Hand-made members send rounds the peers' code never sends: the shape
     check drops them, or every waiter gets an error decision."""
     import threading
-    from pycoll.coordinator import Coordinator
+    from pycoll.control.coordinator import Coordinator
     coord = Coordinator("127.0.0.1", 0, min_world_size=2).start()
     clients = [CoordinatorClient("127.0.0.1", coord.port, name=f"y{i}") for i in range(2)]
     try:
@@ -584,7 +584,7 @@ def _agreed_through_switches(comm):
 
 
 def lib_bytes(comm):
-    from pycoll._native import lib
+    from pycoll.core.native import lib
     return lib.pc_comm_bytes_sent(comm._switch.hcomm)
 
 
@@ -636,7 +636,7 @@ def _two_members():
     """A coordinator with two hand-made members (joined, no epoch yet) and
     ``both(msgs)``: each member sends its message at the same time; the replies."""
     import threading
-    from pycoll.coordinator import Coordinator
+    from pycoll.control.coordinator import Coordinator
     coord = Coordinator("127.0.0.1", 0, min_world_size=2, cause_grace=0.2).start()
     clients = [CoordinatorClient("127.0.0.1", coord.port, name=f"m{i}") for i in range(2)]
     replies = [None, None]

@@ -67,7 +67,7 @@ def test_spec_parsing_and_from_topology():
     with pytest.raises(ValueError):
         parse_rate("fast")
 
-    class L:  # duck-typed pycoll.topology link: bytes/s, seconds
+    class L:  # duck-typed pycoll.plan.topology link: bytes/s, seconds
         def __init__(self, bw, lat, loss=0.0):
             self.bandwidth_Bps, self.latency_s, self.loss = bw, lat, loss
 

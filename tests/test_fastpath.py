@@ -1,4 +1,4 @@
-"""Repeated calls take a short path (pycoll.comm: Communicator._fast_run):
+"""Repeated calls take a short path (pycoll.comm.communicator: Communicator._fast_run):
 a call identical to an earlier one of the same epoch in everything but its
 arrays' memory skips the argument checks and planning. These tests hold it
 to the full path's behaviour: every change of shape, dtype, op, algorithm,

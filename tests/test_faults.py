@@ -1,7 +1,7 @@
 """A peer killed mid-collective: every survivor fails fast with PeerFailure
 naming the lost peer, its buffer holds its input again, and the next call
 runs on the survivors, over the same transport. For every algorithm (new
-ones are picked up from pycoll.planners.ALGORITHMS), over shared memory
+ones are picked up from pycoll.plan.planners.ALGORITHMS), over shared memory
 (what same-host peers use) and over TCP."""
 import time
 
@@ -10,7 +10,7 @@ import pytest
 
 import pycoll
 from collective_cases import run_on
-from pycoll import planners
+from pycoll.plan import planners
 from pycoll.testing import KILLED
 
 COUNT = 4 << 20  # 16 MiB of float32: long enough to be killed inside

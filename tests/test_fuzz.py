@@ -13,9 +13,9 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import wire_helpers as wh
 from pycoll import auth
-from pycoll._native import ffi, lib
-from pycoll.control import CoordinatorClient
-from pycoll.coordinator import PROTOCOL, Coordinator, pack
+from pycoll.core.native import ffi, lib
+from pycoll.control.client import CoordinatorClient
+from pycoll.control.coordinator import PROTOCOL, Coordinator, pack
 
 def fuzz(n):
     """Settings for a fuzz test of n examples (deterministic, so CI is repeatable)."""

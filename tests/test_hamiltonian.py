@@ -1,4 +1,4 @@
-"""Tests for pycoll.hamiltonian: arc-disjoint Hamiltonian cycles of K*_n."""
+"""Tests for pycoll.plan.hamiltonian: arc-disjoint Hamiltonian cycles of K*_n."""
 
 import time
 
@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import pycoll.hamiltonian as ham
+import pycoll.plan.hamiltonian as ham
 
 SIZES = range(1, 33)
 EXCEPTIONAL = {4: 2, 6: 4}  # n -> documented maximum number of arc-disjoint Hamiltonian cycles

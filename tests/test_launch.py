@@ -15,8 +15,8 @@ import pytest
 import pycoll
 import pycoll.testing
 from elastic_util import Cluster
-from pycoll.control import CoordinatorClient
-from pycoll.coordinator import PROTOCOL, Coordinator
+from pycoll.control.client import CoordinatorClient
+from pycoll.control.coordinator import PROTOCOL, Coordinator
 from pycoll.testing import free_port
 
 

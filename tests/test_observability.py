@@ -25,7 +25,7 @@ def _some_collectives(comm):
 @pytest.mark.timeout(60)
 def test_stats_record_every_collective():
     stats, summary, table, chosen = pycoll.testing.run(_some_collectives, 3, timeout=50)[1]
-    assert chosen in pycoll.planners.ALGORITHMS and chosen != "auto"
+    assert chosen in pycoll.plan.planners.ALGORITHMS and chosen != "auto"
     assert [(s[0], s[1], s[2], s[4], s[6]) for s in stats] == [
         ("all_reduce", "ring", 4000, 3, True), ("all_reduce", "ring", 80, 3, True),
         ("all_gather", "ring", 24, 3, True), ("broadcast", "ring", 7, 3, True), ("barrier", "ring", 0, 3, True)]

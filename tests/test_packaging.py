@@ -161,7 +161,7 @@ def test_sdist_contents(dists):
         meta = zf.read(next(n for n in wnames if n.endswith(".dist-info/METADATA"))).decode()
     for need in ("pycoll/py.typed", "pycoll/emulator/delayline.c", "pycoll/emulator/README.md"):
         assert need in wnames, f"{need} missing from {wheel.name}"
-    assert any(n.startswith("pycoll/_core") and n.endswith(".so") for n in wnames), wnames
+    assert any(n.startswith("pycoll/core/_core") and n.endswith(".so") for n in wnames), wnames
     assert any(n.endswith(".dist-info/licenses/LICENSE") for n in wnames), wnames
     assert "License-Expression: MIT" in meta
     assert not [n for n in wnames if n.startswith(("tests/", "csrc/"))]

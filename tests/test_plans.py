@@ -8,7 +8,7 @@ order, hence bit-identical floats).
 import numpy as np
 import pytest
 
-from pycoll import planners
+from pycoll.plan import planners
 from plansim import IN, OUT, SCRATCH, leaves, simulate, sym_array, sym_reduce, sym_scale
 
 WORLD_SIZES = list(range(1, 13)) + [16, 17, 31, 32]
@@ -132,7 +132,7 @@ def test_calibration_outlasts_a_burst_of_noise():
     repetitions is taken."""
     import time as _time
 
-    from pycoll import costmodel
+    from pycoll.plan import costmodel
 
     calls = []
 

@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from pycoll._native import ffi, lib
-from pycoll.dtypes import DTYPES, OPS
+from pycoll.core.native import ffi, lib
+from pycoll.core.dtypes import DTYPES, OPS
 from reference import ALL_DTYPES, INT_DTYPES, bf16_to_f32, f32_to_bf16, make_input, reduce_fn, scale_fn, storage_dtype
 
 

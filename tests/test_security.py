@@ -28,12 +28,12 @@ import pycoll
 import pycoll.testing
 import wire_helpers as wh
 from pycoll import auth
-from pycoll._native import lib
-from pycoll.control import CoordinatorClient
-from pycoll.coordinator import PROTOCOL, Coordinator, pack
+from pycoll.core.native import lib
+from pycoll.control.client import CoordinatorClient
+from pycoll.control.coordinator import PROTOCOL, Coordinator, pack
 from pycoll.limits import Limits
-from pycoll.mesh import ACK, HELLO, HELLO_MAGIC, HELLO_VERSION, Listener, build_mesh, connect_peer
-from pycoll.planners import plan_rings
+from pycoll.net.mesh import ACK, HELLO, HELLO_MAGIC, HELLO_VERSION, Listener, build_mesh, connect_peer
+from pycoll.plan.planners import plan_rings
 
 SECRET = b"correct horse battery staple"
 
@@ -642,7 +642,7 @@ def test_join_floods_leave_nothing_behind():
     ([1, 2], "must be a map"),
 ])
 def test_request_shape_checks(msg, why):
-    from pycoll import schema
+    from pycoll.control import schema
     with pytest.raises(ValueError, match=why):
         schema.check_request(msg, schema.fields(1024))
 

@@ -9,9 +9,9 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import pycoll
 from elastic_util import Cluster, arm
-from pycoll import parity
-from pycoll._native import ffi, lib
-from pycoll.shared_state import SEED, hash_address, hash_arrays
+from pycoll.control import parity
+from pycoll.core.native import ffi, lib
+from pycoll.comm.shared_state import SEED, hash_address, hash_arrays
 from pycoll.testing import KILLED
 
 BLOCK = 64 * 1024

@@ -25,10 +25,10 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 import pycoll
 import pycoll.testing
 from collective_cases import expected, rank_input
-from pycoll import planners
-from pycoll._native import ffi, lib
-from pycoll.dtypes import DTYPES, OPS as OP_CODES
-from pycoll.mesh import local_peers, transport_mode
+from pycoll.plan import planners
+from pycoll.core.native import ffi, lib
+from pycoll.core.dtypes import DTYPES, OPS as OP_CODES
+from pycoll.net.mesh import local_peers, transport_mode
 from reference import ALL_DTYPES, OPS, storage_dtype
 
 SHM, TCP = lib.PC_CONN_SHM, lib.PC_CONN_TCP
@@ -484,7 +484,7 @@ def test_bytes_sent_before_a_peer_shuts_down_are_delivered():
 
 CHILD = textwrap.dedent("""
     import sys, time
-    from pycoll._native import ffi, lib
+    from pycoll.core.native import ffi, lib
     sock, seg, b0, b1 = map(int, sys.argv[1:5])
     out = ffi.new("pc_comm **")
     st = lib.pc_comm_create_mixed(1, 2, 1, [lib.PC_CONN_SHM, 0], [sock, -1], [seg, b0, b1, -1, -1, -1], 0, out)
@@ -711,7 +711,7 @@ def test_single_copy_setting(monkeypatch, setting, env, want):
 
 
 def test_single_copy_setting_is_checked():
-    from pycoll.mesh import single_copy_bytes
+    from pycoll.net.mesh import single_copy_bytes
     assert single_copy_bytes("off") == 0 and single_copy_bytes("4096") == 4096
     for bad in ("lots", -1):
         with pytest.raises(pycoll.InvalidArgument, match="single copy"):

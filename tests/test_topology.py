@@ -1,4 +1,4 @@
-"""Tests for pycoll.topology: the TOML format, validation, link resolution and ring order."""
+"""Tests for pycoll.plan.topology: the TOML format, validation, link resolution and ring order."""
 
 import math
 from pathlib import Path
@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import pycoll.topology as topo
+import pycoll.plan.topology as topo
 
 TOPOLOGIES = Path(__file__).resolve().parent.parent / "topologies"
 SHIPPED = sorted(TOPOLOGIES.glob("*.toml"))

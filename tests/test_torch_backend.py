@@ -227,7 +227,7 @@ def _async_and_futures():
     value = chained.wait()
     work = dist.all_reduce(torch.ones(1), async_op=True)
     work.wait()
-    stats = pycoll.torch_backend.communicator().stats
+    stats = pycoll.torch.backend.communicator().stats
     return ([t[0].item() for t in tensors], value.tolist(), inner.tolist(), work.is_completed(),
             work.is_success(), work.result()[0].tolist(), stats[-1].op, stats[-1].nbytes, n)
 
@@ -264,7 +264,7 @@ def test_a_lost_peer_fails_the_process_group():
 
 
 def test_consecutive_slices_are_not_copied():
-    from pycoll.torch_backend import _consecutive
+    from pycoll.torch.backend import _consecutive
     base = torch.arange(12, dtype=torch.float32)
     flat = _consecutive(list(base.chunk(3)))
     assert flat is not None and flat.data_ptr() == base.data_ptr() and flat.numel() == 12
@@ -323,7 +323,7 @@ def make_initial_params():
 
 def _hook_bytes(wires):
     from torch import nn
-    from pycoll.torch_backend import communicator, compression_hook
+    from pycoll.torch.backend import communicator, compression_hook
     out = {}
     for wire in wires:  # one DDP model per wire dtype, in one process group
         torch.manual_seed(0)
@@ -369,7 +369,7 @@ def test_torch_plugin_entry_point_registers_the_backend(tmp_path):
         import torch
         import torch.distributed as dist
         assert "pycoll" in dist.Backend.backend_list
-        assert "pycoll.torch_backend" not in sys.modules  # loaded only when a group is made
+        assert "pycoll.torch.backend" not in sys.modules  # loaded only when a group is made
         dist.init_process_group("pycoll", init_method="tcp://127.0.0.1:{pycoll.testing.free_port()}",
                                 rank=0, world_size=1)
         t = torch.arange(4.0)
@@ -385,7 +385,7 @@ def test_torch_plugin_entry_point_registers_the_backend(tmp_path):
 
 
 def _subgroups():
-    import pycoll.torch_backend  # noqa: F401 - registers "pycoll" (the default group here is Gloo)
+    import pycoll.torch.backend  # noqa: F401 - registers "pycoll" (the default group here is Gloo)
     rank = dist.get_rank()
     evens = dist.new_group(ranks=[0, 2], backend="pycoll")  # every rank calls new_group
     everyone = dist.new_group(backend="pycoll")
@@ -416,7 +416,7 @@ def test_import_registers_the_backend_without_the_plugin_loader():
     check = "import torch.distributed as d; print('pycoll' in d.Backend.backend_list)"
     r = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=50, env=env)
     assert r.stdout.strip() == "False", r.stderr  # nothing registers it behind our back
-    for module in ("pycoll.torch", "pycoll.torch_backend"):
+    for module in ("pycoll.torch", "pycoll.torch.backend"):
         r = subprocess.run([sys.executable, "-c", f"import {module}; {check}"], capture_output=True, text=True,
                            timeout=50, env=env)
         assert r.stdout.strip() == "True", r.stderr
@@ -542,7 +542,7 @@ def test_the_future_of_a_collective_holds_its_output_tensors():
 
 
 def test_completions_after_the_completion_thread_stopped_still_run():
-    from pycoll.torch_backend import _Completer
+    from pycoll.torch.backend import _Completer
     c = _Completer()
     c.stop()
     done = []

@@ -171,8 +171,8 @@ def test_round_trips_through_the_formatters(text):
 @pytest.mark.parametrize("spelling", ["100mbps", "100Mbps", "100mbit", "100 Mbit/s", "12.5MB/s"])
 def test_100mbps_agrees_across_topology_link_and_emulator(spelling):
     from pycoll.emulator import EmuSpec, parse_rate, tc_rate
-    from pycoll.topology import parse_bandwidth, parse_topology
-    from pycoll.wan import comm_options, link_plan, parse_link
+    from pycoll.plan.topology import parse_bandwidth, parse_topology
+    from pycoll.net.links import comm_options, link_plan, parse_link
 
     Bps = 100e6 / 8
     topo = parse_topology(f'[defaults]\nbandwidth = "{spelling}"\nlatency = "5ms"\n'
@@ -226,7 +226,7 @@ def test_emulator_tc_commands_use_tc_rate():
 def test_old_names_still_importable():
     from pycoll.benchmark import human_size, parse_size
     from pycoll.emulator import parse_rate, parse_time
-    from pycoll.topology import parse_bandwidth, parse_latency
+    from pycoll.plan.topology import parse_bandwidth, parse_latency
 
     assert parse_size("16M") == 16 << 20
     with pytest.raises(ValueError, match=r"bad size '6'.*multiple of 4"):

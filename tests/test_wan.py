@@ -21,7 +21,9 @@ import pycoll.testing
 from codec_ref import NumericCodec
 from collective_cases import rank_input, run_cases, run_on
 from plansim import simulate
-from pycoll import compression, planners, wan
+from pycoll.plan import compression
+from pycoll.plan import planners
+from pycoll.net import links as wan
 from reference import reduce_fn, scale_fn, storage_dtype
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -152,7 +154,7 @@ def test_link_plan_examples():
 
 
 def test_topology_plans_per_link():
-    from pycoll.topology import load_topology
+    from pycoll.plan.topology import load_topology
     topo = load_topology(ROOT / "topologies" / "three-sites-wan.toml")
     plans = wan.topology_plans(topo, limits=LIMITS)
     assert plans[(0, 1)].stripes == 1  # inside a site: 10 Gbit/s over 200 us

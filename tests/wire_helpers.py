@@ -7,8 +7,8 @@ import threading
 
 import numpy as np
 
-from pycoll import planners
-from pycoll._native import ffi, lib
+from pycoll.plan import planners
+from pycoll.core.native import ffi, lib
 
 HDR = struct.Struct("<IHHIIQQ")  # magic, version, kind, tag, desc, seq, len
 MAGIC = 0x4C4F4350

@@ -57,8 +57,8 @@ import time
 
 import numpy as np
 
-from . import planners
-from .layout import DOUBLE_COVERS, Layout
+from pycoll.plan import planners
+from pycoll.plan.layout import DOUBLE_COVERS, Layout
 
 log = logging.getLogger("pycoll")
 

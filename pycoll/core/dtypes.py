@@ -5,8 +5,8 @@ drift from csrc/pycoll.h.
 """
 import numpy as np
 
-from ._native import lib
-from .errors import InvalidArgument
+from pycoll.core.native import lib
+from pycoll.errors import InvalidArgument
 
 #: pycoll dtype name -> C constant
 DTYPES = {

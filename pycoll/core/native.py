@@ -1,17 +1,17 @@
 """The compiled C core, and the one place C status codes become exceptions."""
-from . import errors
+from pycoll import errors
 
 try:
-    from ._core import ffi, lib
+    from pycoll.core._core import ffi, lib
 except ImportError as exc:  # pragma: no cover - only when the build is missing
     import os as _os
-    _pkg = _os.path.dirname(_os.path.abspath(__file__))
+    _pkg = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))  # the pycoll package
     _hint = ("Install it with `pip install pycoll` (from a wheel, or from the sdist, which compiles "
              "csrc/ with cffi and needs a C compiler), or `pip install -e .` in a checkout")
     if _os.path.isdir(_os.path.join(_os.path.dirname(_pkg), "csrc")):
         _hint += (f"; note that {_pkg} is a source checkout: if pycoll is installed elsewhere, run "
                   "Python from another directory so that the checkout does not shadow it")
-    raise ImportError(f"pycoll's C extension (pycoll._core) is not built: {exc}. {_hint}") from exc
+    raise ImportError(f"pycoll's C extension (pycoll.core._core) is not built: {exc}. {_hint}") from exc
 
 _STATUS_EXC = {
     lib.PC_ERR_ARG: errors.InvalidArgument,

@@ -2,7 +2,7 @@
 import logging
 import threading
 
-from .errors import CollectiveTimeout
+from pycoll.errors import CollectiveTimeout
 
 
 class Work:

@@ -91,7 +91,7 @@ def fields(max_peers):
         "info": _info,
         "rebuild": _bool,
         "why": _str(0, 4096, printable=False),
-        # elastic groups, agreement rounds, shared state (pycoll.coordinator)
+        # elastic groups, agreement rounds, shared state (pycoll.control.coordinator)
         "admit": _bool,
         "heartbeat_timeout": _float(0.01, 86400.0),
         "seq": _int(0, _U63),

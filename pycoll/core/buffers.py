@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ._native import ffi
-from .dtypes import DTYPES, ITEMSIZE, dtype_name
-from .errors import InvalidArgument
+from pycoll.core.native import ffi
+from pycoll.core.dtypes import DTYPES, ITEMSIZE, dtype_name
+from pycoll.errors import InvalidArgument
 
 
 @dataclass

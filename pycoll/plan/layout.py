@@ -4,7 +4,7 @@ their aggregators.
 A :class:`Layout` is derived once per membership epoch from the topology (when its world size
 matches the group's) or from defaults, and handed to the planners:
 
-- ``ring``: the ring order; :func:`pycoll.topology.ring_order` of the topology, else rank order.
+- ``ring``: the ring order; :func:`pycoll.plan.topology.ring_order` of the topology, else rank order.
 - ``cycles``: the rings of the ``hamiltonian`` multi-ring, see :func:`multiring_cycles`.
 - ``agg_of``: for ``innetwork``, the rank that aggregates each rank's group. Groups come from
   the topology (``[[group]]``); without one, ranks on the same host form a group. A group with
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 
-from .hamiltonian import hamiltonian_cycles
+from pycoll.plan.hamiltonian import hamiltonian_cycles
 
 log = logging.getLogger("pycoll")
 
@@ -66,7 +66,7 @@ class Layout:
         self.topology = topology
         self.hosts = list(hosts) if hosts and len(hosts) == n else None
         if topology is not None:
-            from .topology import ring_order
+            from pycoll.plan.topology import ring_order
             self.ring = list(ring_order(topology))
             groups = [(tuple(g.ranks), g.aggregator is not None) for g in topology.groups]
         else:

@@ -1,12 +1,12 @@
 """The C core's 64-bit hash (pycoll.h: ``pc_hash64``, ``pc_hash64_many``) over arrays and addresses.
 
 Computed with the GIL released, on several threads for large inputs; the value does not depend on
-the thread count. Agreed collectives (``verify=True``, :mod:`pycoll.consensus`) digest their
-results with it and :mod:`pycoll.shared_state` compares peers' states with it, so every peer must
+the thread count. Agreed collectives (``verify=True``, :mod:`pycoll.comm.agreement`) digest their
+results with it and :mod:`pycoll.comm.shared_state` compares peers' states with it, so every peer must
 use the same :data:`SEED`.
 """
-from ._native import ffi, lib, status_error
-from .buffers import as_buffer
+from pycoll.core.native import ffi, lib, status_error
+from pycoll.core.buffers import as_buffer
 
 __all__ = ["SEED", "hash_address", "hash_arrays"]
 
@@ -33,7 +33,7 @@ def hash_arrays(arrays, threads=0):
 
 
 def hash_buffers(bufs, threads=0):
-    """Hashes of several :func:`pycoll.buffers.as_buffer` buffers, in one C call."""
+    """Hashes of several :func:`pycoll.core.buffers.as_buffer` buffers, in one C call."""
     n = len(bufs)
     if n == 0:
         return []

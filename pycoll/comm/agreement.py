@@ -26,12 +26,13 @@ import time
 
 import numpy as np
 
-from . import engine, faults
-from ._native import ffi, lib
-from .errors import CollectiveError, CoordinatorError, InvalidArgument, ParityError, PeerFailure
-from .faults import fault_point
-from .hashing import hash_address
-from .observability import Stat
+from pycoll.core import engine
+from pycoll import faults
+from pycoll.core.native import ffi, lib
+from pycoll.errors import CollectiveError, CoordinatorError, InvalidArgument, ParityError, PeerFailure
+from pycoll.faults import fault_point
+from pycoll.core.hashing import hash_address
+from pycoll.observability import Stat
 
 log = logging.getLogger("pycoll")
 

@@ -34,10 +34,10 @@ import struct
 import threading
 import time
 
-from . import auth
-from ._native import check, ffi, lib
-from .errors import CollectiveError, InvalidArgument, PeerFailure
-from .limits import resolve
+from pycoll import auth
+from pycoll.core.native import check, ffi, lib
+from pycoll.errors import CollectiveError, InvalidArgument, PeerFailure
+from pycoll.limits import resolve
 
 log = logging.getLogger("pycoll.mesh")
 

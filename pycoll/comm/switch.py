@@ -1,7 +1,7 @@
 """The workers' side of the standalone in-network aggregators (``pycoll aggregator``).
 
 Workers and switches share this module; :mod:`pycoll.aggregator` (the switch process) and
-:mod:`pycoll.comm` (a worker's communicator) both import it, and it imports neither.
+:mod:`pycoll.comm.communicator` (a worker's communicator) both import it, and it imports neither.
 
 * :func:`split_members` is the one place that maps the coordinator's member list (workers
   first, aggregators last) to a worker count and each switch group's engine rank.
@@ -15,9 +15,10 @@ See :mod:`pycoll.aggregator` for membership, the data path, and what happens on 
 """
 import struct
 
-from . import engine, planners
-from ._native import ffi, lib
-from .errors import CollectiveError
+from pycoll.core import engine
+from pycoll.plan import planners
+from pycoll.core.native import ffi, lib
+from pycoll.errors import CollectiveError
 
 __all__ = ["split_members", "EngineLayout", "SwitchPath", "pack_descriptor", "unpack_descriptor", "run_plan",
            "DESC_BYTES", "DESC_SEQ", "DESC_DIGEST"]

@@ -15,10 +15,10 @@ import uuid
 
 import zmq
 
-from . import auth
-from .coordinator import PROTOCOL, pack, unpack
-from .errors import CoordinatorError
-from .limits import resolve
+from pycoll import auth
+from pycoll.control.coordinator import PROTOCOL, pack, unpack
+from pycoll.errors import CoordinatorError
+from pycoll.limits import resolve
 
 log = logging.getLogger("pycoll.control")
 

@@ -2,13 +2,13 @@
 
 Prints the peers and groups, the links between and within groups (the narrowest bandwidth and
 the longest latency of each block), the ring order, and the directed Hamiltonian cycles the
-``hamiltonian`` algorithm runs for that number of peers (:func:`pycoll.layout.multiring_cycles`:
+``hamiltonian`` algorithm runs for that number of peers (:func:`pycoll.plan.layout.multiring_cycles`:
 arc-disjoint cycles covering every ordered pair, or for 4 and 6 peers, where no such decomposition
 exists, a double cover), with peer names.
 """
 import math
 
-from .units import format_bandwidth, format_duration
+from pycoll.units import format_bandwidth, format_duration
 
 __all__ = ["show", "format_bandwidth", "format_latency"]
 
@@ -24,7 +24,9 @@ def _span(ranks):
 
 def _modules():
     try:
-        from . import hamiltonian, layout, topology
+        from pycoll.plan import hamiltonian
+        from pycoll.plan import layout
+        from pycoll.plan import topology
     except ImportError as exc:
         raise SystemExit(f"pycoll topology: this build has no topology support ({exc})") from None
     return topology, hamiltonian, layout

@@ -4,13 +4,13 @@ A C communicator (``pc_comm``) owns one epoch's connections and runs plans on th
 GIL released. Everything above (the communicator, agreed calls, shared state, the switches and
 the standalone aggregator) creates, runs, cancels and frees it through the functions here, and
 turns a failed run into an exception with :func:`error` only, so that which exception a C
-status becomes is decided in one place (the table in :mod:`pycoll._native`).
+status becomes is decided in one place (the table in :mod:`pycoll.core.native`).
 
 The per-call functions (:data:`run`, :data:`clear_cancel`, :data:`cancel`) are the C functions
 themselves, not wrappers: the fast path binds them once and pays nothing for the boundary.
 ``tests/test_architecture.py`` checks that no other module names ``pc_comm_``.
 """
-from ._native import ffi, lib, status_error
+from pycoll.core.native import ffi, lib, status_error
 
 OK = lib.PC_OK
 
@@ -25,7 +25,7 @@ cancel = lib.pc_comm_cancel
 
 def run_body(comm, plan, bufs, sizes, dtype, op, seq, desc, timeout, failed):
     """Every transfer of ``plan``; results stay in the comm's scratch (an agreed call, see
-    :mod:`pycoll.consensus`). Returns the status."""
+    :mod:`pycoll.comm.agreement`). Returns the status."""
     return lib.pc_comm_run_part(comm, plan, lib.PC_RUN_BODY, bufs, sizes, dtype, op, seq, desc, timeout, failed)
 
 
@@ -36,7 +36,7 @@ def run_tail(comm, plan, bufs, sizes, dtype, op, seq, desc, timeout, failed):
 
 # ---- lifetime ----------------------------------------------------------------------------------
 def create(rank, nranks, stripes, links, spin_us=None, single_copy=None, stall_timeout=None):
-    """A C communicator over ``links`` (:class:`pycoll.mesh.Links`: a kind and fds per
+    """A C communicator over ``links`` (:class:`pycoll.net.mesh.Links`: a kind and fds per
     connection; the comm owns them from here on, also when this fails) with its settings
     (None: the C default). Raises the status's exception."""
     out = ffi.new("pc_comm **")
@@ -84,7 +84,7 @@ def last_error(comm):
 
 def error(comm, status, what, peer=None, message=None):
     """The exception for C status ``status`` of a call on ``comm``: its class from the status
-    (see :func:`pycoll._native.status_error`), its text ``what: <comm's last error>``.
+    (see :func:`pycoll.core.native.status_error`), its text ``what: <comm's last error>``.
     ``message`` replaces the comm's last error (e.g. with the coordinator's word added);
     with neither, the text names the status."""
     if message is None:

@@ -6,24 +6,24 @@ Algorithms (``algorithm=`` of every collective):
 - ``ring``: pipelined ring over the topology's ring order (every collective).
 - ``hamiltonian``: one ring per Hamiltonian cycle of the complete digraph,
   the payload split across them, so every ordered pair of peers carries
-  traffic at once (every collective; see :mod:`pycoll.layout` for the cycles).
+  traffic at once (every collective; see :mod:`pycoll.plan.layout` for the cycles).
 - ``tree``: pipelined double binary tree (all_reduce, broadcast).
 - ``direct``: one-shot all-reduce, every rank sends its buffer to every
   other and reduces all contributions itself (all_reduce; small messages).
 - ``innetwork``: hierarchical all-reduce through one aggregator per group
   (all_reduce).
-- ``auto``: chosen per call by :mod:`pycoll.costmodel`.
+- ``auto``: chosen per call by :mod:`pycoll.plan.costmodel`.
 
 A collective an algorithm does not implement runs the ring instead; the
 algorithm that actually ran is what :func:`effective` returns and what
 ``Stat.algorithm`` records. Plans are cached per communicator epoch.
 Adding an algorithm = a C planner, a branch in :func:`build`, its cost in
-:mod:`pycoll.costmodel`, and its verifier tests.
+:mod:`pycoll.plan.costmodel`, and its verifier tests.
 """
 import numpy as np
 
-from ._native import ffi, lib
-from .errors import InvalidArgument
+from pycoll.core.native import ffi, lib
+from pycoll.errors import InvalidArgument
 
 COLLECTIVES = {
     "all_reduce": lib.PC_COLL_ALLREDUCE,
@@ -173,7 +173,7 @@ def effective(algorithm, coll):
 def build(algorithm, coll, layout, rank, count, itemsize, *, root=0, segment_bytes=1 << 19, stripes=1,
           preserve=False, avg=False):
     """The plan of ``rank`` for ``coll`` under ``algorithm`` (an effective one,
-    not auto) on ``layout`` (a :class:`pycoll.layout.Layout`)."""
+    not auto) on ``layout`` (a :class:`pycoll.plan.layout.Layout`)."""
     n = layout.world_size
     kw = dict(segment_bytes=segment_bytes, stripes=stripes, preserve=preserve, avg=avg)
     if algorithm == "tree":

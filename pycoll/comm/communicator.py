@@ -27,18 +27,24 @@ from typing import Any, Optional, Union
 
 import numpy as np
 
-from . import compression as _compression
-from . import consensus, costmodel, engine, faults, planners, shared_state, topology as _topology
-from ._native import ffi, lib
-from .buffers import as_buffer
-from .dtypes import op_code
-from .errors import Cancelled, CollectiveError, CoordinatorError, InvalidArgument, PeerFailure
-from .faults import fault_armed, fault_point
-from .mesh import connect_mesh, local_peers, single_copy_bytes, transport_mode
-from .observability import Stat
-from .switch import EngineLayout, SwitchPath, split_members
-from .wan import set_keepalive
-from .work import Work
+from pycoll.plan import compression as _compression
+from pycoll.comm import agreement as consensus
+from pycoll.plan import costmodel
+from pycoll.core import engine
+from pycoll import faults
+from pycoll.plan import planners
+from pycoll.comm import shared_state
+from pycoll.plan import topology as _topology
+from pycoll.core.native import ffi, lib
+from pycoll.core.buffers import as_buffer
+from pycoll.core.dtypes import op_code
+from pycoll.errors import Cancelled, CollectiveError, CoordinatorError, InvalidArgument, PeerFailure
+from pycoll.faults import fault_armed, fault_point
+from pycoll.net.mesh import connect_mesh, local_peers, single_copy_bytes, transport_mode
+from pycoll.observability import Stat
+from pycoll.comm.switch import EngineLayout, SwitchPath, split_members
+from pycoll.net.links import set_keepalive
+from pycoll.comm.work import Work
 
 log = logging.getLogger("pycoll")
 
@@ -60,7 +66,7 @@ DEFAULT_SEGMENT = 1 << 20  # pipeline unit; 1 MiB measured best on loopback
 DEFAULT_STALL = _env_seconds("PYCOLL_STALL_TIMEOUT", 30.0)
 
 # Bound once: the per-call path (Communicator._launch, _fast_run) runs every few microseconds.
-_comm_run = engine.run  # the C function itself (pycoll.engine)
+_comm_run = engine.run  # the C function itself (pycoll.core.engine)
 _clear_cancel = engine.clear_cancel
 _from_buffer = ffi.from_buffer
 _perf_counter = time.perf_counter
@@ -143,7 +149,7 @@ class Communicator:
         self._mesh_key = mesh_key  # authenticates peer connections (pycoll.auth); None: no secret
         self.sync_timeout = sync_timeout
         self.sockbuf = sockbuf
-        # Algorithm choice (pycoll.costmodel): a topology (file, TOML path or Topology) gives
+        # Algorithm choice (pycoll.plan.costmodel): a topology (file, TOML path or Topology) gives
         # groups, ring order and the cost model; without one, it is measured when an epoch is installed.
         self.topology = _topology.load(topology if topology is not None else os.environ.get("PYCOLL_TOPOLOGY"))
         self.calibrate = calibrate if calibrate is not None else os.environ.get("PYCOLL_CALIBRATE", "1") != "0"
@@ -175,7 +181,7 @@ class Communicator:
         self.max_retries = 8        # attempts of a retry=True collective beyond the first
         self.stats = collections.deque(maxlen=10000)
         self._comm = None
-        self._switch = None  # pycoll.switch.SwitchPath when the epoch has standalone aggregators
+        self._switch = None  # pycoll.comm.switch.SwitchPath when the epoch has standalone aggregators
         self._comm_lock = threading.Lock()   # guards self._comm against cancel-during-free
         self._exec_lock = threading.Lock()   # one collective at a time, in call order
         self._submit_lock = threading.Lock()
@@ -708,12 +714,12 @@ class Communicator:
         if agree is not None:
             announce = (functools.partial(switch.announce, self._seq, call.desc, call.code, call.opc, call.count,
                                           call.itemsize, timeout)
-                        if switch is not None else None)  # tell our switches what comes (pycoll.switch)
+                        if switch is not None else None)  # tell our switches what comes (pycoll.comm.switch)
             return agree.run(self, coll, call.algorithm, call.plan, bufs, call.sizes, inbuf, outbuf, call.opc,
                              call.desc, timeout, ccomm, announce)
         t0 = _perf_counter()
         st = _OK
-        if switch is not None:  # tell our switches what comes (pycoll.switch)
+        if switch is not None:  # tell our switches what comes (pycoll.comm.switch)
             st, failed[0] = switch.announce(self._seq, call.desc, call.code, call.opc, call.count, call.itemsize,
                                             timeout)
         if st == _OK:
@@ -915,7 +921,7 @@ class Communicator:
 
         ``compression`` ("fp16", "bf16", "int8", "none"; default: the
         communicator's) encodes float32 payloads on the wire; see
-        :mod:`pycoll.compression` for the error bounds.
+        :mod:`pycoll.plan.compression` for the error bounds.
 
         On failure the array holds its input again (unless the communicator
         was made with ``preserve_input=False``) and an exception is raised.
@@ -1122,14 +1128,14 @@ class Communicator:
                 if ch.ccomm is not None:
                     engine.cancel(ch.ccomm)
 
-    # ---- shared state (pycoll.shared_state) -----------------------------
+    # ---- shared state (pycoll.comm.shared_state) -----------------------------
     def sync_shared_state(self, state: dict, revision: int, *, timeout: Optional[float] = None,
                           retry: Union[bool, int] = True, threads: int = 0) -> shared_state.SyncResult:
         """Make ``state`` bit-identical on every peer; returns a SyncResult.
 
         Every member must call it at the same point. Peers whose bytes differ
         from the majority, or whose ``revision`` is behind, receive the majority
-        bytes in place (see :mod:`pycoll.shared_state`). Afterwards every peer holds
+        bytes in place (see :mod:`pycoll.comm.shared_state`). Afterwards every peer holds
         ``result.revision``. A lost peer restarts the sync over the survivors
         (``retry``, as for collectives). Raises InvalidArgument when peers
         disagree on names, dtypes or shapes.

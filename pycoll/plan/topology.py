@@ -68,7 +68,7 @@ from typing import Any
 
 import numpy as np
 
-from . import units as _units
+from pycoll import units as _units
 
 __all__ = [
     "TopologyError",
