@@ -18,7 +18,7 @@
  * range is extreme) arithmetic in a fixed order, with no contraction into
  * fused multiply-adds (the core is built as ISO C99, where GCC keeps them
  * apart), so the same bytes decode to the same bits on every rank, and
- * tests/codec_ref.py reproduces encode and decode bit for bit.
+ * tests/support/codec_ref.py reproduces encode and decode bit for bit.
  *
  * Error bounds per encode-decode round trip, for finite x (u = 2^-24):
  *   FP16  |err| <= 2^-11 |x| for 2^-14 <= |x| <= 65504, <= 2^-25 below.

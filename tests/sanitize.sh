@@ -3,7 +3,7 @@
 # then a valgrind leak check of the C core.
 #
 #   bash tests/sanitize.sh                 # collectives, errors, faults, security, fuzz tests
-#   bash tests/sanitize.sh tests/test_collectives.py -k every_dtype   # any pytest arguments
+#   bash tests/sanitize.sh tests/e2e/test_collectives.py -k every_dtype   # any pytest arguments
 #   SKIP_VALGRIND=1 bash tests/sanitize.sh ...
 #
 # Works on a copy of this checkout in a temporary folder (PYCOLL_SANITIZE=1
@@ -21,7 +21,7 @@ PYCOLL_SANITIZE=1 python3 setup.py -q build_ext --inplace --force >build.log 2>&
 
 tests=("$@")
 if [ ${#tests[@]} -eq 0 ]; then
-    tests=(tests/test_collectives.py tests/test_errors.py tests/test_faults.py tests/test_security.py tests/test_fuzz.py)
+    tests=(tests/e2e/test_collectives.py tests/e2e/test_errors.py tests/e2e/test_faults.py tests/e2e/test_security.py tests/fuzz/test_fuzz.py)
 fi
 echo "== ASan + UBSan: pytest ${tests[*]}"
 LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libubsan.so)" \

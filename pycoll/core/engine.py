@@ -8,7 +8,7 @@ status becomes is decided in one place (the table in :mod:`pycoll.core.native`).
 
 The per-call functions (:data:`run`, :data:`clear_cancel`, :data:`cancel`) are the C functions
 themselves, not wrappers: the fast path binds them once and pays nothing for the boundary.
-``tests/test_architecture.py`` checks that no other module names ``pc_comm_``.
+``tests/unit/test_architecture.py`` checks that no other module names ``pc_comm_``.
 """
 from pycoll.core.native import ffi, lib, status_error
 

@@ -25,7 +25,7 @@ A reduction encodes every partial result once per hop, so an all-reduce
 over n ranks adds up to n such errors (each relative to the partial sum of
 that hop): for a sum, ``|result - exact| <= n * (u + 2^-24) * sum_r |x_r|``
 with u = 2^-11 (fp16) or 2^-8 (bf16), plus n * 2^-25 for fp16's
-subnormals. tests/test_compression.py checks these bounds.
+subnormals. tests/e2e/test_compression.py checks these bounds.
 """
 from pycoll.core.native import ffi, lib
 from pycoll.errors import InvalidArgument

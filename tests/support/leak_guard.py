@@ -11,7 +11,7 @@ appeared during the session counts only if it is still there after a short
 settle and either no live process holds it (it was left behind) or one of
 ours does. "Ours" is the test process and every process started under it:
 they inherit a per-session marker in their environment.
-(tests/test_shm.py separately checks the SIGKILL case in a private /dev/shm.)
+(tests/e2e/test_shm.py separately checks the SIGKILL case in a private /dev/shm.)
 """
 import os
 import time

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 import pycoll.plan.topology as topo
 
-TOPOLOGIES = Path(__file__).resolve().parent.parent / "topologies"
+TOPOLOGIES = Path(__file__).resolve().parents[2] / "topologies"
 SHIPPED = sorted(TOPOLOGIES.glob("*.toml"))
 GBIT = 1e9 / 8
 MBIT = 1e6 / 8

@@ -522,7 +522,7 @@ def test_peers_reregister_with_a_restarted_coordinator_and_carry_on():
 @pytest.mark.timeout(200)
 def test_elastic_example_trains_through_churn():
     here = os.path.dirname(os.path.abspath(__file__))
-    demo = os.path.join(here, "..", "examples", "elastic_demo.py")
+    demo = os.path.join(here, "..", "..", "examples", "elastic_demo.py")
     out = subprocess.run([sys.executable, demo, "--steps", "100", "--kills", "2", "--seed", "3"],
                          capture_output=True, text=True, timeout=180)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]

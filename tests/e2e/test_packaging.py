@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -204,7 +204,7 @@ def test_wheel_emulator_runs_a_network(wheel_venv):
     """As root (CI): a 2-host emulated network from the installed package."""
     py, work, home = wheel_venv
     r = _run([py, "-c", EMULATE], timeout=120, cwd=work, env=_clean_env(home), check=False)
-    if r.returncode == 3:  # same rule as tests/test_emulator.py: only when available() says no
+    if r.returncode == 3:  # same rule as tests/e2e/test_emulator.py: only when available() says no
         pytest.skip(f"network emulation unavailable here: {r.stdout.strip()}")
     assert r.returncode == 0 and "EMU OK" in r.stdout, r.stdout + r.stderr
 

@@ -1,9 +1,9 @@
-"""A rank for tests/test_wan.py, run inside an emulated peer's namespace.
+"""A rank for tests/e2e/test_wan.py, run inside an emulated peer's namespace.
 
     python wan_worker.py JSON   (env: PEER_RANK, PEER_WORLD_SIZE, PEER_IPS from the emulator)
 
 JSON: {"port", "init": {pycoll.init options}, "cases": [...], "go_file", "stall": bool}.
-Cases are tests/collective_cases.py cases plus a compression name; the
+Cases are tests/support/collective_cases.py cases plus a compression name; the
 rank prints one line ``RESULT <json>`` with the hex of every output, or, in
 stall mode, runs one all-reduce, prints READY, waits for ``go_file`` and
 times a second all-reduce that is expected to fail.

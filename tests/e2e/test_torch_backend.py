@@ -18,7 +18,7 @@ import pycoll  # noqa: E402
 import pycoll.testing  # noqa: E402
 from pycoll.testing import KILLED  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DDP_EXAMPLE = os.path.join(ROOT, "examples", "ddp_train.py")
 
 GLOO_DTYPES = ["float16", "bfloat16", "float32", "float64", "int8", "int32", "int64", "uint8"]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # Test the checkout this file lives in, even if another pycoll is installed.
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))

@@ -10,7 +10,7 @@ import pytest
 import pycoll
 from pycoll.testing import free_port
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def pycoll_cmd(*args, timeout=90, **kw):

@@ -573,7 +573,8 @@ def test_sigkill_leaves_nothing_behind():
     with a private /dev/shm (a fresh tmpfs in their own mount namespace), so
     anything found there is theirs."""
     import json
-    script = SHM_REPORT.format(paths=[os.path.dirname(__file__)] + sys.path)
+    support = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "support")
+    script = SHM_REPORT.format(paths=[support] + sys.path)
     cmd = [sys.executable, "-c", script]
     private = shutil.which("unshare") and os.geteuid() == 0
     if private:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / ".importlinter"
 LAYERS = "pycoll in layers: imports only go down"
 TESTING = "only the tools import pycoll.testing"
@@ -105,3 +105,31 @@ def test_the_engine_boundary_bites(tmp_path, module, line, name):
     target = tmp_path / "pycoll" / module
     target.write_text(target.read_text() + "\n" + line + "\n")
     assert [(f, n) for f, _, n in _c_communicator_uses(tmp_path / "pycoll")] == [(module, name)]
+
+
+def test_planning_loads_without_the_network():
+    """``import pycoll.plan.planners`` (or the cost model) loads neither ZeroMQ nor the communicator:
+    ``import pycoll`` keeps the group and the communicator for first use (``pycoll.init``)."""
+    code = ("import sys\n"
+            "class NoZmq:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name == 'zmq' or name.startswith('zmq.'): raise ImportError('zmq is blocked')\n"
+            "sys.meta_path.insert(0, NoZmq())\n"
+            "import pycoll.plan.planners, pycoll.plan.costmodel\n"
+            "loaded = [m for m in ('pycoll.comm.communicator', 'pycoll.control.client', 'pycoll.net.mesh')"
+            " if m in sys.modules]\n"
+            "assert not loaded, loaded\n"
+            "import pycoll\n"
+            "assert callable(pycoll.CollectiveError) and 'init' in dir(pycoll)\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_the_lazy_names_are_the_real_ones():
+    import pycoll
+    from pycoll.comm.communicator import Communicator
+    from pycoll.group import connect, init
+    assert (pycoll.init, pycoll.connect, pycoll.Communicator) == (init, connect, Communicator)
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        pycoll.nope  # noqa: B018

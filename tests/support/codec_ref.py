@@ -1,5 +1,5 @@
 """NumPy mirrors of the wire codecs (csrc/codec.c), bit for bit, and codec
-objects for tests/plansim.py: numeric (real bytes) and symbolic (frames)."""
+objects for tests/support/plansim.py: numeric (real bytes) and symbolic (frames)."""
 import numpy as np
 
 from reference import bf16_to_f32, f32_to_bf16

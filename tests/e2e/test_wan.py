@@ -26,7 +26,7 @@ from pycoll.plan import planners
 from pycoll.net import links as wan
 from reference import reduce_fn, scale_fn, storage_dtype
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SEGMENT = 64 << 10  # small segments: small arrays still spread over every stripe
 
 
@@ -219,8 +219,8 @@ def _emulator_or_skip():
 
 
 def _run_workers(emu, n, cfg, timeout):
-    env = {"PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}", "PYTHONUNBUFFERED": "1"}
-    procs = [emu.run_python(r, [str(ROOT / "tests" / "wan_worker.py"), json.dumps(cfg)], stdout=subprocess.PIPE,
+    env = {"PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests' / 'support'}", "PYTHONUNBUFFERED": "1"}
+    procs = [emu.run_python(r, [str(ROOT / "tests" / "support" / "wan_worker.py"), json.dumps(cfg)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env) for r in range(n)]
     return procs
 
