@@ -276,10 +276,12 @@ def main(argv=None):
         a.backend = a.worker
         return rank_main(a)
     shapes = [s.strip() for s in a.shapes.split(",") if s.strip()]
-    bad = [s for s in shapes if s not in SHAPES]
-    if bad or a.steps < 1 or a.warmup < 0 or a.rounds < 1:
-        print(f"bench/train_step.py: bad arguments ({'unknown shape ' + ','.join(bad) if bad else ''}"
-              f"{'--steps >= 1, --warmup >= 0, --rounds >= 1' if not bad else ''})", file=sys.stderr)
+    problems = [f"unknown shape {s!r} (comm, compute)" for s in shapes if s not in SHAPES]
+    problems += [f"{flag} must be at least {low}" for flag, value, low in (
+        ("--steps", a.steps, 1), ("--warmup", a.warmup, 0), ("--rounds", a.rounds, 1), ("--width", a.width, 1),
+        ("--layers", a.layers, 1)) if value < low]
+    if problems:
+        print("bench/train_step.py: " + "; ".join(problems), file=sys.stderr)
         return 2
     if importlib.util.find_spec("torch") is None:
         print("bench/train_step.py: needs torch (pip install torch==2.13.0)", file=sys.stderr)
