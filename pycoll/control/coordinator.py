@@ -71,7 +71,7 @@ log = logging.getLogger("pycoll.coordinator")
 
 PROTOCOL = 1
 
-# C statuses (csrc/pycoll.h) of failures that say only "a connection broke or
+# C statuses (csrc/include/pycoll.h) of failures that say only "a connection broke or
 # the call was stopped": re-running over the group that re-forms is safe. Any
 # other reported failure (a protocol error, a timeout, a bad argument) makes
 # an abort not retryable unless a member was lost.

@@ -1,7 +1,7 @@
 """Element types and reduction ops: names, NumPy/torch types, C constants.
 
 The tables are built from the C core's own enum constants, so they cannot
-drift from csrc/pycoll.h.
+drift from csrc/include/pycoll.h.
 """
 import numpy as np
 

@@ -20,7 +20,7 @@ to the network namespace, like the TCP port it is named after) and runs the
 same handshake; the ack then carries an anonymous shared-memory segment and
 two doorbells (a sealed memfd and two eventfds, passed with SCM_RIGHTS). The
 unix socket stays open as the connection's liveness signal (see
-csrc/transport_shm.c). Nothing is ever named in a filesystem, so nothing can
+csrc/transport/transport_shm.c). Nothing is ever named in a filesystem, so nothing can
 leak when a process is killed. ``transport``: "auto" uses shared memory for
 same-host peers that accept it and TCP otherwise; "shm" requires it for
 same-host peers; "tcp" never uses it.

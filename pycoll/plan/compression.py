@@ -5,9 +5,9 @@ call (``comm.all_reduce(x, compression="int8")``). It applies to float32
 data of all_reduce, all_gather and reduce_scatter; other dtypes and
 collectives travel as they are. Every rank still ends with the same bits:
 a value is encoded once where it is made, forwarders forward those bytes,
-and the maker keeps their decoded form (see csrc/plan_codec.c).
+and the maker keeps their decoded form (see csrc/plan/plan_codec.c).
 
-Codecs and their error per encoding (x finite; csrc/codec.c has the details):
+Codecs and their error per encoding (x finite; csrc/kernels/codec.c has the details):
 
 ========  =====  =============================================================
 name      bytes  error of one round trip

@@ -447,10 +447,10 @@ def test_bench_plot_log_scale_and_a_legend_that_hides_no_line(tmp_path):
 
 
 def test_bad_timeout_settings_do_not_break_help():
+    """--help never loads the communicator (``import pycoll`` keeps it for first use)."""
     for name in ("PYCOLL_TIMEOUT", "PYCOLL_STALL_TIMEOUT"):
         r = pycoll_cmd("--help", env=dict(os.environ, **{name: "soon"}))
-        assert r.returncode == 0 and _no_traceback(r) and name in r.stderr, r.stderr
-        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert r.returncode == 0 and _no_traceback(r) and name not in r.stderr, r.stderr
 
 
 def test_init_names_a_bad_master_port_setting():

@@ -143,8 +143,9 @@ def test_sdist_contents(dists):
     sdist, wheel = dists
     with tarfile.open(sdist) as tf:
         names = {n.split("/", 1)[1] for n in tf.getnames() if "/" in n}
-    for need in ("csrc/pycoll.h", "csrc/plan.h", "csrc/transport.h", "csrc/wire.h", "csrc/floatconv.h",
-                 "csrc/engine.c", "csrc/tools/delayline.c", "pycoll/_build.py", "pycoll/py.typed",
+    for need in ("csrc/include/pycoll.h", "csrc/plan/plan.h", "csrc/transport/transport.h", "csrc/transport/wire.h",
+                 "csrc/kernels/floatconv.h",
+                 "csrc/core/engine.c", "csrc/tools/delayline.c", "pycoll/_build.py", "pycoll/py.typed",
                  "setup.py", "pyproject.toml", "MANIFEST.in", "LICENSE", "README.md", "tests/conftest.py"):
         assert need in names, f"{need} missing from {sdist.name}"
     assert not [n for n in names if n.endswith((".so", ".o", ".pyc"))], names

@@ -1,4 +1,4 @@
-"""The shared-memory transport (csrc/transport_shm.c).
+"""The shared-memory transport (csrc/transport/transport_shm.c).
 
 In-process tests build comms by hand (socketpairs plus segments from
 pc_shm_segment_create) and run them from threads: small rings and small
@@ -339,7 +339,7 @@ def test_a_shared_memory_waiter_ends_promptly(event, timeout, want, earliest):
         mesh.close()
 
 
-# Segment layout (csrc/transport_shm.c): a 4 KiB control page holding, for
+# Segment layout (csrc/transport/transport_shm.c): a 4 KiB control page holding, for
 # ring s (written by side s), head at 256*s, tail at 256*s + 64; then ring 0's
 # data, then ring 1's. Here the test plays side 1 by hand against a real comm.
 def _hostile_side(ring=RING_MIN):

@@ -1,4 +1,4 @@
-"""NumPy mirrors of the wire codecs (csrc/codec.c), bit for bit, and codec
+"""NumPy mirrors of the wire codecs (csrc/kernels/codec.c), bit for bit, and codec
 objects for tests/support/plansim.py: numeric (real bytes) and symbolic (frames)."""
 import numpy as np
 

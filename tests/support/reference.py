@@ -1,4 +1,4 @@
-"""NumPy mirrors of the C reduction semantics (see csrc/reduce.c), so tests
+"""NumPy mirrors of the C reduction semantics (see csrc/kernels/reduce.c), so tests
 can compute expected results bit for bit."""
 import numpy as np
 

@@ -47,7 +47,8 @@ def test_one_source_list():
     names = make_sources()
     assert names == _build_module().SOURCES
     # Every C file of the core is on it (csrc/tools/ holds separate programs).
-    assert sorted(names) == sorted(p.name for p in CSRC.glob("*.c"))
+    assert sorted(names) == sorted(p.relative_to(CSRC).as_posix() for p in CSRC.rglob("*.c")
+                                   if p.parent.name != "tools")
 
 
 def test_static_library_and_smoke_program(tmp_path):
@@ -60,10 +61,10 @@ def test_static_library_and_smoke_program(tmp_path):
     assert re.search(r"(^|\s)-O2(\s|$)", r.stdout), r.stdout
     lib = build / "libpycoll.a"
     assert lib.is_file()
-    assert not list(CSRC.glob("*.o")), "objects belong in BUILD, not csrc/"
+    assert not list(CSRC.rglob("*.o")), "objects belong in BUILD, not csrc/"
 
     smoke = tmp_path / "smoke"
-    r = _run(["cc", "-std=c99", "-O2", "-Wall", "-Wextra", "-Werror", f"-I{CSRC}",
+    r = _run(["cc", "-std=c99", "-O2", "-Wall", "-Wextra", "-Werror", f"-I{CSRC / 'include'}",
               ROOT / "tests" / "c" / "smoke.c", lib, "-pthread", "-o", smoke])
     assert r.returncode == 0, r.stdout + r.stderr
     r = _run([smoke], cwd=tmp_path)
@@ -83,6 +84,8 @@ def test_source_list_parser_accepts_plain_assignments(tmp_path):
     assert parse(_write(tmp_path, "X = 1\nSOURCES = a.c \\\n    b.c # the core\n\nall:\n\techo $(SOURCES)\n")) == \
         ["a.c", "b.c"]
     assert parse(_write(tmp_path, "# SOURCES = c.c\nSOURCES := b.c a.c\n")) == ["b.c", "a.c"]
+    (tmp_path / "core").mkdir()
+    assert parse(_write(tmp_path, "SOURCES = core/e.c a.c\n", files=("a.c", "core/e.c"))) == ["core/e.c", "a.c"]
 
 
 @pytest.mark.parametrize("makefile", [
@@ -91,7 +94,8 @@ def test_source_list_parser_accepts_plain_assignments(tmp_path):
     "SOURCES = a.c\nSOURCES += b.c\n",              # an addition make would see
     "SOURCES ?= a.c\n",
     "SOURCES = $(wildcard *.c)\n",                  # make syntax
-    "SOURCES = a.c ../b.c\n",                       # a path
+    "SOURCES = a.c ../b.c\n",                       # a path out of the folder
+    "SOURCES = a.c /tmp/b.c\n",                     # an absolute path
     "SOURCES = a.c a.c\n",                          # a duplicate
     "SOURCES = a.c c.c\n",                          # a missing file
     "SOURCES = a.c b.h\n",                          # not C
@@ -101,3 +105,40 @@ def test_source_list_parser_accepts_plain_assignments(tmp_path):
 def test_source_list_parser_refuses_what_make_could_read_otherwise(tmp_path, makefile):
     with pytest.raises(ValueError):
         _build_module().makefile_sources(_write(tmp_path, makefile))
+
+
+# The C core's rooms and what each may include (its own headers and the public one): planners
+# never see a connection, transports never see a plan, kernels see neither.
+MAY_INCLUDE = {
+    "include": set(),
+    "kernels": {"include", "kernels"},
+    "plan": {"include", "plan"},
+    "transport": {"include", "transport"},
+    "core": {"include", "plan", "transport", "kernels"},
+}
+
+
+def _include_violations(csrc):
+    home = {p.name: p.parent.name for p in csrc.glob("*/*.h")}
+    found = []
+    for path in sorted(csrc.glob("*/*.[ch]")):
+        room = path.parent.name
+        if room == "tools":
+            continue
+        for header in re.findall(r'^\s*#\s*include\s+"([^"]+)"', path.read_text(), flags=re.M):
+            owner = home.get(header)
+            if owner is None or (owner != room and owner not in MAY_INCLUDE.get(room, set())):
+                found.append((path.relative_to(csrc).as_posix(), header))
+    return found
+
+
+def test_c_rooms_include_only_what_they_may():
+    assert set(MAY_INCLUDE) | {"tools"} == {p.name for p in CSRC.iterdir() if p.is_dir()}
+    assert _include_violations(CSRC) == []
+
+
+def test_c_room_rule_bites(tmp_path):
+    shutil.copytree(CSRC, tmp_path / "csrc")
+    planner = tmp_path / "csrc" / "plan" / "plan_ring.c"
+    planner.write_text('#include "transport.h"\n' + planner.read_text())
+    assert _include_violations(tmp_path / "csrc") == [("plan/plan_ring.c", "transport.h")]

@@ -206,7 +206,7 @@ pc_status pc_reduce(void *dst, const void *a, const void *b, uint64_t count,
 /* dst[i] = dst[i] / divisor (integers truncate toward zero). */
 pc_status pc_scale(void *dst, uint64_t count, int32_t dtype, int32_t divisor);
 
-/* ---- wire codecs (csrc/codec.c documents formats and error bounds) ----- */
+/* ---- wire codecs (csrc/kernels/codec.c documents formats and error bounds) ----- */
 typedef enum {
     PC_CODEC_NONE = 0, /* float32 as is */
     PC_CODEC_FP16 = 1, /* IEEE half, round to nearest-even */
