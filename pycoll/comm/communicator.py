@@ -865,7 +865,7 @@ class Communicator:
                 self._queue.put((fn, work, bufs))
                 return work
         self._run_pinned(lambda: None, bufs)  # unpin
-        work._finish(None, CollectiveError(f"{description}: communicator is closed"))
+        work.complete(None, CollectiveError(f"{description}: communicator is closed"))
         return work
 
     def _worker_loop(self):
@@ -883,7 +883,7 @@ class Communicator:
             del fn, bufs  # the caller's memory is theirs again
             with self._submit_lock:
                 self._inflight -= 1
-            work._finish(result, exc)
+            work.complete(result, exc)
             del work, result, exc
         # Closed: what was queued after the stop (a _submit racing close()) fails, never hangs.
         while True:
@@ -896,7 +896,7 @@ class Communicator:
                     self._inflight -= 1
             if item is not None:
                 self._run_pinned(lambda: None, item[2])
-                item[1]._finish(None, CollectiveError(f"{item[1].description}: communicator is closed"))
+                item[1].complete(None, CollectiveError(f"{item[1].description}: communicator is closed"))
 
     @staticmethod
     def _run_pinned(fn, bufs):
@@ -1190,13 +1190,17 @@ class Communicator:
             self._linger_coordinator()
         self._client.close()
 
+    def adopt_coordinator(self, coordinator) -> None:
+        """Host ``coordinator`` (a :class:`pycoll.control.coordinator.Coordinator` started in this
+        process, e.g. by the torch backend on rank 0): close() keeps it up until the other
+        members have left, then stops it."""
+        self._coordinator = coordinator
+
     def _linger_coordinator(self, limit=10.0):
         """We host the coordinator: keep it up until the others have left."""
         deadline = time.monotonic() + limit
         while time.monotonic() < deadline:
-            # standalone aggregators never leave on their own: they go when the workers have
-            if not any(m.alive and self._coordinator._switch_group(m) is None
-                       for m in list(self._coordinator.members.values())):
+            if not self._coordinator.workers_alive():
                 break
             time.sleep(0.02)
         self._coordinator.stop()
