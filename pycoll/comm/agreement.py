@@ -26,6 +26,7 @@ import time
 
 import numpy as np
 
+from pycoll.comm.failures import ABORTED, failure_error
 from pycoll.core import engine
 from pycoll import faults
 from pycoll.core.native import ffi, lib
@@ -101,20 +102,9 @@ def report(comm, kind, seq, timeout, **fields):
 
 
 def abort_error(comm, what, reply, status=None, local="", failed_peer=-1):
-    """The exception for an abort decision (the same kind on every rank)."""
-    lost_names = list(reply.get("lost") or [])
-    lost_ranks = list(reply.get("lost_ranks") or [])
-    text = f"rank {comm.rank} {what} (epoch {comm.epoch}) did not complete: {reply.get('why', 'aborted')}"
-    if local:
-        text += f" [here: {local}]"
-    retry = bool(reply.get("retry"))
-    if retry or lost_names or status in (None, lib.PC_ERR_PEER, lib.PC_ERR_IO, lib.PC_ERR_CANCELLED):
-        peer = lost_ranks[0] if lost_ranks else (failed_peer if failed_peer >= 0 else None)
-        return PeerFailure(text, status or lib.PC_ERR_PEER, peer, lost=lost_ranks, lost_names=lost_names,
-                           retryable=retry)
-    if reply.get("timed_out"):
-        return engine.error(None, lib.PC_ERR_TIMEOUT, None, message=text)
-    return engine.error(None, status, None, failed_peer if failed_peer >= 0 else None, text)
+    """The exception for an abort decision (the same kind on every rank; see pycoll.comm.failures)."""
+    return failure_error(ABORTED, reply, rank=comm.rank, epoch=comm.epoch, what=what, status=status, peer=failed_peer,
+                         message=local)
 
 
 class Agreement:

@@ -38,7 +38,8 @@ from pycoll.plan import topology as _topology
 from pycoll.core.native import ffi, lib
 from pycoll.core.buffers import as_buffer
 from pycoll.core.dtypes import op_code
-from pycoll.errors import Cancelled, CollectiveError, CoordinatorError, InvalidArgument, PeerFailure
+from pycoll.comm.failures import FAILED, NOT_RUN, failure_error
+from pycoll.errors import CollectiveError, CoordinatorError, InvalidArgument, PeerFailure
 from pycoll.faults import fault_armed, fault_point
 from pycoll.net.mesh import connect_mesh, local_peers, single_copy_bytes, transport_mode
 from pycoll.observability import Stat
@@ -79,8 +80,6 @@ _ndarray = np.ndarray
 # Public signatures: an array is a C-contiguous NumPy array or torch CPU tensor, used in place.
 Array = Any
 Tag = Union[str, int]
-# Failures every rank must raise as what they are, wherever they were detected.
-_CAUSE_STATUSES = (lib.PC_ERR_PROTO, lib.PC_ERR_TIMEOUT)
 
 
 class _Call:
@@ -532,16 +531,8 @@ class Communicator:
     def _not_run(self, epoch):
         """The error of a call that did not run because ``epoch`` failed before it."""
         info = self._epoch_info[1] if self._epoch_info is not None and self._epoch_info[0] == epoch else {}
-        lost = info.get("lost") or self._abort_lost
-        why = info.get("why") or self._abort_reason
-        cause = info.get("status")
-        if not lost and cause in _CAUSE_STATUSES:  # the call we missed failed by mismatch or timeout
-            return engine.error(None, cause, None, message=f"rank {self.rank}: epoch {epoch} was aborted ({why}); "
-                                "this call did not run; the next call re-forms the group")
-        return PeerFailure(f"rank {self.rank}: epoch {epoch} was aborted ({why}); this call did not run; the next "
-                           "call runs on the survivors",
-                           lost=[self.members.index(n) for n in lost if n in self.members],
-                           lost_names=lost, retryable=bool(info.get("retry", lost)))
+        return failure_error(NOT_RUN, info, rank=self.rank, epoch=epoch, why=self._abort_reason,
+                             lost=self._abort_lost, members=self.members)
 
     def _carry_owed(self):
         """Before the group re-forms after a failure: every channel that has not
@@ -806,25 +797,8 @@ class Communicator:
         # the cause (who was lost) so the error can name it.
         info = consensus.report_epoch_failure(self, self.epoch, message, st, call=ident)
         self._epoch_info = (self.epoch, info)
-        lost = info.get("lost") or []
-        cause = info.get("status")
-        if not lost and cause in _CAUSE_STATUSES and st != cause:
-            # Mismatched calls or a timeout elsewhere; we saw its echo (an aborted or
-            # closed connection): every rank raises the cause's kind in this same call.
-            message = f"{message}; coordinator: {info.get('why') or self._abort_reason}"
-            st = cause
-        elif lost or (self._aborted_epoch == self.epoch and st in (lib.PC_ERR_CANCELLED, lib.PC_ERR_PEER,
-                                                                  lib.PC_ERR_IO)):
-            message = f"{message}; coordinator: {info.get('why') or self._abort_reason}"
-            st = lib.PC_ERR_PEER
-        exc = engine.error(None, st, f"rank {self.rank} {coll} (epoch {self.epoch})", peer, message)
-        if isinstance(exc, Cancelled) and self._aborted_epoch == self.epoch:
-            exc = PeerFailure(str(exc), st, peer)
-        if isinstance(exc, PeerFailure) and lost:
-            exc.lost, exc.lost_names = tuple(info.get("lost_ranks", ())), tuple(lost)
-            exc.peer = exc.lost[0] if exc.lost else peer
-        if isinstance(exc, PeerFailure):
-            exc.retryable = bool(info.get("retry"))  # the coordinator's final word
+        exc = failure_error(FAILED, info, rank=self.rank, epoch=self.epoch, what=coll, status=st, peer=peer,
+                            message=message, aborted=self._aborted_epoch == self.epoch, why=self._abort_reason)
         if self._channels:
             # Our report aborted the epoch (the coordinator tells only the others): every
             # other channel's call fails too, and the idle ones owe it (see _carry_owed).
