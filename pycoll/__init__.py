@@ -13,6 +13,7 @@ from pycoll.errors import (Cancelled, CollectiveError, CollectiveTimeout, Coordi
 from pycoll.group import connect, init
 from pycoll.limits import Limits
 from pycoll.observability import configure_logging
+from pycoll.options import Options
 from pycoll.comm.work import Work
 
 try:
@@ -26,5 +27,5 @@ __version__ = "0.1.0"
 __all__ = [
     "init", "connect", "Communicator", "Work", "Stat", "configure_logging",
     "CollectiveError", "PeerFailure", "ProtocolError", "CollectiveTimeout", "Cancelled",
-    "InvalidArgument", "CoordinatorError", "ParityError", "Limits",
+    "InvalidArgument", "CoordinatorError", "ParityError", "Limits", "Options",
 ]

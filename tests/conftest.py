@@ -14,7 +14,7 @@ from collective_cases import TRANSPORTS  # noqa: E402
 # hostile input. A module not named here is e2e. The README's test command runs every tier.
 TIERS = {
     "unit": {"test_algorithms_plans", "test_hamiltonian", "test_plans", "test_reduce", "test_topology",
-             "test_units", "test_cbuild", "test_architecture"},
+             "test_units", "test_cbuild", "test_architecture", "test_options"},
     "chaos": {"test_chaos"},
     "fuzz": {"test_fuzz"},
 }

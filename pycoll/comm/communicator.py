@@ -17,7 +17,6 @@ import collections
 import functools
 import hashlib
 import logging
-import os
 import queue
 import struct
 import threading
@@ -41,7 +40,10 @@ from pycoll.core.dtypes import op_code
 from pycoll.comm.failures import FAILED, NOT_RUN, failure_error
 from pycoll.errors import CollectiveError, CoordinatorError, InvalidArgument, PeerFailure
 from pycoll.faults import fault_armed, fault_point
-from pycoll.net.mesh import connect_mesh, local_peers, single_copy_bytes, transport_mode
+from pycoll.net.mesh import connect_mesh, local_peers, single_copy_bytes
+from pycoll.net.links import settle
+from pycoll import options as _options
+from pycoll.options import Options
 from pycoll.observability import Stat
 from pycoll.comm.switch import EngineLayout, SwitchPath, split_members
 from pycoll.net.links import set_keepalive
@@ -51,20 +53,8 @@ log = logging.getLogger("pycoll")
 
 
 
-def _env_seconds(name, default):
-    """$name as seconds; a bad value is reported on one line and ignored, so that it cannot
-    break ``import pycoll`` (or ``pycoll --help``)."""
-    raw = os.environ.get(name)
-    try:
-        return float(raw) if raw else default
-    except ValueError:
-        log.warning("environment variable %s=%r is not a number of seconds: using %g", name, raw, default)
-        return default
-
-
-DEFAULT_TIMEOUT = _env_seconds("PYCOLL_TIMEOUT", 120.0)
-DEFAULT_SEGMENT = 1 << 20  # pipeline unit; 1 MiB measured best on loopback
-DEFAULT_STALL = _env_seconds("PYCOLL_STALL_TIMEOUT", 30.0)
+# (re-exported: the tests build the plans the communicator builds)
+DEFAULT_TIMEOUT, DEFAULT_SEGMENT, DEFAULT_STALL = _options.DEFAULT_TIMEOUT, _options.DEFAULT_SEGMENT, _options.DEFAULT_STALL
 
 # Bound once: the per-call path (Communicator._launch, _fast_run) runs every few microseconds.
 _comm_run = engine.run  # the C function itself (pycoll.core.engine)
@@ -111,63 +101,37 @@ class _Channel:
         self.failed = ffi.new("int32_t *")
 
 
-def _tag_list(tags):
-    """The tags a communicator offers, in a canonical order (every rank must name the same)."""
-    if tags is None or tags == ():
-        return ()
-    if isinstance(tags, (str, bytes, int)):
-        tags = (tags,)
-    out = []
-    for t in tags:
-        if not isinstance(t, (str, int)) or isinstance(t, bool):
-            raise InvalidArgument(f"tags: {t!r} is not a str or int")
-        if t in out:
-            raise InvalidArgument(f"tags: {t!r} is named twice")
-        out.append(t)
-    return tuple(sorted(out, key=repr))
-
-
 class Communicator:
     """A group of peers that run collectives together. Use :func:`pycoll.init`
     or :func:`pycoll.connect` to make one."""
 
-    def __init__(self, client, listener, *, stripes=1, timeout=DEFAULT_TIMEOUT, preserve_input=True,
-                 segment_bytes=DEFAULT_SEGMENT, spin_us=200, mesh_timeout=None, sync_timeout=120.0,
-                 coordinator=None, sockbuf=0, mesh_key=None, topology=None, calibrate=None, coordinator_wait=0.0,
-                 compression=None, stall_timeout=DEFAULT_STALL, progress_timeout=0.0, transport=None, single_copy=None,
-                 tags=()):
+    def __init__(self, client, listener, options: Optional[Options] = None, *, coordinator=None, mesh_key=None,
+                 **settings):
+        """``options``: the settings, resolved (:meth:`pycoll.options.Options.resolve`); without
+        them, ``settings`` (the same names as keywords) are resolved here, else they change
+        ``options``. ``coordinator``: the in-process coordinator we host, if any (see
+        :meth:`adopt_coordinator`); ``mesh_key`` authenticates peer connections (pycoll.auth)."""
+        if options is None:
+            options = Options.resolve(**settings)
+        elif settings:
+            options = options.replace(**settings)
+        options = settle(options)  # stripes="auto" from the link or topology
+        if options.mesh_timeout is None:
+            options = options.replace(mesh_timeout=listener.limits.connect_timeout)
+        options = options.replace(compression=_compression.codec_name(options.compression))
+        self._options = options
         self._client = client
         self._listener = listener
         self._coordinator = coordinator  # the in-process coordinator we host, if any
-        self.stripes = stripes
-        self.timeout = timeout
-        self.preserve_input = preserve_input
-        self.segment_bytes = segment_bytes
-        self.spin_us = spin_us
-        self.mesh_timeout = mesh_timeout if mesh_timeout is not None else listener.limits.connect_timeout
         self._mesh_key = mesh_key  # authenticates peer connections (pycoll.auth); None: no secret
-        self.sync_timeout = sync_timeout
-        self.sockbuf = sockbuf
         # Algorithm choice (pycoll.plan.costmodel): a topology (file, TOML path or Topology) gives
         # groups, ring order and the cost model; without one, it is measured when an epoch is installed.
-        self.topology = _topology.load(topology if topology is not None else os.environ.get("PYCOLL_TOPOLOGY"))
-        self.calibrate = calibrate if calibrate is not None else os.environ.get("PYCOLL_CALIBRATE", "1") != "0"
+        self._topology = _topology.load(options.topology)
         self._selector = None
         self._hosts = None
-        self.coordinator_wait = coordinator_wait  # seconds to wait for a lost coordinator to come back
         self._join_msg = None       # what we joined with (re-registration sends it again)
-        # default wire codec for float32 payloads
-        self.compression = _compression.codec_name(compression if compression is not None
-                                                    else os.environ.get("PYCOLL_COMPRESSION"))
-        self.stall_timeout = stall_timeout        # dead links noticed by keepalive (0: off)
-        self.progress_timeout = progress_timeout  # fail a collective idle this long (0: off)
-        # "auto": shared memory to same-host peers, TCP to the rest; "shm"; "tcp"
-        self.transport = transport_mode(transport)
-        if self.transport != "tcp":
+        if options.transport != "tcp":
             listener.enable_local()
-        # same-host payloads of at least this many bytes: the peer copies them straight
-        # out of our buffer instead of through the shared ring (0: off)
-        self.single_copy = single_copy_bytes(single_copy)
         self.peer_transports = []   # per rank of this epoch: "shm", "tcp" or "self"
         self.rank = -1
         self.world_size = 0
@@ -177,7 +141,6 @@ class Communicator:
         self.joined = []            # names admitted at the last membership change
         self.name = client.name     # this peer's stable name
         self.last_outcome = None    # consensus.Outcome of the last retry=/verify= collective
-        self.max_retries = 8        # attempts of a retry=True collective beyond the first
         self.stats = collections.deque(maxlen=10000)
         self._comm = None
         self._switch = None  # pycoll.comm.switch.SwitchPath when the epoch has standalone aggregators
@@ -200,7 +163,6 @@ class Communicator:
         self._cbufs = ffi.new("void *[2]")
         self._cfailed = ffi.new("int32_t *")
         # Tags (see all_reduce's tag=): one channel each, connections of their own.
-        self.tags = _tag_list(tags)
         self._channels = {}         # tag -> _Channel of this epoch
         self._tag_broken = False    # a tagged call failed: the epoch must re-form
         self._settled = set()       # tags whose call of this epoch already failed (in flight or not run)
@@ -209,6 +171,50 @@ class Communicator:
         self._threads_seen = {}     # untagged calls in flight at once: warned once per thread pair
         self._holder = None         # thread id of the untagged call running now (see _contended)
         client.on_abort = self._on_abort
+
+    # ---- settings (pycoll.options) ---------------------------------------
+    @property
+    def options(self) -> Options:
+        """The communicator's settings (frozen). Each also reads as an attribute of the same
+        name (``comm.timeout``); setting one (``comm.compression = "bf16"``) replaces this
+        object with a checked copy, and the next calls follow it."""
+        return self._options
+
+    def _configure(self, **changes):
+        """Replace the options with ``changes`` (checked as the constructor checks them)."""
+        if "compression" in changes:
+            changes["compression"] = _compression.codec_name(changes["compression"])
+        options = self._options.replace(**changes)
+        topology = _topology.load(options.topology) if "topology" in changes else self._topology
+        self._options, self._topology = options, topology
+        self._fast.clear()  # remembered calls were prepared under the old settings
+
+    def _setting(name, doc, get=None):  # noqa: N805 - builds the properties below
+        def setter(self, value):
+            self._configure(**{name: value})
+        return property(get or (lambda self: getattr(self._options, name)), setter, doc=doc)
+
+    timeout = _setting("timeout", "Seconds a collective may take (per call: ``timeout=``).")
+    stall_timeout = _setting("stall_timeout", "Seconds after which keepalive declares an idle link dead (0: off).")
+    progress_timeout = _setting("progress_timeout", "Fail a collective idle this many seconds (0: off).")
+    stripes = _setting("stripes", "Connections per peer pair.")
+    sockbuf = _setting("sockbuf", "Socket buffer bytes of the peer connections (0: the kernel's).")
+    segment_bytes = _setting("segment_bytes", "The planners' pipeline unit in bytes.")
+    spin_us = _setting("spin_us", "Microseconds the engine spins before it sleeps in poll.")
+    preserve_input = _setting("preserve_input", "A failed call leaves its input as it was.")
+    transport = _setting("transport", '"auto" (shared memory to same-host peers, TCP to the rest), "shm" or "tcp".')
+    single_copy = _setting("single_copy", "Bytes from which a same-host peer copies a payload straight out of our "
+                           "memory (0: never).", lambda self: single_copy_bytes(self._options.single_copy))
+    compression = _setting("compression", "The default wire codec of float32 payloads.")
+    topology = _setting("topology", "The topology (pycoll.plan.topology.Topology) or None.",
+                        lambda self: self._topology)
+    calibrate = _setting("calibrate", "Measure the cost model when an epoch is installed.")
+    coordinator_wait = _setting("coordinator_wait", "Seconds to wait for a lost coordinator to come back.")
+    sync_timeout = _setting("sync_timeout", "Seconds a sync point (forming an epoch) may take.")
+    mesh_timeout = _setting("mesh_timeout", "Seconds to connect an epoch's mesh.")
+    tags = _setting("tags", "The declared tags, in canonical order (see all_reduce's ``tag=``).")
+    max_retries = _setting("max_retries", "Attempts of a retry=True collective beyond the first.")
+    del _setting
 
     # ---- membership ----------------------------------------------------
     def _on_abort(self, msg):
@@ -696,7 +702,7 @@ class Communicator:
             if fault_armed(f"during:{coll}"):  # die while the collective runs
                 threading.Timer(0.002, fault_point, (f"during:{coll}",)).start()
         if timeout is None:
-            timeout = self.timeout
+            timeout = self._options.timeout
         ccomm = call.ccomm
         _clear_cancel(ccomm)
         if self._aborted_epoch == self.epoch:  # the abort came before the clear: keep its cancel
@@ -737,7 +743,7 @@ class Communicator:
     def _fast_call(self, key):
         """The prepared call remembered under ``key`` (see :meth:`_fast_run`),
         or None; ``key`` is the collective, its arguments and its arrays'
-        dtypes and sizes (plus the communicator settings a plan depends on)."""
+        dtypes and sizes (a change of settings forgets every call, see _configure)."""
         try:
             return self._fast.get(key)
         except TypeError:  # an unhashable argument (it fails the full path's checks, or is never cached)
@@ -915,8 +921,7 @@ class Communicator:
         """
         key = None
         if type(arr) is _ndarray and not (async_op or retry or verify or tag is not None):  # repeat: to the engine
-            key = ("all_reduce", arr.dtype, arr.size, op, algorithm, dtype, compression, self.preserve_input,
-                   self.compression)
+            key = ("all_reduce", arr.dtype, arr.size, op, algorithm, dtype, compression)
             call = self._fast_call(key)
             if call is not None and self._fast_run(call, arr, arr, timeout, True) is not None:
                 return arr
@@ -956,8 +961,7 @@ class Communicator:
         ``tag`` as for all_reduce."""
         key = None
         if type(send) is _ndarray and type(recv) is _ndarray and not (async_op or verify or tag is not None):
-            key = ("all_gather", send.dtype, send.size, recv.dtype, recv.size, algorithm, dtype, compression,
-                   self.compression)
+            key = ("all_gather", send.dtype, send.size, recv.dtype, recv.size, algorithm, dtype, compression)
             call = self._fast_call(key)
             if call is not None and self._fast_run(call, send, recv, timeout) is not None:
                 return recv
@@ -997,8 +1001,8 @@ class Communicator:
         (``send`` holds world_size blocks of ``recv``'s size); ``tag`` as for all_reduce."""
         key = None
         if type(send) is _ndarray and type(recv) is _ndarray and not async_op and tag is None:
-            key = ("reduce_scatter", send.dtype, send.size, recv.dtype, recv.size, op, algorithm, dtype, compression,
-                   self.compression)
+            key = ("reduce_scatter", send.dtype, send.size, recv.dtype, recv.size, op, algorithm, dtype,
+                   compression)
             call = self._fast_call(key)
             if call is not None and self._fast_run(call, send, recv, timeout) is not None:
                 return recv
@@ -1032,7 +1036,7 @@ class Communicator:
         to its new rank and fails (not retryable) if the root itself was lost."""
         key = None
         if type(arr) is _ndarray and type(root) is int and not (async_op or retry or verify or tag is not None):
-            key = ("broadcast", arr.dtype, arr.size, root, algorithm, dtype, self.preserve_input)
+            key = ("broadcast", arr.dtype, arr.size, root, algorithm, dtype)
             call = self._fast_call(key)
             if call is not None and self._fast_run(call, arr, arr, timeout, True) is not None:
                 return arr

@@ -44,7 +44,6 @@ new process group, or use :class:`pycoll.Communicator` directly for elastic trai
 import atexit
 import datetime
 import logging
-import os
 import queue
 import threading
 
@@ -56,6 +55,7 @@ from pycoll import group as _group
 from pycoll.control.coordinator import Coordinator
 from pycoll.errors import CollectiveError, CoordinatorError, InvalidArgument, PeerFailure
 from pycoll.comm.work import Work
+from pycoll.options import environ
 
 __all__ = ["BACKEND", "ProcessGroupPycoll", "register", "compression_hook", "communicator", "create_process_group"]
 
@@ -567,7 +567,7 @@ def create_process_group(store, rank, size, timeout):
     ``new_group(backend="pycoll")``: rendezvous through ``store``, then a
     pycoll communicator with the same ranks."""
     timeout_s = timeout.total_seconds() if isinstance(timeout, datetime.timedelta) else float(timeout)
-    addr = os.environ.get("MASTER_ADDR", "127.0.0.1")
+    addr = environ("MASTER_ADDR") or "127.0.0.1"
     coordinator = None
     if rank == 0:
         try:
