@@ -71,12 +71,12 @@ def _make(master_addr, master_port, rank, world_size, *, join_timeout, heartbeat
                         master_port, time.monotonic() - started, join_timeout, text)
 
     try:
-        comm = Communicator(client, joined.listener, options, coordinator=joined.coordinator, mesh_key=joined.mesh_key)
-        comm._join_msg = joined.join
+        comm = Communicator(client, joined.listener, options, coordinator=joined.coordinator, mesh_key=joined.mesh_key,
+                            join=joined.join)
+        epoch = comm.epoch_state
         client.on_wait, client.progress_interval = progress, PROGRESS_S
-        comm.sync_timeout = max(1.0, deadline - time.monotonic())  # the join wait covers both steps
-        try:
-            comm._sync(rebuild=True)
+        try:  # the first epoch: the join wait covers both steps
+            epoch.sync(rebuild=True, timeout=max(1.0, deadline - time.monotonic()))
         except CoordinatorError as exc:
             if not getattr(exc, "timed_out", False):
                 raise
@@ -88,16 +88,15 @@ def _make(master_addr, master_port, rank, world_size, *, join_timeout, heartbeat
                    "PYCOLL_JOIN_TIMEOUT sets this wait" if rank is not None else "")) from None
         finally:
             client.on_wait = None
-            comm.sync_timeout = join_timeout
         if world_size is not None and comm.world_size != world_size:
             raise CoordinatorError(f"{who}: the coordinator at {master_addr}:{master_port} formed a group of "
                                    f"{comm.world_size}, not world_size {world_size}: another group shares this port?")
         if rank is None:
-            comm._fresh_join = comm.epoch  # admitted: a first update_topology() has nothing left to do
+            epoch.joined_fresh()  # admitted: a first update_topology() has nothing left to do
         return comm
     except BaseException:
         if comm is not None:
-            comm._drop_comm()
+            comm.epoch_state.drop()
         joined.close()
         raise
 
