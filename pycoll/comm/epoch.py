@@ -50,7 +50,7 @@ from pycoll.core.native import ffi, lib
 from pycoll.errors import CollectiveError, CoordinatorError, InvalidArgument, PeerFailure
 from pycoll.faults import fault_armed, fault_point
 from pycoll.net.links import set_keepalive, settle
-from pycoll.net.mesh import connect_mesh, local_peers
+from pycoll.net.mesh import connect_mesh, local_peers, single_copy_bytes
 from pycoll.observability import Stat
 from pycoll.plan import compression as _compression
 from pycoll.plan import costmodel, planners
@@ -378,8 +378,7 @@ class Epoch:
 
     def single_copy_bytes(self):
         """The single-copy threshold in bytes (the options', else the C core's default)."""
-        n = self.options.single_copy
-        return lib.PC_SINGLE_COPY_DEFAULT if n is None else n
+        return single_copy_bytes(self.options.single_copy)
 
     def _install_switches(self, hcomm, switches):
         """Use the epoch's standalone aggregators for innetwork all-reduces, if they fit the topology."""
