@@ -14,6 +14,7 @@ from pycoll.errors import (Cancelled, CollectiveError, CollectiveTimeout, Coordi
                            ParityError, PeerFailure, ProtocolError)
 from pycoll.limits import Limits
 from pycoll.observability import Stat, configure_logging
+from pycoll.options import Options
 
 # The communicator and the group need the C core and ZeroMQ: they load on first use, so that
 # `import pycoll.plan.planners` (or `pycoll --help`) does not pull in the network.
@@ -50,5 +51,5 @@ __version__ = "0.1.0"
 __all__ = [
     "init", "connect", "Communicator", "Work", "Stat", "configure_logging",
     "CollectiveError", "PeerFailure", "ProtocolError", "CollectiveTimeout", "Cancelled",
-    "InvalidArgument", "CoordinatorError", "ParityError", "Limits",
+    "InvalidArgument", "CoordinatorError", "ParityError", "Limits", "Options",
 ]

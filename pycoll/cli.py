@@ -98,7 +98,8 @@ def _stripes(args):
     try:
         return resolve_stripes(args.stripes, {"topology": args.topology} if args.topology else {})
     except ValueError as exc:
-        raise UsageError(f"{source}: {exc}") from None
+        text = str(exc)  # (a bad environment variable's error names it already)
+        raise UsageError(text if text.startswith("environment variable") else f"{source}: {text}") from None
 
 
 def _cmd_aggregator(args):

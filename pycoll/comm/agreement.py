@@ -19,6 +19,9 @@ An *agreed* collective removes that ambiguity:
 So every participant agrees whether collective #k happened and over whom
 (``comm.last_outcome.contributors``). A member that dies *after* reporting
 done still contributed: its data is in every survivor's result.
+
+Everything here works on the communicator's :class:`pycoll.comm.epoch.Epoch`
+(``ep``): its members, sequence number, failure state and coordinator client.
 """
 import collections
 import logging
@@ -26,6 +29,7 @@ import time
 
 import numpy as np
 
+from pycoll.comm.failures import ABORTED, failure_error
 from pycoll.core import engine
 from pycoll import faults
 from pycoll.core.native import ffi, lib
@@ -36,8 +40,6 @@ from pycoll.observability import Stat
 
 log = logging.getLogger("pycoll")
 
-#: seconds a failure report waits for the coordinator to name the cause
-FAIL_WAIT = 3.0
 #: extra seconds a rank waits for the decision beyond the collective timeout
 DECISION_MARGIN = 10.0
 
@@ -49,72 +51,40 @@ class Outcome(collections.namedtuple("Outcome", "contributors world_size epoch s
     peers lost along the way."""
 
 
-def begin(comm):
+def begin(ep):
     """Prepare an agreed operation. Returns True when the current epoch is
     already known to be aborted: the caller reports failure without running,
     so it gets the same decision as the members that were inside."""
-    if comm._closed:
+    if ep.closed:
         raise CollectiveError("communicator is closed")
-    if comm._aborted_epoch == comm.epoch and not comm._broken and comm._comm is not None:
+    if ep.aborted() and not ep.broken and ep.ccomm is not None:
         return True
-    if comm._broken or comm._comm is None or comm._client.needs_rejoin:
-        comm._sync(rebuild=True)
+    if ep.broken or ep.ccomm is None or ep.client.needs_rejoin:
+        ep.sync(rebuild=True)
     return False
 
 
-def report_epoch_failure(comm, epoch, why, status=lib.PC_ERR_CANCELLED, withdraw=False, call=None):
-    """Tell the coordinator an operation of ``epoch`` failed (so the other
-    members abort now rather than at their timeout) and wait briefly for the
-    cause. ``status``: the C status of the failure (connection-level ones,
-    peer/IO/cancelled, keep the abort retryable). Returns the coordinator's
-    answer ({} if it cannot be reached). ``withdraw``: we gave up waiting for
-    the decision of round #seq; if it was decided meanwhile, the answer is
-    that decision ({"decided": ...}) and nothing is aborted. ``call``: the
-    identity and number of the user's call that failed while we were inside
-    it (see Communicator._ensure_ready)."""
-    msg = {"t": "fail", "epoch": epoch, "seq": comm._seq, "why": str(why)[:2000], "status": int(status)}
-    if call is not None:  # (identity, number) of the user's call that failed
-        msg["call"], msg["callno"] = call
-    if withdraw:
-        msg["withdraw"] = True
-    try:
-        return comm._client.request(msg, timeout=FAIL_WAIT)
-    except CollectiveError:
-        return {}
-
-
-def report(comm, kind, seq, timeout, **fields):
+def report(ep, kind, seq, timeout, **fields):
     """Round #seq of the epoch: send our report, wait for the decision."""
-    msg = {"t": "round", "kind": kind, "epoch": comm.epoch, "seq": seq, **fields}
+    msg = {"t": "round", "kind": kind, "epoch": ep.number, "seq": seq, **fields}
     try:
-        return comm._client.request(msg, timeout=timeout + DECISION_MARGIN)
+        return ep.client.request(msg, timeout=timeout + DECISION_MARGIN)
     except CoordinatorError as exc:
         if not getattr(exc, "timed_out", False):
             raise
     # No decision in time (a member is stuck without being dead): withdraw,
     # unless the round was decided meanwhile.
-    info = report_epoch_failure(comm, comm.epoch, f"no decision on #{seq} within {timeout + DECISION_MARGIN:.0f} s",
-                                lib.PC_ERR_TIMEOUT, withdraw=True)
+    info = ep.report_failure(ep.number, f"no decision on #{seq} within {timeout + DECISION_MARGIN:.0f} s",
+                             lib.PC_ERR_TIMEOUT, withdraw=True)
     if "decided" in info:
         return info["decided"]
     return {"decision": "abort", "timed_out": True, **info}
 
 
-def abort_error(comm, what, reply, status=None, local="", failed_peer=-1):
-    """The exception for an abort decision (the same kind on every rank)."""
-    lost_names = list(reply.get("lost") or [])
-    lost_ranks = list(reply.get("lost_ranks") or [])
-    text = f"rank {comm.rank} {what} (epoch {comm.epoch}) did not complete: {reply.get('why', 'aborted')}"
-    if local:
-        text += f" [here: {local}]"
-    retry = bool(reply.get("retry"))
-    if retry or lost_names or status in (None, lib.PC_ERR_PEER, lib.PC_ERR_IO, lib.PC_ERR_CANCELLED):
-        peer = lost_ranks[0] if lost_ranks else (failed_peer if failed_peer >= 0 else None)
-        return PeerFailure(text, status or lib.PC_ERR_PEER, peer, lost=lost_ranks, lost_names=lost_names,
-                           retryable=retry)
-    if reply.get("timed_out"):
-        return engine.error(None, lib.PC_ERR_TIMEOUT, None, message=text)
-    return engine.error(None, status, None, failed_peer if failed_peer >= 0 else None, text)
+def abort_error(ep, what, reply, status=None, local="", failed_peer=-1):
+    """The exception for an abort decision (the same kind on every rank; see pycoll.comm.failures)."""
+    return failure_error(ABORTED, reply, rank=ep.rank, epoch=ep.number, what=what, status=status, peer=failed_peer,
+                         message=local)
 
 
 class Agreement:
@@ -125,27 +95,27 @@ class Agreement:
         self.root_name = root_name
         self.skip = False
 
-    def root(self, comm):
+    def root(self, ep):
         """The broadcast root's rank in the current epoch (it may have moved)."""
-        if self.root_name not in comm.members:
-            raise PeerFailure(f"rank {comm.rank}: the broadcast root {self.root_name} was lost; nothing to retry",
+        if self.root_name not in ep.members:
+            raise PeerFailure(f"rank {ep.rank}: the broadcast root {self.root_name} was lost; nothing to retry",
                               lost_names=(self.root_name,))
-        return comm.members.index(self.root_name)
+        return ep.members.index(self.root_name)
 
-    def run(self, comm, coll, algorithm, plan, bufs, sizes, inbuf, outbuf, opc, desc, timeout, ccomm=None,
+    def run(self, ep, coll, algorithm, plan, bufs, sizes, inbuf, outbuf, opc, desc, timeout, ccomm=None,
             announce=None):
         """``ccomm``: the C communicator the plan runs on (the switch mesh for
         innetwork with standalone aggregators); ``announce()``: sends the
         aggregators their descriptor first, returns (status, failed peer)."""
-        seq = comm._seq
-        ccomm = ccomm if ccomm is not None else comm._comm
+        seq = ep.seq
+        ccomm = ccomm if ccomm is not None else ep.ccomm
         nbytes = max(inbuf.nbytes, outbuf.nbytes)
         t0 = time.perf_counter()
         if self.skip:
-            why = f"epoch {comm.epoch} was aborted before this call ({comm._abort_reason})"
-            comm._broken = True
-            reply = report(comm, "collective", seq, timeout, ok=False, why=why, status=lib.PC_ERR_CANCELLED)
-            raise abort_error(comm, f"{coll} #{seq}", reply, None, "this call did not run")
+            why = f"epoch {ep.number} was aborted before this call ({ep.abort_reason})"
+            ep.mark_broken()
+            reply = report(ep, "collective", seq, timeout, ok=False, why=why, status=lib.PC_ERR_CANCELLED)
+            raise abort_error(ep, f"{coll} #{seq}", reply, None, "this call did not run")
         failed = ffi.new("int32_t *")
         st = lib.PC_OK
         if announce is not None:
@@ -154,19 +124,19 @@ class Agreement:
             st = engine.run_body(ccomm, plan.ptr, bufs, sizes, inbuf.code, opc, seq, desc, timeout, failed)
         if st != lib.PC_OK:
             message = engine.last_error(ccomm)
-            comm._broken = True
-            reply = report(comm, "collective", seq, timeout, ok=False, why=message, status=int(st))
-            comm.stats.append(_stat(comm, coll, algorithm, nbytes, t0, False))
+            ep.mark_broken()
+            reply = report(ep, "collective", seq, timeout, ok=False, why=message, status=int(st))
+            ep.stats.append(_stat(ep, coll, algorithm, nbytes, t0, False))
             if st == lib.PC_ERR_ARG:
                 raise engine.error(None, st, coll, message=message)
-            raise abort_error(comm, f"{coll} #{seq}", reply, st, message, int(failed[0]))
+            raise abort_error(ep, f"{coll} #{seq}", reply, st, message, int(failed[0]))
         if faults.FAULTS_ARMED:  # test hook: die between the body and the report
             fault_point(f"agreed:{coll}")
         digest = self._digest(ccomm, plan, bufs, sizes, inbuf, outbuf, opc, desc, seq) if self.verify else None
         fields = {"ok": True}
         if digest is not None:
             fields["digest"] = digest
-        reply = report(comm, "collective", seq, timeout, **fields)
+        reply = report(ep, "collective", seq, timeout, **fields)
         decision = reply.get("decision")
         if faults.FAULTS_ARMED:  # test hook: die after the decision, before copying out
             fault_point(f"decided:{coll}")
@@ -174,18 +144,18 @@ class Agreement:
             st = engine.run_tail(ccomm, plan.ptr, bufs, sizes, inbuf.code, opc, seq, desc, timeout, failed)
             if st != lib.PC_OK:  # only a malformed plan gets here
                 raise engine.error(ccomm, st, f"{coll} #{seq}")
-            comm.last_outcome = Outcome(tuple(reply.get("members", comm.members)), comm.world_size, comm.epoch, seq,
-                                        1, (), digest)
-            comm.stats.append(_stat(comm, coll, algorithm, nbytes, t0, True))
+            ep.last_outcome = Outcome(tuple(reply.get("members", ep.members)), ep.world_size, ep.number, seq,
+                                      1, (), digest)
+            ep.stats.append(_stat(ep, coll, algorithm, nbytes, t0, True))
             return algorithm
-        comm.stats.append(_stat(comm, coll, algorithm, nbytes, t0, False))
+        ep.stats.append(_stat(ep, coll, algorithm, nbytes, t0, False))
         if decision == "parity":
             differ = list(reply.get("differ", []))
-            raise ParityError(f"rank {comm.rank} {coll} #{seq} (epoch {comm.epoch}): result digests differ on "
+            raise ParityError(f"rank {ep.rank} {coll} #{seq} (epoch {ep.number}): result digests differ on "
                               f"ranks {differ} (digests by rank: {[f'{d:016x}' for d in reply['digests']]}); "
                               "the buffer was left as it was", differ=differ)
-        comm._broken = True
-        raise abort_error(comm, f"{coll} #{seq}", reply)
+        ep.mark_broken()
+        raise abort_error(ep, f"{coll} #{seq}", reply)
 
     @staticmethod
     def _digest(ccomm, plan, bufs, sizes, inbuf, outbuf, opc, desc, seq):
@@ -204,20 +174,20 @@ class Agreement:
         return hash_address(tmp_addr, tmp.nbytes)
 
 
-def _stat(comm, coll, algorithm, nbytes, t0, ok):
-    return Stat(coll, algorithm, nbytes, time.perf_counter() - t0, comm.world_size, comm.epoch, ok, 0)
+def _stat(ep, coll, algorithm, nbytes, t0, ok):
+    return Stat(coll, algorithm, nbytes, time.perf_counter() - t0, ep.world_size, ep.number, ok, 0)
 
 
-def attempts_for(comm, retry):
-    """retry=False: 1 attempt; True: 1 + comm.max_retries; an int n: 1 + n."""
+def attempts_for(ep, retry):
+    """retry=False: 1 attempt; True: 1 + the options' max_retries; an int n: 1 + n."""
     if isinstance(retry, bool):
-        return 1 + (comm.max_retries if retry else 0)
+        return 1 + (ep.options.max_retries if retry else 0)
     if int(retry) < 0:
         raise InvalidArgument(f"retry must be a bool or a number of retries >= 0, not {retry!r}")
     return 1 + int(retry)
 
 
-def run_agreed(comm, attempt, retry=False, verify=False, root=None):
+def run_agreed(ep, attempt, retry=False, verify=False, root=None):
     """Run ``attempt(agreement)`` until it commits; re-run over the survivors
     after a retryable failure (a member was lost), at most as ``retry``
     allows. Sets ``comm.last_outcome`` and returns attempt's result.
@@ -226,12 +196,12 @@ def run_agreed(comm, attempt, retry=False, verify=False, root=None):
     collectives ``auto`` runs to calibrate) is retryable on the same terms:
     the coordinator's final cause of the abort names a lost member, and every
     survivor gets that same answer, wherever it was when it failed."""
-    tries = attempts_for(comm, retry)
+    tries = attempts_for(ep, retry)
     root_name = None
     if root is not None:
-        if not 0 <= root < len(comm.members):
-            raise InvalidArgument(f"root {root} is not a rank of this group (world size {comm.world_size})")
-        root_name = comm.members[root]
+        if not 0 <= root < len(ep.members):
+            raise InvalidArgument(f"root {root} is not a rank of this group (world size {ep.world_size})")
+        root_name = ep.members[root]
     lost = []
     for n in range(tries):
         try:
@@ -240,8 +210,8 @@ def run_agreed(comm, attempt, retry=False, verify=False, root=None):
             if not exc.retryable or n + 1 >= tries:
                 raise
             lost.extend(x for x in exc.lost_names if x not in lost)
-            log.info("rank %d: retrying over the survivors (attempt %d): %s", comm.rank, n + 2, exc)
+            log.info("rank %d: retrying over the survivors (attempt %d): %s", ep.rank, n + 2, exc)
             continue
-        comm.last_outcome = comm.last_outcome._replace(attempts=n + 1, lost=tuple(lost))
+        ep.last_outcome = ep.last_outcome._replace(attempts=n + 1, lost=tuple(lost))
         return result
     raise AssertionError("unreachable")

@@ -10,402 +10,153 @@ rebuilding the connection mesh after a failure, async queueing, stats.
 A call that repeats an earlier one of the epoch (same arguments, same
 dtypes and sizes) skips its checks and planning and goes almost straight to
 the engine (Communicator._fast_run): small collectives cost microseconds.
+
+The epoch itself (membership, connections, sequence numbers, failures,
+plans) is the communicator's :class:`pycoll.comm.epoch.Epoch`; this module is
+the public API over it, its fast path, async work and tags' threads.
 """
 from __future__ import annotations
 
-import collections
-import functools
-import hashlib
 import logging
-import os
 import queue
-import struct
 import threading
 import time
-import zlib
 from typing import Any, Optional, Union
 
 import numpy as np
 
-from pycoll.plan import compression as _compression
-from pycoll.comm import agreement as consensus
-from pycoll.plan import costmodel
-from pycoll.core import engine
 from pycoll import faults
-from pycoll.plan import planners
+from pycoll import options as _options
+from pycoll.comm import agreement as consensus
 from pycoll.comm import shared_state
-from pycoll.plan import topology as _topology
+from pycoll.comm.epoch import Epoch, identity
+from pycoll.comm.work import Work
+from pycoll.core import engine
 from pycoll.core.native import ffi, lib
 from pycoll.core.buffers import as_buffer
 from pycoll.core.dtypes import op_code
-from pycoll.errors import Cancelled, CollectiveError, CoordinatorError, InvalidArgument, PeerFailure
-from pycoll.faults import fault_armed, fault_point
-from pycoll.net.mesh import connect_mesh, local_peers, single_copy_bytes, transport_mode
-from pycoll.observability import Stat
-from pycoll.comm.switch import EngineLayout, SwitchPath, split_members
-from pycoll.net.links import set_keepalive
-from pycoll.comm.work import Work
+from pycoll.errors import CollectiveError, InvalidArgument
+from pycoll.observability import Stat  # noqa: F401 - public here too (pycoll.Stat)
+from pycoll.options import Options
 
 log = logging.getLogger("pycoll")
 
+# (re-exported: the tests build the plans the communicator builds)
+DEFAULT_TIMEOUT, DEFAULT_SEGMENT, DEFAULT_STALL = _options.DEFAULT_TIMEOUT, _options.DEFAULT_SEGMENT, _options.DEFAULT_STALL
 
-
-def _env_seconds(name, default):
-    """$name as seconds; a bad value is reported on one line and ignored, so that it cannot
-    break ``import pycoll`` (or ``pycoll --help``)."""
-    raw = os.environ.get(name)
-    try:
-        return float(raw) if raw else default
-    except ValueError:
-        log.warning("environment variable %s=%r is not a number of seconds: using %g", name, raw, default)
-        return default
-
-
-DEFAULT_TIMEOUT = _env_seconds("PYCOLL_TIMEOUT", 120.0)
-DEFAULT_SEGMENT = 1 << 20  # pipeline unit; 1 MiB measured best on loopback
-DEFAULT_STALL = _env_seconds("PYCOLL_STALL_TIMEOUT", 30.0)
-
-# Bound once: the per-call path (Communicator._launch, _fast_run) runs every few microseconds.
-_comm_run = engine.run  # the C function itself (pycoll.core.engine)
-_clear_cancel = engine.clear_cancel
+# Bound once: the per-call path (Communicator._fast_run, Epoch.launch) runs every few microseconds.
 _from_buffer = ffi.from_buffer
-_perf_counter = time.perf_counter
 _thread_id = threading.get_ident
-_tuple_new = tuple.__new__  # builds a Stat without the namedtuple's Python-level __new__
 _NULL = ffi.NULL
-_OK = lib.PC_OK
 _ndarray = np.ndarray
 
 # Public signatures: an array is a C-contiguous NumPy array or torch CPU tensor, used in place.
 Array = Any
 Tag = Union[str, int]
-# Failures every rank must raise as what they are, wherever they were detected.
-_CAUSE_STATUSES = (lib.PC_ERR_PROTO, lib.PC_ERR_TIMEOUT)
-
-
-class _Call:
-    """A prepared collective: what identical calls of one epoch share (plan,
-    engine arguments, sizes). Only the buffers' addresses vary per call."""
-
-    __slots__ = ("coll", "algorithm", "plan", "ptr", "ccomm", "switch", "desc", "ident", "code", "opc", "count",
-                 "itemsize", "nbytes", "sizes")
-
-    def __init__(self, coll, algorithm, plan, ccomm, switch, desc, ident, code, opc, count, itemsize, in_nbytes,
-                 out_nbytes):
-        self.coll, self.algorithm, self.plan, self.ptr, self.ident = coll, algorithm, plan, plan.ptr, ident
-        self.ccomm, self.switch, self.desc, self.code, self.opc = ccomm, switch, desc, code, opc
-        self.count, self.itemsize, self.nbytes = count, itemsize, max(in_nbytes, out_nbytes)
-        self.sizes = ffi.new("uint64_t[2]", [in_nbytes, out_nbytes])  # read-only once made
-
-
-class _Channel:
-    """The connections of one tag (``tags=``) within an epoch: its calls pair
-    across ranks by their order on it, and run beside other channels' calls
-    (each holds its own lock, so one thread per tag at a time)."""
-
-    __slots__ = ("tag", "ccomm", "seq", "lock", "bufs", "failed")
-
-    def __init__(self, tag, ccomm):
-        self.tag, self.ccomm, self.seq = tag, ccomm, 0
-        self.lock = threading.Lock()
-        self.bufs = ffi.new("void *[2]")
-        self.failed = ffi.new("int32_t *")
-
-
-def _tag_list(tags):
-    """The tags a communicator offers, in a canonical order (every rank must name the same)."""
-    if tags is None or tags == ():
-        return ()
-    if isinstance(tags, (str, bytes, int)):
-        tags = (tags,)
-    out = []
-    for t in tags:
-        if not isinstance(t, (str, int)) or isinstance(t, bool):
-            raise InvalidArgument(f"tags: {t!r} is not a str or int")
-        if t in out:
-            raise InvalidArgument(f"tags: {t!r} is named twice")
-        out.append(t)
-    return tuple(sorted(out, key=repr))
 
 
 class Communicator:
     """A group of peers that run collectives together. Use :func:`pycoll.init`
     or :func:`pycoll.connect` to make one."""
 
-    def __init__(self, client, listener, *, stripes=1, timeout=DEFAULT_TIMEOUT, preserve_input=True,
-                 segment_bytes=DEFAULT_SEGMENT, spin_us=200, mesh_timeout=None, sync_timeout=120.0,
-                 coordinator=None, sockbuf=0, mesh_key=None, topology=None, calibrate=None, coordinator_wait=0.0,
-                 compression=None, stall_timeout=DEFAULT_STALL, progress_timeout=0.0, transport=None, single_copy=None,
-                 tags=()):
-        self._client = client
-        self._listener = listener
+    def __init__(self, client, listener, options: Optional[Options] = None, *, coordinator=None, mesh_key=None,
+                 join=None, **settings):
+        """``options``: the settings, resolved (:meth:`pycoll.options.Options.resolve`); without
+        them, ``settings`` (the same names as keywords) are resolved here, else they change
+        ``options``. ``coordinator``: the in-process coordinator we host, if any (see
+        :meth:`adopt_coordinator`); ``mesh_key`` authenticates peer connections (pycoll.auth);
+        ``join``: the message this peer joined with (see :class:`pycoll.comm.epoch.Epoch`)."""
+        if options is None:
+            options = Options.resolve(**settings)
+        elif settings:
+            options = options.replace(**settings)
+        self._epoch = ep = Epoch(client, listener, options, mesh_key=mesh_key, join=join)
         self._coordinator = coordinator  # the in-process coordinator we host, if any
-        self.stripes = stripes
-        self.timeout = timeout
-        self.preserve_input = preserve_input
-        self.segment_bytes = segment_bytes
-        self.spin_us = spin_us
-        self.mesh_timeout = mesh_timeout if mesh_timeout is not None else listener.limits.connect_timeout
-        self._mesh_key = mesh_key  # authenticates peer connections (pycoll.auth); None: no secret
-        self.sync_timeout = sync_timeout
-        self.sockbuf = sockbuf
-        # Algorithm choice (pycoll.plan.costmodel): a topology (file, TOML path or Topology) gives
-        # groups, ring order and the cost model; without one, it is measured when an epoch is installed.
-        self.topology = _topology.load(topology if topology is not None else os.environ.get("PYCOLL_TOPOLOGY"))
-        self.calibrate = calibrate if calibrate is not None else os.environ.get("PYCOLL_CALIBRATE", "1") != "0"
-        self._selector = None
-        self._hosts = None
-        self.coordinator_wait = coordinator_wait  # seconds to wait for a lost coordinator to come back
-        self._join_msg = None       # what we joined with (re-registration sends it again)
-        # default wire codec for float32 payloads
-        self.compression = _compression.codec_name(compression if compression is not None
-                                                    else os.environ.get("PYCOLL_COMPRESSION"))
-        self.stall_timeout = stall_timeout        # dead links noticed by keepalive (0: off)
-        self.progress_timeout = progress_timeout  # fail a collective idle this long (0: off)
-        # "auto": shared memory to same-host peers, TCP to the rest; "shm"; "tcp"
-        self.transport = transport_mode(transport)
-        if self.transport != "tcp":
-            listener.enable_local()
-        # same-host payloads of at least this many bytes: the peer copies them straight
-        # out of our buffer instead of through the shared ring (0: off)
-        self.single_copy = single_copy_bytes(single_copy)
-        self.peer_transports = []   # per rank of this epoch: "shm", "tcp" or "self"
-        self.rank = -1
-        self.world_size = 0
-        self.epoch = 0
-        self.members = []
-        self.lost = []              # names lost at the last membership change
-        self.joined = []            # names admitted at the last membership change
-        self.name = client.name     # this peer's stable name
-        self.last_outcome = None    # consensus.Outcome of the last retry=/verify= collective
-        self.max_retries = 8        # attempts of a retry=True collective beyond the first
-        self.stats = collections.deque(maxlen=10000)
-        self._comm = None
-        self._switch = None  # pycoll.comm.switch.SwitchPath when the epoch has standalone aggregators
-        self._comm_lock = threading.Lock()   # guards self._comm against cancel-during-free
-        self._exec_lock = threading.Lock()   # one collective at a time, in call order
+        # The call path: one untagged collective at a time (the epoch's lock, which shared
+        # state takes too), inline or on the worker thread behind queued async work.
+        self._exec_lock = ep.exec_lock
+        self._fast = ep.fast        # call key -> Call of this epoch (see _fast_run; the epoch clears it)
         self._submit_lock = threading.Lock()
         self._queue = None
         self._worker = None
         self._inflight = 0
-        self._seq = 0
-        self._calls = 0             # untagged calls of this epoch made by the user (not internal ones)
-        self._epoch_seq = 0         # _seq when the epoch was installed (after its calibration)
-        self._plans = {}
-        self._fast = {}             # call key -> _Call of this epoch (see _fast_run)
-        self._broken = False
-        self._aborted_epoch = -1    # highest epoch the coordinator said was aborted
-        self._abort_reason = ""
-        self._abort_lost = []
-        self._closed = False
-        self._cbufs = ffi.new("void *[2]")
-        self._cfailed = ffi.new("int32_t *")
-        # Tags (see all_reduce's tag=): one channel each, connections of their own.
-        self.tags = _tag_list(tags)
-        self._channels = {}         # tag -> _Channel of this epoch
-        self._tag_broken = False    # a tagged call failed: the epoch must re-form
-        self._settled = set()       # tags whose call of this epoch already failed (in flight or not run)
-        self._owed = {}             # tag -> (epoch, seq): its next call reports that epoch's failure
-        self._epoch_info = None     # (epoch, the coordinator's word on its failure)
         self._threads_seen = {}     # untagged calls in flight at once: warned once per thread pair
         self._holder = None         # thread id of the untagged call running now (see _contended)
-        client.on_abort = self._on_abort
+
+    # ---- settings (pycoll.options) ---------------------------------------
+    @property
+    def options(self) -> Options:
+        """The communicator's settings (frozen). Each also reads as an attribute of the same
+        name (``comm.timeout``); setting one (``comm.compression = "bf16"``) replaces this
+        object with a checked copy, and the next calls follow it."""
+        return self._epoch.options
+
+    @property
+    def epoch_state(self) -> Epoch:
+        """The :class:`pycoll.comm.epoch.Epoch` behind this communicator (membership,
+        connections, sequence numbers, failures): what pycoll's own modules work with."""
+        return self._epoch
+
+    def _setting(name, doc, get=None):  # noqa: N805 - builds the properties below
+        def setter(self, value):
+            self._epoch.configure(**{name: value})
+        return property(get or (lambda self: getattr(self._epoch.options, name)), setter, doc=doc)
+
+    timeout = _setting("timeout", "Seconds a collective may take (per call: ``timeout=``).")
+    stall_timeout = _setting("stall_timeout", "Seconds after which keepalive declares an idle link dead (0: off).")
+    progress_timeout = _setting("progress_timeout", "Fail a collective idle this many seconds (0: off).")
+    stripes = _setting("stripes", "Connections per peer pair.")
+    sockbuf = _setting("sockbuf", "Socket buffer bytes of the peer connections (0: the kernel's).")
+    segment_bytes = _setting("segment_bytes", "The planners' pipeline unit in bytes.")
+    spin_us = _setting("spin_us", "Microseconds the engine spins before it sleeps in poll.")
+    preserve_input = _setting("preserve_input", "A failed call leaves its input as it was.")
+    transport = _setting("transport", '"auto" (shared memory to same-host peers, TCP to the rest), "shm" or "tcp".')
+    single_copy = _setting("single_copy", "Bytes from which a same-host peer copies a payload straight out of our "
+                           "memory (0: never).", lambda self: self._epoch.single_copy_bytes())
+    compression = _setting("compression", "The default wire codec of float32 payloads.")
+    topology = _setting("topology", "The topology (pycoll.plan.topology.Topology) or None.",
+                        lambda self: self._epoch.topology)
+    calibrate = _setting("calibrate", "Measure the cost model when an epoch is installed.")
+    coordinator_wait = _setting("coordinator_wait", "Seconds to wait for a lost coordinator to come back.")
+    sync_timeout = _setting("sync_timeout", "Seconds a sync point (forming an epoch) may take.")
+    mesh_timeout = _setting("mesh_timeout", "Seconds to connect an epoch's mesh.")
+    tags = _setting("tags", "The declared tags, in canonical order (see all_reduce's ``tag=``).")
+    max_retries = _setting("max_retries", "Attempts of a retry=True collective beyond the first.")
+    del _setting
+
+    # ---- who (the current epoch's) ----------------------------------------
+    def _epoch_fact(name, doc):  # noqa: N805 - builds the read-only properties below
+        return property(lambda self: getattr(self._epoch, name), doc=doc)
+
+    rank = _epoch_fact("rank", "This peer's rank in the current epoch.")
+    world_size = _epoch_fact("world_size", "The number of ranks in the current epoch.")
+    epoch = _epoch_fact("number", "The current membership epoch's number.")
+    members = _epoch_fact("members", "The members' names, in rank order.")
+    lost = _epoch_fact("lost", "Names lost at the last membership change.")
+    joined = _epoch_fact("joined", "Names admitted at the last membership change.")
+    peer_transports = _epoch_fact("peer_transports", 'Per rank: "shm", "tcp" or "self".')
+    name = _epoch_fact("name", "This peer's stable name.")
+    del _epoch_fact
+
+    @property
+    def stats(self):
+        """The last 10000 collectives' records (:class:`pycoll.Stat`)."""
+        return self._epoch.stats
+
+    @stats.setter
+    def stats(self, value):
+        self._epoch.stats = value
+
+    @property
+    def last_outcome(self):
+        """How the last ``retry=``/``verify=`` collective ended (agreement.Outcome), or None."""
+        return self._epoch.last_outcome
+
+    @last_outcome.setter
+    def last_outcome(self, value):
+        self._epoch.last_outcome = value
 
     # ---- membership ----------------------------------------------------
-    def _on_abort(self, msg):
-        """Coordinator push (heartbeat thread): a member of an epoch failed.
-        The epoch may be one we are still connecting for (mesh building
-        watches _aborted_epoch)."""
-        epoch = int(msg.get("epoch", -1))
-        if epoch < self._aborted_epoch:
-            return
-        self._abort_reason = msg.get("why", "")
-        self._abort_lost = list(msg.get("lost", []))
-        self._aborted_epoch = epoch
-        if epoch != self.epoch:
-            return
-        self.cancel()
-
-    def _sync(self, rebuild, admit=False):
-        """Reach a sync point with every live member; rebuild the mesh if the
-        membership changed (or we must). Returns True if it changed.
-        Joiners are admitted only when every member syncs with ``admit``
-        (update_topology), never at a recovery sync. If a peer fails while
-        the new mesh is being built, every member notices and syncs again."""
-        deadline = time.monotonic() + self.sync_timeout
-        if self._client.needs_rejoin:
-            self._rejoin()
-            rebuild = True
-        while True:
-            try:
-                reply = self._client.request({"t": "sync", "epoch": self.epoch, "rebuild": rebuild, "admit": admit},
-                                             timeout=max(1.0, deadline - time.monotonic()))
-            except CoordinatorError:
-                if not (self._client.needs_rejoin and self.coordinator_wait > 0):
-                    raise
-                self._rejoin()  # a restarted coordinator does not know us yet
-                rebuild = True
-                continue
-            if reply.get("unchanged") and not rebuild and self._comm is not None:
-                return False
-            try:
-                self._install_epoch(reply)
-                return True
-            except PeerFailure as exc:
-                consensus.report_epoch_failure(self, reply["epoch"], f"building the mesh failed: {exc}",
-                                               lib.PC_ERR_PEER)
-                if time.monotonic() > deadline:
-                    raise
-                rebuild, admit = True, False
-
-    def _rejoin(self):
-        """The coordinator was lost (or dropped us): wait for one at the same
-        address, register again with what we know of our epoch, and let the
-        sync that follows re-form the group (membership and ranks)."""
-        if self._client.evicted and (self.coordinator_wait <= 0 or self._join_msg is None):
-            raise CoordinatorError(
-                f"rank {self.rank} ({self.name}) was evicted from the group by the coordinator at "
-                f"{self._client.endpoint}, which is alive: {self._client.evicted} (a peer silent longer than its "
-                f"heartbeat timeout, {self._client.heartbeat_timeout:.1f} s here, e.g. a stopped process, counts as "
-                "dead, and the group went on without it). To take part again, join anew with pycoll.connect(), or "
-                "make the communicator with coordinator_wait=<seconds> to re-register automatically",
-                evicted=True)
-        if self.coordinator_wait <= 0 or self._join_msg is None:
-            raise CoordinatorError(
-                f"rank {self.rank}: lost contact with the coordinator at {self._client.endpoint}"
-                + (f" ({self._client.evicted})" if self._client.evicted else "")
-                + "; make the communicator with coordinator_wait=<seconds> to re-register automatically "
-                "with a restarted coordinator, or restart the job from a checkpoint")
-        if not self._client.wait_for_coordinator(self.coordinator_wait):
-            raise CoordinatorError(f"no coordinator at {self._client.endpoint} within {self.coordinator_wait:.0f} s")
-        resume = {"epoch": self.epoch, "members": list(self.members), "rank": self.rank}
-        deadline = time.monotonic() + self.coordinator_wait
-        while True:
-            try:
-                self._client.request(dict(self._join_msg, rank=None, world_size=None, resume=resume), timeout=10)
-                break
-            except CoordinatorError:
-                if time.monotonic() > deadline:  # e.g. our old self is still being removed
-                    raise
-                time.sleep(0.2)
-        log.warning("rank %d re-registered with the coordinator at %s", self.rank, self._client.endpoint)
-        self._client.needs_rejoin = False
-        self._client.evicted = None
-        self._broken = True
-
-    def _install_epoch(self, reply):
-        self._drop_comm()
-        members = reply["members"]
-        rank = reply["rank"]
-        addrs = [m[1] for m in members]
-        epoch = reply["epoch"]
-        if self.tags:
-            self._listener.expect_meshes({self._channel_token(reply["token"])})
-        links = connect_mesh(self._listener, rank, addrs, self.stripes, epoch, reply["token"],
-                             self.mesh_timeout, self.sockbuf, key=self._mesh_key,
-                             should_abort=lambda: self._aborted_epoch >= epoch,
-                             local=local_peers(members, rank, self.transport), mode=self.transport)
-        set_keepalive(links.fds, self.stall_timeout)
-        nworkers, switches = split_members(members)
-        hcomm = None
-        if switches:  # standalone aggregators: the whole mesh for them, the workers' part for us
-            workers = links.dup_prefix(nworkers * self.stripes)  # before the first comm takes links
-            hcomm = self._create_comm(rank, len(members), links)
-            links = workers
-            members = members[:nworkers]
-        comm = self._create_comm(rank, len(members), links)
-        channels = self._connect_channels(rank, [m[1] for m in members], epoch, reply["token"], members)
-        with self._comm_lock:
-            self._comm = comm
-        self.rank, self.world_size, self.epoch = rank, len(members), reply["epoch"]
-        self.members = [m[0] for m in members]
-        self._hosts = [m[2] if len(m) > 2 else None for m in members]
-        self._selector = None
-        self.peer_transports = ["self" if p == rank else "shm" if links.kinds[p * self.stripes] == lib.PC_CONN_SHM
-                                else "tcp" for p in range(len(members))]
-        self.lost = list(reply.get("lost", []))
-        self.joined = list(reply.get("joined", []))
-        self._seq = 0
-        self._calls = 0
-        self._plans.clear()
-        self._fast.clear()
-        self._broken = False
-        self._tag_broken = False
-        self._settled = set()
-        if hcomm is not None:
-            self._install_switches(hcomm, switches)
-        # auto's cost model is measured here, at the sync point, by every member before any call
-        # of the epoch: choosing an algorithm never runs a collective (not inside an agreed call,
-        # not on a tag's thread). A peer lost meanwhile raises PeerFailure, as in building the
-        # mesh: _sync reports the epoch failed and syncs again.
-        try:
-            self._calibrate_epoch()
-        except BaseException:
-            for ch in channels.values():
-                engine.close(ch.ccomm)
-            raise
-        self._epoch_seq = self._seq
-        if channels:
-            with self._comm_lock:
-                self._channels = channels
-        log.info("epoch %d: rank %d of %d%s", self.epoch, rank, self.world_size,
-                 f" (lost {len(self.lost)})" if self.lost else "")
-
-    def _channel_token(self, token):
-        """The mesh token of this epoch's tag channels (a hello for it is parked
-        while the group's own mesh is accepted, see mesh.Listener)."""
-        return hashlib.sha256(f"{token}/tags/{self.tags!r}".encode()).hexdigest()[:32]
-
-    def _connect_channels(self, rank, addrs, epoch, token, members):
-        """Tag channels: one more mesh of the workers with len(tags) x stripes
-        connections per pair, cut into one C comm per tag."""
-        if not self.tags or len(addrs) < 1:
-            return {}
-        ctoken = self._channel_token(token)
-        k = len(self.tags)
-        try:  # (connections that came early are parked for this token: accept_mesh takes them)
-            links = connect_mesh(self._listener, rank, addrs, self.stripes * k, epoch, ctoken, self.mesh_timeout,
-                                 self.sockbuf, key=self._mesh_key, should_abort=lambda: self._aborted_epoch >= epoch,
-                                 local=local_peers(members, rank, self.transport), mode=self.transport)
-        finally:
-            self._listener.expect_meshes(())
-        set_keepalive(links.fds, self.stall_timeout)
-        channels = {}
-        try:
-            for i, tag in enumerate(self.tags):
-                channels[tag] = _Channel(tag, self._create_comm(rank, len(addrs), links.channel(i, k, self.stripes)))
-        except BaseException:
-            for ch in channels.values():
-                engine.close(ch.ccomm)
-            raise
-        return channels
-
-    def _create_comm(self, rank, n, links):
-        return engine.create(rank, n, self.stripes, links, spin_us=self.spin_us, single_copy=self.single_copy,
-                             stall_timeout=self.progress_timeout or 0.0)
-
-    def _install_switches(self, hcomm, switches):
-        """Use the epoch's standalone aggregators for innetwork all-reduces, if they fit the topology."""
-        elayout = EngineLayout(self._selector_for_epoch().layout, switches)
-        if not elayout.usable:
-            log.warning("epoch %d: standalone aggregators %s do not match the topology's switch groups; "
-                        "not using them", self.epoch, sorted(switches))
-        with self._comm_lock:  # kept even when unusable: the aggregators idle in the mesh until the next epoch
-            self._switch = SwitchPath(hcomm, elayout, self.rank, self.stripes)
-
-    def _drop_comm(self):
-        with self._comm_lock:
-            comm, self._comm = self._comm, None
-            switch, self._switch = self._switch, None
-            channels, self._channels = self._channels, {}
-            self._fast.clear()  # its calls name the comm freed below
-        for ch in channels.values():
-            with ch.lock:  # a tagged call still running (cancelled by now) finishes first
-                ccomm, ch.ccomm = ch.ccomm, None
-            engine.close(ccomm)
-        for c in (comm, switch.hcomm if switch is not None else None):
-            engine.close(c)
-
     def update_topology(self) -> bool:
         """A sync point: every current member must call it (between steps).
         Admits pending joiners and drops dead members; returns True if the
@@ -413,19 +164,13 @@ class Communicator:
         ``lost`` and ``joined`` describe the new group). Cheap when nothing
         changed: one round trip to the coordinator."""
         with self._exec_lock:
-            if (getattr(self, "_fresh_join", None) == self.epoch and self._seq == self._epoch_seq and not self._broken
-                    and self._aborted_epoch != self.epoch and not self._client.needs_rejoin):
-                # pycoll.connect returned at the members' update_topology(): this call is that one
-                # (a sync now would wait for the members' next one while they wait in a collective)
-                self._fresh_join = None
-                return False
-            return self._sync(rebuild=self._broken or self._aborted_epoch == self.epoch, admit=True)
+            return self._epoch.update_topology()
 
     @property
     def aggregators(self) -> list:
         """Names of the groups whose standalone aggregator (``pycoll aggregator``) serves this
         epoch's innetwork all-reduces (empty: agent mode everywhere)."""
-        sw = self._switch
+        sw = self._epoch.switch
         if sw is None or not sw.usable:
             return []
         groups = sw.elayout.groups
@@ -433,130 +178,9 @@ class Communicator:
 
     def pending_joiners(self) -> int:
         """Number of peers waiting to be admitted (from the last heartbeat)."""
-        status = self._client.last_status
-        if status.get("epoch", self.epoch) < self.epoch:
-            return 0  # from before our epoch formed: its "pending" counted us
-        return int(status.get("pending", 0))
+        return self._epoch.pending_joiners()
 
     # ---- running collectives ------------------------------------------
-    def _selector_for_epoch(self):
-        """The epoch's algorithm choice: its layout and cost model (see _calibrate_epoch)."""
-        if self._selector is None:
-            self._selector = costmodel.Selector(self.world_size, self.topology, self._hosts, self.segment_bytes)
-        return self._selector
-
-    def _calibrate_epoch(self):
-        """Measure the cost model of the epoch just installed (costmodel.calibrate: a few ring
-        all-reduces), when calibration is on and no topology gives the model. Every member runs
-        it at the end of _install_epoch, so every member's calls of the epoch start at the same
-        sequence number and every rank builds the same model."""
-        sel = self._selector_for_epoch()
-        if not (self.calibrate and sel.needs_calibration):
-            return
-        try:
-            model = costmodel.calibrate(self._calibration_allreduce, self.world_size, sel.layout.hosts)
-        except CollectiveError as exc:
-            if isinstance(exc, PeerFailure) and exc.lost:
-                raise  # a member died: _sync re-forms the group now
-            # The epoch failed for another reason while we measured: a faster rank, done
-            # measuring, already ran a call that failed (a mismatch, a timeout). That call is
-            # this rank's next one: it raises there ("did not run"), so install completes
-            # with the default model, which no collective of this failed epoch will use.
-            log.info("epoch %d: calibration stopped (%s); the next call reports it", self.epoch, exc)
-            self._aborted_epoch = max(self._aborted_epoch, self.epoch)
-            self._broken = False  # (the measurement is not a call of the user's: that one still owes it)
-            model = costmodel.CostModel(self.world_size, host_of=sel.layout.hosts)
-        log.debug("epoch %d: cost model %r", self.epoch, model)
-        self._selector = costmodel.Selector(self.world_size, self.topology, self._hosts, self.segment_bytes, model)
-
-    def _calibration_allreduce(self, arr, op):
-        """A ring all-reduce for the cost model's measurement (no stats, no faults), run while the
-        epoch is installed: straight to the engine, not through _execute's readiness checks
-        (which would sync again); an abort of the epoch cancels it (see _launch)."""
-        if faults.FAULTS_ARMED:  # test harness: die while the epoch is being installed
-            fault_point("calibrate")
-        buf = as_buffer(arr, writable=True, what="calibration buffer")
-        call = self._prepare("all_reduce", buf, buf, buf.count, op, 0, "ring", False, None)
-        ptr = ffi.cast("void *", buf.address)
-        self._launch(call, ptr, ptr, None, internal=True)
-
-    def _plan(self, coll, algorithm, count, itemsize, root, avg, preserve, codec="none"):
-        key = (coll, algorithm, count, itemsize, root, avg, preserve, codec)
-        plan = self._plans.get(key)
-        if plan is None:
-            plan = planners.build(algorithm, coll, self._selector_for_epoch().layout, self.rank, count, itemsize,
-                                  root=root, segment_bytes=self.segment_bytes, stripes=self.stripes,
-                                  preserve=preserve, avg=avg)
-            plan = _compression.compress(plan, codec)
-            if len(self._plans) > 256:
-                self._plans.clear()
-            self._plans[key] = plan
-        return plan
-
-    def _ensure_ready(self, ident=None):
-        """Ready the epoch for a call (``ident``: its identity, see _identity)."""
-        if self._closed:
-            raise CollectiveError("communicator is closed")
-        if None in self._owed:  # a tagged call re-formed the group before we heard of the failure
-            raise self._not_run(self._owed.pop(None))
-        if self._aborted_epoch == self.epoch and not self._broken:
-            # The epoch failed after our last call finished. Peers that were
-            # inside a collective got the error there; we report it on this
-            # call (not run) so every rank fails that call exactly once, and
-            # all are at the same call afterwards.
-            self._broken = True
-            info = self._abort_info_now()
-            if (ident is not None and info.get("call") is not None and info.get("seq") == self._calls + 1
-                    and info["call"] != ident):
-                # The call that failed was #seq, and ours is not it: we skipped it
-                # (the others' next call is ours). Run ours in the re-formed group.
-                log.warning("rank %d: the others' call #%d of epoch %d failed (%s) and this rank never made "
-                            "it; this call runs in the re-formed group", self.rank, self._calls + 1, self.epoch,
-                            info.get("why") or self._abort_reason)
-                self._carry_owed()
-                self._sync(rebuild=True)
-                return
-            raise self._not_run(self.epoch)
-        if self._broken or self._tag_broken or self._comm is None or self._client.needs_rejoin:
-            self._carry_owed()
-            self._sync(rebuild=True)
-
-    def _abort_info_now(self):
-        """The coordinator's word on the current epoch's failure (asked once;
-        the push may have gone out before the cause was known)."""
-        if self._epoch_info is None or self._epoch_info[0] != self.epoch:
-            info = consensus.report_epoch_failure(self, self.epoch, "a call found the epoch aborted")
-            self._epoch_info = (self.epoch, info)
-        return self._epoch_info[1]
-
-    def _not_run(self, epoch):
-        """The error of a call that did not run because ``epoch`` failed before it."""
-        info = self._epoch_info[1] if self._epoch_info is not None and self._epoch_info[0] == epoch else {}
-        lost = info.get("lost") or self._abort_lost
-        why = info.get("why") or self._abort_reason
-        cause = info.get("status")
-        if not lost and cause in _CAUSE_STATUSES:  # the call we missed failed by mismatch or timeout
-            return engine.error(None, cause, None, message=f"rank {self.rank}: epoch {epoch} was aborted ({why}); "
-                                "this call did not run; the next call re-forms the group")
-        return PeerFailure(f"rank {self.rank}: epoch {epoch} was aborted ({why}); this call did not run; the next "
-                           "call runs on the survivors",
-                           lost=[self.members.index(n) for n in lost if n in self.members],
-                           lost_names=lost, retryable=bool(info.get("retry", lost)))
-
-    def _carry_owed(self):
-        """Before the group re-forms after a failure: every channel that has not
-        failed a call for it yet (untagged or tagged) fails its next one, in
-        the new epoch, so that it stays paired with the ranks where that
-        channel's call was in flight."""
-        if self._aborted_epoch != self.epoch:
-            return
-        self._abort_info_now()
-        for tag in self._channels:
-            if tag not in self._settled:
-                self._owed[tag] = self.epoch
-        if not self._broken:
-            self._owed[None] = self.epoch
-
     def _contended(self):
         """Another thread is inside an untagged call: untagged calls pair by call
         order across ranks, which differs between ranks when threads race, so
@@ -575,58 +199,26 @@ class Communicator:
                             self.rank, *pair)
         self._exec_lock.acquire()
 
-    def _tag_needs_care(self, tag):
-        return (self._closed or self._broken or self._tag_broken or self._aborted_epoch == self.epoch
-                or tag in self._owed or self._client.needs_rejoin)
-
     def _run_tagged(self, tag, run, description):
         """Run ``run(chan)`` on ``tag``'s channel, beside calls on other channels
         (blocking: tagged calls are made from threads of one's own). When the
         epoch fails, every channel fails exactly one call, the one it was
         running or else its next, as untagged calls do."""
-        if tag not in self.tags:
+        ep = self._epoch
+        tags = ep.options.tags
+        if tag not in tags:
             raise InvalidArgument(f"{description}: tag {tag!r} was not declared: make the communicator with "
-                                  f"tags=(...) naming it (declared: {list(self.tags)})")
+                                  f"tags=(...) naming it (declared: {list(tags)})")
         for _ in range(100):  # each turn runs, raises, or re-forms the epoch
-            chan = self._channels.get(tag)
-            if chan is not None and not self._tag_needs_care(tag):
+            chan = ep.channels.get(tag)
+            if chan is not None and not ep.tag_needs_care(tag):
                 with chan.lock:
-                    if chan.ccomm is not None and not self._tag_needs_care(tag):
+                    if chan.ccomm is not None and not ep.tag_needs_care(tag):
                         return run(chan)
             with self._exec_lock:  # the untagged calls' lock: re-forming waits for none of ours
                 self._holder = None  # (not an untagged call: see _contended)
-                self._ready_tag(tag)
+                ep.ready_tag(tag)
         raise CollectiveError(f"{description} (tag {tag!r}): the group kept re-forming; giving up")
-
-    def _ready_tag(self, tag):
-        if self._closed:
-            raise CollectiveError("communicator is closed")
-        if tag in self._owed:
-            raise self._not_run(self._owed.pop(tag))
-        if self._aborted_epoch == self.epoch and tag not in self._settled and tag in self._channels:
-            self._settled.add(tag)
-            self._tag_broken = True
-            self._abort_info_now()
-            raise self._not_run(self.epoch)
-        if (self._broken or self._tag_broken or self._comm is None or self._client.needs_rejoin
-                or self._aborted_epoch == self.epoch):
-            self._carry_owed()
-            self._sync(rebuild=True)
-        if tag not in self._channels:
-            raise CollectiveError(f"tag {tag!r}: this epoch has no channel for it")
-
-    def _codec(self, coll, dtype, compression):
-        """The wire codec for this call: float32 of a compressible collective
-        only (a per-call request for anything else is an error)."""
-        name = self.compression if compression is None else _compression.codec_name(compression)
-        if name == "none" or self.world_size < 2:
-            return "none"
-        if coll in _compression.COMPRESSIBLE and dtype == "float32":
-            return name
-        if compression is not None:
-            raise InvalidArgument(f"{coll}: compression={compression!r} applies to float32 all_reduce, all_gather "
-                                  f"and reduce_scatter only (got {dtype})")
-        return "none"
 
     def _execute(self, coll, inbuf, outbuf, count, op, root, algorithm, timeout, preserve, compression=None,
                  internal=False, agree=None, fast_key=None, chan=None):
@@ -636,21 +228,22 @@ class Communicator:
         that the same call again can skip straight to the engine
         (:meth:`_fast_run`). ``chan``: a tag's channel (see _run_tagged,
         which readied the epoch)."""
+        ep = self._epoch
         if chan is not None:
-            call = self._prepare(coll, inbuf, outbuf, count, op, root, algorithm, preserve, compression, chan)
-            return self._launch(call, ffi.cast("void *", inbuf.address), ffi.cast("void *", outbuf.address),
-                                timeout, internal, chan=chan)
+            call = ep.prepare(coll, inbuf, outbuf, count, op, root, algorithm, preserve, compression, chan)
+            return ep.launch(call, ffi.cast("void *", inbuf.address), ffi.cast("void *", outbuf.address),
+                             timeout, internal, chan=chan)
         if agree is not None:
-            agree.skip = consensus.begin(self)
+            agree.skip = consensus.begin(ep)
             if agree.root_name is not None:
-                root = agree.root(self)
+                root = agree.root(ep)
         else:
-            ident = _identity(coll, inbuf.code, op, count, root, algorithm, compression)
-            self._ensure_ready(None if internal else ident)
-        call = self._prepare(coll, inbuf, outbuf, count, op, root, algorithm, preserve, compression)
+            ident = identity(coll, inbuf.code, op, count, root, algorithm, compression)
+            ep.ensure_ready(None if internal else ident)
+        call = ep.prepare(coll, inbuf, outbuf, count, op, root, algorithm, preserve, compression)
         if agree is not None:
-            return self._launch(call, ffi.cast("void *", inbuf.address), ffi.cast("void *", outbuf.address),
-                                timeout, internal, agree, inbuf, outbuf)
+            return ep.launch(call, ffi.cast("void *", inbuf.address), ffi.cast("void *", outbuf.address),
+                             timeout, internal, agree, inbuf, outbuf)
         if fast_key is not None and not internal and call.switch is None:
             if len(self._fast) > 256:
                 self._fast.clear()
@@ -658,95 +251,13 @@ class Communicator:
                 self._fast[fast_key] = call
             except TypeError:  # an unhashable argument that passed the checks: just not remembered
                 pass
-        return self._launch(call, ffi.cast("void *", inbuf.address), ffi.cast("void *", outbuf.address), timeout,
-                            internal)
-
-    def _prepare(self, coll, inbuf, outbuf, count, op, root, algorithm, preserve, compression, chan=None):
-        """Check the arguments against this epoch and build (or find) the
-        plan: a :class:`_Call`, the same for the same arguments and epoch."""
-        algorithm = planners.check_algorithm(algorithm)
-        chosen = self._selector_for_epoch().choose(coll, algorithm, max(inbuf.nbytes, outbuf.nbytes))
-        if not 0 <= root < self.world_size:
-            raise InvalidArgument(f"root {root} is not a rank of this group (world size {self.world_size})")
-        opc = op_code(op)
-        avg = opc == lib.PC_AVG
-        itemsize = inbuf.nbytes // max(inbuf.count, 1) if inbuf.count else lib.pc_dtype_size(inbuf.code)
-        codec = self._codec(coll, inbuf.dtype, compression)
-        switch = self._switch if self._switch is not None and self._switch.usable and chan is None else None
-        if switch is not None and switch.applies(coll, chosen, opc, count):
-            codec = "none"  # a standalone aggregator sums plain float32
-            plan = switch.plan(count, itemsize, self.segment_bytes, preserve)
-            ccomm = switch.hcomm
-        else:
-            switch, ccomm = None, self._comm if chan is None else chan.ccomm
-            plan = self._plan(coll, chosen, count, itemsize, root, avg, preserve, codec)
-        desc = _digest(coll, inbuf.code, opc, count, root, chosen, codec)
-        ident = _identity(coll, inbuf.code, op, count, root, algorithm, compression)
-        return _Call(coll, chosen, plan, ccomm, switch, desc, ident, inbuf.code, opc, count, itemsize, inbuf.nbytes,
-                     outbuf.nbytes)
-
-    def _launch(self, call, inptr, outptr, timeout, internal=False, agree=None, inbuf=None, outbuf=None, chan=None):
-        """Run a prepared call on the memory at ``inptr``/``outptr`` (cffi
-        pointers). Everything per call happens here, for both paths."""
-        if chan is not None:  # a tag's channel: its own sequence and argument arrays
-            chan.seq += 1
-            seq, bufs, failed = chan.seq, chan.bufs, chan.failed
-        else:
-            self._seq += 1
-            seq = self._seq
-            if not internal:
-                self._calls += 1
-            bufs, failed = self._cbufs, self._cfailed  # reused: one collective at a time
-        bufs[0] = inptr
-        bufs[1] = outptr
-        coll = call.coll
-        if faults.FAULTS_ARMED and not internal:  # test harness only
-            fault_point(f"before:{coll}")
-            if fault_armed(f"during:{coll}"):  # die while the collective runs
-                threading.Timer(0.002, fault_point, (f"during:{coll}",)).start()
-        if timeout is None:
-            timeout = self.timeout
-        ccomm = call.ccomm
-        _clear_cancel(ccomm)
-        if self._aborted_epoch == self.epoch:  # the abort came before the clear: keep its cancel
-            engine.cancel(ccomm)
-        switch = call.switch
-        if agree is not None:
-            announce = (functools.partial(switch.announce, self._seq, call.desc, call.code, call.opc, call.count,
-                                          call.itemsize, timeout)
-                        if switch is not None else None)  # tell our switches what comes (pycoll.comm.switch)
-            return agree.run(self, coll, call.algorithm, call.plan, bufs, call.sizes, inbuf, outbuf, call.opc,
-                             call.desc, timeout, ccomm, announce)
-        t0 = _perf_counter()
-        st = _OK
-        if switch is not None:  # tell our switches what comes (pycoll.comm.switch)
-            st, failed[0] = switch.announce(self._seq, call.desc, call.code, call.opc, call.count, call.itemsize,
-                                            timeout)
-        if st == _OK:
-            st = _comm_run(ccomm, call.ptr, bufs, call.sizes, call.code, call.opc, seq, call.desc, timeout, failed)
-        dt = _perf_counter() - t0
-        if not internal:
-            self.stats.append(_tuple_new(Stat, (coll, call.algorithm, call.nbytes, dt, self.world_size, self.epoch,
-                                                st == _OK, 0)))
-        if st == _OK:
-            if log.isEnabledFor(logging.DEBUG):
-                log.debug("rank %d/%d epoch %d: %s %s %d B in %.3f ms (%.3f GB/s)", self.rank, self.world_size,
-                          self.epoch, coll, call.algorithm, call.nbytes, dt * 1e3,
-                          call.nbytes / dt / 1e9 if dt > 0 else 0.0)
-            return call.algorithm
-        log.info("rank %d/%d epoch %d: %s %s failed after %.3f ms (status %d)", self.rank, self.world_size,
-                 self.epoch, coll, call.algorithm, dt * 1e3, st)
-        if chan is not None:
-            raise self._tag_failure(st, int(failed[0]), coll, chan)
-        # (identity, number) of the user's call; an internal one (the cost model's measurement while
-        # the epoch is installed) is no user's call
-        ident = None if internal or call.ident is None else (call.ident, self._calls)
-        raise self._failure(st, int(failed[0]), coll, ccomm, ident)
+        return ep.launch(call, ffi.cast("void *", inbuf.address), ffi.cast("void *", outbuf.address), timeout,
+                         internal)
 
     def _fast_call(self, key):
         """The prepared call remembered under ``key`` (see :meth:`_fast_run`),
         or None; ``key`` is the collective, its arguments and its arrays'
-        dtypes and sizes (plus the communicator settings a plan depends on)."""
+        dtypes and sizes (a change of settings forgets every call, see Epoch.configure)."""
         try:
             return self._fast.get(key)
         except TypeError:  # an unhashable argument (it fails the full path's checks, or is never cached)
@@ -776,61 +287,13 @@ class Communicator:
         try:
             # Inline only when no async work is queued (as _call; work queued
             # later by another thread is concurrent with this call anyway).
-            if (self._inflight or call.ccomm is not self._comm or self._broken or self._closed
-                    or self._aborted_epoch == self.epoch or faults.FAULTS_ARMED or self._client.needs_rejoin):
+            ep = self._epoch
+            if (self._inflight or call.ccomm is not ep.ccomm or ep.broken or ep.closed
+                    or ep.aborted_epoch == ep.number or faults.FAULTS_ARMED or ep.client.needs_rejoin):
                 return None
-            return self._launch(call, inptr, outptr, timeout)  # the exports keep the memory alive
+            return ep.launch(call, inptr, outptr, timeout)  # the exports keep the memory alive
         finally:
             self._exec_lock.release()
-
-    def _failure(self, st, peer, coll, ccomm=None, ident=None):
-        message = engine.last_error(ccomm or self._comm)
-        if st == lib.PC_ERR_ARG:  # bad arguments: nothing was sent, the mesh is intact
-            return engine.error(None, st, coll, peer, message)
-        self._broken = True
-        return self._explain(st, peer, coll, message, ident)
-
-    def _tag_failure(self, st, peer, coll, chan):
-        """A tagged call failed: the epoch re-forms at the next call; the
-        other channels' next calls report the failure (see _run_tagged)."""
-        message = engine.last_error(chan.ccomm)
-        if st == lib.PC_ERR_ARG:
-            return engine.error(None, st, f"{coll} (tag {chan.tag!r})", peer, message)
-        self._tag_broken = True
-        self._settled.add(chan.tag)
-        return self._explain(st, peer, f"{coll} (tag {chan.tag!r})", message, None)
-
-    def _explain(self, st, peer, coll, message, ident):
-        """The exception for a failed collective, on the coordinator's word."""
-        # Let everyone else abort now rather than at their timeout, and learn
-        # the cause (who was lost) so the error can name it.
-        info = consensus.report_epoch_failure(self, self.epoch, message, st, call=ident)
-        self._epoch_info = (self.epoch, info)
-        lost = info.get("lost") or []
-        cause = info.get("status")
-        if not lost and cause in _CAUSE_STATUSES and st != cause:
-            # Mismatched calls or a timeout elsewhere; we saw its echo (an aborted or
-            # closed connection): every rank raises the cause's kind in this same call.
-            message = f"{message}; coordinator: {info.get('why') or self._abort_reason}"
-            st = cause
-        elif lost or (self._aborted_epoch == self.epoch and st in (lib.PC_ERR_CANCELLED, lib.PC_ERR_PEER,
-                                                                  lib.PC_ERR_IO)):
-            message = f"{message}; coordinator: {info.get('why') or self._abort_reason}"
-            st = lib.PC_ERR_PEER
-        exc = engine.error(None, st, f"rank {self.rank} {coll} (epoch {self.epoch})", peer, message)
-        if isinstance(exc, Cancelled) and self._aborted_epoch == self.epoch:
-            exc = PeerFailure(str(exc), st, peer)
-        if isinstance(exc, PeerFailure) and lost:
-            exc.lost, exc.lost_names = tuple(info.get("lost_ranks", ())), tuple(lost)
-            exc.peer = exc.lost[0] if exc.lost else peer
-        if isinstance(exc, PeerFailure):
-            exc.retryable = bool(info.get("retry"))  # the coordinator's final word
-        if self._channels:
-            # Our report aborted the epoch (the coordinator tells only the others): every
-            # other channel's call fails too, and the idle ones owe it (see _carry_owed).
-            self._aborted_epoch = max(self._aborted_epoch, self.epoch)
-            self.cancel()
-        return exc
 
     def _call(self, fn, async_op, description, bufs=()):
         """Run fn now (sync) or queue it (async), keeping call order. ``bufs``
@@ -855,8 +318,8 @@ class Communicator:
     def _submit(self, fn, description, bufs=()):
         work = Work(description)
         with self._submit_lock:
-            # close() sets _closed before it stops the worker: nothing queued now would run
-            if not self._closed:
+            # close() closes the epoch before it stops the worker: nothing queued now would run
+            if not self._epoch.closed:
                 if self._worker is None:
                     self._queue = queue.Queue()
                     self._worker = threading.Thread(target=self._worker_loop, name="pycoll-worker", daemon=True)
@@ -865,7 +328,7 @@ class Communicator:
                 self._queue.put((fn, work, bufs))
                 return work
         self._run_pinned(lambda: None, bufs)  # unpin
-        work._finish(None, CollectiveError(f"{description}: communicator is closed"))
+        work.complete(None, CollectiveError(f"{description}: communicator is closed"))
         return work
 
     def _worker_loop(self):
@@ -883,7 +346,7 @@ class Communicator:
             del fn, bufs  # the caller's memory is theirs again
             with self._submit_lock:
                 self._inflight -= 1
-            work._finish(result, exc)
+            work.complete(result, exc)
             del work, result, exc
         # Closed: what was queued after the stop (a _submit racing close()) fails, never hangs.
         while True:
@@ -896,7 +359,7 @@ class Communicator:
                     self._inflight -= 1
             if item is not None:
                 self._run_pinned(lambda: None, item[2])
-                item[1]._finish(None, CollectiveError(f"{item[1].description}: communicator is closed"))
+                item[1].complete(None, CollectiveError(f"{item[1].description}: communicator is closed"))
 
     @staticmethod
     def _run_pinned(fn, bufs):
@@ -941,8 +404,7 @@ class Communicator:
         """
         key = None
         if type(arr) is _ndarray and not (async_op or retry or verify or tag is not None):  # repeat: to the engine
-            key = ("all_reduce", arr.dtype, arr.size, op, algorithm, dtype, compression, self.preserve_input,
-                   self.compression)
+            key = ("all_reduce", arr.dtype, arr.size, op, algorithm, dtype, compression)
             call = self._fast_call(key)
             if call is not None and self._fast_run(call, arr, arr, timeout, True) is not None:
                 return arr
@@ -959,7 +421,7 @@ class Communicator:
                 self._execute("all_reduce", buf, buf, buf.count, op, 0, algorithm, timeout, self.preserve_input,
                               compression, chan=chan)
             elif retry or verify:
-                consensus.run_agreed(self, lambda agree: self._execute(
+                consensus.run_agreed(self._epoch, lambda agree: self._execute(
                     "all_reduce", buf, buf, buf.count, op, 0, algorithm, timeout, True, compression, agree=agree),
                     retry, verify)
             else:
@@ -982,8 +444,7 @@ class Communicator:
         ``tag`` as for all_reduce."""
         key = None
         if type(send) is _ndarray and type(recv) is _ndarray and not (async_op or verify or tag is not None):
-            key = ("all_gather", send.dtype, send.size, recv.dtype, recv.size, algorithm, dtype, compression,
-                   self.compression)
+            key = ("all_gather", send.dtype, send.size, recv.dtype, recv.size, algorithm, dtype, compression)
             call = self._fast_call(key)
             if call is not None and self._fast_run(call, send, recv, timeout) is not None:
                 return recv
@@ -1002,7 +463,7 @@ class Communicator:
                 self._execute("all_gather", sb, rb, sb.count, "sum", 0, algorithm, timeout, False, compression,
                               chan=chan)
             elif verify:
-                consensus.run_agreed(self, lambda agree: self._execute(
+                consensus.run_agreed(self._epoch, lambda agree: self._execute(
                     "all_gather", sb, rb, sb.count, "sum", 0, algorithm, timeout, False, compression, agree=agree),
                     False, True)
             else:
@@ -1023,8 +484,8 @@ class Communicator:
         (``send`` holds world_size blocks of ``recv``'s size); ``tag`` as for all_reduce."""
         key = None
         if type(send) is _ndarray and type(recv) is _ndarray and not async_op and tag is None:
-            key = ("reduce_scatter", send.dtype, send.size, recv.dtype, recv.size, op, algorithm, dtype, compression,
-                   self.compression)
+            key = ("reduce_scatter", send.dtype, send.size, recv.dtype, recv.size, op, algorithm, dtype,
+                   compression)
             call = self._fast_call(key)
             if call is not None and self._fast_run(call, send, recv, timeout) is not None:
                 return recv
@@ -1058,7 +519,7 @@ class Communicator:
         to its new rank and fails (not retryable) if the root itself was lost."""
         key = None
         if type(arr) is _ndarray and type(root) is int and not (async_op or retry or verify or tag is not None):
-            key = ("broadcast", arr.dtype, arr.size, root, algorithm, dtype, self.preserve_input)
+            key = ("broadcast", arr.dtype, arr.size, root, algorithm, dtype)
             call = self._fast_call(key)
             if call is not None and self._fast_run(call, arr, arr, timeout, True) is not None:
                 return arr
@@ -1072,7 +533,7 @@ class Communicator:
                 self._execute("broadcast", buf, buf, buf.count, "sum", root, algorithm, timeout,
                               self.preserve_input, chan=chan)
             elif retry or verify:
-                consensus.run_agreed(self, lambda agree: self._execute(
+                consensus.run_agreed(self._epoch, lambda agree: self._execute(
                     "broadcast", buf, buf, buf.count, "sum", root, algorithm, timeout, True, agree=agree),
                     retry, verify, root=root)
             else:
@@ -1120,13 +581,7 @@ class Communicator:
     def cancel(self) -> None:
         """Cancel the collective running now (from any thread): it raises
         :class:`Cancelled` promptly and the group re-forms at the next call."""
-        with self._comm_lock:
-            for c in (self._comm, self._switch.hcomm if self._switch is not None else None):
-                if c is not None:
-                    engine.cancel(c)
-            for ch in self._channels.values():
-                if ch.ccomm is not None:
-                    engine.cancel(ch.ccomm)
+        self._epoch.cancel()
 
     # ---- shared state (pycoll.comm.shared_state) -----------------------------
     def sync_shared_state(self, state: dict, revision: int, *, timeout: Optional[float] = None,
@@ -1140,63 +595,65 @@ class Communicator:
         (``retry``, as for collectives). Raises InvalidArgument when peers
         disagree on names, dtypes or shapes.
         """
-        return shared_state.sync_shared_state(self, state, revision, timeout=timeout, retry=retry, threads=threads)
+        return shared_state.sync_shared_state(self._epoch, state, revision, timeout=timeout, retry=retry,
+                                              threads=threads)
 
     def verify_parity(self, state: dict, revision: int = 0, *, timeout: Optional[float] = None,
                       threads: int = 0) -> shared_state.ParityReport:
         """Check, without fixing, that every peer holds the same bytes: returns
         a ParityReport (``report.ok``). Every member must call it together."""
-        return shared_state.verify_parity(self, state, revision, timeout=timeout, threads=threads)
+        return shared_state.verify_parity(self._epoch, state, revision, timeout=timeout, threads=threads)
 
     # ---- measurement ---------------------------------------------------
     def stream_ring(self, nbytes: int, timeout: float = 60.0) -> float:
         """Raw transport ceiling: every rank streams nbytes to its right-hand
         neighbour while receiving as many from the left (no reduction).
         Returns seconds."""
+        ep = self._epoch
         with self._exec_lock:
-            self._ensure_ready()
-            st, secs = engine.stream_ring(self._comm, nbytes, timeout)
+            ep.ensure_ready()
+            st, secs = engine.stream_ring(ep.ccomm, nbytes, timeout)
             if st != lib.PC_OK:
-                raise self._failure(st, -1, "stream_ring")
+                raise ep.failure(st, -1, "stream_ring")
             return secs
 
     @property
     def bytes_sent(self) -> int:
         """Bytes this epoch's connections carried out of this peer."""
-        return engine.bytes_sent(self._comm)
+        return engine.bytes_sent(self._epoch.ccomm)
 
     @property
     def bytes_single_copy(self) -> int:
         """Bytes this peer copied straight out of same-host peers' memory this
         epoch (single copy, see ``single_copy``), instead of through a ring."""
-        return engine.bytes_single_copy(self._comm)
+        return engine.bytes_single_copy(self._epoch.ccomm)
 
     # ---- lifetime ------------------------------------------------------
     def close(self) -> None:
         """Leave the group and release every socket and buffer."""
-        if self._closed:
+        ep = self._epoch
+        if ep.closed:
             return
-        self._closed = True
+        ep.close()
         if self._worker is not None:
             self._queue.put(None)
-            self._worker.join(timeout=self.timeout)
-        try:
-            self._client.request({"t": "leave"}, timeout=2.0)
-        except CollectiveError:
-            pass
-        self._drop_comm()
-        self._listener.close()
+            self._worker.join(timeout=ep.options.timeout)
+        ep.leave()
         if self._coordinator is not None:
             self._linger_coordinator()
-        self._client.close()
+        ep.client.close()
+
+    def adopt_coordinator(self, coordinator) -> None:
+        """Host ``coordinator`` (a :class:`pycoll.control.coordinator.Coordinator` started in this
+        process, e.g. by the torch backend on rank 0): close() keeps it up until the other
+        members have left, then stops it."""
+        self._coordinator = coordinator
 
     def _linger_coordinator(self, limit=10.0):
         """We host the coordinator: keep it up until the others have left."""
         deadline = time.monotonic() + limit
         while time.monotonic() < deadline:
-            # standalone aggregators never leave on their own: they go when the workers have
-            if not any(m.alive and self._coordinator._switch_group(m) is None
-                       for m in list(self._coordinator.members.values())):
+            if not self._coordinator.workers_alive():
                 break
             time.sleep(0.02)
         self._coordinator.stop()
@@ -1209,22 +666,6 @@ class Communicator:
 
     def __repr__(self):
         return f"<pycoll.Communicator rank {self.rank} of {self.world_size}, epoch {self.epoch}>"
-
-
-@functools.lru_cache(maxsize=4096)
-def _digest(coll, dtype_code, op_code_, count, root, algorithm, codec="none"):
-    """32-bit digest of a collective's arguments, carried in every frame so
-    that mismatched calls across ranks are detected by the receiver."""
-    return zlib.crc32(struct.pack("<iiiQi8s4s", planners.COLLECTIVES[coll], dtype_code, op_code_, count, root,
-                                  algorithm.encode()[:8], codec.encode()[:4]))
-
-
-@functools.lru_cache(maxsize=4096)
-def _identity(coll, dtype_code, op, count, root, algorithm, compression):
-    """32-bit digest of a call as the caller wrote it (before ``auto`` chooses),
-    so that a rank can tell, without running anything, whether its call is
-    the one the others failed in."""
-    return zlib.crc32(repr((coll, dtype_code, str(op), count, root, str(algorithm), str(compression))).encode())
 
 
 class _Empty:

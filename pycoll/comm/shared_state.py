@@ -16,6 +16,10 @@ and checked against the majority, and are copied into ``state`` only after
 the whole group agreed that every transfer succeeded. If a peer dies
 meanwhile, the group re-forms and the sync starts over; a peer's arrays are
 never left half-written.
+
+The functions here take the communicator's :class:`pycoll.comm.epoch.Epoch`
+(``ep``): rounds and transfers are numbered by its sequence, run on its
+connections under its lock.
 """
 import dataclasses
 import threading
@@ -82,26 +86,25 @@ def _describe(state):
     return names, bufs, tensors
 
 
-def _round(comm, kind, revision, tensors, hashes, timeout):
-    skip = consensus.begin(comm)
-    comm._seq += 1
-    seq = comm._seq
+def _round(ep, kind, revision, tensors, hashes, timeout):
+    skip = consensus.begin(ep)
+    seq = ep.next_seq()
     if skip:
-        comm._broken = True
-        reply = consensus.report(comm, kind, seq, timeout, ok=False, why="epoch aborted before this call",
+        ep.mark_broken()
+        reply = consensus.report(ep, kind, seq, timeout, ok=False, why="epoch aborted before this call",
                                  status=lib.PC_ERR_CANCELLED)
     else:
-        reply = consensus.report(comm, kind, seq, timeout, revision=int(revision),
+        reply = consensus.report(ep, kind, seq, timeout, revision=int(revision),
                                  tensors=[t + [h] for t, h in zip(tensors, hashes)])
     if reply.get("decision") == "error":
-        raise InvalidArgument(f"rank {comm.rank}: {reply.get('why')}")
+        raise InvalidArgument(f"rank {ep.rank}: {reply.get('why')}")
     if reply.get("decision") == "abort":
-        comm._broken = True
-        raise consensus.abort_error(comm, f"{kind} round #{seq}", reply)
+        ep.mark_broken()
+        raise consensus.abort_error(ep, f"{kind} round #{seq}", reply)
     return seq, reply
 
 
-def _transfer(comm, names, bufs, reply, seq, timeout):
+def _transfer(ep, names, bufs, reply, seq, timeout):
     """Move the pieces this peer serves and fetches; returns {index: tmp}."""
     fetch = {idx: pieces for idx, pieces in reply["fetch"]}
     serve = {idx: items for idx, items in reply["serve"]}
@@ -114,27 +117,27 @@ def _transfer(comm, names, bufs, reply, seq, timeout):
     for idx in sorted(set(fetch) | set(serve)):
         b = bufs[idx]
         tmp = np.empty(b.nbytes if idx in fetch else 0, np.uint8)
-        plan = _p2p_plan(comm, idx, fetch.get(idx, ()), serve.get(idx, ()))
+        plan = _p2p_plan(ep, idx, fetch.get(idx, ()), serve.get(idx, ()))
         addrs = ffi.new("void *[2]", [ffi.cast("void *", b.address),
                                       ffi.cast("void *", tmp.__array_interface__["data"][0])])
         sizes = ffi.new("uint64_t[2]", [b.nbytes, tmp.nbytes])
         desc = zlib.crc32(f"state:{names[idx]}:{b.nbytes}".encode())
-        st = engine.run(comm._comm, plan, addrs, sizes, lib.PC_U8, lib.PC_SUM, seq, desc, timeout, failed)
+        st = engine.run(ep.ccomm, plan, addrs, sizes, lib.PC_U8, lib.PC_SUM, seq, desc, timeout, failed)
         lib.pc_plan_free(plan)
         if st != lib.PC_OK:
-            message = engine.last_error(comm._comm)
+            message = engine.last_error(ep.ccomm)
             return None, (st, message, int(failed[0]))
         if idx in fetch:
             tmps[idx] = tmp
     return tmps, None
 
 
-def _p2p_plan(comm, idx, fetch, serve):
+def _p2p_plan(ep, idx, fetch, serve):
     """A plan of this peer's sends (from IN = the tensor) and receives (into
     OUT = a temporary) for tensor ``idx``; both sides list a connection's
     pieces in the same order (by offset), which is all the engine needs."""
     out = ffi.new("pc_plan **")
-    st = lib.pc_plan_create(comm.world_size, comm.rank, out)
+    st = lib.pc_plan_create(ep.world_size, ep.rank, out)
     if st != lib.PC_OK:
         raise status_error(st, "cannot create a transfer plan")
     plan = out[0]
@@ -163,7 +166,7 @@ def _check(st):
         raise status_error(st, f"bad transfer plan (status {st})")
 
 
-def sync_shared_state(comm, state, revision, *, timeout=None, retry=True, threads=0):
+def sync_shared_state(ep, state, revision, *, timeout=None, retry=True, threads=0):
     """Make ``state`` bit-identical on every peer; returns a SyncResult.
 
     Every member must call it at the same point. Peers whose bytes differ
@@ -173,14 +176,14 @@ def sync_shared_state(comm, state, revision, *, timeout=None, retry=True, thread
     (``retry``, as for collectives). Raises InvalidArgument when peers
     disagree on names, dtypes or shapes.
     """
-    timeout = timeout if timeout is not None else comm.timeout
+    timeout = timeout if timeout is not None else ep.options.timeout
     names, bufs, tensors = _describe(state)
     t0 = time.perf_counter()
-    tries = consensus.attempts_for(comm, retry)
+    tries = consensus.attempts_for(ep, retry)
     for attempt in range(tries):
         try:
-            with comm._exec_lock:
-                result = _sync_once(comm, names, bufs, tensors, revision, timeout, threads)
+            with ep.exec_lock:
+                result = _sync_once(ep, names, bufs, tensors, revision, timeout, threads)
             result.attempts = attempt + 1
             result.seconds = time.perf_counter() - t0
             return result
@@ -190,13 +193,13 @@ def sync_shared_state(comm, state, revision, *, timeout=None, retry=True, thread
     raise AssertionError("unreachable")
 
 
-def _sync_once(comm, names, bufs, tensors, revision, timeout, threads):
+def _sync_once(ep, names, bufs, tensors, revision, timeout, threads):
     hashes = _hash_buffers(bufs, threads)
-    seq, plan = _round(comm, "state", revision, tensors, hashes, timeout)
+    seq, plan = _round(ep, "state", revision, tensors, hashes, timeout)
     result = SyncResult(int(plan["revision"]), [], 0, [], 0, {}, dict(plan.get("fetchers", {})), 1, 0.0)
     if not plan.get("transfer"):
         return result  # everyone already holds the majority bytes: one round trip, nothing else
-    tmps, failure = _transfer(comm, names, bufs, plan, seq, timeout)
+    tmps, failure = _transfer(ep, names, bufs, plan, seq, timeout)
     fields = {"ok": True}
     if failure is None:
         majority = plan["majority"]
@@ -206,15 +209,14 @@ def _sync_once(comm, names, bufs, tensors, revision, timeout, threads):
             fields = {"ok": False, "why": f"received bytes of {bad[:4]} do not match the majority hash",
                       "status": lib.PC_ERR_PROTO}
     else:
-        comm._broken = True
+        ep.mark_broken()
         fields = {"ok": False, "why": failure[1], "status": int(failure[0])}
-    comm._seq += 1
-    reply = consensus.report(comm, "collective", comm._seq, timeout, **fields)
+    reply = consensus.report(ep, "collective", ep.next_seq(), timeout, **fields)
     if reply.get("decision") != "commit":
-        comm._broken = True
+        ep.mark_broken()
         if failure is None and not fields["ok"]:
-            raise ParityError(f"rank {comm.rank}: {fields['why']}")
-        raise consensus.abort_error(comm, "sync_shared_state transfer", reply,
+            raise ParityError(f"rank {ep.rank}: {fields['why']}")
+        raise consensus.abort_error(ep, "sync_shared_state transfer", reply,
                                     failure[0] if failure else None, failure[1] if failure else "")
     for i, tmp in tmps.items():  # the group agreed: now write the state
         if tmp.nbytes:
@@ -229,14 +231,14 @@ def _sync_once(comm, names, bufs, tensors, revision, timeout, threads):
     return result
 
 
-def verify_parity(comm, state, revision=0, *, timeout=None, threads=0):
+def verify_parity(ep, state, revision=0, *, timeout=None, threads=0):
     """Check, without fixing, that every peer holds the same bytes: returns
     a ParityReport (``report.ok``). Every member must call it together."""
-    timeout = timeout if timeout is not None else comm.timeout
+    timeout = timeout if timeout is not None else ep.options.timeout
     names, bufs, tensors = _describe(state)
-    with comm._exec_lock:
+    with ep.exec_lock:
         hashes = _hash_buffers(bufs, threads)
-        _, reply = _round(comm, "parity", revision, tensors, hashes, timeout)
+        _, reply = _round(ep, "parity", revision, tensors, hashes, timeout)
     differ = {k: list(v) for k, v in reply["differ"].items()}
     majority = dict(reply["majority"])
     behind = list(reply["behind"])

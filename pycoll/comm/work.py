@@ -20,7 +20,9 @@ class Work:
         self._callbacks = []
         self._lock = threading.Lock()
 
-    def _finish(self, result=None, exc=None):
+    def complete(self, result=None, exc=None):
+        """Mark the work done with its result, or the exception it failed with: called once,
+        by whoever ran it (the communicator's worker thread, the torch backend)."""
         with self._lock:
             self._result, self._exc = result, exc
             self._done.set()

@@ -770,6 +770,12 @@ class Coordinator:
         return {r: {"decision": "state", "fetch": plan["fetch"][r], "serve": plan["serve"][r], **shared}
                 for r in by_rank}
 
+    def workers_alive(self):
+        """Whether a worker (a member that is not a standalone aggregator) is still alive: the
+        communicator that hosts this coordinator keeps it up until none is (aggregators never
+        leave on their own: they go when the workers have)."""
+        return any(m.alive and self._switch_group(m) is None for m in list(self.members.values()))
+
     # ---- epochs --------------------------------------------------------
     @staticmethod
     def _switch_group(m):

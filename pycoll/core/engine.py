@@ -17,7 +17,7 @@ OK = lib.PC_OK
 # ---- per call: the C functions themselves (no Python frame in between) ------------------------
 #: run(comm, plan, bufs, sizes, dtype, op, seq, desc, timeout, failed) -> status: a whole plan
 run = lib.pc_comm_run
-#: clear_cancel(comm): re-arm a comm before a run (a cancel before it still counts, see comm._launch)
+#: clear_cancel(comm): re-arm a comm before a run (a cancel before it still counts, see Epoch.launch)
 clear_cancel = lib.pc_comm_clear_cancel
 #: cancel(comm): thread-safe; the running (or next) run returns PC_ERR_CANCELLED promptly
 cancel = lib.pc_comm_cancel

@@ -27,6 +27,8 @@ import re
 import socket
 from dataclasses import dataclass
 
+from pycoll.errors import InvalidArgument
+from pycoll.options import environ, parse_stripes
 from pycoll.units import parse_bandwidth, parse_duration
 
 #: Fraction of a socket buffer TCP keeps in flight (measured here: one
@@ -175,24 +177,33 @@ def set_keepalive(fds, stall_timeout):
 
 
 def resolve_stripes(stripes, options):
-    """For pycoll.init/connect: turn ``stripes`` (an int, "auto", or None for
-    $PYCOLL_STRIPES, else "auto" when a link or topology is known, else 1)
-    plus the ``link=``/``topology=`` options (or $PYCOLL_LINK /
-    $PYCOLL_TOPOLOGY) into (stripes, remaining options); "auto" also fills
-    in ``sockbuf`` unless given."""
+    """Turn ``stripes`` (an int, "auto", or None for $PYCOLL_STRIPES, else "auto" when a link or
+    topology is known, else 1) plus the ``link=``/``topology=`` options (or $PYCOLL_LINK /
+    $PYCOLL_TOPOLOGY) into (stripes, remaining options); "auto" also fills in ``sockbuf`` unless
+    given. (``pycoll aggregator`` resolves its stripes as the workers do; pycoll.init and
+    pycoll.connect resolve theirs in :class:`pycoll.options.Options`, then :func:`settle`.)"""
     options = dict(options)
-    link = options.pop("link", None) or os.environ.get("PYCOLL_LINK")
-    topology = options.get("topology") or os.environ.get("PYCOLL_TOPOLOGY")  # the communicator uses it too
+    link = options.pop("link", None) or environ("PYCOLL_LINK")
+    topology = options.get("topology") or environ("PYCOLL_TOPOLOGY")  # the communicator uses it too
     if stripes is None:  # default: from the links when we know them, else one connection
-        stripes = os.environ.get("PYCOLL_STRIPES") or ("auto" if (link or topology) else 1)
-    if isinstance(stripes, str) and stripes.strip().lower() == "auto":
+        stripes = environ("PYCOLL_STRIPES") or ("auto" if (link or topology) else 1)
+    stripes = parse_stripes(stripes)
+    if stripes == "auto":
         auto = comm_options(link=link, topology=topology)
         options.setdefault("sockbuf", auto["sockbuf"])
         return auto["stripes"], options
-    try:
-        stripes = int(stripes)
-    except (TypeError, ValueError):
-        raise ValueError(f"stripes must be a positive integer or 'auto', got {stripes!r}") from None
-    if not 1 <= stripes <= 64:
-        raise ValueError(f"stripes must be in [1, 64], got {stripes}")
     return stripes, options
+
+
+def settle(options):
+    """``options`` (:class:`pycoll.options.Options`) with ``stripes="auto"`` turned into the
+    stripes and socket buffers its ``link`` or ``topology`` needs (:func:`comm_options`; a
+    ``sockbuf`` given stays), and a ``sockbuf`` not given made 0 (the kernel's)."""
+    if options.stripes == "auto":
+        try:
+            auto = comm_options(link=options.link, topology=options.topology)
+        except ValueError as exc:
+            raise InvalidArgument(str(exc)) from None
+        return options.replace(stripes=auto["stripes"],
+                               sockbuf=auto["sockbuf"] if options.sockbuf is None else options.sockbuf)
+    return options if options.sockbuf is not None else options.replace(sockbuf=0)

@@ -36,8 +36,9 @@ import time
 
 from pycoll import auth
 from pycoll.core.native import check, ffi, lib
-from pycoll.errors import CollectiveError, InvalidArgument, PeerFailure
+from pycoll.errors import CollectiveError, PeerFailure
 from pycoll.limits import resolve
+from pycoll.options import TRANSPORTS, environ, parse_single_copy, parse_transport  # noqa: F401 - TRANSPORTS: public here too
 
 log = logging.getLogger("pycoll.mesh")
 
@@ -47,48 +48,30 @@ ACK = b"PCOK"
 HELLO_VERSION = 2  # 2: challenge-response authentication
 HANDSHAKE_TIMEOUT = 5.0  # default of Limits.handshake_timeout
 GREETING = HELLO.size + auth.RESPONSE_BYTES  # what the acceptor reads: hello + response
-TRANSPORTS = ("auto", "shm", "tcp")
 SHM_RING_BYTES = 1 << 20  # per direction and connection; PYCOLL_SHM_RING overrides
 
 
 def transport_mode(value=None):
-    """The transport policy: ``value``, else $PYCOLL_TRANSPORT, else "auto"."""
-    mode = (value or os.environ.get("PYCOLL_TRANSPORT") or "auto").lower()
-    if mode not in TRANSPORTS:
-        raise InvalidArgument(f"transport {mode!r} is not one of {', '.join(TRANSPORTS)}")
-    return mode
+    """The transport policy: ``value``, else $PYCOLL_TRANSPORT, else "auto" (checked by
+    :func:`pycoll.options.parse_transport`)."""
+    if value:
+        return parse_transport(value)
+    return environ("PYCOLL_TRANSPORT") or "auto"
 
 
 def shm_ring_bytes():
-    """Ring size per direction of a shared-memory connection (a power of two)."""
-    v = os.environ.get("PYCOLL_SHM_RING")
-    if not v:
-        return SHM_RING_BYTES
-    try:
-        n = int(v)
-    except ValueError:
-        raise InvalidArgument(f"PYCOLL_SHM_RING={v!r} is not an integer") from None
-    if n < 65536 or n & (n - 1):
-        raise InvalidArgument(f"PYCOLL_SHM_RING={n} must be a power of two >= 65536")
-    return n
+    """Ring size per direction of a shared-memory connection (a power of two): $PYCOLL_SHM_RING,
+    else 1 MiB."""
+    return environ("PYCOLL_SHM_RING") or SHM_RING_BYTES
 
 
 def single_copy_bytes(value=None):
     """Smallest payload sent single-copy to a same-host peer (see
-    pc_comm_set_single_copy): ``value``, else $PYCOLL_SINGLE_COPY, else the C
-    default; 0 turns single copy off."""
-    v = value if value is not None else os.environ.get("PYCOLL_SINGLE_COPY")
-    if v is None or v == "":
-        return lib.PC_SINGLE_COPY_DEFAULT
-    if isinstance(v, str) and v.lower() in ("off", "no", "false"):
-        return 0
-    try:
-        n = int(v)
-    except (TypeError, ValueError):
-        raise InvalidArgument(f"single copy threshold {v!r} is not a byte count (or 0 / off)") from None
-    if n < 0:
-        raise InvalidArgument(f"single copy threshold {n} is negative")
-    return n
+    pc_comm_set_single_copy): ``value`` (checked by :func:`pycoll.options.parse_single_copy`),
+    the C default when None; 0 turns single copy off. (The communicator's comes from its
+    options: the argument, else $PYCOLL_SINGLE_COPY.)"""
+    n = parse_single_copy(value)
+    return lib.PC_SINGLE_COPY_DEFAULT if n is None else n
 
 
 def local_peers(members, rank, mode):

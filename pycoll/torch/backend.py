@@ -44,7 +44,6 @@ new process group, or use :class:`pycoll.Communicator` directly for elastic trai
 import atexit
 import datetime
 import logging
-import os
 import queue
 import threading
 
@@ -56,6 +55,7 @@ from pycoll import group as _group
 from pycoll.control.coordinator import Coordinator
 from pycoll.errors import CollectiveError, CoordinatorError, InvalidArgument, PeerFailure
 from pycoll.comm.work import Work
+from pycoll.options import environ
 
 __all__ = ["BACKEND", "ProcessGroupPycoll", "register", "compression_hook", "communicator", "create_process_group"]
 
@@ -369,11 +369,11 @@ class ProcessGroupPycoll(dist.ProcessGroup):
                 w = Work(what)
                 try:
                     call(False)
-                    w._finish(None)
+                    w.complete(None)
                 except InvalidArgument:
                     raise  # bad arguments: raise here, as the async path does
                 except Exception as exc:  # noqa: BLE001 - reported through wait()
-                    w._finish(None, exc)
+                    w.complete(None, exc)
                 pworks.append(w)
         else:
             pworks = [call(True) for call in calls]
@@ -567,7 +567,7 @@ def create_process_group(store, rank, size, timeout):
     ``new_group(backend="pycoll")``: rendezvous through ``store``, then a
     pycoll communicator with the same ranks."""
     timeout_s = timeout.total_seconds() if isinstance(timeout, datetime.timedelta) else float(timeout)
-    addr = os.environ.get("MASTER_ADDR", "127.0.0.1")
+    addr = environ("MASTER_ADDR") or "127.0.0.1"
     coordinator = None
     if rank == 0:
         try:
@@ -587,7 +587,8 @@ def create_process_group(store, rank, size, timeout):
         if coordinator is not None:
             coordinator.stop()
         raise
-    comm._coordinator = coordinator  # rank 0: close() keeps it up until the others have left
+    if coordinator is not None:
+        comm.adopt_coordinator(coordinator)  # rank 0: close() keeps it up until the others have left
     log.info("pycoll process group: rank %d of %d, coordinator %s", rank, size, where)
     return ProcessGroupPycoll(comm, rank, size, timeout_s)
 
@@ -600,7 +601,9 @@ def register():
 def communicator(group=None):
     """The :class:`pycoll.Communicator` behind a pycoll process group
     (default: the default group), e.g. for ``communicator().stats``."""
-    pg = group if group is not None else dist.distributed_c10d._get_default_group()
+    if group is None and not dist.is_initialized():
+        raise InvalidArgument("no default process group: call torch.distributed.init_process_group(\"pycoll\") first")
+    pg = group if group is not None else dist.group.WORLD
     if not isinstance(pg, ProcessGroupPycoll):
         raise InvalidArgument(f"{pg!r} is not a pycoll process group")
     return pg.communicator

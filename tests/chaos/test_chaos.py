@@ -85,7 +85,7 @@ def chaos_worker(comm, outdir, steps, initial):
         logf.write(json.dumps(kw) + "\n")
 
     log(event="admitted", epoch=comm.epoch, rank=comm.rank, world_size=comm.world_size,
-        port=comm._listener.addr[1], pid=os.getpid(), t=time.time())
+        port=comm.epoch_state.listener.addr[1], pid=os.getpid(), t=time.time())
     params = np.zeros(DIM)
     revision = 0 if initial else -1
     state = {"params": params}

@@ -125,7 +125,7 @@ def _workers_through_switches(comm):
     assert comm.world_size == 4
     out = run_cases_algorithms(comm, CASES)
     # the all-reduces really went through the switches' mesh (no one may bypass them)
-    return out, comm.aggregators, lib.pc_comm_bytes_sent(comm._switch.hcomm)
+    return out, comm.aggregators, lib.pc_comm_bytes_sent(comm.epoch_state.switch.hcomm)
 
 
 @pytest.mark.timeout(180)

@@ -84,14 +84,14 @@ def test_every_algorithm_bit_exact(n, transport, tmp_path):
 
 def _auto_choices(comm, sizes):
     # measured when the epoch was installed, before this first call: choosing runs no collective
-    assert comm._selector_for_epoch().model().source == "measured"
-    seq = comm._seq
+    assert comm.epoch_state.selector().model().source == "measured"
+    seq = comm.epoch_state.seq
     out = []
     for s in sizes:
         x = np.ones(s // 4, np.float32)
         comm.all_reduce(x)
         out.append((comm.stats[-1].algorithm, float(x[0]) if len(x) else None))
-    assert comm._seq == seq + len(sizes)  # one collective per call: none of them calibrated
+    assert comm.epoch_state.seq == seq + len(sizes)  # one collective per call: none of them calibrated
     return out
 
 

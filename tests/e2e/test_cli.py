@@ -447,10 +447,16 @@ def test_bench_plot_log_scale_and_a_legend_that_hides_no_line(tmp_path):
 
 
 def test_bad_timeout_settings_do_not_break_help():
-    """--help never loads the communicator (``import pycoll`` keeps it for first use)."""
+    """Read when a communicator's options are resolved (pycoll.options), not at import: --help
+    never sees them, and pycoll.init names the variable in one InvalidArgument."""
     for name in ("PYCOLL_TIMEOUT", "PYCOLL_STALL_TIMEOUT"):
-        r = pycoll_cmd("--help", env=dict(os.environ, **{name: "soon"}))
+        env = dict(os.environ, **{name: "soon"})
+        r = pycoll_cmd("--help", env=env)
         assert r.returncode == 0 and _no_traceback(r) and name not in r.stderr, r.stderr
+        r = subprocess.run([sys.executable, "-c", "import pycoll; pycoll.init(rank=0, world_size=1, master_port=1)"],
+                           env=env, capture_output=True, text=True, timeout=60)
+        last = r.stderr.strip().splitlines()[-1]
+        assert r.returncode != 0 and "InvalidArgument" in last and f"{name}='soon'" in last, r.stderr
 
 
 def test_init_names_a_bad_master_port_setting():

@@ -585,7 +585,7 @@ def _agreed_through_switches(comm):
 
 def lib_bytes(comm):
     from pycoll.core.native import lib
-    return lib.pc_comm_bytes_sent(comm._switch.hcomm)
+    return lib.pc_comm_bytes_sent(comm.epoch_state.switch.hcomm)
 
 
 @pytest.mark.timeout(180)

@@ -78,7 +78,7 @@ def _loss_while_calibrating(comm):
             out.append(float(x[0]))
         except pycoll.PeerFailure:
             out.append("failed")
-    return out, comm.world_size, comm.epoch, comm._selector_for_epoch().model().source
+    return out, comm.world_size, comm.epoch, comm.epoch_state.selector().model().source
 
 
 @pytest.mark.timeout(120)

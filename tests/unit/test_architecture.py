@@ -1,7 +1,8 @@
 """The house in layers: ``lint-imports`` checks the contracts in ``.importlinter`` (imports only go
 down, only the tools import pycoll.testing, planning never reaches the network), and a broken
 copy of the package proves that the contracts bite. One engine boundary: only pycoll.core.engine calls
-the C communicator (``lib.pc_comm_*``)."""
+the C communicator (``lib.pc_comm_*``). No module reads or writes another object's underscore
+attributes (the communicator's state is its Epoch's, reached through the Epoch's public interface)."""
 import ast
 import os
 import re
@@ -133,3 +134,58 @@ def test_the_lazy_names_are_the_real_ones():
     assert (pycoll.init, pycoll.connect, pycoll.Communicator) == (init, connect, Communicator)
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         pycoll.nope  # noqa: B018
+
+
+# ---- no module reaches into another object's private state ------------------------------------
+# ``X._name`` is allowed only for these, each for a reason (the standard library's and cffi's
+# public API spelled with an underscore, or a third party's private name with no public one).
+PRIVATE_ALLOWED = {
+    ("os", "_exit"): "leave a forked child without running the parent's cleanup (pycoll.launcher)",
+    (None, "_replace"): "namedtuple's public API (agreement.Outcome)",
+    (None, "_fields"): "namedtuple's public API",
+    (None, "_asdict"): "namedtuple's public API",
+}
+
+
+def _private_uses(package):
+    """[(file, line, text)] for every ``X._name`` (read, write or call; not ``__dunder__``) where X
+    is not ``self`` or ``cls`` and the use is not in PRIVATE_ALLOWED (``None``: any object), plus
+    ``getattr``/``setattr``/``hasattr``/``delattr`` with such a name on such an object."""
+    found = []
+    for path in sorted(Path(package).rglob("*.py")):
+        rel = path.relative_to(package).as_posix()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Attribute):
+                target, attr = node.value, node.attr
+            elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+                  and node.func.id in ("getattr", "setattr", "hasattr", "delattr") and len(node.args) >= 2
+                  and isinstance(node.args[1], ast.Constant) and isinstance(node.args[1].value, str)):
+                target, attr = node.args[0], node.args[1].value
+            else:
+                continue
+            if not attr.startswith("_") or (attr.startswith("__") and attr.endswith("__")):
+                continue
+            owner = target.id if isinstance(target, ast.Name) else None
+            if owner in ("self", "cls") or (owner, attr) in PRIVATE_ALLOWED or (None, attr) in PRIVATE_ALLOWED:
+                continue
+            found.append((rel, node.lineno, ast.unparse(node)))
+    return found
+
+
+def test_no_module_reads_another_objects_private_attributes():
+    assert _private_uses(ROOT / "pycoll") == []
+
+
+@pytest.mark.parametrize("module, line, text", [
+    ("comm/shared_state.py", "def f(comm):\n    comm._seq += 1", "comm._seq"),               # the old way, a write
+    ("group.py", "def f(comm):\n    return comm._epoch.seq", "comm._epoch"),                 # a read
+    ("comm/agreement.py", "def f(ep):\n    return ep.client._sock", "ep.client._sock"),      # deeper down
+    ("torch/backend.py", "def f(comm):\n    return getattr(comm, '_epoch')", "getattr(comm, '_epoch')"),  # by name
+    ("comm/communicator.py", "def f(self):\n    return self._epoch._owed", "self._epoch._owed"),  # self's own, another's
+])
+def test_the_private_attribute_scan_bites(tmp_path, module, line, text):
+    """An underscore attribute of another object, injected into a copy of the package, is found."""
+    shutil.copytree(ROOT / "pycoll", tmp_path / "pycoll", ignore=shutil.ignore_patterns("__pycache__", "*.so", "*.c"))
+    target = tmp_path / "pycoll" / module
+    target.write_text(target.read_text() + "\n" + line + "\n")
+    assert [(f, t) for f, _, t in _private_uses(tmp_path / "pycoll")] == [(module, text)]
