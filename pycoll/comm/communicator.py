@@ -18,7 +18,6 @@ the public API over it, its fast path, async work and tags' threads.
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
 from typing import Any, Optional, Union
@@ -30,7 +29,7 @@ from pycoll import options as _options
 from pycoll.comm import agreement as consensus
 from pycoll.comm import shared_state
 from pycoll.comm.epoch import Epoch, identity
-from pycoll.comm.work import Work
+from pycoll.comm.work import CallOrderExecutor, Work
 from pycoll.core import engine
 from pycoll.core.native import ffi, lib
 from pycoll.core.buffers import as_buffer
@@ -77,9 +76,8 @@ class Communicator:
         self._exec_lock = ep.exec_lock
         self._fast = ep.fast        # call key -> Call of this epoch (see _fast_run; the epoch clears it)
         self._submit_lock = threading.Lock()
-        self._queue = None
-        self._worker = None
-        self._inflight = 0
+        self._executor = CallOrderExecutor("pycoll-worker", on_done=self._queued_done)
+        self._inflight = 0  # calls queued on the executor and not finished
         self._threads_seen = {}     # untagged calls in flight at once: warned once per thread pair
         self._holder = None         # thread id of the untagged call running now (see _contended)
 
@@ -186,7 +184,7 @@ class Communicator:
         order across ranks, which differs between ranks when threads race, so
         say so (once per pair of threads), then wait for our turn."""
         holder, me = self._holder, _thread_id()
-        worker = self._worker.ident if self._worker is not None else None
+        worker = self._executor.thread_id
         if holder is not None and holder != me and holder != worker:
             names = {t.ident: t.name for t in threading.enumerate()}
             pair = (names.get(holder, f"thread {holder}"), names.get(me, f"thread {me}"))
@@ -316,50 +314,25 @@ class Communicator:
         return self._submit(fn, description, bufs)
 
     def _submit(self, fn, description, bufs=()):
-        work = Work(description)
+        """Queue fn behind the async work already queued (one thread, call order)."""
         with self._submit_lock:
-            # close() closes the epoch before it stops the worker: nothing queued now would run
+            # close() closes the epoch before it stops the executor: nothing queued now would run
             if not self._epoch.closed:
-                if self._worker is None:
-                    self._queue = queue.Queue()
-                    self._worker = threading.Thread(target=self._worker_loop, name="pycoll-worker", daemon=True)
-                    self._worker.start()
                 self._inflight += 1
-                self._queue.put((fn, work, bufs))
-                return work
+                return Work(description, self._executor.submit(self._run_queued, fn, bufs))
         self._run_pinned(lambda: None, bufs)  # unpin
+        work = Work(description)
         work.complete(None, CollectiveError(f"{description}: communicator is closed"))
         return work
 
-    def _worker_loop(self):
-        while True:
-            item = self._queue.get()
-            if item is None:
-                break
-            fn, work, bufs = item
-            del item
-            with self._exec_lock:
-                try:
-                    result, exc = self._run_pinned(fn, bufs), None
-                except BaseException as e:  # noqa: BLE001 - handed to the waiter
-                    result, exc = None, e
-            del fn, bufs  # the caller's memory is theirs again
-            with self._submit_lock:
-                self._inflight -= 1
-            work.complete(result, exc)
-            del work, result, exc
-        # Closed: what was queued after the stop (a _submit racing close()) fails, never hangs.
-        while True:
-            with self._submit_lock:
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    return
-                if item is not None:
-                    self._inflight -= 1
-            if item is not None:
-                self._run_pinned(lambda: None, item[2])
-                item[1].complete(None, CollectiveError(f"{item[1].description}: communicator is closed"))
+    def _run_queued(self, fn, bufs):
+        with self._exec_lock:
+            return self._run_pinned(fn, bufs)
+
+    def _queued_done(self):
+        """The executor finished (or dropped) one queued call: the next sync call may run inline."""
+        with self._submit_lock:
+            self._inflight -= 1
 
     @staticmethod
     def _run_pinned(fn, bufs):
@@ -635,9 +608,7 @@ class Communicator:
         if ep.closed:
             return
         ep.close()
-        if self._worker is not None:
-            self._queue.put(None)
-            self._worker.join(timeout=ep.options.timeout)
+        self._executor.shutdown(wait=True, timeout=ep.options.timeout)
         ep.leave()
         if self._coordinator is not None:
             self._linger_coordinator()
