@@ -174,8 +174,8 @@ pc_status pc_comm_create_mixed(int32_t rank, int32_t nranks, int32_t stripes, co
             continue;
         }
         st = PC_ERR_NOMEM;
-        c->conns[i] = shm ? pc_shm_conn(fds[i], shm_fds + 3 * i, rank < peer ? 0 : 1, &st)
-                          : pc_tcp_conn(fds[i], sockbuf_bytes);
+        c->conns[i] = pc_conn_open(shm ? PC_CONN_SHM : PC_CONN_TCP, fds[i], shm ? shm_fds + 3 * i : NULL,
+                                   rank < peer ? 0 : 1, sockbuf_bytes, &st);
         if (!c->conns[i]) {
             /* fds from i on are not owned by a conn yet */
             close_from(i, nconn, stripes, rank, fds, shm_fds);

@@ -59,6 +59,11 @@ struct pc_conn {
     void *impl;
 };
 
+/* A connection of `kind` (PC_CONN_TCP or PC_CONN_SHM) over `fd`; `shm_fds` (3 fds) and `side`
+ * for shared memory, `sockbuf_bytes` for TCP. NULL on failure, with *st set for shm. The engine
+ * opens every connection through this, never through a concrete transport. */
+pc_conn *pc_conn_open(int32_t kind, int fd, const int32_t *shm_fds, int side, int sockbuf_bytes, pc_status *st);
+
 /* Wraps a connected TCP socket (takes ownership of fd). */
 pc_conn *pc_tcp_conn(int fd, int sockbuf_bytes);
 

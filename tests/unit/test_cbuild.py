@@ -142,3 +142,16 @@ def test_c_room_rule_bites(tmp_path):
     planner = tmp_path / "csrc" / "plan" / "plan_ring.c"
     planner.write_text('#include "transport.h"\n' + planner.read_text())
     assert _include_violations(tmp_path / "csrc") == [("plan/plan_ring.c", "transport.h")]
+
+
+def _concrete_transport_names(engine_source):
+    """The concrete transports' functions (pc_tcp_*, pc_shm_*) named in the engine's code."""
+    code = re.sub(r"/\*.*?\*/|//[^\n]*", "", engine_source, flags=re.S)
+    return sorted(set(re.findall(r"\bpc_(?:tcp|shm)_\w+", code)))
+
+
+def test_the_engine_never_names_a_concrete_transport():
+    """The engine opens connections by kind (transport/transport.c: pc_conn_open) and drives them
+    through the table of functions in transport.h."""
+    assert _concrete_transport_names((CSRC / "core" / "engine.c").read_text()) == []
+    assert _concrete_transport_names('c = pc_shm_conn(fd, f, 0, &st); /* pc_tcp_conn */') == ["pc_shm_conn"]
