@@ -356,6 +356,8 @@ class ProcessGroupPycoll(dist.ProcessGroup):
         self.communicator = comm
         self._timeout_s = timeout_s
         self._state = _GroupState(comm, rank, size)
+        self._group_name = ""
+        self._group_desc = ""
         _LIVE.add(self._state)
 
     def _run(self, what, calls, outputs, post=None, opts=None):
@@ -530,6 +532,24 @@ class ProcessGroupPycoll(dist.ProcessGroup):
     def name(self):
         """``"pycoll"``."""
         return BACKEND
+
+    # torch names every group (``_new_process_group_helper`` calls ``_set_group_name``) and
+    # finds it by that name: ``pg.group_name``, ``destroy_process_group(pg)``, DeviceMesh,
+    # DTensor and the functional collectives. C++'s ProcessGroup keeps the name on its
+    # registered c10d Backend objects, and a Python class cannot be one (torch's Backend
+    # has no Python constructor), so the group keeps its name itself: these four are the
+    # virtuals torch's Python-group trampoline (PyProcessGroup) forwards to Python.
+    def getGroupName(self):
+        return self._group_name
+
+    def setGroupName(self, name):
+        self._group_name = name
+
+    def getGroupDesc(self):
+        return self._group_desc
+
+    def setGroupDesc(self, desc):
+        self._group_desc = desc
 
     def shutdown(self):
         """Leave the pycoll group (``dist.destroy_process_group`` calls this)."""
