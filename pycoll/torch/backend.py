@@ -414,20 +414,40 @@ class ProcessGroupPycoll(dist.ProcessGroup):
 
     def all_gather_single(self, output, input, opts=None):
         """``dist.all_gather_single`` / ``all_gather_into_tensor``."""
+        self._check_gather_single(output, input)
+        return self._gather(input, output, opts, "all_gather", [output])
+
+    _allgather_base = all_gather_single
+
+    def all_gather_single_coalesced(self, outputs, inputs, opts=None):
+        """``all_gather_into_tensor`` of several tensors in one work (FSDP2; DTensor's
+        functional collectives reach every all_gather_into_tensor through this)."""
+        # One pycoll all_gather per tensor, queued back to back inside one torch Work:
+        # correct, but not one fused call (the C core has no coalesced plan yet).
+        if len(outputs) != len(inputs):
+            raise InvalidArgument(f"pycoll backend: all_gather_into_tensor_coalesced got {len(outputs)} "
+                                  f"outputs for {len(inputs)} inputs")
+        for out, inp in zip(outputs, inputs):
+            self._check_gather_single(out, inp)
+        calls = [self._gather_call(inp, out, opts) for out, inp in zip(outputs, inputs)]
+        return self._run("all_gather", calls, list(outputs), opts=opts)
+
+    allgather_into_tensor_coalesced = all_gather_single_coalesced  # torch's older name
+
+    def _check_gather_single(self, output, input):
         _check_tensor(input, "all_gather input")
         _check_tensor(output, "all_gather output")
         if output.dtype != input.dtype or output.numel() != input.numel() * self.size():
             raise InvalidArgument(f"pycoll backend: all_gather output must be {input.dtype} x "
                                   f"{input.numel() * self.size()} (world size x input), got "
                                   f"{output.dtype} x {output.numel()}")
-        return self._gather(input, output, opts, "all_gather", [output])
 
-    _allgather_base = all_gather_single
+    def _gather_call(self, inp, flat, opts):
+        comm, timeout = self.communicator, _timeout_s(opts, self._timeout_s)
+        return lambda a: comm.all_gather(inp, flat, timeout=timeout, dtype=_DTYPES[inp.dtype], async_op=a)
 
     def _gather(self, inp, flat, opts, what, outputs, post=None):
-        comm, timeout = self.communicator, _timeout_s(opts, self._timeout_s)
-        call = lambda a: comm.all_gather(inp, flat, timeout=timeout, dtype=_DTYPES[inp.dtype], async_op=a)  # noqa: E731
-        return self._run(what, [call], outputs, post, opts)
+        return self._run(what, [self._gather_call(inp, flat, opts)], outputs, post, opts)
 
     def reduce_scatter(self, output_tensors, input_tensors, opts=None):
         """``dist.reduce_scatter``: a list of world_size input tensors."""
@@ -446,22 +466,41 @@ class ProcessGroupPycoll(dist.ProcessGroup):
 
     def reduce_scatter_single(self, output, input, opts=None):
         """``dist.reduce_scatter_single`` / ``reduce_scatter_tensor``."""
+        self._check_scatter_single(output, input)
+        return self._scatter(output, input, opts, [output])
+
+    _reduce_scatter_base = reduce_scatter_single
+
+    def reduce_scatter_single_coalesced(self, outputs, inputs, opts=None):
+        """``reduce_scatter_tensor`` of several tensors in one work (DTensor's functional
+        collectives reach every reduce_scatter_tensor through this)."""
+        # One pycoll reduce_scatter per tensor inside one torch Work (no fused plan yet).
+        if len(outputs) != len(inputs):
+            raise InvalidArgument(f"pycoll backend: reduce_scatter_tensor_coalesced got {len(outputs)} "
+                                  f"outputs for {len(inputs)} inputs")
+        for out, inp in zip(outputs, inputs):
+            self._check_scatter_single(out, inp)
+        calls = [self._scatter_call(out, inp, opts) for out, inp in zip(outputs, inputs)]
+        return self._run("reduce_scatter", calls, list(outputs), opts=opts)
+
+    reduce_scatter_tensor_coalesced = reduce_scatter_single_coalesced  # torch's older name
+
+    def _check_scatter_single(self, output, input):
         _check_tensor(input, "reduce_scatter input")
         _check_tensor(output, "reduce_scatter output")
         if output.dtype != input.dtype or input.numel() != output.numel() * self.size():
             raise InvalidArgument(f"pycoll backend: reduce_scatter input must be {output.dtype} x "
                                   f"{output.numel() * self.size()} (world size x output), got "
                                   f"{input.dtype} x {input.numel()}")
-        return self._scatter(output, input, opts, [output])
 
-    _reduce_scatter_base = reduce_scatter_single
-
-    def _scatter(self, out, flat, opts, outputs):
+    def _scatter_call(self, out, flat, opts):
         op = _op_name(opts.reduceOp if opts is not None else ReduceOp.SUM)
         comm, timeout = self.communicator, _timeout_s(opts, self._timeout_s)
-        call = lambda a: comm.reduce_scatter(flat, out, op=op, timeout=timeout, dtype=_DTYPES[out.dtype],  # noqa: E731
+        return lambda a: comm.reduce_scatter(flat, out, op=op, timeout=timeout, dtype=_DTYPES[out.dtype],
                                              async_op=a)
-        return self._run("reduce_scatter", [call], outputs, opts=opts)
+
+    def _scatter(self, out, flat, opts, outputs):
+        return self._run("reduce_scatter", [self._scatter_call(out, flat, opts)], outputs, opts=opts)
 
     def broadcast(self, tensors, opts=None):
         """``dist.broadcast``: root's tensor into every rank's, in place."""
@@ -477,6 +516,12 @@ class ProcessGroupPycoll(dist.ProcessGroup):
                  for t in tensors]
         return self._run("broadcast", calls, list(tensors), opts=opts)
 
+    def allreduce_coalesced(self, tensors, opts=None):
+        """``dist.all_reduce_coalesced`` (and DTensor's ``all_reduce_coalesced``): each
+        tensor reduced in place, one pycoll all_reduce per tensor inside one torch Work
+        (not one fused call: the C core has no coalesced plan yet)."""
+        return self.allreduce(tensors, opts)
+
     def barrier(self, opts=None):
         """``dist.barrier``."""
         comm, timeout = self.communicator, _timeout_s(opts, self._timeout_s)
@@ -484,9 +529,10 @@ class ProcessGroupPycoll(dist.ProcessGroup):
 
     # ---- what is not supported: say so clearly -------------------------
     def _unsupported(self, what):
-        raise NotImplementedError(f"pycoll backend: {what} is not supported; supported: all_reduce, all_gather, "
-                                  "all_gather_single/all_gather_into_tensor, reduce_scatter, "
-                                  "reduce_scatter_single/reduce_scatter_tensor, broadcast, barrier")
+        raise NotImplementedError(f"pycoll backend: {what} is not supported; supported: all_reduce(_coalesced), "
+                                  "all_gather, all_gather_single/all_gather_into_tensor(_coalesced), "
+                                  "reduce_scatter, reduce_scatter_single/reduce_scatter_tensor(_coalesced), "
+                                  "broadcast, barrier")
 
     def send(self, *a, **k):
         self._unsupported("send")
@@ -514,9 +560,6 @@ class ProcessGroupPycoll(dist.ProcessGroup):
 
     def all_to_all_single(self, *a, **k):
         self._unsupported("all_to_all_single")
-
-    def allreduce_coalesced(self, *a, **k):
-        self._unsupported("all_reduce_coalesced (call all_reduce per tensor)")
 
     def allgather_coalesced(self, *a, **k):
         self._unsupported("all_gather_coalesced")
