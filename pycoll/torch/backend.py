@@ -43,6 +43,7 @@ new process group, or use :class:`pycoll.Communicator` directly for elastic trai
 """
 import atexit
 import datetime
+import functools
 import logging
 import os
 import queue
@@ -130,6 +131,12 @@ def _consecutive(tensors):
             return None
     flat = torch.empty(0, dtype=first.dtype)
     return flat.set_(first.untyped_storage(), first.storage_offset(), (first.numel() * len(tensors),))
+
+
+def _copy_chunks(flat, outs, count):
+    """Copy consecutive ``count``-element chunks of ``flat`` into ``outs``."""
+    for i, o in enumerate(outs):
+        o.view(-1).copy_(flat[i * count:(i + 1) * count])
 
 
 def _timeout_s(opts, default):
@@ -527,12 +534,77 @@ class ProcessGroupPycoll(dist.ProcessGroup):
         comm, timeout = self.communicator, _timeout_s(opts, self._timeout_s)
         return self._run("barrier", [lambda a: comm.barrier(timeout=timeout, async_op=a)], [], opts=opts)
 
+    # ---- gather and scatter: stopgaps on the collectives above --------------
+    # STOPGAP until the C core has gather and scatter plans. gather is an all_gather
+    # into a temporary buffer on every rank (each rank receives everything, the root
+    # keeps it); scatter is a broadcast of the root's concatenated inputs (every rank
+    # receives every rank's part and keeps its own slice). Both are exact (bytes are
+    # only moved, never combined); they cost world size x the bytes of a real
+    # gather/scatter. torch's object collectives (gather_object, scatter_object_list,
+    # all_gather_object via all_gather), and so torch.distributed.checkpoint, use them.
+    def gather(self, output_tensors, input_tensors, opts=None):
+        """``dist.gather``: every rank's tensor into the root's list (stopgap, see above)."""
+        root = self._root(opts, "gather")
+        if len(input_tensors) != 1:
+            raise InvalidArgument("pycoll backend: gather takes exactly one input tensor")
+        inp = _check_tensor(input_tensors[0], "gather input")
+        outs = None
+        if self.rank() == root:
+            if len(output_tensors) != 1 or len(output_tensors[0]) != self.size():
+                raise InvalidArgument(f"pycoll backend: gather needs a list of {self.size()} output tensors "
+                                      "on the root")
+            outs = output_tensors[0]
+            _same_layout(outs, inp, "gather output")
+        elif output_tensors and any(len(o) for o in output_tensors):
+            raise InvalidArgument("pycoll backend: gather takes output tensors only on the root")
+        flat = _consecutive(outs) if outs is not None else None
+        post = None
+        if flat is None:
+            flat = torch.empty(inp.numel() * self.size(), dtype=inp.dtype)
+            if outs is not None:
+                post = functools.partial(_copy_chunks, flat, outs, inp.numel())
+        return self._run("gather", [self._gather_call(inp, flat, opts)], list(outs or []), post, opts)
+
+    def scatter(self, output_tensors, input_tensors, opts=None):
+        """``dist.scatter``: the root's list, one tensor to each rank (stopgap, see above)."""
+        root = self._root(opts, "scatter")
+        if len(output_tensors) != 1:
+            raise InvalidArgument("pycoll backend: scatter takes exactly one output tensor")
+        out = _check_tensor(output_tensors[0], "scatter output")
+        n, count = self.size(), out.numel()
+        if self.rank() == root:
+            if len(input_tensors) != 1 or len(input_tensors[0]) != n:
+                raise InvalidArgument(f"pycoll backend: scatter needs a list of {n} input tensors on the root")
+            ins = input_tensors[0]
+            _same_layout(ins, out, "scatter input")
+            flat = _consecutive(ins)
+            if flat is None:
+                flat = torch.cat([t.reshape(-1) for t in ins])
+        else:
+            if input_tensors and any(len(i) for i in input_tensors):
+                raise InvalidArgument("pycoll backend: scatter takes input tensors only on the root")
+            flat = torch.empty(n * count, dtype=out.dtype)
+        me = self.rank()
+
+        def post():
+            out.view(-1).copy_(flat[me * count:(me + 1) * count])
+        comm, timeout = self.communicator, _timeout_s(opts, self._timeout_s)
+        call = lambda a: comm.broadcast(flat, root=root, timeout=timeout, dtype=_DTYPES[out.dtype],  # noqa: E731
+                                        async_op=a)
+        return self._run("scatter", [call], [out], post, opts)
+
+    def _root(self, opts, what):
+        root = opts.rootRank if opts is not None else 0
+        if not 0 <= root < self.size():
+            raise InvalidArgument(f"pycoll backend: {what} root {root} is not in [0, {self.size()})")
+        return root
+
     # ---- what is not supported: say so clearly -------------------------
     def _unsupported(self, what):
         raise NotImplementedError(f"pycoll backend: {what} is not supported; supported: all_reduce(_coalesced), "
                                   "all_gather, all_gather_single/all_gather_into_tensor(_coalesced), "
                                   "reduce_scatter, reduce_scatter_single/reduce_scatter_tensor(_coalesced), "
-                                  "broadcast, barrier")
+                                  "broadcast, barrier, gather, scatter")
 
     def send(self, *a, **k):
         self._unsupported("send")
@@ -545,12 +617,6 @@ class ProcessGroupPycoll(dist.ProcessGroup):
 
     def reduce(self, *a, **k):
         self._unsupported("reduce (use all_reduce)")
-
-    def gather(self, *a, **k):
-        self._unsupported("gather (use all_gather)")
-
-    def scatter(self, *a, **k):
-        self._unsupported("scatter (use broadcast)")
 
     def alltoall(self, *a, **k):
         self._unsupported("all_to_all")
