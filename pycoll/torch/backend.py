@@ -55,7 +55,7 @@ from torch.distributed import ReduceOp
 
 from pycoll import group as _group
 from pycoll.control.coordinator import Coordinator
-from pycoll.errors import CollectiveError, CoordinatorError, InvalidArgument, PeerFailure
+from pycoll.errors import CollectiveError, CollectiveTimeout, CoordinatorError, InvalidArgument, PeerFailure
 from pycoll.comm.work import Work
 
 __all__ = ["BACKEND", "ProcessGroupPycoll", "register", "compression_hook", "communicator", "create_process_group"]
@@ -194,6 +194,31 @@ def _run_completion(fn):
         log.exception("completing a torch future failed")
 
 
+def _torch_timeout(exc, what):
+    """A timeout in the words torch's own backends use: torch's tests (and code that
+    follows them) match ``" (Timed out|closed|timeout) "``, and pycoll's text says "timed
+    out" (a collective's deadline) or "no answer ... within" (a sync with the coordinator
+    that a peer never reached). Same type (:class:`pycoll.CollectiveTimeout`, a
+    RuntimeError and TimeoutError; or :class:`pycoll.CoordinatorError`), status and peer;
+    the original stays in the text and as the cause."""
+    timed_out = isinstance(exc, CollectiveTimeout) or getattr(exc, "timed_out", False)
+    if not timed_out or str(exc).startswith(_TIMED_OUT):
+        return exc
+    msg = f"{_TIMED_OUT}waiting for {what}: {exc}"
+    if isinstance(exc, CoordinatorError):
+        new = CoordinatorError(msg, exc.status, exc.peer, evicted=exc.evicted)
+        new.timed_out = True
+    elif isinstance(exc, CollectiveError):
+        new = CollectiveTimeout(msg, exc.status, exc.peer)
+    else:
+        return exc
+    new.__cause__ = exc
+    return new
+
+
+_TIMED_OUT = "pycoll backend: Timed out "
+
+
 def _future_value(box):
     """The value of a Work's torch future: its output tensors, or (raised, so
     that torch stores it as the future's error) the collective's failure."""
@@ -247,6 +272,7 @@ class _Work(dist.Work):
 
     def _finish(self, exc):
         try:
+            exc = _torch_timeout(exc, self._what)
             if exc is None:
                 exc = self._state.check_membership(self._what)
             if exc is None and self._post is not None:
@@ -277,7 +303,7 @@ class _Work(dist.Work):
         if secs is not None and secs <= 0:
             secs = None  # torch's "unset" timeout
         if not self._done.wait(secs):
-            raise CollectiveError(f"pycoll backend: {self._what} not finished after {secs} s")
+            raise CollectiveTimeout(f"{_TIMED_OUT}waiting {secs} s for {self._what} to finish")
         if self._exc is not None:
             raise self._exc
         return True

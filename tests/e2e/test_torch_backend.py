@@ -1,6 +1,7 @@
 """The "pycoll" torch.distributed backend: results equal Gloo's on the same inputs (bit for bit for
 integers), errors, async works and futures, failures, the compression hook, DDP under both
 launchers, and registration through torch's plugin entry point."""
+import datetime
 import os
 import subprocess
 import sys
@@ -602,3 +603,48 @@ def test_the_group_has_a_name_and_destroy_process_group_works_as_on_gloo():
             assert mine[key] == gloo[key], f"rank {r}: {key}: pycoll {mine[key]} != gloo {gloo[key]}"
         assert mine["mesh"] and mine["sub destroyed"] == (False, False) and mine["after"] == (False, False)
 
+
+# ---- timeouts in torch's words -------------------------------------------------------
+TORCH_TIMEOUT_RE = " (Timed out|closed|timeout) "  # torch/testing/_internal/distributed/distributed_test.py
+
+
+def _timeout(secs):
+    """Rank 0 alone calls the collectives (torch's _test_barrier_timeout); rank 1 stays away."""
+    import time
+    out = []
+    store = dist.distributed_c10d._get_default_store()
+    if dist.get_rank() == 0:
+        for what in ("barrier", "work.wait(0.5 s)", "all_reduce"):
+            start = time.time()
+            try:
+                if what == "barrier":
+                    dist.barrier()
+                elif what == "all_reduce":
+                    dist.all_reduce(torch.ones(3))
+                else:
+                    dist.all_reduce(torch.ones(3), async_op=True).wait(datetime.timedelta(seconds=0.5))
+                out.append((what, None, None, time.time() - start))
+            except Exception as exc:  # noqa: BLE001 - what we check
+                out.append((what, type(exc).__name__, str(exc), time.time() - start))
+        store.set("timeout test done", "1")
+    else:  # away (but alive: a rank that left would fail the group sooner) until rank 0 is done
+        store.wait(["timeout test done"], datetime.timedelta(seconds=60))
+    return out
+
+
+@pytest.mark.timeout(180)
+def test_a_timeout_says_so_in_torchs_words():
+    import re
+    secs = 2
+    for backend in ("pycoll", "gloo"):  # the same checks pass on Gloo
+        out = pycoll.testing.run(_timeout, 2, args=(secs,), init=f"torch:{backend}", timeout=100,
+                                 init_kwargs={"timeout": datetime.timedelta(seconds=secs)})
+        barrier, wait, later = out[0]
+        for what, kind, message, took in out[0]:
+            assert message is not None and re.search(TORCH_TIMEOUT_RE, message), (backend, what, message)
+        assert barrier[3] >= secs - 0.1, f"{backend}: the barrier gave up after {barrier[3]:.2f} s"  # as torch's test
+        if backend == "pycoll":
+            assert barrier[1] == wait[1] == "CollectiveTimeout", out[0]
+            assert barrier[2].startswith("pycoll backend: Timed out waiting for barrier: "), out[0]
+            assert wait[2].startswith("pycoll backend: Timed out waiting 0.5 s for all_reduce"), out[0]
+            assert 0.4 < wait[3] < secs, out[0]
