@@ -17,10 +17,15 @@ Rendezvous. Rank 0 of each process group starts a pycoll coordinator on a free p
 
 Collectives: ``all_reduce`` (ops SUM, PRODUCT, MIN, MAX, AVG), ``all_gather`` (a list of tensors),
 ``all_gather_single`` / ``all_gather_into_tensor``, ``reduce_scatter`` (a list of tensors),
-``reduce_scatter_single`` / ``reduce_scatter_tensor``, ``broadcast``, ``barrier``. Dtypes:
-float16, bfloat16, float32, float64, int8/16/32/64, uint8 (and uint16/32/64). Anything else
-(other ops, dtypes, point-to-point, non-contiguous or non-CPU tensors) raises a ``ValueError``
-that says what is supported, before anything is sent.
+``reduce_scatter_single`` / ``reduce_scatter_tensor``, ``broadcast``, ``barrier``; the coalesced
+forms of all_reduce, all_gather_into_tensor and reduce_scatter_tensor (one pycoll call per tensor
+inside one torch Work, not yet one fused call); ``gather`` and ``scatter`` (stopgaps until the C
+core has plans for them: an all_gather into a temporary buffer, a broadcast of the root's
+inputs; exact, but world size times the bytes). So FSDP2 (``fully_shard``), DTensor and its
+functional collectives, DeviceMesh, the object collectives and torch.distributed.checkpoint run on
+the backend. Dtypes: float16, bfloat16, float32, float64, int8/16/32/64, uint8 (and
+uint16/32/64). Anything else (other ops, dtypes, point-to-point, non-contiguous or non-CPU
+tensors) raises a ``ValueError`` that says what is supported, before anything is sent.
 
 Zero-copy. Tensors are handed to the C core by address: ``all_reduce``, ``broadcast``, the
 ``*_single`` / ``*_into_tensor`` forms and ``barrier`` never copy. The list forms copy only when
@@ -35,6 +40,19 @@ re-raises a failure; ``get_future()`` completes with the output tensors (DDP's h
 with the failure as its error (its ``wait()``/``value()`` raise a RuntimeError that names it).
 Future callbacks run on a completion thread of their own, so a callback may itself wait for
 another collective (as PowerSGD's hook does).
+
+A torch group. The group carries the name torch gives it (``pg.group_name``; torch finds groups by
+name: ``destroy_process_group(pg)``, DeviceMesh, DTensor), and ``dist.get_backend(pg)`` is
+``"pycoll"``. It stays a Python ``ProcessGroup`` subclass: torch's c10d ``Backend`` cannot be
+subclassed from Python (no constructor, no trampoline), so there is no backend object for torch to
+wrap, and ``pg._get_backend(device)`` has nothing to return (FSDP2's optional
+"allocate comm buffers from the process group" mode needs it and is not supported).
+
+Timeouts. A collective that misses its deadline raises :class:`pycoll.CollectiveTimeout` (a
+RuntimeError; :class:`pycoll.CoordinatorError` when a peer never reached a sync point) whose text
+starts ``"pycoll backend: Timed out waiting for <collective>"``, the words torch's tests match
+(``" (Timed out|closed|timeout) "``); the group's timeout is the one given to
+``init_process_group`` / ``new_group``.
 
 Faults. pycoll re-forms a group over the survivors after a peer dies, but a torch process group
 has a fixed rank and size: once a collective fails because a peer was lost (or the group re-formed
