@@ -17,10 +17,15 @@ Rendezvous. Rank 0 of each process group starts a pycoll coordinator on a free p
 
 Collectives: ``all_reduce`` (ops SUM, PRODUCT, MIN, MAX, AVG), ``all_gather`` (a list of tensors),
 ``all_gather_single`` / ``all_gather_into_tensor``, ``reduce_scatter`` (a list of tensors),
-``reduce_scatter_single`` / ``reduce_scatter_tensor``, ``broadcast``, ``barrier``. Dtypes:
-float16, bfloat16, float32, float64, int8/16/32/64, uint8 (and uint16/32/64). Anything else
-(other ops, dtypes, point-to-point, non-contiguous or non-CPU tensors) raises a ``ValueError``
-that says what is supported, before anything is sent.
+``reduce_scatter_single`` / ``reduce_scatter_tensor``, ``broadcast``, ``barrier``; the coalesced
+forms of all_reduce, all_gather_into_tensor and reduce_scatter_tensor (one pycoll call per tensor
+inside one torch Work, not yet one fused call); ``gather`` and ``scatter`` (stopgaps until the C
+core has plans for them: an all_gather into a temporary buffer, a broadcast of the root's
+inputs; exact, but world size times the bytes). So FSDP2 (``fully_shard``), DTensor and its
+functional collectives, DeviceMesh, the object collectives and torch.distributed.checkpoint run on
+the backend. Dtypes: float16, bfloat16, float32, float64, int8/16/32/64, uint8 (and
+uint16/32/64). Anything else (other ops, dtypes, point-to-point, non-contiguous or non-CPU
+tensors) raises a ``ValueError`` that says what is supported, before anything is sent.
 
 Zero-copy. Tensors are handed to the C core by address: ``all_reduce``, ``broadcast``, the
 ``*_single`` / ``*_into_tensor`` forms and ``barrier`` never copy. The list forms copy only when
@@ -36,6 +41,19 @@ with the failure as its error (its ``wait()``/``value()`` raise a RuntimeError t
 Future callbacks run on a completion thread of their own, so a callback may itself wait for
 another collective (as PowerSGD's hook does).
 
+A torch group. The group carries the name torch gives it (``pg.group_name``; torch finds groups by
+name: ``destroy_process_group(pg)``, DeviceMesh, DTensor), and ``dist.get_backend(pg)`` is
+``"pycoll"``. It stays a Python ``ProcessGroup`` subclass: torch's c10d ``Backend`` cannot be
+subclassed from Python (no constructor, no trampoline), so there is no backend object for torch to
+wrap, and ``pg._get_backend(device)`` has nothing to return (FSDP2's optional
+"allocate comm buffers from the process group" mode needs it and is not supported).
+
+Timeouts. A collective that misses its deadline raises :class:`pycoll.CollectiveTimeout` (a
+RuntimeError; :class:`pycoll.CoordinatorError` when a peer never reached a sync point) whose text
+starts ``"pycoll backend: Timed out waiting for <collective>"``, the words torch's tests match
+(``" (Timed out|closed|timeout) "``); the group's timeout is the one given to
+``init_process_group`` / ``new_group``.
+
 Faults. pycoll re-forms a group over the survivors after a peer dies, but a torch process group
 has a fixed rank and size: once a collective fails because a peer was lost (or the group re-formed
 with other members), every later call on this process group raises ``pycoll.PeerFailure``. Create a
@@ -43,6 +61,7 @@ new process group, or use :class:`pycoll.Communicator` directly for elastic trai
 """
 import atexit
 import datetime
+import functools
 import logging
 import queue
 import threading
@@ -53,7 +72,7 @@ from torch.distributed import ReduceOp
 
 from pycoll import group as _group
 from pycoll.control.coordinator import Coordinator
-from pycoll.errors import CollectiveError, CoordinatorError, InvalidArgument, PeerFailure
+from pycoll.errors import CollectiveError, CollectiveTimeout, CoordinatorError, InvalidArgument, PeerFailure
 from pycoll.comm.work import Work
 from pycoll.options import environ
 
@@ -132,6 +151,12 @@ def _consecutive(tensors):
     return flat.set_(first.untyped_storage(), first.storage_offset(), (first.numel() * len(tensors),))
 
 
+def _copy_chunks(flat, outs, count):
+    """Copy consecutive ``count``-element chunks of ``flat`` into ``outs``."""
+    for i, o in enumerate(outs):
+        o.view(-1).copy_(flat[i * count:(i + 1) * count])
+
+
 def _timeout_s(opts, default):
     t = getattr(opts, "timeout", None)
     if isinstance(t, datetime.timedelta) and t.total_seconds() > 0:
@@ -187,6 +212,31 @@ def _run_completion(fn):
         log.exception("completing a torch future failed")
 
 
+def _torch_timeout(exc, what):
+    """A timeout in the words torch's own backends use: torch's tests (and code that
+    follows them) match ``" (Timed out|closed|timeout) "``, and pycoll's text says "timed
+    out" (a collective's deadline) or "no answer ... within" (a sync with the coordinator
+    that a peer never reached). Same type (:class:`pycoll.CollectiveTimeout`, a
+    RuntimeError and TimeoutError; or :class:`pycoll.CoordinatorError`), status and peer;
+    the original stays in the text and as the cause."""
+    timed_out = isinstance(exc, CollectiveTimeout) or getattr(exc, "timed_out", False)
+    if not timed_out or str(exc).startswith(_TIMED_OUT):
+        return exc
+    msg = f"{_TIMED_OUT}waiting for {what}: {exc}"
+    if isinstance(exc, CoordinatorError):
+        new = CoordinatorError(msg, exc.status, exc.peer, evicted=exc.evicted)
+        new.timed_out = True
+    elif isinstance(exc, CollectiveError):
+        new = CollectiveTimeout(msg, exc.status, exc.peer)
+    else:
+        return exc
+    new.__cause__ = exc
+    return new
+
+
+_TIMED_OUT = "pycoll backend: Timed out "
+
+
 def _future_value(box):
     """The value of a Work's torch future: its output tensors, or (raised, so
     that torch stores it as the future's error) the collective's failure."""
@@ -240,6 +290,7 @@ class _Work(dist.Work):
 
     def _finish(self, exc):
         try:
+            exc = _torch_timeout(exc, self._what)
             if exc is None:
                 exc = self._state.check_membership(self._what)
             if exc is None and self._post is not None:
@@ -270,7 +321,7 @@ class _Work(dist.Work):
         if secs is not None and secs <= 0:
             secs = None  # torch's "unset" timeout
         if not self._done.wait(secs):
-            raise CollectiveError(f"pycoll backend: {self._what} not finished after {secs} s")
+            raise CollectiveTimeout(f"{_TIMED_OUT}waiting {secs} s for {self._what} to finish")
         if self._exc is not None:
             raise self._exc
         return True
@@ -356,6 +407,8 @@ class ProcessGroupPycoll(dist.ProcessGroup):
         self.communicator = comm
         self._timeout_s = timeout_s
         self._state = _GroupState(comm, rank, size)
+        self._group_name = ""
+        self._group_desc = ""
         _LIVE.add(self._state)
 
     def _run(self, what, calls, outputs, post=None, opts=None):
@@ -412,20 +465,40 @@ class ProcessGroupPycoll(dist.ProcessGroup):
 
     def all_gather_single(self, output, input, opts=None):
         """``dist.all_gather_single`` / ``all_gather_into_tensor``."""
+        self._check_gather_single(output, input)
+        return self._gather(input, output, opts, "all_gather", [output])
+
+    _allgather_base = all_gather_single
+
+    def all_gather_single_coalesced(self, outputs, inputs, opts=None):
+        """``all_gather_into_tensor`` of several tensors in one work (FSDP2; DTensor's
+        functional collectives reach every all_gather_into_tensor through this)."""
+        # One pycoll all_gather per tensor, queued back to back inside one torch Work:
+        # correct, but not one fused call (the C core has no coalesced plan yet).
+        if len(outputs) != len(inputs):
+            raise InvalidArgument(f"pycoll backend: all_gather_into_tensor_coalesced got {len(outputs)} "
+                                  f"outputs for {len(inputs)} inputs")
+        for out, inp in zip(outputs, inputs):
+            self._check_gather_single(out, inp)
+        calls = [self._gather_call(inp, out, opts) for out, inp in zip(outputs, inputs)]
+        return self._run("all_gather", calls, list(outputs), opts=opts)
+
+    allgather_into_tensor_coalesced = all_gather_single_coalesced  # torch's older name
+
+    def _check_gather_single(self, output, input):
         _check_tensor(input, "all_gather input")
         _check_tensor(output, "all_gather output")
         if output.dtype != input.dtype or output.numel() != input.numel() * self.size():
             raise InvalidArgument(f"pycoll backend: all_gather output must be {input.dtype} x "
                                   f"{input.numel() * self.size()} (world size x input), got "
                                   f"{output.dtype} x {output.numel()}")
-        return self._gather(input, output, opts, "all_gather", [output])
 
-    _allgather_base = all_gather_single
+    def _gather_call(self, inp, flat, opts):
+        comm, timeout = self.communicator, _timeout_s(opts, self._timeout_s)
+        return lambda a: comm.all_gather(inp, flat, timeout=timeout, dtype=_DTYPES[inp.dtype], async_op=a)
 
     def _gather(self, inp, flat, opts, what, outputs, post=None):
-        comm, timeout = self.communicator, _timeout_s(opts, self._timeout_s)
-        call = lambda a: comm.all_gather(inp, flat, timeout=timeout, dtype=_DTYPES[inp.dtype], async_op=a)  # noqa: E731
-        return self._run(what, [call], outputs, post, opts)
+        return self._run(what, [self._gather_call(inp, flat, opts)], outputs, post, opts)
 
     def reduce_scatter(self, output_tensors, input_tensors, opts=None):
         """``dist.reduce_scatter``: a list of world_size input tensors."""
@@ -444,22 +517,41 @@ class ProcessGroupPycoll(dist.ProcessGroup):
 
     def reduce_scatter_single(self, output, input, opts=None):
         """``dist.reduce_scatter_single`` / ``reduce_scatter_tensor``."""
+        self._check_scatter_single(output, input)
+        return self._scatter(output, input, opts, [output])
+
+    _reduce_scatter_base = reduce_scatter_single
+
+    def reduce_scatter_single_coalesced(self, outputs, inputs, opts=None):
+        """``reduce_scatter_tensor`` of several tensors in one work (DTensor's functional
+        collectives reach every reduce_scatter_tensor through this)."""
+        # One pycoll reduce_scatter per tensor inside one torch Work (no fused plan yet).
+        if len(outputs) != len(inputs):
+            raise InvalidArgument(f"pycoll backend: reduce_scatter_tensor_coalesced got {len(outputs)} "
+                                  f"outputs for {len(inputs)} inputs")
+        for out, inp in zip(outputs, inputs):
+            self._check_scatter_single(out, inp)
+        calls = [self._scatter_call(out, inp, opts) for out, inp in zip(outputs, inputs)]
+        return self._run("reduce_scatter", calls, list(outputs), opts=opts)
+
+    reduce_scatter_tensor_coalesced = reduce_scatter_single_coalesced  # torch's older name
+
+    def _check_scatter_single(self, output, input):
         _check_tensor(input, "reduce_scatter input")
         _check_tensor(output, "reduce_scatter output")
         if output.dtype != input.dtype or input.numel() != output.numel() * self.size():
             raise InvalidArgument(f"pycoll backend: reduce_scatter input must be {output.dtype} x "
                                   f"{output.numel() * self.size()} (world size x output), got "
                                   f"{input.dtype} x {input.numel()}")
-        return self._scatter(output, input, opts, [output])
 
-    _reduce_scatter_base = reduce_scatter_single
-
-    def _scatter(self, out, flat, opts, outputs):
+    def _scatter_call(self, out, flat, opts):
         op = _op_name(opts.reduceOp if opts is not None else ReduceOp.SUM)
         comm, timeout = self.communicator, _timeout_s(opts, self._timeout_s)
-        call = lambda a: comm.reduce_scatter(flat, out, op=op, timeout=timeout, dtype=_DTYPES[out.dtype],  # noqa: E731
+        return lambda a: comm.reduce_scatter(flat, out, op=op, timeout=timeout, dtype=_DTYPES[out.dtype],
                                              async_op=a)
-        return self._run("reduce_scatter", [call], outputs, opts=opts)
+
+    def _scatter(self, out, flat, opts, outputs):
+        return self._run("reduce_scatter", [self._scatter_call(out, flat, opts)], outputs, opts=opts)
 
     def broadcast(self, tensors, opts=None):
         """``dist.broadcast``: root's tensor into every rank's, in place."""
@@ -475,16 +567,88 @@ class ProcessGroupPycoll(dist.ProcessGroup):
                  for t in tensors]
         return self._run("broadcast", calls, list(tensors), opts=opts)
 
+    def allreduce_coalesced(self, tensors, opts=None):
+        """``dist.all_reduce_coalesced`` (and DTensor's ``all_reduce_coalesced``): each
+        tensor reduced in place, one pycoll all_reduce per tensor inside one torch Work
+        (not one fused call: the C core has no coalesced plan yet)."""
+        return self.allreduce(tensors, opts)
+
     def barrier(self, opts=None):
         """``dist.barrier``."""
         comm, timeout = self.communicator, _timeout_s(opts, self._timeout_s)
         return self._run("barrier", [lambda a: comm.barrier(timeout=timeout, async_op=a)], [], opts=opts)
 
+    # ---- gather and scatter: stopgaps on the collectives above --------------
+    # STOPGAP until the C core has gather and scatter plans. gather is an all_gather
+    # into a temporary buffer on every rank (each rank receives everything, the root
+    # keeps it); scatter is a broadcast of the root's concatenated inputs (every rank
+    # receives every rank's part and keeps its own slice). Both are exact (bytes are
+    # only moved, never combined); they cost world size x the bytes of a real
+    # gather/scatter. torch's object collectives (gather_object, scatter_object_list,
+    # all_gather_object via all_gather), and so torch.distributed.checkpoint, use them.
+    def gather(self, output_tensors, input_tensors, opts=None):
+        """``dist.gather``: every rank's tensor into the root's list (stopgap, see above)."""
+        root = self._root(opts, "gather")
+        if len(input_tensors) != 1:
+            raise InvalidArgument("pycoll backend: gather takes exactly one input tensor")
+        inp = _check_tensor(input_tensors[0], "gather input")
+        outs = None
+        if self.rank() == root:
+            if len(output_tensors) != 1 or len(output_tensors[0]) != self.size():
+                raise InvalidArgument(f"pycoll backend: gather needs a list of {self.size()} output tensors "
+                                      "on the root")
+            outs = output_tensors[0]
+            _same_layout(outs, inp, "gather output")
+        elif output_tensors and any(len(o) for o in output_tensors):
+            raise InvalidArgument("pycoll backend: gather takes output tensors only on the root")
+        flat = _consecutive(outs) if outs is not None else None
+        post = None
+        if flat is None:
+            flat = torch.empty(inp.numel() * self.size(), dtype=inp.dtype)
+            if outs is not None:
+                post = functools.partial(_copy_chunks, flat, outs, inp.numel())
+        return self._run("gather", [self._gather_call(inp, flat, opts)], list(outs or []), post, opts)
+
+    def scatter(self, output_tensors, input_tensors, opts=None):
+        """``dist.scatter``: the root's list, one tensor to each rank (stopgap, see above)."""
+        root = self._root(opts, "scatter")
+        if len(output_tensors) != 1:
+            raise InvalidArgument("pycoll backend: scatter takes exactly one output tensor")
+        out = _check_tensor(output_tensors[0], "scatter output")
+        n, count = self.size(), out.numel()
+        if self.rank() == root:
+            if len(input_tensors) != 1 or len(input_tensors[0]) != n:
+                raise InvalidArgument(f"pycoll backend: scatter needs a list of {n} input tensors on the root")
+            ins = input_tensors[0]
+            _same_layout(ins, out, "scatter input")
+            flat = _consecutive(ins)
+            if flat is None:
+                flat = torch.cat([t.reshape(-1) for t in ins])
+        else:
+            if input_tensors and any(len(i) for i in input_tensors):
+                raise InvalidArgument("pycoll backend: scatter takes input tensors only on the root")
+            flat = torch.empty(n * count, dtype=out.dtype)
+        me = self.rank()
+
+        def post():
+            out.view(-1).copy_(flat[me * count:(me + 1) * count])
+        comm, timeout = self.communicator, _timeout_s(opts, self._timeout_s)
+        call = lambda a: comm.broadcast(flat, root=root, timeout=timeout, dtype=_DTYPES[out.dtype],  # noqa: E731
+                                        async_op=a)
+        return self._run("scatter", [call], [out], post, opts)
+
+    def _root(self, opts, what):
+        root = opts.rootRank if opts is not None else 0
+        if not 0 <= root < self.size():
+            raise InvalidArgument(f"pycoll backend: {what} root {root} is not in [0, {self.size()})")
+        return root
+
     # ---- what is not supported: say so clearly -------------------------
     def _unsupported(self, what):
-        raise NotImplementedError(f"pycoll backend: {what} is not supported; supported: all_reduce, all_gather, "
-                                  "all_gather_single/all_gather_into_tensor, reduce_scatter, "
-                                  "reduce_scatter_single/reduce_scatter_tensor, broadcast, barrier")
+        raise NotImplementedError(f"pycoll backend: {what} is not supported; supported: all_reduce(_coalesced), "
+                                  "all_gather, all_gather_single/all_gather_into_tensor(_coalesced), "
+                                  "reduce_scatter, reduce_scatter_single/reduce_scatter_tensor(_coalesced), "
+                                  "broadcast, barrier, gather, scatter")
 
     def send(self, *a, **k):
         self._unsupported("send")
@@ -498,12 +662,6 @@ class ProcessGroupPycoll(dist.ProcessGroup):
     def reduce(self, *a, **k):
         self._unsupported("reduce (use all_reduce)")
 
-    def gather(self, *a, **k):
-        self._unsupported("gather (use all_gather)")
-
-    def scatter(self, *a, **k):
-        self._unsupported("scatter (use broadcast)")
-
     def alltoall(self, *a, **k):
         self._unsupported("all_to_all")
 
@@ -512,9 +670,6 @@ class ProcessGroupPycoll(dist.ProcessGroup):
 
     def all_to_all_single(self, *a, **k):
         self._unsupported("all_to_all_single")
-
-    def allreduce_coalesced(self, *a, **k):
-        self._unsupported("all_reduce_coalesced (call all_reduce per tensor)")
 
     def allgather_coalesced(self, *a, **k):
         self._unsupported("all_gather_coalesced")
@@ -530,6 +685,24 @@ class ProcessGroupPycoll(dist.ProcessGroup):
     def name(self):
         """``"pycoll"``."""
         return BACKEND
+
+    # torch names every group (``_new_process_group_helper`` calls ``_set_group_name``) and
+    # finds it by that name: ``pg.group_name``, ``destroy_process_group(pg)``, DeviceMesh,
+    # DTensor and the functional collectives. C++'s ProcessGroup keeps the name on its
+    # registered c10d Backend objects, and a Python class cannot be one (torch's Backend
+    # has no Python constructor), so the group keeps its name itself: these four are the
+    # virtuals torch's Python-group trampoline (PyProcessGroup) forwards to Python.
+    def getGroupName(self):
+        return self._group_name
+
+    def setGroupName(self, name):
+        self._group_name = name
+
+    def getGroupDesc(self):
+        return self._group_desc
+
+    def setGroupDesc(self, desc):
+        self._group_desc = desc
 
     def shutdown(self):
         """Leave the pycoll group (``dist.destroy_process_group`` calls this)."""

@@ -1,6 +1,7 @@
 """The "pycoll" torch.distributed backend: results equal Gloo's on the same inputs (bit for bit for
 integers), errors, async works and futures, failures, the compression hook, DDP under both
 launchers, and registration through torch's plugin entry point."""
+import datetime
 import os
 import subprocess
 import sys
@@ -548,3 +549,102 @@ def test_completions_after_the_completion_thread_stopped_still_run():
     done = []
     c.submit(lambda: done.append(1))  # e.g. a work that finished while its group shut down
     assert done == [1]
+
+
+# ---- a torch group: name, get_backend, DeviceMesh, destroy_process_group ---------------------
+def _group_identity(backend):
+    import pycoll.torch  # noqa: F401 - registers "pycoll" (the default group may be Gloo's)
+    from torch.distributed.device_mesh import DeviceMesh
+    c10d = dist.distributed_c10d
+    world = dist.group.WORLD
+    out = {"world": (world.group_name, dist.get_backend(world), dist.get_backend())}
+    sub = dist.new_group(backend=backend)
+    out["sub"] = (sub.group_name, dist.get_backend(sub), c10d._resolve_process_group(sub.group_name) is sub)
+    out["mesh"] = DeviceMesh.from_group(sub, "cpu").get_group() is sub
+    t = torch.tensor([dist.get_rank() + 1])
+    dist.all_reduce(t, group=sub)
+    out["sub all_reduce"] = t.item()
+    dist.destroy_process_group(sub)
+    out["sub destroyed"] = (sub in c10d._world.pg_map, sub.group_name in c10d._world.pg_names.values())
+    try:
+        dist.all_reduce(t, group=sub)
+        out["destroyed group"] = "ran"
+    except Exception as exc:  # noqa: BLE001 - torch refuses it as unregistered
+        out["destroyed group"] = type(exc).__name__
+    if backend == "pycoll":  # and the group itself is shut: its communicator has left
+        try:
+            sub.allreduce([t]).wait()
+            out["shut"] = "ran"
+        except Exception as exc:  # noqa: BLE001 - what we check
+            out["shut"] = str(exc)
+    t = torch.tensor([dist.get_rank() + 1])
+    dist.all_reduce(t)  # the default group is untouched
+    out["world all_reduce"] = t.item()
+    again = dist.new_group(backend=backend)  # a name is not reused
+    out["again"] = again.group_name
+    dist.destroy_process_group()  # every group, the default one included
+    out["after"] = (dist.is_initialized(), again in c10d._world.pg_map)
+    return out
+
+
+@pytest.mark.timeout(180)
+def test_the_group_has_a_name_and_destroy_process_group_works_as_on_gloo():
+    runs = {backend: pycoll.testing.run(_group_identity, 2, args=(backend,), init=f"torch:{backend}", timeout=100)
+            for backend in ("pycoll", "gloo")}
+    for r in range(2):
+        mine, gloo = runs["pycoll"][r], runs["gloo"][r]
+        assert mine["world"] == ("0", "pycoll", "pycoll") and gloo["world"] == ("0", "gloo", "gloo")
+        assert mine["sub"] == ("1", "pycoll", True) and gloo["sub"] == ("1", "gloo", True)
+        assert "shut down" in mine.pop("shut")
+        # a destroyed pycoll group refuses collectives (its communicator has left; torch's logging
+        # wrapper turns that into its "not initialized" ValueError); a destroyed Gloo group still runs them
+        assert mine.pop("destroyed group") == "ValueError" and gloo.pop("destroyed group") == "ran"
+        for key in ("mesh", "sub all_reduce", "sub destroyed", "world all_reduce", "again", "after"):
+            assert mine[key] == gloo[key], f"rank {r}: {key}: pycoll {mine[key]} != gloo {gloo[key]}"
+        assert mine["mesh"] and mine["sub destroyed"] == (False, False) and mine["after"] == (False, False)
+
+
+# ---- timeouts in torch's words -------------------------------------------------------
+TORCH_TIMEOUT_RE = " (Timed out|closed|timeout) "  # torch/testing/_internal/distributed/distributed_test.py
+
+
+def _timeout(secs):
+    """Rank 0 alone calls the collectives (torch's _test_barrier_timeout); rank 1 stays away."""
+    import time
+    out = []
+    store = dist.distributed_c10d._get_default_store()
+    if dist.get_rank() == 0:
+        for what in ("barrier", "work.wait(0.5 s)", "all_reduce"):
+            start = time.time()
+            try:
+                if what == "barrier":
+                    dist.barrier()
+                elif what == "all_reduce":
+                    dist.all_reduce(torch.ones(3))
+                else:
+                    dist.all_reduce(torch.ones(3), async_op=True).wait(datetime.timedelta(seconds=0.5))
+                out.append((what, None, None, time.time() - start))
+            except Exception as exc:  # noqa: BLE001 - what we check
+                out.append((what, type(exc).__name__, str(exc), time.time() - start))
+        store.set("timeout test done", "1")
+    else:  # away (but alive: a rank that left would fail the group sooner) until rank 0 is done
+        store.wait(["timeout test done"], datetime.timedelta(seconds=60))
+    return out
+
+
+@pytest.mark.timeout(180)
+def test_a_timeout_says_so_in_torchs_words():
+    import re
+    secs = 2
+    for backend in ("pycoll", "gloo"):  # the same checks pass on Gloo
+        out = pycoll.testing.run(_timeout, 2, args=(secs,), init=f"torch:{backend}", timeout=100,
+                                 init_kwargs={"timeout": datetime.timedelta(seconds=secs)})
+        barrier, wait, later = out[0]
+        for what, kind, message, took in out[0]:
+            assert message is not None and re.search(TORCH_TIMEOUT_RE, message), (backend, what, message)
+        assert barrier[3] >= secs - 0.1, f"{backend}: the barrier gave up after {barrier[3]:.2f} s"  # as torch's test
+        if backend == "pycoll":
+            assert barrier[1] == wait[1] == "CollectiveTimeout", out[0]
+            assert barrier[2].startswith("pycoll backend: Timed out waiting for barrier: "), out[0]
+            assert wait[2].startswith("pycoll backend: Timed out waiting 0.5 s for all_reduce"), out[0]
+            assert 0.4 < wait[3] < secs, out[0]
