@@ -277,7 +277,7 @@ pc_status pc_frame_check(const uint8_t *hdr, uint32_t tag, uint32_t desc, uint64
         snprintf(detail, sizeof detail, "frame length %llu, expected %llu (mismatched sizes across ranks?)",
                  (unsigned long long)h.len, (unsigned long long)len);
     else if (h.tag != tag)
-        snprintf(detail, sizeof detail, "frame tag %08x, expected %08x (mismatched algorithm across ranks?)", h.tag, tag);
+        snprintf(detail, sizeof detail, "frame tag %08x, expected %08x (mismatched algorithm, or point-to-point tags, across ranks?)", h.tag, tag);
     if (what) snprintf(detail, sizeof detail, "%s", what);
     if (!detail[0]) return PC_OK;
     if (why && why_len) snprintf(why, why_len, "%s", detail);
@@ -890,8 +890,8 @@ pc_status pc_comm_run_part(pc_comm *comm, const pc_plan *plan, int32_t part, voi
         return PC_ERR_IO;
     }
     int32_t es = pc_dtype_size(dtype);
-    if (!es || op < 0 || op >= PC_OP_COUNT) {
-        set_err(comm, "unsupported dtype %d or op %d", dtype, op);
+    if (!es || pc_reduce_check(dtype, op) != PC_OK) { /* e.g. a bitwise op on floats */
+        set_err(comm, "unsupported dtype %d or op %d (or the op is not defined on the dtype)", dtype, op);
         return PC_ERR_ARG;
     }
     if (plan->codec != PC_CODEC_NONE && dtype != PC_F32) {
