@@ -384,6 +384,15 @@ pc_status pc_comm_run_part(pc_comm *comm, const pc_plan *plan, int32_t part, voi
 pc_status pc_frame_check(const uint8_t *hdr, uint32_t tag, uint32_t desc, uint64_t seq,
                          uint64_t len, char *why, uint32_t why_len);
 
+/* Receive from any source: waits until the first connection of some other
+ * rank starts with a frame of sequence number `seq` and tag `tag` (its
+ * header is read in place, nothing is consumed), or is closed, at most
+ * timeout_s (0: no limit), and sets *peer to that rank (the ranks after ours
+ * are looked at first). A rank whose next frame is another one is passed
+ * over: nothing for us can come before it on that connection. The caller
+ * then runs a plan that receives from *peer. PC_ERR_TIMEOUT, PC_ERR_CANCELLED. */
+pc_status pc_comm_probe(pc_comm *comm, uint64_t seq, uint32_t tag, double timeout_s, int32_t *peer);
+
 /* ---- transport measurement --------------------------------------------- */
 /* Sends `bytes` to (rank+1)%n while receiving as many from (rank-1)%n over
  * stripe 0, no reduction: the ceiling a ring can reach on these links. */

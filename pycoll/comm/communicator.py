@@ -28,7 +28,7 @@ from pycoll import faults
 from pycoll import options as _options
 from pycoll.comm import agreement as consensus
 from pycoll.comm import shared_state
-from pycoll.comm.epoch import Epoch, identity
+from pycoll.comm.epoch import P2P_SEQ, Epoch, identity
 from pycoll.comm.p2p import P2PQueue, P2PWork, Transfer
 from pycoll.comm.work import CallOrderExecutor, Work
 from pycoll.core import engine
@@ -721,8 +721,10 @@ class Communicator:
         ranks' collectives are not affected)."""
         self.isend(arr, dst, tag, timeout=timeout).wait()
 
-    def recv(self, arr: Array, src: int, tag: int = 0, *, timeout: Optional[float] = None) -> Any:
-        """Receive from rank ``src`` into ``arr`` (see :meth:`send`); returns ``arr``."""
+    def recv(self, arr: Array, src: Optional[int] = None, tag: int = 0, *, timeout: Optional[float] = None) -> Any:
+        """Receive from rank ``src`` into ``arr`` (see :meth:`send`); returns ``arr``.
+        ``src=None``: from any source, the first rank whose frame reaches us (its work's
+        ``source`` names it; see :meth:`irecv`)."""
         return self.irecv(arr, src, tag, timeout=timeout).wait()
 
     def isend(self, arr: Array, dst: int, tag: int = 0, *, timeout: Optional[float] = None) -> Work:
@@ -733,9 +735,17 @@ class Communicator:
         buf = as_buffer(arr, writable=False, what="send buffer")
         return self._post(True, buf, dst, tag, None, timeout, "send to")
 
-    def irecv(self, arr: Array, src: int, tag: int = 0, *, timeout: Optional[float] = None) -> Work:
-        """Post a receive into ``arr`` (see :meth:`isend`); its work's result is ``arr``."""
+    def irecv(self, arr: Array, src: Optional[int] = None, tag: int = 0, *,
+              timeout: Optional[float] = None) -> Work:
+        """Post a receive into ``arr`` (see :meth:`isend`); its work's result is ``arr`` and
+        its ``source`` the sender's rank. ``src=None``: from any source. Such a receive waits
+        (in C, on every connection at once) for the first rank with bytes for us and then
+        receives that rank's next frame if it is a point-to-point frame with ``tag`` (ranks
+        whose next frame is another one are passed over); its size must match. The
+        transfers posted before it run first."""
         buf = as_buffer(arr, writable=True, what="recv buffer")
+        if src is None:
+            return self._post(False, buf, None, tag, arr, timeout, "recv from any source:")
         return self._post(False, buf, src, tag, arr, timeout, "recv from")
 
     def batch_isend_irecv(self, ops) -> list:
@@ -756,7 +766,10 @@ class Communicator:
         self._p2p.flush()
 
     def _post(self, is_send, buf, peer, tag, result, timeout, what):
-        if type(peer) is not int or not 0 <= peer < self.world_size or peer == self.rank:
+        if peer is None and self.world_size < 2:
+            buf.release()
+            raise InvalidArgument(f"{what} no other rank: a group of one has nobody to receive from")
+        if peer is not None and (type(peer) is not int or not 0 <= peer < self.world_size or peer == self.rank):
             buf.release()
             raise InvalidArgument(f"{what} rank {peer!r}: the peer must be another rank of this group (rank "
                                   f"{self.rank} of {self.world_size})")
@@ -766,18 +779,40 @@ class Communicator:
         if self._epoch.closed:
             buf.release()
             raise CollectiveError("communicator is closed")
-        work = P2PWork(f"{what} rank {peer}", self._p2p)
+        work = P2PWork(f"{what} rank {peer}" if peer is not None else what.rstrip(":"), self._p2p,
+                       -1 if peer is None else peer)
         self._p2p.add(Transfer(is_send, buf, peer, tag & 0xFFFFFFFF, result, timeout, work))
         return work
 
     def _run_transfers(self, batch):
-        """Run queued transfers as one plan (P2PQueue's runner); raises their failure."""
+        """Run queued transfers (P2PQueue's runner): one plan, or, around each receive from any
+        source, one plan for those before it, the receive, one for the rest. Raises their
+        failure."""
         limits = [t.timeout for t in batch if t.timeout is not None]
         timeout = min(limits) if limits else None
 
         def run():
             ep = self._epoch
             ep.ensure_ready(None)
+            part = []
+            for t in batch:
+                if t.peer is not None:
+                    part.append(t)
+                    continue
+                self._run_plan_of(part, timeout)
+                part = []
+                st, peer = engine.probe(ep.ccomm, P2P_SEQ, t.tag, ep.options.timeout if timeout is None else timeout)
+                if st != lib.PC_OK:
+                    raise ep.failure(st, -1, "recv from any source", ep.ccomm)
+                t.peer = t.work.source = peer
+                self._run_plan_of([t], timeout)
+            self._run_plan_of(part, timeout)
+        self._call_now(run, False, "point-to-point")
+
+    def _run_plan_of(self, batch, timeout):
+        """Transfers with known peers as one plan (inside _run_transfers' call)."""
+        if batch:
+            ep = self._epoch
             for t in batch:
                 if t.peer >= ep.world_size or t.peer == ep.rank:
                     raise InvalidArgument(f"{t.work.description}: the group re-formed (now rank {ep.rank} of "
@@ -798,7 +833,6 @@ class Communicator:
             ep.launch(call, ffi.cast("void *", inb.address), ffi.cast("void *", outb.address), timeout, p2p=True)
             if out is not None:
                 _unpack(out, [t.buf for t in recvs], 1)
-        self._call_now(run, False, "point-to-point")
 
     def _tagged_call(self, tag, run, unsupported, description, bufs=()):
         """A tagged call (blocking; ``unsupported``: async_op, retry or verify was asked for)."""

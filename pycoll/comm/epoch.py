@@ -675,6 +675,11 @@ class Epoch:
         go into the argument digest every frame carries (0 where ranks may differ, as
         uneven all_to_all splits); point-to-point calls have no identity of their own (they
         are not calls of the whole group, see launch's ``p2p``)."""
+        ckey = ("call", coll, self.rank, self.world_size, inbuf.code, op, count, root, inbuf.nbytes,
+                outbuf.nbytes) + tuple(key)
+        call = self._plans.get(ckey)  # the same call again: nothing to check or build
+        if call is not None and call.ccomm is self.ccomm:
+            return call
         opc = op_code(op)
         check_op(inbuf.code, opc)
         pkey = (coll, self.rank, self.world_size) + tuple(key)
@@ -687,8 +692,13 @@ class Epoch:
         desc = _digest(coll, inbuf.code if coll != "p2p" else 0, opc, count, root, "direct")
         ident = None if coll == "p2p" else identity(coll, inbuf.code, op, count, root, "direct", None)
         itemsize = lib.pc_dtype_size(inbuf.code)
-        return Call(coll, "direct", plan, self.ccomm, None, desc, ident, inbuf.code, opc, count, itemsize,
+        call = Call(coll, "direct", plan, self.ccomm, None, desc, ident, inbuf.code, opc, count, itemsize,
                     inbuf.nbytes, outbuf.nbytes)
+        try:
+            self._plans[ckey] = call
+        except TypeError:  # an unhashable op that passed the checks: just not remembered
+            pass
+        return call
 
     # ---- running -------------------------------------------------------
     def next_seq(self, chan=None):

@@ -19,9 +19,11 @@ from pycoll.errors import CollectiveError
 class P2PWork(Work):
     """The work of one queued transfer: ``wait()`` first runs the queue it is in."""
 
-    def __init__(self, description, queue):
+    def __init__(self, description, queue, source=-1):
         super().__init__(description)
         self._queue = queue
+        #: the rank a receive got its data from (known once done for a receive from any source)
+        self.source = source
 
     def wait(self, timeout=None):
         self._queue.flush()

@@ -24,7 +24,7 @@ bool tensors), ``all_gather`` (a list of tensors), ``all_gather_single`` /
 all_gather_into_tensor and reduce_scatter_tensor (one pycoll call over the tensors of a dtype,
 laid end to end); point-to-point ``send``/``recv`` with tags, ``isend``/``irecv`` and
 ``batch_isend_irecv`` (posted transfers run together, as one plan, when a work is waited on: see
-:mod:`pycoll.comm.p2p`; receive from any source is not supported). So FSDP2 (``fully_shard``),
+:mod:`pycoll.comm.p2p`), and receive from any source. So FSDP2 (``fully_shard``),
 DTensor and its functional collectives, DeviceMesh, the object collectives and
 torch.distributed.checkpoint run on the backend. Dtypes: float16, bfloat16, float32, float64,
 int8/16/32/64, uint8 (and uint16/32/64), bool (SUM and MAX are logical or, PRODUCT and MIN logical
@@ -360,17 +360,18 @@ class _P2PWork(_Work):
     """The torch Work of one posted point-to-point transfer: waiting on it first runs the
     posted transfers (pycoll.comm.p2p), so that every rank can post in any order and then wait."""
 
-    def __init__(self, state, pwork, outputs, what, flush, source):
+    def __init__(self, state, pwork, outputs, what, flush):
         super().__init__(state, [pwork], outputs, what=what)
         self._flush = flush
-        self._source = source
+        self._pwork = pwork
 
     def wait(self, timeout=None):
         self._flush()
         return super().wait(timeout)
 
     def source_rank(self):
-        return self._source
+        """The sender's rank (for a receive from any source: once it completed)."""
+        return self._pwork.source
 
     _source_rank = source_rank
 
@@ -786,6 +787,11 @@ class ProcessGroupPycoll(dist.ProcessGroup):
         """``dist.recv`` / ``irecv`` from ``srcRank`` (see :meth:`send`)."""
         return self._p2p(tensors, srcRank, tag, False)
 
+    def recv_anysource(self, tensors, tag=0):
+        """``dist.recv`` / ``irecv`` without a source: the first rank whose frame reaches us
+        (``work._source_rank()`` names it; see :meth:`pycoll.Communicator.irecv`)."""
+        return self._p2p(tensors, None, tag, False)
+
     def _p2p(self, tensors, peer, tag, is_send):
         self._state.usable()
         what = "send" if is_send else "recv"
@@ -794,7 +800,7 @@ class ProcessGroupPycoll(dist.ProcessGroup):
         t = _check_tensor(tensors[0], f"{what} tensor")
         comm = self.communicator
         pwork = comm.isend(t, peer, tag) if is_send else comm.irecv(t, peer, tag)
-        return _P2PWork(self._state, pwork, [t], what, comm.flush_p2p, peer)
+        return _P2PWork(self._state, pwork, [t], what, comm.flush_p2p)
 
     def _root(self, opts, what):
         root = opts.rootRank if opts is not None else 0
@@ -809,9 +815,6 @@ class ProcessGroupPycoll(dist.ProcessGroup):
                                   "reduce_scatter, reduce_scatter_single/reduce_scatter_tensor(_coalesced), "
                                   "broadcast, barrier, reduce, gather, scatter, all_to_all, all_to_all_single, "
                                   "send, recv, isend, irecv, batch_isend_irecv")
-
-    def recv_anysource(self, *a, **k):
-        self._unsupported("recv from any source")
 
     def monitored_barrier(self, *a, **k):
         self._unsupported("monitored_barrier (use barrier)")

@@ -352,3 +352,46 @@ def test_peer_death_mid_call_fails_every_survivor(coll, transport):
         err, intact = results[r]
         assert err is not None and err[0] == "PeerFailure", f"rank {r}: {err}"
         assert intact, f"rank {r}: the input changed"
+
+
+# ---- receive from any source --------------------------------------------------------------------
+def _any_source(comm):
+    me, n = comm.rank, comm.world_size
+    senders = []
+    if me == 0:
+        for _ in range(2 * (n - 1)):  # every other rank sends twice; whoever comes first is taken
+            buf = np.zeros(1000, np.float32)
+            w = comm.irecv(buf, None)
+            w.wait(timeout=60)
+            assert (buf == w.source).all(), (w.source, buf[:3])
+            senders.append(w.source)
+    else:
+        comm.send(np.full(1000, me, np.float32), 0)
+        comm.send(np.full(1000, me, np.float32), 0)
+    comm.barrier()
+    return sorted(senders)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("n", [2, 4])
+def test_receive_from_any_source(n, transport):
+    results = run_on(_any_source, n, transport)
+    assert results[0] == sorted(list(range(1, n)) * 2)
+
+
+def _any_source_dies(comm):
+    try:
+        if comm.rank == 0:
+            comm.recv(np.zeros(4, np.float32), None)
+        else:
+            comm.barrier()  # rank 1 dies here; nobody ever sends to rank 0
+    except pycoll.PeerFailure as exc:
+        return type(exc).__name__
+    return None
+
+
+@pytest.mark.timeout(120)
+def test_receive_from_any_source_fails_when_a_peer_dies():
+    results = run_on(_any_source_dies, 3, "tcp", kill={1: "before:barrier"},
+                     init_kwargs={"timeout": 30, "heartbeat_timeout": 3.0})
+    assert results[0] == "PeerFailure" and results[2] == "PeerFailure"

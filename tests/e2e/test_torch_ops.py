@@ -106,6 +106,23 @@ def _ops(group):
     for q in reqs:
         q.wait()
     out["batch"] = _raw(r)
+    # receive from any source, as torch's own test: rank 0 takes 2(n-1) frames from whoever comes
+    if rank == 0:
+        senders = []
+        for k in range(2 * (n - 1)):
+            t = torch.zeros(10)
+            if k % 2:
+                w = dist.irecv(t, group=group)
+                w.wait()
+                src = w._source_rank()
+            else:
+                src = dist.recv(t, group=group)
+            assert bool((t == src).all()), (src, t)
+            senders.append(src)
+        out["any source"] = sorted(senders)
+    else:
+        for _ in range(2):
+            dist.send(torch.full((10,), float(rank)), 0, group=group)
     return out
 
 
