@@ -46,24 +46,23 @@ pc_status pc_plan_reduce(int32_t nranks, int32_t rank, int32_t root, uint64_t co
         return plan_finish(plan, out);
     }
     /* The root, per segment: acc = x_0 (op) x_1 (op) ... left to right by rank,
-     * as pc_plan_direct. Scratch: [0, bytes) the accumulator, [bytes, 2 bytes)
-     * the copy of x_root (root 0 copies straight into the accumulator). */
-    uint64_t own = root == 0 ? 0 : bytes;
+     * as pc_plan_direct, in scratch [0, bytes). The root's own x_root is read
+     * where it lies (IN: nothing writes IN before the tail): root 0's first
+     * receive-reduce takes it as its left operand. */
     for (uint64_t g = 0; g < segs; g++) {
         uint64_t off = g * seg_elems * es, len = (g + 1 == segs ? count - g * seg_elems : seg_elems) * es;
         int32_t stripe = (int32_t)(g % (uint64_t)stripes);
         uint32_t tag = REDUCE_TAG | (uint32_t)g;
-        int32_t mine = plan_add(plan, PC_OP_COPY, -1, 0, 0, PC_BUF_IN, off, PC_BUF_SCRATCH, own + off, len, NULL, 0);
-        int32_t prev = root == 0 ? mine : -1;
-        for (int32_t j = root == 0 ? 1 : 0; j < nranks; j++) {
+        int32_t prev = -1;
+        for (int32_t j = 0; j < nranks; j++) {
             if (j == root) {
-                int32_t deps[2] = {prev, mine};
-                prev = plan_add(plan, PC_OP_REDUCE, -1, 0, 0, PC_BUF_SCRATCH, own + off, PC_BUF_SCRATCH, off, len, deps, 2);
+                if (j > 0)
+                    prev = plan_add(plan, PC_OP_REDUCE, -1, 0, 0, PC_BUF_IN, off, PC_BUF_SCRATCH, off, len, &prev, 1);
             } else if (j == 0) {
                 prev = plan_add(plan, PC_OP_RECV, 0, stripe, tag, -1, 0, PC_BUF_SCRATCH, off, len, NULL, 0);
-            } else {
-                prev = plan_add(plan, PC_OP_RECV_REDUCE, j, stripe, tag, PC_BUF_SCRATCH, off, PC_BUF_SCRATCH, off, len,
-                                &prev, 1);
+            } else { /* acc (x_0 in IN when the root is rank 0) (op) x_j */
+                int32_t left = j == 1 && root == 0 ? PC_BUF_IN : PC_BUF_SCRATCH;
+                prev = plan_add(plan, PC_OP_RECV_REDUCE, j, stripe, tag, left, off, PC_BUF_SCRATCH, off, len, &prev, 1);
             }
         }
         if (flags & PC_PLAN_AVG) plan_add(plan, PC_OP_SCALE, -1, 0, 0, -1, 0, PC_BUF_SCRATCH, off, len, &prev, 1);
