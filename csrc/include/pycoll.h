@@ -175,8 +175,8 @@ pc_status pc_plan_direct(pc_collective coll, int32_t nranks, int32_t rank, uint6
  * Reduce to a root (plan_exchange.c): every other rank sends IN to `root`,
  * which reduces the n contributions in rank order (x_0 (op) x_1 ...: the
  * bits of pc_plan_direct's all-reduce) in scratch and copies the result to
- * its OUT in the tail. Payloads are cut in segments of at most
- * segment_bytes, and segment g of rank j's reduction waits only for segment
+ * its OUT in the tail. Payloads are cut in segments of segment_bytes (at
+ * most 8 segments: larger ones past that), and segment g of rank j's reduction waits only for segment
  * g of rank j-1's, so the root reduces while the rest still arrives. Other
  * ranks only send (their OUT is never written); the root's IN is intact if
  * the call fails.

@@ -16,6 +16,11 @@
 #define EXCHANGE_TAG 0xc0000000u
 #define REDUCE_TAG 0xc1000000u
 #define STRIPE_MIN (1ull << 20) /* payloads this big are spread over the stripes */
+/* A reduce cuts its payload in at most this many segments: enough to overlap
+ * the root's reduction with what still arrives, few enough that large
+ * payloads stay large frames (a same-host single-copy frame costs the pair a
+ * round trip, which on a busy host means a wait for the CPU each time). */
+#define REDUCE_MAX_SEGS 8
 
 static int bad_rank(int32_t nranks, int32_t rank) { return nranks < 1 || rank < 0 || rank >= nranks; }
 
@@ -36,7 +41,10 @@ pc_status pc_plan_reduce(int32_t nranks, int32_t rank, int32_t root, uint64_t co
     /* segments of whole elements, the same cut on every rank */
     uint64_t seg_elems = segment_bytes / es ? segment_bytes / es : 1;
     uint64_t segs = (count + seg_elems - 1) / seg_elems;
-    if (segs > 4096) segs = 4096, seg_elems = (count + segs - 1) / segs, segs = (count + seg_elems - 1) / seg_elems;
+    if (segs > REDUCE_MAX_SEGS) {
+        seg_elems = (count + REDUCE_MAX_SEGS - 1) / REDUCE_MAX_SEGS;
+        segs = (count + seg_elems - 1) / seg_elems;
+    }
     if (rank != root) {
         for (uint64_t g = 0; g < segs; g++) {
             uint64_t off = g * seg_elems * es, len = (g + 1 == segs ? count - g * seg_elems : seg_elems) * es;
