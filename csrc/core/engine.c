@@ -19,8 +19,8 @@
  * (shm_spin_us, 20 ms): there a reply costs nanoseconds to notice but a
  * sleep costs a wake-up and, on a busy machine, a trip to the back of the
  * run queue, often for milliseconds, which every later step then pays too.
- * With more ranks on the host than CPUs, those spins yield the CPU between
- * checks (the peer we wait for may need ours). On any
+ * Those spins yield the CPU between checks (the peer we wait for may need
+ * ours: with more ranks than CPUs, or on a host busy with other work). On any
  * failure every connection of the comm is shut
  * down, so peers blocked on us fail at once instead of waiting out a
  * timeout; the comm is then unusable and the caller builds a new one.
@@ -75,7 +75,7 @@ struct pc_comm {
     double stall_s;           /* fail when nothing moved this long (0: off) */
     int shm_spin_us;          /* spin this long on shm-only waits */
     uint64_t remote_min;      /* payloads this big go single-copy where the peer can (0: never) */
-    int oversubscribed;       /* more ranks on this host than CPUs */
+    int oversubscribed;       /* more ranks on this host than CPUs (informational: shm spins always yield) */
     void *scratch;
     uint64_t scratch_cap;
     void *run_mem;            /* a run's bookkeeping (prepare), kept for the next run */
@@ -995,10 +995,15 @@ pc_status pc_comm_run_part(pc_comm *comm, const pc_plan *plan, int32_t part, voi
          * sleeper back, whatever the size: keep polling shared-memory-only
          * waits for a while (if spinning is on at all). */
         if (comm->spin_us > 0 && idle_us < comm->shm_spin_us && shm_only_waits(&r)) {
-            /* More ranks than CPUs: yield between looks, so the rank we wait
-             * for gets a core; still far cheaper than a sleep and a wake-up
-             * per step (4 ranks on 2 cores, 4-16 MiB: 30-45 % faster). */
-            if (comm->oversubscribed) sched_yield();
+            /* Yield between looks, so the rank we wait for gets a core: with
+             * more ranks than CPUs, and as much on a host busy with other
+             * work, where a spin that keeps its core makes the peer wait for
+             * the scheduler (2 ranks on 2 busy cores, bench/torch_ops.py:
+             * medians of 2-8 ms fell to 0.2-0.7 ms). A yield with nobody
+             * waiting for the core returns at once. Still far cheaper than a
+             * sleep and a wake-up per step (4 ranks on 2 cores, 4-16 MiB:
+             * 30-45 % faster). */
+            sched_yield();
             continue;
         }
         if (idle_us < spin_us) {
