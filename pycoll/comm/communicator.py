@@ -682,7 +682,7 @@ class Communicator:
 
         def run():
             n = self.world_size
-            _check_pairs(sbs, rbs, n, 1, "all_gather_coalesced")
+            _check_pairs(sbs, rbs, n, "all_gather_coalesced")
             flat = _pack(sbs, 1)
             out = scratch_like(rbs[0], n * flat.size) if rbs else np.empty(0, np.uint8)
             fb = as_buffer(flat, writable=False, what="all_gather_coalesced", dtype=sbs[0].dtype if sbs else None)
@@ -702,7 +702,7 @@ class Communicator:
 
         def run():
             n = self.world_size
-            _check_pairs(rbs, sbs, n, 1, "reduce_scatter_coalesced")
+            _check_pairs(rbs, sbs, n, "reduce_scatter_coalesced")
             flat = _pack(sbs, n)
             out = scratch_like(rbs[0], flat.size // n) if rbs else np.empty(0, np.uint8)
             fb = as_buffer(flat, writable=False, what="reduce_scatter_coalesced", dtype=sbs[0].dtype if sbs else None)
@@ -990,7 +990,7 @@ def _same_dtype_buffers(arrays, writable, what, dtype):
     return bufs
 
 
-def _check_pairs(small, big, n, _unused, what):
+def _check_pairs(small, big, n, what):
     """``big[i]`` must hold world_size x ``small[i]``'s elements."""
     if len(small) != len(big):
         raise InvalidArgument(f"{what}: {len(small)} and {len(big)} arrays; one output per input")

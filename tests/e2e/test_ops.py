@@ -325,6 +325,8 @@ def _survive(comm, coll):
                 comm.reduce(x, root=0)
             elif coll == "gather":
                 comm.gather(x, np.zeros(n * x.size, x.dtype) if me == 0 else None, root=0)
+            elif coll == "scatter":
+                comm.scatter(np.zeros(n * x.size, x.dtype) if me == 0 else None, np.zeros_like(x), root=0)
             elif coll == "all_to_all":
                 comm.all_to_all(x, np.zeros_like(x))
             elif coll == "p2p":
@@ -340,7 +342,7 @@ def _survive(comm, coll):
 
 
 @pytest.mark.timeout(150)
-@pytest.mark.parametrize("coll", ["reduce", "gather", "all_to_all", "p2p"])
+@pytest.mark.parametrize("coll", ["reduce", "gather", "scatter", "all_to_all", "p2p"])
 def test_peer_death_mid_call_fails_every_survivor(coll, transport):
     n, victim = 3, 2
     results = run_on(_survive, n, transport, args=(coll,), timeout=120, kill={victim: f"during:{coll}"},
