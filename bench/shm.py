@@ -21,7 +21,11 @@ copy off, to show what it gains on large buffers.
 
 A second table gives the CPU time (user + sys, all threads) the ranks
 spent inside each call, summed over the ranks (median over iterations):
-what the collective took from anything else that wants the cores.
+what the collective took from anything else that wants the cores. A third
+table runs as many calls again back to back after one barrier and gives
+the mean per call: a barrier before each timed call lines the ranks up
+(all of them on a CPU when the call starts), which on a loaded host hides
+what a training loop pays to get its peers scheduled.
 `--burn K` runs K busy-loop processes (`while True: pass`, normal
 priority) during the whole measurement, like a training host whose cores
 are busy with compute and data loaders; they are killed however the run
@@ -57,16 +61,21 @@ def iterations(nbytes, scale):
 
 
 def timed_loop(sizes, scale, barrier, allreduce, make, after=None):
-    """({size: [seconds per iteration]}, {size: [CPU seconds per iteration]})
-    for this rank (CPU: user + sys of all this process's threads);
-    ``after(x)`` runs after each timed call, outside the timing."""
-    out, cpu = {}, {}
+    """This rank's samples: {"wall": {size: [seconds per iteration]}, "cpu":
+    {size: [CPU seconds per iteration]}, "loop": {size: [seconds, CPU seconds]}}.
+    An iteration is a barrier, then one timed call; CPU is user + sys of all
+    this process's threads. "loop" is the mean per call of as many calls
+    again, back to back after one barrier (what a training loop sees: no
+    barrier lines the ranks up before each call). ``after(x)`` runs after
+    each timed iteration, outside the timing."""
+    out = {"wall": {}, "cpu": {}, "loop": {}}
     for n in sizes:
         x = make(n)
         for _ in range(3 if n < (16 << 20) else 1):
             allreduce(x)
         ts, cs = [], []
-        for _ in range(iterations(n, scale)):
+        reps = iterations(n, scale)
+        for _ in range(reps):
             barrier()
             c0 = time.process_time()
             t0 = time.perf_counter()
@@ -76,8 +85,14 @@ def timed_loop(sizes, scale, barrier, allreduce, make, after=None):
             ts.append(t1 - t0)
             if after is not None:
                 after(x)
-        out[n], cpu[n] = ts, cs
-    return out, cpu
+        barrier()
+        c0 = time.process_time()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            allreduce(x)
+        out["loop"][n] = [(time.perf_counter() - t0) / reps, (time.process_time() - c0) / reps]
+        out["wall"][n], out["cpu"][n] = ts, cs
+    return out
 
 
 def burners(k):
@@ -108,8 +123,9 @@ def pycoll_rank(comm, sizes, scale):
 
     def note(x):
         engine.setdefault(x.nbytes, []).append(comm.stats[-1].seconds)
-    wall, cpu = timed_loop(sizes, scale, comm.barrier, comm.all_reduce, lambda n: np.ones(n // 4, np.float32), note)
-    return wall, cpu, {n: engine[n][-len(wall[n]):] for n in sizes}
+    out = timed_loop(sizes, scale, comm.barrier, comm.all_reduce, lambda n: np.ones(n // 4, np.float32), note)
+    out["engine"] = {n: engine[n][-len(out["wall"][n]):] for n in sizes}
+    return out
 
 
 def run_pycoll(world, sizes, scale, transport, preserve, **options):
@@ -166,8 +182,7 @@ def mpi_worker(sizes, scale):
     res = timed_loop(sizes, scale, comm.Barrier, allreduce, lambda n: np.ones(n // 4, np.float32))
     everyone = comm.gather(res, root=0)
     if comm.rank == 0:
-        print("MPI-RESULT " + json.dumps([[{str(k): v for k, v in part.items()} for part in r] for r in everyone]),
-              flush=True)
+        print("MPI-RESULT " + json.dumps(everyone), flush=True)
 
 
 def run_mpi(world, sizes, scale):
@@ -176,7 +191,7 @@ def run_mpi(world, sizes, scale):
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=dict(os.environ, **QUIET_ENV))
     for line in out.stdout.splitlines():
         if line.startswith("MPI-RESULT "):
-            return [tuple({int(k): v for k, v in part.items()} for part in r)
+            return [{part: {int(k): v for k, v in d.items()} for part, d in r.items()}
                     for r in json.loads(line[len("MPI-RESULT "):])]
     raise RuntimeError(f"mpirun failed ({out.returncode}): {out.stderr[-2000:]}")
 
@@ -285,16 +300,19 @@ def measure(args, impls, sizes, samples, cpu_samples):
                     print("note: machine not idle", file=sys.stderr)
                 t0 = time.monotonic()
                 per_rank = run_impl(impl, world, sizes, args.scale)
-                parts = {impl: [r[0] for r in per_rank]}
+                parts = {impl: [r["wall"] for r in per_rank]}
                 if impl.startswith("pycoll"):
-                    parts[impl + " (engine)"] = [r[2] for r in per_rank]
+                    parts[impl + " (engine)"] = [r["engine"] for r in per_rank]
                 for name, runs in parts.items():
                     for n in sizes:
                         slowest = np.max(np.array([r[n] for r in runs]), axis=0)
                         samples.setdefault((name, world, n), []).extend(slowest.tolist())
                 for n in sizes:  # CPU: all ranks together
-                    total = np.sum(np.array([r[1][n] for r in per_rank]), axis=0)
+                    total = np.sum(np.array([r["cpu"][n] for r in per_rank]), axis=0)
                     cpu_samples.setdefault((impl, world, n), []).extend(total.tolist())
+                    # back to back: the slowest rank's mean per call; CPU of all ranks
+                    samples.setdefault((impl + " loop", world, n), []).append(max(r["loop"][n][0] for r in per_rank))
+                    cpu_samples.setdefault((impl + " loop", world, n), []).append(sum(r["loop"][n][1] for r in per_rank))
                 print(f"# {world} ranks, round {rnd + 1}/{args.rounds}, {impl}: {time.monotonic() - t0:.1f} s",
                       file=sys.stderr, flush=True)
 
@@ -329,6 +347,14 @@ def report(samples, cpu_samples, impls, sizes, worlds, load=""):
             for impl in cpu_impls:
                 c, t = float(np.median(cpu_samples[(impl, world, n)])), med.get((impl, world, n))
                 cells.append(f"{fmt_time(c)} ({c / t:.2f})" if t else fmt_time(c))
+            print(f"| {human_size(n)} | " + " | ".join(cells) + " |")
+        print(f"\n## {world} ranks{load}: back to back (no barrier between calls), mean time per all-reduce "
+              "of the slowest rank / CPU time per all-reduce, all ranks together (median over runs)\n")
+        print("| size | " + " | ".join(cpu_impls) + " |")
+        print("|---|" + "---|" * len(cpu_impls))
+        for n in sizes:
+            cells = [f"{fmt_time(float(np.median(samples[(i + ' loop', world, n)])))} / "
+                     f"{fmt_time(float(np.median(cpu_samples[(i + ' loop', world, n)])))}" for i in cpu_impls]
             print(f"| {human_size(n)} | " + " | ".join(cells) + " |")
 
 
