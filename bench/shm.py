@@ -65,8 +65,9 @@ def timed_loop(sizes, scale, barrier, allreduce, make, after=None):
     {size: [CPU seconds per iteration]}, "loop": {size: [seconds, CPU seconds]}}.
     An iteration is a barrier, then one timed call; CPU is user + sys of all
     this process's threads. "loop" is the mean per call of as many calls
-    again, back to back after one barrier (what a training loop sees: no
-    barrier lines the ranks up before each call). ``after(x)`` runs after
+    again (at least 1000 up to 64 KiB, so that the loop spans many scheduler
+    time slices), back to back after one barrier (what a training loop sees:
+    no barrier lines the ranks up before each call). ``after(x)`` runs after
     each timed iteration, outside the timing."""
     out = {"wall": {}, "cpu": {}, "loop": {}}
     for n in sizes:
@@ -85,12 +86,13 @@ def timed_loop(sizes, scale, barrier, allreduce, make, after=None):
             ts.append(t1 - t0)
             if after is not None:
                 after(x)
+        calls = max(reps, 1000) if n <= (64 << 10) else reps
         barrier()
         c0 = time.process_time()
         t0 = time.perf_counter()
-        for _ in range(reps):
+        for _ in range(calls):
             allreduce(x)
-        out["loop"][n] = [(time.perf_counter() - t0) / reps, (time.process_time() - c0) / reps]
+        out["loop"][n] = [(time.perf_counter() - t0) / calls, (time.process_time() - c0) / calls]
         out["wall"][n], out["cpu"][n] = ts, cs
     return out
 

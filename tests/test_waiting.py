@@ -1,12 +1,18 @@
 """Waiting costs no CPU that someone else could use (csrc/engine.c, the waiting policy).
 
-A rank that waits for a peer spins only as long as its recent waits say a spin pays, then sleeps
-in the kernel (poll on sockets, the eventfd doorbells on shared memory), on the receiving side and
-on the sending side (a full ring or socket buffer) alike. Every test measures the waiting
-process's own CPU time (user + sys, all its threads) against the wall time it waited, on both
-transports. The old engine spun up to 20 ms per shared-memory wait and 200 us per socket wait of a
-small collective, which ``test_repeated_waits_for_a_slow_peer_stop_spinning`` catches.
+A rank that waits for a peer spins only as long as its recent waits say a spin pays, and not at
+all while the host's cores are busy, then sleeps in the kernel (poll on sockets, the eventfd
+doorbells on shared memory), on the receiving side and on the sending side (a full ring or
+socket buffer) alike. The tests measure the waiting process's own CPU time (user + sys, all its
+threads) against the wall time it waited, on both transports; the last one checks that sleeping
+loses no wake-up. The old engine spun up to 20 ms per shared-memory wait and 200 us per socket
+wait of a small collective, which ``test_repeated_waits_for_a_slow_peer_stop_spinning`` catches,
+and on shared memory it spun whatever the load, which ``test_no_spinning_while_every_core_is_busy``
+catches.
 """
+import os
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -75,6 +81,25 @@ def test_repeated_waits_for_a_slow_peer_stop_spinning(transport):
     wall, cpu = res[0]
     assert wall >= 0.3, wall
     assert cpu < 0.1 * wall, f"300 waits of ~1 ms took {wall:.2f} s and {cpu:.3f} s of CPU"
+
+
+@pytest.mark.timeout(120)
+def test_no_spinning_while_every_core_is_busy(transport):
+    """With a busy loop on every CPU, a rank whose peer takes 0.2 ms before each call (short
+    enough that an idle host would spin through it on shared memory) does not spin at all: its
+    cores belong to the compute. (The old engine spun on shared memory for as long as it held
+    the CPU: 40-90 % of the wall time here.)"""
+    burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(os.cpu_count() or 1)]
+    try:
+        res = run_on(_repeated_waits, 2, transport, (0.0002, 300), timeout=90)
+    finally:
+        for p in burners:
+            p.kill()
+        for p in burners:
+            p.wait()
+    wall, cpu = res[0]
+    assert wall >= 0.06, wall
+    assert cpu < 0.2 * wall, f"300 waits of ~0.2 ms on a busy host took {wall:.2f} s and {cpu:.3f} s of CPU"
 
 
 def _many_sleeping_calls(comm, rounds):
