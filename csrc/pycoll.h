@@ -277,7 +277,7 @@ void pc_comm_set_stall_timeout(pc_comm *comm, double seconds);
 /* The same cap for waits on shared-memory connections only, in collectives
  * of any size (default PC_SHM_SPIN_DEFAULT microseconds); they sleep on
  * eventfd doorbells after it. */
-#define PC_SHM_SPIN_DEFAULT 200
+#define PC_SHM_SPIN_DEFAULT 500
 void pc_comm_set_shm_spin(pc_comm *comm, int32_t spin_us);
 /* Same-host single copy: in a collective whose buffers hold at least
  * min_bytes, a payload (of 64 KiB or more) to a shared-memory peer that can
