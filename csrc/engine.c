@@ -85,8 +85,8 @@ struct pc_comm {
     /* waiting policy (see begin_wait) */
     uint32_t spin_ns[WAIT_KINDS]; /* learned spin budget per kind of wait */
     int32_t cpus_online;
-    int host_busy;            /* the last look at the host found more runnable tasks than CPUs */
-    double busy_seen_at;      /* when that look was (0: never) */
+    int busy_looks;           /* consecutive looks at the host that found more runnable tasks than CPUs */
+    double busy_seen_at;      /* when the last look was (0: never) */
     void *scratch;
     uint64_t scratch_cap;
     void *run_mem;            /* a run's bookkeeping (prepare), kept for the next run */
@@ -831,7 +831,11 @@ static int shm_only_waits(const run_state *r) {
  *    more ranks on the host than we may run on) nobody spins: the core
  *    goes to compute, data loaders, or the rank we wait for. Whether it
  *    does is the running count of /proc/loadavg, read at most every
- *    BUSY_RECHECK seconds, and only when a wait begins. (More ranks than
+ *    BUSY_RECHECK seconds, and only when a wait begins; two looks in a row
+ *    must see it, because with every CPU running a rank any other thread
+ *    that wakes for a moment tips one look over (with 2 ranks on 2 idle
+ *    cores, a heartbeat thread or the parent's polling loop: 15-25 % of
+ *    the looks, each costing 5 ms of sleeping through waits). (More ranks than
  *    CPUs used to spin with sched_yield, a cheap handoff while the comm's
  *    own ranks are all that runs: 4 ranks on 2 idle cores, 4 KiB, 20-25 us
  *    per call against 50 us sleeping. But yields go to whatever else is
@@ -855,7 +859,9 @@ static int shm_only_waits(const run_state *r) {
  * full ring or socket buffer is waited for like anything else (POLLOUT).
  */
 #define BUSY_RECHECK 0.005  /* s between looks at /proc/loadavg */
-#define SPIN_SLACK 10000u    /* ns added to a learned budget, for jitter */
+#define BUSY_LOOKS 2         /* busy: this many looks in a row saw it so */
+#define SPIN_SLACK 50000u    /* ns added to a learned budget: a peer's hiccup (an interrupt, a
+                                thread of ours waking) rather than a sleep and a wake-up */
 
 static void cpu_relax(void) {
 #if defined(__x86_64__) || defined(__i386__)
@@ -887,9 +893,9 @@ static int host_busy(pc_comm *c, double t) {
     if (c->oversubscribed) return 1;
     if (c->busy_seen_at == 0 || t - c->busy_seen_at >= BUSY_RECHECK) {
         c->busy_seen_at = t;
-        c->host_busy = runnable_tasks() > c->cpus_online;
+        c->busy_looks = runnable_tasks() > c->cpus_online ? c->busy_looks + 1 : 0;
     }
-    return c->host_busy;
+    return c->busy_looks >= BUSY_LOOKS;
 }
 
 static uint32_t spin_cap_ns(const pc_comm *c, int kind) {
@@ -1090,6 +1096,7 @@ pc_status pc_comm_run_part(pc_comm *comm, const pc_plan *plan, int32_t part, voi
     int small = net_bytes <= (1u << 20);
     int wait_kind = WAIT_NONE;
     uint32_t spin_ns = 0;
+    double looked = 0; /* when the last pass of this wait found nothing, if we did not sleep since */
     while (r.status == PC_OK && r.done < r.end) {
         int moved = run_locals(&r);
         for (int32_t a = 0; a < r.nactive && r.status == PC_OK; a++) {
@@ -1101,7 +1108,8 @@ pc_status pc_comm_run_part(pc_comm *comm, const pc_plan *plan, int32_t part, voi
         moved |= run_locals(&r);
         if (r.status != PC_OK) break;
         if (r.done == r.end) {
-            if (idle_since >= 0) end_wait(comm, wait_kind, now_s() - idle_since);
+            /* the wait ended within a pass of `looked` (no clock read on the fast path) */
+            if (idle_since >= 0) end_wait(comm, wait_kind, (looked > 0 ? looked : now_s()) - idle_since);
             break;
         }
         if (__atomic_load_n(&comm->cancelled, __ATOMIC_SEQ_CST)) {
@@ -1131,9 +1139,11 @@ pc_status pc_comm_run_part(pc_comm *comm, const pc_plan *plan, int32_t part, voi
             spin_ns = begin_wait(&r, t, small, &wait_kind);
         }
         if ((t - idle_since) * 1e9 < (double)spin_ns) {
+            looked = t;
             cpu_relax();
             continue;
         }
+        looked = 0;
         wait_for_io(&r, deadline);
     }
     st = r.status;
