@@ -1,4 +1,4 @@
-"""Builds the C core (csrc/) into pycoll._core with cffi at install time, and
+"""Builds the C core (csrc/) into pycoll.core._core with cffi at install time, and
 ships the emulator's delay line source (csrc/tools/delayline.c) inside the
 package, where pycoll.emulator compiles it on first use."""
 import os

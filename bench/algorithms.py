@@ -131,7 +131,7 @@ def worker_pycoll(a):
         import torch.distributed as dist
         dist.init_process_group("gloo", init_method=f"tcp://{a.master}:{a.port + 1}", rank=a.rank,
                                 world_size=a.n)
-    from pycoll import planners
+    from pycoll.plan import planners
     layout = comm._selector_for_epoch().layout
     out = {}
     for coll in a.colls.split(","):
@@ -211,7 +211,7 @@ def run_loopback(impl, n, args):
 
 def run_emulated(impl, topo_path, args):
     from pycoll.emulator import EmuSpec, Emulator
-    from pycoll.topology import load_topology
+    from pycoll.plan.topology import load_topology
     topo = load_topology(topo_path)
     spec = EmuSpec.from_topology(topo)
     env = {"PYTHONUNBUFFERED": "1", "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
@@ -301,7 +301,7 @@ def main(argv=None):
                 path = os.path.join(tmp, f"{name}.toml")
                 with open(path, "w") as f:
                     f.write(text)
-            from pycoll.topology import load_topology
+            from pycoll.plan.topology import load_topology
             n = load_topology(path).world_size
             runs.append((f"emulator: {name} ({what})", n, (lambda p: lambda impl: run_emulated(impl, p, args))(path),
                          args.colls or colls, args.sizes or sizes))

@@ -37,7 +37,7 @@ import numpy as np  # noqa: E402
 
 import pycoll  # noqa: E402
 from elastic_util import Cluster, _peer_main  # noqa: E402
-from pycoll.control import CoordinatorClient  # noqa: E402
+from pycoll.control.client import CoordinatorClient  # noqa: E402
 from pycoll.testing import free_port  # noqa: E402
 
 

@@ -13,7 +13,7 @@ namespaces, real TCP; the C delay line adds the one-way delay, jitter and
 loss, tc caps every directed link) and starts one worker per peer inside it. The workers run, in order: pycoll with 1 connection per pair
 (kernel autotuned buffers), 1 connection with the largest buffers the kernel
 grants, k connections with k and buffers from the bandwidth-delay product
-(pycoll.wan.link_plan), every other algorithm pycoll offers with that k, the
+(pycoll.net.links.link_plan), every other algorithm pycoll offers with that k, the
 codecs, then torch.distributed Gloo (one connection per pair, as Gloo does).
 
 TCP runs with the kernel's defaults inside the namespaces (``tcp_wmem`` max
@@ -164,7 +164,8 @@ SCENARIOS = {
 
 def configs(kind, rate_Bps, rtt):
     """pycoll configurations for one scenario, and the link plan behind k."""
-    from pycoll import planners, wan
+    from pycoll.plan import planners
+    from pycoll.net import links as wan
     lim = wan.kernel_limits()
     plan = wan.link_plan(rate_Bps, rtt, limits=lim)
     k, buf = plan.stripes, plan.sockbuf

@@ -46,14 +46,14 @@ def main():
     torch.set_num_threads(args.threads)
 
     if args.backend == "pycoll":
-        import pycoll.torch_backend  # noqa: F401 - registers "pycoll" (automatic when pycoll is installed)
+        import pycoll.torch  # noqa: F401 - registers "pycoll" (automatic when pycoll is installed)
     dist.init_process_group(args.backend)  # env://: RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT
     rank = dist.get_rank()
 
     # A different seed per rank: DDP must broadcast rank 0's initial parameters.
     model = DDP(make_model(seed=100 + rank))
     if args.compress != "none":
-        from pycoll.torch_backend import compression_hook
+        from pycoll.torch import compression_hook
         model.register_comm_hook(None, compression_hook(torch.float16 if args.compress == "fp16" else torch.bfloat16))
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
 

@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 
-from pycoll.coordinator import Coordinator
+from pycoll.control.coordinator import Coordinator
 from pycoll.testing import free_port
 
 HERE = os.path.dirname(os.path.abspath(__file__))

@@ -7,13 +7,38 @@ group of peers working while peers crash, join and leave.
     comm = pycoll.init()                 # RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT
     comm.all_reduce(arr, op="sum")       # in place
 """
-from .comm import Communicator, Stat
-from .errors import (Cancelled, CollectiveError, CollectiveTimeout, CoordinatorError, InvalidArgument,
-                     ParityError, PeerFailure, ProtocolError)
-from .group import connect, init
-from .limits import Limits
-from .observability import configure_logging
-from .work import Work
+import importlib
+from typing import TYPE_CHECKING
+
+from pycoll.errors import (Cancelled, CollectiveError, CollectiveTimeout, CoordinatorError, InvalidArgument,
+                           ParityError, PeerFailure, ProtocolError)
+from pycoll.limits import Limits
+from pycoll.observability import Stat, configure_logging
+from pycoll.options import Options
+
+# The communicator and the group need the C core and ZeroMQ: they load on first use, so that
+# `import pycoll.plan.planners` (or `pycoll --help`) does not pull in the network.
+_LAZY = {"init": "pycoll.group", "connect": "pycoll.group", "Communicator": "pycoll.comm.communicator",
+         "Work": "pycoll.comm.work"}
+
+if TYPE_CHECKING:  # for type checkers and IDEs: the names as if imported here
+    from pycoll.comm.communicator import Communicator
+    from pycoll.comm.work import Work
+    from pycoll.group import connect, init
+
+
+def __getattr__(name):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'pycoll' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups find it directly
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
+
 
 try:
     configure_logging()  # PYCOLL_LOG=debug|info|warning|error
@@ -26,5 +51,5 @@ __version__ = "0.1.0"
 __all__ = [
     "init", "connect", "Communicator", "Work", "Stat", "configure_logging",
     "CollectiveError", "PeerFailure", "ProtocolError", "CollectiveTimeout", "Cancelled",
-    "InvalidArgument", "CoordinatorError", "ParityError", "Limits",
+    "InvalidArgument", "CoordinatorError", "ParityError", "Limits", "Options",
 ]

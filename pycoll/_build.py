@@ -1,6 +1,6 @@
-"""cffi build script: compiles csrc/ into the extension ``pycoll._core``.
+"""cffi build script: compiles csrc/ into the extension ``pycoll.core._core``.
 
-The declarations cffi needs come from csrc/pycoll.h itself (preprocessor
+The declarations cffi needs come from csrc/include/pycoll.h itself (preprocessor
 lines stripped, integer #defines kept), so Python and C cannot drift apart.
 The C sources are the SOURCES list of csrc/Makefile, the one list of them
 (the static library, tests/sanitize.sh and tests/fuzz/run.sh read it too).
@@ -16,13 +16,13 @@ CSRC = os.path.join(os.path.dirname(HERE), "csrc")
 
 
 def makefile_sources(path=os.path.join(CSRC, "Makefile")):
-    """The file names of the one ``SOURCES = a.c b.c ...`` assignment in a Makefile.
+    """The paths of the one ``SOURCES = core/a.c plan/b.c ...`` assignment in a Makefile.
 
     Strict on purpose, so that make and this script can never read two
     different lists: exactly one assignment, with ``=`` or ``:=``
     (backslash-continued lines allowed, a trailing ``# comment`` ignored),
-    only bare ``*.c`` names without make syntax, no duplicates, and each file
-    present next to the Makefile. Anything else raises ValueError.
+    only ``folder/name.c`` paths under the Makefile's folder without make syntax,
+    no duplicates, and each file present. Anything else raises ValueError.
     """
     try:
         text = open(path, encoding="utf-8").read()
@@ -43,9 +43,10 @@ def makefile_sources(path=os.path.join(CSRC, "Makefile")):
     if op not in ("=", ":="):
         raise ValueError(f"{path}: SOURCES must be set with = or :=, not {op}")
     names = value.split("#", 1)[0].split()
-    bad = [n for n in names if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*\.c", n)]
+    part = r"[A-Za-z0-9_][A-Za-z0-9_-]*"
+    bad = [n for n in names if not re.fullmatch(rf"(?:{part}/)*{part}\.c", n)]
     if bad or not names:
-        raise ValueError(f"{path}: SOURCES must list bare .c file names, got {bad or 'nothing'}")
+        raise ValueError(f"{path}: SOURCES must list folder/file.c paths under csrc/, got {bad or 'nothing'}")
     if len(set(names)) != len(names):
         raise ValueError(f"{path}: SOURCES lists a file twice")
     missing = [n for n in names if not os.path.isfile(os.path.join(os.path.dirname(path), n))]
@@ -55,6 +56,8 @@ def makefile_sources(path=os.path.join(CSRC, "Makefile")):
 
 
 SOURCES = makefile_sources()
+#: the header folders: include/ (the public pycoll.h) and every folder with a source (as the Makefile)
+INCLUDE_DIRS = ["include"] + sorted({os.path.dirname(s) for s in SOURCES})
 
 
 def header_cdef(path):
@@ -75,7 +78,7 @@ def header_cdef(path):
 
 def build_ffi():
     ffi = FFI()
-    ffi.cdef(header_cdef(os.path.join(CSRC, "pycoll.h")))
+    ffi.cdef(header_cdef(os.path.join(CSRC, "include", "pycoll.h")))
     cflags = ["-std=c99", "-O3", "-Wall", "-Wextra", "-Wno-unused-parameter", "-fno-strict-aliasing", "-pthread"]
     ldflags = ["-pthread"]  # hash.c hashes large buffers on several threads
     if os.environ.get("PYCOLL_SANITIZE"):
@@ -83,10 +86,10 @@ def build_ffi():
         ldflags += ["-fsanitize=address,undefined"]
     cflags += os.environ.get("PYCOLL_CFLAGS", "").split()
     ffi.set_source(
-        "pycoll._core",
+        "pycoll.core._core",
         '#include "pycoll.h"',
         sources=[os.path.join("csrc", s) for s in SOURCES],
-        include_dirs=["csrc"],
+        include_dirs=[os.path.join("csrc", d) for d in INCLUDE_DIRS],
         extra_compile_args=cflags,
         extra_link_args=ldflags,
     )

@@ -9,7 +9,7 @@ every error is swallowed, and pycoll's torch module is loaded only when a
 
 
 def _create(store, rank, size, timeout):
-    from .torch_backend import create_process_group
+    from pycoll.torch.backend import create_process_group
     return create_process_group(store, rank, size, timeout)
 
 

@@ -1,5 +1,5 @@
 """The standalone in-network aggregator (``pycoll aggregator``); the workers' side of it (and
-what both sides share: the engine layout, the descriptor frame) is :mod:`pycoll.switch`.
+what both sides share: the engine layout, the descriptor frame) is :mod:`pycoll.comm.switch`.
 
 A standalone aggregator is a software switch for one ``aggregator = "switch"`` group of the
 topology: it holds no model state, only scratch memory for the partial sums passing through.
@@ -31,12 +31,15 @@ import logging
 import threading
 import time
 
-from . import bootstrap, engine, planners, topology as _topology
-from ._native import ffi, lib
-from .errors import CollectiveError
-from .layout import Layout
-# The workers' side, shared with the switch (and public here too, as before it moved to pycoll.switch):
-from .switch import (DESC_BYTES, DESC_DIGEST, DESC_FORMAT, DESC_MAGIC, DESC_SEQ,  # noqa: F401
+from pycoll import bootstrap
+from pycoll.core import engine
+from pycoll.plan import planners
+from pycoll.plan import topology as _topology
+from pycoll.core.native import ffi, lib
+from pycoll.errors import CollectiveError
+from pycoll.plan.layout import Layout
+# The workers' side, shared with the switch (and public here too, as before it moved to pycoll.comm.switch):
+from pycoll.comm.switch import (DESC_BYTES, DESC_DIGEST, DESC_FORMAT, DESC_MAGIC, DESC_SEQ,  # noqa: F401
                      EngineLayout, SwitchPath, pack_descriptor, run_plan, split_members, unpack_descriptor)
 
 log = logging.getLogger("pycoll.aggregator")
@@ -78,7 +81,7 @@ class Aggregator:
         engine.close(comm)
 
     def _install(self, reply):
-        from .mesh import build_mesh
+        from pycoll.net.mesh import build_mesh
         members = reply["members"]
         rank = reply["rank"]
         workers, switches = split_members(members)

@@ -37,7 +37,7 @@ import socket
 import struct
 import time
 
-from .errors import InvalidArgument
+from pycoll.errors import InvalidArgument
 
 log = logging.getLogger("pycoll.auth")
 

@@ -9,7 +9,7 @@ hits them alike). For each: a few warm-up calls, then iterations of *barrier, ti
 of float32*; an iteration's time is the slowest rank's, and the table shows the median over
 iterations. Bandwidth as nccl-tests defines it: algbw = bytes / time, busbw = algbw * 2(n-1)/n.
 
-Implementations: ``pycoll`` (each algorithm in :data:`pycoll.planners.ALGORITHMS`, ``auto`` too),
+Implementations: ``pycoll`` (each algorithm in :data:`pycoll.plan.planners.ALGORITHMS`, ``auto`` too),
 ``gloo`` (torch.distributed's CPU backend: needs torch) and ``torch-pycoll`` (pycoll through the
 torch.distributed backend, to see what that layer costs). Use :func:`run_benchmark` from Python,
 or :func:`main` with command-line arguments (``bench/allreduce.py`` calls it).
@@ -22,8 +22,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from .observability import human_size, render_table  # noqa: F401 - public here too (demo, bench/)
-from . import units as _units
+from pycoll.observability import human_size, render_table  # noqa: F401 - public here too (demo, bench/)
+from pycoll import units as _units
 
 __all__ = ["Result", "run_benchmark", "format_table", "figure", "plot", "parse_size", "main"]
 
@@ -106,7 +106,7 @@ def _torch_groups(impls, port, comm):
         return {}
     import torch.distributed as dist
     if "torch-pycoll" in wanted:
-        import pycoll.torch_backend  # noqa: F401 - registers the backend
+        import pycoll.torch.backend  # noqa: F401 - registers the backend
     default = "gloo" if "gloo" in wanted else "pycoll"
     dist.init_process_group(default, init_method=f"tcp://127.0.0.1:{port}", rank=comm.rank,
                             world_size=comm.world_size)
@@ -173,8 +173,8 @@ def run_benchmark(world_sizes=DEFAULT_WORLD_SIZES, sizes=DEFAULT_SIZES, algorith
                   impls=("pycoll", "gloo"), iters=None, warmup=2, progress=False, timeout=600.0):
     """Measure and return a list of :class:`Result` (Gloo rows are skipped,
     with a note on stderr, when torch is not installed)."""
-    from . import planners
-    from .testing import free_port, run
+    from pycoll.plan import planners
+    from pycoll.testing import free_port, run
 
     algorithms = list(algorithms or planners.ALGORITHMS)
     for a in algorithms:

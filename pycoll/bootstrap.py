@@ -6,19 +6,20 @@ process's data listener and its coordinator client (rank 0 of ``init`` also host
 coordinator when none listens yet), sends the join until the coordinator takes it (waiting,
 with a WARNING line every few seconds, while none answers or one is shutting down), starts the
 heartbeats and returns a :class:`Joined`. What comes next is the caller's: a
-:class:`~pycoll.comm.Communicator` and its first sync for a peer, ``serve()`` for an aggregator.
+:class:`~pycoll.comm.communicator.Communicator` and its first sync for a peer, ``serve()`` for an aggregator.
 """
 import logging
 import os
 import socket
 import time
 
-from . import auth
-from .control import CoordinatorClient, check_endpoint, resolve_host
-from .coordinator import PROTOCOL, Coordinator
-from .errors import CoordinatorError
-from .limits import resolve
-from .mesh import Listener, host_id, local_address_towards
+from pycoll import auth
+from pycoll.control.client import CoordinatorClient, check_endpoint, resolve_host
+from pycoll.control.coordinator import PROTOCOL, Coordinator
+from pycoll.errors import CoordinatorError
+from pycoll.limits import resolve
+from pycoll.net.mesh import Listener, host_id, local_address_towards
+from pycoll.options import environ
 
 log = logging.getLogger("pycoll")
 
@@ -30,7 +31,7 @@ def job_id():
     """This process's job id: PYCOLL_JOB_ID, else torchrun's TORCHELASTIC_RUN_ID
     (unless it is torchrun's default, "none"), else None. A coordinator
     refuses joiners whose job id differs from its own (two jobs on one port)."""
-    job = os.environ.get("PYCOLL_JOB_ID") or os.environ.get("TORCHELASTIC_RUN_ID")
+    job = environ("PYCOLL_JOB_ID") or environ("TORCHELASTIC_RUN_ID")
     if not job or job == "none":
         return None
     return job[:128]
@@ -119,7 +120,7 @@ def join(master_addr, master_port, *, join_timeout, rank=None, world_size=None, 
     deadline = started + join_timeout
     resolve_host(master_addr, master_port)  # a name that does not resolve: say so now, not at the timeout
     check_endpoint(master_addr, master_port)  # another program on the port: the same
-    advertise = os.environ.get("PYCOLL_ADDR") or local_address_towards(master_addr)
+    advertise = environ("PYCOLL_ADDR") or local_address_towards(master_addr)
     bind = "127.0.0.1" if advertise.startswith("127.") else "0.0.0.0"
     detection = heartbeat_timeout or DEFAULT_DETECTION
     coordinator = None

@@ -56,7 +56,7 @@ def _listen_error(exc, host, port, option):
 
 
 def _cmd_master(args):
-    from .coordinator import Coordinator
+    from pycoll.control.coordinator import Coordinator
     try:
         c = Coordinator(args.host, args.port, world_size=args.world_size, heartbeat_timeout=args.heartbeat_timeout)
     except Exception as exc:  # noqa: BLE001 - zmq.ZMQError, OSError: the port is taken or not ours
@@ -70,7 +70,7 @@ def _cmd_master(args):
 
 
 def _cmd_run(args):
-    from .launcher import run
+    from pycoll.launcher import run
     argv = list(args.script)
     if argv and argv[0] == "--":
         argv = argv[1:]
@@ -93,16 +93,17 @@ def _cmd_run(args):
 def _stripes(args):
     """--stripes, else $PYCOLL_STRIPES, resolved as the workers resolve theirs ("auto" from
     $PYCOLL_LINK or the topology): returns (stripes, options for the aggregator)."""
-    from .wan import resolve_stripes
+    from pycoll.net.links import resolve_stripes
     source = "--stripes" if args.stripes is not None else "environment variable PYCOLL_STRIPES"
     try:
         return resolve_stripes(args.stripes, {"topology": args.topology} if args.topology else {})
     except ValueError as exc:
-        raise UsageError(f"{source}: {exc}") from None
+        text = str(exc)  # (a bad environment variable's error names it already)
+        raise UsageError(text if text.startswith("environment variable") else f"{source}: {text}") from None
 
 
 def _cmd_aggregator(args):
-    from .aggregator import start
+    from pycoll.aggregator import start
     if args.master_port is None:
         args.master_port = _env_port(("PYCOLL_MASTER_PORT", "MASTER_PORT"), 29500)
     stripes, _ = _stripes(args)  # (the socket buffer sizes "auto" also gives are the workers' business)
@@ -119,13 +120,13 @@ def _cmd_aggregator(args):
 
 
 def _cmd_bench(args):
-    from .benchmark import run_from_args
+    from pycoll.benchmark import run_from_args
     return run_from_args(args)
 
 
 def _cmd_demo(args):
-    from .benchmark import parse_size
-    from .demo import main
+    from pycoll.benchmark import parse_size
+    from pycoll.demo import main
     try:
         nbytes = parse_size(args.size)
     except ValueError as exc:
@@ -133,7 +134,7 @@ def _cmd_demo(args):
         return 2
     algorithms = [a.strip() for a in args.algorithms.split(",")] if args.algorithms else None
     if algorithms:
-        from . import planners
+        from pycoll.plan import planners
         unknown = [a for a in algorithms if a not in planners.ALGORITHMS]
         if unknown:
             print(f"pycoll demo: unknown algorithm {unknown[0]!r}; choose from "
@@ -147,7 +148,7 @@ def _cmd_demo(args):
 
 
 def _cmd_topology(args):
-    from .topology_view import show
+    from pycoll.plan.view import show
     return show(args.file, peers=args.peers, cycles=not args.no_cycles, out=sys.stdout)
 
 
@@ -197,7 +198,7 @@ def build_parser():
     m.add_argument("--heartbeat-timeout", type=float, default=5.0, help="seconds without heartbeat = dead")
     m.set_defaults(func=_cmd_master)
 
-    from .benchmark import add_arguments
+    from pycoll.benchmark import add_arguments
     b = sub.add_parser("bench", help="all-reduce benchmark: pycoll's algorithms against Gloo",
                        description="Time all-reduce on local ranks over loopback for each pycoll algorithm and "
                                    "for Gloo (needs torch): median of barrier-separated iterations, slowest rank; "
@@ -255,7 +256,7 @@ def main(argv=None):
         parser.print_help()
         return 2
     prog = f"pycoll {args.command}"
-    from .errors import InvalidArgument
+    from pycoll.errors import InvalidArgument
     try:
         return args.func(args)
     except UsageError as exc:

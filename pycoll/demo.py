@@ -3,7 +3,7 @@
 A coordinator and 4 local peers (processes on this machine; peers talk over shared memory where
 they can, else over loopback TCP, and the demo prints which):
 
-1. every algorithm in :data:`pycoll.planners.ALGORITHMS` runs every collective; each result is
+1. every algorithm in :data:`pycoll.plan.planners.ALGORITHMS` runs every collective; each result is
    checked exactly against what it must be, and its bandwidth measured;
 2. the peers train a toy model (data-parallel SGD on a 4 MiB parameter vector, gradients averaged
    with ``all_reduce``); the demo SIGKILLs one peer mid-training; the survivors notice, re-form
@@ -252,9 +252,9 @@ def run_demo(peers=4, nbytes=4 << 20, algorithms=None, iters=5, time_limit=90.0,
     """Run the demo; returns a :class:`DemoSummary` or raises :class:`DemoError`."""
     from tqdm import tqdm
 
-    from . import planners
-    from .coordinator import Coordinator
-    from .testing import free_port
+    from pycoll.plan import planners
+    from pycoll.control.coordinator import Coordinator
+    from pycoll.testing import free_port
 
     out = out or sys.stdout
     if peers < 3:
@@ -395,7 +395,7 @@ def run_demo(peers=4, nbytes=4 << 20, algorithms=None, iters=5, time_limit=90.0,
 
 def format_summary(summary):
     """The summary tables as text."""
-    from .benchmark import human_size, render_table
+    from pycoll.benchmark import human_size, render_table
 
     rows = []
     for b in summary.bench:

@@ -1,62 +1,39 @@
 """Making communicators: ``init`` (a fixed group, torchrun-style) and
 ``connect`` (join an elastic group at any time)."""
 import logging
-import os
 import time
 
-from . import bootstrap
-from .bootstrap import PROGRESS_S, job_id  # job_id: public here too, as before
-from .comm import DEFAULT_TIMEOUT, Communicator
-from .errors import CollectiveError, CoordinatorError, InvalidArgument
-from .limits import Limits
-from .mesh import transport_mode
-from .wan import resolve_stripes
+from pycoll import bootstrap
+from pycoll.bootstrap import PROGRESS_S, job_id  # job_id: public here too, as before
+from pycoll.comm.communicator import Communicator
+from pycoll.errors import CollectiveError, CoordinatorError, InvalidArgument
+from pycoll.limits import Limits
+from pycoll.net.links import settle
+from pycoll.options import Options, environ
 
 log = logging.getLogger("pycoll")
-
-
-def _env_int(name):
-    v = os.environ.get(name)
-    if v is None:
-        return None
-    try:
-        return int(v)
-    except ValueError:
-        raise InvalidArgument(f"environment variable {name}={v!r} is not an integer") from None
 
 
 def _env_master_port():
     """The coordinator's port: PYCOLL_MASTER_PORT (set by `pycoll run`, which
     leaves MASTER_PORT to torch.distributed), else MASTER_PORT (torchrun)."""
-    name = "PYCOLL_MASTER_PORT" if os.environ.get("PYCOLL_MASTER_PORT") is not None else "MASTER_PORT"
-    port = _env_int(name)
-    if port is not None and not 1 <= port <= 65535:
-        raise InvalidArgument(f"environment variable {name}={os.environ[name]!r} is not a port (1-65535)")
-    return port
+    port = environ("PYCOLL_MASTER_PORT")
+    return port if port is not None else environ("MASTER_PORT")
 
 
 def _join_timeout(join_timeout, default):
     """The join wait: the argument, else PYCOLL_JOIN_TIMEOUT (seconds), else ``default``."""
     if join_timeout is not None:
         return float(join_timeout)
-    raw = os.environ.get("PYCOLL_JOIN_TIMEOUT")
-    if raw is None or raw == "":
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise InvalidArgument(f"environment variable PYCOLL_JOIN_TIMEOUT={raw!r} is not a number of seconds") from None
-    if value <= 0:
-        raise InvalidArgument(f"PYCOLL_JOIN_TIMEOUT={raw!r} must be positive")
-    return value
+    value = environ("PYCOLL_JOIN_TIMEOUT")
+    return default if value is None else value
 
 
-def _stripes(stripes, options):
-    """stripes: an int, "auto" (from link=/topology=, see pycoll.wan), or $PYCOLL_STRIPES."""
-    try:
-        return resolve_stripes(stripes, options)
-    except ValueError as exc:
-        raise InvalidArgument(str(exc)) from None
+def _options(join_timeout, arguments):
+    """The communicator's options: ``arguments`` over the environment over the defaults
+    (pycoll.options), stripes="auto" settled (pycoll.net.links); its sync points wait as
+    long as joining does."""
+    return settle(Options.resolve(**arguments)).replace(sync_timeout=join_timeout)
 
 
 def _forming_text(client, world_size):
@@ -74,14 +51,13 @@ def _forming_text(client, world_size):
 
 
 def _make(master_addr, master_port, rank, world_size, *, join_timeout, heartbeat_interval, heartbeat_timeout,
-          host_coordinator, token=None, limits=None, name=None, **comm_options):
+          host_coordinator, options, token=None, limits=None, name=None):
     joined = bootstrap.join(master_addr, master_port, join_timeout=join_timeout, rank=rank, world_size=world_size,
                             heartbeat_interval=heartbeat_interval, heartbeat_timeout=heartbeat_timeout,
                             host_coordinator=host_coordinator, token=token, limits=limits, name=name,
-                            info={"transport": transport_mode(comm_options.get("transport"))}, job=job_id(),
-                            sockbuf=comm_options.get("sockbuf", 0), who=f"rank {rank}" if rank is not None else None)
+                            info={"transport": options.transport}, job=job_id(), sockbuf=options.sockbuf,
+                            who=f"rank {rank}" if rank is not None else None)
     client, started, deadline = joined.client, joined.started, joined.deadline
-    comm_options["mesh_key"] = joined.mesh_key
     comm = None
     who = f"rank {rank}" if rank is not None else f"peer {client.name}"
 
@@ -95,13 +71,12 @@ def _make(master_addr, master_port, rank, world_size, *, join_timeout, heartbeat
                         master_port, time.monotonic() - started, join_timeout, text)
 
     try:
-        comm = Communicator(client, joined.listener, coordinator=joined.coordinator, sync_timeout=join_timeout,
-                            **comm_options)
-        comm._join_msg = joined.join
+        comm = Communicator(client, joined.listener, options, coordinator=joined.coordinator, mesh_key=joined.mesh_key,
+                            join=joined.join)
+        epoch = comm.epoch_state
         client.on_wait, client.progress_interval = progress, PROGRESS_S
-        comm.sync_timeout = max(1.0, deadline - time.monotonic())  # the join wait covers both steps
-        try:
-            comm._sync(rebuild=True)
+        try:  # the first epoch: the join wait covers both steps
+            epoch.sync(rebuild=True, timeout=max(1.0, deadline - time.monotonic()))
         except CoordinatorError as exc:
             if not getattr(exc, "timed_out", False):
                 raise
@@ -113,22 +88,21 @@ def _make(master_addr, master_port, rank, world_size, *, join_timeout, heartbeat
                    "PYCOLL_JOIN_TIMEOUT sets this wait" if rank is not None else "")) from None
         finally:
             client.on_wait = None
-            comm.sync_timeout = join_timeout
         if world_size is not None and comm.world_size != world_size:
             raise CoordinatorError(f"{who}: the coordinator at {master_addr}:{master_port} formed a group of "
                                    f"{comm.world_size}, not world_size {world_size}: another group shares this port?")
         if rank is None:
-            comm._fresh_join = comm.epoch  # admitted: a first update_topology() has nothing left to do
+            epoch.joined_fresh()  # admitted: a first update_topology() has nothing left to do
         return comm
     except BaseException:
         if comm is not None:
-            comm._drop_comm()
+            comm.epoch_state.drop()
         joined.close()
         raise
 
 
 def init(rank: int | None = None, world_size: int | None = None, master_addr: str | None = None,
-         master_port: int | None = None, *, timeout: float = DEFAULT_TIMEOUT, join_timeout: float | None = None,
+         master_port: int | None = None, *, timeout: float | None = None, join_timeout: float | None = None,
          heartbeat_interval: float | None = None, heartbeat_timeout: float | None = None,
          stripes: int | str | None = None, preserve_input: bool = True, token: str | bytes | None = None,
          limits: "Limits | None" = None, **options: object) -> Communicator:
@@ -136,35 +110,38 @@ def init(rank: int | None = None, world_size: int | None = None, master_addr: st
 
     Arguments default to torchrun's environment variables RANK, WORLD_SIZE,
     MASTER_ADDR and MASTER_PORT. ``stripes``: connections per peer pair, or
-    "auto" with ``link="2gbit/50ms"`` or ``topology=`` (see :mod:`pycoll.wan`). Rank 0 starts the coordinator on
+    "auto" with ``link="2gbit/50ms"`` or ``topology=`` (see :mod:`pycoll.net.links`). Rank 0 starts the coordinator on
     MASTER_PORT unless one (``pycoll master``) is already running there.
     Returns once all ``world_size`` peers are connected.
     ``heartbeat_timeout`` is the detection bound (default 5 s): a peer silent
     that long counts as dead, and so does a coordinator. ``join_timeout``: how
     long to wait for the group to form (default ``PYCOLL_JOIN_TIMEOUT``, else
     120 s); a WARNING line every 5 s says which ranks are still missing.
+    ``timeout`` (default ``PYCOLL_TIMEOUT``, else 120 s) and the other
+    ``options`` are the communicator's settings: see :class:`pycoll.options.Options`,
+    which also lists the environment variables that set them.
 
     ``token``: the group's shared secret (default ``PYCOLL_SECRET``); every
     peer and the coordinator must use the same one. ``limits``: a
     :class:`pycoll.Limits` (default: from the environment).
     """
-    rank = rank if rank is not None else _env_int("RANK")
-    world_size = world_size if world_size is not None else _env_int("WORLD_SIZE")
-    master_addr = master_addr or os.environ.get("MASTER_ADDR", "127.0.0.1")
+    rank = rank if rank is not None else environ("RANK")
+    world_size = world_size if world_size is not None else environ("WORLD_SIZE")
+    master_addr = master_addr or environ("MASTER_ADDR") or "127.0.0.1"
     master_port = master_port if master_port is not None else _env_master_port()
     if rank is None or world_size is None or master_port is None:
         raise InvalidArgument("pycoll.init needs rank, world_size and master_port (or RANK, WORLD_SIZE, "
                               "MASTER_PORT in the environment, as torchrun and `pycoll run` set them)")
     if not 0 <= rank < world_size:
         raise InvalidArgument(f"rank {rank} is not in [0, {world_size})")
-    stripes, options = _stripes(stripes, options)
-    return _make(master_addr, master_port, rank, world_size, join_timeout=_join_timeout(join_timeout, 120.0),
+    join_timeout = _join_timeout(join_timeout, 120.0)
+    resolved = _options(join_timeout, dict(options, timeout=timeout, stripes=stripes, preserve_input=preserve_input))
+    return _make(master_addr, master_port, rank, world_size, join_timeout=join_timeout,
                  heartbeat_interval=heartbeat_interval, heartbeat_timeout=heartbeat_timeout,
-                 host_coordinator=(rank == 0), timeout=timeout, stripes=stripes,
-                 preserve_input=preserve_input, token=token, limits=limits, **options)
+                 host_coordinator=(rank == 0), options=resolved, token=token, limits=limits)
 
 
-def connect(master_addr: str | None = None, master_port: int | None = None, *, timeout: float = DEFAULT_TIMEOUT,
+def connect(master_addr: str | None = None, master_port: int | None = None, *, timeout: float | None = None,
             join_timeout: float | None = None, heartbeat_interval: float | None = None,
             heartbeat_timeout: float | None = None, stripes: int | str | None = None, name: str | None = None,
             token: str | bytes | None = None, limits: "Limits | None" = None,
@@ -181,17 +158,18 @@ def connect(master_addr: str | None = None, master_port: int | None = None, *, t
     otherwise): silent that long, it counts as dead and the group goes on
     without it. ``name``: a stable, unique peer name (default: random);
     ``comm.members`` and the contributors of ``retry=True`` collectives are
-    reported by name. ``token`` and ``limits`` as for :func:`init`.
+    reported by name. ``token``, ``limits``, ``timeout`` and the other options as
+    for :func:`init` (``join_timeout`` defaults to 300 s here).
     """
-    master_addr = master_addr or os.environ.get("MASTER_ADDR", "127.0.0.1")
+    master_addr = master_addr or environ("MASTER_ADDR") or "127.0.0.1"
     master_port = master_port if master_port is not None else _env_master_port()
     if master_port is None:
         raise InvalidArgument("pycoll.connect needs master_port (or MASTER_PORT in the environment)")
-    stripes, options = _stripes(stripes, options)
-    return _make(master_addr, master_port, None, None, join_timeout=_join_timeout(join_timeout, 300.0),
+    join_timeout = _join_timeout(join_timeout, 300.0)
+    resolved = _options(join_timeout, dict(options, timeout=timeout, stripes=stripes))
+    return _make(master_addr, master_port, None, None, join_timeout=join_timeout,
                  heartbeat_interval=heartbeat_interval, heartbeat_timeout=heartbeat_timeout,
-                 host_coordinator=False, timeout=timeout, stripes=stripes, name=name, token=token, limits=limits,
-                 **options)
+                 host_coordinator=False, options=resolved, name=name, token=token, limits=limits)
 
 
 __all__ = ["init", "connect", "CollectiveError"]

@@ -20,8 +20,8 @@ import sys
 import threading
 import time
 
-from .coordinator import Coordinator
-from .testing import free_port
+from pycoll.control.coordinator import Coordinator
+from pycoll.testing import free_port
 
 
 def _pump(stream, prefix, out):

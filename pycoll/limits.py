@@ -26,9 +26,10 @@ from a length read off the wire.
 import dataclasses
 import os
 
-from .errors import InvalidArgument
+from pycoll.errors import InvalidArgument
 
-_ENV = {
+#: field -> the environment variable that sets it
+ENVIRONMENT = {
     "max_message_bytes": "PYCOLL_MAX_MESSAGE_BYTES",
     "max_peers": "PYCOLL_MAX_PEERS",
     "connect_timeout": "PYCOLL_CONNECT_TIMEOUT",
@@ -62,12 +63,12 @@ class Limits:
         """Defaults, overridden by the environment, overridden by ``overrides``."""
         values = {}
         for f in dataclasses.fields(cls):
-            raw = os.environ.get(_ENV[f.name])
+            raw = os.environ.get(ENVIRONMENT[f.name])
             if raw is not None:
                 try:
                     values[f.name] = type(f.default)(raw)
                 except ValueError:
-                    raise InvalidArgument(f"environment variable {_ENV[f.name]}={raw!r} is not a number") from None
+                    raise InvalidArgument(f"environment variable {ENVIRONMENT[f.name]}={raw!r} is not a number") from None
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 

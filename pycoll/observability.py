@@ -1,6 +1,6 @@
 """Seeing what pycoll does: logging and per-collective statistics.
 
-Logging. pycoll logs under the ``pycoll`` logger (``pycoll.coordinator``, ``pycoll.torch``, ...).
+Logging. pycoll logs under the ``pycoll`` logger (``pycoll.control.coordinator``, ``pycoll.torch``, ...).
 Set the level with the environment variable ``PYCOLL_LOG`` (``debug``, ``info``, ``warning``,
 ``error``); at ``debug`` every collective logs one line (rank, epoch, collective, algorithm,
 bytes, time, bandwidth). When ``PYCOLL_LOG`` is set and the program has not configured logging,
@@ -18,7 +18,7 @@ import collections
 import logging
 import os
 
-from .units import human_size
+from pycoll.units import human_size
 
 __all__ = ["configure_logging", "summarize", "format_stats", "Stat"]
 

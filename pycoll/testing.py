@@ -50,8 +50,8 @@ import time
 import traceback
 import types
 
-from . import faults
-from .faults import fault_armed, fault_point  # noqa: F401 - public here too (the harness's API)
+from pycoll import faults
+from pycoll.faults import fault_armed, fault_point  # noqa: F401 - public here too (the harness's API)
 
 __all__ = ["run", "fault_point", "fault_armed", "free_port", "RankError", "KILLED"]
 
@@ -143,7 +143,7 @@ def _rank_main(fn, args, rank, world_size, port, init, init_kwargs, fault, delay
             import torch.distributed as dist
             backend = init.split(":", 1)[1]
             if backend == "pycoll":
-                import pycoll.torch_backend  # noqa: F401 - registers the backend
+                import pycoll.torch.backend  # noqa: F401 - registers the backend
             dist.init_process_group(backend, rank=rank, world_size=world_size, **init_kwargs)
             close = dist.destroy_process_group
         _kill_after(after)

@@ -1,29 +1,23 @@
-import os
+import pathlib
 import sys
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(__file__))  # tests import their helpers (plansim, reference)
-
-import leak_guard  # noqa: E402 - needs the path above
-from collective_cases import TRANSPORTS  # noqa: E402
+import leak_guard  # tests/support is on the path (pyproject: pythonpath)
+from collective_cases import TRANSPORTS
 
 
-# Tiers (markers): `unit` needs no sockets or processes (seconds: `pytest -m unit` is the quick
-# loop), `e2e` runs processes on loopback, `chaos` kills and starts peers at random, `fuzz` feeds
-# hostile input. A module not named here is e2e. The README's test command runs every tier.
-TIERS = {
-    "unit": {"test_algorithms_plans", "test_hamiltonian", "test_plans", "test_reduce", "test_topology",
-             "test_units", "test_cbuild", "test_architecture"},
-    "chaos": {"test_chaos"},
-    "fuzz": {"test_fuzz"},
-}
+# Tiers are folders, and each test gets its folder's marker: `unit` needs no sockets or processes
+# (seconds: `pytest -m unit` is the quick loop), `e2e` runs processes on loopback, `chaos` kills and
+# starts peers at random, `fuzz` feeds hostile input. The README's test command runs every tier.
+TIERS = ("unit", "e2e", "chaos", "fuzz")
 
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        module = item.module.__name__.rsplit(".", 1)[-1] if item.module is not None else ""
-        tier = next((t for t, modules in TIERS.items() if module in modules), "e2e")
+        tier = pathlib.Path(str(item.fspath)).parent.name
+        if tier not in TIERS:
+            raise pytest.UsageError(f"{item.nodeid}: a test lives in one of tests/{{{','.join(TIERS)}}}/")
         item.add_marker(getattr(pytest.mark, tier))
 
 

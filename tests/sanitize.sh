@@ -3,7 +3,7 @@
 # then a valgrind leak check of the C core.
 #
 #   bash tests/sanitize.sh                 # collectives, errors, faults, security, fuzz tests
-#   bash tests/sanitize.sh tests/test_collectives.py -k every_dtype   # any pytest arguments
+#   bash tests/sanitize.sh tests/e2e/test_collectives.py -k every_dtype   # any pytest arguments
 #   SKIP_VALGRIND=1 bash tests/sanitize.sh ...
 #
 # Works on a copy of this checkout in a temporary folder (PYCOLL_SANITIZE=1
@@ -21,7 +21,7 @@ PYCOLL_SANITIZE=1 python3 setup.py -q build_ext --inplace --force >build.log 2>&
 
 tests=("$@")
 if [ ${#tests[@]} -eq 0 ]; then
-    tests=(tests/test_collectives.py tests/test_errors.py tests/test_faults.py tests/test_security.py tests/test_fuzz.py)
+    tests=(tests/e2e/test_collectives.py tests/e2e/test_errors.py tests/e2e/test_faults.py tests/e2e/test_security.py tests/fuzz/test_fuzz.py)
 fi
 echo "== ASan + UBSan: pytest ${tests[*]}"
 LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libubsan.so)" \
@@ -33,9 +33,10 @@ if [ -z "${SKIP_VALGRIND:-}" ] && command -v valgrind >/dev/null; then
     echo "== valgrind: the C core (plans, comms, runs that succeed and runs that fail) for 3000 inputs"
     # The C sources: csrc/Makefile's SOURCES, the one list of them.
     src=$(make -s --no-print-directory -C csrc print-sources | sed 's|\([^ ]*\)|csrc/\1|g')
+    inc=$(make -s --no-print-directory -C csrc print-include-dirs | sed 's|\([^ ]*\)|-Icsrc/\1|g')
     [ -n "$src" ] || { echo "no C sources from make -C csrc print-sources" >&2; exit 1; }
     # shellcheck disable=SC2086
-    gcc -std=c99 -O1 -g -Icsrc tests/fuzz/fuzz_wire.c $src -o fuzz_wire_plain
+    gcc -std=c99 -O1 -g $inc tests/fuzz/fuzz_wire.c $src -o fuzz_wire_plain
     valgrind --quiet --leak-check=full --show-leak-kinds=definite,indirect,possible \
         --errors-for-leak-kinds=definite,indirect,possible --error-exitcode=99 ./fuzz_wire_plain 3000 1
     echo "valgrind: no leak, no invalid access"

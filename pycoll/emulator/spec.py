@@ -1,7 +1,7 @@
 """Description of an emulated network: peers, directed links, NIC caps.
 
 `EmuSpec` is deliberately small and duck-typed so that other parts of pycoll
-(e.g. ``pycoll.topology.Topology``) can be converted with
+(e.g. ``pycoll.plan.topology.Topology``) can be converted with
 :meth:`EmuSpec.from_topology` without this package importing them.
 
 Units: rates are **bits per second**, times are seconds, loss is a probability

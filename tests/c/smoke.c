@@ -1,6 +1,6 @@
 /*
  * The C core without Python: includes pycoll.h only and links against
- * libpycoll.a (make -C csrc; tests/test_cbuild.py builds and runs this).
+ * libpycoll.a (make -C csrc; tests/unit/test_cbuild.py builds and runs this).
  * No sockets: hashing, a reduction kernel, a 2-rank ring plan inspected op by
  * op, and plans run on a 1-rank comm (which has no connections). Prints OK and
  * returns 0, or names the first failed check and returns 1.

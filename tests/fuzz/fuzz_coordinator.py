@@ -26,11 +26,11 @@ if atheris is not None:
     with atheris.instrument_imports(include=["pycoll"]):
         import msgpack
         from pycoll import auth
-        from pycoll.coordinator import PROTOCOL, Coordinator
+        from pycoll.control.coordinator import PROTOCOL, Coordinator
 else:
     import msgpack
     from pycoll import auth
-    from pycoll.coordinator import PROTOCOL, Coordinator
+    from pycoll.control.coordinator import PROTOCOL, Coordinator
 
 SECRET = b"fuzz"
 FIELDS = ["t", "rid", "name", "cred", "epoch", "proto", "addr", "host_id", "rank", "world_size", "info",

@@ -17,8 +17,9 @@ out=${PYCOLL_FUZZ_DIR:-/tmp/pycoll-fuzz}
 mkdir -p "$out/corpus"
 # The C sources: csrc/Makefile's SOURCES, the one list of them.
 src=$(make -s --no-print-directory -C csrc print-sources | sed 's|\([^ ]*\)|csrc/\1|g')
+inc=$(make -s --no-print-directory -C csrc print-include-dirs | sed 's|\([^ ]*\)|-Icsrc/\1|g')
 [ -n "$src" ] || { echo "no C sources from make -C csrc print-sources" >&2; exit 1; }
-flags="-std=c99 -O1 -g -Wall -Wextra -Wno-unused-parameter -fno-omit-frame-pointer -Icsrc"
+flags="-std=c99 -O1 -g -Wall -Wextra -Wno-unused-parameter -fno-omit-frame-pointer $inc"
 export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=1:halt_on_error=1}
 export UBSAN_OPTIONS=${UBSAN_OPTIONS:-halt_on_error=1:print_stacktrace=1}
 

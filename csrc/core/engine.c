@@ -1,0 +1,1221 @@
+/*
+ * engine.c - runs any plan over a comm's connections.
+ *
+ * One non-blocking loop per collective. Each (peer, stripe) connection is a
+ * *channel* with a send FIFO and a receive FIFO holding the plan's ops in
+ * plan order. An op may start when all its dependencies are done and it is
+ * at the head of its FIFO; local ops (copy, reduce, scale) run as soon as
+ * they are ready. Sends write header + payload with one sendmsg; receives
+ * read the header and payload with one recvmsg, straight into the
+ * destination, or, for receive-reduce, through a small per-channel staging
+ * buffer that is reduced into the destination while it is still in cache.
+ * A transport that can show received bytes in place (peek/consume: shared
+ * memory) skips the staging buffer: the reduction reads the peer's bytes
+ * where they lie. Such transports ask for frames padded to 8 bytes
+ * (conn->align), so every payload element lies naturally aligned there.
+ * When nothing moves the loop may spin briefly, then sleeps in poll() on
+ * the channels it waits for plus the comm's cancel pipe, never past the
+ * deadline (shared-memory channels sleep on their eventfd doorbells, see
+ * transport_shm.c). Spinning only pays when the reply comes sooner than a
+ * sleep and a wake-up would take, and only costs nothing when no other
+ * task wants the core: so the spin budget is learned from how long the
+ * comm's recent waits took (see the waiting policy below), and is zero
+ * while the host has more runnable tasks than CPUs. On any
+ * failure every connection of the comm is shut
+ * down, so peers blocked on us fail at once instead of waiting out a
+ * timeout; the comm is then unusable and the caller builds a new one.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <sched.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "plan.h"
+#include "pycoll.h"
+#include "transport.h"
+#include "wire.h"
+
+#define STAGE_BYTES (256u * 1024u)
+#define REMOTE_BUDGET (4ull << 20) /* bytes copied from a peer per pump call */
+#define REMOTE_OP_MIN (64u * 1024u) /* smaller payloads always go through the ring */
+
+/* Kinds of wait, each with its own learned spin budget: all channels it waits
+ * on are shared memory; or some is a socket, in a small collective (a big
+ * one never spins on sockets: its waits are long and the kernel does the
+ * copying, on the cores a spinner would take). */
+enum { WAIT_SHM, WAIT_SOCK, WAIT_KINDS, WAIT_NONE = -1 };
+
+typedef struct {
+    int32_t *send_q, nsend, send_head;
+    int32_t *recv_q, nrecv, recv_head;
+    uint8_t shdr[PC_HDR_BYTES];
+    uint64_t sdone;        /* header + payload bytes sent of the head op */
+    uint8_t rhdr[PC_HDR_BYTES];
+    uint64_t rdone;        /* header + payload bytes received of the head op */
+    uint64_t reduced;      /* payload bytes already reduced (receive-reduce) */
+    uint32_t stage_fill;   /* bytes waiting in the staging buffer */
+    short want;            /* poll events this channel waits for */
+    /* single copy (PC_FRAME_REMOTE) */
+    int sremote;           /* the head send goes as a descriptor */
+    uint64_t stoken;       /* != 0: its descriptor is out, waiting for the reader's ack */
+    uint8_t sdesc[PC_REMOTE_DESC_BYTES];
+    int rremote;           /* the head receive came as a descriptor */
+    uint8_t rdesc[PC_REMOTE_DESC_BYTES];
+} chan_state;
+
+struct pc_comm {
+    int32_t rank, nranks, stripes;
+    pc_conn **conns;          /* nranks * stripes, NULL for self */
+    uint8_t **stage;          /* per channel, allocated on first use */
+    int cancel_pipe[2];
+    int cancelled;            /* atomic */
+    int broken;
+    int spin_us;              /* most we spin on a small collective's wait (0: never spin) */
+    double stall_s;           /* fail when nothing moved this long (0: off) */
+    int shm_spin_us;          /* most we spin on a shm-only wait */
+    uint64_t remote_min;      /* payloads this big go single-copy where the peer can (0: never) */
+    int oversubscribed;       /* more ranks on this host than CPUs */
+    /* waiting policy (see begin_wait) */
+    uint32_t spin_ns[WAIT_KINDS]; /* learned spin budget per kind of wait */
+    int32_t cpus_online;
+    int busy_looks;           /* consecutive looks at the host that found more runnable tasks than CPUs */
+    double busy_seen_at;      /* when the last look was (0: never) */
+    void *scratch;
+    uint64_t scratch_cap;
+    void *run_mem;            /* a run's bookkeeping (prepare), kept for the next run */
+    size_t run_cap;
+    uint64_t sent, received;
+    uint64_t single_copied;   /* bytes we copied straight out of a peer's memory */
+    char err[512];
+};
+
+static void set_err(pc_comm *c, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(c->err, sizeof c->err, fmt, ap);
+    va_end(ap);
+}
+
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+/* ---- comm lifetime ----------------------------------------------------- */
+static void close_from(int32_t from, int32_t nconn, int32_t stripes, int32_t rank, const int32_t *fds,
+                       const int32_t *shm_fds) {
+    for (int32_t i = from; i < nconn; i++) {
+        if (i / stripes == rank) continue;
+        if (fds && fds[i] >= 0) close(fds[i]);
+        for (int k = 0; shm_fds && k < 3; k++)
+            if (shm_fds[3 * i + k] >= 0) close(shm_fds[3 * i + k]);
+    }
+}
+
+static int32_t local_ranks(const pc_comm *c) {
+    int32_t n = 1;
+    for (int32_t p = 0; p < c->nranks; p++) {
+        pc_conn *cn = p == c->rank ? NULL : c->conns[p * c->stripes];
+        n += cn && cn->ops->arm; /* only shared-memory conns have arm */
+    }
+    return n;
+}
+
+static int32_t cpus_available(void) {
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof set, &set) != 0) return 1 << 30;
+    return CPU_COUNT(&set);
+}
+
+pc_status pc_comm_create(int32_t rank, int32_t nranks, int32_t stripes, const int32_t *fds,
+                         int32_t sockbuf_bytes, pc_comm **out) {
+    return pc_comm_create_mixed(rank, nranks, stripes, NULL, fds, NULL, sockbuf_bytes, out);
+}
+
+pc_status pc_comm_create_mixed(int32_t rank, int32_t nranks, int32_t stripes, const int32_t *kinds,
+                               const int32_t *fds, const int32_t *shm_fds, int32_t sockbuf_bytes,
+                               pc_comm **out) {
+    *out = NULL;
+    int32_t nconn = nranks * stripes;
+    if (nranks < 1 || rank < 0 || rank >= nranks || stripes < 1 || stripes > 64 || !fds) {
+        if (nranks > 0 && stripes > 0 && stripes <= 64) close_from(0, nconn, stripes, -1, fds, shm_fds);
+        return PC_ERR_ARG;
+    }
+    for (int32_t i = 0; kinds && i < nconn; i++)
+        if (i / stripes != rank && (kinds[i] < PC_CONN_TCP || kinds[i] > PC_CONN_SHM ||
+                                    (kinds[i] == PC_CONN_SHM && !shm_fds))) {
+            close_from(0, nconn, stripes, rank, fds, shm_fds);
+            return PC_ERR_ARG;
+        }
+    pc_comm *c = calloc(1, sizeof *c);
+    pc_status st = PC_ERR_NOMEM;
+    if (!c) goto fail_fds;
+    c->rank = rank;
+    c->nranks = nranks;
+    c->stripes = stripes;
+    c->spin_us = 200;
+    c->shm_spin_us = PC_SHM_SPIN_DEFAULT;
+    c->remote_min = PC_SINGLE_COPY_DEFAULT;
+    c->cancel_pipe[0] = c->cancel_pipe[1] = -1;
+    c->conns = calloc((size_t)nconn, sizeof *c->conns);
+    c->stage = calloc((size_t)nconn, sizeof *c->stage);
+    if (!c->conns || !c->stage) goto fail_fds;
+    if (pipe(c->cancel_pipe) != 0) {
+        st = PC_ERR_IO;
+        goto fail_fds;
+    }
+    for (int i = 0; i < 2; i++) {
+        fcntl(c->cancel_pipe[i], F_SETFL, O_NONBLOCK);
+        fcntl(c->cancel_pipe[i], F_SETFD, FD_CLOEXEC);
+    }
+    for (int32_t i = 0; i < nconn; i++) {
+        int32_t peer = i / stripes;
+        if (peer == rank) continue;
+        int shm = kinds && kinds[i] == PC_CONN_SHM;
+        if (fds[i] < 0) {
+            close_from(i, i + 1, stripes, rank, NULL, shm_fds);
+            continue;
+        }
+        st = PC_ERR_NOMEM;
+        c->conns[i] = pc_conn_open(shm ? PC_CONN_SHM : PC_CONN_TCP, fds[i], shm ? shm_fds + 3 * i : NULL,
+                                   rank < peer ? 0 : 1, sockbuf_bytes, &st);
+        if (!c->conns[i]) {
+            /* fds from i on are not owned by a conn yet */
+            close_from(i, nconn, stripes, rank, fds, shm_fds);
+            pc_comm_free(c);
+            return st;
+        }
+        if (!shm) close_from(i, i + 1, stripes, rank, NULL, shm_fds);
+    }
+    c->oversubscribed = local_ranks(c) > cpus_available();
+    long online = sysconf(_SC_NPROCESSORS_ONLN);
+    c->cpus_online = online > 0 ? (int32_t)online : 1;
+    c->spin_ns[WAIT_SHM] = (uint32_t)c->shm_spin_us * 1000u;
+    c->spin_ns[WAIT_SOCK] = (uint32_t)c->spin_us * 1000u;
+    *out = c;
+    return PC_OK;
+fail_fds:
+    close_from(0, nconn, stripes, rank, fds, shm_fds);
+    if (c) {
+        free(c->conns);
+        free(c->stage);
+        if (c->cancel_pipe[0] >= 0) close(c->cancel_pipe[0]);
+        if (c->cancel_pipe[1] >= 0) close(c->cancel_pipe[1]);
+        free(c);
+    }
+    return st;
+}
+
+void pc_comm_cancel(pc_comm *c) {
+    __atomic_store_n(&c->cancelled, 1, __ATOMIC_SEQ_CST);
+    char b = 1;
+    ssize_t r = write(c->cancel_pipe[1], &b, 1);
+    (void)r; /* a full pipe already wakes the loop */
+}
+
+static void drain_cancel_pipe(pc_comm *c) {
+    char buf[64];
+    while (read(c->cancel_pipe[0], buf, sizeof buf) > 0) {
+    }
+}
+
+void pc_comm_clear_cancel(pc_comm *c) {
+    /* Called before every collective: no system call unless a cancel came
+     * (a byte a racing cancel leaves behind is drained by wait_for_io). */
+    if (!__atomic_load_n(&c->cancelled, __ATOMIC_SEQ_CST)) return;
+    drain_cancel_pipe(c);
+    __atomic_store_n(&c->cancelled, 0, __ATOMIC_SEQ_CST);
+}
+
+/* Spin caps are kept below 1 s (a spin longer than that is never right, and
+ * the budgets, in ns, fit 32 bits). */
+static int32_t clamp_spin(int32_t us) { return us < 0 ? 0 : us > 1000000 ? 1000000 : us; }
+
+void pc_comm_set_spin(pc_comm *c, int32_t spin_us) {
+    c->spin_us = clamp_spin(spin_us);
+    c->spin_ns[WAIT_SOCK] = (uint32_t)c->spin_us * 1000u;
+}
+void pc_comm_set_stall_timeout(pc_comm *c, double seconds) { c->stall_s = seconds > 0 ? seconds : 0; }
+void pc_comm_set_shm_spin(pc_comm *c, int32_t spin_us) {
+    c->shm_spin_us = clamp_spin(spin_us);
+    c->spin_ns[WAIT_SHM] = (uint32_t)c->shm_spin_us * 1000u;
+}
+
+void pc_comm_set_single_copy(pc_comm *c, uint64_t min_bytes) {
+    c->remote_min = min_bytes;
+    for (int32_t i = 0; i < c->nranks * c->stripes; i++)
+        if (c->conns[i] && c->conns[i]->ops->rma_allow) c->conns[i]->ops->rma_allow(c->conns[i], min_bytes != 0);
+}
+
+void pc_comm_shutdown(pc_comm *c) {
+    c->broken = 1;
+    for (int32_t i = 0; i < c->nranks * c->stripes; i++)
+        if (c->conns[i]) c->conns[i]->ops->shutdown(c->conns[i]);
+}
+
+void pc_comm_free(pc_comm *c) {
+    if (!c) return;
+    for (int32_t i = 0; i < c->nranks * c->stripes; i++) {
+        if (c->conns && c->conns[i]) c->conns[i]->ops->destroy(c->conns[i]);
+        if (c->stage) free(c->stage[i]);
+    }
+    free(c->conns);
+    free(c->stage);
+    free(c->scratch);
+    free(c->run_mem);
+    if (c->cancel_pipe[0] >= 0) close(c->cancel_pipe[0]);
+    if (c->cancel_pipe[1] >= 0) close(c->cancel_pipe[1]);
+    free(c);
+}
+
+const char *pc_comm_last_error(const pc_comm *c) { return c->err; }
+uint64_t pc_comm_bytes_sent(const pc_comm *c) { return c->sent; }
+uint64_t pc_comm_bytes_single_copy(const pc_comm *c) { return c->single_copied; }
+
+/* ---- frame validation (also exported for fuzzing) ---------------------- */
+pc_status pc_frame_check(const uint8_t *hdr, uint32_t tag, uint32_t desc, uint64_t seq,
+                         uint64_t len, char *why, uint32_t why_len) {
+    pc_frame_hdr h;
+    hdr_decode(hdr, &h);
+    const char *what = NULL;
+    char detail[160] = "";
+    if (h.magic != PC_MAGIC) what = "bad magic (not a pycoll peer?)";
+    else if (h.version != PC_VERSION)
+        snprintf(detail, sizeof detail, "protocol version %u, expected %u", h.version, PC_VERSION);
+    else if (h.kind != PC_FRAME_DATA)
+        snprintf(detail, sizeof detail, "unknown frame kind %u", h.kind);
+    else if (h.seq != seq)
+        snprintf(detail, sizeof detail, "frame of collective #%llu while running #%llu (ranks called collectives in different orders?)",
+                 (unsigned long long)h.seq, (unsigned long long)seq);
+    else if (h.desc != desc)
+        snprintf(detail, sizeof detail, "mismatched collective arguments across ranks (peer digest %08x, ours %08x): same collective, dtype, op, shape and root are required",
+                 h.desc, desc);
+    else if (h.len != len)
+        snprintf(detail, sizeof detail, "frame length %llu, expected %llu (mismatched sizes across ranks?)",
+                 (unsigned long long)h.len, (unsigned long long)len);
+    else if (h.tag != tag)
+        snprintf(detail, sizeof detail, "frame tag %08x, expected %08x (mismatched algorithm across ranks?)", h.tag, tag);
+    if (what) snprintf(detail, sizeof detail, "%s", what);
+    if (!detail[0]) return PC_OK;
+    if (why && why_len) snprintf(why, why_len, "%s", detail);
+    return PC_ERR_PROTO;
+}
+
+/* ---- the run ----------------------------------------------------------- */
+typedef struct {
+    pc_comm *comm;
+    const pc_plan *plan;
+    uint8_t *buf[PC_BUF_COUNT];
+    int32_t dtype, op, es;
+    uint64_t seq;
+    uint32_t desc;
+    int32_t *pending;      /* unfinished deps per op */
+    int32_t *dep_start, *dependents; /* CSR: ops that wait for op i */
+    int32_t *ready;        /* stack of ready local ops */
+    int32_t nready;
+    int32_t done, before_tail;
+    int32_t end;           /* ops [0, end) run: nops, or tail_first for a body-only run */
+    chan_state *ch;
+    int32_t *active;       /* channels with any op */
+    int32_t nactive;
+    int32_t failed_peer;
+    int remote;            /* big enough for single copy (comm->remote_min) */
+    pc_status status;
+} run_state;
+
+static int is_net(int32_t kind) { return kind == PC_OP_SEND || kind == PC_OP_RECV || kind == PC_OP_RECV_REDUCE; }
+
+static int op_ready(const run_state *r, int32_t i) {
+    return i < r->end && r->pending[i] == 0 && (i < r->plan->tail_first || r->before_tail == 0);
+}
+
+static void complete(run_state *r, int32_t i) {
+    const pc_plan *p = r->plan;
+    r->done++;
+    for (int32_t k = r->dep_start[i]; k < r->dep_start[i + 1]; k++) {
+        int32_t d = r->dependents[k];
+        if (--r->pending[d] == 0 && !is_net(p->ops[d].kind) && op_ready(r, d)) r->ready[r->nready++] = d;
+    }
+    if (i < p->tail_first && --r->before_tail == 0) {
+        for (int32_t t = p->tail_first; t < r->end; t++)
+            if (r->pending[t] == 0 && !is_net(p->ops[t].kind)) r->ready[r->nready++] = t;
+    }
+}
+
+static void run_local(run_state *r, int32_t i) {
+    const pc_op *op = &r->plan->ops[i];
+    uint8_t *dst = op->dst_buf >= 0 ? r->buf[op->dst_buf] + op->dst_off : NULL;
+    const uint8_t *src = op->src_buf >= 0 ? r->buf[op->src_buf] + op->src_off : NULL;
+    uint64_t n = op->len / (uint64_t)r->es;
+    switch (op->kind) {
+    case PC_OP_COPY:
+        if (dst != src && op->len) memcpy(dst, src, op->len);
+        break;
+    case PC_OP_REDUCE:
+        pc_reduce(dst, dst, src, n, r->dtype, r->op);
+        break;
+    case PC_OP_SCALE:
+        if (r->op == PC_AVG) pc_scale(dst, n, r->dtype, r->plan->nranks);
+        break;
+    case PC_OP_ENCODE: /* compressed plans (plan_codec.c): float32 only */
+        pc_codec_encode(r->plan->codec, dst, (const float *)src, n);
+        break;
+    case PC_OP_DECODE:
+        pc_codec_decode(r->plan->codec, (float *)dst, src, n);
+        break;
+    case PC_OP_DECODE_REDUCE:
+        pc_codec_decode_reduce(r->plan->codec, (float *)dst, (const float *)src, r->buf[op->aux_buf] + op->aux_off, n,
+                               r->op);
+        break;
+    default:
+        break;
+    }
+}
+
+static void fail(run_state *r, pc_status st, int32_t peer, const char *fmt, ...) {
+    if (r->status != PC_OK) return;
+    r->status = st;
+    r->failed_peer = peer;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(r->comm->err, sizeof r->comm->err, fmt, ap);
+    va_end(ap);
+}
+
+static void io_fail(run_state *r, long res, int32_t peer, const char *dir) {
+    if (res == PC_IO_CLOSED)
+        fail(r, PC_ERR_PEER, peer, "connection to rank %d closed while %s (peer died or aborted)", peer, dir);
+    else
+        fail(r, PC_ERR_IO, peer, "socket error while %s rank %d", dir, peer);
+}
+
+static const uint8_t zero_pad[8];
+
+/* Bytes of padding after a payload of len bytes on conn c. */
+static uint64_t pad_of(const pc_conn *c, uint64_t len) {
+    return c->align > 1 ? (uint64_t)(-len) & (uint64_t)(c->align - 1) : 0;
+}
+
+/* Advance the head send of channel k; returns 1 if bytes moved. */
+static int pump_send(run_state *r, int32_t k) {
+    chan_state *cs = &r->ch[k];
+    pc_conn *cn = r->comm->conns[k];
+    int moved = 0;
+    while (cs->send_head < cs->nsend) {
+        int32_t i = cs->send_q[cs->send_head];
+        if (!op_ready(r, i)) return moved;
+        const pc_op *op = &r->plan->ops[i];
+        const uint8_t *src = op->src_buf >= 0 ? r->buf[op->src_buf] + op->src_off : NULL; /* barrier: no bytes */
+        if (cs->stoken) { /* descriptor sent: done once the peer has read our bytes */
+            long res = cn->ops->rma_wait(cn, cs->stoken);
+            if (res == PC_IO_AGAIN) {
+                cs->want |= PC_WANT_RMA_ACK;
+                return moved;
+            }
+            if (res < 0) {
+                io_fail(r, res, op->peer, "sending to");
+                return moved;
+            }
+            moved = 1;
+            r->comm->sent += op->len;
+            cs->stoken = 0;
+            cs->sdone = 0;
+            cs->send_head++;
+            complete(r, i);
+            continue;
+        }
+        if (cs->sdone == 0) {
+            cs->sremote = r->remote && op->len >= REMOTE_OP_MIN && cn->ops->rma_ok && cn->ops->rma_ok(cn);
+            pc_frame_hdr h = {PC_MAGIC, PC_VERSION, cs->sremote ? PC_FRAME_REMOTE : PC_FRAME_DATA, op->tag,
+                              r->desc, r->seq, op->len};
+            hdr_encode(cs->shdr, &h);
+            if (cs->sremote) {
+                put_u64(cs->sdesc, (uint64_t)(uintptr_t)src);
+                put_u64(cs->sdesc + 8, op->len);
+            }
+        }
+        /* on the wire: header, then the payload or its descriptor, then padding */
+        uint64_t body = cs->sremote ? PC_REMOTE_DESC_BYTES : op->len;
+        const uint8_t *body_at = cs->sremote ? cs->sdesc : src;
+        uint64_t pad = pad_of(cn, body), frame = PC_HDR_BYTES + body + pad;
+        struct iovec iov[3];
+        int n = 0;
+        if (cs->sdone < PC_HDR_BYTES) {
+            iov[n].iov_base = cs->shdr + cs->sdone;
+            iov[n++].iov_len = PC_HDR_BYTES - cs->sdone;
+        }
+        uint64_t pdone = cs->sdone > PC_HDR_BYTES ? cs->sdone - PC_HDR_BYTES : 0;
+        if (body > pdone) {
+            iov[n].iov_base = (void *)(body_at + pdone);
+            iov[n++].iov_len = body - pdone;
+        }
+        uint64_t tdone = pdone > body ? pdone - body : 0;
+        if (pad > tdone) {
+            iov[n].iov_base = (void *)(zero_pad + tdone);
+            iov[n++].iov_len = pad - tdone;
+        }
+        long res = cn->ops->sendv(cn, iov, n);
+        if (res == PC_IO_AGAIN) {
+            cs->want |= POLLOUT;
+            return moved;
+        }
+        if (res < 0) {
+            io_fail(r, res, op->peer, "sending to");
+            return moved;
+        }
+        moved = 1;
+        cs->sdone += (uint64_t)res;
+        if (!cs->sremote) r->comm->sent += (uint64_t)res;
+        if (cs->sdone == frame && cs->sremote) {
+            cs->stoken = cn->ops->rma_post(cn); /* completes above, once acked */
+        } else if (cs->sdone == frame) {
+            cs->sdone = 0;
+            cs->send_head++;
+            complete(r, i);
+        }
+    }
+    return moved;
+}
+
+static int check_header(run_state *r, chan_state *cs, const pc_op *op, const pc_conn *cn) {
+    char why[256];
+    uint8_t h[PC_HDR_BYTES];
+    memcpy(h, cs->rhdr, sizeof h);
+    /* a descriptor instead of bytes: only where this connection can read the sender's memory */
+    int remote = get_u16(h + 6) == PC_FRAME_REMOTE && cn->ops->rma_read;
+    if (remote) put_u16(h + 6, PC_FRAME_DATA);
+    cs->rremote = remote;
+    if (pc_frame_check(h, op->tag, r->desc, r->seq, op->len, why, sizeof why) == PC_OK) return 1;
+    fail(r, PC_ERR_PROTO, op->peer, "bad frame from rank %d: %s", op->peer, why);
+    return 0;
+}
+
+static uint64_t min_u64(uint64_t a, uint64_t b) { return a < b ? a : b; }
+
+static void recv_done(run_state *r, chan_state *cs, int32_t i) {
+    cs->rremote = 0;
+    cs->rdone = 0;
+    cs->reduced = 0;
+    cs->stage_fill = 0;
+    cs->recv_head++;
+    complete(r, i);
+}
+
+/* Receive-reduce straight out of the transport's buffer (shared memory):
+ * one pass reads the peer's bytes where they lie and writes the result.
+ * Returns 1 if bytes moved, 0 if nothing did; sets *again when it must wait,
+ * and leaves partial elements to the staged path. */
+static int reduce_from_peer(run_state *r, int32_t k, int32_t i, int *again) {
+    chan_state *cs = &r->ch[k];
+    pc_conn *cn = r->comm->conns[k];
+    const pc_op *op = &r->plan->ops[i];
+    const void *data;
+    long avail = cn->ops->peek(cn, &data);
+    if (avail == PC_IO_AGAIN) {
+        cs->want |= POLLIN;
+        *again = 1;
+        return 0;
+    }
+    if (avail < 0) {
+        io_fail(r, avail, op->peer, "receiving from");
+        *again = 1;
+        return 0;
+    }
+    uint64_t take = min_u64((uint64_t)avail, op->len - cs->reduced);
+    take -= take % (uint64_t)r->es;
+    if (!take) return 0;
+    pc_reduce(r->buf[op->dst_buf] + op->dst_off + cs->reduced, r->buf[op->src_buf] + op->src_off + cs->reduced,
+              data, take / (uint64_t)r->es, r->dtype, r->op);
+    cn->ops->consume(cn, take);
+    cs->reduced += take;
+    cs->rdone += take;
+    r->comm->received += take;
+    return 1;
+}
+
+/* Channel k's staging buffer for receive-reduce, made on first use. */
+static int has_stage(run_state *r, int32_t k) {
+    if (r->comm->stage[k] || (r->comm->stage[k] = malloc(STAGE_BYTES))) return 1;
+    fail(r, PC_ERR_NOMEM, -1, "out of memory for a staging buffer");
+    return 0;
+}
+
+/* A PC_FRAME_REMOTE frame whose header we checked: read the descriptor,
+ * copy (and reduce) the bytes it names straight out of the sender's memory,
+ * tell the sender we are done. Returns 1 if bytes moved. */
+static int pump_remote(run_state *r, int32_t k, int32_t i) {
+    chan_state *cs = &r->ch[k];
+    pc_comm *comm = r->comm;
+    pc_conn *cn = comm->conns[k];
+    const pc_op *op = &r->plan->ops[i];
+    uint64_t desc_end = PC_HDR_BYTES + PC_REMOTE_DESC_BYTES;
+    int moved = 0;
+    if (cs->rdone < desc_end) {
+        struct iovec v = {cs->rdesc + (cs->rdone - PC_HDR_BYTES), desc_end - cs->rdone};
+        long res = cn->ops->recvv(cn, &v, 1);
+        if (res == PC_IO_AGAIN) {
+            cs->want |= POLLIN;
+            return 0;
+        }
+        if (res < 0) {
+            io_fail(r, res, op->peer, "receiving from");
+            return 0;
+        }
+        cs->rdone += (uint64_t)res;
+        if (cs->rdone < desc_end) return 1;
+        if (get_u64(cs->rdesc + 8) != op->len) {
+            fail(r, PC_ERR_PROTO, op->peer, "bad frame from rank %d: remote-read descriptor of %llu bytes, expected %llu",
+                 op->peer, (unsigned long long)get_u64(cs->rdesc + 8), (unsigned long long)op->len);
+            return 1;
+        }
+        moved = 1;
+    }
+    int reduce = op->kind == PC_OP_RECV_REDUCE;
+    if (reduce && !has_stage(r, k)) return moved;
+    uint64_t from = get_u64(cs->rdesc), budget = REMOTE_BUDGET;
+    uint8_t *dst = r->buf[op->dst_buf] + op->dst_off;
+    while (cs->reduced < op->len && budget) {
+        /* a reduction reads through the staging buffer, while it is in cache */
+        uint64_t n = min_u64(op->len - cs->reduced, reduce ? STAGE_BYTES : budget);
+        long res = cn->ops->rma_read(cn, reduce ? comm->stage[k] : dst + cs->reduced, from + cs->reduced, n);
+        if (res == PC_IO_ERROR && cn->err == EPROTO) {
+            fail(r, PC_ERR_PROTO, op->peer, "bad frame from rank %d: a remote-read descriptor we never agreed to",
+                 op->peer);
+            return moved;
+        }
+        if (res == PC_IO_ERROR) {
+            fail(r, PC_ERR_IO, op->peer, "cannot read the memory rank %d named (%s)", op->peer, strerror(cn->err));
+            return moved;
+        }
+        if (res < 0) {
+            io_fail(r, res, op->peer, "reading the memory of");
+            return moved;
+        }
+        if (reduce)
+            pc_reduce(dst + cs->reduced, r->buf[op->src_buf] + op->src_off + cs->reduced, comm->stage[k],
+                      n / (uint64_t)r->es, r->dtype, r->op);
+        cs->reduced += n;
+        comm->received += n;
+        comm->single_copied += n;
+        budget -= min_u64(budget, n);
+        moved = 1;
+    }
+    if (cs->reduced < op->len) return moved;
+    long res = cn->ops->rma_done(cn);
+    if (res < 0) {
+        io_fail(r, res, op->peer, "receiving from");
+        return moved;
+    }
+    recv_done(r, cs, i);
+    return 1;
+}
+
+/* Advance the head receive of channel k; returns 1 if bytes moved. */
+static int pump_recv(run_state *r, int32_t k) {
+    chan_state *cs = &r->ch[k];
+    pc_comm *comm = r->comm;
+    pc_conn *cn = comm->conns[k];
+    uint8_t trash[8];
+    int moved = 0;
+    while (cs->recv_head < cs->nrecv) {
+        int32_t i = cs->recv_q[cs->recv_head];
+        if (!op_ready(r, i)) return moved;
+        const pc_op *op = &r->plan->ops[i];
+        if (cs->rremote) {
+            int m = pump_remote(r, k, i);
+            moved |= m;
+            if (cs->rremote && (!m || r->status != PC_OK)) return moved; /* waiting, or failed */
+            continue;
+        }
+        int reduce = op->kind == PC_OP_RECV_REDUCE;
+        int zero_copy = reduce && cn->ops->peek != NULL;
+        uint64_t pad = pad_of(cn, op->len), frame = PC_HDR_BYTES + op->len + pad;
+        uint64_t pdone = cs->rdone > PC_HDR_BYTES ? cs->rdone - PC_HDR_BYTES : 0; /* payload + pad */
+        if (zero_copy && cs->rdone >= PC_HDR_BYTES && pdone < op->len && cs->stage_fill == 0) {
+            int again = 0;
+            if (reduce_from_peer(r, k, i, &again)) {
+                moved = 1;
+                if (cs->rdone == frame) recv_done(r, cs, i);
+                continue;
+            }
+            if (again) return moved;
+        }
+        if (reduce && !has_stage(r, k)) return moved;
+        struct iovec iov[3];
+        int n = 0;
+        if (cs->rdone < PC_HDR_BYTES) {
+            iov[n].iov_base = cs->rhdr + cs->rdone;
+            iov[n++].iov_len = PC_HDR_BYTES - cs->rdone;
+        }
+        uint64_t payload_done = min_u64(pdone, op->len), left = op->len - payload_done;
+        int to_end = left == 0; /* this read may reach the end of the payload */
+        /* Bytes off the wire reach the caller's memory only behind a checked
+         * header: a plain receive into IN/OUT reads its header on its own
+         * (scratch and the staging buffer are ours, so those read both). A
+         * zero-copy receive-reduce reads it alone too: its payload is then
+         * reduced where it lies. */
+        int header_alone = cs->rdone < PC_HDR_BYTES &&
+                           (zero_copy || cn->ops->rma_read || (!reduce && op->dst_buf != PC_BUF_SCRATCH));
+        if (left && !header_alone) {
+            uint64_t want = left;
+            if (reduce) {
+                /* staged: whole buffers; after peek found a partial element: just that element */
+                want = min_u64(left, zero_copy ? (uint64_t)(r->es - (int32_t)cs->stage_fill)
+                                               : STAGE_BYTES - cs->stage_fill);
+                iov[n].iov_base = comm->stage[k] + cs->stage_fill;
+            } else {
+                iov[n].iov_base = r->buf[op->dst_buf] + op->dst_off + payload_done;
+            }
+            iov[n++].iov_len = want;
+            to_end = want == left;
+        }
+        uint64_t pad_done = pdone > op->len ? pdone - op->len : 0;
+        if (to_end && pad > pad_done) {
+            iov[n].iov_base = trash;
+            iov[n++].iov_len = pad - pad_done;
+        }
+        long res = cn->ops->recvv(cn, iov, n);
+        if (res == PC_IO_AGAIN) {
+            cs->want |= POLLIN;
+            return moved;
+        }
+        if (res < 0) {
+            io_fail(r, res, op->peer, "receiving from");
+            return moved;
+        }
+        moved = 1;
+        uint64_t before = cs->rdone;
+        cs->rdone += (uint64_t)res;
+        comm->received += (uint64_t)res;
+        if (before < PC_HDR_BYTES && cs->rdone >= PC_HDR_BYTES && !check_header(r, cs, op, cn)) return moved;
+        if (cs->rremote) continue; /* the descriptor follows: pump_remote */
+        if (reduce && cs->rdone > PC_HDR_BYTES) {
+            uint64_t now_done = min_u64(cs->rdone - PC_HDR_BYTES, op->len);
+            cs->stage_fill += (uint32_t)(now_done - payload_done); /* payload bytes this call */
+            uint32_t whole = cs->stage_fill - cs->stage_fill % (uint32_t)r->es;
+            if (whole) {
+                uint64_t off = cs->reduced;
+                pc_reduce(r->buf[op->dst_buf] + op->dst_off + off, r->buf[op->src_buf] + op->src_off + off,
+                          comm->stage[k], whole / (uint32_t)r->es, r->dtype, r->op);
+                cs->reduced += whole;
+                memmove(comm->stage[k], comm->stage[k] + whole, cs->stage_fill - whole);
+                cs->stage_fill -= whole;
+            }
+        }
+        if (cs->rdone == frame) recv_done(r, cs, i);
+    }
+    return moved;
+}
+
+static int run_locals(run_state *r) {
+    int any = 0;
+    while (r->nready) {
+        int32_t i = r->ready[--r->nready];
+        run_local(r, i);
+        complete(r, i);
+        any = 1;
+    }
+    return any;
+}
+
+/* Build per-run bookkeeping: dependents (CSR), FIFOs per channel. It lives
+ * in one block the comm keeps between runs (grown when a plan needs more):
+ * a small collective then allocates nothing. */
+static pc_status prepare(run_state *r) {
+    const pc_plan *p = r->plan;
+    pc_comm *c = r->comm;
+    int32_t nops = p->nops, nch = c->nranks * c->stripes;
+    /* int32 slots: pending, dep_start, dependents, ready, active, fill, and
+     * the per-channel FIFOs (every net op once, plus one spare per FIFO) */
+    size_t n32 = 5 * ((size_t)nops + 2) + ((size_t)p->ndeps + 1) + 3 * (size_t)nch;
+    size_t need = sizeof(chan_state) * (size_t)nch + sizeof(int32_t) * n32;
+    if (need > c->run_cap) {
+        void *m = realloc(c->run_mem, need);
+        if (!m) return PC_ERR_NOMEM;
+        c->run_mem = m;
+        c->run_cap = need;
+    }
+    memset(c->run_mem, 0, need);
+    r->ch = c->run_mem; /* first: the most strictly aligned */
+    int32_t *next = (int32_t *)(r->ch + nch);
+    r->pending = next, next += nops + 1;
+    r->dep_start = next, next += nops + 2;
+    r->dependents = next, next += p->ndeps + 1;
+    r->ready = next, next += nops + 1;
+    r->active = next, next += nch;
+    int32_t *fill = next;
+    next += nops + 1;
+    for (int32_t i = 0; i < nops; i++) {
+        const pc_op *op = &p->ops[i];
+        r->pending[i] = op->dep_count;
+        for (int32_t k = 0; k < op->dep_count; k++) {
+            int32_t d = p->deps[op->dep_first + k];
+            if (d < 0 || d >= i) return PC_ERR_ARG; /* deps point backwards: no cycles */
+            r->dep_start[d + 1]++;
+        }
+        if (is_net(op->kind) && i < r->end) {
+            if (op->peer < 0 || op->peer >= c->nranks || op->peer == c->rank || op->stripe < 0 ||
+                op->stripe >= c->stripes || !c->conns[op->peer * c->stripes + op->stripe])
+                return PC_ERR_ARG;
+            chan_state *cs = &r->ch[op->peer * c->stripes + op->stripe];
+            if (op->kind == PC_OP_SEND) cs->nsend++;
+            else cs->nrecv++;
+        }
+    }
+    for (int32_t i = 0; i < nops; i++) r->dep_start[i + 1] += r->dep_start[i];
+    for (int32_t i = 0; i < nops; i++) {
+        const pc_op *op = &p->ops[i];
+        for (int32_t k = 0; k < op->dep_count; k++) {
+            int32_t d = p->deps[op->dep_first + k];
+            r->dependents[r->dep_start[d] + fill[d]++] = i;
+        }
+    }
+    for (int32_t k = 0; k < nch; k++) {
+        chan_state *cs = &r->ch[k];
+        if (!cs->nsend && !cs->nrecv) continue;
+        r->active[r->nactive++] = k;
+        cs->send_q = next, next += cs->nsend + 1;
+        cs->recv_q = next, next += cs->nrecv + 1;
+        cs->nsend = cs->nrecv = 0;
+    }
+    for (int32_t i = 0; i < r->end; i++) {
+        const pc_op *op = &p->ops[i];
+        if (!is_net(op->kind)) continue;
+        chan_state *cs = &r->ch[op->peer * c->stripes + op->stripe];
+        if (op->kind == PC_OP_SEND) cs->send_q[cs->nsend++] = i;
+        else cs->recv_q[cs->nrecv++] = i;
+    }
+    r->before_tail = p->tail_first;
+    for (int32_t i = 0; i < r->end; i++)
+        if (r->pending[i] == 0 && !is_net(p->ops[i].kind) && op_ready(r, i)) r->ready[r->nready++] = i;
+    return PC_OK;
+}
+
+/* No byte moved for too long: name a connection we are waiting on. */
+static void stall_fail(run_state *r, double idle) {
+    int32_t stripes = r->comm->stripes, k = -1;
+    const char *dir = "sending to";
+    for (int32_t a = 0; a < r->nactive && k < 0; a++)
+        if (r->ch[r->active[a]].recv_head < r->ch[r->active[a]].nrecv) k = r->active[a], dir = "receiving from";
+    for (int32_t a = 0; a < r->nactive && k < 0; a++)
+        if (r->ch[r->active[a]].send_head < r->ch[r->active[a]].nsend) k = r->active[a];
+    int32_t peer = k >= 0 ? k / stripes : -1, stripe = k >= 0 ? k % stripes : -1;
+    fail(r, PC_ERR_TIMEOUT, peer,
+         "no progress for %.1f s (stalled %s rank %d on connection %d; %d of %d steps done): the link or the peer hangs",
+         idle, dir, peer, stripe, r->done, r->plan->nops);
+}
+
+/* Every channel we wait on is shared memory (no socket to wait for). */
+static int shm_only_waits(const run_state *r) {
+    for (int32_t a = 0; a < r->nactive; a++)
+        if (r->ch[r->active[a]].want && !r->comm->conns[r->active[a]]->ops->arm) return 0;
+    return 1;
+}
+
+/* ---- waiting policy ------------------------------------------------------
+ *
+ * A wait starts when a pass over the channels moved nothing and ends at the
+ * next pass that moved something. Spinning through it costs a core for its
+ * whole length; sleeping costs a wake-up (tens of microseconds on an idle
+ * host) but gives the core to whoever else wants it. So:
+ *
+ *  - While the host has more runnable tasks than CPUs (or this comm has
+ *    more ranks on the host than we may run on) nobody spins: the core
+ *    goes to compute, data loaders, or the rank we wait for. Whether it
+ *    does is the running count of /proc/loadavg, read at most every
+ *    BUSY_RECHECK seconds, and only when a wait begins; two looks in a row
+ *    must see it, because with every CPU running a rank any other thread
+ *    that wakes for a moment tips one look over (with 2 ranks on 2 idle
+ *    cores, a heartbeat thread or the parent's polling loop: 15-25 % of
+ *    the looks, each costing 5 ms of sleeping through waits). (More ranks than
+ *    CPUs used to spin with sched_yield, a cheap handoff while the comm's
+ *    own ranks are all that runs: 4 ranks on 2 idle cores, 4 KiB, 20-25 us
+ *    per call against 50 us sleeping. But yields go to whatever else is
+ *    runnable, for a whole time slice: with two busy loops beside them,
+ *    1 MiB took 3.2-3.8 ms yielding against 0.8 ms sleeping.)
+ *  - Otherwise we spin for a budget learned from this comm's recent waits
+ *    of the same kind (WAIT_SHM, WAIT_SOCK), capped by shm_spin_us and
+ *    spin_us: a wait that a spin of up to the cap would have caught raises
+ *    the budget to twice its length (plus SPIN_SLACK); one longer than the
+ *    cap was all waste and halves it. The budget drops to zero after a few
+ *    long waits (a peer that computes between collectives, a straggler)
+ *    and comes back with the first short one: a wait we slept through
+ *    still counts, with its wake-up. Between looks the spinner pauses the
+ *    CPU (cpu_relax) instead of yielding: with nobody else runnable a
+ *    sched_yield is only a system call.
+ *
+ * Then we sleep in poll(): on sockets, or on the shared-memory doorbells
+ * (transport_shm.c: the sleeper sets its wait flag and re-checks the ring,
+ * the other side publishes and then reads the flag, so one of them always
+ * sees the other and no wake-up is lost). That holds for senders too: a
+ * full ring or socket buffer is waited for like anything else (POLLOUT).
+ */
+#define BUSY_RECHECK 0.005  /* s between looks at /proc/loadavg */
+#define BUSY_LOOKS 2         /* busy: this many looks in a row saw it so */
+#define SPIN_SLACK 50000u    /* ns added to a learned budget: a peer's hiccup (an interrupt, a
+                                thread of ours waking) rather than a sleep and a wake-up */
+
+static void cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
+
+/* Tasks running or runnable on the host now (the 4th field of
+ * /proc/loadavg, "running/total"; it counts the reader too); 0 if unknown. */
+static int32_t runnable_tasks(void) {
+    int fd = open("/proc/loadavg", O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return 0;
+    char buf[128];
+    ssize_t n = read(fd, buf, sizeof buf - 1);
+    close(fd);
+    if (n <= 0) return 0;
+    buf[n] = 0;
+    const char *p = buf;
+    for (int field = 0; field < 3 && p; field++) {
+        p = strchr(p, ' ');
+        if (p) p++;
+    }
+    return p ? (int32_t)strtol(p, NULL, 10) : 0;
+}
+
+static int host_busy(pc_comm *c, double t) {
+    if (c->oversubscribed) return 1;
+    if (c->busy_seen_at == 0 || t - c->busy_seen_at >= BUSY_RECHECK) {
+        c->busy_seen_at = t;
+        c->busy_looks = runnable_tasks() > c->cpus_online ? c->busy_looks + 1 : 0;
+    }
+    return c->busy_looks >= BUSY_LOOKS;
+}
+
+static uint32_t spin_cap_ns(const pc_comm *c, int kind) {
+    return (uint32_t)(kind == WAIT_SHM ? c->shm_spin_us : c->spin_us) * 1000u;
+}
+
+/* A wait begins: its kind (WAIT_NONE: one that never spins) and how many
+ * ns to spin before sleeping. */
+static uint32_t begin_wait(run_state *r, double t, int small, int *kind) {
+    pc_comm *c = r->comm;
+    *kind = WAIT_NONE;
+    if (c->spin_us <= 0) return 0; /* no spinning at all */
+    int k = shm_only_waits(r) ? WAIT_SHM : small ? WAIT_SOCK : WAIT_NONE;
+    if (k == WAIT_NONE) return 0;
+    *kind = k;
+    return host_busy(c, t) ? 0 : c->spin_ns[k];
+}
+
+/* A wait of `waited` seconds ended: learn from it (see above). */
+static void end_wait(pc_comm *c, int kind, double waited) {
+    if (kind == WAIT_NONE) return;
+    uint32_t cap = spin_cap_ns(c, kind), *budget = &c->spin_ns[kind];
+    double ns = waited * 1e9;
+    if (ns <= (double)cap) {
+        double want = 2.0 * ns + SPIN_SLACK;
+        uint32_t w = want < (double)cap ? (uint32_t)want : cap;
+        if (w > *budget) *budget = w;
+        else *budget -= (*budget - w) / 8; /* drift down to what recent waits needed */
+    } else {
+        *budget /= 2;
+        if (*budget < SPIN_SLACK) *budget = 0;
+    }
+}
+
+/* Events to poll for on c->fd while waiting for `want`; 0: ready now. */
+static short poll_events(pc_conn *c, short want) {
+    return c->ops->arm ? c->ops->arm(c, want) : want;
+}
+
+static void wait_for_io(run_state *r, double deadline) {
+    pc_comm *c = r->comm;
+    struct pollfd stack_fds[129];
+    size_t need = 2 * (size_t)r->nactive + 1;
+    struct pollfd *fds = need <= 129 ? stack_fds : malloc(sizeof(struct pollfd) * need);
+    if (!fds) return;
+    int n = 0;
+    fds[n].fd = c->cancel_pipe[0];
+    fds[n].events = POLLIN;
+    fds[n++].revents = 0;
+    for (int32_t a = 0; a < r->nactive; a++) {
+        chan_state *cs = &r->ch[r->active[a]];
+        if (!cs->want) continue;
+        short ev = poll_events(c->conns[r->active[a]], cs->want);
+        if (!ev) { /* became ready while we prepared to sleep */
+            if (fds != stack_fds) free(fds);
+            return;
+        }
+        pc_conn *cn = c->conns[r->active[a]];
+        fds[n].fd = cn->fd;
+        fds[n].events = ev;
+        fds[n++].revents = 0;
+        if (cn->fd2 >= 0) {
+            fds[n].fd = cn->fd2;
+            fds[n].events = POLLIN;
+            fds[n++].revents = 0;
+        }
+    }
+    double left = deadline - now_s();
+    int ms = left <= 0 ? 0 : (left > 0.2 ? 200 : (int)(left * 1000.0) + 1);
+    poll(fds, (nfds_t)n, ms);
+    if ((fds[0].revents & POLLIN) && !__atomic_load_n(&c->cancelled, __ATOMIC_SEQ_CST))
+        drain_cancel_pipe(c); /* stale: left by a cancel that raced the last clear */
+    if (fds != stack_fds) free(fds);
+}
+
+/* A body-only run must leave the caller's input as it found it, so that an
+ * aborted collective can be re-run: no op before the tail may write IN, nor
+ * OUT when OUT overlaps IN. */
+static int body_keeps_input(const pc_plan *plan, void *const *bufs, const uint64_t *buf_bytes) {
+    const uint8_t *in = bufs[PC_BUF_IN], *out = bufs[PC_BUF_OUT];
+    int overlap = in && out && out < in + buf_bytes[PC_BUF_IN] && in < out + buf_bytes[PC_BUF_OUT];
+    for (int32_t i = 0; i < plan->tail_first; i++) {
+        const pc_op *o = &plan->ops[i];
+        int writes = o->kind != PC_OP_SEND; /* every other kind writes its destination */
+        if (!writes || !o->len || !(o->dst_buf == PC_BUF_IN || (overlap && o->dst_buf == PC_BUF_OUT))) continue;
+        if (o->kind == PC_OP_COPY && (o->src_buf == PC_BUF_IN || o->src_buf == PC_BUF_OUT) &&
+            (const uint8_t *)bufs[o->src_buf] + o->src_off == (const uint8_t *)bufs[o->dst_buf] + o->dst_off)
+            continue; /* a copy onto itself (one rank: IN is OUT) changes nothing */
+        return 0;
+    }
+    return 1;
+}
+
+/* The tail alone: local ops only, in plan order, not cancellable (it runs
+ * after the group agreed that the body succeeded everywhere). */
+static pc_status run_tail(pc_comm *comm, const pc_plan *plan, run_state *r) {
+    for (int32_t i = plan->tail_first; i < plan->nops; i++)
+        if (is_net(plan->ops[i].kind)) {
+            set_err(comm, "plan tail holds a network op; it cannot run on its own");
+            return PC_ERR_ARG;
+        }
+    if (plan->need_bytes[PC_BUF_SCRATCH] > comm->scratch_cap) {
+        set_err(comm, "tail run without the body that fills scratch");
+        return PC_ERR_ARG;
+    }
+    for (int32_t i = plan->tail_first; i < plan->nops; i++) run_local(r, i);
+    return PC_OK;
+}
+
+pc_status pc_comm_run(pc_comm *comm, const pc_plan *plan, void *const *bufs, const uint64_t *buf_bytes,
+                      int32_t dtype, int32_t op, uint64_t seq, uint32_t desc, double timeout_s,
+                      int32_t *failed_peer) {
+    return pc_comm_run_part(comm, plan, PC_RUN_ALL, bufs, buf_bytes, dtype, op, seq, desc, timeout_s,
+                            failed_peer);
+}
+
+pc_status pc_comm_run_part(pc_comm *comm, const pc_plan *plan, int32_t part, void *const *bufs,
+                           const uint64_t *buf_bytes, int32_t dtype, int32_t op, uint64_t seq, uint32_t desc,
+                           double timeout_s, int32_t *failed_peer) {
+    if (failed_peer) *failed_peer = -1;
+    if (part < PC_RUN_ALL || part > PC_RUN_TAIL || plan->tail_first < 0 || plan->tail_first > plan->nops) {
+        set_err(comm, "bad run part %d or unfinished plan", part);
+        return PC_ERR_ARG;
+    }
+    if (comm->broken && part != PC_RUN_TAIL) {
+        set_err(comm, "communicator was shut down by an earlier failure; rebuild it");
+        return PC_ERR_IO;
+    }
+    int32_t es = pc_dtype_size(dtype);
+    if (!es || op < 0 || op >= PC_OP_COUNT) {
+        set_err(comm, "unsupported dtype %d or op %d", dtype, op);
+        return PC_ERR_ARG;
+    }
+    if (plan->codec != PC_CODEC_NONE && dtype != PC_F32) {
+        set_err(comm, "a compressed plan carries float32 only (dtype %d)", dtype);
+        return PC_ERR_ARG;
+    }
+    if (plan->nranks != comm->nranks || plan->rank != comm->rank) {
+        set_err(comm, "plan built for rank %d of %d, comm is rank %d of %d", plan->rank, plan->nranks,
+                comm->rank, comm->nranks);
+        return PC_ERR_ARG;
+    }
+    for (int b = 0; b < 2; b++)
+        if (plan->need_bytes[b] > (bufs[b] ? buf_bytes[b] : 0)) {
+            set_err(comm, "buffer %d holds %llu bytes, plan needs %llu", b, (unsigned long long)buf_bytes[b],
+                    (unsigned long long)plan->need_bytes[b]);
+            return PC_ERR_ARG;
+        }
+    if (part == PC_RUN_BODY && !body_keeps_input(plan, bufs, buf_bytes)) {
+        set_err(comm, "this plan writes the caller's input before its tail; it cannot run in two parts");
+        return PC_ERR_ARG;
+    }
+    if (part != PC_RUN_TAIL && plan->need_bytes[PC_BUF_SCRATCH] > comm->scratch_cap) {
+        void *s = realloc(comm->scratch, plan->need_bytes[PC_BUF_SCRATCH]);
+        if (!s) {
+            set_err(comm, "out of memory for %llu bytes of scratch", (unsigned long long)plan->need_bytes[PC_BUF_SCRATCH]);
+            return PC_ERR_NOMEM;
+        }
+        comm->scratch = s;
+        comm->scratch_cap = plan->need_bytes[PC_BUF_SCRATCH];
+    }
+    run_state r;
+    memset(&r, 0, sizeof r);
+    r.comm = comm;
+    r.plan = plan;
+    r.buf[PC_BUF_IN] = bufs[PC_BUF_IN];
+    r.buf[PC_BUF_OUT] = bufs[PC_BUF_OUT];
+    r.buf[PC_BUF_SCRATCH] = comm->scratch;
+    r.dtype = dtype;
+    r.op = op;
+    r.es = es;
+    r.seq = seq;
+    r.desc = desc;
+    r.failed_peer = -1;
+    r.end = part == PC_RUN_BODY ? plan->tail_first : plan->nops;
+    /* Single copy pays once the buffers outgrow the caches: below that, the
+     * ring's copy in and copy out run on two cores at once, in cache, and
+     * beat one process_vm_readv that must also pin the peer's pages. */
+    uint64_t span = plan->need_bytes[PC_BUF_IN] > plan->need_bytes[PC_BUF_OUT] ? plan->need_bytes[PC_BUF_IN]
+                                                                               : plan->need_bytes[PC_BUF_OUT];
+    r.remote = comm->remote_min && span >= comm->remote_min;
+    if (part == PC_RUN_TAIL) return run_tail(comm, plan, &r);
+    pc_status st = prepare(&r);
+    if (st != PC_OK) {
+        set_err(comm, st == PC_ERR_NOMEM ? "out of memory preparing a plan" : "malformed plan");
+        return st;
+    }
+    double deadline = now_s() + (timeout_s > 0 ? timeout_s : 1e9);
+    double idle_since = -1, last_move = now_s();
+    /* Socket waits spin only in small collectives: there the next frame is
+     * microseconds away. For bulk transfers a sleeping waiter wakes in time
+     * and spinning only takes the core from the ranks it waits for (measured
+     * with 4 ranks on 2 cores: 16 MiB took 41 ms without spinning, 47 ms with
+     * 200 us). */
+    uint64_t net_bytes = 0;
+    for (int32_t i = 0; i < plan->nops; i++)
+        if (plan->ops[i].kind == PC_OP_SEND) net_bytes += plan->ops[i].len;
+    int small = net_bytes <= (1u << 20);
+    int wait_kind = WAIT_NONE;
+    uint32_t spin_ns = 0;
+    double looked = 0; /* when the last pass of this wait found nothing, if we did not sleep since */
+    while (r.status == PC_OK && r.done < r.end) {
+        int moved = run_locals(&r);
+        for (int32_t a = 0; a < r.nactive && r.status == PC_OK; a++) {
+            int32_t k = r.active[a];
+            r.ch[k].want = 0;
+            moved |= pump_send(&r, k);
+            moved |= pump_recv(&r, k);
+        }
+        moved |= run_locals(&r);
+        if (r.status != PC_OK) break;
+        if (r.done == r.end) {
+            /* the wait ended within a pass of `looked` (no clock read on the fast path) */
+            if (idle_since >= 0) end_wait(comm, wait_kind, (looked > 0 ? looked : now_s()) - idle_since);
+            break;
+        }
+        if (__atomic_load_n(&comm->cancelled, __ATOMIC_SEQ_CST)) {
+            fail(&r, PC_ERR_CANCELLED, -1, "collective cancelled");
+            break;
+        }
+        double t = now_s();
+        if (t > deadline) {
+            fail(&r, PC_ERR_TIMEOUT, -1, "collective timed out after %.3f s (%d of %d steps done)", timeout_s,
+                 r.done, r.end);
+            break;
+        }
+        if (moved) {
+            if (idle_since >= 0) end_wait(comm, wait_kind, t - idle_since);
+            idle_since = -1;
+            last_move = t;
+            continue;
+        }
+        if (comm->stall_s > 0 && t - last_move > comm->stall_s) {
+            stall_fail(&r, t - last_move);
+            break;
+        }
+        /* Nothing moved: spin for the learned budget (none on a busy
+         * host), then sleep until a channel is ready or we are cancelled. */
+        if (idle_since < 0) {
+            idle_since = t;
+            spin_ns = begin_wait(&r, t, small, &wait_kind);
+        }
+        if ((t - idle_since) * 1e9 < (double)spin_ns) {
+            looked = t;
+            cpu_relax();
+            continue;
+        }
+        looked = 0;
+        wait_for_io(&r, deadline);
+    }
+    st = r.status;
+    if (failed_peer) *failed_peer = r.failed_peer;
+    if (st != PC_OK) pc_comm_shutdown(comm);
+    return st;
+}
+
+/* ---- raw ring stream: the transport ceiling ---------------------------- */
+pc_status pc_comm_stream_ring(pc_comm *comm, uint64_t bytes, double timeout_s, double *seconds) {
+    *seconds = 0;
+    if (comm->nranks < 2) return PC_OK;
+    int32_t right = (comm->rank + 1) % comm->nranks, left = (comm->rank + comm->nranks - 1) % comm->nranks;
+    pc_conn *out = comm->conns[right * comm->stripes], *in = comm->conns[left * comm->stripes];
+    if (!out || !in) return PC_ERR_ARG;
+    enum { BUF = 4 << 20 };
+    uint8_t *sb = calloc(1, BUF), *rb = malloc(BUF);
+    if (!sb || !rb) {
+        free(sb);
+        free(rb);
+        return PC_ERR_NOMEM;
+    }
+    uint64_t sent = 0, got = 0;
+    double t0 = now_s(), deadline = t0 + timeout_s, idle_since = -1;
+    pc_status st = PC_OK;
+    while (sent < bytes || got < bytes) {
+        int moved = 0;
+        short want_out = 0, want_in = 0;
+        if (sent < bytes) {
+            uint64_t n = bytes - sent < BUF ? bytes - sent : BUF;
+            struct iovec v = {sb, n};
+            long res = out->ops->sendv(out, &v, 1);
+            if (res > 0) sent += (uint64_t)res, moved = 1;
+            else if (res == PC_IO_AGAIN) want_out = POLLOUT;
+            else { st = PC_ERR_PEER; break; }
+        }
+        if (got < bytes) {
+            uint64_t n = bytes - got < BUF ? bytes - got : BUF;
+            struct iovec v = {rb, n};
+            long res = in->ops->recvv(in, &v, 1);
+            if (res > 0) got += (uint64_t)res, moved = 1;
+            else if (res == PC_IO_AGAIN) want_in = POLLIN;
+            else { st = PC_ERR_PEER; break; }
+        }
+        double t = now_s();
+        if (t > deadline) { st = PC_ERR_TIMEOUT; break; }
+        if (moved) {
+            idle_since = -1;
+        } else {
+            /* the engine's waiting policy, without the learning: spin up to
+             * the cap unless the host is busy, then sleep */
+            if (idle_since < 0) idle_since = t;
+            int shm = out->ops->arm && in->ops->arm;
+            int32_t cap_us = comm->spin_us <= 0 ? 0 : shm ? comm->shm_spin_us : comm->spin_us;
+            if ((t - idle_since) * 1e6 < cap_us && !host_busy(comm, t)) {
+                cpu_relax();
+                continue;
+            }
+            short ev_out = want_out ? poll_events(out, want_out) : 0;
+            short ev_in = want_in ? poll_events(in, want_in) : 0;
+            if ((want_out && !ev_out) || (want_in && !ev_in)) continue;
+            struct pollfd p[4] = {{out->fd, ev_out, 0}, {in->fd, ev_in, 0}, {out->fd2, POLLIN, 0},
+                                  {in->fd2, POLLIN, 0}};
+            poll(p, out->fd2 >= 0 || in->fd2 >= 0 ? 4 : 2, 100); /* negative fds are skipped */
+        }
+    }
+    *seconds = now_s() - t0;
+    free(sb);
+    free(rb);
+    if (st != PC_OK) {
+        set_err(comm, "stream test failed");
+        pc_comm_shutdown(comm);
+    }
+    return st;
+}

@@ -1,0 +1,361 @@
+/*
+ * pycoll.h - the one public interface of the pycoll C core.
+ *
+ * Terms used throughout:
+ *   comm     a set of connections from this rank to every other rank of one
+ *            membership epoch (n ranks, k "stripes" = connections per pair).
+ *   plan     what one rank does for one collective: an ordered list of ops
+ *            (send / recv / recv-reduce / copy / reduce) over byte ranges of
+ *            three buffers, with dependencies. Planners build plans; the engine
+ *            runs any plan and never knows which algorithm it runs.
+ *   buffer   PC_BUF_IN (the caller's input), PC_BUF_OUT (the caller's output,
+ *            may be the same memory as IN), PC_BUF_SCRATCH (engine-owned).
+ *
+ * Every function returns a pc_status (0 = success). Detail for the last
+ * failure of a comm is in pc_comm_last_error(); the rank that caused a
+ * PC_ERR_PEER / PC_ERR_PROTO failure is returned through an out-parameter.
+ * Nothing here calls abort() or exit(); every blocking wait has a deadline.
+ */
+#ifndef PYCOLL_H
+#define PYCOLL_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#define PC_VERSION 1
+
+typedef enum {
+    PC_OK = 0,
+    PC_ERR_ARG = 1,       /* usage error: bad argument, unsupported dtype/op */
+    PC_ERR_NOMEM = 2,     /* allocation failed */
+    PC_ERR_IO = 3,        /* socket error other than a closed peer */
+    PC_ERR_PEER = 4,      /* a peer closed its connection or reset it */
+    PC_ERR_PROTO = 5,     /* a frame failed validation (bad magic, length,
+                             sequence, or mismatched collective arguments) */
+    PC_ERR_TIMEOUT = 6,   /* the deadline passed without completion */
+    PC_ERR_CANCELLED = 7  /* pc_comm_cancel() was called */
+} pc_status;
+
+/* Element types. Values are part of the wire header: do not renumber. */
+typedef enum {
+    PC_F16 = 0, PC_BF16 = 1, PC_F32 = 2, PC_F64 = 3,
+    PC_I8 = 4, PC_I16 = 5, PC_I32 = 6, PC_I64 = 7,
+    PC_U8 = 8, PC_U16 = 9, PC_U32 = 10, PC_U64 = 11,
+    PC_DTYPE_COUNT = 12
+} pc_dtype;
+
+typedef enum {
+    PC_SUM = 0, PC_PROD = 1, PC_MIN = 2, PC_MAX = 3, PC_AVG = 4,
+    PC_OP_COUNT = 5
+} pc_redop;
+
+/* Op kinds of a plan. */
+typedef enum {
+    PC_OP_SEND = 0,        /* send src[len] to peer on stripe */
+    PC_OP_RECV = 1,        /* receive len bytes from peer into dst */
+    PC_OP_RECV_REDUCE = 2, /* dst = src (op) incoming; src may equal dst */
+    PC_OP_COPY = 3,        /* dst = src, local */
+    PC_OP_REDUCE = 4,      /* dst = dst (op) src, local */
+    PC_OP_SCALE = 5,       /* dst = dst / nranks (the final step of PC_AVG) */
+    /* Local ops of compressed plans (see pc_plan_compress); len counts the
+     * float32 bytes, the encoded side spans pc_codec_bytes(codec, len / 4). */
+    PC_OP_ENCODE = 6,      /* dst (encoded) = encode(src) */
+    PC_OP_DECODE = 7,      /* dst = decode(src (encoded)) */
+    PC_OP_DECODE_REDUCE = 8 /* dst = src (op) decode(aux (encoded)) */
+} pc_op_kind;
+
+typedef enum { PC_BUF_IN = 0, PC_BUF_OUT = 1, PC_BUF_SCRATCH = 2, PC_BUF_COUNT = 3 } pc_buf_id;
+
+/* One step of a plan. Offsets and lengths are in bytes. */
+typedef struct {
+    int32_t kind;      /* pc_op_kind */
+    int32_t peer;      /* remote rank for SEND/RECV/RECV_REDUCE, else -1 */
+    int32_t stripe;    /* connection index to that peer */
+    uint32_t tag;      /* carried in the frame; sender and receiver agree */
+    int32_t src_buf;   /* pc_buf_id, -1 when unused */
+    int32_t dst_buf;
+    uint64_t src_off;
+    uint64_t dst_off;
+    uint64_t len;
+    int32_t dep_first; /* this op waits for deps[dep_first .. dep_first+dep_count) */
+    int32_t dep_count;
+    int32_t aux_buf;   /* third operand (PC_OP_DECODE_REDUCE), else -1 */
+    int32_t reserved;
+    uint64_t aux_off;
+} pc_op;
+
+typedef struct pc_plan pc_plan;
+typedef struct pc_comm pc_comm;
+
+/* ---- plan inspection (for verifiers and `pycoll topology --show-plan`) --- */
+int32_t pc_plan_nops(const pc_plan *plan);
+const pc_op *pc_plan_ops(const pc_plan *plan);
+const int32_t *pc_plan_deps(const pc_plan *plan);
+/* Bytes of IN / OUT / SCRATCH the plan touches (buf in pc_buf_id). */
+uint64_t pc_plan_need_bytes(const pc_plan *plan, int32_t buf);
+/* Ops from this index on run only after all earlier ops completed. */
+int32_t pc_plan_tail_first(const pc_plan *plan);
+/* The wire codec of the plan's payloads (pc_codec), PC_CODEC_NONE if plain. */
+int32_t pc_plan_codec(const pc_plan *plan);
+void pc_plan_free(pc_plan *plan);
+
+/* ---- planners ---------------------------------------------------------- */
+typedef enum {
+    PC_COLL_ALLREDUCE = 0,
+    PC_COLL_ALLGATHER = 1,
+    PC_COLL_REDUCE_SCATTER = 2,
+    PC_COLL_BROADCAST = 3,
+    PC_COLL_BARRIER = 4
+} pc_collective;
+
+/* Plan flags. */
+#define PC_PLAN_PRESERVE_INPUT 1u /* never write IN/OUT before every transfer is
+                                     done (results go through scratch), so a
+                                     failed collective leaves the caller's
+                                     buffer untouched */
+#define PC_PLAN_AVG 2u            /* the op is an average: divide once by n */
+#define PC_PLAN_SWITCH 4u         /* pc_plan_hier only: this rank is a standalone
+                                     aggregator with no data of its own; its
+                                     accumulator starts from its first member's
+                                     data and lives in scratch (IN/OUT unused) */
+
+/*
+ * Multi-ring planner. `rings` holds nrings permutations of 0..nranks-1 (each
+ * one ring order, row-major, nrings*nranks entries); the payload is split
+ * evenly across the rings and each ring runs a pipelined ring algorithm on
+ * its share. One ring = the classic ring. `count` is the element count of
+ * the per-rank block for ALLGATHER and REDUCE_SCATTER (IN holds one block /
+ * nranks blocks, OUT holds nranks blocks / one block), otherwise the element
+ * count of the whole buffer. `stripes` spreads each ring's traffic over that
+ * many connections per pair. `segment_bytes` is the pipeline granularity.
+ */
+pc_status pc_plan_rings(pc_collective coll, int32_t nranks, int32_t rank,
+                        const int32_t *rings, int32_t nrings, int32_t root,
+                        uint64_t count, int32_t elem_size, uint64_t segment_bytes,
+                        int32_t stripes, uint32_t flags, pc_plan **out);
+
+/*
+ * Double binary tree planner (plan_tree.c): PC_COLL_ALLREDUCE (each of two
+ * complementary trees reduces half of the data up to its root and
+ * broadcasts it back down, pipelined in segments) and PC_COLL_BROADCAST
+ * (from `root`, half the data down each tree). Other collectives return
+ * PC_ERR_ARG. `count` is the element count of the whole buffer.
+ */
+pc_status pc_plan_tree(pc_collective coll, int32_t nranks, int32_t rank, int32_t root,
+                       uint64_t count, int32_t elem_size, uint64_t segment_bytes,
+                       int32_t stripes, uint32_t flags, pc_plan **out);
+/*
+ * One-shot all-reduce planner (plan_direct.c), for small messages: every
+ * rank sends its whole buffer to every other rank and reduces all n
+ * contributions itself, in rank order (bit-identical everywhere). One step
+ * of latency, n-1 times a ring's traffic. Only PC_COLL_ALLREDUCE; `count`
+ * is the element count of the whole buffer; the result reaches OUT through
+ * scratch (the input is intact if the collective fails, whatever `flags`
+ * says of PC_PLAN_PRESERVE_INPUT). Each frame is one small message, sent on
+ * the first of the `stripes` connections of its pair.
+ */
+pc_status pc_plan_direct(pc_collective coll, int32_t nranks, int32_t rank, uint64_t count,
+                         int32_t elem_size, int32_t stripes, uint32_t flags, pc_plan **out);
+/* The all-reduce trees: parent and children of `rank` in tree 0 or 1 of
+ * nranks ranks (-1 where there is none). */
+pc_status pc_tree_links(int32_t nranks, int32_t tree, int32_t rank, int32_t *parent,
+                        int32_t *child0, int32_t *child1);
+
+/*
+ * Hierarchical (in-network-style) all-reduce planner (plan_hier.c).
+ * agg_of[r] (nranks entries) is the rank that aggregates rank r's group;
+ * agg_of[r] == r for every *ring rank* (aggregators, and ranks of groups
+ * without an aggregator). `rings` holds nrings orders of the nring ring
+ * ranks. Members hand their data to their aggregator in segments, the
+ * aggregators run the (multi-)ring all-reduce on the group partials, and
+ * results flow back to the members. Only PC_COLL_ALLREDUCE.
+ */
+pc_status pc_plan_hier(pc_collective coll, int32_t nranks, int32_t rank, const int32_t *agg_of,
+                       const int32_t *rings, int32_t nrings, int32_t nring, uint64_t count,
+                       int32_t elem_size, uint64_t segment_bytes, int32_t stripes,
+                       uint32_t flags, pc_plan **out);
+
+/*
+ * One frame of `nbytes` between `rank` and `peer` (plan_hier.c): send != 0
+ * sends IN[0, nbytes), else receives into OUT[0, nbytes). Used for the small
+ * descriptor a group's lowest worker sends its standalone aggregator ahead
+ * of each collective.
+ */
+pc_status pc_plan_p2p(int32_t nranks, int32_t rank, int32_t peer, uint64_t nbytes, int32_t send,
+                      pc_plan **out);
+
+/*
+ * Compression as a plan transformation: returns a plan that does what `plan`
+ * does with every payload on the wire encoded by `codec` (pc_codec), for
+ * float32 data. Sends encode into scratch (PC_OP_ENCODE), receives land in
+ * scratch and decode (PC_OP_DECODE, PC_OP_DECODE_REDUCE); the network ops
+ * move the encoded bytes as opaque data. Every rank ends bit-identical: a
+ * value is encoded once where it is made, whoever forwards it forwards those
+ * bytes, and the rank that made it keeps the decoded bytes too. Works for
+ * any planner's plan (planners never see codecs). PC_ERR_ARG if `plan` is
+ * already compressed or the codec is unknown.
+ */
+pc_status pc_plan_compress(const pc_plan *plan, int32_t codec, pc_plan **out);
+
+/* ---- reduction kernels ------------------------------------------------- */
+int32_t pc_dtype_size(int32_t dtype);
+/* dst[i] = a[i] (op) b[i] for i < count; dst may alias a or b. PC_AVG reduces
+ * as PC_SUM (the division happens once, at the end, via pc_scale). */
+pc_status pc_reduce(void *dst, const void *a, const void *b, uint64_t count,
+                    int32_t dtype, int32_t op);
+/* dst[i] = dst[i] / divisor (integers truncate toward zero). */
+pc_status pc_scale(void *dst, uint64_t count, int32_t dtype, int32_t divisor);
+
+/* ---- wire codecs (csrc/kernels/codec.c documents formats and error bounds) ----- */
+typedef enum {
+    PC_CODEC_NONE = 0, /* float32 as is */
+    PC_CODEC_FP16 = 1, /* IEEE half, round to nearest-even */
+    PC_CODEC_BF16 = 2, /* bfloat16, round to nearest-even */
+    PC_CODEC_INT8 = 3, /* per block of PC_CODEC_INT8_BLOCK values: min, step, uint8 */
+    PC_CODEC_COUNT = 4
+} pc_codec;
+#define PC_CODEC_INT8_BLOCK 256
+/* Encoded size of `count` float32 values (0 for an unknown codec). */
+uint64_t pc_codec_bytes(int32_t codec, uint64_t count);
+pc_status pc_codec_encode(int32_t codec, void *dst, const float *src, uint64_t count);
+pc_status pc_codec_decode(int32_t codec, float *dst, const void *src, uint64_t count);
+/* dst[i] = a[i] (op) decode(src)[i]; dst may alias a. */
+pc_status pc_codec_decode_reduce(int32_t codec, float *dst, const float *a, const void *src,
+                                 uint64_t count, int32_t op);
+
+/* ---- communicator ------------------------------------------------------ */
+/*
+ * Takes ownership of connected, handshaken sockets: fds[peer*stripes + s] is
+ * stripe s to `peer` (-1 for peer == rank). They are closed by pc_comm_free
+ * and on every failure path of this function.
+ */
+pc_status pc_comm_create(int32_t rank, int32_t nranks, int32_t stripes,
+                         const int32_t *fds, int32_t sockbuf_bytes,
+                         pc_comm **out);
+/* Connection kinds for pc_comm_create_mixed. */
+#define PC_CONN_TCP 0 /* fds[i]: a connected TCP socket */
+#define PC_CONN_SHM 1 /* fds[i]: a connected unix stream socket to the same
+                         peer; shm_fds[3*i .. 3*i+2]: its shared segment */
+
+/*
+ * Like pc_comm_create, with a kind per connection (kinds[peer*stripes + s],
+ * PC_CONN_*): peers on this host can use shared memory, the rest TCP. For
+ * PC_CONN_SHM, shm_fds[3*i .. 3*i+2] are the three fds made by
+ * pc_shm_segment_create (the lower rank of the pair creates them and passes
+ * them to the higher one); both ends use the same three. Takes ownership of
+ * every fd >= 0 in fds and shm_fds (closed by pc_comm_free and on every
+ * failure path). kinds == NULL means all TCP; shm_fds may be NULL when no
+ * kind is PC_CONN_SHM.
+ */
+pc_status pc_comm_create_mixed(int32_t rank, int32_t nranks, int32_t stripes, const int32_t *kinds,
+                               const int32_t *fds, const int32_t *shm_fds, int32_t sockbuf_bytes,
+                               pc_comm **out);
+/*
+ * The shared parts of one shared-memory connection: fds[0] an anonymous
+ * segment (memfd, sealed against resizing) with ring_bytes per direction (a
+ * power of two, 64 KiB .. 1 GiB), fds[1] and fds[2] the doorbells (eventfds)
+ * of the lower and the higher rank. The caller owns the fds. Nothing is
+ * named: the memory is freed when the last process holding an fd or a
+ * mapping of it exits, however it exits.
+ */
+pc_status pc_shm_segment_create(uint64_t ring_bytes, int32_t *fds);
+
+/* Thread-safe: makes the running (or next) pc_comm_run return
+ * PC_ERR_CANCELLED promptly. pc_comm_clear_cancel() re-arms the comm. */
+void pc_comm_cancel(pc_comm *comm);
+void pc_comm_clear_cancel(pc_comm *comm);
+/* The most microseconds a wait in a small collective (at most 1 MiB sent)
+ * may spin before sleeping in poll() (default 200; 0 turns spinning off
+ * altogether, also on shared memory below). How long a wait actually spins
+ * is learned from the comm's recent waits, up to this cap, and is zero
+ * while the host has more runnable tasks than CPUs (see engine.c). */
+void pc_comm_set_spin(pc_comm *comm, int32_t spin_us);
+/* Fail a collective with PC_ERR_TIMEOUT when no byte moved on any of its
+ * connections for `seconds` (0, the default, turns this off). Meant for
+ * long-haul links, where the collective deadline must be long. */
+void pc_comm_set_stall_timeout(pc_comm *comm, double seconds);
+/* The same cap for waits on shared-memory connections only, in collectives
+ * of any size (default PC_SHM_SPIN_DEFAULT microseconds); they sleep on
+ * eventfd doorbells after it. */
+#define PC_SHM_SPIN_DEFAULT 500
+void pc_comm_set_shm_spin(pc_comm *comm, int32_t spin_us);
+/* Same-host single copy: in a collective whose buffers hold at least
+ * min_bytes, a payload (of 64 KiB or more) to a shared-memory peer that can
+ * read this process's memory goes as a descriptor, and the peer copies the
+ * bytes out of our buffer itself (process_vm_readv) instead of through the
+ * ring (a copy in and a copy out). 0 turns it off both ways (we neither send
+ * descriptors nor let peers send us any). Default PC_SINGLE_COPY_DEFAULT
+ * (measured crossover, 2 ranks on this 2-core host: ~2.5 MiB). Call before
+ * the first collective. */
+#define PC_SINGLE_COPY_DEFAULT 3145728
+void pc_comm_set_single_copy(pc_comm *comm, uint64_t min_bytes);
+/* Closes every connection; the comm can only be freed afterwards. Peers
+ * blocked on us see PC_ERR_PEER at once (this is how a failure propagates). */
+void pc_comm_shutdown(pc_comm *comm);
+void pc_comm_free(pc_comm *comm);
+const char *pc_comm_last_error(const pc_comm *comm);
+uint64_t pc_comm_bytes_sent(const pc_comm *comm);
+/* Bytes this comm copied straight out of peers' memory (single copy). */
+uint64_t pc_comm_bytes_single_copy(const pc_comm *comm);
+
+/*
+ * Runs a plan to completion or failure. `bufs[PC_BUF_IN]`/`bufs[PC_BUF_OUT]`
+ * are the caller's memory (sizes in buf_bytes; checked against the plan);
+ * scratch is owned by the comm. `seq` and `desc` go into every frame and
+ * must match on the receiving side: `seq` orders collectives, `desc` is a
+ * digest of the collective's arguments so mismatched calls fail cleanly.
+ * Releases nothing the caller owns; on failure *failed_peer is the rank whose
+ * connection failed or sent a bad frame (-1 if none).
+ */
+pc_status pc_comm_run(pc_comm *comm, const pc_plan *plan, void *const *bufs,
+                      const uint64_t *buf_bytes, int32_t dtype, int32_t op,
+                      uint64_t seq, uint32_t desc, double timeout_s,
+                      int32_t *failed_peer);
+
+/* Parts of a plan for pc_comm_run_part. A collective that must agree with
+ * the group before it touches the caller's buffer runs its BODY (every
+ * transfer; results stay in scratch, the input is left as it was: plans
+ * that would write it are refused with PC_ERR_ARG), then, once the group
+ * decided to commit, its TAIL (the local copies out of scratch; not
+ * cancellable). ALL is both, as pc_comm_run does. */
+#define PC_RUN_ALL 0
+#define PC_RUN_BODY 1
+#define PC_RUN_TAIL 2
+pc_status pc_comm_run_part(pc_comm *comm, const pc_plan *plan, int32_t part, void *const *bufs,
+                           const uint64_t *buf_bytes, int32_t dtype, int32_t op, uint64_t seq,
+                           uint32_t desc, double timeout_s, int32_t *failed_peer);
+
+/* Validates a 32-byte frame header against what the plan expects; on
+ * mismatch returns PC_ERR_PROTO and writes the reason into why. */
+pc_status pc_frame_check(const uint8_t *hdr, uint32_t tag, uint32_t desc, uint64_t seq,
+                         uint64_t len, char *why, uint32_t why_len);
+
+/* ---- transport measurement --------------------------------------------- */
+/* Sends `bytes` to (rank+1)%n while receiving as many from (rank-1)%n over
+ * stripe 0, no reduction: the ceiling a ring can reach on these links. */
+pc_status pc_comm_stream_ring(pc_comm *comm, uint64_t bytes, double timeout_s,
+                              double *seconds);
+
+/* ---- plans built op by op (point-to-point transfers, custom schedules) --- */
+/* An empty plan for `rank` of `nranks`. Append ops (deps are indices of
+ * earlier ops; *index receives the new op's index), then seal it before
+ * running. Every op is checked as it is added. */
+pc_status pc_plan_create(int32_t nranks, int32_t rank, pc_plan **out);
+pc_status pc_plan_append(pc_plan *plan, const pc_op *op, const int32_t *deps, int32_t ndeps,
+                         int32_t *index);
+pc_status pc_plan_seal(pc_plan *plan);
+
+/* ---- hashing ----------------------------------------------------------- */
+/*
+ * A fast 64-bit non-cryptographic hash for parity checks. Data is cut into
+ * fixed 64 KiB blocks hashed independently (4 lanes of multiply-rotate
+ * mixing each) and the block digests are folded in order, so the value does
+ * not depend on how many threads computed it. pc_hash64_many hashes n
+ * buffers at once with up to `threads` threads (0 = one per CPU, at most
+ * 16); out[i] is the hash of ptrs[i][0..lens[i]).
+ */
+pc_status pc_hash64(const void *data, uint64_t len, uint64_t seed, uint64_t *out);
+pc_status pc_hash64_many(const void *const *ptrs, const uint64_t *lens, int32_t n, uint64_t seed,
+                         int32_t threads, uint64_t *out);
+
+#endif

@@ -1,0 +1,248 @@
+"""Shared state with bit parity: ``sync_shared_state`` and ``verify_parity``.
+
+``state`` maps names to arrays (NumPy or torch CPU, C-contiguous). Every
+peer hashes each array with the C core's 64-bit hash (pycoll.h,
+``pc_hash64_many``: computed with the GIL released, on several threads for
+large states) and reports the hashes and its ``revision`` to the
+coordinator as one round of the epoch. The coordinator decides per tensor
+(pycoll.control.parity): the highest revision reported is the target, the most
+common hash among the peers at that revision is the majority, and every
+peer whose hash differs fetches that tensor from the peers holding the
+majority, in pieces striped across up to 8 of them.
+
+The bytes move peer to peer over the group's own connections (one small
+plan per tensor, built op by op), land in temporary buffers, are re-hashed
+and checked against the majority, and are copied into ``state`` only after
+the whole group agreed that every transfer succeeded. If a peer dies
+meanwhile, the group re-forms and the sync starts over; a peer's arrays are
+never left half-written.
+
+The functions here take the communicator's :class:`pycoll.comm.epoch.Epoch`
+(``ep``): rounds and transfers are numbered by its sequence, run on its
+connections under its lock.
+"""
+import dataclasses
+import threading
+import time
+import zlib
+
+import numpy as np
+
+from pycoll.comm import agreement as consensus
+from pycoll.core import engine
+from pycoll import faults
+from pycoll.core.native import ffi, lib, status_error
+from pycoll.core.buffers import as_buffer
+from pycoll.errors import CollectiveError, InvalidArgument, ParityError, PeerFailure
+from pycoll.faults import fault_armed, fault_point
+from pycoll.core.hashing import SEED, hash_address, hash_arrays  # noqa: F401 - public here too (pycoll.shared_state)
+from pycoll.core.hashing import hash_buffers as _hash_buffers
+
+
+@dataclasses.dataclass
+class SyncResult:
+    """What ``sync_shared_state`` did on this peer."""
+
+    revision: int                 # the revision every peer now holds
+    fetched: list                 # names of the tensors this peer received
+    bytes_received: int
+    sent: list                    # names of tensors this peer served (to anyone)
+    bytes_sent: int
+    sources: dict                 # name -> ranks this peer fetched it from
+    fetchers: dict                # name -> ranks that fetched it (group-wide)
+    attempts: int
+    seconds: float
+
+    @property
+    def changed(self):
+        """True if this peer's state was modified."""
+        return bool(self.fetched)
+
+
+@dataclasses.dataclass
+class ParityReport:
+    """Result of ``verify_parity``: ``ok`` when every peer holds the majority
+    bytes of every tensor at the same revision."""
+
+    ok: bool
+    revision: int
+    differ: dict                  # name -> ranks whose bytes differ from the majority
+    behind: list                  # ranks whose revision is lower than the highest
+    hashes: dict                  # name -> majority hash
+
+
+def _describe(state):
+    if not isinstance(state, dict) or not state:
+        raise InvalidArgument("shared state must be a non-empty dict of name -> array")
+    names = sorted(state)
+    bufs, tensors = [], []
+    for name in names:
+        if not isinstance(name, str):
+            raise InvalidArgument(f"shared state names must be strings, not {name!r}")
+        b = as_buffer(state[name], writable=True, what=f"shared state {name!r}")
+        shape = [int(x) for x in getattr(state[name], "shape", ())]
+        bufs.append(b)
+        tensors.append([name, [b.dtype] + shape + [b.nbytes]])
+    return names, bufs, tensors
+
+
+def _round(ep, kind, revision, tensors, hashes, timeout):
+    skip = consensus.begin(ep)
+    seq = ep.next_seq()
+    if skip:
+        ep.mark_broken()
+        reply = consensus.report(ep, kind, seq, timeout, ok=False, why="epoch aborted before this call",
+                                 status=lib.PC_ERR_CANCELLED)
+    else:
+        reply = consensus.report(ep, kind, seq, timeout, revision=int(revision),
+                                 tensors=[t + [h] for t, h in zip(tensors, hashes)])
+    if reply.get("decision") == "error":
+        raise InvalidArgument(f"rank {ep.rank}: {reply.get('why')}")
+    if reply.get("decision") == "abort":
+        ep.mark_broken()
+        raise consensus.abort_error(ep, f"{kind} round #{seq}", reply)
+    return seq, reply
+
+
+def _transfer(ep, names, bufs, reply, seq, timeout):
+    """Move the pieces this peer serves and fetches; returns {index: tmp}."""
+    fetch = {idx: pieces for idx, pieces in reply["fetch"]}
+    serve = {idx: items for idx, items in reply["serve"]}
+    tmps = {}
+    failed = ffi.new("int32_t *")
+    if faults.FAULTS_ARMED:
+        fault_point("before:state_transfer")
+        if fault_armed("during:state_transfer"):  # test harness: die while the bytes move
+            threading.Timer(0.002, fault_point, ("during:state_transfer",)).start()
+    for idx in sorted(set(fetch) | set(serve)):
+        b = bufs[idx]
+        tmp = np.empty(b.nbytes if idx in fetch else 0, np.uint8)
+        plan = _p2p_plan(ep, idx, fetch.get(idx, ()), serve.get(idx, ()))
+        addrs = ffi.new("void *[2]", [ffi.cast("void *", b.address),
+                                      ffi.cast("void *", tmp.__array_interface__["data"][0])])
+        sizes = ffi.new("uint64_t[2]", [b.nbytes, tmp.nbytes])
+        desc = zlib.crc32(f"state:{names[idx]}:{b.nbytes}".encode())
+        st = engine.run(ep.ccomm, plan, addrs, sizes, lib.PC_U8, lib.PC_SUM, seq, desc, timeout, failed)
+        lib.pc_plan_free(plan)
+        if st != lib.PC_OK:
+            message = engine.last_error(ep.ccomm)
+            return None, (st, message, int(failed[0]))
+        if idx in fetch:
+            tmps[idx] = tmp
+    return tmps, None
+
+
+def _p2p_plan(ep, idx, fetch, serve):
+    """A plan of this peer's sends (from IN = the tensor) and receives (into
+    OUT = a temporary) for tensor ``idx``; both sides list a connection's
+    pieces in the same order (by offset), which is all the engine needs."""
+    out = ffi.new("pc_plan **")
+    st = lib.pc_plan_create(ep.world_size, ep.rank, out)
+    if st != lib.PC_OK:
+        raise status_error(st, "cannot create a transfer plan")
+    plan = out[0]
+    op = ffi.new("pc_op *")
+    try:
+        for peer, off, length in sorted(serve, key=lambda x: (x[1], x[0])):
+            _set(op, lib.PC_OP_SEND, peer, idx, lib.PC_BUF_IN, off, -1, 0, length)
+            _check(lib.pc_plan_append(plan, op, ffi.NULL, 0, ffi.NULL))
+        for peer, off, length in sorted(fetch, key=lambda x: (x[1], x[0])):
+            _set(op, lib.PC_OP_RECV, peer, idx, -1, 0, lib.PC_BUF_OUT, off, length)
+            _check(lib.pc_plan_append(plan, op, ffi.NULL, 0, ffi.NULL))
+        _check(lib.pc_plan_seal(plan))
+    except BaseException:
+        lib.pc_plan_free(plan)
+        raise
+    return plan
+
+
+def _set(op, kind, peer, tag, src_buf, src_off, dst_buf, dst_off, length):
+    op.kind, op.peer, op.stripe, op.tag = kind, peer, 0, tag & 0xFFFFFFFF
+    op.src_buf, op.src_off, op.dst_buf, op.dst_off, op.len = src_buf, src_off, dst_buf, dst_off, length
+
+
+def _check(st):
+    if st != lib.PC_OK:
+        raise status_error(st, f"bad transfer plan (status {st})")
+
+
+def sync_shared_state(ep, state, revision, *, timeout=None, retry=True, threads=0):
+    """Make ``state`` bit-identical on every peer; returns a SyncResult.
+
+    Every member must call it at the same point. Peers whose bytes differ
+    from the majority, or whose ``revision`` is behind, receive the majority
+    bytes in place (see the module docstring). Afterwards every peer holds
+    ``result.revision``. A lost peer restarts the sync over the survivors
+    (``retry``, as for collectives). Raises InvalidArgument when peers
+    disagree on names, dtypes or shapes.
+    """
+    timeout = timeout if timeout is not None else ep.options.timeout
+    names, bufs, tensors = _describe(state)
+    t0 = time.perf_counter()
+    tries = consensus.attempts_for(ep, retry)
+    for attempt in range(tries):
+        try:
+            with ep.exec_lock:
+                result = _sync_once(ep, names, bufs, tensors, revision, timeout, threads)
+            result.attempts = attempt + 1
+            result.seconds = time.perf_counter() - t0
+            return result
+        except PeerFailure as exc:
+            if not exc.retryable or attempt + 1 >= tries:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _sync_once(ep, names, bufs, tensors, revision, timeout, threads):
+    hashes = _hash_buffers(bufs, threads)
+    seq, plan = _round(ep, "state", revision, tensors, hashes, timeout)
+    result = SyncResult(int(plan["revision"]), [], 0, [], 0, {}, dict(plan.get("fetchers", {})), 1, 0.0)
+    if not plan.get("transfer"):
+        return result  # everyone already holds the majority bytes: one round trip, nothing else
+    tmps, failure = _transfer(ep, names, bufs, plan, seq, timeout)
+    fields = {"ok": True}
+    if failure is None:
+        majority = plan["majority"]
+        got = _hash_buffers([as_buffer(tmps[i], writable=False) for i in sorted(tmps)], threads)
+        bad = [names[i] for i, h in zip(sorted(tmps), got) if h != majority[i]]
+        if bad:
+            fields = {"ok": False, "why": f"received bytes of {bad[:4]} do not match the majority hash",
+                      "status": lib.PC_ERR_PROTO}
+    else:
+        ep.mark_broken()
+        fields = {"ok": False, "why": failure[1], "status": int(failure[0])}
+    reply = consensus.report(ep, "collective", ep.next_seq(), timeout, **fields)
+    if reply.get("decision") != "commit":
+        ep.mark_broken()
+        if failure is None and not fields["ok"]:
+            raise ParityError(f"rank {ep.rank}: {fields['why']}")
+        raise consensus.abort_error(ep, "sync_shared_state transfer", reply,
+                                    failure[0] if failure else None, failure[1] if failure else "")
+    for i, tmp in tmps.items():  # the group agreed: now write the state
+        if tmp.nbytes:
+            ffi.memmove(ffi.cast("char *", bufs[i].address), ffi.cast("char *", tmp.__array_interface__["data"][0]),
+                        tmp.nbytes)
+        result.fetched.append(names[i])
+        result.bytes_received += tmp.nbytes
+        result.sources[names[i]] = sorted({p[0] for idx, pieces in plan["fetch"] if idx == i for p in pieces})
+    for idx, items in plan["serve"]:
+        result.sent.append(names[idx])
+        result.bytes_sent += sum(x[2] for x in items)
+    return result
+
+
+def verify_parity(ep, state, revision=0, *, timeout=None, threads=0):
+    """Check, without fixing, that every peer holds the same bytes: returns
+    a ParityReport (``report.ok``). Every member must call it together."""
+    timeout = timeout if timeout is not None else ep.options.timeout
+    names, bufs, tensors = _describe(state)
+    with ep.exec_lock:
+        hashes = _hash_buffers(bufs, threads)
+        _, reply = _round(ep, "parity", revision, tensors, hashes, timeout)
+    differ = {k: list(v) for k, v in reply["differ"].items()}
+    majority = dict(reply["majority"])
+    behind = list(reply["behind"])
+    return ParityReport(not differ and not behind, int(reply["revision"]), differ, behind, majority)
+
+
+__all__ = ["sync_shared_state", "verify_parity", "hash_arrays", "SyncResult", "ParityReport", "CollectiveError"]

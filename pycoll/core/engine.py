@@ -1,0 +1,113 @@
+"""The engine boundary: the one module that calls the C communicator (``lib.pc_comm_*``).
+
+A C communicator (``pc_comm``) owns one epoch's connections and runs plans on them with the
+GIL released. Everything above (the communicator, agreed calls, shared state, the switches and
+the standalone aggregator) creates, runs, cancels and frees it through the functions here, and
+turns a failed run into an exception with :func:`error` only, so that which exception a C
+status becomes is decided in one place (the table in :mod:`pycoll.core.native`).
+
+The per-call functions (:data:`run`, :data:`clear_cancel`, :data:`cancel`) are the C functions
+themselves, not wrappers: the fast path binds them once and pays nothing for the boundary.
+``tests/unit/test_architecture.py`` checks that no other module names ``pc_comm_``.
+"""
+from pycoll.core.native import ffi, lib, status_error
+
+OK = lib.PC_OK
+
+# ---- per call: the C functions themselves (no Python frame in between) ------------------------
+#: run(comm, plan, bufs, sizes, dtype, op, seq, desc, timeout, failed) -> status: a whole plan
+run = lib.pc_comm_run
+#: clear_cancel(comm): re-arm a comm before a run (a cancel before it still counts, see Epoch.launch)
+clear_cancel = lib.pc_comm_clear_cancel
+#: cancel(comm): thread-safe; the running (or next) run returns PC_ERR_CANCELLED promptly
+cancel = lib.pc_comm_cancel
+
+
+def run_body(comm, plan, bufs, sizes, dtype, op, seq, desc, timeout, failed):
+    """Every transfer of ``plan``; results stay in the comm's scratch (an agreed call, see
+    :mod:`pycoll.comm.agreement`). Returns the status."""
+    return lib.pc_comm_run_part(comm, plan, lib.PC_RUN_BODY, bufs, sizes, dtype, op, seq, desc, timeout, failed)
+
+
+def run_tail(comm, plan, bufs, sizes, dtype, op, seq, desc, timeout, failed):
+    """The local copies of ``plan`` out of scratch, after :func:`run_body` (not cancellable)."""
+    return lib.pc_comm_run_part(comm, plan, lib.PC_RUN_TAIL, bufs, sizes, dtype, op, seq, desc, timeout, failed)
+
+
+# ---- lifetime ----------------------------------------------------------------------------------
+def create(rank, nranks, stripes, links, spin_us=None, single_copy=None, stall_timeout=None):
+    """A C communicator over ``links`` (:class:`pycoll.net.mesh.Links`: a kind and fds per
+    connection; the comm owns them from here on, also when this fails) with its settings
+    (None: the C default). Raises the status's exception."""
+    out = ffi.new("pc_comm **")
+    st = lib.pc_comm_create_mixed(rank, nranks, stripes, links.kinds, links.fds, links.shm_fds, 0, out)
+    if st != OK:
+        raise error(None, st, "cannot create the C communicator")
+    comm = out[0]
+    if spin_us is not None:
+        lib.pc_comm_set_spin(comm, spin_us)
+    if single_copy is not None:
+        lib.pc_comm_set_single_copy(comm, single_copy)
+    if stall_timeout is not None:
+        lib.pc_comm_set_stall_timeout(comm, float(stall_timeout))
+    return comm
+
+
+def create_tcp(rank, nranks, stripes, fds):
+    """A C communicator over TCP sockets only (``fds[peer * stripes + s]``, -1 for ourselves;
+    owned by the comm from here on)."""
+    out = ffi.new("pc_comm **")
+    st = lib.pc_comm_create(rank, nranks, stripes, fds, 0, out)
+    if st != OK:
+        raise error(None, st, "cannot create the C communicator")
+    return out[0]
+
+
+def shutdown(comm):
+    """Close every connection of ``comm`` (peers blocked on us fail at once); None: nothing."""
+    if comm is not None:
+        lib.pc_comm_shutdown(comm)
+
+
+def close(comm):
+    """Shut ``comm`` down and free it; None: nothing."""
+    if comm is not None:
+        lib.pc_comm_shutdown(comm)
+        lib.pc_comm_free(comm)
+
+
+# ---- failures ----------------------------------------------------------------------------------
+def last_error(comm):
+    """The text of ``comm``'s last failure ('' for no comm)."""
+    return ffi.string(lib.pc_comm_last_error(comm)).decode(errors="replace") if comm is not None else ""
+
+
+def error(comm, status, what, peer=None, message=None):
+    """The exception for C status ``status`` of a call on ``comm``: its class from the status
+    (see :func:`pycoll.core.native.status_error`), its text ``what: <comm's last error>``.
+    ``message`` replaces the comm's last error (e.g. with the coordinator's word added);
+    with neither, the text names the status."""
+    if message is None:
+        message = last_error(comm)
+    if not message:
+        message = f"status {status}"
+    return status_error(status, f"{what}: {message}" if what else message, peer)
+
+
+# ---- measurement -------------------------------------------------------------------------------
+def bytes_sent(comm):
+    """Bytes ``comm``'s connections carried out of this peer (0 for no comm)."""
+    return lib.pc_comm_bytes_sent(comm) if comm is not None else 0
+
+
+def bytes_single_copy(comm):
+    """Bytes ``comm`` copied straight out of same-host peers' memory (0 for no comm)."""
+    return lib.pc_comm_bytes_single_copy(comm) if comm is not None else 0
+
+
+def stream_ring(comm, nbytes, timeout):
+    """Stream ``nbytes`` to the right-hand neighbour while receiving as many from the left;
+    returns (status, seconds)."""
+    secs = ffi.new("double *")
+    st = lib.pc_comm_stream_ring(comm, nbytes, timeout, secs)
+    return st, secs[0]

@@ -1,0 +1,1 @@
+"""The network: the peer mesh (handshakes, listeners, connections) and link tuning (stripes, buffers)."""

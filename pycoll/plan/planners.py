@@ -1,0 +1,187 @@
+"""Plan construction: thin wrappers around the C planners, and the dispatch
+from an algorithm name to a plan.
+
+Algorithms (``algorithm=`` of every collective):
+
+- ``ring``: pipelined ring over the topology's ring order (every collective).
+- ``hamiltonian``: one ring per Hamiltonian cycle of the complete digraph,
+  the payload split across them, so every ordered pair of peers carries
+  traffic at once (every collective; see :mod:`pycoll.plan.layout` for the cycles).
+- ``tree``: pipelined double binary tree (all_reduce, broadcast).
+- ``direct``: one-shot all-reduce, every rank sends its buffer to every
+  other and reduces all contributions itself (all_reduce; small messages).
+- ``innetwork``: hierarchical all-reduce through one aggregator per group
+  (all_reduce).
+- ``auto``: chosen per call by :mod:`pycoll.plan.costmodel`.
+
+A collective an algorithm does not implement runs the ring instead; the
+algorithm that actually ran is what :func:`effective` returns and what
+``Stat.algorithm`` records. Plans are cached per communicator epoch.
+Adding an algorithm = a C planner, a branch in :func:`build`, its cost in
+:mod:`pycoll.plan.costmodel`, and its verifier tests.
+"""
+import numpy as np
+
+from pycoll.core.native import ffi, lib
+from pycoll.errors import InvalidArgument
+
+COLLECTIVES = {
+    "all_reduce": lib.PC_COLL_ALLREDUCE,
+    "all_gather": lib.PC_COLL_ALLGATHER,
+    "reduce_scatter": lib.PC_COLL_REDUCE_SCATTER,
+    "broadcast": lib.PC_COLL_BROADCAST,
+    "barrier": lib.PC_COLL_BARRIER,
+}
+
+
+class Plan:
+    """Owns a C plan; exposes its ops to Python (verifiers, --show-plan)."""
+
+    def __init__(self, ptr):
+        self.ptr = ffi.gc(ptr, lib.pc_plan_free)
+
+    @property
+    def nops(self):
+        return lib.pc_plan_nops(self.ptr)
+
+    def ops(self):
+        """The plan's ops as a list of dicts (for inspection and tests)."""
+        raw = lib.pc_plan_ops(self.ptr)
+        deps = lib.pc_plan_deps(self.ptr)
+        out = []
+        for i in range(self.nops):
+            o = raw[i]
+            out.append({
+                "kind": int(o.kind), "peer": int(o.peer), "stripe": int(o.stripe), "tag": int(o.tag),
+                "src_buf": int(o.src_buf), "src_off": int(o.src_off), "dst_buf": int(o.dst_buf),
+                "dst_off": int(o.dst_off), "len": int(o.len),
+                "deps": [int(deps[o.dep_first + k]) for k in range(o.dep_count)],
+                "aux_buf": int(o.aux_buf), "aux_off": int(o.aux_off),
+            })
+        return out
+
+    @property
+    def tail_first(self):
+        return lib.pc_plan_tail_first(self.ptr)
+
+    @property
+    def codec(self):
+        """The wire codec (a ``lib.PC_CODEC_*`` constant; 0 = none)."""
+        return lib.pc_plan_codec(self.ptr)
+
+    def need_bytes(self, buf):
+        return lib.pc_plan_need_bytes(self.ptr, buf)
+
+
+def plan_rings(coll, nranks, rank, rings, count, itemsize, *, root=0, segment_bytes=1 << 19,
+               stripes=1, preserve=False, avg=False):
+    """A (multi-)ring plan; ``rings`` is a list of rank orders."""
+    rings = np.ascontiguousarray(np.asarray(rings, dtype=np.int32).reshape(len(rings), nranks))
+    flags = (lib.PC_PLAN_PRESERVE_INPUT if preserve else 0) | (lib.PC_PLAN_AVG if avg else 0)
+    out = ffi.new("pc_plan **")
+    st = lib.pc_plan_rings(COLLECTIVES[coll], nranks, rank, ffi.cast("int32_t *", rings.ctypes.data),
+                           len(rings), root, count, itemsize, segment_bytes, stripes, flags, out)
+    if st != lib.PC_OK:
+        raise InvalidArgument(f"cannot plan {coll} for rank {rank} of {nranks} (status {st})")
+    return Plan(out[0])
+
+
+def _flags(preserve, avg):
+    return (lib.PC_PLAN_PRESERVE_INPUT if preserve else 0) | (lib.PC_PLAN_AVG if avg else 0)
+
+
+def plan_tree(coll, nranks, rank, count, itemsize, *, root=0, segment_bytes=1 << 17, stripes=1,
+              preserve=False, avg=False):
+    """A double-binary-tree plan (all_reduce or broadcast)."""
+    out = ffi.new("pc_plan **")
+    st = lib.pc_plan_tree(COLLECTIVES[coll], nranks, rank, root, count, itemsize, segment_bytes, stripes,
+                          _flags(preserve, avg), out)
+    if st != lib.PC_OK:
+        raise InvalidArgument(f"cannot plan a tree {coll} for rank {rank} of {nranks} (status {st})")
+    return Plan(out[0])
+
+
+def plan_direct(coll, nranks, rank, count, itemsize, *, stripes=1, preserve=False, avg=False):
+    """A one-shot plan (all_reduce only): every rank sends its buffer to every
+    other and reduces all n contributions in rank order."""
+    out = ffi.new("pc_plan **")
+    st = lib.pc_plan_direct(COLLECTIVES[coll], nranks, rank, count, itemsize, stripes, _flags(preserve, avg), out)
+    if st != lib.PC_OK:
+        raise InvalidArgument(f"cannot plan a direct {coll} for rank {rank} of {nranks} (status {st})")
+    return Plan(out[0])
+
+
+def tree_links(nranks, tree, rank):
+    """(parent, child0, child1) of ``rank`` in all-reduce tree 0 or 1; -1 where absent."""
+    p, c0, c1 = ffi.new("int32_t *"), ffi.new("int32_t *"), ffi.new("int32_t *")
+    st = lib.pc_tree_links(nranks, tree, rank, p, c0, c1)
+    if st != lib.PC_OK:
+        raise InvalidArgument(f"no tree {tree} link for rank {rank} of {nranks}")
+    return int(p[0]), int(c0[0]), int(c1[0])
+
+
+def plan_hier(coll, nranks, rank, agg_of, rings, count, itemsize, *, segment_bytes=1 << 19, stripes=1,
+              preserve=False, avg=False, switch=False):
+    """A hierarchical all-reduce plan: ``agg_of[r]`` aggregates rank r's group
+    (itself for ring ranks); ``rings`` are orders of the ring ranks. ``switch``:
+    ``rank`` is a standalone aggregator with no data (see :mod:`pycoll.aggregator`)."""
+    agg = np.ascontiguousarray(np.asarray(agg_of, dtype=np.int32).reshape(nranks))
+    nring = len(rings[0]) if len(rings) else 0
+    orders = np.ascontiguousarray(np.asarray(rings, dtype=np.int32).reshape(len(rings), nring))
+    out = ffi.new("pc_plan **")
+    st = lib.pc_plan_hier(COLLECTIVES[coll], nranks, rank, ffi.cast("int32_t *", agg.ctypes.data),
+                          ffi.cast("int32_t *", orders.ctypes.data), len(orders), nring, count, itemsize,
+                          segment_bytes, stripes, _flags(preserve, avg) | (lib.PC_PLAN_SWITCH if switch else 0), out)
+    if st != lib.PC_OK:
+        raise InvalidArgument(f"cannot plan a hierarchical {coll} for rank {rank} of {nranks} (status {st})")
+    return Plan(out[0])
+
+
+def plan_p2p(nranks, rank, peer, nbytes, send):
+    """One frame of ``nbytes`` from IN to ``peer`` (send) or from ``peer`` into OUT."""
+    out = ffi.new("pc_plan **")
+    st = lib.pc_plan_p2p(nranks, rank, peer, nbytes, 1 if send else 0, out)
+    if st != lib.PC_OK:
+        raise InvalidArgument(f"cannot plan a frame between ranks {rank} and {peer} of {nranks} (status {st})")
+    return Plan(out[0])
+
+
+ALGORITHMS = ("auto", "ring", "hamiltonian", "tree", "innetwork", "direct")
+# Which collectives each algorithm implements; the others run the ring.
+SUPPORTS = {
+    "ring": {"all_reduce", "all_gather", "reduce_scatter", "broadcast", "barrier"},
+    "hamiltonian": {"all_reduce", "all_gather", "reduce_scatter", "broadcast"},
+    "tree": {"all_reduce", "broadcast"},
+    "innetwork": {"all_reduce"},
+    "direct": {"all_reduce"},
+}
+# Tree segments are smaller: its pipeline is as deep as the trees, a ring's only one hop.
+TREE_SEGMENT = 1 << 17
+
+
+def check_algorithm(name):
+    if name not in ALGORITHMS:
+        raise InvalidArgument(f"unknown algorithm {name!r}; choose one of {', '.join(ALGORITHMS)}")
+    return name
+
+
+def effective(algorithm, coll):
+    """The algorithm that runs ``coll`` when ``algorithm`` (not auto) is asked for."""
+    return algorithm if coll in SUPPORTS.get(algorithm, ()) else "ring"
+
+
+def build(algorithm, coll, layout, rank, count, itemsize, *, root=0, segment_bytes=1 << 19, stripes=1,
+          preserve=False, avg=False):
+    """The plan of ``rank`` for ``coll`` under ``algorithm`` (an effective one,
+    not auto) on ``layout`` (a :class:`pycoll.plan.layout.Layout`)."""
+    n = layout.world_size
+    kw = dict(segment_bytes=segment_bytes, stripes=stripes, preserve=preserve, avg=avg)
+    if algorithm == "tree":
+        kw["segment_bytes"] = min(segment_bytes, TREE_SEGMENT)
+        return plan_tree(coll, n, rank, count, itemsize, root=root, **kw)
+    if algorithm == "direct":
+        return plan_direct(coll, n, rank, count, itemsize, stripes=stripes, preserve=preserve, avg=avg)
+    if algorithm == "innetwork":
+        return plan_hier(coll, n, rank, layout.agg_of, [layout.agg_ring], count, itemsize, **kw)
+    rings = layout.cycles if algorithm == "hamiltonian" else [layout.ring]
+    return plan_rings(coll, n, rank, rings, count, itemsize, root=root, **kw)

@@ -1,0 +1,817 @@
+"""The ``"pycoll"`` backend for ``torch.distributed`` (CPU tensors).
+
+    import torch.distributed as dist
+    import pycoll.torch.backend            # registers "pycoll" (automatic when pycoll is installed)
+    dist.init_process_group("pycoll")      # env://: under torchrun or `pycoll run`
+    model = torch.nn.parallel.DistributedDataParallel(model)
+
+Registration. Importing this module registers the backend. An installed pycoll also declares an
+entry point in torch's plugin group ``torch.backends``, which torch loads on ``import torch``, so
+a script only changes the backend name (``TORCH_DEVICE_BACKEND_AUTOLOAD=0`` switches torch's
+plugin loading off; then import this module yourself).
+
+Rendezvous. Rank 0 of each process group starts a pycoll coordinator on a free port and publishes
+``host:port`` in torch's store (the TCPStore of ``env://``); the others read it from there. So
+``MASTER_PORT`` stays torch's, and the backend works the same under ``torchrun`` and ``pycoll run``
+(which keeps its own coordinator on ``PYCOLL_MASTER_PORT``), and for groups from ``new_group``.
+
+Collectives: ``all_reduce`` (ops SUM, PRODUCT, MIN, MAX, AVG), ``all_gather`` (a list of tensors),
+``all_gather_single`` / ``all_gather_into_tensor``, ``reduce_scatter`` (a list of tensors),
+``reduce_scatter_single`` / ``reduce_scatter_tensor``, ``broadcast``, ``barrier``; the coalesced
+forms of all_reduce, all_gather_into_tensor and reduce_scatter_tensor (one pycoll call per tensor
+inside one torch Work, not yet one fused call); ``gather`` and ``scatter`` (stopgaps until the C
+core has plans for them: an all_gather into a temporary buffer, a broadcast of the root's
+inputs; exact, but world size times the bytes). So FSDP2 (``fully_shard``), DTensor and its
+functional collectives, DeviceMesh, the object collectives and torch.distributed.checkpoint run on
+the backend. Dtypes: float16, bfloat16, float32, float64, int8/16/32/64, uint8 (and
+uint16/32/64). Anything else (other ops, dtypes, point-to-point, non-contiguous or non-CPU
+tensors) raises a ``ValueError`` that says what is supported, before anything is sent.
+
+Zero-copy. Tensors are handed to the C core by address: ``all_reduce``, ``broadcast``, the
+``*_single`` / ``*_into_tensor`` forms and ``barrier`` never copy. The list forms copy only when
+they must: ``all_gather`` into (``reduce_scatter`` from) a list whose tensors are not consecutive
+slices of one buffer goes through one temporary buffer. Lists made with
+``torch.empty(n * k).chunk(n)`` are consecutive and are not copied.
+
+Async. With ``async_op=True`` (and for DDP) a call returns a ``torch.distributed.Work`` at once;
+the collectives run one at a time, in call order, on pycoll's worker thread, with the GIL
+released while bytes move. Blocking calls run on the calling thread (after any queued work). ``wait()``
+re-raises a failure; ``get_future()`` completes with the output tensors (DDP's hooks use it), or
+with the failure as its error (its ``wait()``/``value()`` raise a RuntimeError that names it).
+Future callbacks run on a completion thread of their own, so a callback may itself wait for
+another collective (as PowerSGD's hook does).
+
+A torch group. The group carries the name torch gives it (``pg.group_name``; torch finds groups by
+name: ``destroy_process_group(pg)``, DeviceMesh, DTensor), and ``dist.get_backend(pg)`` is
+``"pycoll"``. It stays a Python ``ProcessGroup`` subclass: torch's c10d ``Backend`` cannot be
+subclassed from Python (no constructor, no trampoline), so there is no backend object for torch to
+wrap, and ``pg._get_backend(device)`` has nothing to return (FSDP2's optional
+"allocate comm buffers from the process group" mode needs it and is not supported).
+
+Timeouts. A collective that misses its deadline raises :class:`pycoll.CollectiveTimeout` (a
+RuntimeError; :class:`pycoll.CoordinatorError` when a peer never reached a sync point) whose text
+starts ``"pycoll backend: Timed out waiting for <collective>"``, the words torch's tests match
+(``" (Timed out|closed|timeout) "``); the group's timeout is the one given to
+``init_process_group`` / ``new_group``.
+
+Faults. pycoll re-forms a group over the survivors after a peer dies, but a torch process group
+has a fixed rank and size: once a collective fails because a peer was lost (or the group re-formed
+with other members), every later call on this process group raises ``pycoll.PeerFailure``. Create a
+new process group, or use :class:`pycoll.Communicator` directly for elastic training.
+"""
+import atexit
+import datetime
+import functools
+import logging
+import queue
+import threading
+
+import torch
+import torch.distributed as dist
+from torch.distributed import ReduceOp
+
+from pycoll import group as _group
+from pycoll.control.coordinator import Coordinator
+from pycoll.errors import CollectiveError, CollectiveTimeout, CoordinatorError, InvalidArgument, PeerFailure
+from pycoll.comm.work import Work
+from pycoll.options import environ
+
+__all__ = ["BACKEND", "ProcessGroupPycoll", "register", "compression_hook", "communicator", "create_process_group"]
+
+log = logging.getLogger("pycoll.torch")
+
+#: The name to give ``init_process_group``.
+BACKEND = "pycoll"
+
+_STORE_KEY = "pycoll/coordinator"
+
+_OPS = {
+    ReduceOp.RedOpType.SUM: "sum",
+    ReduceOp.RedOpType.PRODUCT: "prod",
+    ReduceOp.RedOpType.MIN: "min",
+    ReduceOp.RedOpType.MAX: "max",
+    ReduceOp.RedOpType.AVG: "avg",
+}
+
+_DTYPES = {
+    torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32",
+    torch.float64: "float64", torch.int8: "int8", torch.int16: "int16", torch.int32: "int32",
+    torch.int64: "int64", torch.uint8: "uint8",
+}
+for _name in ("uint16", "uint32", "uint64"):  # present in recent torch only
+    if hasattr(torch, _name):
+        _DTYPES[getattr(torch, _name)] = _name
+
+
+def _op_name(op):
+    """pycoll op name for a torch ReduceOp (or RedOpType); ValueError if unsupported."""
+    kind = getattr(op, "op", op)
+    name = _OPS.get(kind)
+    if name is None:
+        raise InvalidArgument(f"pycoll backend: reduce op {kind} is not supported; "
+                              "use SUM, PRODUCT, MIN, MAX or AVG")
+    return name
+
+
+def _check_tensor(t, what):
+    """Reject what the C core cannot take in place, with a reason."""
+    if not isinstance(t, torch.Tensor):
+        raise InvalidArgument(f"pycoll backend: {what} must be a torch.Tensor, got {type(t).__name__}")
+    if t.device.type != "cpu":
+        raise InvalidArgument(f"pycoll backend: {what} is on {t.device}; only CPU tensors are supported")
+    if t.layout != torch.strided:
+        raise InvalidArgument(f"pycoll backend: {what} has layout {t.layout}; only dense tensors are supported")
+    if t.dtype not in _DTYPES:
+        raise InvalidArgument(f"pycoll backend: {what} has dtype {t.dtype}; supported: "
+                              + ", ".join(str(d).replace("torch.", "") for d in _DTYPES))
+    if not t.is_contiguous():
+        raise InvalidArgument(f"pycoll backend: {what} is not contiguous; pass t.contiguous() "
+                              "(and copy the result back) or allocate it contiguous")
+    return t
+
+
+def _same_layout(tensors, like, what):
+    for i, t in enumerate(tensors):
+        _check_tensor(t, f"{what}[{i}]")
+        if t.dtype != like.dtype or t.numel() != like.numel():
+            raise InvalidArgument(f"pycoll backend: {what}[{i}] is {t.dtype} x {t.numel()}, "
+                                  f"expected {like.dtype} x {like.numel()} like the input")
+
+
+def _consecutive(tensors):
+    """A flat tensor aliasing ``tensors`` if they are consecutive slices of one
+    storage (no copy needed), else None."""
+    first = tensors[0]
+    step = first.numel() * first.element_size()
+    base = first.untyped_storage().data_ptr()
+    for i, t in enumerate(tensors):
+        if t.untyped_storage().data_ptr() != base or t.data_ptr() != first.data_ptr() + i * step:
+            return None
+    flat = torch.empty(0, dtype=first.dtype)
+    return flat.set_(first.untyped_storage(), first.storage_offset(), (first.numel() * len(tensors),))
+
+
+def _copy_chunks(flat, outs, count):
+    """Copy consecutive ``count``-element chunks of ``flat`` into ``outs``."""
+    for i, o in enumerate(outs):
+        o.view(-1).copy_(flat[i * count:(i + 1) * count])
+
+
+def _timeout_s(opts, default):
+    t = getattr(opts, "timeout", None)
+    if isinstance(t, datetime.timedelta) and t.total_seconds() > 0:
+        return t.total_seconds()
+    return default
+
+
+class _Completer:
+    """Completes torch futures off pycoll's worker thread, so that a future
+    callback may wait for another collective without blocking the worker."""
+
+    def __init__(self):
+        self._queue = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._loop, name="pycoll-torch-futures", daemon=True)
+        self._thread.start()
+
+    def on_thread(self):
+        return threading.current_thread() is self._thread
+
+    def submit(self, fn):
+        with self._lock:
+            if not self._stopped:
+                self._queue.put(fn)
+                return
+        _run_completion(fn)  # stopped: nobody reads the queue any more; complete here
+
+    def stop(self, timeout=10.0):
+        """Finish the queued completions and end the thread (joined, so no
+        daemon thread touches torch objects while the interpreter exits)."""
+        with self._lock:
+            if self._stopped:
+                return
+            self._stopped = True
+            self._queue.put(None)
+        if not self.on_thread():
+            self._thread.join(timeout)
+
+    def _loop(self):
+        while True:
+            fn = self._queue.get()
+            if fn is None:
+                return
+            _run_completion(fn)
+            del fn  # drop the work now, not when the next one arrives
+
+
+def _run_completion(fn):
+    try:
+        fn()
+    except Exception:  # noqa: BLE001 - a callback's error belongs to its future
+        log.exception("completing a torch future failed")
+
+
+def _torch_timeout(exc, what):
+    """A timeout in the words torch's own backends use: torch's tests (and code that
+    follows them) match ``" (Timed out|closed|timeout) "``, and pycoll's text says "timed
+    out" (a collective's deadline) or "no answer ... within" (a sync with the coordinator
+    that a peer never reached). Same type (:class:`pycoll.CollectiveTimeout`, a
+    RuntimeError and TimeoutError; or :class:`pycoll.CoordinatorError`), status and peer;
+    the original stays in the text and as the cause."""
+    timed_out = isinstance(exc, CollectiveTimeout) or getattr(exc, "timed_out", False)
+    if not timed_out or str(exc).startswith(_TIMED_OUT):
+        return exc
+    msg = f"{_TIMED_OUT}waiting for {what}: {exc}"
+    if isinstance(exc, CoordinatorError):
+        new = CoordinatorError(msg, exc.status, exc.peer, evicted=exc.evicted)
+        new.timed_out = True
+    elif isinstance(exc, CollectiveError):
+        new = CollectiveTimeout(msg, exc.status, exc.peer)
+    else:
+        return exc
+    new.__cause__ = exc
+    return new
+
+
+_TIMED_OUT = "pycoll backend: Timed out "
+
+
+def _future_value(box):
+    """The value of a Work's torch future: its output tensors, or (raised, so
+    that torch stores it as the future's error) the collective's failure."""
+    def value(_):
+        exc, outputs = box
+        if exc is not None:
+            raise exc
+        return outputs
+    return value
+
+
+class _Work(dist.Work):
+    """A torch Work over one or more queued pycoll collectives."""
+
+    def __init__(self, state, pworks, outputs, post=None, what=""):
+        super().__init__()
+        self._state = state
+        self._outputs = outputs
+        self._post = post
+        self._what = what
+        self._done = threading.Event()
+        self._exc = None
+        # The future torch sees (get_future(): DDP's reducer reads it from C++) must be
+        # completed with an *error* on failure. torch.futures.Future.set_exception does
+        # not do that: it stores the exception as the future's value (only Python's
+        # wait()/value() raise it), and C++ readers take that value for the output
+        # tensors (DDP: SIGSEGV in parseCppCommHookResult). A `then` callback that
+        # raises is torch's one way to set a real error from Python, so the future
+        # handed out is the child of a trigger that _complete_future fires.
+        self._box = [None, outputs]  # (failure, outputs), read by the callback
+        self._trigger = torch.futures.Future()
+        self._future = self._trigger.then(_future_value(self._box))
+        # Works issued from a future callback complete on the worker itself
+        # (the completion thread is busy running that callback).
+        self._inline = state.completer.on_thread()
+        self._left = len(pworks)
+        self._lock = threading.Lock()
+        if not pworks:
+            self._finish(None)
+        for w in pworks:
+            w.add_done_callback(self._one_done)
+
+    def _one_done(self, pwork):
+        with self._lock:
+            if self._exc is None and pwork.exception() is not None:
+                self._exc = pwork.exception()
+            self._left -= 1
+            last = self._left == 0
+        if last:
+            self._finish(self._exc)
+
+    def _finish(self, exc):
+        try:
+            exc = _torch_timeout(exc, self._what)
+            if exc is None:
+                exc = self._state.check_membership(self._what)
+            if exc is None and self._post is not None:
+                try:
+                    self._post()
+                except Exception as e:  # noqa: BLE001 - reported through wait()/the future
+                    exc = e
+            if exc is not None:
+                self._state.record_failure(exc)
+        except Exception as e:  # noqa: BLE001 - never leave the work (and its future) pending
+            exc = exc or e
+        finally:
+            self._exc = exc
+            self._box[0] = exc
+            self._done.set()
+            if self._inline:
+                _run_completion(self._complete_future)
+            else:
+                self._state.completer.submit(self._complete_future)
+
+    def _complete_future(self):
+        # runs _future_value: the future gets the outputs, or the failure as its error
+        self._trigger.set_result(None)
+
+    def wait(self, timeout=None):
+        """Block until the collective finished; re-raise its failure."""
+        secs = timeout.total_seconds() if isinstance(timeout, datetime.timedelta) else timeout
+        if secs is not None and secs <= 0:
+            secs = None  # torch's "unset" timeout
+        if not self._done.wait(secs):
+            raise CollectiveTimeout(f"{_TIMED_OUT}waiting {secs} s for {self._what} to finish")
+        if self._exc is not None:
+            raise self._exc
+        return True
+
+    def get_future(self):
+        """A torch Future completed with the output tensors."""
+        return self._future
+
+    def is_completed(self):
+        return self._done.is_set()
+
+    def is_success(self):
+        return self._done.is_set() and self._exc is None
+
+    def exception(self):
+        return self._exc
+
+    def result(self):
+        return self._outputs
+
+    def source_rank(self):
+        raise RuntimeError("pycoll backend: source_rank() is only defined for recv from any source")
+
+    def synchronize(self):
+        pass  # CPU only: nothing to synchronize with a stream
+
+
+class _GroupState:
+    """What works need from their process group. Works keep this plain object,
+    never the torch ProcessGroup itself: a pybind ProcessGroup freed on a
+    background thread while the interpreter exits aborts the process."""
+
+    def __init__(self, comm, rank, size):
+        self.comm = comm
+        self.rank = rank
+        self.size = size
+        self.completer = _Completer()
+        self.failure = None
+        self.closed = False
+
+    def usable(self):
+        if self.closed:
+            raise CollectiveError("pycoll backend: the process group was shut down")
+        if self.failure is not None:
+            raise PeerFailure("pycoll backend: this process group is unusable since a collective failed "
+                              f"({self.failure}); torch process groups have a fixed size: create a new "
+                              "one, or use pycoll.Communicator for elastic training")
+
+    def check_membership(self, what):
+        comm = self.comm
+        if comm.world_size != self.size or comm.rank != self.rank:
+            return PeerFailure(f"pycoll backend: {what} ran after the group re-formed (now rank {comm.rank} "
+                               f"of {comm.world_size}, process group has rank {self.rank} of {self.size})")
+        return None
+
+    def record_failure(self, exc):
+        if isinstance(exc, InvalidArgument):
+            return  # nothing was sent: the group is intact
+        if isinstance(exc, (PeerFailure, CoordinatorError)) or self.check_membership("") is not None:
+            if self.failure is None:
+                self.failure = exc
+                log.warning("pycoll process group rank %d: %s", self.rank, exc)
+
+    def close(self):
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            self.comm.close()
+        finally:
+            self.completer.stop()
+
+
+class ProcessGroupPycoll(dist.ProcessGroup):
+    """A torch process group whose collectives run on a :class:`pycoll.Communicator`.
+
+    Made by ``dist.init_process_group("pycoll")``; the communicator is
+    :attr:`communicator` (for its ``stats``).
+    """
+
+    def __init__(self, comm, rank, size, timeout_s):
+        super().__init__(rank, size)
+        self.communicator = comm
+        self._timeout_s = timeout_s
+        self._state = _GroupState(comm, rank, size)
+        self._group_name = ""
+        self._group_desc = ""
+        _LIVE.add(self._state)
+
+    def _run(self, what, calls, outputs, post=None, opts=None):
+        """``calls``: functions of ``async_op`` that start one pycoll collective each."""
+        self._state.usable()
+        if opts is not None and not getattr(opts, "asyncOp", True):
+            # The caller waits at once: run on this thread (no hand-off to the worker);
+            # pycoll still runs it after any queued async work.
+            pworks = []
+            for call in calls:
+                w = Work(what)
+                try:
+                    call(False)
+                    w.complete(None)
+                except InvalidArgument:
+                    raise  # bad arguments: raise here, as the async path does
+                except Exception as exc:  # noqa: BLE001 - reported through wait()
+                    w.complete(None, exc)
+                pworks.append(w)
+        else:
+            pworks = [call(True) for call in calls]
+        return _Work(self._state, pworks, outputs, post, what)
+
+    # ---- collectives ---------------------------------------------------
+    def allreduce(self, tensors, opts=None):
+        """``dist.all_reduce``: reduce each tensor in place."""
+        op = _op_name(opts.reduceOp if opts is not None else ReduceOp.SUM)
+        timeout = _timeout_s(opts, self._timeout_s)
+        for i, t in enumerate(tensors):
+            _check_tensor(t, f"all_reduce tensor[{i}]")
+        comm = self.communicator
+        calls = [lambda a, t=t: comm.all_reduce(t, op=op, timeout=timeout, dtype=_DTYPES[t.dtype], async_op=a)
+                 for t in tensors]
+        return self._run("all_reduce", calls, list(tensors), opts=opts)
+
+    def allgather(self, output_tensors, input_tensors, opts=None):
+        """``dist.all_gather``: a list of world_size tensors per input."""
+        if len(input_tensors) != 1 or len(output_tensors) != 1:
+            raise InvalidArgument("pycoll backend: all_gather takes exactly one input tensor")
+        inp = _check_tensor(input_tensors[0], "all_gather input")
+        outs = output_tensors[0]
+        if len(outs) != self.size():
+            raise InvalidArgument(f"pycoll backend: all_gather needs {self.size()} output tensors, got {len(outs)}")
+        _same_layout(outs, inp, "all_gather output")
+        flat = _consecutive(outs)
+        post = None
+        if flat is None:  # separate tensors: gather into one buffer, then copy out
+            flat = torch.empty(inp.numel() * self.size(), dtype=inp.dtype)
+
+            def post():
+                for i, o in enumerate(outs):
+                    o.view(-1).copy_(flat[i * inp.numel():(i + 1) * inp.numel()])
+        return self._gather(inp, flat, opts, "all_gather", output_tensors, post)
+
+    def all_gather_single(self, output, input, opts=None):
+        """``dist.all_gather_single`` / ``all_gather_into_tensor``."""
+        self._check_gather_single(output, input)
+        return self._gather(input, output, opts, "all_gather", [output])
+
+    _allgather_base = all_gather_single
+
+    def all_gather_single_coalesced(self, outputs, inputs, opts=None):
+        """``all_gather_into_tensor`` of several tensors in one work (FSDP2; DTensor's
+        functional collectives reach every all_gather_into_tensor through this)."""
+        # One pycoll all_gather per tensor, queued back to back inside one torch Work:
+        # correct, but not one fused call (the C core has no coalesced plan yet).
+        if len(outputs) != len(inputs):
+            raise InvalidArgument(f"pycoll backend: all_gather_into_tensor_coalesced got {len(outputs)} "
+                                  f"outputs for {len(inputs)} inputs")
+        for out, inp in zip(outputs, inputs):
+            self._check_gather_single(out, inp)
+        calls = [self._gather_call(inp, out, opts) for out, inp in zip(outputs, inputs)]
+        return self._run("all_gather", calls, list(outputs), opts=opts)
+
+    allgather_into_tensor_coalesced = all_gather_single_coalesced  # torch's older name
+
+    def _check_gather_single(self, output, input):
+        _check_tensor(input, "all_gather input")
+        _check_tensor(output, "all_gather output")
+        if output.dtype != input.dtype or output.numel() != input.numel() * self.size():
+            raise InvalidArgument(f"pycoll backend: all_gather output must be {input.dtype} x "
+                                  f"{input.numel() * self.size()} (world size x input), got "
+                                  f"{output.dtype} x {output.numel()}")
+
+    def _gather_call(self, inp, flat, opts):
+        comm, timeout = self.communicator, _timeout_s(opts, self._timeout_s)
+        return lambda a: comm.all_gather(inp, flat, timeout=timeout, dtype=_DTYPES[inp.dtype], async_op=a)
+
+    def _gather(self, inp, flat, opts, what, outputs, post=None):
+        return self._run(what, [self._gather_call(inp, flat, opts)], outputs, post, opts)
+
+    def reduce_scatter(self, output_tensors, input_tensors, opts=None):
+        """``dist.reduce_scatter``: a list of world_size input tensors."""
+        if len(input_tensors) != 1 or len(output_tensors) != 1:
+            raise InvalidArgument("pycoll backend: reduce_scatter takes exactly one output tensor")
+        out = _check_tensor(output_tensors[0], "reduce_scatter output")
+        ins = input_tensors[0]
+        if len(ins) != self.size():
+            raise InvalidArgument(f"pycoll backend: reduce_scatter needs {self.size()} input tensors, "
+                                  f"got {len(ins)}")
+        _same_layout(ins, out, "reduce_scatter input")
+        flat = _consecutive(ins)
+        if flat is None:  # one copy in: the C core reads a single buffer
+            flat = torch.cat([t.reshape(-1) for t in ins])
+        return self._scatter(out, flat, opts, [out])
+
+    def reduce_scatter_single(self, output, input, opts=None):
+        """``dist.reduce_scatter_single`` / ``reduce_scatter_tensor``."""
+        self._check_scatter_single(output, input)
+        return self._scatter(output, input, opts, [output])
+
+    _reduce_scatter_base = reduce_scatter_single
+
+    def reduce_scatter_single_coalesced(self, outputs, inputs, opts=None):
+        """``reduce_scatter_tensor`` of several tensors in one work (DTensor's functional
+        collectives reach every reduce_scatter_tensor through this)."""
+        # One pycoll reduce_scatter per tensor inside one torch Work (no fused plan yet).
+        if len(outputs) != len(inputs):
+            raise InvalidArgument(f"pycoll backend: reduce_scatter_tensor_coalesced got {len(outputs)} "
+                                  f"outputs for {len(inputs)} inputs")
+        for out, inp in zip(outputs, inputs):
+            self._check_scatter_single(out, inp)
+        calls = [self._scatter_call(out, inp, opts) for out, inp in zip(outputs, inputs)]
+        return self._run("reduce_scatter", calls, list(outputs), opts=opts)
+
+    reduce_scatter_tensor_coalesced = reduce_scatter_single_coalesced  # torch's older name
+
+    def _check_scatter_single(self, output, input):
+        _check_tensor(input, "reduce_scatter input")
+        _check_tensor(output, "reduce_scatter output")
+        if output.dtype != input.dtype or input.numel() != output.numel() * self.size():
+            raise InvalidArgument(f"pycoll backend: reduce_scatter input must be {output.dtype} x "
+                                  f"{output.numel() * self.size()} (world size x output), got "
+                                  f"{input.dtype} x {input.numel()}")
+
+    def _scatter_call(self, out, flat, opts):
+        op = _op_name(opts.reduceOp if opts is not None else ReduceOp.SUM)
+        comm, timeout = self.communicator, _timeout_s(opts, self._timeout_s)
+        return lambda a: comm.reduce_scatter(flat, out, op=op, timeout=timeout, dtype=_DTYPES[out.dtype],
+                                             async_op=a)
+
+    def _scatter(self, out, flat, opts, outputs):
+        return self._run("reduce_scatter", [self._scatter_call(out, flat, opts)], outputs, opts=opts)
+
+    def broadcast(self, tensors, opts=None):
+        """``dist.broadcast``: root's tensor into every rank's, in place."""
+        root = opts.rootRank if opts is not None else 0
+        if opts is not None and opts.rootTensor != 0:
+            raise InvalidArgument("pycoll backend: broadcast takes one tensor per rank (rootTensor 0)")
+        if not 0 <= root < self.size():
+            raise InvalidArgument(f"pycoll backend: broadcast root {root} is not in [0, {self.size()})")
+        for i, t in enumerate(tensors):
+            _check_tensor(t, f"broadcast tensor[{i}]")
+        comm, timeout = self.communicator, _timeout_s(opts, self._timeout_s)
+        calls = [lambda a, t=t: comm.broadcast(t, root=root, timeout=timeout, dtype=_DTYPES[t.dtype], async_op=a)
+                 for t in tensors]
+        return self._run("broadcast", calls, list(tensors), opts=opts)
+
+    def allreduce_coalesced(self, tensors, opts=None):
+        """``dist.all_reduce_coalesced`` (and DTensor's ``all_reduce_coalesced``): each
+        tensor reduced in place, one pycoll all_reduce per tensor inside one torch Work
+        (not one fused call: the C core has no coalesced plan yet)."""
+        return self.allreduce(tensors, opts)
+
+    def barrier(self, opts=None):
+        """``dist.barrier``."""
+        comm, timeout = self.communicator, _timeout_s(opts, self._timeout_s)
+        return self._run("barrier", [lambda a: comm.barrier(timeout=timeout, async_op=a)], [], opts=opts)
+
+    # ---- gather and scatter: stopgaps on the collectives above --------------
+    # STOPGAP until the C core has gather and scatter plans. gather is an all_gather
+    # into a temporary buffer on every rank (each rank receives everything, the root
+    # keeps it); scatter is a broadcast of the root's concatenated inputs (every rank
+    # receives every rank's part and keeps its own slice). Both are exact (bytes are
+    # only moved, never combined); they cost world size x the bytes of a real
+    # gather/scatter. torch's object collectives (gather_object, scatter_object_list,
+    # all_gather_object via all_gather), and so torch.distributed.checkpoint, use them.
+    def gather(self, output_tensors, input_tensors, opts=None):
+        """``dist.gather``: every rank's tensor into the root's list (stopgap, see above)."""
+        root = self._root(opts, "gather")
+        if len(input_tensors) != 1:
+            raise InvalidArgument("pycoll backend: gather takes exactly one input tensor")
+        inp = _check_tensor(input_tensors[0], "gather input")
+        outs = None
+        if self.rank() == root:
+            if len(output_tensors) != 1 or len(output_tensors[0]) != self.size():
+                raise InvalidArgument(f"pycoll backend: gather needs a list of {self.size()} output tensors "
+                                      "on the root")
+            outs = output_tensors[0]
+            _same_layout(outs, inp, "gather output")
+        elif output_tensors and any(len(o) for o in output_tensors):
+            raise InvalidArgument("pycoll backend: gather takes output tensors only on the root")
+        flat = _consecutive(outs) if outs is not None else None
+        post = None
+        if flat is None:
+            flat = torch.empty(inp.numel() * self.size(), dtype=inp.dtype)
+            if outs is not None:
+                post = functools.partial(_copy_chunks, flat, outs, inp.numel())
+        return self._run("gather", [self._gather_call(inp, flat, opts)], list(outs or []), post, opts)
+
+    def scatter(self, output_tensors, input_tensors, opts=None):
+        """``dist.scatter``: the root's list, one tensor to each rank (stopgap, see above)."""
+        root = self._root(opts, "scatter")
+        if len(output_tensors) != 1:
+            raise InvalidArgument("pycoll backend: scatter takes exactly one output tensor")
+        out = _check_tensor(output_tensors[0], "scatter output")
+        n, count = self.size(), out.numel()
+        if self.rank() == root:
+            if len(input_tensors) != 1 or len(input_tensors[0]) != n:
+                raise InvalidArgument(f"pycoll backend: scatter needs a list of {n} input tensors on the root")
+            ins = input_tensors[0]
+            _same_layout(ins, out, "scatter input")
+            flat = _consecutive(ins)
+            if flat is None:
+                flat = torch.cat([t.reshape(-1) for t in ins])
+        else:
+            if input_tensors and any(len(i) for i in input_tensors):
+                raise InvalidArgument("pycoll backend: scatter takes input tensors only on the root")
+            flat = torch.empty(n * count, dtype=out.dtype)
+        me = self.rank()
+
+        def post():
+            out.view(-1).copy_(flat[me * count:(me + 1) * count])
+        comm, timeout = self.communicator, _timeout_s(opts, self._timeout_s)
+        call = lambda a: comm.broadcast(flat, root=root, timeout=timeout, dtype=_DTYPES[out.dtype],  # noqa: E731
+                                        async_op=a)
+        return self._run("scatter", [call], [out], post, opts)
+
+    def _root(self, opts, what):
+        root = opts.rootRank if opts is not None else 0
+        if not 0 <= root < self.size():
+            raise InvalidArgument(f"pycoll backend: {what} root {root} is not in [0, {self.size()})")
+        return root
+
+    # ---- what is not supported: say so clearly -------------------------
+    def _unsupported(self, what):
+        raise NotImplementedError(f"pycoll backend: {what} is not supported; supported: all_reduce(_coalesced), "
+                                  "all_gather, all_gather_single/all_gather_into_tensor(_coalesced), "
+                                  "reduce_scatter, reduce_scatter_single/reduce_scatter_tensor(_coalesced), "
+                                  "broadcast, barrier, gather, scatter")
+
+    def send(self, *a, **k):
+        self._unsupported("send")
+
+    def recv(self, *a, **k):
+        self._unsupported("recv")
+
+    def recv_anysource(self, *a, **k):
+        self._unsupported("recv from any source")
+
+    def reduce(self, *a, **k):
+        self._unsupported("reduce (use all_reduce)")
+
+    def alltoall(self, *a, **k):
+        self._unsupported("all_to_all")
+
+    def alltoall_base(self, *a, **k):
+        self._unsupported("all_to_all_single")
+
+    def all_to_all_single(self, *a, **k):
+        self._unsupported("all_to_all_single")
+
+    def allgather_coalesced(self, *a, **k):
+        self._unsupported("all_gather_coalesced")
+
+    def monitored_barrier(self, *a, **k):
+        self._unsupported("monitored_barrier (use barrier)")
+
+    # ---- identity and lifetime ----------------------------------------
+    def getBackendName(self):
+        """``"pycoll"``."""
+        return BACKEND
+
+    def name(self):
+        """``"pycoll"``."""
+        return BACKEND
+
+    # torch names every group (``_new_process_group_helper`` calls ``_set_group_name``) and
+    # finds it by that name: ``pg.group_name``, ``destroy_process_group(pg)``, DeviceMesh,
+    # DTensor and the functional collectives. C++'s ProcessGroup keeps the name on its
+    # registered c10d Backend objects, and a Python class cannot be one (torch's Backend
+    # has no Python constructor), so the group keeps its name itself: these four are the
+    # virtuals torch's Python-group trampoline (PyProcessGroup) forwards to Python.
+    def getGroupName(self):
+        return self._group_name
+
+    def setGroupName(self, name):
+        self._group_name = name
+
+    def getGroupDesc(self):
+        return self._group_desc
+
+    def setGroupDesc(self, desc):
+        self._group_desc = desc
+
+    def shutdown(self):
+        """Leave the pycoll group (``dist.destroy_process_group`` calls this)."""
+        _LIVE.discard(self._state)
+        self._state.close()
+
+    def abort(self):
+        """Same as :meth:`shutdown`: leave the group now."""
+        self.shutdown()
+
+    def __repr__(self):
+        return f"<ProcessGroupPycoll rank {self.rank()} of {self.size()}>"
+
+
+_LIVE = set()  # states of open groups, closed at exit
+
+
+@atexit.register
+def _close_all():
+    """Leave the group cleanly at exit if the script never called
+    destroy_process_group (rank 0 keeps its coordinator up until the others left)."""
+    for state in list(_LIVE):
+        try:
+            state.close()
+        except Exception:  # noqa: BLE001 - best effort at interpreter exit
+            pass
+
+
+def _bind_host(addr):
+    return "127.0.0.1" if addr.startswith("127.") or addr == "localhost" else "0.0.0.0"
+
+
+def create_process_group(store, rank, size, timeout):
+    """The creator torch calls for ``init_process_group("pycoll")`` and
+    ``new_group(backend="pycoll")``: rendezvous through ``store``, then a
+    pycoll communicator with the same ranks."""
+    timeout_s = timeout.total_seconds() if isinstance(timeout, datetime.timedelta) else float(timeout)
+    addr = environ("MASTER_ADDR") or "127.0.0.1"
+    coordinator = None
+    if rank == 0:
+        try:
+            coordinator = Coordinator(_bind_host(addr), 0, world_size=size).start()
+        except Exception as exc:
+            store.set(_STORE_KEY, f"error:{exc}")
+            raise CoordinatorError(f"pycoll backend: rank 0 cannot start a coordinator: {exc}") from exc
+        store.set(_STORE_KEY, f"{addr}:{coordinator.port}")
+    where = store.get(_STORE_KEY).decode()
+    if where.startswith("error:"):
+        raise CoordinatorError(f"pycoll backend: rank 0 could not start a coordinator: {where[6:]}")
+    host, port = where.rsplit(":", 1)
+    try:
+        comm = _group.init(rank=rank, world_size=size, master_addr=host, master_port=int(port),
+                           timeout=timeout_s, join_timeout=min(timeout_s, 300.0))
+    except BaseException:
+        if coordinator is not None:
+            coordinator.stop()
+        raise
+    if coordinator is not None:
+        comm.adopt_coordinator(coordinator)  # rank 0: close() keeps it up until the others have left
+    log.info("pycoll process group: rank %d of %d, coordinator %s", rank, size, where)
+    return ProcessGroupPycoll(comm, rank, size, timeout_s)
+
+
+def register():
+    """Register the ``"pycoll"`` backend with torch.distributed (idempotent)."""
+    dist.Backend.register_backend(BACKEND, create_process_group, devices=["cpu"])
+
+
+def communicator(group=None):
+    """The :class:`pycoll.Communicator` behind a pycoll process group
+    (default: the default group), e.g. for ``communicator().stats``."""
+    if group is None and not dist.is_initialized():
+        raise InvalidArgument("no default process group: call torch.distributed.init_process_group(\"pycoll\") first")
+    pg = group if group is not None else dist.group.WORLD
+    if not isinstance(pg, ProcessGroupPycoll):
+        raise InvalidArgument(f"{pg!r} is not a pycoll process group")
+    return pg.communicator
+
+
+def compression_hook(wire_dtype=torch.bfloat16):
+    """A DDP communication hook that sends gradients as float16 or bfloat16.
+
+        model.register_comm_hook(None, pycoll.torch.backend.compression_hook(torch.bfloat16))
+
+    Halves the bytes on the wire (for slow links) at the cost of gradient
+    precision: each bucket is cast to ``wire_dtype``, divided by the world
+    size (so the sum cannot overflow float16), summed across ranks, and cast
+    back into the bucket. Every rank gets the same bits. The hook's state is
+    the process group to use (``None``: the default group). Works with any
+    backend; with pycoll the narrow sum is widened to float32 at every step.
+    """
+    wire = wire_dtype if isinstance(wire_dtype, torch.dtype) else getattr(torch, str(wire_dtype))
+    if wire not in (torch.float16, torch.bfloat16):
+        raise InvalidArgument(f"compression_hook: wire dtype must be torch.float16 or torch.bfloat16, got {wire}")
+
+    def hook(state, bucket):
+        group = state if state is not None else dist.group.WORLD
+        world = dist.get_world_size(group)
+        buffer = bucket.buffer()
+        compressed = buffer.to(wire).div_(world)
+        fut = dist.all_reduce(compressed, group=group, async_op=True).get_future()
+
+        def decompress(f):
+            buffer.copy_(f.value()[0])
+            return buffer
+        return fut.then(decompress)
+
+    hook.__name__ = hook.__qualname__ = f"pycoll_{str(wire).replace('torch.', '')}_compression_hook"
+    return hook
+
+
+register()

@@ -1,0 +1,57 @@
+"""bench/train_step.py end to end at toy size: both backends run DDP steps and the table reports
+sane numbers. (Tier e2e: tests/conftest.py marks a test by its folder.)"""
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("torch", reason="torch is an optional extra (pip install -e '.[torch]')")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+BENCH = os.path.join(ROOT, "bench", "train_step.py")
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def test_train_step_table(tmp_path):
+    out_json = tmp_path / "out.json"
+    cmd = [sys.executable, BENCH, "--ranks", "2", "--shapes", "comm", "--steps", "3", "--warmup", "1",
+           "--width", "64", "--layers", "2", "--json", str(out_json)]
+    env = dict(os.environ, TMPDIR=str(tmp_path))
+    # start_new_session + killpg on timeout: the benchmark's own ranks go too
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                         start_new_session=True)
+    try:
+        out, err = p.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, 9)
+        out, err = p.communicate()
+        pytest.fail(f"bench/train_step.py did not finish in 120 s\n{out}\n{err}")
+    assert p.returncode == 0, f"exit {p.returncode}\n{out}\n{err}"
+
+    header = next(line for line in out.splitlines() if line.startswith("| ranks"))
+    assert "pycoll step" in header and "gloo step" in header
+    rows = [line for line in out.splitlines() if re.match(r"\| 2 \| comm", line)]
+    assert len(rows) == 1, out
+    cells = [c.strip() for c in rows[0].strip("|").split("|")]
+    assert cells[2] == "idle"
+    step_p, step_g = float(cells[3]), float(cells[4])
+    ratio = float(cells[5].rstrip("x"))
+    compute_p, compute_g = float(cells[6]), float(cells[7])
+    cpu_p, cpu_g = float(cells[12]), float(cells[13])
+    for v in (step_p, step_g, compute_p, compute_g):
+        assert 0 < v < 10_000, rows[0]
+    assert cpu_p >= 0 and cpu_g >= 0
+
+    data = json.loads(out_json.read_text())
+    (row,) = data["rows"]
+    for backend in ("pycoll", "gloo"):
+        r = row[backend]
+        assert r["steps"] == 3
+        assert all(t > 0 for t in r["step_ms_all"])
+        assert r["comm_ms"] > 0 and r["step_cpu_ms"] > 0
+        assert sum(r["buckets_bytes"]) == 2 * (64 * 64 + 64) * 4  # every gradient byte, in DDP's buckets
+    assert ratio == pytest.approx(row["gloo"]["step_ms"] / row["pycoll"]["step_ms"], abs=0.006)
