@@ -35,6 +35,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 #include "plan.h"
@@ -82,10 +83,13 @@ struct pc_comm {
     int shm_spin_us;          /* most we spin on a shm-only wait */
     uint64_t remote_min;      /* payloads this big go single-copy where the peer can (0: never) */
     int oversubscribed;       /* more ranks on this host than CPUs */
+    int32_t local_ranks;      /* ranks of this comm on this host, ourselves included */
     /* waiting policy (see begin_wait) */
     uint32_t spin_ns[WAIT_KINDS]; /* learned spin budget per kind of wait */
     int32_t cpus_online;
-    int busy_looks;           /* consecutive looks at the host that found more runnable tasks than CPUs */
+    int busy_looks;           /* consecutive looks at the host that found it busy (host_busy) */
+    uint64_t sched_run_ns, sched_wait_ns; /* the waiting thread's schedstat at the last look */
+    pid_t sched_tid;          /* whose they are (0: none yet) */
     double busy_seen_at;      /* when the last look was (0: never) */
     void *scratch;
     uint64_t scratch_cap;
@@ -120,11 +124,12 @@ static void close_from(int32_t from, int32_t nconn, int32_t stripes, int32_t ran
     }
 }
 
+/* Ranks of this comm on this host, ourselves included. */
 static int32_t local_ranks(const pc_comm *c) {
     int32_t n = 1;
     for (int32_t p = 0; p < c->nranks; p++) {
         pc_conn *cn = p == c->rank ? NULL : c->conns[p * c->stripes];
-        n += cn && cn->ops->arm; /* only shared-memory conns have arm */
+        n += cn && pc_conn_same_host(cn);
     }
     return n;
 }
@@ -195,7 +200,8 @@ pc_status pc_comm_create_mixed(int32_t rank, int32_t nranks, int32_t stripes, co
         }
         if (!shm) close_from(i, i + 1, stripes, rank, NULL, shm_fds);
     }
-    c->oversubscribed = local_ranks(c) > cpus_available();
+    c->local_ranks = local_ranks(c);
+    c->oversubscribed = c->local_ranks > cpus_available();
     long online = sysconf(_SC_NPROCESSORS_ONLN);
     c->cpus_online = online > 0 ? (int32_t)online : 1;
     c->spin_ns[WAIT_SHM] = (uint32_t)c->shm_spin_us * 1000u;
@@ -827,20 +833,25 @@ static int shm_only_waits(const run_state *r) {
  * whole length; sleeping costs a wake-up (tens of microseconds on an idle
  * host) but gives the core to whoever else wants it. So:
  *
- *  - While the host has more runnable tasks than CPUs (or this comm has
- *    more ranks on the host than we may run on) nobody spins: the core
- *    goes to compute, data loaders, or the rank we wait for. Whether it
- *    does is the running count of /proc/loadavg, read at most every
- *    BUSY_RECHECK seconds, and only when a wait begins; two looks in a row
- *    must see it, because with every CPU running a rank any other thread
- *    that wakes for a moment tips one look over (with 2 ranks on 2 idle
- *    cores, a heartbeat thread or the parent's polling loop: 15-25 % of
- *    the looks, each costing 5 ms of sleeping through waits). (More ranks than
- *    CPUs used to spin with sched_yield, a cheap handoff while the comm's
- *    own ranks are all that runs: 4 ranks on 2 idle cores, 4 KiB, 20-25 us
- *    per call against 50 us sleeping. But yields go to whatever else is
- *    runnable, for a whole time slice: with two busy loops beside them,
- *    1 MiB took 3.2-3.8 ms yielding against 0.8 ms sleeping.)
+ *  - While other work wants the host's CPUs, nobody spins: the core goes
+ *    to compute, data loaders, or the rank we wait for. "Other work wants
+ *    them" (host_busy) is two looks in a row, BUSY_RECHECK apart and only
+ *    when a wait begins, that both saw more runnable tasks than CPUs (the
+ *    running count of /proc/loadavg), not counting this comm's own ranks on
+ *    the host, and saw this thread queued behind others for more than
+ *    QUEUED_BUSY of the time it wanted a CPU (its schedstat): tasks at a
+ *    lower priority are runnable but yield to us at once. One look is not
+ *    enough, because with every CPU running a rank any other thread that
+ *    wakes for a moment tips it over (with 2 ranks on 2 idle cores, a
+ *    heartbeat thread or the parent's polling loop: 15-25 % of the looks,
+ *    each costing 5 ms of sleeping through waits).
+ *  - With more of this comm's ranks on the host than CPUs, a spin yields
+ *    between looks (sched_yield): the rank we wait for may be queued behind
+ *    us. With only our ranks running that is a cheap handoff (4 ranks on 2
+ *    idle cores, 4 KiB: 20-25 us per call against 50 us sleeping); with
+ *    other work beside them the yields would go to it for whole time slices
+ *    (two busy loops: 1 MiB took 3.2-3.8 ms yielding against 0.8 ms
+ *    sleeping), which is why a busy host stops the spin first.
  *  - Otherwise we spin for a budget learned from this comm's recent waits
  *    of the same kind (WAIT_SHM, WAIT_SOCK), capped by shm_spin_us and
  *    spin_us: a wait that a spin of up to the cap would have caught raises
@@ -849,8 +860,7 @@ static int shm_only_waits(const run_state *r) {
  *    long waits (a peer that computes between collectives, a straggler)
  *    and comes back with the first short one: a wait we slept through
  *    still counts, with its wake-up. Between looks the spinner pauses the
- *    CPU (cpu_relax) instead of yielding: with nobody else runnable a
- *    sched_yield is only a system call.
+ *    CPU (cpu_relax) unless the comm is oversubscribed (above).
  *
  * Then we sleep in poll(): on sockets, or on the shared-memory doorbells
  * (transport_shm.c: the sleeper sets its wait flag and re-checks the ring,
@@ -860,6 +870,7 @@ static int shm_only_waits(const run_state *r) {
  */
 #define BUSY_RECHECK 0.005  /* s between looks at /proc/loadavg */
 #define BUSY_LOOKS 2         /* busy: this many looks in a row saw it so */
+#define QUEUED_BUSY 0.2      /* busy: we waited for a CPU more than this share of the time we wanted one */
 #define SPIN_SLACK 50000u    /* ns added to a learned budget: a peer's hiccup (an interrupt, a
                                 thread of ours waking) rather than a sleep and a wake-up */
 
@@ -889,13 +900,51 @@ static int32_t runnable_tasks(void) {
     return p ? (int32_t)strtol(p, NULL, 10) : 0;
 }
 
+/* Of the time since the last look that this thread wanted a CPU, the share
+ * it spent queued behind other tasks (/proc/thread-self/schedstat: ns on a
+ * CPU, ns waiting on a run queue). 1 when unknown (no schedstat, first look
+ * or another thread than last time): the runnable count decides alone. */
+static double queued_share(pc_comm *c) {
+    int fd = open("/proc/thread-self/schedstat", O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return 1;
+    char buf[96];
+    ssize_t n = read(fd, buf, sizeof buf - 1);
+    close(fd);
+    if (n <= 0) return 1;
+    buf[n] = 0;
+    unsigned long long run = 0, wait = 0;
+    if (sscanf(buf, "%llu %llu", &run, &wait) != 2) return 1;
+    pid_t tid = (pid_t)syscall(SYS_gettid);
+    int known = c->sched_tid == tid && run >= c->sched_run_ns && wait >= c->sched_wait_ns;
+    double d_run = known ? (double)(run - c->sched_run_ns) : 0, d_wait = known ? (double)(wait - c->sched_wait_ns) : 0;
+    c->sched_tid = tid;
+    c->sched_run_ns = run;
+    c->sched_wait_ns = wait;
+    return known && d_run + d_wait > 0 ? d_wait / (d_run + d_wait) : 1;
+}
+
+/* Busy: more tasks want a CPU than there are CPUs, not counting our own ranks
+ * on this host (they take turns with us: that is what the yields of an
+ * oversubscribed spin are for), and they do take it from us: this thread sat
+ * queued for more than QUEUED_BUSY of the time it wanted a CPU. (Tasks at a
+ * lower priority, nice 15 say, count as runnable but barely delay us: the
+ * scheduler preempts them when we wake.) */
 static int host_busy(pc_comm *c, double t) {
-    if (c->oversubscribed) return 1;
     if (c->busy_seen_at == 0 || t - c->busy_seen_at >= BUSY_RECHECK) {
+        int32_t room = c->cpus_online > c->local_ranks ? c->cpus_online : c->local_ranks;
+        double queued = queued_share(c);
         c->busy_seen_at = t;
-        c->busy_looks = runnable_tasks() > c->cpus_online ? c->busy_looks + 1 : 0;
+        c->busy_looks = runnable_tasks() > room && queued > QUEUED_BUSY ? c->busy_looks + 1 : 0;
     }
     return c->busy_looks >= BUSY_LOOKS;
+}
+
+/* Between looks of a spin: with more of our ranks than CPUs the rank we wait
+ * for may be queued behind us on this core, so hand it the core; otherwise
+ * pause (with nobody else runnable a sched_yield is only a system call). */
+static void spin_pause(const pc_comm *c) {
+    if (c->oversubscribed) sched_yield();
+    else cpu_relax();
 }
 
 static uint32_t spin_cap_ns(const pc_comm *c, int kind) {
@@ -1140,7 +1189,7 @@ pc_status pc_comm_run_part(pc_comm *comm, const pc_plan *plan, int32_t part, voi
         }
         if ((t - idle_since) * 1e9 < (double)spin_ns) {
             looked = t;
-            cpu_relax();
+            spin_pause(comm);
             continue;
         }
         looked = 0;
@@ -1199,7 +1248,7 @@ pc_status pc_comm_stream_ring(pc_comm *comm, uint64_t bytes, double timeout_s, d
             int shm = out->ops->arm && in->ops->arm;
             int32_t cap_us = comm->spin_us <= 0 ? 0 : shm ? comm->shm_spin_us : comm->spin_us;
             if ((t - idle_since) * 1e6 < cap_us && !host_busy(comm, t)) {
-                cpu_relax();
+                spin_pause(comm);
                 continue;
             }
             short ev_out = want_out ? poll_events(out, want_out) : 0;
