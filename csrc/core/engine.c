@@ -308,7 +308,7 @@ pc_status pc_frame_check(const uint8_t *hdr, uint32_t tag, uint32_t desc, uint64
         snprintf(detail, sizeof detail, "frame length %llu, expected %llu (mismatched sizes across ranks?)",
                  (unsigned long long)h.len, (unsigned long long)len);
     else if (h.tag != tag)
-        snprintf(detail, sizeof detail, "frame tag %08x, expected %08x (mismatched algorithm across ranks?)", h.tag, tag);
+        snprintf(detail, sizeof detail, "frame tag %08x, expected %08x (mismatched algorithm, or point-to-point tags, across ranks?)", h.tag, tag);
     if (what) snprintf(detail, sizeof detail, "%s", what);
     if (!detail[0]) return PC_OK;
     if (why && why_len) snprintf(why, why_len, "%s", detail);
@@ -1074,8 +1074,8 @@ pc_status pc_comm_run_part(pc_comm *comm, const pc_plan *plan, int32_t part, voi
         return PC_ERR_IO;
     }
     int32_t es = pc_dtype_size(dtype);
-    if (!es || op < 0 || op >= PC_OP_COUNT) {
-        set_err(comm, "unsupported dtype %d or op %d", dtype, op);
+    if (!es || pc_reduce_check(dtype, op) != PC_OK) { /* e.g. a bitwise op on floats */
+        set_err(comm, "unsupported dtype %d or op %d (or the op is not defined on the dtype)", dtype, op);
         return PC_ERR_ARG;
     }
     if (plan->codec != PC_CODEC_NONE && dtype != PC_F32) {
@@ -1199,6 +1199,90 @@ pc_status pc_comm_run_part(pc_comm *comm, const pc_plan *plan, int32_t part, voi
     if (failed_peer) *failed_peer = r.failed_peer;
     if (st != PC_OK) pc_comm_shutdown(comm);
     return st;
+}
+
+/* ---- receive from any source: which peer sends first ------------------- */
+/* Rank q's next frame, if its header is there: 1 if it is the one a receive
+ * from any source waits for (seq and tag), 0 if it is another frame (for a
+ * later call: nothing for us can come before it on that connection), -1 if
+ * the header is not all there yet. A closed connection counts as 1 (the
+ * receive then fails with the peer's loss). */
+static int probe_frame(pc_conn *cn, uint64_t seq, uint32_t tag) {
+    uint8_t hdr[PC_HDR_BYTES];
+    long got = cn->ops->peek_copy ? cn->ops->peek_copy(cn, hdr, sizeof hdr) : PC_IO_ERROR;
+    if (got == PC_IO_AGAIN) return -1;
+    if (got < 0) return 1;
+    if (got < (long)sizeof hdr) return -1;
+    pc_frame_hdr h;
+    hdr_decode(hdr, &h);
+    return h.magic == PC_MAGIC && h.seq == seq && h.tag == tag;
+}
+
+pc_status pc_comm_probe(pc_comm *comm, uint64_t seq, uint32_t tag, double timeout_s, int32_t *peer) {
+    *peer = -1;
+    if (comm->broken) {
+        set_err(comm, "communicator was shut down by an earlier failure; rebuild it");
+        return PC_ERR_IO;
+    }
+    int32_t n = comm->nranks;
+    struct pollfd *fds = malloc(sizeof(struct pollfd) * (2 * (size_t)n + 1));
+    int32_t *who = malloc(sizeof(int32_t) * (2 * (size_t)n + 1));
+    uint8_t *other = calloc((size_t)n, 1); /* rank's next frame is not ours: leave it alone */
+    if (!fds || !who || !other) {
+        free(fds);
+        free(who);
+        free(other);
+        set_err(comm, "out of memory probing for a sender");
+        return PC_ERR_NOMEM;
+    }
+    double deadline = now_s() + (timeout_s > 0 ? timeout_s : 1e9);
+    pc_status st = PC_ERR_TIMEOUT;
+    while (*peer < 0) {
+        if (__atomic_load_n(&comm->cancelled, __ATOMIC_SEQ_CST)) {
+            st = PC_ERR_CANCELLED;
+            set_err(comm, "receive from any source cancelled");
+            break;
+        }
+        double t = now_s();
+        if (t > deadline) {
+            set_err(comm, "receive from any source timed out after %.3f s: no rank sent us a frame with tag %08x",
+                    timeout_s, tag);
+            break;
+        }
+        int nf = 0;
+        fds[nf].fd = comm->cancel_pipe[0], fds[nf].events = POLLIN, fds[nf].revents = 0, who[nf++] = -1;
+        /* the ranks after ours first, so no sender is always served last */
+        for (int32_t d = 1; d < n && *peer < 0; d++) {
+            int32_t q = (comm->rank + d) % n;
+            pc_conn *cn = comm->conns[q * comm->stripes];
+            if (!cn || other[q]) continue;
+            short ev = poll_events(cn, POLLIN); /* 0: bytes (or the peer's end) are there now */
+            if (!ev || !cn->ops->arm) {
+                int f = probe_frame(cn, seq, tag);
+                if (f == 1) {
+                    *peer = q;
+                    break;
+                }
+                if (f == 0) {
+                    other[q] = 1;
+                    continue;
+                }
+            }
+            fds[nf].fd = cn->fd, fds[nf].events = ev ? ev : POLLIN, fds[nf].revents = 0, who[nf++] = q;
+            if (cn->fd2 >= 0) fds[nf].fd = cn->fd2, fds[nf].events = POLLIN, fds[nf].revents = 0, who[nf++] = q;
+        }
+        if (*peer >= 0) break;
+        /* sleep until a connection (or its doorbell) is ready: who sends
+         * first is not known, so there is no one wait to learn a spin from */
+        double left = deadline - t;
+        int ms = left > 0.02 ? 20 : (int)(left * 1000.0) + 1;
+        poll(fds, (nfds_t)nf, ms);
+        if ((fds[0].revents & POLLIN) && !__atomic_load_n(&comm->cancelled, __ATOMIC_SEQ_CST)) drain_cancel_pipe(comm);
+    }
+    free(fds);
+    free(who);
+    free(other);
+    return *peer >= 0 ? PC_OK : st;
 }
 
 /* ---- raw ring stream: the transport ceiling ---------------------------- */

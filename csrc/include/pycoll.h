@@ -41,12 +41,16 @@ typedef enum {
     PC_F16 = 0, PC_BF16 = 1, PC_F32 = 2, PC_F64 = 3,
     PC_I8 = 4, PC_I16 = 5, PC_I32 = 6, PC_I64 = 7,
     PC_U8 = 8, PC_U16 = 9, PC_U32 = 10, PC_U64 = 11,
-    PC_DTYPE_COUNT = 12
+    PC_BOOL = 12, /* one byte, 0 or 1 (any non-zero byte reads as 1) */
+    PC_DTYPE_COUNT = 13
 } pc_dtype;
 
+/* The bitwise ops apply to integer and bool dtypes only. On bool, SUM and MAX
+ * are logical or, PROD and MIN logical and (as Gloo and torch); results are 0 or 1. */
 typedef enum {
     PC_SUM = 0, PC_PROD = 1, PC_MIN = 2, PC_MAX = 3, PC_AVG = 4,
-    PC_OP_COUNT = 5
+    PC_BAND = 5, PC_BOR = 6, PC_BXOR = 7,
+    PC_OP_COUNT = 8
 } pc_redop;
 
 /* Op kinds of a plan. */
@@ -105,7 +109,14 @@ typedef enum {
     PC_COLL_ALLGATHER = 1,
     PC_COLL_REDUCE_SCATTER = 2,
     PC_COLL_BROADCAST = 3,
-    PC_COLL_BARRIER = 4
+    PC_COLL_BARRIER = 4,
+    /* planned by pc_plan_reduce / pc_plan_exchange / pc_plan_p2p_list; the
+     * values name the collective in argument digests */
+    PC_COLL_REDUCE = 5,
+    PC_COLL_GATHER = 6,
+    PC_COLL_SCATTER = 7,
+    PC_COLL_ALLTOALL = 8,
+    PC_COLL_P2P = 9
 } pc_collective;
 
 /* Plan flags. */
@@ -118,6 +129,10 @@ typedef enum {
                                      aggregator with no data of its own; its
                                      accumulator starts from its first member's
                                      data and lives in scratch (IN/OUT unused) */
+#define PC_PLAN_AGREE 8u          /* pc_plan_exchange: start with plan_agree's empty
+                                     frame to and from every rank, so that a rank
+                                     whose call differs (another root) fails the
+                                     header check instead of waiting out its timeout */
 
 /*
  * Multi-ring planner. `rings` holds nrings permutations of 0..nranks-1 (each
@@ -156,6 +171,46 @@ pc_status pc_plan_tree(pc_collective coll, int32_t nranks, int32_t rank, int32_t
  */
 pc_status pc_plan_direct(pc_collective coll, int32_t nranks, int32_t rank, uint64_t count,
                          int32_t elem_size, int32_t stripes, uint32_t flags, pc_plan **out);
+/*
+ * Reduce to a root (plan_exchange.c): every other rank sends IN to `root`,
+ * which reduces the n contributions in rank order (x_0 (op) x_1 ...: the
+ * bits of pc_plan_direct's all-reduce) in scratch and copies the result to
+ * its OUT in the tail. Payloads are cut in segments of segment_bytes (at
+ * most 8 segments: larger ones past that), and segment g of rank j's reduction waits only for segment
+ * g of rank j-1's, so the root reduces while the rest still arrives. Other
+ * ranks only send (their OUT is never written); the root's IN is intact if
+ * the call fails.
+ */
+pc_status pc_plan_reduce(int32_t nranks, int32_t rank, int32_t root, uint64_t count, int32_t elem_size,
+                         uint64_t segment_bytes, int32_t stripes, uint32_t flags, pc_plan **out);
+/*
+ * Direct exchange (plan_exchange.c), one step: this rank sends
+ * IN[send_off[p], +send_len[p]) to every rank p and receives
+ * OUT[recv_off[p], +recv_len[p]) from it (byte ranges; p == rank is a local
+ * copy and needs send_len == recv_len). A length of PC_NO_FRAME means no
+ * frame with that rank at all; a length of 0 an empty frame (so that ranks
+ * whose lengths disagree fail the frame check instead of waiting).
+ * all_to_all (equal or uneven splits), gather and scatter are all this
+ * plan. Payloads of 1 MiB and more are spread over the stripes. All sends
+ * start at once (no receive waits for a send of ours: no deadlock however
+ * small the connection buffers). flags: PC_PLAN_AGREE.
+ */
+#define PC_NO_FRAME UINT64_MAX
+pc_status pc_plan_exchange(int32_t nranks, int32_t rank, const uint64_t *send_off, const uint64_t *send_len,
+                           const uint64_t *recv_off, const uint64_t *recv_len, int32_t stripes, uint32_t flags,
+                           pc_plan **out);
+/*
+ * Point-to-point transfers (plan_exchange.c): `n` transfers, transfer i
+ * sends IN[off[i], +len[i]) to peer[i] (is_send[i] != 0) or receives
+ * OUT[off[i], +len[i]) from it, in one frame carrying tag[i] (the receiver
+ * checks it). Transfers with the same peer and direction keep their order
+ * (they pair with the peer's in order); all others run at once. Stripe 0.
+ */
+pc_status pc_plan_p2p_list(int32_t nranks, int32_t rank, int32_t n, const int32_t *peer, const int32_t *is_send,
+                           const uint64_t *off, const uint64_t *len, const uint32_t *tag, pc_plan **out);
+/* Whether pc_reduce supports (dtype, op): PC_OK or PC_ERR_ARG. */
+pc_status pc_reduce_check(int32_t dtype, int32_t op);
+
 /* The all-reduce trees: parent and children of `rank` in tree 0 or 1 of
  * nranks ranks (-1 where there is none). */
 pc_status pc_tree_links(int32_t nranks, int32_t tree, int32_t rank, int32_t *parent,
@@ -329,6 +384,15 @@ pc_status pc_comm_run_part(pc_comm *comm, const pc_plan *plan, int32_t part, voi
  * mismatch returns PC_ERR_PROTO and writes the reason into why. */
 pc_status pc_frame_check(const uint8_t *hdr, uint32_t tag, uint32_t desc, uint64_t seq,
                          uint64_t len, char *why, uint32_t why_len);
+
+/* Receive from any source: waits until the first connection of some other
+ * rank starts with a frame of sequence number `seq` and tag `tag` (its
+ * header is read in place, nothing is consumed), or is closed, at most
+ * timeout_s (0: no limit), and sets *peer to that rank (the ranks after ours
+ * are looked at first). A rank whose next frame is another one is passed
+ * over: nothing for us can come before it on that connection. The caller
+ * then runs a plan that receives from *peer. PC_ERR_TIMEOUT, PC_ERR_CANCELLED. */
+pc_status pc_comm_probe(pc_comm *comm, uint64_t seq, uint32_t tag, double timeout_s, int32_t *peer);
 
 /* ---- transport measurement --------------------------------------------- */
 /* Sends `bytes` to (rank+1)%n while receiving as many from (rank-1)%n over

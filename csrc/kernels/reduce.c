@@ -12,6 +12,9 @@
  *    stays NaN). A reduction over n ranks is therefore a fixed left-to-right
  *    chain of such steps in the order the plan defines; with the same plan
  *    every rank computes the same bits. This equals NumPy's float16 ufuncs.
+ *  - band, bor, bxor: integers and bool only (pc_reduce_check refuses floats).
+ *  - bool: bytes read as 0 / non-zero; sum and max are or, prod and min are
+ *    and, the bitwise ops act on the truth values; every result is 0 or 1.
  */
 #include <string.h>
 
@@ -19,7 +22,7 @@
 #include "pycoll.h"
 
 int32_t pc_dtype_size(int32_t dtype) {
-    static const int32_t sizes[PC_DTYPE_COUNT] = {2, 2, 4, 8, 1, 2, 4, 8, 1, 2, 4, 8};
+    static const int32_t sizes[PC_DTYPE_COUNT] = {2, 2, 4, 8, 1, 2, 4, 8, 1, 2, 4, 8, 1};
     if (dtype < 0 || dtype >= PC_DTYPE_COUNT) return 0;
     return sizes[dtype];
 }
@@ -29,6 +32,13 @@ int32_t pc_dtype_size(int32_t dtype) {
 #define OP_PROD(a, b) ((a) * (b))
 #define OP_MIN(a, b) (((a) <= (b) || (a) != (a)) ? (a) : (b))
 #define OP_MAX(a, b) (((a) >= (b) || (a) != (a)) ? (a) : (b))
+#define OP_BAND(a, b) ((a) & (b))
+#define OP_BOR(a, b) ((a) | (b))
+#define OP_BXOR(a, b) ((a) ^ (b))
+/* bool: truth values in, 0 or 1 out */
+#define OP_LOR(a, b) ((a) != 0 || (b) != 0)
+#define OP_LAND(a, b) ((a) != 0 && (b) != 0)
+#define OP_LXOR(a, b) (((a) != 0) != ((b) != 0))
 
 /* Same-type kernels: T is the element type, W the type arithmetic is done
  * in (unsigned for integer sum/prod so overflow wraps without UB). */
@@ -41,7 +51,10 @@ int32_t pc_dtype_size(int32_t dtype) {
     DEFINE_KERNEL(sum_##suffix, T, UT, OP_SUM)         \
     DEFINE_KERNEL(prod_##suffix, T, UT, OP_PROD)       \
     DEFINE_KERNEL(min_##suffix, T, T, OP_MIN)          \
-    DEFINE_KERNEL(max_##suffix, T, T, OP_MAX)
+    DEFINE_KERNEL(max_##suffix, T, T, OP_MAX)          \
+    DEFINE_KERNEL(band_##suffix, T, UT, OP_BAND)       \
+    DEFINE_KERNEL(bor_##suffix, T, UT, OP_BOR)         \
+    DEFINE_KERNEL(bxor_##suffix, T, UT, OP_BXOR)
 
 #define DEFINE_FLOAT_KERNELS(suffix, T)                \
     DEFINE_KERNEL(sum_##suffix, T, T, OP_SUM)          \
@@ -59,6 +72,13 @@ DEFINE_INT_KERNELS(u32, uint32_t, uint32_t)
 DEFINE_INT_KERNELS(u64, uint64_t, uint64_t)
 DEFINE_FLOAT_KERNELS(f32, float)
 DEFINE_FLOAT_KERNELS(f64, double)
+DEFINE_KERNEL(sum_bool, uint8_t, uint8_t, OP_LOR)
+DEFINE_KERNEL(prod_bool, uint8_t, uint8_t, OP_LAND)
+DEFINE_KERNEL(min_bool, uint8_t, uint8_t, OP_LAND)
+DEFINE_KERNEL(max_bool, uint8_t, uint8_t, OP_LOR)
+DEFINE_KERNEL(band_bool, uint8_t, uint8_t, OP_LAND)
+DEFINE_KERNEL(bor_bool, uint8_t, uint8_t, OP_LOR)
+DEFINE_KERNEL(bxor_bool, uint8_t, uint8_t, OP_LXOR)
 
 /* Narrow floats: widen, compute in f32, round once. */
 #define DEFINE_NARROW_KERNEL(name, TO_F, FROM_F, OPX)                               \
@@ -80,16 +100,27 @@ DEFINE_NARROW_KERNEL(max_bf16, bf16_to_float, float_to_bf16, OP_MAX)
 
 typedef void (*kernel_fn)(void *, const void *, const void *, uint64_t);
 
-#define ROW(s) {(kernel_fn)sum_##s, (kernel_fn)prod_##s, (kernel_fn)min_##s, (kernel_fn)max_##s}
-static const kernel_fn kernels[PC_DTYPE_COUNT][4] = {
-    ROW(f16), ROW(bf16), ROW(f32), ROW(f64), ROW(i8), ROW(i16),
-    ROW(i32), ROW(i64), ROW(u8), ROW(u16), ROW(u32), ROW(u64),
+/* Columns: sum, prod, min, max, (avg: sum), band, bor, bxor; NULL: not defined. */
+#define ROW(s) {(kernel_fn)sum_##s, (kernel_fn)prod_##s, (kernel_fn)min_##s, (kernel_fn)max_##s, \
+                (kernel_fn)sum_##s, NULL, NULL, NULL}
+#define IROW(s) {(kernel_fn)sum_##s, (kernel_fn)prod_##s, (kernel_fn)min_##s, (kernel_fn)max_##s, \
+                 (kernel_fn)sum_##s, (kernel_fn)band_##s, (kernel_fn)bor_##s, (kernel_fn)bxor_##s}
+static const kernel_fn kernels[PC_DTYPE_COUNT][PC_OP_COUNT] = {
+    ROW(f16), ROW(bf16), ROW(f32), ROW(f64), IROW(i8), IROW(i16),
+    IROW(i32), IROW(i64), IROW(u8), IROW(u16), IROW(u32), IROW(u64),
+    {(kernel_fn)sum_bool, (kernel_fn)prod_bool, (kernel_fn)min_bool, (kernel_fn)max_bool, NULL,
+     (kernel_fn)band_bool, (kernel_fn)bor_bool, (kernel_fn)bxor_bool},
 };
+
+pc_status pc_reduce_check(int32_t dtype, int32_t op) {
+    if (dtype < 0 || dtype >= PC_DTYPE_COUNT || op < 0 || op >= PC_OP_COUNT || !kernels[dtype][op])
+        return PC_ERR_ARG;
+    return PC_OK;
+}
 
 pc_status pc_reduce(void *dst, const void *a, const void *b, uint64_t count,
                     int32_t dtype, int32_t op) {
-    if (dtype < 0 || dtype >= PC_DTYPE_COUNT || op < 0 || op >= PC_OP_COUNT) return PC_ERR_ARG;
-    if (op == PC_AVG) op = PC_SUM;
+    if (pc_reduce_check(dtype, op) != PC_OK) return PC_ERR_ARG;
     if (count) kernels[dtype][op](dst, a, b, count);
     return PC_OK;
 }

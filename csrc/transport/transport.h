@@ -45,6 +45,10 @@ typedef struct {
     long (*rma_read)(pc_conn *c, void *dst, uint64_t from, uint64_t n); /* n, or < 0 */
     long (*rma_done)(pc_conn *c);              /* finished one descriptor: 1, or CLOSED */
     void (*rma_allow)(pc_conn *c, int allow);  /* 0: peers must not ask us to read them */
+    /* Copies up to n of the next bytes to dst without consuming them (receive
+     * from any source reads the next frame's header this way): how many, or
+     * PC_IO_AGAIN / CLOSED / ERROR. */
+    long (*peek_copy)(pc_conn *c, void *dst, uint64_t n);
 } pc_conn_ops;
 
 /* Poll bit (arm's `want`) for "waiting until the peer finished a remote read". */

@@ -264,6 +264,18 @@ static long shm_peek(pc_conn *c, const void **data) {
     return (long)run;
 }
 
+static long shm_peek_copy(pc_conn *c, void *dst, uint64_t n) {
+    shm_conn *s = impl(c);
+    long ready = rx_begin(c);
+    if (ready <= 0) return ready;
+    uint64_t take = n < (uint64_t)ready ? n : (uint64_t)ready;
+    uint64_t at = LOAD_RLX(&s->rx->tail) & s->mask;
+    uint64_t first = s->size - at < take ? s->size - at : take; /* the ring may wrap inside */
+    memcpy(dst, s->rxd + at, first);
+    memcpy((uint8_t *)dst + first, s->rxd, take - first);
+    return (long)take;
+}
+
 /* ---- single copy ------------------------------------------------------ */
 static long peer_read(shm_conn *s, void *dst, uint64_t from, uint64_t n) {
     uint8_t *d = dst;
@@ -382,7 +394,7 @@ static void shm_destroy(pc_conn *c) {
 
 static const pc_conn_ops shm_ops = {shm_sendv,    shm_recvv,    shm_shutdown, shm_destroy,  shm_arm,
                                     shm_peek,     shm_consume,  shm_rma_ok,   shm_rma_post, shm_rma_wait,
-                                    shm_rma_read, shm_rma_done, shm_rma_allow};
+                                    shm_rma_read, shm_rma_done, shm_rma_allow, shm_peek_copy};
 
 pc_status pc_shm_segment_create(uint64_t ring_bytes, int32_t *fds) {
     fds[0] = fds[1] = fds[2] = -1;

@@ -38,6 +38,10 @@ static long tcp_recvv(pc_conn *c, const struct iovec *iov, int iovcnt) {
     return classify(c, recvmsg(c->fd, &m, MSG_DONTWAIT));
 }
 
+static long tcp_peek_copy(pc_conn *c, void *dst, uint64_t n) {
+    return classify(c, recv(c->fd, dst, n, MSG_PEEK | MSG_DONTWAIT));
+}
+
 static void tcp_shutdown(pc_conn *c) {
     if (c->fd >= 0) shutdown(c->fd, SHUT_RDWR);
 }
@@ -49,7 +53,7 @@ static void tcp_destroy(pc_conn *c) {
 
 /* designated: the optional shared-memory ops stay NULL */
 static const pc_conn_ops tcp_ops = {.sendv = tcp_sendv, .recvv = tcp_recvv, .shutdown = tcp_shutdown,
-                                    .destroy = tcp_destroy};
+                                    .destroy = tcp_destroy, .peek_copy = tcp_peek_copy};
 
 pc_conn *pc_tcp_conn(int fd, int sockbuf_bytes) {
     pc_conn *c = calloc(1, sizeof *c);

@@ -28,12 +28,14 @@ from pycoll import faults
 from pycoll import options as _options
 from pycoll.comm import agreement as consensus
 from pycoll.comm import shared_state
-from pycoll.comm.epoch import Epoch, identity
+from pycoll.comm.epoch import P2P_SEQ, Epoch, identity
+from pycoll.comm.p2p import P2PQueue, P2PWork, Transfer
 from pycoll.comm.work import CallOrderExecutor, Work
 from pycoll.core import engine
 from pycoll.core.native import ffi, lib
-from pycoll.core.buffers import as_buffer
+from pycoll.core.buffers import as_buffer, byte_view, scratch_like
 from pycoll.core.dtypes import op_code
+from pycoll.plan import exchange
 from pycoll.errors import CollectiveError, InvalidArgument
 from pycoll.observability import Stat  # noqa: F401 - public here too (pycoll.Stat)
 from pycoll.options import Options
@@ -80,6 +82,7 @@ class Communicator:
         self._inflight = 0  # calls queued on the executor and not finished
         self._threads_seen = {}     # untagged calls in flight at once: warned once per thread pair
         self._holder = None         # thread id of the untagged call running now (see _contended)
+        self._p2p = P2PQueue(self._run_transfers)  # isend/irecv not run yet (pycoll.comm.p2p)
 
     # ---- settings (pycoll.options) ---------------------------------------
     @property
@@ -286,7 +289,7 @@ class Communicator:
             # Inline only when no async work is queued (as _call; work queued
             # later by another thread is concurrent with this call anyway).
             ep = self._epoch
-            if (self._inflight or call.ccomm is not ep.ccomm or ep.broken or ep.closed
+            if (self._inflight or self._p2p or call.ccomm is not ep.ccomm or ep.broken or ep.closed
                     or ep.aborted_epoch == ep.number or faults.FAULTS_ARMED or ep.client.needs_rejoin):
                 return None
             return ep.launch(call, inptr, outptr, timeout)  # the exports keep the memory alive
@@ -295,7 +298,13 @@ class Communicator:
 
     def _call(self, fn, async_op, description, bufs=()):
         """Run fn now (sync) or queue it (async), keeping call order. ``bufs``
-        (buffers.Buffer) stay pinned until fn returned (see _run_pinned)."""
+        (buffers.Buffer) stay pinned until fn returned (see _run_pinned).
+        Point-to-point transfers queued before (isend/irecv) run first."""
+        if self._p2p:
+            self._p2p.flush()
+        return self._call_now(fn, async_op, description, bufs)
+
+    def _call_now(self, fn, async_op, description, bufs=()):
         if not async_op:
             with self._submit_lock:
                 if self._inflight == 0:
@@ -539,6 +548,292 @@ class Communicator:
             self._execute("barrier", empty, empty, 0, "sum", 0, "ring", timeout, False, fast_key=_BARRIER_KEY)
         return self._call(run, async_op, "barrier")
 
+    # ---- one-step collectives: reduce, gather, scatter, all_to_all (pycoll.plan.exchange) ------
+    def _run_planned(self, coll, key, build, sb, rb, count, op, root, timeout):
+        """Run a one-step collective (see Epoch.prepare_planned) on the current epoch."""
+        ep = self._epoch
+        ep.ensure_ready(identity(coll, sb.code, op, count, root, "direct", None))
+        call = ep.prepare_planned(coll, key, build, sb, rb, count, op, root)
+        ep.launch(call, ffi.cast("void *", sb.address), ffi.cast("void *", rb.address), timeout)
+
+    def _check_root(self, root, what):
+        if type(root) is not int or not 0 <= root < self.world_size:
+            raise InvalidArgument(f"{what}: root {root!r} is not a rank of this group (world size {self.world_size})")
+
+    def reduce(self, arr: Array, root: int = 0, op: str = "sum", *, timeout: Optional[float] = None,
+               dtype: Optional[str] = None, async_op: bool = False) -> Any:
+        """Reduce ``arr`` of every rank into ``root``'s ``arr``, in place there; the other
+        ranks' ``arr`` is only read. The root reduces in rank order (the bits of a direct
+        all_reduce); on failure its ``arr`` holds its input. Returns ``arr``."""
+        self._check_root(root, "reduce")
+        buf = as_buffer(arr, writable=self.rank == root, what="reduce buffer", dtype=dtype)
+        opc = op_code(op)
+        avg = opc == lib.PC_AVG
+
+        def run():
+            self._check_root(root, "reduce")
+            o = self.options
+            count, es = buf.count, lib.pc_dtype_size(buf.code)
+            self._run_planned("reduce", (count, es, root, avg, o.segment_bytes, o.stripes),
+                              lambda rank, n, o: exchange.reduce(rank, n, root, count, es, o.segment_bytes, o.stripes,
+                                                                 avg),
+                              buf, buf, count, op, root, timeout)
+            return arr
+        return self._call(run, async_op, "reduce", (buf,))
+
+    def gather(self, send: Array, recv: Optional[Array] = None, root: int = 0, *, timeout: Optional[float] = None,
+               dtype: Optional[str] = None, async_op: bool = False) -> Any:
+        """``root``'s ``recv`` (world_size x ``send``'s size) receives every rank's ``send``, in
+        rank order; ``recv`` is only used (and needed) on the root. Returns ``recv``."""
+        self._check_root(root, "gather")
+        sb = as_buffer(send, writable=False, what="gather send", dtype=dtype)
+        rb = as_buffer(recv, writable=True, what="gather recv", dtype=dtype) if recv is not None else _EMPTY
+        if recv is not None:
+            self._check_same_dtype(sb, rb, "gather")
+
+        def run():
+            self._check_root(root, "gather")
+            me, n, nbytes = self.rank, self.world_size, sb.nbytes
+            if me == root:
+                if recv is None or rb.count != n * sb.count:
+                    raise InvalidArgument(f"gather: the root's recv must hold world_size ({n}) x {sb.count} elements"
+                                          f", got {None if recv is None else rb.count}")
+                _check_apart(sb, rb, "gather")
+            self._run_planned("gather", (nbytes, root, me == root, self.options.stripes),
+                              lambda rank, n, o: exchange.gather(rank, n, root, nbytes, o.stripes),
+                              sb, rb if me == root else _EMPTY, sb.count, "sum", root, timeout)
+            return recv
+        return self._call(run, async_op, "gather", (sb,) if recv is None else (sb, rb))
+
+    def scatter(self, send: Optional[Array], recv: Array, root: int = 0, *, timeout: Optional[float] = None,
+                dtype: Optional[str] = None, async_op: bool = False) -> Any:
+        """Block r of ``root``'s ``send`` (world_size blocks of ``recv``'s size) into rank r's
+        ``recv``; ``send`` is only used (and needed) on the root. Returns ``recv``."""
+        self._check_root(root, "scatter")
+        rb = as_buffer(recv, writable=True, what="scatter recv", dtype=dtype)
+        sb = as_buffer(send, writable=False, what="scatter send", dtype=dtype) if send is not None else _EMPTY
+        if send is not None:
+            self._check_same_dtype(sb, rb, "scatter")
+
+        def run():
+            self._check_root(root, "scatter")
+            me, n, nbytes = self.rank, self.world_size, rb.nbytes
+            if me == root:
+                if send is None or sb.count != n * rb.count:
+                    raise InvalidArgument(f"scatter: the root's send must hold world_size ({n}) x {rb.count} elements"
+                                          f", got {None if send is None else sb.count}")
+                _check_apart(sb, rb, "scatter")
+            # the digest carries recv's dtype and size: every rank's are the same
+            self._run_planned("scatter", (nbytes, root, me == root, self.options.stripes),
+                              lambda rank, n, o: exchange.scatter(rank, n, root, nbytes, o.stripes),
+                              _Described(sb if me == root else _EMPTY, rb.code), rb, rb.count, "sum", root, timeout)
+            return recv
+        return self._call(run, async_op, "scatter", (rb,) if send is None else (sb, rb))
+
+    def all_to_all(self, send: Array, recv: Array, send_counts=None, recv_counts=None, *,
+                   timeout: Optional[float] = None, dtype: Optional[str] = None, async_op: bool = False) -> Any:
+        """Block r of ``send`` to rank r; rank r's block for us into block r of ``recv``, in
+        one step. Equal blocks by default (``send`` and ``recv`` hold world_size blocks each);
+        ``send_counts`` / ``recv_counts``: elements per block (uneven splits, torch's
+        ``all_to_all_single``), summing to the arrays' sizes; ``send_counts[r]`` on rank q must
+        equal ``recv_counts[q]`` on rank r (else every rank fails with ProtocolError).
+        ``send`` and ``recv`` must not overlap. Returns ``recv``."""
+        sb = as_buffer(send, writable=False, what="all_to_all send", dtype=dtype)
+        rb = as_buffer(recv, writable=True, what="all_to_all recv", dtype=dtype)
+        self._check_same_dtype(sb, rb, "all_to_all")
+        _check_apart(sb, rb, "all_to_all")
+
+        def run():
+            n, es = self.world_size, lib.pc_dtype_size(sb.code)
+            sc = _splits(send_counts, sb.count, n, "send")
+            rc = _splits(recv_counts, rb.count, n, "recv")
+            sbytes, rbytes = tuple(c * es for c in sc), tuple(c * es for c in rc)
+            self._run_planned("all_to_all", (sbytes, rbytes, self.options.stripes),
+                              lambda rank, n, o: exchange.all_to_all(rank, n, sbytes, rbytes, o.stripes),
+                              sb, rb, 0, "sum", 0, timeout)
+            return recv
+        return self._call(run, async_op, "all_to_all", (sb, rb))
+
+    all_to_all_single = all_to_all
+
+    # ---- coalesced forms: several arrays, one collective -------------------------
+    def all_reduce_coalesced(self, arrays, op: str = "sum", *, timeout: Optional[float] = None,
+                             dtype: Optional[str] = None, async_op: bool = False) -> Any:
+        """Reduce every array of ``arrays`` (one dtype) in place, as ONE all_reduce over them
+        laid end to end: one plan and one call whatever their number (a local copy in and
+        out of a temporary buffer). Returns ``arrays``."""
+        bufs = _same_dtype_buffers(arrays, True, "all_reduce_coalesced", dtype)
+        op_code(op)
+
+        def run():
+            flat = _pack(bufs, 1)
+            fb = as_buffer(flat, writable=True, what="all_reduce_coalesced", dtype=bufs[0].dtype if bufs else None)
+            self._execute("all_reduce", fb, fb, fb.count, op, 0, "auto", timeout, self.preserve_input)
+            _unpack(flat, bufs, 1)
+            return arrays
+        return self._call(run, async_op, "all_reduce_coalesced", tuple(bufs))
+
+    def all_gather_coalesced(self, sends, recvs, *, timeout: Optional[float] = None, dtype: Optional[str] = None,
+                             async_op: bool = False) -> Any:
+        """``recvs[i]`` receives world_size blocks of ``sends[i]``, in rank order, for every i,
+        as ONE all_gather over the sends laid end to end. Returns ``recvs``."""
+        sbs = _same_dtype_buffers(sends, False, "all_gather_coalesced send", dtype)
+        rbs = _same_dtype_buffers(recvs, True, "all_gather_coalesced recv", dtype)
+
+        def run():
+            n = self.world_size
+            _check_pairs(sbs, rbs, n, "all_gather_coalesced")
+            flat = _pack(sbs, 1)
+            out = scratch_like(rbs[0], n * flat.size) if rbs else np.empty(0, np.uint8)
+            fb = as_buffer(flat, writable=False, what="all_gather_coalesced", dtype=sbs[0].dtype if sbs else None)
+            ob = as_buffer(out, writable=True, what="all_gather_coalesced", dtype=sbs[0].dtype if sbs else None)
+            self._execute("all_gather", fb, ob, fb.count, "sum", 0, "auto", timeout, False)
+            _unpack(out, rbs, n)
+            return recvs
+        return self._call(run, async_op, "all_gather_coalesced", tuple(sbs) + tuple(rbs))
+
+    def reduce_scatter_coalesced(self, sends, recvs, op: str = "sum", *, timeout: Optional[float] = None,
+                                 dtype: Optional[str] = None, async_op: bool = False) -> Any:
+        """``recvs[i]`` = this rank's block of the reduction of ``sends[i]`` (world_size blocks
+        of ``recvs[i]``'s size) for every i, as ONE reduce_scatter. Returns ``recvs``."""
+        sbs = _same_dtype_buffers(sends, False, "reduce_scatter_coalesced send", dtype)
+        rbs = _same_dtype_buffers(recvs, True, "reduce_scatter_coalesced recv", dtype)
+        op_code(op)
+
+        def run():
+            n = self.world_size
+            _check_pairs(rbs, sbs, n, "reduce_scatter_coalesced")
+            flat = _pack(sbs, n)
+            out = scratch_like(rbs[0], flat.size // n) if rbs else np.empty(0, np.uint8)
+            fb = as_buffer(flat, writable=False, what="reduce_scatter_coalesced", dtype=sbs[0].dtype if sbs else None)
+            ob = as_buffer(out, writable=True, what="reduce_scatter_coalesced", dtype=sbs[0].dtype if sbs else None)
+            self._execute("reduce_scatter", fb, ob, ob.count, op, 0, "auto", timeout, False)
+            _unpack(out, rbs, 1)
+            return recvs
+        return self._call(run, async_op, "reduce_scatter_coalesced", tuple(sbs) + tuple(rbs))
+
+    # ---- point-to-point (pycoll.comm.p2p) ----------------------------------------
+    def send(self, arr: Array, dst: int, tag: int = 0, *, timeout: Optional[float] = None) -> None:
+        """Send ``arr`` to rank ``dst``; returns once it was handed over. Pairs with ``dst``'s
+        recv from us: transfers between two ranks pair in the order they were posted, and
+        their ``tag`` (an integer; only the low 32 bits count) and sizes must match, else both
+        fail (ProtocolError). Point-to-point calls are made by the two ranks only (other
+        ranks' collectives are not affected)."""
+        self.isend(arr, dst, tag, timeout=timeout).wait()
+
+    def recv(self, arr: Array, src: Optional[int] = None, tag: int = 0, *, timeout: Optional[float] = None) -> Any:
+        """Receive from rank ``src`` into ``arr`` (see :meth:`send`); returns ``arr``.
+        ``src=None``: from any source, the first rank whose frame reaches us (its work's
+        ``source`` names it; see :meth:`irecv`)."""
+        return self.irecv(arr, src, tag, timeout=timeout).wait()
+
+    def isend(self, arr: Array, dst: int, tag: int = 0, *, timeout: Optional[float] = None) -> Work:
+        """Post a send (see :meth:`send`); returns a :class:`Work`. Posted transfers run
+        together, as one plan, when one of their works is waited on, or at the next blocking
+        send/recv or collective: so every rank may post its sends and receives in any order
+        (a ring exchange) and then wait. ``arr`` must stay unchanged until then."""
+        buf = as_buffer(arr, writable=False, what="send buffer")
+        return self._post(True, buf, dst, tag, None, timeout, "send to")
+
+    def irecv(self, arr: Array, src: Optional[int] = None, tag: int = 0, *,
+              timeout: Optional[float] = None) -> Work:
+        """Post a receive into ``arr`` (see :meth:`isend`); its work's result is ``arr`` and
+        its ``source`` the sender's rank. ``src=None``: from any source. Such a receive waits
+        (in C, on every connection at once) for the first rank with bytes for us and then
+        receives that rank's next frame if it is a point-to-point frame with ``tag`` (ranks
+        whose next frame is another one are passed over); its size must match. The
+        transfers posted before it run first."""
+        buf = as_buffer(arr, writable=True, what="recv buffer")
+        if src is None:
+            return self._post(False, buf, None, tag, arr, timeout, "recv from any source:")
+        return self._post(False, buf, src, tag, arr, timeout, "recv from")
+
+    def batch_isend_irecv(self, ops) -> list:
+        """Post several transfers, ``ops`` a list of ``("send" | "recv", arr, peer[, tag])``;
+        returns their works (in order). They run together, as one plan (see :meth:`isend`)."""
+        works = []
+        for i, item in enumerate(ops):
+            if not isinstance(item, (tuple, list)) or len(item) not in (3, 4) or item[0] not in ("send", "recv"):
+                raise InvalidArgument(f"batch_isend_irecv: op {i} must be (\"send\" | \"recv\", arr, peer[, tag]), "
+                                      f"got {item!r}")
+            kind, arr, peer = item[:3]
+            tag = item[3] if len(item) == 4 else 0
+            works.append(self.isend(arr, peer, tag) if kind == "send" else self.irecv(arr, peer, tag))
+        return works
+
+    def flush_p2p(self) -> None:
+        """Run the posted point-to-point transfers now (waiting on any of their works does)."""
+        self._p2p.flush()
+
+    def _post(self, is_send, buf, peer, tag, result, timeout, what):
+        if peer is None and self.world_size < 2:
+            buf.release()
+            raise InvalidArgument(f"{what} no other rank: a group of one has nobody to receive from")
+        if peer is not None and (type(peer) is not int or not 0 <= peer < self.world_size or peer == self.rank):
+            buf.release()
+            raise InvalidArgument(f"{what} rank {peer!r}: the peer must be another rank of this group (rank "
+                                  f"{self.rank} of {self.world_size})")
+        if type(tag) is not int:
+            buf.release()
+            raise InvalidArgument(f"{what} rank {peer}: tag must be an integer, got {tag!r}")
+        if self._epoch.closed:
+            buf.release()
+            raise CollectiveError("communicator is closed")
+        work = P2PWork(f"{what} rank {peer}" if peer is not None else what.rstrip(":"), self._p2p,
+                       -1 if peer is None else peer)
+        self._p2p.add(Transfer(is_send, buf, peer, tag & 0xFFFFFFFF, result, timeout, work))
+        return work
+
+    def _run_transfers(self, batch):
+        """Run queued transfers (P2PQueue's runner): one plan, or, around each receive from any
+        source, one plan for those before it, the receive, one for the rest. Raises their
+        failure."""
+        limits = [t.timeout for t in batch if t.timeout is not None]
+        timeout = min(limits) if limits else None
+
+        def run():
+            ep = self._epoch
+            ep.ensure_ready(None)
+            part = []
+            for t in batch:
+                if t.peer is not None:
+                    part.append(t)
+                    continue
+                self._run_plan_of(part, timeout)
+                part = []
+                st, peer = engine.probe(ep.ccomm, P2P_SEQ, t.tag, ep.options.timeout if timeout is None else timeout)
+                if st != lib.PC_OK:
+                    raise ep.failure(st, -1, "recv from any source", ep.ccomm)
+                t.peer = t.work.source = peer
+                self._run_plan_of([t], timeout)
+            self._run_plan_of(part, timeout)
+        self._call_now(run, False, "point-to-point")
+
+    def _run_plan_of(self, batch, timeout):
+        """Transfers with known peers as one plan (inside _run_transfers' call)."""
+        if batch:
+            ep = self._epoch
+            for t in batch:
+                if t.peer >= ep.world_size or t.peer == ep.rank:
+                    raise InvalidArgument(f"{t.work.description}: the group re-formed (now rank {ep.rank} of "
+                                          f"{ep.world_size})")
+            sends = [t for t in batch if t.is_send]
+            recvs = [t for t in batch if not t.is_send]
+            # one send (recv) uses the caller's memory as it is; several go through one buffer
+            inb = sends[0].buf if len(sends) == 1 else _bytes_buffer(_pack([t.buf for t in sends], 1, raw=True), False)
+            out = None if len(recvs) == 1 else np.empty(sum(t.buf.nbytes for t in recvs), np.uint8)
+            outb = recvs[0].buf if len(recvs) == 1 else _bytes_buffer(out, True)
+            transfers, at = [], {True: 0, False: 0}
+            for t in batch:
+                transfers.append((1 if t.is_send else 0, t.peer, at[t.is_send], t.buf.nbytes, t.tag))
+                at[t.is_send] += t.buf.nbytes
+            transfers = tuple(transfers)
+            call = ep.prepare_planned("p2p", transfers, lambda rank, n, o: exchange.p2p(rank, n, list(transfers)),
+                                      inb, outb, 0, "sum")
+            ep.launch(call, ffi.cast("void *", inb.address), ffi.cast("void *", outb.address), timeout, p2p=True)
+            if out is not None:
+                _unpack(out, [t.buf for t in recvs], 1)
+
     def _tagged_call(self, tag, run, unsupported, description, bufs=()):
         """A tagged call (blocking; ``unsupported``: async_op, retry or verify was asked for)."""
         if unsupported:
@@ -608,6 +903,7 @@ class Communicator:
         if ep.closed:
             return
         ep.close()
+        self._p2p.fail_all("communicator closed before the transfer ran (wait() on its work runs it)")
         self._executor.shutdown(wait=True, timeout=ep.options.timeout)
         ep.leave()
         if self._coordinator is not None:
@@ -648,4 +944,98 @@ class _Empty:
 
 
 _EMPTY = _Empty()
+
+
+class _Described:
+    """A buffer that names another dtype in the argument digest (scatter: the root's send and
+    the others' empty input digest as recv's dtype)."""
+
+    def __init__(self, buf, code):
+        self.address, self.nbytes, self.count, self.dtype, self._code = buf.address, buf.nbytes, buf.count, \
+            buf.dtype, code
+
+    @property
+    def code(self):
+        return self._code
+
+
+def _check_apart(a, b, what):
+    """Send and receive memory must not overlap (the plans read one while writing the other)."""
+    if a.nbytes and b.nbytes and a.address < b.address + b.nbytes and b.address < a.address + a.nbytes:
+        raise InvalidArgument(f"{what}: send and recv overlap; pass separate arrays")
+
+
+def _splits(counts, total, n, what):
+    """Elements per block: equal blocks of ``total`` (None), or ``counts`` checked."""
+    if counts is None:
+        if total % n:
+            raise InvalidArgument(f"all_to_all: {what} has {total} elements, not a multiple of world size {n}")
+        return [total // n] * n
+    counts = [int(c) for c in counts]
+    if len(counts) != n or min(counts) < 0 or sum(counts) != total:
+        raise InvalidArgument(f"all_to_all: {what}_counts {counts} must be {n} non-negative counts summing to the "
+                              f"{what} array's {total} elements")
+    return counts
+
+
+def _same_dtype_buffers(arrays, writable, what, dtype):
+    if not isinstance(arrays, (list, tuple)):
+        raise InvalidArgument(f"{what}: expected a list of arrays, got {type(arrays).__name__}")
+    bufs = [as_buffer(a, writable=writable, what=f"{what} [{i}]", dtype=dtype) for i, a in enumerate(arrays)]
+    for i, b in enumerate(bufs):
+        if b.dtype != bufs[0].dtype:
+            for x in bufs:
+                x.release()
+            raise InvalidArgument(f"{what}: array {i} is {b.dtype} but array 0 is {bufs[0].dtype}; one dtype per call")
+    return bufs
+
+
+def _check_pairs(small, big, n, what):
+    """``big[i]`` must hold world_size x ``small[i]``'s elements."""
+    if len(small) != len(big):
+        raise InvalidArgument(f"{what}: {len(small)} and {len(big)} arrays; one output per input")
+    for i, (s, b) in enumerate(zip(small, big)):
+        if b.count != n * s.count or b.dtype != s.dtype:
+            raise InvalidArgument(f"{what}: array {i}: {b.dtype} x {b.count} must be world size ({n}) x "
+                                  f"{s.dtype} x {s.count}")
+
+
+def _pack(bufs, blocks, raw=False):
+    """A new array with ``bufs`` laid end to end, block by block: each buffer is cut in
+    ``blocks`` equal blocks, and block r of every buffer comes before block r+1 of any
+    (blocks=1: simply end to end). Its dtype has the buffers' item size (``raw``: bytes, for
+    buffers of several dtypes)."""
+    if raw or not bufs:
+        flat = np.empty(sum(b.nbytes for b in bufs), np.uint8)
+    else:
+        flat = scratch_like(bufs[0], sum(b.count for b in bufs))
+    rows = byte_view_of(flat).reshape(blocks, -1) if flat.nbytes else None
+    at = 0
+    for b in bufs:
+        width = b.nbytes // blocks
+        if width:
+            rows[:, at:at + width] = byte_view(b).reshape(blocks, width)
+        at += width
+    return flat
+
+
+def _unpack(flat, bufs, blocks):
+    """The inverse of :func:`_pack`: ``flat``'s pieces back into ``bufs``."""
+    if not flat.nbytes:
+        return
+    rows = byte_view_of(flat).reshape(blocks, -1)
+    at = 0
+    for b in bufs:
+        width = b.nbytes // blocks
+        if width:
+            byte_view(b).reshape(blocks, width)[:] = rows[:, at:at + width]
+        at += width
+
+
+def byte_view_of(arr):
+    return arr.reshape(-1).view(np.uint8)
+
+
+def _bytes_buffer(arr, writable):
+    return as_buffer(arr, writable=writable, what="point-to-point buffer", dtype="uint8")
 _BARRIER_KEY = ("barrier",)

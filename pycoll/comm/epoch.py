@@ -45,7 +45,7 @@ from pycoll.comm.failures import FAILED, NOT_RUN, failure_error
 from pycoll.comm.switch import EngineLayout, SwitchPath, split_members
 from pycoll.core import engine
 from pycoll.core.buffers import as_buffer
-from pycoll.core.dtypes import op_code
+from pycoll.core.dtypes import check_op, op_code
 from pycoll.core.native import ffi, lib
 from pycoll.errors import CollectiveError, CoordinatorError, InvalidArgument, PeerFailure
 from pycoll.faults import fault_armed, fault_point
@@ -650,6 +650,7 @@ class Epoch:
         if not 0 <= root < self.world_size:
             raise InvalidArgument(f"root {root} is not a rank of this group (world size {self.world_size})")
         opc = op_code(op)
+        check_op(inbuf.code, opc)
         avg = opc == lib.PC_AVG
         itemsize = inbuf.nbytes // max(inbuf.count, 1) if inbuf.count else lib.pc_dtype_size(inbuf.code)
         codec = self._codec(coll, inbuf.dtype, compression)
@@ -666,6 +667,39 @@ class Epoch:
         return Call(coll, chosen, plan, ccomm, switch, desc, ident, inbuf.code, opc, count, itemsize, inbuf.nbytes,
                     outbuf.nbytes)
 
+    def prepare_planned(self, coll, key, build, inbuf, outbuf, count, op, root=0):
+        """A :class:`Call` for a one-step collective outside the algorithm choice (reduce,
+        gather, scatter, all_to_all, point-to-point; see pycoll.plan.planners.plan_exchange):
+        ``build(rank, world_size, options)`` makes this rank's plan, cached under ``key``
+        (everything the plan depends on besides rank and world size). ``count`` and ``root``
+        go into the argument digest every frame carries (0 where ranks may differ, as
+        uneven all_to_all splits); point-to-point calls have no identity of their own (they
+        are not calls of the whole group, see launch's ``p2p``)."""
+        ckey = ("call", coll, self.rank, self.world_size, inbuf.code, op, count, root, inbuf.nbytes,
+                outbuf.nbytes) + tuple(key)
+        call = self._plans.get(ckey)  # the same call again: nothing to check or build
+        if call is not None and call.ccomm is self.ccomm:
+            return call
+        opc = op_code(op)
+        check_op(inbuf.code, opc)
+        pkey = (coll, self.rank, self.world_size) + tuple(key)
+        plan = self._plans.get(pkey)
+        if plan is None:
+            plan = build(self.rank, self.world_size, self.options)
+            if len(self._plans) > 256:
+                self._plans.clear()
+            self._plans[pkey] = plan
+        desc = _digest(coll, inbuf.code if coll != "p2p" else 0, opc, count, root, "direct")
+        ident = None if coll == "p2p" else identity(coll, inbuf.code, op, count, root, "direct", None)
+        itemsize = lib.pc_dtype_size(inbuf.code)
+        call = Call(coll, "direct", plan, self.ccomm, None, desc, ident, inbuf.code, opc, count, itemsize,
+                    inbuf.nbytes, outbuf.nbytes)
+        try:
+            self._plans[ckey] = call
+        except TypeError:  # an unhashable op that passed the checks: just not remembered
+            pass
+        return call
+
     # ---- running -------------------------------------------------------
     def next_seq(self, chan=None):
         """Advance the sequence number of the next call, or round, of this epoch (``chan``: of
@@ -677,14 +711,18 @@ class Epoch:
         self.seq += 1
         return self.seq
 
-    def launch(self, call, inptr, outptr, timeout, internal=False, agree=None, inbuf=None, outbuf=None, chan=None):
+    def launch(self, call, inptr, outptr, timeout, internal=False, agree=None, inbuf=None, outbuf=None, chan=None,
+               p2p=False):
         """Run a prepared call on the memory at ``inptr``/``outptr`` (cffi
-        pointers). Everything per call happens here, for both paths."""
-        seq = self.next_seq(chan)
+        pointers). Everything per call happens here, for both paths. ``p2p``: point-to-point
+        transfers between some ranks only: their frames carry :data:`P2P_SEQ` (the group's
+        sequence does not advance: the other ranks never see them), and they are no call of
+        the group's (see ensure_ready); transfers between a pair pair up by their order."""
+        seq = P2P_SEQ if p2p else self.next_seq(chan)
         if chan is not None:  # a tag's channel: its own sequence and argument arrays
             bufs, failed = chan.bufs, chan.failed
         else:
-            if not internal:
+            if not internal and not p2p:
                 self._calls += 1
             bufs, failed = self._cbufs, self._cfailed  # reused: one collective at a time
         bufs[0] = inptr
@@ -736,6 +774,8 @@ class Epoch:
 
 #: seconds a failure report waits for the coordinator to name the cause
 FAIL_WAIT = 3.0
+#: the sequence number of point-to-point frames (collectives count from 1)
+P2P_SEQ = 0
 
 
 @functools.lru_cache(maxsize=4096)

@@ -89,3 +89,21 @@ def _address(x):
         return int(ffi.cast("uintptr_t", ffi.from_buffer(x)))
     except (TypeError, ValueError, BufferError):  # dtypes the buffer protocol cannot describe
         return x.__array_interface__["data"][0]
+
+
+def byte_view(buf):
+    """A writable NumPy uint8 array over a Buffer's memory (no copy), for the local packing
+    of coalesced calls and batched point-to-point transfers."""
+    if not buf.nbytes:
+        return np.empty(0, np.uint8)
+    return np.frombuffer(ffi.buffer(ffi.cast("char *", buf.address), buf.nbytes), dtype=np.uint8)
+
+
+def scratch_like(buf, count):
+    """A new NumPy array of ``count`` elements of ``buf``'s item size (a temporary buffer the C
+    core can take with ``dtype=buf.dtype``: unsigned integers of that width, as bfloat16 has no
+    NumPy type)."""
+    return np.empty(count, dtype=_UINT_OF_SIZE[ITEMSIZE[buf.dtype]])
+
+
+_UINT_OF_SIZE = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}

@@ -13,12 +13,16 @@ DTYPES = {
     "float16": lib.PC_F16, "bfloat16": lib.PC_BF16, "float32": lib.PC_F32, "float64": lib.PC_F64,
     "int8": lib.PC_I8, "int16": lib.PC_I16, "int32": lib.PC_I32, "int64": lib.PC_I64,
     "uint8": lib.PC_U8, "uint16": lib.PC_U16, "uint32": lib.PC_U32, "uint64": lib.PC_U64,
+    "bool": lib.PC_BOOL,
 }
 _ALIASES = {"f16": "float16", "half": "float16", "bf16": "bfloat16", "f32": "float32",
             "float": "float32", "f64": "float64", "double": "float64"}
 
 #: op name -> C constant
-OPS = {"sum": lib.PC_SUM, "prod": lib.PC_PROD, "min": lib.PC_MIN, "max": lib.PC_MAX, "avg": lib.PC_AVG}
+OPS = {"sum": lib.PC_SUM, "prod": lib.PC_PROD, "min": lib.PC_MIN, "max": lib.PC_MAX, "avg": lib.PC_AVG,
+       "band": lib.PC_BAND, "bor": lib.PC_BOR, "bxor": lib.PC_BXOR}
+#: ops defined on integer and bool dtypes only
+BITWISE_OPS = ("band", "bor", "bxor")
 
 ITEMSIZE = {name: lib.pc_dtype_size(code) for name, code in DTYPES.items()}
 
@@ -64,7 +68,20 @@ def op_code(op):
     if not isinstance(op, str):
         op = getattr(op, "name", str(op)).lower()
         op = {"product": "prod", "average": "avg"}.get(op, op)
+    op = {"bitwise_and": "band", "bitwise_or": "bor", "bitwise_xor": "bxor"}.get(op.lower(), op)
     code = OPS.get(op.lower())
     if code is None:
         raise InvalidArgument(f"unsupported op {op!r}; supported: {', '.join(OPS)}")
     return code
+
+
+_CODE_NAMES = {code: name for name, code in DTYPES.items()}
+_OP_NAMES = {code: name for name, code in OPS.items()}
+
+
+def check_op(dtype_code, opc):
+    """Raise InvalidArgument unless the C kernels define op ``opc`` on ``dtype_code`` (the
+    bitwise ops on integers and bool only; avg not on bool)."""
+    if lib.pc_reduce_check(dtype_code, opc) != lib.PC_OK:
+        raise InvalidArgument(f"op {_OP_NAMES.get(opc, opc)!r} is not defined on {_CODE_NAMES.get(dtype_code, dtype_code)}"
+                              f" (band, bor and bxor take integer and bool dtypes; avg is not defined on bool)")

@@ -111,3 +111,12 @@ def stream_ring(comm, nbytes, timeout):
     secs = ffi.new("double *")
     st = lib.pc_comm_stream_ring(comm, nbytes, timeout, secs)
     return st, secs[0]
+
+
+def probe(comm, seq, tag, timeout):
+    """Receive from any source: wait (at most ``timeout`` s) until some other rank's first
+    connection starts with a frame of ``seq`` and ``tag`` for us (or closed); returns
+    (status, that rank)."""
+    peer = ffi.new("int32_t *")
+    st = lib.pc_comm_probe(comm, seq, tag, float(timeout or 0), peer)
+    return st, int(peer[0])

@@ -31,7 +31,16 @@ COLLECTIVES = {
     "reduce_scatter": lib.PC_COLL_REDUCE_SCATTER,
     "broadcast": lib.PC_COLL_BROADCAST,
     "barrier": lib.PC_COLL_BARRIER,
+    # one-step plans (plan_exchange.c): no algorithm choice
+    "reduce": lib.PC_COLL_REDUCE,
+    "gather": lib.PC_COLL_GATHER,
+    "scatter": lib.PC_COLL_SCATTER,
+    "all_to_all": lib.PC_COLL_ALLTOALL,
+    "p2p": lib.PC_COLL_P2P,
 }
+
+#: a length in :func:`plan_exchange`: no frame with that rank at all
+NO_FRAME = (1 << 64) - 1
 
 
 class Plan:
@@ -143,6 +152,47 @@ def plan_p2p(nranks, rank, peer, nbytes, send):
     st = lib.pc_plan_p2p(nranks, rank, peer, nbytes, 1 if send else 0, out)
     if st != lib.PC_OK:
         raise InvalidArgument(f"cannot plan a frame between ranks {rank} and {peer} of {nranks} (status {st})")
+    return Plan(out[0])
+
+
+def plan_reduce(nranks, rank, root, count, itemsize, *, segment_bytes=1 << 19, stripes=1, avg=False):
+    """Reduce to ``root``: the others send, the root reduces in rank order (plan_exchange.c)."""
+    out = ffi.new("pc_plan **")
+    st = lib.pc_plan_reduce(nranks, rank, root, count, itemsize, segment_bytes, stripes, _flags(False, avg), out)
+    if st != lib.PC_OK:
+        raise InvalidArgument(f"cannot plan a reduce to {root} for rank {rank} of {nranks} (status {st})")
+    return Plan(out[0])
+
+
+def plan_exchange(nranks, rank, send_off, send_len, recv_off, recv_len, *, stripes=1, agree=False):
+    """A one-step exchange (all_to_all, gather, scatter): byte ranges of IN to send to and of
+    OUT to receive from every rank (:data:`NO_FRAME`: no frame with that rank)."""
+    arrs = [np.ascontiguousarray(np.asarray(a, dtype=np.uint64).reshape(nranks))
+            for a in (send_off, send_len, recv_off, recv_len)]
+    ptrs = [ffi.cast("uint64_t *", a.ctypes.data) for a in arrs]
+    out = ffi.new("pc_plan **")
+    st = lib.pc_plan_exchange(nranks, rank, *ptrs, stripes, lib.PC_PLAN_AGREE if agree else 0, out)
+    if st != lib.PC_OK:
+        raise InvalidArgument(f"cannot plan an exchange for rank {rank} of {nranks} (status {st})")
+    return Plan(out[0])
+
+
+def plan_p2p_list(nranks, rank, transfers):
+    """Point-to-point transfers: ``transfers`` is a list of (is_send, peer, byte offset,
+    bytes, tag); sends read IN, receives write OUT, in one step."""
+    n = len(transfers)
+    cols = list(zip(*transfers)) if n else [(), (), (), (), ()]
+    is_send = np.ascontiguousarray(np.asarray(cols[0], dtype=np.int32).reshape(n))
+    peer = np.ascontiguousarray(np.asarray(cols[1], dtype=np.int32).reshape(n))
+    off = np.ascontiguousarray(np.asarray(cols[2], dtype=np.uint64).reshape(n))
+    ln = np.ascontiguousarray(np.asarray(cols[3], dtype=np.uint64).reshape(n))
+    tag = np.ascontiguousarray(np.asarray(cols[4], dtype=np.uint32).reshape(n))
+    out = ffi.new("pc_plan **")
+    st = lib.pc_plan_p2p_list(nranks, rank, n, ffi.cast("int32_t *", peer.ctypes.data),
+                              ffi.cast("int32_t *", is_send.ctypes.data), ffi.cast("uint64_t *", off.ctypes.data),
+                              ffi.cast("uint64_t *", ln.ctypes.data), ffi.cast("uint32_t *", tag.ctypes.data), out)
+    if st != lib.PC_OK:
+        raise InvalidArgument(f"cannot plan point-to-point transfers for rank {rank} of {nranks} (status {st})")
     return Plan(out[0])
 
 

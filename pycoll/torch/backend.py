@@ -15,16 +15,20 @@ Rendezvous. Rank 0 of each process group starts a pycoll coordinator on a free p
 ``MASTER_PORT`` stays torch's, and the backend works the same under ``torchrun`` and ``pycoll run``
 (which keeps its own coordinator on ``PYCOLL_MASTER_PORT``), and for groups from ``new_group``.
 
-Collectives: ``all_reduce`` (ops SUM, PRODUCT, MIN, MAX, AVG), ``all_gather`` (a list of tensors),
-``all_gather_single`` / ``all_gather_into_tensor``, ``reduce_scatter`` (a list of tensors),
-``reduce_scatter_single`` / ``reduce_scatter_tensor``, ``broadcast``, ``barrier``; the coalesced
-forms of all_reduce, all_gather_into_tensor and reduce_scatter_tensor (one pycoll call per tensor
-inside one torch Work, not yet one fused call); ``gather`` and ``scatter`` (stopgaps until the C
-core has plans for them: an all_gather into a temporary buffer, a broadcast of the root's
-inputs; exact, but world size times the bytes). So FSDP2 (``fully_shard``), DTensor and its
-functional collectives, DeviceMesh, the object collectives and torch.distributed.checkpoint run on
-the backend. Dtypes: float16, bfloat16, float32, float64, int8/16/32/64, uint8 (and
-uint16/32/64). Anything else (other ops, dtypes, point-to-point, non-contiguous or non-CPU
+Collectives: ``all_reduce`` (ops SUM, PRODUCT, MIN, MAX, AVG, and BAND, BOR, BXOR on integer and
+bool tensors), ``all_gather`` (a list of tensors), ``all_gather_single`` /
+``all_gather_into_tensor``, ``reduce_scatter`` (a list of tensors), ``reduce_scatter_single`` /
+``reduce_scatter_tensor``, ``broadcast``, ``barrier``, ``reduce``, ``gather``, ``scatter``,
+``all_to_all`` and ``all_to_all_single`` (equal or uneven splits), each one C plan
+(:mod:`pycoll.plan.exchange` for the one-step ones); the coalesced forms of all_reduce, all_gather,
+all_gather_into_tensor and reduce_scatter_tensor (one pycoll call over the tensors of a dtype,
+laid end to end); point-to-point ``send``/``recv`` with tags, ``isend``/``irecv`` and
+``batch_isend_irecv`` (posted transfers run together, as one plan, when a work is waited on: see
+:mod:`pycoll.comm.p2p`), and receive from any source. So FSDP2 (``fully_shard``),
+DTensor and its functional collectives, DeviceMesh, the object collectives and
+torch.distributed.checkpoint run on the backend. Dtypes: float16, bfloat16, float32, float64,
+int8/16/32/64, uint8 (and uint16/32/64), bool (SUM and MAX are logical or, PRODUCT and MIN logical
+and; results are 0 or 1, where Gloo adds the bytes). Anything else (other ops, dtypes, point-to-point, non-contiguous or non-CPU
 tensors) raises a ``ValueError`` that says what is supported, before anything is sent.
 
 Zero-copy. Tensors are handed to the C core by address: ``all_reduce``, ``broadcast``, the
@@ -91,12 +95,15 @@ _OPS = {
     ReduceOp.RedOpType.MIN: "min",
     ReduceOp.RedOpType.MAX: "max",
     ReduceOp.RedOpType.AVG: "avg",
+    ReduceOp.RedOpType.BAND: "band",
+    ReduceOp.RedOpType.BOR: "bor",
+    ReduceOp.RedOpType.BXOR: "bxor",
 }
 
 _DTYPES = {
     torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32",
     torch.float64: "float64", torch.int8: "int8", torch.int16: "int16", torch.int32: "int32",
-    torch.int64: "int64", torch.uint8: "uint8",
+    torch.int64: "int64", torch.uint8: "uint8", torch.bool: "bool",
 }
 for _name in ("uint16", "uint32", "uint64"):  # present in recent torch only
     if hasattr(torch, _name):
@@ -109,7 +116,7 @@ def _op_name(op):
     name = _OPS.get(kind)
     if name is None:
         raise InvalidArgument(f"pycoll backend: reduce op {kind} is not supported; "
-                              "use SUM, PRODUCT, MIN, MAX or AVG")
+                              "use SUM, PRODUCT, MIN, MAX, AVG, BAND, BOR or BXOR")
     return name
 
 
@@ -349,6 +356,49 @@ class _Work(dist.Work):
         pass  # CPU only: nothing to synchronize with a stream
 
 
+class _P2PWork(_Work):
+    """The torch Work of one posted point-to-point transfer: waiting on it first runs the
+    posted transfers (pycoll.comm.p2p), so that every rank can post in any order and then wait."""
+
+    def __init__(self, state, pwork, outputs, what, flush):
+        super().__init__(state, [pwork], outputs, what=what)
+        self._flush = flush
+        self._pwork = pwork
+
+    def wait(self, timeout=None):
+        self._flush()
+        return super().wait(timeout)
+
+    def source_rank(self):
+        """The sender's rank (for a receive from any source: once it completed)."""
+        return self._pwork.source
+
+    _source_rank = source_rank
+
+
+def _by_dtype_index(tensors):
+    """Indices of ``tensors`` grouped by dtype, groups in order of first appearance."""
+    groups = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault(t.dtype, []).append(i)
+    return list(groups.values())
+
+
+def _by_dtype(tensors):
+    return [[tensors[i] for i in idx] for idx in _by_dtype_index(tensors)]
+
+
+def _split_counts(t, split_sizes, n, what):
+    """Elements per block of all_to_all_single's ``t``: equal blocks (no sizes), or rows of
+    its first dimension."""
+    if not split_sizes:
+        return None
+    if len(split_sizes) != n or t.dim() == 0:
+        raise InvalidArgument(f"pycoll backend: all_to_all_single {what}_split_sizes must have {n} entries")
+    row = t.numel() // t.size(0) if t.size(0) else 0
+    return [int(s) * row for s in split_sizes]
+
+
 class _GroupState:
     """What works need from their process group. Works keep this plain object,
     never the torch ProcessGroup itself: a pybind ProcessGroup freed on a
@@ -472,15 +522,17 @@ class ProcessGroupPycoll(dist.ProcessGroup):
 
     def all_gather_single_coalesced(self, outputs, inputs, opts=None):
         """``all_gather_into_tensor`` of several tensors in one work (FSDP2; DTensor's
-        functional collectives reach every all_gather_into_tensor through this)."""
-        # One pycoll all_gather per tensor, queued back to back inside one torch Work:
-        # correct, but not one fused call (the C core has no coalesced plan yet).
+        functional collectives reach every all_gather_into_tensor through this): ONE pycoll
+        call (:meth:`pycoll.Communicator.all_gather_coalesced`) when they share a dtype."""
         if len(outputs) != len(inputs):
             raise InvalidArgument(f"pycoll backend: all_gather_into_tensor_coalesced got {len(outputs)} "
                                   f"outputs for {len(inputs)} inputs")
         for out, inp in zip(outputs, inputs):
             self._check_gather_single(out, inp)
-        calls = [self._gather_call(inp, out, opts) for out, inp in zip(outputs, inputs)]
+        comm, timeout = self.communicator, _timeout_s(opts, self._timeout_s)
+        calls = [lambda a, ins=[inputs[i] for i in idx], outs=[outputs[i] for i in idx]: comm.all_gather_coalesced(
+            ins, outs, timeout=timeout, dtype=_DTYPES[ins[0].dtype], async_op=a)
+            for idx in _by_dtype_index(inputs)]
         return self._run("all_gather", calls, list(outputs), opts=opts)
 
     allgather_into_tensor_coalesced = all_gather_single_coalesced  # torch's older name
@@ -524,14 +576,19 @@ class ProcessGroupPycoll(dist.ProcessGroup):
 
     def reduce_scatter_single_coalesced(self, outputs, inputs, opts=None):
         """``reduce_scatter_tensor`` of several tensors in one work (DTensor's functional
-        collectives reach every reduce_scatter_tensor through this)."""
-        # One pycoll reduce_scatter per tensor inside one torch Work (no fused plan yet).
+        collectives reach every reduce_scatter_tensor through this): ONE pycoll call
+        (:meth:`pycoll.Communicator.reduce_scatter_coalesced`) when they share a dtype."""
         if len(outputs) != len(inputs):
             raise InvalidArgument(f"pycoll backend: reduce_scatter_tensor_coalesced got {len(outputs)} "
                                   f"outputs for {len(inputs)} inputs")
         for out, inp in zip(outputs, inputs):
             self._check_scatter_single(out, inp)
-        calls = [self._scatter_call(out, inp, opts) for out, inp in zip(outputs, inputs)]
+        op = _op_name(opts.reduceOp if opts is not None else ReduceOp.SUM)
+        comm, timeout = self.communicator, _timeout_s(opts, self._timeout_s)
+        calls = [lambda a, ins=[inputs[i] for i in idx], outs=[outputs[i] for i in idx]:
+                 comm.reduce_scatter_coalesced(ins, outs, op=op, timeout=timeout, dtype=_DTYPES[ins[0].dtype],
+                                               async_op=a)
+                 for idx in _by_dtype_index(inputs)]
         return self._run("reduce_scatter", calls, list(outputs), opts=opts)
 
     reduce_scatter_tensor_coalesced = reduce_scatter_single_coalesced  # torch's older name
@@ -569,25 +626,39 @@ class ProcessGroupPycoll(dist.ProcessGroup):
 
     def allreduce_coalesced(self, tensors, opts=None):
         """``dist.all_reduce_coalesced`` (and DTensor's ``all_reduce_coalesced``): each
-        tensor reduced in place, one pycoll all_reduce per tensor inside one torch Work
-        (not one fused call: the C core has no coalesced plan yet)."""
-        return self.allreduce(tensors, opts)
+        tensor reduced in place, all of one dtype in ONE pycoll call
+        (:meth:`pycoll.Communicator.all_reduce_coalesced`: one plan over them laid end to end)."""
+        op = _op_name(opts.reduceOp if opts is not None else ReduceOp.SUM)
+        for i, t in enumerate(tensors):
+            _check_tensor(t, f"all_reduce_coalesced tensor[{i}]")
+        comm, timeout = self.communicator, _timeout_s(opts, self._timeout_s)
+        calls = [lambda a, ts=ts: comm.all_reduce_coalesced(ts, op=op, timeout=timeout, dtype=_DTYPES[ts[0].dtype],
+                                                            async_op=a)
+                 for ts in _by_dtype(tensors)]
+        return self._run("all_reduce", calls, list(tensors), opts=opts)
 
     def barrier(self, opts=None):
         """``dist.barrier``."""
         comm, timeout = self.communicator, _timeout_s(opts, self._timeout_s)
         return self._run("barrier", [lambda a: comm.barrier(timeout=timeout, async_op=a)], [], opts=opts)
 
-    # ---- gather and scatter: stopgaps on the collectives above --------------
-    # STOPGAP until the C core has gather and scatter plans. gather is an all_gather
-    # into a temporary buffer on every rank (each rank receives everything, the root
-    # keeps it); scatter is a broadcast of the root's concatenated inputs (every rank
-    # receives every rank's part and keeps its own slice). Both are exact (bytes are
-    # only moved, never combined); they cost world size x the bytes of a real
-    # gather/scatter. torch's object collectives (gather_object, scatter_object_list,
-    # all_gather_object via all_gather), and so torch.distributed.checkpoint, use them.
+    # ---- rooted collectives and all_to_all: one-step C plans (pycoll.plan.exchange) -----
+    def reduce(self, tensors, opts=None):
+        """``dist.reduce``: every rank's tensor reduced into the root's, in place there (the
+        others' tensors are only read); :meth:`pycoll.Communicator.reduce`."""
+        root = self._root(opts, "reduce")
+        if len(tensors) != 1 or (opts is not None and opts.rootTensor != 0):
+            raise InvalidArgument("pycoll backend: reduce takes exactly one tensor per rank")
+        t = _check_tensor(tensors[0], "reduce tensor")
+        op = _op_name(opts.reduceOp if opts is not None else ReduceOp.SUM)
+        comm, timeout = self.communicator, _timeout_s(opts, self._timeout_s)
+        call = lambda a: comm.reduce(t, root=root, op=op, timeout=timeout, dtype=_DTYPES[t.dtype],  # noqa: E731
+                                     async_op=a)
+        return self._run("reduce", [call], [t], opts=opts)
+
     def gather(self, output_tensors, input_tensors, opts=None):
-        """``dist.gather``: every rank's tensor into the root's list (stopgap, see above)."""
+        """``dist.gather``: every rank's tensor into the root's list
+        (:meth:`pycoll.Communicator.gather`: each rank sends straight to the root)."""
         root = self._root(opts, "gather")
         if len(input_tensors) != 1:
             raise InvalidArgument("pycoll backend: gather takes exactly one input tensor")
@@ -601,41 +672,135 @@ class ProcessGroupPycoll(dist.ProcessGroup):
             _same_layout(outs, inp, "gather output")
         elif output_tensors and any(len(o) for o in output_tensors):
             raise InvalidArgument("pycoll backend: gather takes output tensors only on the root")
-        flat = _consecutive(outs) if outs is not None else None
-        post = None
-        if flat is None:
-            flat = torch.empty(inp.numel() * self.size(), dtype=inp.dtype)
-            if outs is not None:
+        flat, post = None, None
+        if outs is not None:
+            flat = _consecutive(outs)
+            if flat is None:  # separate tensors: gather into one buffer, then copy out
+                flat = torch.empty(inp.numel() * self.size(), dtype=inp.dtype)
                 post = functools.partial(_copy_chunks, flat, outs, inp.numel())
-        return self._run("gather", [self._gather_call(inp, flat, opts)], list(outs or []), post, opts)
+        comm, timeout = self.communicator, _timeout_s(opts, self._timeout_s)
+        call = lambda a: comm.gather(inp, flat, root=root, timeout=timeout, dtype=_DTYPES[inp.dtype],  # noqa: E731
+                                     async_op=a)
+        return self._run("gather", [call], list(outs or []), post, opts)
 
     def scatter(self, output_tensors, input_tensors, opts=None):
-        """``dist.scatter``: the root's list, one tensor to each rank (stopgap, see above)."""
+        """``dist.scatter``: the root's list, one tensor to each rank
+        (:meth:`pycoll.Communicator.scatter`: the root sends each its part)."""
         root = self._root(opts, "scatter")
         if len(output_tensors) != 1:
             raise InvalidArgument("pycoll backend: scatter takes exactly one output tensor")
         out = _check_tensor(output_tensors[0], "scatter output")
-        n, count = self.size(), out.numel()
+        flat = None
         if self.rank() == root:
-            if len(input_tensors) != 1 or len(input_tensors[0]) != n:
-                raise InvalidArgument(f"pycoll backend: scatter needs a list of {n} input tensors on the root")
+            if len(input_tensors) != 1 or len(input_tensors[0]) != self.size():
+                raise InvalidArgument(f"pycoll backend: scatter needs a list of {self.size()} input tensors on "
+                                      "the root")
             ins = input_tensors[0]
             _same_layout(ins, out, "scatter input")
             flat = _consecutive(ins)
-            if flat is None:
+            if flat is None:  # one copy in: the C core reads a single buffer
                 flat = torch.cat([t.reshape(-1) for t in ins])
-        else:
-            if input_tensors and any(len(i) for i in input_tensors):
-                raise InvalidArgument("pycoll backend: scatter takes input tensors only on the root")
-            flat = torch.empty(n * count, dtype=out.dtype)
-        me = self.rank()
+        elif input_tensors and any(len(i) for i in input_tensors):
+            raise InvalidArgument("pycoll backend: scatter takes input tensors only on the root")
+        comm, timeout = self.communicator, _timeout_s(opts, self._timeout_s)
+        call = lambda a: comm.scatter(flat, out, root=root, timeout=timeout, dtype=_DTYPES[out.dtype],  # noqa: E731
+                                      async_op=a)
+        return self._run("scatter", [call], [out], None, opts)
+
+    def alltoall(self, output_tensors, input_tensors, opts=None):
+        """``dist.all_to_all``: input i to rank i, rank i's into output i (sizes may differ per
+        rank); one pycoll all_to_all over the tensors laid end to end (one copy in, and out
+        unless the outputs are consecutive slices of one buffer)."""
+        n = self.size()
+        if len(output_tensors) != n or len(input_tensors) != n:
+            raise InvalidArgument(f"pycoll backend: all_to_all needs {n} input and {n} output tensors, got "
+                                  f"{len(input_tensors)} and {len(output_tensors)}")
+        for i, t in enumerate(input_tensors):
+            _check_tensor(t, f"all_to_all input[{i}]")
+        for i, t in enumerate(output_tensors):
+            _check_tensor(t, f"all_to_all output[{i}]")
+            if t.dtype != input_tensors[0].dtype or input_tensors[i].dtype != input_tensors[0].dtype:
+                raise InvalidArgument("pycoll backend: all_to_all tensors must share one dtype")
+        send_counts = [t.numel() for t in input_tensors]
+        recv_counts = [t.numel() for t in output_tensors]
+        flat_in = torch.cat([t.reshape(-1) for t in input_tensors])
+        flat_out = torch.empty(sum(recv_counts), dtype=flat_in.dtype)
 
         def post():
-            out.view(-1).copy_(flat[me * count:(me + 1) * count])
+            at = 0
+            for o, c in zip(output_tensors, recv_counts):
+                o.view(-1).copy_(flat_out[at:at + c])
+                at += c
         comm, timeout = self.communicator, _timeout_s(opts, self._timeout_s)
-        call = lambda a: comm.broadcast(flat, root=root, timeout=timeout, dtype=_DTYPES[out.dtype],  # noqa: E731
-                                        async_op=a)
-        return self._run("scatter", [call], [out], post, opts)
+        call = lambda a: comm.all_to_all(flat_in, flat_out, send_counts, recv_counts,  # noqa: E731
+                                         timeout=timeout, dtype=_DTYPES[flat_in.dtype], async_op=a)
+        return self._run("all_to_all", [call], list(output_tensors), post, opts)
+
+    def alltoall_base(self, output, input, output_split_sizes, input_split_sizes, opts=None):
+        """``dist.all_to_all_single``: equal blocks of ``input``, or rows of its first
+        dimension per ``input_split_sizes`` / ``output_split_sizes``; one C plan, in place in
+        both tensors (:meth:`pycoll.Communicator.all_to_all`)."""
+        _check_tensor(input, "all_to_all_single input")
+        _check_tensor(output, "all_to_all_single output")
+        if input.dtype != output.dtype:
+            raise InvalidArgument(f"pycoll backend: all_to_all_single input is {input.dtype}, output {output.dtype}")
+        send_counts = _split_counts(input, input_split_sizes, self.size(), "input")
+        recv_counts = _split_counts(output, output_split_sizes, self.size(), "output")
+        comm, timeout = self.communicator, _timeout_s(opts, self._timeout_s)
+        call = lambda a: comm.all_to_all(input, output, send_counts, recv_counts, timeout=timeout,  # noqa: E731
+                                         dtype=_DTYPES[input.dtype], async_op=a)
+        return self._run("all_to_all", [call], [output], None, opts)
+
+    all_to_all_single = alltoall_base
+
+    def allgather_coalesced(self, output_lists, input_tensors, opts=None):
+        """``dist.all_gather_coalesced``: ``output_lists[r][i]`` receives rank r's
+        ``input_tensors[i]``; ONE pycoll all_gather per dtype
+        (:meth:`pycoll.Communicator.all_gather_coalesced`), then a local copy out."""
+        n = self.size()
+        if len(output_lists) != n or any(len(o) != len(input_tensors) for o in output_lists):
+            raise InvalidArgument(f"pycoll backend: all_gather_coalesced needs {n} output lists of "
+                                  f"{len(input_tensors)} tensors")
+        for i, t in enumerate(input_tensors):
+            _check_tensor(t, f"all_gather_coalesced input[{i}]")
+            _same_layout([o[i] for o in output_lists], t, f"all_gather_coalesced output[.][{i}]")
+        flats = [torch.empty(n * t.numel(), dtype=t.dtype) for t in input_tensors]
+
+        def post():
+            for i, (t, flat) in enumerate(zip(input_tensors, flats)):
+                _copy_chunks(flat, [o[i] for o in output_lists], t.numel())
+        comm, timeout = self.communicator, _timeout_s(opts, self._timeout_s)
+        calls = [lambda a, idx=idx: comm.all_gather_coalesced([input_tensors[i] for i in idx], [flats[i] for i in idx],
+                                                               timeout=timeout, dtype=_DTYPES[input_tensors[idx[0]].dtype],
+                                                               async_op=a)
+                 for idx in _by_dtype_index(input_tensors)]
+        return self._run("all_gather", calls, [t for o in output_lists for t in o], post, opts)
+
+    # ---- point-to-point (pycoll.comm.p2p) --------------------------------------
+    def send(self, tensors, dstRank, tag=0):  # noqa: N803 - torch's argument names
+        """``dist.send`` / ``isend`` (and ``batch_isend_irecv``): posts the transfer; it runs,
+        with every other posted one, as one plan when a work is waited on (see
+        :meth:`pycoll.Communicator.isend`)."""
+        return self._p2p(tensors, dstRank, tag, True)
+
+    def recv(self, tensors, srcRank, tag=0):  # noqa: N803
+        """``dist.recv`` / ``irecv`` from ``srcRank`` (see :meth:`send`)."""
+        return self._p2p(tensors, srcRank, tag, False)
+
+    def recv_anysource(self, tensors, tag=0):
+        """``dist.recv`` / ``irecv`` without a source: the first rank whose frame reaches us
+        (``work._source_rank()`` names it; see :meth:`pycoll.Communicator.irecv`)."""
+        return self._p2p(tensors, None, tag, False)
+
+    def _p2p(self, tensors, peer, tag, is_send):
+        self._state.usable()
+        what = "send" if is_send else "recv"
+        if len(tensors) != 1:
+            raise InvalidArgument(f"pycoll backend: {what} takes exactly one tensor")
+        t = _check_tensor(tensors[0], f"{what} tensor")
+        comm = self.communicator
+        pwork = comm.isend(t, peer, tag) if is_send else comm.irecv(t, peer, tag)
+        return _P2PWork(self._state, pwork, [t], what, comm.flush_p2p)
 
     def _root(self, opts, what):
         root = opts.rootRank if opts is not None else 0
@@ -646,33 +811,10 @@ class ProcessGroupPycoll(dist.ProcessGroup):
     # ---- what is not supported: say so clearly -------------------------
     def _unsupported(self, what):
         raise NotImplementedError(f"pycoll backend: {what} is not supported; supported: all_reduce(_coalesced), "
-                                  "all_gather, all_gather_single/all_gather_into_tensor(_coalesced), "
+                                  "all_gather(_coalesced), all_gather_single/all_gather_into_tensor(_coalesced), "
                                   "reduce_scatter, reduce_scatter_single/reduce_scatter_tensor(_coalesced), "
-                                  "broadcast, barrier, gather, scatter")
-
-    def send(self, *a, **k):
-        self._unsupported("send")
-
-    def recv(self, *a, **k):
-        self._unsupported("recv")
-
-    def recv_anysource(self, *a, **k):
-        self._unsupported("recv from any source")
-
-    def reduce(self, *a, **k):
-        self._unsupported("reduce (use all_reduce)")
-
-    def alltoall(self, *a, **k):
-        self._unsupported("all_to_all")
-
-    def alltoall_base(self, *a, **k):
-        self._unsupported("all_to_all_single")
-
-    def all_to_all_single(self, *a, **k):
-        self._unsupported("all_to_all_single")
-
-    def allgather_coalesced(self, *a, **k):
-        self._unsupported("all_gather_coalesced")
+                                  "broadcast, barrier, reduce, gather, scatter, all_to_all, all_to_all_single, "
+                                  "send, recv, isend, irecv, batch_isend_irecv")
 
     def monitored_barrier(self, *a, **k):
         self._unsupported("monitored_barrier (use barrier)")

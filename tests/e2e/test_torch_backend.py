@@ -176,11 +176,11 @@ def _errors():
     out = {}
     for name, fn in {
         "noncontiguous": lambda: dist.all_reduce(t.t()),
-        "band": lambda: dist.all_reduce(torch.ones(3, dtype=torch.int32), op=dist.ReduceOp.BAND),
-        "bool": lambda: dist.all_reduce(torch.ones(3, dtype=torch.bool)),
+        "band": lambda: dist.all_reduce(torch.ones(3, dtype=torch.float32), op=dist.ReduceOp.BAND),
+        "bool": lambda: dist.all_reduce(torch.ones(3, dtype=torch.bool), op=dist.ReduceOp.AVG),
         "gather_size": lambda: dist.all_gather_single(torch.empty(5), torch.ones(2)),
-        "send": lambda: dist.send(torch.ones(1), dst=1 - dist.get_rank()),
-        "all_to_all": lambda: dist.all_to_all_single(torch.empty(2), torch.ones(2)),
+        "send": lambda: dist.group.WORLD.send([torch.ones(1)], dist.get_rank(), 0),  # to itself
+        "all_to_all": lambda: dist.all_to_all_single(torch.empty(3), torch.ones(3)),
     }.items():
         try:
             fn()
@@ -200,12 +200,12 @@ def _errors():
 def test_clear_errors_and_the_group_survives_them():
     for out in pycoll.testing.run(_errors, 2, init="torch:pycoll", timeout=100):
         assert "contiguous" in out["noncontiguous"][1]
-        assert "BAND" in out["band"][1] and "not supported" in out["band"][1]
-        assert "torch.bool" in out["bool"][1] and "supported" in out["bool"][1]
+        assert "band" in out["band"][1] and "not defined on float32" in out["band"][1]
+        assert "avg" in out["bool"][1] and "not defined on bool" in out["bool"][1]
         assert out["complex"] == [1 + 2j] * 3
         assert "world size" in out["gather_size"][1]
-        assert out["send"][0] == "NotImplementedError" and "send" in out["send"][1]
-        assert out["all_to_all"][0] == "NotImplementedError"
+        assert out["send"][0] == "InvalidArgument" and "another rank" in out["send"][1]
+        assert out["all_to_all"][0] == "InvalidArgument" and "multiple of world size" in out["all_to_all"][1]
         assert out["after"] == [2.0, 2.0, 2.0]
 
 

@@ -73,3 +73,33 @@ def test_bad_dtype_and_op_are_rejected():
     assert lib.pc_reduce(ffi.from_buffer(a), ffi.from_buffer(a), ffi.from_buffer(a), 4, 99, 0) == lib.PC_ERR_ARG
     assert lib.pc_reduce(ffi.from_buffer(a), ffi.from_buffer(a), ffi.from_buffer(a), 4, 2, 99) == lib.PC_ERR_ARG
     assert lib.pc_scale(ffi.from_buffer(a), 4, 2, 0) == lib.PC_ERR_ARG
+
+
+@pytest.mark.parametrize("dtype", INT_DTYPES)
+@pytest.mark.parametrize("op", ["band", "bor", "bxor"])
+def test_bitwise_kernels(dtype, op):
+    info = np.iinfo(dtype)
+    g = np.random.default_rng(3)
+    a = g.integers(info.min, int(info.max) + 1, 1001, dtype=np.dtype(dtype))
+    b = g.integers(info.min, int(info.max) + 1, 1001, dtype=np.dtype(dtype))
+    fn = {"band": np.bitwise_and, "bor": np.bitwise_or, "bxor": np.bitwise_xor}[op]
+    assert c_reduce(a, b, dtype, op).tobytes() == fn(a, b).tobytes()
+
+
+def test_bool_kernels_take_truth_values_and_return_0_or_1():
+    a = np.array([0, 1, 2, 0, 255, 7], dtype=np.uint8)  # any non-zero byte is true
+    b = np.array([0, 0, 3, 9, 255, 0], dtype=np.uint8)
+    ta, tb = a != 0, b != 0
+    want = {"sum": ta | tb, "max": ta | tb, "prod": ta & tb, "min": ta & tb, "band": ta & tb, "bor": ta | tb,
+            "bxor": ta ^ tb}
+    for op, w in want.items():
+        assert c_reduce(a, b, "bool", op).tolist() == w.astype(np.uint8).tolist(), op
+
+
+@pytest.mark.parametrize("dtype,op", [("float32", "band"), ("float64", "bxor"), ("bfloat16", "bor"),
+                                      ("float16", "band"), ("bool", "avg")])
+def test_undefined_ops_are_refused(dtype, op):
+    assert lib.pc_reduce_check(DTYPES[dtype], OPS[op]) == lib.PC_ERR_ARG
+    a = np.zeros(4, np.uint8 if dtype == "bool" else storage_dtype(dtype))
+    assert lib.pc_reduce(ffi.from_buffer(a), ffi.from_buffer(a), ffi.from_buffer(a), a.size, DTYPES[dtype],
+                         OPS[op]) == lib.PC_ERR_ARG

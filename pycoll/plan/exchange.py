@@ -1,0 +1,68 @@
+"""The one-step collectives as direct exchanges (csrc/plan/plan_exchange.c).
+
+gather, scatter and all_to_all (equal or uneven splits) all move every byte once, straight from
+the rank that has it to the rank that wants it; each is one ``pc_plan_exchange`` with its own
+byte ranges, computed here. reduce to a root is ``pc_plan_reduce``. Every function returns the
+:class:`pycoll.plan.planners.Plan` of ``rank`` of ``n``; sizes are in bytes.
+"""
+from pycoll.errors import InvalidArgument
+from pycoll.plan import planners
+
+NO_FRAME = planners.NO_FRAME
+
+
+def gather(rank, n, root, nbytes, stripes=1):
+    """Every rank's IN (``nbytes``) into the root's OUT, in rank order."""
+    send_off, send_len = [0] * n, [NO_FRAME] * n
+    recv_off, recv_len = [0] * n, [NO_FRAME] * n
+    send_len[root] = nbytes
+    if rank == root:
+        recv_off = [p * nbytes for p in range(n)]
+        recv_len = [nbytes] * n
+    # a rank that names another root fails the header check at once (PC_PLAN_AGREE)
+    return planners.plan_exchange(n, rank, send_off, send_len, recv_off, recv_len, stripes=stripes, agree=True)
+
+
+def scatter(rank, n, root, nbytes, stripes=1):
+    """Block p (``nbytes``) of the root's IN into rank p's OUT."""
+    send_off, send_len = [0] * n, [NO_FRAME] * n
+    recv_off, recv_len = [0] * n, [NO_FRAME] * n
+    recv_len[root] = nbytes
+    if rank == root:
+        send_off = [p * nbytes for p in range(n)]
+        send_len = [nbytes] * n
+    return planners.plan_exchange(n, rank, send_off, send_len, recv_off, recv_len, stripes=stripes, agree=True)
+
+
+def offsets(lengths):
+    """Start of each of ``lengths`` laid end to end."""
+    out, at = [], 0
+    for ln in lengths:
+        out.append(at)
+        at += ln
+    return out
+
+
+def all_to_all(rank, n, send_bytes, recv_bytes, stripes=1):
+    """Block p of IN (``send_bytes[p]``, blocks end to end) to rank p; rank p's block for us
+    into OUT (``recv_bytes[p]``). Every pair exchanges a frame, empty ones too, so splits that
+    disagree across ranks fail the frame's length check instead of waiting."""
+    if len(send_bytes) != n or len(recv_bytes) != n:
+        raise InvalidArgument(f"all_to_all: {len(send_bytes)} send and {len(recv_bytes)} receive splits for "
+                              f"world size {n}")
+    if send_bytes[rank] != recv_bytes[rank]:
+        raise InvalidArgument(f"all_to_all: rank {rank} sends itself {send_bytes[rank]} bytes but expects "
+                              f"{recv_bytes[rank]}")
+    return planners.plan_exchange(n, rank, offsets(send_bytes), list(send_bytes), offsets(recv_bytes),
+                                  list(recv_bytes), stripes=stripes)
+
+
+def reduce(rank, n, root, count, itemsize, segment_bytes=1 << 19, stripes=1, avg=False):
+    """The others' IN to the root, reduced there in rank order into its OUT."""
+    return planners.plan_reduce(n, rank, root, count, itemsize, segment_bytes=segment_bytes, stripes=stripes,
+                                avg=avg)
+
+
+def p2p(rank, n, transfers):
+    """Point-to-point transfers, (is_send, peer, offset, bytes, tag) each (see plan_p2p_list)."""
+    return planners.plan_p2p_list(n, rank, transfers)

@@ -1,0 +1,152 @@
+"""Symbolic verification of the one-step planners (csrc/plan/plan_exchange.c): reduce to a
+root, gather, scatter, all_to_all (equal and uneven splits) and point-to-point lists, at
+every world size, without sockets. Every output element is checked for who contributed it
+(and, for reduce, the order: rank order, as the direct all-reduce), and that the plans never
+deadlock nor race (plansim)."""
+import numpy as np
+import pytest
+
+from pycoll.errors import InvalidArgument
+from pycoll.plan import exchange, planners
+from plansim import IN, OUT, SCRATCH, PlanDeadlock, leaves, simulate, sym_array, sym_reduce, sym_scale
+
+WORLD_SIZES = list(range(1, 10)) + [16, 17]
+ES = 8  # plansim's element size here: one object per 8 bytes
+
+
+def bufs_for(plans, ins, out_count):
+    out = []
+    for r, p in enumerate(plans):
+        o = np.empty(out_count, dtype=object)
+        out.append([ins[r], o, np.empty(p.need_bytes(SCRATCH) // ES, dtype=object)])
+    return out
+
+
+def rank_order(expr):
+    """The leaves' ranks in the order the reduction combined them."""
+    return [leaf[0] for leaf in leaves(expr)]
+
+
+@pytest.mark.parametrize("n", WORLD_SIZES)
+@pytest.mark.parametrize("avg", [False, True])
+def test_reduce(n, avg):
+    count = 2 * n + 3
+    for root in sorted({0, n // 2, n - 1}):
+        # 16-byte segments: several per payload, pipelined per segment
+        plans = [exchange.reduce(r, n, root, count, ES, segment_bytes=16, avg=avg) for r in range(n)]
+        ins = [sym_array(r, count) for r in range(n)]
+        bufs = []
+        for r, p in enumerate(plans):
+            data = ins[r].copy()  # in place, as the communicator runs it
+            bufs.append([data, data, np.empty(p.need_bytes(SCRATCH) // ES, dtype=object)])
+        simulate(plans, bufs, ES, sym_reduce, sym_scale if avg else None, check_races=True, aliased=True)
+        for i in range(count):
+            e = bufs[root][OUT][i]
+            if avg and n > 1:
+                assert e[0] == "scale"
+            assert rank_order(e) == list(range(n)), f"root {root} element {i}: {e}"
+            assert sorted(leaves(e)) == [(r, i) for r in range(n)]
+        for r in range(n):
+            if r != root:  # the others' buffers are never written
+                assert list(bufs[r][IN]) == list(sym_array(r, count))
+
+
+@pytest.mark.parametrize("n", WORLD_SIZES)
+def test_gather_and_scatter(n):
+    count = 3
+    for root in sorted({0, n - 1}):
+        plans = [exchange.gather(r, n, root, count * ES) for r in range(n)]
+        ins = [sym_array(r, count) for r in range(n)]
+        bufs = bufs_for(plans, ins, n * count)
+        simulate(plans, bufs, ES, sym_reduce, check_races=True)
+        assert list(bufs[root][OUT]) == [(q, i) for q in range(n) for i in range(count)]
+        for r in range(n):
+            if r != root:
+                assert all(x is None for x in bufs[r][OUT])
+
+        plans = [exchange.scatter(r, n, root, count * ES) for r in range(n)]
+        ins = [sym_array(r, n * count) if r == root else np.empty(0, dtype=object) for r in range(n)]
+        bufs = bufs_for(plans, ins, count)
+        simulate(plans, bufs, ES, sym_reduce, check_races=True)
+        for r in range(n):
+            assert list(bufs[r][OUT]) == [(root, r * count + i) for i in range(count)]
+
+
+@pytest.mark.parametrize("n", WORLD_SIZES)
+@pytest.mark.parametrize("uneven", [False, True])
+def test_all_to_all(n, uneven):
+    # counts[s][d]: elements rank s sends rank d (uneven: zeros included)
+    counts = [[((s * 7 + d * 3) % 4 if uneven else 2) for d in range(n)] for s in range(n)]
+    plans = [exchange.all_to_all(r, n, [c * ES for c in counts[r]], [counts[s][r] * ES for s in range(n)])
+             for r in range(n)]
+    ins = [sym_array(r, sum(counts[r])) for r in range(n)]
+    bufs = bufs_for(plans, ins, 0)
+    for r in range(n):
+        bufs[r][OUT] = np.empty(sum(counts[s][r] for s in range(n)), dtype=object)
+    simulate(plans, bufs, ES, sym_reduce, check_races=True)
+    for r in range(n):
+        want = []
+        for s in range(n):
+            start = sum(counts[s][:r])
+            want += [(s, start + i) for i in range(counts[s][r])]
+        assert list(bufs[r][OUT]) == want
+
+
+def test_all_to_all_mismatch_is_an_error():
+    with pytest.raises(InvalidArgument):
+        exchange.all_to_all(0, 2, [8, 8], [16, 8])  # rank 0 sends itself 8 bytes, expects 16
+
+
+def test_all_to_all_large_payloads_use_every_stripe():
+    n, nbytes = 3, 4 << 20
+    plans = [exchange.all_to_all(r, n, [nbytes] * n, [nbytes] * n, stripes=4) for r in range(n)]
+    stripes = {op["stripe"] for op in plans[0].ops() if op["kind"] == 0}
+    assert stripes == {0, 1, 2, 3}
+
+
+def test_p2p_pairs_in_order_and_ring_exchange_does_not_deadlock():
+    n = 5
+    # every rank: two sends to the right, one receive from the left, one more to the right and
+    # two receives from the left, in this order; tags 1, 2, 3 in order on each pair
+    plans = []
+    for r in range(n):
+        right, left = (r + 1) % n, (r - 1) % n
+        plans.append(exchange.p2p(r, n, [(1, right, 0, 8, 1), (1, right, 8, 8, 2), (0, left, 0, 8, 1),
+                                         (1, right, 16, 8, 3), (0, left, 8, 8, 2), (0, left, 16, 8, 3)]))
+    ins = [sym_array(r, 3) for r in range(n)]
+    bufs = bufs_for(plans, ins, 3)
+    simulate(plans, bufs, ES, sym_reduce, check_races=True)
+    for r in range(n):
+        assert list(bufs[r][OUT]) == [((r - 1) % n, i) for i in range(3)]
+
+
+def test_p2p_tags_must_match():
+    plans = [exchange.p2p(0, 2, [(1, 1, 0, 8, 5)]), exchange.p2p(1, 2, [(0, 0, 0, 8, 6)])]
+    bufs = bufs_for(plans, [sym_array(0, 1), sym_array(1, 1)], 1)
+    with pytest.raises(AssertionError, match="tag"):
+        simulate(plans, bufs, ES, sym_reduce)
+
+
+def test_p2p_to_self_or_outside_is_refused():
+    with pytest.raises(InvalidArgument):
+        exchange.p2p(0, 2, [(1, 0, 0, 8, 0)])
+    with pytest.raises(InvalidArgument):
+        exchange.p2p(0, 2, [(1, 2, 0, 8, 0)])
+
+
+def test_gather_with_different_roots_fails_instead_of_waiting():
+    """Ranks that disagree on the root exchange agree frames first: the plans still run to
+    the end in the simulator (the engine's header check then fails them), never deadlock."""
+    n = 3
+    plans = [exchange.gather(r, n, r % 2, ES) for r in range(n)]  # roots 0, 1, 0
+    ins = [sym_array(r, 1) for r in range(n)]
+    bufs = bufs_for(plans, ins, n)
+    with pytest.raises((PlanDeadlock, AssertionError)):
+        simulate(plans, bufs, ES, sym_reduce)
+
+
+def test_reduce_segments_cap():
+    plan = planners.plan_reduce(2, 0, 0, 1 << 20, 1, segment_bytes=1)  # 1 MiB in 1-byte segments: capped at 8 segments
+    recvs = [op for op in plan.ops() if op["kind"] in (1, 2) and op["len"]]  # (not the empty agree frame)
+    assert len(recvs) <= 8
+    assert sum(op["len"] for op in recvs) == 1 << 20
