@@ -1,4 +1,4 @@
-"""The ``"pycoll"`` backend for ``torch.distributed`` (CPU tensors).
+"""The ``"pycoll"`` backend for ``torch.distributed`` (CPU and CUDA tensors).
 
     import torch.distributed as dist
     import pycoll.torch.backend            # registers "pycoll" (automatic when pycoll is installed)
@@ -24,14 +24,21 @@ core has plans for them: an all_gather into a temporary buffer, a broadcast of t
 inputs; exact, but world size times the bytes). So FSDP2 (``fully_shard``), DTensor and its
 functional collectives, DeviceMesh, the object collectives and torch.distributed.checkpoint run on
 the backend. Dtypes: float16, bfloat16, float32, float64, int8/16/32/64, uint8 (and
-uint16/32/64). Anything else (other ops, dtypes, point-to-point, non-contiguous or non-CPU
-tensors) raises a ``ValueError`` that says what is supported, before anything is sent.
+uint16/32/64). Anything else (other ops, dtypes, point-to-point, tensors on devices other than
+CPU and CUDA) raises a ``ValueError`` that says what is supported, before anything is sent.
 
 Zero-copy. Tensors are handed to the C core by address: ``all_reduce``, ``broadcast``, the
 ``*_single`` / ``*_into_tensor`` forms and ``barrier`` never copy. The list forms copy only when
 they must: ``all_gather`` into (``reduce_scatter`` from) a list whose tensors are not consecutive
 slices of one buffer goes through one temporary buffer. Lists made with
 ``torch.empty(n * k).chunk(n)`` are consecutive and are not copied.
+
+Staging (pycoll/torch/staging.py). What the C core cannot read in place goes through host copies:
+a non-contiguous tensor through one temporary contiguous copy (as Gloo), a CUDA tensor through a
+pinned host buffer from a pool reused across calls, copied on a side stream; a large all_reduce or
+broadcast tensor in segments whose copies overlap the wire. Results are copied back, and the side
+stream synchronized, before the Work completes. Sparse COO all_reduce (SUM) gathers every rank's
+indices and values and sums them as Gloo does.
 
 Async. With ``async_op=True`` (and for DDP) a call returns a ``torch.distributed.Work`` at once;
 the collectives run one at a time, in call order, on pycoll's worker thread, with the GIL
@@ -69,6 +76,7 @@ import time
 
 import torch
 import torch.distributed as dist
+from torch._C._distributed_c10d import WorkResult
 from torch.distributed import ReduceOp
 
 from pycoll import group as _group
@@ -368,6 +376,24 @@ class _Work(dist.Work):
     def get_future(self):
         """A torch Future completed with the output tensors."""
         return self._future
+
+    def get_future_result(self):
+        """A torch Future completed with the outcome as an int ``WorkResult``: SUCCESS, TIMEOUT
+        (the collective or a sync point timed out) or COMM_ERROR (any other failure)."""
+        return self._future.then(self._work_result)
+
+    def _work_result(self, _):
+        exc = self._exc
+        if exc is None:
+            return int(WorkResult.SUCCESS)
+        if isinstance(exc, TimeoutError) or getattr(exc, "timed_out", False):
+            return int(WorkResult.TIMEOUT)
+        return int(WorkResult.COMM_ERROR)
+
+    def block_current_stream(self):
+        """Results are on the host (CUDA ones copied back, side stream synchronized) when the
+        work completes, so blocking the caller's stream is waiting for the work."""
+        self.wait()
 
     def is_completed(self):
         return self._done.is_set()

@@ -31,8 +31,8 @@ def _noncontiguous():
         x = (torch.arange(6.).reshape(2, 3) + 10 * r).t()
         outs = [torch.empty(2, 3).t() for _ in range(n)]
         dist.all_gather(outs, x, group=g)
-        out[name] = (_raw(t), t.data_ptr() == before, _raw(b), _raw(c), fut[0] is c or fut[0].data_ptr() == c.data_ptr(),
-                     [_raw(o) for o in outs])
+        same_tensor = fut[0] is c or fut[0].data_ptr() == c.data_ptr()
+        out[name] = (_raw(t), t.data_ptr() == before, _raw(b), _raw(c), same_tensor, [_raw(o) for o in outs])
     return out
 
 
@@ -135,3 +135,10 @@ def test_device_tensors_are_staged_through_reused_host_buffers_in_segments():
         segments = res.pop("segments")
         assert segments == (11, 11), "10 full segments and a short one, each copied out and back"
         assert all(res.values()), res
+
+
+def test_the_backend_is_registered_for_cpu_and_cuda():
+    import pycoll.torch  # noqa: F401 - registers "pycoll"
+    assert dist.Backend.backend_capability["pycoll"] == ["cpu", "cuda"]
+    # registering for CUDA does not take the default from NCCL (torch keeps the first one)
+    assert dist.Backend.default_device_backend_map.get("cuda") in ("nccl", None, "pycoll")

@@ -174,18 +174,35 @@ def server(request, tmp_path_factory):
     s.stop()
 
 
-# One class per world size: xdist (--dist loadscope) gives each its own worker.
-class TestWorldSize2:
+# Two classes per world size (each test list split in half), each with its own server: xdist
+# (--dist loadscope) hands out classes, so the four balance with the rest of the suite.
+class TestWorldSize2a:
     WORLD_SIZE = 2
 
-    @pytest.mark.parametrize("test", _params(2))
+    @pytest.mark.parametrize("test", _params(2)[0::2])
     def test_torch_suite(self, server, test):
         _check(server, test)
 
 
-class TestWorldSize3:
+class TestWorldSize2b:
+    WORLD_SIZE = 2
+
+    @pytest.mark.parametrize("test", _params(2)[1::2])
+    def test_torch_suite(self, server, test):
+        _check(server, test)
+
+
+class TestWorldSize3a:
     WORLD_SIZE = 3
 
-    @pytest.mark.parametrize("test", _params(3))
+    @pytest.mark.parametrize("test", _params(3)[0::2])
+    def test_torch_suite(self, server, test):
+        _check(server, test)
+
+
+class TestWorldSize3b:
+    WORLD_SIZE = 3
+
+    @pytest.mark.parametrize("test", _params(3)[1::2])
     def test_torch_suite(self, server, test):
         _check(server, test)
