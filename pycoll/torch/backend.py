@@ -174,7 +174,7 @@ def _sparse_sum(comm, tensors, timeout, world):
         local = local + t
     local = local.coalesce()
     sizes = list(local.shape)
-    head = torch.tensor([local.sparse_dim(), local.dense_dim(), local._nnz(), len(sizes)] + sizes + [0] * 16,
+    head = torch.tensor([local.sparse_dim(), local.dense_dim(), local.indices().shape[1], len(sizes)] + sizes + [0] * 16,
                         dtype=torch.int64)[:20]
     if len(sizes) > 16:
         raise InvalidArgument("pycoll backend: sparse all_reduce takes tensors of at most 16 dimensions")
