@@ -174,10 +174,12 @@ def _sparse_sum(comm, tensors, timeout, world):
         local = local + t
     local = local.coalesce()
     sizes = list(local.shape)
-    head = torch.tensor([local.sparse_dim(), local.dense_dim(), local.indices().shape[1], len(sizes)] + sizes + [0] * 16,
-                        dtype=torch.int64)[:20]
-    if len(sizes) > 16:
+    if len(sizes) > 16:  # the header below has room for 16
         raise InvalidArgument("pycoll backend: sparse all_reduce takes tensors of at most 16 dimensions")
+    # every rank's header: sparse dims, dense dims, nnz, number of dims, the sizes
+    head = torch.zeros(20, dtype=torch.int64)
+    head[:4 + len(sizes)] = torch.tensor([local.sparse_dim(), local.dense_dim(), local.indices().shape[1],
+                                          len(sizes)] + sizes)
     heads = torch.empty(world * 20, dtype=torch.int64)
     comm.all_gather(head, heads, timeout=timeout, dtype="int64")
     heads = heads.view(world, 20)
@@ -479,7 +481,7 @@ class ProcessGroupPycoll(dist.ProcessGroup):
     def _run(self, what, calls, outputs, post=None, opts=None):
         """``calls``: functions of ``async_op`` that start one pycoll collective each."""
         self._state.usable()
-        staged = _staged_call(self)
+        staged = _staged_call()
         if staged:
             outputs, post = staged.outputs(outputs), _then(post, staged.finish)
         if opts is not None and not getattr(opts, "asyncOp", True):
@@ -856,7 +858,7 @@ _STAGED_METHODS = {
 _staging_tls = threading.local()
 
 
-def _staged_call(pg):
+def _staged_call():
     """The staging of the collective method running on this thread, if it staged anything."""
     return getattr(_staging_tls, "current", None)
 

@@ -253,6 +253,9 @@ class Staged:
         (the segments of one tensor by that tensor, once)."""
         out, segmented = [], set()
         for t in outputs:
+            if isinstance(t, list):  # all_gather's outputs: a list per input
+                out.append(self.outputs(t))
+                continue
             orig = self._orig_of.get(id(t), t)
             if id(t) in self._seg_ids:
                 if id(orig) in segmented:

@@ -200,7 +200,8 @@ def _bad_gather_scatter():
     out = {}
     # refused on every rank alike (a refusal on one rank only would leave the others waiting)
     for name, fn in {
-        "gather": lambda: dist.gather(torch.ones(4, 4, device="meta"), [torch.ones(4, 4)] * 2 if rank == 0 else None, dst=0),
+        "gather": lambda: dist.gather(torch.ones(4, 4, device="meta"),
+                                      [torch.ones(4, 4)] * 2 if rank == 0 else None, dst=0),
         "scatter": lambda: dist.scatter(torch.ones(3, dtype=torch.bool),
                                         [torch.ones(3, dtype=torch.bool)] * 2 if rank == 0 else None, src=0),
     }.items():

@@ -118,8 +118,9 @@ def _fake_device():
     dist.all_gather_into_tensor(out, inp)
     res["all_gather"] = out.tolist() == [i for i in range(n) for _ in range(5)]
     outs = [on_device(torch.empty(5, dtype=torch.int32)) for _ in range(n)]
-    dist.all_gather(outs, inp)
+    got = dist.all_gather(outs, inp, async_op=True).get_future().wait()
     res["all_gather_list"] = [o.tolist() for o in outs] == [[i] * 5 for i in range(n)]
+    res["all_gather_future"] = all(a is b for a, b in zip(got[0], outs))  # the caller's tensors
     rs_out = on_device(torch.empty(4, dtype=torch.int64))
     dist.reduce_scatter_tensor(rs_out, on_device(torch.arange(4 * n, dtype=torch.int64)))
     res["reduce_scatter"] = rs_out.tolist() == [n * v for v in range(4 * r, 4 * r + 4)]
