@@ -18,6 +18,6 @@ def autoload():
     try:
         import torch.distributed as dist
         if dist.is_available() and "pycoll" not in dist.Backend.backend_list:
-            dist.Backend.register_backend("pycoll", _create, devices=["cpu"])
+            dist.Backend.register_backend("pycoll", _create, devices=["cpu", "cuda"])
     except Exception:  # noqa: BLE001 - a plugin must not break `import torch`
         pass

@@ -1,4 +1,4 @@
-"""The ``"pycoll"`` backend for ``torch.distributed`` (CPU tensors).
+"""The ``"pycoll"`` backend for ``torch.distributed`` (CPU and CUDA tensors).
 
     import torch.distributed as dist
     import pycoll.torch.backend            # registers "pycoll" (automatic when pycoll is installed)
@@ -28,14 +28,22 @@ laid end to end); point-to-point ``send``/``recv`` with tags, ``isend``/``irecv`
 DTensor and its functional collectives, DeviceMesh, the object collectives and
 torch.distributed.checkpoint run on the backend. Dtypes: float16, bfloat16, float32, float64,
 int8/16/32/64, uint8 (and uint16/32/64), bool (SUM and MAX are logical or, PRODUCT and MIN logical
-and; results are 0 or 1, where Gloo adds the bytes). Anything else (other ops, dtypes, point-to-point, non-contiguous or non-CPU
-tensors) raises a ``ValueError`` that says what is supported, before anything is sent.
+and; results are 0 or 1, where Gloo adds the bytes). Anything else (other ops, dtypes, tensors on
+devices other than CPU and CUDA) raises a ``ValueError`` that says what is supported, before
+anything is sent.
 
 Zero-copy. Tensors are handed to the C core by address: ``all_reduce``, ``broadcast``, the
 ``*_single`` / ``*_into_tensor`` forms and ``barrier`` never copy. The list forms copy only when
 they must: ``all_gather`` into (``reduce_scatter`` from) a list whose tensors are not consecutive
 slices of one buffer goes through one temporary buffer. Lists made with
 ``torch.empty(n * k).chunk(n)`` are consecutive and are not copied.
+
+Staging (pycoll/torch/staging.py). What the C core cannot read in place goes through host copies:
+a non-contiguous tensor through one temporary contiguous copy (as Gloo), a CUDA tensor through a
+pinned host buffer from a pool reused across calls, copied on a side stream; a large all_reduce or
+broadcast tensor in segments whose copies overlap the wire. Results are copied back, and the side
+stream synchronized, before the Work completes. Sparse COO all_reduce (SUM) gathers every rank's
+indices and values and sums them as Gloo does.
 
 Async. With ``async_op=True`` (and for DDP) a call returns a ``torch.distributed.Work`` at once;
 the collectives run one at a time, in call order, on pycoll's worker thread, with the GIL
@@ -69,9 +77,11 @@ import functools
 import logging
 import queue
 import threading
+import time
 
 import torch
 import torch.distributed as dist
+from torch._C._distributed_c10d import WorkResult
 from torch.distributed import ReduceOp
 
 from pycoll import group as _group
@@ -79,6 +89,7 @@ from pycoll.control.coordinator import Coordinator
 from pycoll.errors import CollectiveError, CollectiveTimeout, CoordinatorError, InvalidArgument, PeerFailure
 from pycoll.comm.work import Work
 from pycoll.options import environ
+from pycoll.torch import staging
 
 __all__ = ["BACKEND", "ProcessGroupPycoll", "register", "compression_hook", "communicator", "create_process_group"]
 
@@ -125,7 +136,7 @@ def _check_tensor(t, what):
     if not isinstance(t, torch.Tensor):
         raise InvalidArgument(f"pycoll backend: {what} must be a torch.Tensor, got {type(t).__name__}")
     if t.device.type != "cpu":
-        raise InvalidArgument(f"pycoll backend: {what} is on {t.device}; only CPU tensors are supported")
+        raise InvalidArgument(f"pycoll backend: {what} is on {t.device}; only CPU and CUDA tensors are supported")
     if t.layout != torch.strided:
         raise InvalidArgument(f"pycoll backend: {what} has layout {t.layout}; only dense tensors are supported")
     if t.dtype not in _DTYPES:
@@ -162,6 +173,45 @@ def _copy_chunks(flat, outs, count):
     """Copy consecutive ``count``-element chunks of ``flat`` into ``outs``."""
     for i, o in enumerate(outs):
         o.view(-1).copy_(flat[i * count:(i + 1) * count])
+
+
+def _sparse_sum(comm, tensors, timeout, world):
+    """The world's sum of sparse COO ``tensors`` (one or more per rank), as Gloo computes it."""
+    local = tensors[0]
+    for t in tensors[1:]:
+        local = local + t
+    local = local.coalesce()
+    sizes = list(local.shape)
+    if len(sizes) > 16:  # the header below has room for 16
+        raise InvalidArgument("pycoll backend: sparse all_reduce takes tensors of at most 16 dimensions")
+    # every rank's header: sparse dims, dense dims, nnz, number of dims, the sizes
+    head = torch.zeros(20, dtype=torch.int64)
+    head[:4 + len(sizes)] = torch.tensor([local.sparse_dim(), local.dense_dim(), local.indices().shape[1],
+                                          len(sizes)] + sizes)
+    heads = torch.empty(world * 20, dtype=torch.int64)
+    comm.all_gather(head, heads, timeout=timeout, dtype="int64")
+    heads = heads.view(world, 20)
+    if not bool((heads[:, [0, 1, 3]] == head[[0, 1, 3]]).all()) or not bool((heads[:, 4:] == head[4:]).all()):
+        raise InvalidArgument("pycoll backend: sparse all_reduce inputs differ across ranks in shape or in "
+                              f"sparse/dense dimensions (this rank: {sizes}, sparse_dim {local.sparse_dim()})")
+    nnz = heads[:, 2].tolist()
+    most = max(nnz)
+    indices = torch.zeros(local.sparse_dim(), most, dtype=torch.int64)
+    indices[:, :nnz[comm.rank]] = local.indices()
+    dense = list(local.values().shape[1:])
+    values = torch.zeros([most] + dense, dtype=local.dtype)
+    values[:nnz[comm.rank]] = local.values()
+    all_indices = torch.empty((world,) + tuple(indices.shape), dtype=torch.int64)
+    all_values = torch.empty((world,) + tuple(values.shape), dtype=local.dtype)
+    if indices.numel():  # (nothing to move when every rank's tensor is empty)
+        comm.all_gather(indices.view(-1), all_indices.view(-1), timeout=timeout, dtype="int64")
+    if values.numel():
+        comm.all_gather(values.view(-1), all_values.view(-1), timeout=timeout, dtype=_DTYPES[local.dtype])
+    out = None
+    for r in range(world):
+        part = torch.sparse_coo_tensor(all_indices[r][:, :nnz[r]], all_values[r][:nnz[r]], sizes, dtype=local.dtype)
+        out = part if out is None else out + part
+    return out.coalesce()
 
 
 def _timeout_s(opts, default):
@@ -339,6 +389,24 @@ class _Work(dist.Work):
         """A torch Future completed with the output tensors."""
         return self._future
 
+    def get_future_result(self):
+        """A torch Future completed with the outcome as an int ``WorkResult``: SUCCESS, TIMEOUT
+        (the collective or a sync point timed out) or COMM_ERROR (any other failure)."""
+        return self._future.then(self._work_result)
+
+    def _work_result(self, _):
+        exc = self._exc
+        if exc is None:
+            return int(WorkResult.SUCCESS)
+        if isinstance(exc, TimeoutError) or getattr(exc, "timed_out", False):
+            return int(WorkResult.TIMEOUT)
+        return int(WorkResult.COMM_ERROR)
+
+    def block_current_stream(self):
+        """Results are on the host (CUDA ones copied back, side stream synchronized) when the
+        work completes, so blocking the caller's stream is waiting for the work."""
+        self.wait()
+
     def is_completed(self):
         return self._done.is_set()
 
@@ -468,13 +536,17 @@ class ProcessGroupPycoll(dist.ProcessGroup):
     def _run(self, what, calls, outputs, post=None, opts=None):
         """``calls``: functions of ``async_op`` that start one pycoll collective each."""
         self._state.usable()
+        staged = _staged_call()
+        if staged:
+            outputs, post = staged.outputs(outputs), _then(post, staged.finish)
         blocking = opts is not None and not getattr(opts, "asyncOp", True)
         if blocking:
             # The caller waits at once: run on this thread (no hand-off to the worker);
             # pycoll still runs it after any queued async work.
             pworks = []
-            for call in calls:
+            for k, call in enumerate(calls):
                 w = Work(what)
+                staged and staged.before_call(k)
                 try:
                     call(False)
                     w.complete(None)
@@ -482,14 +554,21 @@ class ProcessGroupPycoll(dist.ProcessGroup):
                     raise  # bad arguments: raise here, as the async path does
                 except Exception as exc:  # noqa: BLE001 - reported through wait()
                     w.complete(None, exc)
+                staged and staged.after_call(k, w)
                 pworks.append(w)
         else:
-            pworks = [call(True) for call in calls]
+            pworks = []
+            for k, call in enumerate(calls):
+                staged and staged.before_call(k)
+                pworks.append(call(True))
+                staged and staged.after_call(k, pworks[-1])
         return _Work(self._state, pworks, outputs, post, what, inline=blocking)
 
     # ---- collectives ---------------------------------------------------
     def allreduce(self, tensors, opts=None):
         """``dist.all_reduce``: reduce each tensor in place."""
+        if any(isinstance(t, torch.Tensor) and t.layout == torch.sparse_coo for t in tensors):
+            return self._allreduce_sparse(tensors, opts)
         op = _op_name(opts.reduceOp if opts is not None else ReduceOp.SUM)
         timeout = _timeout_s(opts, self._timeout_s)
         for i, t in enumerate(tensors):
@@ -813,6 +892,31 @@ class ProcessGroupPycoll(dist.ProcessGroup):
             raise InvalidArgument(f"pycoll backend: {what} root {root} is not in [0, {self.size()})")
         return root
 
+    # ---- sparse all_reduce ------------------------------------------------
+    def _allreduce_sparse(self, tensors, opts):
+        """all_reduce of sparse COO tensors (SUM), as Gloo does it: the inputs are summed and
+        coalesced, every rank's indices and values are all-gathered (first the sizes, then both
+        padded to the largest nnz), each rank adds the world's tensors in rank order and coalesces,
+        and the sum is copied into every input. Runs on the calling thread (async_op too)."""
+        if _op_name(opts.reduceOp if opts is not None else ReduceOp.SUM) != "sum":
+            raise InvalidArgument("pycoll backend: sparse all_reduce supports ReduceOp.SUM only (as Gloo)")
+        for i, t in enumerate(tensors):
+            if t.layout != torch.sparse_coo or t.device.type != "cpu":
+                raise InvalidArgument(f"pycoll backend: sparse all_reduce tensor[{i}] must be a CPU sparse COO "
+                                      f"tensor like tensor[0], got {t.layout} on {t.device}")
+            if t.dtype not in _DTYPES:
+                raise InvalidArgument(f"pycoll backend: sparse all_reduce tensor[{i}] has dtype {t.dtype}")
+        self._state.usable()
+        try:
+            out = _sparse_sum(self.communicator, tensors, _timeout_s(opts, self._timeout_s), self.size())
+        except (CollectiveError, CoordinatorError) as exc:
+            exc = _torch_timeout(exc, "all_reduce")
+            self._state.record_failure(exc)
+            raise exc
+        for t in tensors:
+            t.copy_(out)
+        return _Work(self._state, [], list(tensors), None, "all_reduce")
+
     # ---- what is not supported: say so clearly -------------------------
     def _unsupported(self, what):
         raise NotImplementedError(f"pycoll backend: {what} is not supported; supported: all_reduce(_coalesced), "
@@ -821,8 +925,22 @@ class ProcessGroupPycoll(dist.ProcessGroup):
                                   "broadcast, barrier, reduce, gather, scatter, all_to_all, all_to_all_single, "
                                   "send, recv, isend, irecv, batch_isend_irecv")
 
-    def monitored_barrier(self, *a, **k):
-        self._unsupported("monitored_barrier (use barrier)")
+    def monitored_barrier(self, timeout=None, wait_all_ranks=False):
+        """``pg.monitored_barrier(timeout)``: a barrier with its own deadline whose failure says, in
+        Gloo's words, that this rank timed out in monitoredBarrier. (``dist.monitored_barrier``
+        itself refuses every backend but Gloo, so only direct calls on the group reach this; pycoll
+        does not learn which peers are missing, so ``wait_all_ranks`` cannot list them.)"""
+        secs = timeout.total_seconds() if isinstance(timeout, datetime.timedelta) else timeout
+        secs = self._timeout_s if secs is None else max(float(secs), 0.001)  # 0: fail unless all are there
+        self._state.usable()
+        start = time.monotonic()
+        try:
+            self.communicator.barrier(timeout=secs)
+        except (CollectiveError, CoordinatorError) as exc:
+            self._state.record_failure(exc)
+            ms = int((time.monotonic() - start) * 1000)
+            raise CollectiveTimeout(f"Rank {self.rank()} timed out in monitoredBarrier after {ms} ms "
+                                    f"(pycoll backend: {exc})", exc.status, exc.peer) from exc
 
     # ---- identity and lifetime ----------------------------------------
     def getBackendName(self):
@@ -862,6 +980,74 @@ class ProcessGroupPycoll(dist.ProcessGroup):
 
     def __repr__(self):
         return f"<ProcessGroupPycoll rank {self.rank()} of {self.size()}>"
+
+
+# ---- staging: device and non-contiguous tensors (pycoll/torch/staging.py) ----------
+# Each collective method below is wrapped: its tensor arguments that the C core cannot read in
+# place (CUDA tensors, non-contiguous tensors) are replaced by host stand-ins before the method
+# runs, and _run copies the results back before the Work completes. The role says which
+# arguments are read and written: "inout" arg 0 in place, "out" arg 0 written and the rest read,
+# "in" all read; "segmented": the method treats each tensor of its arg-0 list on its own, so a
+# large device tensor goes as a list of segments whose copies overlap the wire.
+_STAGED_METHODS = {
+    "allreduce": ("inout", True), "allreduce_coalesced": ("inout", False), "broadcast": ("inout", True),
+    "reduce": ("inout", False),
+    "allgather": ("out", False), "all_gather_single": ("out", False), "_allgather_base": ("out", False),
+    "all_gather_single_coalesced": ("out", False), "allgather_into_tensor_coalesced": ("out", False),
+    "allgather_coalesced": ("out", False),
+    "reduce_scatter": ("out", False), "reduce_scatter_single": ("out", False),
+    "_reduce_scatter_base": ("out", False), "reduce_scatter_single_coalesced": ("out", False),
+    "reduce_scatter_tensor_coalesced": ("out", False),
+    "gather": ("out", False), "scatter": ("out", False), "alltoall": ("out", False),
+    "alltoall_base": ("out", False), "all_to_all_single": ("out", False),
+    "send": ("in", False), "recv": ("out", False), "recv_anysource": ("out", False),
+}
+
+_staging_tls = threading.local()
+
+
+def _staged_call():
+    """The staging of the collective method running on this thread, if it staged anything."""
+    return getattr(_staging_tls, "current", None)
+
+
+def _then(first, second):
+    if first is None:
+        return second
+
+    def both():
+        first()
+        second()
+    return both
+
+
+def _staging_method(method, role, segmented):
+    @functools.wraps(method)
+    def staged_method(self, *args, **kwargs):
+        if getattr(_staging_tls, "current", None) is not None:
+            return method(self, *args, **kwargs)  # called from another staged method: already staged
+        staged = staging.Staged(args, role, segmented)
+        if not staged:
+            return method(self, *args, **kwargs)
+        _staging_tls.current = staged
+        try:
+            return method(self, *staged.args, **kwargs)
+        except BaseException:
+            staged.release()
+            raise
+        finally:
+            _staging_tls.current = None
+    return staged_method
+
+
+def _wrap_staged_methods(cls):
+    for name, (role, segmented) in _STAGED_METHODS.items():
+        method = cls.__dict__.get(name)
+        if method is not None:
+            setattr(cls, name, _staging_method(method, role, segmented))
+
+
+_wrap_staged_methods(ProcessGroupPycoll)
 
 
 _LIVE = set()  # states of open groups, closed at exit
@@ -920,7 +1106,7 @@ def create_process_group(store, rank, size, timeout):
 
 def register():
     """Register the ``"pycoll"`` backend with torch.distributed (idempotent)."""
-    dist.Backend.register_backend(BACKEND, create_process_group, devices=["cpu"])
+    dist.Backend.register_backend(BACKEND, create_process_group, devices=["cpu", "cuda"])
 
 
 def communicator(group=None):
