@@ -308,7 +308,7 @@ def _future_value(box):
 class _Work(dist.Work):
     """A torch Work over one or more queued pycoll collectives."""
 
-    def __init__(self, state, pworks, outputs, post=None, what=""):
+    def __init__(self, state, pworks, outputs, post=None, what="", inline=False):
         super().__init__()
         self._state = state
         self._outputs = outputs
@@ -328,7 +328,9 @@ class _Work(dist.Work):
         self._future = self._trigger.then(_future_value(self._box))
         # Works issued from a future callback complete on the worker itself
         # (the completion thread is busy running that callback).
-        self._inline = state.completer.on_thread()
+        # (and those of a blocking call, done by now: its caller waits for nothing else, and
+        # waking the completion thread per call costs a GIL hand-off, ~0.1 ms on a busy host)
+        self._inline = inline or state.completer.on_thread()
         self._left = len(pworks)
         self._lock = threading.Lock()
         if not pworks:
@@ -429,7 +431,9 @@ class _P2PWork(_Work):
     posted transfers (pycoll.comm.p2p), so that every rank can post in any order and then wait."""
 
     def __init__(self, state, pwork, outputs, what, flush):
-        super().__init__(state, [pwork], outputs, what=what)
+        # completed on the thread that runs the posted transfers (the caller of wait(), or of
+        # the next call), never pycoll's worker: no hand-off to the completion thread
+        super().__init__(state, [pwork], outputs, what=what, inline=True)
         self._flush = flush
         self._pwork = pwork
 
@@ -535,7 +539,8 @@ class ProcessGroupPycoll(dist.ProcessGroup):
         staged = _staged_call()
         if staged:
             outputs, post = staged.outputs(outputs), _then(post, staged.finish)
-        if opts is not None and not getattr(opts, "asyncOp", True):
+        blocking = opts is not None and not getattr(opts, "asyncOp", True)
+        if blocking:
             # The caller waits at once: run on this thread (no hand-off to the worker);
             # pycoll still runs it after any queued async work.
             pworks = []
@@ -557,7 +562,7 @@ class ProcessGroupPycoll(dist.ProcessGroup):
                 staged and staged.before_call(k)
                 pworks.append(call(True))
                 staged and staged.after_call(k, pworks[-1])
-        return _Work(self._state, pworks, outputs, post, what)
+        return _Work(self._state, pworks, outputs, post, what, inline=blocking)
 
     # ---- collectives ---------------------------------------------------
     def allreduce(self, tensors, opts=None):

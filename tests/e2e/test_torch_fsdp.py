@@ -202,8 +202,8 @@ def _bad_gather_scatter():
     for name, fn in {
         "gather": lambda: dist.gather(torch.ones(4, 4, device="meta"),
                                       [torch.ones(4, 4)] * 2 if rank == 0 else None, dst=0),
-        "scatter": lambda: dist.scatter(torch.ones(3, dtype=torch.bool),
-                                        [torch.ones(3, dtype=torch.bool)] * 2 if rank == 0 else None, src=0),
+        "scatter": lambda: dist.scatter(torch.ones(3).to(torch.float8_e4m3fn),  # (bool is supported now)
+                                        [torch.ones(3).to(torch.float8_e4m3fn)] * 2 if rank == 0 else None, src=0),
     }.items():
         try:
             fn()
@@ -220,5 +220,5 @@ def _bad_gather_scatter():
 def test_bad_gather_and_scatter_arguments_are_refused_before_sending():
     for out in pycoll.testing.run(_bad_gather_scatter, 2, init="torch:pycoll", timeout=100):
         assert "gather input" in out["gather"][1] and "meta" in out["gather"][1]
-        assert "scatter output" in out["scatter"][1] and "torch.bool" in out["scatter"][1]
+        assert "scatter output" in out["scatter"][1] and "float8_e4m3fn" in out["scatter"][1]
         assert out["after"] == [2.0, 2.0]
