@@ -535,6 +535,7 @@ class ProcessGroupPycoll(dist.ProcessGroup):
         staged = _staged_call()
         if staged:
             outputs, post = staged.outputs(outputs), _then(post, staged.finish)
+            staged.calls(len(calls))
         if opts is not None and not getattr(opts, "asyncOp", True):
             # The caller waits at once: run on this thread (no hand-off to the worker);
             # pycoll still runs it after any queued async work.
