@@ -8,14 +8,11 @@ server that forks the ranks of each test from one process that imported torch on
 
 Each torch test is one test here. It passes when torch's test passes on pycoll. When torch's
 test skips itself at run time (it needs GPUs this machine lacks), the same test is run on Gloo
-and must skip there too, for the same reason: pycoll never skips what Gloo runs. Two named
-lists hold the tests expected to fail, as ``xfail(strict=True)``, so a test that starts passing
-turns the run red until its list is updated:
-
-- ``AWAITING_OPS``: collectives being added as C plans (reduce, gather, scatter, all_to_all,
-  point-to-point, one-plan coalesced forms); the list empties as they land.
-- ``GLOO_ONLY_IN_TORCH``: torch itself refuses these for any backend but Gloo (the check is
-  quoted next to each entry), so no backend registered from outside torch can pass them.
+and must skip there too, for the same reason: pycoll never skips what Gloo runs. One named
+list holds the tests expected to fail, as ``xfail(strict=True)``, so a test that starts passing
+turns the run red until the list is updated: ``GLOO_ONLY_IN_TORCH``, which torch itself refuses
+for any backend but Gloo (the check is quoted next to each entry), so no backend registered from
+outside torch can pass them.
 """
 import json
 import os
@@ -33,42 +30,6 @@ RUNNER = ROOT / "tests" / "support" / "torch_suite.py"
 SIZES = (2, 3)
 RANK_TIMEOUT_S = 60  # torch's own join kills a test's ranks after this (DISTRIBUTED_TESTS_DEFAULT_TIMEOUT)
 HARD_TIMEOUT_S = 240  # the driver kills the whole server after this (torch overrides a few tests to 200 s)
-
-# Collectives being added as C plans (the torch-ops work): each of these fails today because
-# the backend raises NotImplementedError for the collective named. Empty it as they land.
-AWAITING_OPS = {
-    # all_gather_coalesced
-    "test_all_gather_coalesced_complex",
-    "test_all_gather_coalesced_full_group",
-    "test_all_gather_coalesced_simple",
-    "test_all_gather_coalesced_with_empty",
-    # send/recv, isend/irecv, batch_isend_irecv
-    "test_batch_isend_irecv_gloo",
-    "test_batch_isend_irecv_gloo_tags",
-    "test_irecv",
-    "test_isend",
-    "test_isend_autograd_profiler",
-    "test_isend_torch_profiler",
-    "test_send_recv",
-    "test_send_recv_any_source",
-    "test_send_recv_any_source_autograd_profiler",
-    "test_send_recv_any_source_torch_profiler",
-    "test_send_recv_autograd_profiler",
-    "test_send_recv_torch_profiler",
-    "test_send_recv_with_tag",
-    "test_send_recv_with_tag_autograd_profiler",
-    "test_send_recv_with_tag_torch_profiler",
-    # reduce
-    "test_reduce_full_group_max",
-    "test_reduce_full_group_min",
-    "test_reduce_full_group_product",
-    "test_reduce_full_group_sum",
-    "test_reduce_max",
-    "test_reduce_min",
-    "test_reduce_product",
-    "test_reduce_sum",
-    "test_reduce_sum_twice",
-}
 
 # torch/distributed/distributed_c10d.py refuses these for every backend but Gloo:
 #   monitored_barrier: `if get_backend(group) != Backend.GLOO: raise ValueError("monitored_barrier
@@ -147,8 +108,7 @@ class _Server:
 
 
 def _params(world_size):
-    marks = {**{n: "awaiting a C plan for its collective" for n in AWAITING_OPS},
-             **{n: "torch allows it for Gloo only" for n in GLOO_ONLY_IN_TORCH}}
+    marks = {n: "torch allows it for Gloo only" for n in GLOO_ONLY_IN_TORCH}
     return [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=marks[n])) if n in marks else n
             for n in TESTS[world_size]]
 
