@@ -430,10 +430,10 @@ class _P2PWork(_Work):
     """The torch Work of one posted point-to-point transfer: waiting on it first runs the
     posted transfers (pycoll.comm.p2p), so that every rank can post in any order and then wait."""
 
-    def __init__(self, state, pwork, outputs, what, flush):
+    def __init__(self, state, pwork, outputs, what, flush, post=None):
         # completed on the thread that runs the posted transfers (the caller of wait(), or of
         # the next call), never pycoll's worker: no hand-off to the completion thread
-        super().__init__(state, [pwork], outputs, what=what, inline=True)
+        super().__init__(state, [pwork], outputs, post, what=what, inline=True)
         self._flush = flush
         self._pwork = pwork
 
@@ -539,6 +539,7 @@ class ProcessGroupPycoll(dist.ProcessGroup):
         staged = _staged_call()
         if staged:
             outputs, post = staged.outputs(outputs), _then(post, staged.finish)
+            staged.calls(len(calls))
         blocking = opts is not None and not getattr(opts, "asyncOp", True)
         if blocking:
             # The caller waits at once: run on this thread (no hand-off to the worker);
@@ -884,7 +885,11 @@ class ProcessGroupPycoll(dist.ProcessGroup):
         t = _check_tensor(tensors[0], f"{what} tensor")
         comm = self.communicator
         pwork = comm.isend(t, peer, tag) if is_send else comm.irecv(t, peer, tag)
-        return _P2PWork(self._state, pwork, [t], what, comm.flush_p2p)
+        outputs, post = [t], None
+        staged = _staged_call()  # a device or non-contiguous tensor: copied back (recv), buffer released
+        if staged:
+            outputs, post = staged.outputs(outputs), staged.finish
+        return _P2PWork(self._state, pwork, outputs, what, comm.flush_p2p, post)
 
     def _root(self, opts, what):
         root = opts.rootRank if opts is not None else 0

@@ -185,6 +185,7 @@ class Staged:
         self._pending = []   # (copier, event) of whole-tensor copies to the host
         self._orig_of = {}   # id(host stand-in) -> the caller's tensor
         self._seg_ids = set()
+        self._copier_of = {}  # id(device segment view) -> its copier (views are not marked like their base)
         seg = segment_bytes or SEGMENT_BYTES
         self.args = list(args)
         first = self.args[0] if self.args else None
@@ -243,6 +244,7 @@ class Staged:
             h, d = flat_host[start:start + step], flat_dev[start:start + step]
             self._events.append(copier.to_host(d, h) if self.role != "out" else None)
             self._segments.append((copier, h, d))
+            self._copier_of[id(d)] = copier
             self._orig_of[id(h)] = dev
             self._seg_ids.add(id(h))
             hosts.append(h)
@@ -264,6 +266,17 @@ class Staged:
             out.append(orig)
         return out
 
+    def calls(self, n):
+        """The method starts ``n`` pycoll calls. Segments pair with calls one to one; should a
+        method ever start another number (one fused call over its list, say), every segment is
+        waited for now and copied back whole at the end: slower, never wrong."""
+        if self._segments and n != len(self._segments):
+            for (copier, h, d), event in zip(self._segments, self._events):
+                if event is not None:
+                    copier.wait(event)
+                self._back.append((d, h))
+            self._segments, self._events = [], []
+
     def before_call(self, k):
         if k < len(self._events) and self._events[k] is not None:
             copier = self._segments[k][0]
@@ -281,7 +294,7 @@ class Staged:
         collective succeeded, before its Work completes)."""
         try:
             for orig, host in self._back:
-                copier = copier_for(orig)
+                copier = self._copier_of.get(id(orig)) or copier_for(orig)
                 if copier is None:
                     orig.copy_(host)
                 else:

@@ -130,6 +130,35 @@ def _fake_device():
     return res
 
 
+def _p2p_staged():
+    from fake_device import FakeCopier, on_device
+    from pycoll.torch import staging
+    copier = FakeCopier()
+    staging.install_copier(copier)
+    r = dist.get_rank()
+    out = {}
+    for _ in range(3):  # the pool's buffers come back after each transfer
+        if r == 0:
+            dist.send(on_device(torch.arange(10, dtype=torch.int64)), dst=1)
+            dist.send(torch.arange(12.).reshape(3, 4), dst=1)
+        else:
+            dev = on_device(torch.zeros(10, dtype=torch.int64))
+            work = dist.irecv(dev, src=0)
+            work.wait()
+            nc = torch.zeros(4, 3).t()  # non-contiguous
+            dist.recv(nc, src=0)
+            out["recv"] = (dev.tolist(), nc.tolist())
+    out["made"] = staging.pool_for(copier).made
+    return out
+
+
+@pytest.mark.timeout(90)
+def test_point_to_point_stages_device_and_non_contiguous_tensors():
+    sent, got = pycoll.testing.run(_p2p_staged, 2, init="torch:pycoll", timeout=80)
+    assert got["recv"] == (list(range(10)), torch.arange(12.).reshape(3, 4).tolist())
+    assert sent["made"] == 1 and got["made"] == 1
+
+
 @pytest.mark.timeout(120)
 def test_device_tensors_are_staged_through_reused_host_buffers_in_segments():
     for res in pycoll.testing.run(_fake_device, 3, init="torch:pycoll", timeout=110):
