@@ -19,6 +19,8 @@ A topology file is TOML (read with :mod:`tomllib`)::
     peers = ["r0p0", "r0p1"]        # or: count = 2  (names become "rack0-0", "rack0-1")
     aggregator = "switch"           # optional: "switch" | "agent"
     host = "box0"                   # optional: all peers of the group on one host
+    uplink = "100mbit"              # optional: one link, per direction, carries everything the
+                                    # group exchanges with other groups (a rack's uplink)
 
     [[link]]                        # overrides between groups or peers (optional)
     a = "rack0"                     # a group name or a peer name
@@ -48,6 +50,11 @@ Hosts. A group with ``host`` puts all its peers on that host (several groups may
 host); without it every peer is its own host named after the peer. ``host_nic`` caps each host's
 traffic to other hosts, per direction, shared by all its peers' links; it is not folded into the
 link matrices (see :meth:`Topology.host_nic_Bps`).
+
+Uplinks. A group with ``uplink`` sits behind one link to the rest of the network: all its
+members' traffic to (and, separately, from) other groups shares that capacity, on top of each
+link's own ``bandwidth``. The cost model counts it as one resource per direction; the emulator
+builds a router per group (:mod:`pycoll.emulator.sites`).
 
 Aggregators. ``"switch"``: the group has a standalone software aggregator (the rack switch) that
 sums the members' data; ``"agent"``: the group's lowest-ranked member aggregates for the group.
@@ -87,7 +94,7 @@ AGGREGATORS = ("switch", "agent")
 _TOP_KEYS = {"name", "defaults", "intra", "group", "link"}
 _LINK_FIELDS = {"bandwidth", "latency", "loss"}
 _DEFAULT_KEYS = _LINK_FIELDS | {"host_nic"}
-_GROUP_KEYS = {"name", "peers", "count", "aggregator", "host"}
+_GROUP_KEYS = {"name", "peers", "count", "aggregator", "host", "uplink"}
 _OVERRIDE_KEYS = _LINK_FIELDS | {"a", "b", "symmetric"}
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*\Z")
 
@@ -114,6 +121,7 @@ class Group:
     peers: tuple[str, ...]
     aggregator: str | None = None
     host: str | None = None
+    uplink_Bps: float = math.inf
 
     @property
     def agent_rank(self) -> int | None:
@@ -216,6 +224,14 @@ class Topology:
         if host is not None and host not in self._hosts:
             raise KeyError(f"no host named {host!r} in topology {self.name!r}")
         return self._host_nic_Bps
+
+    def uplinks_Bps(self) -> list[float]:
+        """Each group's shared uplink in bytes/s, per direction (inf: none), in group order."""
+        return [g.uplink_Bps for g in self.groups]
+
+    def group_index(self, rank: int) -> int:
+        """Index into ``groups`` of the group holding ``rank``."""
+        return self._group_index[self._check_rank(rank)]
 
     def aggregator_groups(self) -> list[Group]:
         """Groups that have an aggregator ("switch" or "agent"), in file order."""
@@ -392,9 +408,11 @@ def _build_groups(raw: Any) -> tuple[tuple[Group, ...], tuple[str, ...]]:
             choices = ", ".join(map(repr, AGGREGATORS))
             raise ValueError(f"{field}.aggregator: expected one of {choices}, got {aggregator!r}")
         host = _name(table["host"], f"{field}.host") if "host" in table else None
+        uplink = parse_bandwidth(table["uplink"], f"{field}.uplink") if "uplink" in table else math.inf
         first = len(hosts)
         hosts += [host or peer for peer in peers]
-        groups.append(Group(gname, tuple(range(first, first + len(peers))), tuple(peers), aggregator, host))
+        groups.append(Group(gname, tuple(range(first, first + len(peers))), tuple(peers), aggregator, host,
+                            uplink))
     clash = sorted(set(owner) & set(group_names))
     if clash:
         raise ValueError(f"group[{group_names[clash[0]]}].name: {clash[0]!r} is both a group and a peer name")
