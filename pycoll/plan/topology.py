@@ -19,6 +19,9 @@ A topology file is TOML (read with :mod:`tomllib`)::
     peers = ["r0p0", "r0p1"]        # or: count = 2  (names become "rack0-0", "rack0-1")
     aggregator = "switch"           # optional: "switch" | "agent"
     host = "box0"                   # optional: all peers of the group on one host
+    ranks = [0, 1]                  # optional: the peers' ranks (then in every group; any order,
+                                    # together 0..n-1), as `pycoll probe` writes for sites
+                                    # that are not contiguous in rank order
     uplink = "100mbit"              # optional: one link, per direction, carries everything the
                                     # group exchanges with other groups (a rack's uplink)
 
@@ -38,7 +41,7 @@ Latency: a number and ``ns``, ``us`` (or ``µs``), ``ms`` or ``s``; a bare ``0``
 Internally bandwidth is bytes per second and latency seconds.
 
 Ranks. Peers are numbered in file order: the first group's peers get ranks 0, 1, ..., then the
-next group's. ``peers[rank]`` is the peer's name.
+next group's, unless every group gives its peers' ``ranks``. ``peers[rank]`` is the peer's name.
 
 Resolution of ``link(u, v)`` (directed), each layer overriding only the fields it sets:
 ``[defaults]``; then ``[intra]`` if u and v share a group; then the ``[[link]]`` entries that
@@ -76,6 +79,7 @@ from typing import Any
 import numpy as np
 
 from pycoll import units as _units
+from pycoll.plan import tsp
 
 __all__ = [
     "TopologyError",
@@ -94,7 +98,7 @@ AGGREGATORS = ("switch", "agent")
 _TOP_KEYS = {"name", "defaults", "intra", "group", "link"}
 _LINK_FIELDS = {"bandwidth", "latency", "loss"}
 _DEFAULT_KEYS = _LINK_FIELDS | {"host_nic"}
-_GROUP_KEYS = {"name", "peers", "count", "aggregator", "host", "uplink"}
+_GROUP_KEYS = {"name", "peers", "count", "aggregator", "host", "uplink", "ranks"}
 _OVERRIDE_KEYS = _LINK_FIELDS | {"a", "b", "symmetric"}
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*\Z")
 
@@ -114,7 +118,8 @@ class LinkParams:
 
 @dataclass(frozen=True)
 class Group:
-    """A named set of peers (a rack, a site): contiguous ranks, optional aggregator and host."""
+    """A named set of peers (a rack, a site): its ranks (contiguous unless the file gives
+    ``ranks``), optional aggregator, host and shared uplink."""
 
     name: str
     ranks: tuple[int, ...]
@@ -177,14 +182,15 @@ class Topology:
         self.name = name
         self.source = source
         self.groups = groups
-        self.peers = tuple(peer for g in groups for peer in g.peers)
+        by_rank = sorted((r, p, gi) for gi, g in enumerate(groups) for r, p in zip(g.ranks, g.peers))
+        self.peers = tuple(p for _, p, _ in by_rank)
         self._hosts = hosts
         self._host_nic_Bps = host_nic_Bps
         self._bandwidth = bandwidth
         self._latency = latency
         self._loss = loss
         self._rank_of = {peer: rank for rank, peer in enumerate(self.peers)}
-        self._group_index = [gi for gi, g in enumerate(groups) for _ in g.ranks]
+        self._group_index = [gi for _, _, gi in by_rank]
 
     def __repr__(self) -> str:
         group_names = [g.name for g in self.groups]
@@ -382,7 +388,8 @@ def _build_groups(raw: Any) -> tuple[tuple[Group, ...], tuple[str, ...]]:
     if not isinstance(raw, list) or not raw:
         raise ValueError("group: expected a non-empty array of tables ([[group]])")
     groups: list[Group] = []
-    hosts: list[str] = []
+    hosts: list[tuple[int, str]] = []  # (rank, host)
+    explicit: list[bool] = []
     owner: dict[str, str] = {}  # peer name -> group name, to report duplicates
     group_names: dict[str, int] = {}
     for gi, table in enumerate(raw):
@@ -409,14 +416,26 @@ def _build_groups(raw: Any) -> tuple[tuple[Group, ...], tuple[str, ...]]:
             raise ValueError(f"{field}.aggregator: expected one of {choices}, got {aggregator!r}")
         host = _name(table["host"], f"{field}.host") if "host" in table else None
         uplink = parse_bandwidth(table["uplink"], f"{field}.uplink") if "uplink" in table else math.inf
-        first = len(hosts)
-        hosts += [host or peer for peer in peers]
-        groups.append(Group(gname, tuple(range(first, first + len(peers))), tuple(peers), aggregator, host,
-                            uplink))
+        first = sum(len(g.ranks) for g in groups)
+        ranks = tuple(range(first, first + len(peers)))
+        if "ranks" in table:
+            given = table["ranks"]
+            if (not isinstance(given, list) or len(given) != len(peers)
+                    or not all(isinstance(r, int) and not isinstance(r, bool) for r in given)):
+                raise ValueError(f"{field}.ranks: expected {len(peers)} integers, one per peer, got {given!r}")
+            ranks = tuple(given)
+        explicit.append("ranks" in table)
+        hosts += [(r, host or peer) for r, peer in zip(ranks, peers)]
+        groups.append(Group(gname, ranks, tuple(peers), aggregator, host, uplink))
     clash = sorted(set(owner) & set(group_names))
     if clash:
         raise ValueError(f"group[{group_names[clash[0]]}].name: {clash[0]!r} is both a group and a peer name")
-    return tuple(groups), tuple(hosts)
+    if any(explicit):
+        if not all(explicit):
+            raise ValueError(f"group[{explicit.index(False)}].ranks: missing (give ranks in every group or none)")
+        if sorted(r for r, _ in hosts) != list(range(len(hosts))):
+            raise ValueError(f"group: the groups' ranks must together be 0..{len(hosts) - 1}, each once")
+    return tuple(groups), tuple(h for _, h in sorted(hosts))
 
 
 def _group_peers(table: dict, field: str, gname: str) -> list[str]:
@@ -518,6 +537,23 @@ def _ring_score(order: list[int], hop_bw: np.ndarray, hop_lat: np.ndarray) -> tu
 
 
 def _best_cycle(hop_bw: np.ndarray, hop_lat: np.ndarray) -> list[int]:
+    """The best cyclic order of nodes 0..k-1 for the bottleneck objective, rotated to start at 0:
+    exact up to :data:`pycoll.plan.tsp.EXACT_MAX` nodes (an asymmetric TSP solved by
+    Held-Karp), :func:`_heuristic_cycle` beyond. Ties keep the natural order."""
+    k = len(hop_bw)
+    off_diagonal = ~np.eye(k, dtype=bool)
+    if k > 2 and all(np.all(m[off_diagonal] == m[0, 1]) for m in (hop_bw, hop_lat)):
+        return list(range(k))  # uniform: every order is equally good, keep the natural one
+    if 3 <= k <= tsp.EXACT_MAX:
+        natural = list(range(k))
+        exact = tsp.exact_cycle(hop_bw, hop_lat)
+        if _ring_score(natural, hop_bw, hop_lat) >= _ring_score(exact, hop_bw, hop_lat):
+            return natural
+        return exact
+    return _heuristic_cycle(hop_bw, hop_lat)
+
+
+def _heuristic_cycle(hop_bw: np.ndarray, hop_lat: np.ndarray) -> list[int]:
     """A good cyclic order of nodes 0..k-1 for the bottleneck objective, rotated to start at 0."""
     k = len(hop_bw)
     off_diagonal = ~np.eye(k, dtype=bool)
