@@ -285,10 +285,14 @@ def load_topology(path: str | Path) -> Topology:
     return parse_topology(text, source=str(path))
 
 
+MEASURE = "measure"  # topology="measure": probed when a group forms (pycoll.net.probe)
+
+
 def load(spec: Topology | str | Path | None) -> Topology | None:
     """A Topology from a Topology (returned as it is), a path to a TOML file, or None/"" (None):
-    what ``pycoll.init(topology=...)`` and ``pycoll aggregator --topology`` accept."""
-    if spec is None or spec == "":
+    what ``pycoll.init(topology=...)`` and ``pycoll aggregator --topology`` accept. ``"measure"``
+    is None here too: the communicator measures its topology when a group forms."""
+    if spec is None or spec == "" or spec == MEASURE:
         return None
     if hasattr(spec, "world_size"):
         return spec
