@@ -53,7 +53,10 @@ class ProbeServer:
     """Echoes pings and sinks bulk flows for one probe session (closed by :meth:`close`)."""
 
     def __init__(self, host, token, timeout=30.0):
-        self.token = token
+        self._token = token
+        self._known = threading.Event()  # a faster peer may dial before we learn the token
+        if token is not None:
+            self._known.set()
         self.timeout = timeout
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -65,6 +68,15 @@ class ProbeServer:
         self._threads = []
         self._accepter = threading.Thread(target=self._accept, name="pycoll-probe", daemon=True)
         self._accepter.start()
+
+    @property
+    def token(self):
+        return self._token
+
+    @token.setter
+    def token(self, value):
+        self._token = value
+        self._known.set()
 
     def _accept(self):
         while not self._stop.is_set():
@@ -83,6 +95,7 @@ class ProbeServer:
             conn.settimeout(self.timeout)
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             magic, token, mode, seconds = HELLO.unpack(_recv_exact(conn, HELLO.size))
+            self._known.wait(self.timeout)
             if magic != MAGIC or self.token is None or token != self.token:
                 return  # not this session's: drop it
             if mode == PING:
