@@ -98,7 +98,7 @@ def part1(args):
                           SiteSpec(tuple(range(1, n, 2)), parse_rate(args.uplink), "rackB")])
     env = {"PYTHONUNBUFFERED": "1", "PYTHONPATH": ROOT, "TORCH_DEVICE_BACKEND_AUTOLOAD": "0"}
     t0 = time.monotonic()
-    with Emulator(spec) as emu:
+    with Emulator(spec, mtu=args.mtu) as emu:
         port = 44500 + os.getpid() % 200 * 2
         procs = [emu.run_in(r, [sys.executable, HERE, "--worker", "--rank", str(r), "--n", str(n), "--master",
                                 emu.peer_ip(0), "--port", str(port), "--sizes", ",".join(map(str, args.sizes)),
@@ -136,7 +136,7 @@ def part2(args):
     env = {"PYTHONUNBUFFERED": "1", "PYTHONPATH": ROOT, "TORCH_DEVICE_BACKEND_AUTOLOAD": "0"}
     out_dir = tempfile.mkdtemp(prefix="pycoll-probe-")
     path = os.path.join(out_dir, "measured.toml")
-    with Emulator(spec) as emu:
+    with Emulator(spec, mtu=args.mtu) as emu:
         master = f"{emu.peer_ip(0)}:{44900 + os.getpid() % 90}"
         procs = [emu.run_in(r, [sys.executable, "-m", "pycoll", "probe", "--master", master, "--world-size", str(n),
                                 "--rank", str(r), "--out", path], env=env, stdout=subprocess.PIPE,
@@ -162,6 +162,7 @@ def main(argv=None):
     ap.add_argument("--uplink", default="100mbit")
     ap.add_argument("--nic", default="1gbit")
     ap.add_argument("--delay", default="5ms")
+    ap.add_argument("--mtu", type=int, default=9000)
     ap.add_argument("--skip-cli", action="store_true")
     ap.add_argument("--skip-group", action="store_true")
     ap.add_argument("--timeout", type=float, default=900)

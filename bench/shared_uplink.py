@@ -62,12 +62,12 @@ class _Args:  # what algorithms.worker_argv reads
         self.sizes, self.colls, self.algos, self.scale, self.no_gloo = sizes, "all_reduce", algos, scale, not gloo
 
 
-def run(spec, n, topo_path, algos, sizes, scale, gloo, timeout):
+def run(spec, n, topo_path, algos, sizes, scale, gloo, timeout, mtu=9000, sysctls=()):
     from pycoll.emulator import Emulator
     env = {"PYTHONUNBUFFERED": "1", "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
            "GLOO_SOCKET_IFNAME": "emu0", "PYCOLL_TIMEOUT": "600", "TORCH_DEVICE_BACKEND_AUTOLOAD": "0"}
     a = _Args(sizes, ",".join(algos), scale, gloo)
-    with Emulator(spec) as emu:
+    with Emulator(spec, mtu=mtu, sysctls=sysctls) as emu:
         port = 44000 + os.getpid() % 450 * 2
         procs = [emu.run_in(r, algorithms.worker_argv("pycoll", r, n, emu.peer_ip(0), port, a, topo_path, True),
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -85,6 +85,11 @@ def main(argv=None):
     ap.add_argument("--scale", type=float, default=1.0, help="multiply the repetition counts")
     ap.add_argument("--no-gloo", action="store_true")
     ap.add_argument("--no-oblivious", action="store_true", help="skip the rack-oblivious run")
+    ap.add_argument("--mtu", type=int, default=9000, help="emulated MTU (default 9000: a 100 Mbit/s uplink's "
+                    "queue holds tens of packets, not a handful)")
+    ap.add_argument("--no-idle-restart", action="store_true",
+                    help="net.ipv4.tcp_slow_start_after_idle=0 on every host (the kernel default restarts "
+                         "a connection idle for one RTO in slow start)")
     ap.add_argument("--json")
     ap.add_argument("--timeout", type=float, default=1800)
     args = ap.parse_args(argv)
@@ -100,7 +105,8 @@ def main(argv=None):
     topo = load_topology(topo_path)
     aware = EmuSpec.from_topology(topo)
     t0 = time.monotonic()
-    res = run(aware, n, topo_path, ALGOS, sizes, args.scale, not args.no_gloo, args.timeout)
+    sysctls = ["net.ipv4.tcp_slow_start_after_idle=0"] if args.no_idle_restart else []
+    res = run(aware, n, topo_path, ALGOS, sizes, args.scale, not args.no_gloo, args.timeout, args.mtu, sysctls)
     t_aware = time.monotonic() - t0
     obl = {}
     if not args.no_oblivious:
@@ -108,7 +114,7 @@ def main(argv=None):
         spec = EmuSpec(n, link=aware.link, host_nic_bps=aware.host_nic_bps,
                        sites=[SiteSpec(tuple(range(0, n, 2)), up, "rack0"), SiteSpec(tuple(range(1, n, 2)), up, "rack1")])
         t0 = time.monotonic()
-        obl = run(spec, n, "", ["ring"], sizes, args.scale, False, args.timeout)
+        obl = run(spec, n, "", ["ring"], sizes, args.scale, False, args.timeout, args.mtu, sysctls)
     t_obl = time.monotonic() - t0
     report(args, n, sizes, res, obl, t_aware, t_obl)
     if args.json:
@@ -120,7 +126,8 @@ def main(argv=None):
 def report(args, n, sizes, res, obl, t_aware, t_obl):
     impls = ALGOS + (["gloo"] if not args.no_gloo else [])
     print(f"\n## all_reduce, float32, 2 racks of {args.rack}, shared uplink {args.uplink} per direction, "
-          f"NICs {args.nic}, {args.delay} one way between racks [{t_aware:.0f} s + {t_obl:.0f} s]")
+          f"NICs {args.nic}, {args.delay} one way between racks, MTU {args.mtu}"
+          f"{', no slow start after idle' if args.no_idle_restart else ''} [{t_aware:.0f} s + {t_obl:.0f} s]")
     print("median time (busbw MB/s); 'oblivious ring': rank r in rack r % 2, no topology\n")
     head = ["size"] + impls + (["oblivious ring"] if obl else []) + ["innetwork/ring"] + (
         ["innetwork/oblivious"] if obl else []) + ["auto ran", "fastest", "auto/fastest"]

@@ -291,11 +291,13 @@ class Emulator:
     bandwidth-delay product; False keeps the kernel defaults.
     ``congestion``: TCP congestion control inside peers (default: inherit).
     ``keep_logs``: keep the temp dir (config, delay line log) after close.
+    ``sysctls``: more ``name=value`` settings for every namespace (e.g.
+    ``["net.ipv4.tcp_slow_start_after_idle=0"]``).
     """
 
     def __init__(self, spec, *, mtu: int = 65000, seed: int = 1, tcp_buffers=True,
                  congestion: Optional[str] = None, keep_logs: bool = False,
-                 startup_timeout: float = 20.0):
+                 startup_timeout: float = 20.0, sysctls: Sequence[str] = ()):
         self.spec = EmuSpec.coerce(spec)
         self.n = self.spec.n_peers
         if not 576 <= int(mtu) <= 65535:
@@ -305,6 +307,10 @@ class Emulator:
         self.tcp_buffers = tcp_buffers
         self.congestion = congestion
         self.keep_logs = keep_logs
+        self.sysctls = [str(s) for s in sysctls]
+        for s in self.sysctls:
+            if not re.fullmatch(r"net\.[a-z0-9_.]+=[0-9 ]+", s):
+                raise ValueError(f"sysctl {s!r}: expected net.NAME=NUMBER")
         self.startup_timeout = startup_timeout
         self.prefix = f"{RUN_PREFIX}{next(_counter)}-"
         self.netns = [f"{self.prefix}{r}" for r in range(self.n)]
@@ -372,6 +378,7 @@ class Emulator:
                         f"net.ipv4.tcp_wmem=4096 16384 {mx}"]
         if self.congestion:
             sysctls.append(f"net.ipv4.tcp_congestion_control={self.congestion}")
+        sysctls += self.sysctls
         _run(["ip", "netns", "exec", ns, "sysctl", "-q", "-e", "-w", *sysctls])
         _run(["ip", "-n", ns, "link", "set", "lo", "up"])
 

@@ -93,7 +93,28 @@ def probe_tasks(sites):
 def probe_rounds(sites):
     """Tasks packed into rounds (greedy, deterministic): no rank twice in a round, and no site
     in two cross-site tasks of a round (they would share its uplink)."""
-    left = probe_tasks(sites)
+    return pack_rounds(probe_tasks(sites), sites)
+
+
+def suspicious(sites, slots, rates, factor=0.5):
+    """Indices of intra-site pair slots with a direction under ``factor`` x the median rate of
+    their site's pairs: measured again once (a stalled flow, not the link)."""
+    by_site = {}
+    for i, (kind, (a, b)) in enumerate(slots):
+        if kind == "pair":
+            by_site.setdefault(sites[a], []).extend(rates[i])
+    out = []
+    for i, (kind, (a, b)) in enumerate(slots):
+        if kind == "pair" and len(by_site[sites[a]]) >= 4:
+            med = float(np.median(by_site[sites[a]]))
+            if min(rates[i]) < factor * med:
+                out.append(i)
+    return out
+
+
+def pack_rounds(tasks, sites):
+    """Greedy rounds of ``tasks`` (see :func:`probe_rounds`)."""
+    left = list(tasks)
     rounds = []
     while left:
         used_ranks, used_sites, this, rest = set(), set(), [], []
