@@ -313,9 +313,10 @@ def add_arguments(p):
 
 def _distributed(args):
     """(rank, world size, host, port) when this run joins a group across hosts, else None."""
-    import os
-    env = os.environ
-    if args.master is None and not ("RANK" in env and "WORLD_SIZE" in env):
+    from pycoll.options import environ
+    rank = args.rank if args.rank is not None else environ("RANK")
+    world = args.world_size if args.world_size is not None else environ("WORLD_SIZE")
+    if args.master is None and (rank is None or world is None):
         return None
     if args.master:
         host, sep, port = args.master.rpartition(":")
@@ -323,17 +324,16 @@ def _distributed(args):
             raise ValueError(f"--master: expected HOST:PORT, got {args.master!r}")
         port = int(port)
     else:
-        host = env.get("MASTER_ADDR", "127.0.0.1")
-        port = int(env.get("PYCOLL_MASTER_PORT") or env.get("MASTER_PORT") or 0)
-        if not port:
-            raise ValueError("no --master and no PYCOLL_MASTER_PORT / MASTER_PORT in the environment")
-        if "PYCOLL_MASTER_PORT" not in env:  # torchrun: MASTER_PORT is torch's store; leave it to Gloo
+        host = environ("MASTER_ADDR") or "127.0.0.1"
+        port = environ("PYCOLL_MASTER_PORT")
+        if port is None:  # torchrun: MASTER_PORT is torch's store; ours is 2 above it (Gloo takes +1)
+            port = environ("MASTER_PORT")
+            if port is None:
+                raise ValueError("no --master and no PYCOLL_MASTER_PORT / MASTER_PORT in the environment")
             port += 2
-    rank = args.rank if args.rank is not None else env.get("RANK")
-    world = args.world_size if args.world_size is not None else env.get("WORLD_SIZE")
     if rank is None or world is None:
         raise ValueError("across hosts: give --rank and --world-size (or RANK and WORLD_SIZE)")
-    return int(rank), int(world), host, port
+    return int(rank), int(world), host, int(port)
 
 
 def run_across_hosts(rank, world, host, port, sizes, algorithms, impls, iters=None, warmup=2, progress=False,

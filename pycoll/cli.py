@@ -162,12 +162,13 @@ def _master(text):
 def _group_args(args):
     """(rank, world size, master host, master port) from --rank/--world-size/--master, else
     torchrun's or `pycoll run`'s environment (RANK, WORLD_SIZE, MASTER_ADDR, PYCOLL_MASTER_PORT)."""
-    rank = args.rank if args.rank is not None else os.environ.get("RANK")
-    world = args.world_size if args.world_size is not None else os.environ.get("WORLD_SIZE")
+    from pycoll.options import environ
+    rank = args.rank if args.rank is not None else environ("RANK")
+    world = args.world_size if args.world_size is not None else environ("WORLD_SIZE")
     if args.master:
         host, port = _master(args.master)
     else:
-        host = os.environ.get("MASTER_ADDR", "127.0.0.1")
+        host = environ("MASTER_ADDR") or "127.0.0.1"
         port = _env_port(("PYCOLL_MASTER_PORT", "MASTER_PORT"), None)
     if rank is None or world is None or port is None:
         raise UsageError("needs --master HOST:PORT, --world-size N and --rank R (rank 0 runs where the "
