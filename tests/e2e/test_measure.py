@@ -5,6 +5,8 @@ Emulator (root; skipped with the reason otherwise): sites found without being na
 uplink told from private links, the ring keeps the racks together; `pycoll probe` run once per
 emulated host writes a topology file that loads.
 """
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+import pycoll  # noqa: E402
 import pycoll.testing  # noqa: E402
 
 
@@ -92,3 +95,34 @@ def test_pycoll_probe_finds_interleaved_racks_and_their_shared_uplink(emu_ok, tm
     ring = ring_order(topo)
     crossings = sum(truth[ring[i]] != truth[ring[(i + 1) % n]] for i in range(n))
     assert crossings == 2, ring
+
+
+def _measure_then_lose(comm, victim):
+    first = (comm.epoch_state.topology.name, comm.epoch_state.probe_result.rtt.shape[0])
+    comm.barrier()
+    if comm.name == victim:
+        os.kill(os.getpid(), signal.SIGKILL)
+    x = np.ones(1024, np.float32)
+    try:
+        for _ in range(50):
+            comm.all_reduce(x)
+    except pycoll.PeerFailure:
+        pass
+    comm.update_topology()
+    ep = comm.epoch_state
+    x = np.full(1024, comm.rank + 1, np.float32)
+    comm.all_reduce(x)
+    return first, (ep.topology.name, ep.probe_result.rtt.shape[0], ep.topology.world_size), float(x[0])
+
+
+@pytest.mark.timeout(180)
+def test_a_membership_change_probes_again():
+    from elastic_util import Cluster
+    with Cluster(min_world_size=3, connect_kwargs={"topology": "measure", "probe_seconds": 0.1}) as c:
+        for name in ("a", "b", "c"):
+            c.spawn(name, _measure_then_lose, "c")
+        a, b = c.results(["a", "b"], timeout=150)
+    for first, after, total in (a, b):
+        assert first[1] == 3 and after[1] == 2 and after[2] == 2
+        assert first[0] != after[0]  # a new measurement, named after its epoch
+        assert total == 3.0
