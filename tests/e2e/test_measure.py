@@ -126,3 +126,18 @@ def test_a_membership_change_probes_again():
         assert first[1] == 3 and after[1] == 2 and after[2] == 2
         assert first[0] != after[0]  # a new measurement, named after its epoch
         assert total == 3.0
+
+
+@pytest.mark.timeout(60)
+def test_probe_and_bench_across_hosts_say_what_they_need(monkeypatch, capsys):
+    from pycoll.cli import main
+    for var in ("RANK", "WORLD_SIZE", "MASTER_PORT", "PYCOLL_MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    assert main(["probe"]) == 2
+    assert "needs --master HOST:PORT" in capsys.readouterr().err
+    assert main(["probe", "--master", "nohost", "--world-size", "2", "--rank", "0"]) == 2
+    assert "HOST:PORT" in capsys.readouterr().err
+    assert main(["bench", "--master", "h:x"]) == 2
+    assert "--master" in capsys.readouterr().err
+    assert main(["bench", "--master", "127.0.0.1:44999"]) == 2
+    assert "--rank and --world-size" in capsys.readouterr().err
