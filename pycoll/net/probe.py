@@ -34,7 +34,7 @@ from pycoll.plan.topology import parse_topology
 log = logging.getLogger("pycoll")
 HELLO = struct.Struct("!4s16sBd")  # magic, token, mode, seconds
 MAGIC = b"PCPR"
-PING, BULK = 1, 2
+PING, BULK, BULK_MEAN = 1, 2, 3  # BULK: the flow's best stretch; BULK_MEAN: its mean (shared tests)
 CHUNK = 1 << 18
 WARMUP = 1 / 3  # of a bulk flow's time, not counted (slow start)
 
@@ -104,15 +104,15 @@ class ProbeServer:
                     if not data:
                         return
                     conn.sendall(data)
-            elif mode == BULK:
-                self._sink(conn, min(max(seconds, 0.01), self.timeout))
+            elif mode in (BULK, BULK_MEAN):
+                self._sink(conn, min(max(seconds, 0.01), self.timeout), mode == BULK_MEAN)
         except (OSError, ConnectionError, struct.error):
             return
         finally:
             conn.close()
 
     @staticmethod
-    def _sink(conn, seconds):
+    def _sink(conn, seconds, mean=False):
         """Read for ``seconds`` from the first byte; answer the rate after the warm-up and close
         at once (what the sender still has queued is discarded, not drained: a thin link would
         otherwise hold the round for as long as its buffers take to empty)."""
@@ -132,7 +132,10 @@ class ProbeServer:
                 samples.append((now, total))
             if now - first >= seconds:
                 break
-        rate = _best_window(samples, seconds * (1 - WARMUP) / 2)
+        if mean:  # two flows sharing a link take turns: their best stretches would add up to more
+            rate = _best_window(samples, math.inf)
+        else:
+            rate = _best_window(samples, seconds * (1 - WARMUP) / 2)
         conn.sendall(json.dumps({"rate": rate}).encode() + b"\n")
         conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 
@@ -183,10 +186,10 @@ def ping(addr, token, count=5, timeout=10.0):
         s.close()
 
 
-def bulk(addr, token, seconds, timeout=30.0):
+def bulk(addr, token, seconds, timeout=30.0, mean=False):
     """Send as fast as TCP allows until the receiver answers (it reads for ``seconds``); its
-    rate (bytes/s) after the warm-up."""
-    s = _connect(addr, token, BULK, seconds, timeout)
+    rate (bytes/s) after the warm-up: the best half-window, or with ``mean`` the mean."""
+    s = _connect(addr, token, BULK_MEAN if mean else BULK, seconds, timeout)
     try:
         payload = memoryview(os.urandom(CHUNK))
         end = time.perf_counter() + seconds + timeout
@@ -257,7 +260,8 @@ class ProbeResult:
     """Matrices (``bw`` bytes/s and ``lat`` one-way seconds, [u, v] = u -> v), ``rtt``, the
     ``sites`` found, shared ``uplinks`` {site: bytes/s}, the wall time it took."""
 
-    def __init__(self, bw, lat, rtt, sites, uplinks, seconds, rounds):
+    def __init__(self, bw, lat, rtt, sites, uplinks, seconds, rounds, results=None):
+        self.results = results or {}  # {(kind, (a, b)): (rate a->b, rate b->a)}: what was measured
         self.bw, self.lat, self.rtt = bw, lat, rtt
         self.sites, self.uplinks, self.seconds, self.rounds = sites, uplinks, seconds, rounds
 
@@ -283,6 +287,13 @@ class ProbeResult:
         for u in range(n):
             rows.append(f"{u:>5d} " + "".join(
                 f"{'-':>9}" if u == v else f"{self.rtt[u, v] * 1e3:9.3f}" for v in range(n)))
+        solo = {(self.sites[a], self.sites[b]): v for (k, (a, b)), v in self.results.items() if k == "solo"}
+        for (s, t), one in sorted(solo.items()):
+            two = [v for (k, (a, b)), v in self.results.items() if k == "dual" and (self.sites[a], self.sites[b]) == (s, t)]
+            if len(two) == 2:
+                rows.append(f"uplink test site{s} -> site{t}: one flow {one[0] * 8e-6:.1f}, two at once "
+                            f"{two[0][0] * 8e-6:.1f} + {two[1][0] * 8e-6:.1f} Mbit/s; back: one {one[1] * 8e-6:.1f}, "
+                            f"two {two[0][1] * 8e-6:.1f} + {two[1][1] * 8e-6:.1f}")
         rows.append(f"sites: {self.sites}; shared uplinks: "
                     + (", ".join(f"site{s} {b * 8 / 1e6:.1f} Mbit/s" for s, b in sorted(self.uplinks.items()))
                        or "none found"))
@@ -327,12 +338,12 @@ def probe(rank, addrs, exchange, seconds=0.3, pings=5, timeout=30.0):
                     for a, b in pairs:
                         i = slots.index((kind, (a, b)))
                         if rank == a:
-                            jobs.append((i, 0, b))
+                            jobs.append((i, 0, b, kind == "dual"))
                         elif rank == b:
-                            jobs.append((i, 1, a))
-                got = _parallel([_or(0.0, (lambda v: lambda: bulk(where[v], token, seconds, timeout))(v))
-                                 for _, _, v in jobs], seconds + timeout + 5)
-                for (i, d, _), r in zip(jobs, got):
+                            jobs.append((i, 1, a, kind == "dual"))
+                got = _parallel([_or(0.0, (lambda v, m: lambda: bulk(where[v], token, seconds, timeout, m))(v, m))
+                                 for _, _, v, m in jobs], seconds + timeout + 5)
+                for (i, d, _, _), r in zip(jobs, got):
                     rates[i, d] = max(rates[i, d], r)
                 exchange(np.zeros(1), "sum")  # the round is over on every rank
 
@@ -360,4 +371,4 @@ def probe(rank, addrs, exchange, seconds=0.3, pings=5, timeout=30.0):
         rates[rates <= 0] = rates[rates > 0].min()
     results = {slot: (float(rates[i, 0]), float(rates[i, 1])) for i, slot in enumerate(slots)}
     bw, lat, uplinks = measured.fill_matrices(sites, results, rtt)
-    return ProbeResult(bw, lat, rtt, sites, uplinks, time.perf_counter() - t0, len(rounds))
+    return ProbeResult(bw, lat, rtt, sites, uplinks, time.perf_counter() - t0, len(rounds), results)

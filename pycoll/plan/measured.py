@@ -167,10 +167,14 @@ def fill_matrices(sites, results, rtt):
             continue
         # A short flow underestimates more often than it overestimates: compare the two flows'
         # sum with the best any single flow got (shared: about 1x, private links: about 2x).
+        # Either direction is evidence enough: a short flow that ramps up late (the reverse
+        # direction of a pair, behind the forward flow's ACKs) hides sharing, never fakes it.
         top_st, top_ts = max(one[0], ab, other[0][0]), max(one[1], ba, other[0][1])
-        if ab + other[0][0] < SHARED * top_st and ba + other[0][1] < SHARED * top_ts:
-            uplinks[s] = max(uplinks.get(s, 0.0), top_st, top_ts)
-            uplinks[t] = max(uplinks.get(t, 0.0), top_st, top_ts)
+        shared = [top for top, two in ((top_st, ab + other[0][0]), (top_ts, ba + other[0][1]))
+                  if two < SHARED * top]
+        if shared:
+            uplinks[s] = max(uplinks.get(s, 0.0), *shared)
+            uplinks[t] = max(uplinks.get(t, 0.0), *shared)
     for u in range(n):
         for v in range(n):
             if u != v and sites[u] != sites[v]:
