@@ -22,8 +22,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 
-def available_cc():
-    with open("/proc/sys/net/ipv4/tcp_available_congestion_control") as f:
+def allowed_cc():
+    """What a network namespace may select (tcp_allowed_congestion_control; here reno and bbr:
+    cubic is available but not allowed outside the initial namespace)."""
+    with open("/proc/sys/net/ipv4/tcp_allowed_congestion_control") as f:
         return f.read().split()
 
 
@@ -47,25 +49,32 @@ def main(argv=None):
     ap.add_argument("--cc", default=None, help="congestion controls (default: all available but reno)")
     ap.add_argument("--seconds", type=float, default=20.0)
     ap.add_argument("--mtu", type=int, default=9000)
+    ap.add_argument("--buffers", default="kernel,64M",
+                    help="socket buffer maxima to compare: 'kernel' (tcp_wmem max 4 MiB here) and/or sizes")
     args = ap.parse_args(argv)
     from pycoll.emulator import Emulator, EmuSpec, parse_rate, parse_time
     rate, rtt = parse_rate(args.rate), parse_time(args.rtt)
-    ccs = args.cc.split(",") if args.cc else [c for c in available_cc() if c != "reno"]
+    ccs = args.cc.split(",") if args.cc else [c for c in allowed_cc() if c != "reno"] or allowed_cc()
     flows = [int(k) for k in args.flows.split(",")]
     mss = args.mtu - 52  # IPv4 + TCP with timestamps
     print(f"## {args.rate}, RTT {args.rtt}, loss {args.loss:.2%}, MTU {args.mtu}, {args.seconds:.0f} s per run\n")
-    print("| congestion control | connections | goodput | of the link | Mathis bound (loss-based) |")
-    print("|---|---|---|---|---|")
-    for cc in ccs:
+    print("| congestion control | buffers (max) | connections | goodput | of the link | window bound | "
+          "Mathis bound (loss-based) |")
+    print("|---|---|---|---|---|---|---|")
+    from pycoll.units import parse_size
+    for cc, buf in [(c, b) for c in ccs for b in args.buffers.split(",")]:
         spec = EmuSpec.uniform(2, rate_bps=rate, delay_s=rtt / 2, loss=args.loss)
-        with Emulator(spec, mtu=args.mtu, congestion=cc, seed=7) as emu:
+        mx = 4 << 20 if buf == "kernel" else parse_size(buf)
+        with Emulator(spec, mtu=args.mtu, congestion=cc, seed=7,
+                      tcp_buffers=False if buf == "kernel" else mx) as emu:
             for k in flows:
                 res = emu.measure_transfers([(0, 1)] * k, seconds=args.seconds, port=44300,
                                             timeout=args.seconds * 3 + 60)
                 got = _steady_rate(res, args.seconds * 0.4)
                 mathis = k * mss * 8 / rtt * 1.22 / math.sqrt(args.loss) if args.loss else math.inf
-                print(f"| {cc} | {k} | {got / 1e6:.0f} Mbit/s | {got / rate:.0%} | "
-                      f"{min(mathis, rate) / rate:.0%} of the link |", flush=True)
+                window = k * mx * 8 / rtt  # all of tcp_wmem's max in flight each round trip (an upper bound)
+                print(f"| {cc} | {buf} | {k} | {got / 1e6:.0f} Mbit/s | {got / rate:.0%} | "
+                      f"{min(window, rate) / rate:.0%} | {min(mathis, rate) / rate:.0%} |", flush=True)
     return 0
 
 
