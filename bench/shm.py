@@ -3,6 +3,7 @@ torch's Gloo vs Open MPI (its default transport on one host: shared memory).
 
     python bench/shm.py                      # 2 and 4 ranks, 4 KiB .. 64 MiB, a few minutes
     python bench/shm.py --ranks 2 --sizes 4K,1M,16M --rounds 5 --json out.json
+    python bench/shm.py --ranks 2,4 --sizes 4K,1M,16M --impls pycoll-shm,pycoll-tcp,gloo --burn 2
 
 Every implementation runs the same loop on float32 arrays, in place: barrier,
 then time one all-reduce; each iteration's time is the slowest rank's, and a
@@ -17,6 +18,18 @@ scratch and are copied out at the end). Open MPI and Gloo make no such
 promise; "pycoll-shm-np" (preserve_input=False) is the like-for-like row.
 "pycoll-shm-np-ring" (not run unless named in --impls) also turns single
 copy off, to show what it gains on large buffers.
+
+A second table gives the CPU time (user + sys, all threads) the ranks
+spent inside each call, summed over the ranks (median over iterations):
+what the collective took from anything else that wants the cores. A third
+table runs as many calls again back to back after one barrier and gives
+the mean per call: a barrier before each timed call lines the ranks up
+(all of them on a CPU when the call starts), which on a loaded host hides
+what a training loop pays to get its peers scheduled.
+`--burn K` runs K busy-loop processes (`while True: pass`, normal
+priority) during the whole measurement, like a training host whose cores
+are busy with compute and data loaders; they are killed however the run
+ends.
 Open MPI runs under mpirun (needs mpi4py), Gloo under torch.distributed;
 either is skipped with a note when missing.
 """
@@ -48,23 +61,60 @@ def iterations(nbytes, scale):
 
 
 def timed_loop(sizes, scale, barrier, allreduce, make, after=None):
-    """{size: [seconds per iteration]} for this rank; ``after(x)`` runs after
-    each timed call, outside the timing."""
-    out = {}
+    """This rank's samples: {"wall": {size: [seconds per iteration]}, "cpu":
+    {size: [CPU seconds per iteration]}, "loop": {size: [seconds, CPU seconds]}}.
+    An iteration is a barrier, then one timed call; CPU is user + sys of all
+    this process's threads. "loop" is the mean per call of as many calls
+    again (at least 1000 up to 64 KiB, so that the loop spans many scheduler
+    time slices), back to back after one barrier (what a training loop sees:
+    no barrier lines the ranks up before each call). ``after(x)`` runs after
+    each timed iteration, outside the timing."""
+    out = {"wall": {}, "cpu": {}, "loop": {}}
     for n in sizes:
         x = make(n)
         for _ in range(3 if n < (16 << 20) else 1):
             allreduce(x)
-        ts = []
-        for _ in range(iterations(n, scale)):
+        ts, cs = [], []
+        reps = iterations(n, scale)
+        for _ in range(reps):
             barrier()
+            c0 = time.process_time()
             t0 = time.perf_counter()
             allreduce(x)
-            ts.append(time.perf_counter() - t0)
+            t1 = time.perf_counter()
+            cs.append(time.process_time() - c0)
+            ts.append(t1 - t0)
             if after is not None:
                 after(x)
-        out[n] = ts
+        calls = max(reps, 1000) if n <= (64 << 10) else reps
+        barrier()
+        c0 = time.process_time()
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            allreduce(x)
+        out["loop"][n] = [(time.perf_counter() - t0) / calls, (time.process_time() - c0) / calls]
+        out["wall"][n], out["cpu"][n] = ts, cs
     return out
+
+
+def burners(k):
+    """Start k busy-loop processes at normal priority; returns them (see stop_burners)."""
+    procs = []
+    try:
+        for _ in range(k):
+            procs.append(subprocess.Popen([sys.executable, "-c", "while True: pass"], stdin=subprocess.DEVNULL))
+    except BaseException:
+        stop_burners(procs)
+        raise
+    return procs
+
+
+def stop_burners(procs):
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+    for p in procs:
+        p.wait()
 
 
 # ---- the implementations (each runs on every rank) -------------------------
@@ -75,8 +125,9 @@ def pycoll_rank(comm, sizes, scale):
 
     def note(x):
         engine.setdefault(x.nbytes, []).append(comm.stats[-1].seconds)
-    wall = timed_loop(sizes, scale, comm.barrier, comm.all_reduce, lambda n: np.ones(n // 4, np.float32), note)
-    return wall, {n: engine[n][-len(wall[n]):] for n in sizes}
+    out = timed_loop(sizes, scale, comm.barrier, comm.all_reduce, lambda n: np.ones(n // 4, np.float32), note)
+    out["engine"] = {n: engine[n][-len(out["wall"][n]):] for n in sizes}
+    return out
 
 
 def run_pycoll(world, sizes, scale, transport, preserve, **options):
@@ -133,7 +184,7 @@ def mpi_worker(sizes, scale):
     res = timed_loop(sizes, scale, comm.Barrier, allreduce, lambda n: np.ones(n // 4, np.float32))
     everyone = comm.gather(res, root=0)
     if comm.rank == 0:
-        print("MPI-RESULT " + json.dumps([{str(k): v for k, v in r.items()} for r in everyone]), flush=True)
+        print("MPI-RESULT " + json.dumps(everyone), flush=True)
 
 
 def run_mpi(world, sizes, scale):
@@ -142,7 +193,8 @@ def run_mpi(world, sizes, scale):
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=dict(os.environ, **QUIET_ENV))
     for line in out.stdout.splitlines():
         if line.startswith("MPI-RESULT "):
-            return [{int(k): v for k, v in r.items()} for r in json.loads(line[len("MPI-RESULT "):])]
+            return [{part: {int(k): v for k, v in d.items()} for part, d in r.items()}
+                    for r in json.loads(line[len("MPI-RESULT "):])]
     raise RuntimeError(f"mpirun failed ({out.returncode}): {out.stderr[-2000:]}")
 
 
@@ -210,6 +262,8 @@ def main():
                     help="before each run wait up to this many seconds for an idle machine")
     ap.add_argument("--idle", type=float, default=0.9, help="what idle means for --wait-quiet (fraction)")
     ap.add_argument("--json", help="write all samples here")
+    ap.add_argument("--burn", type=int, default=0,
+                    help="run this many busy-loop processes during the measurement (a loaded host)")
     ap.add_argument("--mpi-worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     sizes = [parse_size(s) for s in args.sizes.split(",")]
@@ -222,7 +276,24 @@ def main():
     for i in skipped:
         print(f"note: {i} is not available here, skipped", file=sys.stderr)
     samples = {}  # (impl, world, size) -> per-iteration seconds (slowest rank)
+    cpu_samples = {}  # (impl, world, size) -> per-iteration CPU seconds (all ranks)
     t_start = time.monotonic()
+    burn = burners(args.burn)
+    try:
+        measure(args, impls, sizes, samples, cpu_samples)
+    finally:
+        stop_burners(burn)
+    shown = impls + (["pycoll-shm (engine)"] if "pycoll-shm" in impls else [])
+    load = f", {args.burn} busy-loop processes running" if args.burn else ""
+    report(samples, cpu_samples, shown, sizes, sorted({w for _, w, _ in samples}), load)
+    print(f"\n(total {time.monotonic() - t_start:.0f} s)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([{"impl": i, "ranks": w, "bytes": n, "seconds": v, "cpu_seconds": cpu_samples.get((i, w, n))}
+                       for (i, w, n), v in samples.items()], f)
+
+
+def measure(args, impls, sizes, samples, cpu_samples):
     for world in [int(w) for w in args.ranks.split(",")]:
         for rnd in range(args.rounds):
             order = impls[rnd % len(impls):] + impls[:rnd % len(impls)]
@@ -231,27 +302,27 @@ def main():
                     print("note: machine not idle", file=sys.stderr)
                 t0 = time.monotonic()
                 per_rank = run_impl(impl, world, sizes, args.scale)
-                parts = {impl: per_rank}
+                parts = {impl: [r["wall"] for r in per_rank]}
                 if impl.startswith("pycoll"):
-                    parts = {impl: [w for w, _ in per_rank], impl + " (engine)": [e for _, e in per_rank]}
+                    parts[impl + " (engine)"] = [r["engine"] for r in per_rank]
                 for name, runs in parts.items():
                     for n in sizes:
                         slowest = np.max(np.array([r[n] for r in runs]), axis=0)
                         samples.setdefault((name, world, n), []).extend(slowest.tolist())
+                for n in sizes:  # CPU: all ranks together
+                    total = np.sum(np.array([r["cpu"][n] for r in per_rank]), axis=0)
+                    cpu_samples.setdefault((impl, world, n), []).extend(total.tolist())
+                    # back to back: the slowest rank's mean per call; CPU of all ranks
+                    samples.setdefault((impl + " loop", world, n), []).append(max(r["loop"][n][0] for r in per_rank))
+                    cpu_samples.setdefault((impl + " loop", world, n), []).append(sum(r["loop"][n][1] for r in per_rank))
                 print(f"# {world} ranks, round {rnd + 1}/{args.rounds}, {impl}: {time.monotonic() - t0:.1f} s",
                       file=sys.stderr, flush=True)
-    shown = impls + (["pycoll-shm (engine)"] if "pycoll-shm" in impls else [])
-    report(samples, shown, sizes, sorted({w for _, w, _ in samples}))
-    print(f"\n(total {time.monotonic() - t_start:.0f} s)")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump([{"impl": i, "ranks": w, "bytes": n, "seconds": v} for (i, w, n), v in samples.items()], f)
 
 
-def report(samples, impls, sizes, worlds):
+def report(samples, cpu_samples, impls, sizes, worlds, load=""):
     med = {k: float(np.median(v)) for k, v in samples.items()}
     for world in worlds:
-        print(f"\n## all-reduce float32, {world} ranks: median time (busbw GB/s)\n")
+        print(f"\n## all-reduce float32, {world} ranks{load}: median time (busbw GB/s)\n")
         print("| size | " + " | ".join(impls) + " | shm/tcp | shm/mpi | shm-np/mpi |")
         print("|---|" + "---|" * (len(impls) + 3))
         for n in sizes:
@@ -268,6 +339,25 @@ def report(samples, impls, sizes, worlds):
                 return f"{bw[a] / bw[b]:.2f}x" if a in bw and b in bw else "-"
             print(f"| {human_size(n)} | " + " | ".join(cells) + f" | {ratio('pycoll-shm', 'pycoll-tcp')} | "
                   f"{ratio('pycoll-shm', 'mpi')} | {ratio('pycoll-shm-np', 'mpi')} |")
+        cpu_impls = [i for i in impls if (i, world, sizes[0]) in cpu_samples]
+        print(f"\n## {world} ranks{load}: CPU time per all-reduce, all ranks together "
+              "(median; in parentheses: CPU / wall)\n")
+        print("| size | " + " | ".join(cpu_impls) + " |")
+        print("|---|" + "---|" * len(cpu_impls))
+        for n in sizes:
+            cells = []
+            for impl in cpu_impls:
+                c, t = float(np.median(cpu_samples[(impl, world, n)])), med.get((impl, world, n))
+                cells.append(f"{fmt_time(c)} ({c / t:.2f})" if t else fmt_time(c))
+            print(f"| {human_size(n)} | " + " | ".join(cells) + " |")
+        print(f"\n## {world} ranks{load}: back to back (no barrier between calls), mean time per all-reduce "
+              "of the slowest rank / CPU time per all-reduce, all ranks together (median over runs)\n")
+        print("| size | " + " | ".join(cpu_impls) + " |")
+        print("|---|" + "---|" * len(cpu_impls))
+        for n in sizes:
+            cells = [f"{fmt_time(float(np.median(samples[(i + ' loop', world, n)])))} / "
+                     f"{fmt_time(float(np.median(cpu_samples[(i + ' loop', world, n)])))}" for i in cpu_impls]
+            print(f"| {human_size(n)} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

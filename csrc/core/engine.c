@@ -13,14 +13,14 @@
  * memory) skips the staging buffer: the reduction reads the peer's bytes
  * where they lie. Such transports ask for frames padded to 8 bytes
  * (conn->align), so every payload element lies naturally aligned there.
- * When nothing moves the loop spins briefly (small messages) then sleeps in
- * poll() on the channels it waits for plus the comm's cancel pipe, never
- * past the deadline. Waits on shared-memory channels only spin longer
- * (shm_spin_us, 20 ms): there a reply costs nanoseconds to notice but a
- * sleep costs a wake-up and, on a busy machine, a trip to the back of the
- * run queue, often for milliseconds, which every later step then pays too.
- * With more ranks on the host than CPUs, those spins yield the CPU between
- * checks (the peer we wait for may need ours). On any
+ * When nothing moves the loop may spin briefly, then sleeps in poll() on
+ * the channels it waits for plus the comm's cancel pipe, never past the
+ * deadline (shared-memory channels sleep on their eventfd doorbells, see
+ * transport_shm.c). Spinning only pays when the reply comes sooner than a
+ * sleep and a wake-up would take, and only costs nothing when no other
+ * task wants the core: so the spin budget is learned from how long the
+ * comm's recent waits took (see the waiting policy below), and is zero
+ * while the host has more runnable tasks than CPUs. On any
  * failure every connection of the comm is shut
  * down, so peers blocked on us fail at once instead of waiting out a
  * timeout; the comm is then unusable and the caller builds a new one.
@@ -35,6 +35,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 #include "plan.h"
@@ -45,6 +46,12 @@
 #define STAGE_BYTES (256u * 1024u)
 #define REMOTE_BUDGET (4ull << 20) /* bytes copied from a peer per pump call */
 #define REMOTE_OP_MIN (64u * 1024u) /* smaller payloads always go through the ring */
+
+/* Kinds of wait, each with its own learned spin budget: all channels it waits
+ * on are shared memory; or some is a socket, in a small collective (a big
+ * one never spins on sockets: its waits are long and the kernel does the
+ * copying, on the cores a spinner would take). */
+enum { WAIT_SHM, WAIT_SOCK, WAIT_KINDS, WAIT_NONE = -1 };
 
 typedef struct {
     int32_t *send_q, nsend, send_head;
@@ -71,11 +78,19 @@ struct pc_comm {
     int cancel_pipe[2];
     int cancelled;            /* atomic */
     int broken;
-    int spin_us;
+    int spin_us;              /* most we spin on a small collective's wait (0: never spin) */
     double stall_s;           /* fail when nothing moved this long (0: off) */
-    int shm_spin_us;          /* spin this long on shm-only waits */
+    int shm_spin_us;          /* most we spin on a shm-only wait */
     uint64_t remote_min;      /* payloads this big go single-copy where the peer can (0: never) */
     int oversubscribed;       /* more ranks on this host than CPUs */
+    int32_t local_ranks;      /* ranks of this comm on this host, ourselves included */
+    /* waiting policy (see begin_wait) */
+    uint32_t spin_ns[WAIT_KINDS]; /* learned spin budget per kind of wait */
+    int32_t cpus_online;
+    int busy_looks;           /* consecutive looks at the host that found it busy (host_busy) */
+    uint64_t sched_run_ns, sched_wait_ns; /* the waiting thread's schedstat at the last look */
+    pid_t sched_tid;          /* whose they are (0: none yet) */
+    double busy_seen_at;      /* when the last look was (0: never) */
     void *scratch;
     uint64_t scratch_cap;
     void *run_mem;            /* a run's bookkeeping (prepare), kept for the next run */
@@ -109,11 +124,12 @@ static void close_from(int32_t from, int32_t nconn, int32_t stripes, int32_t ran
     }
 }
 
+/* Ranks of this comm on this host, ourselves included. */
 static int32_t local_ranks(const pc_comm *c) {
     int32_t n = 1;
     for (int32_t p = 0; p < c->nranks; p++) {
         pc_conn *cn = p == c->rank ? NULL : c->conns[p * c->stripes];
-        n += cn && cn->ops->arm; /* only shared-memory conns have arm */
+        n += cn && pc_conn_same_host(cn);
     }
     return n;
 }
@@ -151,7 +167,7 @@ pc_status pc_comm_create_mixed(int32_t rank, int32_t nranks, int32_t stripes, co
     c->nranks = nranks;
     c->stripes = stripes;
     c->spin_us = 200;
-    c->shm_spin_us = 20000;
+    c->shm_spin_us = PC_SHM_SPIN_DEFAULT;
     c->remote_min = PC_SINGLE_COPY_DEFAULT;
     c->cancel_pipe[0] = c->cancel_pipe[1] = -1;
     c->conns = calloc((size_t)nconn, sizeof *c->conns);
@@ -184,7 +200,12 @@ pc_status pc_comm_create_mixed(int32_t rank, int32_t nranks, int32_t stripes, co
         }
         if (!shm) close_from(i, i + 1, stripes, rank, NULL, shm_fds);
     }
-    c->oversubscribed = local_ranks(c) > cpus_available();
+    c->local_ranks = local_ranks(c);
+    c->oversubscribed = c->local_ranks > cpus_available();
+    long online = sysconf(_SC_NPROCESSORS_ONLN);
+    c->cpus_online = online > 0 ? (int32_t)online : 1;
+    c->spin_ns[WAIT_SHM] = (uint32_t)c->shm_spin_us * 1000u;
+    c->spin_ns[WAIT_SOCK] = (uint32_t)c->spin_us * 1000u;
     *out = c;
     return PC_OK;
 fail_fds:
@@ -220,9 +241,19 @@ void pc_comm_clear_cancel(pc_comm *c) {
     __atomic_store_n(&c->cancelled, 0, __ATOMIC_SEQ_CST);
 }
 
-void pc_comm_set_spin(pc_comm *c, int32_t spin_us) { c->spin_us = spin_us < 0 ? 0 : spin_us; }
+/* Spin caps are kept below 1 s (a spin longer than that is never right, and
+ * the budgets, in ns, fit 32 bits). */
+static int32_t clamp_spin(int32_t us) { return us < 0 ? 0 : us > 1000000 ? 1000000 : us; }
+
+void pc_comm_set_spin(pc_comm *c, int32_t spin_us) {
+    c->spin_us = clamp_spin(spin_us);
+    c->spin_ns[WAIT_SOCK] = (uint32_t)c->spin_us * 1000u;
+}
 void pc_comm_set_stall_timeout(pc_comm *c, double seconds) { c->stall_s = seconds > 0 ? seconds : 0; }
-void pc_comm_set_shm_spin(pc_comm *c, int32_t spin_us) { c->shm_spin_us = spin_us < 0 ? 0 : spin_us; }
+void pc_comm_set_shm_spin(pc_comm *c, int32_t spin_us) {
+    c->shm_spin_us = clamp_spin(spin_us);
+    c->spin_ns[WAIT_SHM] = (uint32_t)c->shm_spin_us * 1000u;
+}
 
 void pc_comm_set_single_copy(pc_comm *c, uint64_t min_bytes) {
     c->remote_min = min_bytes;
@@ -795,6 +826,159 @@ static int shm_only_waits(const run_state *r) {
     return 1;
 }
 
+/* ---- waiting policy ------------------------------------------------------
+ *
+ * A wait starts when a pass over the channels moved nothing and ends at the
+ * next pass that moved something. Spinning through it costs a core for its
+ * whole length; sleeping costs a wake-up (tens of microseconds on an idle
+ * host) but gives the core to whoever else wants it. So:
+ *
+ *  - While other work wants the host's CPUs, nobody spins: the core goes
+ *    to compute, data loaders, or the rank we wait for. "Other work wants
+ *    them" (host_busy) is two looks in a row, BUSY_RECHECK apart and only
+ *    when a wait begins, that both saw more runnable tasks than CPUs (the
+ *    running count of /proc/loadavg), not counting this comm's own ranks on
+ *    the host, and saw this thread queued behind others for more than
+ *    QUEUED_BUSY of the time it wanted a CPU (its schedstat): tasks at a
+ *    lower priority are runnable but yield to us at once. One look is not
+ *    enough, because with every CPU running a rank any other thread that
+ *    wakes for a moment tips it over (with 2 ranks on 2 idle cores, a
+ *    heartbeat thread or the parent's polling loop: 15-25 % of the looks,
+ *    each costing 5 ms of sleeping through waits).
+ *  - With more of this comm's ranks on the host than CPUs, a spin yields
+ *    between looks (sched_yield): the rank we wait for may be queued behind
+ *    us. With only our ranks running that is a cheap handoff (4 ranks on 2
+ *    idle cores, 4 KiB: 20-25 us per call against 50 us sleeping); with
+ *    other work beside them the yields would go to it for whole time slices
+ *    (two busy loops: 1 MiB took 3.2-3.8 ms yielding against 0.8 ms
+ *    sleeping), which is why a busy host stops the spin first.
+ *  - Otherwise we spin for a budget learned from this comm's recent waits
+ *    of the same kind (WAIT_SHM, WAIT_SOCK), capped by shm_spin_us and
+ *    spin_us: a wait that a spin of up to the cap would have caught raises
+ *    the budget to twice its length (plus SPIN_SLACK); one longer than the
+ *    cap was all waste and halves it. The budget drops to zero after a few
+ *    long waits (a peer that computes between collectives, a straggler)
+ *    and comes back with the first short one: a wait we slept through
+ *    still counts, with its wake-up. Between looks the spinner pauses the
+ *    CPU (cpu_relax) unless the comm is oversubscribed (above).
+ *
+ * Then we sleep in poll(): on sockets, or on the shared-memory doorbells
+ * (transport_shm.c: the sleeper sets its wait flag and re-checks the ring,
+ * the other side publishes and then reads the flag, so one of them always
+ * sees the other and no wake-up is lost). That holds for senders too: a
+ * full ring or socket buffer is waited for like anything else (POLLOUT).
+ */
+#define BUSY_RECHECK 0.005  /* s between looks at /proc/loadavg */
+#define BUSY_LOOKS 2         /* busy: this many looks in a row saw it so */
+#define QUEUED_BUSY 0.2      /* busy: we waited for a CPU more than this share of the time we wanted one */
+#define SPIN_SLACK 50000u    /* ns added to a learned budget: a peer's hiccup (an interrupt, a
+                                thread of ours waking) rather than a sleep and a wake-up */
+
+static void cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
+
+/* Tasks running or runnable on the host now (the 4th field of
+ * /proc/loadavg, "running/total"; it counts the reader too); 0 if unknown. */
+static int32_t runnable_tasks(void) {
+    int fd = open("/proc/loadavg", O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return 0;
+    char buf[128];
+    ssize_t n = read(fd, buf, sizeof buf - 1);
+    close(fd);
+    if (n <= 0) return 0;
+    buf[n] = 0;
+    const char *p = buf;
+    for (int field = 0; field < 3 && p; field++) {
+        p = strchr(p, ' ');
+        if (p) p++;
+    }
+    return p ? (int32_t)strtol(p, NULL, 10) : 0;
+}
+
+/* Of the time since the last look that this thread wanted a CPU, the share
+ * it spent queued behind other tasks (/proc/thread-self/schedstat: ns on a
+ * CPU, ns waiting on a run queue). 1 when unknown (no schedstat, first look
+ * or another thread than last time): the runnable count decides alone. */
+static double queued_share(pc_comm *c) {
+    int fd = open("/proc/thread-self/schedstat", O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return 1;
+    char buf[96];
+    ssize_t n = read(fd, buf, sizeof buf - 1);
+    close(fd);
+    if (n <= 0) return 1;
+    buf[n] = 0;
+    unsigned long long run = 0, wait = 0;
+    if (sscanf(buf, "%llu %llu", &run, &wait) != 2) return 1;
+    pid_t tid = (pid_t)syscall(SYS_gettid);
+    int known = c->sched_tid == tid && run >= c->sched_run_ns && wait >= c->sched_wait_ns;
+    double d_run = known ? (double)(run - c->sched_run_ns) : 0, d_wait = known ? (double)(wait - c->sched_wait_ns) : 0;
+    c->sched_tid = tid;
+    c->sched_run_ns = run;
+    c->sched_wait_ns = wait;
+    return known && d_run + d_wait > 0 ? d_wait / (d_run + d_wait) : 1;
+}
+
+/* Busy: more tasks want a CPU than there are CPUs, not counting our own ranks
+ * on this host (they take turns with us: that is what the yields of an
+ * oversubscribed spin are for), and they do take it from us: this thread sat
+ * queued for more than QUEUED_BUSY of the time it wanted a CPU. (Tasks at a
+ * lower priority, nice 15 say, count as runnable but barely delay us: the
+ * scheduler preempts them when we wake.) */
+static int host_busy(pc_comm *c, double t) {
+    if (c->busy_seen_at == 0 || t - c->busy_seen_at >= BUSY_RECHECK) {
+        int32_t room = c->cpus_online > c->local_ranks ? c->cpus_online : c->local_ranks;
+        double queued = queued_share(c);
+        c->busy_seen_at = t;
+        c->busy_looks = runnable_tasks() > room && queued > QUEUED_BUSY ? c->busy_looks + 1 : 0;
+    }
+    return c->busy_looks >= BUSY_LOOKS;
+}
+
+/* Between looks of a spin: with more of our ranks than CPUs the rank we wait
+ * for may be queued behind us on this core, so hand it the core; otherwise
+ * pause (with nobody else runnable a sched_yield is only a system call). */
+static void spin_pause(const pc_comm *c) {
+    if (c->oversubscribed) sched_yield();
+    else cpu_relax();
+}
+
+static uint32_t spin_cap_ns(const pc_comm *c, int kind) {
+    return (uint32_t)(kind == WAIT_SHM ? c->shm_spin_us : c->spin_us) * 1000u;
+}
+
+/* A wait begins: its kind (WAIT_NONE: one that never spins) and how many
+ * ns to spin before sleeping. */
+static uint32_t begin_wait(run_state *r, double t, int small, int *kind) {
+    pc_comm *c = r->comm;
+    *kind = WAIT_NONE;
+    if (c->spin_us <= 0) return 0; /* no spinning at all */
+    int k = shm_only_waits(r) ? WAIT_SHM : small ? WAIT_SOCK : WAIT_NONE;
+    if (k == WAIT_NONE) return 0;
+    *kind = k;
+    return host_busy(c, t) ? 0 : c->spin_ns[k];
+}
+
+/* A wait of `waited` seconds ended: learn from it (see above). */
+static void end_wait(pc_comm *c, int kind, double waited) {
+    if (kind == WAIT_NONE) return;
+    uint32_t cap = spin_cap_ns(c, kind), *budget = &c->spin_ns[kind];
+    double ns = waited * 1e9;
+    if (ns <= (double)cap) {
+        double want = 2.0 * ns + SPIN_SLACK;
+        uint32_t w = want < (double)cap ? (uint32_t)want : cap;
+        if (w > *budget) *budget = w;
+        else *budget -= (*budget - w) / 8; /* drift down to what recent waits needed */
+    } else {
+        *budget /= 2;
+        if (*budget < SPIN_SLACK) *budget = 0;
+    }
+}
+
 /* Events to poll for on c->fd while waiting for `want`; 0: ready now. */
 static short poll_events(pc_conn *c, short want) {
     return c->ops->arm ? c->ops->arm(c, want) : want;
@@ -950,14 +1134,18 @@ pc_status pc_comm_run_part(pc_comm *comm, const pc_plan *plan, int32_t part, voi
     }
     double deadline = now_s() + (timeout_s > 0 ? timeout_s : 1e9);
     double idle_since = -1, last_move = now_s();
-    /* Spin only for small collectives: there the next frame is microseconds
-     * away. For bulk transfers a sleeping waiter wakes in time and spinning
-     * only takes the core from the ranks it waits for (measured with 4 ranks
-     * on 2 cores: 16 MiB took 41 ms without spinning, 47 ms with 200 us). */
+    /* Socket waits spin only in small collectives: there the next frame is
+     * microseconds away. For bulk transfers a sleeping waiter wakes in time
+     * and spinning only takes the core from the ranks it waits for (measured
+     * with 4 ranks on 2 cores: 16 MiB took 41 ms without spinning, 47 ms with
+     * 200 us). */
     uint64_t net_bytes = 0;
     for (int32_t i = 0; i < plan->nops; i++)
         if (plan->ops[i].kind == PC_OP_SEND) net_bytes += plan->ops[i].len;
-    int spin_us = net_bytes <= (1u << 20) ? comm->spin_us : 0;
+    int small = net_bytes <= (1u << 20);
+    int wait_kind = WAIT_NONE;
+    uint32_t spin_ns = 0;
+    double looked = 0; /* when the last pass of this wait found nothing, if we did not sleep since */
     while (r.status == PC_OK && r.done < r.end) {
         int moved = run_locals(&r);
         for (int32_t a = 0; a < r.nactive && r.status == PC_OK; a++) {
@@ -967,7 +1155,12 @@ pc_status pc_comm_run_part(pc_comm *comm, const pc_plan *plan, int32_t part, voi
             moved |= pump_recv(&r, k);
         }
         moved |= run_locals(&r);
-        if (r.status != PC_OK || r.done == r.end) break;
+        if (r.status != PC_OK) break;
+        if (r.done == r.end) {
+            /* the wait ended within a pass of `looked` (no clock read on the fast path) */
+            if (idle_since >= 0) end_wait(comm, wait_kind, (looked > 0 ? looked : now_s()) - idle_since);
+            break;
+        }
         if (__atomic_load_n(&comm->cancelled, __ATOMIC_SEQ_CST)) {
             fail(&r, PC_ERR_CANCELLED, -1, "collective cancelled");
             break;
@@ -979,6 +1172,7 @@ pc_status pc_comm_run_part(pc_comm *comm, const pc_plan *plan, int32_t part, voi
             break;
         }
         if (moved) {
+            if (idle_since >= 0) end_wait(comm, wait_kind, t - idle_since);
             idle_since = -1;
             last_move = t;
             continue;
@@ -987,24 +1181,18 @@ pc_status pc_comm_run_part(pc_comm *comm, const pc_plan *plan, int32_t part, voi
             stall_fail(&r, t - last_move);
             break;
         }
-        /* Nothing moved: spin a little (a reply is often microseconds
-         * away), then sleep until a socket is ready or we are cancelled. */
-        if (idle_since < 0) idle_since = t;
-        double idle_us = (t - idle_since) * 1e6;
-        /* A same-host peer answers sooner than the scheduler would bring a
-         * sleeper back, whatever the size: keep polling shared-memory-only
-         * waits for a while (if spinning is on at all). */
-        if (comm->spin_us > 0 && idle_us < comm->shm_spin_us && shm_only_waits(&r)) {
-            /* More ranks than CPUs: yield between looks, so the rank we wait
-             * for gets a core; still far cheaper than a sleep and a wake-up
-             * per step (4 ranks on 2 cores, 4-16 MiB: 30-45 % faster). */
-            if (comm->oversubscribed) sched_yield();
+        /* Nothing moved: spin for the learned budget (none on a busy
+         * host), then sleep until a channel is ready or we are cancelled. */
+        if (idle_since < 0) {
+            idle_since = t;
+            spin_ns = begin_wait(&r, t, small, &wait_kind);
+        }
+        if ((t - idle_since) * 1e9 < (double)spin_ns) {
+            looked = t;
+            spin_pause(comm);
             continue;
         }
-        if (idle_us < spin_us) {
-            sched_yield(); /* with more ranks than cores the peer we wait for needs this core */
-            continue;
-        }
+        looked = 0;
         wait_for_io(&r, deadline);
     }
     st = r.status;
@@ -1054,10 +1242,13 @@ pc_status pc_comm_stream_ring(pc_comm *comm, uint64_t bytes, double timeout_s, d
         if (moved) {
             idle_since = -1;
         } else {
-            /* same waiting policy as the engine: spin (yielding), then sleep */
+            /* the engine's waiting policy, without the learning: spin up to
+             * the cap unless the host is busy, then sleep */
             if (idle_since < 0) idle_since = t;
-            if ((t - idle_since) * 1e6 < comm->spin_us) {
-                sched_yield();
+            int shm = out->ops->arm && in->ops->arm;
+            int32_t cap_us = comm->spin_us <= 0 ? 0 : shm ? comm->shm_spin_us : comm->spin_us;
+            if ((t - idle_since) * 1e6 < cap_us && !host_busy(comm, t)) {
+                spin_pause(comm);
                 continue;
             }
             short ev_out = want_out ? poll_events(out, want_out) : 0;

@@ -264,19 +264,20 @@ pc_status pc_shm_segment_create(uint64_t ring_bytes, int32_t *fds);
  * PC_ERR_CANCELLED promptly. pc_comm_clear_cancel() re-arms the comm. */
 void pc_comm_cancel(pc_comm *comm);
 void pc_comm_clear_cancel(pc_comm *comm);
-/* Microseconds to busy-poll (yielding the CPU) before sleeping in poll()
- * (default 200; 0 also turns off the longer spin on shared memory below). */
+/* The most microseconds a wait in a small collective (at most 1 MiB sent)
+ * may spin before sleeping in poll() (default 200; 0 turns spinning off
+ * altogether, also on shared memory below). How long a wait actually spins
+ * is learned from the comm's recent waits, up to this cap, and is zero
+ * while the host has more runnable tasks than CPUs (see engine.c). */
 void pc_comm_set_spin(pc_comm *comm, int32_t spin_us);
 /* Fail a collective with PC_ERR_TIMEOUT when no byte moved on any of its
  * connections for `seconds` (0, the default, turns this off). Meant for
  * long-haul links, where the collective deadline must be long. */
 void pc_comm_set_stall_timeout(pc_comm *comm, double seconds);
-/* Microseconds to keep polling before sleeping when every connection a
- * collective waits on is shared memory (default 20000; with more of the
- * comm's ranks on this host than CPUs it yields between looks). A reply there is seen at
- * once, while a sleep costs a wake-up and, on a busy machine, a wait for a
- * CPU that is often longer than a few milliseconds (then each step of a
- * collective pays it). */
+/* The same cap for waits on shared-memory connections only, in collectives
+ * of any size (default PC_SHM_SPIN_DEFAULT microseconds); they sleep on
+ * eventfd doorbells after it. */
+#define PC_SHM_SPIN_DEFAULT 500
 void pc_comm_set_shm_spin(pc_comm *comm, int32_t spin_us);
 /* Same-host single copy: in a collective whose buffers hold at least
  * min_bytes, a payload (of 64 KiB or more) to a shared-memory peer that can

@@ -48,6 +48,26 @@ uint64_t pc_codec_bytes(int32_t codec, uint64_t count) {
 }
 
 /* ---- int8 min-max ------------------------------------------------------ */
+
+/* The next float towards zero / away from zero (x >= 0, finite). */
+static float float_down(float x) {
+    bits32 b = {.f = x};
+    b.u -= 1;
+    return b.f;
+}
+static float float_up(float x) {
+    bits32 b = {.f = x};
+    b.u += 1;
+    return b.f;
+}
+
+/* Whether code 255 of a block (lo, step) decodes to a finite float. */
+static int decodes_finitely(float lo, float step) {
+    float p = 255.0f * step;
+    float top = lo + p;
+    return p <= FLT_MAX && top <= FLT_MAX;
+}
+
 static void put_f32(uint8_t *p, float v) { memcpy(p, &v, 4); }
 static float get_f32(const uint8_t *p) {
     float v;
@@ -79,13 +99,16 @@ static void int8_encode_block(uint8_t *out, const float *x, uint32_t n) {
         b.u += 1; /* the next float away from zero (step >= 0, finite) */
         step = b.f;
     }
-    for (;;) { /* decoding must not overflow: try the largest code the way decoding computes it */
-        float p = 255.0f * step;
-        float top = lo + p;
-        if (p <= FLT_MAX && top <= FLT_MAX) break;
-        bits32 b = {.f = step};
-        b.u -= 1; /* the next float towards zero */
-        step = b.f;
+    /* Decoding must not overflow: the step becomes the largest float, no larger than this one,
+     * whose largest code decodes finitely (computed the way decoding computes it). Both tests are
+     * monotone in the step, so jump close to the bound first (a block spanning most of the float
+     * range is millions of floats above it) and settle it with a few single steps. */
+    if (!decodes_finitely(lo, step)) {
+        double bound = ((double)FLT_MAX - (lo > 0 ? (double)lo : 0.0)) / 255.0;
+        float start = step;
+        if ((double)step > bound) step = (float)bound;
+        while (step > 0.0f && !decodes_finitely(lo, step)) step = float_down(step);
+        while (step < start && decodes_finitely(lo, float_up(step))) step = float_up(step);
     }
     put_f32(out, lo);
     put_f32(out + 4, step);

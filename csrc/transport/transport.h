@@ -64,6 +64,10 @@ struct pc_conn {
  * opens every connection through this, never through a concrete transport. */
 pc_conn *pc_conn_open(int32_t kind, int fd, const int32_t *shm_fds, int side, int sockbuf_bytes, pc_status *st);
 
+/* 1 if the peer runs on this host: a shared-memory conn, or a socket whose
+ * two ends have the same address (loopback, or the host dialling itself). */
+int pc_conn_same_host(const pc_conn *c);
+
 /* Wraps a connected TCP socket (takes ownership of fd). */
 pc_conn *pc_tcp_conn(int fd, int sockbuf_bytes);
 

@@ -228,15 +228,17 @@ def _async_and_futures():
     value = chained.wait()
     work = dist.all_reduce(torch.ones(1), async_op=True)
     work.wait()
-    stats = pycoll.torch.backend.communicator().stats
+    comm = pycoll.torch.backend.communicator()
+    stats = comm.stats
     return ([t[0].item() for t in tensors], value.tolist(), inner.tolist(), work.is_completed(),
-            work.is_success(), work.result()[0].tolist(), stats[-1].op, stats[-1].nbytes, n)
+            work.is_success(), work.result()[0].tolist(), stats[-1].op, stats[-1].nbytes, n, comm.preserve_input)
 
 
 @pytest.mark.timeout(120)
 def test_async_works_and_futures():
-    for sums, value, inner, done, ok, result, op, nbytes, n in pycoll.testing.run(
+    for sums, value, inner, done, ok, result, op, nbytes, n, preserve in pycoll.testing.run(
             _async_and_futures, 3, init="torch:pycoll", timeout=100):
+        assert preserve is False  # no scratch copy per bucket: a failed group is never used again
         assert sums == [float(sum(r + i for r in range(n))) for i in range(6)]
         assert value == [60.0] * 4 and inner == [6.0, 6.0]
         assert done and ok and result == [3.0]

@@ -25,8 +25,19 @@ def _int8_block(x):
     if np.float64(step) * 255.0 < rng:  # round up: 255 steps must span the block
         step = np.nextafter(step, _F32(np.inf))
     with np.errstate(over="ignore"):
-        while not (np.isfinite(_F32(255.0) * step) and np.isfinite(lo + _F32(255.0) * step)):
-            step = np.nextafter(step, _F32(0))  # decoding must not overflow
+        def decodes_finitely(s):
+            return np.isfinite(_F32(255.0) * s) and np.isfinite(lo + _F32(255.0) * s)
+
+        # decoding must not overflow: the largest float step <= this one whose code 255 decodes
+        # finitely (found directly: stepping one float at a time could take millions of steps)
+        if not decodes_finitely(step):
+            start = step
+            bound = (float(np.finfo(_F32).max) - max(float(lo), 0.0)) / 255.0
+            step = min(step, _F32(bound))
+            while step > 0 and not decodes_finitely(step):
+                step = np.nextafter(step, _F32(0))
+            while step < start and decodes_finitely(np.nextafter(step, _F32(np.inf))):
+                step = np.nextafter(step, _F32(np.inf))
     if step == 0:
         q = np.zeros(x.size, np.uint8)
     elif step >= np.finfo(_F32).tiny and rng <= 1e38:
