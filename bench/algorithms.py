@@ -132,7 +132,7 @@ def worker_pycoll(a):
         dist.init_process_group("gloo", init_method=f"tcp://{a.master}:{a.port + 1}", rank=a.rank,
                                 world_size=a.n)
     from pycoll.plan import planners
-    layout = comm._selector_for_epoch().layout
+    layout = comm.epoch_state.selector().layout
     out = {}
     for coll in a.colls.split(","):
         for nbytes in a.sizes:
@@ -156,7 +156,7 @@ def worker_pycoll(a):
             ran = [st.algorithm for st in comm.stats if st.op == coll][-len(ours):]  # the last repetition
             for algo, t in times.items():
                 out[f"{coll} {nbytes} {algo}"] = [t, ran[ours.index(algo)] if algo in ours else algo]
-    sel = comm._selector_for_epoch()
+    sel = comm.epoch_state.selector()
     grid = [1 << k for k in range(10, 29)]
     points = {coll: sel.model().switch_points(coll, sel.layout, grid, comm.segment_bytes)
               for coll in a.colls.split(",")}

@@ -98,7 +98,7 @@ def _settle(comm, seconds=0.5):
         comm.all_reduce(flag, op="max")
 
 
-def _torch_groups(impls, port, comm):
+def _torch_groups(impls, port, comm, host="127.0.0.1"):
     """torch.distributed groups for the torch implementations, all alive at
     once so the cases can take turns: {impl: (dist, group)}."""
     wanted = [i for i in impls if i != "pycoll"]
@@ -108,7 +108,7 @@ def _torch_groups(impls, port, comm):
     if "torch-pycoll" in wanted:
         import pycoll.torch.backend  # noqa: F401 - registers the backend
     default = "gloo" if "gloo" in wanted else "pycoll"
-    dist.init_process_group(default, init_method=f"tcp://127.0.0.1:{port}", rank=comm.rank,
+    dist.init_process_group(default, init_method=f"tcp://{host}:{port}", rank=comm.rank,
                             world_size=comm.world_size)
     groups = {"gloo" if default == "gloo" else "torch-pycoll": None}
     if default == "gloo" and "torch-pycoll" in wanted:
@@ -116,7 +116,7 @@ def _torch_groups(impls, port, comm):
     return {impl: (dist, group) for impl, group in groups.items()}
 
 
-def _bench_rank(comm, plan, port, iters, warmup, progress):
+def _bench_rank(comm, plan, port, iters, warmup, progress, host="127.0.0.1"):
     """Runs on every rank: ``plan`` is a list of (impl, algorithm, nbytes),
     in the order to run (implementations take turns at each size, so a
     change in the machine's load hits them alike)."""
@@ -124,7 +124,7 @@ def _bench_rank(comm, plan, port, iters, warmup, progress):
     out = []
     bar = tqdm(total=len(plan), desc=f"{comm.world_size} ranks", unit="case", leave=False,
                disable=not progress or comm.rank != 0, file=sys.stderr)
-    torch_groups = _torch_groups({impl for impl, _, _ in plan}, port, comm)
+    torch_groups = _torch_groups({impl for impl, _, _ in plan}, port, comm, host)
     try:
         _settle(comm)
         for impl, algorithm, nbytes in plan:
@@ -214,7 +214,7 @@ def format_table(results):
     return render_table(header, rows)
 
 
-def figure(results):
+def figure(results, where="loopback"):
     """The matplotlib figure of :func:`plot`: busbw against message size on log-log axes, one panel
     per world size, one line per implementation/algorithm, and one legend below the panels (so it
     hides no line)."""
@@ -238,7 +238,7 @@ def figure(results):
         ax.set_yscale("log")  # small and large messages differ by orders of magnitude
         ticks = sorted({r.nbytes for r in mine})
         ax.set_xticks(ticks, [human_size(t) for t in ticks], rotation=30)
-        ax.set_title(f"all-reduce, {n} ranks (loopback)")
+        ax.set_title(f"all-reduce, {n} ranks ({where})")
         ax.set_xlabel("message size")
         ax.grid(True, which="both", alpha=0.3)
     axes[0][0].set_ylabel("bus bandwidth (GB/s, log scale)")
@@ -255,11 +255,11 @@ def figure(results):
     return fig
 
 
-def plot(results, path):
+def plot(results, path, where="loopback"):
     """Draw busbw against message size (log-log), one panel per world size, one line per
     implementation/algorithm, the legend below; needs matplotlib (``pip install 'pycoll[plot]'``)."""
     import matplotlib.pyplot as plt
-    fig = figure(results)
+    fig = figure(results, where)
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
@@ -298,11 +298,72 @@ def add_arguments(p):
     p.add_argument("--plot", metavar="PNG", default=None, help="draw busbw vs size (needs matplotlib)")
     p.add_argument("--json", metavar="FILE", default=None, help="write the results as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    g = p.add_argument_group("across hosts (one command per host; or under torchrun / pycoll run, which set "
+                             "RANK, WORLD_SIZE, MASTER_ADDR and the port)")
+    g.add_argument("--master", default=None, metavar="HOST:PORT",
+                   help="join a group there instead of spawning local ranks (rank 0 runs the coordinator; "
+                        "Gloo uses PORT+1)")
+    g.add_argument("--world-size", type=int, default=None, help="hosts (ranks) in the group (default WORLD_SIZE)")
+    g.add_argument("--rank", type=int, default=None, help="this host's rank (default RANK)")
+    g.add_argument("--topology", default="measure",
+                   help="topology file, or 'measure' (default: probe the links when the group forms and "
+                        "print the measured matrix), or 'none'")
     return p
+
+
+def _distributed(args):
+    """(rank, world size, host, port) when this run joins a group across hosts, else None."""
+    from pycoll.options import environ
+    rank = args.rank if args.rank is not None else environ("RANK")
+    world = args.world_size if args.world_size is not None else environ("WORLD_SIZE")
+    if args.master is None and (rank is None or world is None):
+        return None
+    if args.master:
+        host, sep, port = args.master.rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise ValueError(f"--master: expected HOST:PORT, got {args.master!r}")
+        port = int(port)
+    else:
+        host = environ("MASTER_ADDR") or "127.0.0.1"
+        port = environ("PYCOLL_MASTER_PORT")
+        if port is None:  # torchrun: MASTER_PORT is torch's store; ours is 2 above it (Gloo takes +1)
+            port = environ("MASTER_PORT")
+            if port is None:
+                raise ValueError("no --master and no PYCOLL_MASTER_PORT / MASTER_PORT in the environment")
+            port += 2
+    if rank is None or world is None:
+        raise ValueError("across hosts: give --rank and --world-size (or RANK and WORLD_SIZE)")
+    return int(rank), int(world), host, int(port)
+
+
+def run_across_hosts(rank, world, host, port, sizes, algorithms, impls, iters=None, warmup=2, progress=False,
+                     topology="measure"):
+    """Join the group at host:port as ``rank`` of ``world`` and benchmark across the hosts. Every
+    rank returns (results, probe result or None); the results are the same on every rank."""
+    import pycoll
+    from pycoll.plan import planners
+    algorithms = list(algorithms or planners.ALGORITHMS)
+    for a in algorithms:
+        planners.check_algorithm(a)
+    topo = None if topology in (None, "", "none") else topology
+    comm = pycoll.init(rank=rank, world_size=world, master_addr=host, master_port=port, timeout=600,
+                       topology=topo)
+    try:
+        plan = case_order(sizes, impls, algorithms)
+        rows = _bench_rank(comm, plan, port + 1, iters, warmup, progress, host)
+        probe = comm.epoch_state.probe_result
+    finally:
+        comm.close()
+    return [Result(impl, algorithm, world, nbytes, med, best, k) for impl, algorithm, nbytes, med, best, k in rows], probe
 
 
 def run_from_args(args):
     """Run what the parsed arguments ask for; returns an exit code."""
+    try:
+        across = _distributed(args)
+    except ValueError as exc:
+        print(f"pycoll bench: {exc}", file=sys.stderr)
+        return 2
     if args.plot:
         try:
             import matplotlib  # noqa: F401
@@ -313,21 +374,51 @@ def run_from_args(args):
     if args.no_gloo:
         impls = [i for i in impls if i != "gloo"]
     algorithms = [a.strip() for a in args.algorithms.split(",")] if args.algorithms else None
+    probe = None
     try:
-        results = run_benchmark(args.world_sizes, args.sizes, algorithms, impls, iters=args.iters,
-                                warmup=args.warmup, progress=not args.quiet)
+        if across:
+            if any(i != "pycoll" for i in impls):
+                try:
+                    import torch  # noqa: F401
+                except ImportError:
+                    print("pycoll bench: torch is not installed: skipping gloo/torch-pycoll", file=sys.stderr)
+                    impls = [i for i in impls if i == "pycoll"]
+            rank, world, host, port = across
+            results, probe = run_across_hosts(rank, world, host, port, args.sizes, algorithms, impls, args.iters,
+                                              args.warmup, not args.quiet, args.topology)
+            if rank != 0:
+                return 0
+        else:
+            results = run_benchmark(args.world_sizes, args.sizes, algorithms, impls, iters=args.iters,
+                                    warmup=args.warmup, progress=not args.quiet)
     except ValueError as exc:
         print(f"pycoll bench: {exc}", file=sys.stderr)
         return 2
+    where = f"{across[1]} hosts" if across else "loopback"
+    print(f"all-reduce, float32, {where}: median of barrier-separated iterations, slowest rank")
     print(format_table(results))
+    if probe is not None:
+        print(f"\nmeasured links (pycoll probe, {probe.seconds:.2f} s):")
+        print(probe.table())
     if args.json:
+        doc = {"where": where, "results": [dict(asdict(r), algbw=r.algbw, busbw=r.busbw) for r in results]}
+        if probe is not None:
+            doc["links"] = {"bandwidth_Bps": _finite(probe.bw), "latency_s": _finite(probe.lat),
+                            "rtt_s": _finite(probe.rtt), "sites": probe.sites,
+                            "uplinks_Bps": {str(k): v for k, v in probe.uplinks.items()},
+                            "probe_seconds": probe.seconds}
         with open(args.json, "w") as f:
-            json.dump([dict(asdict(r), algbw=r.algbw, busbw=r.busbw) for r in results], f, indent=1)
+            json.dump(doc if across else doc["results"], f, indent=1)
         print(f"wrote {args.json}")
     if args.plot:
-        plot(results, args.plot)
+        plot(results, args.plot, where)
         print(f"wrote {args.plot}")
     return 0
+
+
+def _finite(matrix):
+    """A matrix as lists, with None where it is not finite (the diagonal): plain JSON."""
+    return [[float(x) if np.isfinite(x) else None for x in row] for row in np.asarray(matrix, float)]
 
 
 def main(argv=None):

@@ -5,6 +5,7 @@
     pycoll master --port 29500         # a standalone coordinator
     pycoll bench --plot busbw.png      # all-reduce benchmark against Gloo
     pycoll topology topo.toml          # check a topology file, show the ring and the multi-ring's cycles
+    pycoll probe --master H:P --world-size N --rank R   # measure the network, write a topology file
     pycoll aggregator --group rack0    # a standalone in-network aggregator for one topology group
 
 Every subcommand imports what it needs when it runs, so ``pycoll --help`` is instant.
@@ -147,6 +148,56 @@ def _cmd_demo(args):
                 time_limit=args.time_limit, progress=not args.quiet)
 
 
+def _master(text):
+    """--master HOST:PORT -> (host, port)."""
+    host, sep, port = str(text).rpartition(":")
+    if not sep or not host:
+        raise UsageError(f"--master: expected HOST:PORT, got {text!r}")
+    try:
+        return host, _port(port)
+    except argparse.ArgumentTypeError as exc:
+        raise UsageError(f"--master: {exc}") from None
+
+
+def _group_args(args):
+    """(rank, world size, master host, master port) from --rank/--world-size/--master, else
+    torchrun's or `pycoll run`'s environment (RANK, WORLD_SIZE, MASTER_ADDR, PYCOLL_MASTER_PORT)."""
+    from pycoll.options import environ
+    rank = args.rank if args.rank is not None else environ("RANK")
+    world = args.world_size if args.world_size is not None else environ("WORLD_SIZE")
+    if args.master:
+        host, port = _master(args.master)
+    else:
+        host = environ("MASTER_ADDR") or "127.0.0.1"
+        port = _env_port(("PYCOLL_MASTER_PORT", "MASTER_PORT"), None)
+    if rank is None or world is None or port is None:
+        raise UsageError("needs --master HOST:PORT, --world-size N and --rank R (rank 0 runs where the "
+                         "coordinator listens), or torchrun's / `pycoll run`'s environment")
+    try:
+        return int(rank), int(world), host, port
+    except ValueError:
+        raise UsageError(f"rank {rank!r} and world size {world!r} must be integers") from None
+
+
+def _cmd_probe(args):
+    import pycoll
+    rank, world, host, port = _group_args(args)
+    comm = pycoll.init(rank=rank, world_size=world, master_addr=host, master_port=port, topology="measure",
+                       probe_seconds=args.seconds, join_timeout=args.join_timeout)
+    try:
+        res = comm.epoch_state.probe_result
+        if rank == 0 and res is not None:
+            text = res.toml(name=args.name)
+            with open(args.out, "w") as f:
+                f.write(text + "\n")
+            print(res.table())
+            layout = comm.epoch_state.selector().layout
+            print(f"ring order: {layout.ring}; probe took {res.seconds:.2f} s; topology written to {args.out}")
+    finally:
+        comm.close()
+    return 0
+
+
 def _cmd_topology(args):
     from pycoll.plan.view import show
     return show(args.file, peers=args.peers, cycles=not args.no_cycles, out=sys.stdout)
@@ -215,6 +266,23 @@ def build_parser():
     t.add_argument("--peers", type=int, default=None, help="no file: show the cycles for this many peers")
     t.add_argument("--no-cycles", action="store_true", help="do not print the Hamiltonian cycles")
     t.set_defaults(func=_cmd_topology)
+
+    pr = sub.add_parser("probe", help="measure bandwidth and latency between the group's hosts; write a topology file",
+                        description="Join a group (one command per host) and measure every pair: round trips "
+                                    "(all at once), then bandwidth in rounds of pairs that share no host and no "
+                                    "shared uplink, a few hundred ms each. Sites are found by clustering the "
+                                    "round trips; a test with two flows between two sites tells a shared "
+                                    "uplink from private links. Rank 0 prints the matrices and writes the "
+                                    "topology file (use it with topology=FILE, edit it, keep it); "
+                                    "topology=\"measure\" does the same whenever a group forms.")
+    pr.add_argument("--master", default=None, help="HOST:PORT of the coordinator (rank 0 starts it there)")
+    pr.add_argument("--world-size", type=int, default=None, help="number of hosts (default WORLD_SIZE)")
+    pr.add_argument("--rank", type=int, default=None, help="this host's rank (default RANK)")
+    pr.add_argument("--seconds", type=float, default=0.3, help="each bandwidth flow's duration (default 0.3)")
+    pr.add_argument("--out", default="measured.toml", help="topology file rank 0 writes (default measured.toml)")
+    pr.add_argument("--name", default="measured", help="the topology's name")
+    pr.add_argument("--join-timeout", type=float, default=120.0, help="seconds to wait for the group")
+    pr.set_defaults(func=_cmd_probe)
 
     a = sub.add_parser("aggregator", help="run a standalone in-network aggregator (a software switch)",
                        description="Join a group as the standalone aggregator of one 'switch' group of the "

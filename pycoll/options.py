@@ -197,7 +197,8 @@ ENVIRONMENT = {v.name: v for v in (
              "topology is known, else 1)", "pycoll.options", parse_stripes, "stripes"),
     Variable("PYCOLL_LINK", "the links' bandwidth and round trip, e.g. 2gbit/50ms, for stripes=auto (link=)",
              "pycoll.options", _text, "link"),
-    Variable("PYCOLL_TOPOLOGY", "topology file: groups, ring order, cost model, stripes (topology=)",
+    Variable("PYCOLL_TOPOLOGY", "topology file: groups, ring order, cost model, stripes; measure: probe the "
+             "network when a group forms (topology=)",
              "pycoll.options", _text, "topology"),
     Variable("PYCOLL_TRANSPORT", "auto (shared memory to same-host peers, TCP to the rest), shm or tcp "
              "(transport=)", "pycoll.options", parse_transport, "transport"),
@@ -206,6 +207,10 @@ ENVIRONMENT = {v.name: v for v in (
              parse_single_copy, "single_copy"),
     Variable("PYCOLL_COMPRESSION", "default wire codec of float32 payloads: none, fp16, bf16, int8 "
              "(compression=)", "pycoll.options", _text, "compression"),
+    Variable("PYCOLL_PROBE_SECONDS", "seconds each pair's bandwidth flow lasts in the topology=\"measure\" "
+             "probe (probe_seconds=; default 0.3)", "pycoll.options", _positive_seconds, "probe_seconds"),
+    Variable("PYCOLL_ENCRYPT", "1: encrypt the coordinator channel (ZeroMQ CURVE, keys derived from "
+             "PYCOLL_SECRET; the same on every peer and the coordinator; default 0)", "pycoll.control", _flag),
     Variable("PYCOLL_CALIBRATE", "0: do not measure the cost model when an epoch is installed (calibrate=; "
              "default 1)", "pycoll.options", _flag, "calibrate"),
     # Making a group (pycoll.init / pycoll.connect, the torch backend).
@@ -275,6 +280,7 @@ class Options:
     compression: Any = None                     # default wire codec of float32 payloads (checked by plan.compression)
     topology: Any = None                        # as given: a path, TOML file name or Topology (loaded by plan.topology)
     calibrate: bool = True                      # measure the cost model when an epoch is installed
+    probe_seconds: float = 0.3                  # topology="measure": each probe flow's duration
     coordinator_wait: float = 0.0               # seconds to wait for a lost coordinator to come back
     sync_timeout: float = 120.0                 # seconds a sync point (forming an epoch) may take
     mesh_timeout: Optional[float] = None        # seconds to connect an epoch's mesh (None: Limits.connect_timeout)
@@ -298,6 +304,7 @@ class Options:
         check("spin_us", _count)
         check("preserve_input", _flag)
         check("calibrate", _flag)
+        check("probe_seconds", _positive_seconds)
         check("transport", parse_transport)
         check("single_copy", parse_single_copy)
         check("max_retries", _count)
@@ -321,7 +328,9 @@ class Options:
                     values[var.field] = value
         values.update({k: v for k, v in arguments.items() if v is not None})
         if "stripes" not in values:  # default: from the links when we know them, else one connection
-            values["stripes"] = "auto" if (values.get("link") or values.get("topology")) else 1
+            # (topology="measure" is known only once the group formed: one connection until then)
+            values["stripes"] = "auto" if (values.get("link") or values.get("topology") not in (None, "", "measure")) \
+                else 1
         return cls(**values)
 
     def replace(self, **changes):

@@ -31,7 +31,10 @@
  *   peer IDX NETNS IFNAME A.B.C.D   NETNS is a name under /var/run/netns,
  *                              an absolute path to a netns file, or "-"
  *   link SRC DST DELAY_NS JITTER_NS LOSS QCAP_BYTES
- * Peers must be declared before links.  Unlisted links: no delay, no loss.
+ *   route A.B.C.D/LEN IDX      packets to this subnet go to peer IDX (a site
+ *                              router standing for the hosts behind it);
+ *                              consulted only when no peer has the address
+ * Peers must be declared before links and routes.  Unlisted links: no delay, no loss.
  *
  * Usage: delayline CONFIG      prints "READY <n>" on stdout once all TUN
  *                              devices exist; runs until SIGTERM/SIGINT/
@@ -101,6 +104,9 @@ static uint64_t rng_state = 1;
 static char stats_path[1024];
 static int watch_stdin;
 static uint64_t unknown_dst, stats_seq;
+#define MAX_ROUTES 4096
+static uint32_t route_net[MAX_ROUTES], route_mask[MAX_ROUTES];   /* host byte order */
+static int route_peer[MAX_ROUTES], nroutes;
 
 static volatile sig_atomic_t g_stop, g_dump;
 
@@ -330,6 +336,19 @@ static int find_peer(uint32_t ip)
     return -1;
 }
 
+/* A peer's own address first, then the routes (first match; few, checked in order). */
+static int find_dst(uint32_t ip)
+{
+    int i, p = find_peer(ip);
+    uint32_t h = ntohl(ip);
+    if (p >= 0)
+        return p;
+    for (i = 0; i < nroutes; i++)
+        if ((h & route_mask[i]) == route_net[i])
+            return route_peer[i];
+    return -1;
+}
+
 static void build_index(void)
 {
     int i, j;
@@ -434,6 +453,16 @@ static void read_config(const char *path)
             /* 2^64 * loss, saturating: exact enough for any loss >= 1e-15 */
             l->loss_thr = loss >= 1.0 ? UINT64_MAX : (uint64_t)(loss * 18446744073709551616.0);
             l->cap = (size_t)qcap & ~(size_t)7;   /* records are 8-aligned */
+        } else if (!strcmp(kw, "route")) {
+            char net[64];
+            int plen, idx;
+            struct in_addr a;
+            if (sscanf(p, "%*s %63[0-9.]/%d %d", net, &plen, &idx) != 3 || plen < 0 || plen > 32 ||
+                idx < 0 || idx >= npeers || nroutes >= MAX_ROUTES || inet_pton(AF_INET, net, &a) != 1)
+                goto bad;
+            route_mask[nroutes] = plen ? ~(uint32_t)0 << (32 - plen) : 0;
+            route_net[nroutes] = ntohl(a.s_addr) & route_mask[nroutes];
+            route_peer[nroutes++] = idx;
         } else {
             goto bad;
         }
@@ -535,7 +564,7 @@ static void handle_packet(int src, const uint8_t *pkt, size_t len, int64_t now)
         return;
     }
     memcpy(&dst_ip, pkt + 16, 4);
-    dst = find_peer(dst_ip);
+    dst = find_dst(dst_ip);
     if (dst < 0 || dst == src) {
         unknown_dst++;
         return;

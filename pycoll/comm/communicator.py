@@ -118,6 +118,7 @@ class Communicator:
     topology = _setting("topology", "The topology (pycoll.plan.topology.Topology) or None.",
                         lambda self: self._epoch.topology)
     calibrate = _setting("calibrate", "Measure the cost model when an epoch is installed.")
+    probe_seconds = _setting("probe_seconds", 'topology="measure": each probe flow\'s duration in seconds.')
     coordinator_wait = _setting("coordinator_wait", "Seconds to wait for a lost coordinator to come back.")
     sync_timeout = _setting("sync_timeout", "Seconds a sync point (forming an epoch) may take.")
     mesh_timeout = _setting("mesh_timeout", "Seconds to connect an epoch's mesh.")

@@ -51,6 +51,7 @@ from pycoll.errors import CollectiveError, CoordinatorError, InvalidArgument, Pe
 from pycoll.faults import fault_armed, fault_point
 from pycoll.net.links import set_keepalive, settle
 from pycoll.net.mesh import connect_mesh, local_peers, single_copy_bytes
+from pycoll.net import probe as _probe
 from pycoll.observability import Stat
 from pycoll.plan import compression as _compression
 from pycoll.plan import costmodel, planners
@@ -108,6 +109,9 @@ class Epoch:
         # Algorithm choice (pycoll.plan.costmodel): a topology (file, TOML path or Topology) gives
         # groups, ring order and the cost model; without one, it is measured when an epoch is installed.
         self.topology = _topology.load(self.options.topology)
+        # topology="measure": probed at every epoch whose members differ from the last probe's
+        self.probe_result = None
+        self._probed = None  # (members, Topology) of the last probe
         self.client = client
         self.listener = listener
         self._mesh_key = mesh_key
@@ -173,6 +177,8 @@ class Epoch:
         options = self.options.replace(**changes)
         topology = _topology.load(options.topology) if "topology" in changes else self.topology
         self.options, self.topology = options, topology
+        if "topology" in changes:
+            self._probed = None
         self.fast.clear()  # prepared under the old settings
 
     # ---- membership ----------------------------------------------------
@@ -329,6 +335,7 @@ class Epoch:
         # not on a tag's thread). A peer lost meanwhile raises PeerFailure, as in building the
         # mesh: sync reports the epoch failed and syncs again.
         try:
+            self._measure_topology(rank, addrs)
             self._calibrate()
         except BaseException:
             for ch in channels.values():
@@ -603,6 +610,22 @@ class Epoch:
         log.debug("epoch %d: cost model %r", self.number, model)
         self._selector = costmodel.Selector(self.world_size, self.topology, self._hosts, self.options.segment_bytes,
                                             model)
+
+    def _measure_topology(self, rank, addrs):
+        """topology="measure": probe the network (pycoll.net.probe) when the members changed,
+        so ring order, groups and the cost model follow it. Every member runs it at the sync
+        point, before any call of the epoch (its exchanges are the calibration all-reduce)."""
+        if self.options.topology != _topology.MEASURE or self.world_size < 2:
+            return
+        members = tuple(self.members)
+        if self._probed is None or self._probed[0] != members:
+            hosts = [(str(a[0]), int(a[1])) for a in addrs[:self.world_size]]
+            res = _probe.probe(rank, hosts, self._calibration_allreduce, seconds=self.options.probe_seconds)
+            log.info("epoch %d: measured the network in %.2f s; sites %s", self.number, res.seconds, res.sites)
+            self.probe_result = res
+            self._probed = (members, res.topology(f"measured-epoch{self.number}"))
+        self.topology = self._probed[1]
+        self._selector = None
 
     def _calibration_allreduce(self, arr, op):
         """A ring all-reduce for the cost model's measurement (no stats, no faults), run while the

@@ -16,7 +16,7 @@ import uuid
 import zmq
 
 from pycoll import auth
-from pycoll.control.coordinator import PROTOCOL, pack, unpack
+from pycoll.control.coordinator import PROTOCOL, encryption, pack, unpack
 from pycoll.errors import CoordinatorError
 from pycoll.limits import resolve
 
@@ -34,6 +34,7 @@ class CoordinatorClient:
         self.host, self.port = host, port
         self.limits = resolve(limits)
         secret = auth.load_secret(secret)
+        self._curve = encryption(secret)  # (server public key, -) when PYCOLL_ENCRYPT is on
         self._to_key = auth.derive(secret, "to-coordinator")
         self._from_key = auth.derive(secret, "from-coordinator")
         self._sealer = auth.Sealer(self._to_key)  # used under self._lock only
@@ -63,6 +64,9 @@ class CoordinatorClient:
         s.setsockopt(zmq.IDENTITY, self.name.encode() + suffix + uuid.uuid4().hex[:6].encode())
         s.setsockopt(zmq.MAXMSGSIZE, self.limits.max_message_bytes)
         s.setsockopt(zmq.HANDSHAKE_IVL, int(self.limits.handshake_timeout * 1000))
+        if self._curve:
+            s.curve_serverkey = self._curve[0]
+            s.curve_publickey, s.curve_secretkey = zmq.curve_keypair()
         s.connect(f"tcp://{self.host}:{self.port}")
         return s
 

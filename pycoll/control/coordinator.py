@@ -61,11 +61,30 @@ import time
 import msgpack
 import zmq
 from zmq.utils.monitor import recv_monitor_message
+from zmq.utils import z85
 
 from pycoll import auth
 from pycoll.control import parity
 from pycoll.control import schema
 from pycoll.limits import resolve
+
+def encryption(secret):
+    """The coordinator channel's CURVE keys, (server public, server secret) in Z85, when
+    PYCOLL_ENCRYPT is on, else None. Derived from the group secret: only its holders can
+    compute the server's public key, so a peer without it fails the CURVE handshake (refused,
+    nothing read), and every byte after it is encrypted (Curve25519, XSalsa20-Poly1305)."""
+    from pycoll.errors import InvalidArgument
+    from pycoll.options import environ
+    if not environ("PYCOLL_ENCRYPT"):
+        return None
+    if not zmq.has("curve"):
+        raise InvalidArgument("PYCOLL_ENCRYPT=1: this pyzmq/libzmq build has no CURVE security")
+    if not secret:
+        raise InvalidArgument("PYCOLL_ENCRYPT=1 needs a shared secret (PYCOLL_SECRET or token=): the keys "
+                              "come from it")
+    server_secret = z85.encode(auth.derive(secret, "coordinator-curve"))
+    return zmq.curve_public(server_secret), server_secret
+
 
 log = logging.getLogger("pycoll.coordinator")
 
@@ -189,6 +208,11 @@ class Coordinator:
         self._sock.setsockopt(zmq.MAXMSGSIZE, self.limits.max_message_bytes)
         # a connection that never finishes its ZMTP greeting (slowloris) is closed
         self._sock.setsockopt(zmq.HANDSHAKE_IVL, int(self.limits.handshake_timeout * 1000))
+        keys = encryption(secret)
+        self.encrypted = keys is not None
+        if keys:  # (before bind: the mechanism is fixed when the listener starts)
+            self._sock.curve_server = True
+            self._sock.curve_publickey, self._sock.curve_secretkey = keys
         if port:
             self._sock.bind(f"tcp://{host}:{port}")
             self.port = port

@@ -14,8 +14,8 @@ Rates and times use pycoll.units' spellings ("100mbit" = "100mbps" = 100 megabit
 See core.py for the design (one netns per peer, a C delay line between TUN
 devices, tc htb (+ifb for NIC ingress) for rates).
 """
-from .spec import EmuSpec, LinkSpec, parse_rate, parse_time, tc_rate
+from .spec import EmuSpec, LinkSpec, SiteSpec, parse_rate, parse_time, tc_rate
 from .core import Emulator, available, cleanup_stale, list_netns, peer_address, RUN_PREFIX
 
-__all__ = ["Emulator", "EmuSpec", "LinkSpec", "available", "cleanup_stale", "list_netns",
+__all__ = ["Emulator", "EmuSpec", "LinkSpec", "SiteSpec", "available", "cleanup_stale", "list_netns",
            "parse_rate", "parse_time", "peer_address", "tc_rate", "RUN_PREFIX"]

@@ -38,6 +38,7 @@ import warnings
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from . import sites as _sites
 from ._build import delayline_binary
 from .spec import EmuSpec, tc_rate, tc_size
 
@@ -290,11 +291,13 @@ class Emulator:
     bandwidth-delay product; False keeps the kernel defaults.
     ``congestion``: TCP congestion control inside peers (default: inherit).
     ``keep_logs``: keep the temp dir (config, delay line log) after close.
+    ``sysctls``: more ``name=value`` settings for every namespace (e.g.
+    ``["net.ipv4.tcp_slow_start_after_idle=0"]``).
     """
 
     def __init__(self, spec, *, mtu: int = 65000, seed: int = 1, tcp_buffers=True,
                  congestion: Optional[str] = None, keep_logs: bool = False,
-                 startup_timeout: float = 20.0):
+                 startup_timeout: float = 20.0, sysctls: Sequence[str] = ()):
         self.spec = EmuSpec.coerce(spec)
         self.n = self.spec.n_peers
         if not 576 <= int(mtu) <= 65535:
@@ -304,11 +307,19 @@ class Emulator:
         self.tcp_buffers = tcp_buffers
         self.congestion = congestion
         self.keep_logs = keep_logs
+        self.sysctls = [str(s) for s in sysctls]
+        for s in self.sysctls:
+            if not re.fullmatch(r"net\.[a-z0-9_.]+=[0-9 ]+", s):
+                raise ValueError(f"sysctl {s!r}: expected net.NAME=NUMBER")
         self.startup_timeout = startup_timeout
         self.prefix = f"{RUN_PREFIX}{next(_counter)}-"
         self.netns = [f"{self.prefix}{r}" for r in range(self.n)]
         self.peer_ips = [peer_address(r) for r in range(self.n)]
         self._links = {(u, v): ls for u, v, ls in self.spec.links()}
+        # Sites (shared uplinks, see sites.py): routers are then the delay line's peers.
+        self.sites = self.spec.sites
+        self.router_netns = [f"{self.prefix}s{i}" for i in range(len(self.sites or ()))]
+        self._site_of = _sites.site_of_ranks(self.sites, self.n) if self.sites else None
         self._created: List[str] = []
         self._procs: List[subprocess.Popen] = []
         self._dl: Optional[subprocess.Popen] = None
@@ -338,15 +349,20 @@ class Emulator:
             binary = delayline_binary()
             self._tmp = tempfile.mkdtemp(prefix=f"{self.prefix}")
             existing = set(list_netns())
-            for ns in self.netns:
+            for ns in self.netns + self.router_netns:
                 if ns in existing:
                     raise RuntimeError(f"netns {ns} already exists")
                 _run(["ip", "netns", "add", ns])
                 self._created.append(ns)
                 self._prepare_ns(ns)
+            for ns in self.router_netns:
+                _run(["ip", "netns", "exec", ns, "sysctl", "-q", "-w", *_sites.router_sysctls()])
             self._start_delayline(binary)
-            for r in range(self.n):
-                self._configure_peer(r)
+            if self.sites:
+                self._configure_sites()
+            else:
+                for r in range(self.n):
+                    self._configure_peer(r)
         except BaseException:
             self.close()
             raise
@@ -362,6 +378,7 @@ class Emulator:
                         f"net.ipv4.tcp_wmem=4096 16384 {mx}"]
         if self.congestion:
             sysctls.append(f"net.ipv4.tcp_congestion_control={self.congestion}")
+        sysctls += self.sysctls
         _run(["ip", "netns", "exec", ns, "sysctl", "-q", "-e", "-w", *sysctls])
         _run(["ip", "-n", ns, "link", "set", "lo", "up"])
 
@@ -372,14 +389,36 @@ class Emulator:
         bdp = rate / 8 * (ls.delay_s + ls.jitter_s)
         return int(min(max(2 * bdp + 16 * self.mtu, 4 << 20), 256 << 20))
 
-    def _start_delayline(self, binary: str) -> None:
-        conf = [f"peers {self.n}", f"mtu {self.mtu}", f"seed {self.seed}",
-                f"stats {self._tmp}/stats.json", "watch_stdin 1"]
-        for r in range(self.n):
-            conf.append(f"peer {r} {self.netns[r]} {IFNAME} {self.peer_ips[r]}")
-        for (u, v), ls in self._links.items():
+    def _delayline_conf(self) -> List[str]:
+        """Peers and links of the delay line: the ranks, or (with sites) the routers."""
+        if not self.sites:
+            conf = [f"peers {self.n}"]
+            conf += [f"peer {r} {self.netns[r]} {IFNAME} {self.peer_ips[r]}" for r in range(self.n)]
+            links = [(u, v, ls, self._queue_cap(u, v)) for (u, v), ls in self._links.items()]
+        else:
+            k = len(self.sites)
+            conf = [f"peers {k}"]
+            conf += [f"peer {i} {ns} {_sites.TUN} {_sites.router_ip(i)}"
+                     for i, ns in enumerate(self.router_netns)]
+            links = []
+            for a in range(k):
+                for b in range(k):
+                    if a != b:
+                        ls = self.spec.site_link(a, b)
+                        rate = self.sites[a].uplink_bps or _ASSUMED_MAX_BPS
+                        cap = int(min(max(2 * rate / 8 * (ls.delay_s + ls.jitter_s) + 16 * self.mtu,
+                                          4 << 20), 256 << 20))
+                        links.append((a, b, ls, cap))
+        for u, v, ls, cap in links:
             conf.append(f"link {u} {v} {int(round(ls.delay_s * 1e9))} "
-                        f"{int(round(ls.jitter_s * 1e9))} {ls.loss!r} {self._queue_cap(u, v)}")
+                        f"{int(round(ls.jitter_s * 1e9))} {ls.loss!r} {cap}")
+        if self.sites:
+            conf += [f"route {ip}/32 {self._site_of[r]}" for r, ip in enumerate(self.peer_ips)]
+        return conf
+
+    def _start_delayline(self, binary: str) -> None:
+        conf = [f"mtu {self.mtu}", f"seed {self.seed}",
+                f"stats {self._tmp}/stats.json", "watch_stdin 1"] + self._delayline_conf()
         path = os.path.join(self._tmp, "delayline.conf")
         with open(path, "w") as f:
             f.write("\n".join(conf) + "\n")
@@ -413,6 +452,44 @@ class Emulator:
         tc = self._tc_commands(r)
         if tc:
             _run(["ip", "netns", "exec", ns, "tc", "-batch", "-"], input="\n".join(tc) + "\n")
+
+    def _configure_sites(self) -> None:
+        """Routers, bridges, veths, routes and shapers of the site layout (sites.py)."""
+        quantum = self.mtu + 64
+        for i, site in enumerate(self.sites):
+            ns = self.router_netns[i]
+            _run(["ip", "-n", ns, "-batch", "-"],
+                 input="\n".join(_sites.router_links(i, site.members, self.netns, self.mtu)
+                                 + _sites.router_routes(i, self._site_of, self.peer_ips)) + "\n")
+            tc: List[str] = []
+            if site.uplink_bps:
+                up = site.uplink_bps
+                rtt = max((self.spec.site_link(i, j).delay_s + self.spec.site_link(j, i).delay_s
+                           for j in range(len(self.sites)) if j != i), default=0.0)
+                limit = _sites.uplink_queue_bytes(up, self.mtu, rtt)
+                _run(["ip", "-n", ns, "-batch", "-"],
+                     input=f"link add {_sites.IFB} type ifb\nlink set {_sites.IFB} mtu 65535 up\n")
+                tc += _sites.shaper(_sites.TUN, up, self._burst(up), quantum, limit, tc_rate, tc_size)
+                tc += _sites.ingress_redirect(_sites.TUN)
+                tc += _sites.shaper(_sites.IFB, up, self._burst(up), quantum, limit, tc_rate, tc_size)
+            for r in site.members:
+                nic = self.spec.nic_bps(r)
+                if nic:  # the rank's receive side: the router's port toward it
+                    tc += _sites.shaper(_sites.port_name(r), nic, self._burst(nic), quantum,
+                                        _sites.uplink_queue_bytes(nic, self.mtu, 0.0), tc_rate, tc_size)
+            if tc:
+                _run(["ip", "netns", "exec", ns, "tc", "-batch", "-"], input="\n".join(tc) + "\n")
+        for r in range(self.n):
+            ns = self.netns[r]
+            _run(["ip", "-n", ns, "-batch", "-"],
+                 input="\n".join(_sites.rank_config(r, self._site_of, self.peer_ips, self.mtu)) + "\n")
+            nic = self.spec.nic_bps(r)
+            if nic:  # the rank's send side, at the sender: local backpressure as on a real NIC
+                b = self._burst(nic)
+                tc = [f"qdisc add dev {IFNAME} root handle 1: htb default 1",
+                      f"class add dev {IFNAME} parent 1: classid 1:1 htb rate {tc_rate(nic)} "
+                      f"ceil {tc_rate(nic)} burst {tc_size(b)} cburst {tc_size(b)} quantum {quantum}"]
+                _run(["ip", "netns", "exec", ns, "tc", "-batch", "-"], input="\n".join(tc) + "\n")
 
     def _burst(self, rate_bps: float) -> int:
         # A bucket must hold at least one max-size packet (twice, for slack);
@@ -568,7 +645,12 @@ class Emulator:
         return self._tmp
 
     def expected_rtt(self, u: int, v: int) -> float:
-        """Configured round trip u -> v -> u (propagation only)."""
+        """Configured round trip u -> v -> u (propagation only; 0 inside a site)."""
+        if self.sites:
+            a, b = self._site_of[u], self._site_of[v]
+            if a == b:
+                return 0.0
+            return self.spec.site_link(a, b).delay_s + self.spec.site_link(b, a).delay_s
         return self._links[(u, v)].delay_s + self._links[(v, u)].delay_s
 
     def stats(self, timeout: float = 3.0) -> dict:

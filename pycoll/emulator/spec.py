@@ -18,7 +18,7 @@ from typing import Callable, Dict, NamedTuple, Optional, Sequence, Tuple, Union
 
 from ..units import parse_bandwidth, parse_duration
 
-__all__ = ["LinkSpec", "EmuSpec", "parse_rate", "parse_time", "tc_rate", "tc_size"]
+__all__ = ["LinkSpec", "SiteSpec", "EmuSpec", "parse_rate", "parse_time", "tc_rate", "tc_size"]
 
 
 class LinkSpec(NamedTuple):
@@ -51,6 +51,16 @@ class LinkSpec(NamedTuple):
 LinkLike = Union[LinkSpec, Tuple, Dict]
 
 
+class SiteSpec(NamedTuple):
+    """A rack or site: its ranks sit behind one router, and everything they send to (receive
+    from) other sites crosses that router's uplink, ``uplink_bps`` per direction, shared by all
+    of them (None: not capped). Members need not be contiguous ranks."""
+
+    members: Tuple[int, ...]
+    uplink_bps: Optional[float] = None
+    name: str = ""
+
+
 def _as_link(v: LinkLike) -> LinkSpec:
     if isinstance(v, LinkSpec):
         return v.validated()
@@ -78,11 +88,14 @@ class EmuSpec:
         default_factory=dict)
     host_nic_bps: Union[None, float, Sequence[Optional[float]]] = None
     default_link: LinkLike = LinkSpec(None, 0.0, 0.0)
+    sites: Optional[Sequence[SiteSpec]] = None
 
     def __post_init__(self) -> None:
         if int(self.n_peers) != self.n_peers or not (1 <= self.n_peers <= 1000):
             raise ValueError(f"n_peers must be an int in [1, 1000], got {self.n_peers!r}")
         self.n_peers = int(self.n_peers)
+        if self.sites is not None:
+            self.sites = _check_sites(self.sites, self.n_peers)
         if self.host_nic_bps is not None and not isinstance(self.host_nic_bps, (int, float)):
             if len(self.host_nic_bps) != self.n_peers:
                 raise ValueError("host_nic_bps sequence must have n_peers entries")
@@ -109,6 +122,18 @@ class EmuSpec:
         if not (v > 0 and math.isfinite(v)):
             raise ValueError(f"host_nic_bps must be positive, got {v}")
         return v
+
+    def site_of(self, rank: int) -> Optional[int]:
+        """Index of the site holding ``rank`` (None without sites)."""
+        if not self.sites:
+            return None
+        return next(i for i, s in enumerate(self.sites) if rank in s.members)
+
+    def site_link(self, a: int, b: int) -> LinkSpec:
+        """The link between the routers of sites a and b: delay, jitter and loss of the link
+        between their first members (per-pair rates do not apply behind a shared uplink)."""
+        ls = self.link_spec(self.sites[a].members[0], self.sites[b].members[0])
+        return LinkSpec(None, ls.delay_s, ls.loss, ls.jitter_s)
 
     def links(self):
         """Yield (u, v, LinkSpec) for every directed pair."""
@@ -168,7 +193,13 @@ class EmuSpec:
                     host_nic_bps = [conv_Bps(x) for x in nic]
         # Materialise now: the topology object may be mutable or expensive.
         table = {(u, v): link(u, v) for u in range(n) for v in range(n) if u != v}
-        return cls(n, link=table, host_nic_bps=host_nic_bps)
+        # Groups with a shared uplink become sites behind routers (then every group is one).
+        groups = list(getattr(topo, "groups", ()) or ())
+        uplinks = [conv_Bps(getattr(g, "uplink_Bps", None)) for g in groups]
+        sites = None
+        if any(u is not None for u in uplinks):
+            sites = [SiteSpec(tuple(g.ranks), u, g.name) for g, u in zip(groups, uplinks)]
+        return cls(n, link=table, host_nic_bps=host_nic_bps, sites=sites)
 
     @classmethod
     def coerce(cls, obj) -> "EmuSpec":
@@ -199,6 +230,29 @@ class EmuSpec:
         if hasattr(obj, "n_peers") and hasattr(obj, "link"):
             return cls(obj.n_peers, obj.link, getattr(obj, "host_nic_bps", None))
         raise TypeError(f"cannot build an EmuSpec from {type(obj).__name__}")
+
+
+def _check_sites(sites, n: int) -> list:
+    """Sites must partition the ranks 0..n-1 (each rank behind exactly one router)."""
+    out, seen = [], set()
+    for i, s in enumerate(sites):
+        s = SiteSpec(*s) if not isinstance(s, SiteSpec) else s
+        members = tuple(int(m) for m in s.members)
+        if not members:
+            raise ValueError(f"site {i} has no members")
+        for m in members:
+            if not 0 <= m < n or m in seen:
+                raise ValueError(f"site {i}: rank {m} out of range or in two sites")
+            seen.add(m)
+        up = s.uplink_bps
+        if up is not None and not (float(up) > 0 and math.isfinite(float(up))):
+            raise ValueError(f"site {i}: uplink_bps must be positive or None, got {up!r}")
+        out.append(SiteSpec(members, None if up is None else float(up), s.name or f"site{i}"))
+    if len(seen) != n:
+        raise ValueError(f"sites cover {len(seen)} of {n} ranks: every rank needs a site")
+    if len(out) > 250:
+        raise ValueError("at most 250 sites")
+    return out
 
 
 def parse_rate(v) -> Optional[float]:

@@ -139,6 +139,8 @@ def comm_options(*, link=None, topology=None, limits=None):
     """``stripes`` and ``sockbuf`` for a communicator from a link description
     ("2gbit/50ms" or (bytes/s, rtt s)) or a topology (file path or object):
     the most any of its links needs."""
+    if topology == "measure":  # measured when the group forms: nothing to plan from yet
+        topology = None
     if topology is not None:
         if isinstance(topology, (str, os.PathLike)):
             from pycoll.plan.topology import load_topology
@@ -186,7 +188,7 @@ def resolve_stripes(stripes, options):
     link = options.pop("link", None) or environ("PYCOLL_LINK")
     topology = options.get("topology") or environ("PYCOLL_TOPOLOGY")  # the communicator uses it too
     if stripes is None:  # default: from the links when we know them, else one connection
-        stripes = environ("PYCOLL_STRIPES") or ("auto" if (link or topology) else 1)
+        stripes = environ("PYCOLL_STRIPES") or ("auto" if (link or topology not in (None, "", "measure")) else 1)
     stripes = parse_stripes(stripes)
     if stripes == "auto":
         auto = comm_options(link=link, topology=topology)

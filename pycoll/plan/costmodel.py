@@ -21,7 +21,9 @@ all_gather, the input of reduce_scatter). Algorithm A is predicted to take
   (topology bandwidth); each host NIC direction (``host_nic``; traffic between hosts); each
   host's processing (bytes sent by all its ranks / ``host_Bps``: ranks sharing a machine share
   its CPUs and memory, the limit on loopback); each rank's own processing (bytes it sends, and
-  separately receives, / ``rank_Bps``: one thread). E.g. an arc of each of R rings carries
+  separately receives, / ``rank_Bps``: one thread); each group's shared uplink, per direction
+  (``uplink`` in the topology: everything the group's ranks send to, or receive from, other
+  groups). E.g. an arc of each of R rings carries
   2(n-1)/n * D/R in an all-reduce, a tree edge D/2 each way, an aggregator of m members
   receives (m-1) * D, direct D on every ordered pair (n-1 times a ring's bytes per rank).
 * **P** (pipeline): the schedule cuts messages into S segments of u bytes (a ring chunk
@@ -82,7 +84,8 @@ class CostModel:
     """
 
     def __init__(self, n, bw=None, lat=None, host_of=None, nic_Bps=math.inf, overhead_s=DEFAULT_OVERHEAD_S,
-                 host_Bps=DEFAULT_HOST_BPS, rank_Bps=DEFAULT_RANK_BPS, source="defaults"):
+                 host_Bps=DEFAULT_HOST_BPS, rank_Bps=DEFAULT_RANK_BPS, source="defaults",
+                 group_of=None, uplink_Bps=None):
         self.n = n
         self.bw = np.full((n, n), math.inf) if bw is None else np.asarray(bw, dtype=float)
         self.lat = np.zeros((n, n)) if lat is None else np.asarray(lat, dtype=float)
@@ -94,12 +97,26 @@ class CostModel:
         self.source = source
         self._local = {h: self.host_of.count(h) for h in set(self.host_of)}
         self._heights = {}
+        # Shared uplinks: group id per rank, capacity per group id (inf = none). One flow between
+        # groups never gets more than either end's uplink, so the link matrix is capped too.
+        self.group_of = list(group_of) if group_of is not None else None
+        self.uplink_Bps = {g: float(b) for g, b in (uplink_Bps or {}).items() if math.isfinite(b)}
+        if self.group_of is not None and self.uplink_Bps:
+            self.bw = self.bw.copy()
+            for u in range(n):
+                for v in range(n):
+                    gu, gv = self.group_of[u], self.group_of[v]
+                    if gu != gv:
+                        self.bw[u, v] = min(self.bw[u, v], self.uplink_Bps.get(gu, math.inf),
+                                            self.uplink_Bps.get(gv, math.inf))
 
     @classmethod
     def from_topology(cls, topo, **params):
         n = topo.world_size
+        ups = dict(enumerate(topo.uplinks_Bps()))
         return cls(n, topo.bandwidth_matrix(), topo.latency_matrix(), [topo.host_of(r) for r in range(n)],
-                   topo.host_nic_Bps(), source=f"topology {topo.name}", **params)
+                   topo.host_nic_Bps(), source=f"topology {topo.name}",
+                   group_of=[topo.group_index(r) for r in range(n)], uplink_Bps=ups, **params)
 
     def __repr__(self):
         nic = "none" if not math.isfinite(self.nic_Bps) else f"{self.nic_Bps / 1e9:.3g}GB/s"
@@ -260,11 +277,14 @@ class CostModel:
         """Seconds the most loaded resource (link, NIC direction, host, rank) needs."""
         worst = 0.0
         sent, recv = np.zeros(self.n), np.zeros(self.n)
-        nic_out, nic_in, host_sent = {}, {}, {}
+        nic_out, nic_in, host_sent, up_out, up_in = {}, {}, {}, {}, {}
         for (u, v), b in traffic.items():
             worst = max(worst, b / self.bw[u, v])
             sent[u] += b
             recv[v] += b
+            if self.uplink_Bps and self.group_of[u] != self.group_of[v]:
+                up_out[self.group_of[u]] = up_out.get(self.group_of[u], 0.0) + b
+                up_in[self.group_of[v]] = up_in.get(self.group_of[v], 0.0) + b
             hu, hv = self.host_of[u], self.host_of[v]
             host_sent[hu] = host_sent.get(hu, 0.0) + b
             if hu != hv:
@@ -274,6 +294,9 @@ class CostModel:
                     max(host_sent.values()) / self.host_Bps)
         if math.isfinite(self.nic_Bps):
             worst = max([worst] + [b / self.nic_Bps for b in list(nic_out.values()) + list(nic_in.values())])
+        for load in (up_out, up_in):
+            for g, b in load.items():
+                worst = max(worst, b / self.uplink_Bps.get(g, math.inf))
         return worst
 
     def _slowest(self, traffic):

@@ -19,6 +19,11 @@ A topology file is TOML (read with :mod:`tomllib`)::
     peers = ["r0p0", "r0p1"]        # or: count = 2  (names become "rack0-0", "rack0-1")
     aggregator = "switch"           # optional: "switch" | "agent"
     host = "box0"                   # optional: all peers of the group on one host
+    ranks = [0, 1]                  # optional: the peers' ranks (then in every group; any order,
+                                    # together 0..n-1), as `pycoll probe` writes for sites
+                                    # that are not contiguous in rank order
+    uplink = "100mbit"              # optional: one link, per direction, carries everything the
+                                    # group exchanges with other groups (a rack's uplink)
 
     [[link]]                        # overrides between groups or peers (optional)
     a = "rack0"                     # a group name or a peer name
@@ -36,7 +41,7 @@ Latency: a number and ``ns``, ``us`` (or ``µs``), ``ms`` or ``s``; a bare ``0``
 Internally bandwidth is bytes per second and latency seconds.
 
 Ranks. Peers are numbered in file order: the first group's peers get ranks 0, 1, ..., then the
-next group's. ``peers[rank]`` is the peer's name.
+next group's, unless every group gives its peers' ``ranks``. ``peers[rank]`` is the peer's name.
 
 Resolution of ``link(u, v)`` (directed), each layer overriding only the fields it sets:
 ``[defaults]``; then ``[intra]`` if u and v share a group; then the ``[[link]]`` entries that
@@ -48,6 +53,11 @@ Hosts. A group with ``host`` puts all its peers on that host (several groups may
 host); without it every peer is its own host named after the peer. ``host_nic`` caps each host's
 traffic to other hosts, per direction, shared by all its peers' links; it is not folded into the
 link matrices (see :meth:`Topology.host_nic_Bps`).
+
+Uplinks. A group with ``uplink`` sits behind one link to the rest of the network: all its
+members' traffic to (and, separately, from) other groups shares that capacity, on top of each
+link's own ``bandwidth``. The cost model counts it as one resource per direction; the emulator
+builds a router per group (:mod:`pycoll.emulator.sites`).
 
 Aggregators. ``"switch"``: the group has a standalone software aggregator (the rack switch) that
 sums the members' data; ``"agent"``: the group's lowest-ranked member aggregates for the group.
@@ -69,6 +79,7 @@ from typing import Any
 import numpy as np
 
 from pycoll import units as _units
+from pycoll.plan import tsp
 
 __all__ = [
     "TopologyError",
@@ -87,7 +98,7 @@ AGGREGATORS = ("switch", "agent")
 _TOP_KEYS = {"name", "defaults", "intra", "group", "link"}
 _LINK_FIELDS = {"bandwidth", "latency", "loss"}
 _DEFAULT_KEYS = _LINK_FIELDS | {"host_nic"}
-_GROUP_KEYS = {"name", "peers", "count", "aggregator", "host"}
+_GROUP_KEYS = {"name", "peers", "count", "aggregator", "host", "uplink", "ranks"}
 _OVERRIDE_KEYS = _LINK_FIELDS | {"a", "b", "symmetric"}
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*\Z")
 
@@ -107,13 +118,15 @@ class LinkParams:
 
 @dataclass(frozen=True)
 class Group:
-    """A named set of peers (a rack, a site): contiguous ranks, optional aggregator and host."""
+    """A named set of peers (a rack, a site): its ranks (contiguous unless the file gives
+    ``ranks``), optional aggregator, host and shared uplink."""
 
     name: str
     ranks: tuple[int, ...]
     peers: tuple[str, ...]
     aggregator: str | None = None
     host: str | None = None
+    uplink_Bps: float = math.inf
 
     @property
     def agent_rank(self) -> int | None:
@@ -169,14 +182,15 @@ class Topology:
         self.name = name
         self.source = source
         self.groups = groups
-        self.peers = tuple(peer for g in groups for peer in g.peers)
+        by_rank = sorted((r, p, gi) for gi, g in enumerate(groups) for r, p in zip(g.ranks, g.peers))
+        self.peers = tuple(p for _, p, _ in by_rank)
         self._hosts = hosts
         self._host_nic_Bps = host_nic_Bps
         self._bandwidth = bandwidth
         self._latency = latency
         self._loss = loss
         self._rank_of = {peer: rank for rank, peer in enumerate(self.peers)}
-        self._group_index = [gi for gi, g in enumerate(groups) for _ in g.ranks]
+        self._group_index = [gi for _, _, gi in by_rank]
 
     def __repr__(self) -> str:
         group_names = [g.name for g in self.groups]
@@ -216,6 +230,14 @@ class Topology:
         if host is not None and host not in self._hosts:
             raise KeyError(f"no host named {host!r} in topology {self.name!r}")
         return self._host_nic_Bps
+
+    def uplinks_Bps(self) -> list[float]:
+        """Each group's shared uplink in bytes/s, per direction (inf: none), in group order."""
+        return [g.uplink_Bps for g in self.groups]
+
+    def group_index(self, rank: int) -> int:
+        """Index into ``groups`` of the group holding ``rank``."""
+        return self._group_index[self._check_rank(rank)]
 
     def aggregator_groups(self) -> list[Group]:
         """Groups that have an aggregator ("switch" or "agent"), in file order."""
@@ -263,10 +285,14 @@ def load_topology(path: str | Path) -> Topology:
     return parse_topology(text, source=str(path))
 
 
+MEASURE = "measure"  # topology="measure": probed when a group forms (pycoll.net.probe)
+
+
 def load(spec: Topology | str | Path | None) -> Topology | None:
     """A Topology from a Topology (returned as it is), a path to a TOML file, or None/"" (None):
-    what ``pycoll.init(topology=...)`` and ``pycoll aggregator --topology`` accept."""
-    if spec is None or spec == "":
+    what ``pycoll.init(topology=...)`` and ``pycoll aggregator --topology`` accept. ``"measure"``
+    is None here too: the communicator measures its topology when a group forms."""
+    if spec is None or spec == "" or spec == MEASURE:
         return None
     if hasattr(spec, "world_size"):
         return spec
@@ -366,7 +392,8 @@ def _build_groups(raw: Any) -> tuple[tuple[Group, ...], tuple[str, ...]]:
     if not isinstance(raw, list) or not raw:
         raise ValueError("group: expected a non-empty array of tables ([[group]])")
     groups: list[Group] = []
-    hosts: list[str] = []
+    hosts: list[tuple[int, str]] = []  # (rank, host)
+    explicit: list[bool] = []
     owner: dict[str, str] = {}  # peer name -> group name, to report duplicates
     group_names: dict[str, int] = {}
     for gi, table in enumerate(raw):
@@ -392,13 +419,27 @@ def _build_groups(raw: Any) -> tuple[tuple[Group, ...], tuple[str, ...]]:
             choices = ", ".join(map(repr, AGGREGATORS))
             raise ValueError(f"{field}.aggregator: expected one of {choices}, got {aggregator!r}")
         host = _name(table["host"], f"{field}.host") if "host" in table else None
-        first = len(hosts)
-        hosts += [host or peer for peer in peers]
-        groups.append(Group(gname, tuple(range(first, first + len(peers))), tuple(peers), aggregator, host))
+        uplink = parse_bandwidth(table["uplink"], f"{field}.uplink") if "uplink" in table else math.inf
+        first = sum(len(g.ranks) for g in groups)
+        ranks = tuple(range(first, first + len(peers)))
+        if "ranks" in table:
+            given = table["ranks"]
+            if (not isinstance(given, list) or len(given) != len(peers)
+                    or not all(isinstance(r, int) and not isinstance(r, bool) for r in given)):
+                raise ValueError(f"{field}.ranks: expected {len(peers)} integers, one per peer, got {given!r}")
+            ranks = tuple(given)
+        explicit.append("ranks" in table)
+        hosts += [(r, host or peer) for r, peer in zip(ranks, peers)]
+        groups.append(Group(gname, ranks, tuple(peers), aggregator, host, uplink))
     clash = sorted(set(owner) & set(group_names))
     if clash:
         raise ValueError(f"group[{group_names[clash[0]]}].name: {clash[0]!r} is both a group and a peer name")
-    return tuple(groups), tuple(hosts)
+    if any(explicit):
+        if not all(explicit):
+            raise ValueError(f"group[{explicit.index(False)}].ranks: missing (give ranks in every group or none)")
+        if sorted(r for r, _ in hosts) != list(range(len(hosts))):
+            raise ValueError(f"group: the groups' ranks must together be 0..{len(hosts) - 1}, each once")
+    return tuple(groups), tuple(h for _, h in sorted(hosts))
 
 
 def _group_peers(table: dict, field: str, gname: str) -> list[str]:
@@ -500,6 +541,23 @@ def _ring_score(order: list[int], hop_bw: np.ndarray, hop_lat: np.ndarray) -> tu
 
 
 def _best_cycle(hop_bw: np.ndarray, hop_lat: np.ndarray) -> list[int]:
+    """The best cyclic order of nodes 0..k-1 for the bottleneck objective, rotated to start at 0:
+    exact up to :data:`pycoll.plan.tsp.EXACT_MAX` nodes (an asymmetric TSP solved by
+    Held-Karp), :func:`_heuristic_cycle` beyond. Ties keep the natural order."""
+    k = len(hop_bw)
+    off_diagonal = ~np.eye(k, dtype=bool)
+    if k > 2 and all(np.all(m[off_diagonal] == m[0, 1]) for m in (hop_bw, hop_lat)):
+        return list(range(k))  # uniform: every order is equally good, keep the natural one
+    if 3 <= k <= tsp.EXACT_MAX:
+        natural = list(range(k))
+        exact = tsp.exact_cycle(hop_bw, hop_lat)
+        if _ring_score(natural, hop_bw, hop_lat) >= _ring_score(exact, hop_bw, hop_lat):
+            return natural
+        return exact
+    return _heuristic_cycle(hop_bw, hop_lat)
+
+
+def _heuristic_cycle(hop_bw: np.ndarray, hop_lat: np.ndarray) -> list[int]:
     """A good cyclic order of nodes 0..k-1 for the bottleneck objective, rotated to start at 0."""
     k = len(hop_bw)
     off_diagonal = ~np.eye(k, dtype=bool)
