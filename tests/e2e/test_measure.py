@@ -88,8 +88,11 @@ def test_pycoll_probe_finds_interleaved_racks_and_their_shared_uplink(emu_ok, tm
     topo = load_topology(out)
     assert [g.ranks for g in topo.groups] == [(0, 2, 4), (1, 3, 5)]
     ups = topo.uplinks_Bps()
-    assert all(0.6 * 5e6 < u < 1.2 * 5e6 for u in ups), ups  # 40 Mbit/s shared, found by the two-flow test
-    assert 0.6 * 5e6 < topo.link(0, 1).bandwidth_Bps < 1.2 * 5e6
+    # 40 Mbit/s shared, found by the two-flow test. The lower bounds leave room for a loaded host,
+    # where a probe's short flows come out slow (2.8 MB/s seen at load 15); the NIC rate (50 MB/s)
+    # is what a missed uplink would show.
+    assert all(0.3 * 5e6 < u < 1.2 * 5e6 for u in ups), ups
+    assert 0.3 * 5e6 < topo.link(0, 1).bandwidth_Bps < 1.2 * 5e6
     assert topo.link(0, 2).bandwidth_Bps > 4 * topo.link(0, 1).bandwidth_Bps
     assert topo.link(0, 1).latency_s == pytest.approx(0.005, rel=0.3)
     ring = ring_order(topo)
