@@ -112,9 +112,16 @@ static long tls_sendv(pc_conn *c, const struct iovec *iov, int iovcnt) {
     int i = 0;
     size_t off = 0; /* into iov[i] */
     for (;;) {
-        /* stage the next record: whole small pieces (a header never splits), large ones cut */
+        /* the next record: straight out of a large piece, else staged: whole small pieces (a
+         * header never splits), large ones cut */
         size_t limit = t->pend ? t->pend : TLS_RECORD, n = 0;
-        while (i < iovcnt && n < limit) {
+        const void *from = t->stage;
+        while (i < iovcnt && iov[i].iov_len == off) i++, off = 0;
+        if (i < iovcnt && iov[i].iov_len - off >= limit) {
+            from = (const char *)iov[i].iov_base + off;
+            n = limit, off += limit;
+        }
+        while (from == t->stage && i < iovcnt && n < limit) {
             size_t left = iov[i].iov_len - off;
             if (left == 0) {
                 i++, off = 0;
@@ -127,7 +134,7 @@ static long tls_sendv(pc_conn *c, const struct iovec *iov, int iovcnt) {
         }
         if (n == 0) return total ? total : PC_IO_AGAIN;
         ERR_clear_error();
-        int r = SSL_write(t->ssl, t->stage, (int)n);
+        int r = SSL_write(t->ssl, from, (int)n); /* a retry may come from elsewhere: same bytes */
         if (r <= 0) {
             long res = classify(c, r);
             if (res == PC_IO_AGAIN) {
@@ -233,6 +240,11 @@ pc_conn *pc_tls_conn(int fd, int sockbuf_bytes, int server, const uint8_t *psk, 
         goto fail;
     SSL_CTX_set_num_tickets(t->ctx, 0); /* no resumption: every conn proves the key afresh */
     SSL_CTX_set_mode(t->ctx, SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER);
+    /* read whole socket buffers, not a record header and then its body: half the syscalls.
+     * Safe for the engine: recvv returns AGAIN only when the buffered bytes hold no whole
+     * record and the socket is drained, so polling the fd then is right. */
+    SSL_CTX_set_read_ahead(t->ctx, 1);
+    SSL_CTX_set_default_read_buffer_len(t->ctx, 1 << 17);
     t->ssl = SSL_new(t->ctx);
     if (!t->ssl || !SSL_set_fd(t->ssl, fd)) goto fail;
     SSL_set_app_data(t->ssl, t);
