@@ -40,7 +40,7 @@ import threading
 import time
 import zlib
 
-from pycoll import auth, faults
+from pycoll import faults
 from pycoll.comm.failures import FAILED, NOT_RUN, failure_error
 from pycoll.comm.switch import EngineLayout, SwitchPath, split_members
 from pycoll.core import engine
@@ -50,10 +50,9 @@ from pycoll.core.native import ffi, lib
 from pycoll.errors import CollectiveError, CoordinatorError, InvalidArgument, PeerFailure
 from pycoll.faults import fault_armed, fault_point
 from pycoll.net.links import set_keepalive, settle
-from pycoll.net.mesh import connect_mesh, local_peers, single_copy_bytes
+from pycoll.net.mesh import connect_mesh, data_plane_key, local_peers, single_copy_bytes
 from pycoll.net import probe as _probe
 from pycoll.observability import Stat
-from pycoll.options import environ
 from pycoll.plan import compression as _compression
 from pycoll.plan import costmodel, planners
 from pycoll.plan import topology as _topology
@@ -117,12 +116,7 @@ class Epoch:
         self.listener = listener
         self._mesh_key = mesh_key
         # PYCOLL_ENCRYPT: TCP connections under TLS 1.3 with a key from the group secret
-        self._tls_key = None
-        if environ("PYCOLL_ENCRYPT"):
-            if mesh_key is None:
-                raise InvalidArgument("PYCOLL_ENCRYPT=1 needs a shared secret (PYCOLL_SECRET or token=): the "
-                                      "data plane's key comes from it")
-            self._tls_key = auth.subkey(mesh_key, "data-plane-tls")
+        self._tls_key = data_plane_key(mesh_key)
         self._join_msg = join
         self._fresh_join = None     # the epoch pycoll.connect returned in (see update_topology)
         if self.options.transport != "tcp":

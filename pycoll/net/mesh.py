@@ -36,7 +36,7 @@ import time
 
 from pycoll import auth
 from pycoll.core.native import check, ffi, lib
-from pycoll.errors import CollectiveError, PeerFailure
+from pycoll.errors import CollectiveError, InvalidArgument, PeerFailure
 from pycoll.limits import resolve
 from pycoll.options import TRANSPORTS, environ, parse_single_copy, parse_transport  # noqa: F401 - TRANSPORTS: public here too
 
@@ -488,6 +488,17 @@ class MeshLinks(collections.namedtuple("MeshLinks", "kinds fds shm_fds")):
 
 
 KIND_TCP, KIND_SHM, KIND_TLS = lib.PC_CONN_TCP, lib.PC_CONN_SHM, lib.PC_CONN_TLS
+
+
+def data_plane_key(mesh_key):
+    """The TLS key of the data plane's TCP connections when PYCOLL_ENCRYPT is on (derived from
+    the mesh key, so from the group secret), else None."""
+    if not environ("PYCOLL_ENCRYPT"):
+        return None
+    if mesh_key is None:
+        raise InvalidArgument("PYCOLL_ENCRYPT=1 needs a shared secret (PYCOLL_SECRET or token=): the data "
+                              "plane's key comes from it")
+    return auth.subkey(mesh_key, "data-plane-tls")
 
 
 def build_mesh(listener, rank, addrs, stripes, epoch, token, timeout, sockbuf=0, key=None, should_abort=None):
