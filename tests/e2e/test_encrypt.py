@@ -267,3 +267,22 @@ def test_a_tls_connection_needs_a_key():
     b.close()
     with pytest.raises(InvalidArgument):
         engine.create(0, 2, 1, MeshLinks([0, lib.PC_CONN_TLS], [-1, a.detach()], [-1] * 6), psk=None)
+
+
+def _tagged(comm):
+    out = []
+    for tag in ("grads", "params"):
+        x = np.arange(100003, dtype=np.float32) * np.float32(comm.rank + 1) + np.float32(len(tag))
+        comm.all_reduce(x, tag=tag)
+        out.append(x)
+    return out
+
+
+@pytest.mark.timeout(120)
+def test_tag_channels_are_encrypted_too():
+    """The tag channels' mesh is TLS as well (the same key): tagged all-reduces are exact."""
+    res = pycoll.testing.run(_tagged, 3, timeout=90, env=ENV_TLS, init_kwargs={"tags": ["grads", "params"]})
+    for tag, i in (("grads", 0), ("params", 1)):
+        want = sum(np.arange(100003, dtype=np.float32) * np.float32(r + 1) + np.float32(len(tag)) for r in range(3))
+        for r in range(3):
+            assert res[r][i].tobytes() == want.astype(np.float32).tobytes()
