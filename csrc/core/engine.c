@@ -157,6 +157,7 @@ pc_status pc_comm_create_keyed(int32_t rank, int32_t nranks, int32_t stripes, co
                                int32_t *failed_peer, pc_comm **out) {
     *out = NULL;
     if (failed_peer) *failed_peer = -1;
+    double handshake_until = now_s() + handshake_timeout_s;
     int32_t nconn = nranks * stripes;
     if (nranks < 1 || rank < 0 || rank >= nranks || stripes < 1 || stripes > 64 || !fds) {
         if (nranks > 0 && stripes > 0 && stripes <= 64) close_from(0, nconn, stripes, -1, fds, shm_fds);
@@ -199,9 +200,10 @@ pc_status pc_comm_create_keyed(int32_t rank, int32_t nranks, int32_t stripes, co
         }
         st = PC_ERR_NOMEM;
         /* in ascending order on every rank: the pairs' blocking handshakes (if any) cannot deadlock */
+        double left = handshake_until - now_s(); /* one deadline for all of them */
         pc_conn_args a = {.shm_fds = shm ? shm_fds + 3 * i : NULL, .side = rank < peer ? 0 : 1,
                           .sockbuf_bytes = sockbuf_bytes, .psk = psk, .psk_len = psk_len,
-                          .timeout_s = handshake_timeout_s};
+                          .timeout_s = left > 1e-3 ? left : 1e-3};
         c->conns[i] = pc_conn_open(kinds ? kinds[i] : PC_CONN_TCP, fds[i], &a, &st);
         if (!c->conns[i]) {
             if (failed_peer) *failed_peer = peer;

@@ -312,7 +312,7 @@ pc_status pc_comm_create_mixed(int32_t rank, int32_t nranks, int32_t stripes, co
  * Like pc_comm_create_mixed, where kinds may also be PC_CONN_TLS: those
  * connections run a TLS 1.3 handshake authenticated by the pre-shared key
  * psk (16..64 bytes, the same on both ends; the lower rank of a pair is the
- * server), each within handshake_timeout_s, before this returns. A peer
+ * server), all within handshake_timeout_s, before this returns. A peer
  * without the key fails it: PC_ERR_PROTO, and *failed_peer names it (also
  * for any other connection that failed to open; -1 otherwise).
  */

@@ -10,6 +10,9 @@
  * Records and frames: each sendv call starts with a frame header (or the rest
  * of a frame) and the first record of a call begins with it, so a header never
  * straddles two records and peek_copy (SSL_peek, one record) sees it whole.
+ *
+ * OpenSSL's socket BIO writes with write(), not send(MSG_NOSIGNAL): a C program
+ * using TLS conns must ignore SIGPIPE (Python, pycoll's host, does at startup).
  */
 #define _GNU_SOURCE
 #include <errno.h>
