@@ -77,14 +77,9 @@ def load_secret(token=None):
 
 
 def derive(secret, purpose):
-    """The key for one purpose ("to-coordinator", "mesh", ...)."""
+    """The key for one purpose ("to-coordinator", "mesh", ...), from the group secret or from
+    another derived key (the data plane's TLS key from the mesh key)."""
     return hmac.new(secret or b"", b"pycoll/1 " + purpose.encode(), hashlib.sha256).digest()
-
-
-def subkey(key, purpose):
-    """A key for one purpose derived from another key (e.g. the data plane's TLS key from the
-    mesh key)."""
-    return hmac.new(key, b"pycoll/1 " + purpose.encode(), hashlib.sha256).digest()
 
 
 def _mac(key, *parts):
