@@ -28,6 +28,7 @@ import time
 
 import numpy as np
 
+from pycoll.auth import recv_exact
 from pycoll.plan import measured
 from pycoll.plan.topology import parse_topology
 
@@ -37,16 +38,6 @@ MAGIC = b"PCPR"
 PING, BULK, BULK_MEAN = 1, 2, 3  # BULK: the flow's best stretch; BULK_MEAN: its mean (shared tests)
 CHUNK = 1 << 18
 WARMUP = 1 / 3  # of a bulk flow's time, not counted (slow start)
-
-
-def _recv_exact(sock, n):
-    buf = bytearray()
-    while len(buf) < n:
-        part = sock.recv(n - len(buf))
-        if not part:
-            raise ConnectionError("probe: peer closed")
-        buf += part
-    return bytes(buf)
 
 
 class ProbeServer:
@@ -94,7 +85,7 @@ class ProbeServer:
         try:
             conn.settimeout(self.timeout)
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            magic, token, mode, seconds = HELLO.unpack(_recv_exact(conn, HELLO.size))
+            magic, token, mode, seconds = HELLO.unpack(recv_exact(conn, HELLO.size, "probe"))
             self._known.wait(self.timeout)
             if magic != MAGIC or self.token is None or token != self.token:
                 return  # not this session's: drop it
@@ -178,7 +169,7 @@ def ping(addr, token, count=5, timeout=10.0):
         for i in range(count + 1):
             t = time.perf_counter()
             s.sendall(struct.pack("!d", t))
-            _recv_exact(s, 8)
+            recv_exact(s, 8, "probe")
             if i:
                 best = min(best, time.perf_counter() - t)
         return best
