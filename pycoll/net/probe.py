@@ -38,6 +38,7 @@ MAGIC = b"PCPR"
 PING, BULK, BULK_MEAN = 1, 2, 3  # BULK: the flow's best stretch; BULK_MEAN: its mean (shared tests)
 CHUNK = 1 << 18
 WARMUP = 1 / 3  # of a bulk flow's time, not counted (slow start)
+ANSWER_MAX = 4096  # bytes of a receiver's rate line
 
 
 class ProbeServer:
@@ -87,10 +88,10 @@ class ProbeServer:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             magic, token, mode, seconds = HELLO.unpack(recv_exact(conn, HELLO.size, "probe"))
             self._known.wait(self.timeout)
-            if magic != MAGIC or self.token is None or token != self.token:
-                return  # not this session's: drop it
+            if magic != MAGIC or self.token is None or token != self.token or not math.isfinite(seconds):
+                return  # not this session's (or a NaN flow time, which no clamp bounds): drop it
             if mode == PING:
-                while True:
+                while not self._stop.is_set():
                     data = conn.recv(8)
                     if not data:
                         return
@@ -189,6 +190,8 @@ def bulk(addr, token, seconds, timeout=30.0, mean=False):
         while not line.endswith(b"\n"):
             if time.perf_counter() > end:
                 raise TimeoutError("probe: no answer from the receiver")
+            if len(line) > ANSWER_MAX:  # the answer is one short JSON line: more is not a probe
+                raise ValueError(f"probe: the receiver's answer is over {ANSWER_MAX} bytes")
             readable, writable, _ = select.select([s], [s] if not line else [], [], 0.05)
             if readable:
                 try:
