@@ -660,10 +660,7 @@ class Communicator:
         op_code(op)
 
         def run():
-            flat = _pack(bufs, 1)
-            fb = as_buffer(flat, writable=True, what="all_reduce_coalesced", dtype=bufs[0].dtype if bufs else None)
-            self._execute("all_reduce", fb, fb, fb.count, op, 0, "auto", timeout, self.preserve_input)
-            _unpack(flat, bufs, 1)
+            self._coalesced("all_reduce", bufs, bufs, 1, 1, op, timeout)
             return arrays
         return self._call(run, async_op, "all_reduce_coalesced", tuple(bufs))
 
@@ -675,14 +672,8 @@ class Communicator:
         rbs = _same_dtype_buffers(recvs, True, "all_gather_coalesced recv", dtype)
 
         def run():
-            n = self.world_size
-            _check_pairs(sbs, rbs, n, "all_gather_coalesced")
-            flat = _pack(sbs, 1)
-            out = scratch_like(rbs[0], n * flat.size) if rbs else np.empty(0, np.uint8)
-            fb = as_buffer(flat, writable=False, what="all_gather_coalesced", dtype=sbs[0].dtype if sbs else None)
-            ob = as_buffer(out, writable=True, what="all_gather_coalesced", dtype=sbs[0].dtype if sbs else None)
-            self._execute("all_gather", fb, ob, fb.count, "sum", 0, "auto", timeout, False)
-            _unpack(out, rbs, n)
+            _check_pairs(sbs, rbs, self.world_size, "all_gather_coalesced")
+            self._coalesced("all_gather", sbs, rbs, 1, self.world_size, "sum", timeout)
             return recvs
         return self._call(run, async_op, "all_gather_coalesced", tuple(sbs) + tuple(rbs))
 
@@ -695,16 +686,26 @@ class Communicator:
         op_code(op)
 
         def run():
-            n = self.world_size
-            _check_pairs(rbs, sbs, n, "reduce_scatter_coalesced")
-            flat = _pack(sbs, n)
-            out = scratch_like(rbs[0], flat.size // n) if rbs else np.empty(0, np.uint8)
-            fb = as_buffer(flat, writable=False, what="reduce_scatter_coalesced", dtype=sbs[0].dtype if sbs else None)
-            ob = as_buffer(out, writable=True, what="reduce_scatter_coalesced", dtype=sbs[0].dtype if sbs else None)
-            self._execute("reduce_scatter", fb, ob, ob.count, op, 0, "auto", timeout, False)
-            _unpack(out, rbs, 1)
+            _check_pairs(rbs, sbs, self.world_size, "reduce_scatter_coalesced")
+            self._coalesced("reduce_scatter", sbs, rbs, self.world_size, 1, op, timeout)
             return recvs
         return self._call(run, async_op, "reduce_scatter_coalesced", tuple(sbs) + tuple(rbs))
+
+    def _coalesced(self, coll, ins, outs, in_blocks, out_blocks, op, timeout):
+        """One ``coll`` over ``ins`` laid end to end, each cut in ``in_blocks`` (see _pack);
+        its output (``out_blocks`` / ``in_blocks`` x the input's size) unpacked into ``outs``,
+        each cut in ``out_blocks``; ``outs is ins``: in place. The packed copies are ours alone
+        and ``outs`` is written only on success, so the engine need not preserve its input."""
+        dt = ins[0].dtype if ins else None
+        flat = _pack(ins, in_blocks)
+        fb = as_buffer(flat, writable=outs is ins, what=f"{coll}_coalesced", dtype=dt)
+        out, ob = flat, fb
+        if outs is not ins:
+            out = scratch_like(outs[0], flat.size * out_blocks // in_blocks) if outs else np.empty(0, np.uint8)
+            ob = as_buffer(out, writable=True, what=f"{coll}_coalesced", dtype=dt)
+        # the count is the per-rank block: all_gather's input, reduce_scatter's output
+        self._execute(coll, fb, ob, min(fb.count, ob.count), op, 0, "auto", timeout, False)
+        _unpack(out, outs, out_blocks)
 
     # ---- point-to-point (pycoll.comm.p2p) ----------------------------------------
     def send(self, arr: Array, dst: int, tag: int = 0, *, timeout: Optional[float] = None) -> None:
