@@ -104,12 +104,10 @@ def parse_stripes(value, what=None):
     if isinstance(value, str) and value.strip().lower() == "auto":
         return "auto"
     try:
-        if isinstance(value, bool):
-            raise ValueError
-        n = int(value)
-    except (TypeError, ValueError):
+        n = _count(value, what, 1)
+    except InvalidArgument:
         raise InvalidArgument(f"{what}: stripes must be a positive integer or 'auto'") from None
-    if not 1 <= n <= MAX_STRIPES:
+    if n > MAX_STRIPES:
         raise InvalidArgument(f"{what}: stripes must be in [1, {MAX_STRIPES}]")
     return n
 
