@@ -946,12 +946,8 @@ class _Described:
     the others' empty input digest as recv's dtype)."""
 
     def __init__(self, buf, code):
-        self.address, self.nbytes, self.count, self.dtype, self._code = buf.address, buf.nbytes, buf.count, \
+        self.address, self.nbytes, self.count, self.dtype, self.code = buf.address, buf.nbytes, buf.count, \
             buf.dtype, code
-
-    @property
-    def code(self):
-        return self._code
 
 
 def _check_apart(a, b, what):
