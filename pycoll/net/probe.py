@@ -57,7 +57,6 @@ class ProbeServer:
         self.sock.settimeout(0.2)
         self.port = self.sock.getsockname()[1]
         self._stop = threading.Event()
-        self._threads = []
         self._accepter = threading.Thread(target=self._accept, name="pycoll-probe", daemon=True)
         self._accepter.start()
 
@@ -78,9 +77,8 @@ class ProbeServer:
                 continue
             except OSError:
                 return
-            t = threading.Thread(target=self._serve, args=(conn,), daemon=True)
-            t.start()
-            self._threads.append(t)
+            # (daemons, each bounded by its socket's timeout and _stop: never joined)
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
 
     def _serve(self, conn):
         try:
