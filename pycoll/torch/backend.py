@@ -306,35 +306,40 @@ def _future_value(box):
 
 
 class _Work(dist.Work):
-    """A torch Work over one or more queued pycoll collectives."""
+    """A torch Work over one or more queued pycoll collectives (none: ``failure`` says how the
+    calls, already run on the caller's thread, ended)."""
 
-    def __init__(self, state, pworks, outputs, post=None, what="", inline=False):
+    def __init__(self, state, pworks, outputs, post=None, what="", inline=False, failure=None):
         super().__init__()
         self._state = state
         self._outputs = outputs
         self._post = post
         self._what = what
-        self._done = threading.Event()
         self._exc = None
+        self._finished = False
         # The future torch sees (get_future(): DDP's reducer reads it from C++) must be
         # completed with an *error* on failure. torch.futures.Future.set_exception does
         # not do that: it stores the exception as the future's value (only Python's
         # wait()/value() raise it), and C++ readers take that value for the output
         # tensors (DDP: SIGSEGV in parseCppCommHookResult). A `then` callback that
         # raises is torch's one way to set a real error from Python, so the future
-        # handed out is the child of a trigger that _complete_future fires.
+        # handed out is the child of a trigger that _complete_future fires. Made on the
+        # first get_future() only: most works (every blocking call) are just waited on,
+        # and a torch future and its `then` cost more than the rest of a small call.
         self._box = [None, outputs]  # (failure, outputs), read by the callback
-        self._trigger = torch.futures.Future()
-        self._future = self._trigger.then(_future_value(self._box))
+        self._trigger = self._future = None
         # Works issued from a future callback complete on the worker itself
         # (the completion thread is busy running that callback).
         # (and those of a blocking call, done by now: its caller waits for nothing else, and
         # waking the completion thread per call costs a GIL hand-off, ~0.1 ms on a busy host)
         self._inline = inline or state.completer.on_thread()
-        self._left = len(pworks)
         self._lock = threading.Lock()
         if not pworks:
-            self._finish(None)
+            self._done = None  # finished here: nobody ever waits on it
+            self._finish(failure)
+            return
+        self._done = threading.Event()
+        self._left = len(pworks)
         for w in pworks:
             w.add_done_callback(self._one_done)
 
@@ -364,11 +369,16 @@ class _Work(dist.Work):
         finally:
             self._exc = exc
             self._box[0] = exc
-            self._done.set()
-            if self._inline:
-                _run_completion(self._complete_future)
-            else:
-                self._state.completer.submit(self._complete_future)
+            with self._lock:
+                self._finished = True
+                has_future = self._future is not None
+            if self._done is not None:
+                self._done.set()
+            if has_future:
+                if self._inline:
+                    _run_completion(self._complete_future)
+                else:
+                    self._state.completer.submit(self._complete_future)
 
     def _complete_future(self):
         # runs _future_value: the future gets the outputs, or the failure as its error
@@ -379,20 +389,27 @@ class _Work(dist.Work):
         secs = timeout.total_seconds() if isinstance(timeout, datetime.timedelta) else timeout
         if secs is not None and secs <= 0:
             secs = None  # torch's "unset" timeout
-        if not self._done.wait(secs):
+        if not self._finished and not self._done.wait(secs):
             raise CollectiveTimeout(f"{_TIMED_OUT}waiting {secs} s for {self._what} to finish")
         if self._exc is not None:
             raise self._exc
         return True
 
     def get_future(self):
-        """A torch Future completed with the output tensors."""
-        return self._future
+        """A torch Future completed with the output tensors (made on the first call; if the
+        work finished already, completed here)."""
+        with self._lock:
+            if self._future is None:
+                self._trigger = torch.futures.Future()
+                self._future = self._trigger.then(_future_value(self._box))
+                if self._finished:
+                    _run_completion(self._complete_future)
+            return self._future
 
     def get_future_result(self):
         """A torch Future completed with the outcome as an int ``WorkResult``: SUCCESS, TIMEOUT
         (the collective or a sync point timed out) or COMM_ERROR (any other failure)."""
-        return self._future.then(self._work_result)
+        return self.get_future().then(self._work_result)
 
     def _work_result(self, _):
         exc = self._exc
@@ -408,10 +425,10 @@ class _Work(dist.Work):
         self.wait()
 
     def is_completed(self):
-        return self._done.is_set()
+        return self._finished
 
     def is_success(self):
-        return self._done.is_set() and self._exc is None
+        return self._finished and self._exc is None
 
     def exception(self):
         return self._exc
@@ -541,28 +558,34 @@ class ProcessGroupPycoll(dist.ProcessGroup):
             outputs, post = staged.outputs(outputs), _then(post, staged.finish)
             staged.calls(len(calls))
         blocking = opts is not None and not getattr(opts, "asyncOp", True)
-        if blocking:
+        if blocking and not staged:
             # The caller waits at once: run on this thread (no hand-off to the worker);
             # pycoll still runs it after any queued async work.
-            pworks = []
-            for k, call in enumerate(calls):
+            failure = None
+            for call in calls:
+                try:
+                    call(False)
+                except InvalidArgument:
+                    raise  # bad arguments: raise here, as the async path does
+                except Exception as exc:  # noqa: BLE001 - reported through wait()
+                    failure = failure or exc
+            return _Work(self._state, [], outputs, post, what, inline=True, failure=failure)
+        pworks = []
+        for k, call in enumerate(calls):
+            staged and staged.before_call(k)
+            if blocking:  # as above, with a Work per call for the staging's copy-back callbacks
                 w = Work(what)
-                staged and staged.before_call(k)
                 try:
                     call(False)
                     w.complete(None)
                 except InvalidArgument:
-                    raise  # bad arguments: raise here, as the async path does
+                    raise
                 except Exception as exc:  # noqa: BLE001 - reported through wait()
                     w.complete(None, exc)
-                staged and staged.after_call(k, w)
-                pworks.append(w)
-        else:
-            pworks = []
-            for k, call in enumerate(calls):
-                staged and staged.before_call(k)
-                pworks.append(call(True))
-                staged and staged.after_call(k, pworks[-1])
+            else:
+                w = call(True)
+            staged and staged.after_call(k, w)
+            pworks.append(w)
         return _Work(self._state, pworks, outputs, post, what, inline=blocking)
 
     # ---- collectives ---------------------------------------------------
