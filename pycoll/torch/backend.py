@@ -1052,11 +1052,10 @@ def _then(first, second):
 def _staging_method(method, role, segmented):
     @functools.wraps(method)
     def staged_method(self, *args, **kwargs):
-        if getattr(_staging_tls, "current", None) is not None:
-            return method(self, *args, **kwargs)  # called from another staged method: already staged
-        staged = staging.Staged(args, role, segmented)
-        if not staged:
+        if getattr(_staging_tls, "current", None) is not None or not staging.any_needs_staging(args):
+            # already staged (called from another staged method), or nothing to stage
             return method(self, *args, **kwargs)
+        staged = staging.Staged(args, role, segmented)
         _staging_tls.current = staged
         try:
             return method(self, *staged.args, **kwargs)
