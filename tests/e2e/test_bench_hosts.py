@@ -13,15 +13,6 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
-@pytest.fixture(scope="module")
-def emu_ok():
-    from pycoll.emulator import available
-    ok, why = available()
-    if not ok:
-        pytest.skip(f"network emulation unavailable: {why}")
-    return True
-
-
 @pytest.mark.timeout(300)
 def test_bench_across_emulated_hosts(emu_ok, tmp_path):
     pytest.importorskip("torch")  # (Gloo: the table's reference column)
