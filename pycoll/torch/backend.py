@@ -945,14 +945,6 @@ class ProcessGroupPycoll(dist.ProcessGroup):
             t.copy_(out)
         return _Work(self._state, [], list(tensors), None, "all_reduce")
 
-    # ---- what is not supported: say so clearly -------------------------
-    def _unsupported(self, what):
-        raise NotImplementedError(f"pycoll backend: {what} is not supported; supported: all_reduce(_coalesced), "
-                                  "all_gather(_coalesced), all_gather_single/all_gather_into_tensor(_coalesced), "
-                                  "reduce_scatter, reduce_scatter_single/reduce_scatter_tensor(_coalesced), "
-                                  "broadcast, barrier, reduce, gather, scatter, all_to_all, all_to_all_single, "
-                                  "send, recv, isend, irecv, batch_isend_irecv")
-
     def monitored_barrier(self, timeout=None, wait_all_ranks=False):
         """``pg.monitored_barrier(timeout)``: a barrier with its own deadline whose failure says, in
         Gloo's words, that this rank timed out in monitoredBarrier. (``dist.monitored_barrier``
