@@ -611,20 +611,16 @@ class ProcessGroupPycoll(dist.ProcessGroup):
         if len(outs) != self.size():
             raise InvalidArgument(f"pycoll backend: all_gather needs {self.size()} output tensors, got {len(outs)}")
         _same_layout(outs, inp, "all_gather output")
-        flat = _consecutive(outs)
-        post = None
+        flat, post = _consecutive(outs), None
         if flat is None:  # separate tensors: gather into one buffer, then copy out
             flat = torch.empty(inp.numel() * self.size(), dtype=inp.dtype)
-
-            def post():
-                for i, o in enumerate(outs):
-                    o.view(-1).copy_(flat[i * inp.numel():(i + 1) * inp.numel()])
-        return self._gather(inp, flat, opts, "all_gather", output_tensors, post)
+            post = functools.partial(_copy_chunks, flat, outs, inp.numel())
+        return self._gather(inp, flat, opts, output_tensors, post)
 
     def all_gather_single(self, output, input, opts=None):
         """``dist.all_gather_single`` / ``all_gather_into_tensor``."""
         self._check_gather_single(output, input)
-        return self._gather(input, output, opts, "all_gather", [output])
+        return self._gather(input, output, opts, [output])
 
     _allgather_base = all_gather_single
 
@@ -653,12 +649,10 @@ class ProcessGroupPycoll(dist.ProcessGroup):
                                   f"{input.numel() * self.size()} (world size x input), got "
                                   f"{output.dtype} x {output.numel()}")
 
-    def _gather_call(self, inp, flat, opts):
+    def _gather(self, inp, flat, opts, outputs, post=None):
         comm, timeout = self.communicator, _timeout_s(opts, self._timeout_s)
-        return lambda a: comm.all_gather(inp, flat, timeout=timeout, dtype=_DTYPES[inp.dtype], async_op=a)
-
-    def _gather(self, inp, flat, opts, what, outputs, post=None):
-        return self._run(what, [self._gather_call(inp, flat, opts)], outputs, post, opts)
+        call = lambda a: comm.all_gather(inp, flat, timeout=timeout, dtype=_DTYPES[inp.dtype], async_op=a)  # noqa: E731
+        return self._run("all_gather", [call], outputs, post, opts)
 
     def reduce_scatter(self, output_tensors, input_tensors, opts=None):
         """``dist.reduce_scatter``: a list of world_size input tensors."""
@@ -709,14 +703,12 @@ class ProcessGroupPycoll(dist.ProcessGroup):
                                   f"{output.numel() * self.size()} (world size x output), got "
                                   f"{input.dtype} x {input.numel()}")
 
-    def _scatter_call(self, out, flat, opts):
+    def _scatter(self, out, flat, opts, outputs):
         op = _op_name(opts.reduceOp if opts is not None else ReduceOp.SUM)
         comm, timeout = self.communicator, _timeout_s(opts, self._timeout_s)
-        return lambda a: comm.reduce_scatter(flat, out, op=op, timeout=timeout, dtype=_DTYPES[out.dtype],
+        call = lambda a: comm.reduce_scatter(flat, out, op=op, timeout=timeout, dtype=_DTYPES[out.dtype],  # noqa: E731
                                              async_op=a)
-
-    def _scatter(self, out, flat, opts, outputs):
-        return self._run("reduce_scatter", [self._scatter_call(out, flat, opts)], outputs, opts=opts)
+        return self._run("reduce_scatter", [call], outputs, opts=opts)
 
     def broadcast(self, tensors, opts=None):
         """``dist.broadcast``: root's tensor into every rank's, in place."""
