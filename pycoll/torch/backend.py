@@ -157,16 +157,17 @@ def _same_layout(tensors, like, what):
 
 
 def _consecutive(tensors):
-    """A flat tensor aliasing ``tensors`` if they are consecutive slices of one
-    storage (no copy needed), else None."""
+    """A flat tensor aliasing ``tensors`` (contiguous, of one dtype) if they lie end to end in
+    one storage, in list order (equal sizes or not: no copy needed), else None."""
     first = tensors[0]
-    step = first.numel() * first.element_size()
     base = first.untyped_storage().data_ptr()
-    for i, t in enumerate(tensors):
-        if t.untyped_storage().data_ptr() != base or t.data_ptr() != first.data_ptr() + i * step:
+    at = first.data_ptr()
+    for t in tensors:
+        if t.untyped_storage().data_ptr() != base or t.data_ptr() != at:
             return None
+        at += t.numel() * t.element_size()
     flat = torch.empty(0, dtype=first.dtype)
-    return flat.set_(first.untyped_storage(), first.storage_offset(), (first.numel() * len(tensors),))
+    return flat.set_(first.untyped_storage(), first.storage_offset(), (sum(t.numel() for t in tensors),))
 
 
 def _copy_chunks(flat, outs, count):
@@ -809,8 +810,8 @@ class ProcessGroupPycoll(dist.ProcessGroup):
 
     def alltoall(self, output_tensors, input_tensors, opts=None):
         """``dist.all_to_all``: input i to rank i, rank i's into output i (sizes may differ per
-        rank); one pycoll all_to_all over the tensors laid end to end (one copy in, and out
-        unless the outputs are consecutive slices of one buffer)."""
+        rank); one pycoll all_to_all over the tensors laid end to end (one copy in unless the
+        inputs are consecutive slices of one buffer, one copy out unless the outputs are)."""
         n = self.size()
         if len(output_tensors) != n or len(input_tensors) != n:
             raise InvalidArgument(f"pycoll backend: all_to_all needs {n} input and {n} output tensors, got "
@@ -823,14 +824,20 @@ class ProcessGroupPycoll(dist.ProcessGroup):
                 raise InvalidArgument("pycoll backend: all_to_all tensors must share one dtype")
         send_counts = [t.numel() for t in input_tensors]
         recv_counts = [t.numel() for t in output_tensors]
-        flat_in = torch.cat([t.reshape(-1) for t in input_tensors])
-        flat_out = torch.empty(sum(recv_counts), dtype=flat_in.dtype)
+        flat_in = _consecutive(input_tensors)
+        if flat_in is None:
+            flat_in = torch.cat([t.reshape(-1) for t in input_tensors])
+        flat_out, post = _consecutive(output_tensors), None
+        if flat_out is None or flat_out.untyped_storage().data_ptr() == flat_in.untyped_storage().data_ptr():
+            # separate tensors (or outputs in the inputs' storage, which the plan would overwrite
+            # while it reads): receive into one buffer, then copy out
+            flat_out = torch.empty(sum(recv_counts), dtype=flat_in.dtype)
 
-        def post():
-            at = 0
-            for o, c in zip(output_tensors, recv_counts):
-                o.view(-1).copy_(flat_out[at:at + c])
-                at += c
+            def post():
+                at = 0
+                for o, c in zip(output_tensors, recv_counts):
+                    o.view(-1).copy_(flat_out[at:at + c])
+                    at += c
         comm, timeout = self.communicator, _timeout_s(opts, self._timeout_s)
         call = lambda a: comm.all_to_all(flat_in, flat_out, send_counts, recv_counts,  # noqa: E731
                                          timeout=timeout, dtype=_DTYPES[flat_in.dtype], async_op=a)
