@@ -34,7 +34,6 @@ import importlib.util
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -45,14 +44,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HERE = os.path.abspath(__file__)
 BACKENDS = ("pycoll", "gloo")
 SHAPES = {"comm": 4, "compute": 64}  # shape name -> batch size
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 # ---- rank side (each rank is its own process) ----------------------------------------------
@@ -160,6 +151,8 @@ def _killpg(p):
 
 def launch(backend, n, shape, steps, a, tmp):
     """n ranks of one backend; every rank's RESULT dict, in rank order."""
+    sys.path.insert(0, ROOT)  # the driver only: a rank imports pycoll only if it runs the pycoll backend
+    from pycoll.testing import free_port
     port = free_port()
     # Torch's plugin autoload off: a Gloo rank then never imports pycoll (no extra threads in
     # it), and a pycoll rank imports it explicitly.

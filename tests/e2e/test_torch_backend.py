@@ -274,6 +274,9 @@ def test_consecutive_slices_are_not_copied():
     assert _consecutive(list(base.chunk(3))[::-1]) is None
     assert _consecutive([torch.zeros(4), torch.zeros(4)]) is None
     assert _consecutive(list(base[2:].chunk(2))).data_ptr() == base[2:].data_ptr()
+    uneven = _consecutive(list(base.split([1, 5, 6])))  # all_to_all's lists may differ in size
+    assert uneven is not None and uneven.data_ptr() == base.data_ptr() and uneven.numel() == 12
+    assert _consecutive([base[:4], base[5:]]) is None  # a gap
 
 
 # ---- DDP ---------------------------------------------------------------------
