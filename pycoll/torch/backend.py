@@ -160,14 +160,19 @@ def _consecutive(tensors):
     """A flat tensor aliasing ``tensors`` (contiguous, of one dtype) if they lie end to end in
     one storage, in list order (equal sizes or not: no copy needed), else None."""
     first = tensors[0]
-    base = first.untyped_storage().data_ptr()
     at = first.data_ptr()
+    count = 0
     for t in tensors:
-        if t.untyped_storage().data_ptr() != base or t.data_ptr() != at:
+        if t.data_ptr() != at:
             return None
         at += t.numel() * t.element_size()
-    flat = torch.empty(0, dtype=first.dtype)
-    return flat.set_(first.untyped_storage(), first.storage_offset(), (sum(t.numel() for t in tensors),))
+        count += t.numel()
+    # end to end and all inside the first one's storage: that storage's memory is theirs (one
+    # storage object per call, not one per tensor: each costs a Python object)
+    storage = first.untyped_storage()
+    if at > storage.data_ptr() + storage.nbytes():
+        return None
+    return torch.empty(0, dtype=first.dtype).set_(storage, first.storage_offset(), (count,))
 
 
 def _copy_chunks(flat, outs, count):
