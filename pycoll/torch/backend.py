@@ -135,7 +135,7 @@ def _check_tensor(t, what):
     """Reject what the C core cannot take in place, with a reason."""
     if not isinstance(t, torch.Tensor):
         raise InvalidArgument(f"pycoll backend: {what} must be a torch.Tensor, got {type(t).__name__}")
-    if t.device.type != "cpu":
+    if not t.is_cpu:  # (t.device would make a device object per tensor and call)
         raise InvalidArgument(f"pycoll backend: {what} is on {t.device}; only CPU and CUDA tensors are supported")
     if t.layout != torch.strided:
         raise InvalidArgument(f"pycoll backend: {what} has layout {t.layout}; only dense tensors are supported")
@@ -167,6 +167,10 @@ def _consecutive(tensors):
             return None
         at += t.numel() * t.element_size()
         count += t.numel()
+    base = first._base  # the usual case, list(t.chunk(n)) or t.split(...) of a whole t: t itself
+    if (base is not None and base.data_ptr() == first.data_ptr() and base.dtype == first.dtype
+            and base.numel() == count and base.is_contiguous()):
+        return base.view(-1)
     # end to end and all inside the first one's storage: that storage's memory is theirs (one
     # storage object per call, not one per tensor: each costs a Python object)
     storage = first.untyped_storage()

@@ -277,6 +277,13 @@ def test_consecutive_slices_are_not_copied():
     uneven = _consecutive(list(base.split([1, 5, 6])))  # all_to_all's lists may differ in size
     assert uneven is not None and uneven.data_ptr() == base.data_ptr() and uneven.numel() == 12
     assert _consecutive([base[:4], base[5:]]) is None  # a gap
+    rows = torch.arange(12, dtype=torch.float32).reshape(4, 3)  # chunks of a whole tensor: that tensor, flat
+    flat = _consecutive(list(rows.chunk(2)))
+    assert flat.shape == (12,) and flat.data_ptr() == rows.data_ptr()
+    flat[5] = -1.0
+    assert rows[1, 2] == -1.0
+    assert _consecutive(list(rows[1:].chunk(3))).numel() == 9  # part of it: a view over the storage
+    assert _consecutive(list(rows.view(torch.int32).chunk(2))).dtype == torch.int32
 
 
 # ---- DDP ---------------------------------------------------------------------
