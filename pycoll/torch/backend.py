@@ -167,16 +167,13 @@ def _consecutive(tensors):
             return None
         at += t.numel() * t.element_size()
         count += t.numel()
-    base = first._base  # the usual case, list(t.chunk(n)) or t.split(...) of a whole t: t itself
-    if (base is not None and base.data_ptr() == first.data_ptr() and base.dtype == first.dtype
-            and base.numel() == count and base.is_contiguous()):
-        return base.view(-1)
     # end to end and all inside the first one's storage: that storage's memory is theirs (one
-    # storage object per call, not one per tensor: each costs a Python object)
+    # storage object per call, not one per tensor: each costs a Python object), and a strided
+    # view of the first one covers them (a third of the cost of empty().set_(storage))
     storage = first.untyped_storage()
     if at > storage.data_ptr() + storage.nbytes():
         return None
-    return torch.empty(0, dtype=first.dtype).set_(storage, first.storage_offset(), (count,))
+    return first.as_strided((count,), (1,))
 
 
 def _copy_chunks(flat, outs, count):
