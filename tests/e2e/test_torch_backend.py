@@ -616,6 +616,33 @@ def test_the_group_has_a_name_and_destroy_process_group_works_as_on_gloo():
         assert mine["mesh"] and mine["sub destroyed"] == (False, False) and mine["after"] == (False, False)
 
 
+def _posted_then_destroyed():
+    import pycoll.torch  # noqa: F401 - registers "pycoll" (the default group is Gloo's)
+    sub = dist.new_group(backend="pycoll")
+    peer = 1 - dist.get_rank()
+    w = dist.irecv(torch.zeros(3), peer, group=sub)  # posted, never waited on: it never ran
+    dist.destroy_process_group(sub)
+    out = {"completed": w.is_completed()}
+    try:
+        w.wait()
+        out["wait"] = "ran"
+    except Exception as exc:  # noqa: BLE001 - what we check
+        out["wait"] = str(exc)
+    dist.destroy_process_group()
+    return out
+
+
+@pytest.mark.timeout(120)
+def test_a_posted_transfer_fails_with_its_name_when_the_group_is_destroyed():
+    """A torch irecv's Work is the transfer's own completion (Communicator.post_transfer): the
+    group's shutdown completes it with the error, naming the transfer."""
+    out = pycoll.testing.run(_posted_then_destroyed, 2, init="torch:gloo", timeout=90)
+    for r in range(2):
+        assert out[r]["completed"], out[r]
+        assert out[r]["wait"].startswith(f"recv from rank {1 - r}: communicator closed before the transfer ran"), \
+            out[r]
+
+
 # ---- timeouts in torch's words -------------------------------------------------------
 TORCH_TIMEOUT_RE = " (Timed out|closed|timeout) "  # torch/testing/_internal/distributed/distributed_test.py
 
