@@ -11,11 +11,11 @@ all_to_all_single of that many bytes per rank (equal splits), reduce of that man
 every rank from rank 0. Each repetition times one call of each backend (which goes first
 alternates), each after a barrier of its own group: on a shared host whose load changes by the
 second, both see the same moments (timing all of one backend's repetitions and then the other's
-gave the same cell ratios of 0.5 and 2 from one run to the next). A collective's time is the
-slowest rank's median. Python's one full garbage collection of torch's import-time objects is
-done before timing (gc.freeze), so that it lands in no cell. pingpong: rank 0 sends to rank 1, which sends
-back (the other ranks idle); latency = half the median round trip, bandwidth = bytes / that.
-ratio = Gloo's time / pycoll's (above 1: pycoll is faster).
+gave one cell ratios from 0.33 to 2.13 in runs minutes apart). A collective's time is the slowest
+rank's median. Python's one full garbage collection of torch's import-time objects is done
+before timing (gc.freeze), so that it lands in no cell. pingpong: rank 0 sends to rank 1, which
+sends back (the other ranks idle); latency = half the median round trip, bandwidth = bytes /
+that. ratio = Gloo's time / pycoll's (above 1: pycoll is faster).
 """
 import argparse
 import functools
