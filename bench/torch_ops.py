@@ -3,17 +3,23 @@
     python bench/torch_ops.py                         # 2 and 4 ranks, 4 KiB .. 64 MiB
     python bench/torch_ops.py --ranks 2 --sizes 4K,1M --ops reduce,pingpong --reps 5
 
-Both backends run in the same processes, alternately at each size: the default group is Gloo
-and a second group over the same ranks is pycoll (``dist.new_group(backend="pycoll")``), and
-every call goes through ``torch.distributed`` (what a user of either backend pays). Sizes are
-bytes per rank: all_to_all_single of that many bytes per rank (equal splits), reduce of that many
-bytes to rank 0 (float32 sum), gather of that many bytes from every rank to rank 0, scatter of
-that many bytes to every rank from rank 0. Each repetition is a barrier and then the timed call;
-a collective's time is the slowest rank's median. pingpong: rank 0 sends to rank 1, which sends
-back (the other ranks idle); latency = half the median round trip, bandwidth = bytes / that.
-ratio = Gloo's time / pycoll's (above 1: pycoll is faster).
+Both backends run in the same processes, call by call: the default group is Gloo and a second
+group over the same ranks is pycoll (``dist.new_group(backend="pycoll")``), and every call goes
+through ``torch.distributed`` (what a user of either backend pays). Sizes are bytes per rank:
+all_to_all_single of that many bytes per rank (equal splits), reduce of that many bytes to rank 0
+(float32 sum), gather of that many bytes from every rank to rank 0, scatter of that many bytes to
+every rank from rank 0. Each repetition times one call of each backend (which goes first
+alternates), each after a barrier of its own group: on a shared host whose load changes by the
+second, both see the same moments (timing all of one backend's repetitions and then the other's
+gave one cell ratios from 0.33 to 2.13 in runs minutes apart). A collective's time is the slowest
+rank's median. Python's one full garbage collection of torch's import-time objects is done
+before timing (gc.freeze), so that it lands in no cell. pingpong: rank 0 sends to rank 1, which
+sends back (the other ranks idle); latency = half the median round trip, bandwidth = bytes /
+that. ratio = Gloo's time / pycoll's (above 1: pycoll is faster).
 """
 import argparse
+import functools
+import gc
 import json
 import os
 import subprocess
@@ -32,20 +38,24 @@ OPS = ("all_to_all", "reduce", "gather", "scatter", "pingpong")
 def reps_for(nbytes, fixed=None):
     if fixed:
         return fixed
-    return 100 if nbytes <= 64 << 10 else 30 if nbytes <= 1 << 20 else 8 if nbytes <= 16 << 20 else 4
+    # (on a shared host a median of 4 large calls moved by 2x from run to run)
+    return 100 if nbytes <= 64 << 10 else 30 if nbytes <= 1 << 20 else 12 if nbytes <= 16 << 20 else 8
 
 
 # ---- worker (one per rank) ----------------------------------------------------------------
-def _timed(call, barrier, reps):
-    call()  # warm up: connections, plans, pages
-    times = []
-    for _ in range(reps):
-        barrier()
-        t = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - t)
-    times.sort()
-    return times[len(times) // 2]
+def _timed(calls, barriers, reps):
+    """Median time of each of ``calls`` (name -> function), repetitions interleaved."""
+    names = list(calls)
+    for name in names:
+        calls[name]()  # warm up: connections, plans, pages
+    times = {name: [] for name in names}
+    for i in range(reps):
+        for name in (names if i % 2 == 0 else names[::-1]):
+            barriers[name]()
+            t = time.perf_counter()
+            calls[name]()
+            times[name].append(time.perf_counter() - t)
+    return {name: sorted(ts)[len(ts) // 2] for name, ts in times.items()}
 
 
 def _call(op, group, nbytes, rank, n):
@@ -84,14 +94,16 @@ def worker(rank, n, port, sizes, ops, reps):
     import pycoll.torch.backend  # noqa: F401 - registers "pycoll" (plugin autoload is off here)
     dist.init_process_group("gloo", rank=rank, world_size=n)
     groups = {"gloo": dist.group.WORLD, "pycoll": dist.new_group(backend="pycoll")}
+    barriers = {impl: functools.partial(dist.barrier, group=g) for impl, g in groups.items()}
+    gc.collect()
+    gc.freeze()
     out = {}
     for op in ops:
         for nbytes in sizes:
-            for impl in ("pycoll", "gloo"):  # alternately, at each size
-                group = groups[impl]
-                call = _call(op, group, nbytes, rank, n)
-                med = _timed(call, lambda: dist.barrier(group=group), reps_for(nbytes, reps))
+            calls = {impl: _call(op, g, nbytes, rank, n) for impl, g in groups.items()}
+            for impl, med in _timed(calls, barriers, reps_for(nbytes, reps)).items():
                 out[f"{op} {nbytes} {impl}"] = med
+            del calls  # this size's buffers
     dist.barrier()
     dist.destroy_process_group(groups["pycoll"])
     dist.destroy_process_group()

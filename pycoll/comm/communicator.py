@@ -756,11 +756,21 @@ class Communicator:
             works.append(self.isend(arr, peer, tag) if kind == "send" else self.irecv(arr, peer, tag))
         return works
 
+    def post_transfer(self, is_send: bool, arr: Array, peer: Optional[int], tag: int, work) -> None:
+        """:meth:`isend` (``is_send``) or :meth:`irecv` with a completion of the caller's own
+        instead of a :class:`Work` (the torch backend's Work): ``work.complete(result, exc)``
+        is called once the transfer ran (``result``: ``arr`` of a receive), after
+        ``work.source`` was set to the sender of a receive from any source;
+        ``work.description`` names the transfer in errors."""
+        buf = as_buffer(arr, writable=not is_send, what="send buffer" if is_send else "recv buffer")
+        what = "send to" if is_send else "recv from" if peer is not None else "recv from any source:"
+        self._post(is_send, buf, peer, tag, None if is_send else arr, None, what, work)
+
     def flush_p2p(self) -> None:
         """Run the posted point-to-point transfers now (waiting on any of their works does)."""
         self._p2p.flush()
 
-    def _post(self, is_send, buf, peer, tag, result, timeout, what):
+    def _post(self, is_send, buf, peer, tag, result, timeout, what, work=None):
         if peer is None and self.world_size < 2:
             buf.release()
             raise InvalidArgument(f"{what} no other rank: a group of one has nobody to receive from")
@@ -774,8 +784,9 @@ class Communicator:
         if self._epoch.closed:
             buf.release()
             raise CollectiveError("communicator is closed")
-        work = P2PWork(f"{what} rank {peer}" if peer is not None else what.rstrip(":"), self._p2p,
-                       -1 if peer is None else peer)
+        if work is None:
+            work = P2PWork(f"{what} rank {peer}" if peer is not None else what.rstrip(":"), self._p2p,
+                           -1 if peer is None else peer)
         self._p2p.add(Transfer(is_send, buf, peer, tag & 0xFFFFFFFF, result, timeout, work))
         return work
 
@@ -815,9 +826,10 @@ class Communicator:
             sends = [t for t in batch if t.is_send]
             recvs = [t for t in batch if not t.is_send]
             # one send (recv) uses the caller's memory as it is; several go through one buffer
-            inb = sends[0].buf if len(sends) == 1 else _bytes_buffer(_pack([t.buf for t in sends], 1, raw=True), False)
-            out = None if len(recvs) == 1 else np.empty(sum(t.buf.nbytes for t in recvs), np.uint8)
-            outb = recvs[0].buf if len(recvs) == 1 else _bytes_buffer(out, True)
+            inb = (_EMPTY if not sends else sends[0].buf if len(sends) == 1
+                   else _bytes_buffer(_pack([t.buf for t in sends], 1, raw=True), False))
+            out = None if len(recvs) < 2 else np.empty(sum(t.buf.nbytes for t in recvs), np.uint8)
+            outb = _EMPTY if not recvs else recvs[0].buf if out is None else _bytes_buffer(out, True)
             transfers, at = [], {True: 0, False: 0}
             for t in batch:
                 transfers.append((1 if t.is_send else 0, t.peer, at[t.is_send], t.buf.nbytes, t.tag))

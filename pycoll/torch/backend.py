@@ -135,7 +135,7 @@ def _check_tensor(t, what):
     """Reject what the C core cannot take in place, with a reason."""
     if not isinstance(t, torch.Tensor):
         raise InvalidArgument(f"pycoll backend: {what} must be a torch.Tensor, got {type(t).__name__}")
-    if t.device.type != "cpu":
+    if not t.is_cpu:  # (t.device would make a device object per tensor and call)
         raise InvalidArgument(f"pycoll backend: {what} is on {t.device}; only CPU and CUDA tensors are supported")
     if t.layout != torch.strided:
         raise InvalidArgument(f"pycoll backend: {what} has layout {t.layout}; only dense tensors are supported")
@@ -160,14 +160,20 @@ def _consecutive(tensors):
     """A flat tensor aliasing ``tensors`` (contiguous, of one dtype) if they lie end to end in
     one storage, in list order (equal sizes or not: no copy needed), else None."""
     first = tensors[0]
-    base = first.untyped_storage().data_ptr()
     at = first.data_ptr()
+    count = 0
     for t in tensors:
-        if t.untyped_storage().data_ptr() != base or t.data_ptr() != at:
+        if t.data_ptr() != at:
             return None
         at += t.numel() * t.element_size()
-    flat = torch.empty(0, dtype=first.dtype)
-    return flat.set_(first.untyped_storage(), first.storage_offset(), (sum(t.numel() for t in tensors),))
+        count += t.numel()
+    # end to end and all inside the first one's storage: that storage's memory is theirs (one
+    # storage object per call, not one per tensor: each costs a Python object), and a strided
+    # view of the first one covers them (a third of the cost of empty().set_(storage))
+    storage = first.untyped_storage()
+    if at > storage.data_ptr() + storage.nbytes():
+        return None
+    return first.as_strided((count,), (1,))
 
 
 def _copy_chunks(flat, outs, count):
@@ -335,11 +341,14 @@ class _Work(dist.Work):
         # waking the completion thread per call costs a GIL hand-off, ~0.1 ms on a busy host)
         self._inline = inline or state.completer.on_thread()
         self._lock = threading.Lock()
+        # made by the first wait() that finds the work unfinished (most never do: a blocking
+        # call finished here, a point-to-point transfer ran in its own wait)
+        self._done = None
+        if pworks is None:  # completed by whoever runs it (see _P2PWork)
+            return
         if not pworks:
-            self._done = None  # finished here: nobody ever waits on it
             self._finish(failure)
             return
-        self._done = threading.Event()
         self._left = len(pworks)
         for w in pworks:
             w.add_done_callback(self._one_done)
@@ -373,8 +382,9 @@ class _Work(dist.Work):
             with self._lock:
                 self._finished = True
                 has_future = self._future is not None
-            if self._done is not None:
-                self._done.set()
+                done = self._done
+            if done is not None:
+                done.set()
             if has_future:
                 if self._inline:
                     _run_completion(self._complete_future)
@@ -390,8 +400,13 @@ class _Work(dist.Work):
         secs = timeout.total_seconds() if isinstance(timeout, datetime.timedelta) else timeout
         if secs is not None and secs <= 0:
             secs = None  # torch's "unset" timeout
-        if not self._finished and not self._done.wait(secs):
-            raise CollectiveTimeout(f"{_TIMED_OUT}waiting {secs} s for {self._what} to finish")
+        if not self._finished:
+            with self._lock:
+                if not self._finished and self._done is None:
+                    self._done = threading.Event()
+                done = self._done
+            if done is not None and not done.wait(secs):
+                raise CollectiveTimeout(f"{_TIMED_OUT}waiting {secs} s for {self._what} to finish")
         if self._exc is not None:
             raise self._exc
         return True
@@ -446,14 +461,23 @@ class _Work(dist.Work):
 
 class _P2PWork(_Work):
     """The torch Work of one posted point-to-point transfer: waiting on it first runs the
-    posted transfers (pycoll.comm.p2p), so that every rank can post in any order and then wait."""
+    posted transfers (pycoll.comm.p2p), so that every rank can post in any order and then wait.
+    It is itself the transfer's completion (:meth:`pycoll.Communicator.post_transfer`), so a
+    transfer costs no pycoll Work and future besides it."""
 
-    def __init__(self, state, pwork, outputs, what, flush, post=None):
+    def __init__(self, state, outputs, what, flush, peer, post=None):
         # completed on the thread that runs the posted transfers (the caller of wait(), or of
         # the next call), never pycoll's worker: no hand-off to the completion thread
-        super().__init__(state, [pwork], outputs, post, what=what, inline=True)
+        super().__init__(state, None, outputs, post, what=what, inline=True)
         self._flush = flush
-        self._pwork = pwork
+        # how pycoll's errors name the transfer (as the Work of Communicator.isend / irecv)
+        self.description = (f"{what} {'to' if what == 'send' else 'from'} rank {peer}" if peer is not None
+                            else f"{what} from any source")
+        self.source = -1 if peer is None else peer  # set once a receive from any source ran
+
+    def complete(self, result=None, exc=None):
+        """The transfer ran (post_transfer's completion)."""
+        self._finish(exc)
 
     def wait(self, timeout=None):
         self._flush()
@@ -461,7 +485,7 @@ class _P2PWork(_Work):
 
     def source_rank(self):
         """The sender's rank (for a receive from any source: once it completed)."""
-        return self._pwork.source
+        return self.source
 
     _source_rank = source_rank
 
@@ -906,12 +930,13 @@ class ProcessGroupPycoll(dist.ProcessGroup):
             raise InvalidArgument(f"pycoll backend: {what} takes exactly one tensor")
         t = _check_tensor(tensors[0], f"{what} tensor")
         comm = self.communicator
-        pwork = comm.isend(t, peer, tag) if is_send else comm.irecv(t, peer, tag)
         outputs, post = [t], None
         staged = _staged_call()  # a device or non-contiguous tensor: copied back (recv), buffer released
         if staged:
             outputs, post = staged.outputs(outputs), staged.finish
-        return _P2PWork(self._state, pwork, outputs, what, comm.flush_p2p, post)
+        work = _P2PWork(self._state, outputs, what, comm.flush_p2p, peer, post)
+        comm.post_transfer(is_send, t, peer, tag, work)
+        return work
 
     def _root(self, opts, what):
         root = opts.rootRank if opts is not None else 0

@@ -164,7 +164,11 @@ def _host_view(buf, like):
 
 
 def needs_staging(t):
-    return t.layout == torch.strided and (copier_for(t) is not None or not t.is_contiguous())
+    if t.layout != torch.strided:
+        return False
+    if (_installed or not t.is_cpu) and copier_for(t) is not None:  # (is_cpu: no device object made)
+        return True
+    return not t.is_contiguous()
 
 
 def any_needs_staging(args):

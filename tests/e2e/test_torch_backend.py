@@ -277,6 +277,13 @@ def test_consecutive_slices_are_not_copied():
     uneven = _consecutive(list(base.split([1, 5, 6])))  # all_to_all's lists may differ in size
     assert uneven is not None and uneven.data_ptr() == base.data_ptr() and uneven.numel() == 12
     assert _consecutive([base[:4], base[5:]]) is None  # a gap
+    rows = torch.arange(12, dtype=torch.float32).reshape(4, 3)  # chunks of a whole tensor: that tensor, flat
+    flat = _consecutive(list(rows.chunk(2)))
+    assert flat.shape == (12,) and flat.data_ptr() == rows.data_ptr()
+    flat[5] = -1.0
+    assert rows[1, 2] == -1.0
+    assert _consecutive(list(rows[1:].chunk(3))).numel() == 9  # part of it: a view over the storage
+    assert _consecutive(list(rows.view(torch.int32).chunk(2))).dtype == torch.int32
 
 
 # ---- DDP ---------------------------------------------------------------------
@@ -607,6 +614,33 @@ def test_the_group_has_a_name_and_destroy_process_group_works_as_on_gloo():
         for key in ("mesh", "sub all_reduce", "sub destroyed", "world all_reduce", "again", "after"):
             assert mine[key] == gloo[key], f"rank {r}: {key}: pycoll {mine[key]} != gloo {gloo[key]}"
         assert mine["mesh"] and mine["sub destroyed"] == (False, False) and mine["after"] == (False, False)
+
+
+def _posted_then_destroyed():
+    import pycoll.torch  # noqa: F401 - registers "pycoll" (the default group is Gloo's)
+    sub = dist.new_group(backend="pycoll")
+    peer = 1 - dist.get_rank()
+    w = dist.irecv(torch.zeros(3), peer, group=sub)  # posted, never waited on: it never ran
+    dist.destroy_process_group(sub)
+    out = {"completed": w.is_completed()}
+    try:
+        w.wait()
+        out["wait"] = "ran"
+    except Exception as exc:  # noqa: BLE001 - what we check
+        out["wait"] = str(exc)
+    dist.destroy_process_group()
+    return out
+
+
+@pytest.mark.timeout(120)
+def test_a_posted_transfer_fails_with_its_name_when_the_group_is_destroyed():
+    """A torch irecv's Work is the transfer's own completion (Communicator.post_transfer): the
+    group's shutdown completes it with the error, naming the transfer."""
+    out = pycoll.testing.run(_posted_then_destroyed, 2, init="torch:gloo", timeout=90)
+    for r in range(2):
+        assert out[r]["completed"], out[r]
+        assert out[r]["wait"].startswith(f"recv from rank {1 - r}: communicator closed before the transfer ran"), \
+            out[r]
 
 
 # ---- timeouts in torch's words -------------------------------------------------------
