@@ -89,6 +89,7 @@ from pycoll.control.coordinator import Coordinator
 from pycoll.errors import CollectiveError, CollectiveTimeout, CoordinatorError, InvalidArgument, PeerFailure
 from pycoll.comm.work import Work
 from pycoll.options import environ
+from pycoll.torch import lanes as lanes_mod
 from pycoll.torch import staging
 
 __all__ = ["BACKEND", "ProcessGroupPycoll", "register", "compression_hook", "communicator", "create_process_group"]
@@ -448,6 +449,11 @@ class _P2PWork(_Work):
     _source_rank = source_rank
 
 
+def _drain_then(lanes, what, flush):
+    lanes.drain(what)
+    flush()
+
+
 def _by_dtype_index(tensors):
     """Indices of ``tensors`` grouped by dtype, groups in order of first appearance."""
     groups = {}
@@ -483,6 +489,7 @@ class _GroupState:
         self.completer = _Completer()
         self.failure = None
         self.closed = False
+        self.lanes = None  # pycoll.torch.lanes.Lanes with PYCOLL_TORCH_OVERLAP > 1
 
     def usable(self):
         if self.closed:
@@ -514,6 +521,8 @@ class _GroupState:
         try:
             self.comm.close()
         finally:
+            if self.lanes is not None:  # (after close: a lane inside a call fails at once)
+                self.lanes.shutdown(timeout=10.0)
             self.completer.stop()
 
 
@@ -531,16 +540,35 @@ class ProcessGroupPycoll(dist.ProcessGroup):
         self._state = _GroupState(comm, rank, size)
         self._group_name = ""
         self._group_desc = ""
+        # PYCOLL_TORCH_OVERLAP lanes for async collectives (pycoll.torch.lanes); None: one, the
+        # communicator's worker thread, in call order
+        self._lanes = self._state.lanes = None
         _LIVE.add(self._state)
 
-    def _run(self, what, calls, outputs, post=None, opts=None):
-        """``calls``: functions of ``async_op`` that start one pycoll collective each."""
+    def _run(self, what, calls, outputs, post=None, opts=None, tagged=False, reads=(), barrier=False):
+        """``calls``: functions of ``async_op`` that start one pycoll collective each (``tagged``:
+        of ``(async_op, tag=None)``, the tag of a lane, see :mod:`pycoll.torch.lanes`);
+        ``reads``: tensors they read besides ``outputs`` (with lanes, a call waits for the calls
+        in flight that touch the same bytes; a ``barrier`` for all of them)."""
         self._state.usable()
         staged = _staged_call()
         if staged:
             outputs, post = staged.outputs(outputs), _then(post, staged.finish)
             staged.calls(len(calls))
         blocking = opts is not None and not getattr(opts, "asyncOp", True)
+        lanes = self._lanes
+        if lanes is not None and not blocking:
+            touched = lanes_mod.spans(outputs, reads)
+            pworks = []
+            for k, call in enumerate(calls):
+                staged and staged.before_call(k)
+                pworks.extend(lanes.submit([call], tagged, touched, what, barrier))
+                staged and staged.after_call(k, pworks[-1])
+            work = _Work(self._state, pworks, outputs, post, what)
+            lanes.track(touched, work._done)
+            return work
+        if lanes is not None:
+            lanes.drain(what)  # the untagged connections carry one call at a time, in one order
         if blocking:
             # The caller waits at once: run on this thread (no hand-off to the worker);
             # pycoll still runs it after any queued async work.
@@ -575,9 +603,10 @@ class ProcessGroupPycoll(dist.ProcessGroup):
         for i, t in enumerate(tensors):
             _check_tensor(t, f"all_reduce tensor[{i}]")
         comm = self.communicator
-        calls = [lambda a, t=t: comm.all_reduce(t, op=op, timeout=timeout, dtype=_DTYPES[t.dtype], async_op=a)
+        calls = [lambda a, tag=None, t=t: comm.all_reduce(t, op=op, timeout=timeout, dtype=_DTYPES[t.dtype],
+                                                          async_op=a, tag=tag)
                  for t in tensors]
-        return self._run("all_reduce", calls, list(tensors), opts=opts)
+        return self._run("all_reduce", calls, list(tensors), opts=opts, tagged=True)
 
     def allgather(self, output_tensors, input_tensors, opts=None):
         """``dist.all_gather``: a list of world_size tensors per input."""
@@ -618,7 +647,7 @@ class ProcessGroupPycoll(dist.ProcessGroup):
         calls = [lambda a, ins=[inputs[i] for i in idx], outs=[outputs[i] for i in idx]: comm.all_gather_coalesced(
             ins, outs, timeout=timeout, dtype=_DTYPES[ins[0].dtype], async_op=a)
             for idx in _by_dtype_index(inputs)]
-        return self._run("all_gather", calls, list(outputs), opts=opts)
+        return self._run("all_gather", calls, list(outputs), opts=opts, reads=inputs)
 
     allgather_into_tensor_coalesced = all_gather_single_coalesced  # torch's older name
 
@@ -632,10 +661,12 @@ class ProcessGroupPycoll(dist.ProcessGroup):
 
     def _gather_call(self, inp, flat, opts):
         comm, timeout = self.communicator, _timeout_s(opts, self._timeout_s)
-        return lambda a: comm.all_gather(inp, flat, timeout=timeout, dtype=_DTYPES[inp.dtype], async_op=a)
+        return lambda a, tag=None: comm.all_gather(inp, flat, timeout=timeout, dtype=_DTYPES[inp.dtype], async_op=a,
+                                                   tag=tag)
 
     def _gather(self, inp, flat, opts, what, outputs, post=None):
-        return self._run(what, [self._gather_call(inp, flat, opts)], outputs, post, opts)
+        return self._run(what, [self._gather_call(inp, flat, opts)], outputs, post, opts, tagged=True,
+                         reads=[inp, flat])
 
     def reduce_scatter(self, output_tensors, input_tensors, opts=None):
         """``dist.reduce_scatter``: a list of world_size input tensors."""
@@ -674,7 +705,7 @@ class ProcessGroupPycoll(dist.ProcessGroup):
                  comm.reduce_scatter_coalesced(ins, outs, op=op, timeout=timeout, dtype=_DTYPES[ins[0].dtype],
                                                async_op=a)
                  for idx in _by_dtype_index(inputs)]
-        return self._run("reduce_scatter", calls, list(outputs), opts=opts)
+        return self._run("reduce_scatter", calls, list(outputs), opts=opts, reads=inputs)
 
     reduce_scatter_tensor_coalesced = reduce_scatter_single_coalesced  # torch's older name
 
@@ -689,11 +720,12 @@ class ProcessGroupPycoll(dist.ProcessGroup):
     def _scatter_call(self, out, flat, opts):
         op = _op_name(opts.reduceOp if opts is not None else ReduceOp.SUM)
         comm, timeout = self.communicator, _timeout_s(opts, self._timeout_s)
-        return lambda a: comm.reduce_scatter(flat, out, op=op, timeout=timeout, dtype=_DTYPES[out.dtype],
-                                             async_op=a)
+        return lambda a, tag=None: comm.reduce_scatter(flat, out, op=op, timeout=timeout, dtype=_DTYPES[out.dtype],
+                                                       async_op=a, tag=tag)
 
     def _scatter(self, out, flat, opts, outputs):
-        return self._run("reduce_scatter", [self._scatter_call(out, flat, opts)], outputs, opts=opts)
+        return self._run("reduce_scatter", [self._scatter_call(out, flat, opts)], outputs, opts=opts, tagged=True,
+                         reads=[flat])
 
     def broadcast(self, tensors, opts=None):
         """``dist.broadcast``: root's tensor into every rank's, in place."""
@@ -705,9 +737,10 @@ class ProcessGroupPycoll(dist.ProcessGroup):
         for i, t in enumerate(tensors):
             _check_tensor(t, f"broadcast tensor[{i}]")
         comm, timeout = self.communicator, _timeout_s(opts, self._timeout_s)
-        calls = [lambda a, t=t: comm.broadcast(t, root=root, timeout=timeout, dtype=_DTYPES[t.dtype], async_op=a)
+        calls = [lambda a, tag=None, t=t: comm.broadcast(t, root=root, timeout=timeout, dtype=_DTYPES[t.dtype],
+                                                         async_op=a, tag=tag)
                  for t in tensors]
-        return self._run("broadcast", calls, list(tensors), opts=opts)
+        return self._run("broadcast", calls, list(tensors), opts=opts, tagged=True)
 
     def allreduce_coalesced(self, tensors, opts=None):
         """``dist.all_reduce_coalesced`` (and DTensor's ``all_reduce_coalesced``): each
@@ -725,7 +758,8 @@ class ProcessGroupPycoll(dist.ProcessGroup):
     def barrier(self, opts=None):
         """``dist.barrier``."""
         comm, timeout = self.communicator, _timeout_s(opts, self._timeout_s)
-        return self._run("barrier", [lambda a: comm.barrier(timeout=timeout, async_op=a)], [], opts=opts)
+        return self._run("barrier", [lambda a, tag=None: comm.barrier(timeout=timeout, async_op=a, tag=tag)], [],
+                         opts=opts, tagged=True, barrier=True)
 
     # ---- rooted collectives and all_to_all: one-step C plans (pycoll.plan.exchange) -----
     def reduce(self, tensors, opts=None):
@@ -766,7 +800,7 @@ class ProcessGroupPycoll(dist.ProcessGroup):
         comm, timeout = self.communicator, _timeout_s(opts, self._timeout_s)
         call = lambda a: comm.gather(inp, flat, root=root, timeout=timeout, dtype=_DTYPES[inp.dtype],  # noqa: E731
                                      async_op=a)
-        return self._run("gather", [call], list(outs or []), post, opts)
+        return self._run("gather", [call], list(outs or []), post, opts, reads=[inp, flat])
 
     def scatter(self, output_tensors, input_tensors, opts=None):
         """``dist.scatter``: the root's list, one tensor to each rank
@@ -790,7 +824,7 @@ class ProcessGroupPycoll(dist.ProcessGroup):
         comm, timeout = self.communicator, _timeout_s(opts, self._timeout_s)
         call = lambda a: comm.scatter(flat, out, root=root, timeout=timeout, dtype=_DTYPES[out.dtype],  # noqa: E731
                                       async_op=a)
-        return self._run("scatter", [call], [out], None, opts)
+        return self._run("scatter", [call], [out], None, opts, reads=[flat])
 
     def alltoall(self, output_tensors, input_tensors, opts=None):
         """``dist.all_to_all``: input i to rank i, rank i's into output i (sizes may differ per
@@ -819,7 +853,7 @@ class ProcessGroupPycoll(dist.ProcessGroup):
         comm, timeout = self.communicator, _timeout_s(opts, self._timeout_s)
         call = lambda a: comm.all_to_all(flat_in, flat_out, send_counts, recv_counts,  # noqa: E731
                                          timeout=timeout, dtype=_DTYPES[flat_in.dtype], async_op=a)
-        return self._run("all_to_all", [call], list(output_tensors), post, opts)
+        return self._run("all_to_all", [call], list(output_tensors), post, opts, reads=[input_tensors, flat_out])
 
     def alltoall_base(self, output, input, output_split_sizes, input_split_sizes, opts=None):
         """``dist.all_to_all_single``: equal blocks of ``input``, or rows of its first
@@ -834,7 +868,7 @@ class ProcessGroupPycoll(dist.ProcessGroup):
         comm, timeout = self.communicator, _timeout_s(opts, self._timeout_s)
         call = lambda a: comm.all_to_all(input, output, send_counts, recv_counts, timeout=timeout,  # noqa: E731
                                          dtype=_DTYPES[input.dtype], async_op=a)
-        return self._run("all_to_all", [call], [output], None, opts)
+        return self._run("all_to_all", [call], [output], None, opts, reads=[input])
 
     all_to_all_single = alltoall_base
 
@@ -859,7 +893,8 @@ class ProcessGroupPycoll(dist.ProcessGroup):
                                                                timeout=timeout, dtype=_DTYPES[input_tensors[idx[0]].dtype],
                                                                async_op=a)
                  for idx in _by_dtype_index(input_tensors)]
-        return self._run("all_gather", calls, [t for o in output_lists for t in o], post, opts)
+        return self._run("all_gather", calls, [t for o in output_lists for t in o], post, opts,
+                         reads=[input_tensors, flats])
 
     # ---- point-to-point (pycoll.comm.p2p) --------------------------------------
     def send(self, tensors, dstRank, tag=0):  # noqa: N803 - torch's argument names
@@ -883,13 +918,17 @@ class ProcessGroupPycoll(dist.ProcessGroup):
         if len(tensors) != 1:
             raise InvalidArgument(f"pycoll backend: {what} takes exactly one tensor")
         t = _check_tensor(tensors[0], f"{what} tensor")
-        comm = self.communicator
+        comm, flush = self.communicator, self.communicator.flush_p2p
+        if self._lanes is not None:
+            # transfers run on the untagged connections: after every collective in flight, on every rank
+            self._lanes.drain(what)
+            flush = functools.partial(_drain_then, self._lanes, what, flush)
         pwork = comm.isend(t, peer, tag) if is_send else comm.irecv(t, peer, tag)
         outputs, post = [t], None
         staged = _staged_call()  # a device or non-contiguous tensor: copied back (recv), buffer released
         if staged:
             outputs, post = staged.outputs(outputs), staged.finish
-        return _P2PWork(self._state, pwork, outputs, what, comm.flush_p2p, post)
+        return _P2PWork(self._state, pwork, outputs, what, flush, post)
 
     def _root(self, opts, what):
         root = opts.rootRank if opts is not None else 0
@@ -912,6 +951,8 @@ class ProcessGroupPycoll(dist.ProcessGroup):
             if t.dtype not in _DTYPES:
                 raise InvalidArgument(f"pycoll backend: sparse all_reduce tensor[{i}] has dtype {t.dtype}")
         self._state.usable()
+        if self._lanes is not None:
+            self._lanes.drain("all_reduce")  # runs untagged, on this thread
         try:
             out = _sparse_sum(self.communicator, tensors, _timeout_s(opts, self._timeout_s), self.size())
         except (CollectiveError, CoordinatorError) as exc:
@@ -938,6 +979,8 @@ class ProcessGroupPycoll(dist.ProcessGroup):
         secs = timeout.total_seconds() if isinstance(timeout, datetime.timedelta) else timeout
         secs = self._timeout_s if secs is None else max(float(secs), 0.001)  # 0: fail unless all are there
         self._state.usable()
+        if self._lanes is not None:
+            self._lanes.drain("monitored_barrier")
         start = time.monotonic()
         try:
             self.communicator.barrier(timeout=secs)
@@ -1097,16 +1140,34 @@ def create_process_group(store, rank, size, timeout):
         # (_GroupState.usable), so nobody reads them. It halves an all-reduce's CPU time on a loaded
         # host (2 ranks, 28 MiB, two busy loops: 19.4 ms of CPU with the copy, 8.3 ms without;
         # bench/shm.py --impls pycoll-shm,pycoll-shm-np --burn 2). The communicator API keeps it.
+        nlanes = overlap_lanes()
+        tags = tuple(lanes_mod.lane_tag(i) for i in range(1, nlanes))
         comm = _group.init(rank=rank, world_size=size, master_addr=host, master_port=int(port),
-                           timeout=timeout_s, join_timeout=min(timeout_s, 300.0), preserve_input=False)
+                           timeout=timeout_s, join_timeout=min(timeout_s, 300.0), preserve_input=False,
+                           **({"tags": tags} if tags else {}))
     except BaseException:
         if coordinator is not None:
             coordinator.stop()
         raise
     if coordinator is not None:
         comm.adopt_coordinator(coordinator)  # rank 0: close() keeps it up until the others have left
-    log.info("pycoll process group: rank %d of %d, coordinator %s", rank, size, where)
-    return ProcessGroupPycoll(comm, rank, size, timeout_s)
+    log.info("pycoll process group: rank %d of %d, coordinator %s, %d lane(s)", rank, size, where, nlanes)
+    pg = ProcessGroupPycoll(comm, rank, size, timeout_s)
+    if nlanes > 1:
+        state = pg._state
+        pg._lanes = state.lanes = lanes_mod.Lanes(nlanes, timeout_s, state.usable)
+    return pg
+
+
+#: Lanes of a group's async collectives when PYCOLL_TORCH_OVERLAP is unset (see pycoll.torch.lanes).
+DEFAULT_LANES = 1
+
+
+def overlap_lanes():
+    """How many lanes a new pycoll process group runs its async collectives on: PYCOLL_TORCH_OVERLAP,
+    else :data:`DEFAULT_LANES` (1: the communicator's worker thread, in call order)."""
+    n = environ("PYCOLL_TORCH_OVERLAP")
+    return DEFAULT_LANES if n is None else n
 
 
 def register():
