@@ -339,6 +339,11 @@ class _Work(dist.Work):
         for w in pworks:
             w.add_done_callback(self._one_done)
 
+    @property
+    def done_event(self):
+        """A threading.Event set once the work completed (results copied back), failed or not."""
+        return self._done
+
     def _one_done(self, pwork):
         with self._lock:
             if self._exc is None and pwork.exception() is not None:
@@ -533,7 +538,9 @@ class ProcessGroupPycoll(dist.ProcessGroup):
     :attr:`communicator` (for its ``stats``).
     """
 
-    def __init__(self, comm, rank, size, timeout_s):
+    def __init__(self, comm, rank, size, timeout_s, lanes=1):
+        """``lanes`` > 1: async collectives on that many lanes (pycoll.torch.lanes); ``comm`` must
+        then have been made with their tags (``lanes.lane_tag(i)``, i = 1 .. lanes - 1)."""
         super().__init__(rank, size)
         self.communicator = comm
         self._timeout_s = timeout_s
@@ -542,7 +549,8 @@ class ProcessGroupPycoll(dist.ProcessGroup):
         self._group_desc = ""
         # PYCOLL_TORCH_OVERLAP lanes for async collectives (pycoll.torch.lanes); None: one, the
         # communicator's worker thread, in call order
-        self._lanes = self._state.lanes = None
+        self._lanes = self._state.lanes = (lanes_mod.Lanes(lanes, timeout_s, self._state.usable)
+                                           if lanes > 1 else None)
         _LIVE.add(self._state)
 
     def _run(self, what, calls, outputs, post=None, opts=None, tagged=False, reads=(), barrier=False):
@@ -565,7 +573,7 @@ class ProcessGroupPycoll(dist.ProcessGroup):
                 pworks.extend(lanes.submit([call], tagged, touched, what, barrier))
                 staged and staged.after_call(k, pworks[-1])
             work = _Work(self._state, pworks, outputs, post, what)
-            lanes.track(touched, work._done)
+            lanes.track(touched, work.done_event)
             return work
         if lanes is not None:
             lanes.drain(what)  # the untagged connections carry one call at a time, in one order
@@ -1152,11 +1160,7 @@ def create_process_group(store, rank, size, timeout):
     if coordinator is not None:
         comm.adopt_coordinator(coordinator)  # rank 0: close() keeps it up until the others have left
     log.info("pycoll process group: rank %d of %d, coordinator %s, %d lane(s)", rank, size, where, nlanes)
-    pg = ProcessGroupPycoll(comm, rank, size, timeout_s)
-    if nlanes > 1:
-        state = pg._state
-        pg._lanes = state.lanes = lanes_mod.Lanes(nlanes, timeout_s, state.usable)
-    return pg
+    return ProcessGroupPycoll(comm, rank, size, timeout_s, lanes=nlanes)
 
 
 #: Lanes of a group's async collectives when PYCOLL_TORCH_OVERLAP is unset (see pycoll.torch.lanes).
