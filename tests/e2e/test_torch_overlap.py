@@ -184,3 +184,30 @@ def test_spans_see_shared_bytes_of_views():
     strided = base.view(10, 10)[:, 0]  # every 10th element: spans 0..90
     assert _overlap(spans(strided), spans(base[90:91])) and not _overlap(spans(strided), spans(base[91:]))
     assert spans(torch.zeros(0)) == []
+
+
+def _ddp_steps():
+    """A few DDP steps with small buckets (several in flight per backward; 3 ranks: the
+    summation order shows)."""
+    from torch import nn
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 8))
+    ddp = nn.parallel.DistributedDataParallel(model, bucket_cap_mb=0.1)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.05)
+    g = torch.Generator().manual_seed(dist.get_rank())
+    for _ in range(4):
+        opt.zero_grad()
+        x, y = torch.randn(16, 64, generator=g), torch.randn(16, 8, generator=g)
+        nn.functional.mse_loss(ddp(x), y).backward()
+        opt.step()
+    return [p.detach().numpy().tobytes() for p in model.parameters()]
+
+
+@pytest.mark.timeout(200)
+def test_ddp_on_lanes_trains_bit_identically_to_one_lane():
+    runs = [pycoll.testing.run(_ddp_steps, 3, init="torch:pycoll", timeout=90,
+                               env={"PYCOLL_TORCH_OVERLAP": str(lanes), "PYCOLL_CALIBRATE": "0"})
+            for lanes in (1, 4)]
+    for res in runs:
+        assert res[0] == res[1] == res[2], "ranks hold different parameters"
+    assert runs[0][0] == runs[1][0], "4 lanes trained other parameters than one lane"
