@@ -50,7 +50,8 @@ the collectives run one at a time, in call order, on pycoll's worker thread, wit
 released while bytes move. Blocking calls run on the calling thread (after any queued work).
 ``PYCOLL_TORCH_OVERLAP=n`` (n > 1) runs them on n lanes at once instead, each with connections of
 its own, and keeps ordered what must be (calls that share bytes, barriers, blocking calls,
-point-to-point): see :mod:`pycoll.torch.lanes`, and its measurements there (off by default). ``wait()``
+point-to-point): see :mod:`pycoll.torch.lanes`; off by default, as it did not pay on a 2-core host
+(docs/overlap.md). ``wait()``
 re-raises a failure; ``get_future()`` completes with the output tensors (DDP's hooks use it), or
 with the failure as its error (its ``wait()``/``value()`` raise a RuntimeError that names it).
 Future callbacks run on a completion thread of their own, so a callback may itself wait for
