@@ -25,6 +25,8 @@ Every lane, and the caller's thread, waits with a bound (the group's timeout), s
 Failures: once a call failed because a peer was lost, the group is unusable
 (``_GroupState.usable``): a lane checks that before each call it starts, so every queued call fails
 once with PeerFailure and nothing runs in a re-formed group.
+
+Off by default: on a 2-core host the lanes did not pay (docs/overlap.md has the measurements).
 """
 import threading
 
