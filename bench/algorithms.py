@@ -20,14 +20,14 @@ keep up.
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
-from pycoll.benchmark import human_size, parse_size  # noqa: E402
+from pycoll.benchmark import collect_results, human_size, parse_size  # noqa: E402
+from pycoll.testing import free_port  # noqa: E402
 
 HERE = os.path.abspath(__file__)
 ROOT = os.path.dirname(os.path.dirname(HERE))
@@ -87,14 +87,6 @@ def reps_for(nbytes, scale, emulated):
 
 def bus_factor(coll, n):
     return 2 * (n - 1) / n if coll == "all_reduce" else (n - 1) / n
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 # ---- workers (one process per rank) ------------------------------------------------------------
@@ -181,32 +173,12 @@ def worker_argv(impl, rank, n, master, port, args, topology, emulated):
     return argv
 
 
-def collect(procs, timeout, what):
-    result, errors = None, []
-    deadline = time.monotonic() + timeout
-    for p in procs:
-        try:
-            out, err = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise RuntimeError(f"{what} did not finish in {timeout} s")
-        if p.returncode != 0:
-            errors.append(err[-3000:])
-        for line in out.splitlines():
-            if line.startswith("RESULT "):
-                result = json.loads(line[7:])
-    if result is None:
-        raise RuntimeError(f"{what} failed:\n" + "\n".join(errors))
-    return result
-
-
 def run_loopback(impl, n, args):
     port = free_port()
     env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     procs = [subprocess.Popen(worker_argv(impl, r, n, "127.0.0.1", port, args, args.topology, False),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True) for r in range(n)]
-    return collect(procs, args.timeout, f"{impl} on {n} loopback ranks")
+    return collect_results(procs, args.timeout, f"{impl} on {n} loopback ranks")[-1]
 
 
 def run_emulated(impl, topo_path, args):
@@ -221,7 +193,7 @@ def run_emulated(impl, topo_path, args):
         procs = [emu.run_in(r, worker_argv(impl, r, topo.world_size, emu.peer_ip(0), port, args, topo_path, True),
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                  for r in range(topo.world_size)]
-        return collect(procs, args.timeout, f"{impl} in the emulator ({topo.name})")
+        return collect_results(procs, args.timeout, f"{impl} in the emulator ({topo.name})")[-1]
 
 
 def report(title, n, results, args):

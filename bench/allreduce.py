@@ -19,13 +19,13 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
-from pycoll.benchmark import human_size, parse_size  # noqa: E402
+from pycoll.benchmark import collect_results, human_size, parse_size  # noqa: E402
+from pycoll.testing import free_port  # noqa: E402
 
 HERE = os.path.abspath(__file__)
 DEFAULT_SIZES = "4K,64K,1M,16M,64M"
@@ -45,14 +45,6 @@ def reps_for(nbytes, scale, reps=None):
         return int(reps)
     base = 200 if nbytes <= 64 << 10 else 40 if nbytes <= 1 << 20 else 10 if nbytes <= 16 << 20 else 5
     return max(3, int(base * scale))
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 # ---- workers (each runs in its own process) -----------------------------------
@@ -131,24 +123,10 @@ def launch(impl, n, sizes, scale, timeout, reps=None):
         procs = [subprocess.Popen([sys.executable, HERE, "--worker", impl, "--rank", str(r), "--n", str(n),
                                    "--port", str(port)] + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                   env=env, text=True) for r in range(n)]
-    result, errors = None, []
-    for p in procs:
-        try:
-            out, err = p.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise RuntimeError(f"{impl} with {n} ranks did not finish in {timeout} s")
-        if p.returncode != 0:
-            errors.append(err[-2000:])
-        for line in out.splitlines():
-            if line.startswith("RESULT "):
-                rank, data = json.loads(line[7:])
-                if rank == 0:
-                    result = {int(k): v for k, v in data.items()}
-    if result is None:
-        raise RuntimeError(f"{impl} with {n} ranks failed:\n" + "\n".join(errors))
-    return result
+    for rank, data in collect_results(procs, timeout, f"{impl} with {n} ranks"):
+        if rank == 0:
+            return {int(k): v for k, v in data.items()}
+    raise RuntimeError(f"{impl} with {n} ranks: rank 0 reported no result")
 
 
 def busbw(nbytes, seconds, n):

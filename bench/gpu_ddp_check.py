@@ -9,7 +9,6 @@ each has its own when there are two). Prints one table; exits 1 if the parameter
 """
 import argparse
 import os
-import socket
 import statistics
 import sys
 import time
@@ -19,12 +18,6 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _model():
@@ -79,7 +72,8 @@ def _rank(rank, world, backend, port, steps, sizes, out):
 def _run(backend, steps, sizes):
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
-    port = _free_port()
+    from pycoll.testing import free_port
+    port = free_port()
     procs = [ctx.Process(target=_rank, args=(r, 2, backend, port, steps, sizes, out)) for r in range(2)]
     for p in procs:
         p.start()

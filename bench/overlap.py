@@ -32,7 +32,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HERE = os.path.abspath(__file__)
 sys.path.insert(0, os.path.dirname(HERE))
-import train_step as _ts  # noqa: E402 - bench/ helpers: free_port, start_burners, _killpg, ints
+import train_step as _ts  # noqa: E402 - bench/ helpers: start_burners, _killpg, ints, _sigterm
 
 MODES = ("burst", "staggered")
 
@@ -106,7 +106,9 @@ def rank_main(a):
 def launch(impl, n, a, tmp):
     backend = "gloo" if impl == "gloo" else "pycoll"
     lanes = "1" if impl in ("gloo", "pycoll") else impl.split("-l")[1]
-    port = _ts.free_port()
+    sys.path.insert(0, ROOT)  # the driver only: a rank imports pycoll only if it runs the pycoll backend
+    from pycoll.testing import free_port
+    port = free_port()
     env = dict(os.environ, PYTHONUNBUFFERED="1", TORCH_DEVICE_BACKEND_AUTOLOAD="0", OMP_NUM_THREADS="1",
                PYCOLL_TORCH_OVERLAP=lanes)
     procs, files = [], []

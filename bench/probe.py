@@ -24,7 +24,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HERE = os.path.abspath(__file__)
 sys.path.insert(0, ROOT)
-from pycoll.benchmark import human_size, parse_size  # noqa: E402
+from pycoll.benchmark import collect_results, human_size, parse_size  # noqa: E402
 
 
 def worker(a):
@@ -69,26 +69,6 @@ def worker(a):
         print("RESULT " + json.dumps(out), flush=True)
 
 
-def _collect(procs, timeout):
-    result, errs = None, []
-    end = time.monotonic() + timeout
-    for p in procs:
-        try:
-            o, e = p.communicate(timeout=max(1, end - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise RuntimeError("workers timed out")
-        if p.returncode:
-            errs.append(e[-2000:])
-        for line in o.splitlines():
-            if line.startswith("RESULT "):
-                result = json.loads(line[7:])
-    if result is None:
-        raise RuntimeError("no result:\n" + "\n".join(errs))
-    return result
-
-
 def part1(args):
     from pycoll.emulator import Emulator, EmuSpec, SiteSpec, parse_rate, parse_time
     n = 8
@@ -104,7 +84,7 @@ def part1(args):
                                 emu.peer_ip(0), "--port", str(port), "--sizes", ",".join(map(str, args.sizes)),
                                 "--reps", str(args.reps)], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True) for r in range(n)]
-        res = _collect(procs, args.timeout)
+        res = collect_results(procs, args.timeout, "probe workers")[-1]
     print(f"\n## 1. topology=\"measure\": 2 racks of 4, rank r in rack r % 2, shared uplink {args.uplink}, "
           f"NICs {args.nic}, {args.delay} one way between racks [{time.monotonic() - t0:.0f} s]\n")
     p = res["probe"]

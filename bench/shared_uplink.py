@@ -35,7 +35,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 import algorithms  # noqa: E402  (its worker runs the timed collectives)
-from pycoll.benchmark import human_size, parse_size  # noqa: E402
+from pycoll.benchmark import collect_results, human_size, parse_size  # noqa: E402
 
 TOPOLOGY = """name = "two-racks-shared-emu"
 [defaults]
@@ -72,7 +72,7 @@ def run(spec, n, topo_path, algos, sizes, scale, gloo, timeout, mtu=9000, sysctl
         procs = [emu.run_in(r, algorithms.worker_argv("pycoll", r, n, emu.peer_ip(0), port, a, topo_path, True),
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                  for r in range(n)]
-        return algorithms.collect(procs, timeout, "shared-uplink run")
+        return collect_results(procs, timeout, "shared-uplink run")[-1]
 
 
 def main(argv=None):

@@ -16,13 +16,13 @@ ratio = Gloo's time / pycoll's (above 1: pycoll is faster).
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
-from pycoll.benchmark import human_size, parse_size  # noqa: E402
+from pycoll.benchmark import collect_results, human_size, parse_size  # noqa: E402
+from pycoll.testing import free_port  # noqa: E402
 
 HERE = os.path.abspath(__file__)
 DEFAULT_SIZES = "4K,64K,1M,16M,64M"
@@ -33,14 +33,6 @@ def reps_for(nbytes, fixed=None):
     if fixed:
         return fixed
     return 100 if nbytes <= 64 << 10 else 30 if nbytes <= 1 << 20 else 8 if nbytes <= 16 << 20 else 4
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 # ---- worker (one per rank) ----------------------------------------------------------------
@@ -114,25 +106,7 @@ def launch(n, sizes, ops, reps, timeout):
     procs = [subprocess.Popen([sys.executable, HERE, "--worker", "--rank", str(r), "--n", str(n), "--port", str(port)]
                               + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
              for r in range(n)]
-    results, errors = {}, []
-    deadline = time.monotonic() + timeout
-    for p in procs:
-        try:
-            out, err = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-                q.wait()
-            raise RuntimeError(f"{n} ranks did not finish within {timeout} s")
-        if p.returncode != 0:
-            errors.append(err[-3000:])
-        for line in out.splitlines():
-            if line.startswith("RESULT "):
-                rank, data = json.loads(line[7:])
-                results[rank] = data
-    if len(results) != n:
-        raise RuntimeError(f"{n} ranks failed:\n" + "\n".join(errors))
-    return results
+    return dict(collect_results(procs, timeout, f"{n} ranks", need=n))  # [rank, data] pairs
 
 
 def table(n, sizes, ops, results):

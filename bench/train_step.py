@@ -39,7 +39,6 @@ import importlib.util
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -50,14 +49,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HERE = os.path.abspath(__file__)
 BACKENDS = ("pycoll", "gloo")
 SHAPES = {"comm": 4, "compute": 64}  # shape name -> batch size
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 # ---- rank side (each rank is its own process) ----------------------------------------------
@@ -166,6 +157,8 @@ def _killpg(p):
 def launch(impl, n, shape, steps, a, tmp):
     """n ranks of one implementation (pycoll, pycoll-lK: K lanes, gloo); every rank's RESULT
     dict, in rank order."""
+    sys.path.insert(0, ROOT)  # the driver only: a rank imports pycoll only if it runs the pycoll backend
+    from pycoll.testing import free_port
     port = free_port()
     backend, _, lanes = impl.partition("-l")
     # Torch's plugin autoload off: a Gloo rank then never imports pycoll (no extra threads in

@@ -77,14 +77,9 @@ def load_secret(token=None):
 
 
 def derive(secret, purpose):
-    """The key for one purpose ("to-coordinator", "mesh", ...)."""
+    """The key for one purpose ("to-coordinator", "mesh", ...), from the group secret or from
+    another derived key (the data plane's TLS key from the mesh key)."""
     return hmac.new(secret or b"", b"pycoll/1 " + purpose.encode(), hashlib.sha256).digest()
-
-
-def subkey(key, purpose):
-    """A key for one purpose derived from another key (e.g. the data plane's TLS key from the
-    mesh key)."""
-    return hmac.new(key, b"pycoll/1 " + purpose.encode(), hashlib.sha256).digest()
 
 
 def _mac(key, *parts):
@@ -185,14 +180,15 @@ def check_proof(key, chal, context, response, got):
     return len(got) == PROOF_BYTES and hmac.compare_digest(got, proof(key, chal, context, response))
 
 
-def _recv_exact(sock, n):
-    buf = b""
+def recv_exact(sock, n, during="authentication"):
+    """Exactly ``n`` bytes from a blocking socket (its own timeout bounds each read)."""
+    buf = bytearray()
     while len(buf) < n:
         part = sock.recv(n - len(buf))
         if not part:
-            raise ConnectionError("connection closed during authentication")
+            raise ConnectionError(f"connection closed during {during}")
         buf += part
-    return buf
+    return bytes(buf)
 
 
 def server_handshake(sock, key, timeout, context=b""):
@@ -201,7 +197,7 @@ def server_handshake(sock, key, timeout, context=b""):
     sock.settimeout(timeout)
     chal = challenge()
     sock.sendall(chal)
-    resp = _recv_exact(sock, RESPONSE_BYTES)
+    resp = recv_exact(sock, RESPONSE_BYTES)
     if not check_response(key, chal, context, resp):
         raise AuthError("peer failed the challenge (wrong or missing PYCOLL_SECRET?)")
     sock.sendall(proof(key, chal, context, resp))
@@ -210,10 +206,10 @@ def server_handshake(sock, key, timeout, context=b""):
 def client_handshake(sock, key, timeout, context=b""):
     """The connector's side of :func:`server_handshake`; also checks the server."""
     sock.settimeout(timeout)
-    chal = _recv_exact(sock, CHALLENGE_BYTES)
+    chal = recv_exact(sock, CHALLENGE_BYTES)
     resp = respond(key, chal, context)
     sock.sendall(resp)
-    if not check_proof(key, chal, context, resp, _recv_exact(sock, PROOF_BYTES)):
+    if not check_proof(key, chal, context, resp, recv_exact(sock, PROOF_BYTES)):
         raise AuthError("server failed to prove it holds the secret")
 
 

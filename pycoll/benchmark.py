@@ -16,6 +16,7 @@ or :func:`main` with command-line arguments (``bench/allreduce.py`` calls it).
 """
 import argparse
 import json
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -25,7 +26,7 @@ import numpy as np
 from pycoll.observability import human_size, render_table  # noqa: F401 - public here too (demo, bench/)
 from pycoll import units as _units
 
-__all__ = ["Result", "run_benchmark", "format_table", "figure", "plot", "parse_size", "main"]
+__all__ = ["Result", "run_benchmark", "format_table", "figure", "plot", "parse_size", "collect_results", "main"]
 
 DEFAULT_SIZES = (4 << 10, 64 << 10, 1 << 20, 16 << 20)
 DEFAULT_WORLD_SIZES = (2, 4)
@@ -64,6 +65,29 @@ def parse_size(text):
     """'4K', '64KiB', '1M', '16MB', '1048576' -> bytes (powers of 1024, :func:`pycoll.units.parse_size`);
     a multiple of 4, as the benchmark sends float32."""
     return _units.parse_size(text, multiple=4)
+
+
+def collect_results(procs, timeout, what, need=1):
+    """The JSON payloads of the ``RESULT <json>`` lines that worker processes (bench/ scripts'
+    ranks) print, in process order. Waits ``timeout`` seconds for all of them together; on
+    expiry kills them all and raises RuntimeError, as it does (with the failed workers' stderr
+    tails) when fewer than ``need`` results came back. ``what`` names the run in both."""
+    results, errors = [], []
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        try:
+            out, err = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+                q.wait()
+            raise RuntimeError(f"{what} did not finish in {timeout} s") from None
+        if p.returncode != 0:
+            errors.append(err[-3000:])
+        results += [json.loads(line[7:]) for line in out.splitlines() if line.startswith("RESULT ")]
+    if len(results) < need:
+        raise RuntimeError(f"{what} failed:\n" + "\n".join(errors))
+    return results
 
 
 def _default_iters(nbytes, world_size):

@@ -104,12 +104,10 @@ def parse_stripes(value, what=None):
     if isinstance(value, str) and value.strip().lower() == "auto":
         return "auto"
     try:
-        if isinstance(value, bool):
-            raise ValueError
-        n = int(value)
-    except (TypeError, ValueError):
+        n = _count(value, what, 1)
+    except InvalidArgument:
         raise InvalidArgument(f"{what}: stripes must be a positive integer or 'auto'") from None
-    if not 1 <= n <= MAX_STRIPES:
+    if n > MAX_STRIPES:
         raise InvalidArgument(f"{what}: stripes must be in [1, {MAX_STRIPES}]")
     return n
 
@@ -133,14 +131,9 @@ def parse_single_copy(value, what=None):
     if isinstance(value, str) and value.lower() in _OFF:
         return 0
     try:
-        if isinstance(value, bool):
-            raise ValueError
-        n = int(value)
-    except (TypeError, ValueError):
-        raise InvalidArgument(f"{what} is not a byte count (or 0 / off)") from None
-    if n < 0:
-        raise InvalidArgument(f"{what} is negative")
-    return n
+        return _count(value, what)
+    except InvalidArgument:
+        raise InvalidArgument(f"{what} is not a byte count >= 0 (or 0 / off)") from None
 
 
 def parse_shm_ring(value, what=None):

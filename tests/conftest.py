@@ -6,6 +6,8 @@ import pytest
 import leak_guard  # tests/support is on the path (pyproject: pythonpath)
 from collective_cases import TRANSPORTS
 
+pytest_plugins = ["emu_fixtures"]  # emu_ok: the check of the tests on emulated hosts
+
 
 # Tiers are folders, and each test gets its folder's marker: `unit` needs no sockets or processes
 # (seconds: `pytest -m unit` is the quick loop), `e2e` runs processes on loopback, `chaos` kills and

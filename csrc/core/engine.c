@@ -851,14 +851,12 @@ static int shm_only_waits(const run_state *r) {
  *    them" (host_busy) is two looks in a row, BUSY_RECHECK apart and only
  *    when a wait begins, that both saw more runnable tasks than CPUs (the
  *    running count of /proc/loadavg), not counting this comm's own ranks on
- *    the host. (Tasks at a lower priority count too: telling them apart
- *    through this thread's schedstat kept a rank on the CPU for 31 % of its
- *    waits next to busy loops: their wake-up preemption kept its queued
- *    share low.) One look is not
- *    enough, because with every CPU running a rank any other thread that
- *    wakes for a moment tips it over (with 2 ranks on 2 idle cores, a
- *    heartbeat thread or the parent's polling loop: 15-25 % of the looks,
- *    each costing 5 ms of sleeping through waits).
+ *    the host; tasks at a lower priority count too (discounting them kept
+ *    ranks spinning beside busy loops). One look is not enough, because
+ *    with every CPU running a rank any other thread that wakes for a moment
+ *    tips it over (with 2 ranks on 2 idle cores, a heartbeat
+ *    thread or the parent's polling loop: 15-25 % of the looks, each
+ *    costing 5 ms of sleeping through waits).
  *  - With more of this comm's ranks on the host than CPUs, a spin yields
  *    between looks (sched_yield): the rank we wait for may be queued behind
  *    us. With only our ranks running that is a cheap handoff (4 ranks on 2

@@ -94,11 +94,7 @@ static void int8_encode_block(uint8_t *out, const float *x, uint32_t n) {
     hi += 0.0f;
     double range = (double)hi - (double)lo;
     float step = (float)(range / 255.0);
-    if ((double)step * 255.0 < range) { /* round up: 255 steps must span the block */
-        bits32 b = {.f = step};
-        b.u += 1; /* the next float away from zero (step >= 0, finite) */
-        step = b.f;
-    }
+    if ((double)step * 255.0 < range) step = float_up(step); /* round up: 255 steps must span the block */
     /* Decoding must not overflow: the step becomes the largest float, no larger than this one,
      * whose largest code decodes finitely (computed the way decoding computes it). Both tests are
      * monotone in the step, so jump close to the bound first (a block spanning most of the float

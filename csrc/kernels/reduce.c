@@ -72,13 +72,10 @@ DEFINE_INT_KERNELS(u32, uint32_t, uint32_t)
 DEFINE_INT_KERNELS(u64, uint64_t, uint64_t)
 DEFINE_FLOAT_KERNELS(f32, float)
 DEFINE_FLOAT_KERNELS(f64, double)
-DEFINE_KERNEL(sum_bool, uint8_t, uint8_t, OP_LOR)
-DEFINE_KERNEL(prod_bool, uint8_t, uint8_t, OP_LAND)
-DEFINE_KERNEL(min_bool, uint8_t, uint8_t, OP_LAND)
-DEFINE_KERNEL(max_bool, uint8_t, uint8_t, OP_LOR)
-DEFINE_KERNEL(band_bool, uint8_t, uint8_t, OP_LAND)
-DEFINE_KERNEL(bor_bool, uint8_t, uint8_t, OP_LOR)
-DEFINE_KERNEL(bxor_bool, uint8_t, uint8_t, OP_LXOR)
+/* bool has three kernels: sum, max and bor are or; prod, min and band are and */
+DEFINE_KERNEL(lor_bool, uint8_t, uint8_t, OP_LOR)
+DEFINE_KERNEL(land_bool, uint8_t, uint8_t, OP_LAND)
+DEFINE_KERNEL(lxor_bool, uint8_t, uint8_t, OP_LXOR)
 
 /* Narrow floats: widen, compute in f32, round once. */
 #define DEFINE_NARROW_KERNEL(name, TO_F, FROM_F, OPX)                               \
@@ -89,27 +86,27 @@ DEFINE_KERNEL(bxor_bool, uint8_t, uint8_t, OP_LXOR)
         }                                                                           \
     }
 
-DEFINE_NARROW_KERNEL(sum_f16, half_to_float, float_to_half, OP_SUM)
-DEFINE_NARROW_KERNEL(prod_f16, half_to_float, float_to_half, OP_PROD)
-DEFINE_NARROW_KERNEL(min_f16, half_to_float, float_to_half, OP_MIN)
-DEFINE_NARROW_KERNEL(max_f16, half_to_float, float_to_half, OP_MAX)
-DEFINE_NARROW_KERNEL(sum_bf16, bf16_to_float, float_to_bf16, OP_SUM)
-DEFINE_NARROW_KERNEL(prod_bf16, bf16_to_float, float_to_bf16, OP_PROD)
-DEFINE_NARROW_KERNEL(min_bf16, bf16_to_float, float_to_bf16, OP_MIN)
-DEFINE_NARROW_KERNEL(max_bf16, bf16_to_float, float_to_bf16, OP_MAX)
+#define DEFINE_NARROW_KERNELS(suffix, TO_F, FROM_F)                  \
+    DEFINE_NARROW_KERNEL(sum_##suffix, TO_F, FROM_F, OP_SUM)          \
+    DEFINE_NARROW_KERNEL(prod_##suffix, TO_F, FROM_F, OP_PROD)        \
+    DEFINE_NARROW_KERNEL(min_##suffix, TO_F, FROM_F, OP_MIN)          \
+    DEFINE_NARROW_KERNEL(max_##suffix, TO_F, FROM_F, OP_MAX)
+
+DEFINE_NARROW_KERNELS(f16, half_to_float, float_to_half)
+DEFINE_NARROW_KERNELS(bf16, bf16_to_float, float_to_bf16)
 
 typedef void (*kernel_fn)(void *, const void *, const void *, uint64_t);
 
-/* Columns: sum, prod, min, max, (avg: sum), band, bor, bxor; NULL: not defined. */
-#define ROW(s) {(kernel_fn)sum_##s, (kernel_fn)prod_##s, (kernel_fn)min_##s, (kernel_fn)max_##s, \
-                (kernel_fn)sum_##s, NULL, NULL, NULL}
-#define IROW(s) {(kernel_fn)sum_##s, (kernel_fn)prod_##s, (kernel_fn)min_##s, (kernel_fn)max_##s, \
-                 (kernel_fn)sum_##s, (kernel_fn)band_##s, (kernel_fn)bor_##s, (kernel_fn)bxor_##s}
+/* Columns: sum, prod, min, max, avg, band, bor, bxor; NULL: not defined.
+ * avg reduces with sum (the plan divides at the end): not on bool. */
+#define K(f) (kernel_fn)(f)
+#define ROW(s, band, bor, bxor) {K(sum_##s), K(prod_##s), K(min_##s), K(max_##s), K(sum_##s), band, bor, bxor}
+#define FROW(s) ROW(s, NULL, NULL, NULL)
+#define IROW(s) ROW(s, K(band_##s), K(bor_##s), K(bxor_##s))
 static const kernel_fn kernels[PC_DTYPE_COUNT][PC_OP_COUNT] = {
-    ROW(f16), ROW(bf16), ROW(f32), ROW(f64), IROW(i8), IROW(i16),
+    FROW(f16), FROW(bf16), FROW(f32), FROW(f64), IROW(i8), IROW(i16),
     IROW(i32), IROW(i64), IROW(u8), IROW(u16), IROW(u32), IROW(u64),
-    {(kernel_fn)sum_bool, (kernel_fn)prod_bool, (kernel_fn)min_bool, (kernel_fn)max_bool, NULL,
-     (kernel_fn)band_bool, (kernel_fn)bor_bool, (kernel_fn)bxor_bool},
+    {K(lor_bool), K(land_bool), K(land_bool), K(lor_bool), NULL, K(land_bool), K(lor_bool), K(lxor_bool)},
 };
 
 pc_status pc_reduce_check(int32_t dtype, int32_t op) {

@@ -23,6 +23,9 @@
 #define REDUCE_MAX_SEGS 8
 
 static int bad_rank(int32_t nranks, int32_t rank) { return nranks < 1 || rank < 0 || rank >= nranks; }
+/* A byte range that ends past 2^63: refused before off + len can wrap to a
+ * small buffer size the engine would accept. */
+static int bad_range(uint64_t off, uint64_t len) { return len > UINT64_MAX / 2 || off > UINT64_MAX / 2 - len; }
 
 pc_status pc_plan_reduce(int32_t nranks, int32_t rank, int32_t root, uint64_t count, int32_t elem_size,
                          uint64_t segment_bytes, int32_t stripes, uint32_t flags, pc_plan **out) {
@@ -100,8 +103,8 @@ pc_status pc_plan_exchange(int32_t nranks, int32_t rank, const uint64_t *send_of
     *out = NULL;
     if (bad_rank(nranks, rank) || !send_off || !send_len || !recv_off || !recv_len || stripes < 1) return PC_ERR_ARG;
     for (int32_t p = 0; p < nranks; p++) {
-        if ((send_len[p] != PC_NO_FRAME && send_off[p] > UINT64_MAX / 2 - send_len[p]) ||
-            (recv_len[p] != PC_NO_FRAME && recv_off[p] > UINT64_MAX / 2 - recv_len[p]))
+        if ((send_len[p] != PC_NO_FRAME && bad_range(send_off[p], send_len[p])) ||
+            (recv_len[p] != PC_NO_FRAME && bad_range(recv_off[p], recv_len[p])))
             return PC_ERR_ARG;
     }
     if (send_len[rank] != recv_len[rank]) return PC_ERR_ARG; /* the local copy */
@@ -130,7 +133,7 @@ pc_status pc_plan_p2p_list(int32_t nranks, int32_t rank, int32_t n, const int32_
     *out = NULL;
     if (bad_rank(nranks, rank) || n < 0 || (n && (!peer || !is_send || !off || !len || !tag))) return PC_ERR_ARG;
     for (int32_t i = 0; i < n; i++)
-        if (peer[i] < 0 || peer[i] >= nranks || peer[i] == rank || off[i] > UINT64_MAX / 2 - len[i]) return PC_ERR_ARG;
+        if (peer[i] < 0 || peer[i] >= nranks || peer[i] == rank || bad_range(off[i], len[i])) return PC_ERR_ARG;
     pc_plan *plan = plan_new(nranks, rank);
     if (!plan) return PC_ERR_NOMEM;
     for (int32_t i = 0; i < n; i++) {

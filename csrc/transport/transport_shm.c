@@ -231,22 +231,24 @@ static long rx_begin(pc_conn *c) {
     return (long)avail; /* <= the ring size, 1 GiB at most */
 }
 
+/* Copies n (<= the ring size) received bytes from ring position pos to dst:
+ * the ring may wrap inside them. */
+static void rx_copy(const shm_conn *s, void *dst, uint64_t pos, uint64_t n) {
+    if (!n) return; /* an empty iovec entry may have no base */
+    uint64_t at = pos & s->mask, first = s->size - at < n ? s->size - at : n;
+    memcpy(dst, s->rxd + at, first);
+    if (n > first) memcpy((uint8_t *)dst + first, s->rxd, n - first);
+}
+
 static long shm_recvv(pc_conn *c, const struct iovec *iov, int iovcnt) {
     shm_conn *s = impl(c);
     long ready = rx_begin(c);
     if (ready <= 0) return ready;
     uint64_t avail = (uint64_t)ready, pos = LOAD_RLX(&s->rx->tail), got = 0;
     for (int i = 0; i < iovcnt && got < avail; i++) {
-        uint8_t *dst = iov[i].iov_base;
         uint64_t len = iov[i].iov_len < avail - got ? iov[i].iov_len : avail - got;
-        while (len) {
-            uint64_t at = pos & s->mask, run = s->size - at < len ? s->size - at : len;
-            memcpy(dst, s->rxd + at, run);
-            dst += run;
-            pos += run;
-            len -= run;
-            got += run;
-        }
+        rx_copy(s, iov[i].iov_base, pos + got, len);
+        got += len;
     }
     if (got == 0) return PC_IO_AGAIN; /* empty iovec */
     shm_consume(c, got);
@@ -269,10 +271,7 @@ static long shm_peek_copy(pc_conn *c, void *dst, uint64_t n) {
     long ready = rx_begin(c);
     if (ready <= 0) return ready;
     uint64_t take = n < (uint64_t)ready ? n : (uint64_t)ready;
-    uint64_t at = LOAD_RLX(&s->rx->tail) & s->mask;
-    uint64_t first = s->size - at < take ? s->size - at : take; /* the ring may wrap inside */
-    memcpy(dst, s->rxd + at, first);
-    memcpy((uint8_t *)dst + first, s->rxd, take - first);
+    rx_copy(s, dst, LOAD_RLX(&s->rx->tail), take);
     return (long)take;
 }
 

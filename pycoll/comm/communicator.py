@@ -586,50 +586,43 @@ class Communicator:
                dtype: Optional[str] = None, async_op: bool = False) -> Any:
         """``root``'s ``recv`` (world_size x ``send``'s size) receives every rank's ``send``, in
         rank order; ``recv`` is only used (and needed) on the root. Returns ``recv``."""
-        self._check_root(root, "gather")
-        sb = as_buffer(send, writable=False, what="gather send", dtype=dtype)
-        rb = as_buffer(recv, writable=True, what="gather recv", dtype=dtype) if recv is not None else _EMPTY
-        if recv is not None:
-            self._check_same_dtype(sb, rb, "gather")
-
-        def run():
-            self._check_root(root, "gather")
-            me, n, nbytes = self.rank, self.world_size, sb.nbytes
-            if me == root:
-                if recv is None or rb.count != n * sb.count:
-                    raise InvalidArgument(f"gather: the root's recv must hold world_size ({n}) x {sb.count} elements"
-                                          f", got {None if recv is None else rb.count}")
-                _check_apart(sb, rb, "gather")
-            self._run_planned("gather", (nbytes, root, me == root, self.options.stripes),
-                              lambda rank, n, o: exchange.gather(rank, n, root, nbytes, o.stripes),
-                              sb, rb if me == root else _EMPTY, sb.count, "sum", root, timeout)
-            return recv
-        return self._call(run, async_op, "gather", (sb,) if recv is None else (sb, rb))
+        return self._rooted("gather", send, recv, root, timeout, dtype, async_op)
 
     def scatter(self, send: Optional[Array], recv: Array, root: int = 0, *, timeout: Optional[float] = None,
                 dtype: Optional[str] = None, async_op: bool = False) -> Any:
         """Block r of ``root``'s ``send`` (world_size blocks of ``recv``'s size) into rank r's
         ``recv``; ``send`` is only used (and needed) on the root. Returns ``recv``."""
-        self._check_root(root, "scatter")
-        rb = as_buffer(recv, writable=True, what="scatter recv", dtype=dtype)
-        sb = as_buffer(send, writable=False, what="scatter send", dtype=dtype) if send is not None else _EMPTY
-        if send is not None:
-            self._check_same_dtype(sb, rb, "scatter")
+        return self._rooted("scatter", recv, send, root, timeout, dtype, async_op)
+
+    def _rooted(self, coll, block, whole, root, timeout, dtype, async_op):
+        """gather (every rank's ``block`` into the root's ``whole``) or scatter (the root's
+        ``whole`` cut into every rank's ``block``): one exchange seen from either side."""
+        to_root = coll == "gather"
+        mine, alls = ("send", "recv") if to_root else ("recv", "send")
+        self._check_root(root, coll)
+        bb = as_buffer(block, writable=not to_root, what=f"{coll} {mine}", dtype=dtype)
+        wb = as_buffer(whole, writable=to_root, what=f"{coll} {alls}", dtype=dtype) if whole is not None else _EMPTY
+        sb, rb = (bb, wb) if to_root else (wb, bb)
+        if whole is not None:
+            self._check_same_dtype(sb, rb, coll)
+        plan = exchange.gather if to_root else exchange.scatter
 
         def run():
-            self._check_root(root, "scatter")
-            me, n, nbytes = self.rank, self.world_size, rb.nbytes
+            self._check_root(root, coll)
+            me, n, nbytes = self.rank, self.world_size, bb.nbytes
             if me == root:
-                if send is None or sb.count != n * rb.count:
-                    raise InvalidArgument(f"scatter: the root's send must hold world_size ({n}) x {rb.count} elements"
-                                          f", got {None if send is None else sb.count}")
-                _check_apart(sb, rb, "scatter")
-            # the digest carries recv's dtype and size: every rank's are the same
-            self._run_planned("scatter", (nbytes, root, me == root, self.options.stripes),
-                              lambda rank, n, o: exchange.scatter(rank, n, root, nbytes, o.stripes),
-                              _Described(sb if me == root else _EMPTY, rb.code), rb, rb.count, "sum", root, timeout)
-            return recv
-        return self._call(run, async_op, "scatter", (rb,) if send is None else (sb, rb))
+                if whole is None or wb.count != n * bb.count:
+                    raise InvalidArgument(f"{coll}: the root's {alls} must hold world_size ({n}) x {bb.count} "
+                                          f"elements, got {None if whole is None else wb.count}")
+                _check_apart(sb, rb, coll)
+            at_root = wb if me == root else _EMPTY
+            # scatter's digest carries recv's dtype and size: every rank's are the same
+            inb, outb = (bb, at_root) if to_root else (_Described(at_root, bb.code), bb)
+            self._run_planned(coll, (nbytes, root, me == root, self.options.stripes),
+                              lambda rank, n, o: plan(rank, n, root, nbytes, o.stripes),
+                              inb, outb, bb.count, "sum", root, timeout)
+            return whole if to_root else block
+        return self._call(run, async_op, coll, (bb,) if whole is None else (sb, rb))
 
     def all_to_all(self, send: Array, recv: Array, send_counts=None, recv_counts=None, *,
                    timeout: Optional[float] = None, dtype: Optional[str] = None, async_op: bool = False) -> Any:
@@ -667,10 +660,7 @@ class Communicator:
         op_code(op)
 
         def run():
-            flat = _pack(bufs, 1)
-            fb = as_buffer(flat, writable=True, what="all_reduce_coalesced", dtype=bufs[0].dtype if bufs else None)
-            self._execute("all_reduce", fb, fb, fb.count, op, 0, "auto", timeout, self.preserve_input)
-            _unpack(flat, bufs, 1)
+            self._coalesced("all_reduce", bufs, bufs, 1, 1, op, timeout)
             return arrays
         return self._call(run, async_op, "all_reduce_coalesced", tuple(bufs))
 
@@ -682,14 +672,8 @@ class Communicator:
         rbs = _same_dtype_buffers(recvs, True, "all_gather_coalesced recv", dtype)
 
         def run():
-            n = self.world_size
-            _check_pairs(sbs, rbs, n, "all_gather_coalesced")
-            flat = _pack(sbs, 1)
-            out = scratch_like(rbs[0], n * flat.size) if rbs else np.empty(0, np.uint8)
-            fb = as_buffer(flat, writable=False, what="all_gather_coalesced", dtype=sbs[0].dtype if sbs else None)
-            ob = as_buffer(out, writable=True, what="all_gather_coalesced", dtype=sbs[0].dtype if sbs else None)
-            self._execute("all_gather", fb, ob, fb.count, "sum", 0, "auto", timeout, False)
-            _unpack(out, rbs, n)
+            _check_pairs(sbs, rbs, self.world_size, "all_gather_coalesced")
+            self._coalesced("all_gather", sbs, rbs, 1, self.world_size, "sum", timeout)
             return recvs
         return self._call(run, async_op, "all_gather_coalesced", tuple(sbs) + tuple(rbs))
 
@@ -702,16 +686,26 @@ class Communicator:
         op_code(op)
 
         def run():
-            n = self.world_size
-            _check_pairs(rbs, sbs, n, "reduce_scatter_coalesced")
-            flat = _pack(sbs, n)
-            out = scratch_like(rbs[0], flat.size // n) if rbs else np.empty(0, np.uint8)
-            fb = as_buffer(flat, writable=False, what="reduce_scatter_coalesced", dtype=sbs[0].dtype if sbs else None)
-            ob = as_buffer(out, writable=True, what="reduce_scatter_coalesced", dtype=sbs[0].dtype if sbs else None)
-            self._execute("reduce_scatter", fb, ob, ob.count, op, 0, "auto", timeout, False)
-            _unpack(out, rbs, 1)
+            _check_pairs(rbs, sbs, self.world_size, "reduce_scatter_coalesced")
+            self._coalesced("reduce_scatter", sbs, rbs, self.world_size, 1, op, timeout)
             return recvs
         return self._call(run, async_op, "reduce_scatter_coalesced", tuple(sbs) + tuple(rbs))
+
+    def _coalesced(self, coll, ins, outs, in_blocks, out_blocks, op, timeout):
+        """One ``coll`` over ``ins`` laid end to end, each cut in ``in_blocks`` (see _pack);
+        its output (``out_blocks`` / ``in_blocks`` x the input's size) unpacked into ``outs``,
+        each cut in ``out_blocks``; ``outs is ins``: in place. The packed copies are ours alone
+        and ``outs`` is written only on success, so the engine need not preserve its input."""
+        dt = ins[0].dtype if ins else None
+        flat = _pack(ins, in_blocks)
+        fb = as_buffer(flat, writable=outs is ins, what=f"{coll}_coalesced", dtype=dt)
+        out, ob = flat, fb
+        if outs is not ins:
+            out = scratch_like(outs[0], flat.size * out_blocks // in_blocks) if outs else np.empty(0, np.uint8)
+            ob = as_buffer(out, writable=True, what=f"{coll}_coalesced", dtype=dt)
+        # the count is the per-rank block: all_gather's input, reduce_scatter's output
+        self._execute(coll, fb, ob, min(fb.count, ob.count), op, 0, "auto", timeout, False)
+        _unpack(out, outs, out_blocks)
 
     # ---- point-to-point (pycoll.comm.p2p) ----------------------------------------
     def send(self, arr: Array, dst: int, tag: int = 0, *, timeout: Optional[float] = None) -> None:
@@ -952,12 +946,8 @@ class _Described:
     the others' empty input digest as recv's dtype)."""
 
     def __init__(self, buf, code):
-        self.address, self.nbytes, self.count, self.dtype, self._code = buf.address, buf.nbytes, buf.count, \
+        self.address, self.nbytes, self.count, self.dtype, self.code = buf.address, buf.nbytes, buf.count, \
             buf.dtype, code
-
-    @property
-    def code(self):
-        return self._code
 
 
 def _check_apart(a, b, what):

@@ -216,6 +216,8 @@ class Epoch:
             except CoordinatorError:
                 if not (self.client.needs_rejoin and self.options.coordinator_wait > 0):
                     raise
+                if time.monotonic() > deadline + self.options.coordinator_wait:
+                    raise  # a coordinator that keeps dropping us: the loop ends too
                 self._rejoin()  # a restarted coordinator does not know us yet
                 rebuild = True
                 continue

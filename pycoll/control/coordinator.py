@@ -60,21 +60,22 @@ import time
 
 import msgpack
 import zmq
-from zmq.utils.monitor import recv_monitor_message
 from zmq.utils import z85
+from zmq.utils.monitor import recv_monitor_message
 
 from pycoll import auth
 from pycoll.control import parity
 from pycoll.control import schema
+from pycoll.errors import InvalidArgument
 from pycoll.limits import resolve
+from pycoll.options import environ
+
 
 def encryption(secret):
     """The coordinator channel's CURVE keys, (server public, server secret) in Z85, when
     PYCOLL_ENCRYPT is on, else None. Derived from the group secret: only its holders can
     compute the server's public key, so a peer without it fails the CURVE handshake (refused,
     nothing read), and every byte after it is encrypted (Curve25519, XSalsa20-Poly1305)."""
-    from pycoll.errors import InvalidArgument
-    from pycoll.options import environ
     if not environ("PYCOLL_ENCRYPT"):
         return None
     if not zmq.has("curve"):

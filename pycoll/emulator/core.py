@@ -40,7 +40,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from . import sites as _sites
 from ._build import delayline_binary
-from .spec import EmuSpec, tc_rate, tc_size
+from .spec import EmuSpec, LinkSpec, tc_rate, tc_size
 
 RUN_PREFIX = f"pce{os.getpid()}-"
 _STALE_RE = re.compile(r"^pce(\d+)-")
@@ -385,8 +385,11 @@ class Emulator:
     def _queue_cap(self, u: int, v: int) -> int:
         """Delay-line queue cap: 2x the link's bandwidth-delay product + slack."""
         ls = self._links[(u, v)]
-        rate = ls.rate_bps or self.spec.nic_bps(u) or _ASSUMED_MAX_BPS
-        bdp = rate / 8 * (ls.delay_s + ls.jitter_s)
+        return self._queue_bytes(ls.rate_bps or self.spec.nic_bps(u) or _ASSUMED_MAX_BPS, ls)
+
+    def _queue_bytes(self, rate_bps: float, ls: LinkSpec) -> int:
+        """2x the bandwidth-delay product at ``rate_bps`` over ``ls``, plus slack, in [4, 256] MiB."""
+        bdp = rate_bps / 8 * (ls.delay_s + ls.jitter_s)
         return int(min(max(2 * bdp + 16 * self.mtu, 4 << 20), 256 << 20))
 
     def _delayline_conf(self) -> List[str]:
@@ -405,10 +408,7 @@ class Emulator:
                 for b in range(k):
                     if a != b:
                         ls = self.spec.site_link(a, b)
-                        rate = self.sites[a].uplink_bps or _ASSUMED_MAX_BPS
-                        cap = int(min(max(2 * rate / 8 * (ls.delay_s + ls.jitter_s) + 16 * self.mtu,
-                                          4 << 20), 256 << 20))
-                        links.append((a, b, ls, cap))
+                        links.append((a, b, ls, self._queue_bytes(self.sites[a].uplink_bps or _ASSUMED_MAX_BPS, ls)))
         for u, v, ls, cap in links:
             conf.append(f"link {u} {v} {int(round(ls.delay_s * 1e9))} "
                         f"{int(round(ls.jitter_s * 1e9))} {ls.loss!r} {cap}")

@@ -498,7 +498,7 @@ def data_plane_key(mesh_key):
     if mesh_key is None:
         raise InvalidArgument("PYCOLL_ENCRYPT=1 needs a shared secret (PYCOLL_SECRET or token=): the data "
                               "plane's key comes from it")
-    return auth.subkey(mesh_key, "data-plane-tls")
+    return auth.derive(mesh_key, "data-plane-tls")
 
 
 def build_mesh(listener, rank, addrs, stripes, epoch, token, timeout, sockbuf=0, key=None, should_abort=None):

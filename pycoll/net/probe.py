@@ -28,6 +28,7 @@ import time
 
 import numpy as np
 
+from pycoll.auth import recv_exact
 from pycoll.plan import measured
 from pycoll.plan.topology import parse_topology
 
@@ -37,16 +38,7 @@ MAGIC = b"PCPR"
 PING, BULK, BULK_MEAN = 1, 2, 3  # BULK: the flow's best stretch; BULK_MEAN: its mean (shared tests)
 CHUNK = 1 << 18
 WARMUP = 1 / 3  # of a bulk flow's time, not counted (slow start)
-
-
-def _recv_exact(sock, n):
-    buf = bytearray()
-    while len(buf) < n:
-        part = sock.recv(n - len(buf))
-        if not part:
-            raise ConnectionError("probe: peer closed")
-        buf += part
-    return bytes(buf)
+ANSWER_MAX = 4096  # bytes of a receiver's rate line
 
 
 class ProbeServer:
@@ -65,7 +57,6 @@ class ProbeServer:
         self.sock.settimeout(0.2)
         self.port = self.sock.getsockname()[1]
         self._stop = threading.Event()
-        self._threads = []
         self._accepter = threading.Thread(target=self._accept, name="pycoll-probe", daemon=True)
         self._accepter.start()
 
@@ -86,20 +77,19 @@ class ProbeServer:
                 continue
             except OSError:
                 return
-            t = threading.Thread(target=self._serve, args=(conn,), daemon=True)
-            t.start()
-            self._threads.append(t)
+            # (daemons, each bounded by its socket's timeout and _stop: never joined)
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
 
     def _serve(self, conn):
         try:
             conn.settimeout(self.timeout)
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            magic, token, mode, seconds = HELLO.unpack(_recv_exact(conn, HELLO.size))
+            magic, token, mode, seconds = HELLO.unpack(recv_exact(conn, HELLO.size, "probe"))
             self._known.wait(self.timeout)
-            if magic != MAGIC or self.token is None or token != self.token:
-                return  # not this session's: drop it
+            if magic != MAGIC or self.token is None or token != self.token or not math.isfinite(seconds):
+                return  # not this session's (or a NaN flow time, which no clamp bounds): drop it
             if mode == PING:
-                while True:
+                while not self._stop.is_set():
                     data = conn.recv(8)
                     if not data:
                         return
@@ -178,7 +168,7 @@ def ping(addr, token, count=5, timeout=10.0):
         for i in range(count + 1):
             t = time.perf_counter()
             s.sendall(struct.pack("!d", t))
-            _recv_exact(s, 8)
+            recv_exact(s, 8, "probe")
             if i:
                 best = min(best, time.perf_counter() - t)
         return best
@@ -198,6 +188,8 @@ def bulk(addr, token, seconds, timeout=30.0, mean=False):
         while not line.endswith(b"\n"):
             if time.perf_counter() > end:
                 raise TimeoutError("probe: no answer from the receiver")
+            if len(line) > ANSWER_MAX:  # the answer is one short JSON line: more is not a probe
+                raise ValueError(f"probe: the receiver's answer is over {ANSWER_MAX} bytes")
             readable, writable, _ = select.select([s], [s] if not line else [], [], 0.05)
             if readable:
                 try:

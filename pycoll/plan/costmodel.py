@@ -100,15 +100,12 @@ class CostModel:
         # Shared uplinks: group id per rank, capacity per group id (inf = none). One flow between
         # groups never gets more than either end's uplink, so the link matrix is capped too.
         self.group_of = list(group_of) if group_of is not None else None
-        self.uplink_Bps = {g: float(b) for g, b in (uplink_Bps or {}).items() if math.isfinite(b)}
-        if self.group_of is not None and self.uplink_Bps:
-            self.bw = self.bw.copy()
-            for u in range(n):
-                for v in range(n):
-                    gu, gv = self.group_of[u], self.group_of[v]
-                    if gu != gv:
-                        self.bw[u, v] = min(self.bw[u, v], self.uplink_Bps.get(gu, math.inf),
-                                            self.uplink_Bps.get(gv, math.inf))
+        self.uplink_Bps = {g: float(b) for g, b in (uplink_Bps or {}).items() if math.isfinite(b)} \
+            if group_of is not None else {}  # (uplinks belong to groups: none without them)
+        if self.uplink_Bps:
+            up = np.array([self.uplink_Bps.get(g, math.inf) for g in self.group_of])
+            between = np.not_equal.outer(self.group_of, self.group_of)
+            self.bw = np.where(between, np.minimum(self.bw, np.minimum.outer(up, up)), self.bw)
 
     @classmethod
     def from_topology(cls, topo, **params):

@@ -11,27 +11,25 @@ from pycoll.plan import planners
 NO_FRAME = planners.NO_FRAME
 
 
+def _rooted(rank, n, root, nbytes, stripes, to_root):
+    """One ``nbytes`` block between the root and every rank (the root's own too): to the root,
+    laid in rank order in its OUT (gather), or from the root's IN, block p to rank p (scatter).
+    A rank that names another root fails the header check at once (PC_PLAN_AGREE)."""
+    one = ([0] * n, [NO_FRAME] * n)  # the side that moves one block: only with the root
+    one[1][root] = nbytes
+    many = ([p * nbytes for p in range(n)], [nbytes] * n) if rank == root else ([0] * n, [NO_FRAME] * n)
+    (send_off, send_len), (recv_off, recv_len) = (one, many) if to_root else (many, one)
+    return planners.plan_exchange(n, rank, send_off, send_len, recv_off, recv_len, stripes=stripes, agree=True)
+
+
 def gather(rank, n, root, nbytes, stripes=1):
     """Every rank's IN (``nbytes``) into the root's OUT, in rank order."""
-    send_off, send_len = [0] * n, [NO_FRAME] * n
-    recv_off, recv_len = [0] * n, [NO_FRAME] * n
-    send_len[root] = nbytes
-    if rank == root:
-        recv_off = [p * nbytes for p in range(n)]
-        recv_len = [nbytes] * n
-    # a rank that names another root fails the header check at once (PC_PLAN_AGREE)
-    return planners.plan_exchange(n, rank, send_off, send_len, recv_off, recv_len, stripes=stripes, agree=True)
+    return _rooted(rank, n, root, nbytes, stripes, to_root=True)
 
 
 def scatter(rank, n, root, nbytes, stripes=1):
     """Block p (``nbytes``) of the root's IN into rank p's OUT."""
-    send_off, send_len = [0] * n, [NO_FRAME] * n
-    recv_off, recv_len = [0] * n, [NO_FRAME] * n
-    recv_len[root] = nbytes
-    if rank == root:
-        send_off = [p * nbytes for p in range(n)]
-        send_len = [nbytes] * n
-    return planners.plan_exchange(n, rank, send_off, send_len, recv_off, recv_len, stripes=stripes, agree=True)
+    return _rooted(rank, n, root, nbytes, stripes, to_root=False)
 
 
 def offsets(lengths):

@@ -21,6 +21,8 @@ import math
 
 import numpy as np
 
+from pycoll.plan.topology import _best_cycle, _ring_score
+
 SITE_GAP = 3.0       # sites exist where round-trip times jump by this factor ...
 SITE_GAP_S = 0.5e-3  # ... and by at least this much (noise on a fast LAN is not a site)
 SHARED = 1.5         # two flows across that sum to under this times one flow's rate share an uplink
@@ -193,15 +195,14 @@ def solve_ring(bw, lat):
     """Ring order (starting at 0) maximising the narrowest hop, then minimising total latency:
     exact up to :data:`pycoll.plan.tsp.EXACT_MAX` nodes, heuristic beyond (both through
     :func:`pycoll.plan.topology.ring_order`'s solver, so files and measurements agree)."""
-    from pycoll.plan.topology import _best_cycle
     return _best_cycle(np.asarray(bw, float), np.asarray(lat, float))
 
 
 def ring_score(order, bw, lat):
-    """(narrowest hop bytes/s, total latency s) of a cyclic order."""
-    order, bw, lat = list(order), np.asarray(bw, float), np.asarray(lat, float)
-    src, dst = order, order[1:] + order[:1]
-    return float(bw[src, dst].min()), float(lat[src, dst].sum())
+    """(narrowest hop bytes/s, total latency s) of a cyclic order (the solver's score, whose
+    latency is negated so that higher is better)."""
+    narrowest, minus_latency = _ring_score(list(order), np.asarray(bw, float), np.asarray(lat, float))
+    return narrowest, -minus_latency
 
 
 # ---- the file ------------------------------------------------------------------------------

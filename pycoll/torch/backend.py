@@ -162,16 +162,17 @@ def _same_layout(tensors, like, what):
 
 
 def _consecutive(tensors):
-    """A flat tensor aliasing ``tensors`` if they are consecutive slices of one
-    storage (no copy needed), else None."""
+    """A flat tensor aliasing ``tensors`` (contiguous, of one dtype) if they lie end to end in
+    one storage, in list order (equal sizes or not: no copy needed), else None."""
     first = tensors[0]
-    step = first.numel() * first.element_size()
     base = first.untyped_storage().data_ptr()
-    for i, t in enumerate(tensors):
-        if t.untyped_storage().data_ptr() != base or t.data_ptr() != first.data_ptr() + i * step:
+    at = first.data_ptr()
+    for t in tensors:
+        if t.untyped_storage().data_ptr() != base or t.data_ptr() != at:
             return None
+        at += t.numel() * t.element_size()
     flat = torch.empty(0, dtype=first.dtype)
-    return flat.set_(first.untyped_storage(), first.storage_offset(), (first.numel() * len(tensors),))
+    return flat.set_(first.untyped_storage(), first.storage_offset(), (sum(t.numel() for t in tensors),))
 
 
 def _copy_chunks(flat, outs, count):
@@ -311,41 +312,50 @@ def _future_value(box):
 
 
 class _Work(dist.Work):
-    """A torch Work over one or more queued pycoll collectives."""
+    """A torch Work over one or more queued pycoll collectives (none: ``failure`` says how the
+    calls, already run on the caller's thread, ended)."""
 
-    def __init__(self, state, pworks, outputs, post=None, what="", inline=False):
+    def __init__(self, state, pworks, outputs, post=None, what="", inline=False, failure=None):
         super().__init__()
         self._state = state
         self._outputs = outputs
         self._post = post
         self._what = what
-        self._done = threading.Event()
         self._exc = None
+        self._finished = False
         # The future torch sees (get_future(): DDP's reducer reads it from C++) must be
         # completed with an *error* on failure. torch.futures.Future.set_exception does
         # not do that: it stores the exception as the future's value (only Python's
         # wait()/value() raise it), and C++ readers take that value for the output
         # tensors (DDP: SIGSEGV in parseCppCommHookResult). A `then` callback that
         # raises is torch's one way to set a real error from Python, so the future
-        # handed out is the child of a trigger that _complete_future fires.
+        # handed out is the child of a trigger that _complete_future fires. Made on the
+        # first get_future() only: most works (every blocking call) are just waited on,
+        # and a torch future and its `then` cost more than the rest of a small call.
         self._box = [None, outputs]  # (failure, outputs), read by the callback
-        self._trigger = torch.futures.Future()
-        self._future = self._trigger.then(_future_value(self._box))
+        self._trigger = self._future = None
         # Works issued from a future callback complete on the worker itself
         # (the completion thread is busy running that callback).
         # (and those of a blocking call, done by now: its caller waits for nothing else, and
         # waking the completion thread per call costs a GIL hand-off, ~0.1 ms on a busy host)
         self._inline = inline or state.completer.on_thread()
-        self._left = len(pworks)
         self._lock = threading.Lock()
         if not pworks:
-            self._finish(None)
+            self._done = None  # finished here: nobody ever waits on it
+            self._finish(failure)
+            return
+        self._done = threading.Event()
+        self._left = len(pworks)
         for w in pworks:
             w.add_done_callback(self._one_done)
 
     @property
     def done_event(self):
         """A threading.Event set once the work completed (results copied back), failed or not."""
+        if self._done is None:  # finished when made
+            done = threading.Event()
+            done.set()
+            return done
         return self._done
 
     def _one_done(self, pwork):
@@ -374,11 +384,16 @@ class _Work(dist.Work):
         finally:
             self._exc = exc
             self._box[0] = exc
-            self._done.set()
-            if self._inline:
-                _run_completion(self._complete_future)
-            else:
-                self._state.completer.submit(self._complete_future)
+            with self._lock:
+                self._finished = True
+                has_future = self._future is not None
+            if self._done is not None:
+                self._done.set()
+            if has_future:
+                if self._inline:
+                    _run_completion(self._complete_future)
+                else:
+                    self._state.completer.submit(self._complete_future)
 
     def _complete_future(self):
         # runs _future_value: the future gets the outputs, or the failure as its error
@@ -389,20 +404,27 @@ class _Work(dist.Work):
         secs = timeout.total_seconds() if isinstance(timeout, datetime.timedelta) else timeout
         if secs is not None and secs <= 0:
             secs = None  # torch's "unset" timeout
-        if not self._done.wait(secs):
+        if not self._finished and not self._done.wait(secs):
             raise CollectiveTimeout(f"{_TIMED_OUT}waiting {secs} s for {self._what} to finish")
         if self._exc is not None:
             raise self._exc
         return True
 
     def get_future(self):
-        """A torch Future completed with the output tensors."""
-        return self._future
+        """A torch Future completed with the output tensors (made on the first call; if the
+        work finished already, completed here)."""
+        with self._lock:
+            if self._future is None:
+                self._trigger = torch.futures.Future()
+                self._future = self._trigger.then(_future_value(self._box))
+                if self._finished:
+                    _run_completion(self._complete_future)
+            return self._future
 
     def get_future_result(self):
         """A torch Future completed with the outcome as an int ``WorkResult``: SUCCESS, TIMEOUT
         (the collective or a sync point timed out) or COMM_ERROR (any other failure)."""
-        return self._future.then(self._work_result)
+        return self.get_future().then(self._work_result)
 
     def _work_result(self, _):
         exc = self._exc
@@ -418,10 +440,10 @@ class _Work(dist.Work):
         self.wait()
 
     def is_completed(self):
-        return self._done.is_set()
+        return self._finished
 
     def is_success(self):
-        return self._done.is_set() and self._exc is None
+        return self._finished and self._exc is None
 
     def exception(self):
         return self._exc
@@ -581,28 +603,34 @@ class ProcessGroupPycoll(dist.ProcessGroup):
             return work
         if lanes is not None:
             lanes.drain(what)  # the untagged connections carry one call at a time, in one order
-        if blocking:
+        if blocking and not staged:
             # The caller waits at once: run on this thread (no hand-off to the worker);
             # pycoll still runs it after any queued async work.
-            pworks = []
-            for k, call in enumerate(calls):
+            failure = None
+            for call in calls:
+                try:
+                    call(False)
+                except InvalidArgument:
+                    raise  # bad arguments: raise here, as the async path does
+                except Exception as exc:  # noqa: BLE001 - reported through wait()
+                    failure = failure or exc
+            return _Work(self._state, [], outputs, post, what, inline=True, failure=failure)
+        pworks = []
+        for k, call in enumerate(calls):
+            staged and staged.before_call(k)
+            if blocking:  # as above, with a Work per call for the staging's copy-back callbacks
                 w = Work(what)
-                staged and staged.before_call(k)
                 try:
                     call(False)
                     w.complete(None)
                 except InvalidArgument:
-                    raise  # bad arguments: raise here, as the async path does
+                    raise
                 except Exception as exc:  # noqa: BLE001 - reported through wait()
                     w.complete(None, exc)
-                staged and staged.after_call(k, w)
-                pworks.append(w)
-        else:
-            pworks = []
-            for k, call in enumerate(calls):
-                staged and staged.before_call(k)
-                pworks.append(call(True))
-                staged and staged.after_call(k, pworks[-1])
+            else:
+                w = call(True)
+            staged and staged.after_call(k, w)
+            pworks.append(w)
         return _Work(self._state, pworks, outputs, post, what, inline=blocking)
 
     # ---- collectives ---------------------------------------------------
@@ -629,20 +657,16 @@ class ProcessGroupPycoll(dist.ProcessGroup):
         if len(outs) != self.size():
             raise InvalidArgument(f"pycoll backend: all_gather needs {self.size()} output tensors, got {len(outs)}")
         _same_layout(outs, inp, "all_gather output")
-        flat = _consecutive(outs)
-        post = None
+        flat, post = _consecutive(outs), None
         if flat is None:  # separate tensors: gather into one buffer, then copy out
             flat = torch.empty(inp.numel() * self.size(), dtype=inp.dtype)
-
-            def post():
-                for i, o in enumerate(outs):
-                    o.view(-1).copy_(flat[i * inp.numel():(i + 1) * inp.numel()])
-        return self._gather(inp, flat, opts, "all_gather", output_tensors, post)
+            post = functools.partial(_copy_chunks, flat, outs, inp.numel())
+        return self._gather(inp, flat, opts, output_tensors, post)
 
     def all_gather_single(self, output, input, opts=None):
         """``dist.all_gather_single`` / ``all_gather_into_tensor``."""
         self._check_gather_single(output, input)
-        return self._gather(input, output, opts, "all_gather", [output])
+        return self._gather(input, output, opts, [output])
 
     _allgather_base = all_gather_single
 
@@ -671,14 +695,11 @@ class ProcessGroupPycoll(dist.ProcessGroup):
                                   f"{input.numel() * self.size()} (world size x input), got "
                                   f"{output.dtype} x {output.numel()}")
 
-    def _gather_call(self, inp, flat, opts):
+    def _gather(self, inp, flat, opts, outputs, post=None):
         comm, timeout = self.communicator, _timeout_s(opts, self._timeout_s)
-        return lambda a, tag=None: comm.all_gather(inp, flat, timeout=timeout, dtype=_DTYPES[inp.dtype], async_op=a,
-                                                   tag=tag)
-
-    def _gather(self, inp, flat, opts, what, outputs, post=None):
-        return self._run(what, [self._gather_call(inp, flat, opts)], outputs, post, opts, tagged=True,
-                         reads=[inp, flat])
+        call = lambda a, tag=None: comm.all_gather(inp, flat, timeout=timeout,  # noqa: E731
+                                                   dtype=_DTYPES[inp.dtype], async_op=a, tag=tag)
+        return self._run("all_gather", [call], outputs, post, opts, tagged=True, reads=[inp, flat])
 
     def reduce_scatter(self, output_tensors, input_tensors, opts=None):
         """``dist.reduce_scatter``: a list of world_size input tensors."""
@@ -729,15 +750,12 @@ class ProcessGroupPycoll(dist.ProcessGroup):
                                   f"{output.numel() * self.size()} (world size x output), got "
                                   f"{input.dtype} x {input.numel()}")
 
-    def _scatter_call(self, out, flat, opts):
+    def _scatter(self, out, flat, opts, outputs):
         op = _op_name(opts.reduceOp if opts is not None else ReduceOp.SUM)
         comm, timeout = self.communicator, _timeout_s(opts, self._timeout_s)
-        return lambda a, tag=None: comm.reduce_scatter(flat, out, op=op, timeout=timeout, dtype=_DTYPES[out.dtype],
-                                                       async_op=a, tag=tag)
-
-    def _scatter(self, out, flat, opts, outputs):
-        return self._run("reduce_scatter", [self._scatter_call(out, flat, opts)], outputs, opts=opts, tagged=True,
-                         reads=[flat])
+        call = lambda a, tag=None: comm.reduce_scatter(flat, out, op=op, timeout=timeout,  # noqa: E731
+                                                       dtype=_DTYPES[out.dtype], async_op=a, tag=tag)
+        return self._run("reduce_scatter", [call], outputs, opts=opts, tagged=True, reads=[flat])
 
     def broadcast(self, tensors, opts=None):
         """``dist.broadcast``: root's tensor into every rank's, in place."""
@@ -840,8 +858,8 @@ class ProcessGroupPycoll(dist.ProcessGroup):
 
     def alltoall(self, output_tensors, input_tensors, opts=None):
         """``dist.all_to_all``: input i to rank i, rank i's into output i (sizes may differ per
-        rank); one pycoll all_to_all over the tensors laid end to end (one copy in, and out
-        unless the outputs are consecutive slices of one buffer)."""
+        rank); one pycoll all_to_all over the tensors laid end to end (one copy in unless the
+        inputs are consecutive slices of one buffer, one copy out unless the outputs are)."""
         n = self.size()
         if len(output_tensors) != n or len(input_tensors) != n:
             raise InvalidArgument(f"pycoll backend: all_to_all needs {n} input and {n} output tensors, got "
@@ -854,14 +872,20 @@ class ProcessGroupPycoll(dist.ProcessGroup):
                 raise InvalidArgument("pycoll backend: all_to_all tensors must share one dtype")
         send_counts = [t.numel() for t in input_tensors]
         recv_counts = [t.numel() for t in output_tensors]
-        flat_in = torch.cat([t.reshape(-1) for t in input_tensors])
-        flat_out = torch.empty(sum(recv_counts), dtype=flat_in.dtype)
+        flat_in = _consecutive(input_tensors)
+        if flat_in is None:
+            flat_in = torch.cat([t.reshape(-1) for t in input_tensors])
+        flat_out, post = _consecutive(output_tensors), None
+        if flat_out is None or flat_out.untyped_storage().data_ptr() == flat_in.untyped_storage().data_ptr():
+            # separate tensors (or outputs in the inputs' storage, which the plan would overwrite
+            # while it reads): receive into one buffer, then copy out
+            flat_out = torch.empty(sum(recv_counts), dtype=flat_in.dtype)
 
-        def post():
-            at = 0
-            for o, c in zip(output_tensors, recv_counts):
-                o.view(-1).copy_(flat_out[at:at + c])
-                at += c
+            def post():
+                at = 0
+                for o, c in zip(output_tensors, recv_counts):
+                    o.view(-1).copy_(flat_out[at:at + c])
+                    at += c
         comm, timeout = self.communicator, _timeout_s(opts, self._timeout_s)
         call = lambda a: comm.all_to_all(flat_in, flat_out, send_counts, recv_counts,  # noqa: E731
                                          timeout=timeout, dtype=_DTYPES[flat_in.dtype], async_op=a)
@@ -975,14 +999,6 @@ class ProcessGroupPycoll(dist.ProcessGroup):
             t.copy_(out)
         return _Work(self._state, [], list(tensors), None, "all_reduce")
 
-    # ---- what is not supported: say so clearly -------------------------
-    def _unsupported(self, what):
-        raise NotImplementedError(f"pycoll backend: {what} is not supported; supported: all_reduce(_coalesced), "
-                                  "all_gather(_coalesced), all_gather_single/all_gather_into_tensor(_coalesced), "
-                                  "reduce_scatter, reduce_scatter_single/reduce_scatter_tensor(_coalesced), "
-                                  "broadcast, barrier, reduce, gather, scatter, all_to_all, all_to_all_single, "
-                                  "send, recv, isend, irecv, batch_isend_irecv")
-
     def monitored_barrier(self, timeout=None, wait_all_ranks=False):
         """``pg.monitored_barrier(timeout)``: a barrier with its own deadline whose failure says, in
         Gloo's words, that this rank timed out in monitoredBarrier. (``dist.monitored_barrier``
@@ -1084,11 +1100,10 @@ def _then(first, second):
 def _staging_method(method, role, segmented):
     @functools.wraps(method)
     def staged_method(self, *args, **kwargs):
-        if getattr(_staging_tls, "current", None) is not None:
-            return method(self, *args, **kwargs)  # called from another staged method: already staged
-        staged = staging.Staged(args, role, segmented)
-        if not staged:
+        if getattr(_staging_tls, "current", None) is not None or not staging.any_needs_staging(args):
+            # already staged (called from another staged method), or nothing to stage
             return method(self, *args, **kwargs)
+        staged = staging.Staged(args, role, segmented)
         _staging_tls.current = staged
         try:
             return method(self, *staged.args, **kwargs)

@@ -18,7 +18,8 @@ import threading
 
 import torch
 
-__all__ = ["DeviceCopier", "CudaCopier", "HostPool", "Staged", "install_copier", "copier_for", "SEGMENT_BYTES"]
+__all__ = ["DeviceCopier", "CudaCopier", "HostPool", "Staged", "install_copier", "copier_for", "any_needs_staging",
+           "SEGMENT_BYTES"]
 
 #: Segment size of the pipelined device <-> host copies (large enough that a copy costs far less
 #: than the wire time of the same bytes, small enough to overlap most of both).
@@ -164,6 +165,18 @@ def _host_view(buf, like):
 
 def needs_staging(t):
     return t.layout == torch.strided and (copier_for(t) is not None or not t.is_contiguous())
+
+
+def any_needs_staging(args):
+    """Whether any tensor in ``args`` (or in a list among them) needs staging: checked before a
+    :class:`Staged` is built, so that a call on plain contiguous host tensors costs one pass."""
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            if needs_staging(a):
+                return True
+        elif isinstance(a, list) and any_needs_staging(a):
+            return True
+    return False
 
 
 class Staged:

@@ -5,17 +5,13 @@ bit for bit with the plans of all six engine ranks executed in Python (plansim);
 makes the collective in flight fail with PeerFailure on every worker, and the next epoch runs that
 group in agent mode while the other switch keeps serving its group.
 """
-import multiprocessing as mp
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
 
-import pycoll.testing
 from collective_cases import expected, make_plans, rank_input, run_cases_algorithms
 from plansim import simulate
 from pycoll import aggregator
@@ -25,18 +21,7 @@ from pycoll.errors import PeerFailure
 from pycoll.plan.layout import Layout
 from pycoll.plan.topology import load_topology
 from reference import reduce_fn, storage_dtype
-
-TOPOLOGY = """
-[[group]]
-name = "rack0"
-count = 2
-aggregator = "switch"
-
-[[group]]
-name = "rack1"
-count = 2
-aggregator = "switch"
-"""
+from switches import run_workers, two_switches, wait_for_switches
 
 CASES = [
     ("all_reduce", "float32", "sum", 1001, 1, "innetwork"),
@@ -49,45 +34,6 @@ CASES = [
     ("all_reduce", "float32", "avg", 64, 8, "innetwork"),       # avg: agent mode (see pycoll.aggregator)
     ("all_gather", "float32", "sum", 13, 9, "ring"),            # other collectives: workers only
 ]
-
-
-def _switch_main(group, port, topology):
-    agg = aggregator.start(group, "127.0.0.1", port, topology=topology, join_timeout=60)
-    agg.serve()
-
-
-def _start_switches(port, path, cli=False):
-    """Two switches; with ``cli`` rack1's is the real ``pycoll aggregator`` command."""
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_switch_main, args=("rack0", port, str(path)), daemon=True)]
-    procs[0].start()
-    if cli:
-        procs.append(subprocess.Popen([sys.executable, "-m", "pycoll", "aggregator", "--group", "rack1",
-                                       "--topology", str(path), "--master-port", str(port)]))
-    else:
-        procs.append(ctx.Process(target=_switch_main, args=("rack1", port, str(path)), daemon=True))
-        procs[1].start()
-    return procs
-
-
-def _stop(procs):
-    for p in procs:
-        if isinstance(p, subprocess.Popen):
-            p.kill()
-            p.wait(timeout=5)
-        else:
-            if p.is_alive():
-                p.kill()
-            p.join(timeout=5)
-
-
-def _wait_for_switches(comm, want):
-    deadline = time.monotonic() + 60
-    while comm.aggregators != want and time.monotonic() < deadline:
-        comm.update_topology()
-        time.sleep(0.05)
-    assert comm.aggregators == want, comm.aggregators
-    return comm.epoch
 
 
 def _switch_reference(case, topo, switch_groups):
@@ -121,7 +67,7 @@ def _check(results, cases, topo, switch_groups):
 
 
 def _workers_through_switches(comm):
-    _wait_for_switches(comm, ["rack0", "rack1"])
+    wait_for_switches(comm, ["rack0", "rack1"])
     assert comm.world_size == 4
     out = run_cases_algorithms(comm, CASES)
     # the all-reduces really went through the switches' mesh (no one may bypass them)
@@ -130,16 +76,9 @@ def _workers_through_switches(comm):
 
 @pytest.mark.timeout(180)
 def test_two_switches_bit_exact(tmp_path):
-    path = tmp_path / "racks.toml"
-    path.write_text(TOPOLOGY)
+    with two_switches(tmp_path, cli=True) as (port, path, _):
+        results = run_workers(_workers_through_switches, port, path)
     topo = load_topology(path)
-    port = pycoll.testing.free_port()
-    procs = _start_switches(port, path, cli=True)
-    try:
-        results = pycoll.testing.run(_workers_through_switches, 4, timeout=150, port=port,
-                                     init_kwargs={"timeout": 30, "topology": str(path)})
-    finally:
-        _stop(procs)
     assert all(res[1] == ["rack0", "rack1"] for res in results)
     payload = sum(c[3] * storage_dtype(c[1]).itemsize for c in CASES if c[0] == "all_reduce" and c[2] != "avg")
     assert all(res[2] >= payload for res in results), [res[2] for res in results]
@@ -147,7 +86,7 @@ def test_two_switches_bit_exact(tmp_path):
 
 
 def _workers_lose_a_switch(comm, victim_pid):
-    _wait_for_switches(comm, ["rack0", "rack1"])
+    wait_for_switches(comm, ["rack0", "rack1"])
     x = np.ones(1000, np.float32)
     comm.all_reduce(x, algorithm="innetwork")
     assert (x == 4).all()
@@ -171,22 +110,15 @@ def _workers_lose_a_switch(comm, victim_pid):
 
 @pytest.mark.timeout(180)
 def test_switch_killed_peer_failure_then_agent_mode(tmp_path):
-    path = tmp_path / "racks.toml"
-    path.write_text(TOPOLOGY)
+    with two_switches(tmp_path) as (port, path, procs):
+        results = run_workers(_workers_lose_a_switch, port, path, args=(procs[1].pid,))
     topo = load_topology(path)
-    port = pycoll.testing.free_port()
-    procs = _start_switches(port, path)
-    try:
-        results = pycoll.testing.run(_workers_lose_a_switch, 4, args=(procs[1].pid,), timeout=150,
-                                     port=port, init_kwargs={"timeout": 30, "topology": str(path)})
-    finally:
-        _stop(procs)
     assert all(res[1] == ["rack0"] and res[2] == 4 for res in results)
     _check(results, CASES, topo, ["rack0"])
 
 
 def _encrypted_innetwork(comm):
-    _wait_for_switches(comm, ["rack0", "rack1"])
+    wait_for_switches(comm, ["rack0", "rack1"])
     x = np.arange(300007, dtype=np.float32) * np.float32(comm.rank + 1)
     comm.all_reduce(x, algorithm="innetwork")
     return x, lib.pc_comm_bytes_sent(comm.epoch_state.switch.hcomm)
@@ -198,15 +130,8 @@ def test_switches_with_an_encrypted_data_plane(tmp_path, monkeypatch):
     aggregator derives the same key), and the in-network all-reduce is exact."""
     monkeypatch.setenv("PYCOLL_ENCRYPT", "1")
     monkeypatch.setenv("PYCOLL_SECRET", "rack-secret")  # the switches and ranks inherit both
-    path = tmp_path / "racks.toml"
-    path.write_text(TOPOLOGY)
-    port = pycoll.testing.free_port()
-    procs = _start_switches(port, path)
-    try:
-        results = pycoll.testing.run(_encrypted_innetwork, 4, timeout=150, port=port,
-                                     init_kwargs={"timeout": 30, "topology": str(path)})
-    finally:
-        _stop(procs)
+    with two_switches(tmp_path) as (port, path, _):
+        results = run_workers(_encrypted_innetwork, port, path)
     want = np.arange(300007, dtype=np.float32) * np.float32(10)
     for x, sent in results:
         assert x.tobytes() == want.tobytes() and sent >= x.nbytes

@@ -8,6 +8,7 @@ import time
 import pytest
 
 import pycoll
+from emu_fixtures import require_emulator
 from pycoll.testing import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -408,10 +409,7 @@ def test_bench_allreduce_accepts_its_own_examples():
 
 @pytest.mark.timeout(120)
 def test_bench_wan_prints_progress_as_it_goes():
-    from pycoll.emulator import available
-    ok, why = available()
-    if not ok:
-        pytest.skip(f"needs the network emulator: {why}")
+    require_emulator()
     r = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "wan.py"), "--scenario", "custom", "--peers", "2",
                         "--rate", "200mbit", "--delay", "2ms", "--sizes", "256K", "--kind", "basic", "--no-gloo"],
                        capture_output=True, text=True, timeout=100)
@@ -425,7 +423,7 @@ def test_bench_wan_prints_progress_as_it_goes():
 
 
 def test_bench_plot_log_scale_and_a_legend_that_hides_no_line(tmp_path):
-    pytest.importorskip("matplotlib")
+    import matplotlib  # noqa: F401 - in the test extra: a missing install fails, never skips
     from pycoll.benchmark import Result, figure
     algs = ["auto", "ring", "hamiltonian", "tree", "innetwork", "direct"]
     results = [Result("pycoll", a, n, s, s / (1e8 * (i + 1)), s / 2e9, 5)

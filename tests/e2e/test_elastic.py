@@ -569,8 +569,8 @@ def test_malformed_round_reports_are_refused_or_answered_never_hang():
 
 # ---- standalone aggregators are members that never report rounds ---------
 def _agreed_through_switches(comm):
-    from test_aggregator import _wait_for_switches
-    _wait_for_switches(comm, ["rack0", "rack1"])
+    from switches import wait_for_switches
+    wait_for_switches(comm, ["rack0", "rack1"])
     x = np.arange(1000, dtype=np.float64) * (comm.rank + 1)
     y = x.copy()
     comm.all_reduce(x, algorithm="innetwork")
@@ -590,17 +590,9 @@ def lib_bytes(comm):
 
 @pytest.mark.timeout(180)
 def test_agreement_and_shared_state_with_standalone_aggregators(tmp_path):
-    from test_aggregator import TOPOLOGY, _start_switches, _stop
-    import pycoll.testing
-    path = tmp_path / "racks.toml"
-    path.write_text(TOPOLOGY)
-    port = free_port()
-    procs = _start_switches(port, path)
-    try:
-        results = pycoll.testing.run(_agreed_through_switches, 4, timeout=150, port=port,
-                                     init_kwargs={"timeout": 30, "topology": str(path)})
-    finally:
-        _stop(procs)
+    from switches import run_workers, two_switches
+    with two_switches(tmp_path) as (port, path, _):
+        results = run_workers(_agreed_through_switches, port, path)
     for same, contributors, members, w, revision, through in results:
         assert same and through, "the agreed all-reduce ran through the switches and matches the plain one"
         assert contributors == members and len(members) == 4, "contributors are the workers, not the switches"

@@ -22,17 +22,8 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from pycoll.emulator import (Emulator, EmuSpec, LinkSpec, RUN_PREFIX, available,  # noqa: E402
+from pycoll.emulator import (Emulator, EmuSpec, LinkSpec, RUN_PREFIX,  # noqa: E402
                              cleanup_stale, list_netns, parse_rate, parse_time)
-
-
-@pytest.fixture(scope="module")
-def emu_ok():
-    ok, why = available()
-    if not ok:
-        print(f"SKIP emulator tests: {why}")
-        pytest.skip(f"network emulation unavailable: {why}")
-    return True
 
 
 def _alive(pid):

@@ -13,15 +13,7 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from pycoll.emulator import Emulator, EmuSpec, RUN_PREFIX, SiteSpec, available, list_netns  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def emu_ok():
-    ok, why = available()
-    if not ok:
-        pytest.skip(f"network emulation unavailable: {why}")
-    return True
+from pycoll.emulator import Emulator, EmuSpec, RUN_PREFIX, SiteSpec, list_netns  # noqa: E402
 
 
 def _spec(uplink, nic=None, delay=0.004, members=((0, 2), (1, 3))):

@@ -50,15 +50,6 @@ def test_measure_on_loopback():
 
 
 # ---- emulator ---------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def emu_ok():
-    from pycoll.emulator import available
-    ok, why = available()
-    if not ok:
-        pytest.skip(f"network emulation unavailable: {why}")
-    return True
-
-
 @pytest.mark.timeout(240)
 def test_pycoll_probe_finds_interleaved_racks_and_their_shared_uplink(emu_ok, tmp_path):
     from pycoll.emulator import Emulator, EmuSpec, RUN_PREFIX, SiteSpec, list_netns

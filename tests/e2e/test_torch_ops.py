@@ -67,6 +67,12 @@ def _ops(group):
         outs = [torch.zeros(r + rank + 1) for r in range(n)]
         dist.all_to_all(outs, ins, group=group)
         out["all_to_all uneven ok"] = all(bool((o == s * 10 + rank).all()) for s, o in enumerate(outs))
+        # the same with inputs and outputs consecutive slices of one buffer each (no copies)
+        ins = list(torch.cat(ins).split([rank + r + 1 for r in range(n)]))
+        buf = torch.zeros(sum(r + rank + 1 for r in range(n)))
+        outs = list(buf.split([r + rank + 1 for r in range(n)]))
+        dist.all_to_all(outs, ins, group=group)
+        out["all_to_all uneven ok"] &= all(bool((o == s * 10 + rank).all()) for s, o in enumerate(outs))
     x = torch.arange(4 * n, dtype=torch.float64) + 100 * rank
     y = torch.zeros(4 * n, dtype=torch.float64)
     dist.all_to_all_single(y, x, group=group)

@@ -20,6 +20,7 @@ import pycoll
 import pycoll.testing
 from codec_ref import NumericCodec
 from collective_cases import rank_input, run_cases, run_on
+from emu_fixtures import require_emulator
 from plansim import simulate
 from pycoll.plan import compression
 from pycoll.plan import planners
@@ -210,14 +211,6 @@ def test_slow_peer_is_not_a_stall(transport):
 
 
 # ---- the emulated WAN ---------------------------------------------------------
-def _emulator_or_skip():
-    from pycoll.emulator import available
-    ok, why = available()
-    if not ok:
-        print(f"SKIP emulated WAN: {why}")
-        pytest.skip(f"network emulation unavailable: {why}")
-
-
 def _run_workers(emu, n, cfg, timeout):
     env = {"PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests' / 'support'}", "PYTHONUNBUFFERED": "1"}
     procs = [emu.run_python(r, [str(ROOT / "tests" / "support" / "wan_worker.py"), json.dumps(cfg)], stdout=subprocess.PIPE,
@@ -239,7 +232,7 @@ def _collect(procs, timeout):
 def test_emulated_wan_with_loss_and_jitter_is_exact():
     """3 sites, 20 ms one way (+-5 ms jitter), 1 % loss, 200 Mbit/s links:
     striped and compressed collectives give the reference's exact bytes."""
-    _emulator_or_skip()
+    require_emulator()
     from pycoll.emulator import Emulator, EmuSpec
     n, stripes = 3, 4
     cases = [("all_reduce", "float32", "sum", 400_003, 1, "ring", "none"),
@@ -277,7 +270,7 @@ def test_emulated_dead_link_fails_cleanly():
     """The link between two peers goes silent mid-run (links to the
     coordinator stay up): keepalive notices within about the stall timeout
     and every rank fails fast instead of waiting out the 120 s deadline."""
-    _emulator_or_skip()
+    require_emulator()
     from pycoll.emulator import Emulator, EmuSpec
     n, port = 3, 29631
     with tempfile.TemporaryDirectory() as tmp:

@@ -150,3 +150,15 @@ def test_reduce_segments_cap():
     recvs = [op for op in plan.ops() if op["kind"] in (1, 2) and op["len"]]  # (not the empty agree frame)
     assert len(recvs) <= 8
     assert sum(op["len"] for op in recvs) == 1 << 20
+
+
+def test_ranges_that_wrap_around_are_refused():
+    """An offset plus a length past 2^64 must not wrap to a small buffer size (the plan would
+    then pass the engine's buffer check and send from far outside IN)."""
+    huge = (1 << 64) - 2  # not NO_FRAME
+    with pytest.raises(InvalidArgument):
+        planners.plan_exchange(2, 0, [0, 5], [8, huge], [0, 0], [8, 8])
+    with pytest.raises(InvalidArgument):
+        planners.plan_exchange(2, 0, [0, 0], [8, 8], [0, 5], [8, huge])
+    with pytest.raises(InvalidArgument):
+        exchange.p2p(0, 2, [(1, 1, 5, huge, 0)])
