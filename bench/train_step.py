@@ -3,6 +3,7 @@
     python bench/train_step.py                              # 2 and 4 ranks, comm- and compute-bound
     python bench/train_step.py --burn 2                     # the same next to 2 busy-looping processes
     python bench/train_step.py --ranks 2 --shapes comm --steps 10 --json out.json
+    python bench/train_step.py --overlap 2 --bucket-mb 8   # also pycoll with 2 lanes (pycoll.torch.lanes)
 
 The model is an MLP of --layers (8) blocks Linear(--width, --width) + ReLU: 1024 wide that is
 32 MiB of float32 gradients per step. "comm" trains it at batch 4 (the all-reduce dominates),
@@ -21,6 +22,10 @@ the timed steps, and exposed comm = median step - median compute (what the commu
 to a step after what DDP overlaps with backward). CPU is user+sys of all rank processes (every
 thread) during the DDP step, per step: on 2 cores with 4 ranks the wall time can't show what a
 spinning progress thread costs, the CPU column does.
+
+--overlap K adds a third implementation, ``pycoll-lK``: pycoll with PYCOLL_TORCH_OVERLAP=K (its
+async collectives, DDP's buckets, on K lanes that run at once); its columns come last, with its
+ratio to Gloo and to one-lane pycoll. --bucket-mb sets DDP's bucket_cap_mb (default 25, DDP's).
 
 The backends alternate: each cell is --rounds launches per backend, in the order AB, BA, ...,
 so that drift on a shared host hits both alike; the --steps timed steps are split over them, and
@@ -68,7 +73,7 @@ def rank_main(a):
     torch.manual_seed(0)  # same initial model on every rank and backend
     model = nn.Sequential(*[m for _ in range(a.layers) for m in (nn.Linear(a.width, a.width), nn.ReLU())])
     plain = copy.deepcopy(model)
-    ddp = nn.parallel.DistributedDataParallel(model)
+    ddp = nn.parallel.DistributedDataParallel(model, bucket_cap_mb=a.bucket_mb)
     opt_ddp = torch.optim.SGD(ddp.parameters(), lr=1e-3)
     opt_plain = torch.optim.SGD(plain.parameters(), lr=1e-3)
     g = torch.Generator().manual_seed(1 + a.rank)  # fixed data: loading is not what we measure
@@ -94,7 +99,7 @@ def rank_main(a):
         """The buckets (elements, in launch order) DDP all-reduces once it has rebuilt them after
         its first step. DDP's logging data only has the initial ones (one 32 MiB bucket here,
         later 4 + 28 MiB), so a throwaway DDP copy records them with a comm hook that sends nothing."""
-        probe = nn.parallel.DistributedDataParallel(copy.deepcopy(plain))
+        probe = nn.parallel.DistributedDataParallel(copy.deepcopy(plain), bucket_cap_mb=a.bucket_mb)
         seen = []
 
         def record(state, bucket):
@@ -149,23 +154,27 @@ def _killpg(p):
     p.wait()
 
 
-def launch(backend, n, shape, steps, a, tmp):
-    """n ranks of one backend; every rank's RESULT dict, in rank order."""
+def launch(impl, n, shape, steps, a, tmp):
+    """n ranks of one implementation (pycoll, pycoll-lK: K lanes, gloo); every rank's RESULT
+    dict, in rank order."""
     sys.path.insert(0, ROOT)  # the driver only: a rank imports pycoll only if it runs the pycoll backend
     from pycoll.testing import free_port
     port = free_port()
+    backend, _, lanes = impl.partition("-l")
     # Torch's plugin autoload off: a Gloo rank then never imports pycoll (no extra threads in
     # it), and a pycoll rank imports it explicitly.
-    env = dict(os.environ, PYTHONUNBUFFERED="1", TORCH_DEVICE_BACKEND_AUTOLOAD="0", OMP_NUM_THREADS="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TORCH_DEVICE_BACKEND_AUTOLOAD="0", OMP_NUM_THREADS="1",
+               PYCOLL_TORCH_OVERLAP=lanes or "1")
     procs, files = [], []
     try:
         for r in range(n):
-            out = open(os.path.join(tmp, f"{backend}-{n}-{shape}-{r}.out"), "w+")
-            err = open(os.path.join(tmp, f"{backend}-{n}-{shape}-{r}.err"), "w+")
+            out = open(os.path.join(tmp, f"{impl}-{n}-{shape}-{r}.out"), "w+")
+            err = open(os.path.join(tmp, f"{impl}-{n}-{shape}-{r}.err"), "w+")
             files.append((out, err))
             cmd = [sys.executable, HERE, "--worker", backend, "--rank", str(r), "--n", str(n), "--port", str(port),
                    "--batch", str(SHAPES[shape]), "--width", str(a.width), "--layers", str(a.layers),
-                   "--steps", str(steps), "--warmup", str(a.warmup), "--timeout", str(a.timeout)]
+                   "--steps", str(steps), "--warmup", str(a.warmup), "--timeout", str(a.timeout),
+                   "--bucket-mb", str(a.bucket_mb)]
             procs.append(subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=env,
                                           start_new_session=True))
         deadline, failed_at = time.monotonic() + a.timeout, None
@@ -198,7 +207,7 @@ def launch(backend, n, shape, steps, a, tmp):
         else:
             results.append(json.loads(lines[-1][7:]))
     if problems:
-        raise LaunchError(f"{backend}, {n} ranks, {shape}:\n  " + "\n  ".join(problems))
+        raise LaunchError(f"{impl}, {n} ranks, {shape}:\n  " + "\n  ".join(problems))
     return results
 
 
@@ -250,8 +259,11 @@ def build_parser():
     ap.add_argument("--layers", type=int, default=8, help="MLP blocks (default 8)")
     ap.add_argument("--timeout", type=float, default=600, help="seconds per launch before it is killed")
     ap.add_argument("--json", help="also write the results to this file")
+    ap.add_argument("--overlap", type=int, default=0,
+                    help="also run pycoll with this many lanes (PYCOLL_TORCH_OVERLAP; default 0: not)")
+    ap.add_argument("--bucket-mb", type=float, default=25.0, help="DDP's bucket_cap_mb (default 25)")
     # worker mode
-    ap.add_argument("--worker", choices=BACKENDS, help=argparse.SUPPRESS)
+    ap.add_argument("--worker", choices=("pycoll", "gloo"), help=argparse.SUPPRESS)
     ap.add_argument("--rank", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--n", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -280,6 +292,8 @@ def main(argv=None):
         print("bench/train_step.py: needs torch (pip install torch==2.13.0)", file=sys.stderr)
         return 2
     signal.signal(signal.SIGTERM, _sigterm)
+    impls = BACKENDS + ((f"pycoll-l{a.overlap}",) if a.overlap > 1 else ())
+    extra = impls[2:]
     rounds = min(a.rounds, a.steps)
     split = [a.steps // rounds + (k < a.steps % rounds) for k in range(rounds)]
     grad = mib(a.layers * (a.width * a.width + a.width) * 4)
@@ -295,10 +309,10 @@ def main(argv=None):
                 burners = start_burners(load)
                 for n in ints(a.ranks):
                     for shape in shapes:
-                        runs = {b: [] for b in BACKENDS}
+                        runs = {b: [] for b in impls}
                         try:
                             for k, steps in enumerate(split):
-                                for b in (BACKENDS if k % 2 == 0 else BACKENDS[::-1]):
+                                for b in (impls if k % 2 == 0 else impls[::-1]):
                                     print(f"# {n} ranks, {shape}, burn {load}: {b} launch {k + 1}/{rounds}",
                                           file=sys.stderr, flush=True)
                                     runs[b].append(launch(b, n, shape, steps, a, tmp))
@@ -308,7 +322,7 @@ def main(argv=None):
                             rows.append({"ranks": n, "shape": shape, "burn": load, "failed": str(e)})
                             continue
                         rows.append({"ranks": n, "shape": shape, "burn": load, "batch": SHAPES[shape],
-                                     **{b: summarize(runs[b]) for b in BACKENDS}})
+                                     **{b: summarize(runs[b]) for b in impls}})
             finally:
                 for p in burners:
                     _killpg(p)
@@ -317,19 +331,24 @@ def main(argv=None):
           ">1: pycoll faster; CPU = user+sys of all ranks per step)")
     head = ("| ranks | shape | load | pycoll step | gloo step | ratio | pycoll compute | gloo compute "
             "| pycoll exposed comm | gloo exposed comm | pycoll comm alone | gloo comm alone "
-            "| pycoll CPU/step | gloo CPU/step |")
+            "| pycoll CPU/step | gloo CPU/step |"
+            + "".join(f" {x} step | gloo/{x} | pycoll/{x} | {x} exposed comm | {x} comm alone | {x} CPU/step |"
+                      for x in extra))
     print(head)
     print("|" + "---|" * (head.count("|") - 1))
     for row in rows:
         lead = f"| {row['ranks']} | {row['shape']} (batch {SHAPES[row['shape']]}) | " + \
                (f"burn {row['burn']}" if row["burn"] else "idle")
         if "failed" in row:
-            print(lead + " | FAILED" + " |" * 12)
+            print(lead + " | FAILED" + " |" * (12 + 6 * len(extra)))
             continue
         p, g = row["pycoll"], row["gloo"]
         print(lead + f" | {p['step_ms']:.1f} | {g['step_ms']:.1f} | {g['step_ms'] / p['step_ms']:.2f}x"
               f" | {p['compute_ms']:.1f} | {g['compute_ms']:.1f} | {p['exposed_ms']:.1f} | {g['exposed_ms']:.1f}"
-              f" | {p['comm_ms']:.1f} | {g['comm_ms']:.1f} | {p['step_cpu_ms']:.0f} | {g['step_cpu_ms']:.0f} |")
+              f" | {p['comm_ms']:.1f} | {g['comm_ms']:.1f} | {p['step_cpu_ms']:.0f} | {g['step_cpu_ms']:.0f} |"
+              + "".join(f" {row[x]['step_ms']:.1f} | {g['step_ms'] / row[x]['step_ms']:.2f}x"
+                        f" | {p['step_ms'] / row[x]['step_ms']:.2f}x | {row[x]['exposed_ms']:.1f}"
+                        f" | {row[x]['comm_ms']:.1f} | {row[x]['step_cpu_ms']:.0f} |" for x in extra))
     done = [r for r in rows if "failed" not in r]
     if done:
         sizes = ", ".join(mib(b) for b in done[0]["pycoll"]["buckets_bytes"])

@@ -161,6 +161,13 @@ def tag_list(tags):
     return tuple(sorted(out, key=repr))
 
 
+def _lanes(text, what):
+    n = _count(text, what)
+    if not 1 <= n <= 8:
+        raise InvalidArgument(f"{what}: lanes must be 1 to 8")
+    return n
+
+
 # ---- the table -----------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class Variable:
@@ -224,6 +231,9 @@ ENVIRONMENT = {v.name: v for v in (
              "pycoll.bootstrap, pycoll.launcher", _text),
     Variable("TORCHELASTIC_RUN_ID", "torchrun's job id, used when PYCOLL_JOB_ID is not set", "pycoll.bootstrap",
              _text),
+    Variable("PYCOLL_TORCH_OVERLAP", "lanes of a torch process group's async collectives, 1 to 8: that many "
+             "run at once, each on connections of its own (default 1: one at a time, in call order; see "
+             "pycoll.torch.lanes)", "pycoll.torch.backend", _lanes),
     Variable("PYCOLL_SHM_RING", "bytes of a shared-memory ring per direction, a power of two >= 65536 "
              "(default 1 MiB)", "pycoll.net.mesh", parse_shm_ring),
     # Read by the modules below this one, in their own way (listed for the record).

@@ -1080,9 +1080,36 @@ pc_status pc_comm_run(pc_comm *comm, const pc_plan *plan, void *const *bufs, con
                             failed_peer);
 }
 
+/* Plans running now in this process, and the most seen at once since the last reset: how
+ * the torch backend's overlapped collectives (one comm per lane) are seen to run together. */
+static int32_t running_plans, peak_plans;
+
+static pc_status run_part(pc_comm *comm, const pc_plan *plan, int32_t part, void *const *bufs,
+                          const uint64_t *buf_bytes, int32_t dtype, int32_t op, uint64_t seq, uint32_t desc,
+                          double timeout_s, int32_t *failed_peer);
+
 pc_status pc_comm_run_part(pc_comm *comm, const pc_plan *plan, int32_t part, void *const *bufs,
                            const uint64_t *buf_bytes, int32_t dtype, int32_t op, uint64_t seq, uint32_t desc,
                            double timeout_s, int32_t *failed_peer) {
+    int32_t now = __atomic_add_fetch(&running_plans, 1, __ATOMIC_RELAXED);
+    int32_t peak = __atomic_load_n(&peak_plans, __ATOMIC_RELAXED);
+    while (now > peak && !__atomic_compare_exchange_n(&peak_plans, &peak, now, 1, __ATOMIC_RELAXED,
+                                                      __ATOMIC_RELAXED)) {
+    }
+    pc_status st = run_part(comm, plan, part, bufs, buf_bytes, dtype, op, seq, desc, timeout_s, failed_peer);
+    __atomic_sub_fetch(&running_plans, 1, __ATOMIC_RELAXED);
+    return st;
+}
+
+int32_t pc_engine_peak_running(int32_t reset) {
+    if (reset) return __atomic_exchange_n(&peak_plans, __atomic_load_n(&running_plans, __ATOMIC_RELAXED),
+                                          __ATOMIC_RELAXED);
+    return __atomic_load_n(&peak_plans, __ATOMIC_RELAXED);
+}
+
+static pc_status run_part(pc_comm *comm, const pc_plan *plan, int32_t part, void *const *bufs,
+                          const uint64_t *buf_bytes, int32_t dtype, int32_t op, uint64_t seq, uint32_t desc,
+                          double timeout_s, int32_t *failed_peer) {
     if (failed_peer) *failed_peer = -1;
     if (part < PC_RUN_ALL || part > PC_RUN_TAIL || plan->tail_first < 0 || plan->tail_first > plan->nops) {
         set_err(comm, "bad run part %d or unfinished plan", part);

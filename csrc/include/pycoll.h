@@ -395,6 +395,10 @@ pc_status pc_comm_run_part(pc_comm *comm, const pc_plan *plan, int32_t part, voi
                            const uint64_t *buf_bytes, int32_t dtype, int32_t op, uint64_t seq,
                            uint32_t desc, double timeout_s, int32_t *failed_peer);
 
+/* The most plans (pc_comm_run / _part calls on any comm) seen running at once in this
+ * process since the last reset; reset != 0 returns it and restarts from those running now. */
+int32_t pc_engine_peak_running(int32_t reset);
+
 /* Validates a 32-byte frame header against what the plan expects; on
  * mismatch returns PC_ERR_PROTO and writes the reason into why. */
 pc_status pc_frame_check(const uint8_t *hdr, uint32_t tag, uint32_t desc, uint64_t seq,

@@ -133,3 +133,9 @@ def probe(comm, seq, tag, timeout):
     peer = ffi.new("int32_t *")
     st = lib.pc_comm_probe(comm, seq, tag, float(timeout or 0), peer)
     return st, int(peer[0])
+
+
+def peak_running(reset=False):
+    """The most plans seen running at once in this process (any comms) since the last reset;
+    ``reset``: return it and start again from the plans running now."""
+    return lib.pc_engine_peak_running(1 if reset else 0)

@@ -47,7 +47,11 @@ indices and values and sums them as Gloo does.
 
 Async. With ``async_op=True`` (and for DDP) a call returns a ``torch.distributed.Work`` at once;
 the collectives run one at a time, in call order, on pycoll's worker thread, with the GIL
-released while bytes move. Blocking calls run on the calling thread (after any queued work). ``wait()``
+released while bytes move. Blocking calls run on the calling thread (after any queued work).
+``PYCOLL_TORCH_OVERLAP=n`` (n > 1) runs them on n lanes at once instead, each with connections of
+its own, and keeps ordered what must be (calls that share bytes, barriers, blocking calls,
+point-to-point): see :mod:`pycoll.torch.lanes`; off by default, as it did not pay on a 2-core host
+(docs/overlap.md). ``wait()``
 re-raises a failure; ``get_future()`` completes with the output tensors (DDP's hooks use it), or
 with the failure as its error (its ``wait()``/``value()`` raise a RuntimeError that names it).
 Future callbacks run on a completion thread of their own, so a callback may itself wait for
@@ -89,6 +93,7 @@ from pycoll.control.coordinator import Coordinator
 from pycoll.errors import CollectiveError, CollectiveTimeout, CoordinatorError, InvalidArgument, PeerFailure
 from pycoll.comm.work import Work
 from pycoll.options import environ
+from pycoll.torch import lanes as lanes_mod
 from pycoll.torch import staging
 
 __all__ = ["BACKEND", "ProcessGroupPycoll", "register", "compression_hook", "communicator", "create_process_group"]
@@ -353,6 +358,16 @@ class _Work(dist.Work):
         for w in pworks:
             w.add_done_callback(self._one_done)
 
+    @property
+    def done_event(self):
+        """A threading.Event set once the work completed (results copied back), failed or not."""
+        with self._lock:  # made on demand, like wait()'s: set here if the work finished already
+            if self._done is None:
+                self._done = threading.Event()
+                if self._finished:
+                    self._done.set()
+            return self._done
+
     def _one_done(self, pwork):
         with self._lock:
             if self._exc is None and pwork.exception() is not None:
@@ -490,6 +505,11 @@ class _P2PWork(_Work):
     _source_rank = source_rank
 
 
+def _drain_then(lanes, what, flush):
+    lanes.drain(what)
+    flush()
+
+
 def _by_dtype_index(tensors):
     """Indices of ``tensors`` grouped by dtype, groups in order of first appearance."""
     groups = {}
@@ -525,6 +545,7 @@ class _GroupState:
         self.completer = _Completer()
         self.failure = None
         self.closed = False
+        self.lanes = None  # pycoll.torch.lanes.Lanes with PYCOLL_TORCH_OVERLAP > 1
 
     def usable(self):
         if self.closed:
@@ -556,6 +577,8 @@ class _GroupState:
         try:
             self.comm.close()
         finally:
+            if self.lanes is not None:  # (after close: a lane inside a call fails at once)
+                self.lanes.shutdown(timeout=10.0)
             self.completer.stop()
 
 
@@ -566,23 +589,45 @@ class ProcessGroupPycoll(dist.ProcessGroup):
     :attr:`communicator` (for its ``stats``).
     """
 
-    def __init__(self, comm, rank, size, timeout_s):
+    def __init__(self, comm, rank, size, timeout_s, lanes=1):
+        """``lanes`` > 1: async collectives on that many lanes (pycoll.torch.lanes); ``comm`` must
+        then have been made with their tags (``lanes.lane_tag(i)``, i = 1 .. lanes - 1)."""
         super().__init__(rank, size)
         self.communicator = comm
         self._timeout_s = timeout_s
         self._state = _GroupState(comm, rank, size)
         self._group_name = ""
         self._group_desc = ""
+        # PYCOLL_TORCH_OVERLAP lanes for async collectives (pycoll.torch.lanes); None: one, the
+        # communicator's worker thread, in call order
+        self._lanes = self._state.lanes = (lanes_mod.Lanes(lanes, timeout_s, self._state.usable)
+                                           if lanes > 1 else None)
         _LIVE.add(self._state)
 
-    def _run(self, what, calls, outputs, post=None, opts=None):
-        """``calls``: functions of ``async_op`` that start one pycoll collective each."""
+    def _run(self, what, calls, outputs, post=None, opts=None, tagged=False, reads=(), barrier=False):
+        """``calls``: functions of ``async_op`` that start one pycoll collective each (``tagged``:
+        of ``(async_op, tag=None)``, the tag of a lane, see :mod:`pycoll.torch.lanes`);
+        ``reads``: tensors they read besides ``outputs`` (with lanes, a call waits for the calls
+        in flight that touch the same bytes; a ``barrier`` for all of them)."""
         self._state.usable()
         staged = _staged_call()
         if staged:
             outputs, post = staged.outputs(outputs), _then(post, staged.finish)
             staged.calls(len(calls))
         blocking = opts is not None and not getattr(opts, "asyncOp", True)
+        lanes = self._lanes
+        if lanes is not None and not blocking:
+            touched = lanes_mod.spans(outputs, reads)
+            pworks = []
+            for k, call in enumerate(calls):
+                staged and staged.before_call(k)
+                pworks.extend(lanes.submit([call], tagged, touched, what, barrier))
+                staged and staged.after_call(k, pworks[-1])
+            work = _Work(self._state, pworks, outputs, post, what)
+            lanes.track(touched, work.done_event)
+            return work
+        if lanes is not None:
+            lanes.drain(what)  # the untagged connections carry one call at a time, in one order
         if blocking and not staged:
             # The caller waits at once: run on this thread (no hand-off to the worker);
             # pycoll still runs it after any queued async work.
@@ -623,9 +668,10 @@ class ProcessGroupPycoll(dist.ProcessGroup):
         for i, t in enumerate(tensors):
             _check_tensor(t, f"all_reduce tensor[{i}]")
         comm = self.communicator
-        calls = [lambda a, t=t: comm.all_reduce(t, op=op, timeout=timeout, dtype=_DTYPES[t.dtype], async_op=a)
+        calls = [lambda a, tag=None, t=t: comm.all_reduce(t, op=op, timeout=timeout, dtype=_DTYPES[t.dtype],
+                                                          async_op=a, tag=tag)
                  for t in tensors]
-        return self._run("all_reduce", calls, list(tensors), opts=opts)
+        return self._run("all_reduce", calls, list(tensors), opts=opts, tagged=True)
 
     def allgather(self, output_tensors, input_tensors, opts=None):
         """``dist.all_gather``: a list of world_size tensors per input."""
@@ -662,7 +708,7 @@ class ProcessGroupPycoll(dist.ProcessGroup):
         calls = [lambda a, ins=[inputs[i] for i in idx], outs=[outputs[i] for i in idx]: comm.all_gather_coalesced(
             ins, outs, timeout=timeout, dtype=_DTYPES[ins[0].dtype], async_op=a)
             for idx in _by_dtype_index(inputs)]
-        return self._run("all_gather", calls, list(outputs), opts=opts)
+        return self._run("all_gather", calls, list(outputs), opts=opts, reads=inputs)
 
     allgather_into_tensor_coalesced = all_gather_single_coalesced  # torch's older name
 
@@ -676,8 +722,9 @@ class ProcessGroupPycoll(dist.ProcessGroup):
 
     def _gather(self, inp, flat, opts, outputs, post=None):
         comm, timeout = self.communicator, _timeout_s(opts, self._timeout_s)
-        call = lambda a: comm.all_gather(inp, flat, timeout=timeout, dtype=_DTYPES[inp.dtype], async_op=a)  # noqa: E731
-        return self._run("all_gather", [call], outputs, post, opts)
+        call = lambda a, tag=None: comm.all_gather(inp, flat, timeout=timeout,  # noqa: E731
+                                                   dtype=_DTYPES[inp.dtype], async_op=a, tag=tag)
+        return self._run("all_gather", [call], outputs, post, opts, tagged=True, reads=[inp, flat])
 
     def reduce_scatter(self, output_tensors, input_tensors, opts=None):
         """``dist.reduce_scatter``: a list of world_size input tensors."""
@@ -716,7 +763,7 @@ class ProcessGroupPycoll(dist.ProcessGroup):
                  comm.reduce_scatter_coalesced(ins, outs, op=op, timeout=timeout, dtype=_DTYPES[ins[0].dtype],
                                                async_op=a)
                  for idx in _by_dtype_index(inputs)]
-        return self._run("reduce_scatter", calls, list(outputs), opts=opts)
+        return self._run("reduce_scatter", calls, list(outputs), opts=opts, reads=inputs)
 
     reduce_scatter_tensor_coalesced = reduce_scatter_single_coalesced  # torch's older name
 
@@ -731,9 +778,9 @@ class ProcessGroupPycoll(dist.ProcessGroup):
     def _scatter(self, out, flat, opts, outputs):
         op = _op_name(opts.reduceOp if opts is not None else ReduceOp.SUM)
         comm, timeout = self.communicator, _timeout_s(opts, self._timeout_s)
-        call = lambda a: comm.reduce_scatter(flat, out, op=op, timeout=timeout, dtype=_DTYPES[out.dtype],  # noqa: E731
-                                             async_op=a)
-        return self._run("reduce_scatter", [call], outputs, opts=opts)
+        call = lambda a, tag=None: comm.reduce_scatter(flat, out, op=op, timeout=timeout,  # noqa: E731
+                                                       dtype=_DTYPES[out.dtype], async_op=a, tag=tag)
+        return self._run("reduce_scatter", [call], outputs, opts=opts, tagged=True, reads=[flat])
 
     def broadcast(self, tensors, opts=None):
         """``dist.broadcast``: root's tensor into every rank's, in place."""
@@ -745,9 +792,10 @@ class ProcessGroupPycoll(dist.ProcessGroup):
         for i, t in enumerate(tensors):
             _check_tensor(t, f"broadcast tensor[{i}]")
         comm, timeout = self.communicator, _timeout_s(opts, self._timeout_s)
-        calls = [lambda a, t=t: comm.broadcast(t, root=root, timeout=timeout, dtype=_DTYPES[t.dtype], async_op=a)
+        calls = [lambda a, tag=None, t=t: comm.broadcast(t, root=root, timeout=timeout, dtype=_DTYPES[t.dtype],
+                                                         async_op=a, tag=tag)
                  for t in tensors]
-        return self._run("broadcast", calls, list(tensors), opts=opts)
+        return self._run("broadcast", calls, list(tensors), opts=opts, tagged=True)
 
     def allreduce_coalesced(self, tensors, opts=None):
         """``dist.all_reduce_coalesced`` (and DTensor's ``all_reduce_coalesced``): each
@@ -765,7 +813,8 @@ class ProcessGroupPycoll(dist.ProcessGroup):
     def barrier(self, opts=None):
         """``dist.barrier``."""
         comm, timeout = self.communicator, _timeout_s(opts, self._timeout_s)
-        return self._run("barrier", [lambda a: comm.barrier(timeout=timeout, async_op=a)], [], opts=opts)
+        return self._run("barrier", [lambda a, tag=None: comm.barrier(timeout=timeout, async_op=a, tag=tag)], [],
+                         opts=opts, tagged=True, barrier=True)
 
     # ---- rooted collectives and all_to_all: one-step C plans (pycoll.plan.exchange) -----
     def reduce(self, tensors, opts=None):
@@ -806,7 +855,7 @@ class ProcessGroupPycoll(dist.ProcessGroup):
         comm, timeout = self.communicator, _timeout_s(opts, self._timeout_s)
         call = lambda a: comm.gather(inp, flat, root=root, timeout=timeout, dtype=_DTYPES[inp.dtype],  # noqa: E731
                                      async_op=a)
-        return self._run("gather", [call], list(outs or []), post, opts)
+        return self._run("gather", [call], list(outs or []), post, opts, reads=[inp, flat])
 
     def scatter(self, output_tensors, input_tensors, opts=None):
         """``dist.scatter``: the root's list, one tensor to each rank
@@ -830,7 +879,7 @@ class ProcessGroupPycoll(dist.ProcessGroup):
         comm, timeout = self.communicator, _timeout_s(opts, self._timeout_s)
         call = lambda a: comm.scatter(flat, out, root=root, timeout=timeout, dtype=_DTYPES[out.dtype],  # noqa: E731
                                       async_op=a)
-        return self._run("scatter", [call], [out], None, opts)
+        return self._run("scatter", [call], [out], None, opts, reads=[flat])
 
     def alltoall(self, output_tensors, input_tensors, opts=None):
         """``dist.all_to_all``: input i to rank i, rank i's into output i (sizes may differ per
@@ -865,7 +914,7 @@ class ProcessGroupPycoll(dist.ProcessGroup):
         comm, timeout = self.communicator, _timeout_s(opts, self._timeout_s)
         call = lambda a: comm.all_to_all(flat_in, flat_out, send_counts, recv_counts,  # noqa: E731
                                          timeout=timeout, dtype=_DTYPES[flat_in.dtype], async_op=a)
-        return self._run("all_to_all", [call], list(output_tensors), post, opts)
+        return self._run("all_to_all", [call], list(output_tensors), post, opts, reads=[input_tensors, flat_out])
 
     def alltoall_base(self, output, input, output_split_sizes, input_split_sizes, opts=None):
         """``dist.all_to_all_single``: equal blocks of ``input``, or rows of its first
@@ -880,7 +929,7 @@ class ProcessGroupPycoll(dist.ProcessGroup):
         comm, timeout = self.communicator, _timeout_s(opts, self._timeout_s)
         call = lambda a: comm.all_to_all(input, output, send_counts, recv_counts, timeout=timeout,  # noqa: E731
                                          dtype=_DTYPES[input.dtype], async_op=a)
-        return self._run("all_to_all", [call], [output], None, opts)
+        return self._run("all_to_all", [call], [output], None, opts, reads=[input])
 
     all_to_all_single = alltoall_base
 
@@ -905,7 +954,8 @@ class ProcessGroupPycoll(dist.ProcessGroup):
                                                                timeout=timeout, dtype=_DTYPES[input_tensors[idx[0]].dtype],
                                                                async_op=a)
                  for idx in _by_dtype_index(input_tensors)]
-        return self._run("all_gather", calls, [t for o in output_lists for t in o], post, opts)
+        return self._run("all_gather", calls, [t for o in output_lists for t in o], post, opts,
+                         reads=[input_tensors, flats])
 
     # ---- point-to-point (pycoll.comm.p2p) --------------------------------------
     def send(self, tensors, dstRank, tag=0):  # noqa: N803 - torch's argument names
@@ -929,12 +979,16 @@ class ProcessGroupPycoll(dist.ProcessGroup):
         if len(tensors) != 1:
             raise InvalidArgument(f"pycoll backend: {what} takes exactly one tensor")
         t = _check_tensor(tensors[0], f"{what} tensor")
-        comm = self.communicator
+        comm, flush = self.communicator, self.communicator.flush_p2p
+        if self._lanes is not None:
+            # transfers run on the untagged connections: after every collective in flight, on every rank
+            self._lanes.drain(what)
+            flush = functools.partial(_drain_then, self._lanes, what, flush)
         outputs, post = [t], None
         staged = _staged_call()  # a device or non-contiguous tensor: copied back (recv), buffer released
         if staged:
             outputs, post = staged.outputs(outputs), staged.finish
-        work = _P2PWork(self._state, outputs, what, comm.flush_p2p, peer, post)
+        work = _P2PWork(self._state, outputs, what, flush, peer, post)
         comm.post_transfer(is_send, t, peer, tag, work)
         return work
 
@@ -959,6 +1013,8 @@ class ProcessGroupPycoll(dist.ProcessGroup):
             if t.dtype not in _DTYPES:
                 raise InvalidArgument(f"pycoll backend: sparse all_reduce tensor[{i}] has dtype {t.dtype}")
         self._state.usable()
+        if self._lanes is not None:
+            self._lanes.drain("all_reduce")  # runs untagged, on this thread
         try:
             out = _sparse_sum(self.communicator, tensors, _timeout_s(opts, self._timeout_s), self.size())
         except (CollectiveError, CoordinatorError) as exc:
@@ -977,6 +1033,8 @@ class ProcessGroupPycoll(dist.ProcessGroup):
         secs = timeout.total_seconds() if isinstance(timeout, datetime.timedelta) else timeout
         secs = self._timeout_s if secs is None else max(float(secs), 0.001)  # 0: fail unless all are there
         self._state.usable()
+        if self._lanes is not None:
+            self._lanes.drain("monitored_barrier")
         start = time.monotonic()
         try:
             self.communicator.barrier(timeout=secs)
@@ -1135,16 +1193,30 @@ def create_process_group(store, rank, size, timeout):
         # (_GroupState.usable), so nobody reads them. It halves an all-reduce's CPU time on a loaded
         # host (2 ranks, 28 MiB, two busy loops: 19.4 ms of CPU with the copy, 8.3 ms without;
         # bench/shm.py --impls pycoll-shm,pycoll-shm-np --burn 2). The communicator API keeps it.
+        nlanes = overlap_lanes()
+        tags = tuple(lanes_mod.lane_tag(i) for i in range(1, nlanes))
         comm = _group.init(rank=rank, world_size=size, master_addr=host, master_port=int(port),
-                           timeout=timeout_s, join_timeout=min(timeout_s, 300.0), preserve_input=False)
+                           timeout=timeout_s, join_timeout=min(timeout_s, 300.0), preserve_input=False,
+                           **({"tags": tags} if tags else {}))
     except BaseException:
         if coordinator is not None:
             coordinator.stop()
         raise
     if coordinator is not None:
         comm.adopt_coordinator(coordinator)  # rank 0: close() keeps it up until the others have left
-    log.info("pycoll process group: rank %d of %d, coordinator %s", rank, size, where)
-    return ProcessGroupPycoll(comm, rank, size, timeout_s)
+    log.info("pycoll process group: rank %d of %d, coordinator %s, %d lane(s)", rank, size, where, nlanes)
+    return ProcessGroupPycoll(comm, rank, size, timeout_s, lanes=nlanes)
+
+
+#: Lanes of a group's async collectives when PYCOLL_TORCH_OVERLAP is unset (see pycoll.torch.lanes).
+DEFAULT_LANES = 1
+
+
+def overlap_lanes():
+    """How many lanes a new pycoll process group runs its async collectives on: PYCOLL_TORCH_OVERLAP,
+    else :data:`DEFAULT_LANES` (1: the communicator's worker thread, in call order)."""
+    n = environ("PYCOLL_TORCH_OVERLAP")
+    return DEFAULT_LANES if n is None else n
 
 
 def register():
