@@ -30,7 +30,7 @@ def test_sites_route_and_delay_only_between_sites(emu_ok):
         res = emu.loopback_check(count=3)
         for (u, v), r in res.items():
             if u % 2 == v % 2:
-                assert r["expected"] == 0 and r["rtt"] < 0.004, (u, v, r)
+                assert r["expected"] == 0 and r["rtt"] < 0.01, (u, v, r)  # half the 20 ms across: a loaded host took 4 ms
             else:
                 assert r["expected"] == pytest.approx(0.02) and 0.019 < r["rtt"] < 0.04, (u, v, r)
         assert emu.stats()["unknown_dst"] == 0
