@@ -80,7 +80,7 @@ def build_ffi():
     ffi = FFI()
     ffi.cdef(header_cdef(os.path.join(CSRC, "include", "pycoll.h")))
     cflags = ["-std=c99", "-O3", "-Wall", "-Wextra", "-Wno-unused-parameter", "-fno-strict-aliasing", "-pthread"]
-    ldflags = ["-pthread"]  # hash.c hashes large buffers on several threads
+    ldflags = ["-pthread", "-lssl", "-lcrypto"]  # hash.c hashes on several threads; transport_tls.c
     if os.environ.get("PYCOLL_SANITIZE"):
         cflags += ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-O1", "-g"]
         ldflags += ["-fsanitize=address,undefined"]

@@ -81,15 +81,16 @@ class Aggregator:
         engine.close(comm)
 
     def _install(self, reply):
-        from pycoll.net.mesh import build_mesh
+        from pycoll.net.mesh import connect_mesh, data_plane_key
         members = reply["members"]
         rank = reply["rank"]
         workers, switches = split_members(members)
         if not workers:  # every worker has left: the job is over
             return None
-        fds = build_mesh(self._listener, rank, [m[1] for m in members], self.stripes, reply["epoch"],
-                         reply["token"], self.mesh_timeout, 0, key=self._mesh_key)
-        comm = engine.create_tcp(rank, len(members), self.stripes, fds)
+        psk = data_plane_key(self._mesh_key)  # PYCOLL_ENCRYPT: TLS, as the workers' side of these links
+        links = connect_mesh(self._listener, rank, [m[1] for m in members], self.stripes, reply["epoch"],
+                             reply["token"], self.mesh_timeout, 0, key=self._mesh_key, encrypt=psk is not None)
+        comm = engine.create(rank, len(members), self.stripes, links, psk=psk, handshake_timeout=self.mesh_timeout)
         layout = Layout(workers, self.topology, [m[2] for m in members[:workers]])
         elayout = EngineLayout(layout, switches)
         with self._lock:

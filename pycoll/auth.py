@@ -81,6 +81,12 @@ def derive(secret, purpose):
     return hmac.new(secret or b"", b"pycoll/1 " + purpose.encode(), hashlib.sha256).digest()
 
 
+def subkey(key, purpose):
+    """A key for one purpose derived from another key (e.g. the data plane's TLS key from the
+    mesh key)."""
+    return hmac.new(key, b"pycoll/1 " + purpose.encode(), hashlib.sha256).digest()
+
+
 def _mac(key, *parts):
     h = hmac.new(key, digestmod=hashlib.sha256)
     for p in parts:

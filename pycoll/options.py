@@ -209,8 +209,10 @@ ENVIRONMENT = {v.name: v for v in (
              "(compression=)", "pycoll.options", _text, "compression"),
     Variable("PYCOLL_PROBE_SECONDS", "seconds each pair's bandwidth flow lasts in the topology=\"measure\" "
              "probe (probe_seconds=; default 0.3)", "pycoll.options", _positive_seconds, "probe_seconds"),
-    Variable("PYCOLL_ENCRYPT", "1: encrypt the coordinator channel (ZeroMQ CURVE, keys derived from "
-             "PYCOLL_SECRET; the same on every peer and the coordinator; default 0)", "pycoll.control", _flag),
+    Variable("PYCOLL_ENCRYPT", "1: encrypt the coordinator channel (ZeroMQ CURVE) and the data plane's TCP "
+             "connections (TLS 1.3), keys derived from PYCOLL_SECRET; the same on every peer and the "
+             "coordinator; shared memory between same-host peers stays as it is (default 0)",
+             "pycoll.control, pycoll.net", _flag),
     Variable("PYCOLL_CALIBRATE", "0: do not measure the cost model when an epoch is installed (calibrate=; "
              "default 1)", "pycoll.options", _flag, "calibrate"),
     # Making a group (pycoll.init / pycoll.connect, the torch backend).

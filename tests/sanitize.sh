@@ -36,7 +36,7 @@ if [ -z "${SKIP_VALGRIND:-}" ] && command -v valgrind >/dev/null; then
     inc=$(make -s --no-print-directory -C csrc print-include-dirs | sed 's|\([^ ]*\)|-Icsrc/\1|g')
     [ -n "$src" ] || { echo "no C sources from make -C csrc print-sources" >&2; exit 1; }
     # shellcheck disable=SC2086
-    gcc -std=c99 -O1 -g $inc tests/fuzz/fuzz_wire.c $src -o fuzz_wire_plain
+    gcc -std=c99 -O1 -g $inc tests/fuzz/fuzz_wire.c $src -lssl -lcrypto -o fuzz_wire_plain
     valgrind --quiet --leak-check=full --show-leak-kinds=definite,indirect,possible \
         --errors-for-leak-kinds=definite,indirect,possible --error-exitcode=99 ./fuzz_wire_plain 3000 1
     echo "valgrind: no leak, no invalid access"

@@ -150,14 +150,23 @@ pc_status pc_comm_create(int32_t rank, int32_t nranks, int32_t stripes, const in
 pc_status pc_comm_create_mixed(int32_t rank, int32_t nranks, int32_t stripes, const int32_t *kinds,
                                const int32_t *fds, const int32_t *shm_fds, int32_t sockbuf_bytes,
                                pc_comm **out) {
+    return pc_comm_create_keyed(rank, nranks, stripes, kinds, fds, shm_fds, sockbuf_bytes, NULL, 0, 0.0, NULL, out);
+}
+
+pc_status pc_comm_create_keyed(int32_t rank, int32_t nranks, int32_t stripes, const int32_t *kinds,
+                               const int32_t *fds, const int32_t *shm_fds, int32_t sockbuf_bytes,
+                               const uint8_t *psk, int32_t psk_len, double handshake_timeout_s,
+                               int32_t *failed_peer, pc_comm **out) {
     *out = NULL;
+    if (failed_peer) *failed_peer = -1;
+    double handshake_until = now_s() + handshake_timeout_s;
     int32_t nconn = nranks * stripes;
     if (nranks < 1 || rank < 0 || rank >= nranks || stripes < 1 || stripes > 64 || !fds) {
         if (nranks > 0 && stripes > 0 && stripes <= 64) close_from(0, nconn, stripes, -1, fds, shm_fds);
         return PC_ERR_ARG;
     }
     for (int32_t i = 0; kinds && i < nconn; i++)
-        if (i / stripes != rank && (kinds[i] < PC_CONN_TCP || kinds[i] > PC_CONN_SHM ||
+        if (i / stripes != rank && (kinds[i] < 0 || kinds[i] >= PC_CONN_KINDS ||
                                     (kinds[i] == PC_CONN_SHM && !shm_fds))) {
             close_from(0, nconn, stripes, rank, fds, shm_fds);
             return PC_ERR_ARG;
@@ -192,9 +201,14 @@ pc_status pc_comm_create_mixed(int32_t rank, int32_t nranks, int32_t stripes, co
             continue;
         }
         st = PC_ERR_NOMEM;
-        c->conns[i] = pc_conn_open(shm ? PC_CONN_SHM : PC_CONN_TCP, fds[i], shm ? shm_fds + 3 * i : NULL,
-                                   rank < peer ? 0 : 1, sockbuf_bytes, &st);
+        /* in ascending order on every rank: the pairs' blocking handshakes (if any) cannot deadlock */
+        double left = handshake_until - now_s(); /* one deadline for all of them */
+        pc_conn_args a = {.shm_fds = shm ? shm_fds + 3 * i : NULL, .side = rank < peer ? 0 : 1,
+                          .sockbuf_bytes = sockbuf_bytes, .psk = psk, .psk_len = psk_len,
+                          .timeout_s = left > 1e-3 ? left : 1e-3};
+        c->conns[i] = pc_conn_open(kinds ? kinds[i] : PC_CONN_TCP, fds[i], &a, &st);
         if (!c->conns[i]) {
+            if (failed_peer) *failed_peer = peer;
             /* fds from i on are not owned by a conn yet */
             close_from(i, nconn, stripes, rank, fds, shm_fds);
             pc_comm_free(c);

@@ -291,6 +291,9 @@ pc_status pc_comm_create(int32_t rank, int32_t nranks, int32_t stripes,
 #define PC_CONN_TCP 0 /* fds[i]: a connected TCP socket */
 #define PC_CONN_SHM 1 /* fds[i]: a connected unix stream socket to the same
                          peer; shm_fds[3*i .. 3*i+2]: its shared segment */
+#define PC_CONN_TLS 2 /* fds[i]: a connected TCP socket, under TLS 1.3 keyed
+                         with pc_comm_create_keyed's psk */
+#define PC_CONN_KINDS 3
 
 /*
  * Like pc_comm_create, with a kind per connection (kinds[peer*stripes + s],
@@ -305,6 +308,18 @@ pc_status pc_comm_create(int32_t rank, int32_t nranks, int32_t stripes,
 pc_status pc_comm_create_mixed(int32_t rank, int32_t nranks, int32_t stripes, const int32_t *kinds,
                                const int32_t *fds, const int32_t *shm_fds, int32_t sockbuf_bytes,
                                pc_comm **out);
+/*
+ * Like pc_comm_create_mixed, where kinds may also be PC_CONN_TLS: those
+ * connections run a TLS 1.3 handshake authenticated by the pre-shared key
+ * psk (16..64 bytes, the same on both ends; the lower rank of a pair is the
+ * server), all within handshake_timeout_s, before this returns. A peer
+ * without the key fails it: PC_ERR_PROTO, and *failed_peer names it (also
+ * for any other connection that failed to open; -1 otherwise).
+ */
+pc_status pc_comm_create_keyed(int32_t rank, int32_t nranks, int32_t stripes, const int32_t *kinds,
+                               const int32_t *fds, const int32_t *shm_fds, int32_t sockbuf_bytes,
+                               const uint8_t *psk, int32_t psk_len, double handshake_timeout_s,
+                               int32_t *failed_peer, pc_comm **out);
 /*
  * The shared parts of one shared-memory connection: fds[0] an anonymous
  * segment (memfd, sealed against resizing) with ring_bytes per direction (a

@@ -10,12 +10,15 @@
 #include <string.h>
 #include <sys/socket.h>
 
-pc_conn *pc_conn_open(int32_t kind, int fd, const int32_t *shm_fds, int side, int sockbuf_bytes, pc_status *st) {
+pc_conn *pc_conn_open(int32_t kind, int fd, const pc_conn_args *a, pc_status *st) {
     switch (kind) {
     case PC_CONN_TCP:
-        return pc_tcp_conn(fd, sockbuf_bytes);
+        *st = PC_ERR_NOMEM;
+        return pc_tcp_conn(fd, a->sockbuf_bytes);
     case PC_CONN_SHM:
-        return pc_shm_conn(fd, shm_fds, side, st);
+        return pc_shm_conn(fd, a->shm_fds, a->side, st);
+    case PC_CONN_TLS:
+        return pc_tls_conn(fd, a->sockbuf_bytes, a->side == 0, a->psk, a->psk_len, a->timeout_s, st);
     default:
         *st = PC_ERR_ARG;
         return NULL;

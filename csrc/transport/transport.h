@@ -63,10 +63,21 @@ struct pc_conn {
     void *impl;
 };
 
-/* A connection of `kind` (PC_CONN_TCP or PC_CONN_SHM) over `fd`; `shm_fds` (3 fds) and `side`
- * for shared memory, `sockbuf_bytes` for TCP. NULL on failure, with *st set for shm. The engine
- * opens every connection through this, never through a concrete transport. */
-pc_conn *pc_conn_open(int32_t kind, int fd, const int32_t *shm_fds, int side, int sockbuf_bytes, pc_status *st);
+/* What a connection needs besides its fd: the shared-memory fds, TCP's socket buffer size,
+ * TLS's pre-shared key and handshake deadline. */
+typedef struct {
+    const int32_t *shm_fds; /* PC_CONN_SHM: 3 fds */
+    int side;               /* 0 for the lower rank of the pair, 1 for the higher */
+    int sockbuf_bytes;      /* TCP and TLS: 0 keeps the system's */
+    const uint8_t *psk;     /* PC_CONN_TLS: the key (16..64 bytes) */
+    int psk_len;
+    double timeout_s;       /* PC_CONN_TLS: the handshake's limit */
+} pc_conn_args;
+
+/* A connection of `kind` (PC_CONN_*) over `fd`. NULL on failure, with *st set, and fd (and the
+ * shm fds) still the caller's. The engine opens every connection through this, never through a
+ * concrete transport. */
+pc_conn *pc_conn_open(int32_t kind, int fd, const pc_conn_args *a, pc_status *st);
 
 /* 1 if the peer runs on this host: a shared-memory conn, or a socket whose
  * two ends have the same address (loopback, or the host dialling itself). */
@@ -74,6 +85,13 @@ int pc_conn_same_host(const pc_conn *c);
 
 /* Wraps a connected TCP socket (takes ownership of fd). */
 pc_conn *pc_tcp_conn(int fd, int sockbuf_bytes);
+
+/* TLS 1.3 over the connected TCP socket fd (transport_tls.c), keyed with psk: the handshake
+ * (server: side 0) runs to its end within timeout_s. NULL on failure with *st: PC_ERR_PROTO when
+ * the peer does not hold the key (or speaks no TLS), PC_ERR_TIMEOUT, PC_ERR_PEER; fd stays the
+ * caller's then. */
+pc_conn *pc_tls_conn(int fd, int sockbuf_bytes, int server, const uint8_t *psk, int psk_len, double timeout_s,
+                     pc_status *st);
 
 /* A shared-memory conn over shm_fds (segment, doorbell of side 0, doorbell
  * of side 1: see pc_shm_segment_create) with `sock`, a connected unix stream

@@ -50,7 +50,7 @@ from pycoll.core.native import ffi, lib
 from pycoll.errors import CollectiveError, CoordinatorError, InvalidArgument, PeerFailure
 from pycoll.faults import fault_armed, fault_point
 from pycoll.net.links import set_keepalive, settle
-from pycoll.net.mesh import connect_mesh, local_peers, single_copy_bytes
+from pycoll.net.mesh import connect_mesh, data_plane_key, local_peers, single_copy_bytes
 from pycoll.net import probe as _probe
 from pycoll.observability import Stat
 from pycoll.plan import compression as _compression
@@ -115,6 +115,8 @@ class Epoch:
         self.client = client
         self.listener = listener
         self._mesh_key = mesh_key
+        # PYCOLL_ENCRYPT: TCP connections under TLS 1.3 with a key from the group secret
+        self._tls_key = data_plane_key(mesh_key)
         self._join_msg = join
         self._fresh_join = None     # the epoch pycoll.connect returned in (see update_topology)
         if self.options.transport != "tcp":
@@ -300,7 +302,8 @@ class Epoch:
         links = connect_mesh(self.listener, rank, addrs, o.stripes, epoch, reply["token"],
                              o.mesh_timeout, o.sockbuf, key=self._mesh_key,
                              should_abort=lambda: self.aborted_epoch >= epoch,
-                             local=local_peers(members, rank, o.transport), mode=o.transport)
+                             local=local_peers(members, rank, o.transport), mode=o.transport,
+                             encrypt=self._tls_key is not None)
         set_keepalive(links.fds, o.stall_timeout)
         nworkers, switches = split_members(members)
         hcomm = None
@@ -364,7 +367,8 @@ class Epoch:
         try:  # (connections that came early are parked for this token: accept_mesh takes them)
             links = connect_mesh(self.listener, rank, addrs, o.stripes * k, epoch, ctoken, o.mesh_timeout,
                                  o.sockbuf, key=self._mesh_key, should_abort=lambda: self.aborted_epoch >= epoch,
-                                 local=local_peers(members, rank, o.transport), mode=o.transport)
+                                 local=local_peers(members, rank, o.transport), mode=o.transport,
+                             encrypt=self._tls_key is not None)
         finally:
             self.listener.expect_meshes(())
         set_keepalive(links.fds, o.stall_timeout)
@@ -381,7 +385,8 @@ class Epoch:
     def _create_comm(self, rank, n, links):
         o = self.options
         return engine.create(rank, n, o.stripes, links, spin_us=o.spin_us, single_copy=self.single_copy_bytes(),
-                             stall_timeout=o.progress_timeout or 0.0)
+                             stall_timeout=o.progress_timeout or 0.0, psk=self._tls_key,
+                             handshake_timeout=o.mesh_timeout or 30.0)
 
     def single_copy_bytes(self):
         """The single-copy threshold in bytes (the options', else the C core's default)."""

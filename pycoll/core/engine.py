@@ -35,13 +35,26 @@ def run_tail(comm, plan, bufs, sizes, dtype, op, seq, desc, timeout, failed):
 
 
 # ---- lifetime ----------------------------------------------------------------------------------
-def create(rank, nranks, stripes, links, spin_us=None, single_copy=None, stall_timeout=None):
+def create(rank, nranks, stripes, links, spin_us=None, single_copy=None, stall_timeout=None, psk=None,
+           handshake_timeout=10.0):
     """A C communicator over ``links`` (:class:`pycoll.net.mesh.Links`: a kind and fds per
     connection; the comm owns them from here on, also when this fails) with its settings
-    (None: the C default). Raises the status's exception."""
+    (None: the C default). ``psk``: the key of the PC_CONN_TLS connections (their TLS 1.3
+    handshakes finish here, each within ``handshake_timeout`` s). Raises the status's exception."""
     out = ffi.new("pc_comm **")
-    st = lib.pc_comm_create_mixed(rank, nranks, stripes, links.kinds, links.fds, links.shm_fds, 0, out)
+    failed = ffi.new("int32_t *", -1)
+    key = psk or b""
+    st = lib.pc_comm_create_keyed(rank, nranks, stripes, links.kinds, links.fds, links.shm_fds, 0, key, len(key),
+                                  float(handshake_timeout), failed, out)
     if st != OK:
+        if failed[0] >= 0 and lib.PC_CONN_TLS in links.kinds:
+            why = {lib.PC_ERR_PROTO: "the peer does not hold the group key (another PYCOLL_SECRET) or does not "
+                                     "encrypt (PYCOLL_ENCRYPT differs)",
+                   lib.PC_ERR_TIMEOUT: f"no answer within {handshake_timeout:g} s",
+                   lib.PC_ERR_PEER: "the peer closed the connection"}.get(st, "")
+            raise error(None, st, None, peer=failed[0],
+                        message=f"rank {rank}: the encrypted connection (TLS 1.3) to rank {failed[0]} failed its "
+                                f"handshake: {why}")
         raise error(None, st, "cannot create the C communicator")
     comm = out[0]
     if spin_us is not None:

@@ -36,7 +36,7 @@ import time
 
 from pycoll import auth
 from pycoll.core.native import check, ffi, lib
-from pycoll.errors import CollectiveError, PeerFailure
+from pycoll.errors import CollectiveError, InvalidArgument, PeerFailure
 from pycoll.limits import resolve
 from pycoll.options import TRANSPORTS, environ, parse_single_copy, parse_transport  # noqa: F401 - TRANSPORTS: public here too
 
@@ -487,7 +487,18 @@ class MeshLinks(collections.namedtuple("MeshLinks", "kinds fds shm_fds")):
         return MeshLinks(list(self.kinds[:n]), fds, [os.dup(fd) if fd >= 0 else -1 for fd in self.shm_fds[:3 * n]])
 
 
-KIND_TCP, KIND_SHM = lib.PC_CONN_TCP, lib.PC_CONN_SHM
+KIND_TCP, KIND_SHM, KIND_TLS = lib.PC_CONN_TCP, lib.PC_CONN_SHM, lib.PC_CONN_TLS
+
+
+def data_plane_key(mesh_key):
+    """The TLS key of the data plane's TCP connections when PYCOLL_ENCRYPT is on (derived from
+    the mesh key, so from the group secret), else None."""
+    if not environ("PYCOLL_ENCRYPT"):
+        return None
+    if mesh_key is None:
+        raise InvalidArgument("PYCOLL_ENCRYPT=1 needs a shared secret (PYCOLL_SECRET or token=): the data "
+                              "plane's key comes from it")
+    return auth.subkey(mesh_key, "data-plane-tls")
 
 
 def build_mesh(listener, rank, addrs, stripes, epoch, token, timeout, sockbuf=0, key=None, should_abort=None):
@@ -501,10 +512,13 @@ def build_mesh(listener, rank, addrs, stripes, epoch, token, timeout, sockbuf=0,
 
 
 def connect_mesh(listener, rank, addrs, stripes, epoch, token, timeout, sockbuf=0, key=None, should_abort=None,
-                 local=(), mode="auto"):
+                 local=(), mode="auto", encrypt=False):
     """Connect to every peer: shared memory to the ranks in ``local`` (under
     ``mode``, see the module docstring), TCP to the rest. Returns
-    :class:`MeshLinks`; the caller owns every fd in it.
+    :class:`MeshLinks`; the caller owns every fd in it. ``encrypt``: the TCP
+    connections are of kind TLS (the C core runs their TLS 1.3 handshakes,
+    keyed from the group secret, when the comm is created); shared memory
+    never leaves the host and stays as it is.
     """
     n = len(addrs)
     deadline = time.monotonic() + timeout
@@ -556,4 +570,6 @@ def connect_mesh(listener, rank, addrs, stripes, epoch, token, timeout, sockbuf=
         if seg is not None:
             links.shm_fds[3 * i:3 * i + 3] = seg
             links.kinds[i] = KIND_SHM
+        elif encrypt:
+            links.kinds[i] = KIND_TLS
     return links

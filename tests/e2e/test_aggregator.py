@@ -183,3 +183,30 @@ def test_switch_killed_peer_failure_then_agent_mode(tmp_path):
         _stop(procs)
     assert all(res[1] == ["rack0"] and res[2] == 4 for res in results)
     _check(results, CASES, topo, ["rack0"])
+
+
+def _encrypted_innetwork(comm):
+    _wait_for_switches(comm, ["rack0", "rack1"])
+    x = np.arange(300007, dtype=np.float32) * np.float32(comm.rank + 1)
+    comm.all_reduce(x, algorithm="innetwork")
+    return x, lib.pc_comm_bytes_sent(comm.epoch_state.switch.hcomm)
+
+
+@pytest.mark.timeout(180)
+def test_switches_with_an_encrypted_data_plane(tmp_path, monkeypatch):
+    """PYCOLL_ENCRYPT=1: the switches' links to the workers are TLS on both ends (the
+    aggregator derives the same key), and the in-network all-reduce is exact."""
+    monkeypatch.setenv("PYCOLL_ENCRYPT", "1")
+    monkeypatch.setenv("PYCOLL_SECRET", "rack-secret")  # the switches and ranks inherit both
+    path = tmp_path / "racks.toml"
+    path.write_text(TOPOLOGY)
+    port = pycoll.testing.free_port()
+    procs = _start_switches(port, path)
+    try:
+        results = pycoll.testing.run(_encrypted_innetwork, 4, timeout=150, port=port,
+                                     init_kwargs={"timeout": 30, "topology": str(path)})
+    finally:
+        _stop(procs)
+    want = np.arange(300007, dtype=np.float32) * np.float32(10)
+    for x, sent in results:
+        assert x.tobytes() == want.tobytes() and sent >= x.nbytes

@@ -1,9 +1,15 @@
-"""PYCOLL_ENCRYPT=1: the coordinator channel under ZeroMQ CURVE, keys from the group secret.
+"""PYCOLL_ENCRYPT=1: the coordinator channel under ZeroMQ CURVE, the data plane's TCP
+connections under TLS 1.3 (csrc/transport/transport_tls.c), keys from the group secret.
 
 A group forms and computes bit-identical results with it on; a client without the key (no
-encryption, or another secret) is refused: its requests go unanswered; and the bytes on the
-wire are not the plaintext messages."""
+encryption, or another secret) is refused: its requests go unanswered; a data-plane peer
+without the key fails the TLS handshake with a clear error; and the bytes on the wire are not
+the plaintext messages (coordinator greeting; data frames captured through a relay)."""
+import select
 import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -11,7 +17,12 @@ import pytest
 import pycoll.testing
 from pycoll.control.client import CoordinatorClient
 from pycoll.control.coordinator import Coordinator
-from pycoll.errors import CoordinatorError, InvalidArgument
+from pycoll.core import engine
+from pycoll.core.dtypes import DTYPES, OPS as OP_CODES
+from pycoll.core.native import ffi, lib
+from pycoll.errors import CollectiveTimeout, CoordinatorError, InvalidArgument, ProtocolError
+from pycoll.net.mesh import MeshLinks
+from pycoll.plan import planners
 
 zmq = pytest.importorskip("zmq")
 pytestmark = pytest.mark.skipif(not zmq.has("curve"), reason="this libzmq has no CURVE")
@@ -97,3 +108,181 @@ def test_the_wire_is_not_plaintext(monkeypatch):
     finally:
         c.close()
         srv.close()
+
+
+# ---- the data plane: TLS 1.3 over TCP ----------------------------------------------------------
+ENV_TLS = {"PYCOLL_ENCRYPT": "1", "PYCOLL_SECRET": "s3cret", "PYCOLL_TRANSPORT": "tcp"}
+ENV_TCP = {"PYCOLL_SECRET": "s3cret", "PYCOLL_TRANSPORT": "tcp"}
+
+
+def _collectives(comm):
+    n, r = comm.world_size, comm.rank
+    x = (np.arange(300001, dtype=np.float32) * np.float32(0.37) + r).astype(np.float32)
+    comm.all_reduce(x)
+    parts = np.zeros(70001 * n, dtype=np.float64)
+    comm.all_gather(np.full(70001, r * 1.5 + 0.25, dtype=np.float64), parts)
+    b = np.arange(90001, dtype=np.int32) * 7 if r == n - 1 else np.zeros(90001, dtype=np.int32)
+    comm.broadcast(b, root=n - 1)
+    return x, parts, b
+
+
+@pytest.mark.timeout(180)
+def test_data_plane_over_tls_is_bit_identical_to_tcp():
+    """all_reduce, all_gather, broadcast over TCP forced, with and without TLS: the same bits
+    (and 2 stripes per pair with a socket buffer size set: those options still apply)."""
+    enc = pycoll.testing.run(_collectives, 3, timeout=120, env=ENV_TLS,
+                             init_kwargs={"stripes": 2, "sockbuf": 262144})
+    plain = pycoll.testing.run(_collectives, 3, timeout=120, env=ENV_TCP)
+    for e, p in zip(enc, plain):
+        for a, b in zip(e, p):
+            assert a.dtype == b.dtype and a.tobytes() == b.tobytes()
+    want = sum((np.arange(300001, dtype=np.float32) * np.float32(0.37) + r).astype(np.float32) for r in range(3))
+    assert np.allclose(enc[0][0], want, rtol=1e-5)
+    assert np.array_equal(enc[1][1], np.concatenate([np.full(70001, r * 1.5 + 0.25) for r in range(3)]))
+    assert np.array_equal(enc[0][2], np.arange(90001, dtype=np.int32) * 7)
+
+
+def _tcp_pair():
+    with socket.create_server(("127.0.0.1", 0)) as srv:
+        a = socket.create_connection(srv.getsockname())
+        b, _ = srv.accept()
+    return a, b
+
+
+class Relay:
+    """rank 0 <-> relay <-> rank 1 over loopback TCP; keeps every byte it forwards."""
+
+    def __init__(self):
+        self.ends = []  # the ranks' sockets
+        self.inner = []  # the relay's
+        for _ in range(2):
+            a, b = _tcp_pair()
+            self.ends.append(a)
+            self.inner.append(b)
+        self.seen = bytearray()
+        self.stop = False
+        self.thread = threading.Thread(target=self._pump, daemon=True)
+        self.thread.start()
+
+    def _pump(self):
+        peer = {self.inner[0]: self.inner[1], self.inner[1]: self.inner[0]}
+        deadline = time.monotonic() + 60
+        while not self.stop and time.monotonic() < deadline:
+            ready, _, _ = select.select(list(peer), [], [], 0.05)
+            for s in ready:
+                data = s.recv(1 << 20)
+                if not data:
+                    return
+                self.seen += data
+                peer[s].sendall(data)
+
+    def close(self):
+        self.stop = True
+        self.thread.join(timeout=5)
+        for s in self.inner:
+            s.close()
+
+
+PATTERN = b"PYCOLL-PLAINTEXT-PATTERN-0123456"  # 32 bytes: finite float32 values
+
+
+def _comms(kind, socks, keys, timeout=5.0):
+    """A 2-rank C comm per rank over socks[r] (one connection each); returns comms or exceptions."""
+    def make(r):
+        fds = [-1, -1]
+        fds[1 - r] = socks[r].detach()
+        kinds = [lib.PC_CONN_TCP, lib.PC_CONN_TCP]
+        kinds[1 - r] = kind[r] if isinstance(kind, tuple) else kind
+        try:
+            return engine.create(r, 2, 1, MeshLinks(kinds, fds, [-1] * 6), psk=keys[r], handshake_timeout=timeout)
+        except Exception as exc:  # noqa: BLE001 - the test looks at it
+            return exc
+    with ThreadPoolExecutor(2) as ex:
+        return list(ex.map(make, range(2)))
+
+
+def _all_reduce(comms, xs):
+    plans = [planners.plan_rings("all_reduce", 2, r, [[0, 1]], xs[r].size, 4) for r in range(2)]
+
+    def one(r):
+        ptrs = ffi.new("void *[2]", [ffi.cast("void *", xs[r].ctypes.data)] * 2)
+        sizes = ffi.new("uint64_t[2]", [xs[r].nbytes] * 2)
+        return lib.pc_comm_run(comms[r], plans[r].ptr, ptrs, sizes, DTYPES["float32"], OP_CODES["sum"], 1, 0x5eed,
+                               20.0, ffi.new("int32_t *"))
+    with ThreadPoolExecutor(2) as ex:
+        return list(ex.map(one, range(2)))
+
+
+def _through_relay(kind):
+    relay = Relay()
+    key = b"k" * 32
+    comms = _comms(kind, relay.ends, [key, key])
+    try:
+        assert all(not isinstance(c, Exception) for c in comms), comms
+        xs = [np.frombuffer(PATTERN * 32768, dtype=np.float32).copy() for _ in range(2)]  # 1 MiB each
+        assert _all_reduce(comms, xs) == [lib.PC_OK, lib.PC_OK]
+    finally:
+        for c in comms:
+            if not isinstance(c, Exception):
+                engine.close(c)
+        relay.close()
+    return xs, bytes(relay.seen)
+
+
+@pytest.mark.timeout(60)
+def test_tls_bytes_on_the_wire_are_not_the_plaintext():
+    """The same all_reduce through a relay that keeps the bytes: over TCP the inputs' pattern is
+    on the wire (the check can fail), over TLS it is not, and the results are the same bits."""
+    plain, wire_plain = _through_relay(lib.PC_CONN_TCP)
+    enc, wire_enc = _through_relay(lib.PC_CONN_TLS)
+    assert PATTERN in wire_plain
+    assert PATTERN not in wire_enc and PATTERN[:12] not in wire_enc
+    assert len(wire_enc) > 2 * (1 << 20)  # the payloads went through, encrypted
+    want = np.frombuffer(PATTERN * 32768, dtype=np.float32) * np.float32(2)
+    for p, e in zip(plain, enc):
+        assert p.tobytes() == e.tobytes() == want.tobytes()
+
+
+@pytest.mark.timeout(60)
+def test_a_data_plane_peer_without_the_key_is_refused():
+    """Another key: both ends fail the handshake at once with a ProtocolError naming the peer
+    and the reason; a peer that does not encrypt at all: the TLS end gives up at its deadline."""
+    t0 = time.monotonic()
+    res = _comms(lib.PC_CONN_TLS, _tcp_pair(), [b"k" * 32, b"K" * 32])
+    assert time.monotonic() - t0 < 5
+    for r, exc in enumerate(res):
+        assert isinstance(exc, ProtocolError), res
+        assert f"to rank {1 - r} failed its handshake" in str(exc) and "group key" in str(exc)
+        assert exc.peer == 1 - r
+    t0 = time.monotonic()
+    res = _comms((lib.PC_CONN_TLS, lib.PC_CONN_TCP), _tcp_pair(), [b"k" * 32, None], timeout=1.0)
+    assert isinstance(res[0], CollectiveTimeout) and "no answer within 1 s" in str(res[0])
+    assert time.monotonic() - t0 < 10
+    engine.close(res[1])
+
+
+@pytest.mark.timeout(30)
+def test_a_tls_connection_needs_a_key():
+    a, b = _tcp_pair()
+    b.close()
+    with pytest.raises(InvalidArgument):
+        engine.create(0, 2, 1, MeshLinks([0, lib.PC_CONN_TLS], [-1, a.detach()], [-1] * 6), psk=None)
+
+
+def _tagged(comm):
+    out = []
+    for tag in ("grads", "params"):
+        x = np.arange(100003, dtype=np.float32) * np.float32(comm.rank + 1) + np.float32(len(tag))
+        comm.all_reduce(x, tag=tag)
+        out.append(x)
+    return out
+
+
+@pytest.mark.timeout(120)
+def test_tag_channels_are_encrypted_too():
+    """The tag channels' mesh is TLS as well (the same key): tagged all-reduces are exact."""
+    res = pycoll.testing.run(_tagged, 3, timeout=90, env=ENV_TLS, init_kwargs={"tags": ["grads", "params"]})
+    for tag, i in (("grads", 0), ("params", 1)):
+        want = sum(np.arange(100003, dtype=np.float32) * np.float32(r + 1) + np.float32(len(tag)) for r in range(3))
+        for r in range(3):
+            assert res[r][i].tobytes() == want.astype(np.float32).tobytes()

@@ -25,7 +25,7 @@ export UBSAN_OPTIONS=${UBSAN_OPTIONS:-halt_on_error=1:print_stacktrace=1}
 
 cc=${CC:-gcc}
 # shellcheck disable=SC2086
-$cc $flags -fsanitize=address,undefined tests/fuzz/fuzz_wire.c $src -o "$out/fuzz_wire_standalone"
+$cc $flags -fsanitize=address,undefined tests/fuzz/fuzz_wire.c $src -lssl -lcrypto -o "$out/fuzz_wire_standalone"
 "$out/fuzz_wire_standalone" --corpus "$out/corpus" >/dev/null   # valid streams as seeds
 
 clang=""
@@ -34,7 +34,7 @@ for c in clang clang-19 clang-18 clang-17 clang-16 clang-15 clang-14; do
 done
 # shellcheck disable=SC2086
 if [ -n "$clang" ] && $clang $flags -DPC_LIBFUZZER -fsanitize=fuzzer,address,undefined \
-        tests/fuzz/fuzz_wire.c $src -o "$out/fuzz_wire_libfuzzer" 2>/dev/null; then
+        tests/fuzz/fuzz_wire.c $src -lssl -lcrypto -o "$out/fuzz_wire_libfuzzer" 2>/dev/null; then
     echo "libFuzzer ($clang), $secs s, corpus $out/corpus"
     "$out/fuzz_wire_libfuzzer" -max_total_time="$secs" -print_final_stats=1 -timeout=10 "$out/corpus"
 else

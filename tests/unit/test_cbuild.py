@@ -65,7 +65,7 @@ def test_static_library_and_smoke_program(tmp_path):
 
     smoke = tmp_path / "smoke"
     r = _run(["cc", "-std=c99", "-O2", "-Wall", "-Wextra", "-Werror", f"-I{CSRC / 'include'}",
-              ROOT / "tests" / "c" / "smoke.c", lib, "-pthread", "-o", smoke])
+              ROOT / "tests" / "c" / "smoke.c", lib, "-pthread", "-lssl", "-lcrypto", "-o", smoke])
     assert r.returncode == 0, r.stdout + r.stderr
     r = _run([smoke], cwd=tmp_path)
     assert r.returncode == 0 and r.stdout.strip() == "OK", r.stdout + r.stderr
@@ -147,7 +147,7 @@ def test_c_room_rule_bites(tmp_path):
 def _concrete_transport_names(engine_source):
     """The concrete transports' functions (pc_tcp_*, pc_shm_*) named in the engine's code."""
     code = re.sub(r"/\*.*?\*/|//[^\n]*", "", engine_source, flags=re.S)
-    return sorted(set(re.findall(r"\bpc_(?:tcp|shm)_\w+", code)))
+    return sorted(set(re.findall(r"\bpc_(?:tcp|shm|tls)_\w+", code)))
 
 
 def test_the_engine_never_names_a_concrete_transport():
