@@ -206,6 +206,8 @@ ENVIRONMENT = {v.name: v for v in (
              parse_single_copy, "single_copy"),
     Variable("PYCOLL_COMPRESSION", "default wire codec of float32 payloads: none, fp16, bf16, int8 "
              "(compression=)", "pycoll.options", _text, "compression"),
+    Variable("PYCOLL_FAILOVER", "0: a lost coordinator is not succeeded by a member; the group waits for it "
+             "(coordinator_wait=) or fails (failover=; default 1)", "pycoll.options", _flag, "failover"),
     Variable("PYCOLL_CALIBRATE", "0: do not measure the cost model when an epoch is installed (calibrate=; "
              "default 1)", "pycoll.options", _flag, "calibrate"),
     # Making a group (pycoll.init / pycoll.connect, the torch backend).
@@ -276,6 +278,7 @@ class Options:
     topology: Any = None                        # as given: a path, TOML file name or Topology (loaded by plan.topology)
     calibrate: bool = True                      # measure the cost model when an epoch is installed
     coordinator_wait: float = 0.0               # seconds to wait for a lost coordinator to come back
+    failover: bool = True                       # a lost coordinator is succeeded by a member (pycoll.comm.failover)
     sync_timeout: float = 120.0                 # seconds a sync point (forming an epoch) may take
     mesh_timeout: Optional[float] = None        # seconds to connect an epoch's mesh (None: Limits.connect_timeout)
     tags: tuple = ()                            # the tags whose calls run beside each other (canonical order)
@@ -298,6 +301,7 @@ class Options:
         check("spin_us", _count)
         check("preserve_input", _flag)
         check("calibrate", _flag)
+        check("failover", _flag)
         check("transport", parse_transport)
         check("single_copy", parse_single_copy)
         check("max_retries", _count)

@@ -207,10 +207,24 @@ def run_agreed(ep, attempt, retry=False, verify=False, root=None):
         try:
             result = attempt(Agreement(verify, root_name))
         except PeerFailure as exc:
+            if ep.can_fail_over() and n + 1 < tries:
+                # the coordinator went with the failure (rank 0 hosted it): nobody decided this
+                # attempt, and the next one runs under its successor (pycoll.comm.failover)
+                log.info("rank %d: retrying under a successor coordinator (attempt %d): %s", ep.rank, n + 2, exc)
+                ep.mark_broken()
+                continue
             if not exc.retryable or n + 1 >= tries:
                 raise
             lost.extend(x for x in exc.lost_names if x not in lost)
             log.info("rank %d: retrying over the survivors (attempt %d): %s", ep.rank, n + 2, exc)
+            continue
+        except CoordinatorError as exc:
+            # the coordinator was lost before it decided this attempt: nobody committed it, and
+            # the next attempt runs under its successor (pycoll.comm.failover)
+            if not (ep.can_fail_over() and n + 1 < tries):
+                raise
+            log.info("rank %d: retrying under a successor coordinator (attempt %d): %s", ep.rank, n + 2, exc)
+            ep.mark_broken()
             continue
         ep.last_outcome = ep.last_outcome._replace(attempts=n + 1, lost=tuple(lost))
         return result

@@ -59,18 +59,20 @@ class Communicator:
     or :func:`pycoll.connect` to make one."""
 
     def __init__(self, client, listener, options: Optional[Options] = None, *, coordinator=None, mesh_key=None,
-                 join=None, **settings):
+                 join=None, standby=None, **settings):
         """``options``: the settings, resolved (:meth:`pycoll.options.Options.resolve`); without
         them, ``settings`` (the same names as keywords) are resolved here, else they change
         ``options``. ``coordinator``: the in-process coordinator we host, if any (see
         :meth:`adopt_coordinator`); ``mesh_key`` authenticates peer connections (pycoll.auth);
-        ``join``: the message this peer joined with (see :class:`pycoll.comm.epoch.Epoch`)."""
+        ``join``: the message this peer joined with, ``standby``: its port for a successor
+        coordinator (see :class:`pycoll.comm.epoch.Epoch`)."""
         if options is None:
             options = Options.resolve(**settings)
         elif settings:
             options = options.replace(**settings)
-        self._epoch = ep = Epoch(client, listener, options, mesh_key=mesh_key, join=join)
+        self._epoch = ep = Epoch(client, listener, options, mesh_key=mesh_key, join=join, standby=standby)
         self._coordinator = coordinator  # the in-process coordinator we host, if any
+        ep.on_host = self.adopt_coordinator  # a successor of a lost coordinator (pycoll.comm.failover)
         # The call path: one untagged collective at a time (the epoch's lock, which shared
         # state takes too), inline or on the worker thread behind queued async work.
         self._exec_lock = ep.exec_lock

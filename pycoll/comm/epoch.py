@@ -41,6 +41,7 @@ import time
 import zlib
 
 from pycoll import faults
+from pycoll.comm import failover
 from pycoll.comm.failures import FAILED, NOT_RUN, failure_error
 from pycoll.comm.switch import EngineLayout, SwitchPath, split_members
 from pycoll.core import engine
@@ -100,10 +101,12 @@ class Channel:
 class Epoch:
     """One communicator's membership epochs (see the module doc)."""
 
-    def __init__(self, client, listener, options, *, mesh_key=None, join=None):
+    def __init__(self, client, listener, options, *, mesh_key=None, join=None, standby=None):
         """``options``: resolved (:meth:`pycoll.options.Options.resolve`); ``mesh_key``
         authenticates peer connections (pycoll.auth; None: no secret); ``join``: the message
-        this peer joined with (re-registration with a restarted coordinator sends it again)."""
+        this peer joined with (re-registration with a restarted coordinator sends it again);
+        ``standby``: the :class:`pycoll.comm.failover.Standby` that lets this peer succeed a
+        lost coordinator (None: no failover)."""
         self.options = self._complete(options, listener)
         # Algorithm choice (pycoll.plan.costmodel): a topology (file, TOML path or Topology) gives
         # groups, ring order and the cost model; without one, it is measured when an epoch is installed.
@@ -112,6 +115,10 @@ class Epoch:
         self.listener = listener
         self._mesh_key = mesh_key
         self._join_msg = join
+        self.standby = standby
+        self.on_host = None         # called with the coordinator this peer starts as a successor
+        self._addrs = []            # per rank of this epoch: the data listener's (host, port)
+        self._standby_ports = []    # per rank: the port kept for a successor coordinator (0: none)
         self._fresh_join = None     # the epoch pycoll.connect returned in (see update_topology)
         if self.options.transport != "tcp":
             listener.enable_local()
@@ -206,7 +213,7 @@ class Epoch:
                 reply = self.client.request({"t": "sync", "epoch": self.number, "rebuild": rebuild, "admit": admit},
                                             timeout=max(1.0, deadline - time.monotonic()))
             except CoordinatorError:
-                if not (self.client.needs_rejoin and self.options.coordinator_wait > 0):
+                if not (self.client.needs_rejoin and (self.options.coordinator_wait > 0 or self.can_fail_over())):
                     raise
                 self._rejoin()  # a restarted coordinator does not know us yet
                 rebuild = True
@@ -249,6 +256,9 @@ class Epoch:
         address, register again with what we know of our epoch, and let the
         sync that follows re-form the group (membership and ranks)."""
         client, wait = self.client, self.options.coordinator_wait
+        if self.can_fail_over():
+            self._failover()
+            return
         if client.evicted and (wait <= 0 or self._join_msg is None):
             raise CoordinatorError(
                 f"rank {self.rank} ({self.name}) was evicted from the group by the coordinator at "
@@ -280,6 +290,46 @@ class Epoch:
         client.evicted = None
         self.broken = True
 
+    def can_fail_over(self):
+        """Whether a lost coordinator is succeeded here (pycoll.comm.failover): failover on, a
+        member of an epoch, and the coordinator gone (its process) or silent past its bound."""
+        return (self.options.failover and self.standby is not None and self._join_msg is not None
+                and bool(self.members) and self.client.coordinator_lost())
+
+    def _failover(self):
+        """The coordinator is lost: elect its successor among the last epoch's members (the
+        lowest rank whose process is alive), start it here if we are that one, re-register
+        there with what we remember (pycoll.comm.failover); the sync that follows re-forms the
+        group. Tries again (electing anew) until the sync timeout if the successor fails too."""
+        client = self.client
+        deadline = time.monotonic() + self.options.sync_timeout
+        old = client.endpoint
+        while True:
+            succ, dead, unknown = failover.elect(self.members, self._addrs, self._standby_ports, self.rank)
+            if succ == self.rank:
+                coord = self.standby.start_coordinator(self.name)
+                if self.on_host is not None:
+                    self.on_host(coord)
+            host, port = self._addrs[succ][0], self._standby_ports[succ]
+            log.warning("rank %d (%s): the coordinator at %s is lost; rank %d (%s) succeeds it at %s:%d "
+                        "(known dead: %s; unreachable: %s)", self.rank, self.name, old, succ, self.members[succ],
+                        host, port, dead or "none", unknown or "none")
+            if client.endpoint != f"{host}:{port}":
+                client.retarget(host, port)
+            resume = {"epoch": self.number, "members": list(self.members), "rank": self.rank, "dead": dead}
+            try:
+                client.request(dict(self._join_msg, rank=None, world_size=None, resume=resume),
+                               timeout=min(2.0, max(0.1, deadline - time.monotonic())))
+                break
+            except CoordinatorError as exc:
+                if time.monotonic() > deadline:
+                    raise CoordinatorError(f"rank {self.rank}: the coordinator at {old} is lost and no successor "
+                                           f"took over within {self.options.sync_timeout:.0f} s: {exc}") from None
+                time.sleep(0.05)
+        client.needs_rejoin = False
+        client.evicted = None
+        self.broken = True
+
     def _install(self, reply):
         """Install the epoch the coordinator's sync ``reply`` describes: its mesh, its C
         communicators, who is who; then measure its cost model."""
@@ -289,6 +339,7 @@ class Epoch:
         rank = reply["rank"]
         addrs = [m[1] for m in members]
         epoch = reply["epoch"]
+
         if o.tags:
             self.listener.expect_meshes({self._channel_token(reply["token"])})
         links = connect_mesh(self.listener, rank, addrs, o.stripes, epoch, reply["token"],
@@ -309,6 +360,8 @@ class Epoch:
             self.ccomm = comm
         self.rank, self.world_size, self.number = rank, len(members), reply["epoch"]
         self.members = [m[0] for m in members]
+        self._addrs = [tuple(m[1]) for m in members]  # (the workers': who may succeed a lost coordinator)
+        self._standby_ports = [int(m[5]) if len(m) > 5 and isinstance(m[5], int) else 0 for m in members]
         self._hosts = [m[2] if len(m) > 2 else None for m in members]
         self._selector = None
         self.peer_transports = ["self" if p == rank else "shm" if links.kinds[p * o.stripes] == lib.PC_CONN_SHM
@@ -427,6 +480,8 @@ class Epoch:
             pass
         self.drop()
         self.listener.close()
+        if self.standby is not None:
+            self.standby.close()
 
     # ---- readiness: the late-call rule ------------------------------------
     def aborted(self):

@@ -14,11 +14,13 @@ import time
 import uuid
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from pycoll import auth
 from pycoll.control.coordinator import PROTOCOL, pack, unpack
 from pycoll.errors import CoordinatorError
 from pycoll.limits import resolve
+from pycoll.net.mesh import probe_addrs
 
 log = logging.getLogger("pycoll.control")
 
@@ -53,6 +55,10 @@ class CoordinatorClient:
         self._stop = threading.Event()
         self._lost_since = None
         self._last_reply = time.monotonic()
+        # The coordinator's process is gone (its connection dropped and its port refuses): a
+        # fact, not a silence, so requests fail at once (see _heartbeat_loop, failover).
+        self.coordinator_dead = False
+        self._retarget = 0  # bumped by retarget(): the heartbeat thread reconnects its socket
         self._hb_thread = None
         self.on_wait = None  # called as on_wait(kind, waited_s) every progress_interval s a request waits
         self.progress_interval = 5.0
@@ -63,6 +69,8 @@ class CoordinatorClient:
         s.setsockopt(zmq.IDENTITY, self.name.encode() + suffix + uuid.uuid4().hex[:6].encode())
         s.setsockopt(zmq.MAXMSGSIZE, self.limits.max_message_bytes)
         s.setsockopt(zmq.HANDSHAKE_IVL, int(self.limits.handshake_timeout * 1000))
+        s.setsockopt(zmq.RECONNECT_IVL, 20)  # a successor coordinator binds a moment after we dial it
+        s.setsockopt(zmq.RECONNECT_IVL_MAX, 500)
         s.connect(f"tcp://{self.host}:{self.port}")
         return s
 
@@ -101,7 +109,7 @@ class CoordinatorClient:
                     raise exc
                 if self._stop.is_set():
                     raise CoordinatorError("client closed")
-                if self._req.poll(min(left, 0.2) * 1000):
+                if self._req.poll(min(left, 0.02) * 1000):
                     reply = self._open(opener, self._req.recv(), msg["t"])
                     if reply is None or reply.get("rid") != rid:
                         continue  # forged, or a late reply to a request that already timed out
@@ -153,7 +161,30 @@ class CoordinatorClient:
         self._hb_thread.start()
 
     def coordinator_lost(self):
-        return self._hb_thread is not None and time.monotonic() - self._last_reply > self.heartbeat_timeout
+        return self._hb_thread is not None and (self.coordinator_dead or
+                                                time.monotonic() - self._last_reply > self.heartbeat_timeout)
+
+    def retarget(self, host, port):
+        """Talk to the coordinator at ``host:port`` from now on (a successor, see
+        pycoll.comm.failover): new sockets, a new credential at the next join."""
+        with self._lock:
+            self._req.close(0)
+            self.host, self.port = host, port
+            self._req = self._socket(b"/req")
+            self.cred = ""
+            self.coordinator_dead = False
+            self._last_reply = time.monotonic()
+            self._retarget += 1
+
+    def _confirm_dead(self):
+        """The heartbeat connection dropped: the coordinator is dead if its port now refuses a
+        connection (the kernel answered for a process that is gone); a port that accepts, or
+        stays silent, is not proof (a restart, a cut link: the heartbeat bound decides those)."""
+        if probe_addrs([(self.host, self.port)], 0.2)[0] == "dead":
+            if not self.coordinator_dead:
+                log.warning("the coordinator at %s is gone (its connection dropped, its port refuses)",
+                            self.endpoint)
+            self.coordinator_dead = True
 
     def wait_for_coordinator(self, timeout):
         """Block until a coordinator answers our heartbeats again (a restarted
@@ -167,11 +198,26 @@ class CoordinatorClient:
 
     def _heartbeat_loop(self):
         hb = self._socket(b"/hb")
+        monitor = hb.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        generation = self._retarget
         sealer = auth.Sealer(self._to_key)
         opener = auth.Opener(self._from_key, self.limits.replay_window)
         try:
             next_beat = 0.0
             while not self._stop.is_set():
+                if generation != self._retarget:  # a successor coordinator: dial it
+                    hb.disable_monitor()
+                    monitor.close(0)
+                    hb.close(0)
+                    hb = self._socket(b"/hb")
+                    monitor = hb.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+                    generation, next_beat = self._retarget, 0.0
+                if monitor.poll(0):
+                    dropped = False
+                    while monitor.poll(0):
+                        dropped |= recv_monitor_message(monitor)["event"] == zmq.EVENT_DISCONNECTED
+                    if dropped:
+                        self._confirm_dead()
                 now = time.monotonic()
                 if now >= next_beat:
                     try:
@@ -180,7 +226,7 @@ class CoordinatorClient:
                     except zmq.ZMQError:
                         pass
                     next_beat = now + self.heartbeat_interval
-                if hb.poll(max(0.0, min(next_beat - time.monotonic(), 0.1)) * 1000):
+                if hb.poll(max(0.0, min(next_beat - time.monotonic(), 0.02)) * 1000):
                     try:
                         msg = self._open(opener, hb.recv())
                     except Exception:  # noqa: BLE001
@@ -188,6 +234,7 @@ class CoordinatorClient:
                     if msg is None:
                         continue
                     self._last_reply = time.monotonic()
+                    self.coordinator_dead = False
                     if msg.get("t") == "hb":
                         self.last_status = msg
                         if msg.get("known") is False:
@@ -198,6 +245,8 @@ class CoordinatorClient:
                         except Exception:  # noqa: BLE001
                             log.exception("abort callback failed")
         finally:
+            hb.disable_monitor()
+            monitor.close(0)
             hb.close(0)
 
     def close(self):

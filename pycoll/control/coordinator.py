@@ -488,10 +488,12 @@ class Coordinator:
             # A member of a group whose coordinator died re-registers with us
             # (a restarted coordinator): remember who else to wait for.
             if self.resume is None:
-                self.resume = {"epoch": 0, "expect": set(), "since": time.monotonic()}
+                self.resume = {"epoch": 0, "expect": set(), "dead": set(), "since": time.monotonic()}
                 log.warning("re-forming a group that lost its coordinator (epoch %s)", resume.get("epoch"))
             self.resume["epoch"] = max(self.resume["epoch"], int(resume.get("epoch", 0)))
             self.resume["expect"].update(str(n) for n in resume.get("members", []))
+            # members whose process this peer found gone (a refused connection): not waited for
+            self.resume["dead"].update(str(n) for n in resume.get("dead", []) or [])
             rank = resume.get("rank")
         m = Member(name, list(msg["addr"]), str(msg.get("host_id", "")), rank, self._join_seq,
                    msg.get("info") or {}, hb_timeout)
@@ -508,6 +510,8 @@ class Coordinator:
         if m is None or not m.alive:
             return None
         if not hmac.compare_digest(str(msg.get("cred", "")).encode(), m.cred.encode()):
+            if not msg.get("cred") and msg.get("t") == "hb":
+                return None  # a heartbeat sent while its peer's join was in flight (a re-registration)
             self.refusals.warning("cred", "refused a %r request for member %s without its credential "
                                   "(identity %r): someone else speaks for it", msg.get("t"), m.name, ident[:32])
             return None
@@ -784,6 +788,12 @@ class Coordinator:
         return str(info.get("group", ""))[:128] if info.get("role") == "aggregator" else None
 
     @staticmethod
+    def _standby_of(m):
+        """The port a member keeps for a successor coordinator (pycoll.comm.failover), or 0."""
+        port = m.info.get("standby") if isinstance(m.info, dict) else None
+        return port if isinstance(port, int) and 0 < port < 65536 else 0
+
+    @staticmethod
     def _transport_of(info):
         """A member's same-host transport setting ("auto", "shm" or "tcp")."""
         mode = info.get("transport") if isinstance(info, dict) else None
@@ -818,8 +828,23 @@ class Coordinator:
             # Re-forming after a coordinator restart: wait for every member of
             # the old epoch to re-register, or for the detection bound (the
             # missing ones are dead), then continue the epoch numbering.
-            missing = self.resume["expect"] - {m.name for m in joiners}
+            # No split brain (docs/fault-model.md): the members we do not hear from must be known
+            # dead (their processes are gone), or fewer than those that re-registered, which then
+            # are the majority of the old epoch's live part; the other side of a cut never is.
+            missing = self.resume["expect"] - {m.name for m in joiners} - self.resume["dead"]
             if missing and time.monotonic() - self.resume["since"] < self.heartbeat_timeout:
+                return
+            if missing and len(missing) >= len(joiners):
+                why = (f"this side of the group ({len(joiners)} peer(s): {sorted(m.name for m in joiners)}) is "
+                       f"not a majority: {len(missing)} member(s) of epoch {self.resume['epoch']} "
+                       f"({sorted(missing)}) cannot be reached and are not known dead (a cut link?); the "
+                       "group goes on on the other side, if anywhere. Join it again with pycoll.connect() "
+                       "once it can be reached")
+                log.warning("not forming an epoch: %s", why)
+                for m in joiners:
+                    self._send(m.req_ident, {"rid": m.sync_rid, "ok": False, "error": why, "minority": True})
+                    m.sync_rid = None
+                self.resume["since"] = time.monotonic()  # heard from again later: counted again
                 return
             self.epoch = max(self.epoch, self.resume["epoch"])
             self.resume = None
@@ -857,7 +882,8 @@ class Coordinator:
             del self.by_ident[ident]
         for fd in [f for f, x in self._hb_fds.items() if x.name not in self.members]:
             del self._hb_fds[fd]
-        members = [[m.name, m.addr, m.host_id, self._switch_group(m), self._transport_of(m.info)] for m in waiting]
+        members = [[m.name, m.addr, m.host_id, self._switch_group(m), self._transport_of(m.info), self._standby_of(m)]
+                   for m in waiting]
         joined = [m.name for m in joiners]
         log.info("epoch %d: %d members (lost %d, joined %d)", self.epoch, len(waiting), len(lost), len(joiners))
         for rank, m in enumerate(waiting):
