@@ -67,6 +67,10 @@ def begin(ep):
 def report(ep, kind, seq, timeout, **fields):
     """Round #seq of the epoch: send our report, wait for the decision."""
     msg = {"t": "round", "kind": kind, "epoch": ep.number, "seq": seq, **fields}
+    if not fields.get("ok", True):  # a link failed? say which members we cannot reach (Epoch.unreachable)
+        unreachable = ep.unreachable(fields.get("status"))
+        if unreachable:
+            msg["unreachable"] = unreachable
     try:
         return ep.client.request(msg, timeout=timeout + DECISION_MARGIN)
     except CoordinatorError as exc:
@@ -187,6 +191,17 @@ def attempts_for(ep, retry):
     return 1 + int(retry)
 
 
+def under_successor(ep, exc, n, tries):
+    """Whether attempt #n (of ``tries``) that failed with ``exc`` runs again under a successor
+    coordinator: the coordinator was lost (its host died with the failure, or it alone died)
+    before it decided the attempt, so nobody committed it (pycoll.comm.failover)."""
+    if not (ep.can_fail_over() and n + 1 < tries):
+        return False
+    log.info("rank %d: retrying under a successor coordinator (attempt %d): %s", ep.rank, n + 2, exc)
+    ep.mark_broken()
+    return True
+
+
 def run_agreed(ep, attempt, retry=False, verify=False, root=None):
     """Run ``attempt(agreement)`` until it commits; re-run over the survivors
     after a retryable failure (a member was lost), at most as ``retry``
@@ -207,11 +222,7 @@ def run_agreed(ep, attempt, retry=False, verify=False, root=None):
         try:
             result = attempt(Agreement(verify, root_name))
         except PeerFailure as exc:
-            if ep.can_fail_over() and n + 1 < tries:
-                # the coordinator went with the failure (rank 0 hosted it): nobody decided this
-                # attempt, and the next one runs under its successor (pycoll.comm.failover)
-                log.info("rank %d: retrying under a successor coordinator (attempt %d): %s", ep.rank, n + 2, exc)
-                ep.mark_broken()
+            if under_successor(ep, exc, n, tries):
                 continue
             if not exc.retryable or n + 1 >= tries:
                 raise
@@ -219,12 +230,8 @@ def run_agreed(ep, attempt, retry=False, verify=False, root=None):
             log.info("rank %d: retrying over the survivors (attempt %d): %s", ep.rank, n + 2, exc)
             continue
         except CoordinatorError as exc:
-            # the coordinator was lost before it decided this attempt: nobody committed it, and
-            # the next attempt runs under its successor (pycoll.comm.failover)
-            if not (ep.can_fail_over() and n + 1 < tries):
+            if not under_successor(ep, exc, n, tries):
                 raise
-            log.info("rank %d: retrying under a successor coordinator (attempt %d): %s", ep.rank, n + 2, exc)
-            ep.mark_broken()
             continue
         ep.last_outcome = ep.last_outcome._replace(attempts=n + 1, lost=tuple(lost))
         return result

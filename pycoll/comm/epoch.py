@@ -117,6 +117,7 @@ class Epoch:
         self._join_msg = join
         self.standby = standby
         self.on_host = None         # called with the coordinator this peer starts as a successor
+        self._cut_off = False       # a failover found the coordinator alive for the others: we are cut off
         self._addrs = []            # per rank of this epoch: the data listener's (host, port)
         self._standby_ports = []    # per rank: the port kept for a successor coordinator (0: none)
         self._fresh_join = None     # the epoch pycoll.connect returned in (see update_topology)
@@ -213,7 +214,8 @@ class Epoch:
                 reply = self.client.request({"t": "sync", "epoch": self.number, "rebuild": rebuild, "admit": admit},
                                             timeout=max(1.0, deadline - time.monotonic()))
             except CoordinatorError:
-                if not (self.client.needs_rejoin and (self.options.coordinator_wait > 0 or self.can_fail_over())):
+                if not (self.client.needs_rejoin and (self.options.coordinator_wait > 0 or self.can_fail_over()
+                                                      or (self.options.failover and self.client.stranger))):
                     raise
                 self._rejoin()  # a restarted coordinator does not know us yet
                 rebuild = True
@@ -224,7 +226,9 @@ class Epoch:
                 self._install(reply)
                 return True
             except PeerFailure as exc:
-                self.report_failure(reply["epoch"], f"building the mesh failed: {exc}", lib.PC_ERR_PEER)
+                members = reply.get("members") or []
+                group = ([m[0] for m in members], [tuple(m[1]) for m in members], reply.get("rank", -1))
+                self.report_failure(reply["epoch"], f"building the mesh failed: {exc}", lib.PC_ERR_PEER, group=group)
                 if time.monotonic() > deadline:
                     raise
                 rebuild, admit = True, False
@@ -259,6 +263,10 @@ class Epoch:
         if self.can_fail_over():
             self._failover()
             return
+        if self.options.failover and client.stranger and self._join_msg is not None and self.members:
+            # A coordinator that never knew us answers at its address: a successor that took the
+            # address over while we were idle (pycoll.comm.failover), or a restart. Re-register.
+            wait = max(wait, 10.0)
         if client.evicted and (wait <= 0 or self._join_msg is None):
             raise CoordinatorError(
                 f"rank {self.rank} ({self.name}) was evicted from the group by the coordinator at "
@@ -288,13 +296,20 @@ class Epoch:
         log.warning("rank %d re-registered with the coordinator at %s", self.rank, client.endpoint)
         client.needs_rejoin = False
         client.evicted = None
+        client.stranger = False
         self.broken = True
+
+    def link_bound(self):
+        """Seconds within which a dead or cut data link fails (keepalive, TCP_USER_TIMEOUT):
+        the options' stall_timeout, at most twice the heartbeat timeout (0: off)."""
+        stall = self.options.stall_timeout
+        return min(stall, 2.0 * self.client.heartbeat_timeout) if stall > 0 else 0.0
 
     def can_fail_over(self):
         """Whether a lost coordinator is succeeded here (pycoll.comm.failover): failover on, a
         member of an epoch, and the coordinator gone (its process) or silent past its bound."""
         return (self.options.failover and self.standby is not None and self._join_msg is not None
-                and bool(self.members) and self.client.coordinator_lost())
+                and bool(self.members) and not self._cut_off and self.client.coordinator_lost())
 
     def _failover(self):
         """The coordinator is lost: elect its successor among the last epoch's members (the
@@ -304,19 +319,23 @@ class Epoch:
         client = self.client
         deadline = time.monotonic() + self.options.sync_timeout
         old = client.endpoint
+        succ = None
         while True:
-            succ, dead, unknown = failover.elect(self.members, self._addrs, self._standby_ports, self.rank)
-            if succ == self.rank:
-                coord = self.standby.start_coordinator(self.name)
-                if self.on_host is not None:
-                    self.on_host(coord)
-            host, port = self._addrs[succ][0], self._standby_ports[succ]
-            log.warning("rank %d (%s): the coordinator at %s is lost; rank %d (%s) succeeds it at %s:%d "
-                        "(known dead: %s; unreachable: %s)", self.rank, self.name, old, succ, self.members[succ],
-                        host, port, dead or "none", unknown or "none")
-            if client.endpoint != f"{host}:{port}":
-                client.retarget(host, port)
-            resume = {"epoch": self.number, "members": list(self.members), "rank": self.rank, "dead": dead}
+            if succ is None:  # elect once; again only if the one elected is found dead
+                succ, dead, unknown = failover.elect(self.members, self._addrs, self._standby_ports, self.rank)
+                elected = time.monotonic()
+                if succ == self.rank:
+                    coord = self.standby.start_coordinator(self.name, client.origin)
+                    if self.on_host is not None:
+                        self.on_host(coord)
+                host, port = self._addrs[succ][0], self._standby_ports[succ]
+                log.warning("rank %d (%s): the coordinator at %s is lost; rank %d (%s) succeeds it at %s:%d "
+                            "(known dead: %s; unreachable: %s)", self.rank, self.name, old, succ,
+                            self.members[succ], host, port, dead or "none", unknown or "none")
+                if client.endpoint != f"{host}:{port}":
+                    client.retarget(host, port)
+                resume = {"epoch": self.number, "members": list(self.members), "rank": self.rank, "dead": dead}
+            client.expect_coordinator()  # the successor may notice the loss a moment after us
             try:
                 client.request(dict(self._join_msg, rank=None, world_size=None, resume=resume),
                                timeout=min(2.0, max(0.1, deadline - time.monotonic())))
@@ -325,9 +344,22 @@ class Epoch:
                 if time.monotonic() > deadline:
                     raise CoordinatorError(f"rank {self.rank}: the coordinator at {old} is lost and no successor "
                                            f"took over within {self.options.sync_timeout:.0f} s: {exc}") from None
+                if succ != self.rank and failover.probe_addrs([self._addrs[succ]], failover.PROBE_TIMEOUT)[0] == "dead":
+                    succ = None  # the successor died too: elect again without it
+                elif succ != self.rank and time.monotonic() > elected + 2 * client.heartbeat_timeout + 1.0:
+                    # It is alive and did not take over: it still hears the coordinator, which we
+                    # lost (our control link is cut). The group goes on without us.
+                    self._cut_off = True
+                    client.evicted = client.evicted or "cut off from the coordinator"
+                    raise CoordinatorError(
+                        f"rank {self.rank} ({self.name}) lost the coordinator at {old}, but rank {succ} "
+                        f"({self.members[succ]}), alive, did not take over: the coordinator is alive and this "
+                        "peer is cut off from it, so the group goes on without it. Join again with "
+                        "pycoll.connect() once it can be reached", evicted=True) from None
                 time.sleep(0.05)
         client.needs_rejoin = False
         client.evicted = None
+        client.stranger = False
         self.broken = True
 
     def _install(self, reply):
@@ -346,7 +378,7 @@ class Epoch:
                              o.mesh_timeout, o.sockbuf, key=self._mesh_key,
                              should_abort=lambda: self.aborted_epoch >= epoch,
                              local=local_peers(members, rank, o.transport), mode=o.transport)
-        set_keepalive(links.fds, o.stall_timeout)
+        set_keepalive(links.fds, self.link_bound())
         nworkers, switches = split_members(members)
         hcomm = None
         if switches:  # standalone aggregators: the whole mesh for them, the workers' part for us
@@ -413,7 +445,7 @@ class Epoch:
                                  local=local_peers(members, rank, o.transport), mode=o.transport)
         finally:
             self.listener.expect_meshes(())
-        set_keepalive(links.fds, o.stall_timeout)
+        set_keepalive(links.fds, self.link_bound())
         channels = {}
         try:
             for i, tag in enumerate(o.tags):
@@ -573,7 +605,22 @@ class Epoch:
             raise CollectiveError(f"tag {tag!r}: this epoch has no channel for it")
 
     # ---- failure reporting ------------------------------------------------
-    def report_failure(self, epoch, why, status=lib.PC_ERR_CANCELLED, withdraw=False, call=None):
+    def unreachable(self, status, members=None, addrs=None, rank=None):
+        """After a failure with C ``status``: the members (names) whose data listeners we cannot
+        reach, when a link may be at fault (a cut, not a death: a dead one refuses), so the
+        coordinator can exclude the fewest peers that explain every report, even one it still
+        hears (docs/fault-model.md, cut links). ``members``/``addrs``/``rank``: of the epoch
+        being formed (default: the current one's)."""
+        if status not in (lib.PC_ERR_IO, lib.PC_ERR_PEER, lib.PC_ERR_TIMEOUT, lib.PC_ERR_CANCELLED):
+            return []
+        if members is None:
+            members, addrs, rank = self.members, self._addrs, self.rank
+        if not addrs or len(addrs) != len(members) or not 0 <= rank < len(members):
+            return []
+        seen = failover.reachability(members, addrs, rank)
+        return [members[i] for i, v in seen.items() if v == "unknown"]
+
+    def report_failure(self, epoch, why, status=lib.PC_ERR_CANCELLED, withdraw=False, call=None, group=None):
         """Tell the coordinator an operation of ``epoch`` failed (so the other
         members abort now rather than at their timeout) and wait briefly for the
         cause. ``status``: the C status of the failure (connection-level ones,
@@ -582,8 +629,12 @@ class Epoch:
         the decision of round #seq; if it was decided meanwhile, the answer is
         that decision ({"decided": ...}) and nothing is aborted. ``call``: the
         identity and number of the user's call that failed while we were inside
-        it (see ensure_ready)."""
+        it (see ensure_ready). ``group``: (members, addrs, rank) of an epoch whose mesh
+        could not be built (see unreachable)."""
         msg = {"t": "fail", "epoch": epoch, "seq": self.seq, "why": str(why)[:2000], "status": int(status)}
+        unreachable = self.unreachable(status, *(group or ()))
+        if unreachable and (epoch == self.number or group):
+            msg["unreachable"] = unreachable
         if call is not None:  # (identity, number) of the user's call that failed
             msg["call"], msg["callno"] = call
         if withdraw:

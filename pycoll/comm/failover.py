@@ -20,7 +20,7 @@ import time
 from pycoll.control.coordinator import Coordinator
 from pycoll.net.mesh import probe_addrs
 
-__all__ = ["Standby", "elect", "PROBE_TIMEOUT"]
+__all__ = ["Standby", "elect", "reachability", "probe_addrs", "PROBE_TIMEOUT"]
 
 log = logging.getLogger("pycoll")
 
@@ -41,9 +41,11 @@ class Standby:
         self.port = sock.getsockname()[1]
         self.coordinator = None
 
-    def start_coordinator(self, name):
+    def start_coordinator(self, name, origin=None):
         """Become the coordinator (once): bind the kept port and serve. ``name``: our member
-        name (its leave stops the coordinator once the others have left)."""
+        name (its leave stops the coordinator once the others have left); ``origin``: the lost
+        coordinator's (host, port), served too when it is on this host and free (joiners that
+        know only that address find the group)."""
         if self.coordinator is None:
             if self._sock is not None:
                 self._sock.close()
@@ -60,6 +62,8 @@ class Standby:
             if coord is None:
                 raise OSError(f"cannot bind the successor coordinator to {self.bind_host}:{self.port}")
             coord.host_name = name
+            if origin is not None:
+                coord.also_listen(*origin)
             self.coordinator = coord.start()
             log.warning("this peer (%s) now hosts the group's coordinator on %s:%d", name, self.bind_host, self.port)
         return self.coordinator
@@ -70,15 +74,22 @@ class Standby:
             self._sock = None
 
 
+def reachability(members, addrs, rank, timeout=PROBE_TIMEOUT):
+    """Probe the other members' data listeners from ``rank``: {rank: "alive"/"dead"/"unknown"}
+    (see pycoll.net.mesh.probe_addrs), ``rank`` itself alive."""
+    others = [i for i in range(len(members)) if i != rank]
+    seen = dict(zip(others, probe_addrs([tuple(addrs[i]) for i in others], timeout)))
+    seen[rank] = "alive"
+    return seen
+
+
 def elect(members, addrs, standby_ports, rank, timeout=PROBE_TIMEOUT):
     """Who succeeds the lost coordinator, seen from ``rank`` of the last epoch (``members``:
     names; ``addrs``: their data listeners; ``standby_ports``: their kept ports, 0 for none).
     Returns (successor's rank, names known dead, names unknown)."""
-    others = [i for i in range(len(members)) if i != rank]
-    seen = dict(zip(others, probe_addrs([tuple(addrs[i]) for i in others], timeout)))
-    seen[rank] = "alive"
-    dead = [members[i] for i in others if seen[i] == "dead"]
-    unknown = [members[i] for i in others if seen[i] == "unknown"]
+    seen = reachability(members, addrs, rank, timeout)
+    dead = [members[i] for i in range(len(members)) if seen[i] == "dead"]
+    unknown = [members[i] for i in range(len(members)) if seen[i] == "unknown"]
     eligible = [i for i in range(len(members)) if seen[i] == "alive" and standby_ports[i]]
     successor = eligible[0] if eligible else rank
     return successor, dead, unknown

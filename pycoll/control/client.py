@@ -34,6 +34,7 @@ class CoordinatorClient:
     def __init__(self, host, port, name=None, heartbeat_interval=None, heartbeat_timeout=5.0,
                  on_abort=None, context=None, secret=None, limits=None):
         self.host, self.port = host, port
+        self.origin = (host, port)  # the address the group was made with (a successor serves there too)
         self.limits = resolve(limits)
         secret = auth.load_secret(secret)
         self._to_key = auth.derive(secret, "to-coordinator")
@@ -45,6 +46,9 @@ class CoordinatorClient:
         self.heartbeat_interval = heartbeat_interval or min(0.5, heartbeat_timeout / 4.0)
         self.evicted = None  # why the coordinator dropped us, once it says so
         self.needs_rejoin = False  # a request failed because the coordinator was lost, or we were evicted
+        # the coordinator that answers never knew us (not: removed us): a restarted one, or a
+        # successor serving at the lost one's address (pycoll.comm.failover)
+        self.stranger = False
         self.on_abort = on_abort
         self.last_status = {}
         self._ctx = context or zmq.Context.instance()
@@ -117,6 +121,7 @@ class CoordinatorClient:
                         if reply.get("evicted"):
                             self.needs_rejoin = True
                             self.evicted = self.evicted or str(reply.get("why") or reply.get("error"))
+                            self.stranger = not reply.get("why")
                         exc = CoordinatorError(f"coordinator refused {msg['t']!r}: {reply.get('error')}",
                                                evicted=bool(reply.get("evicted")))
                         exc.retry = bool(reply.get("retry"))  # a passing state (shutting down): try again
@@ -164,6 +169,12 @@ class CoordinatorClient:
         return self._hb_thread is not None and (self.coordinator_dead or
                                                 time.monotonic() - self._last_reply > self.heartbeat_timeout)
 
+    def expect_coordinator(self):
+        """A coordinator is about to answer (a successor starting): count it as heard from now,
+        so a request waits for its answer instead of failing for the old one's silence."""
+        self.coordinator_dead = False
+        self._last_reply = time.monotonic()
+
     def retarget(self, host, port):
         """Talk to the coordinator at ``host:port`` from now on (a successor, see
         pycoll.comm.failover): new sockets, a new credential at the next join."""
@@ -180,11 +191,17 @@ class CoordinatorClient:
         """The heartbeat connection dropped: the coordinator is dead if its port now refuses a
         connection (the kernel answered for a process that is gone); a port that accepts, or
         stays silent, is not proof (a restart, a cut link: the heartbeat bound decides those)."""
-        if probe_addrs([(self.host, self.port)], 0.2)[0] == "dead":
-            if not self.coordinator_dead:
-                log.warning("the coordinator at %s is gone (its connection dropped, its port refuses)",
-                            self.endpoint)
-            self.coordinator_dead = True
+        # (a dying process closes its connections and its listening socket one after the other:
+        # a probe in between is still accepted, so look again for a moment)
+        for _ in range(5):
+            if probe_addrs([(self.host, self.port)], 0.2)[0] == "dead":
+                break
+            time.sleep(0.01)
+        else:
+            return
+        if not self.coordinator_dead:
+            log.warning("the coordinator at %s is gone (its connection dropped, its port refuses)", self.endpoint)
+        self.coordinator_dead = True
 
     def wait_for_coordinator(self, timeout):
         """Block until a coordinator answers our heartbeats again (a restarted
@@ -239,6 +256,7 @@ class CoordinatorClient:
                         self.last_status = msg
                         if msg.get("known") is False:
                             self.evicted = msg.get("why") or "unknown to the coordinator"
+                            self.stranger = not msg.get("why")
                     elif msg.get("t") == "abort" and self.on_abort is not None:
                         try:
                             self.on_abort(msg)

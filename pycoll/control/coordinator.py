@@ -55,6 +55,7 @@ import hmac
 import logging
 import os
 import secrets
+import socket
 import threading
 import time
 
@@ -209,6 +210,7 @@ class Coordinator:
         self.decided = collections.OrderedDict()  # seq -> {rank: reply}, the last few decided rounds
         self.resume = None         # after a restart: {"epoch", "expect", "since"} from re-registering peers
         self.fail_waiters = []     # (name, ident, rid): failure reports waiting for the cause
+        self.cut = set()           # (reporter, peer) of this epoch: peer unreachable over the data network
         self.stats = collections.Counter()
         self._join_seq = 0
         self._stop = threading.Event()
@@ -216,6 +218,17 @@ class Coordinator:
         self.handlers = {"join": self._on_join, "sync": self._on_sync, "hb": self._on_hb,
                          "leave": self._on_leave, "status": self._on_status, "fail": self._on_fail,
                          "round": self._on_round}
+
+    def also_listen(self, host, port):
+        """Serve on ``host:port`` too (a successor takes over the lost coordinator's address when
+        it is on this host, so newcomers that know only that address find the group). Returns
+        whether it could bind (the address is not ours, or taken: False)."""
+        try:
+            self._sock.bind(f"tcp://{socket.gethostbyname(host)}:{int(port)}")
+        except (OSError, zmq.ZMQError) as exc:
+            log.info("not serving on %s:%s too: %s", host, port, exc)
+            return False
+        return True
 
     # ---- running -------------------------------------------------------
     def start(self):
@@ -573,6 +586,9 @@ class Coordinator:
             return self._reply(ident, msg, **self._abort_info(stale=True))
         if msg.get("withdraw") and msg.get("seq") in self.decided:  # gave up waiting, but it was decided
             return self._reply(ident, msg, decided=self.decided[msg["seq"]][self._rank_of(m.name)])
+        for peer in msg.get("unreachable") or ():
+            if peer in self.epoch_members and peer != m.name:
+                self.cut.add((m.name, peer))
         self._abort_epoch(f"rank {self._rank_of(m.name)} ({m.name}) reported: {msg.get('why', 'failure')}",
                           exclude=m, status=msg.get("status"))
         if "call" in msg and self.abort.call is None:
@@ -593,6 +609,9 @@ class Coordinator:
             rnd = self.rounds[seq] = Round(seq, kind)
         rnd.reports[m.name] = msg
         rnd.waiters[m.name] = (ident, msg.get("rid"))
+        for peer in msg.get("unreachable") or ():
+            if peer in self.epoch_members and peer != m.name:
+                self.cut.add((m.name, peer))
         if rnd.kind != kind:
             self._abort_epoch(f"members called different operations as #{seq} of epoch {self.epoch} "
                               f"({rnd.kind} and {kind})", final=True, status=-1)
@@ -814,10 +833,40 @@ class Coordinator:
                         f"transport={other}: peers on one host must not mix shm and tcp (auto works with either)")
         return None
 
+    def _exclude_cut(self, current):
+        """Every live member is at the sync point and some reported peers they cannot reach over
+        the data network: exclude the fewest members that explain every report (one end of each
+        reported pair), even ones we still hear. Ties: the members named most often, then the
+        highest ranks. Returns whether any was excluded (they get an error and count as dead)."""
+        live = {m.name for m in current}
+        edges = {(a, b) for a, b in self.cut if a in live and b in live}
+        self.cut = set()
+        if not edges:
+            return False
+        drop = minimum_cover(edges, self._rank_of)
+        reporters = {}
+        for a, b in edges:
+            for x, y in ((a, b), (b, a)):
+                if x in drop:
+                    reporters.setdefault(x, set()).add(self._rank_of(y))
+        for name in sorted(drop, key=self._rank_of):
+            m = self.members[name]
+            why = (f"rank {self._rank_of(name)} ({name}) cannot be reached over the data network by ranks "
+                   f"{sorted(reporters.get(name, ()))} (its links are cut; the coordinator still hears it): "
+                   "excluded so that the group goes on. Join again with pycoll.connect() once the links are back")
+            if m.sync_rid is not None:
+                self._send(m.req_ident, {"rid": m.sync_rid, "ok": False, "error": why, "evicted": True, "why": why})
+                m.sync_rid = None
+            self.stats["cut_excluded"] += 1
+            self._declare_dead(m, why)
+        return True
+
     def _maybe_form_epoch(self):
         current = [self.members[n] for n in self.epoch_members if self.members[n].alive]
         if any(m.sync_rid is None for m in current):
             return  # a live member has not reached the sync point yet
+        if self.cut and self._exclude_cut(current):
+            return  # (declaring them dead formed the epoch without them)
         admit = all(m.sync_admit for m in current if self._switch_group(m) is None)
         joiners = [m for m in self.members.values()
                    if m.alive and m.name not in self.epoch_members and m.sync_rid is not None] if admit else []
@@ -875,6 +924,7 @@ class Coordinator:
         self.rounds = {}
         self.decided.clear()
         self.fail_waiters = []
+        self.cut = set()
         self.stats["epochs"] += 1
         for name in lost + [n for n, x in self.members.items() if not x.alive and n not in self.epoch_members]:
             self.members.pop(name, None)  # forget the dead for good (members, and joiners that died waiting)
@@ -893,6 +943,35 @@ class Coordinator:
             m.sync_rid = None
             m.sync_rebuild = False
             m.sync_admit = False
+
+
+def minimum_cover(edges, rank_of, exact_up_to=16):
+    """The fewest members that touch every (a, b) pair of ``edges`` (a minimum vertex cover),
+    the same for the same pairs: among the smallest, the one whose members are named most
+    often, then the one with the highest ranks (``rank_of``). Exact up to ``exact_up_to``
+    members involved, greedy (most named first) beyond."""
+    import itertools
+    degree = collections.Counter(x for e in edges for x in e)
+    nodes = sorted(degree, key=lambda x: (-degree[x], -rank_of(x)))
+    if len(nodes) > exact_up_to:
+        cover, left = [], set(edges)
+        while left:
+            count = collections.Counter(x for e in left for x in e)
+            best = max(count, key=lambda x: (count[x], rank_of(x)))
+            cover.append(best)
+            left = {e for e in left if best not in e}
+        return cover
+    for k in range(1, len(nodes) + 1):
+        best = None
+        for combo in itertools.combinations(nodes, k):
+            chosen = set(combo)
+            if all(a in chosen or b in chosen for a, b in edges):
+                key = (sum(degree[x] for x in combo), sorted((rank_of(x) for x in combo), reverse=True))
+                if best is None or key > best[0]:
+                    best = (key, combo)
+        if best is not None:
+            return list(best[1])
+    return nodes
 
 
 def main(host="127.0.0.1", port=29500, world_size=None, heartbeat_timeout=5.0):

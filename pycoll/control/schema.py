@@ -77,6 +77,14 @@ def _resume(v):
     return None
 
 
+def _names(v):
+    """Member names (a failure report's unreachable peers)."""
+    if (not isinstance(v, list) or len(v) > 1 << 16
+            or not all(isinstance(n, str) and 1 <= len(n) <= 128 for n in v)):
+        return "a list of member names"
+    return None
+
+
 def fields(max_peers):
     """Field name -> check (returns None when fine, else what was expected)."""
     return {
@@ -108,6 +116,7 @@ def fields(max_peers):
         "tensors": _tensors,
         "resume": _resume,
         "job": _str(1, 128),  # the job id (PYCOLL_JOB_ID / TORCHELASTIC_RUN_ID) of a joiner
+        "unreachable": _names,  # members a failure report found unreachable over the data network
     }
 
 

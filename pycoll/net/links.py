@@ -153,14 +153,18 @@ def comm_options(*, link=None, topology=None, limits=None):
 
 
 def set_keepalive(fds, stall_timeout):
-    """Let the kernel notice a dead link on idle connections within about
-    ``stall_timeout`` seconds: keepalive probes, which a live peer's kernel
-    answers even while the peer itself is busy elsewhere (so a slow peer is
-    never mistaken for a dead link). Acts on raw fds; leaves them open."""
+    """Let the kernel notice a dead or cut link within about ``stall_timeout`` seconds: on an
+    idle connection, keepalive probes, which a live peer's kernel answers even while the peer
+    itself is busy elsewhere (so a slow peer is never mistaken for a dead link); on one with
+    bytes in flight, TCP_USER_TIMEOUT (unacknowledged that long: dead). The connection then
+    fails with ETIMEDOUT, and a collective waiting on it with it (docs/fault-model.md, cut
+    links). Acts on raw fds; leaves them open."""
     if not stall_timeout or stall_timeout <= 0:
         return
     idle = max(1, int(stall_timeout / 2))
-    intvl = max(1, int(stall_timeout / 8))
+    intvl = max(1, int((stall_timeout - idle) / 4))
+    cnt = max(1, min(4, int((stall_timeout - idle) / intvl)))
+    user_ms = int(stall_timeout * 1000)
     for fd in fds:
         if fd < 0:
             continue
@@ -169,7 +173,8 @@ def set_keepalive(fds, stall_timeout):
             s.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
             s.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
             s.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, intvl)
-            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 4)
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, cnt)
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, user_ms)
         except OSError:
             pass
         finally:
