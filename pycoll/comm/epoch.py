@@ -118,6 +118,9 @@ class Epoch:
         self.standby = standby
         self.on_host = None         # called with the coordinator this peer starts as a successor
         self._cut_off = False       # a failover found the coordinator alive for the others: we are cut off
+        self._fo_lock = threading.Lock()  # one failover at a time (the caller's, or the heartbeat thread's)
+        self._fresh_failover = False  # the heartbeat thread's failover re-registered us
+        client.on_dead = self._on_coordinator_dead
         self._addrs = []            # per rank of this epoch: the data listener's (host, port)
         self._standby_ports = []    # per rank: the port kept for a successor coordinator (0: none)
         self._fresh_join = None     # the epoch pycoll.connect returned in (see update_topology)
@@ -260,9 +263,20 @@ class Epoch:
         address, register again with what we know of our epoch, and let the
         sync that follows re-form the group (membership and ranks)."""
         client, wait = self.client, self.options.coordinator_wait
-        if self.can_fail_over():
-            self._failover()
-            return
+        if self.options.failover and self.standby is not None:
+            with self._fo_lock:  # (waits for a failover the heartbeat thread started)
+                if self.can_fail_over():
+                    self._failover()
+                    return
+                if self._fresh_failover:
+                    # the heartbeat thread's failover re-registered us: the sync that follows
+                    # re-forms the group under the successor
+                    self._fresh_failover = False
+                    client.needs_rejoin = False
+                    client.evicted = None
+                    client.stranger = False
+                    self.broken = True
+                    return
         if self.options.failover and client.stranger and self._join_msg is not None and self.members:
             # A coordinator that never knew us answers at its address: a successor that took the
             # address over while we were idle (pycoll.comm.failover), or a restart. Re-register.
@@ -311,11 +325,34 @@ class Epoch:
         return (self.options.failover and self.standby is not None and self._join_msg is not None
                 and bool(self.members) and not self._cut_off and self.client.coordinator_lost())
 
-    def _failover(self):
+    def _on_coordinator_dead(self):
+        """The heartbeat thread found the coordinator's process gone: re-register with its
+        successor now, in the background, so that the successor hears from every live member at
+        once, also from one busy computing (it forms its first epoch without the members it does
+        not hear from within the heartbeat bound). The group itself re-forms at the members'
+        next call that needs the coordinator, the same call on every member; plain collectives
+        go on over the current connections until then."""
+        if self.closed or not self.can_fail_over():
+            return
+
+        def run():
+            if not self._fo_lock.acquire(blocking=False):
+                return  # the caller's thread is on it
+            try:
+                if not self.closed and self.can_fail_over():
+                    self._failover(background=True)
+            except Exception as exc:  # noqa: BLE001 - the next call that needs the coordinator tries again
+                log.info("rank %d: background failover did not complete: %s", self.rank, exc)
+            finally:
+                self._fo_lock.release()
+        threading.Thread(target=run, name="pycoll-failover", daemon=True).start()
+
+    def _failover(self, background=False):
         """The coordinator is lost: elect its successor among the last epoch's members (the
         lowest rank whose process is alive), start it here if we are that one, re-register
         there with what we remember (pycoll.comm.failover); the sync that follows re-forms the
-        group. Tries again (electing anew) until the sync timeout if the successor fails too."""
+        group. Tries again (electing anew) until the sync timeout if the successor fails too.
+        Under ``_fo_lock``; ``background``: from the heartbeat thread (see _on_coordinator_dead)."""
         client = self.client
         deadline = time.monotonic() + self.options.sync_timeout
         old = client.endpoint
@@ -325,7 +362,8 @@ class Epoch:
                 succ, dead, unknown = failover.elect(self.members, self._addrs, self._standby_ports, self.rank)
                 elected = time.monotonic()
                 if succ == self.rank:
-                    coord = self.standby.start_coordinator(self.name, client.origin)
+                    coord = self.standby.start_coordinator(self.name, client.origin,
+                                                           dict(zip(self.members, self._addrs)))
                     if self.on_host is not None:
                         self.on_host(coord)
                 host, port = self._addrs[succ][0], self._standby_ports[succ]
@@ -360,7 +398,10 @@ class Epoch:
         client.needs_rejoin = False
         client.evicted = None
         client.stranger = False
-        self.broken = True
+        if background:
+            self._fresh_failover = True  # the next call that needs the coordinator re-forms the group
+        else:
+            self.broken = True
 
     def _install(self, reply):
         """Install the epoch the coordinator's sync ``reply`` describes: its mesh, its C
@@ -407,6 +448,7 @@ class Epoch:
         self.broken = False
         self._tag_broken = False
         self._settled = set()
+        self._fresh_failover = False
         if hcomm is not None:
             self._install_switches(hcomm, switches)
         # auto's cost model is measured here, at the sync point, by every member before any call

@@ -15,6 +15,7 @@ bound), the members of the last epoch pick a successor among themselves and go o
   ``Coordinator._maybe_form_epoch`` and docs/fault-model.md).
 """
 import logging
+import threading
 import time
 
 from pycoll.control.coordinator import Coordinator
@@ -41,11 +42,12 @@ class Standby:
         self.port = sock.getsockname()[1]
         self.coordinator = None
 
-    def start_coordinator(self, name, origin=None):
+    def start_coordinator(self, name, origin=None, addrs=None):
         """Become the coordinator (once): bind the kept port and serve. ``name``: our member
         name (its leave stops the coordinator once the others have left); ``origin``: the lost
         coordinator's (host, port), served too when it is on this host and free (joiners that
-        know only that address find the group)."""
+        know only that address find the group); ``addrs``: name -> data listener of the last
+        epoch's members, probed while they re-register (see watch_resume)."""
         if self.coordinator is None:
             if self._sock is not None:
                 self._sock.close()
@@ -63,8 +65,11 @@ class Standby:
                 raise OSError(f"cannot bind the successor coordinator to {self.bind_host}:{self.port}")
             coord.host_name = name
             if origin is not None:
-                coord.also_listen(*origin)
+                coord.also_listen(*origin, after_resume=True)
             self.coordinator = coord.start()
+            if addrs:
+                threading.Thread(target=watch_resume, args=(coord, addrs), name="pycoll-resume-probe",
+                                 daemon=True).start()
             log.warning("this peer (%s) now hosts the group's coordinator on %s:%d", name, self.bind_host, self.port)
         return self.coordinator
 
@@ -72,6 +77,28 @@ class Standby:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
+
+
+def watch_resume(coord, addrs, interval=0.1, limit=300.0):
+    """While the successor ``coord`` waits for the old epoch's members to re-register, probe
+    those still missing (``addrs``: name -> data listener) and hand it what it finds
+    (``coord.resume_probe``): a dead one is not waited for, an alive one (slow to notice the
+    loss) is waited for longer than a silent one (see Coordinator._maybe_form_epoch)."""
+    deadline = time.monotonic() + limit
+    started = False
+    while time.monotonic() < deadline and not coord.closing:
+        missing = coord.resume_missing()
+        if missing is None:
+            if started or time.monotonic() > deadline - limit + 30.0:
+                return  # re-formed (or nobody ever re-registered)
+            time.sleep(0.01)
+            continue
+        started = True
+        known = [n for n in missing if n in addrs]
+        if known:
+            seen = probe_addrs([tuple(addrs[n]) for n in known], PROBE_TIMEOUT)
+            coord.resume_probe = dict(zip(known, seen))
+        time.sleep(interval)
 
 
 def reachability(members, addrs, rank, timeout=PROBE_TIMEOUT):

@@ -49,6 +49,7 @@ class CoordinatorClient:
         # the coordinator that answers never knew us (not: removed us): a restarted one, or a
         # successor serving at the lost one's address (pycoll.comm.failover)
         self.stranger = False
+        self.on_dead = None  # called (heartbeat thread) when the coordinator's process is found gone
         self.on_abort = on_abort
         self.last_status = {}
         self._ctx = context or zmq.Context.instance()
@@ -201,6 +202,12 @@ class CoordinatorClient:
             return
         if not self.coordinator_dead:
             log.warning("the coordinator at %s is gone (its connection dropped, its port refuses)", self.endpoint)
+            self.coordinator_dead = True
+            if self.on_dead is not None:
+                try:
+                    self.on_dead()
+                except Exception:  # noqa: BLE001 - a callback never breaks the heartbeats
+                    log.exception("coordinator-death callback failed")
         self.coordinator_dead = True
 
     def wait_for_coordinator(self, timeout):

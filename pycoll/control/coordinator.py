@@ -208,7 +208,11 @@ class Coordinator:
         self.abort = None          # Abort of the current epoch, or None
         self.rounds = {}           # seq -> Round (current epoch)
         self.decided = collections.OrderedDict()  # seq -> {rank: reply}, the last few decided rounds
-        self.resume = None         # after a restart: {"epoch", "expect", "since"} from re-registering peers
+        self.resume = None         # after a restart: {"epoch", "expect", "dead", "since"} from re-registering peers
+        # name -> "alive"/"dead"/"unknown": a successor's probes of the members that have not
+        # re-registered yet (pycoll.comm.failover.watch_resume; replaced whole, read here)
+        self.resume_probe = {}
+        self._also_after_resume = None  # (host, port) to serve on once resumed (also_listen)
         self.fail_waiters = []     # (name, ident, rid): failure reports waiting for the cause
         self.cut = set()           # (reporter, peer) of this epoch: peer unreachable over the data network
         self.stats = collections.Counter()
@@ -219,10 +223,15 @@ class Coordinator:
                          "leave": self._on_leave, "status": self._on_status, "fail": self._on_fail,
                          "round": self._on_round}
 
-    def also_listen(self, host, port):
+    def also_listen(self, host, port, after_resume=False):
         """Serve on ``host:port`` too (a successor takes over the lost coordinator's address when
         it is on this host, so newcomers that know only that address find the group). Returns
-        whether it could bind (the address is not ours, or taken: False)."""
+        whether it could bind (the address is not ours, or taken: False). ``after_resume``: only
+        once the re-registering members formed their epoch (until then a member that has not
+        noticed the loss yet must find that address dead, not served by a stranger)."""
+        if after_resume:
+            self._also_after_resume = (host, port)
+            return True
         try:
             self._sock.bind(f"tcp://{socket.gethostbyname(host)}:{int(port)}")
         except (OSError, zmq.ZMQError) as exc:
@@ -833,6 +842,20 @@ class Coordinator:
                         f"transport={other}: peers on one host must not mix shm and tcp (auto works with either)")
         return None
 
+    def resume_patience(self):
+        """Seconds a successor waits for a member that is alive but has not re-registered."""
+        return max(10.0, 5 * self.heartbeat_timeout)
+
+    def resume_missing(self):
+        """Names of the old epoch's members that have not re-registered yet (None: not resuming)."""
+        resume = self.resume
+        if resume is None:
+            return None
+        try:  # (called from another thread: a snapshot, taken again if the dicts changed meanwhile)
+            return sorted(set(resume["expect"]) - set(self.members) - set(resume["dead"]))
+        except RuntimeError:
+            return []
+
     def _exclude_cut(self, current):
         """Every live member is at the sync point and some reported peers they cannot reach over
         the data network: exclude the fewest members that explain every report (one end of each
@@ -880,8 +903,13 @@ class Coordinator:
             # No split brain (docs/fault-model.md): the members we do not hear from must be known
             # dead (their processes are gone), or fewer than those that re-registered, which then
             # are the majority of the old epoch's live part; the other side of a cut never is.
-            missing = self.resume["expect"] - {m.name for m in joiners} - self.resume["dead"]
-            if missing and time.monotonic() - self.resume["since"] < self.heartbeat_timeout:
+            probed = self.resume_probe
+            dead = self.resume["dead"] | {n for n, v in probed.items() if v == "dead"}
+            missing = self.resume["expect"] - {m.name for m in joiners} - dead
+            waited = time.monotonic() - self.resume["since"]
+            if missing and any(probed.get(n) == "alive" for n in missing) and waited < self.resume_patience():
+                return  # alive (its listener answers), just slow to notice: wait for it
+            if missing and waited < self.heartbeat_timeout:
                 return
             if missing and len(missing) >= len(joiners):
                 why = (f"this side of the group ({len(joiners)} peer(s): {sorted(m.name for m in joiners)}) is "
@@ -897,6 +925,9 @@ class Coordinator:
                 return
             self.epoch = max(self.epoch, self.resume["epoch"])
             self.resume = None
+            if self._also_after_resume is not None:
+                self.also_listen(*self._also_after_resume)
+                self._also_after_resume = None
         elif not current:  # first epoch, or everybody died: wait for enough peers
             # a static group (pycoll.init, ranks given) waits for all its ranks, also when it forms again
             # on a coordinator whose earlier group has left (a persistent `pycoll master`/`pycoll run`)
