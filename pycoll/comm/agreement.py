@@ -195,7 +195,7 @@ def under_successor(ep, exc, n, tries):
     """Whether attempt #n (of ``tries``) that failed with ``exc`` runs again under a successor
     coordinator: the coordinator was lost (its host died with the failure, or it alone died)
     before it decided the attempt, so nobody committed it (pycoll.comm.failover)."""
-    if not (ep.can_fail_over() and n + 1 < tries):
+    if not ((ep.can_fail_over() or ep.failover_pending()) and n + 1 < tries):
         return False
     log.info("rank %d: retrying under a successor coordinator (attempt %d): %s", ep.rank, n + 2, exc)
     ep.mark_broken()

@@ -218,7 +218,9 @@ class Epoch:
                                             timeout=max(1.0, deadline - time.monotonic()))
             except CoordinatorError:
                 if not (self.client.needs_rejoin and (self.options.coordinator_wait > 0 or self.can_fail_over()
-                                                      or (self.options.failover and self.client.stranger))):
+                                                      or self.failover_pending()
+                                                      or (self.options.failover and self.client.stranger)
+                                                      or self._joining_anew())):
                     raise
                 self._rejoin()  # a restarted coordinator does not know us yet
                 rebuild = True
@@ -277,6 +279,27 @@ class Epoch:
                     client.stranger = False
                     self.broken = True
                     return
+        if self._joining_anew():
+            # Not admitted yet when the coordinator was lost: a member succeeds it and serves at
+            # its address once the group re-formed (pycoll.comm.failover). Join there again.
+            if not client.wait_for_coordinator(self.options.sync_timeout):
+                raise CoordinatorError(f"no coordinator at {client.endpoint} within {self.options.sync_timeout:.0f} s "
+                                       "(the one this peer was joining was lost, and no member took over its address)")
+            deadline = time.monotonic() + self.options.sync_timeout
+            while True:
+                try:
+                    client.request(self._join_msg, timeout=10)
+                    break
+                except CoordinatorError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.2)
+            log.warning("%s joins again at %s (its coordinator was lost before it was admitted)", self.name,
+                        client.endpoint)
+            client.needs_rejoin = False
+            client.evicted = None
+            client.stranger = False
+            return
         if self.options.failover and client.stranger and self._join_msg is not None and self.members:
             # A coordinator that never knew us answers at its address: a successor that took the
             # address over while we were idle (pycoll.comm.failover), or a restart. Re-register.
@@ -324,6 +347,16 @@ class Epoch:
         member of an epoch, and the coordinator gone (its process) or silent past its bound."""
         return (self.options.failover and self.standby is not None and self._join_msg is not None
                 and bool(self.members) and not self._cut_off and self.client.coordinator_lost())
+
+    def _joining_anew(self):
+        """A pycoll.connect joiner not admitted yet whose coordinator was lost (see _rejoin)."""
+        return (self.options.failover and not self.members and self._join_msg is not None
+                and self._join_msg.get("rank") is None and self.client.needs_rejoin)
+
+    def failover_pending(self):
+        """A failover is under way (the heartbeat thread's), or re-registered us and the group
+        has not re-formed yet: a request refused meanwhile is answered by re-forming."""
+        return self._fo_lock.locked() or self._fresh_failover
 
     def _on_coordinator_dead(self):
         """The heartbeat thread found the coordinator's process gone: re-register with its

@@ -905,7 +905,10 @@ class Coordinator:
             # are the majority of the old epoch's live part; the other side of a cut never is.
             probed = self.resume_probe
             dead = self.resume["dead"] | {n for n, v in probed.items() if v == "dead"}
-            missing = self.resume["expect"] - {m.name for m in joiners} - dead
+            heard = {n for n in self.resume["expect"] if n in self.members and self.members[n].alive}
+            if heard - {m.name for m in joiners}:
+                return  # re-registered (alive: it heartbeats), not at the sync point yet: it comes
+            missing = self.resume["expect"] - heard - dead
             waited = time.monotonic() - self.resume["since"]
             if missing and any(probed.get(n) == "alive" for n in missing) and waited < self.resume_patience():
                 return  # alive (its listener answers), just slow to notice: wait for it
