@@ -230,7 +230,7 @@ class Coordinator:
         once the re-registering members formed their epoch (until then a member that has not
         noticed the loss yet must find that address dead, not served by a stranger)."""
         if after_resume:
-            self._also_after_resume = (host, port)
+            self._also_after_resume = (host, port, time.monotonic() + self.ALSO_AFTER_S)
             return True
         try:
             self._sock.bind(f"tcp://{socket.gethostbyname(host)}:{int(port)}")
@@ -274,6 +274,8 @@ class Coordinator:
                 self._check_abort()
                 if self.resume is not None:
                     self._maybe_form_epoch()
+                if self._also_after_resume is not None and time.monotonic() > self._also_after_resume[2]:
+                    self._serve_also()
         finally:
             self._sock.disable_monitor()
             self._monitor.close(0)
@@ -510,12 +512,13 @@ class Coordinator:
             # A member of a group whose coordinator died re-registers with us
             # (a restarted coordinator): remember who else to wait for.
             if self.resume is None:
-                self.resume = {"epoch": 0, "expect": set(), "dead": set(), "since": time.monotonic()}
+                self.resume = {"epoch": 0, "expect": set(), "dead": set(), "heard": set(), "since": time.monotonic()}
                 log.warning("re-forming a group that lost its coordinator (epoch %s)", resume.get("epoch"))
             self.resume["epoch"] = max(self.resume["epoch"], int(resume.get("epoch", 0)))
             self.resume["expect"].update(str(n) for n in resume.get("members", []))
             # members whose process this peer found gone (a refused connection): not waited for
             self.resume["dead"].update(str(n) for n in resume.get("dead", []) or [])
+            self.resume["heard"].add(name)
             rank = resume.get("rank")
         m = Member(name, list(msg["addr"]), str(msg.get("host_id", "")), rank, self._join_seq,
                    msg.get("info") or {}, hb_timeout)
@@ -842,9 +845,18 @@ class Coordinator:
                         f"transport={other}: peers on one host must not mix shm and tcp (auto works with either)")
         return None
 
+    #: seconds after which a successor serves the lost coordinator's address even if still resuming
+    ALSO_AFTER_S = 1.0
+
+    def _serve_also(self):
+        if self._also_after_resume is not None:
+            host, port, _ = self._also_after_resume
+            self._also_after_resume = None
+            self.also_listen(host, port)
+
     def resume_patience(self):
         """Seconds a successor waits for a member that is alive but has not re-registered."""
-        return max(10.0, 5 * self.heartbeat_timeout)
+        return max(3.0, 2 * self.heartbeat_timeout)
 
     def resume_missing(self):
         """Names of the old epoch's members that have not re-registered yet (None: not resuming)."""
@@ -905,10 +917,14 @@ class Coordinator:
             # are the majority of the old epoch's live part; the other side of a cut never is.
             probed = self.resume_probe
             dead = self.resume["dead"] | {n for n, v in probed.items() if v == "dead"}
-            heard = {n for n in self.resume["expect"] if n in self.members and self.members[n].alive}
+            heard = {n for n in self.resume["heard"] if n in self.members and self.members[n].alive}
             if heard - {m.name for m in joiners}:
                 return  # re-registered (alive: it heartbeats), not at the sync point yet: it comes
-            missing = self.resume["expect"] - heard - dead
+            # a peer that joined without a resume (it was being admitted when the coordinator was
+            # lost) is alive and not of the old epoch for itself: it waits to be admitted anew
+            fresh = {n for n, x in self.members.items() if x.alive and n not in self.resume["heard"]}
+            joiners = [m for m in joiners if m.name in heard]  # (the fresh ones at a later sync point)
+            missing = self.resume["expect"] - heard - dead - fresh
             waited = time.monotonic() - self.resume["since"]
             if missing and any(probed.get(n) == "alive" for n in missing) and waited < self.resume_patience():
                 return  # alive (its listener answers), just slow to notice: wait for it
@@ -926,11 +942,12 @@ class Coordinator:
                     m.sync_rid = None
                 self.resume["since"] = time.monotonic()  # heard from again later: counted again
                 return
+            if not joiners:
+                return
+            waiting = joiners
             self.epoch = max(self.epoch, self.resume["epoch"])
             self.resume = None
-            if self._also_after_resume is not None:
-                self.also_listen(*self._also_after_resume)
-                self._also_after_resume = None
+            self._serve_also()
         elif not current:  # first epoch, or everybody died: wait for enough peers
             # a static group (pycoll.init, ranks given) waits for all its ranks, also when it forms again
             # on a coordinator whose earlier group has left (a persistent `pycoll master`/`pycoll run`)
