@@ -512,7 +512,8 @@ class Coordinator:
             # A member of a group whose coordinator died re-registers with us
             # (a restarted coordinator): remember who else to wait for.
             if self.resume is None:
-                self.resume = {"epoch": 0, "expect": set(), "dead": set(), "heard": set(), "since": time.monotonic()}
+                self.resume = {"epoch": 0, "expect": set(), "dead": set(), "heard": set(), "told": set(),
+                               "since": time.monotonic()}
                 log.warning("re-forming a group that lost its coordinator (epoch %s)", resume.get("epoch"))
             self.resume["epoch"] = max(self.resume["epoch"], int(resume.get("epoch", 0)))
             self.resume["expect"].update(str(n) for n in resume.get("members", []))
@@ -562,6 +563,16 @@ class Coordinator:
         if m.hb_ident != ident:
             m.hb_ident = ident
             self.by_ident[ident] = m
+        resume = self.resume
+        if resume is not None and resume["dead"] and m.name in resume["heard"] and m.name not in resume["told"]:
+            # A successor: a member of the old epoch is dead, so that epoch's collectives cannot
+            # complete; cancel the one this member may be waiting in (its neighbours' failure may
+            # not reach it through the data plane) so that it reaches the sync point.
+            resume["told"].add(m.name)
+            dead = sorted(resume["dead"])
+            self._send(ident, {"t": "abort", "epoch": resume["epoch"], "lost": dead,
+                               "why": f"the coordinator was lost with {', '.join(dead)}; the group re-forms under "
+                                      "its successor"})
         if fd is not None and self._hb_fds.get(fd) is not m:
             prev = self._hb_fds.get(fd)
             self._hb_fds[fd] = m
