@@ -72,9 +72,17 @@ def report(ep, kind, seq, timeout, **fields):
         if unreachable:
             msg["unreachable"] = unreachable
     try:
-        return ep.client.request(msg, timeout=timeout + DECISION_MARGIN)
+        reply = ep.client.request(msg, timeout=timeout + DECISION_MARGIN)
+        if kind == "collective" and reply.get("decision") in ("commit", "parity"):
+            ep.last_decided = (ep.number, seq, reply)  # told to a successor (Epoch._failover)
+        return reply
     except CoordinatorError as exc:
         if not getattr(exc, "timed_out", False):
+            # The coordinator was lost while we waited: it may have decided the round and
+            # told only some members. Its successor knows from them (pycoll.comm.failover).
+            decided = ep.decided_elsewhere(seq) if kind == "collective" else None
+            if decided is not None:
+                return decided
             raise
     # No decision in time (a member is stuck without being dead): withdraw,
     # unless the round was decided meanwhile.

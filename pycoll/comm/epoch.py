@@ -120,6 +120,7 @@ class Epoch:
         self._cut_off = False       # a failover found the coordinator alive for the others: we are cut off
         self._fo_lock = threading.Lock()  # one failover at a time (the caller's, or the heartbeat thread's)
         self._fresh_failover = False  # the heartbeat thread's failover re-registered us
+        self.last_decided = None    # (epoch, seq, reply) of the last agreed collective round decided
         client.on_dead = self._on_coordinator_dead
         self._addrs = []            # per rank of this epoch: the data listener's (host, port)
         self._standby_ports = []    # per rank: the port kept for a successor coordinator (0: none)
@@ -353,6 +354,28 @@ class Epoch:
         return (self.options.failover and not self.members and self._join_msg is not None
                 and self._join_msg.get("rank") is None and self.client.needs_rejoin)
 
+    def decided_elsewhere(self, seq):
+        """The coordinator was lost while we waited for the decision of round #``seq``: ask its
+        successor (failing over first) whether another member got that decision. Returns the
+        decision, or None (nobody got one: the attempt runs again under the successor)."""
+        if not self.options.failover or self.standby is None or not self.members:
+            return None
+        try:
+            with self._fo_lock:
+                if self.can_fail_over():
+                    self._failover(background=True)  # (the group re-forms at the next sync)
+            if self.client.coordinator_lost():
+                return None
+            info = self.client.request({"t": "fail", "epoch": self.number, "seq": seq, "withdraw": True,
+                                        "why": "the coordinator was lost before the decision",
+                                        "status": int(lib.PC_ERR_CANCELLED)},
+                                       timeout=max(5.0, 3 * self.client.heartbeat_timeout))
+        except CollectiveError as exc:
+            log.info("rank %d: could not ask the successor about #%d: %s", self.rank, seq, exc)
+            return None
+        decided = info.get("decided")
+        return decided if isinstance(decided, dict) else None
+
     def failover_pending(self):
         """A failover is under way (the heartbeat thread's), or re-registered us and the group
         has not re-formed yet: a request refused meanwhile is answered by re-forming."""
@@ -406,6 +429,10 @@ class Epoch:
                 if client.endpoint != f"{host}:{port}":
                     client.retarget(host, port)
                 resume = {"epoch": self.number, "members": list(self.members), "rank": self.rank, "dead": dead}
+                if self.last_decided is not None and self.last_decided[0] == self.number:
+                    # the last agreed round we got the decision of: members that did not get it
+                    # (the coordinator died sending it) take it from the successor
+                    resume["decided"] = {"seq": self.last_decided[1], "reply": self.last_decided[2]}
             client.expect_coordinator()  # the successor may notice the loss a moment after us
             try:
                 client.request(dict(self._join_msg, rank=None, world_size=None, resume=resume),

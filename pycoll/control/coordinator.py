@@ -213,6 +213,10 @@ class Coordinator:
         # re-registered yet (pycoll.comm.failover.watch_resume; replaced whole, read here)
         self.resume_probe = {}
         self._also_after_resume = None  # (host, port) to serve on once resumed (also_listen)
+        # A successor: (epoch, seq) -> the decision of an agreed round of the lost coordinator that
+        # a re-registering member got; asked for by members that did not (withdraw, _on_fail)
+        self.resumed_decided = collections.OrderedDict()
+        self.resume_waiters = []  # (ident, msg) of such questions asked while members re-register
         self.fail_waiters = []     # (name, ident, rid): failure reports waiting for the cause
         self.cut = set()           # (reporter, peer) of this epoch: peer unreachable over the data network
         self.stats = collections.Counter()
@@ -274,6 +278,7 @@ class Coordinator:
                 self._check_abort()
                 if self.resume is not None:
                     self._maybe_form_epoch()
+                self._answer_resume_waiters(force=self.resume is None)
                 if self._also_after_resume is not None and time.monotonic() > self._also_after_resume[2]:
                     self._serve_also()
         finally:
@@ -520,6 +525,11 @@ class Coordinator:
             # members whose process this peer found gone (a refused connection): not waited for
             self.resume["dead"].update(str(n) for n in resume.get("dead", []) or [])
             self.resume["heard"].add(name)
+            told = resume.get("decided")
+            if isinstance(told, dict) and isinstance(told.get("reply"), dict) and isinstance(told.get("seq"), int):
+                self.resumed_decided[(int(resume.get("epoch", 0)), told["seq"])] = told["reply"]
+                while len(self.resumed_decided) > 64:
+                    self.resumed_decided.popitem(last=False)
             rank = resume.get("rank")
         m = Member(name, list(msg["addr"]), str(msg.get("host_id", "")), rank, self._join_seq,
                    msg.get("info") or {}, hb_timeout)
@@ -596,6 +606,17 @@ class Coordinator:
         m.sync_rid = msg.get("rid")
         m.sync_rebuild = bool(msg.get("rebuild"))
         m.sync_admit = bool(msg.get("admit"))
+        resume = self.resume
+        if resume is not None and m.name in resume["heard"]:
+            # A successor: this member left the old epoch for the sync point, so a member still in
+            # one of that epoch's collectives would wait for it forever (the lost coordinator
+            # answered the two of them differently): cancel that collective, so that it syncs too.
+            for name in sorted(resume["heard"] - resume["told"]):
+                x = self.members.get(name)
+                if x is not None and x.alive and x.sync_rid is None and x.hb_ident is not None:
+                    resume["told"].add(name)
+                    self._send(x.hb_ident, {"t": "abort", "epoch": resume["epoch"], "lost": [],
+                                            "why": "the coordinator was lost; the group re-forms under its successor"})
         self._check_abort()
         self._maybe_form_epoch()
 
@@ -605,6 +626,11 @@ class Coordinator:
         m = self._member_for(ident, msg)
         if m is None:
             return self._unknown(ident, msg)
+        if msg.get("withdraw") and msg.get("epoch") != self.epoch and self.resume is not None:
+            self.resume_waiters.append((ident, msg))  # answered once the members re-registered
+            return self._answer_resume_waiters()
+        if msg.get("withdraw") and (msg.get("epoch"), msg.get("seq")) in self.resumed_decided:
+            return self._reply(ident, msg, decided=self.resumed_decided[(msg.get("epoch"), msg.get("seq"))])
         if msg.get("epoch") != self.epoch or m.name not in self.epoch_members:
             return self._reply(ident, msg, **self._abort_info(stale=True))
         if msg.get("withdraw") and msg.get("seq") in self.decided:  # gave up waiting, but it was decided
@@ -864,6 +890,24 @@ class Coordinator:
             host, port, _ = self._also_after_resume
             self._also_after_resume = None
             self.also_listen(host, port)
+
+    def _answer_resume_waiters(self, force=False):
+        """Answer the members that asked whether a round of the lost coordinator was decided,
+        once every member of the old epoch re-registered (or is known dead, or the wait is over)."""
+        if not self.resume_waiters:
+            return
+        resume = self.resume
+        if resume is not None and not force:
+            known = resume["heard"] | resume["dead"] | {n for n, v in self.resume_probe.items() if v == "dead"}
+            if (resume["expect"] - known) and time.monotonic() - resume["since"] < self.resume_patience():
+                return
+        for ident, msg in self.resume_waiters:
+            key = (msg.get("epoch"), msg.get("seq"))
+            if key in self.resumed_decided:
+                self._reply(ident, msg, decided=self.resumed_decided[key])
+            else:
+                self._reply(ident, msg, **self._abort_info(stale=True))
+        self.resume_waiters = []
 
     def resume_patience(self):
         """Seconds a successor waits for a member that is alive but has not re-registered."""

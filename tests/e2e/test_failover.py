@@ -135,11 +135,12 @@ def test_a_two_peer_group_survives_the_crash_of_either(victim):
     _check_survivors(2, [victim], results, False)
 
 
-def _through_master_death(comm, stop_file):
-    """all_reduce (retry=True) and update_topology until ``stop_file`` exists; returns the
-    steps, the slowest step and whether every result was exact."""
-    steps, slowest, exact = 0, 0.0, True
-    while not os.path.exists(stop_file) and steps < 100000:
+def _through_master_death(comm, steps):
+    """``steps`` of all_reduce (retry=True) and update_topology (the same number on every peer,
+    so nobody leaves while another still runs); returns the slowest step, whether every result
+    was exact, the final epoch and world size."""
+    slowest, exact = 0.0, True
+    for _ in range(steps):
         x = np.full(4096, float(comm.rank + 1))
         t0 = time.monotonic()
         comm.all_reduce(x, retry=True)
@@ -147,24 +148,22 @@ def _through_master_death(comm, stop_file):
         slowest = max(slowest, time.monotonic() - t0)
         n = comm.world_size
         exact &= bool(np.all(x == n * (n + 1) / 2))
-        steps += 1
     return steps, slowest, exact, comm.epoch, comm.world_size
 
 
 @pytest.mark.timeout(120)
-def test_standalone_coordinator_death_needs_no_configuration(tmp_path):
+def test_standalone_coordinator_death_needs_no_configuration():
     from elastic_util import _peer_main
-    n = 4
+    n, steps = 4, 400
     port = free_port()
     master = subprocess.Popen([sys.executable, "-m", "pycoll", "master", "--port", str(port),
                                "--heartbeat-timeout", str(HB), "--world-size", str(n)])
     ctx = mp.get_context("spawn")
     procs, pipes = [], []
-    stop = str(tmp_path / "stop")
     try:
         for i in range(n):
             parent, child = ctx.Pipe(duplex=False)
-            p = ctx.Process(target=_peer_main, args=(_through_master_death, (stop,), port, f"m{i}",
+            p = ctx.Process(target=_peer_main, args=(_through_master_death, (steps,), port, f"m{i}",
                                                      {"heartbeat_timeout": HB, "timeout": 20}, None, child),
                             daemon=True)
             p.start()
@@ -179,14 +178,12 @@ def test_standalone_coordinator_death_needs_no_configuration(tmp_path):
                 time.sleep(0.05)
         finally:
             probe.close()
-        time.sleep(0.5)
-        master.kill()
+        time.sleep(0.3)
+        master.kill()  # while the peers loop: a member succeeds it
         master.wait(timeout=10)
-        time.sleep(3.0)  # the peers go on under a successor
-        open(stop, "w").close()
         results = []
         for pipe in pipes:
-            assert pipe.poll(60), "a peer hung"
+            assert pipe.poll(90), "a peer hung"
             status, *rest = pickle.loads(pipe.recv_bytes())
             assert status == "ok", rest
             results.append(rest[0])
@@ -198,8 +195,8 @@ def test_standalone_coordinator_death_needs_no_configuration(tmp_path):
             p.kill()
             p.join(5)
     assert all(r[2] for r in results), results  # every result exact
-    assert all(r[4] == n for r in results), "nobody was lost"
-    assert len({r[3] for r in results}) == 1
+    assert all(r[4] == n for r in results), f"nobody was lost: {results}"
+    assert len({r[3] for r in results}) == 1 and results[0][3] >= 2, results  # re-formed under the successor
     assert max(r[1] for r in results) < 10.0, results  # no wait for a timeout (bench: well under 1 s)
 
 
