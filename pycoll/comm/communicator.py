@@ -118,6 +118,7 @@ class Communicator:
                         lambda self: self._epoch.topology)
     calibrate = _setting("calibrate", "Measure the cost model when an epoch is installed.")
     coordinator_wait = _setting("coordinator_wait", "Seconds to wait for a lost coordinator to come back.")
+    failover = _setting("failover", "A lost coordinator is succeeded by a member (pycoll.comm.failover).")
     sync_timeout = _setting("sync_timeout", "Seconds a sync point (forming an epoch) may take.")
     mesh_timeout = _setting("mesh_timeout", "Seconds to connect an epoch's mesh.")
     tags = _setting("tags", "The declared tags, in canonical order (see all_reduce's ``tag=``).")
