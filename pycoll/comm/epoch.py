@@ -343,6 +343,14 @@ class Epoch:
         stall = self.options.stall_timeout
         return min(stall, 2.0 * self.client.heartbeat_timeout) if stall > 0 else 0.0
 
+    def busy_link_bound(self):
+        """Seconds within which a data link with bytes in flight and no acknowledgement fails
+        (TCP_USER_TIMEOUT): twice the heartbeat timeout, never stall_timeout alone. The kernel
+        runs that timer while a live peer keeps its window shut too, and stall_timeout bounds
+        idle links only: a peer busy for longer than it is slow, not dead (test_wan,
+        test_slow_peer_is_not_a_stall). 0: off, like link_bound."""
+        return 2.0 * self.client.heartbeat_timeout if self.options.stall_timeout > 0 else 0.0
+
     def can_fail_over(self):
         """Whether a lost coordinator is succeeded here (pycoll.comm.failover): failover on, a
         member of an epoch, and the coordinator gone (its process) or silent past its bound."""
@@ -479,7 +487,7 @@ class Epoch:
                              o.mesh_timeout, o.sockbuf, key=self._mesh_key,
                              should_abort=lambda: self.aborted_epoch >= epoch,
                              local=local_peers(members, rank, o.transport), mode=o.transport)
-        set_keepalive(links.fds, self.link_bound())
+        set_keepalive(links.fds, self.link_bound(), self.busy_link_bound())
         nworkers, switches = split_members(members)
         hcomm = None
         if switches:  # standalone aggregators: the whole mesh for them, the workers' part for us
@@ -547,7 +555,7 @@ class Epoch:
                                  local=local_peers(members, rank, o.transport), mode=o.transport)
         finally:
             self.listener.expect_meshes(())
-        set_keepalive(links.fds, self.link_bound())
+        set_keepalive(links.fds, self.link_bound(), self.busy_link_bound())
         channels = {}
         try:
             for i, tag in enumerate(o.tags):
