@@ -60,6 +60,11 @@ class CoordinatorClient:
         self._stop = threading.Event()
         self._lost_since = None
         self._last_reply = time.monotonic()
+        # Seconds the heartbeat thread has run since the last reply: the coordinator's silence as
+        # we could have heard it. Time this process was stopped (SIGSTOP, a paused VM) or starved
+        # counts for little: on waking, the silence is ours, not the coordinator's (an evicted
+        # peer must learn it was evicted, not fail over a coordinator that is alive).
+        self._silent = 0.0
         # The coordinator's process is gone (its connection dropped and its port refuses): a
         # fact, not a silence, so requests fail at once (see _heartbeat_loop, failover).
         self.coordinator_dead = False
@@ -167,14 +172,14 @@ class CoordinatorClient:
         self._hb_thread.start()
 
     def coordinator_lost(self):
-        return self._hb_thread is not None and (self.coordinator_dead or
-                                                time.monotonic() - self._last_reply > self.heartbeat_timeout)
+        return self._hb_thread is not None and (self.coordinator_dead or self._silent > self.heartbeat_timeout)
 
     def expect_coordinator(self):
         """A coordinator is about to answer (a successor starting): count it as heard from now,
         so a request waits for its answer instead of failing for the old one's silence."""
         self.coordinator_dead = False
         self._last_reply = time.monotonic()
+        self._silent = 0.0
 
     def retarget(self, host, port):
         """Talk to the coordinator at ``host:port`` from now on (a successor, see
@@ -186,6 +191,7 @@ class CoordinatorClient:
             self.cred = ""
             self.coordinator_dead = False
             self._last_reply = time.monotonic()
+            self._silent = 0.0
             self._retarget += 1
 
     def _confirm_dead(self):
@@ -226,9 +232,15 @@ class CoordinatorClient:
         generation = self._retarget
         sealer = auth.Sealer(self._to_key)
         opener = auth.Opener(self._from_key, self.limits.replay_window)
+        # one loop turn takes ~20 ms; a longer gap is this process stopped or starved (see _silent)
+        gap_cap = max(0.1, self.heartbeat_timeout / 8.0)
+        tick = time.monotonic()
         try:
             next_beat = 0.0
             while not self._stop.is_set():
+                now = time.monotonic()
+                self._silent += min(now - tick, gap_cap)
+                tick = now
                 if generation != self._retarget:  # a successor coordinator: dial it
                     hb.disable_monitor()
                     monitor.close(0)
@@ -258,6 +270,7 @@ class CoordinatorClient:
                     if msg is None:
                         continue
                     self._last_reply = time.monotonic()
+                    self._silent = 0.0
                     self.coordinator_dead = False
                     if msg.get("t") == "hb":
                         self.last_status = msg
