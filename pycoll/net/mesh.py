@@ -179,10 +179,13 @@ def probe_addrs(addrs, timeout):
                 out[i] = "dead" if err in (errno.ECONNREFUSED, errno.ECONNRESET) else "unknown"
         deadline = time.monotonic() + timeout
         while sel.get_map():
-            left = deadline - time.monotonic()
-            if left <= 0:
+            # (past the deadline, still one look without waiting: a thread that got no CPU for
+            # ``timeout`` s must not call a peer whose kernel already answered "unknown")
+            left = max(0.0, deadline - time.monotonic())
+            ready = sel.select(left)
+            if not ready and left <= 0:
                 break
-            for key, _ in sel.select(left):
+            for key, _ in ready:
                 err = key.fileobj.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
                 out[key.data] = "alive" if err == 0 else \
                     "dead" if err in (errno.ECONNREFUSED, errno.ECONNRESET) else "unknown"
