@@ -343,13 +343,18 @@ class Epoch:
         stall = self.options.stall_timeout
         return min(stall, 2.0 * self.client.heartbeat_timeout) if stall > 0 else 0.0
 
+    #: a link with bytes in flight gets this many stall timeouts (see busy_link_bound)
+    BUSY_SLACK = 4.0
+
     def busy_link_bound(self):
         """Seconds within which a data link with bytes in flight and no acknowledgement fails
-        (TCP_USER_TIMEOUT): twice the heartbeat timeout, never stall_timeout alone. The kernel
-        runs that timer while a live peer keeps its window shut too, and stall_timeout bounds
-        idle links only: a peer busy for longer than it is slow, not dead (test_wan,
-        test_slow_peer_is_not_a_stall). 0: off, like link_bound."""
-        return 2.0 * self.client.heartbeat_timeout if self.options.stall_timeout > 0 else 0.0
+        (TCP_USER_TIMEOUT): twice the heartbeat timeout, at most BUSY_SLACK stall timeouts,
+        never stall_timeout alone. The kernel runs that timer while a live peer keeps its window
+        shut too (busy, not reading), and a peer busy for longer than stall_timeout is slow, not
+        dead (test_wan::test_slow_peer_is_not_a_stall); a cut link still fails within a few
+        stall timeouts (test_wan::test_emulated_dead_link_fails_cleanly). 0: off."""
+        stall = self.options.stall_timeout
+        return min(2.0 * self.client.heartbeat_timeout, self.BUSY_SLACK * stall) if stall > 0 else 0.0
 
     def can_fail_over(self):
         """Whether a lost coordinator is succeeded here (pycoll.comm.failover): failover on, a
