@@ -6,6 +6,7 @@ import time
 from pycoll import bootstrap
 from pycoll.bootstrap import PROGRESS_S, job_id  # job_id: public here too, as before
 from pycoll.comm.communicator import Communicator
+from pycoll.comm.failover import Standby
 from pycoll.errors import CollectiveError, CoordinatorError, InvalidArgument
 from pycoll.limits import Limits
 from pycoll.net.links import settle
@@ -56,9 +57,9 @@ def _make(master_addr, master_port, rank, world_size, *, join_timeout, heartbeat
                             heartbeat_interval=heartbeat_interval, heartbeat_timeout=heartbeat_timeout,
                             host_coordinator=host_coordinator, token=token, limits=limits, name=name,
                             info={"transport": options.transport}, job=job_id(), sockbuf=options.sockbuf,
-                            who=f"rank {rank}" if rank is not None else None)
+                            who=f"rank {rank}" if rank is not None else None, standby=options.failover)
     client, started, deadline = joined.client, joined.started, joined.deadline
-    comm = None
+    comm = standby = None
     who = f"rank {rank}" if rank is not None else f"peer {client.name}"
 
     def progress(kind, waited):
@@ -71,8 +72,10 @@ def _make(master_addr, master_port, rank, world_size, *, join_timeout, heartbeat
                         master_port, time.monotonic() - started, join_timeout, text)
 
     try:
+        standby = None if joined.standby is None else Standby(*joined.standby)
+        joined.standby = None  # (the Standby owns the port now)
         comm = Communicator(client, joined.listener, options, coordinator=joined.coordinator, mesh_key=joined.mesh_key,
-                            join=joined.join)
+                            join=joined.join, standby=standby)
         epoch = comm.epoch_state
         client.on_wait, client.progress_interval = progress, PROGRESS_S
         try:  # the first epoch: the join wait covers both steps
@@ -97,6 +100,8 @@ def _make(master_addr, master_port, rank, world_size, *, join_timeout, heartbeat
     except BaseException:
         if comm is not None:
             comm.epoch_state.drop()
+        if standby is not None:
+            standby.close()
         joined.close()
         raise
 
