@@ -36,7 +36,6 @@
 #include <string.h>
 #include <time.h>
 #include <sys/mman.h>
-#include <sys/syscall.h>
 #include <unistd.h>
 
 #include "plan.h"
@@ -90,8 +89,6 @@ struct pc_comm {
     int32_t cpus_online;
     int busy_looks;           /* consecutive looks at the host that found it busy (host_busy) */
     int32_t collapse_skip;    /* single-copy runs left before huge pages are tried again (see huge_pages) */
-    uint64_t sched_run_ns, sched_wait_ns; /* the waiting thread's schedstat at the last look */
-    pid_t sched_tid;          /* whose they are (0: none yet) */
     double busy_seen_at;      /* when the last look was (0: never) */
     void *scratch;
     uint64_t scratch_cap;
@@ -854,9 +851,10 @@ static int shm_only_waits(const run_state *r) {
  *    them" (host_busy) is two looks in a row, BUSY_RECHECK apart and only
  *    when a wait begins, that both saw more runnable tasks than CPUs (the
  *    running count of /proc/loadavg), not counting this comm's own ranks on
- *    the host, and saw this thread queued behind others for more than
- *    QUEUED_BUSY of the time it wanted a CPU (its schedstat): tasks at a
- *    lower priority are runnable but yield to us at once. One look is not
+ *    the host. (Tasks at a lower priority count too: telling them apart
+ *    through this thread's schedstat kept a rank on the CPU for 31 % of its
+ *    waits next to busy loops: their wake-up preemption kept its queued
+ *    share low.) One look is not
  *    enough, because with every CPU running a rank any other thread that
  *    wakes for a moment tips it over (with 2 ranks on 2 idle cores, a
  *    heartbeat thread or the parent's polling loop: 15-25 % of the looks,
@@ -886,7 +884,6 @@ static int shm_only_waits(const run_state *r) {
  */
 #define BUSY_RECHECK 0.005  /* s between looks at /proc/loadavg */
 #define BUSY_LOOKS 2         /* busy: this many looks in a row saw it so */
-#define QUEUED_BUSY 0.2      /* busy: we waited for a CPU more than this share of the time we wanted one */
 #define SPIN_SLACK 50000u    /* ns added to a learned budget: a peer's hiccup (an interrupt, a
                                 thread of ours waking) rather than a sleep and a wake-up */
 
@@ -916,41 +913,14 @@ static int32_t runnable_tasks(void) {
     return p ? (int32_t)strtol(p, NULL, 10) : 0;
 }
 
-/* Of the time since the last look that this thread wanted a CPU, the share
- * it spent queued behind other tasks (/proc/thread-self/schedstat: ns on a
- * CPU, ns waiting on a run queue). 1 when unknown (no schedstat, first look
- * or another thread than last time): the runnable count decides alone. */
-static double queued_share(pc_comm *c) {
-    int fd = open("/proc/thread-self/schedstat", O_RDONLY | O_CLOEXEC);
-    if (fd < 0) return 1;
-    char buf[96];
-    ssize_t n = read(fd, buf, sizeof buf - 1);
-    close(fd);
-    if (n <= 0) return 1;
-    buf[n] = 0;
-    unsigned long long run = 0, wait = 0;
-    if (sscanf(buf, "%llu %llu", &run, &wait) != 2) return 1;
-    pid_t tid = (pid_t)syscall(SYS_gettid);
-    int known = c->sched_tid == tid && run >= c->sched_run_ns && wait >= c->sched_wait_ns;
-    double d_run = known ? (double)(run - c->sched_run_ns) : 0, d_wait = known ? (double)(wait - c->sched_wait_ns) : 0;
-    c->sched_tid = tid;
-    c->sched_run_ns = run;
-    c->sched_wait_ns = wait;
-    return known && d_run + d_wait > 0 ? d_wait / (d_run + d_wait) : 1;
-}
-
 /* Busy: more tasks want a CPU than there are CPUs, not counting our own ranks
  * on this host (they take turns with us: that is what the yields of an
- * oversubscribed spin are for), and they do take it from us: this thread sat
- * queued for more than QUEUED_BUSY of the time it wanted a CPU. (Tasks at a
- * lower priority, nice 15 say, count as runnable but barely delay us: the
- * scheduler preempts them when we wake.) */
+ * oversubscribed spin are for). */
 static int host_busy(pc_comm *c, double t) {
     if (c->busy_seen_at == 0 || t - c->busy_seen_at >= BUSY_RECHECK) {
         int32_t room = c->cpus_online > c->local_ranks ? c->cpus_online : c->local_ranks;
-        double queued = queued_share(c);
         c->busy_seen_at = t;
-        c->busy_looks = runnable_tasks() > room && queued > QUEUED_BUSY ? c->busy_looks + 1 : 0;
+        c->busy_looks = runnable_tasks() > room ? c->busy_looks + 1 : 0;
     }
     return c->busy_looks >= BUSY_LOOKS;
 }

@@ -8,11 +8,9 @@ server that forks the ranks of each test from one process that imported torch on
 
 Each torch test is one test here. It passes when torch's test passes on pycoll. When torch's
 test skips itself at run time (it needs GPUs this machine lacks), the same test is run on Gloo
-and must skip there too, for the same reason: pycoll never skips what Gloo runs. One named
-list holds the tests expected to fail, as ``xfail(strict=True)``, so a test that starts passing
-turns the run red until the list is updated: ``GLOO_ONLY_IN_TORCH``, which torch itself refuses
-for any backend but Gloo (the check is quoted next to each entry), so no backend registered from
-outside torch can pass them.
+and must skip there too, for the same reason: pycoll never skips what Gloo runs. The tests
+torch itself refuses for any backend but Gloo (``GLOO_ONLY_IN_TORCH``: the check is quoted there)
+must fail on pycoll, and with torch's refusal in the failure: nothing else may break them.
 """
 import json
 import os
@@ -35,8 +33,8 @@ HARD_TIMEOUT_S = 240  # the driver kills the whole server after this (torch over
 #   monitored_barrier: `if get_backend(group) != Backend.GLOO: raise ValueError("monitored_barrier
 #   is only implemented for GLOO backend.")`
 GLOO_ONLY_IN_TORCH = {
-    "test_monitored_barrier_gloo",
-    "test_monitored_barrier_gloo_subgroup",
+    "test_monitored_barrier_gloo": "monitored_barrier is only implemented for GLOO backend",
+    "test_monitored_barrier_gloo_subgroup": "monitored_barrier is only implemented for GLOO backend",
 }
 
 
@@ -107,15 +105,14 @@ class _Server:
         self.proc = None
 
 
-def _params(world_size):
-    marks = {n: "torch allows it for Gloo only" for n in GLOO_ONLY_IN_TORCH}
-    return [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=marks[n])) if n in marks else n
-            for n in TESTS[world_size]]
-
-
 def _check(server, test):
     start = time.monotonic()
     mine = server.run(test, "pycoll")
+    if test in GLOO_ONLY_IN_TORCH:
+        assert mine["outcome"] == "failed" and GLOO_ONLY_IN_TORCH[test] in mine["detail"], (
+            f"{test} is refused by torch for any backend but Gloo; on pycoll: {mine['outcome']}: "
+            f"{mine['detail'][-2000:]}")
+        return
     if mine["outcome"] == "passed":
         return
     if mine["outcome"] == "skipped":
@@ -136,33 +133,17 @@ def server(request, tmp_path_factory):
 
 # Two classes per world size (each test list split in half), each with its own server: xdist
 # (--dist loadscope) hands out classes, so the four balance with the rest of the suite.
-class TestWorldSize2a:
-    WORLD_SIZE = 2
+def _suite_class(world_size, half):
+    class Suite:
+        WORLD_SIZE = world_size
 
-    @pytest.mark.parametrize("test", _params(2)[0::2])
-    def test_torch_suite(self, server, test):
-        _check(server, test)
+        @pytest.mark.parametrize("test", TESTS[world_size][half::2])
+        def test_torch_suite(self, server, test):
+            _check(server, test)
 
-
-class TestWorldSize2b:
-    WORLD_SIZE = 2
-
-    @pytest.mark.parametrize("test", _params(2)[1::2])
-    def test_torch_suite(self, server, test):
-        _check(server, test)
+    Suite.__name__ = Suite.__qualname__ = f"TestWorldSize{world_size}{'ab'[half]}"
+    return Suite
 
 
-class TestWorldSize3a:
-    WORLD_SIZE = 3
-
-    @pytest.mark.parametrize("test", _params(3)[0::2])
-    def test_torch_suite(self, server, test):
-        _check(server, test)
-
-
-class TestWorldSize3b:
-    WORLD_SIZE = 3
-
-    @pytest.mark.parametrize("test", _params(3)[1::2])
-    def test_torch_suite(self, server, test):
-        _check(server, test)
+TestWorldSize2a, TestWorldSize2b = _suite_class(2, 0), _suite_class(2, 1)
+TestWorldSize3a, TestWorldSize3b = _suite_class(3, 0), _suite_class(3, 1)
