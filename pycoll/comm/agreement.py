@@ -72,15 +72,14 @@ def report(ep, kind, seq, timeout, **fields):
         if unreachable:
             msg["unreachable"] = unreachable
     try:
-        reply = ep.client.request(msg, timeout=timeout + DECISION_MARGIN)
-        if kind == "collective" and reply.get("decision") in ("commit", "parity"):
-            ep.last_decided = (ep.number, seq, reply)  # told to a successor (Epoch._failover)
-        return reply
+        # (the client keeps the decision: told to a successor, see Epoch._failover)
+        return ep.client.request(msg, timeout=timeout + DECISION_MARGIN)
     except CoordinatorError as exc:
         if not getattr(exc, "timed_out", False):
             # The coordinator was lost while we waited: it may have decided the round and
-            # told only some members. Its successor knows from them (pycoll.comm.failover).
-            decided = ep.decided_elsewhere(seq) if kind == "collective" else None
+            # told only some members, which went on to the next call. Its successor knows
+            # from them (pycoll.comm.failover), whatever the round's kind.
+            decided = ep.decided_elsewhere(seq, kind)
             if decided is not None:
                 return decided
             raise

@@ -126,7 +126,6 @@ class Epoch:
         self._cut_off = False       # a failover found the coordinator alive for the others: we are cut off
         self._fo_lock = threading.Lock()  # one failover at a time (the caller's, or the heartbeat thread's)
         self._fresh_failover = False  # the heartbeat thread's failover re-registered us
-        self.last_decided = None    # (epoch, seq, reply) of the last agreed collective round decided
         client.on_dead = self._on_coordinator_dead
         self._addrs = []            # per rank of this epoch: the data listener's (host, port)
         self._standby_ports = []    # per rank: the port kept for a successor coordinator (0: none)
@@ -375,10 +374,12 @@ class Epoch:
         return (self.options.failover and not self.members and self._join_msg is not None
                 and self._join_msg.get("rank") is None and self.client.needs_rejoin)
 
-    def decided_elsewhere(self, seq):
-        """The coordinator was lost while we waited for the decision of round #``seq``: ask its
-        successor (failing over first) whether another member got that decision. Returns the
-        decision, or None (nobody got one: the attempt runs again under the successor)."""
+    def decided_elsewhere(self, seq, kind):
+        """The coordinator was lost while we waited for the decision of round #``seq`` (of
+        ``kind``): ask its successor (failing over first) whether another member got that
+        decision. Returns the decision when it completes the operation here too
+        (failover.completes), or None (the attempt runs again under the successor, as on
+        every member: nobody completed it)."""
         if not self.options.failover or self.standby is None or not self.members:
             return None
         try:
@@ -395,7 +396,7 @@ class Epoch:
             log.info("rank %d: could not ask the successor about #%d: %s", self.rank, seq, exc)
             return None
         decided = info.get("decided")
-        return decided if isinstance(decided, dict) else None
+        return decided if failover.completes(kind, decided) else None
 
     def failover_pending(self):
         """A failover is under way (the heartbeat thread's), or re-registered us and the group
@@ -450,13 +451,14 @@ class Epoch:
                 if client.endpoint != f"{host}:{port}":
                     client.retarget(host, port)
                 resume = {"epoch": self.number, "members": list(self.members), "rank": self.rank, "dead": dead}
-                if self.last_decided is not None and self.last_decided[0] == self.number:
-                    # the last agreed round we got the decision of: members that did not get it
-                    # (the coordinator died sending it) take it from the successor
-                    resume["decided"] = {"seq": self.last_decided[1], "reply": self.last_decided[2]}
             client.expect_coordinator()  # the successor may notice the loss a moment after us
             try:
-                client.request(dict(self._join_msg, rank=None, world_size=None, resume=resume),
+                # the last round we got the decision of, read under the request lock (after any
+                # reply our own thread is taking): members that did not get it (the coordinator
+                # died sending it) take it from the successor, so all leave the epoch at one call
+                client.request(lambda: dict(self._join_msg, rank=None, world_size=None,
+                                            resume=dict(resume, decided=failover.told_decision(client.last_round,
+                                                                                               self.number))),
                                timeout=min(2.0, max(0.1, deadline - time.monotonic())))
                 break
             except CoordinatorError as exc:

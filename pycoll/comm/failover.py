@@ -13,6 +13,10 @@ bound), the members of the last epoch pick a successor among themselves and go o
   and the members it knows dead. The new coordinator forms an epoch only when the members it
   does not hear from are known dead or fewer than those it hears from (no split brain: see
   ``Coordinator._maybe_form_epoch`` and docs/fault-model.md).
+* Every member must leave the lost coordinator's epoch at the same operation: a round it decided
+  and told only some members before it died is told to the others by the successor
+  (:func:`told_decision`, :func:`completes`), so either every survivor completes the operation
+  or none does and all run it again in the successor's first epoch.
 """
 import logging
 import threading
@@ -21,7 +25,7 @@ import time
 from pycoll.control.coordinator import Coordinator
 from pycoll.net.mesh import probe_addrs
 
-__all__ = ["Standby", "elect", "reachability", "probe_addrs", "PROBE_TIMEOUT"]
+__all__ = ["Standby", "elect", "reachability", "probe_addrs", "PROBE_TIMEOUT", "completes", "told_decision"]
 
 log = logging.getLogger("pycoll")
 
@@ -120,3 +124,31 @@ def elect(members, addrs, standby_ports, rank, timeout=PROBE_TIMEOUT):
     eligible = [i for i in range(len(members)) if seen[i] == "alive" and standby_ports[i]]
     successor = eligible[0] if eligible else rank
     return successor, dead, unknown
+
+
+#: decisions that end an agreed operation with nothing more to exchange: the same on every
+#: member (a plain state decision is per rank, but without transfers its rank's parts are empty)
+_FINAL = {"collective": ("commit", "parity"), "parity": ("report",), "state": ("state",)}
+
+
+def completes(kind, reply):
+    """Whether ``reply``, the lost coordinator's decision of a round of ``kind`` that another
+    member got, completes that operation for a member that did not get it. A state decision
+    that moves bytes does not: its transfers and their round ran (or stall) on the old epoch's
+    links, so every member runs the whole sync again (the member that got it fails at the
+    next round, which the lost coordinator cannot have decided without this one's report)."""
+    if not isinstance(reply, dict) or reply.get("decision") not in _FINAL.get(kind, ()):
+        return False
+    return not (kind == "state" and reply.get("transfer"))
+
+
+def told_decision(last_round, epoch):
+    """What a member tells its successor at re-registration about the last round it got a
+    decision for (``last_round``: the client's (epoch, seq, kind, reply)), None if nothing of
+    ``epoch`` (the members that missed that decision take it from the successor)."""
+    if last_round is None or last_round[0] != epoch:
+        return None
+    _, seq, kind, reply = last_round
+    if not completes(kind, reply):
+        return None
+    return {"seq": seq, "kind": kind, "reply": reply}

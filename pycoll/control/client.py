@@ -73,6 +73,10 @@ class CoordinatorClient:
         self._hb_thread = None
         self.on_wait = None  # called as on_wait(kind, waited_s) every progress_interval s a request waits
         self.progress_interval = 5.0
+        # (epoch, seq, kind, reply) of the last round this peer got a decision for, recorded under
+        # the request lock before the request returns: a re-registration with a successor (a
+        # request too, so after it) always tells the decisions this peer acted on (failover)
+        self.last_round = None
 
     def _socket(self, suffix):
         s = self._ctx.socket(zmq.DEALER)
@@ -93,8 +97,12 @@ class CoordinatorClient:
         return f"{self.host}:{self.port}"
 
     def request(self, msg, timeout):
-        """Send one request and wait up to ``timeout`` s for its reply."""
+        """Send one request and wait up to ``timeout`` s for its reply. ``msg``: a dict, or a
+        function that makes it, called under the request lock (so it sees every reply an
+        earlier request returned, e.g. ``last_round``)."""
         with self._lock:
+            if callable(msg):
+                msg = msg()
             self._rid += 1
             rid = self._rid
             msg = dict(msg, rid=rid, name=self.name, cred=self.cred)
@@ -139,6 +147,8 @@ class CoordinatorClient:
                         raise exc
                     if msg["t"] == "join" and isinstance(reply.get("cred"), str):
                         self.cred = reply["cred"]
+                    elif msg["t"] == "round" and "decision" in reply:
+                        self.last_round = (msg.get("epoch"), msg.get("seq"), msg.get("kind"), reply)
                     return reply
                 if self.coordinator_lost():
                     self.needs_rejoin = True

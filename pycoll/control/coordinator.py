@@ -65,6 +65,7 @@ from zmq.utils.monitor import recv_monitor_message
 from zmq.utils import z85
 
 from pycoll import auth
+from pycoll import faults
 from pycoll.control import parity
 from pycoll.control import schema
 from pycoll.limits import resolve
@@ -843,6 +844,8 @@ class Coordinator:
         while len(self.decided) > 32:
             self.decided.popitem(last=False)
         for name, (ident, rid) in rnd.waiters.items():
+            if faults.FAULTS_ARMED:  # test hook: die having told only some members (pycoll.comm.failover)
+                faults.fault_point(f"coordinator:{rnd.kind}")
             self._send(ident, {"rid": rid, "ok": True, **replies[self._rank_of(name)]})
 
     def _decide_collective(self, rnd, by_rank):

@@ -200,6 +200,70 @@ def test_standalone_coordinator_death_needs_no_configuration():
     assert max(r[1] for r in results) < 10.0, results  # no wait for a timeout (bench: well under 1 s)
 
 
+def _state_then_sum(comm, steps):
+    """The chaos loop's calls in miniature: sync_shared_state, an agreed all_reduce,
+    update_topology; returns whether every sum was exact, the final epoch, world size and state."""
+    params = np.zeros(256)
+    state, revision, exact = {"params": params}, 0, True
+    for _ in range(steps):
+        revision = comm.sync_shared_state(state, revision).revision
+        x = np.full(4096, float(comm.rank + 1))
+        comm.all_reduce(x, retry=True)
+        n = comm.world_size
+        exact &= bool(np.all(x == n * (n + 1) / 2))
+        params += 1.0
+        revision += 1
+        comm.update_topology()
+    return exact, comm.epoch, comm.world_size, revision, float(params.sum())
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("kind", ["state", "collective"])
+def test_a_decision_the_lost_coordinator_told_one_member_reaches_every_member(kind):
+    """The standalone coordinator dies having sent the decision of the first ``kind`` round to
+    one member only (fault point coordinator:<kind>): that member went on to its next call. The
+    successor hears of the decision from it and tells the others, so every member leaves the
+    lost coordinator's epoch at the same call; nobody runs the round's operation again alone
+    (before: "members called different operations as #n" in the successor's epoch)."""
+    from elastic_util import _peer_main
+    n, steps = 4, 6
+    port = free_port()
+    env = dict(os.environ, PYCOLL_FAULT=f'["coordinator:{kind}", 2]')  # dies at its 2nd reply
+    master = subprocess.Popen([sys.executable, "-m", "pycoll", "master", "--port", str(port),
+                               "--heartbeat-timeout", str(HB), "--world-size", str(n)], env=env,
+                              stdout=subprocess.DEVNULL)
+    ctx = mp.get_context("spawn")
+    procs, pipes = [], []
+    try:
+        for i in range(n):
+            parent, child = ctx.Pipe(duplex=False)
+            p = ctx.Process(target=_peer_main, args=(_state_then_sum, (steps,), port, f"d{i}",
+                                                     {"heartbeat_timeout": HB, "timeout": 20}, None, child),
+                            daemon=True)
+            p.start()
+            child.close()
+            procs.append(p)
+            pipes.append(parent)
+        results = []
+        for pipe in pipes:
+            assert pipe.poll(90), "a peer hung"
+            status, *rest = pickle.loads(pipe.recv_bytes())
+            assert status == "ok", rest
+            results.append(rest[0])
+        assert master.wait(timeout=10) == -signal.SIGKILL  # it did die at the fault point
+    finally:
+        if master.poll() is None:
+            master.kill()
+            master.wait()
+        for p in procs:
+            p.kill()
+            p.join(5)
+    assert all(r[0] for r in results), results  # every sum exact
+    assert all(r[2] == n for r in results), f"nobody was lost: {results}"
+    assert len({r[1] for r in results}) == 1 and results[0][1] >= 2, results  # re-formed under the successor
+    assert {(r[3], r[4]) for r in results} == {(steps, steps * 256.0)}, results
+
+
 # ---- the successor's rule ------------------------------------------------------
 def _resume_join(port, name, members, dead, epoch=7):
     client = CoordinatorClient("127.0.0.1", port, name=name, heartbeat_timeout=HB)
