@@ -48,8 +48,18 @@ from pycoll.control.client import CoordinatorClient  # noqa: E402
 from pycoll.testing import free_port  # noqa: E402
 
 
+def _watchdog(path):
+    """FAULT_LATENCY_STACKS=<seconds>: a peer still looping that long after it was ready dumps
+    every thread's stack to ``path``.stacks, again every <seconds> (where a stalled trial waits)."""
+    seconds = float(os.environ.get("FAULT_LATENCY_STACKS", "0") or 0)
+    if seconds > 0:
+        import faulthandler
+        faulthandler.dump_traceback_later(seconds, repeat=True, file=open(path + ".stacks", "w"))
+
+
 def _looper(comm, count, retry, path):
     x = np.ones(count, np.float32)
+    _watchdog(path)
     with open(path, "a", buffering=1) as log:
         log.write(json.dumps({"event": "ready", "t": time.time()}) + "\n")
         for _ in range(100000):
@@ -70,6 +80,19 @@ def _looper(comm, count, retry, path):
                 log.write(json.dumps({"event": "coordinator_error", "t": time.time()}) + "\n")
                 return
             x[:] = 1
+
+
+def _keep_stacks(paths):
+    """Copy the watchdog's stack dumps (see _watchdog) to FAULT_LATENCY_STACKS_DIR, if any."""
+    out = os.environ.get("FAULT_LATENCY_STACKS_DIR")
+    if not out:
+        return
+    for x in paths:
+        if os.path.exists(x + ".stacks") and os.path.getsize(x + ".stacks"):
+            os.makedirs(out, exist_ok=True)
+            with open(x + ".stacks") as src, open(os.path.join(out, f"{time.time():.3f}-{os.path.basename(x)}.txt"),
+                                                  "w") as dst:
+                dst.write(src.read())
 
 
 def _events(path):
@@ -144,6 +167,7 @@ def trial_init_kill(victims, peers, count, heartbeat, retry, rng, transport):
                 out.append((None if det is None else det - t_fault, ev["recovered"] - t_fault))
             return out
         finally:
+            _keep_stacks(paths)
             for p in procs:
                 p.kill()
                 p.join()
@@ -153,6 +177,7 @@ def _master_looper(comm, path):
     """all_reduce(retry=True) + update_topology until the file ``path + '.stop'`` exists; logs
     each completed step's end time, and any error."""
     x = np.ones(1024, np.float32)
+    _watchdog(path)
     with open(path, "a", buffering=1) as log:
         log.write(json.dumps({"event": "ready", "t": time.time()}) + "\n")
         while not os.path.exists(path + ".stop"):
@@ -210,6 +235,7 @@ def trial_master_failover(peers, heartbeat, rng, transport):
                 out.append((None, after[0] - t_fault))
             return out
         finally:
+            _keep_stacks(paths)
             master.kill()
             master.wait()
             for p in procs:

@@ -452,6 +452,8 @@ class Epoch:
                     client.retarget(host, port)
                 resume = {"epoch": self.number, "members": list(self.members), "rank": self.rank, "dead": dead}
             client.expect_coordinator()  # the successor may notice the loss a moment after us
+            if faults.FAULTS_ARMED:  # test hook: a member slow to re-register with the successor
+                fault_point("failover:register")
             try:
                 # the last round we got the decision of, read under the request lock (after any
                 # reply our own thread is taking): members that did not get it (the coordinator

@@ -70,6 +70,8 @@ class CoordinatorClient:
         # fact, not a silence, so requests fail at once (see _heartbeat_loop, failover).
         self.coordinator_dead = False
         self._retarget = 0  # bumped by retarget(): the heartbeat thread reconnects its socket
+        # guards coordinator_dead against a verdict on the coordinator we just left (see _confirm_dead)
+        self._dead_lock = threading.Lock()
         self._hb_thread = None
         self.on_wait = None  # called as on_wait(kind, waited_s) every progress_interval s a request waits
         self.progress_interval = 5.0
@@ -200,13 +202,14 @@ class CoordinatorClient:
         pycoll.comm.failover): new sockets, a new credential at the next join."""
         with self._lock:
             self._req.close(0)
-            self.host, self.port = host, port
+            with self._dead_lock:
+                self.host, self.port = host, port
+                self._retarget += 1
+                self.coordinator_dead = False
             self._req = self._socket(b"/req")
             self.cred = ""
-            self.coordinator_dead = False
             self._last_reply = time.monotonic()
             self._silent = 0.0
-            self._retarget += 1
 
     def _confirm_dead(self):
         """The heartbeat connection dropped: the coordinator is dead if its port now refuses a
@@ -214,21 +217,26 @@ class CoordinatorClient:
         stays silent, is not proof (a restart, a cut link: the heartbeat bound decides those)."""
         # (a dying process closes its connections and its listening socket one after the other:
         # a probe in between is still accepted, so look again for a moment)
+        with self._dead_lock:
+            generation, addr = self._retarget, (self.host, self.port)
         for _ in range(5):
-            if probe_addrs([(self.host, self.port)], 0.2)[0] == "dead":
+            if probe_addrs([addr], 0.2)[0] == "dead":
                 break
             time.sleep(0.01)
         else:
             return
-        if not self.coordinator_dead:
-            log.warning("the coordinator at %s is gone (its connection dropped, its port refuses)", self.endpoint)
+        with self._dead_lock:
+            if generation != self._retarget:
+                return  # we moved to a successor meanwhile: the verdict was on the one we left
+            newly = not self.coordinator_dead
             self.coordinator_dead = True
+        if newly:
+            log.warning("the coordinator at %s:%d is gone (its connection dropped, its port refuses)", *addr)
             if self.on_dead is not None:
                 try:
                     self.on_dead()
                 except Exception:  # noqa: BLE001 - a callback never breaks the heartbeats
                     log.exception("coordinator-death callback failed")
-        self.coordinator_dead = True
 
     def wait_for_coordinator(self, timeout):
         """Block until a coordinator answers our heartbeats again (a restarted

@@ -302,6 +302,7 @@ class Coordinator:
                 self._check_suspects()
                 self._check_abort()
                 if self.resume is not None:
+                    self._tell_left_behind()
                     self._maybe_form_epoch()
                 self._answer_resume_waiters(force=self.resume is None)
                 if self._also_after_resume is not None and time.monotonic() > self._also_after_resume[2]:
@@ -542,7 +543,7 @@ class Coordinator:
             # A member of a group whose coordinator died re-registers with us
             # (a restarted coordinator): remember who else to wait for.
             if self.resume is None:
-                self.resume = {"epoch": 0, "expect": set(), "dead": set(), "heard": set(), "told": set(),
+                self.resume = {"epoch": 0, "expect": set(), "dead": set(), "heard": set(), "told": {},
                                "since": time.monotonic()}
                 log.warning("re-forming a group that lost its coordinator (epoch %s)", resume.get("epoch"))
             self.resume["epoch"] = max(self.resume["epoch"], int(resume.get("epoch", 0)))
@@ -598,16 +599,8 @@ class Coordinator:
         if m.hb_ident != ident:
             m.hb_ident = ident
             self.by_ident[ident] = m
-        resume = self.resume
-        if resume is not None and resume["dead"] and m.name in resume["heard"] and m.name not in resume["told"]:
-            # A successor: a member of the old epoch is dead, so that epoch's collectives cannot
-            # complete; cancel the one this member may be waiting in (its neighbours' failure may
-            # not reach it through the data plane) so that it reaches the sync point.
-            resume["told"].add(m.name)
-            dead = sorted(resume["dead"])
-            self._send(ident, {"t": "abort", "epoch": resume["epoch"], "lost": dead,
-                               "why": f"the coordinator was lost with {', '.join(dead)}; the group re-forms under "
-                                      "its successor"})
+        if self.resume is not None and m.name in self.resume["heard"]:
+            self._tell_left_behind(m)  # (its first heartbeat may come after the others synced)
         if fd is not None and self._hb_fds.get(fd) is not m:
             prev = self._hb_fds.get(fd)
             self._hb_fds[fd] = m
@@ -631,17 +624,8 @@ class Coordinator:
         m.sync_rid = msg.get("rid")
         m.sync_rebuild = bool(msg.get("rebuild"))
         m.sync_admit = bool(msg.get("admit"))
-        resume = self.resume
-        if resume is not None and m.name in resume["heard"]:
-            # A successor: this member left the old epoch for the sync point, so a member still in
-            # one of that epoch's collectives would wait for it forever (the lost coordinator
-            # answered the two of them differently): cancel that collective, so that it syncs too.
-            for name in sorted(resume["heard"] - resume["told"]):
-                x = self.members.get(name)
-                if x is not None and x.alive and x.sync_rid is None and x.hb_ident is not None:
-                    resume["told"].add(name)
-                    self._send(x.hb_ident, {"t": "abort", "epoch": resume["epoch"], "lost": [],
-                                            "why": "the coordinator was lost; the group re-forms under its successor"})
+        if self.resume is not None and m.name in self.resume["heard"]:
+            self._tell_left_behind()
         self._check_abort()
         self._maybe_form_epoch()
 
@@ -936,6 +920,39 @@ class Coordinator:
                 self._reply(ident, msg, **self._abort_info(stale=True))
         self.resume_waiters = []
 
+    #: seconds between two aborts a successor sends a member left behind in the old epoch
+    RETELL_S = 0.5
+
+    def _tell_left_behind(self, only=None):
+        """A successor re-forming the group: cancel the old epoch's operation that a re-registered
+        member (``only``: that one; default: every one) may be waiting in, once that operation
+        cannot complete: a member of the old epoch is known dead, or another member left the
+        epoch for the sync point (the lost coordinator answered the two of them differently,
+        e.g. its last sync reply reached only some). Told again every RETELL_S seconds until it
+        reaches the sync point: a member whose heartbeat reached us only after the others
+        synced, or that was between two calls when told, is never left waiting in a collective
+        for its timeout (the data plane would not tell it: nobody failed, they just left)."""
+        resume = self.resume
+        if resume is None:
+            return
+        synced = any(x is not None and x.alive and x.sync_rid is not None
+                     for x in (self.members.get(n) for n in resume["heard"]))
+        if not (resume["dead"] or synced):
+            return
+        dead = sorted(resume["dead"])
+        why = (f"the coordinator was lost with {', '.join(dead)}; the group re-forms under its successor" if dead
+               else "the coordinator was lost; the group re-forms under its successor")
+        now = time.monotonic()
+        for name in ([only.name] if only is not None else sorted(resume["heard"])):
+            x = self.members.get(name)
+            if x is None or not x.alive or x.sync_rid is not None or x.hb_ident is None:
+                continue
+            last = resume["told"].get(name)
+            if last is not None and now - last < self.RETELL_S:
+                continue
+            resume["told"][name] = now
+            self._send(x.hb_ident, {"t": "abort", "epoch": resume["epoch"], "lost": dead, "why": why})
+
     def resume_patience(self):
         """Seconds a successor waits for a member that is alive but has not re-registered."""
         return max(3.0, 2 * self.heartbeat_timeout)
@@ -1041,6 +1058,8 @@ class Coordinator:
         changed = bool(joiners or lost or any(m.sync_rebuild for m in current) or self.abort is not None)
         if not changed:
             for m in current:
+                if faults.FAULTS_ARMED:  # test hook: die having answered only some members' sync
+                    faults.fault_point("coordinator:sync")
                 self._send(m.req_ident, {"rid": m.sync_rid, "ok": True, "epoch": self.epoch,
                                          "unchanged": True})
                 m.sync_rid = None

@@ -228,7 +228,9 @@ def test_a_decision_the_lost_coordinator_told_one_member_reaches_every_member(ki
     from elastic_util import _peer_main
     n, steps = 4, 6
     port = free_port()
-    env = dict(os.environ, PYCOLL_FAULT=f'["coordinator:{kind}", 2]')  # dies at its 2nd reply
+    # dies at its 2nd reply, 0.2 s after the 1st (sent: zmq sends from its own thread)
+    env = dict(os.environ, PYCOLL_FAULT=f'["coordinator:{kind}", 2]',
+               PYCOLL_FAULT_DELAY=f'{{"coordinator:{kind}": 0.2}}')
     master = subprocess.Popen([sys.executable, "-m", "pycoll", "master", "--port", str(port),
                                "--heartbeat-timeout", str(HB), "--world-size", str(n)], env=env,
                               stdout=subprocess.DEVNULL)
@@ -262,6 +264,72 @@ def test_a_decision_the_lost_coordinator_told_one_member_reaches_every_member(ki
     assert all(r[2] == n for r in results), f"nobody was lost: {results}"
     assert len({r[1] for r in results}) == 1 and results[0][1] >= 2, results  # re-formed under the successor
     assert {(r[3], r[4]) for r in results} == {(steps, steps * 256.0)}, results
+
+
+def _sum_then_sync_slow_rank0(comm, steps):
+    """all_reduce(retry=True) + update_topology; rank 0 re-registers with a successor 1.5 s
+    late (fault point failover:register). Returns the slowest step, whether every sum was
+    exact, the final epoch and world size."""
+    from pycoll import faults
+    if comm.rank == 0:
+        faults.arm(delay={"failover:register": 1.5})
+    slowest, exact = 0.0, True
+    for _ in range(steps):
+        x = np.full(4096, float(comm.rank + 1))
+        t0 = time.monotonic()
+        comm.all_reduce(x, retry=True)
+        n = comm.world_size
+        exact &= bool(np.all(x == n * (n + 1) / 2))
+        comm.update_topology()
+        slowest = max(slowest, time.monotonic() - t0)
+    return slowest, exact, comm.epoch, comm.world_size
+
+
+@pytest.mark.timeout(120)
+def test_a_member_the_lost_coordinator_let_past_the_sync_point_is_not_left_waiting():
+    """The standalone coordinator dies having answered only rank 0's sync point (fault point
+    coordinator:sync): rank 0 went on into the next all_reduce on the old epoch's links, where
+    nobody follows it, and it re-registers with the successor only after the others reached
+    the successor's sync point. The successor cancels that all_reduce as soon as it hears from
+    rank 0 (Coordinator._tell_left_behind), not at the collective's timeout (20 s here)."""
+    from elastic_util import _peer_main
+    n, steps = 4, 6
+    port = free_port()
+    env = dict(os.environ, PYCOLL_FAULT='["coordinator:sync", 2]',  # rank 0's reply only (as above)
+               PYCOLL_FAULT_DELAY='{"coordinator:sync": 0.2}')
+    master = subprocess.Popen([sys.executable, "-m", "pycoll", "master", "--port", str(port),
+                               "--heartbeat-timeout", str(HB), "--world-size", str(n)], env=env,
+                              stdout=subprocess.DEVNULL)
+    ctx = mp.get_context("spawn")
+    procs, pipes = [], []
+    try:
+        for i in range(n):
+            parent, child = ctx.Pipe(duplex=False)
+            p = ctx.Process(target=_peer_main, args=(_sum_then_sync_slow_rank0, (steps,), port, f"s{i}",
+                                                     {"heartbeat_timeout": HB, "timeout": 20}, None, child),
+                            daemon=True)
+            p.start()
+            child.close()
+            procs.append(p)
+            pipes.append(parent)
+        results = []
+        for pipe in pipes:
+            assert pipe.poll(90), "a peer hung"
+            status, *rest = pickle.loads(pipe.recv_bytes())
+            assert status == "ok", rest
+            results.append(rest[0])
+        assert master.wait(timeout=10) == -signal.SIGKILL  # it did die at the fault point
+    finally:
+        if master.poll() is None:
+            master.kill()
+            master.wait()
+        for p in procs:
+            p.kill()
+            p.join(5)
+    assert all(r[1] for r in results), results  # every sum exact
+    assert all(r[3] == n for r in results), f"nobody was lost: {results}"
+    assert len({r[2] for r in results}) == 1 and results[0][2] >= 2, results  # re-formed under the successor
+    assert max(r[0] for r in results) < 10.0, results  # not the collective's 20 s timeout
 
 
 # ---- the successor's rule ------------------------------------------------------
