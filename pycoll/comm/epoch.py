@@ -464,6 +464,10 @@ class Epoch:
                                timeout=min(2.0, max(0.1, deadline - time.monotonic())))
                 break
             except CoordinatorError as exc:
+                if getattr(exc, "evicted", False):  # the successor refused us (re-registered too late)
+                    self._cut_off = True
+                    client.evicted = client.evicted or str(exc)
+                    raise
                 if time.monotonic() > deadline:
                     raise CoordinatorError(f"rank {self.rank}: the coordinator at {old} is lost and no successor "
                                            f"took over within {self.options.sync_timeout:.0f} s: {exc}") from None

@@ -242,6 +242,7 @@ class Coordinator:
         # a re-registering member got; asked for by members that did not (withdraw, _on_fail)
         self.resumed_decided = collections.OrderedDict()
         self.resume_waiters = []  # (ident, msg) of such questions asked while members re-register
+        self.resumed_undecided = set()  # (epoch, seq) answered "not decided" (a later claim is refused)
         self.fail_waiters = []     # (name, ident, rid): failure reports waiting for the cause
         self.cut = set()           # (reporter, peer) of this epoch: peer unreachable over the data network
         self.stats = collections.Counter()
@@ -539,6 +540,16 @@ class Coordinator:
         self._join_seq += 1
         hb_timeout = float(msg.get("heartbeat_timeout") or self.heartbeat_timeout)
         resume = msg.get("resume")
+        told = resume.get("decided") if isinstance(resume, dict) else None
+        if (isinstance(told, dict) and isinstance(told.get("seq"), int)
+                and (int(resume.get("epoch", 0)), told["seq"]) in self.resumed_undecided):
+            # Too late: the others were told that round was not decided and run its call again,
+            # while this member went on past it. It would call a different operation than they do.
+            return self._error(ident, msg, f"this peer ({name}) re-registered with the successor coordinator "
+                                           f"after the others were told round #{told['seq']} of epoch "
+                                           f"{resume.get('epoch')} was not decided (they run that call again, "
+                                           "this peer went past it); the group goes on without it. Join again "
+                                           "with pycoll.connect()", evicted=True, why="re-registered too late")
         if resume and self.epoch == 0 and not self.epoch_members:
             # A member of a group whose coordinator died re-registers with us
             # (a restarted coordinator): remember who else to wait for.
@@ -917,6 +928,9 @@ class Coordinator:
             if key in self.resumed_decided:
                 self._reply(ident, msg, decided=self.resumed_decided[key])
             else:
+                self.resumed_undecided.add(key)
+                while len(self.resumed_undecided) > 64:
+                    self.resumed_undecided.pop()
                 self._reply(ident, msg, **self._abort_info(stale=True))
         self.resume_waiters = []
 

@@ -333,13 +333,48 @@ def test_a_member_the_lost_coordinator_let_past_the_sync_point_is_not_left_waiti
 
 
 # ---- the successor's rule ------------------------------------------------------
-def _resume_join(port, name, members, dead, epoch=7):
+def _resume_join(port, name, members, dead, epoch=7, decided=None):
     client = CoordinatorClient("127.0.0.1", port, name=name, heartbeat_timeout=HB)
     msg = {"t": "join", "proto": PROTOCOL, "addr": ["127.0.0.1", 1], "host_id": "h", "rank": None,
            "world_size": None, "info": {}, "resume": {"epoch": epoch, "members": members,
-                                                      "rank": members.index(name), "dead": dead}}
-    client.request(msg, timeout=10)
+                                                      "rank": members.index(name), "dead": dead,
+                                                      "decided": decided}}
+    try:
+        client.request(msg, timeout=10)
+    except BaseException:
+        client.close()
+        raise
     return client
+
+
+@pytest.mark.timeout(60)
+def test_a_successor_refuses_a_decision_it_already_answered_as_undecided():
+    """b asks whether round #3 of epoch 7 was decided; c, alive but silent, has not re-registered
+    within the successor's patience, so b is told it was not (b runs that call again). c then
+    re-registers claiming the round was decided (it went past it): refused (evicted), so it
+    cannot call a different operation than the others in the successor's epoch."""
+    members = ["a", "b", "c"]
+    coord = Coordinator("127.0.0.1", 0, heartbeat_timeout=0.5).start()
+    coord.resume_probe = {"c": "alive"}  # (watch_resume's probe: alive, so patience applies)
+    clients = []
+    try:
+        clients = [_resume_join(coord.port, n, members, []) for n in ("a", "b")]
+        t0 = time.monotonic()
+        info = clients[1].request({"t": "fail", "epoch": 7, "seq": 3, "withdraw": True, "why": "lost",
+                                   "status": 0}, timeout=10)
+        assert "decided" not in info and info.get("retry") is True, info
+        assert time.monotonic() - t0 >= coord.resume_patience() - 0.5  # it waited for c first
+        commit = {"decision": "commit", "members": members, "epoch": 7, "seq": 3}
+        with pytest.raises(CoordinatorError) as err:
+            _resume_join(coord.port, "c", members, [], decided={"seq": 3, "kind": "collective", "reply": commit})
+        assert err.value.evicted and "not decided" in str(err.value)
+        late = _resume_join(coord.port, "c", members, [], decided={"seq": 2, "kind": "collective",
+                                                                   "reply": dict(commit, seq=2)})
+        clients.append(late)  # an earlier round nobody asked about: accepted
+    finally:
+        for cl in clients:
+            cl.close()
+        coord.stop()
 
 
 @pytest.mark.timeout(60)
