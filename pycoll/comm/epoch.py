@@ -207,7 +207,7 @@ class Epoch:
         self.aborted_epoch = epoch
         if epoch != self.number:
             return
-        self.cancel()
+        self.cancel(epoch)
 
     def sync(self, rebuild, admit=False, timeout=None):
         """Reach a sync point with every live member; rebuild the mesh if the
@@ -521,6 +521,7 @@ class Epoch:
         channels = self._connect_channels(rank, [m[1] for m in members], epoch, reply["token"], members)
         with self._comm_lock:
             self.ccomm = comm
+            self.number = reply["epoch"]  # (with the connections: see cancel)
         self.rank, self.world_size, self.number = rank, len(members), reply["epoch"]
         self.members = [m[0] for m in members]
         self._addrs = [tuple(m[1]) for m in members]  # (the workers': who may succeed a lost coordinator)
@@ -623,9 +624,14 @@ class Epoch:
         for c in (comm, switch.hcomm if switch is not None else None):
             engine.close(c)
 
-    def cancel(self):
-        """Cancel the collectives running now on any of the epoch's connections (any thread)."""
+    def cancel(self, epoch=None):
+        """Cancel the collectives running now on any of the epoch's connections (any thread).
+        ``epoch``: only if that is still the current one (an abort of an epoch read just before
+        the next one was installed must not cancel the new one's connections: _install sets the
+        number with the connections, under the same lock)."""
         with self._comm_lock:
+            if epoch is not None and epoch != self.number:
+                return
             for c in (self.ccomm, self.switch.hcomm if self.switch is not None else None):
                 if c is not None:
                     engine.cancel(c)

@@ -31,6 +31,8 @@ log = logging.getLogger("pycoll")
 
 #: seconds a liveness probe of a member's listener waits before it counts as "unknown"
 PROBE_TIMEOUT = 0.5
+#: seconds a successor keeps joiners waiting for the old members' re-registration at most
+RESUME_EXPECTED_S = 120.0
 
 
 class Standby:
@@ -68,6 +70,9 @@ class Standby:
             if coord is None:
                 raise OSError(f"cannot bind the successor coordinator to {self.bind_host}:{self.port}")
             coord.host_name = name
+            # joiners wait for the old members (bounded: our own re-registration comes within the
+            # sync timeout, or we gave up; see Coordinator.resume_expected_until)
+            coord.resume_expected_until = time.monotonic() + RESUME_EXPECTED_S
             if origin is not None:
                 coord.also_listen(*origin, after_resume=True)
             self.coordinator = coord.start()

@@ -243,6 +243,11 @@ class Coordinator:
         self.resumed_decided = collections.OrderedDict()
         self.resume_waiters = []  # (ident, msg) of such questions asked while members re-register
         self.resumed_undecided = set()  # (epoch, seq) answered "not decided" (a later claim is refused)
+        # A successor (pycoll.comm.failover) forms no first epoch of fresh joiners before the lost
+        # coordinator's members re-register (until this monotonic time): a joiner that finds it
+        # first (at the lost coordinator's address) would start a new group, and the members'
+        # re-registration would then join that one as newcomers with their old state.
+        self.resume_expected_until = 0.0
         self.fail_waiters = []     # (name, ident, rid): failure reports waiting for the cause
         self.cut = set()           # (reporter, peer) of this epoch: peer unreachable over the data network
         self.stats = collections.Counter()
@@ -1062,6 +1067,8 @@ class Coordinator:
             self.resume = None
             self._serve_also()
         elif not current:  # first epoch, or everybody died: wait for enough peers
+            if self.epoch == 0 and time.monotonic() < self.resume_expected_until:
+                return  # a successor: the old members re-register first (joiners are admitted after)
             # a static group (pycoll.init, ranks given) waits for all its ranks, also when it forms again
             # on a coordinator whose earlier group has left (a persistent `pycoll master`/`pycoll run`)
             static = self.epoch == 0 or any(m.rank_hint is not None for m in joiners)

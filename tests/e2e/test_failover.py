@@ -458,3 +458,40 @@ def test_liveness_probes_tell_a_dead_process_from_a_live_one():
     finally:
         live.close()
         kept.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_successor_forms_no_fresh_group_before_the_old_members_re_register():
+    """A joiner that reaches a successor first (at the lost coordinator's address, which the
+    successor serves too) waits: the old members re-register and re-form their epoch, numbered on
+    from theirs, and the joiner is admitted later. Before, the joiner formed a new group of one and
+    the old member's re-registration joined it as a newcomer, carrying its state into another
+    group's history (the chaos test's "result differs" at a late step)."""
+    import threading
+    coord = Coordinator("127.0.0.1", 0, heartbeat_timeout=HB).start()
+    coord.resume_expected_until = time.monotonic() + 30  # as Standby.start_coordinator sets it
+    joiner = CoordinatorClient("127.0.0.1", coord.port, name="fresh", heartbeat_timeout=HB)
+    clients = [joiner]
+    try:
+        joiner.start_heartbeats()
+        joiner.request({"t": "join", "proto": PROTOCOL, "addr": ["127.0.0.1", 1], "host_id": "h", "rank": None,
+                        "world_size": None, "info": {}}, timeout=10)
+        got = []
+        t = threading.Thread(target=lambda: got.append(joiner.request(
+            {"t": "sync", "epoch": 0, "rebuild": True, "admit": True}, timeout=20)), daemon=True)
+        t.start()
+        time.sleep(1.5)
+        assert coord.epoch == 0 and not got  # no group of the joiner alone
+        old = _resume_join(coord.port, "a", ["a", "b"], ["b"], epoch=7)
+        old.start_heartbeats()
+        clients.append(old)
+        reply = old.request({"t": "sync", "epoch": 7, "rebuild": True, "admit": False}, timeout=10)
+        assert reply["epoch"] == 8 and [m[0] for m in reply["members"]] == ["a"]  # the old group, numbered on
+        reply = old.request({"t": "sync", "epoch": 8, "rebuild": False, "admit": True}, timeout=10)
+        t.join(10)
+        assert got and got[0]["epoch"] == 9 and [m[0] for m in got[0]["members"]] == ["a", "fresh"]
+        assert reply["epoch"] == 9
+    finally:
+        for cl in clients:
+            cl.close()
+        coord.stop()
