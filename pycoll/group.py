@@ -81,9 +81,16 @@ def _make(master_addr, master_port, rank, world_size, *, join_timeout, heartbeat
         try:  # the first epoch: the join wait covers both steps
             epoch.sync(rebuild=True, timeout=max(1.0, deadline - time.monotonic()))
         except CoordinatorError as exc:
-            if not getattr(exc, "timed_out", False):
-                raise
             text = _forming_text(client, world_size) if rank is not None else None
+            if not getattr(exc, "timed_out", False):
+                if not (text and client.coordinator_lost()):
+                    raise
+                # the coordinator went away while the group was forming: rank 0, which hosts it,
+                # gave up at its own join timeout (nearly ours) because a rank never came
+                raise CoordinatorError(f"{who}: the group at {master_addr}:{master_port} did not form: {text}; "
+                                       f"its coordinator went away meanwhile ({exc}). Did every rank start, with "
+                                       "the same MASTER_ADDR, MASTER_PORT and WORLD_SIZE? PYCOLL_JOIN_TIMEOUT sets "
+                                       "this wait") from None
             raise CoordinatorError(
                 f"{who}: the group at {master_addr}:{master_port} did not form within {join_timeout:.0f} s"
                 + (f": {text}" if text else " (this peer was not admitted: do the members call update_topology()?)")
