@@ -18,7 +18,7 @@ from pycoll.control.client import CoordinatorClient, check_endpoint, resolve_hos
 from pycoll.control.coordinator import PROTOCOL, Coordinator
 from pycoll.errors import CoordinatorError
 from pycoll.limits import resolve
-from pycoll.net.mesh import Listener, host_id, local_address_towards
+from pycoll.net.mesh import Listener, host_id, local_address_towards, reserve_port
 from pycoll.options import environ
 
 log = logging.getLogger("pycoll")
@@ -92,12 +92,17 @@ class Joined:
     ``listener``, the ``join`` message (sent again to re-register), the ``coordinator`` this
     process hosts (or None), the mesh key, and the join's ``started``/``deadline`` (monotonic)."""
 
-    def __init__(self, client, listener, join, coordinator, mesh_key, started, deadline):
+    def __init__(self, client, listener, join, coordinator, mesh_key, started, deadline, standby=None):
         self.client, self.listener, self.join, self.coordinator = client, listener, join, coordinator
         self.mesh_key, self.started, self.deadline = mesh_key, started, deadline
+        # (socket of the port kept for a successor coordinator, bind host, secret, limits,
+        # detection bound): what pycoll.comm.failover.Standby takes; None without failover
+        self.standby = standby
 
     def close(self):
         """Release everything :func:`join` opened (the caller's set-up after the join failed)."""
+        if self.standby is not None:
+            self.standby[0].close()
         self.listener.close()
         self.client.close()
         if self.coordinator is not None:
@@ -106,14 +111,16 @@ class Joined:
 
 def join(master_addr, master_port, *, join_timeout, rank=None, world_size=None, heartbeat_interval=None,
          heartbeat_timeout=None, host_coordinator=False, token=None, limits=None, name=None, info=None, job=None,
-         sockbuf=0, who=None):
+         sockbuf=0, who=None, standby=False):
     """Join the coordinator at ``master_addr:master_port`` within ``join_timeout`` s; returns a
     :class:`Joined`. ``rank``/``world_size``: a fixed group's (``init``), None for an elastic
     joiner or an aggregator. ``host_coordinator``: start the coordinator here when none
     listens (rank 0), again when the one found was shutting down. ``heartbeat_timeout``: the
     detection bound (None: the coordinator's, and :data:`DEFAULT_DETECTION` for the client).
     ``info``: added to the join's info (``pid`` is always there); ``job``: the job id to carry
-    (see :func:`job_id`). ``who``: how progress lines and errors name this process."""
+    (see :func:`job_id`). ``who``: how progress lines and errors name this process. ``standby``:
+    keep a port for a successor coordinator and advertise it (a worker that takes part in
+    failover, see pycoll.comm.failover)."""
     secret = auth.load_secret(token)
     limits = resolve(limits)
     started = time.monotonic()
@@ -126,8 +133,11 @@ def join(master_addr, master_port, *, join_timeout, rank=None, world_size=None, 
     coordinator = None
     if host_coordinator:
         coordinator = start_coordinator_if_free(master_addr, master_port, world_size, detection, secret, limits)
-    client = listener = None
+    client = listener = kept = None
     try:
+        if standby:
+            kept = reserve_port(bind)
+            info = dict(info or {}, standby=kept.getsockname()[1])
         auth.warn_if_exposed(bind, secret, "this peer's data listener")
         listener = Listener(bind, advertise, sockbuf=sockbuf, limits=limits)
         client = CoordinatorClient(master_addr, master_port, name=name, heartbeat_interval=heartbeat_interval,
@@ -151,8 +161,11 @@ def join(master_addr, master_port, *, join_timeout, rank=None, world_size=None, 
             msg["heartbeat_timeout"] = float(heartbeat_timeout)
         _request_join(client, msg, deadline, master_addr, rank, who, retry_host if host_coordinator else None)
         client.start_heartbeats()
-        return Joined(client, listener, msg, coordinator, auth.derive(secret, "mesh"), started, deadline)
+        return Joined(client, listener, msg, coordinator, auth.derive(secret, "mesh"), started, deadline,
+                      None if kept is None else (kept, bind, secret, limits, detection))
     except BaseException:
+        if kept is not None:
+            kept.close()
         if listener is not None:
             listener.close()
         if client is not None:

@@ -1,8 +1,12 @@
 """Fault points: named places in the code where a test may delay or kill this process.
 
 pycoll calls them ``before:<collective>``, ``during:<collective>``, ``agreed:<collective>``,
-``decided:<collective>``, ``before:state_transfer``, ``during:state_transfer`` and ``calibrate``
-(before each of the all-reduces that measure the cost model when an epoch is installed); user code adds
+``decided:<collective>``, ``before:state_transfer``, ``during:state_transfer``, ``calibrate``
+(before each of the all-reduces that measure the cost model when an epoch is installed) and, in a
+coordinator's process, ``coordinator:<round kind>`` (before it sends each member the decision of a
+round: ``["coordinator:state", 2]`` dies having told one member), ``coordinator:sync`` (before it
+answers each member's sync point when the group is unchanged) and ``failover:register`` (before a
+member re-registers with a successor coordinator); user code adds
 its own with :func:`fault_point`. A process is armed from its environment (``PYCOLL_FAULT``:
 die at a point, ``PYCOLL_FAULT_DELAY``: sleep at points) or by :func:`arm` (which
 :func:`pycoll.testing.run` calls in each rank it starts).

@@ -6,6 +6,7 @@ import time
 from pycoll import bootstrap
 from pycoll.bootstrap import PROGRESS_S, job_id  # job_id: public here too, as before
 from pycoll.comm.communicator import Communicator
+from pycoll.comm.failover import Standby
 from pycoll.errors import CollectiveError, CoordinatorError, InvalidArgument
 from pycoll.limits import Limits
 from pycoll.net.links import settle
@@ -56,9 +57,9 @@ def _make(master_addr, master_port, rank, world_size, *, join_timeout, heartbeat
                             heartbeat_interval=heartbeat_interval, heartbeat_timeout=heartbeat_timeout,
                             host_coordinator=host_coordinator, token=token, limits=limits, name=name,
                             info={"transport": options.transport}, job=job_id(), sockbuf=options.sockbuf,
-                            who=f"rank {rank}" if rank is not None else None)
+                            who=f"rank {rank}" if rank is not None else None, standby=options.failover)
     client, started, deadline = joined.client, joined.started, joined.deadline
-    comm = None
+    comm = standby = None
     who = f"rank {rank}" if rank is not None else f"peer {client.name}"
 
     def progress(kind, waited):
@@ -71,16 +72,25 @@ def _make(master_addr, master_port, rank, world_size, *, join_timeout, heartbeat
                         master_port, time.monotonic() - started, join_timeout, text)
 
     try:
+        standby = None if joined.standby is None else Standby(*joined.standby)
+        joined.standby = None  # (the Standby owns the port now)
         comm = Communicator(client, joined.listener, options, coordinator=joined.coordinator, mesh_key=joined.mesh_key,
-                            join=joined.join)
+                            join=joined.join, standby=standby)
         epoch = comm.epoch_state
         client.on_wait, client.progress_interval = progress, PROGRESS_S
         try:  # the first epoch: the join wait covers both steps
             epoch.sync(rebuild=True, timeout=max(1.0, deadline - time.monotonic()))
         except CoordinatorError as exc:
-            if not getattr(exc, "timed_out", False):
-                raise
             text = _forming_text(client, world_size) if rank is not None else None
+            if not getattr(exc, "timed_out", False):
+                if not (text and client.coordinator_lost()):
+                    raise
+                # the coordinator went away while the group was forming: rank 0, which hosts it,
+                # gave up at its own join timeout (nearly ours) because a rank never came
+                raise CoordinatorError(f"{who}: the group at {master_addr}:{master_port} did not form: {text}; "
+                                       f"its coordinator went away meanwhile ({exc}). Did every rank start, with "
+                                       "the same MASTER_ADDR, MASTER_PORT and WORLD_SIZE? PYCOLL_JOIN_TIMEOUT sets "
+                                       "this wait") from None
             raise CoordinatorError(
                 f"{who}: the group at {master_addr}:{master_port} did not form within {join_timeout:.0f} s"
                 + (f": {text}" if text else " (this peer was not admitted: do the members call update_topology()?)")
@@ -97,6 +107,8 @@ def _make(master_addr, master_port, rank, world_size, *, join_timeout, heartbeat
     except BaseException:
         if comm is not None:
             comm.epoch_state.drop()
+        if standby is not None:
+            standby.close()
         joined.close()
         raise
 

@@ -213,6 +213,8 @@ ENVIRONMENT = {v.name: v for v in (
              "connections (TLS 1.3), keys derived from PYCOLL_SECRET; the same on every peer and the "
              "coordinator; shared memory between same-host peers stays as it is (default 0)",
              "pycoll.control, pycoll.net", _flag),
+    Variable("PYCOLL_FAILOVER", "0: a lost coordinator is not succeeded by a member; the group waits for it "
+             "(coordinator_wait=) or fails (failover=; default 1)", "pycoll.options", _flag, "failover"),
     Variable("PYCOLL_CALIBRATE", "0: do not measure the cost model when an epoch is installed (calibrate=; "
              "default 1)", "pycoll.options", _flag, "calibrate"),
     # Making a group (pycoll.init / pycoll.connect, the torch backend).
@@ -287,6 +289,7 @@ class Options:
     calibrate: bool = True                      # measure the cost model when an epoch is installed
     probe_seconds: float = 0.3                  # topology="measure": each probe flow's duration
     coordinator_wait: float = 0.0               # seconds to wait for a lost coordinator to come back
+    failover: bool = True                       # a lost coordinator is succeeded by a member (pycoll.comm.failover)
     sync_timeout: float = 120.0                 # seconds a sync point (forming an epoch) may take
     mesh_timeout: Optional[float] = None        # seconds to connect an epoch's mesh (None: Limits.connect_timeout)
     tags: tuple = ()                            # the tags whose calls run beside each other (canonical order)
@@ -310,6 +313,7 @@ class Options:
         check("preserve_input", _flag)
         check("calibrate", _flag)
         check("probe_seconds", _positive_seconds)
+        check("failover", _flag)
         check("transport", parse_transport)
         check("single_copy", parse_single_copy)
         check("max_retries", _count)

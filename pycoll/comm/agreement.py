@@ -67,10 +67,21 @@ def begin(ep):
 def report(ep, kind, seq, timeout, **fields):
     """Round #seq of the epoch: send our report, wait for the decision."""
     msg = {"t": "round", "kind": kind, "epoch": ep.number, "seq": seq, **fields}
+    if not fields.get("ok", True):  # a link failed? say which members we cannot reach (Epoch.unreachable)
+        unreachable = ep.unreachable(fields.get("status"))
+        if unreachable:
+            msg["unreachable"] = unreachable
     try:
+        # (the client keeps the decision: told to a successor, see Epoch._failover)
         return ep.client.request(msg, timeout=timeout + DECISION_MARGIN)
     except CoordinatorError as exc:
         if not getattr(exc, "timed_out", False):
+            # The coordinator was lost while we waited: it may have decided the round and
+            # told only some members, which went on to the next call. Its successor knows
+            # from them (pycoll.comm.failover), whatever the round's kind.
+            decided = ep.decided_elsewhere(seq, kind)
+            if decided is not None:
+                return decided
             raise
     # No decision in time (a member is stuck without being dead): withdraw,
     # unless the round was decided meanwhile.
@@ -187,6 +198,17 @@ def attempts_for(ep, retry):
     return 1 + int(retry)
 
 
+def under_successor(ep, exc, n, tries):
+    """Whether attempt #n (of ``tries``) that failed with ``exc`` runs again under a successor
+    coordinator: the coordinator was lost (its host died with the failure, or it alone died)
+    before it decided the attempt, so nobody committed it (pycoll.comm.failover)."""
+    if not ((ep.can_fail_over() or ep.failover_pending()) and n + 1 < tries):
+        return False
+    log.info("rank %d: retrying under a successor coordinator (attempt %d): %s", ep.rank, n + 2, exc)
+    ep.mark_broken()
+    return True
+
+
 def run_agreed(ep, attempt, retry=False, verify=False, root=None):
     """Run ``attempt(agreement)`` until it commits; re-run over the survivors
     after a retryable failure (a member was lost), at most as ``retry``
@@ -207,10 +229,16 @@ def run_agreed(ep, attempt, retry=False, verify=False, root=None):
         try:
             result = attempt(Agreement(verify, root_name))
         except PeerFailure as exc:
+            if under_successor(ep, exc, n, tries):
+                continue
             if not exc.retryable or n + 1 >= tries:
                 raise
             lost.extend(x for x in exc.lost_names if x not in lost)
             log.info("rank %d: retrying over the survivors (attempt %d): %s", ep.rank, n + 2, exc)
+            continue
+        except CoordinatorError as exc:
+            if not under_successor(ep, exc, n, tries):
+                raise
             continue
         ep.last_outcome = ep.last_outcome._replace(attempts=n + 1, lost=tuple(lost))
         return result

@@ -61,18 +61,20 @@ class Communicator:
     or :func:`pycoll.connect` to make one."""
 
     def __init__(self, client, listener, options: Optional[Options] = None, *, coordinator=None, mesh_key=None,
-                 join=None, **settings):
+                 join=None, standby=None, **settings):
         """``options``: the settings, resolved (:meth:`pycoll.options.Options.resolve`); without
         them, ``settings`` (the same names as keywords) are resolved here, else they change
         ``options``. ``coordinator``: the in-process coordinator we host, if any (see
         :meth:`adopt_coordinator`); ``mesh_key`` authenticates peer connections (pycoll.auth);
-        ``join``: the message this peer joined with (see :class:`pycoll.comm.epoch.Epoch`)."""
+        ``join``: the message this peer joined with, ``standby``: its port for a successor
+        coordinator (see :class:`pycoll.comm.epoch.Epoch`)."""
         if options is None:
             options = Options.resolve(**settings)
         elif settings:
             options = options.replace(**settings)
-        self._epoch = ep = Epoch(client, listener, options, mesh_key=mesh_key, join=join)
+        self._epoch = ep = Epoch(client, listener, options, mesh_key=mesh_key, join=join, standby=standby)
         self._coordinator = coordinator  # the in-process coordinator we host, if any
+        ep.on_host = self.adopt_coordinator  # a successor of a lost coordinator (pycoll.comm.failover)
         # The call path: one untagged collective at a time (the epoch's lock, which shared
         # state takes too), inline or on the worker thread behind queued async work.
         self._exec_lock = ep.exec_lock
@@ -120,6 +122,7 @@ class Communicator:
     calibrate = _setting("calibrate", "Measure the cost model when an epoch is installed.")
     probe_seconds = _setting("probe_seconds", 'topology="measure": each probe flow\'s duration in seconds.')
     coordinator_wait = _setting("coordinator_wait", "Seconds to wait for a lost coordinator to come back.")
+    failover = _setting("failover", "A lost coordinator is succeeded by a member (pycoll.comm.failover).")
     sync_timeout = _setting("sync_timeout", "Seconds a sync point (forming an epoch) may take.")
     mesh_timeout = _setting("mesh_timeout", "Seconds to connect an epoch's mesh.")
     tags = _setting("tags", "The declared tags, in canonical order (see all_reduce's ``tag=``).")

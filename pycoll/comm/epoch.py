@@ -41,6 +41,7 @@ import time
 import zlib
 
 from pycoll import faults
+from pycoll.comm import failover
 from pycoll.comm.failures import FAILED, NOT_RUN, failure_error
 from pycoll.comm.switch import EngineLayout, SwitchPath, split_members
 from pycoll.core import engine
@@ -101,10 +102,12 @@ class Channel:
 class Epoch:
     """One communicator's membership epochs (see the module doc)."""
 
-    def __init__(self, client, listener, options, *, mesh_key=None, join=None):
+    def __init__(self, client, listener, options, *, mesh_key=None, join=None, standby=None):
         """``options``: resolved (:meth:`pycoll.options.Options.resolve`); ``mesh_key``
         authenticates peer connections (pycoll.auth; None: no secret); ``join``: the message
-        this peer joined with (re-registration with a restarted coordinator sends it again)."""
+        this peer joined with (re-registration with a restarted coordinator sends it again);
+        ``standby``: the :class:`pycoll.comm.failover.Standby` that lets this peer succeed a
+        lost coordinator (None: no failover)."""
         self.options = self._complete(options, listener)
         # Algorithm choice (pycoll.plan.costmodel): a topology (file, TOML path or Topology) gives
         # groups, ring order and the cost model; without one, it is measured when an epoch is installed.
@@ -118,6 +121,14 @@ class Epoch:
         # PYCOLL_ENCRYPT: TCP connections under TLS 1.3 with a key from the group secret
         self._tls_key = data_plane_key(mesh_key)
         self._join_msg = join
+        self.standby = standby
+        self.on_host = None         # called with the coordinator this peer starts as a successor
+        self._cut_off = False       # a failover found the coordinator alive for the others: we are cut off
+        self._fo_lock = threading.Lock()  # one failover at a time (the caller's, or the heartbeat thread's)
+        self._fresh_failover = False  # the heartbeat thread's failover re-registered us
+        client.on_dead = self._on_coordinator_dead
+        self._addrs = []            # per rank of this epoch: the data listener's (host, port)
+        self._standby_ports = []    # per rank: the port kept for a successor coordinator (0: none)
         self._fresh_join = None     # the epoch pycoll.connect returned in (see update_topology)
         if self.options.transport != "tcp":
             listener.enable_local()
@@ -196,7 +207,7 @@ class Epoch:
         self.aborted_epoch = epoch
         if epoch != self.number:
             return
-        self.cancel()
+        self.cancel(epoch)
 
     def sync(self, rebuild, admit=False, timeout=None):
         """Reach a sync point with every live member; rebuild the mesh if the
@@ -214,7 +225,10 @@ class Epoch:
                 reply = self.client.request({"t": "sync", "epoch": self.number, "rebuild": rebuild, "admit": admit},
                                             timeout=max(1.0, deadline - time.monotonic()))
             except CoordinatorError:
-                if not (self.client.needs_rejoin and self.options.coordinator_wait > 0):
+                if not (self.client.needs_rejoin and (self.options.coordinator_wait > 0 or self.can_fail_over()
+                                                      or self.failover_pending()
+                                                      or (self.options.failover and self.client.stranger)
+                                                      or self._joining_anew())):
                     raise
                 if time.monotonic() > deadline + self.options.coordinator_wait:
                     raise  # a coordinator that keeps dropping us: the loop ends too
@@ -227,7 +241,9 @@ class Epoch:
                 self._install(reply)
                 return True
             except PeerFailure as exc:
-                self.report_failure(reply["epoch"], f"building the mesh failed: {exc}", lib.PC_ERR_PEER)
+                members = reply.get("members") or []
+                group = ([m[0] for m in members], [tuple(m[1]) for m in members], reply.get("rank", -1))
+                self.report_failure(reply["epoch"], f"building the mesh failed: {exc}", lib.PC_ERR_PEER, group=group)
                 if time.monotonic() > deadline:
                     raise
                 rebuild, admit = True, False
@@ -259,6 +275,45 @@ class Epoch:
         address, register again with what we know of our epoch, and let the
         sync that follows re-form the group (membership and ranks)."""
         client, wait = self.client, self.options.coordinator_wait
+        if self.options.failover and self.standby is not None:
+            with self._fo_lock:  # (waits for a failover the heartbeat thread started)
+                if self.can_fail_over():
+                    self._failover()
+                    return
+                if self._fresh_failover:
+                    # the heartbeat thread's failover re-registered us: the sync that follows
+                    # re-forms the group under the successor
+                    self._fresh_failover = False
+                    client.needs_rejoin = False
+                    client.evicted = None
+                    client.stranger = False
+                    self.broken = True
+                    return
+        if self._joining_anew():
+            # Not admitted yet when the coordinator was lost: a member succeeds it and serves at
+            # its address once the group re-formed (pycoll.comm.failover). Join there again.
+            if not client.wait_for_coordinator(self.options.sync_timeout):
+                raise CoordinatorError(f"no coordinator at {client.endpoint} within {self.options.sync_timeout:.0f} s "
+                                       "(the one this peer was joining was lost, and no member took over its address)")
+            deadline = time.monotonic() + self.options.sync_timeout
+            while True:
+                try:
+                    client.request(self._join_msg, timeout=10)
+                    break
+                except CoordinatorError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.2)
+            log.warning("%s joins again at %s (its coordinator was lost before it was admitted)", self.name,
+                        client.endpoint)
+            client.needs_rejoin = False
+            client.evicted = None
+            client.stranger = False
+            return
+        if self.options.failover and client.stranger and self._join_msg is not None and self.members:
+            # A coordinator that never knew us answers at its address: a successor that took the
+            # address over while we were idle (pycoll.comm.failover), or a restart. Re-register.
+            wait = max(wait, 10.0)
         if client.evicted and (wait <= 0 or self._join_msg is None):
             raise CoordinatorError(
                 f"rank {self.rank} ({self.name}) was evicted from the group by the coordinator at "
@@ -288,7 +343,156 @@ class Epoch:
         log.warning("rank %d re-registered with the coordinator at %s", self.rank, client.endpoint)
         client.needs_rejoin = False
         client.evicted = None
+        client.stranger = False
         self.broken = True
+
+    def link_bound(self):
+        """Seconds within which a dead or cut data link fails (keepalive, TCP_USER_TIMEOUT):
+        the options' stall_timeout, at most twice the heartbeat timeout (0: off)."""
+        stall = self.options.stall_timeout
+        return min(stall, 2.0 * self.client.heartbeat_timeout) if stall > 0 else 0.0
+
+    #: a link with bytes in flight gets this many stall timeouts (see busy_link_bound)
+    BUSY_SLACK = 4.0
+
+    def busy_link_bound(self):
+        """Seconds within which a data link with bytes in flight and no acknowledgement fails
+        (TCP_USER_TIMEOUT): twice the heartbeat timeout, at most BUSY_SLACK stall timeouts,
+        never stall_timeout alone. The kernel runs that timer while a live peer keeps its window
+        shut too (busy, not reading), and a peer busy for longer than stall_timeout is slow, not
+        dead (test_wan::test_slow_peer_is_not_a_stall); a cut link still fails within a few
+        stall timeouts (test_wan::test_emulated_dead_link_fails_cleanly). 0: off."""
+        stall = self.options.stall_timeout
+        return min(2.0 * self.client.heartbeat_timeout, self.BUSY_SLACK * stall) if stall > 0 else 0.0
+
+    def can_fail_over(self):
+        """Whether a lost coordinator is succeeded here (pycoll.comm.failover): failover on, a
+        member of an epoch, and the coordinator gone (its process) or silent past its bound."""
+        return (self.options.failover and self.standby is not None and self._join_msg is not None
+                and bool(self.members) and not self._cut_off and self.client.coordinator_lost())
+
+    def _joining_anew(self):
+        """A pycoll.connect joiner not admitted yet whose coordinator was lost (see _rejoin)."""
+        return (self.options.failover and not self.members and self._join_msg is not None
+                and self._join_msg.get("rank") is None and self.client.needs_rejoin)
+
+    def decided_elsewhere(self, seq, kind):
+        """The coordinator was lost while we waited for the decision of round #``seq`` (of
+        ``kind``): ask its successor (failing over first) whether another member got that
+        decision. Returns the decision when it completes the operation here too
+        (failover.completes), or None (the attempt runs again under the successor, as on
+        every member: nobody completed it)."""
+        if not self.options.failover or self.standby is None or not self.members:
+            return None
+        try:
+            with self._fo_lock:
+                if self.can_fail_over():
+                    self._failover(background=True)  # (the group re-forms at the next sync)
+            if self.client.coordinator_lost():
+                return None
+            info = self.client.request({"t": "fail", "epoch": self.number, "seq": seq, "withdraw": True,
+                                        "why": "the coordinator was lost before the decision",
+                                        "status": int(lib.PC_ERR_CANCELLED)},
+                                       timeout=max(5.0, 3 * self.client.heartbeat_timeout))
+        except CollectiveError as exc:
+            log.info("rank %d: could not ask the successor about #%d: %s", self.rank, seq, exc)
+            return None
+        decided = info.get("decided")
+        return decided if failover.completes(kind, decided) else None
+
+    def failover_pending(self):
+        """A failover is under way (the heartbeat thread's), or re-registered us and the group
+        has not re-formed yet: a request refused meanwhile is answered by re-forming."""
+        return self._fo_lock.locked() or self._fresh_failover
+
+    def _on_coordinator_dead(self):
+        """The heartbeat thread found the coordinator's process gone: re-register with its
+        successor now, in the background, so that the successor hears from every live member at
+        once, also from one busy computing (it forms its first epoch without the members it does
+        not hear from within the heartbeat bound). The group itself re-forms at the members'
+        next call that needs the coordinator, the same call on every member; plain collectives
+        go on over the current connections until then."""
+        if self.closed or not self.can_fail_over():
+            return
+
+        def run():
+            if not self._fo_lock.acquire(blocking=False):
+                return  # the caller's thread is on it
+            try:
+                if not self.closed and self.can_fail_over():
+                    self._failover(background=True)
+            except Exception as exc:  # noqa: BLE001 - the next call that needs the coordinator tries again
+                log.info("rank %d: background failover did not complete: %s", self.rank, exc)
+            finally:
+                self._fo_lock.release()
+        threading.Thread(target=run, name="pycoll-failover", daemon=True).start()
+
+    def _failover(self, background=False):
+        """The coordinator is lost: elect its successor among the last epoch's members (the
+        lowest rank whose process is alive), start it here if we are that one, re-register
+        there with what we remember (pycoll.comm.failover); the sync that follows re-forms the
+        group. Tries again (electing anew) until the sync timeout if the successor fails too.
+        Under ``_fo_lock``; ``background``: from the heartbeat thread (see _on_coordinator_dead)."""
+        client = self.client
+        deadline = time.monotonic() + self.options.sync_timeout
+        old = client.endpoint
+        succ = None
+        while True:
+            if succ is None:  # elect once; again only if the one elected is found dead
+                succ, dead, unknown = failover.elect(self.members, self._addrs, self._standby_ports, self.rank)
+                elected = time.monotonic()
+                if succ == self.rank:
+                    coord = self.standby.start_coordinator(self.name, client.origin,
+                                                           dict(zip(self.members, self._addrs)))
+                    if self.on_host is not None:
+                        self.on_host(coord)
+                host, port = self._addrs[succ][0], self._standby_ports[succ]
+                log.warning("rank %d (%s): the coordinator at %s is lost; rank %d (%s) succeeds it at %s:%d "
+                            "(known dead: %s; unreachable: %s)", self.rank, self.name, old, succ,
+                            self.members[succ], host, port, dead or "none", unknown or "none")
+                if client.endpoint != f"{host}:{port}":
+                    client.retarget(host, port)
+                resume = {"epoch": self.number, "members": list(self.members), "rank": self.rank, "dead": dead}
+            client.expect_coordinator()  # the successor may notice the loss a moment after us
+            if faults.FAULTS_ARMED:  # test hook: a member slow to re-register with the successor
+                fault_point("failover:register")
+            try:
+                # the last round we got the decision of, read under the request lock (after any
+                # reply our own thread is taking): members that did not get it (the coordinator
+                # died sending it) take it from the successor, so all leave the epoch at one call
+                client.request(lambda: dict(self._join_msg, rank=None, world_size=None,
+                                            resume=dict(resume, decided=failover.told_decision(client.last_round,
+                                                                                               self.number))),
+                               timeout=min(2.0, max(0.1, deadline - time.monotonic())))
+                break
+            except CoordinatorError as exc:
+                if getattr(exc, "evicted", False):  # the successor refused us (re-registered too late)
+                    self._cut_off = True
+                    client.evicted = client.evicted or str(exc)
+                    raise
+                if time.monotonic() > deadline:
+                    raise CoordinatorError(f"rank {self.rank}: the coordinator at {old} is lost and no successor "
+                                           f"took over within {self.options.sync_timeout:.0f} s: {exc}") from None
+                if succ != self.rank and failover.probe_addrs([self._addrs[succ]], failover.PROBE_TIMEOUT)[0] == "dead":
+                    succ = None  # the successor died too: elect again without it
+                elif succ != self.rank and time.monotonic() > elected + 2 * client.heartbeat_timeout + 1.0:
+                    # It is alive and did not take over: it still hears the coordinator, which we
+                    # lost (our control link is cut). The group goes on without us.
+                    self._cut_off = True
+                    client.evicted = client.evicted or "cut off from the coordinator"
+                    raise CoordinatorError(
+                        f"rank {self.rank} ({self.name}) lost the coordinator at {old}, but rank {succ} "
+                        f"({self.members[succ]}), alive, did not take over: the coordinator is alive and this "
+                        "peer is cut off from it, so the group goes on without it. Join again with "
+                        "pycoll.connect() once it can be reached", evicted=True) from None
+                time.sleep(0.05)
+        client.needs_rejoin = False
+        client.evicted = None
+        client.stranger = False
+        if background:
+            self._fresh_failover = True  # the next call that needs the coordinator re-forms the group
+        else:
+            self.broken = True
 
     def _install(self, reply):
         """Install the epoch the coordinator's sync ``reply`` describes: its mesh, its C
@@ -299,6 +503,7 @@ class Epoch:
         rank = reply["rank"]
         addrs = [m[1] for m in members]
         epoch = reply["epoch"]
+
         if o.tags:
             self.listener.expect_meshes({self._channel_token(reply["token"])})
         links = connect_mesh(self.listener, rank, addrs, o.stripes, epoch, reply["token"],
@@ -306,7 +511,7 @@ class Epoch:
                              should_abort=lambda: self.aborted_epoch >= epoch,
                              local=local_peers(members, rank, o.transport), mode=o.transport,
                              encrypt=self._tls_key is not None)
-        set_keepalive(links.fds, o.stall_timeout)
+        set_keepalive(links.fds, self.link_bound(), self.busy_link_bound())
         nworkers, switches = split_members(members)
         hcomm = None
         if switches:  # standalone aggregators: the whole mesh for them, the workers' part for us
@@ -318,8 +523,11 @@ class Epoch:
         channels = self._connect_channels(rank, [m[1] for m in members], epoch, reply["token"], members)
         with self._comm_lock:
             self.ccomm = comm
+            self.number = reply["epoch"]  # (with the connections: see cancel)
         self.rank, self.world_size, self.number = rank, len(members), reply["epoch"]
         self.members = [m[0] for m in members]
+        self._addrs = [tuple(m[1]) for m in members]  # (the workers': who may succeed a lost coordinator)
+        self._standby_ports = [int(m[5]) if len(m) > 5 and isinstance(m[5], int) else 0 for m in members]
         self._hosts = [m[2] if len(m) > 2 else None for m in members]
         self._selector = None
         self.peer_transports = ["self" if p == rank else "shm" if links.kinds[p * o.stripes] == lib.PC_CONN_SHM
@@ -333,6 +541,7 @@ class Epoch:
         self.broken = False
         self._tag_broken = False
         self._settled = set()
+        self._fresh_failover = False
         if hcomm is not None:
             self._install_switches(hcomm, switches)
         # auto's cost model is measured here, at the sync point, by every member before any call
@@ -373,7 +582,7 @@ class Epoch:
                              encrypt=self._tls_key is not None)
         finally:
             self.listener.expect_meshes(())
-        set_keepalive(links.fds, o.stall_timeout)
+        set_keepalive(links.fds, self.link_bound(), self.busy_link_bound())
         channels = {}
         try:
             for i, tag in enumerate(o.tags):
@@ -417,9 +626,14 @@ class Epoch:
         for c in (comm, switch.hcomm if switch is not None else None):
             engine.close(c)
 
-    def cancel(self):
-        """Cancel the collectives running now on any of the epoch's connections (any thread)."""
+    def cancel(self, epoch=None):
+        """Cancel the collectives running now on any of the epoch's connections (any thread).
+        ``epoch``: only if that is still the current one (an abort of an epoch read just before
+        the next one was installed must not cancel the new one's connections: _install sets the
+        number with the connections, under the same lock)."""
         with self._comm_lock:
+            if epoch is not None and epoch != self.number:
+                return
             for c in (self.ccomm, self.switch.hcomm if self.switch is not None else None):
                 if c is not None:
                     engine.cancel(c)
@@ -441,6 +655,8 @@ class Epoch:
             pass
         self.drop()
         self.listener.close()
+        if self.standby is not None:
+            self.standby.close()
 
     # ---- readiness: the late-call rule ------------------------------------
     def aborted(self):
@@ -532,7 +748,22 @@ class Epoch:
             raise CollectiveError(f"tag {tag!r}: this epoch has no channel for it")
 
     # ---- failure reporting ------------------------------------------------
-    def report_failure(self, epoch, why, status=lib.PC_ERR_CANCELLED, withdraw=False, call=None):
+    def unreachable(self, status, members=None, addrs=None, rank=None):
+        """After a failure with C ``status``: the members (names) whose data listeners we cannot
+        reach, when a link may be at fault (a cut, not a death: a dead one refuses), so the
+        coordinator can exclude the fewest peers that explain every report, even one it still
+        hears (docs/fault-model.md, cut links). ``members``/``addrs``/``rank``: of the epoch
+        being formed (default: the current one's)."""
+        if status not in (lib.PC_ERR_IO, lib.PC_ERR_PEER, lib.PC_ERR_TIMEOUT, lib.PC_ERR_CANCELLED):
+            return []
+        if members is None:
+            members, addrs, rank = self.members, self._addrs, self.rank
+        if not addrs or len(addrs) != len(members) or not 0 <= rank < len(members):
+            return []
+        seen = failover.reachability(members, addrs, rank)
+        return [members[i] for i, v in seen.items() if v == "unknown"]
+
+    def report_failure(self, epoch, why, status=lib.PC_ERR_CANCELLED, withdraw=False, call=None, group=None):
         """Tell the coordinator an operation of ``epoch`` failed (so the other
         members abort now rather than at their timeout) and wait briefly for the
         cause. ``status``: the C status of the failure (connection-level ones,
@@ -541,8 +772,12 @@ class Epoch:
         the decision of round #seq; if it was decided meanwhile, the answer is
         that decision ({"decided": ...}) and nothing is aborted. ``call``: the
         identity and number of the user's call that failed while we were inside
-        it (see ensure_ready)."""
+        it (see ensure_ready). ``group``: (members, addrs, rank) of an epoch whose mesh
+        could not be built (see unreachable)."""
         msg = {"t": "fail", "epoch": epoch, "seq": self.seq, "why": str(why)[:2000], "status": int(status)}
+        unreachable = self.unreachable(status, *(group or ()))
+        if unreachable and (epoch == self.number or group):
+            msg["unreachable"] = unreachable
         if call is not None:  # (identity, number) of the user's call that failed
             msg["call"], msg["callno"] = call
         if withdraw:

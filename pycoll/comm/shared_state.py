@@ -33,7 +33,7 @@ from pycoll.core import engine
 from pycoll import faults
 from pycoll.core.native import ffi, lib, status_error
 from pycoll.core.buffers import as_buffer
-from pycoll.errors import CollectiveError, InvalidArgument, ParityError, PeerFailure
+from pycoll.errors import CollectiveError, CoordinatorError, InvalidArgument, ParityError, PeerFailure
 from pycoll.faults import fault_armed, fault_point
 from pycoll.core.hashing import SEED, hash_address, hash_arrays  # noqa: F401 - public here too (pycoll.shared_state)
 from pycoll.core.hashing import hash_buffers as _hash_buffers
@@ -188,7 +188,12 @@ def sync_shared_state(ep, state, revision, *, timeout=None, retry=True, threads=
             result.seconds = time.perf_counter() - t0
             return result
         except PeerFailure as exc:
+            if consensus.under_successor(ep, exc, attempt, tries):
+                continue
             if not exc.retryable or attempt + 1 >= tries:
+                raise
+        except CoordinatorError as exc:
+            if not consensus.under_successor(ep, exc, attempt, tries):
                 raise
     raise AssertionError("unreachable")
 

@@ -14,11 +14,13 @@ import time
 import uuid
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from pycoll import auth
 from pycoll.control.coordinator import PROTOCOL, encryption, pack, unpack
 from pycoll.errors import CoordinatorError
 from pycoll.limits import resolve
+from pycoll.net.mesh import probe_addrs
 
 log = logging.getLogger("pycoll.control")
 
@@ -32,6 +34,7 @@ class CoordinatorClient:
     def __init__(self, host, port, name=None, heartbeat_interval=None, heartbeat_timeout=5.0,
                  on_abort=None, context=None, secret=None, limits=None):
         self.host, self.port = host, port
+        self.origin = (host, port)  # the address the group was made with (a successor serves there too)
         self.limits = resolve(limits)
         secret = auth.load_secret(secret)
         self._curve = encryption(secret)  # (server public key, -) when PYCOLL_ENCRYPT is on
@@ -44,6 +47,10 @@ class CoordinatorClient:
         self.heartbeat_interval = heartbeat_interval or min(0.5, heartbeat_timeout / 4.0)
         self.evicted = None  # why the coordinator dropped us, once it says so
         self.needs_rejoin = False  # a request failed because the coordinator was lost, or we were evicted
+        # the coordinator that answers never knew us (not: removed us): a restarted one, or a
+        # successor serving at the lost one's address (pycoll.comm.failover)
+        self.stranger = False
+        self.on_dead = None  # called (heartbeat thread) when the coordinator's process is found gone
         self.on_abort = on_abort
         self.last_status = {}
         self._ctx = context or zmq.Context.instance()
@@ -54,9 +61,24 @@ class CoordinatorClient:
         self._stop = threading.Event()
         self._lost_since = None
         self._last_reply = time.monotonic()
+        # Seconds the heartbeat thread has run since the last reply: the coordinator's silence as
+        # we could have heard it. Time this process was stopped (SIGSTOP, a paused VM) or starved
+        # counts for little: on waking, the silence is ours, not the coordinator's (an evicted
+        # peer must learn it was evicted, not fail over a coordinator that is alive).
+        self._silent = 0.0
+        # The coordinator's process is gone (its connection dropped and its port refuses): a
+        # fact, not a silence, so requests fail at once (see _heartbeat_loop, failover).
+        self.coordinator_dead = False
+        self._retarget = 0  # bumped by retarget(): the heartbeat thread reconnects its socket
+        # guards coordinator_dead against a verdict on the coordinator we just left (see _confirm_dead)
+        self._dead_lock = threading.Lock()
         self._hb_thread = None
         self.on_wait = None  # called as on_wait(kind, waited_s) every progress_interval s a request waits
         self.progress_interval = 5.0
+        # (epoch, seq, kind, reply) of the last round this peer got a decision for, recorded under
+        # the request lock before the request returns: a re-registration with a successor (a
+        # request too, so after it) always tells the decisions this peer acted on (failover)
+        self.last_round = None
 
     def _socket(self, suffix):
         s = self._ctx.socket(zmq.DEALER)
@@ -67,6 +89,8 @@ class CoordinatorClient:
         if self._curve:
             s.curve_serverkey = self._curve[0]
             s.curve_publickey, s.curve_secretkey = zmq.curve_keypair()
+        s.setsockopt(zmq.RECONNECT_IVL, 20)  # a successor coordinator binds a moment after we dial it
+        s.setsockopt(zmq.RECONNECT_IVL_MAX, 500)
         s.connect(f"tcp://{self.host}:{self.port}")
         return s
 
@@ -75,8 +99,12 @@ class CoordinatorClient:
         return f"{self.host}:{self.port}"
 
     def request(self, msg, timeout):
-        """Send one request and wait up to ``timeout`` s for its reply."""
+        """Send one request and wait up to ``timeout`` s for its reply. ``msg``: a dict, or a
+        function that makes it, called under the request lock (so it sees every reply an
+        earlier request returned, e.g. ``last_round``)."""
         with self._lock:
+            if callable(msg):
+                msg = msg()
             self._rid += 1
             rid = self._rid
             msg = dict(msg, rid=rid, name=self.name, cred=self.cred)
@@ -105,7 +133,7 @@ class CoordinatorClient:
                     raise exc
                 if self._stop.is_set():
                     raise CoordinatorError("client closed")
-                if self._req.poll(min(left, 0.2) * 1000):
+                if self._req.poll(min(left, 0.02) * 1000):
                     reply = self._open(opener, self._req.recv(), msg["t"])
                     if reply is None or reply.get("rid") != rid:
                         continue  # forged, or a late reply to a request that already timed out
@@ -113,6 +141,7 @@ class CoordinatorClient:
                         if reply.get("evicted"):
                             self.needs_rejoin = True
                             self.evicted = self.evicted or str(reply.get("why") or reply.get("error"))
+                            self.stranger = not reply.get("why")
                         exc = CoordinatorError(f"coordinator refused {msg['t']!r}: {reply.get('error')}",
                                                evicted=bool(reply.get("evicted")))
                         exc.retry = bool(reply.get("retry"))  # a passing state (shutting down): try again
@@ -120,6 +149,8 @@ class CoordinatorClient:
                         raise exc
                     if msg["t"] == "join" and isinstance(reply.get("cred"), str):
                         self.cred = reply["cred"]
+                    elif msg["t"] == "round" and "decision" in reply:
+                        self.last_round = (msg.get("epoch"), msg.get("seq"), msg.get("kind"), reply)
                     return reply
                 if self.coordinator_lost():
                     self.needs_rejoin = True
@@ -157,7 +188,55 @@ class CoordinatorClient:
         self._hb_thread.start()
 
     def coordinator_lost(self):
-        return self._hb_thread is not None and time.monotonic() - self._last_reply > self.heartbeat_timeout
+        return self._hb_thread is not None and (self.coordinator_dead or self._silent > self.heartbeat_timeout)
+
+    def expect_coordinator(self):
+        """A coordinator is about to answer (a successor starting): count it as heard from now,
+        so a request waits for its answer instead of failing for the old one's silence."""
+        self.coordinator_dead = False
+        self._last_reply = time.monotonic()
+        self._silent = 0.0
+
+    def retarget(self, host, port):
+        """Talk to the coordinator at ``host:port`` from now on (a successor, see
+        pycoll.comm.failover): new sockets, a new credential at the next join."""
+        with self._lock:
+            self._req.close(0)
+            with self._dead_lock:
+                self.host, self.port = host, port
+                self._retarget += 1
+                self.coordinator_dead = False
+            self._req = self._socket(b"/req")
+            self.cred = ""
+            self._last_reply = time.monotonic()
+            self._silent = 0.0
+
+    def _confirm_dead(self):
+        """The heartbeat connection dropped: the coordinator is dead if its port now refuses a
+        connection (the kernel answered for a process that is gone); a port that accepts, or
+        stays silent, is not proof (a restart, a cut link: the heartbeat bound decides those)."""
+        # (a dying process closes its connections and its listening socket one after the other:
+        # a probe in between is still accepted, so look again for a moment)
+        with self._dead_lock:
+            generation, addr = self._retarget, (self.host, self.port)
+        for _ in range(5):
+            if probe_addrs([addr], 0.2)[0] == "dead":
+                break
+            time.sleep(0.01)
+        else:
+            return
+        with self._dead_lock:
+            if generation != self._retarget:
+                return  # we moved to a successor meanwhile: the verdict was on the one we left
+            newly = not self.coordinator_dead
+            self.coordinator_dead = True
+        if newly:
+            log.warning("the coordinator at %s:%d is gone (its connection dropped, its port refuses)", *addr)
+            if self.on_dead is not None:
+                try:
+                    self.on_dead()
+                except Exception:  # noqa: BLE001 - a callback never breaks the heartbeats
+                    log.exception("coordinator-death callback failed")
 
     def wait_for_coordinator(self, timeout):
         """Block until a coordinator answers our heartbeats again (a restarted
@@ -171,11 +250,32 @@ class CoordinatorClient:
 
     def _heartbeat_loop(self):
         hb = self._socket(b"/hb")
+        monitor = hb.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        generation = self._retarget
         sealer = auth.Sealer(self._to_key)
         opener = auth.Opener(self._from_key, self.limits.replay_window)
+        # one loop turn takes ~20 ms; a longer gap is this process stopped or starved (see _silent)
+        gap_cap = max(0.1, self.heartbeat_timeout / 8.0)
+        tick = time.monotonic()
         try:
             next_beat = 0.0
             while not self._stop.is_set():
+                now = time.monotonic()
+                self._silent += min(now - tick, gap_cap)
+                tick = now
+                if generation != self._retarget:  # a successor coordinator: dial it
+                    hb.disable_monitor()
+                    monitor.close(0)
+                    hb.close(0)
+                    hb = self._socket(b"/hb")
+                    monitor = hb.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+                    generation, next_beat = self._retarget, 0.0
+                if monitor.poll(0):
+                    dropped = False
+                    while monitor.poll(0):
+                        dropped |= recv_monitor_message(monitor)["event"] == zmq.EVENT_DISCONNECTED
+                    if dropped:
+                        self._confirm_dead()
                 now = time.monotonic()
                 if now >= next_beat:
                     try:
@@ -184,7 +284,7 @@ class CoordinatorClient:
                     except zmq.ZMQError:
                         pass
                     next_beat = now + self.heartbeat_interval
-                if hb.poll(max(0.0, min(next_beat - time.monotonic(), 0.1)) * 1000):
+                if hb.poll(max(0.0, min(next_beat - time.monotonic(), 0.02)) * 1000):
                     try:
                         msg = self._open(opener, hb.recv())
                     except Exception:  # noqa: BLE001
@@ -192,16 +292,21 @@ class CoordinatorClient:
                     if msg is None:
                         continue
                     self._last_reply = time.monotonic()
+                    self._silent = 0.0
+                    self.coordinator_dead = False
                     if msg.get("t") == "hb":
                         self.last_status = msg
                         if msg.get("known") is False:
                             self.evicted = msg.get("why") or "unknown to the coordinator"
+                            self.stranger = not msg.get("why")
                     elif msg.get("t") == "abort" and self.on_abort is not None:
                         try:
                             self.on_abort(msg)
                         except Exception:  # noqa: BLE001
                             log.exception("abort callback failed")
         finally:
+            hb.disable_monitor()
+            monitor.close(0)
             hb.close(0)
 
     def close(self):

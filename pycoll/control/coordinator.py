@@ -55,6 +55,7 @@ import hmac
 import logging
 import os
 import secrets
+import socket
 import threading
 import time
 
@@ -64,6 +65,7 @@ from zmq.utils import z85
 from zmq.utils.monitor import recv_monitor_message
 
 from pycoll import auth
+from pycoll import faults
 from pycoll.control import parity
 from pycoll.control import schema
 from pycoll.errors import InvalidArgument
@@ -232,8 +234,23 @@ class Coordinator:
         self.abort = None          # Abort of the current epoch, or None
         self.rounds = {}           # seq -> Round (current epoch)
         self.decided = collections.OrderedDict()  # seq -> {rank: reply}, the last few decided rounds
-        self.resume = None         # after a restart: {"epoch", "expect", "since"} from re-registering peers
+        self.resume = None         # after a restart: {"epoch", "expect", "dead", "since"} from re-registering peers
+        # name -> "alive"/"dead"/"unknown": a successor's probes of the members that have not
+        # re-registered yet (pycoll.comm.failover.watch_resume; replaced whole, read here)
+        self.resume_probe = {}
+        self._also_after_resume = None  # (host, port) to serve on once resumed (also_listen)
+        # A successor: (epoch, seq) -> the decision of an agreed round of the lost coordinator that
+        # a re-registering member got; asked for by members that did not (withdraw, _on_fail)
+        self.resumed_decided = collections.OrderedDict()
+        self.resume_waiters = []  # (ident, msg) of such questions asked while members re-register
+        self.resumed_undecided = set()  # (epoch, seq) answered "not decided" (a later claim is refused)
+        # A successor (pycoll.comm.failover) forms no first epoch of fresh joiners before the lost
+        # coordinator's members re-register (until this monotonic time): a joiner that finds it
+        # first (at the lost coordinator's address) would start a new group, and the members'
+        # re-registration would then join that one as newcomers with their old state.
+        self.resume_expected_until = 0.0
         self.fail_waiters = []     # (name, ident, rid): failure reports waiting for the cause
+        self.cut = set()           # (reporter, peer) of this epoch: peer unreachable over the data network
         self.stats = collections.Counter()
         self._join_seq = 0
         self._stop = threading.Event()
@@ -241,6 +258,22 @@ class Coordinator:
         self.handlers = {"join": self._on_join, "sync": self._on_sync, "hb": self._on_hb,
                          "leave": self._on_leave, "status": self._on_status, "fail": self._on_fail,
                          "round": self._on_round}
+
+    def also_listen(self, host, port, after_resume=False):
+        """Serve on ``host:port`` too (a successor takes over the lost coordinator's address when
+        it is on this host, so newcomers that know only that address find the group). Returns
+        whether it could bind (the address is not ours, or taken: False). ``after_resume``: only
+        once the re-registering members formed their epoch (until then a member that has not
+        noticed the loss yet must find that address dead, not served by a stranger)."""
+        if after_resume:
+            self._also_after_resume = (host, port, time.monotonic() + self.ALSO_AFTER_S)
+            return True
+        try:
+            self._sock.bind(f"tcp://{socket.gethostbyname(host)}:{int(port)}")
+        except (OSError, zmq.ZMQError) as exc:
+            log.info("not serving on %s:%s too: %s", host, port, exc)
+            return False
+        return True
 
     # ---- running -------------------------------------------------------
     def start(self):
@@ -276,7 +309,11 @@ class Coordinator:
                 self._check_suspects()
                 self._check_abort()
                 if self.resume is not None:
+                    self._tell_left_behind()
                     self._maybe_form_epoch()
+                self._answer_resume_waiters(force=self.resume is None)
+                if self._also_after_resume is not None and time.monotonic() > self._also_after_resume[2]:
+                    self._serve_also()
         finally:
             self._sock.disable_monitor()
             self._monitor.close(0)
@@ -509,14 +546,33 @@ class Coordinator:
         self._join_seq += 1
         hb_timeout = float(msg.get("heartbeat_timeout") or self.heartbeat_timeout)
         resume = msg.get("resume")
+        told = resume.get("decided") if isinstance(resume, dict) else None
+        if (isinstance(told, dict) and isinstance(told.get("seq"), int)
+                and (int(resume.get("epoch", 0)), told["seq"]) in self.resumed_undecided):
+            # Too late: the others were told that round was not decided and run its call again,
+            # while this member went on past it. It would call a different operation than they do.
+            return self._error(ident, msg, f"this peer ({name}) re-registered with the successor coordinator "
+                                           f"after the others were told round #{told['seq']} of epoch "
+                                           f"{resume.get('epoch')} was not decided (they run that call again, "
+                                           "this peer went past it); the group goes on without it. Join again "
+                                           "with pycoll.connect()", evicted=True, why="re-registered too late")
         if resume and self.epoch == 0 and not self.epoch_members:
             # A member of a group whose coordinator died re-registers with us
             # (a restarted coordinator): remember who else to wait for.
             if self.resume is None:
-                self.resume = {"epoch": 0, "expect": set(), "since": time.monotonic()}
+                self.resume = {"epoch": 0, "expect": set(), "dead": set(), "heard": set(), "told": {},
+                               "since": time.monotonic()}
                 log.warning("re-forming a group that lost its coordinator (epoch %s)", resume.get("epoch"))
             self.resume["epoch"] = max(self.resume["epoch"], int(resume.get("epoch", 0)))
             self.resume["expect"].update(str(n) for n in resume.get("members", []))
+            # members whose process this peer found gone (a refused connection): not waited for
+            self.resume["dead"].update(str(n) for n in resume.get("dead", []) or [])
+            self.resume["heard"].add(name)
+            told = resume.get("decided")
+            if isinstance(told, dict) and isinstance(told.get("reply"), dict) and isinstance(told.get("seq"), int):
+                self.resumed_decided[(int(resume.get("epoch", 0)), told["seq"])] = told["reply"]
+                while len(self.resumed_decided) > 64:
+                    self.resumed_decided.popitem(last=False)
             rank = resume.get("rank")
         m = Member(name, list(msg["addr"]), str(msg.get("host_id", "")), rank, self._join_seq,
                    msg.get("info") or {}, hb_timeout)
@@ -533,6 +589,8 @@ class Coordinator:
         if m is None or not m.alive:
             return None
         if not hmac.compare_digest(str(msg.get("cred", "")).encode(), m.cred.encode()):
+            if not msg.get("cred") and msg.get("t") == "hb":
+                return None  # a heartbeat sent while its peer's join was in flight (a re-registration)
             self.refusals.warning("cred", "refused a %r request for member %s without its credential "
                                   "(identity %r): someone else speaks for it", msg.get("t"), m.name, ident[:32])
             return None
@@ -558,6 +616,8 @@ class Coordinator:
         if m.hb_ident != ident:
             m.hb_ident = ident
             self.by_ident[ident] = m
+        if self.resume is not None and m.name in self.resume["heard"]:
+            self._tell_left_behind(m)  # (its first heartbeat may come after the others synced)
         if fd is not None and self._hb_fds.get(fd) is not m:
             prev = self._hb_fds.get(fd)
             self._hb_fds[fd] = m
@@ -581,6 +641,8 @@ class Coordinator:
         m.sync_rid = msg.get("rid")
         m.sync_rebuild = bool(msg.get("rebuild"))
         m.sync_admit = bool(msg.get("admit"))
+        if self.resume is not None and m.name in self.resume["heard"]:
+            self._tell_left_behind()
         self._check_abort()
         self._maybe_form_epoch()
 
@@ -590,10 +652,18 @@ class Coordinator:
         m = self._member_for(ident, msg)
         if m is None:
             return self._unknown(ident, msg)
+        if msg.get("withdraw") and msg.get("epoch") != self.epoch and self.resume is not None:
+            self.resume_waiters.append((ident, msg))  # answered once the members re-registered
+            return self._answer_resume_waiters()
+        if msg.get("withdraw") and (msg.get("epoch"), msg.get("seq")) in self.resumed_decided:
+            return self._reply(ident, msg, decided=self.resumed_decided[(msg.get("epoch"), msg.get("seq"))])
         if msg.get("epoch") != self.epoch or m.name not in self.epoch_members:
             return self._reply(ident, msg, **self._abort_info(stale=True))
         if msg.get("withdraw") and msg.get("seq") in self.decided:  # gave up waiting, but it was decided
             return self._reply(ident, msg, decided=self.decided[msg["seq"]][self._rank_of(m.name)])
+        for peer in msg.get("unreachable") or ():
+            if peer in self.epoch_members and peer != m.name:
+                self.cut.add((m.name, peer))
         self._abort_epoch(f"rank {self._rank_of(m.name)} ({m.name}) reported: {msg.get('why', 'failure')}",
                           exclude=m, status=msg.get("status"))
         if "call" in msg and self.abort.call is None:
@@ -614,6 +684,9 @@ class Coordinator:
             rnd = self.rounds[seq] = Round(seq, kind)
         rnd.reports[m.name] = msg
         rnd.waiters[m.name] = (ident, msg.get("rid"))
+        for peer in msg.get("unreachable") or ():
+            if peer in self.epoch_members and peer != m.name:
+                self.cut.add((m.name, peer))
         if rnd.kind != kind:
             self._abort_epoch(f"members called different operations as #{seq} of epoch {self.epoch} "
                               f"({rnd.kind} and {kind})", final=True, status=-1)
@@ -772,6 +845,8 @@ class Coordinator:
         while len(self.decided) > 32:
             self.decided.popitem(last=False)
         for name, (ident, rid) in rnd.waiters.items():
+            if faults.FAULTS_ARMED:  # test hook: die having told only some members (pycoll.comm.failover)
+                faults.fault_point(f"coordinator:{rnd.kind}")
             self._send(ident, {"rid": rid, "ok": True, **replies[self._rank_of(name)]})
 
     def _decide_collective(self, rnd, by_rank):
@@ -809,6 +884,12 @@ class Coordinator:
         return str(info.get("group", ""))[:128] if info.get("role") == "aggregator" else None
 
     @staticmethod
+    def _standby_of(m):
+        """The port a member keeps for a successor coordinator (pycoll.comm.failover), or 0."""
+        port = m.info.get("standby") if isinstance(m.info, dict) else None
+        return port if isinstance(port, int) and 0 < port < 65536 else 0
+
+    @staticmethod
     def _transport_of(info):
         """A member's same-host transport setting ("auto", "shm" or "tcp")."""
         mode = info.get("transport") if isinstance(info, dict) else None
@@ -829,10 +910,117 @@ class Coordinator:
                         f"transport={other}: peers on one host must not mix shm and tcp (auto works with either)")
         return None
 
+    #: seconds after which a successor serves the lost coordinator's address even if still resuming
+    ALSO_AFTER_S = 1.0
+
+    def _serve_also(self):
+        if self._also_after_resume is not None:
+            host, port, _ = self._also_after_resume
+            self._also_after_resume = None
+            self.also_listen(host, port)
+
+    def _answer_resume_waiters(self, force=False):
+        """Answer the members that asked whether a round of the lost coordinator was decided,
+        once every member of the old epoch re-registered (or is known dead, or the wait is over)."""
+        if not self.resume_waiters:
+            return
+        resume = self.resume
+        if resume is not None and not force:
+            known = resume["heard"] | resume["dead"] | {n for n, v in self.resume_probe.items() if v == "dead"}
+            if (resume["expect"] - known) and time.monotonic() - resume["since"] < self.resume_patience():
+                return
+        for ident, msg in self.resume_waiters:
+            key = (msg.get("epoch"), msg.get("seq"))
+            if key in self.resumed_decided:
+                self._reply(ident, msg, decided=self.resumed_decided[key])
+            else:
+                self.resumed_undecided.add(key)
+                while len(self.resumed_undecided) > 64:
+                    self.resumed_undecided.pop()
+                self._reply(ident, msg, **self._abort_info(stale=True))
+        self.resume_waiters = []
+
+    #: seconds between two aborts a successor sends a member left behind in the old epoch
+    RETELL_S = 0.5
+
+    def _tell_left_behind(self, only=None):
+        """A successor re-forming the group: cancel the old epoch's operation that a re-registered
+        member (``only``: that one; default: every one) may be waiting in, once that operation
+        cannot complete: a member of the old epoch is known dead, or another member left the
+        epoch for the sync point (the lost coordinator answered the two of them differently,
+        e.g. its last sync reply reached only some). Told again every RETELL_S seconds until it
+        reaches the sync point: a member whose heartbeat reached us only after the others
+        synced, or that was between two calls when told, is never left waiting in a collective
+        for its timeout (the data plane would not tell it: nobody failed, they just left)."""
+        resume = self.resume
+        if resume is None:
+            return
+        synced = any(x is not None and x.alive and x.sync_rid is not None
+                     for x in (self.members.get(n) for n in resume["heard"]))
+        if not (resume["dead"] or synced):
+            return
+        dead = sorted(resume["dead"])
+        why = (f"the coordinator was lost with {', '.join(dead)}; the group re-forms under its successor" if dead
+               else "the coordinator was lost; the group re-forms under its successor")
+        now = time.monotonic()
+        for name in ([only.name] if only is not None else sorted(resume["heard"])):
+            x = self.members.get(name)
+            if x is None or not x.alive or x.sync_rid is not None or x.hb_ident is None:
+                continue
+            last = resume["told"].get(name)
+            if last is not None and now - last < self.RETELL_S:
+                continue
+            resume["told"][name] = now
+            self._send(x.hb_ident, {"t": "abort", "epoch": resume["epoch"], "lost": dead, "why": why})
+
+    def resume_patience(self):
+        """Seconds a successor waits for a member that is alive but has not re-registered."""
+        return max(3.0, 2 * self.heartbeat_timeout)
+
+    def resume_missing(self):
+        """Names of the old epoch's members that have not re-registered yet (None: not resuming)."""
+        resume = self.resume
+        if resume is None:
+            return None
+        try:  # (called from another thread: a snapshot, taken again if the dicts changed meanwhile)
+            return sorted(set(resume["expect"]) - set(self.members) - set(resume["dead"]))
+        except RuntimeError:
+            return []
+
+    def _exclude_cut(self, current):
+        """Every live member is at the sync point and some reported peers they cannot reach over
+        the data network: exclude the fewest members that explain every report (one end of each
+        reported pair), even ones we still hear. Ties: the members named most often, then the
+        highest ranks. Returns whether any was excluded (they get an error and count as dead)."""
+        live = {m.name for m in current}
+        edges = {(a, b) for a, b in self.cut if a in live and b in live}
+        self.cut = set()
+        if not edges:
+            return False
+        drop = minimum_cover(edges, self._rank_of)
+        reporters = {}
+        for a, b in edges:
+            for x, y in ((a, b), (b, a)):
+                if x in drop:
+                    reporters.setdefault(x, set()).add(self._rank_of(y))
+        for name in sorted(drop, key=self._rank_of):
+            m = self.members[name]
+            why = (f"rank {self._rank_of(name)} ({name}) cannot be reached over the data network by ranks "
+                   f"{sorted(reporters.get(name, ()))} (its links are cut; the coordinator still hears it): "
+                   "excluded so that the group goes on. Join again with pycoll.connect() once the links are back")
+            if m.sync_rid is not None:
+                self._send(m.req_ident, {"rid": m.sync_rid, "ok": False, "error": why, "evicted": True, "why": why})
+                m.sync_rid = None
+            self.stats["cut_excluded"] += 1
+            self._declare_dead(m, why)
+        return True
+
     def _maybe_form_epoch(self):
         current = [self.members[n] for n in self.epoch_members if self.members[n].alive]
         if any(m.sync_rid is None for m in current):
             return  # a live member has not reached the sync point yet
+        if self.cut and self._exclude_cut(current):
+            return  # (declaring them dead formed the epoch without them)
         admit = all(m.sync_admit for m in current if self._switch_group(m) is None)
         joiners = [m for m in self.members.values()
                    if m.alive and m.name not in self.epoch_members and m.sync_rid is not None] if admit else []
@@ -843,12 +1031,45 @@ class Coordinator:
             # Re-forming after a coordinator restart: wait for every member of
             # the old epoch to re-register, or for the detection bound (the
             # missing ones are dead), then continue the epoch numbering.
-            missing = self.resume["expect"] - {m.name for m in joiners}
-            if missing and time.monotonic() - self.resume["since"] < self.heartbeat_timeout:
+            # No split brain (docs/fault-model.md): the members we do not hear from must be known
+            # dead (their processes are gone), or fewer than those that re-registered, which then
+            # are the majority of the old epoch's live part; the other side of a cut never is.
+            probed = self.resume_probe
+            dead = self.resume["dead"] | {n for n, v in probed.items() if v == "dead"}
+            heard = {n for n in self.resume["heard"] if n in self.members and self.members[n].alive}
+            if heard - {m.name for m in joiners}:
+                return  # re-registered (alive: it heartbeats), not at the sync point yet: it comes
+            # a peer that joined without a resume (it was being admitted when the coordinator was
+            # lost) is alive and not of the old epoch for itself: it waits to be admitted anew
+            fresh = {n for n, x in self.members.items() if x.alive and n not in self.resume["heard"]}
+            joiners = [m for m in joiners if m.name in heard]  # (the fresh ones at a later sync point)
+            missing = self.resume["expect"] - heard - dead - fresh
+            waited = time.monotonic() - self.resume["since"]
+            if missing and any(probed.get(n) == "alive" for n in missing) and waited < self.resume_patience():
+                return  # alive (its listener answers), just slow to notice: wait for it
+            if missing and waited < self.heartbeat_timeout:
                 return
+            if missing and len(missing) >= len(joiners):
+                why = (f"this side of the group ({len(joiners)} peer(s): {sorted(m.name for m in joiners)}) is "
+                       f"not a majority: {len(missing)} member(s) of epoch {self.resume['epoch']} "
+                       f"({sorted(missing)}) cannot be reached and are not known dead (a cut link?); the "
+                       "group goes on on the other side, if anywhere. Join it again with pycoll.connect() "
+                       "once it can be reached")
+                log.warning("not forming an epoch: %s", why)
+                for m in joiners:
+                    self._send(m.req_ident, {"rid": m.sync_rid, "ok": False, "error": why, "minority": True})
+                    m.sync_rid = None
+                self.resume["since"] = time.monotonic()  # heard from again later: counted again
+                return
+            if not joiners:
+                return
+            waiting = joiners
             self.epoch = max(self.epoch, self.resume["epoch"])
             self.resume = None
+            self._serve_also()
         elif not current:  # first epoch, or everybody died: wait for enough peers
+            if self.epoch == 0 and time.monotonic() < self.resume_expected_until:
+                return  # a successor: the old members re-register first (joiners are admitted after)
             # a static group (pycoll.init, ranks given) waits for all its ranks, also when it forms again
             # on a coordinator whose earlier group has left (a persistent `pycoll master`/`pycoll run`)
             static = self.epoch == 0 or any(m.rank_hint is not None for m in joiners)
@@ -859,6 +1080,8 @@ class Coordinator:
         changed = bool(joiners or lost or any(m.sync_rebuild for m in current) or self.abort is not None)
         if not changed:
             for m in current:
+                if faults.FAULTS_ARMED:  # test hook: die having answered only some members' sync
+                    faults.fault_point("coordinator:sync")
                 self._send(m.req_ident, {"rid": m.sync_rid, "ok": True, "epoch": self.epoch,
                                          "unchanged": True})
                 m.sync_rid = None
@@ -875,6 +1098,7 @@ class Coordinator:
         self.rounds = {}
         self.decided.clear()
         self.fail_waiters = []
+        self.cut = set()
         self.stats["epochs"] += 1
         for name in lost + [n for n, x in self.members.items() if not x.alive and n not in self.epoch_members]:
             self.members.pop(name, None)  # forget the dead for good (members, and joiners that died waiting)
@@ -882,7 +1106,8 @@ class Coordinator:
             del self.by_ident[ident]
         for fd in [f for f, x in self._hb_fds.items() if x.name not in self.members]:
             del self._hb_fds[fd]
-        members = [[m.name, m.addr, m.host_id, self._switch_group(m), self._transport_of(m.info)] for m in waiting]
+        members = [[m.name, m.addr, m.host_id, self._switch_group(m), self._transport_of(m.info), self._standby_of(m)]
+                   for m in waiting]
         joined = [m.name for m in joiners]
         log.info("epoch %d: %d members (lost %d, joined %d)", self.epoch, len(waiting), len(lost), len(joiners))
         for rank, m in enumerate(waiting):
@@ -892,6 +1117,35 @@ class Coordinator:
             m.sync_rid = None
             m.sync_rebuild = False
             m.sync_admit = False
+
+
+def minimum_cover(edges, rank_of, exact_up_to=16):
+    """The fewest members that touch every (a, b) pair of ``edges`` (a minimum vertex cover),
+    the same for the same pairs: among the smallest, the one whose members are named most
+    often, then the one with the highest ranks (``rank_of``). Exact up to ``exact_up_to``
+    members involved, greedy (most named first) beyond."""
+    import itertools
+    degree = collections.Counter(x for e in edges for x in e)
+    nodes = sorted(degree, key=lambda x: (-degree[x], -rank_of(x)))
+    if len(nodes) > exact_up_to:
+        cover, left = [], set(edges)
+        while left:
+            count = collections.Counter(x for e in left for x in e)
+            best = max(count, key=lambda x: (count[x], rank_of(x)))
+            cover.append(best)
+            left = {e for e in left if best not in e}
+        return cover
+    for k in range(1, len(nodes) + 1):
+        best = None
+        for combo in itertools.combinations(nodes, k):
+            chosen = set(combo)
+            if all(a in chosen or b in chosen for a, b in edges):
+                key = (sum(degree[x] for x in combo), sorted((rank_of(x) for x in combo), reverse=True))
+                if best is None or key > best[0]:
+                    best = (key, combo)
+        if best is not None:
+            return list(best[1])
+    return nodes
 
 
 def main(host="127.0.0.1", port=29500, world_size=None, heartbeat_timeout=5.0):

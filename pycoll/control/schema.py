@@ -70,8 +70,18 @@ def _resume(v):
     if (not isinstance(v, dict) or isinstance(v.get("epoch"), bool) or not isinstance(v.get("epoch"), int)
             or not 0 <= v["epoch"] <= _U63 or not isinstance(v.get("members"), list) or len(v["members"]) > 1 << 16
             or not all(isinstance(n, str) and 1 <= len(n) <= 128 for n in v["members"])
-            or not (v.get("rank") is None or (isinstance(v["rank"], int) and not isinstance(v["rank"], bool)))):
-        return "a map with epoch, members (names) and rank"
+            or not (v.get("rank") is None or (isinstance(v["rank"], int) and not isinstance(v["rank"], bool)))
+            or not (v.get("dead") is None or (isinstance(v["dead"], list) and len(v["dead"]) <= 1 << 16
+                                              and all(isinstance(n, str) and 1 <= len(n) <= 128 for n in v["dead"])))):
+        return "a map with epoch, members (names), rank and dead (names)"
+    return None
+
+
+def _names(v):
+    """Member names (a failure report's unreachable peers)."""
+    if (not isinstance(v, list) or len(v) > 1 << 16
+            or not all(isinstance(n, str) and 1 <= len(n) <= 128 for n in v)):
+        return "a list of member names"
     return None
 
 
@@ -106,6 +116,7 @@ def fields(max_peers):
         "tensors": _tensors,
         "resume": _resume,
         "job": _str(1, 128),  # the job id (PYCOLL_JOB_ID / TORCHELASTIC_RUN_ID) of a joiner
+        "unreachable": _names,  # members a failure report found unreachable over the data network
     }
 
 

@@ -154,15 +154,22 @@ def comm_options(*, link=None, topology=None, limits=None):
     return {"stripes": max(p.stripes for p in plans), "sockbuf": max(p.sockbuf for p in plans)}
 
 
-def set_keepalive(fds, stall_timeout):
-    """Let the kernel notice a dead link on idle connections within about
-    ``stall_timeout`` seconds: keepalive probes, which a live peer's kernel
-    answers even while the peer itself is busy elsewhere (so a slow peer is
-    never mistaken for a dead link). Acts on raw fds; leaves them open."""
+def set_keepalive(fds, stall_timeout, user_timeout=None):
+    """Let the kernel notice a dead or cut link within about ``stall_timeout`` seconds: on an
+    idle connection, keepalive probes, which a live peer's kernel answers even while the peer
+    itself is busy elsewhere (so a slow peer is never mistaken for a dead link); on one with
+    bytes in flight, TCP_USER_TIMEOUT of ``user_timeout`` seconds (default ``stall_timeout``):
+    unacknowledged that long, dead. Since Linux 5.11 that timer also runs while a live peer
+    keeps its window shut (it is busy, not reading), so callers pass a ``user_timeout`` no
+    shorter than a slow peer may take. The connection then fails with ETIMEDOUT, and a
+    collective waiting on it with it (docs/fault-model.md, cut links). Acts on raw fds; leaves
+    them open."""
     if not stall_timeout or stall_timeout <= 0:
         return
     idle = max(1, int(stall_timeout / 2))
-    intvl = max(1, int(stall_timeout / 8))
+    intvl = max(1, int((stall_timeout - idle) / 4))
+    cnt = max(1, min(4, int((stall_timeout - idle) / intvl)))
+    user_ms = int((stall_timeout if user_timeout is None else user_timeout) * 1000)
     for fd in fds:
         if fd < 0:
             continue
@@ -171,7 +178,9 @@ def set_keepalive(fds, stall_timeout):
             s.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
             s.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
             s.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, intvl)
-            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 4)
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, cnt)
+            if user_ms > 0:
+                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, user_ms)
         except OSError:
             pass
         finally:

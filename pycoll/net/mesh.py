@@ -26,6 +26,7 @@ same-host peers that accept it and TCP otherwise; "shm" requires it for
 same-host peers; "tcp" never uses it.
 """
 import collections
+import errno
 import logging
 import os
 import selectors
@@ -140,6 +141,60 @@ def _tune(sock, sockbuf):
         # before listen()/connect() so the window scale is negotiated for it
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sockbuf)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, sockbuf)
+
+
+def reserve_port(bind_host):
+    """A TCP port kept for later (bound, not listening: connections to it are refused until its
+    owner binds it for real, and nobody else can take it). Returns the bound socket."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        s.bind((bind_host, 0))
+    except OSError:
+        s.close()
+        raise
+    return s
+
+
+def probe_addrs(addrs, timeout):
+    """Liveness of the processes listening at ``addrs`` [(host, port)], told by the kernel: per
+    address "alive" (it accepted a TCP connection), "dead" (refused or reset: nothing listens
+    there any more, the process is gone) or "unknown" (silent for ``timeout`` s: a cut link or a
+    hung host, which is not proof of death). All probes run at once; each connection is closed
+    without a byte (a mesh listener drops it, see Listener._read_hello)."""
+    out = ["unknown"] * len(addrs)
+    sel = selectors.DefaultSelector()
+    socks = []
+    try:
+        for i, (host, port) in enumerate(addrs):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.setblocking(False)
+            socks.append(s)
+            err = s.connect_ex((host, int(port)))
+            if err == 0:
+                out[i] = "alive"
+            elif err in (errno.EINPROGRESS, errno.EALREADY, errno.EWOULDBLOCK):
+                sel.register(s, selectors.EVENT_WRITE, i)
+            else:
+                out[i] = "dead" if err in (errno.ECONNREFUSED, errno.ECONNRESET) else "unknown"
+        deadline = time.monotonic() + timeout
+        while sel.get_map():
+            # (past the deadline, still one look without waiting: a thread that got no CPU for
+            # ``timeout`` s must not call a peer whose kernel already answered "unknown")
+            left = max(0.0, deadline - time.monotonic())
+            ready = sel.select(left)
+            if not ready and left <= 0:
+                break
+            for key, _ in ready:
+                err = key.fileobj.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                out[key.data] = "alive" if err == 0 else \
+                    "dead" if err in (errno.ECONNREFUSED, errno.ECONNRESET) else "unknown"
+                sel.unregister(key.fileobj)
+    finally:
+        sel.close()
+        for s in socks:
+            s.close()
+    return out
 
 
 class Listener:

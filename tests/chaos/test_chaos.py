@@ -99,6 +99,10 @@ def chaos_worker(comm, outdir, steps, initial):
                 sources=res.sources)
         first = False
         revision = res.revision
+        if revision < 0:  # a group of newcomers only (every member had finished): nothing to train
+            log(event="alone", epoch=comm.epoch, world_size=comm.world_size)
+            logf.close()
+            return revision
         if revision >= steps:
             break
         delta = local_delta(params, name, revision)
@@ -113,7 +117,7 @@ def chaos_worker(comm, outdir, steps, initial):
         out = comm.last_outcome
         outer_step(params, delta, out.contributors)
         log(event="step", rev=revision, contributors=list(out.contributors), digest=digest(delta),
-            attempts=out.attempts, lost=list(out.lost), epoch=comm.epoch, seconds=seconds)
+            attempts=out.attempts, lost=list(out.lost), epoch=comm.epoch, rank=comm.rank, seconds=seconds)
         revision += 1
         comm.update_topology()
     report = comm.verify_parity(state, revision)
@@ -145,8 +149,39 @@ def _open_fds():
     return out
 
 
+def _rank0(logs, candidates):
+    """The member at rank 0 of the latest epoch the logs show (it hosts the coordinator once a
+    member succeeded the first one), among ``candidates``; None if unknown."""
+    best = None
+    for n, lines in logs.items():
+        for ln in lines:
+            if ln["event"] == "step" and ln.get("rank") == 0 and (best is None or ln["epoch"] > best[0]):
+                best = (ln["epoch"], n)
+    return best[1] if best is not None and best[1] in candidates else None
+
+
 @pytest.mark.timeout(DEADLINE + 60)
 def test_chaos(tmp_path, transport):
+    _chaos(tmp_path, transport, steps=STEPS, kills=KILLS, joins=JOINS, kill_points=KILL_POINTS, standalone=False,
+           deadline=DEADLINE)
+
+
+#: No single point of failure: kills of the standalone coordinator's process, of rank 0 (which
+#: hosts the coordinator once a member succeeded it) and of two members at once, among ordinary
+#: kills. PYCOLL_CHAOS_SPOF_STEPS (default 60, about a minute here) makes the long variant
+#: (e.g. 200 steps: see the README's fault table).
+SPOF_STEPS = int(os.environ.get("PYCOLL_CHAOS_SPOF_STEPS", "60"))
+SPOF_POINTS = ["coordinator", "rank0", "rank0", "two", "sigkill", "during:all_reduce", "agreed:all_reduce"]
+
+
+@pytest.mark.timeout(DEADLINE + 60)
+def test_chaos_no_single_point_of_failure(tmp_path):
+    _chaos(tmp_path, "shm", steps=SPOF_STEPS, kills=max(6, SPOF_STEPS // 8), joins=max(5, SPOF_STEPS // 10),
+           kill_points=SPOF_POINTS, standalone=True, deadline=DEADLINE, first_kill="coordinator")
+
+
+def _chaos(tmp_path, transport, *, steps, kills, joins, kill_points, standalone, deadline, first_kill=None):
+    STEPS, KILLS, JOINS, DEADLINE = steps, kills, joins, deadline  # noqa: N806 - the module's defaults, per run
     seed = int(os.environ.get("PYCOLL_CHAOS_SEED", str(random.randrange(1 << 30))))
     rng = random.Random(seed)
     outdir = str(tmp_path)
@@ -161,14 +196,16 @@ def test_chaos(tmp_path, transport):
     killed, armed, joined_spawned = [], [], []
     names = [f"w{i}" for i in range(INITIAL)]
     exitcodes, unadmitted = {}, []
-    with Cluster(heartbeat_timeout=HEARTBEAT, min_world_size=INITIAL,
+    with Cluster(heartbeat_timeout=HEARTBEAT, min_world_size=INITIAL, standalone=standalone,
                  connect_kwargs=dict(timeout=60, join_timeout=DEADLINE, transport=transport)) as c:
         for n in names:
             c.spawn(n, on_transport, transport, chaos_worker, outdir, STEPS, True)
         # Chaos is scheduled by progress (training steps), not wall time, so a
         # fast run gets as much of it as a slow one.
-        kill_at = [(step, rng.random() < 0.15, rng.choice(KILL_POINTS))
+        kill_at = [(step, rng.random() < 0.15, rng.choice(kill_points))
                    for step in sorted(rng.sample(range(2, int(STEPS * 0.85)), KILLS))]
+        if first_kill is not None:
+            kill_at[0] = (kill_at[0][0], False, first_kill)
         join_at = sorted(rng.sample(range(2, int(STEPS * 0.8)), JOINS))
         njoin = 0
         while True:
@@ -201,10 +238,24 @@ def test_chaos(tmp_path, transport):
                     kill_at.pop(0)
                     c.kill(rng.choice(waiting))
                     killed.append(("pending joiner", "sigkill", progress))
-                elif len(candidates) - 1 >= MIN_ALIVE:  # else wait until joiners make room
+                elif point == "coordinator" and c.master is not None and c.master.poll() is None:
+                    kill_at.pop(0)
+                    time.sleep(rng.uniform(0, 0.03))
+                    c.kill_coordinator()  # a member succeeds it (pycoll.comm.failover)
+                    killed.append(("coordinator", "sigkill", progress))
+                elif len(candidates) - (2 if point == "two" else 1) >= MIN_ALIVE:  # else wait for joiners
                     kill_at.pop(0)
                     victim = rng.choice(candidates)
-                    if point == "sigkill":  # whatever it is doing right now
+                    if point in ("coordinator", "rank0", "two"):
+                        # rank 0 hosts the coordinator once a member succeeded the first one
+                        victim = _rank0(logs, candidates) or victim
+                    if point == "two":  # rank 0 and another member at the same moment
+                        other = rng.choice([n for n in candidates if n != victim])
+                        time.sleep(rng.uniform(0, 0.03))
+                        c.kill(victim)
+                        c.kill(other)
+                        killed.append((other, point, progress))
+                    elif point in ("sigkill", "coordinator", "rank0"):  # whatever it is doing right now
                         time.sleep(rng.uniform(0, 0.03))
                         c.kill(victim)
                     else:  # at that point of its next collective
@@ -230,7 +281,6 @@ def test_chaos(tmp_path, transport):
             for n in c.procs:
                 print(n, exitcodes[n], c.done.get(n), [ln["event"] for ln in _read_logs(outdir).get(n, [])][:3])
         wall = time.monotonic() - t_start
-        coord_stats = dict(c.coordinator.stats)
         ports = [lines[0]["port"] for lines in _read_logs(outdir).values() if lines]
     logs = _read_logs(outdir)
 
@@ -302,7 +352,9 @@ def test_chaos(tmp_path, transport):
           f"+ {sum(1 for k in killed if k[0] == 'pending joiner')} of joiners still waiting; "
           f"joins {len(joiners_admitted)} admitted of {len(joined_spawned)} spawned "
           f"({len(joiners_finished)} finished bit-identical, {len(unadmitted)} never admitted before the end); "
-          f"retries {retries}; epochs {coord_stats.get('epochs', 0)}; parity failures {parity_failures}; "
+          f"retries {retries}; epochs {max((ln['epoch'] for lines in logs.values() for ln in lines if ln['event'] == 'step'), default=0)}; "
+          f"coordinators killed {sum(1 for k in killed if k[0] == 'coordinator' or k[1] in ('coordinator', 'rank0', 'two'))}; "
+          f"parity failures {parity_failures}; "
           f"loss {loss0:.3f} -> {loss(params):.4f}")
     if recov:
         print(f"  all_reduce with a retry: median {statistics.median(recov) * 1e3:.0f} ms, "

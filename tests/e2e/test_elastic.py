@@ -400,6 +400,8 @@ def _until_coordinator_dies(comm):
 
 @pytest.mark.timeout(90)
 def test_coordinator_death_is_a_clear_error_not_a_hang():
+    """Without failover (failover=False) a dead coordinator is a CoordinatorError on every
+    peer (with failover, tests/e2e/test_failover.py: a member succeeds it)."""
     hb = 1.0
     port = free_port()
     master = subprocess.Popen([sys.executable, "-m", "pycoll", "master", "--port", str(port),
@@ -412,7 +414,8 @@ def test_coordinator_death_is_a_clear_error_not_a_hang():
         for i in range(3):
             parent, child = ctx.Pipe(duplex=False)
             p = ctx.Process(target=_peer_main, args=(_until_coordinator_dies, (), port, f"c{i}",
-                                                     {"heartbeat_timeout": hb, "timeout": 20}, None, child))
+                                                     {"heartbeat_timeout": hb, "timeout": 20, "failover": False},
+                                                     None, child))
             p.start()
             child.close()
             procs.append(p)
@@ -468,6 +471,7 @@ def _through_restart(comm, steps):
 
 @pytest.mark.timeout(120)
 def test_peers_reregister_with_a_restarted_coordinator_and_carry_on():
+    """failover=False, coordinator_wait: the peers wait for a coordinator restarted at the same address."""
     hb, steps = 1.0, 80
     port = free_port()
     cmd = [sys.executable, "-m", "pycoll", "master", "--port", str(port), "--heartbeat-timeout", str(hb)]
@@ -482,7 +486,7 @@ def test_peers_reregister_with_a_restarted_coordinator_and_carry_on():
             parent, child = ctx.Pipe(duplex=False)
             p = ctx.Process(target=_peer_main, args=(_through_restart, (steps,), port, f"r{i}",
                                                      {"heartbeat_timeout": hb, "timeout": 20,
-                                                      "coordinator_wait": 60}, None, child))
+                                                      "coordinator_wait": 60, "failover": False}, None, child))
             p.start()
             child.close()
             procs.append(p)

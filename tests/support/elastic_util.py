@@ -16,6 +16,8 @@ import multiprocessing as mp
 import os
 import pickle
 import signal
+import subprocess
+import sys
 import time
 import traceback
 
@@ -52,11 +54,21 @@ def _peer_main(fn, args, port, name, connect_kwargs, env, conn):
 
 
 class Cluster:
-    def __init__(self, heartbeat_timeout=2.0, min_world_size=1, cause_grace=0.5, connect_kwargs=None):
+    """``standalone``: the coordinator runs as its own process (``pycoll master``, ``master``),
+    so a test can kill it (:meth:`kill_coordinator`); ``coordinator`` is then None."""
+
+    def __init__(self, heartbeat_timeout=2.0, min_world_size=1, cause_grace=0.5, connect_kwargs=None,
+                 standalone=False):
         self.connect_kwargs = dict({"timeout": 30, "join_timeout": 60}, **(connect_kwargs or {}))
         self.port = free_port()
-        self.coordinator = Coordinator("127.0.0.1", self.port, min_world_size=min_world_size,
-                                       heartbeat_timeout=heartbeat_timeout, cause_grace=cause_grace).start()
+        self.coordinator = self.master = None
+        if standalone:
+            self.master = subprocess.Popen([sys.executable, "-m", "pycoll", "master", "--port", str(self.port),
+                                            "--heartbeat-timeout", str(heartbeat_timeout),
+                                            "--world-size", str(min_world_size)], stdout=subprocess.DEVNULL)
+        else:
+            self.coordinator = Coordinator("127.0.0.1", self.port, min_world_size=min_world_size,
+                                           heartbeat_timeout=heartbeat_timeout, cause_grace=cause_grace).start()
         self.ctx = mp.get_context("spawn")
         self.procs, self.pipes, self.done = {}, {}, {}
 
@@ -72,6 +84,11 @@ class Cluster:
 
     def kill(self, name, sig=signal.SIGKILL):
         os.kill(self.procs[name].pid, sig)
+
+    def kill_coordinator(self):
+        """SIGKILL the standalone coordinator's process."""
+        self.master.kill()
+        self.master.wait()
 
     def _collect(self, name):
         if name in self.done:
@@ -129,7 +146,10 @@ class Cluster:
                 p.close()  # releases the pipes multiprocessing keeps per process
         for c in self.pipes.values():
             c.close()
-        self.coordinator.stop()
+        if self.coordinator is not None:
+            self.coordinator.stop()
+        if self.master is not None and self.master.poll() is None:
+            self.kill_coordinator()
 
     def __enter__(self):
         return self

@@ -172,3 +172,11 @@ def test_defaults_are_exported_where_they_were():
     from pycoll.comm import communicator
     assert communicator.DEFAULT_SEGMENT == opts.DEFAULT_SEGMENT == Options().segment_bytes
     assert communicator.DEFAULT_TIMEOUT == Options().timeout
+
+
+def test_failover_is_on_by_default_and_pycoll_failover_turns_it_off():
+    assert Options.resolve(env={}).failover is True
+    assert Options.resolve(env={"PYCOLL_FAILOVER": "0"}).failover is False
+    assert Options.resolve(env={"PYCOLL_FAILOVER": "0"}, failover=True).failover is True
+    with pytest.raises(pycoll.InvalidArgument, match="PYCOLL_FAILOVER"):
+        Options.resolve(env={"PYCOLL_FAILOVER": "sometimes"})
