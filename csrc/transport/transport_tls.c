@@ -104,6 +104,14 @@ static long classify(pc_conn *c, int r) {
         c->err = errno;
         return PC_IO_ERROR;
     default:
+        /* the peer's end closed without close_notify (how pycoll peers close, and how a dead
+         * one does): OpenSSL 3 reports that as an error, but it is a closed peer like TCP's */
+#ifdef SSL_R_UNEXPECTED_EOF_WHILE_READING /* OpenSSL 1.1 says SSL_ERROR_SYSCALL, errno 0: above */
+        if (ERR_GET_REASON(ERR_peek_error()) == SSL_R_UNEXPECTED_EOF_WHILE_READING) {
+            ERR_clear_error();
+            return PC_IO_CLOSED;
+        }
+#endif
         /* a record failed its authentication tag, or the peer sent an alert */
         return fail_io(c, EBADMSG);
     }

@@ -261,6 +261,36 @@ def test_a_data_plane_peer_without_the_key_is_refused():
     engine.close(res[1])
 
 
+def _receive_after_peer_closed(kind):
+    """rank 1 closes its end (as a dead or aborting peer's kernel does, no close_notify); rank 0
+    then waits to receive from it: (status, failed peer, message)."""
+    comms = _comms(kind, _tcp_pair(), [b"k" * 32, b"k" * 32])
+    assert all(not isinstance(c, Exception) for c in comms), comms
+    engine.close(comms[1])
+    x = np.zeros(1 << 16, np.uint8)
+    plan = planners.plan_p2p(2, 0, 1, x.nbytes, False)
+    ptrs = ffi.new("void *[2]", [ffi.cast("void *", x.ctypes.data)] * 2)
+    sizes = ffi.new("uint64_t[2]", [x.nbytes] * 2)
+    failed = ffi.new("int32_t *", -1)
+    try:
+        st = lib.pc_comm_run(comms[0], plan.ptr, ptrs, sizes, DTYPES["uint8"], OP_CODES["sum"], 1, 0x5eed, 10.0,
+                             failed)
+        return st, failed[0], ffi.string(lib.pc_comm_last_error(comms[0])).decode()
+    finally:
+        engine.close(comms[0])
+
+
+@pytest.mark.timeout(60)
+def test_a_closed_tls_peer_is_a_closed_peer_as_over_tcp():
+    """OpenSSL 3 reports an end of stream without close_notify as an error; the engine must still
+    see a closed peer (PC_ERR_PEER, the failure the group recovers from), as over TCP, not a
+    socket error."""
+    for kind in (lib.PC_CONN_TCP, lib.PC_CONN_TLS):
+        st, failed, msg = _receive_after_peer_closed(kind)
+        assert (st, failed) == (lib.PC_ERR_PEER, 1), (kind, st, msg)
+        assert "connection to rank 1 closed" in msg
+
+
 @pytest.mark.timeout(30)
 def test_a_tls_connection_needs_a_key():
     a, b = _tcp_pair()
