@@ -291,6 +291,42 @@ def test_a_closed_tls_peer_is_a_closed_peer_as_over_tcp():
         assert "connection to rank 1 closed" in msg
 
 
+SIGPIPE_CHILD = """
+import signal, sys
+import numpy as np
+signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # as in a C program, or a host that restored it
+sys.path.insert(0, sys.argv[1])
+import test_encrypt as te
+from pycoll.core import engine
+from pycoll.core.native import ffi, lib
+from pycoll.plan import planners
+comms = te._comms(lib.PC_CONN_TLS, te._tcp_pair(), [b"k" * 32, b"k" * 32])
+engine.close(comms[1])
+x = np.zeros(1 << 20, np.uint8)  # one frame of 1 MiB: many records, many writes
+plan = planners.plan_p2p(2, 0, 1, x.nbytes, True)
+ptrs = ffi.new("void *[2]", [ffi.cast("void *", x.ctypes.data)] * 2)
+sizes = ffi.new("uint64_t[2]", [x.nbytes] * 2)
+failed = ffi.new("int32_t *", -1)
+st = lib.pc_comm_run(comms[0], plan.ptr, ptrs, sizes, te.DTYPES["uint8"], te.OP_CODES["sum"], 1, 0x5eed, 10.0,
+                     failed)
+print(st, failed[0], ffi.string(lib.pc_comm_last_error(comms[0])).decode(), flush=True)
+"""
+
+
+@pytest.mark.timeout(60)
+def test_sending_to_a_closed_tls_peer_raises_no_sigpipe():
+    """OpenSSL's own socket BIO writes with write(): a peer gone would kill a process that does
+    not ignore SIGPIPE. Ours sends with MSG_NOSIGNAL: the send fails with a closed peer instead."""
+    import os
+    import subprocess
+    import sys
+    here = os.path.dirname(os.path.abspath(__file__))
+    p = subprocess.run([sys.executable, "-c", SIGPIPE_CHILD, here], capture_output=True, text=True, timeout=50)
+    assert p.returncode == 0, (p.returncode, p.stderr[-2000:])
+    st, failed, msg = p.stdout.split(" ", 2)
+    assert (int(st), int(failed)) == (lib.PC_ERR_PEER, 1) and "connection to rank 1 closed" in msg, p.stdout
+
+
 @pytest.mark.timeout(30)
 def test_a_tls_connection_needs_a_key():
     a, b = _tcp_pair()
