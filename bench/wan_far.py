@@ -173,8 +173,9 @@ def main(argv=None):
                         rows.append(dict(idle=idle, stripes=k, segment=seg, nbytes=s, times=got[s], raw=raw.get(s),
                                          lost=lost, raw_lost=raw_lost))
                         print(f"| {'on' if idle else 'off'} | {k} | {human_size(seg)} | {human_size(s)} | {t:.2f} s | "
-                              f"{wire / t:.0%} | {r:.2f} s ({wire / r:.0%}) | {r / t:.0%} | {wire / (wire + delay):.0%} | "
-                              f"{wire / (wire + 2 * delay):.0%} | {lost} ({raw_lost} raw; all sizes) |", flush=True)
+                              f"{wire / t:.0%} | {r:.2f} s ({wire / r:.0%}) | {r / t:.0%} | "
+                              f"{wire / (wire + delay):.0%} | {wire / (wire + 2 * delay):.0%} | "
+                              f"{lost} ({raw_lost} raw; all sizes) |", flush=True)
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"args": vars(a), "rows": rows}, f, indent=1)
