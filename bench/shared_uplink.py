@@ -89,7 +89,7 @@ def main(argv=None):
                     "queue holds tens of packets, not a handful)")
     ap.add_argument("--no-idle-restart", action="store_true",
                     help="net.ipv4.tcp_slow_start_after_idle=0 on every host (the kernel default restarts "
-                         "a connection idle for one RTO in slow start)")
+                         "a connection idle for one RTO in slow start, but not under BBR, which is exempt)")
     ap.add_argument("--json")
     ap.add_argument("--timeout", type=float, default=1800)
     args = ap.parse_args(argv)

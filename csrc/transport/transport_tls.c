@@ -11,8 +11,8 @@
  * of a frame) and the first record of a call begins with it, so a header never
  * straddles two records and peek_copy (SSL_peek, one record) sees it whole.
  *
- * OpenSSL's socket BIO writes with write(), not send(MSG_NOSIGNAL): a C program
- * using TLS conns must ignore SIGPIPE (Python, pycoll's host, does at startup).
+ * OpenSSL's socket BIO writes with write(): a peer gone would raise SIGPIPE and kill
+ * a host that does not ignore it. Ours is that BIO with send(MSG_NOSIGNAL) for writes.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -34,6 +34,7 @@
 typedef struct {
     SSL_CTX *ctx;
     SSL *ssl;
+    BIO_METHOD *bio_method; /* the socket BIO's, writing with MSG_NOSIGNAL */
     uint8_t psk[64];
     size_t psk_len;
     size_t pend;            /* bytes of a record SSL_write asked us to retry (0: none) */
@@ -74,6 +75,34 @@ static int find_psk(SSL *ssl, const unsigned char *id, size_t idlen, SSL_SESSION
     return *sess != NULL;
 }
 
+/* BIO write: send(MSG_NOSIGNAL), retry flags as the socket BIO sets them */
+static int nosig_write(BIO *b, const char *buf, int len) {
+    int fd = -1;
+    BIO_get_fd(b, &fd);
+    BIO_clear_retry_flags(b);
+    ssize_t r = send(fd, buf, (size_t)len, MSG_NOSIGNAL);
+    if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)) BIO_set_retry_write(b);
+    return (int)r;
+}
+
+static int nosig_puts(BIO *b, const char *str) {
+    return nosig_write(b, str, (int)strlen(str));
+}
+
+/* The socket BIO's methods with our write; NULL when OpenSSL cannot make one. */
+static BIO_METHOD *nosig_method(void) {
+    const BIO_METHOD *sock = BIO_s_socket();
+    BIO_METHOD *m = BIO_meth_new(BIO_TYPE_SOCKET, "pycoll socket");
+    if (!m) return NULL;
+    if (!BIO_meth_set_write(m, nosig_write) || !BIO_meth_set_read(m, BIO_meth_get_read(sock)) ||
+        !BIO_meth_set_puts(m, nosig_puts) || !BIO_meth_set_ctrl(m, BIO_meth_get_ctrl(sock)) ||
+        !BIO_meth_set_create(m, BIO_meth_get_create(sock)) || !BIO_meth_set_destroy(m, BIO_meth_get_destroy(sock))) {
+        BIO_meth_free(m);
+        return NULL;
+    }
+    return m;
+}
+
 static double now_s(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
@@ -104,6 +133,14 @@ static long classify(pc_conn *c, int r) {
         c->err = errno;
         return PC_IO_ERROR;
     default:
+        /* the peer's end closed without close_notify (how pycoll peers close, and how a dead
+         * one does): OpenSSL 3 reports that as an error, but it is a closed peer like TCP's */
+#ifdef SSL_R_UNEXPECTED_EOF_WHILE_READING /* OpenSSL 1.1 says SSL_ERROR_SYSCALL, errno 0: above */
+        if (ERR_GET_REASON(ERR_peek_error()) == SSL_R_UNEXPECTED_EOF_WHILE_READING) {
+            ERR_clear_error();
+            return PC_IO_CLOSED;
+        }
+#endif
         /* a record failed its authentication tag, or the peer sent an alert */
         return fail_io(c, EBADMSG);
     }
@@ -185,6 +222,7 @@ static void tls_free(tls_impl *t) {
     if (!t) return;
     if (t->ssl) SSL_free(t->ssl);
     if (t->ctx) SSL_CTX_free(t->ctx);
+    if (t->bio_method) BIO_meth_free(t->bio_method); /* after the BIO that used it, freed with ssl */
     OPENSSL_cleanse(t->psk, sizeof t->psk);
     free(t);
 }
@@ -249,7 +287,11 @@ pc_conn *pc_tls_conn(int fd, int sockbuf_bytes, int server, const uint8_t *psk, 
     SSL_CTX_set_read_ahead(t->ctx, 1);
     SSL_CTX_set_default_read_buffer_len(t->ctx, 1 << 17);
     t->ssl = SSL_new(t->ctx);
-    if (!t->ssl || !SSL_set_fd(t->ssl, fd)) goto fail;
+    t->bio_method = t->ssl ? nosig_method() : NULL;
+    BIO *bio = t->bio_method ? BIO_new(t->bio_method) : NULL;
+    if (!bio) goto fail;
+    BIO_set_fd(bio, fd, BIO_NOCLOSE);
+    SSL_set_bio(t->ssl, bio, bio); /* ssl owns it now */
     SSL_set_app_data(t->ssl, t);
     if (server) {
         SSL_set_psk_find_session_callback(t->ssl, find_psk);

@@ -136,7 +136,8 @@ class CostModel:
             seg, piece = min(segment_bytes, planners.TREE_SEGMENT), D / 2
         elif algorithm == "innetwork":
             traffic, phases = self._hier(D, layout)
-            seg, piece = segment_bytes, D / max(len(layout.agg_ring), 1)
+            seg = planners.hier_segment(segment_bytes, D, len(layout.agg_ring))
+            piece = D / max(len(layout.agg_ring), 1)
         else:
             rings = None if algorithm == "hamiltonian" else [layout.ring]
             traffic, phases = self._rings(coll, D, rings)

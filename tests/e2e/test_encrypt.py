@@ -261,6 +261,72 @@ def test_a_data_plane_peer_without_the_key_is_refused():
     engine.close(res[1])
 
 
+def _receive_after_peer_closed(kind):
+    """rank 1 closes its end (as a dead or aborting peer's kernel does, no close_notify); rank 0
+    then waits to receive from it: (status, failed peer, message)."""
+    comms = _comms(kind, _tcp_pair(), [b"k" * 32, b"k" * 32])
+    assert all(not isinstance(c, Exception) for c in comms), comms
+    engine.close(comms[1])
+    x = np.zeros(1 << 16, np.uint8)
+    plan = planners.plan_p2p(2, 0, 1, x.nbytes, False)
+    ptrs = ffi.new("void *[2]", [ffi.cast("void *", x.ctypes.data)] * 2)
+    sizes = ffi.new("uint64_t[2]", [x.nbytes] * 2)
+    failed = ffi.new("int32_t *", -1)
+    try:
+        st = lib.pc_comm_run(comms[0], plan.ptr, ptrs, sizes, DTYPES["uint8"], OP_CODES["sum"], 1, 0x5eed, 10.0,
+                             failed)
+        return st, failed[0], ffi.string(lib.pc_comm_last_error(comms[0])).decode()
+    finally:
+        engine.close(comms[0])
+
+
+@pytest.mark.timeout(60)
+def test_a_closed_tls_peer_is_a_closed_peer_as_over_tcp():
+    """OpenSSL 3 reports an end of stream without close_notify as an error; the engine must still
+    see a closed peer (PC_ERR_PEER, the failure the group recovers from), as over TCP, not a
+    socket error."""
+    for kind in (lib.PC_CONN_TCP, lib.PC_CONN_TLS):
+        st, failed, msg = _receive_after_peer_closed(kind)
+        assert (st, failed) == (lib.PC_ERR_PEER, 1), (kind, st, msg)
+        assert "connection to rank 1 closed" in msg
+
+
+SIGPIPE_CHILD = """
+import signal, sys
+import numpy as np
+signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # as in a C program, or a host that restored it
+sys.path.insert(0, sys.argv[1])
+import test_encrypt as te
+from pycoll.core import engine
+from pycoll.core.native import ffi, lib
+from pycoll.plan import planners
+comms = te._comms(lib.PC_CONN_TLS, te._tcp_pair(), [b"k" * 32, b"k" * 32])
+engine.close(comms[1])
+x = np.zeros(1 << 20, np.uint8)  # one frame of 1 MiB: many records, many writes
+plan = planners.plan_p2p(2, 0, 1, x.nbytes, True)
+ptrs = ffi.new("void *[2]", [ffi.cast("void *", x.ctypes.data)] * 2)
+sizes = ffi.new("uint64_t[2]", [x.nbytes] * 2)
+failed = ffi.new("int32_t *", -1)
+st = lib.pc_comm_run(comms[0], plan.ptr, ptrs, sizes, te.DTYPES["uint8"], te.OP_CODES["sum"], 1, 0x5eed, 10.0,
+                     failed)
+print(st, failed[0], ffi.string(lib.pc_comm_last_error(comms[0])).decode(), flush=True)
+"""
+
+
+@pytest.mark.timeout(60)
+def test_sending_to_a_closed_tls_peer_raises_no_sigpipe():
+    """OpenSSL's own socket BIO writes with write(): a peer gone would kill a process that does
+    not ignore SIGPIPE. Ours sends with MSG_NOSIGNAL: the send fails with a closed peer instead."""
+    import os
+    import subprocess
+    import sys
+    here = os.path.dirname(os.path.abspath(__file__))
+    p = subprocess.run([sys.executable, "-c", SIGPIPE_CHILD, here], capture_output=True, text=True, timeout=50)
+    assert p.returncode == 0, (p.returncode, p.stderr[-2000:])
+    st, failed, msg = p.stdout.split(" ", 2)
+    assert (int(st), int(failed)) == (lib.PC_ERR_PEER, 1) and "connection to rank 1 closed" in msg, p.stdout
+
+
 @pytest.mark.timeout(30)
 def test_a_tls_connection_needs_a_key():
     a, b = _tcp_pair()

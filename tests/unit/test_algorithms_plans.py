@@ -326,6 +326,30 @@ def test_hier_members_talk_only_to_their_aggregator():
             assert peers == {m for m in range(n) if agg_of[m] == r and m != r} | ({4} if r == 0 else {0})
 
 
+def test_hier_segments_are_an_eighth_of_a_chunk_within_bounds():
+    """plan_hier's pipeline unit: chunk / 8, not below 64 KiB, never above the caller's."""
+    MiB = 1 << 20
+    assert planners.hier_segment(MiB, MiB, 2) == 64 << 10          # 512 KiB chunks
+    assert planners.hier_segment(MiB, 4 * MiB, 2) == 256 << 10
+    assert planners.hier_segment(MiB, 16 * MiB, 2) == MiB          # capped: large payloads as before
+    assert planners.hier_segment(MiB, 1000, 2) == 64 << 10         # the floor (one piece per chunk)
+    assert planners.hier_segment(16, 1 << 20, 2) == 16             # a small caller's unit wins
+    assert planners.hier_segment(MiB, MiB, 0) == 128 << 10         # no ring: the whole buffer is the chunk
+
+
+def test_hier_plan_cuts_a_small_all_reduce_into_pieces():
+    """1 MiB over 2 racks of 4 with 1 MiB segments asked: the members send their input to the
+    aggregator in pieces of at most 64 KiB (one per ring chunk before; the C planner sizes a
+    chunk one element up, so 9 pieces of it), so the aggregator's ring starts after the first
+    piece and the members get the result back piece by piece."""
+    n, count = 8, (1 << 20) // 4
+    agg_of, ring = layout_for(n, [[0, 1, 2, 3], [4, 5, 6, 7]], [True, True])
+    plans = [planners.plan_hier("all_reduce", n, r, agg_of, [ring], count, 4, segment_bytes=1 << 20)
+             for r in range(n)]
+    sends = [op["len"] for op in plans[1].ops() if op["kind"] == 0 and op["peer"] == 0 and op["len"]]
+    assert len(sends) == 18 and max(sends) <= 64 << 10 and sum(sends) == 1 << 20
+
+
 def test_hier_rejects_bad_layouts():
     with pytest.raises(Exception):  # 1's aggregator 2 is not its own aggregator
         planners.plan_hier("all_reduce", 3, 0, [0, 2, 1], [[0]], 8, 4)

@@ -73,6 +73,19 @@ def test_the_ring_over_innetwork_ratio_falls_to_the_bandwidth_bound_with_size():
     assert ratios == sorted(ratios, reverse=True) and ratios[0] > ratios[-1] + 0.2, ratios
 
 
+def test_the_model_pipelines_innetwork_in_the_plans_pieces(monkeypatch):
+    """predict() cuts innetwork's chunks as plan_hier does (hier_segment): at 1 MiB the
+    aggregators' fill and drain are 64 KiB pieces, not whole 512 KiB chunks."""
+    from pycoll.plan import planners
+    topo = parse_topology(RACKS)
+    model, layout = CostModel.from_topology(topo), Layout(8, topo)
+    fine = model.predict("innetwork", "all_reduce", MiB, layout, segment_bytes=MiB)
+    same = model.predict("innetwork", "all_reduce", MiB, layout, segment_bytes=64 << 10)
+    monkeypatch.setattr(planners, "HIER_PIECES", 1)  # one piece per chunk: the schedule before
+    coarse = model.predict("innetwork", "all_reduce", MiB, layout, segment_bytes=MiB)
+    assert fine == pytest.approx(same) and fine < coarse
+
+
 def test_without_a_shared_uplink_the_multiring_still_wins_on_private_links():
     """Per-pair caps and no uplink (the old two-racks model): the multi-ring's many links pay off."""
     topo = parse_topology(RACKS.replace('uplink = "100mbit"\n', "").replace(
