@@ -270,7 +270,8 @@ def _torch_state(comm):
 def test_torch_tensors_sync_in_place():
     pytest.importorskip("torch")
     names = ["t0", "t1", "t2"]
-    with Cluster(min_world_size=3) as c:
+    # a peer importing torch can hold the GIL past the 2 s default heartbeat limit on a loaded host
+    with Cluster(heartbeat_timeout=10.0, min_world_size=3) as c:
         for n in names:
             c.spawn(n, _torch_state)
         res = c.results(names, timeout=50)
