@@ -225,41 +225,10 @@ def test_a_decision_the_lost_coordinator_told_one_member_reaches_every_member(ki
     successor hears of the decision from it and tells the others, so every member leaves the
     lost coordinator's epoch at the same call; nobody runs the round's operation again alone
     (before: "members called different operations as #n" in the successor's epoch)."""
-    from elastic_util import _peer_main
     n, steps = 4, 6
-    port = free_port()
     # dies at its 2nd reply, 0.2 s after the 1st (sent: zmq sends from its own thread)
-    env = dict(os.environ, PYCOLL_FAULT=f'["coordinator:{kind}", 2]',
-               PYCOLL_FAULT_DELAY=f'{{"coordinator:{kind}": 0.2}}')
-    master = subprocess.Popen([sys.executable, "-m", "pycoll", "master", "--port", str(port),
-                               "--heartbeat-timeout", str(HB), "--world-size", str(n)], env=env,
-                              stdout=subprocess.DEVNULL)
-    ctx = mp.get_context("spawn")
-    procs, pipes = [], []
-    try:
-        for i in range(n):
-            parent, child = ctx.Pipe(duplex=False)
-            p = ctx.Process(target=_peer_main, args=(_state_then_sum, (steps,), port, f"d{i}",
-                                                     {"heartbeat_timeout": HB, "timeout": 20}, None, child),
-                            daemon=True)
-            p.start()
-            child.close()
-            procs.append(p)
-            pipes.append(parent)
-        results = []
-        for pipe in pipes:
-            assert pipe.poll(90), "a peer hung"
-            status, *rest = pickle.loads(pipe.recv_bytes())
-            assert status == "ok", rest
-            results.append(rest[0])
-        assert master.wait(timeout=10) == -signal.SIGKILL  # it did die at the fault point
-    finally:
-        if master.poll() is None:
-            master.kill()
-            master.wait()
-        for p in procs:
-            p.kill()
-            p.join(5)
+    results = _group_under_a_dying_master(f'["coordinator:{kind}", 2]', f'{{"coordinator:{kind}": 0.2}}',
+                                          _state_then_sum, steps, "d", n)
     assert all(r[0] for r in results), results  # every sum exact
     assert all(r[2] == n for r in results), f"nobody was lost: {results}"
     assert len({r[1] for r in results}) == 1 and results[0][1] >= 2, results  # re-formed under the successor
@@ -292,11 +261,22 @@ def test_a_member_the_lost_coordinator_let_past_the_sync_point_is_not_left_waiti
     nobody follows it, and it re-registers with the successor only after the others reached
     the successor's sync point. The successor cancels that all_reduce as soon as it hears from
     rank 0 (Coordinator._tell_left_behind), not at the collective's timeout (20 s here)."""
-    from elastic_util import _peer_main
     n, steps = 4, 6
+    results = _group_under_a_dying_master('["coordinator:sync", 2]',  # rank 0's reply only (as above)
+                                          '{"coordinator:sync": 0.2}', _sum_then_sync_slow_rank0, steps, "s", n)
+    assert all(r[1] for r in results), results  # every sum exact
+    assert all(r[3] == n for r in results), f"nobody was lost: {results}"
+    assert len({r[2] for r in results}) == 1 and results[0][2] >= 2, results  # re-formed under the successor
+    assert max(r[0] for r in results) < 10.0, results  # not the collective's 20 s timeout
+
+
+def _group_under_a_dying_master(fault, fault_delay, work, steps, prefix, n):
+    """Runs ``work(comm, steps)`` on ``n`` peers (named prefix0..) under a standalone
+    ``pycoll master`` armed with PYCOLL_FAULT=``fault`` (and its delays), which must die at that
+    fault point; returns the peers' results in order. Every wait is bounded (90 s a peer)."""
+    from elastic_util import _peer_main
     port = free_port()
-    env = dict(os.environ, PYCOLL_FAULT='["coordinator:sync", 2]',  # rank 0's reply only (as above)
-               PYCOLL_FAULT_DELAY='{"coordinator:sync": 0.2}')
+    env = dict(os.environ, PYCOLL_FAULT=fault, PYCOLL_FAULT_DELAY=fault_delay)
     master = subprocess.Popen([sys.executable, "-m", "pycoll", "master", "--port", str(port),
                                "--heartbeat-timeout", str(HB), "--world-size", str(n)], env=env,
                               stdout=subprocess.DEVNULL)
@@ -305,7 +285,7 @@ def test_a_member_the_lost_coordinator_let_past_the_sync_point_is_not_left_waiti
     try:
         for i in range(n):
             parent, child = ctx.Pipe(duplex=False)
-            p = ctx.Process(target=_peer_main, args=(_sum_then_sync_slow_rank0, (steps,), port, f"s{i}",
+            p = ctx.Process(target=_peer_main, args=(work, (steps,), port, f"{prefix}{i}",
                                                      {"heartbeat_timeout": HB, "timeout": 20}, None, child),
                             daemon=True)
             p.start()
@@ -326,10 +306,7 @@ def test_a_member_the_lost_coordinator_let_past_the_sync_point_is_not_left_waiti
         for p in procs:
             p.kill()
             p.join(5)
-    assert all(r[1] for r in results), results  # every sum exact
-    assert all(r[3] == n for r in results), f"nobody was lost: {results}"
-    assert len({r[2] for r in results}) == 1 and results[0][2] >= 2, results  # re-formed under the successor
-    assert max(r[0] for r in results) < 10.0, results  # not the collective's 20 s timeout
+    return results
 
 
 # ---- the successor's rule ------------------------------------------------------
