@@ -48,6 +48,15 @@ from pycoll.control.client import CoordinatorClient  # noqa: E402
 from pycoll.testing import free_port  # noqa: E402
 
 
+def _wait_formed(paths, limit=60.0):
+    """Waits (at most ``limit`` seconds) until every peer wrote its file: the group formed."""
+    deadline = time.monotonic() + limit
+    while not all(os.path.exists(x) for x in paths):
+        if time.monotonic() > deadline:
+            raise RuntimeError("the group did not form")
+        time.sleep(0.01)
+
+
 def _watchdog(path):
     """FAULT_LATENCY_STACKS=<seconds>: a peer still looping that long after it was ready dumps
     every thread's stack to ``path``.stacks, again every <seconds> (where a stalled trial waits)."""
@@ -146,11 +155,7 @@ def trial_init_kill(victims, peers, count, heartbeat, retry, rng, transport):
                 p = ctx.Process(target=_init_peer, args=(i, peers, port, count, retry, paths[i], heartbeat, transport))
                 p.start()
                 procs.append(p)
-            deadline = time.monotonic() + 60
-            while not all(os.path.exists(x) for x in paths):
-                if time.monotonic() > deadline:
-                    raise RuntimeError("the group did not form")
-                time.sleep(0.01)
+            _wait_formed(paths)
             time.sleep(rng.uniform(0.2, 0.6))
             t_fault = time.time()
             for v in victims:
@@ -212,11 +217,7 @@ def trial_master_failover(peers, heartbeat, rng, transport):
                 child.close()
                 procs.append(p)
                 pipes.append(parent)
-            deadline = time.monotonic() + 60
-            while not all(os.path.exists(x) for x in paths):
-                if time.monotonic() > deadline:
-                    raise RuntimeError("the group did not form")
-                time.sleep(0.01)
+            _wait_formed(paths)
             time.sleep(rng.uniform(0.3, 0.6))
             t_fault = time.time()
             master.kill()
