@@ -16,7 +16,7 @@ import pytest
 
 import pycoll
 from collective_cases import on_transport
-from elastic_util import Cluster, arm
+from elastic_util import Cluster, arm, peer_results
 from pycoll.plan import planners
 from pycoll.control.client import CoordinatorClient
 from pycoll.testing import KILLED, free_port
@@ -477,7 +477,6 @@ def test_peers_reregister_with_a_restarted_coordinator_and_carry_on():
     cmd = [sys.executable, "-m", "pycoll", "master", "--port", str(port), "--heartbeat-timeout", str(hb)]
     master = subprocess.Popen(cmd)
     import multiprocessing as mp
-    import pickle
     from elastic_util import _peer_main
     ctx = mp.get_context("spawn")
     procs, pipes = [], []
@@ -505,12 +504,7 @@ def test_peers_reregister_with_a_restarted_coordinator_and_carry_on():
         master.wait(timeout=10)
         time.sleep(hb + 0.5)  # everyone notices
         master = subprocess.Popen(cmd)  # same address, no memory of the group
-        results = []
-        for pipe in pipes:
-            assert pipe.poll(90), "a peer hung"
-            status, *rest = pickle.loads(pipe.recv_bytes())
-            assert status == "ok", rest
-            results.append(rest[0])
+        results = peer_results(pipes)
     finally:
         master.kill()
         master.wait()

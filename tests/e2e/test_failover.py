@@ -153,7 +153,7 @@ def _through_master_death(comm, steps):
 
 @pytest.mark.timeout(120)
 def test_standalone_coordinator_death_needs_no_configuration():
-    from elastic_util import _peer_main
+    from elastic_util import _peer_main, peer_results
     n, steps = 4, 400
     port = free_port()
     master = subprocess.Popen([sys.executable, "-m", "pycoll", "master", "--port", str(port),
@@ -181,12 +181,7 @@ def test_standalone_coordinator_death_needs_no_configuration():
         time.sleep(0.3)
         master.kill()  # while the peers loop: a member succeeds it
         master.wait(timeout=10)
-        results = []
-        for pipe in pipes:
-            assert pipe.poll(90), "a peer hung"
-            status, *rest = pickle.loads(pipe.recv_bytes())
-            assert status == "ok", rest
-            results.append(rest[0])
+        results = peer_results(pipes)
     finally:
         if master.poll() is None:
             master.kill()
@@ -274,7 +269,7 @@ def _group_under_a_dying_master(fault, fault_delay, work, steps, prefix, n):
     """Runs ``work(comm, steps)`` on ``n`` peers (named prefix0..) under a standalone
     ``pycoll master`` armed with PYCOLL_FAULT=``fault`` (and its delays), which must die at that
     fault point; returns the peers' results in order. Every wait is bounded (90 s a peer)."""
-    from elastic_util import _peer_main
+    from elastic_util import _peer_main, peer_results
     port = free_port()
     env = dict(os.environ, PYCOLL_FAULT=fault, PYCOLL_FAULT_DELAY=fault_delay)
     master = subprocess.Popen([sys.executable, "-m", "pycoll", "master", "--port", str(port),
@@ -292,12 +287,7 @@ def _group_under_a_dying_master(fault, fault_delay, work, steps, prefix, n):
             child.close()
             procs.append(p)
             pipes.append(parent)
-        results = []
-        for pipe in pipes:
-            assert pipe.poll(90), "a peer hung"
-            status, *rest = pickle.loads(pipe.recv_bytes())
-            assert status == "ok", rest
-            results.append(rest[0])
+        results = peer_results(pipes)
         assert master.wait(timeout=10) == -signal.SIGKILL  # it did die at the fault point
     finally:
         if master.poll() is None:

@@ -156,3 +156,15 @@ class Cluster:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def peer_results(pipes, limit=90.0):
+    """The results ``_peer_main`` peers sent down ``pipes``, in order; each must answer within
+    ``limit`` seconds and have ended "ok"."""
+    results = []
+    for pipe in pipes:
+        assert pipe.poll(limit), "a peer hung"
+        status, *rest = pickle.loads(pipe.recv_bytes())
+        assert status == "ok", rest
+        results.append(rest[0])
+    return results
