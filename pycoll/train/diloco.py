@@ -17,10 +17,11 @@ passed in (empty for a fresh one).
 
 ``mode="async"``: the pseudo-gradient all-reduce of round r runs in the background during round
 r + 1's inner steps and is applied at the end of round r + 1 (one round late, as PCCL's async
-DiLoCo). Joiners are admitted only when nothing is in flight (after the wait): the all-reduce
-launched right after their admission holds a zero from them, and the average divides by the
-peers that trained that round, agreed by name (``last_outcome.contributors`` minus those admitted
-at its launch).
+DiLoCo). Joiners are admitted only when nothing is in flight (after the wait). The all-reduce
+launched right after a joiner's admission holds a zero from it and is divided by the peers that
+trained that round (its contributors that were members before the sync point); the joiner, which
+does not know who they were, skips that update and receives its result at the next sync point
+(PCCL's second sync of a newcomer).
 
 ``fragments=F`` (streaming DiLoCo): the parameters are cut into F fragments synced on a staggered
 schedule (pycoll.train.outer.Schedule), each with its own shared parameters and momentum; the
@@ -114,7 +115,7 @@ class DiLoCo:
         if self._pending is None:
             return None
         t0 = time.perf_counter()
-        contributors, lost = self._apply_pending()
+        contributors, lost, _ = self._apply_pending()
         self._counters[1] += 1
         self._load(0)
         self.last_round = Round(self.revision, 0, self.inner_steps, contributors, [], lost, [],
@@ -167,10 +168,11 @@ class DiLoCo:
         t0 = time.perf_counter()
         delta = self._free_buffer()
         self._pseudo_gradient(0, delta)  # against the parameters this round started from
-        contributors, lost = self._apply_pending() if self._pending is not None else ([], [])
+        contributors, lost, skipped = self._apply_pending() if self._pending is not None else ([], [], False)
         self._counters[1] += 1
-        joined, lost_at_sync, fetched = self._sync_point()
-        self._launch(delta, joined)
+        trained = list(self._comm.members)  # (after the wait: whoever is a member now trained this round)
+        joined, lost_at_sync, fetched = self._sync_point(behind=skipped)
+        self._launch(delta, trained)
         self._load(0)
         self.last_round = Round(self.revision, 0, self.inner_steps, contributors, joined,
                                 sorted(set(lost) | set(lost_at_sync)), fetched, time.perf_counter() - t0)
@@ -181,37 +183,48 @@ class DiLoCo:
         a, b = self._deltas[0][0], self._deltas[1][0]
         return b if self._pending is not None and self._pending[1] is a else a
 
-    def _launch(self, delta, joined):
+    def _launch(self, delta, trained):
+        """async: start the all-reduce of ``delta``; ``trained``: the names whose sum it is (the
+        members before the sync point; a joiner's zero is not among them), None for a joiner,
+        which does not know them: it takes the result from the group at the next sync instead."""
         work = self._comm.all_reduce(delta, op="sum", retry=True, async_op=True, compression=self.compression,
                                      algorithm=self.algorithm, timeout=self.timeout)
-        self._pending = (work, delta, frozenset(joined))
+        self._pending = (work, delta, None if trained is None else frozenset(trained))
 
     def _apply_pending(self):
-        """Wait for the all-reduce in flight; apply its average over the peers that trained."""
-        work, delta, fresh = self._pending
+        """Wait for the all-reduce in flight; apply its average over the peers that trained.
+        Returns (those names, names lost during it, whether this peer skipped the update)."""
+        work, delta, trained = self._pending
         self._pending = None
         work.wait()
         outcome = self._comm.last_outcome  # (ours: no other agreed call ran since it)
-        trained = [n for n in outcome.contributors if n not in fresh]
-        if trained:  # (none: every peer that trained is gone, and the sum is the joiners' zeros)
-            delta.div_(len(trained))
+        if trained is None:  # a joiner's first: the members apply it, and the sync brings it here
+            return [], list(outcome.lost), True
+        names = [n for n in outcome.contributors if n in trained]
+        if names:  # (none: every peer that trained is gone, and the sum is the joiners' zeros)
+            delta.div_(len(names))
             nesterov_(self._global[0], self._momentum[0], delta, self.outer_lr, self.momentum)
-        return trained, list(outcome.lost)
+        return names, list(outcome.lost), False
 
-    def _sync_point(self):
+    def _sync_point(self, behind=False):
         """Admit joiners, drop the dead, make the shared state bit-identical; returns (joined,
-        lost, fetched) as this peer saw them."""
+        lost, fetched) as this peer saw them. ``behind``: this peer skipped the outer step, so it
+        reports the revision before it and receives the state of the peers that took it."""
         comm = self._comm
+        before = list(comm.members)
         changed = comm.update_topology()
-        joined, lost = (list(comm.joined), list(comm.lost)) if changed else ([], [])
-        res = comm.sync_shared_state(self._state, self.revision, timeout=self.timeout)
+        # (a successor coordinator's first epoch names its re-registered members as joined too)
+        joined = [n for n in comm.joined if n not in before] if changed else []
+        lost = list(comm.lost) if changed else []
+        res = comm.sync_shared_state(self._state, self.revision - 1 if behind else self.revision,
+                                     timeout=self.timeout)
         return joined, lost, list(res.fetched)
 
     def _join(self):
         """Construction: the group's state (a founder: the majority's bits at revision 0); an async
-        joiner then takes part in the all-reduce the members launch after admitting it."""
+        joiner then takes part in the all-reduce the members launch after admitting it, with a
+        zero, and takes that round's update from the group at its first outer step."""
         comm = self._comm
-        joined = set(comm.joined) | {comm.name}  # (read before any call re-forms the epoch)
         t0 = time.perf_counter()
         res = comm.sync_shared_state(self._state, self.revision, timeout=self.timeout)
         for f in range(len(self._groups)):
@@ -219,9 +232,10 @@ class DiLoCo:
         if self.mode == "async" and self.revision >= 1:
             delta = self._free_buffer()
             delta.zero_()  # a zero: we did not train the round being reduced
-            self._launch(delta, joined)
-        self.last_round = Round(self.revision, 0, self.inner_steps, [], sorted(joined) if self.revision else [],
-                                [], list(res.fetched), time.perf_counter() - t0)
+            self._launch(delta, None)
+        joined = [comm.name] if self.revision else []
+        self.last_round = Round(self.revision, 0, self.inner_steps, [], joined, [], list(res.fetched),
+                                time.perf_counter() - t0)
 
     # ---- moving between the model and the flat shared tensors -----------
     def _pseudo_gradient(self, f, out):

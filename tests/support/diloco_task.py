@@ -7,8 +7,10 @@ algorithm for several peers in one process with torch alone (torch.optim.SGD as 
 optimizer), the reference the tests compare with.
 """
 import os
+import pickle
 import signal
 import time
+import traceback
 import zlib
 
 import torch
@@ -61,8 +63,8 @@ def state_hash(diloco):
     return tuple(hash_arrays([state[k] for k in sorted(state)]))
 
 
-def train(comm, cfg, progress=None):
-    """One peer. ``cfg``: sync_every, rounds, mode, fragments, compression, outer_lr, momentum,
+def train(comm, cfg, progress=None, data_name=None):
+    """One peer; it draws the batches of ``data_name`` (default: its name). ``cfg``: sync_every, rounds, mode, fragments, compression, outer_lr, momentum,
     ``kills`` {inner step: rank that SIGKILLs itself just before it}, ``join`` (inner step before
     which the members wait for a pending joiner). ``progress`` (a shared int) gets the revision."""
     from pycoll.train import DiLoCo
@@ -72,7 +74,7 @@ def train(comm, cfg, progress=None):
                     fragments=cfg.get("fragments"), compression=cfg.get("compression"),
                     outer_lr=cfg.get("outer_lr", 0.7), momentum=cfg.get("momentum", 0.9))
     records = [_record(diloco, comm, diloco.last_round)]
-    data = batches(comm.name)
+    data = batches(data_name or comm.name)
     total = cfg["rounds"] * cfg["sync_every"]
     kills, join = cfg.get("kills", {}), cfg.get("join")
     for _ in range(total + 1):
@@ -120,7 +122,7 @@ def shared_loss(state, cfg):
 def _record(diloco, comm, rnd):
     return {"revision": rnd.revision, "step": rnd.step, "contributors": sorted(rnd.contributors),
             "joined": sorted(rnd.joined), "lost": sorted(rnd.lost), "fetched": sorted(rnd.fetched),
-            "members": sorted(comm.members), "hash": state_hash(diloco)}
+            "members": list(comm.members), "hash": state_hash(diloco)}
 
 
 def _wait_settled(diloco, limit=30.0):
@@ -204,3 +206,37 @@ def _simulate(names, cfg):
             state[f"diloco.momentum.{f}"] = torch.cat([outers[f].state[params[i]]["momentum_buffer"].reshape(-1)
                                                        for i in g])
     return shared_loss(state, cfg), state
+
+
+# ---- processes: founders made by pycoll.init (rank 0 hosts the coordinator), joiners by connect ----
+PEER_KW = dict(heartbeat_timeout=4.0, timeout=30)  # (a SIGKILL drops connections: seen at once)
+
+
+def founder(rank, n, port, cfg, progress, conn):
+    """Founder ``rank`` of ``n`` (data ``f<rank>``); sends train's result, or the error, down ``conn``."""
+    def run():
+        import pycoll
+        return pycoll.init(rank, n, "127.0.0.1", port, **PEER_KW)
+    _serve(conn, run, cfg, progress, f"f{rank}")
+
+
+def joiner(name, port, cfg, progress, conn):
+    """A peer that joins the running group through the coordinator's address (a successor
+    coordinator serves it when the first one is gone)."""
+    def run():
+        import pycoll
+        return pycoll.connect("127.0.0.1", port, name=name, join_timeout=60, **PEER_KW)
+    _serve(conn, run, cfg, progress, name)
+
+
+def _serve(conn, make, cfg, progress, data_name):
+    try:
+        comm = make()
+        try:
+            payload = ("ok", train(comm, cfg, progress, data_name))
+        finally:
+            comm.close()
+    except BaseException as exc:  # noqa: BLE001 - reported to the test
+        payload = ("error", f"{type(exc).__name__}: {exc}", traceback.format_exc())
+    conn.send_bytes(pickle.dumps(payload))
+    conn.close()
