@@ -64,7 +64,8 @@ def state_hash(diloco):
 
 
 def train(comm, cfg, progress=None, data_name=None):
-    """One peer; it draws the batches of ``data_name`` (default: its name). ``cfg``: sync_every, rounds, mode, fragments, compression, outer_lr, momentum,
+    """One peer; it draws the batches of ``data_name`` (default: its name). ``cfg``: sync_every,
+    rounds, mode, fragments, compression, outer_lr, momentum, inner_lr,
     ``kills`` {inner step: rank that SIGKILLs itself just before it}, ``join`` (inner step before
     which the members wait for a pending joiner). ``progress`` (a shared int) gets the revision."""
     from pycoll.train import DiLoCo
@@ -216,16 +217,22 @@ def founder(rank, n, port, cfg, progress, conn):
     """Founder ``rank`` of ``n`` (data ``f<rank>``); sends train's result, or the error, down ``conn``."""
     def run():
         import pycoll
-        return pycoll.init(rank, n, "127.0.0.1", port, **PEER_KW)
+        return pycoll.init(rank, n, "127.0.0.1", port, **PEER_KW, **cfg.get("connect", {}))
     _serve(conn, run, cfg, progress, f"f{rank}")
 
 
-def joiner(name, port, cfg, progress, conn):
-    """A peer that joins the running group through the coordinator's address (a successor
-    coordinator serves it when the first one is gone)."""
+def joiner(name, revision, port, cfg, progress, conn, limit=60.0):
+    """A peer that joins the running group once it reached ``revision`` (started early, so its
+    imports are done by then), through the coordinator's address (a successor coordinator serves
+    it when the first one is gone)."""
     def run():
         import pycoll
-        return pycoll.connect("127.0.0.1", port, name=name, join_timeout=60, **PEER_KW)
+        deadline = time.monotonic() + limit
+        while progress.value < revision:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the group never reached revision {revision}")
+            time.sleep(0.01)
+        return pycoll.connect("127.0.0.1", port, name=name, join_timeout=60, **PEER_KW, **cfg.get("connect", {}))
     _serve(conn, run, cfg, progress, name)
 
 
