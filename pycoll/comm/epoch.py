@@ -440,7 +440,8 @@ class Epoch:
         succ = None
         while True:
             if succ is None:  # elect once; again only if the one elected is found dead
-                succ, dead, unknown = failover.elect(self.members, self._addrs, self._standby_ports, self.rank)
+                succ, dead, unknown = failover.elect(self.members, self._addrs, self._standby_ports, self.rank,
+                                                     lost=old)
                 elected = time.monotonic()
                 if succ == self.rank:
                     coord = self.standby.start_coordinator(self.name, client.origin,
