@@ -163,6 +163,7 @@ class Epoch:
         self._tag_broken = False    # a tagged call failed: the epoch must re-form
         self._settled = set()       # tags whose call of this epoch already failed (in flight or not run)
         self._owed = {}             # tag -> epoch: its next call reports that epoch's failure
+        self._owed_lock = threading.Lock()  # _settled and _owed: a tag's thread and a re-forming one
         self._epoch_info = None     # (epoch, the coordinator's word on its failure)
         # planning
         self._selector = None
@@ -439,7 +440,8 @@ class Epoch:
         succ = None
         while True:
             if succ is None:  # elect once; again only if the one elected is found dead
-                succ, dead, unknown = failover.elect(self.members, self._addrs, self._standby_ports, self.rank)
+                succ, dead, unknown = failover.elect(self.members, self._addrs, self._standby_ports, self.rank,
+                                                     lost=old)
                 elected = time.monotonic()
                 if succ == self.rank:
                     coord = self.standby.start_coordinator(self.name, client.origin,
@@ -717,9 +719,10 @@ class Epoch:
         if self.aborted_epoch != self.number:
             return
         self._abort_info_now()
-        for tag in self.channels:
-            if tag not in self._settled:
-                self._owed[tag] = self.number
+        with self._owed_lock:
+            for tag in self.channels:
+                if tag not in self._settled:
+                    self._owed[tag] = self.number
         if not self.broken:
             self._owed[None] = self.number
 
@@ -802,7 +805,12 @@ class Epoch:
         if st == lib.PC_ERR_ARG:
             return engine.error(None, st, f"{coll} (tag {chan.tag!r})", peer, message)
         self._tag_broken = True
-        self._settled.add(chan.tag)
+        with self._owed_lock:
+            self._settled.add(chan.tag)
+            # Another thread may have started re-forming while this call was still returning from
+            # its cancel, and counted the channel idle (_carry_owed): this failure is the one it owed.
+            if self._owed.get(chan.tag) == self.number:
+                del self._owed[chan.tag]
         return self._explain(st, peer, f"{coll} (tag {chan.tag!r})", message, None)
 
     def _explain(self, st, peer, coll, message, ident):

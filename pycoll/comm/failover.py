@@ -119,11 +119,17 @@ def reachability(members, addrs, rank, timeout=PROBE_TIMEOUT):
     return seen
 
 
-def elect(members, addrs, standby_ports, rank, timeout=PROBE_TIMEOUT):
+def elect(members, addrs, standby_ports, rank, timeout=PROBE_TIMEOUT, lost=None):
     """Who succeeds the lost coordinator, seen from ``rank`` of the last epoch (``members``:
     names; ``addrs``: their data listeners; ``standby_ports``: their kept ports, 0 for none).
+    ``lost``: the lost coordinator's "host:port": a member that hosted it on its kept port is
+    counted dead (a dying process closes its listeners one by one, so its data listener may
+    still accept a probe after its coordinator's port refused; electing it costs a timeout).
     Returns (successor's rank, names known dead, names unknown)."""
     seen = reachability(members, addrs, rank, timeout)
+    for i in range(len(members)):
+        if i != rank and lost is not None and standby_ports[i] and f"{addrs[i][0]}:{standby_ports[i]}" == lost:
+            seen[i] = "dead"
     dead = [members[i] for i in range(len(members)) if seen[i] == "dead"]
     unknown = [members[i] for i in range(len(members)) if seen[i] == "unknown"]
     eligible = [i for i in range(len(members)) if seen[i] == "alive" and standby_ports[i]]

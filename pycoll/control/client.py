@@ -42,6 +42,7 @@ class CoordinatorClient:
         self._from_key = auth.derive(secret, "from-coordinator")
         self._sealer = auth.Sealer(self._to_key)  # used under self._lock only
         self.cred = ""  # given by the coordinator at join
+        self._beat_now = False  # the heartbeat thread sends one now, not at its next interval
         self.name = name or uuid.uuid4().hex[:12]
         self.heartbeat_timeout = heartbeat_timeout
         self.heartbeat_interval = heartbeat_interval or min(0.5, heartbeat_timeout / 4.0)
@@ -149,6 +150,9 @@ class CoordinatorClient:
                         raise exc
                     if msg["t"] == "join" and isinstance(reply.get("cred"), str):
                         self.cred = reply["cred"]
+                        # a heartbeat sent while the join was in flight went unheard (no credential
+                        # yet): beat now, so the coordinator can reach us (aborts) at once
+                        self._beat_now = True
                     elif msg["t"] == "round" and "decision" in reply:
                         self.last_round = (msg.get("epoch"), msg.get("seq"), msg.get("kind"), reply)
                     return reply
@@ -277,7 +281,8 @@ class CoordinatorClient:
                     if dropped:
                         self._confirm_dead()
                 now = time.monotonic()
-                if now >= next_beat:
+                if now >= next_beat or self._beat_now:
+                    self._beat_now = False
                     try:
                         hb.send(sealer.seal(pack({"t": "hb", "name": self.name, "cred": self.cred})),
                                 zmq.NOBLOCK)

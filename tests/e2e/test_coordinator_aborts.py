@@ -1,0 +1,51 @@
+"""An epoch's abort reaches every member, even one the coordinator could not reach when it aborted.
+
+The coordinator pushes an abort on each member's heartbeat connection, which it learns from the
+member's first heartbeat. A member that re-registered with a successor moments before the abort
+(its first heartbeat not in yet) missed the push and waited in its collective until the call's
+timeout, while the others waited for it at the sync point: a 60 s step in a chaos run (seed 202).
+"""
+import concurrent.futures as cf
+import threading
+import time
+
+import pytest
+
+from pycoll.control.client import CoordinatorClient
+from pycoll.control.coordinator import PROTOCOL, Coordinator
+
+
+def _wait(cond, limit):
+    deadline = time.monotonic() + limit
+    while not cond() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return cond()
+
+
+@pytest.mark.timeout(60)
+def test_a_member_heard_only_after_the_abort_is_told_at_its_first_heartbeat():
+    coord = Coordinator("127.0.0.1", 0, min_world_size=3, heartbeat_timeout=3.0).start()
+    clients = [CoordinatorClient("127.0.0.1", coord.port, heartbeat_timeout=3.0) for _ in range(3)]
+    aborts = {c.name: [] for c in clients}
+    lock = threading.Lock()
+    try:
+        for i, c in enumerate(clients):
+            c.on_abort = lambda msg, name=c.name: (lock.acquire(), aborts[name].append(msg), lock.release())
+            c.request({"t": "join", "proto": PROTOCOL, "addr": ["127.0.0.1", 1001 + i]}, timeout=10)
+        reporter, other, late = clients
+        for c in (reporter, other):  # `late` has not sent its first heartbeat yet
+            c.start_heartbeats()
+        with cf.ThreadPoolExecutor(3) as ex:
+            list(ex.map(lambda c: c.request({"t": "sync", "epoch": 0, "rebuild": True}, timeout=10), clients))
+        assert coord.epoch == 1 and coord.members[late.name].hb_ident is None
+        reporter.request({"t": "fail", "epoch": 1, "seq": 0, "why": "a peer's connection closed", "status": 4},
+                         timeout=10)
+        assert _wait(lambda: aborts[other.name], 5), "the member the coordinator could reach was not told"
+        assert not aborts[late.name]
+        late.start_heartbeats()
+        assert _wait(lambda: aborts[late.name], 3), "the member heard after the abort was never told"
+        assert aborts[late.name][0]["epoch"] == 1
+    finally:
+        for c in clients:
+            c.close()
+        coord.stop()
