@@ -33,12 +33,13 @@ stripes=4)``). docs/diloco.md says what each mode does, what a joiner gets and w
 loses.
 """
 import dataclasses
+import threading
 import time
 from typing import Optional
 
 import torch
 
-from pycoll.errors import InvalidArgument
+from pycoll.errors import CollectiveError, InvalidArgument
 from pycoll.plan.compression import codec_name
 from pycoll.train.outer import Schedule, nesterov_, split_fragments
 
@@ -189,15 +190,23 @@ class DiLoCo:
         which does not know them: it takes the result from the group at the next sync instead."""
         work = self._comm.all_reduce(delta, op="sum", retry=True, async_op=True, compression=self.compression,
                                      algorithm=self.algorithm, timeout=self.timeout)
-        self._pending = (work, delta, None if trained is None else frozenset(trained))
+        outcome, ended = [], threading.Event()
+
+        def grab(_work):  # in the worker, as it ends: before a call queued behind it can replace last_outcome
+            outcome.append(self._comm.last_outcome)
+            ended.set()
+        work.add_done_callback(grab)
+        self._pending = (work, delta, None if trained is None else frozenset(trained), outcome, ended)
 
     def _apply_pending(self):
         """Wait for the all-reduce in flight; apply its average over the peers that trained.
         Returns (those names, names lost during it, whether this peer skipped the update)."""
-        work, delta, trained = self._pending
+        work, delta, trained, outcome, ended = self._pending
         self._pending = None
         work.wait()
-        outcome = self._comm.last_outcome  # (ours: no other agreed call ran since it)
+        if not ended.wait(30.0):  # (set by then, or microseconds later: callbacks run right after waiters wake)
+            raise CollectiveError("DiLoCo: the pseudo-gradient all-reduce ended without an outcome")
+        outcome = outcome[0]
         if trained is None:  # a joiner's first: the members apply it, and the sync brings it here
             return [], list(outcome.lost), True
         names = [n for n in outcome.contributors if n in trained]

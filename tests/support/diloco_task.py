@@ -67,7 +67,8 @@ def train(comm, cfg, progress=None, data_name=None):
     """One peer; it draws the batches of ``data_name`` (default: its name). ``cfg``: sync_every,
     rounds, mode, fragments, compression, outer_lr, momentum, inner_lr,
     ``kills`` {inner step: rank that SIGKILLs itself just before it}, ``join`` (inner step before
-    which the members wait for a pending joiner). ``progress`` (a shared int) gets the revision."""
+    which the members wait for a pending joiner), ``metrics`` (average the loss each step with
+    all_reduce(retry=True), as a user's logging would). ``progress`` (a shared int) gets the revision."""
     from pycoll.train import DiLoCo
     torch.set_num_threads(1)
     model = student()
@@ -88,7 +89,10 @@ def train(comm, cfg, progress=None, data_name=None):
         if step == join and not records[0]["joined"]:
             _wait_for_joiner(comm)
         x, y = next(data)
-        torch.nn.functional.mse_loss(model(x), y).backward()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        if cfg.get("metrics"):  # a user's own agreed call each step (async: queued behind DiLoCo's)
+            comm.all_reduce(loss.detach().reshape(1).clone(), op="avg", retry=True)
         done = diloco.step()
         if done is not None:
             records.append(_record(diloco, comm, done))
