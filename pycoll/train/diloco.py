@@ -94,7 +94,7 @@ class DiLoCo:
         for f, (g, m) in enumerate(zip(self._global, self._momentum)):
             self._state[f"diloco.params.{f}"] = g
             self._state[f"diloco.momentum.{f}"] = m
-        self._pending = None   # async: (work, buffer, names admitted at its launch)
+        self._pending = None   # async: (work, buffer, names that trained its round or None, outcome, ended)
         self.last_round: Optional[Round] = None
         self._join()
 
@@ -111,15 +111,18 @@ class DiLoCo:
         return self._outer_async() if self.mode == "async" else self._outer(f)
 
     def finish(self) -> Optional[Round]:
-        """async: wait for the all-reduce in flight and apply it (every member calls it together, at
-        the end of training, so the model holds the last round's work too). Else nothing to do."""
+        """async: wait for the all-reduce in flight, apply it and sync the state once more (every
+        member calls it together, at the end of training: the model then holds the last round's
+        work too, and a peer admitted at the last sync point gets that update). Else nothing."""
         if self._pending is None:
             return None
         t0 = time.perf_counter()
-        contributors, lost, _ = self._apply_pending()
+        contributors, lost, skipped = self._apply_pending()
         self._counters[1] += 1
+        res = self._comm.sync_shared_state(self._state, self.revision - 1 if skipped else self.revision,
+                                           timeout=self.timeout)
         self._load(0)
-        self.last_round = Round(self.revision, 0, self.inner_steps, contributors, [], lost, [],
+        self.last_round = Round(self.revision, 0, self.inner_steps, contributors, [], lost, list(res.fetched),
                                 time.perf_counter() - t0)
         return self.last_round
 
