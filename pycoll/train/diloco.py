@@ -111,10 +111,14 @@ class DiLoCo:
         return self._outer_async() if self.mode == "async" else self._outer(f)
 
     def finish(self) -> Optional[Round]:
-        """async: wait for the all-reduce in flight, apply it and sync the state once more (every
-        member calls it together, at the end of training: the model then holds the last round's
-        work too, and a peer admitted at the last sync point gets that update). Else nothing."""
+        """The end of training (every member calls it together): the model gets the shared
+        parameters (streaming: each fragment's local steps since its last sync are dropped). async:
+        first wait for the all-reduce in flight, apply it and sync the state once more, so the model
+        holds the last round's work and a peer admitted at the last sync point gets that update too;
+        returns that outer step's :class:`Round` (else None)."""
         if self._pending is None:
+            for f in range(len(self._groups)):
+                self._load(f)
             return None
         t0 = time.perf_counter()
         contributors, lost, skipped = self._apply_pending()

@@ -118,16 +118,18 @@ def _run_alone(cfg):
         if r is not None:
             rounds.append(r)
     d.finish()
-    return d, comm, rounds
+    return d, comm, rounds, model
 
 
 @pytest.mark.parametrize("mode, fragments", [("sync", None), ("async", None), ("streaming", 2), ("streaming", 4)])
 def test_outer_loop_on_one_peer_is_the_torch_reference_bit_for_bit(mode, fragments):
     cfg = dict(sync_every=4, rounds=3, mode=mode, fragments=fragments, outer_lr=0.7, momentum=0.9, inner_lr=0.05)
-    d, comm, rounds = _run_alone(cfg)
+    d, comm, rounds, model = _run_alone(cfg)
     _, ref = diloco_task.simulate(["solo"], cfg)
     for name, tensor in ref.items():
         assert torch.equal(d.shared_state[name], tensor), name
+    # after finish() the model holds the shared parameters (streaming: every fragment's)
+    assert diloco_task.shared_loss(d.shared_state, cfg) == diloco_task.eval_loss(model)
     F = diloco_task.fragments_of(cfg)
     assert d.inner_steps == 12 and len(rounds) == 3 * F
     assert [r.fragment for r in rounds] == [Schedule(4, F).due(s) for s in range(1, 13) if Schedule(4, F).due(s)
@@ -144,7 +146,7 @@ def test_outer_loop_on_one_peer_is_the_torch_reference_bit_for_bit(mode, fragmen
 
 def test_compression_is_passed_to_the_all_reduce():
     cfg = dict(sync_every=2, rounds=1, mode="sync", outer_lr=0.7, momentum=0.9, compression="bfloat16")
-    _, comm, _ = _run_alone(cfg)
+    _, comm, _, _ = _run_alone(cfg)
     assert [c[2] for c in comm.calls if c[0] == "all_reduce"] == ["bf16"]
 
 
