@@ -1,0 +1,315 @@
+"""``pycoll run --elastic``: a worker that dies does not stop the others (same processes), a
+replacement joins the running group and is healed bit for bit, every step is exact over its
+contributors; the restart budget, Ctrl-C while a worker dies, a busy port, a rank that never
+comes, a replacement that comes after the end, and the launcher itself SIGKILLed (the workers
+go on under a successor coordinator). Worker: tests/support/elastic_launch_worker.py."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from elastic_launch_worker import contribution, digest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+WORKER = os.path.join(ROOT, "tests", "support", "elastic_launch_worker.py")
+
+
+def _env(**extra):
+    env = {k: v for k, v in os.environ.items() if k not in ("PYCOLL_MASTER_PORT", "PYCOLL_JOB_ID",
+                                                              "PYCOLL_JOIN_TIMEOUT")}
+    env["PYTHONPATH"] = os.pathsep.join([ROOT] + [p for p in [env.get("PYTHONPATH")] if p])
+    env["TORCH_DEVICE_BACKEND_AUTOLOAD"] = "0"
+    env.update(extra)
+    return env
+
+
+def _launch(args, timeout, **kw):
+    """`pycoll run --elastic ARGS` to its end: (CompletedProcess, seconds)."""
+    t0 = time.monotonic()
+    r = subprocess.run([sys.executable, "-m", "pycoll", "run", "--elastic", *args], capture_output=True, text=True,
+                       timeout=timeout, env=_env(), **kw)
+    return r, time.monotonic() - t0
+
+
+def _records(out_dir):
+    """{process name: [its JSON records]} of the workers' logs."""
+    found = {}
+    for f in sorted(os.listdir(out_dir)):
+        if f.endswith(".jsonl"):
+            with open(os.path.join(out_dir, f)) as fh:
+                found[f[:-len(".jsonl")]] = [json.loads(line) for line in fh if line.strip()]
+    return found
+
+
+def _alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        return False
+
+
+def _running_with(marker):
+    """Pids of live processes whose command line mentions ``marker`` (a test's own tmp path)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read()
+        except OSError:
+            continue
+        if marker.encode() in cmdline and _alive(int(entry)):
+            found.append(int(entry))
+    return found
+
+
+def _kill_all(pids):
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _replay(results):
+    """The hash of the state the worker's loop makes of these step results."""
+    state = {"total": np.zeros(1024, np.int64), "ema": np.zeros(1024, np.float64)}
+    for x in results:
+        x = np.array(x, np.int64)
+        state["total"] += x
+        state["ema"] = 0.9 * state["ema"] + 0.1 * np.sqrt(x.astype(np.float64))
+    return digest(state)
+
+
+# ---- 1. a worker SIGKILLed: the others go on, a replacement joins and is healed --------------
+@pytest.mark.timeout(90)
+def test_a_killed_worker_is_replaced_while_the_others_carry_on_and_every_step_is_exact(tmp_path):
+    steps, kill_step = 30, 8
+    r, took = _launch(["-n", "3", "--restart-delay", "0.2", "--log-dir", str(tmp_path / "logs"), WORKER,
+                       str(tmp_path), "--steps", str(steps), "--kill-rank", "1", "--kill-step", str(kill_step)],
+                      timeout=75)
+    assert r.returncode == 0, (r.returncode, r.stderr[-3000:])
+    assert "rank 1 was killed by SIGKILL; the others carry on" in r.stderr, r.stderr
+    assert "started rank 1 (replacement 1, pid" in r.stderr, r.stderr
+    recs = _records(tmp_path)
+    # one process per rank but rank 1's two: the survivors were not restarted
+    assert sorted(recs) == ["w0.0", "w1.0", "w1.1", "w2.0"], sorted(recs)
+    for name, rs in recs.items():
+        assert len({x["pid"] for x in rs}) == 1, (name, "more than one pid")
+    # the replacement sees its predecessor's RANK, WORLD_SIZE the job's size, one restart more
+    assert recs["w1.1"][0]["env"] == {"RANK": "1", "WORLD_SIZE": "3", "PYCOLL_RESTART_COUNT": "1"}
+    assert "[1] w1.1 admitted as rank" in r.stdout and "[0] w0.0 admitted as rank" in r.stdout, r.stdout
+    # everyone but the killed one got to the end, with the same bytes
+    done = {n: rs[-1] for n, rs in recs.items() if rs[-1]["event"] == "done"}
+    assert sorted(done) == ["w0.0", "w1.1", "w2.0"] and {d["rev"] for d in done.values()} == {steps}, done
+    assert len({d["hash"] for d in done.values()}) == 1, done
+    # at every sync point every peer holds the same bytes (hash per revision), the replacement too
+    by_rev = {}
+    for name, rs in recs.items():
+        for x in rs:
+            if x["event"] == "sync":
+                by_rev.setdefault(x["rev"], {})[name] = x["hash"]
+    for rev, hashes in by_rev.items():
+        assert len(set(hashes.values())) == 1, (rev, hashes)
+    first = next(x for x in recs["w1.1"] if x["event"] == "sync")
+    assert first["rev"] > kill_step and first["fetched"] == ["ema", "total"], first
+    assert first["hash"] == by_rev[first["rev"]]["w0.0"]
+    # every step: the exact sum over its contributors, the same on every peer that ran it
+    steps_seen = {}
+    for name, rs in recs.items():
+        for x in rs:
+            if x["event"] == "step":
+                steps_seen.setdefault(x["step"], []).append(x)
+    assert sorted(steps_seen) == list(range(steps)), sorted(steps_seen)
+    for step, xs in steps_seen.items():
+        contributors = xs[0]["contributors"]
+        expect = sum(contribution(c, step) for c in contributors)
+        for x in xs:
+            assert x["contributors"] == contributors and x["result"] == expect.tolist(), (step, x["name"])
+            assert x["name"] in contributors
+    assert sorted(steps_seen[kill_step][0]["contributors"]) == ["w0.0", "w2.0"]  # w1.0 died before it
+    assert "w1.1" in steps_seen[steps - 1][0]["contributors"]
+    # the final state is what the steps make of it, bit for bit
+    results = [steps_seen[s][0]["result"] for s in range(steps)]
+    assert _replay(results) == done["w0.0"]["hash"]
+    assert took < 75, took
+
+
+# ---- 2. the restart budget -------------------------------------------------------------------
+_CRASHER = """
+import os, sys, time
+open(os.path.join(sys.argv[1], "pid-%s.%s" % (os.environ["RANK"], os.environ["PYCOLL_RESTART_COUNT"])), "w").write(
+    str(os.getpid()))
+if os.environ["RANK"] == "1":
+    sys.exit(3)
+time.sleep(60)
+"""
+
+
+@pytest.mark.timeout(60)
+def test_a_spent_restart_budget_stops_the_job_with_a_clear_message_and_the_workers_code(tmp_path):
+    script = tmp_path / "crash.py"
+    script.write_text(_CRASHER)
+    r, took = _launch(["-n", "3", "--max-restarts", "2", "--restart-delay", "0.1", str(script), str(tmp_path)],
+                      timeout=45)
+    assert r.returncode == 3, (r.returncode, r.stderr)
+    err = r.stderr
+    assert "rank 1 exited with code 3" in err and "restart 1 of 2" in err and "restart 2 of 2" in err, err
+    assert "in 0.1 s" in err and "in 0.2 s" in err, err  # the wait doubles per replacement of a rank
+    assert "rank 1 exited with code 3 (replacement 2)" in err and "no restarts left (--max-restarts 2" in err, err
+    assert "the workers' output is kept in" in err, err
+    pids = [int((tmp_path / f).read_text()) for f in os.listdir(tmp_path) if f.startswith("pid-")]
+    assert len(pids) == 5 and not any(_alive(p) for p in pids), pids  # 3 originals + 2 replacements, all gone
+    assert took < 30, took
+
+
+# ---- 3. Ctrl-C while a worker dies --------------------------------------------------------------
+_CHURN = """
+import os, signal, sys, time
+open(os.path.join(sys.argv[1], "pid-%s.%s" % (os.environ["RANK"], os.environ["PYCOLL_RESTART_COUNT"])), "w").write(
+    str(os.getpid()))
+if os.environ["RANK"] == "1":
+    os.kill(os.getpid(), signal.SIGKILL)
+time.sleep(60)
+"""
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_while_workers_die_and_are_replaced_leaves_no_process_behind(tmp_path, sig):
+    script = tmp_path / "churn.py"
+    script.write_text(_CHURN)
+    p = subprocess.Popen([sys.executable, "-m", "pycoll", "run", "--elastic", "-n", "3", "--max-restarts", "1000",
+                          "--restart-delay", "0", str(script), str(tmp_path)], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env=_env())
+    try:
+        deadline = time.monotonic() + 30
+        while len([f for f in os.listdir(tmp_path) if f.startswith("pid-1.")]) < 4:  # rank 1 keeps dying
+            assert time.monotonic() < deadline and p.poll() is None, "no churn"
+            time.sleep(0.02)
+        p.send_signal(sig)
+        out, err = p.communicate(timeout=20)
+    finally:
+        p.kill()
+        p.wait()
+        leftovers = _running_with(str(tmp_path))
+        _kill_all(leftovers)
+    assert p.returncode == 128 + sig, (p.returncode, err[-2000:])
+    assert ("interrupted; stopping workers" if sig == signal.SIGINT else "got SIGTERM; stopping workers") in err
+    assert "Traceback" not in err, err
+    assert leftovers == [], leftovers
+    pids = [int((tmp_path / f).read_text()) for f in os.listdir(tmp_path) if f.startswith("pid-")]
+    assert not any(_alive(pid) for pid in pids)
+
+
+# ---- 4. launch mistakes ----------------------------------------------------------------------------
+@pytest.mark.timeout(60)
+def test_a_busy_port_is_a_one_line_error(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        r, took = _launch(["--master-port", str(port), "-n", "2", WORKER, str(tmp_path)], timeout=30)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert f"cannot listen on 127.0.0.1:{port} (--master-port)" in r.stderr and "in use" in r.stderr, r.stderr
+    assert os.listdir(tmp_path) == [] and took < 20  # no worker started
+
+
+_ABSENT = """
+import os, sys, time
+open(os.path.join(sys.argv[1], "pid-" + os.environ["RANK"]), "w").write(str(os.getpid()))
+if os.environ["RANK"] == "2":
+    time.sleep(60)  # busy elsewhere: never connects
+import pycoll
+comm = pycoll.connect()
+comm.close()
+"""
+
+
+@pytest.mark.timeout(60)
+def test_a_rank_that_never_connects_is_named_and_the_job_ends_at_the_join_timeout(tmp_path):
+    script = tmp_path / "absent.py"
+    script.write_text(_ABSENT)
+    r, took = _launch(["-n", "3", "--join-timeout", "8", str(script), str(tmp_path)], timeout=45)
+    assert r.returncode == 1, (r.returncode, r.stderr)
+    pid2 = int((tmp_path / "pid-2").read_text())
+    last = [line for line in r.stderr.splitlines() if "did not form within 8 s" in line]
+    assert last and f"not yet rank 2 (pid {pid2})" in last[0] and "pycoll.connect()" in last[0], r.stderr
+    assert "--join-timeout" in last[0], last
+    assert "waiting for the group to form" in r.stderr, r.stderr  # progress lines meanwhile
+    pids = [int((tmp_path / f).read_text()) for f in os.listdir(tmp_path) if f.startswith("pid-")]
+    assert len(pids) == 3 and not any(_alive(p) for p in pids)
+    assert 8 <= took < 25, took
+
+
+def test_elastic_options_need_elastic_and_keep_going_excludes_it():
+    for args, text in ((["--max-restarts", "2"], "--max-restarts is an option of elastic runs: add --elastic"),
+                       (["--elastic", "--keep-going"], "choose one"),
+                       (["--elastic", "--max-restarts", "-1"], "--max-restarts must not be negative")):
+        r = subprocess.run([sys.executable, "-m", "pycoll", "run", "-n", "2", *args, "x.py"], capture_output=True,
+                           text=True, timeout=30, env=_env())
+        assert r.returncode == 2 and text in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+
+
+# ---- 5. the end of the job -------------------------------------------------------------------------
+@pytest.mark.timeout(60)
+def test_a_worker_lost_at_the_end_is_not_waited_for(tmp_path):
+    # killed at the last step: its replacement comes after the others finished (nobody admits it)
+    steps = 6
+    r, took = _launch(["-n", "3", "--restart-delay", "0.2", WORKER, str(tmp_path), "--steps", str(steps),
+                       "--kill-rank", "0", "--kill-step", str(steps - 1), "--pause", "0.05"], timeout=45)
+    assert r.returncode == 0, (r.returncode, r.stderr[-3000:])
+    assert ("the group has finished: stopping it" in r.stderr
+            or "not starting a replacement for rank 0: the others have finished" in r.stderr), r.stderr
+    done = [rs[-1] for rs in _records(tmp_path).values() if rs[-1]["event"] == "done"]
+    assert len(done) == 2 and {d["rev"] for d in done} == {steps}, done
+    assert took < 30, took  # not the replacement's join timeout
+
+
+# ---- 6. the launcher SIGKILLed: the coordinator it hosts is lost, the workers go on ---------------
+@pytest.mark.timeout(90)
+def test_the_workers_go_on_when_the_launcher_is_sigkilled(tmp_path):
+    steps = 40
+    p = subprocess.Popen([sys.executable, "-m", "pycoll", "run", "--elastic", "-n", "3", "--heartbeat-timeout", "1",
+                          "--log-dir", str(tmp_path / "logs"), WORKER, str(tmp_path), "--steps", str(steps),
+                          "--pause", "0.1", "--heartbeat-timeout", "1"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env())
+    pids = []
+    try:
+        deadline = time.monotonic() + 40
+        while True:  # wait for step 5 on every worker
+            recs = _records(tmp_path)
+            if len(recs) == 3 and all(any(x["event"] == "step" and x["step"] >= 5 for x in rs)
+                                      for rs in recs.values()):
+                break
+            assert time.monotonic() < deadline and p.poll() is None, "the job did not get going"
+            time.sleep(0.05)
+        pids = [rs[0]["pid"] for rs in recs.values()]
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        killed_at = max(x["step"] for rs in _records(tmp_path).values() for x in rs if x["event"] == "step")
+        deadline = time.monotonic() + 50
+        while any(_alive(pid) for pid in pids):
+            assert time.monotonic() < deadline, "the workers did not finish"
+            time.sleep(0.1)
+        recs = _records(tmp_path)
+    finally:
+        p.kill()
+        _kill_all(pids)
+    done = [rs[-1] for rs in recs.values()]
+    assert [d["event"] for d in done] == ["done"] * 3 and {d["rev"] for d in done} == {steps}, done
+    assert len({d["hash"] for d in done}) == 1, done
+    # after the launcher's death every step still had all three (the same processes)
+    later = [x for x in recs["w0.0"] if x["event"] == "step" and x["step"] > killed_at]
+    assert later and all(sorted(x["contributors"]) == ["w0.0", "w1.0", "w2.0"] for x in later)
+    assert all(len({x["pid"] for x in rs}) == 1 for rs in recs.values())
+    with open(tmp_path / "logs" / "rank0.0.out") as f:  # output went on into the log files
+        assert "admitted as rank" in f.read()
