@@ -313,3 +313,70 @@ def test_the_workers_go_on_when_the_launcher_is_sigkilled(tmp_path):
     assert all(len({x["pid"] for x in rs}) == 1 for rs in recs.values())
     with open(tmp_path / "logs" / "rank0.0.out") as f:  # output went on into the log files
         assert "admitted as rank" in f.read()
+
+
+# ---- 7. the other way: each peer its own process (any scheduler), `pycoll master` + pycoll.connect ----
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.timeout(90)
+def test_each_peer_as_its_own_process_with_pycoll_master_and_a_replacement_started_by_hand(tmp_path):
+    steps, port = 25, _free_port()
+    master = subprocess.Popen([sys.executable, "-m", "pycoll", "master", "--port", str(port), "--world-size", "3",
+                               "--heartbeat-timeout", "2"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              env=_env())
+    procs = {}
+
+    def start(rank, restart):  # what a scheduler does: a process with an identity of its choosing
+        procs[(rank, restart)] = subprocess.Popen(
+            [sys.executable, WORKER, str(tmp_path), "--steps", str(steps), "--kill-rank", "1", "--kill-step", "6"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            env=_env(RANK=str(rank), PYCOLL_RESTART_COUNT=str(restart), MASTER_ADDR="127.0.0.1",
+                     MASTER_PORT=str(port)))
+    try:
+        for rank in range(3):
+            start(rank, 0)
+        assert procs[(1, 0)].wait(timeout=40) == -signal.SIGKILL, procs[(1, 0)].stderr.read()[-3000:]
+        start(1, 1)  # a spot instance coming back
+        codes = {key: p.wait(timeout=50) for key, p in procs.items() if key != (1, 0)}
+    finally:
+        for p in list(procs.values()) + [master]:
+            p.kill()
+            p.wait()
+    assert codes == {(0, 0): 0, (2, 0): 0, (1, 1): 0}, {k: procs[k].stderr.read()[-2000:] for k in codes}
+    recs = _records(tmp_path)
+    done = [recs[n][-1] for n in ("w0.0", "w2.0", "w1.1")]
+    assert {d["event"] for d in done} == {"done"} and {d["rev"] for d in done} == {steps}, done
+    assert len({d["hash"] for d in done}) == 1, done
+    first = next(x for x in recs["w1.1"] if x["event"] == "sync")
+    assert first["fetched"] == ["ema", "total"] and first["rev"] > 6, first
+
+
+_CONNECT = """
+import time, pycoll
+t0 = time.monotonic()
+try:
+    pycoll.connect()
+except pycoll.CollectiveError as exc:
+    print(f"{time.monotonic() - t0:.1f} {type(exc).__name__}: {exc}")
+"""
+
+
+@pytest.mark.timeout(60)
+def test_a_peer_given_a_wrong_port_is_told_promptly(tmp_path):
+    with socket.socket() as s:  # another program on the port
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        r = subprocess.run([sys.executable, "-c", _CONNECT], capture_output=True, text=True, timeout=40,
+                           env=_env(MASTER_PORT=str(s.getsockname()[1])))
+    took, text = r.stdout.split(" ", 1)
+    assert "not a pycoll coordinator" in text and float(took) < 10, r.stdout + r.stderr
+    port = _free_port()  # nobody there: told at the join timeout, naming the port and what to check
+    r = subprocess.run([sys.executable, "-c", _CONNECT], capture_output=True, text=True, timeout=40,
+                       env=_env(MASTER_PORT=str(port), PYCOLL_JOIN_TIMEOUT="3"))
+    took, text = r.stdout.split(" ", 1)
+    assert f"127.0.0.1:{port}" in text and "no coordinator answers" in text and "MASTER_PORT" in text, text
+    assert 3 <= float(took) < 10, r.stdout

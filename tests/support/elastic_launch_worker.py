@@ -55,7 +55,7 @@ def main():
     def record(event, **fields):
         log.write(json.dumps(dict(fields, event=event, name=name, pid=os.getpid())) + "\n")
 
-    record("start", env={k: os.environ[k] for k in ("RANK", "WORLD_SIZE", "PYCOLL_RESTART_COUNT")})
+    record("start", env={k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "PYCOLL_RESTART_COUNT")})
     comm = pycoll.connect(name=name, timeout=20, join_timeout=40, heartbeat_timeout=args.heartbeat_timeout)
     record("admitted", rank=comm.rank, world_size=comm.world_size)
     print(f"{name} admitted as rank {comm.rank} of {comm.world_size}", flush=True)
