@@ -447,12 +447,16 @@ def run_elastic(argv, nprocs, *, master_addr="127.0.0.1", master_port=None, env=
     base.update(WORLD_SIZE=str(nprocs), LOCAL_WORLD_SIZE=str(nprocs), MASTER_ADDR=master_addr,
                 MASTER_PORT=str(torch_port), PYCOLL_MASTER_PORT=str(port), PYCOLL_JOB_ID=job_id,
                 PYTHONUNBUFFERED="1")
-    own_dir = log_dir is None
-    log_dir = tempfile.mkdtemp(prefix="pycoll-run-") if own_dir else log_dir
-    os.makedirs(log_dir, exist_ok=True)
     # the first epoch waits for all nprocs (min_world_size); later ones admit whoever joins
     coordinator = Coordinator(master_addr, port, min_world_size=nprocs, heartbeat_timeout=heartbeat_timeout,
                               job_id=job_id).start()
+    own_dir = log_dir is None
+    try:
+        log_dir = tempfile.mkdtemp(prefix="pycoll-run-") if own_dir else log_dir
+        os.makedirs(log_dir, exist_ok=True)
+    except OSError:
+        coordinator.stop()
+        raise
     job = _ElasticJob(argv, nprocs, base, coordinator, log_dir, max_restarts, restart_delay, join_timeout)
     handlers = {}
     if threading.current_thread() is threading.main_thread():

@@ -29,11 +29,11 @@ def _env(**extra):
     return env
 
 
-def _launch(args, timeout, **kw):
+def _launch(args, timeout, env=None):
     """`pycoll run --elastic ARGS` to its end: (CompletedProcess, seconds)."""
     t0 = time.monotonic()
     r = subprocess.run([sys.executable, "-m", "pycoll", "run", "--elastic", *args], capture_output=True, text=True,
-                       timeout=timeout, env=_env(), **kw)
+                       timeout=timeout, env=_env(**(env or {})))
     return r, time.monotonic() - t0
 
 
@@ -158,14 +158,14 @@ time.sleep(60)
 def test_a_spent_restart_budget_stops_the_job_with_a_clear_message_and_the_workers_code(tmp_path):
     script = tmp_path / "crash.py"
     script.write_text(_CRASHER)
-    r, took = _launch(["-n", "3", "--max-restarts", "2", "--restart-delay", "0.1", str(script), str(tmp_path)],
-                      timeout=45)
+    r, took = _launch(["-n", "3", "--max-restarts", "2", "--restart-delay", "0.1", "--log-dir", str(tmp_path / "logs"),
+                       str(script), str(tmp_path)], timeout=45)
     assert r.returncode == 3, (r.returncode, r.stderr)
     err = r.stderr
     assert "rank 1 exited with code 3" in err and "restart 1 of 2" in err and "restart 2 of 2" in err, err
     assert "in 0.1 s" in err and "in 0.2 s" in err, err  # the wait doubles per replacement of a rank
     assert "rank 1 exited with code 3 (replacement 2)" in err and "no restarts left (--max-restarts 2" in err, err
-    assert "the workers' output is kept in" in err, err
+    assert f"the workers' output is kept in {tmp_path / 'logs'}" in err, err
     pids = [int((tmp_path / f).read_text()) for f in os.listdir(tmp_path) if f.startswith("pid-")]
     assert len(pids) == 5 and not any(_alive(p) for p in pids), pids  # 3 originals + 2 replacements, all gone
     assert took < 30, took
@@ -188,7 +188,8 @@ def test_ctrl_c_while_workers_die_and_are_replaced_leaves_no_process_behind(tmp_
     script = tmp_path / "churn.py"
     script.write_text(_CHURN)
     p = subprocess.Popen([sys.executable, "-m", "pycoll", "run", "--elastic", "-n", "3", "--max-restarts", "1000",
-                          "--restart-delay", "0", str(script), str(tmp_path)], stdout=subprocess.PIPE,
+                          "--restart-delay", "0", "--log-dir", str(tmp_path / "logs"), str(script), str(tmp_path)],
+                         stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True, env=_env())
     try:
         deadline = time.monotonic() + 30
@@ -238,7 +239,8 @@ comm.close()
 def test_a_rank_that_never_connects_is_named_and_the_job_ends_at_the_join_timeout(tmp_path):
     script = tmp_path / "absent.py"
     script.write_text(_ABSENT)
-    r, took = _launch(["-n", "3", "--join-timeout", "8", str(script), str(tmp_path)], timeout=45)
+    r, took = _launch(["-n", "3", "--join-timeout", "8", "--log-dir", str(tmp_path / "logs"), str(script),
+                       str(tmp_path)], timeout=45)
     assert r.returncode == 1, (r.returncode, r.stderr)
     pid2 = int((tmp_path / "pid-2").read_text())
     last = [line for line in r.stderr.splitlines() if "did not form within 8 s" in line]
@@ -264,14 +266,17 @@ def test_elastic_options_need_elastic_and_keep_going_excludes_it():
 def test_a_worker_lost_at_the_end_is_not_waited_for(tmp_path):
     # killed at the last step: its replacement comes after the others finished (nobody admits it)
     steps = 6
+    (tmp_path / "tmp").mkdir()  # where the default log folder goes (TMPDIR), removed after a success
     r, took = _launch(["-n", "3", "--restart-delay", "0.2", WORKER, str(tmp_path), "--steps", str(steps),
-                       "--kill-rank", "0", "--kill-step", str(steps - 1), "--pause", "0.05"], timeout=45)
+                       "--kill-rank", "0", "--kill-step", str(steps - 1), "--pause", "0.05"], timeout=45,
+                      env={"TMPDIR": str(tmp_path / "tmp")})
     assert r.returncode == 0, (r.returncode, r.stderr[-3000:])
     assert ("the group has finished: stopping it" in r.stderr
             or "not starting a replacement for rank 0: the others have finished" in r.stderr), r.stderr
     done = [rs[-1] for rs in _records(tmp_path).values() if rs[-1]["event"] == "done"]
     assert len(done) == 2 and {d["rev"] for d in done} == {steps}, done
     assert took < 30, took  # not the replacement's join timeout
+    assert os.listdir(tmp_path / "tmp") == [] and "output is kept" not in r.stderr
 
 
 # ---- 6. the launcher SIGKILLed: the coordinator it hosts is lost, the workers go on ---------------
