@@ -263,16 +263,22 @@ def test_elastic_options_need_elastic_and_keep_going_excludes_it():
 
 # ---- 5. the end of the job -------------------------------------------------------------------------
 @pytest.mark.timeout(60)
-def test_a_worker_lost_at_the_end_is_not_waited_for(tmp_path):
-    # killed at the last step: its replacement comes after the others finished (nobody admits it)
+@pytest.mark.parametrize("linger", [0.0, 3.0])
+def test_a_worker_lost_at_the_end_is_not_waited_for(tmp_path, linger):
+    # killed at the last step: its replacement comes after the others finished, or (linger) while they
+    # stay without admitting anyone; either way nobody admits it and the job must not wait for it
     steps = 6
     (tmp_path / "tmp").mkdir()  # where the default log folder goes (TMPDIR), removed after a success
     r, took = _launch(["-n", "3", "--restart-delay", "0.2", WORKER, str(tmp_path), "--steps", str(steps),
-                       "--kill-rank", "0", "--kill-step", str(steps - 1), "--pause", "0.05"], timeout=45,
-                      env={"TMPDIR": str(tmp_path / "tmp")})
+                       "--kill-rank", "0", "--kill-step", str(steps - 1), "--pause", "0.05", "--linger", str(linger)],
+                      timeout=45, env={"TMPDIR": str(tmp_path / "tmp")})
     assert r.returncode == 0, (r.returncode, r.stderr[-3000:])
-    assert ("the group has finished: stopping it" in r.stderr
-            or "not starting a replacement for rank 0: the others have finished" in r.stderr), r.stderr
+    if linger:
+        assert "rank 0 (replacement 1, pid" in r.stderr and "the group has finished: stopping it" in r.stderr, \
+            r.stderr
+    else:
+        assert ("the group has finished: stopping it" in r.stderr
+                or "not starting a replacement for rank 0: the others have finished" in r.stderr), r.stderr
     done = [rs[-1] for rs in _records(tmp_path).values() if rs[-1]["event"] == "done"]
     assert len(done) == 2 and {d["rev"] for d in done} == {steps}, done
     assert took < 30, took  # not the replacement's join timeout

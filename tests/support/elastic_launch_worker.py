@@ -46,6 +46,8 @@ def main():
     ap.add_argument("--kill-rank", type=int, default=-1)
     ap.add_argument("--kill-step", type=int, default=-1)
     ap.add_argument("--pause", type=float, default=0.1)
+    ap.add_argument("--linger", type=float, default=0.0, help="seconds to stay after the last step (joiners "
+                    "that come meanwhile are not admitted: nobody calls update_topology() any more)")
     ap.add_argument("--heartbeat-timeout", type=float, default=None, help="this peer's detection bound")
     args = ap.parse_args()
     rank, restart = int(os.environ["RANK"]), int(os.environ["PYCOLL_RESTART_COUNT"])
@@ -80,6 +82,7 @@ def main():
         time.sleep(args.pause)
         comm.update_topology()
     record("done", rev=revision, hash=digest(state))
+    time.sleep(args.linger)
     comm.close()
 
 
