@@ -91,25 +91,34 @@ def _replay(results):
 
 # ---- 1. a worker SIGKILLed: the others go on, a replacement joins and is healed --------------
 @pytest.mark.timeout(90)
-def test_a_killed_worker_is_replaced_while_the_others_carry_on_and_every_step_is_exact(tmp_path):
+@pytest.mark.parametrize("kill", ["--kill-rank=1", "--kill-group-rank=0"])  # RANK 1; the group's rank 0
+def test_a_killed_worker_is_replaced_while_the_others_carry_on_and_every_step_is_exact(tmp_path, kill):
     steps, kill_step = 30, 8
     r, took = _launch(["-n", "3", "--restart-delay", "0.2", "--log-dir", str(tmp_path / "logs"), WORKER,
-                       str(tmp_path), "--steps", str(steps), "--kill-rank", "1", "--kill-step", str(kill_step)],
-                      timeout=75)
+                       str(tmp_path), "--steps", str(steps), kill, "--kill-step", str(kill_step)], timeout=75)
     assert r.returncode == 0, (r.returncode, r.stderr[-3000:])
-    assert "rank 1 was killed by SIGKILL; the others carry on" in r.stderr, r.stderr
-    assert "started rank 1 (replacement 1, pid" in r.stderr, r.stderr
     recs = _records(tmp_path)
-    # one process per rank but rank 1's two: the survivors were not restarted
-    assert sorted(recs) == ["w0.0", "w1.0", "w1.1", "w2.0"], sorted(recs)
+    dead = [n for n, rs in recs.items() if rs[-1]["event"] != "done"]
+    assert len(dead) == 1 and dead[0].endswith(".0"), sorted(recs)
+    dead = dead[0]
+    slot = int(dead[1:-2])
+    new, others = f"w{slot}.1", sorted(n for n in recs if not n.startswith(f"w{slot}."))
+    if kill == "--kill-rank=1":
+        assert slot == 1
+    else:  # the group's rank 0 at that step (it is not RANK 0: the coordinator numbers peers by joining)
+        assert [x["rank"] for x in recs[dead] if x["event"] == "sync"][-1] == 0
+    assert f"rank {slot} was killed by SIGKILL; the others carry on" in r.stderr, r.stderr
+    assert f"started rank {slot} (replacement 1, pid" in r.stderr, r.stderr
+    # one process per rank but the dead one's two: the survivors were not restarted
+    assert sorted(recs) == sorted(others + [dead, new]) and len(others) == 2, sorted(recs)
     for name, rs in recs.items():
         assert len({x["pid"] for x in rs}) == 1, (name, "more than one pid")
     # the replacement sees its predecessor's RANK, WORLD_SIZE the job's size, one restart more
-    assert recs["w1.1"][0]["env"] == {"RANK": "1", "WORLD_SIZE": "3", "PYCOLL_RESTART_COUNT": "1"}
-    assert "[1] w1.1 admitted as rank" in r.stdout and "[0] w0.0 admitted as rank" in r.stdout, r.stdout
+    assert recs[new][0]["env"] == {"RANK": str(slot), "WORLD_SIZE": "3", "PYCOLL_RESTART_COUNT": "1"}
+    assert f"[{slot}] {new} admitted as rank" in r.stdout and f"[{slot}] {dead} admitted as rank" in r.stdout
     # everyone but the killed one got to the end, with the same bytes
     done = {n: rs[-1] for n, rs in recs.items() if rs[-1]["event"] == "done"}
-    assert sorted(done) == ["w0.0", "w1.1", "w2.0"] and {d["rev"] for d in done.values()} == {steps}, done
+    assert sorted(done) == sorted(others + [new]) and {d["rev"] for d in done.values()} == {steps}, done
     assert len({d["hash"] for d in done.values()}) == 1, done
     # at every sync point every peer holds the same bytes (hash per revision), the replacement too
     by_rev = {}
@@ -119,9 +128,9 @@ def test_a_killed_worker_is_replaced_while_the_others_carry_on_and_every_step_is
                 by_rev.setdefault(x["rev"], {})[name] = x["hash"]
     for rev, hashes in by_rev.items():
         assert len(set(hashes.values())) == 1, (rev, hashes)
-    first = next(x for x in recs["w1.1"] if x["event"] == "sync")
+    first = next(x for x in recs[new] if x["event"] == "sync")
     assert first["rev"] > kill_step and first["fetched"] == ["ema", "total"], first
-    assert first["hash"] == by_rev[first["rev"]]["w0.0"]
+    assert first["hash"] == by_rev[first["rev"]][others[0]]
     # every step: the exact sum over its contributors, the same on every peer that ran it
     steps_seen = {}
     for name, rs in recs.items():
@@ -135,11 +144,11 @@ def test_a_killed_worker_is_replaced_while_the_others_carry_on_and_every_step_is
         for x in xs:
             assert x["contributors"] == contributors and x["result"] == expect.tolist(), (step, x["name"])
             assert x["name"] in contributors
-    assert sorted(steps_seen[kill_step][0]["contributors"]) == ["w0.0", "w2.0"]  # w1.0 died before it
-    assert "w1.1" in steps_seen[steps - 1][0]["contributors"]
+    assert sorted(steps_seen[kill_step][0]["contributors"]) == others  # the dead one died before it
+    assert new in steps_seen[steps - 1][0]["contributors"]
     # the final state is what the steps make of it, bit for bit
     results = [steps_seen[s][0]["result"] for s in range(steps)]
-    assert _replay(results) == done["w0.0"]["hash"]
+    assert _replay(results) == done[others[0]]["hash"]
     assert took < 75, took
 
 

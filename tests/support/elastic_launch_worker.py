@@ -7,8 +7,9 @@ OUT_DIR/<name>.jsonl (name: ``w<RANK>.<PYCOLL_RESTART_COUNT>``, one per process)
 Each step: ``sync_shared_state`` (logged with the SHA-256 of the state's bytes), then an exact
 int64 sum of every peer's contribution (a function of its name and the step, so a test can
 recompute it over the contributors) with ``retry=True``, then ``update_topology()``. The
-original worker of ``--kill-rank`` SIGKILLs itself at ``--kill-step``, after that step's sync
-(its peers' all-reduce of that step runs without it); its replacements do not.
+original worker of ``--kill-rank`` (or the one whose ``comm.rank`` is ``--kill-group-rank``)
+SIGKILLs itself at ``--kill-step``, after that step's sync (its peers' all-reduce of that step runs
+without it); its replacements do not.
 """
 import argparse
 import hashlib
@@ -44,6 +45,8 @@ def main():
     ap.add_argument("out_dir")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--kill-rank", type=int, default=-1)
+    ap.add_argument("--kill-group-rank", type=int, default=-1, help="kill the original worker whose comm.rank "
+                    "is this at --kill-step instead (rank 0 of the group: nothing special about it)")
     ap.add_argument("--kill-step", type=int, default=-1)
     ap.add_argument("--pause", type=float, default=0.1)
     ap.add_argument("--linger", type=float, default=0.0, help="seconds to stay after the last step (joiners "
@@ -71,7 +74,8 @@ def main():
                rank=comm.rank, world_size=comm.world_size)
         if revision >= args.steps:
             break
-        if rank == args.kill_rank and restart == 0 and revision == args.kill_step:
+        if restart == 0 and revision == args.kill_step and args.kill_rank in (rank, -1) \
+                and args.kill_group_rank in (comm.rank, -1) and (args.kill_rank, args.kill_group_rank) != (-1, -1):
             os.kill(os.getpid(), signal.SIGKILL)
         x = contribution(name, revision)
         comm.all_reduce(x, op="sum", retry=True)
