@@ -331,6 +331,8 @@ class _ElasticJob:
         if w.stopped or code == 0:
             self.finished = self.finished or code == 0
             return None
+        if self.stop_signal is not None:  # (a terminal's Ctrl-C reaches the workers too): no replacement
+            return None
         what = describe_exit(w.rank, code) + (f" (replacement {w.restart})" if w.restart else "")
         if self.coordinator.epoch == 0:
             what += f" before the group formed ({self.forming()})"
@@ -349,6 +351,8 @@ class _ElasticJob:
         return None
 
     def start_due(self, now):
+        if self.stop_signal is not None:
+            return  # stopping: the loop's next turn stops the others
         for item in [p for p in self.pending if p[0] <= now]:
             self.pending.remove(item)
             _, rank, restart = item

@@ -192,29 +192,35 @@ time.sleep(60)
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_ctrl_c_while_workers_die_and_are_replaced_leaves_no_process_behind(tmp_path, sig):
+@pytest.mark.parametrize("how", ["SIGINT", "SIGTERM", "terminal"])  # terminal: Ctrl-C to the process group
+def test_ctrl_c_while_workers_die_and_are_replaced_leaves_no_process_behind(tmp_path, how):
     script = tmp_path / "churn.py"
     script.write_text(_CHURN)
     p = subprocess.Popen([sys.executable, "-m", "pycoll", "run", "--elastic", "-n", "3", "--max-restarts", "1000",
                           "--restart-delay", "0", "--log-dir", str(tmp_path / "logs"), str(script), str(tmp_path)],
-                         stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True, env=_env())
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
+                         start_new_session=how == "terminal")
     try:
         deadline = time.monotonic() + 30
         while len([f for f in os.listdir(tmp_path) if f.startswith("pid-1.")]) < 4:  # rank 1 keeps dying
             assert time.monotonic() < deadline and p.poll() is None, "no churn"
             time.sleep(0.02)
-        p.send_signal(sig)
+        if how == "terminal":
+            os.killpg(p.pid, signal.SIGINT)
+        else:
+            p.send_signal(getattr(signal, how))
         out, err = p.communicate(timeout=20)
     finally:
         p.kill()
         p.wait()
         leftovers = _running_with(str(tmp_path))
         _kill_all(leftovers)
+    sig = signal.SIGTERM if how == "SIGTERM" else signal.SIGINT
     assert p.returncode == 128 + sig, (p.returncode, err[-2000:])
-    assert ("interrupted; stopping workers" if sig == signal.SIGINT else "got SIGTERM; stopping workers") in err
-    assert "Traceback" not in err, err
+    assert ("got SIGTERM; stopping workers" if how == "SIGTERM" else "interrupted; stopping workers") in err
+    assert not [line for line in err.splitlines() if line.startswith("Traceback")], err  # (workers' are [r]-prefixed)
+    stop = err.index("stopping workers")
+    assert "starts in" not in err[stop:] and "started rank" not in err[stop:], err[stop:]  # nobody replaced
     assert leftovers == [], leftovers
     pids = [int((tmp_path / f).read_text()) for f in os.listdir(tmp_path) if f.startswith("pid-")]
     assert not any(_alive(pid) for pid in pids)
@@ -261,6 +267,7 @@ def test_a_rank_that_never_connects_is_named_and_the_job_ends_at_the_join_timeou
     assert 8 <= took < 25, took
 
 
+@pytest.mark.timeout(60)
 def test_elastic_options_need_elastic_and_keep_going_excludes_it():
     for args, text in ((["--max-restarts", "2"], "--max-restarts is an option of elastic runs: add --elastic"),
                        (["--elastic", "--keep-going"], "choose one"),
