@@ -260,17 +260,18 @@ class _Worker:
 
 
 def _members(coordinator):
-    """(pids of the coordinator's live members, pids of its current epoch's live members):
-    read from the coordinator's thread's dicts, which may change meanwhile (then read again)."""
+    """(pids of the coordinator's live members, pids of its current epoch's live members, pids of
+    live members that joined with a rank, i.e. with pycoll.init): read from the coordinator
+    thread's dicts, which may change meanwhile (then read again)."""
     for _ in range(10):
         try:
-            members = dict(coordinator.members)
-            epoch = list(coordinator.epoch_members)
-            live = {n: m.info.get("pid") for n, m in members.items() if m.alive and isinstance(m.info, dict)}
-            return set(live.values()), {live[n] for n in epoch if n in live}
+            members = [m for m in dict(coordinator.members).values() if m.alive and isinstance(m.info, dict)]
+            epoch = set(coordinator.epoch_members)
+            return ({m.info.get("pid") for m in members}, {m.info.get("pid") for m in members if m.name in epoch},
+                    {m.info.get("pid") for m in members if m.rank_hint is not None})
         except RuntimeError:  # "dictionary changed size during iteration"
             time.sleep(0.001)
-    return set(), set()
+    return set(), set(), set()
 
 
 class _ElasticJob:
@@ -285,6 +286,7 @@ class _ElasticJob:
         self.finished = False   # a worker exited 0: the script's work is done, nobody is replaced any more
         self.failure = 0        # exit code of a failure that was not replaced (after the others finished)
         self.stop_signal = None
+        self.told_init = False  # said that a worker used pycoll.init()
 
     def say(self, text):
         print(f"pycoll run: {text}", file=sys.stderr, flush=True)
@@ -319,7 +321,7 @@ class _ElasticJob:
     # ---- what the monitor sees
     def forming(self):
         """While the first group forms: "2 of 3 workers connected; not yet rank 2 (pid 7)"."""
-        connected, _ = _members(self.coordinator)
+        connected, _, _ = _members(self.coordinator)
         absent = [w for w in self.running if w.proc.pid not in connected]
         text = f"{len(self.running) - len(absent)} of {self.nprocs} workers connected"
         if absent:
@@ -367,7 +369,7 @@ class _ElasticJob:
         """Once the script's work is done (a worker exited 0), a replacement still waiting to be
         admitted would wait for its join timeout (nobody calls update_topology() any more):
         stop it when no member of the group runs."""
-        connected, in_epoch = _members(self.coordinator)
+        connected, in_epoch, _ = _members(self.coordinator)
         running = {w.proc.pid for w in self.running}
         if running & in_epoch:
             return
@@ -376,6 +378,16 @@ class _ElasticJob:
                 self.say(f"{w} was waiting to be admitted, but the group has finished: stopping it")
                 w.stopped = True
                 w.proc.terminate()
+
+    def check_init(self):
+        """A worker that joined with pycoll.init() (a rank) made a fixed group: say once that its
+        replacement could not join it (it would wait for its join timeout)."""
+        _, _, ranked = _members(self.coordinator)
+        named = [w for w in self.running if w.proc.pid in ranked]
+        if named:
+            self.told_init = True
+            self.say(f"{named[0]} joined with pycoll.init(), which makes a fixed group that a replacement cannot "
+                     "join: under --elastic, workers call pycoll.connect() (docs/elastic-launch.md)")
 
     # ---- the monitor
     def run(self):
@@ -416,6 +428,8 @@ class _ElasticJob:
                     self.say(f"waiting for the group to form: {self.forming()}")
             elif self.finished:
                 self.stop_unadmitted()
+            if not self.told_init:
+                self.check_init()
             time.sleep(0.05)
 
 
