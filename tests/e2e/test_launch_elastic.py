@@ -320,14 +320,19 @@ def test_a_worker_lost_at_the_end_is_not_waited_for(tmp_path, linger):
 
 
 # ---- 6. the launcher SIGKILLed: the coordinator it hosts is lost, the workers go on ---------------
+def _environ_of(pid, name):
+    with open(f"/proc/{pid}/environ", "rb") as f:
+        return dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv)[name.encode()].decode()
+
+
 @pytest.mark.timeout(90)
 def test_the_workers_go_on_when_the_launcher_is_sigkilled(tmp_path):
-    steps = 40
+    steps = 60
     p = subprocess.Popen([sys.executable, "-m", "pycoll", "run", "--elastic", "-n", "3", "--heartbeat-timeout", "1",
                           "--log-dir", str(tmp_path / "logs"), WORKER, str(tmp_path), "--steps", str(steps),
                           "--pause", "0.1", "--heartbeat-timeout", "1"],
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env())
-    pids = []
+    pids, joiner = [], None
     try:
         deadline = time.monotonic() + 40
         while True:  # wait for step 5 on every worker
@@ -338,10 +343,17 @@ def test_the_workers_go_on_when_the_launcher_is_sigkilled(tmp_path):
             assert time.monotonic() < deadline and p.poll() is None, "the job did not get going"
             time.sleep(0.05)
         pids = [rs[0]["pid"] for rs in recs.values()]
+        port = _environ_of(pids[0], "PYCOLL_MASTER_PORT")
         p.send_signal(signal.SIGKILL)
         p.wait()
         killed_at = max(x["step"] for rs in _records(tmp_path).values() for x in rs if x["event"] == "step")
-        deadline = time.monotonic() + 50
+        # a peer started by hand at the launcher's address finds the group under its successor
+        joiner = subprocess.Popen([sys.executable, WORKER, str(tmp_path), "--steps", str(steps)],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                  env=_env(RANK="3", PYCOLL_RESTART_COUNT="0", MASTER_ADDR="127.0.0.1",
+                                           MASTER_PORT=port))
+        assert joiner.wait(timeout=50) == 0, joiner.stderr.read()[-3000:]
+        deadline = time.monotonic() + 30
         while any(_alive(pid) for pid in pids):
             assert time.monotonic() < deadline, "the workers did not finish"
             time.sleep(0.1)
@@ -349,12 +361,18 @@ def test_the_workers_go_on_when_the_launcher_is_sigkilled(tmp_path):
     finally:
         p.kill()
         _kill_all(pids)
+        if joiner is not None:
+            joiner.kill()
+            joiner.wait()
     done = [rs[-1] for rs in recs.values()]
-    assert [d["event"] for d in done] == ["done"] * 3 and {d["rev"] for d in done} == {steps}, done
+    assert [d["event"] for d in done] == ["done"] * 4 and {d["rev"] for d in done} == {steps}, done
     assert len({d["hash"] for d in done}) == 1, done
-    # after the launcher's death every step still had all three (the same processes)
+    # after the launcher's death the same three processes went on together, then with the joiner
     later = [x for x in recs["w0.0"] if x["event"] == "step" and x["step"] > killed_at]
-    assert later and all(sorted(x["contributors"]) == ["w0.0", "w1.0", "w2.0"] for x in later)
+    assert later and all(set(x["contributors"]) >= {"w0.0", "w1.0", "w2.0"} for x in later)
+    assert "w3.0" in later[-1]["contributors"]
+    first = next(x for x in recs["w3.0"] if x["event"] == "sync")
+    assert first["fetched"] == ["ema", "total"] and first["rev"] > killed_at, first
     assert all(len({x["pid"] for x in rs}) == 1 for rs in recs.values())
     with open(tmp_path / "logs" / "rank0.0.out") as f:  # output went on into the log files
         assert "admitted as rank" in f.read()
