@@ -129,6 +129,7 @@ class Epoch:
         client.on_dead = self._on_coordinator_dead
         self._addrs = []            # per rank of this epoch: the data listener's (host, port)
         self._standby_ports = []    # per rank: the port kept for a successor coordinator (0: none)
+        self._coord_host = None      # the member whose process hosts the coordinator (the epoch says), if any
         self._fresh_join = None     # the epoch pycoll.connect returned in (see update_topology)
         if self.options.transport != "tcp":
             listener.enable_local()
@@ -440,8 +441,10 @@ class Epoch:
         succ = None
         while True:
             if succ is None:  # elect once; again only if the one elected is found dead
+                confirmed = client.coordinator_dead  # (its port refuses; not mere silence, maybe a cut)
                 succ, dead, unknown = failover.elect(self.members, self._addrs, self._standby_ports, self.rank,
-                                                     lost=old)
+                                                     lost=old if confirmed else None,
+                                                     host=self._coord_host if confirmed else None)
                 elected = time.monotonic()
                 if succ == self.rank:
                     coord = self.standby.start_coordinator(self.name, client.origin,
@@ -536,6 +539,7 @@ class Epoch:
                                 else "tcp" for p in range(len(members))]
         self.lost = list(reply.get("lost", []))
         self.joined = list(reply.get("joined", []))
+        self._coord_host = reply.get("host") if isinstance(reply.get("host"), str) else None
         self.seq = 0
         self._calls = 0
         self._plans.clear()

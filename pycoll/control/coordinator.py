@@ -1119,7 +1119,7 @@ class Coordinator:
         for rank, m in enumerate(waiting):
             self._send(m.req_ident, {"rid": m.sync_rid, "ok": True, "epoch": self.epoch, "unchanged": False,
                                      "rank": rank, "members": members, "token": self.token, "lost": lost,
-                                     "joined": joined})
+                                     "joined": joined, "host": self.host_name})
             m.sync_rid = None
             m.sync_rebuild = False
             m.sync_admit = False
