@@ -43,6 +43,7 @@ class CoordinatorClient:
         self._sealer = auth.Sealer(self._to_key)  # used under self._lock only
         self.cred = ""  # given by the coordinator at join
         self._beat_now = False  # the heartbeat thread sends one now, not at its next interval
+        self._moves = 0  # retargets asked for: a request in flight to the coordinator we leave gives up
         self.name = name or uuid.uuid4().hex[:12]
         self.heartbeat_timeout = heartbeat_timeout
         self.heartbeat_interval = heartbeat_interval or min(0.5, heartbeat_timeout / 4.0)
@@ -104,6 +105,7 @@ class CoordinatorClient:
         function that makes it, called under the request lock (so it sees every reply an
         earlier request returned, e.g. ``last_round``)."""
         with self._lock:
+            moves = self._moves
             if callable(msg):
                 msg = msg()
             self._rid += 1
@@ -134,6 +136,10 @@ class CoordinatorClient:
                     raise exc
                 if self._stop.is_set():
                     raise CoordinatorError("client closed")
+                if self._moves != moves:  # (another thread holds on to us to move to a successor)
+                    self.needs_rejoin = True
+                    raise CoordinatorError(f"the coordinator at {self.endpoint} was lost while this request "
+                                           "waited for it; this peer re-registers with its successor")
                 if self._req.poll(min(left, 0.02) * 1000):
                     reply = self._open(opener, self._req.recv(), msg["t"])
                     if reply is None or reply.get("rid") != rid:
@@ -204,6 +210,7 @@ class CoordinatorClient:
     def retarget(self, host, port):
         """Talk to the coordinator at ``host:port`` from now on (a successor, see
         pycoll.comm.failover): new sockets, a new credential at the next join."""
+        self._moves += 1  # a request waiting on the lost one (holding the lock) gives up now
         with self._lock:
             self._req.close(0)
             with self._dead_lock:
