@@ -468,7 +468,8 @@ class Epoch:
                 client.request(lambda: dict(self._join_msg, rank=None, world_size=None,
                                             resume=dict(resume, decided=failover.told_decision(client.last_round,
                                                                                                self.number))),
-                               timeout=min(2.0, max(0.1, deadline - time.monotonic())))
+                               timeout=min(2.0, max(0.1, deadline - time.monotonic())),
+                               give_up=None if succ == self.rank else _Watch(self._addrs[succ]).gone)
                 break
             except CoordinatorError as exc:
                 if getattr(exc, "evicted", False):  # the successor refused us (re-registered too late)
@@ -1047,6 +1048,22 @@ class Epoch:
         # the epoch is installed) is no user's call
         ident = None if internal or call.ident is None else (call.ident, self._calls)
         raise self.failure(st, int(failed[0]), coll, ccomm, ident)
+
+
+class _Watch:
+    """Whether an elected successor died meanwhile (a dying process's listener may still have
+    accepted the election's probe): its listener probed every quarter second while we wait
+    for its answer, so a dead one is given up in ms, not at the request's 2 s timeout."""
+
+    def __init__(self, addr, every=0.25):
+        self.addr, self.every, self.last = tuple(addr), every, time.monotonic()
+
+    def gone(self):
+        now = time.monotonic()
+        if now - self.last < self.every:
+            return False
+        self.last = now
+        return failover.probe_addrs([self.addr], 0.2)[0] == "dead"
 
 
 #: seconds a failure report waits for the coordinator to name the cause

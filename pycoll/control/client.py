@@ -100,10 +100,11 @@ class CoordinatorClient:
     def endpoint(self):
         return f"{self.host}:{self.port}"
 
-    def request(self, msg, timeout):
+    def request(self, msg, timeout, give_up=None):
         """Send one request and wait up to ``timeout`` s for its reply. ``msg``: a dict, or a
         function that makes it, called under the request lock (so it sees every reply an
-        earlier request returned, e.g. ``last_round``)."""
+        earlier request returned, e.g. ``last_round``). ``give_up()``: asked while waiting (every
+        20 ms); True ends the wait with CoordinatorError (the one asked is known gone)."""
         with self._lock:
             moves = self._moves
             if callable(msg):
@@ -136,6 +137,8 @@ class CoordinatorClient:
                     raise exc
                 if self._stop.is_set():
                     raise CoordinatorError("client closed")
+                if give_up is not None and give_up():
+                    raise CoordinatorError(f"gave up waiting for the coordinator at {self.endpoint}: it is gone")
                 if self._moves != moves:  # (another thread holds on to us to move to a successor)
                     self.needs_rejoin = True
                     raise CoordinatorError(f"the coordinator at {self.endpoint} was lost while this request "

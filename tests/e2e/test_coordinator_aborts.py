@@ -86,3 +86,32 @@ def test_moving_to_a_successor_does_not_wait_for_a_request_to_the_lost_coordinat
     finally:
         client.close()
         silent.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_join_request_to_an_elected_successor_that_died_gives_up_in_ms():
+    """A dying process's data listener may still accept the election's probe; the join request
+    to it then waited its whole 2 s. The wait now watches the successor's listener."""
+    import zmq
+    from pycoll.comm.epoch import _Watch
+    from pycoll.net.mesh import Listener, reserve_port
+    silent = zmq.Context.instance().socket(zmq.ROUTER)
+    silent.setsockopt(zmq.LINGER, 0)
+    port = silent.bind_to_random_port("tcp://127.0.0.1")
+    client = CoordinatorClient("127.0.0.1", port, heartbeat_timeout=30.0)
+    gone = reserve_port("127.0.0.1")  # bound, not listening: refuses, as a dead peer's port does
+    alive = Listener()
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(Exception, match="it is gone"):
+            client.request({"t": "join"}, timeout=10, give_up=_Watch(gone.getsockname()).gone)
+        assert time.monotonic() - t0 < 2.0
+        t0 = time.monotonic()
+        with pytest.raises(Exception, match="no answer"):
+            client.request({"t": "join"}, timeout=1.0, give_up=_Watch(alive.addr).gone)
+        assert time.monotonic() - t0 >= 1.0  # a live successor is waited for
+    finally:
+        client.close()
+        silent.close()
+        gone.close()
+        alive.close()
