@@ -1,0 +1,331 @@
+"""Fault-tolerant data parallel: an ordinary torch training loop that goes on while peers die and
+join, with no restart.
+
+    comm = pycoll.connect(...)                     # or pycoll.init(rank, world_size, ...)
+    model = FaultTolerantDDP(net, torch.optim.AdamW(net.parameters()), comm, scheduler=sched)
+    opt = model.optimizer
+    while model.step < steps:
+        opt.zero_grad()                             # the sync point: joiners admitted and healed
+        loss_fn(model(x), y).backward()             # gradient buckets all-reduced during backward
+        opt.step()                                  # averaged over the contributors; steps the scheduler
+
+How a step goes:
+
+* ``opt.zero_grad()`` is the sync point (``comm.update_topology()``): pending joiners are
+  admitted and dead members dropped. When the membership changed, every member and each joiner
+  (whose wrapper does it on construction) run :func:`pycoll.train.state.heal`: a joiner receives
+  model, optimizer state, step counter, scheduler and shared RNG state from the peers that hold
+  the majority's bytes, striped over several of them and hash-checked on arrival, before its
+  first step.
+* During ``backward()`` a post-accumulate-grad hook per parameter counts the gradients that are
+  in; a bucket whose gradients are all in is copied into its flat buffer and all-reduced (sum)
+  on the wrapper's own thread while backward goes on, as DDP overlaps them. Buckets are launched
+  in one fixed order (reverse registration order, as DDP's first step) on every peer, whatever
+  order the hooks fire in, so the k-th all-reduce pairs across peers.
+* ``opt.step()`` waits for the buckets, divides each by the number of peers whose gradients are
+  in it (``comm.last_outcome.contributors`` of its all-reduce), and steps the optimizer and the
+  scheduler. Every peer takes the same step from the same averaged gradients, so the state stays
+  bit-identical without moving it (``model.state.digest()`` checks it).
+
+A step interrupted by a death. Every bucket's all-reduce is an *agreed* collective
+(``retry=True``, :mod:`pycoll.comm.agreement`): it either commits on every survivor with the
+same contributors, or re-runs over the survivors. So every survivor sees the same buckets with
+the same contributors, and decides the same way with no extra message:
+
+* ``on_failure="complete"`` (default): the step is completed over the survivors and applied. A
+  bucket that committed before the death holds the dead peer's gradients, one that ran after it
+  does not; each is the mean over its own contributors, an unbiased gradient of the batches in
+  it. No survivor's work is lost, and the failure costs what the re-run costs (a re-formed group
+  and the bucket's all-reduce again), not a step.
+* ``on_failure="discard"``: a step whose buckets do not all hold every member's gradients is
+  dropped on every survivor (no optimizer step, the step counter does not move); the loop goes
+  on with its next batch. One step of work is lost per failure; every applied step is a mean
+  over the same peers in all its buckets (as a plain DDP step is).
+
+Re-running the same batch is not offered: the batch is the user's loop's, and the next batch
+serves as well (a lost step is one batch of samples not trained on, whichever batch it is).
+
+A collective that fails beyond its retries (every survivor gets the same failure: agreed) makes
+the step a discarded one on every survivor; the next ``zero_grad()`` re-forms the group.
+``max_discarded`` such steps in a row raise. The loss of the coordinator's host (rank 0 of a
+``pycoll.init`` group, or a standalone ``pycoll master``) is survived the same way: a member
+succeeds it (:mod:`pycoll.comm.failover`) inside the agreed calls and the sync point.
+
+Limits: one ``backward()`` per step (no gradient accumulation), gradients of float32
+parameters on CPU, every peer builds the same model and optimizer (same parameters, in the same
+order, the same hyperparameters).
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Iterable, Optional
+
+import torch
+
+from pycoll.comm.work import CallOrderExecutor
+from pycoll.errors import CollectiveError, CoordinatorError, PeerFailure
+from pycoll.train.state import TrainingState, heal
+
+__all__ = ["FaultTolerantDDP", "StepReport"]
+
+log = logging.getLogger("pycoll.train")
+
+#: a sync point that meets a lost coordinator tries again this many times (each bounded)
+SYNC_TRIES = 5
+
+
+class StepReport:
+    """What the last ``optimizer.step()`` did: ``applied`` (False: discarded), ``contributors``
+    (per bucket, the peers' names whose gradients are in it), ``members`` (the group at the
+    step's sync point) and ``error`` (the failure that discarded it, if any)."""
+
+    __slots__ = ("applied", "contributors", "members", "error")
+
+    def __init__(self, applied, contributors, members, error=None):
+        self.applied, self.contributors, self.members, self.error = applied, contributors, members, error
+
+    def __repr__(self):
+        return (f"StepReport(applied={self.applied}, contributors={[len(c) for c in self.contributors]}, "
+                f"members={len(self.members)}, error={self.error!r})")
+
+
+class _Bucket:
+    __slots__ = ("index", "params", "flat", "pending", "work", "contributors", "error")
+
+    def __init__(self, index, params):
+        self.index, self.params = index, params
+        self.flat = torch.zeros(sum(p.numel() for p in params), dtype=torch.float32)
+        self.pending, self.work, self.contributors, self.error = len(params), None, None, None
+
+
+class FaultTolerantDDP(torch.nn.Module):
+    """Wrap ``module`` (its forward is the wrapper's) and ``optimizer`` for fault-tolerant data
+    parallel training over ``comm`` (see the module docstring). Use :attr:`optimizer` (the
+    wrapped one) in the loop.
+
+    ``scheduler``: an LR scheduler, stepped after each applied step by the wrapper (do not step
+    it yourself: a discarded step must not move it) and shared with joiners. ``generators``:
+    torch.Generator objects whose state is shared (the same numbers on every peer; default: the
+    wrapper's own :attr:`generator`, seeded with ``seed``). Per-peer randomness (which samples a
+    peer draws) must come from a generator of the peer's own, not from these.
+    ``bucket_cap_mb``: gradient bucket size (DDP's default 25). ``on_failure``: "complete" or
+    "discard". ``retry``: retries per bucket all-reduce (True: the communicator's max_retries).
+    Making it is a collective call: every member of ``comm`` makes its wrapper at the same point
+    (a joiner on arrival), which heals them to the majority's state.
+    """
+
+    def __init__(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer, comm, *, scheduler=None,
+                 generators: Optional[Iterable[torch.Generator]] = None, seed: int = 0, bucket_cap_mb: float = 25.0,
+                 on_failure: str = "complete", retry=True, max_discarded: int = 10,
+                 timeout: Optional[float] = None):
+        super().__init__()
+        if on_failure not in ("complete", "discard"):
+            raise ValueError(f"on_failure must be 'complete' or 'discard', not {on_failure!r}")
+        self.module = module
+        self.comm = comm
+        self.on_failure, self.retry, self.max_discarded, self.timeout = on_failure, retry, max_discarded, timeout
+        if generators is None:
+            self.generator = torch.Generator().manual_seed(seed)
+            generators = [self.generator]
+        else:
+            generators = list(generators)
+            self.generator = generators[0] if generators else None
+        self.state = TrainingState(module, optimizer, scheduler=scheduler, generators=generators)
+        self.optimizer = _Optimizer(self, optimizer)
+        self.scheduler = scheduler
+        self.last_step: Optional[StepReport] = None
+        self.last_heal = None  # the SyncResult of the last heal (None: none since the wrapper was made)
+        self.heals = 0
+        self._discarded_in_a_row = 0
+        self._buckets = self._make_buckets(optimizer, bucket_cap_mb)
+        self._bucket_by_param = {id(p): b for b in self._buckets for p in b.params}
+        self._next_launch = 0  # buckets launch in index order (see _launch_ready)
+        self._lock = threading.Lock()
+        self._members = tuple(comm.members)
+        self._exec = CallOrderExecutor("pycoll-ftddp")
+        self._hooks = [p.register_post_accumulate_grad_hook(self._grad_ready)
+                       for b in self._buckets for p in b.params]
+        self._revision = -1  # before the first heal: behind anyone who has trained
+        self._heal()
+
+    # ---- buckets ---------------------------------------------------------------------------
+    @staticmethod
+    def _make_buckets(optimizer, cap_mb):
+        params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
+        for p in params:
+            if p.dtype != torch.float32 or p.device.type != "cpu":
+                raise ValueError(f"FaultTolerantDDP: float32 CPU parameters only (got {p.dtype} on {p.device})")
+        cap = max(1, int(cap_mb * (1 << 20)) // 4)
+        buckets, cur, size = [], [], 0
+        for p in reversed(params):  # backward produces the last layers' gradients first
+            if cur and size + p.numel() > cap:
+                buckets.append(cur)
+                cur, size = [], 0
+            cur.append(p)
+            size += p.numel()
+        if cur:
+            buckets.append(cur)
+        return [_Bucket(i, ps) for i, ps in enumerate(buckets)]
+
+    def _grad_ready(self, p):
+        """post-accumulate-grad hook: one more gradient of its bucket is in."""
+        b = self._bucket_by_param[id(p)]
+        with self._lock:
+            b.pending -= 1
+            self._launch_ready()
+
+    def _launch_ready(self):
+        """Launch, in index order, every bucket whose gradients are all in (under _lock)."""
+        while self._next_launch < len(self._buckets):
+            b = self._buckets[self._next_launch]
+            if b.pending > 0:
+                return
+            self._launch(b)
+            self._next_launch += 1
+
+    def _launch(self, b):
+        at = 0
+        for p in b.params:
+            n = p.numel()
+            if p.grad is None:
+                b.flat[at:at + n].zero_()
+            else:
+                b.flat[at:at + n].copy_(p.grad.reshape(-1))
+            at += n
+        b.work = self._exec.submit(self._reduce, b)
+
+    def _reduce(self, b):
+        """On the wrapper's thread: the bucket's agreed all-reduce. After a failure of an
+        earlier bucket of this step (agreed: the same on every survivor) nothing more runs."""
+        earlier = self._buckets[:b.index]
+        failed = next((x.error for x in earlier if x.error is not None), None)
+        if failed is not None:
+            b.error = failed
+            return
+        try:
+            self.comm.all_reduce(b.flat, op="sum", retry=self.retry, timeout=self.timeout)
+            b.contributors = tuple(self.comm.last_outcome.contributors)
+        except (PeerFailure, CoordinatorError, CollectiveError) as exc:
+            b.error = exc
+
+    # ---- the step --------------------------------------------------------------------------
+    @property
+    def step(self) -> int:
+        """Optimizer steps applied so far (shared: equal on every peer)."""
+        return self.state.step
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    def sync(self) -> bool:
+        """The sync point (``optimizer.zero_grad()`` calls it): admit joiners, drop the dead,
+        heal when the group changed. Returns True when it changed."""
+        self._reset_buckets()
+        for attempt in range(SYNC_TRIES):
+            try:
+                changed = self.comm.update_topology()
+                if changed:
+                    self._heal()
+                break
+            except CoordinatorError as exc:  # a lost coordinator: a member succeeds it, try again
+                if attempt + 1 >= SYNC_TRIES:
+                    raise
+                log.warning("%s: sync point: %s; trying again", self.comm.name, exc)
+                time.sleep(0.1)
+        self._members = tuple(self.comm.members)
+        return changed
+
+    def _heal(self):
+        self.last_heal = heal(self.state, self.comm, self._revision, timeout=self.timeout)
+        self._revision = self.state.step
+        self.heals += 1
+
+    def _reset_buckets(self):
+        self._wait_buckets()  # (a step abandoned without optimizer.step(): let its calls end)
+        with self._lock:
+            for b in self._buckets:
+                b.pending, b.work, b.contributors, b.error = len(b.params), None, None, None
+            self._next_launch = 0
+
+    def _wait_buckets(self):
+        for b in self._buckets:
+            if b.work is not None:
+                b.work.result()  # _reduce never raises: failures land in b.error
+
+    def finish_step(self) -> StepReport:
+        """``optimizer.step()``: wait for the buckets, average, step (see the module docstring)."""
+        with self._lock:
+            for b in self._buckets:  # parameters that took no part in backward: zeros, in order
+                b.pending = 0
+            self._launch_ready()
+        self._wait_buckets()
+        members = self._members
+        error = next((b.error for b in self._buckets if b.error is not None), None)
+        contributors = [b.contributors for b in self._buckets]
+        applied = error is None and (self.on_failure == "complete"
+                                     or all(set(c) == set(members) for c in contributors))
+        if applied:
+            for b in self._buckets:
+                b.flat.div_(len(b.contributors))
+                at = 0
+                for p in b.params:
+                    n = p.numel()
+                    g = b.flat[at:at + n].view_as(p)
+                    if p.grad is None:
+                        p.grad = g.clone()
+                    else:
+                        p.grad.copy_(g)
+                    at += n
+            self.optimizer.inner.step()
+            if self.scheduler is not None:
+                self.scheduler.step()
+            self.state.advance()
+            self._revision = self.state.step
+            self._discarded_in_a_row = 0
+        else:
+            self._discarded_in_a_row += 1
+            log.warning("%s: step %d discarded (%s)", self.comm.name, self.step,
+                        error if error is not None else "a peer's gradients are missing")
+            if self._discarded_in_a_row > self.max_discarded:
+                raise CollectiveError(f"{self.comm.name}: {self._discarded_in_a_row} steps in a row discarded; "
+                                      f"last: {error}") from error
+        self.last_step = StepReport(applied, contributors, members, error)
+        return self.last_step
+
+    # ---- checkpoints and lifetime ----------------------------------------------------------
+    def state_dict(self, *args, **kwargs):
+        """A checkpoint of the whole training state (:meth:`TrainingState.state_dict`)."""
+        return self.state.state_dict()
+
+    def load_state_dict(self, sd, strict=True):
+        """Load a checkpoint made by :meth:`state_dict` (between steps)."""
+        self.state.load_state_dict(sd)
+
+    def close(self) -> None:
+        """Remove the hooks and stop the wrapper's thread (the communicator stays open)."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        self._exec.shutdown(wait=True, timeout=30)
+
+
+class _Optimizer:
+    """The wrapped optimizer: ``zero_grad()`` is the sync point, ``step()`` the averaged step
+    (returns the :class:`StepReport`); everything else is the inner optimizer's."""
+
+    def __init__(self, ddp, inner):
+        self._ddp, self.inner = ddp, inner
+
+    def zero_grad(self, set_to_none: bool = True):
+        self._ddp.sync()
+        self.inner.zero_grad(set_to_none=set_to_none)
+
+    def step(self, closure=None):
+        if closure is not None:
+            raise ValueError("FaultTolerantDDP's optimizer.step() takes no closure")
+        return self._ddp.finish_step()
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
