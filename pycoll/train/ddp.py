@@ -148,7 +148,11 @@ class FaultTolerantDDP(torch.nn.Module):
         self._hooks = [p.register_post_accumulate_grad_hook(self._grad_ready)
                        for b in self._buckets for p in b.params]
         self._revision = -1  # before the first heal: behind anyone who has trained
+        # A joiner's first update_topology() is the members' sync point that admitted it (a no-op
+        # here, pycoll.connect): it must come before the heal, which the members run after theirs.
+        self.comm.update_topology()
         self._heal()
+        self._synced = True  # this was the first step's sync point (see sync)
 
     # ---- buckets ---------------------------------------------------------------------------
     @staticmethod
@@ -221,8 +225,12 @@ class FaultTolerantDDP(torch.nn.Module):
 
     def sync(self) -> bool:
         """The sync point (``optimizer.zero_grad()`` calls it): admit joiners, drop the dead,
-        heal when the group changed. Returns True when it changed."""
+        heal when the group changed. Returns True when it changed. One sync point per step:
+        calls after the first, before the step (and the first after the wrapper was made, whose
+        making was one), do nothing, on every peer alike."""
         self._reset_buckets()
+        if self._synced:
+            return False
         for attempt in range(SYNC_TRIES):
             try:
                 changed = self.comm.update_topology()
@@ -235,6 +243,7 @@ class FaultTolerantDDP(torch.nn.Module):
                 log.warning("%s: sync point: %s; trying again", self.comm.name, exc)
                 time.sleep(0.1)
         self._members = tuple(self.comm.members)
+        self._synced = True
         return changed
 
     def _heal(self):
@@ -261,6 +270,7 @@ class FaultTolerantDDP(torch.nn.Module):
                 b.pending = 0
             self._launch_ready()
         self._wait_buckets()
+        self._synced = False  # the next zero_grad() is the next step's sync point
         members = self._members
         error = next((b.error for b in self._buckets if b.error is not None), None)
         contributors = [b.contributors for b in self._buckets]
