@@ -28,6 +28,7 @@ dampening) must be given its state explicitly before the wrapper is made.
 """
 from __future__ import annotations
 
+import copy
 import io
 import pickle
 import struct
@@ -213,10 +214,12 @@ class TrainingState:
 
     # ---- checkpoints ------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """A checkpoint: model, optimizer, scheduler, step and generators (copies)."""
+        """A checkpoint: model, optimizer, scheduler, step and generators, all copies (torch's
+        optimizer.state_dict() hands out the live state tensors, which training goes on
+        changing, and load_state_dict() keeps them: two optimizers would share them)."""
         return {"model": {k: v.clone() for k, v in self.model.state_dict().items()},
-                "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+                "optimizer": copy.deepcopy(self.optimizer.state_dict()),
+                "scheduler": copy.deepcopy(self.scheduler.state_dict()) if self.scheduler is not None else None,
                 "step": self.step,
                 "generators": [g.get_state().clone() for g in self.generators]}
 
@@ -225,7 +228,7 @@ class TrainingState:
         the next sync heals the others to the majority)."""
         with torch.no_grad():
             self.model.load_state_dict(sd["model"])
-        self.optimizer.load_state_dict(sd["optimizer"])
+        self.optimizer.load_state_dict(copy.deepcopy(sd["optimizer"]))  # (see state_dict: no sharing)
         self.materialize()  # (a checkpoint taken before the first step has no optimizer state)
         if self.scheduler is not None and sd.get("scheduler") is not None:
             self.scheduler.load_state_dict(sd["scheduler"])
