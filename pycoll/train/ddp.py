@@ -112,14 +112,16 @@ class FaultTolerantDDP(torch.nn.Module):
     peer draws) must come from a generator of the peer's own, not from these.
     ``bucket_cap_mb``: gradient bucket size (DDP's default 25). ``on_failure``: "complete" or
     "discard". ``retry``: retries per bucket all-reduce (True: the communicator's max_retries).
+    ``checkpoint``: a :meth:`state_dict` to start from; the peers that start from none (or
+    from an older one) receive it when the wrapper is made.
     Making it is a collective call: every member of ``comm`` makes its wrapper at the same point
-    (a joiner on arrival), which heals them to the majority's state.
+    (a joiner on arrival), which heals them to the majority's state at the highest step.
     """
 
     def __init__(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer, comm, *, scheduler=None,
                  generators: Optional[Iterable[torch.Generator]] = None, seed: int = 0, bucket_cap_mb: float = 25.0,
                  on_failure: str = "complete", retry=True, max_discarded: int = 10,
-                 timeout: Optional[float] = None):
+                 timeout: Optional[float] = None, checkpoint: Optional[dict] = None):
         super().__init__()
         if on_failure not in ("complete", "discard"):
             raise ValueError(f"on_failure must be 'complete' or 'discard', not {on_failure!r}")
@@ -148,6 +150,9 @@ class FaultTolerantDDP(torch.nn.Module):
         self._hooks = [p.register_post_accumulate_grad_hook(self._grad_ready)
                        for b in self._buckets for p in b.params]
         self._revision = -1  # before the first heal: behind anyone who has trained
+        if checkpoint is not None:  # ahead of the peers that start fresh: they heal to it
+            self.state.load_state_dict(checkpoint)
+            self._revision = self.state.step
         # A joiner's first update_topology() is the members' sync point that admitted it (a no-op
         # here, pycoll.connect): it must come before the heal, which the members run after theirs.
         self.comm.update_topology()
@@ -310,7 +315,9 @@ class FaultTolerantDDP(torch.nn.Module):
         return self.state.state_dict()
 
     def load_state_dict(self, sd, strict=True):
-        """Load a checkpoint made by :meth:`state_dict` (between steps)."""
+        """Load a checkpoint made by :meth:`state_dict` on this peer (between steps; every peer
+        must load the same one: nothing is healed until the group changes). To resume a group
+        from one peer's file, pass it as ``checkpoint=`` when making the wrapper instead."""
         self.state.load_state_dict(sd)
 
     def close(self) -> None:
