@@ -92,12 +92,34 @@ class StepReport:
 
 
 class _Bucket:
-    __slots__ = ("index", "params", "flat", "pending", "work", "contributors", "error")
+    """Parameters whose gradients are all-reduced together, and the flat buffer they live in:
+    each parameter's ``.grad`` is a view of its slice (``views``), so backward accumulates
+    straight into the buffer and the averaged result is the gradient, with no copy either way
+    (DDP's gradient_as_bucket_view)."""
+
+    __slots__ = ("index", "params", "flat", "views", "pending", "work", "contributors", "error")
 
     def __init__(self, index, params):
         self.index, self.params = index, params
         self.flat = torch.zeros(sum(p.numel() for p in params), dtype=torch.float32)
+        self.views, at = [], 0
+        for p in params:
+            self.views.append(self.flat[at:at + p.numel()].view_as(p))
+            at += p.numel()
         self.pending, self.work, self.contributors, self.error = len(params), None, None, None
+
+    def attach(self):
+        """Make every parameter's ``.grad`` its view (after anything replaced it: a
+        ``zero_grad(set_to_none=True)`` of the model, say), keeping the gradient it holds."""
+        for p, v in zip(self.params, self.views):
+            g = p.grad
+            if g is v:
+                continue
+            if g is None:
+                v.zero_()
+            else:
+                v.copy_(g)
+            p.grad = v
 
 
 class FaultTolerantDDP(torch.nn.Module):
@@ -110,7 +132,10 @@ class FaultTolerantDDP(torch.nn.Module):
     torch.Generator objects whose state is shared (the same numbers on every peer; default: the
     wrapper's own :attr:`generator`, seeded with ``seed``). Per-peer randomness (which samples a
     peer draws) must come from a generator of the peer's own, not from these.
-    ``bucket_cap_mb``: gradient bucket size (DDP's default 25). ``on_failure``: "complete" or
+    ``bucket_cap_mb``: gradient bucket size (DDP's default 25; the first bucket, the last layers',
+    holds ``first_bucket_mb``, 1 as DDP's, so that its all-reduce starts early in backward).
+    Gradients live in the buckets (``.grad`` are views of them); ``optimizer.zero_grad()`` zeros
+    them in place whatever ``set_to_none`` says. ``on_failure``: "complete" or
     "discard". ``retry``: retries per bucket all-reduce (True: the communicator's max_retries).
     ``checkpoint``: a :meth:`state_dict` to start from; the peers that start from none (or
     from an older one) receive it when the wrapper is made.
@@ -120,6 +145,7 @@ class FaultTolerantDDP(torch.nn.Module):
 
     def __init__(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer, comm, *, scheduler=None,
                  generators: Optional[Iterable[torch.Generator]] = None, seed: int = 0, bucket_cap_mb: float = 25.0,
+                 first_bucket_mb: float = 1.0,
                  on_failure: str = "complete", retry=True, max_discarded: int = 10,
                  timeout: Optional[float] = None, checkpoint: Optional[dict] = None):
         super().__init__()
@@ -141,7 +167,9 @@ class FaultTolerantDDP(torch.nn.Module):
         self.last_heal = None  # the SyncResult of the last heal (None: none since the wrapper was made)
         self.heals = 0
         self._discarded_in_a_row = 0
-        self._buckets = self._make_buckets(optimizer, bucket_cap_mb)
+        self._buckets = self._make_buckets(optimizer, bucket_cap_mb, first_bucket_mb)
+        for b in self._buckets:
+            b.attach()
         self._bucket_by_param = {id(p): b for b in self._buckets for p in b.params}
         self._next_launch = 0  # buckets launch in index order (see _launch_ready)
         self._lock = threading.Lock()
@@ -161,15 +189,15 @@ class FaultTolerantDDP(torch.nn.Module):
 
     # ---- buckets ---------------------------------------------------------------------------
     @staticmethod
-    def _make_buckets(optimizer, cap_mb):
+    def _make_buckets(optimizer, cap_mb, first_mb):
         params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
         for p in params:
             if p.dtype != torch.float32 or p.device.type != "cpu":
                 raise ValueError(f"FaultTolerantDDP: float32 CPU parameters only (got {p.dtype} on {p.device})")
-        cap = max(1, int(cap_mb * (1 << 20)) // 4)
+        caps = [max(1, int(mb * (1 << 20)) // 4) for mb in (min(first_mb, cap_mb), cap_mb)]
         buckets, cur, size = [], [], 0
         for p in reversed(params):  # backward produces the last layers' gradients first
-            if cur and size + p.numel() > cap:
+            if cur and size + p.numel() > caps[min(len(buckets), 1)]:
                 buckets.append(cur)
                 cur, size = [], 0
             cur.append(p)
@@ -195,14 +223,7 @@ class FaultTolerantDDP(torch.nn.Module):
             self._next_launch += 1
 
     def _launch(self, b):
-        at = 0
-        for p in b.params:
-            n = p.numel()
-            if p.grad is None:
-                b.flat[at:at + n].zero_()
-            else:
-                b.flat[at:at + n].copy_(p.grad.reshape(-1))
-            at += n
+        b.attach()  # (the gradients are already in the buffer unless something replaced them)
         b.work = self._exec.submit(self._reduce, b)
 
     def _reduce(self, b):
@@ -256,6 +277,13 @@ class FaultTolerantDDP(torch.nn.Module):
         self._revision = self.state.step
         self.heals += 1
 
+    def zero_grads(self):
+        """Zero every gradient in place (``optimizer.zero_grad()``): they stay the buckets' views."""
+        for b in self._buckets:
+            b.flat.zero_()
+            for p, v in zip(b.params, b.views):
+                p.grad = v
+
     def _reset_buckets(self):
         self._wait_buckets()  # (a step abandoned without optimizer.step(): let its calls end)
         with self._lock:
@@ -283,16 +311,7 @@ class FaultTolerantDDP(torch.nn.Module):
                                      or all(set(c) == set(members) for c in contributors))
         if applied:
             for b in self._buckets:
-                b.flat.div_(len(b.contributors))
-                at = 0
-                for p in b.params:
-                    n = p.numel()
-                    g = b.flat[at:at + n].view_as(p)
-                    if p.grad is None:
-                        p.grad = g.clone()
-                    else:
-                        p.grad.copy_(g)
-                    at += n
+                b.flat.div_(len(b.contributors))  # the .grad views now hold the means
             self.optimizer.inner.step()
             if self.scheduler is not None:
                 self.scheduler.step()
@@ -336,8 +355,10 @@ class _Optimizer:
         self._ddp, self.inner = ddp, inner
 
     def zero_grad(self, set_to_none: bool = True):
+        """The sync point, then zero the gradients in place (they are the buckets' views, so
+        ``set_to_none`` is not followed)."""
         self._ddp.sync()
-        self.inner.zero_grad(set_to_none=set_to_none)
+        self._ddp.zero_grads()
 
     def step(self, closure=None):
         if closure is not None:

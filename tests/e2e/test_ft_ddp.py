@@ -90,7 +90,8 @@ def test_training_goes_on_through_a_death_the_coordinator_hosts_death_and_a_join
         discarded = [m for m in steps[idx] if not m[3]]
         assert len(discarded) <= 2, f"peer {idx} lost more than one step per failure: {discarded}"
         by_step = {m[1]: m for m in steps[idx]}
-        assert by_step[kill_a][4] == [4, 3, 3] or by_step[kill_a][4][0] == 4, by_step[kill_a]  # its 1st bucket in
+        # (a record is keyed by the step count after it: the step killed at count k ends at k + 1)
+        assert by_step[kill_a + 1][4] == [4, 3, 3], by_step[kill_a + 1]  # its first bucket in, the others not
         assert by_step[kill_0 + 1][4] == [2, 2, 2], by_step[kill_0 + 1]   # rank 0 never sent that step
         assert by_step[STEPS][4] == [3, 3, 3] and by_step[STEPS][6] == 3, by_step[STEPS]
     # the joiner was healed to the group's state before its first step (hash-checked), at the
@@ -108,7 +109,7 @@ def test_training_goes_on_through_a_death_the_coordinator_hosts_death_and_a_join
     assert ref < 0.5 * start  # (the problem is learnt at all)
 
 
-def _grad_peer(idx, world, port, steps, victim, kill_at, conn):
+def _grad_peer(idx, world, port, steps, victim, kill_at, on_failure, conn):
     """A linear model whose gradients are small integers: sums in any order are exact, so the
     averaged gradient must equal the reference mean bit for bit."""
     import os
@@ -121,20 +122,17 @@ def _grad_peer(idx, world, port, steps, victim, kill_at, conn):
         torch.manual_seed(0)
         net = torch.nn.Linear(8, 4)
         opt = torch.optim.SGD(net.parameters(), lr=0.0, momentum=0.9)
-        model = FaultTolerantDDP(net, opt, comm, bucket_cap_mb=16 / 2 ** 20)  # 2 buckets: bias, weight
+        model = FaultTolerantDDP(net, opt, comm, bucket_cap_mb=16 / 2 ** 20,  # 2 buckets: bias, weight
+                                 on_failure=on_failure)
         if idx == victim:
-            def die(_p):
-                if model.step == kill_at:
-                    model._buckets[0].work.result(timeout=30)  # the bias bucket committed with us in it
-                    os.kill(os.getpid(), signal.SIGKILL)
-            net.weight.register_post_accumulate_grad_hook(die)
+            ft_ddp_peer.die_before_bucket(model, 1, lambda: s == kill_at)  # bias bucket in, weight's not
         for s in range(steps):
             model.optimizer.zero_grad()
             x, c = _int_batch(idx, s)
             (model(x) * c).sum().backward()
             report = model.optimizer.step()
             conn.send_bytes(pickle.dumps(("step", s, report.applied, report.contributors,
-                                          net.bias.grad.clone(), net.weight.grad.clone())))
+                                          net.bias.grad.clone(), net.weight.grad.clone(), model.step)))
         conn.send_bytes(pickle.dumps(("done",)))
         model.close()
         comm.close()
@@ -149,7 +147,10 @@ def _int_batch(idx, s):
 
 
 @pytest.mark.timeout(90)
-def test_gradients_are_the_mean_over_each_buckets_contributors_bit_for_bit():
+@pytest.mark.parametrize("on_failure", ["complete", "discard"])
+def test_gradients_are_the_mean_over_each_buckets_contributors_bit_for_bit(on_failure):
+    """complete: every step applied, each bucket the mean over its contributors; discard: the
+    step the victim left half done is dropped on both survivors (one step lost), no other."""
     world, steps, victim, kill_at = 3, 5, 2, 2
     ctx = mp.get_context("spawn")
     port = free_port()
@@ -157,7 +158,8 @@ def test_gradients_are_the_mean_over_each_buckets_contributors_bit_for_bit():
     try:
         for idx in range(world):
             parent, child = ctx.Pipe(duplex=False)
-            p = ctx.Process(target=_grad_peer, args=(idx, world, port, steps, victim, kill_at, child), daemon=True)
+            p = ctx.Process(target=_grad_peer, args=(idx, world, port, steps, victim, kill_at, on_failure, child),
+                            daemon=True)
             p.start()
             child.close()
             procs.append(p)
@@ -184,8 +186,13 @@ def test_gradients_are_the_mean_over_each_buckets_contributors_bit_for_bit():
         for c in pipes:
             c.close()
     for idx, ms in got.items():
-        assert [m[1] for m in ms] == list(range(steps)) and all(m[2] for m in ms), ms
-        for _, s, _, contributors, bias_grad, weight_grad in ms:
+        assert [m[1] for m in ms] == list(range(steps)), ms
+        lost = [m[1] for m in ms if not m[2]]
+        assert lost == ([] if on_failure == "complete" else [kill_at]), lost
+        assert ms[-1][6] == steps - len(lost)  # the step counter counts applied steps only
+        for _, s, applied, contributors, bias_grad, weight_grad, _ in ms:
+            if not applied:
+                continue
             for grad, who, which in ((bias_grad, contributors[0], "bias"), (weight_grad, contributors[1], "weight")):
                 ranks = sorted(idx_of[n] for n in who)
                 local = []

@@ -72,18 +72,17 @@ def _send(conn, *msg):
     conn.send_bytes(pickle.dumps(msg))
 
 
-def _die_mid_backward(model, net, step_of, kill_at):
-    """At step ``kill_at``: SIGKILL ourselves inside backward, once the first bucket of the step
-    committed (its all-reduce holds our gradients; the later ones will not)."""
-    first_layer = net[0].weight
+def die_before_bucket(model, index, when):
+    """SIGKILL ourselves, when ``when()``, just before bucket ``index``'s all-reduce (on the
+    wrapper's thread, which runs the buckets in order): the buckets before it committed with
+    our gradients in them, this one and those after it run without us."""
+    reduce = model._reduce
 
-    def hook(_p):
-        if step_of() == kill_at:
-            b0 = model._buckets[0]
-            if b0.work is not None:
-                b0.work.result(timeout=30)
+    def maybe_die(b):
+        if b.index == index and when():
             os.kill(os.getpid(), signal.SIGKILL)
-    first_layer.register_post_accumulate_grad_hook(hook)
+        return reduce(b)
+    model._reduce = maybe_die
 
 
 def peer(idx, world, port, steps, plan, join_event, conn):
@@ -105,7 +104,7 @@ def peer(idx, world, port, steps, plan, join_event, conn):
         _send(conn, "heal", model.step, model.state.digest(), model.last_heal.bytes_received,
               len({r for v in model.last_heal.sources.values() for r in v}))
         if "die_mid_backward" in plan:
-            _die_mid_backward(model, net, lambda: model.step, plan["die_mid_backward"])
+            die_before_bucket(model, 1, lambda: model.step == plan["die_mid_backward"])
         heals = model.heals
         for _ in range(steps * 2):  # bounded: a discarded step is tried with the next batch
             if model.step >= steps:
