@@ -178,6 +178,8 @@ class FaultTolerantDDP(torch.nn.Module):
         self._hooks = [p.register_post_accumulate_grad_hook(self._grad_ready)
                        for b in self._buckets for p in b.params]
         self._revision = -1  # before the first heal: behind anyone who has trained
+        self._sync_work = self._sync_error = None
+        self._restore_due = False
         if checkpoint is not None:  # ahead of the peers that start fresh: they heal to it
             self.state.load_state_dict(checkpoint)
             self._revision = self.state.step
@@ -230,7 +232,7 @@ class FaultTolerantDDP(torch.nn.Module):
         """On the wrapper's thread: the bucket's agreed all-reduce. After a failure of an
         earlier bucket of this step (agreed: the same on every survivor) nothing more runs."""
         earlier = self._buckets[:b.index]
-        failed = next((x.error for x in earlier if x.error is not None), None)
+        failed = self._sync_error or next((x.error for x in earlier if x.error is not None), None)
         if failed is not None:
             b.error = failed
             return
@@ -249,31 +251,61 @@ class FaultTolerantDDP(torch.nn.Module):
     def forward(self, *args, **kwargs):
         return self.module(*args, **kwargs)
 
-    def sync(self) -> bool:
+    def sync(self, block: bool = True) -> bool:
         """The sync point (``optimizer.zero_grad()`` calls it): admit joiners, drop the dead,
-        heal when the group changed. Returns True when it changed. One sync point per step:
-        calls after the first, before the step (and the first after the wrapper was made, whose
-        making was one), do nothing, on every peer alike."""
+        heal when the group changed. Returns True when it changed (``block=False``: returns
+        False at once, and the sync runs on the wrapper's thread before the step's buckets,
+        overlapped with forward and backward; see below). One sync point per step: calls after
+        the first, before the step (and the first after the wrapper was made, whose making was
+        one), do nothing, on every peer alike.
+
+        Why the sync may overlap the forward pass: a heal at a sync point only changes the
+        peers that are behind or differ from the majority. A member that took every step with
+        the others holds the majority's bytes, so the heal only reads its state (hashes, and
+        sends to joiners), and a joiner was healed when its wrapper was made, before its first
+        forward. A member found to differ (which a correct run never shows) gets the majority's
+        bytes at once and its restored scheduler and RNG state at ``optimizer.step()``; the
+        gradients it computed in that step came from its old state (logged)."""
         self._reset_buckets()
         if self._synced:
             return False
+        self._synced = True
+        self._sync_error = None
+        self.state.capture()  # here, on the caller's thread: what the shared generators hold now
+        if not block:
+            self._sync_work = self._exec.submit(self._sync_point, False)
+            return False
+        changed = self._sync_point(True)
+        if self._sync_error is not None:
+            raise self._sync_error
+        return changed
+
+    def _sync_point(self, restore):
         for attempt in range(SYNC_TRIES):
             try:
                 changed = self.comm.update_topology()
                 if changed:
-                    self._heal()
-                break
+                    self._heal(captured=True, restore=restore)
+                self._members = tuple(self.comm.members)
+                return changed
             except CoordinatorError as exc:  # a lost coordinator: a member succeeds it, try again
                 if attempt + 1 >= SYNC_TRIES:
-                    raise
+                    self._sync_error = exc
+                    return False
                 log.warning("%s: sync point: %s; trying again", self.comm.name, exc)
                 time.sleep(0.1)
-        self._members = tuple(self.comm.members)
-        self._synced = True
-        return changed
+            except (PeerFailure, CollectiveError) as exc:
+                self._sync_error = exc
+                return False
+        return False
 
-    def _heal(self):
-        self.last_heal = heal(self.state, self.comm, self._revision, timeout=self.timeout)
+    def _heal(self, captured=False, restore=True):
+        self.last_heal = heal(self.state, self.comm, self._revision, timeout=self.timeout, captured=captured,
+                              restore=restore)
+        if self.last_heal.fetched and not restore:
+            self._restore_due = True
+            log.warning("%s: this member's state differed from the majority's at step %d (%s): replaced",
+                        self.comm.name, self.step, self.last_heal.fetched[:4])
         self._revision = self.state.step
         self.heals += 1
 
@@ -292,6 +324,9 @@ class FaultTolerantDDP(torch.nn.Module):
             self._next_launch = 0
 
     def _wait_buckets(self):
+        if self._sync_work is not None:
+            self._sync_work.result()  # _sync_point never raises: a failure lands in _sync_error
+            self._sync_work = None
         for b in self._buckets:
             if b.work is not None:
                 b.work.result()  # _reduce never raises: failures land in b.error
@@ -304,6 +339,11 @@ class FaultTolerantDDP(torch.nn.Module):
             self._launch_ready()
         self._wait_buckets()
         self._synced = False  # the next zero_grad() is the next step's sync point
+        if self._sync_error is not None:  # the sync point itself failed: no step can be taken
+            raise self._sync_error
+        if self._restore_due:
+            self._restore_due = False
+            self.state.restore()
         members = self._members
         error = next((b.error for b in self._buckets if b.error is not None), None)
         contributors = [b.contributors for b in self._buckets]
@@ -357,7 +397,7 @@ class _Optimizer:
     def zero_grad(self, set_to_none: bool = True):
         """The sync point, then zero the gradients in place (they are the buckets' views, so
         ``set_to_none`` is not followed)."""
-        self._ddp.sync()
+        self._ddp.sync(block=False)
         self._ddp.zero_grads()
 
     def step(self, closure=None):

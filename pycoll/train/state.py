@@ -188,10 +188,12 @@ class TrainingState:
         if self.scheduler is not None and value["scheduler"] is not None:
             self.scheduler.load_state_dict(value["scheduler"])
 
-    def tensors(self) -> dict:
+    def tensors(self, capture: bool = True) -> dict:
         """``name -> tensor`` of the whole state (the live tensors: a sync writes them in place),
-        after :meth:`capture`. Names and shapes are the same on every peer made alike."""
-        self.capture()
+        after :meth:`capture` (``capture=False``: the caller did it). Names and shapes are the
+        same on every peer made alike."""
+        if capture:
+            self.capture()
         out = self._collect()
         if sorted(out) != self._names:
             raise RuntimeError(f"training state: the optimizer's state changed names since it was made "
@@ -238,12 +240,15 @@ class TrainingState:
         self._names = sorted(self._collect())
 
 
-def heal(state: TrainingState, comm, revision: int, *, timeout: Optional[float] = None):
+def heal(state: TrainingState, comm, revision: int, *, timeout: Optional[float] = None, captured: bool = False,
+         restore: bool = True):
     """Make ``state`` bit-identical on every member of ``comm`` (all call it at the same point):
     a peer behind (lower ``revision``: a joiner passes -1, members their step) or different
     receives the majority's bytes, striped over the peers that hold them and hash-checked on
-    arrival (:mod:`pycoll.comm.shared_state`). Returns the SyncResult."""
-    result = comm.sync_shared_state(state.tensors(), revision, timeout=timeout)
-    if result.fetched:
+    arrival (:mod:`pycoll.comm.shared_state`). Returns the SyncResult. ``captured``: the caller
+    ran :meth:`TrainingState.capture` already; ``restore=False``: the caller applies what was
+    received (:meth:`TrainingState.restore`) itself, when ``result.fetched``."""
+    result = comm.sync_shared_state(state.tensors(capture=not captured), revision, timeout=timeout)
+    if result.fetched and restore:
         state.restore()
     return result

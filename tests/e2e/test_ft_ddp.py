@@ -14,21 +14,21 @@ from pycoll.testing import free_port  # noqa: E402
 
 STEPS = 24
 #: the run with faults ends within this factor of the fault-free run's eval loss (it trains on
-#: fewer samples: two of four peers leave, one joins); measured: about 1.0-1.1
-LOSS_TOLERANCE = 1.5
+#: fewer samples: two of four peers leave, one joins); measured: 1.292 against 1.272 (1.016)
+LOSS_TOLERANCE = 1.25
 
 
-def _run(plans, world, steps, timeout):
+def _run(plans, world, steps, timeout, tmp):
     """Start one peer per plan (index = peer idx); returns {idx: [messages]} once every peer that
     is not meant to die said "done" (each must within ``timeout`` s in all)."""
     ctx = mp.get_context("spawn")
     port = free_port()
-    join_event = ctx.Event()
+    join_file = str(tmp / "join-now")
     procs, pipes = {}, {}
     try:
         for idx, plan in plans.items():
             parent, child = ctx.Pipe(duplex=False)
-            p = ctx.Process(target=ft_ddp_peer.peer, args=(idx, world, port, steps, plan, join_event, child),
+            p = ctx.Process(target=ft_ddp_peer.peer, args=(idx, world, port, steps, plan, join_file, child),
                             daemon=True)
             p.start()
             child.close()
@@ -71,11 +71,11 @@ def _check_parity(msgs):
 
 
 @pytest.mark.timeout(150)
-def test_training_goes_on_through_a_death_the_coordinator_hosts_death_and_a_join():
+def test_training_goes_on_through_a_death_the_coordinator_hosts_death_and_a_join(tmp_path):
     kill_a, kill_0, join_at = 6, 12, 16
     plans = {0: {"die_before_backward": kill_0}, 1: {"call_joiner_at": join_at}, 2: {"die_mid_backward": kill_a},
              3: {"call_joiner_at": join_at}, 4: {"join": True}}
-    msgs = _run(plans, 4, STEPS, 120)
+    msgs = _run(plans, 4, STEPS, 120, tmp_path)
     survivors = (1, 3, 4)
     for idx in (0, 2):
         assert not any(m[0] == "done" for m in msgs[idx]), f"peer {idx} was meant to die: {msgs[idx]}"
@@ -97,7 +97,6 @@ def test_training_goes_on_through_a_death_the_coordinator_hosts_death_and_a_join
     # the joiner was healed to the group's state before its first step (hash-checked), at the
     # step the members called it in, from the two members (striped)
     heal = next(m for m in msgs[4] if m[0] == "heal")
-    print("joiner's heal:", heal)
     assert heal[1] == join_at and heal[2] == digests[join_at] and heal[3] > 0 and heal[4] == 2, heal
     assert steps[4][0][1] == join_at + 1
 

@@ -85,15 +85,19 @@ def die_before_bucket(model, index, when):
     model._reduce = maybe_die
 
 
-def peer(idx, world, port, steps, plan, join_event, conn):
+def peer(idx, world, port, steps, plan, join_file, conn):
     """One peer. ``plan``: {"die_mid_backward": step, "die_before_backward": step, "join": bool,
-    "call_joiner_at": step (a member: at this step, wait for a joiner first), "on_failure": ...}."""
+    "call_joiner_at": step (a member: at this step, create ``join_file`` and wait for a joiner
+    first), "on_failure": ...}."""
     import pycoll
     from pycoll.train import FaultTolerantDDP
     try:
         kw = dict(heartbeat_timeout=HB, timeout=20)
         if plan.get("join"):
-            assert join_event.wait(90), "never called in"
+            deadline = time.monotonic() + 90
+            while not os.path.exists(join_file):  # (a file, not an Event: no semaphore left behind)
+                assert time.monotonic() < deadline, "never called in"
+                time.sleep(0.02)
             comm = pycoll.connect("127.0.0.1", port, name=f"p{idx}", join_timeout=60, **kw)
         else:
             comm = pycoll.init(idx, world, "127.0.0.1", port, **kw)
@@ -105,21 +109,17 @@ def peer(idx, world, port, steps, plan, join_event, conn):
               len({r for v in model.last_heal.sources.values() for r in v}))
         if "die_mid_backward" in plan:
             die_before_bucket(model, 1, lambda: model.step == plan["die_mid_backward"])
-        heals = model.heals
         for _ in range(steps * 2):  # bounded: a discarded step is tried with the next batch
             if model.step >= steps:
                 break
             if plan.get("call_joiner_at") == model.step:
-                join_event.set()
+                open(join_file, "w").close()
                 deadline = time.monotonic() + 60
                 while comm.pending_joiners() == 0:
                     assert time.monotonic() < deadline, "the joiner never came"
                     time.sleep(0.02)
                 plan = dict(plan, call_joiner_at=None)
             model.optimizer.zero_grad()
-            if model.heals != heals:
-                heals = model.heals
-                _send(conn, "heal", model.step, model.state.digest(), model.last_heal.bytes_received, 0)
             x, y = batch(idx, model.step)
             loss = torch.nn.functional.mse_loss(model(x), y)
             if plan.get("die_before_backward") == model.step:
@@ -127,7 +127,7 @@ def peer(idx, world, port, steps, plan, join_event, conn):
             loss.backward()
             report = model.optimizer.step()
             _send(conn, "step", model.step, model.state.digest(), report.applied,
-                  [len(c or ()) for c in report.contributors], len(report.members), comm.world_size)
+                  [len(c or ()) for c in report.contributors], len(report.members), comm.world_size, model.heals)
         _send(conn, "done", model.step, eval_loss(net), comm.world_size)
         model.close()
         comm.close()
