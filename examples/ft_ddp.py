@@ -63,7 +63,8 @@ def main():
     opt = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=args.steps)
     ckpt = torch.load(args.resume) if args.resume else None
-    model = FaultTolerantDDP(net, opt, comm, scheduler=sched, checkpoint=ckpt)  # all members at once; a joiner on arrival
+    # every member makes it at once (a joiner on arrival): the joiner is healed here
+    model = FaultTolerantDDP(net, opt, comm, scheduler=sched, checkpoint=ckpt)
     heal = model.last_heal
     print(f"{comm.name}: rank {comm.rank} of {comm.world_size} at step {model.step}"
           + (f", healed: {heal.bytes_received} bytes from ranks {sorted({r for v in heal.sources.values() for r in v})}"

@@ -2,7 +2,11 @@
 host, included) and a join with no restart; every step leaves every live peer with bit-identical
 training state; the averaged gradients are the mean over the contributors, bit for bit."""
 import multiprocessing as mp
+import os
+import pathlib
 import pickle
+import subprocess
+import sys
 import time
 
 import pytest
@@ -111,8 +115,6 @@ def test_training_goes_on_through_a_death_the_coordinator_hosts_death_and_a_join
 def _grad_peer(idx, world, port, steps, victim, kill_at, on_failure, conn):
     """A linear model whose gradients are small integers: sums in any order are exact, so the
     averaged gradient must equal the reference mean bit for bit."""
-    import os
-    import signal
     import pycoll
     from pycoll.train import FaultTolerantDDP
     try:
@@ -205,3 +207,57 @@ def test_gradients_are_the_mean_over_each_buckets_contributors_bit_for_bit(on_fa
         assert [len(c) for c in by_step[kill_at]] == [3, 2], by_step[kill_at]  # the victim's bias only
         assert [len(c) for c in by_step[steps - 1]] == [2, 2]
     assert torch.equal(got[0][-1][5], got[1][-1][5])
+
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+def _run_scripts(cmds, timeout):
+    """Run the commands at once (own sessions, killed on overrun); returns [(rc, stdout+stderr)]."""
+    env = dict(os.environ, TORCH_DEVICE_BACKEND_AUTOLOAD="0", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen([sys.executable, *c], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env=env, cwd=ROOT, start_new_session=True) for c in cmds]
+    out, deadline = [], time.monotonic() + timeout
+    try:
+        for p in procs:
+            try:
+                text, _ = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, 9)
+                text, _ = p.communicate()
+                pytest.fail(f"{p.args} did not finish in {timeout} s:\n{text}")
+            out.append((p.returncode, text))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, 9)
+                p.wait()
+    return out
+
+
+@pytest.mark.timeout(120)
+def test_the_example_trains_through_the_death_of_rank_0():
+    port = str(free_port())
+    script = str(ROOT / "examples" / "ft_ddp.py")
+    cmds = [[script, "--rank", str(r), "--world-size", "3", "--master-port", port, "--steps", "30"]
+            + (["--die-at", "10"] if r == 0 else []) for r in range(3)]
+    (rc0, out0), *rest = _run_scripts(cmds, 90)
+    assert rc0 == -9 and "dying at step 10" in out0, out0
+    digests = set()
+    for rc, out in rest:
+        assert rc == 0, out
+        done = [line for line in out.splitlines() if "done at step 30" in line]
+        assert done, out
+        digests.add(done[0].rsplit(" ", 1)[1])
+    assert len(digests) == 1, rest  # the two survivors end bit-identical
+
+
+@pytest.mark.timeout(120)
+def test_the_benchmark_prints_its_table():
+    [(rc, out)] = _run_scripts([[str(ROOT / "bench" / "ft_ddp.py"), "--ranks", "2", "--steps", "3", "--warmup", "1",
+                                 "--rounds", "1", "--width", "64", "--layers", "2"]], 100)
+    assert rc == 0, out
+    rows = [line for line in out.splitlines() if line.startswith("| 2 |")]
+    assert len(rows) == 1, out
+    cells = [float(c) for c in rows[0].strip("|").split("|")[1:]]
+    assert all(c > 0 for c in cells), rows  # ms per step of ft, pycoll, gloo and their ratios
