@@ -261,3 +261,67 @@ def test_the_benchmark_prints_its_table():
     assert len(rows) == 1, out
     cells = [float(c) for c in rows[0].strip("|").split("|")[1:]]
     assert all(c > 0 for c in cells), rows  # ms per step of ft, pycoll, gloo and their ratios
+
+
+def _resume_peer(idx, port, ckpt, conn):
+    import pycoll
+    from pycoll.train import FaultTolerantDDP
+    try:
+        comm = pycoll.init(idx, 2, "127.0.0.1", port, heartbeat_timeout=ft_ddp_peer.HB, timeout=20)
+        net = ft_ddp_peer.make_net()
+        opt, sched = ft_ddp_peer.make_opt(net)
+        model = FaultTolerantDDP(net, opt, comm, scheduler=sched, checkpoint=ckpt)
+        first = (model.step, model.state.digest(), sched.last_epoch, bool(model.last_heal.fetched))
+        model.optimizer.zero_grad()
+        x, y = ft_ddp_peer.batch(idx, model.step)
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        model.optimizer.step()
+        conn.send_bytes(pickle.dumps(("ok", first, (model.step, model.state.digest()))))
+        model.close()
+        comm.close()
+    except BaseException as exc:  # noqa: BLE001
+        import traceback
+        conn.send_bytes(pickle.dumps(("error", f"{type(exc).__name__}: {exc}", traceback.format_exc())))
+
+
+@pytest.mark.timeout(90)
+def test_a_group_resumes_from_one_peers_checkpoint():
+    """Peer 0 starts from a checkpoint taken at step 3, peer 1 from nothing: making the wrappers
+    heals peer 1 to the checkpoint (the highest step wins), and both go on from there alike."""
+    from pycoll.train import TrainingState
+    net = ft_ddp_peer.make_net()
+    opt, sched = ft_ddp_peer.make_opt(net)
+    state = TrainingState(net, opt, scheduler=sched, generators=[torch.Generator().manual_seed(0)])  # (the wrapper's)
+    for s in range(3):
+        opt.zero_grad()
+        x, y = ft_ddp_peer.batch(0, s)
+        torch.nn.functional.mse_loss(net(x), y).backward()
+        opt.step()
+        sched.step()
+        state.advance()
+    ckpt, want = state.state_dict(), state.digest()
+    ctx = mp.get_context("spawn")
+    port = free_port()
+    procs, pipes = [], []
+    try:
+        for idx in range(2):
+            parent, child = ctx.Pipe(duplex=False)
+            p = ctx.Process(target=_resume_peer, args=(idx, port, ckpt if idx == 0 else None, child), daemon=True)
+            p.start()
+            child.close()
+            procs.append(p)
+            pipes.append(parent)
+        got = []
+        for pipe in pipes:
+            assert pipe.poll(60), "a peer hung"
+            got.append(pickle.loads(pipe.recv_bytes()))
+            assert got[-1][0] == "ok", got[-1]
+    finally:
+        for p in procs:
+            p.kill()
+            p.join(5)
+        for c in pipes:
+            c.close()
+    (_, first0, after0), (_, first1, after1) = got
+    assert first0 == (3, want, 3, False) and first1 == (3, want, 3, True), (first0, first1)
+    assert after0 == after1 and after0[0] == 4
