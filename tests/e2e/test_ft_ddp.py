@@ -112,6 +112,24 @@ def test_training_goes_on_through_a_death_the_coordinator_hosts_death_and_a_join
     assert ref < 0.5 * start  # (the problem is learnt at all)
 
 
+@pytest.mark.timeout(120)
+def test_a_member_whose_state_diverged_is_repaired_at_the_next_change(tmp_path):
+    """Peer 2's weights drift after step 3 (as a bug or a bit flip would make them): the sync
+    point that admits a joiner (step 6) finds it differing from the majority and gives it the
+    majority's bytes, so from the next step on all four hold the same state again."""
+    perturb, join_at, steps = 3, 6, 9
+    plans = {0: {"call_joiner_at": join_at}, 1: {"call_joiner_at": join_at},
+             2: {"call_joiner_at": join_at, "perturb_at": perturb}, 3: {"join": True}}
+    msgs = _run(plans, 3, steps, 100, tmp_path)
+    by = {idx: {m[1]: m for m in ms if m[0] == "step"} for idx, ms in msgs.items()}
+    assert all(next(m for m in ms if m[0] == "done")[1] == steps for ms in msgs.values())
+    for s in range(perturb, join_at + 1):
+        assert by[2][s][2] != by[0][s][2] == by[1][s][2], s  # drifted (and the others agree)
+    assert by[2][join_at + 1][8] > 0 and by[0][join_at + 1][8] == 0  # repaired: it received, they did not
+    for s in range(join_at + 1, steps + 1):
+        assert len({by[i][s][2] for i in range(4)}) == 1, s  # one state again, the joiner's too
+
+
 def _grad_peer(idx, world, port, steps, victim, kill_at, on_failure, conn):
     """A linear model whose gradients are small integers: sums in any order are exact, so the
     averaged gradient must equal the reference mean bit for bit."""

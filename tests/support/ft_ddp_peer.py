@@ -88,7 +88,7 @@ def die_before_bucket(model, index, when):
 def peer(idx, world, port, steps, plan, join_file, conn):
     """One peer. ``plan``: {"die_mid_backward": step, "die_before_backward": step, "join": bool,
     "call_joiner_at": step (a member: at this step, create ``join_file`` and wait for a joiner
-    first), "on_failure": ...}."""
+    first), "perturb_at": step (change a weight after that step), "on_failure": ...}."""
     import pycoll
     from pycoll.train import FaultTolerantDDP
     try:
@@ -126,8 +126,12 @@ def peer(idx, world, port, steps, plan, join_file, conn):
                 os.kill(os.getpid(), signal.SIGKILL)
             loss.backward()
             report = model.optimizer.step()
+            if plan.get("perturb_at") == model.step:  # a silent divergence (a bug, a bit flip)
+                with torch.no_grad():
+                    net[0].weight[0, 0] += 1e-3
             _send(conn, "step", model.step, model.state.digest(), report.applied,
-                  [len(c or ()) for c in report.contributors], len(report.members), comm.world_size, model.heals)
+                  [len(c or ()) for c in report.contributors], len(report.members), comm.world_size, model.heals,
+                  len(model.last_heal.fetched))
         _send(conn, "done", model.step, eval_loss(net), comm.world_size)
         model.close()
         comm.close()
