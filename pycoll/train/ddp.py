@@ -11,45 +11,55 @@ join, with no restart.
 
 How a step goes:
 
-* ``opt.zero_grad()`` is the sync point (``comm.update_topology()``): pending joiners are
-  admitted and dead members dropped. When the membership changed, every member and each joiner
-  (whose wrapper does it on construction) run :func:`pycoll.train.state.heal`: a joiner receives
+* ``opt.zero_grad()`` is the sync point (``comm.update_topology()``, run on the wrapper's
+  thread ahead of the step's buckets, overlapped with forward): pending joiners are admitted
+  and dead members dropped. When the membership changed, every member and each joiner (whose
+  wrapper does it on construction) run :func:`pycoll.train.state.heal`: a joiner receives
   model, optimizer state, step counter, scheduler and shared RNG state from the peers that hold
   the majority's bytes, striped over several of them and hash-checked on arrival, before its
   first step.
 * During ``backward()`` a post-accumulate-grad hook per parameter counts the gradients that are
-  in; a bucket whose gradients are all in is copied into its flat buffer and all-reduced (sum)
-  on the wrapper's own thread while backward goes on, as DDP overlaps them. Buckets are launched
-  in one fixed order (reverse registration order, as DDP's first step) on every peer, whatever
-  order the hooks fire in, so the k-th all-reduce pairs across peers.
+  in; gradients live in the buckets' flat buffers (``.grad`` are views), and a bucket whose
+  gradients are all in is all-reduced (sum) on the wrapper's own thread while backward goes on,
+  as DDP overlaps them. Buckets are launched in one fixed order (reverse registration order, as
+  DDP's first step) on every peer, whatever order the hooks fire in, so the k-th all-reduce
+  pairs across peers.
 * ``opt.step()`` waits for the buckets, divides each by the number of peers whose gradients are
-  in it (``comm.last_outcome.contributors`` of its all-reduce), and steps the optimizer and the
-  scheduler. Every peer takes the same step from the same averaged gradients, so the state stays
-  bit-identical without moving it (``model.state.digest()`` checks it).
+  in it, and steps the optimizer and the scheduler. Every peer takes the same step from the same
+  averaged gradients, so the state stays bit-identical without moving it
+  (``model.state.digest()`` checks it).
 
-A step interrupted by a death. Every bucket's all-reduce is an *agreed* collective
-(``retry=True``, :mod:`pycoll.comm.agreement`): it either commits on every survivor with the
-same contributors, or re-runs over the survivors. So every survivor sees the same buckets with
-the same contributors, and decides the same way with no extra message:
+A step interrupted by a death: every survivor must decide the same, discard or complete it.
 
-* ``on_failure="complete"`` (default): the step is completed over the survivors and applied. A
-  bucket that committed before the death holds the dead peer's gradients, one that ran after it
-  does not; each is the mean over its own contributors, an unbiased gradient of the batches in
-  it. No survivor's work is lost, and the failure costs what the re-run costs (a re-formed group
-  and the bucket's all-reduce again), not a step.
-* ``on_failure="discard"``: a step whose buckets do not all hold every member's gradients is
-  dropped on every survivor (no optimizer step, the step counter does not move); the loop goes
-  on with its next batch. One step of work is lost per failure; every applied step is a mean
-  over the same peers in all its buckets (as a plain DDP step is).
+* ``on_failure="discard"`` (default): the buckets are plain all-reduces (the fast path, as DDP
+  on the pycoll backend runs them), and ``opt.step()`` makes one agreed call per step, a vote
+  (an all-reduce of one flag with ``retry=True``, :mod:`pycoll.comm.agreement`): the step is
+  applied only if every member of the step's sync point reports all its buckets done, and the
+  vote's outcome is the same on every survivor. Otherwise the step is dropped everywhere (no
+  optimizer or scheduler step, the step counter stays) and the loop goes on with its next batch:
+  one step of work lost per failure, and every applied step is the mean over the same peers in
+  all its buckets, as a plain DDP step is. Why the default: it costs one small round trip per
+  step when nothing fails, while ``complete`` makes every bucket an agreed call, whose result
+  waits in the engine's scratch until the group commits: a copy of every gradient byte and a
+  round trip per bucket on every step, to save one step per failure.
+* ``on_failure="complete"``: every bucket's all-reduce is agreed (``retry=True``): it commits on
+  every survivor with the same contributors (``comm.last_outcome.contributors``), or re-runs
+  over the survivors. The step is applied: a bucket that committed before the death holds the
+  dead peer's gradients, one that ran after it does not; each is the mean over its own
+  contributors, an unbiased gradient of the batches in it. No survivor's work is lost.
 
 Re-running the same batch is not offered: the batch is the user's loop's, and the next batch
 serves as well (a lost step is one batch of samples not trained on, whichever batch it is).
 
-A collective that fails beyond its retries (every survivor gets the same failure: agreed) makes
-the step a discarded one on every survivor; the next ``zero_grad()`` re-forms the group.
+A call that fails beyond its retries (every survivor gets the same failure: agreed) makes the
+step a discarded one on every survivor; the next ``zero_grad()`` re-forms the group.
 ``max_discarded`` such steps in a row raise. The loss of the coordinator's host (rank 0 of a
 ``pycoll.init`` group, or a standalone ``pycoll master``) is survived the same way: a member
 succeeds it (:mod:`pycoll.comm.failover`) inside the agreed calls and the sync point.
+
+Speed: make the communicator with ``preserve_input=False`` (as the torch backend does): a failed
+bucket's buffer is then left undefined instead of restored, which costs nothing here (its step
+is discarded) and spares a copy of every gradient byte per step.
 
 Limits: one ``backward()`` per step (no gradient accumulation), gradients of float32
 parameters on CPU, every peer builds the same model and optimizer (same parameters, in the same
@@ -135,8 +145,9 @@ class FaultTolerantDDP(torch.nn.Module):
     ``bucket_cap_mb``: gradient bucket size (DDP's default 25; the first bucket, the last layers',
     holds ``first_bucket_mb``, 1 as DDP's, so that its all-reduce starts early in backward).
     Gradients live in the buckets (``.grad`` are views of them); ``optimizer.zero_grad()`` zeros
-    them in place whatever ``set_to_none`` says. ``on_failure``: "complete" or
-    "discard". ``retry``: retries per bucket all-reduce (True: the communicator's max_retries).
+    them in place whatever ``set_to_none`` says. ``on_failure``: "discard" or "complete" (the same
+    on every peer). ``retry``: retries of each agreed call, the vote or a bucket (True: the
+    communicator's max_retries).
     ``checkpoint``: a :meth:`state_dict` to start from; the peers that start from none (or
     from an older one) receive it when the wrapper is made.
     Making it is a collective call: every member of ``comm`` makes its wrapper at the same point
@@ -146,7 +157,7 @@ class FaultTolerantDDP(torch.nn.Module):
     def __init__(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer, comm, *, scheduler=None,
                  generators: Optional[Iterable[torch.Generator]] = None, seed: int = 0, bucket_cap_mb: float = 25.0,
                  first_bucket_mb: float = 1.0,
-                 on_failure: str = "complete", retry=True, max_discarded: int = 10,
+                 on_failure: str = "discard", retry=True, max_discarded: int = 10,
                  timeout: Optional[float] = None, checkpoint: Optional[dict] = None):
         super().__init__()
         if on_failure not in ("complete", "discard"):
@@ -229,18 +240,36 @@ class FaultTolerantDDP(torch.nn.Module):
         b.work = self._exec.submit(self._reduce, b)
 
     def _reduce(self, b):
-        """On the wrapper's thread: the bucket's agreed all-reduce. After a failure of an
-        earlier bucket of this step (agreed: the same on every survivor) nothing more runs."""
+        """On the wrapper's thread: the bucket's all-reduce, agreed (``complete``: the same
+        outcome on every survivor) or plain (``discard``: the step's vote settles it). After a
+        failure in this step nothing more runs here: a rank fails exactly one call per failed
+        epoch (pycoll.comm.epoch), so every survivor's next call is the vote or the next
+        sync point, whichever bucket failed where."""
         earlier = self._buckets[:b.index]
         failed = self._sync_error or next((x.error for x in earlier if x.error is not None), None)
         if failed is not None:
             b.error = failed
             return
         try:
-            self.comm.all_reduce(b.flat, op="sum", retry=self.retry, timeout=self.timeout)
-            b.contributors = tuple(self.comm.last_outcome.contributors)
+            if self.on_failure == "complete":
+                self.comm.all_reduce(b.flat, op="sum", retry=self.retry, timeout=self.timeout)
+                b.contributors = tuple(self.comm.last_outcome.contributors)
+            else:
+                self.comm.all_reduce(b.flat, op="sum", timeout=self.timeout)
         except (PeerFailure, CoordinatorError, CollectiveError) as exc:
             b.error = exc
+
+    def _vote(self, ok):
+        """``discard``'s one agreed call per step: did every member's buckets all succeed?
+        Returns (applied, contributors of the vote, its error)."""
+        flag = torch.tensor([1.0 if ok else 0.0])
+        try:
+            self.comm.all_reduce(flag, op="sum", retry=self.retry, timeout=self.timeout)
+        except (PeerFailure, CoordinatorError, CollectiveError) as exc:
+            return False, (), exc
+        who = tuple(self.comm.last_outcome.contributors)
+        members = self._members
+        return int(flag[0]) == len(members) and set(who) == set(members), who, None
 
     # ---- the step --------------------------------------------------------------------------
     @property
@@ -346,12 +375,16 @@ class FaultTolerantDDP(torch.nn.Module):
             self.state.restore()
         members = self._members
         error = next((b.error for b in self._buckets if b.error is not None), None)
-        contributors = [b.contributors for b in self._buckets]
-        applied = error is None and (self.on_failure == "complete"
-                                     or all(set(c) == set(members) for c in contributors))
+        if self.on_failure == "complete":
+            contributors = [b.contributors for b in self._buckets]
+            applied = error is None
+        else:
+            applied, who, vote_error = self._vote(error is None)
+            error = error or vote_error
+            contributors = [who if applied else None for _ in self._buckets]
         if applied:
-            for b in self._buckets:
-                b.flat.div_(len(b.contributors))  # the .grad views now hold the means
+            for b, who in zip(self._buckets, contributors):
+                b.flat.div_(len(who))  # the .grad views now hold the means
             self.optimizer.inner.step()
             if self.scheduler is not None:
                 self.scheduler.step()

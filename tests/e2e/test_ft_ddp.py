@@ -75,10 +75,15 @@ def _check_parity(msgs):
 
 
 @pytest.mark.timeout(150)
-def test_training_goes_on_through_a_death_the_coordinator_hosts_death_and_a_join(tmp_path):
+@pytest.mark.parametrize("on_failure", ["discard", "complete"])
+def test_training_goes_on_through_a_death_the_coordinator_hosts_death_and_a_join(tmp_path, on_failure):
+    """The Done-when test of FT data parallel: 4 peers; peer 2 dies inside step 6's backward
+    (after its first bucket's all-reduce), rank 0 (the coordinator's host) before step 12's
+    backward, a new peer joins at step 16; 24 steps, no restart."""
     kill_a, kill_0, join_at = 6, 12, 16
     plans = {0: {"die_before_backward": kill_0}, 1: {"call_joiner_at": join_at}, 2: {"die_mid_backward": kill_a},
              3: {"call_joiner_at": join_at}, 4: {"join": True}}
+    plans = {idx: dict(plan, on_failure=on_failure) for idx, plan in plans.items()}
     msgs = _run(plans, 4, STEPS, 120, tmp_path)
     survivors = (1, 3, 4)
     for idx in (0, 2):
@@ -86,18 +91,27 @@ def test_training_goes_on_through_a_death_the_coordinator_hosts_death_and_a_join
     done = {idx: next(m for m in msgs[idx] if m[0] == "done") for idx in survivors}
     assert all(d[1] == STEPS and d[3] == 3 for d in done.values()), done  # no restart, 3 peers at the end
 
-    digests = _check_parity(msgs)
+    digests = _check_parity(msgs)  # after every step, every live peer holds the same state
     assert set(range(1, STEPS + 1)) <= set(digests), sorted(digests)
 
     steps = {idx: [m for m in msgs[idx] if m[0] == "step"] for idx in survivors}
     for idx in (1, 3):
-        discarded = [m for m in steps[idx] if not m[3]]
-        assert len(discarded) <= 2, f"peer {idx} lost more than one step per failure: {discarded}"
-        by_step = {m[1]: m for m in steps[idx]}
-        # (a record is keyed by the step count after it: the step killed at count k ends at k + 1)
-        assert by_step[kill_a + 1][4] == [4, 3, 3], by_step[kill_a + 1]  # its first bucket in, the others not
-        assert by_step[kill_0 + 1][4] == [2, 2, 2], by_step[kill_0 + 1]   # rank 0 never sent that step
-        assert by_step[STEPS][4] == [3, 3, 3] and by_step[STEPS][6] == 3, by_step[STEPS]
+        # a record holds the step count after the step: a step begun at count k that is applied
+        # ends at k + 1, a discarded one at k
+        discarded = [m[1] for m in steps[idx] if not m[3]]
+        applied = {m[1]: m for m in steps[idx] if m[3]}
+        assert len(applied) == STEPS
+        if on_failure == "discard":  # at most the two interrupted steps are lost, one per failure
+            # (rank 0 dies just after its zero_grad(), whose sync point runs on the wrapper's
+            # thread: when it dies before that sync point is through, the survivors' sync drops
+            # it and step 12 runs over them alone, nothing lost)
+            assert discarded in ([kill_a, kill_0], [kill_a]), discarded
+            assert applied[kill_a + 1][4] == [3, 3, 3] and applied[kill_0 + 1][4] == [2, 2, 2]
+        else:  # none lost; the interrupted steps' buckets are means over their own contributors
+            assert discarded == [], discarded
+            assert applied[kill_a + 1][4] == [4, 3, 3], applied[kill_a + 1]  # its first bucket in only
+            assert applied[kill_0 + 1][4] == [2, 2, 2], applied[kill_0 + 1]  # rank 0 never sent that step
+        assert applied[kill_a][4] == [4, 4, 4] and applied[STEPS][4] == [3, 3, 3], applied[STEPS]
     # the joiner was healed to the group's state before its first step (hash-checked), at the
     # step the members called it in, from the two members (striped)
     heal = next(m for m in msgs[4] if m[0] == "heal")
@@ -136,7 +150,8 @@ def _grad_peer(idx, world, port, steps, victim, kill_at, on_failure, conn):
     import pycoll
     from pycoll.train import FaultTolerantDDP
     try:
-        comm = pycoll.init(idx, world, "127.0.0.1", port, heartbeat_timeout=ft_ddp_peer.HB, timeout=20)
+        comm = pycoll.init(idx, world, "127.0.0.1", port, heartbeat_timeout=ft_ddp_peer.HB, timeout=20,
+                           preserve_input=False)
         conn.send_bytes(pickle.dumps(("name", comm.name)))
         torch.manual_seed(0)
         net = torch.nn.Linear(8, 4)
@@ -222,7 +237,8 @@ def test_gradients_are_the_mean_over_each_buckets_contributors_bit_for_bit(on_fa
                 assert torch.equal(grad, want), (idx, s, which, ranks, grad, want)
         by_step = {m[1]: m[3] for m in ms}
         assert [len(c) for c in by_step[kill_at - 1]] == [3, 3]
-        assert [len(c) for c in by_step[kill_at]] == [3, 2], by_step[kill_at]  # the victim's bias only
+        if on_failure == "complete":
+            assert [len(c) for c in by_step[kill_at]] == [3, 2], by_step[kill_at]  # the victim's bias only
         assert [len(c) for c in by_step[steps - 1]] == [2, 2]
     assert torch.equal(got[0][-1][5], got[1][-1][5])
 

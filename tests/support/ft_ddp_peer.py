@@ -92,7 +92,7 @@ def peer(idx, world, port, steps, plan, join_file, conn):
     import pycoll
     from pycoll.train import FaultTolerantDDP
     try:
-        kw = dict(heartbeat_timeout=HB, timeout=20)
+        kw = dict(heartbeat_timeout=HB, timeout=20, preserve_input=False)
         if plan.get("join"):
             deadline = time.monotonic() + 90
             while not os.path.exists(join_file):  # (a file, not an Event: no semaphore left behind)
