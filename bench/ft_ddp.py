@@ -3,11 +3,13 @@
     python bench/ft_ddp.py                          # 2 and 4 ranks, MLP 4 x 1024 wide, batch 32
     python bench/ft_ddp.py --ranks 2 --steps 20 --width 256 --json out.json
 
-Three implementations of the same data-parallel step (zero_grad, forward, MSE loss, backward,
+Four implementations of the same data-parallel step (zero_grad, forward, MSE loss, backward,
 SGD step with momentum), each rank its own process with one torch thread, on loopback:
 
-  ft       pycoll.train.FaultTolerantDDP over a pycoll communicator (pycoll.init): buckets
-           all-reduced during backward with agreed retries, a sync point (update_topology) per step;
+  ft       pycoll.train.FaultTolerantDDP over a pycoll communicator (pycoll.init, with
+           preserve_input=False as the torch backend's): buckets all-reduced during backward, a
+           sync point (update_topology) and an agreed vote per step (on_failure="discard");
+  ft-complete  the same with on_failure="complete": every bucket an agreed all-reduce;
   pycoll   torch's DistributedDataParallel on the pycoll torch backend (``backend="pycoll"``);
   gloo     torch's DistributedDataParallel on Gloo.
 
@@ -15,7 +17,7 @@ Both DDPs and FT-DDP use 25 MiB buckets (DDP's default). A step's time is the sl
 (every rank starts each step after a barrier, untimed); a cell is the median over the timed steps.
 The implementations alternate (--rounds launches each, in the order A B C, C B A, ...) so that
 drift on a shared host hits them alike. The table prints the ratios ft / pycoll (the target:
-within 10 %) and ft / gloo, and the host's load average before the run (a busy host: the
+within 10 %), ft-complete / pycoll and ft / gloo, and the host's load average before the run (a busy host: the
 figures are relative, not absolute). Every rank arms an alarm and the driver kills a launch that
 overruns --timeout: nothing hangs.
 """
@@ -30,7 +32,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HERE = os.path.abspath(__file__)
-IMPLS = ("ft", "pycoll", "gloo")
+IMPLS = ("ft", "ft-complete", "pycoll", "gloo")
 
 
 # ---- rank side ---------------------------------------------------------------------------
@@ -48,11 +50,12 @@ def rank_main(a):
     opt = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9)
     g = torch.Generator().manual_seed(1 + a.rank)
     x, y = torch.randn(a.batch, a.width, generator=g), torch.randn(a.batch, a.width, generator=g)
-    if a.impl == "ft":
+    if a.impl.startswith("ft"):
         import pycoll
         from pycoll.train import FaultTolerantDDP
-        comm = pycoll.init(a.rank, a.n, "127.0.0.1", a.port, timeout=a.timeout)
-        model = FaultTolerantDDP(net, opt, comm, bucket_cap_mb=25)
+        comm = pycoll.init(a.rank, a.n, "127.0.0.1", a.port, timeout=a.timeout, preserve_input=False)
+        model = FaultTolerantDDP(net, opt, comm, bucket_cap_mb=25,
+                                 on_failure="complete" if a.impl == "ft-complete" else "discard")
         opt = model.optimizer
         barrier, close = comm.barrier, lambda: (model.close(), comm.close())
     else:
@@ -123,6 +126,7 @@ def launch(impl, n, a, tmp):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--worker", choices=IMPLS)
+    ap.add_argument("--impls", default=",".join(IMPLS), help="comma list, from " + ", ".join(IMPLS))
     ap.add_argument("--rank", type=int, default=0)
     ap.add_argument("--n", type=int, default=2)
     ap.add_argument("--port", type=int, default=0)
@@ -142,15 +146,18 @@ def main():
     import tempfile
     load = os.getloadavg()
     rows, dump = [], {}
+    impls = tuple(a.impls.split(","))
+    if not {"ft", "pycoll"} <= set(impls) or not set(impls) <= set(IMPLS):
+        ap.error(f"--impls: a comma list of {IMPLS} with ft and pycoll in it")
     mib = a.layers * (a.width * a.width + a.width) * 4 / 2 ** 20
     print(f"MLP {a.layers} x Linear({a.width}, {a.width}) ({mib:.1f} MiB of gradients), batch {a.batch}, "
           f"{a.steps} timed steps x {a.rounds} launches; load average before: {load[0]:.1f} {load[1]:.1f} "
           f"{load[2]:.1f} on {os.cpu_count()} CPUs", flush=True)
     with tempfile.TemporaryDirectory(prefix="ftd-bench-") as tmp:
         for n in [int(x) for x in a.ranks.split(",")]:
-            per = {impl: [] for impl in IMPLS}
+            per = {impl: [] for impl in impls}
             for rnd in range(a.rounds):
-                order = IMPLS if rnd % 2 == 0 else tuple(reversed(IMPLS))
+                order = impls if rnd % 2 == 0 else tuple(reversed(impls))
                 for impl in order:
                     res = launch(impl, n, a, tmp)
                     per[impl].extend(max(step) for step in zip(*res))  # the slowest rank's
@@ -158,11 +165,15 @@ def main():
             dump[str(n)] = {impl: [t * 1e3 for t in v] for impl, v in per.items()}
             rows.append((n, med))
     print()
-    print("| ranks | ft ms/step | pycoll DDP ms/step | gloo DDP ms/step | ft / pycoll | ft / gloo | pycoll / gloo |")
-    print("|---|---|---|---|---|---|---|")
+    names = {"ft": "ft", "ft-complete": "ft-complete", "pycoll": "pycoll DDP", "gloo": "gloo DDP"}
+    ratios = [(x, y) for x, y in (("ft", "pycoll"), ("ft-complete", "pycoll"), ("ft", "gloo"), ("pycoll", "gloo"))
+              if x in impls and y in impls]
+    head = [f"{names[i]} ms/step" for i in impls] + [f"{x} / {y}" for x, y in ratios]
+    print("| ranks | " + " | ".join(head) + " |")
+    print("|---" * (len(head) + 1) + "|")
     for n, m in rows:
-        print(f"| {n} | {m['ft']:.2f} | {m['pycoll']:.2f} | {m['gloo']:.2f} | {m['ft'] / m['pycoll']:.3f} | "
-              f"{m['ft'] / m['gloo']:.3f} | {m['pycoll'] / m['gloo']:.3f} |")
+        cells = [f"{m[i]:.2f}" for i in impls] + [f"{m[x] / m[y]:.3f}" for x, y in ratios]
+        print(f"| {n} | " + " | ".join(cells) + " |")
     print(f"\nload average after: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     if a.json:
         with open(a.json, "w") as f:

@@ -54,9 +54,11 @@ def main():
     torch.set_num_threads(1)
 
     if args.rank is not None:
-        comm = pycoll.init(args.rank, args.world_size, args.master_addr, args.master_port, heartbeat_timeout=5)
-    else:
-        comm = pycoll.connect(args.master_addr, args.master_port, heartbeat_timeout=5, coordinator_wait=60)
+        comm = pycoll.init(args.rank, args.world_size, args.master_addr, args.master_port, heartbeat_timeout=5,
+                           preserve_input=False)
+    else:  # (preserve_input=False: see pycoll.train.ddp, "Speed")
+        comm = pycoll.connect(args.master_addr, args.master_port, heartbeat_timeout=5, coordinator_wait=60,
+                              preserve_input=False)
     torch.manual_seed(0)  # the same initial model everywhere (a joiner receives the trained one)
     net = torch.nn.Sequential(torch.nn.Linear(DIM, HIDDEN), torch.nn.Tanh(), torch.nn.Linear(HIDDEN, HIDDEN),
                               torch.nn.Tanh(), torch.nn.Linear(HIDDEN, 1))
