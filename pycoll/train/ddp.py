@@ -34,8 +34,8 @@ A step interrupted by a death: every survivor must decide the same, discard or c
 * ``on_failure="discard"`` (default): the buckets are plain all-reduces (the fast path, as DDP
   on the pycoll backend runs them), and ``opt.step()`` makes one agreed call per step, a vote
   (an all-reduce of one flag with ``retry=True``, :mod:`pycoll.comm.agreement`): the step is
-  applied only if every member of the step's sync point reports all its buckets done, and the
-  vote's outcome is the same on every survivor. Otherwise the step is dropped everywhere (no
+  applied only if every survivor reports all its buckets done (they then hold every member's
+  gradients, see ``_vote``), and the vote's outcome is the same on every survivor. Otherwise the step is dropped everywhere (no
   optimizer or scheduler step, the step counter stays) and the loop goes on with its next batch:
   one step of work lost per failure, and every applied step is the mean over the same peers in
   all its buckets, as a plain DDP step is. Why the default: it costs one small round trip per
@@ -260,16 +260,21 @@ class FaultTolerantDDP(torch.nn.Module):
             b.error = exc
 
     def _vote(self, ok):
-        """``discard``'s one agreed call per step: did every member's buckets all succeed?
-        Returns (applied, contributors of the vote, its error)."""
+        """``discard``'s one agreed call per step: did every voter's buckets all succeed?
+        Returns (applied, the peers whose gradients are in the buckets, the vote's error).
+
+        A plain all-reduce that succeeded on a peer holds every member's data (a peer fails
+        exactly one call per failed epoch, so none of a step's buckets ran in a re-formed
+        group without one failing first). So when every voter, the survivors, reports all its
+        buckets done, the buckets hold the gradients of every member of the step's sync
+        point, a member that died after its buckets too: the step is applied as it is."""
         flag = torch.tensor([1.0 if ok else 0.0])
         try:
             self.comm.all_reduce(flag, op="sum", retry=self.retry, timeout=self.timeout)
         except (PeerFailure, CoordinatorError, CollectiveError) as exc:
             return False, (), exc
-        who = tuple(self.comm.last_outcome.contributors)
-        members = self._members
-        return int(flag[0]) == len(members) and set(who) == set(members), who, None
+        voters = self.comm.last_outcome.contributors
+        return int(flag[0]) == len(voters), self._members, None
 
     # ---- the step --------------------------------------------------------------------------
     @property
