@@ -97,7 +97,7 @@ class StepReport:
         self.applied, self.contributors, self.members, self.error = applied, contributors, members, error
 
     def __repr__(self):
-        return (f"StepReport(applied={self.applied}, contributors={[len(c) for c in self.contributors]}, "
+        return (f"StepReport(applied={self.applied}, contributors={[len(c or ()) for c in self.contributors]}, "
                 f"members={len(self.members)}, error={self.error!r})")
 
 
@@ -223,6 +223,10 @@ class FaultTolerantDDP(torch.nn.Module):
         """post-accumulate-grad hook: one more gradient of its bucket is in."""
         b = self._bucket_by_param[id(p)]
         with self._lock:
+            if b.pending <= 0 or self._next_launch > b.index:
+                raise RuntimeError("FaultTolerantDDP: a second backward() in one step (its bucket is already "
+                                   "all-reduced or on the way); one backward() per step, between "
+                                   "optimizer.zero_grad() and optimizer.step()")
             b.pending -= 1
             self._launch_ready()
 

@@ -359,3 +359,37 @@ def test_a_group_resumes_from_one_peers_checkpoint():
     (_, first0, after0), (_, first1, after1) = got
     assert first0 == (3, want, 3, False) and first1 == (3, want, 3, True), (first0, first1)
     assert after0 == after1 and after0[0] == 4
+
+
+@pytest.mark.timeout(60)
+def test_one_backward_per_step_and_a_group_of_one():
+    """A group of one trains like plain torch (the mean over one peer), and a second backward()
+    in a step is a clear error, not gradients mixed into an all-reduce on the way."""
+    import pycoll
+    from pycoll.train import FaultTolerantDDP
+    comm = pycoll.init(0, 1, "127.0.0.1", free_port(), timeout=20)
+    try:
+        net = ft_ddp_peer.make_net()
+        opt, sched = ft_ddp_peer.make_opt(net)
+        model = FaultTolerantDDP(net, opt, comm, scheduler=sched)
+        ref = ft_ddp_peer.make_net()
+        ref_opt, ref_sched = ft_ddp_peer.make_opt(ref)
+        for s in range(3):
+            x, y = ft_ddp_peer.batch(0, s)
+            model.optimizer.zero_grad()
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            report = model.optimizer.step()
+            assert report.applied and "applied=True" in repr(report)
+            ref_opt.zero_grad()
+            torch.nn.functional.mse_loss(ref(x), y).backward()
+            ref_opt.step()
+            ref_sched.step()
+        assert all(torch.equal(a, b) for a, b in zip(net.parameters(), ref.parameters()))
+        model.optimizer.zero_grad()
+        x, y = ft_ddp_peer.batch(0, 3)
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        with pytest.raises(RuntimeError, match="one backward"):
+            torch.nn.functional.mse_loss(model(x), y).backward()
+        model.close()
+    finally:
+        comm.close()
