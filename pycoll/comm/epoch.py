@@ -129,6 +129,7 @@ class Epoch:
         client.on_dead = self._on_coordinator_dead
         self._addrs = []            # per rank of this epoch: the data listener's (host, port)
         self._standby_ports = []    # per rank: the port kept for a successor coordinator (0: none)
+        self._coord_host = None      # the member whose process hosts the coordinator (the epoch says), if any
         self._fresh_join = None     # the epoch pycoll.connect returned in (see update_topology)
         if self.options.transport != "tcp":
             listener.enable_local()
@@ -163,6 +164,7 @@ class Epoch:
         self._tag_broken = False    # a tagged call failed: the epoch must re-form
         self._settled = set()       # tags whose call of this epoch already failed (in flight or not run)
         self._owed = {}             # tag -> epoch: its next call reports that epoch's failure
+        self._owed_lock = threading.Lock()  # _settled and _owed: a tag's thread and a re-forming one
         self._epoch_info = None     # (epoch, the coordinator's word on its failure)
         # planning
         self._selector = None
@@ -439,7 +441,10 @@ class Epoch:
         succ = None
         while True:
             if succ is None:  # elect once; again only if the one elected is found dead
-                succ, dead, unknown = failover.elect(self.members, self._addrs, self._standby_ports, self.rank)
+                confirmed = client.coordinator_dead  # (its port refuses; not mere silence, maybe a cut)
+                succ, dead, unknown = failover.elect(self.members, self._addrs, self._standby_ports, self.rank,
+                                                     lost=old if confirmed else None,
+                                                     host=self._coord_host if confirmed else None)
                 elected = time.monotonic()
                 if succ == self.rank:
                     coord = self.standby.start_coordinator(self.name, client.origin,
@@ -463,7 +468,8 @@ class Epoch:
                 client.request(lambda: dict(self._join_msg, rank=None, world_size=None,
                                             resume=dict(resume, decided=failover.told_decision(client.last_round,
                                                                                                self.number))),
-                               timeout=min(2.0, max(0.1, deadline - time.monotonic())))
+                               timeout=min(2.0, max(0.1, deadline - time.monotonic())),
+                               give_up=None if succ == self.rank else _Watch(self._addrs[succ]).gone)
                 break
             except CoordinatorError as exc:
                 if getattr(exc, "evicted", False):  # the successor refused us (re-registered too late)
@@ -534,6 +540,7 @@ class Epoch:
                                 else "tcp" for p in range(len(members))]
         self.lost = list(reply.get("lost", []))
         self.joined = list(reply.get("joined", []))
+        self._coord_host = reply.get("host") if isinstance(reply.get("host"), str) else None
         self.seq = 0
         self._calls = 0
         self._plans.clear()
@@ -717,9 +724,10 @@ class Epoch:
         if self.aborted_epoch != self.number:
             return
         self._abort_info_now()
-        for tag in self.channels:
-            if tag not in self._settled:
-                self._owed[tag] = self.number
+        with self._owed_lock:
+            for tag in self.channels:
+                if tag not in self._settled:
+                    self._owed[tag] = self.number
         if not self.broken:
             self._owed[None] = self.number
 
@@ -802,7 +810,12 @@ class Epoch:
         if st == lib.PC_ERR_ARG:
             return engine.error(None, st, f"{coll} (tag {chan.tag!r})", peer, message)
         self._tag_broken = True
-        self._settled.add(chan.tag)
+        with self._owed_lock:
+            self._settled.add(chan.tag)
+            # Another thread may have started re-forming while this call was still returning from
+            # its cancel, and counted the channel idle (_carry_owed): this failure is the one it owed.
+            if self._owed.get(chan.tag) == self.number:
+                del self._owed[chan.tag]
         return self._explain(st, peer, f"{coll} (tag {chan.tag!r})", message, None)
 
     def _explain(self, st, peer, coll, message, ident):
@@ -1035,6 +1048,22 @@ class Epoch:
         # the epoch is installed) is no user's call
         ident = None if internal or call.ident is None else (call.ident, self._calls)
         raise self.failure(st, int(failed[0]), coll, ccomm, ident)
+
+
+class _Watch:
+    """Whether an elected successor died meanwhile (a dying process's listener may still have
+    accepted the election's probe): its listener probed every quarter second while we wait
+    for its answer, so a dead one is given up in ms, not at the request's 2 s timeout."""
+
+    def __init__(self, addr, every=0.25):
+        self.addr, self.every, self.last = tuple(addr), every, time.monotonic()
+
+    def gone(self):
+        now = time.monotonic()
+        if now - self.last < self.every:
+            return False
+        self.last = now
+        return failover.probe_addrs([self.addr], 0.2)[0] == "dead"
 
 
 #: seconds a failure report waits for the coordinator to name the cause

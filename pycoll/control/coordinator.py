@@ -614,8 +614,14 @@ class Coordinator:
         if m is None:
             return self._send(ident, {"t": "hb", "known": False, "why": self.removed.get(str(msg.get("name")))})
         if m.hb_ident != ident:
+            first = m.hb_ident is None
             m.hb_ident = ident
             self.by_ident[ident] = m
+            if first and self.abort is not None and m.name in self.epoch_members:
+                # the epoch was aborted before we could reach this member (its first heartbeat
+                # after a re-registration comes now): tell it, or it waits in its call until
+                # its timeout while the others wait for it at the sync point
+                self._send(ident, {"t": "abort", "epoch": self.epoch, "why": self.abort.why, "lost": self._lost()})
         if self.resume is not None and m.name in self.resume["heard"]:
             self._tell_left_behind(m)  # (its first heartbeat may come after the others synced)
         if fd is not None and self._hb_fds.get(fd) is not m:
@@ -1113,7 +1119,7 @@ class Coordinator:
         for rank, m in enumerate(waiting):
             self._send(m.req_ident, {"rid": m.sync_rid, "ok": True, "epoch": self.epoch, "unchanged": False,
                                      "rank": rank, "members": members, "token": self.token, "lost": lost,
-                                     "joined": joined})
+                                     "joined": joined, "host": self.host_name})
             m.sync_rid = None
             m.sync_rebuild = False
             m.sync_admit = False

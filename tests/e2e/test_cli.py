@@ -10,6 +10,7 @@ import pytest
 import pycoll
 from emu_fixtures import require_emulator
 from pycoll.testing import free_port
+from pycoll.plan import planners
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -110,7 +111,7 @@ def test_demo_runs_every_algorithm_survives_a_kill_and_a_join():
     r = pycoll_cmd("demo", "--quiet", "--size", "1M", timeout=180)
     assert r.returncode == 0, r.stdout + r.stderr
     out = r.stdout
-    for algorithm in (a for a in pycoll.plan.planners.ALGORITHMS if a != "auto"):
+    for algorithm in (a for a in planners.ALGORITHMS if a != "auto"):
         for coll in ("all_reduce", "all_gather", "reduce_scatter", "broadcast"):
             row = [line for line in out.splitlines() if line.startswith(algorithm) and f" {coll} " in line]
             assert len(row) == 2, (algorithm, coll, out)  # 64 KiB and 1 MiB
@@ -135,7 +136,7 @@ def test_bench_table_json_and_plot(tmp_path):
     rows = json.loads(js.read_text())
     labels = {(x["impl"], x["algorithm"], x["nbytes"]) for x in rows}
     want = {("gloo", "-", s) for s in (4096, 262144)}
-    want |= {("pycoll", a, s) for a in pycoll.plan.planners.ALGORITHMS for s in (4096, 262144)}
+    want |= {("pycoll", a, s) for a in planners.ALGORITHMS for s in (4096, 262144)}
     assert labels == want
     for x in rows:
         assert x["world_size"] == 2 and x["iters"] == 4 and x["seconds"] > 0

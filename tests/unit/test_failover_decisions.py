@@ -1,7 +1,10 @@
 """Which decision of a lost coordinator a member that missed it takes from the successor
 (pycoll.comm.failover.completes / told_decision): the ones that end the operation the same way
-on every member, never a state sync that still moves bytes over the old epoch's links."""
-from pycoll.comm.failover import completes, told_decision
+on every member, never a state sync that still moves bytes over the old epoch's links; and who
+is elected successor (pycoll.comm.failover.elect), with the probes of the members' listeners
+replaced by fixed answers."""
+from pycoll.comm import failover
+from pycoll.comm.failover import completes, elect, told_decision
 
 
 def test_final_decisions_complete_the_operation_everywhere():
@@ -25,3 +28,35 @@ def test_a_member_tells_only_its_epochs_final_decision():
     assert told_decision((3, 15, "state", reply), 4) is None  # an earlier epoch's: every member left it
     assert told_decision((4, 16, "state", dict(reply, transfer=True)), 4) is None
     assert told_decision(None, 4) is None
+
+
+def _probes(monkeypatch, answers):
+    """Probe answers by address: {(host, port): "alive"/"dead"/"unknown"}."""
+    monkeypatch.setattr(failover, "probe_addrs", lambda addrs, timeout: [answers[tuple(a)] for a in addrs])
+
+
+MEMBERS = ["a", "b", "c", "d"]
+ADDRS = [("127.0.0.1", 1000 + i) for i in range(4)]
+STANDBY = [2000, 2001, 2002, 2003]
+
+
+def test_the_lowest_live_rank_with_a_kept_port_succeeds(monkeypatch):
+    _probes(monkeypatch, {ADDRS[0]: "dead", ADDRS[1]: "unknown", ADDRS[2]: "alive", ADDRS[3]: "alive"})
+    assert elect(MEMBERS, ADDRS, STANDBY, 3) == (2, ["a"], ["b"])
+
+
+def test_the_member_that_hosted_the_lost_coordinator_is_dead_even_if_its_listener_still_answers(monkeypatch):
+    # a dying process closes its sockets one by one: its data listener may accept a probe just
+    # after the coordinator it hosted (on its kept port) stopped answering
+    _probes(monkeypatch, {a: "alive" for a in ADDRS})
+    assert elect(MEMBERS, ADDRS, STANDBY, 2)[0] == 0
+    assert elect(MEMBERS, ADDRS, STANDBY, 2, lost="127.0.0.1:2000") == (1, ["a"], [])
+    assert elect(MEMBERS, ADDRS, STANDBY, 2, lost="127.0.0.1:29500")[0] == 0  # a standalone master was lost
+
+
+def test_the_member_that_hosted_it_is_dead_also_when_we_knew_the_coordinator_by_another_address(monkeypatch):
+    # a joiner knows only the group's first address, where the successor serves too
+    _probes(monkeypatch, {a: "alive" for a in ADDRS})
+    assert elect(MEMBERS, ADDRS, STANDBY, 3, lost="127.0.0.1:29500", host="b") == (0, ["b"], [])
+    _probes(monkeypatch, {ADDRS[0]: "dead", ADDRS[1]: "alive", ADDRS[2]: "alive", ADDRS[3]: "alive"})
+    assert elect(MEMBERS, ADDRS, STANDBY, 1, host="b") == (1, ["a"], [])  # ourselves: never counted dead
