@@ -18,6 +18,11 @@ Run a coordinator, then start and kill peers as you like:
     for i in 0 1 2; do python examples/elastic_numpy.py --master-port 29500 & done
     python examples/elastic_numpy.py --master-port 29500   # joins the running group
 
+Or let ``pycoll run`` start them and replace the ones that die (kill one: its replacement
+joins and is healed; docs/elastic-launch.md):
+
+    pycoll run --elastic -n 3 examples/elastic_numpy.py --pause 0.05
+
 Or let ``examples/elastic_demo.py`` do the churn for you.
 """
 import argparse
@@ -48,15 +53,21 @@ def batch(rng, w_true, size=64):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--master-addr", default=os.environ.get("MASTER_ADDR", "127.0.0.1"))
-    ap.add_argument("--master-port", type=int, default=int(os.environ.get("MASTER_PORT", "29500")))
+    # `pycoll run` puts its coordinator on PYCOLL_MASTER_PORT (MASTER_PORT is torch.distributed's)
+    ap.add_argument("--master-port", type=int,
+                    default=int(os.environ.get("PYCOLL_MASTER_PORT") or os.environ.get("MASTER_PORT") or 29500))
     ap.add_argument("--steps", type=int, default=100, help="outer steps (all-reduces) to train for")
     ap.add_argument("--inner", type=int, default=5, help="local SGD steps per outer step")
-    ap.add_argument("--name", default=None)
+    ap.add_argument("--name", default=None, help="peer name (default under `pycoll run --elastic`: "
+                    "rank<RANK>.<PYCOLL_RESTART_COUNT>, else random)")
     ap.add_argument("--pause", type=float, default=0.0, help="seconds of extra 'compute' per step")
     args = ap.parse_args()
 
     w_true, x_eval, y_eval = make_problem()
-    comm = pycoll.connect(args.master_addr, args.master_port, name=args.name, coordinator_wait=60)
+    name = args.name
+    if name is None and "PYCOLL_RESTART_COUNT" in os.environ:  # a worker of `pycoll run --elastic`
+        name = f"rank{os.environ['RANK']}.{os.environ['PYCOLL_RESTART_COUNT']}"  # unique: a replacement's differs
+    comm = pycoll.connect(args.master_addr, args.master_port, name=name, coordinator_wait=60)
     data = np.random.default_rng(zlib.crc32(comm.name.encode()))
     state = {"w": np.zeros(DIM), "momentum": np.zeros(DIM)}
     revision = -1  # nothing yet: the group's state wins

@@ -2,6 +2,7 @@
 
     pycoll demo                        # the tour: 4 peers, every algorithm, a fault, a join
     pycoll run -n 4 train.py ...       # a coordinator and 4 workers (torchrun's variables)
+    pycoll run --elastic -n 4 train.py # the same, elastic: the dead are replaced, the others carry on
     pycoll master --port 29500         # a standalone coordinator
     pycoll bench --plot busbw.png      # all-reduce benchmark against Gloo
     pycoll topology topo.toml          # check a topology file, show the ring and the multi-ring's cycles
@@ -83,10 +84,27 @@ def _cmd_run(args):
     if args.nprocs < 1:
         print("pycoll run: -n must be at least 1", file=sys.stderr)
         return 2
+    elastic_only = {"--max-restarts": args.max_restarts, "--restart-delay": args.restart_delay,
+                    "--join-timeout": args.join_timeout, "--log-dir": args.log_dir}
+    extra = {}
+    if args.elastic:
+        if args.keep_going:
+            raise UsageError("--keep-going and --elastic: choose one (--elastic keeps the others running "
+                             "and also replaces a worker that failed)")
+        for option, value in elastic_only.items():
+            if isinstance(value, (int, float)) and value < 0:
+                raise UsageError(f"{option} must not be negative")
+        extra = dict(elastic=True, max_restarts=3 if args.max_restarts is None else args.max_restarts,
+                     restart_delay=1.0 if args.restart_delay is None else args.restart_delay,
+                     join_timeout=args.join_timeout or None, log_dir=args.log_dir)
+    else:
+        given = [option for option, value in elastic_only.items() if value is not None]
+        if given:
+            raise UsageError(f"{given[0]} is an option of elastic runs: add --elastic")
     import zmq
     try:
         return run(argv, args.nprocs, master_addr=args.master_addr, master_port=args.master_port,
-                   keep_going=args.keep_going)
+                   keep_going=args.keep_going, heartbeat_timeout=args.heartbeat_timeout, **extra)
     except zmq.ZMQError as exc:  # the coordinator could not listen
         raise _listen_error(exc, args.master_addr, args.master_port or "a free port", "--master-port") from None
 
@@ -230,12 +248,29 @@ def build_parser():
                        description="Start a coordinator and N copies of a script with RANK, WORLD_SIZE, LOCAL_RANK, "
                                    "MASTER_ADDR, MASTER_PORT set, as torchrun does (the coordinator listens on "
                                    "PYCOLL_MASTER_PORT; MASTER_PORT is left to torch.distributed). Output lines "
-                                   "are prefixed with [rank]; the first failure stops the others.")
+                                   "are prefixed with [rank]; the first failure stops the others. With --elastic "
+                                   "(workers call pycoll.connect()) the others carry on instead and a "
+                                   "replacement with the same RANK joins the running group and is healed.")
     r.add_argument("-n", "--nprocs", type=int, required=True, help="number of workers")
     r.add_argument("--master-addr", default="127.0.0.1", help="coordinator address (default 127.0.0.1)")
     r.add_argument("--master-port", type=_port, default=None, help="coordinator port (default: a free port)")
     r.add_argument("--keep-going", action="store_true",
                    help="do not stop the group when one worker fails (elastic jobs)")
+    r.add_argument("--heartbeat-timeout", type=float, default=5.0,
+                   help="seconds without heartbeat = a worker is dead (default 5)")
+    r.add_argument("--elastic", action="store_true",
+                   help="elastic group (workers call pycoll.connect()): when a worker dies the others carry "
+                        "on and a replacement starts, joins and is healed (docs/elastic-launch.md)")
+    r.add_argument("--max-restarts", type=int, default=None,
+                   help="--elastic: replacements in all before a failure stops the job (default 3)")
+    r.add_argument("--restart-delay", type=float, default=None,
+                   help="--elastic: seconds before a replacement starts, doubled for each earlier "
+                        "replacement of that rank, at most 30 (default 1)")
+    r.add_argument("--join-timeout", type=float, default=None,
+                   help="--elastic: seconds for all N workers to connect (default PYCOLL_JOIN_TIMEOUT, else 300)")
+    r.add_argument("--log-dir", default=None,
+                   help="--elastic: folder for the workers' output files (default: a temporary one, removed "
+                        "when the job succeeds)")
     r.add_argument("-m", dest="module", default=None, help="run a module instead of a script")
     r.add_argument("script", nargs=argparse.REMAINDER, help="script and its arguments")
     r.set_defaults(func=_cmd_run)

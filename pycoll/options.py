@@ -231,6 +231,9 @@ ENVIRONMENT = {v.name: v for v in (
              "pycoll.bootstrap", _text),
     Variable("PYCOLL_JOB_ID", "the job id a coordinator checks joiners against (two jobs on one port)",
              "pycoll.bootstrap, pycoll.launcher", _text),
+    Variable("PYCOLL_RESTART_COUNT", "set by `pycoll run --elastic` for its workers: 0 for an original "
+             "worker, k for the k-th replacement of its RANK (read by scripts, e.g. to name the peer)",
+             "pycoll.launcher", _count),
     Variable("TORCHELASTIC_RUN_ID", "torchrun's job id, used when PYCOLL_JOB_ID is not set", "pycoll.bootstrap",
              _text),
     Variable("PYCOLL_TORCH_OVERLAP", "lanes of a torch process group's async collectives, 1 to 8: that many "

@@ -129,6 +129,7 @@ class Epoch:
         client.on_dead = self._on_coordinator_dead
         self._addrs = []            # per rank of this epoch: the data listener's (host, port)
         self._standby_ports = []    # per rank: the port kept for a successor coordinator (0: none)
+        self._coord_host = None      # the member whose process hosts the coordinator (the epoch says), if any
         self._fresh_join = None     # the epoch pycoll.connect returned in (see update_topology)
         if self.options.transport != "tcp":
             listener.enable_local()
@@ -440,8 +441,10 @@ class Epoch:
         succ = None
         while True:
             if succ is None:  # elect once; again only if the one elected is found dead
+                confirmed = client.coordinator_dead  # (its port refuses; not mere silence, maybe a cut)
                 succ, dead, unknown = failover.elect(self.members, self._addrs, self._standby_ports, self.rank,
-                                                     lost=old)
+                                                     lost=old if confirmed else None,
+                                                     host=self._coord_host if confirmed else None)
                 elected = time.monotonic()
                 if succ == self.rank:
                     coord = self.standby.start_coordinator(self.name, client.origin,
@@ -465,7 +468,8 @@ class Epoch:
                 client.request(lambda: dict(self._join_msg, rank=None, world_size=None,
                                             resume=dict(resume, decided=failover.told_decision(client.last_round,
                                                                                                self.number))),
-                               timeout=min(2.0, max(0.1, deadline - time.monotonic())))
+                               timeout=min(2.0, max(0.1, deadline - time.monotonic())),
+                               give_up=None if succ == self.rank else _Watch(self._addrs[succ]).gone)
                 break
             except CoordinatorError as exc:
                 if getattr(exc, "evicted", False):  # the successor refused us (re-registered too late)
@@ -536,6 +540,7 @@ class Epoch:
                                 else "tcp" for p in range(len(members))]
         self.lost = list(reply.get("lost", []))
         self.joined = list(reply.get("joined", []))
+        self._coord_host = reply.get("host") if isinstance(reply.get("host"), str) else None
         self.seq = 0
         self._calls = 0
         self._plans.clear()
@@ -1043,6 +1048,22 @@ class Epoch:
         # the epoch is installed) is no user's call
         ident = None if internal or call.ident is None else (call.ident, self._calls)
         raise self.failure(st, int(failed[0]), coll, ccomm, ident)
+
+
+class _Watch:
+    """Whether an elected successor died meanwhile (a dying process's listener may still have
+    accepted the election's probe): its listener probed every quarter second while we wait
+    for its answer, so a dead one is given up in ms, not at the request's 2 s timeout."""
+
+    def __init__(self, addr, every=0.25):
+        self.addr, self.every, self.last = tuple(addr), every, time.monotonic()
+
+    def gone(self):
+        now = time.monotonic()
+        if now - self.last < self.every:
+            return False
+        self.last = now
+        return failover.probe_addrs([self.addr], 0.2)[0] == "dead"
 
 
 #: seconds a failure report waits for the coordinator to name the cause

@@ -119,16 +119,21 @@ def reachability(members, addrs, rank, timeout=PROBE_TIMEOUT):
     return seen
 
 
-def elect(members, addrs, standby_ports, rank, timeout=PROBE_TIMEOUT, lost=None):
+def elect(members, addrs, standby_ports, rank, timeout=PROBE_TIMEOUT, lost=None, host=None):
     """Who succeeds the lost coordinator, seen from ``rank`` of the last epoch (``members``:
     names; ``addrs``: their data listeners; ``standby_ports``: their kept ports, 0 for none).
     ``lost``: the lost coordinator's "host:port": a member that hosted it on its kept port is
     counted dead (a dying process closes its listeners one by one, so its data listener may
     still accept a probe after its coordinator's port refused; electing it costs a timeout).
+    ``host``: the name of the member whose process hosted the lost coordinator, as the epoch
+    told (it also serves at the group's first address, which is all a joiner knows): dead too.
+    Pass both only when the coordinator's death is confirmed (its port refuses).
     Returns (successor's rank, names known dead, names unknown)."""
     seen = reachability(members, addrs, rank, timeout)
     for i in range(len(members)):
-        if i != rank and lost is not None and standby_ports[i] and f"{addrs[i][0]}:{standby_ports[i]}" == lost:
+        hosted = members[i] == host or (lost is not None and standby_ports[i]
+                                        and f"{addrs[i][0]}:{standby_ports[i]}" == lost)
+        if i != rank and hosted:
             seen[i] = "dead"
     dead = [members[i] for i in range(len(members)) if seen[i] == "dead"]
     unknown = [members[i] for i in range(len(members)) if seen[i] == "unknown"]

@@ -43,6 +43,7 @@ class CoordinatorClient:
         self._sealer = auth.Sealer(self._to_key)  # used under self._lock only
         self.cred = ""  # given by the coordinator at join
         self._beat_now = False  # the heartbeat thread sends one now, not at its next interval
+        self._moves = 0  # retargets asked for: a request in flight to the coordinator we leave gives up
         self.name = name or uuid.uuid4().hex[:12]
         self.heartbeat_timeout = heartbeat_timeout
         self.heartbeat_interval = heartbeat_interval or min(0.5, heartbeat_timeout / 4.0)
@@ -99,11 +100,13 @@ class CoordinatorClient:
     def endpoint(self):
         return f"{self.host}:{self.port}"
 
-    def request(self, msg, timeout):
+    def request(self, msg, timeout, give_up=None):
         """Send one request and wait up to ``timeout`` s for its reply. ``msg``: a dict, or a
         function that makes it, called under the request lock (so it sees every reply an
-        earlier request returned, e.g. ``last_round``)."""
+        earlier request returned, e.g. ``last_round``). ``give_up()``: asked while waiting (every
+        20 ms); True ends the wait with CoordinatorError (the one asked is known gone)."""
         with self._lock:
+            moves = self._moves
             if callable(msg):
                 msg = msg()
             self._rid += 1
@@ -134,6 +137,12 @@ class CoordinatorClient:
                     raise exc
                 if self._stop.is_set():
                     raise CoordinatorError("client closed")
+                if give_up is not None and give_up():
+                    raise CoordinatorError(f"gave up waiting for the coordinator at {self.endpoint}: it is gone")
+                if self._moves != moves:  # (another thread holds on to us to move to a successor)
+                    self.needs_rejoin = True
+                    raise CoordinatorError(f"the coordinator at {self.endpoint} was lost while this request "
+                                           "waited for it; this peer re-registers with its successor")
                 if self._req.poll(min(left, 0.02) * 1000):
                     reply = self._open(opener, self._req.recv(), msg["t"])
                     if reply is None or reply.get("rid") != rid:
@@ -204,6 +213,7 @@ class CoordinatorClient:
     def retarget(self, host, port):
         """Talk to the coordinator at ``host:port`` from now on (a successor, see
         pycoll.comm.failover): new sockets, a new credential at the next join."""
+        self._moves += 1  # a request waiting on the lost one (holding the lock) gives up now
         with self._lock:
             self._req.close(0)
             with self._dead_lock:

@@ -568,6 +568,9 @@ class Coordinator:
             # members whose process this peer found gone (a refused connection): not waited for
             self.resume["dead"].update(str(n) for n in resume.get("dead", []) or [])
             self.resume["heard"].add(name)
+            # which epoch each re-registering member left, and who was in it (see _drop_stale)
+            self.resume.setdefault("left", {})[name] = (int(resume.get("epoch", 0)),
+                                                        {str(n) for n in resume.get("members", [])})
             told = resume.get("decided")
             if isinstance(told, dict) and isinstance(told.get("reply"), dict) and isinstance(told.get("seq"), int):
                 self.resumed_decided[(int(resume.get("epoch", 0)), told["seq"])] = told["reply"]
@@ -979,6 +982,37 @@ class Coordinator:
             resume["told"][name] = now
             self._send(x.hb_ident, {"t": "abort", "epoch": resume["epoch"], "lost": dead, "why": why})
 
+    def _drop_stale(self):
+        """While re-forming after a lost coordinator: a member that re-registered from an older
+        epoch than another, and was not a member of that newer one, had been dropped from the
+        group (declared dead, maybe wrongly, by a coordinator since lost). The others may have
+        completed calls without it since, so pairing its next call with theirs would mix two
+        different steps: it is refused, as an evicted member is, and may join anew."""
+        left = self.resume.get("left", {})
+        heard = [n for n in self.resume["heard"] if n in left and n in self.members and self.members[n].alive]
+        if not heard:
+            return
+        newest = max(left[n][0] for n in heard)
+        members_of_newest = set().union(*(left[n][1] for n in heard if left[n][0] == newest))
+        for name in [n for n in heard if left[n][0] < newest and n not in members_of_newest]:
+            m = self.members[name]
+            why = (f"this peer ({name}) was dropped from the group before epoch {newest} (it re-registered "
+                   f"from epoch {left[name][0]}), and the others went on without it; join again with "
+                   "pycoll.connect()")
+            log.warning("refusing %s: %s", name, why)
+            if m.sync_rid is not None:
+                self._send(m.req_ident, {"rid": m.sync_rid, "ok": False, "error": why, "evicted": True, "why": why})
+                m.sync_rid = None
+            m.alive = False
+            self.removed[name] = why
+            del self.members[name]
+            for ident in [i for i, x in self.by_ident.items() if x is m]:
+                del self.by_ident[ident]
+            self.resume["heard"].discard(name)
+            self.resume["expect"].discard(name)
+        # the members the newest epoch had are the ones to wait for, not an older epoch's
+        self.resume["expect"] = {n for n in self.resume["expect"] if n in members_of_newest}
+
     def resume_patience(self):
         """Seconds a successor waits for a member that is alive but has not re-registered."""
         return max(3.0, 2 * self.heartbeat_timeout)
@@ -1040,6 +1074,8 @@ class Coordinator:
             # No split brain (docs/fault-model.md): the members we do not hear from must be known
             # dead (their processes are gone), or fewer than those that re-registered, which then
             # are the majority of the old epoch's live part; the other side of a cut never is.
+            self._drop_stale()
+            joiners = [m for m in joiners if m.alive]
             probed = self.resume_probe
             dead = self.resume["dead"] | {n for n, v in probed.items() if v == "dead"}
             heard = {n for n in self.resume["heard"] if n in self.members and self.members[n].alive}
@@ -1119,7 +1155,7 @@ class Coordinator:
         for rank, m in enumerate(waiting):
             self._send(m.req_ident, {"rid": m.sync_rid, "ok": True, "epoch": self.epoch, "unchanged": False,
                                      "rank": rank, "members": members, "token": self.token, "lost": lost,
-                                     "joined": joined})
+                                     "joined": joined, "host": self.host_name})
             m.sync_rid = None
             m.sync_rebuild = False
             m.sync_admit = False

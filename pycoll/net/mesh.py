@@ -48,6 +48,7 @@ HELLO_MAGIC = b"PCHS"
 ACK = b"PCOK"
 HELLO_VERSION = 2  # 2: challenge-response authentication
 HANDSHAKE_TIMEOUT = 5.0  # default of Limits.handshake_timeout
+PROBE_EVERY = 0.5  # seconds between probes of the peers that have not connected yet (accept_mesh)
 GREETING = HELLO.size + auth.RESPONSE_BYTES  # what the acceptor reads: hello + response
 SHM_RING_BYTES = 1 << 20  # per direction and connection; PYCOLL_SHM_RING overrides
 
@@ -251,7 +252,8 @@ class Listener:
             self.local.close()
 
 
-    def accept_mesh(self, rank, expected, epoch, token, deadline, key=None, should_abort=None, segs=None):
+    def accept_mesh(self, rank, expected, epoch, token, deadline, key=None, should_abort=None, segs=None,
+                    addrs=None):
         """Accept connections until ``expected`` {(peer, stripe)} all arrived.
 
         Returns {(peer, stripe): socket}. ``key``: the mesh key
@@ -259,7 +261,10 @@ class Listener:
         ``should_abort()`` returning True (the epoch was aborted: a peer died
         while connecting) stops the wait with PeerFailure. Peers that came
         over the unix socket got a shared segment: its three fds go into
-        ``segs[(peer, stripe)]`` (the caller owns them).
+        ``segs[(peer, stripe)]`` (the caller owns them). ``addrs``: the
+        peers' listeners, probed while some have not connected: one whose
+        listener refuses is gone and will never connect (PeerFailure now,
+        not at the deadline).
         """
         segs = {} if segs is None else segs
         key = key if key is not None else auth.derive(None, "mesh")
@@ -278,8 +283,12 @@ class Listener:
             else:
                 sock.close()
                 _close_fds(seg)
+        next_probe = time.monotonic() + PROBE_EVERY
         try:
             while len(got) < len(expected):
+                if addrs is not None and time.monotonic() >= next_probe:
+                    self._fail_if_gone(rank, epoch, addrs, {p for p, _ in set(expected) - set(got)})
+                    next_probe = time.monotonic() + PROBE_EVERY
                 left = deadline - time.monotonic()
                 if left <= 0:
                     missing = sorted(set(expected) - set(got))
@@ -311,6 +320,15 @@ class Listener:
                 s.close()
             sel.close()
         return got
+
+    @staticmethod
+    def _fail_if_gone(rank, epoch, addrs, waiting):
+        """PeerFailure if a peer in ``waiting`` (ranks that still owe us a connection) is gone."""
+        ranks = sorted(waiting)
+        for p, seen in zip(ranks, probe_addrs([tuple(addrs[p]) for p in ranks], 0.2)):
+            if seen == "dead":
+                raise PeerFailure(f"rank {rank}: rank {p} is gone (its listener at {addrs[p][0]}:{addrs[p][1]} "
+                                  f"refuses connections) and will not connect for epoch {epoch}", peer=p)
 
     @staticmethod
     def _drop(s, sel, partial):
@@ -489,6 +507,7 @@ def connect_peer(addr, rank, peer, stripe, epoch, token, deadline, sockbuf=0, ke
     hello = HELLO.pack(HELLO_MAGIC, HELLO_VERSION, stripe, rank, peer, epoch, token.encode()[:32])
     last = None
     shm = local is not None
+    refused = 0
     while time.monotonic() < deadline:
         if should_abort is not None and should_abort():
             raise PeerFailure(f"rank {rank}: epoch {epoch} was aborted while connecting to rank {peer}", peer=peer)
@@ -518,6 +537,13 @@ def connect_peer(addr, rank, peer, stripe, epoch, token, deadline, sockbuf=0, ke
         except OSError as exc:
             last = exc
             s.close()
+            # Every peer listens from its join to its close: a refusal is the kernel answering
+            # for a process that is gone (or closed). Three in a row (~40 ms apart) settle it,
+            # instead of retrying until the mesh timeout.
+            refused = refused + 1 if isinstance(exc, ConnectionRefusedError) else 0
+            if refused >= 3:
+                raise PeerFailure(f"rank {rank}: rank {peer} at {addr[0]}:{addr[1]} refuses connections for epoch "
+                                  f"{epoch} (its process is gone)", peer=peer) from None
             time.sleep(0.02)
     raise PeerFailure(f"rank {rank}: cannot connect to rank {peer} at {addr[0]}:{addr[1]} for epoch {epoch}: {last}",
                       peer=peer)
@@ -580,13 +606,17 @@ def connect_mesh(listener, rank, addrs, stripes, epoch, token, timeout, sockbuf=
     expected = {(p, s) for p in range(rank + 1, n) for s in range(stripes)}
     outgoing = {}
     errors = []
+    stop = threading.Event()  # one side failed: the other stops too (the mesh cannot be built)
+
+    def abort():
+        return stop.is_set() or bool(errors) or (should_abort is not None and should_abort())
 
     def dial():
         try:
             for p in range(rank):
                 for s in range(stripes):
                     outgoing[(p, s)] = connect_peer(addrs[p], rank, p, s, epoch, token, deadline, sockbuf,
-                                                    key, listener.limits.handshake_timeout, should_abort,
+                                                    key, listener.limits.handshake_timeout, abort,
                                                     mode if p in local else None)
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
@@ -600,11 +630,15 @@ def connect_mesh(listener, rank, addrs, stripes, epoch, token, timeout, sockbuf=
     dialer.start()
     segs = {}
     try:
-        incoming = (listener.accept_mesh(rank, expected, epoch, token, deadline, key, should_abort, segs)
+        incoming = (listener.accept_mesh(rank, expected, epoch, token, deadline, key, abort, segs, addrs)
                     if expected else {})
     except BaseException:
+        dial_failed = bool(errors)  # (then the accepting stopped for it: the dialer's error says why)
+        stop.set()
         dialer.join(timeout=max(0.0, deadline - time.monotonic()) + 1)
         close_outgoing()
+        if dial_failed:
+            raise errors[0] from None
         raise
     dialer.join(timeout=max(0.0, deadline - time.monotonic()) + 1)
     if errors or dialer.is_alive():

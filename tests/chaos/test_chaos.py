@@ -34,6 +34,7 @@ import pytest
 
 from collective_cases import on_transport
 from elastic_util import Cluster, arm
+import pycoll
 from pycoll.plan import planners
 from pycoll.comm.shared_state import hash_arrays
 
@@ -78,6 +79,20 @@ def digest(a):
 
 
 def chaos_worker(comm, outdir, steps, initial):
+    try:
+        return _train(comm, outdir, steps, initial)
+    except pycoll.CoordinatorError as exc:
+        if not exc.evicted:
+            raise
+        # The group dropped this peer (declared dead while alive, e.g. starved past the heartbeat
+        # bound) and went on: the call says so clearly, and a user's loop joins anew. Its steps
+        # so far stay checked; it takes no further part.
+        with open(os.path.join(outdir, f"{comm.name}.jsonl"), "a") as f:
+            f.write(json.dumps({"event": "evicted", "why": str(exc)[:300]}) + "\n")
+        return None
+
+
+def _train(comm, outdir, steps, initial):
     name = comm.name
     logf = open(os.path.join(outdir, f"{name}.jsonl"), "a", buffering=1)
 
@@ -355,6 +370,7 @@ def _chaos(tmp_path, transport, *, steps, kills, joins, kill_points, standalone,
           f"retries {retries}; epochs {max((ln['epoch'] for lines in logs.values() for ln in lines if ln['event'] == 'step'), default=0)}; "
           f"coordinators killed {sum(1 for k in killed if k[0] == 'coordinator' or k[1] in ('coordinator', 'rank0', 'two'))}; "
           f"parity failures {parity_failures}; "
+          f"evicted {sum(1 for lines in logs.values() if lines and lines[-1]['event'] == 'evicted')}; "
           f"loss {loss0:.3f} -> {loss(params):.4f}")
     if recov:
         print(f"  all_reduce with a retry: median {statistics.median(recov) * 1e3:.0f} ms, "

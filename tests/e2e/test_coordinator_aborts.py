@@ -49,3 +49,69 @@ def test_a_member_heard_only_after_the_abort_is_told_at_its_first_heartbeat():
         for c in clients:
             c.close()
         coord.stop()
+
+
+@pytest.mark.timeout(60)
+def test_moving_to_a_successor_does_not_wait_for_a_request_to_the_lost_coordinator():
+    """A request in flight to a coordinator that will never answer (it died after taking it) holds
+    the client's lock; moving to the successor waited for that request's timeout (3 s for a
+    failure report: a chaos run's re-registration came 2.8 s late). It now gives up at once."""
+    import zmq
+    silent = zmq.Context.instance().socket(zmq.ROUTER)  # takes requests, never answers
+    silent.setsockopt(zmq.LINGER, 0)
+    port = silent.bind_to_random_port("tcp://127.0.0.1")
+    client = CoordinatorClient("127.0.0.1", port, heartbeat_timeout=30.0)
+    outcome = {}
+
+    def waiting_request():
+        t0 = time.monotonic()
+        try:
+            client.request({"t": "fail", "epoch": 3, "why": "x"}, timeout=20)
+            outcome["result"] = "answered"
+        except Exception as exc:  # noqa: BLE001 - the test reads it
+            outcome["result"] = str(exc)
+        outcome["seconds"] = time.monotonic() - t0
+
+    try:
+        t = threading.Thread(target=waiting_request)
+        t.start()
+        assert silent.poll(5000), "the request never reached the coordinator"
+        t0 = time.monotonic()
+        client.retarget("127.0.0.1", port + 1)
+        moved = time.monotonic() - t0
+        t.join(10)
+        assert "re-registers with its successor" in outcome["result"], outcome
+        assert moved < 1.0 and outcome["seconds"] < 5.0, (moved, outcome)
+        assert client.needs_rejoin and client.endpoint == f"127.0.0.1:{port + 1}"
+    finally:
+        client.close()
+        silent.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_join_request_to_an_elected_successor_that_died_gives_up_in_ms():
+    """A dying process's data listener may still accept the election's probe; the join request
+    to it then waited its whole 2 s. The wait now watches the successor's listener."""
+    import zmq
+    from pycoll.comm.epoch import _Watch
+    from pycoll.net.mesh import Listener, reserve_port
+    silent = zmq.Context.instance().socket(zmq.ROUTER)
+    silent.setsockopt(zmq.LINGER, 0)
+    port = silent.bind_to_random_port("tcp://127.0.0.1")
+    client = CoordinatorClient("127.0.0.1", port, heartbeat_timeout=30.0)
+    gone = reserve_port("127.0.0.1")  # bound, not listening: refuses, as a dead peer's port does
+    alive = Listener()
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(Exception, match="it is gone"):
+            client.request({"t": "join"}, timeout=10, give_up=_Watch(gone.getsockname()).gone)
+        assert time.monotonic() - t0 < 2.0
+        t0 = time.monotonic()
+        with pytest.raises(Exception, match="no answer"):
+            client.request({"t": "join"}, timeout=1.0, give_up=_Watch(alive.addr).gone)
+        assert time.monotonic() - t0 >= 1.0  # a live successor is waited for
+    finally:
+        client.close()
+        silent.close()
+        gone.close()
+        alive.close()

@@ -52,3 +52,11 @@ def test_the_member_that_hosted_the_lost_coordinator_is_dead_even_if_its_listene
     assert elect(MEMBERS, ADDRS, STANDBY, 2)[0] == 0
     assert elect(MEMBERS, ADDRS, STANDBY, 2, lost="127.0.0.1:2000") == (1, ["a"], [])
     assert elect(MEMBERS, ADDRS, STANDBY, 2, lost="127.0.0.1:29500")[0] == 0  # a standalone master was lost
+
+
+def test_the_member_that_hosted_it_is_dead_also_when_we_knew_the_coordinator_by_another_address(monkeypatch):
+    # a joiner knows only the group's first address, where the successor serves too
+    _probes(monkeypatch, {a: "alive" for a in ADDRS})
+    assert elect(MEMBERS, ADDRS, STANDBY, 3, lost="127.0.0.1:29500", host="b") == (0, ["b"], [])
+    _probes(monkeypatch, {ADDRS[0]: "dead", ADDRS[1]: "alive", ADDRS[2]: "alive", ADDRS[3]: "alive"})
+    assert elect(MEMBERS, ADDRS, STANDBY, 1, host="b") == (1, ["a"], [])  # ourselves: never counted dead
