@@ -5,6 +5,7 @@ die and join (fault-tolerant data parallel, the DiLoCo family), and the capture,
 of training state (model, optimizer, step counter, RNG) that they share.
 """
 from pycoll.train.ddp import FaultTolerantDDP, StepReport
+from pycoll.train.diloco import DiLoCo, Round
 from pycoll.train.state import TrainingState, heal
 
-__all__ = ["FaultTolerantDDP", "StepReport", "TrainingState", "heal"]
+__all__ = ["FaultTolerantDDP", "StepReport", "TrainingState", "heal", "DiLoCo", "Round"]
