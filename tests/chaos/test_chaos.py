@@ -126,13 +126,15 @@ def _train(comm, outdir, steps, initial):
             with open(arm_file) as f:
                 arm(f.read().strip())
             log(event="armed", point=os.environ["PYCOLL_FAULT"], revision=revision)
+        pre = (digest(params), digest(delta))  # (a wrong step then tells diverged state from a bad sum)
         t0 = time.monotonic()
         comm.all_reduce(delta, op="sum", algorithm=ALGORITHMS[revision % len(ALGORITHMS)], retry=True)
         seconds = time.monotonic() - t0
         out = comm.last_outcome
         outer_step(params, delta, out.contributors)
         log(event="step", rev=revision, contributors=list(out.contributors), digest=digest(delta),
-            attempts=out.attempts, lost=list(out.lost), epoch=comm.epoch, rank=comm.rank, seconds=seconds)
+            attempts=out.attempts, lost=list(out.lost), epoch=comm.epoch, rank=comm.rank, seconds=seconds,
+            params_before=pre[0], delta_before=pre[1])
         revision += 1
         comm.update_topology()
     report = comm.verify_parity(state, revision)
@@ -333,7 +335,12 @@ def _chaos(tmp_path, transport, *, steps, kills, joins, kill_points, standalone,
         total = np.zeros(DIM)
         for w in contributors:
             total += local_delta(params, w, rev)  # exact: grid values
-        assert digest(total) == dg, f"step {rev}: result differs from the sum over {contributors}"
+        if digest(total) != dg:
+            mine = [(n, ln.get("params_before") == digest(params), ln.get("delta_before") == digest(
+                local_delta(params, n, rev)), ln.get("attempts"), ln.get("epoch")) for n, lines in logs.items()
+                for ln in lines if ln["event"] == "step" and ln["rev"] == rev]
+            pytest.fail(f"step {rev}: result differs from the sum over {contributors} (seed {seed}); per peer "
+                        f"(name, its params were the replay's, its delta was, attempts, epoch): {mine}")
         outer_step(params, total, contributors)
     final = digest(params)
 
