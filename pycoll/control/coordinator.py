@@ -1056,6 +1056,7 @@ class Coordinator:
         return True
 
     def _maybe_form_epoch(self):
+        resumed = set()
         current = [self.members[n] for n in self.epoch_members if self.members[n].alive]
         if any(m.sync_rid is None for m in current):
             return  # a live member has not reached the sync point yet
@@ -1106,6 +1107,7 @@ class Coordinator:
             if not joiners:
                 return
             waiting = joiners
+            resumed = {m.name for m in joiners}  # members of the lost coordinator's epoch: not joiners
             self.epoch = max(self.epoch, self.resume["epoch"])
             self.resume = None
             self._serve_also()
@@ -1150,7 +1152,7 @@ class Coordinator:
             del self._hb_fds[fd]
         members = [[m.name, m.addr, m.host_id, self._switch_group(m), self._transport_of(m.info), self._standby_of(m)]
                    for m in waiting]
-        joined = [m.name for m in joiners]
+        joined = [m.name for m in joiners if m.name not in resumed]
         log.info("epoch %d: %d members (lost %d, joined %d)", self.epoch, len(waiting), len(lost), len(joiners))
         for rank, m in enumerate(waiting):
             self._send(m.req_ident, {"rid": m.sync_rid, "ok": True, "epoch": self.epoch, "unchanged": False,

@@ -45,6 +45,7 @@ def test_a_member_dropped_before_the_newest_epoch_is_refused_and_the_rest_go_on(
         assert "dropped from the group before epoch 29" in str(c_reply)
         for reply in (a_reply, b_reply):
             assert reply["ok"] and reply["epoch"] == 30 and [m[0] for m in reply["members"]] == ["a", "b"], reply
+            assert reply["joined"] == [], reply  # members of the lost coordinator's epoch did not join
     finally:
         for c in clients:
             c.close()
@@ -66,6 +67,7 @@ def test_a_member_of_the_newest_epoch_that_had_not_installed_it_is_kept():
         for reply in replies:
             assert not isinstance(reply, Exception), reply
             assert reply["epoch"] == 30 and sorted(m[0] for m in reply["members"]) == ["a", "b", "c"], reply
+            assert reply["joined"] == [], reply
     finally:
         for c in clients:
             c.close()
