@@ -23,7 +23,7 @@
 
 #include "pycoll.h"
 
-#define BLOCK ((uint64_t)64 * 1024)
+#define BLOCK ((uint64_t)PC_HASH_BLOCK)
 #define MIN_PARALLEL_BYTES ((uint64_t)4 << 20)
 #define MAX_THREADS 16
 #define GRAB 8 /* blocks a thread takes at a time */
@@ -83,6 +83,17 @@ static uint64_t fold(const uint64_t *digests, uint64_t nblocks, uint64_t total, 
 }
 
 static uint64_t nblocks_of(uint64_t len) { return (len + BLOCK - 1) / BLOCK; }
+
+/* The pieces on their own, for a receiver that digests blocks as they land (engine.c). */
+uint64_t pc_hash64_block(const void *data, uint64_t len, uint64_t seed) {
+    return len && data ? block_digest(data, len > BLOCK ? BLOCK : len, seed) : 0;
+}
+
+pc_status pc_hash64_fold(const uint64_t *digests, uint64_t len, uint64_t seed, uint64_t *out) {
+    if (!out || (len && !digests)) return PC_ERR_ARG;
+    *out = fold(digests, nblocks_of(len), len, seed);
+    return PC_OK;
+}
 
 pc_status pc_hash64(const void *data, uint64_t len, uint64_t seed, uint64_t *out) {
     if (!out || (len && !data)) return PC_ERR_ARG;

@@ -29,6 +29,13 @@ def run_body(comm, plan, bufs, sizes, dtype, op, seq, desc, timeout, failed):
     return lib.pc_comm_run_part(comm, plan, lib.PC_RUN_BODY, bufs, sizes, dtype, op, seq, desc, timeout, failed)
 
 
+def run_buffers(comm, plan, nbufs, bufs, sizes, seq, desc, timeout, seed, digests, threads, failed):
+    """A buffer plan (``pc_plan_create_buffers``) over ``nbufs`` caller buffers, received bytes
+    straight into them; with ``digests`` (else ``ffi.NULL``) hashed as they land (pycoll.h,
+    ``pc_comm_run_buffers``). Returns the status."""
+    return lib.pc_comm_run_buffers(comm, plan, nbufs, bufs, sizes, seq, desc, timeout, seed, digests, threads, failed)
+
+
 def run_tail(comm, plan, bufs, sizes, dtype, op, seq, desc, timeout, failed):
     """The local copies of ``plan`` out of scratch, after :func:`run_body` (not cancellable)."""
     return lib.pc_comm_run_part(comm, plan, lib.PC_RUN_TAIL, bufs, sizes, dtype, op, seq, desc, timeout, failed)
