@@ -872,7 +872,9 @@ class Communicator:
         bytes in place (see :mod:`pycoll.comm.shared_state`). Afterwards every peer holds
         ``result.revision``. A lost peer restarts the sync over the survivors
         (``retry``, as for collectives). Raises InvalidArgument when peers
-        disagree on names, dtypes or shapes.
+        disagree on names, dtypes or shapes. Received bytes are hashed as they land
+        and checked against the majority (:class:`ParityError` on a mismatch);
+        ``verify=False`` skips that check.
         """
         return shared_state.sync_shared_state(self._epoch, state, revision, timeout=timeout, retry=retry,
                                               threads=threads, verify=verify)

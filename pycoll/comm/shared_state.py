@@ -10,12 +10,25 @@ common hash among the peers at that revision is the majority, and every
 peer whose hash differs fetches that tensor from the peers holding the
 majority, in pieces striped across up to 8 of them.
 
-The bytes move peer to peer over the group's own connections (one small
-plan per tensor, built op by op), land in temporary buffers, are re-hashed
-and checked against the majority, and are copied into ``state`` only after
-the whole group agreed that every transfer succeeded. If a peer dies
-meanwhile, the group re-forms and the sync starts over; a peer's arrays are
-never left half-written.
+The bytes move peer to peer over the group's own connections, the whole
+state in one plan (a buffer plan over all the tensors, pycoll.h
+``pc_comm_run_buffers``), so that every source sends at once. A fetcher
+receives straight into its own arrays (no temporary copy) and, with
+``verify`` (the default), hashes the bytes as they land: pieces start on the
+hash's 64 KiB blocks, the C engine digests each block while it is still in
+cache (on a same-host peer: after each chunk it copied out of the source's
+memory, on several threads for long pieces), and the block digests fold
+into the tensor's hash, compared with the majority's. A mismatch (a source
+whose memory no longer holds what it hashed, a corrupted link) fails the
+sync on every rank with :class:`ParityError` on the fetcher. The group
+agrees that every transfer succeeded before anyone returns. If a peer dies
+meanwhile, the group re-forms and the sync starts over (``retry``). A
+failed sync may leave a fetcher's fetched arrays partly overwritten: they
+did not hold the majority's bytes anyway, and the next sync fetches them
+again. A source's arrays are only read.
+
+``SyncResult.phases`` says where the time went on this peer (hashing its
+state, the coordinator's round, the transfer and check, the agreement).
 
 The functions here take the communicator's :class:`pycoll.comm.epoch.Epoch`
 (``ep``): rounds and transfers are numbered by its sequence, run on its
@@ -181,7 +194,10 @@ def sync_shared_state(ep, state, revision, *, timeout=None, retry=True, threads=
     bytes in place (see the module docstring). Afterwards every peer holds
     ``result.revision``. A lost peer restarts the sync over the survivors
     (``retry``, as for collectives). Raises InvalidArgument when peers
-    disagree on names, dtypes or shapes.
+    disagree on names, dtypes or shapes. ``verify=False`` skips hashing
+    what arrives (the majority is still decided by hashes): faster by the
+    hash's share, and a source whose bytes differ from what it reported goes
+    unnoticed.
     """
     timeout = timeout if timeout is not None else ep.options.timeout
     names, bufs, tensors = _describe(state)
