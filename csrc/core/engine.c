@@ -796,8 +796,8 @@ static int pump_recv(run_state *r, int32_t k) {
          * (scratch and the staging buffer are ours, so those read both). A
          * zero-copy receive-reduce reads it alone too: its payload is then
          * reduced where it lies. */
-        int header_alone = cs->rdone < PC_HDR_BYTES &&
-                           (zero_copy || cn->ops->rma_read || (!reduce && (r->caller_bufs || op->dst_buf != PC_BUF_SCRATCH)));
+        int callers = r->caller_bufs || op->dst_buf != PC_BUF_SCRATCH; /* buffer runs: all of them */
+        int header_alone = cs->rdone < PC_HDR_BYTES && (zero_copy || cn->ops->rma_read || (!reduce && callers));
         if (left && !header_alone) {
             uint64_t want = left;
             if (reduce) {
