@@ -308,6 +308,13 @@ const char *pc_comm_last_error(const pc_comm *c) { return c->err; }
 uint64_t pc_comm_bytes_sent(const pc_comm *c) { return c->sent; }
 uint64_t pc_comm_bytes_single_copy(const pc_comm *c) { return c->single_copied; }
 
+void pc_comm_probe_single_copy(pc_comm *c) {
+    for (int32_t i = 0; i < c->nranks * c->stripes; i++) {
+        pc_conn *cn = c->conns[i];
+        if (cn && cn->ops->rma_probe) cn->ops->rma_probe(cn);
+    }
+}
+
 /* ---- frame validation (also exported for fuzzing) ---------------------- */
 pc_status pc_frame_check(const uint8_t *hdr, uint32_t tag, uint32_t desc, uint64_t seq,
                          uint64_t len, char *why, uint32_t why_len) {

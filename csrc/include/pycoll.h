@@ -367,6 +367,11 @@ const char *pc_comm_last_error(const pc_comm *comm);
 uint64_t pc_comm_bytes_sent(const pc_comm *comm);
 /* Bytes this comm copied straight out of peers' memory (single copy). */
 uint64_t pc_comm_bytes_single_copy(const pc_comm *comm);
+/* Single copy is decided per connection the first time its receiver receives,
+ * so a peer's first payloads on a fresh connection go through the ring. This
+ * decides it now on every connection of the comm (not while a plan runs on
+ * it): a healing joiner's very first transfer is then single copy too. */
+void pc_comm_probe_single_copy(pc_comm *comm);
 
 /*
  * Runs a plan to completion or failure. `bufs[PC_BUF_IN]`/`bufs[PC_BUF_OUT]`

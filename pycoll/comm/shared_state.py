@@ -102,6 +102,8 @@ def _describe(state):
 
 def _round(ep, kind, revision, tensors, hashes, timeout):
     skip = consensus.begin(ep)
+    if kind == "state" and not skip and ep.ccomm is not None:
+        engine.probe_single_copy(ep.ccomm)  # before the round: done on every peer once anyone sends
     seq = ep.next_seq()
     if skip:
         ep.mark_broken()

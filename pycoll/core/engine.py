@@ -120,6 +120,12 @@ def bytes_sent(comm):
     return lib.pc_comm_bytes_sent(comm) if comm is not None else 0
 
 
+def probe_single_copy(comm):
+    """Decide now, on every same-host connection, whether the peer may be read directly
+    (single copy); otherwise that happens at each connection's first receive."""
+    lib.pc_comm_probe_single_copy(comm)
+
+
 def bytes_single_copy(comm):
     """Bytes ``comm`` copied straight out of same-host peers' memory (0 for no comm)."""
     return lib.pc_comm_bytes_single_copy(comm) if comm is not None else 0

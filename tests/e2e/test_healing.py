@@ -72,6 +72,30 @@ def test_unchecked_heal_moves_the_same_bytes():
     assert all(r[0] == want for r in res)
 
 
+def _large(comm, verify):
+    joiner = comm.rank == comm.world_size - 1
+    rng = np.random.default_rng(11)
+    state = {"big": rng.integers(0, 1 << 31, (40 << 20) // 4 + 3, dtype=np.int32),  # 40 MiB + 12 bytes
+             "tail": rng.standard_normal(5)}
+    if joiner:
+        for a in state.values():
+            a[...] = 0
+    before = comm.bytes_single_copy
+    res = comm.sync_shared_state(state, -1 if joiner else 1, verify=verify)
+    return hash_arrays([state["big"], state["tail"]]), comm.bytes_single_copy - before, res.sources
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("verify", [True, False])
+def test_large_pieces_are_copied_out_of_the_sources_memory_and_checked(verify):
+    """Pieces of 20 MiB from each of two same-host sources: read in chunks straight out of the
+    sources' memory (single copy), on several threads, hashed as they land."""
+    res = pycoll.testing.run(_large, 3, args=(verify,), timeout=80, init_kwargs=dict(transport="shm", timeout=30))
+    assert res[0][0] == res[1][0] == res[2][0], "the joiner does not hold the sources' bytes"
+    assert res[2][1] >= 40 << 20, "the joiner read the big tensor straight out of the sources' memory"
+    assert res[2][2]["big"] == [0, 1]
+
+
 # ---- a source whose bytes do not match the hash it reported -----------------------------------
 def _liar(comm, verify):
     """Rank 0 reports the true hashes but serves bytes with one bit flipped per tensor (memory
