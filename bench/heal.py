@@ -10,8 +10,10 @@ sync moves the whole state to it, striped over the sources. For every size the j
 ``--reps`` times with the received bytes hash-checked (``verify=True``, the default) and as many
 times without the check (``verify=False``), alternating, in the same run: the difference is what
 the check costs. A figure is the median over the repetitions of the joiner's wall time for the
-whole ``sync_shared_state`` call (hashing the state, the coordinator's round, the transfer, the
-check, the commit); GB/s = state bytes / that time. Next to it: the joiner's CPU time (user + sys,
+whole ``sync_shared_state`` call (hashing the state, the coordinator's round, the transfer and
+the check, the agreement); GB/s = state bytes / that time. "first heal" is the first sync of each
+size (checked; of the first size: the group's very first, on fresh connections), which is what a
+joiner pays once. Next to it: the joiner's CPU time (user + sys,
 all its threads) and the sources' together, and the joiner's phases (``SyncResult.phases``).
 After the last repetition of each size the joiner's state is checked against the sources'
 (``verify_parity``).
@@ -41,12 +43,14 @@ TORCHFT = (12e9, 3.0, 5.0)  # bytes, seconds (best, worst): torchft's published 
 
 def make_state(nbytes, tensors, joiner):
     """``tensors`` float32 arrays adding up to ``nbytes`` (the last one takes the rest); the
-    sources' bytes are a fixed pattern, the joiner's are zeros."""
+    sources' bytes are a fixed pattern, the joiner's are zeros, written (its pages are there,
+    as a model's that was built)."""
     state = {}
     count = nbytes // 4
     for i in range(tensors):
         lo, hi = count * i // tensors, count * (i + 1) // tensors
-        a = np.zeros(hi - lo, np.uint32)
+        a = np.empty(hi - lo, np.uint32)
+        a.fill(0)
         if not joiner:
             a[:] = np.arange(lo, hi, dtype=np.uint32)
             a *= np.uint32(2654435761)
@@ -63,7 +67,7 @@ def heal_rank(comm, sizes, reps, tensors):
         state = make_state(n, tensors, joiner)
         revision = 0 if joiner else 1
         rows = []
-        for rep in range(2 * reps + 1):  # the first one warms up (pages, connections), not counted
+        for rep in range(2 * reps + 1):  # the first heal is reported on its own (a real joiner's)
             verify = rep % 2 == 1 if rep else True
             if joiner:
                 for a in state.values():  # differ again from the majority: the whole state moves
@@ -72,10 +76,9 @@ def heal_rank(comm, sizes, reps, tensors):
             c0, t0 = time.process_time(), time.perf_counter()
             res = comm.sync_shared_state(state, revision, verify=verify)
             wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-            if rep:
-                rows.append({"verify": verify, "wall": wall, "cpu": cpu, "phases": dict(res.phases),
-                             "received": res.bytes_received, "sent": res.bytes_sent,
-                             "sources": len({s for v in res.sources.values() for s in v})})
+            rows.append({"first": rep == 0, "verify": verify, "wall": wall, "cpu": cpu, "phases": dict(res.phases),
+                         "received": res.bytes_received, "sent": res.bytes_sent,
+                         "sources": len({s for v in res.sources.values() for s in v})})
         report = comm.verify_parity(state, 1)
         if not report.ok:
             raise pycoll.ParityError(f"after healing {n} bytes the state differs: {report.differ}")
@@ -98,13 +101,16 @@ def uptime():
 
 def summarize(per_rank, n, verify):
     joiner = next(r for r in per_rank if r["joiner"])
-    rows = [r for r in joiner["sizes"][n] if r["verify"] == verify]
-    src = [[r for r in p["sizes"][n] if r["verify"] == verify] for p in per_rank if not p["joiner"]]
+    rows = [r for r in joiner["sizes"][n] if r["verify"] == verify and not r["first"]]
+    src = [[r for r in p["sizes"][n] if r["verify"] == verify and not r["first"]]
+           for p in per_rank if not p["joiner"]]
+    first = next(r for r in joiner["sizes"][n] if r["first"])
     wall = float(np.median([r["wall"] for r in rows]))
     phases = {k: float(np.median([r["phases"].get(k, 0.0) for r in rows])) for k in rows[0]["phases"]}
     return {"wall": wall, "gbs": n / wall / 1e9, "cpu": float(np.median([r["cpu"] for r in rows])),
             "src_cpu": float(np.median(np.sum([[r["cpu"] for r in s] for s in src], axis=0))),
             "phases": phases, "walls": [r["wall"] for r in rows], "received": rows[0]["received"],
+            "first": first["wall"],
             "from": rows[0]["sources"]}
 
 
@@ -153,14 +159,16 @@ def report(results, skipped, args):
           f"together. torchft (published, one host): 12 GB in 3-5 s = {lo:.1f}-{hi:.1f} GB/s. No Gloo "
           "row: Gloo has no equivalent of healing.\n")
     print("| transport | sources | size | check: time (GB/s) | no check: time (GB/s) | check / no check | "
-          "vs torchft | CPU joiner / sources (check) | joiner phases, check (s) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "vs torchft | first heal (GB/s) | CPU joiner / sources (check) | joiner phases, check (s) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         on, off = r["verify"], r["no_verify"]
         ph = " ".join(f"{k} {v:.3f}" for k, v in on["phases"].items())
         print(f"| {r['transport']} | {r['sources']} | {human_size(r['bytes'])} | {on['wall']:.3f} s "
               f"({on['gbs']:.2f}) | {off['wall']:.3f} s ({off['gbs']:.2f}) | {on['gbs'] / off['gbs']:.2f} | "
-              f"{on['gbs'] / hi:.2f}-{on['gbs'] / lo:.2f}x | {on['cpu']:.2f} / {on['src_cpu']:.2f} s | {ph} |")
+              f"{on['gbs'] / hi:.2f}-{on['gbs'] / lo:.2f}x | "
+              f"{on['first']:.3f} s ({r['bytes'] / on['first'] / 1e9:.2f}) | "
+              f"{on['cpu']:.2f} / {on['src_cpu']:.2f} s | {ph} |")
     if skipped:
         print("\nskipped (over --budget " + args.budget + "): " +
               ", ".join(f"{t} {s} src {human_size(n)}" for t, s, n in skipped))
