@@ -29,6 +29,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
+#include <pthread.h>
 #include <sched.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -46,6 +47,13 @@
 #define STAGE_BYTES (256u * 1024u)
 #define REMOTE_BUDGET (4ull << 20) /* bytes copied from a peer per pump call */
 #define REMOTE_OP_MIN (64u * 1024u) /* smaller payloads always go through the ring */
+/* Buffer runs (pc_comm_run_buffers): a single-copy receive is read in chunks small enough to be
+ * hashed while they are still in the reading core's cache, on several threads when it is long. */
+#define READ_CHUNK (512u * 1024u)     /* a multiple of PC_HASH_BLOCK */
+#define READ_PARALLEL_MIN (8u << 20)  /* a receive with this much left to read uses the threads */
+#define READ_ROUND (64ull << 20)      /* bytes read per pump call: the loop still sees its deadline */
+#define MAX_READ_THREADS 8
+#define HASHED_RECV_MAX (1u << 20)    /* a hashed receive off a socket or ring takes this much per call */
 
 /* Kinds of wait, each with its own learned spin budget: all channels it waits
  * on are shared memory; or some is a socket, in a small collective (a big
@@ -60,7 +68,8 @@ typedef struct {
     uint64_t sdone;        /* header + payload bytes sent of the head op */
     uint8_t rhdr[PC_HDR_BYTES];
     uint64_t rdone;        /* header + payload bytes received of the head op */
-    uint64_t reduced;      /* payload bytes already reduced (receive-reduce) */
+    uint64_t reduced;      /* payload bytes already reduced (receive-reduce) or read (single copy) */
+    uint64_t hashed;       /* payload bytes of the head receive already digested (buffer runs) */
     uint32_t stage_fill;   /* bytes waiting in the staging buffer */
     short want;            /* poll events this channel waits for */
     /* single copy (PC_FRAME_REMOTE) */
@@ -299,6 +308,13 @@ const char *pc_comm_last_error(const pc_comm *c) { return c->err; }
 uint64_t pc_comm_bytes_sent(const pc_comm *c) { return c->sent; }
 uint64_t pc_comm_bytes_single_copy(const pc_comm *c) { return c->single_copied; }
 
+void pc_comm_probe_single_copy(pc_comm *c) {
+    for (int32_t i = 0; i < c->nranks * c->stripes; i++) {
+        pc_conn *cn = c->conns[i];
+        if (cn && cn->ops->rma_probe) cn->ops->rma_probe(cn);
+    }
+}
+
 /* ---- frame validation (also exported for fuzzing) ---------------------- */
 pc_status pc_frame_check(const uint8_t *hdr, uint32_t tag, uint32_t desc, uint64_t seq,
                          uint64_t len, char *why, uint32_t why_len) {
@@ -332,7 +348,13 @@ pc_status pc_frame_check(const uint8_t *hdr, uint32_t tag, uint32_t desc, uint64
 typedef struct {
     pc_comm *comm;
     const pc_plan *plan;
-    uint8_t *buf[PC_BUF_COUNT];
+    uint8_t *own[PC_BUF_COUNT]; /* IN, OUT, SCRATCH of a plain run */
+    uint8_t *const *buf;   /* what ops' src_buf / dst_buf index: own, or a buffer run's table */
+    int caller_bufs;       /* a buffer run: every buffer is the caller's (no scratch) */
+    uint64_t *digests;     /* a buffer run with hashing: block digests land here ... */
+    uint64_t *first;       /* ... buffer b's from first[b] on */
+    uint64_t seed;
+    int32_t threads;       /* for long single-copy reads */
     int32_t dtype, op, es;
     uint64_t seq;
     uint32_t desc;
@@ -523,9 +545,31 @@ static void recv_done(run_state *r, chan_state *cs, int32_t i) {
     cs->rremote = 0;
     cs->rdone = 0;
     cs->reduced = 0;
+    cs->hashed = 0;
     cs->stage_fill = 0;
     cs->recv_head++;
     complete(r, i);
+}
+
+/* Digests of the blocks of receive `op`'s payload bytes [off, off + n): off is a multiple of
+ * PC_HASH_BLOCK and off + n one too or the payload's end (pc_comm_run_buffers checked that the
+ * payload starts at a block of its buffer and ends at one or at the buffer's end). */
+static void digest_range(const run_state *r, const pc_op *op, uint64_t off, uint64_t n) {
+    const uint8_t *p = r->buf[op->dst_buf] + op->dst_off + off;
+    uint64_t *d = r->digests + r->first[op->dst_buf] + (op->dst_off + off) / PC_HASH_BLOCK;
+    for (uint64_t k = 0; k < n; k += PC_HASH_BLOCK)
+        d[k / PC_HASH_BLOCK] = pc_hash64_block(p + k, min_u64(PC_HASH_BLOCK, n - k), r->seed);
+}
+
+/* The head receive has `landed` payload bytes: digest its whole blocks among them (all of
+ * them once the payload is complete), while they are still in cache. */
+static void digest_landed(run_state *r, chan_state *cs, const pc_op *op, uint64_t landed) {
+    if (!r->digests || op->kind != PC_OP_RECV) return;
+    uint64_t upto = landed >= op->len ? op->len : landed - landed % PC_HASH_BLOCK;
+    if (upto > cs->hashed) {
+        digest_range(r, op, cs->hashed, upto - cs->hashed);
+        cs->hashed = upto;
+    }
 }
 
 /* Receive-reduce straight out of the transport's buffer (shared memory):
@@ -567,6 +611,61 @@ static int has_stage(run_state *r, int32_t k) {
     return 0;
 }
 
+/* ---- single-copy reads of a buffer run, on several threads ----------------
+ * One round reads payload bytes [start, end) of the head receive out of the
+ * sender's memory in READ_CHUNK pieces that the threads (the caller's among
+ * them) take in turn; each thread digests the chunk it just read, while it
+ * is in its cache. The round ends when every chunk is in or one read failed
+ * (the others stop at their next chunk); each read is one bounded
+ * process_vm_readv, so a round lasts about READ_ROUND bytes of copying. */
+typedef struct {
+    run_state *r;
+    pc_conn *cn;
+    const pc_op *op;
+    uint8_t *dst;
+    uint64_t from, end;
+    uint64_t next;   /* atomic: the next chunk's offset */
+    long failed;     /* atomic: the first failed read's result (0: none) */
+    int err;         /* its errno */
+} read_round;
+
+static void *read_worker(void *arg) {
+    read_round *j = arg;
+    for (;;) {
+        uint64_t at = __atomic_fetch_add(&j->next, READ_CHUNK, __ATOMIC_RELAXED);
+        if (at >= j->end || __atomic_load_n(&j->failed, __ATOMIC_RELAXED)) return NULL;
+        uint64_t n = min_u64(READ_CHUNK, j->end - at);
+        long res = j->cn->ops->rma_read(j->cn, j->dst + at, j->from + at, n);
+        if (res < 0) {
+            long none = 0;
+            int err = j->cn->err;
+            if (__atomic_compare_exchange_n(&j->failed, &none, res, 0, __ATOMIC_RELAXED, __ATOMIC_RELAXED))
+                j->err = err;
+            return NULL;
+        }
+        if (j->r->digests) digest_range(j->r, j->op, at, n);
+    }
+}
+
+/* Reads (and digests) the next round of the head receive of channel k: the number of bytes, or
+ * the failed read's result (< 0, with *err). */
+static long read_round_run(run_state *r, int32_t k, const pc_op *op, uint64_t from, int *err) {
+    chan_state *cs = &r->ch[k];
+    read_round j = {r, r->comm->conns[k], op, r->buf[op->dst_buf] + op->dst_off, from,
+                    min_u64(op->len, cs->reduced + READ_ROUND), cs->reduced, 0, 0};
+    int32_t want = j.end - cs->reduced >= READ_PARALLEL_MIN ? r->threads : 1;
+    pthread_t tids[MAX_READ_THREADS];
+    int32_t started = 0;
+    for (int32_t t = 1; t < want; t++) {
+        if (pthread_create(&tids[started], NULL, read_worker, &j) != 0) break; /* fewer threads is fine */
+        started++;
+    }
+    read_worker(&j);
+    for (int32_t t = 0; t < started; t++) pthread_join(tids[t], NULL);
+    *err = j.err;
+    return j.failed ? j.failed : (long)(j.end - cs->reduced);
+}
+
 /* A PC_FRAME_REMOTE frame whose header we checked: read the descriptor,
  * copy (and reduce) the bytes it names straight out of the sender's memory,
  * tell the sender we are done. Returns 1 if bytes moved. */
@@ -601,6 +700,29 @@ static int pump_remote(run_state *r, int32_t k, int32_t i) {
     if (reduce && !has_stage(r, k)) return moved;
     uint64_t from = get_u64(cs->rdesc), budget = REMOTE_BUDGET;
     uint8_t *dst = r->buf[op->dst_buf] + op->dst_off;
+    if (r->caller_bufs && cs->reduced < op->len) { /* a buffer run: chunked, hashed, threaded */
+        int err = 0;
+        long res = read_round_run(r, k, op, from, &err);
+        if (res == PC_IO_ERROR && err == EPROTO) {
+            fail(r, PC_ERR_PROTO, op->peer, "bad frame from rank %d: a remote-read descriptor we never agreed to",
+                 op->peer);
+            return moved;
+        }
+        if (res == PC_IO_ERROR) {
+            fail(r, PC_ERR_IO, op->peer, "cannot read the memory rank %d named (%s)", op->peer, strerror(err));
+            return moved;
+        }
+        if (res < 0) {
+            io_fail(r, res, op->peer, "reading the memory of");
+            return moved;
+        }
+        cs->reduced += (uint64_t)res;
+        cs->hashed = cs->reduced;
+        comm->received += (uint64_t)res;
+        comm->single_copied += (uint64_t)res;
+        moved = 1;
+        budget = 0;
+    }
     while (cs->reduced < op->len && budget) {
         /* a reduction reads through the staging buffer, while it is in cache */
         uint64_t n = min_u64(op->len - cs->reduced, reduce ? STAGE_BYTES : budget);
@@ -681,8 +803,8 @@ static int pump_recv(run_state *r, int32_t k) {
          * (scratch and the staging buffer are ours, so those read both). A
          * zero-copy receive-reduce reads it alone too: its payload is then
          * reduced where it lies. */
-        int header_alone = cs->rdone < PC_HDR_BYTES &&
-                           (zero_copy || cn->ops->rma_read || (!reduce && op->dst_buf != PC_BUF_SCRATCH));
+        int callers = r->caller_bufs || op->dst_buf != PC_BUF_SCRATCH; /* buffer runs: all of them */
+        int header_alone = cs->rdone < PC_HDR_BYTES && (zero_copy || cn->ops->rma_read || (!reduce && callers));
         if (left && !header_alone) {
             uint64_t want = left;
             if (reduce) {
@@ -692,6 +814,7 @@ static int pump_recv(run_state *r, int32_t k) {
                 iov[n].iov_base = comm->stage[k] + cs->stage_fill;
             } else {
                 iov[n].iov_base = r->buf[op->dst_buf] + op->dst_off + payload_done;
+                if (r->digests) want = min_u64(left, HASHED_RECV_MAX); /* hashed while in cache */
             }
             iov[n++].iov_len = want;
             to_end = want == left;
@@ -716,6 +839,7 @@ static int pump_recv(run_state *r, int32_t k) {
         comm->received += (uint64_t)res;
         if (before < PC_HDR_BYTES && cs->rdone >= PC_HDR_BYTES && !check_header(r, cs, op, cn)) return moved;
         if (cs->rremote) continue; /* the descriptor follows: pump_remote */
+        if (!reduce && cs->rdone > PC_HDR_BYTES) digest_landed(r, cs, op, cs->rdone - PC_HDR_BYTES);
         if (reduce && cs->rdone > PC_HDR_BYTES) {
             uint64_t now_done = min_u64(cs->rdone - PC_HDR_BYTES, op->len);
             cs->stage_fill += (uint32_t)(now_done - payload_done); /* payload bytes this call */
@@ -1087,6 +1211,7 @@ static int32_t running_plans, peak_plans;
 static pc_status run_part(pc_comm *comm, const pc_plan *plan, int32_t part, void *const *bufs,
                           const uint64_t *buf_bytes, int32_t dtype, int32_t op, uint64_t seq, uint32_t desc,
                           double timeout_s, int32_t *failed_peer);
+static pc_status run_loop(pc_comm *comm, run_state *rp, double timeout_s, int32_t *failed_peer);
 
 pc_status pc_comm_run_part(pc_comm *comm, const pc_plan *plan, int32_t part, void *const *bufs,
                            const uint64_t *buf_bytes, int32_t dtype, int32_t op, uint64_t seq, uint32_t desc,
@@ -1133,6 +1258,10 @@ static pc_status run_part(pc_comm *comm, const pc_plan *plan, int32_t part, void
                 comm->rank, comm->nranks);
         return PC_ERR_ARG;
     }
+    if (plan->nbufs) {
+        set_err(comm, "a buffer plan runs through pc_comm_run_buffers");
+        return PC_ERR_ARG;
+    }
     for (int b = 0; b < 2; b++)
         if (plan->need_bytes[b] > (bufs[b] ? buf_bytes[b] : 0)) {
             set_err(comm, "buffer %d holds %llu bytes, plan needs %llu", b, (unsigned long long)buf_bytes[b],
@@ -1156,9 +1285,10 @@ static pc_status run_part(pc_comm *comm, const pc_plan *plan, int32_t part, void
     memset(&r, 0, sizeof r);
     r.comm = comm;
     r.plan = plan;
-    r.buf[PC_BUF_IN] = bufs[PC_BUF_IN];
-    r.buf[PC_BUF_OUT] = bufs[PC_BUF_OUT];
-    r.buf[PC_BUF_SCRATCH] = comm->scratch;
+    r.own[PC_BUF_IN] = bufs[PC_BUF_IN];
+    r.own[PC_BUF_OUT] = bufs[PC_BUF_OUT];
+    r.own[PC_BUF_SCRATCH] = comm->scratch;
+    r.buf = r.own;
     r.dtype = dtype;
     r.op = op;
     r.es = es;
@@ -1176,6 +1306,103 @@ static pc_status run_part(pc_comm *comm, const pc_plan *plan, int32_t part, void
         for (int b = 0; b < 2; b++)
             if (bufs[b] && plan->need_bytes[b]) huge_pages(comm, bufs[b], plan->need_bytes[b]);
     if (part == PC_RUN_TAIL) return run_tail(comm, plan, &r);
+    return run_loop(comm, &r, timeout_s, failed_peer);
+}
+
+/* ---- buffer runs ----------------------------------------------------------- */
+static uint64_t blocks_of(uint64_t len) { return (len + PC_HASH_BLOCK - 1) / PC_HASH_BLOCK; }
+
+/* Every op's byte ranges inside its buffers, hashed receives on block boundaries; the bytes
+ * this rank moves over the network into *net. */
+static pc_status check_buffer_plan(pc_comm *comm, const pc_plan *plan, int32_t nbufs, void *const *bufs,
+                                   const uint64_t *buf_bytes, int hashed, uint64_t *net) {
+    *net = 0;
+    for (int32_t i = 0; i < plan->nops; i++) {
+        const pc_op *o = &plan->ops[i];
+        int32_t b[2] = {o->src_buf, o->dst_buf};
+        uint64_t off[2] = {o->src_off, o->dst_off};
+        for (int s = 0; s < 2; s++) {
+            if (b[s] < 0) continue;
+            if (b[s] >= nbufs || (o->len && !bufs[b[s]]) || off[s] > buf_bytes[b[s]] ||
+                o->len > buf_bytes[b[s]] - off[s]) {
+                set_err(comm, "op %d reaches past buffer %d (%llu bytes at %llu of %llu)", i, b[s],
+                        (unsigned long long)o->len, (unsigned long long)off[s],
+                        b[s] < nbufs ? (unsigned long long)buf_bytes[b[s]] : 0ull);
+                return PC_ERR_ARG;
+            }
+        }
+        if (o->kind == PC_OP_SEND || o->kind == PC_OP_RECV) *net += o->len;
+        if (hashed && o->kind == PC_OP_RECV && o->len &&
+            (o->dst_off % PC_HASH_BLOCK || ((o->dst_off + o->len) % PC_HASH_BLOCK &&
+                                            o->dst_off + o->len != buf_bytes[o->dst_buf]))) {
+            set_err(comm, "hashed receive %d of buffer %d is not on %u-byte blocks (%llu at %llu)", i, o->dst_buf,
+                    (unsigned)PC_HASH_BLOCK, (unsigned long long)o->len, (unsigned long long)o->dst_off);
+            return PC_ERR_ARG;
+        }
+    }
+    return PC_OK;
+}
+
+pc_status pc_comm_run_buffers(pc_comm *comm, const pc_plan *plan, int32_t nbufs, void *const *bufs,
+                              const uint64_t *buf_bytes, uint64_t seq, uint32_t desc, double timeout_s,
+                              uint64_t seed, uint64_t *digests, int32_t threads, int32_t *failed_peer) {
+    if (failed_peer) *failed_peer = -1;
+    if (!comm) return PC_ERR_ARG;
+    if (!plan || plan->tail_first < 0 || !plan->nbufs || nbufs < plan->nbufs || (nbufs && (!bufs || !buf_bytes))) {
+        set_err(comm, "not a sealed buffer plan over %d buffers", nbufs);
+        return PC_ERR_ARG;
+    }
+    if (comm->broken) {
+        set_err(comm, "communicator was shut down by an earlier failure; rebuild it");
+        return PC_ERR_IO;
+    }
+    if (plan->nranks != comm->nranks || plan->rank != comm->rank) {
+        set_err(comm, "plan built for rank %d of %d, comm is rank %d of %d", plan->rank, plan->nranks,
+                comm->rank, comm->nranks);
+        return PC_ERR_ARG;
+    }
+    uint64_t net = 0;
+    pc_status st = check_buffer_plan(comm, plan, nbufs, bufs, buf_bytes, digests != NULL, &net);
+    if (st != PC_OK) return st;
+    run_state r;
+    memset(&r, 0, sizeof r);
+    r.comm = comm;
+    r.plan = plan;
+    r.buf = (uint8_t *const *)bufs;
+    r.caller_bufs = 1;
+    r.seed = seed;
+    if (threads <= 0) threads = comm->cpus_online > 0 ? comm->cpus_online : 1;
+    r.threads = threads > MAX_READ_THREADS ? MAX_READ_THREADS : threads;
+    if (digests) {
+        r.first = malloc(sizeof(uint64_t) * (size_t)nbufs);
+        if (!r.first) {
+            set_err(comm, "out of memory for %d buffers' digest offsets", nbufs);
+            return PC_ERR_NOMEM;
+        }
+        uint64_t at = 0;
+        for (int32_t b = 0; b < nbufs; b++) {
+            r.first[b] = at;
+            at += blocks_of(buf_bytes[b]);
+        }
+        r.digests = digests;
+    }
+    r.dtype = PC_U8;
+    r.op = PC_SUM;
+    r.es = 1;
+    r.seq = seq;
+    r.desc = desc;
+    r.failed_peer = -1;
+    r.end = plan->nops;
+    r.remote = comm->remote_min && net >= comm->remote_min;
+    st = run_loop(comm, &r, timeout_s, failed_peer);
+    free(r.first);
+    return st;
+}
+
+/* Runs the network part of a prepared run to its end or its first failure. */
+static pc_status run_loop(pc_comm *comm, run_state *rp, double timeout_s, int32_t *failed_peer) {
+    run_state r = *rp;
+    const pc_plan *plan = r.plan;
     pc_status st = prepare(&r);
     if (st != PC_OK) {
         set_err(comm, st == PC_ERR_NOMEM ? "out of memory preparing a plan" : "malformed plan");

@@ -367,6 +367,11 @@ const char *pc_comm_last_error(const pc_comm *comm);
 uint64_t pc_comm_bytes_sent(const pc_comm *comm);
 /* Bytes this comm copied straight out of peers' memory (single copy). */
 uint64_t pc_comm_bytes_single_copy(const pc_comm *comm);
+/* Single copy is decided per connection the first time its receiver receives,
+ * so a peer's first payloads on a fresh connection go through the ring. This
+ * decides it now on every connection of the comm (not while a plan runs on
+ * it): a healing joiner's very first transfer is then single copy too. */
+void pc_comm_probe_single_copy(pc_comm *comm);
 
 /*
  * Runs a plan to completion or failure. `bufs[PC_BUF_IN]`/`bufs[PC_BUF_OUT]`
@@ -394,6 +399,25 @@ pc_status pc_comm_run(pc_comm *comm, const pc_plan *plan, void *const *bufs,
 pc_status pc_comm_run_part(pc_comm *comm, const pc_plan *plan, int32_t part, void *const *bufs,
                            const uint64_t *buf_bytes, int32_t dtype, int32_t op, uint64_t seq,
                            uint32_t desc, double timeout_s, int32_t *failed_peer);
+
+/* Runs a buffer plan (pc_plan_create_buffers) over the caller's buffers
+ * bufs[0 .. nbufs) of buf_bytes[] bytes: every op's byte ranges are checked
+ * against them first (PC_ERR_ARG), frames carry `seq` and `desc` as in
+ * pc_comm_run, and received bytes land straight in the buffers.
+ * With `digests` (else NULL), the receiver hashes as the bytes land: every
+ * receive must start at a multiple of PC_HASH_BLOCK of its buffer and end at
+ * one or at the buffer's end (PC_ERR_ARG otherwise), and the block digests
+ * (pc_hash64_block with `seed`) of what it received are stored buffer after
+ * buffer: buffer b's block k at digests[sum over c < b of
+ * ceil(buf_bytes[c] / PC_HASH_BLOCK) + k] (the array must hold that many
+ * for every buffer; entries of blocks nothing was received into are left
+ * alone). pc_hash64_fold over a buffer's digests then gives pc_hash64 of
+ * what arrived, without reading the buffer again. Large receives from a
+ * same-host peer are copied (and hashed) on up to `threads` threads (0: one
+ * per CPU, at most 8). */
+pc_status pc_comm_run_buffers(pc_comm *comm, const pc_plan *plan, int32_t nbufs, void *const *bufs,
+                              const uint64_t *buf_bytes, uint64_t seq, uint32_t desc, double timeout_s,
+                              uint64_t seed, uint64_t *digests, int32_t threads, int32_t *failed_peer);
 
 /* The most plans (pc_comm_run / _part calls on any comm) seen running at once in this
  * process since the last reset; reset != 0 returns it and restarts from those running now. */
@@ -427,6 +451,11 @@ pc_status pc_plan_create(int32_t nranks, int32_t rank, pc_plan **out);
 pc_status pc_plan_append(pc_plan *plan, const pc_op *op, const int32_t *deps, int32_t ndeps,
                          int32_t *index);
 pc_status pc_plan_seal(pc_plan *plan);
+/* A buffer plan: its ops name buffers 0 .. nbufs-1 of the caller (not IN /
+ * OUT / SCRATCH) and may only send, receive and copy; it runs through
+ * pc_comm_run_buffers only (and other plans never through that). */
+#define PC_MAX_BUFFERS 1048576
+pc_status pc_plan_create_buffers(int32_t nranks, int32_t rank, int32_t nbufs, pc_plan **out);
 
 /* ---- hashing ----------------------------------------------------------- */
 /*
@@ -440,5 +469,13 @@ pc_status pc_plan_seal(pc_plan *plan);
 pc_status pc_hash64(const void *data, uint64_t len, uint64_t seed, uint64_t *out);
 pc_status pc_hash64_many(const void *const *ptrs, const uint64_t *lens, int32_t n, uint64_t seed,
                          int32_t threads, uint64_t *out);
+/* The same hash in pieces, for bytes that arrive out of order: the digest of
+ * block k is pc_hash64_block(data + k * PC_HASH_BLOCK, bytes of that block,
+ * seed) (the last block may be shorter; 0 for no bytes), and
+ * pc_hash64_fold(the ceil(len / PC_HASH_BLOCK) digests in order, len, seed)
+ * equals pc_hash64(data, len, seed). */
+#define PC_HASH_BLOCK 65536
+uint64_t pc_hash64_block(const void *data, uint64_t len, uint64_t seed);
+pc_status pc_hash64_fold(const uint64_t *digests, uint64_t len, uint64_t seed, uint64_t *out);
 
 #endif

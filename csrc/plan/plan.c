@@ -25,7 +25,7 @@ static int grow(void **arr, int32_t *cap, int32_t need, size_t elem) {
 }
 
 static void note_extent(pc_plan *p, int32_t buf, uint64_t off, uint64_t len) {
-    if (buf >= 0 && buf < PC_BUF_COUNT && off + len > p->need_bytes[buf]) p->need_bytes[buf] = off + len;
+    if (!p->nbufs && buf >= 0 && buf < PC_BUF_COUNT && off + len > p->need_bytes[buf]) p->need_bytes[buf] = off + len;
 }
 
 int32_t plan_add(pc_plan *p, int32_t kind, int32_t peer, int32_t stripe, uint32_t tag,

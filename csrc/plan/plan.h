@@ -23,6 +23,7 @@ struct pc_plan {
     uint64_t need_bytes[PC_BUF_COUNT]; /* minimum size of each buffer */
     int failed;               /* an allocation failed while building */
     int32_t codec;            /* pc_codec of the payloads on the wire */
+    int32_t nbufs;            /* > 0: a buffer plan over that many caller buffers (plan_custom.c) */
 };
 
 pc_plan *plan_new(int32_t nranks, int32_t rank);

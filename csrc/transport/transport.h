@@ -49,6 +49,9 @@ typedef struct {
      * from any source reads the next frame's header this way): how many, or
      * PC_IO_AGAIN / CLOSED / ERROR. */
     long (*peek_copy)(pc_conn *c, void *dst, uint64_t n);
+    /* Single copy: find out now (instead of at the first receive) whether we can read the
+     * peer's memory, and tell it; a no-op once known. */
+    void (*rma_probe)(pc_conn *c);
 } pc_conn_ops;
 
 /* Poll bit (arm's `want`) for "waiting until the peer finished a remote read". */

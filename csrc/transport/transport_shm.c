@@ -338,6 +338,11 @@ static long shm_rma_done(pc_conn *c) {
     return 1;
 }
 
+static void shm_rma_probe(pc_conn *c) {
+    shm_conn *s = impl(c);
+    if (s->rma_state == RMA_UNKNOWN) probe(s);
+}
+
 static void shm_rma_allow(pc_conn *c, int allow) {
     shm_conn *s = impl(c);
     s->rma_state = allow ? RMA_UNKNOWN : RMA_NO;
@@ -393,7 +398,7 @@ static void shm_destroy(pc_conn *c) {
 
 static const pc_conn_ops shm_ops = {shm_sendv,    shm_recvv,    shm_shutdown, shm_destroy,  shm_arm,
                                     shm_peek,     shm_consume,  shm_rma_ok,   shm_rma_post, shm_rma_wait,
-                                    shm_rma_read, shm_rma_done, shm_rma_allow, shm_peek_copy};
+                                    shm_rma_read, shm_rma_done, shm_rma_allow, shm_peek_copy, shm_rma_probe};
 
 pc_status pc_shm_segment_create(uint64_t ring_bytes, int32_t *fds) {
     fds[0] = fds[1] = fds[2] = -1;

@@ -863,7 +863,8 @@ class Communicator:
 
     # ---- shared state (pycoll.comm.shared_state) -----------------------------
     def sync_shared_state(self, state: dict, revision: int, *, timeout: Optional[float] = None,
-                          retry: Union[bool, int] = True, threads: int = 0) -> shared_state.SyncResult:
+                          retry: Union[bool, int] = True, threads: int = 0,
+                          verify: bool = True) -> shared_state.SyncResult:
         """Make ``state`` bit-identical on every peer; returns a SyncResult.
 
         Every member must call it at the same point. Peers whose bytes differ
@@ -871,10 +872,12 @@ class Communicator:
         bytes in place (see :mod:`pycoll.comm.shared_state`). Afterwards every peer holds
         ``result.revision``. A lost peer restarts the sync over the survivors
         (``retry``, as for collectives). Raises InvalidArgument when peers
-        disagree on names, dtypes or shapes.
+        disagree on names, dtypes or shapes. Received bytes are hashed as they land
+        and checked against the majority (:class:`ParityError` on a mismatch);
+        ``verify=False`` skips that check.
         """
         return shared_state.sync_shared_state(self._epoch, state, revision, timeout=timeout, retry=retry,
-                                              threads=threads)
+                                              threads=threads, verify=verify)
 
     def verify_parity(self, state: dict, revision: int = 0, *, timeout: Optional[float] = None,
                       threads: int = 0) -> shared_state.ParityReport:

@@ -10,12 +10,25 @@ common hash among the peers at that revision is the majority, and every
 peer whose hash differs fetches that tensor from the peers holding the
 majority, in pieces striped across up to 8 of them.
 
-The bytes move peer to peer over the group's own connections (one small
-plan per tensor, built op by op), land in temporary buffers, are re-hashed
-and checked against the majority, and are copied into ``state`` only after
-the whole group agreed that every transfer succeeded. If a peer dies
-meanwhile, the group re-forms and the sync starts over; a peer's arrays are
-never left half-written.
+The bytes move peer to peer over the group's own connections, the whole
+state in one plan (a buffer plan over all the tensors, pycoll.h
+``pc_comm_run_buffers``), so that every source sends at once. A fetcher
+receives straight into its own arrays (no temporary copy) and, with
+``verify`` (the default), hashes the bytes as they land: pieces start on the
+hash's 64 KiB blocks, the C engine digests each block while it is still in
+cache (on a same-host peer: after each chunk it copied out of the source's
+memory, on several threads for long pieces), and the block digests fold
+into the tensor's hash, compared with the majority's. A mismatch (a source
+whose memory no longer holds what it hashed, a corrupted link) fails the
+sync on every rank with :class:`ParityError` on the fetcher. The group
+agrees that every transfer succeeded before anyone returns. If a peer dies
+meanwhile, the group re-forms and the sync starts over (``retry``). A
+failed sync may leave a fetcher's fetched arrays partly overwritten: they
+did not hold the majority's bytes anyway, and the next sync fetches them
+again. A source's arrays are only read.
+
+``SyncResult.phases`` says where the time went on this peer (hashing its
+state, the coordinator's round, the transfer and check, the agreement).
 
 The functions here take the communicator's :class:`pycoll.comm.epoch.Epoch`
 (``ep``): rounds and transfers are numbered by its sequence, run on its
@@ -26,7 +39,6 @@ import threading
 import time
 import zlib
 
-import numpy as np
 
 from pycoll.comm import agreement as consensus
 from pycoll.core import engine
@@ -36,6 +48,7 @@ from pycoll.core.buffers import as_buffer
 from pycoll.errors import CollectiveError, CoordinatorError, InvalidArgument, ParityError, PeerFailure
 from pycoll.faults import fault_armed, fault_point
 from pycoll.core.hashing import SEED, hash_address, hash_arrays  # noqa: F401 - public here too (pycoll.shared_state)
+from pycoll.core.hashing import blocks, fold
 from pycoll.core.hashing import hash_buffers as _hash_buffers
 
 
@@ -52,6 +65,7 @@ class SyncResult:
     fetchers: dict                # name -> ranks that fetched it (group-wide)
     attempts: int
     seconds: float
+    phases: dict = dataclasses.field(default_factory=dict)  # phase -> seconds of the last attempt
 
     @property
     def changed(self):
@@ -88,6 +102,8 @@ def _describe(state):
 
 def _round(ep, kind, revision, tensors, hashes, timeout):
     skip = consensus.begin(ep)
+    if kind == "state" and not skip and ep.ccomm is not None:
+        engine.probe_single_copy(ep.ccomm)  # before the round: done on every peer once anyone sends
     seq = ep.next_seq()
     if skip:
         ep.mark_broken()
@@ -104,51 +120,57 @@ def _round(ep, kind, revision, tensors, hashes, timeout):
     return seq, reply
 
 
-def _transfer(ep, names, bufs, reply, seq, timeout):
-    """Move the pieces this peer serves and fetches; returns {index: tmp}."""
+def _transfer(ep, names, bufs, reply, seq, timeout, verify, threads):
+    """Move the pieces this peer serves and fetches, all tensors in one buffer plan, the received
+    bytes straight into the state and, with ``verify``, hashed as they land. Returns
+    ({index: hash of what arrived} (empty without verify), None) or (None, (status, message,
+    failed peer))."""
     fetch = {idx: pieces for idx, pieces in reply["fetch"]}
     serve = {idx: items for idx, items in reply["serve"]}
-    tmps = {}
     failed = ffi.new("int32_t *")
     if faults.FAULTS_ARMED:
         fault_point("before:state_transfer")
         if fault_armed("during:state_transfer"):  # test harness: die while the bytes move
             threading.Timer(0.002, fault_point, ("during:state_transfer",)).start()
-    for idx in sorted(set(fetch) | set(serve)):
-        b = bufs[idx]
-        tmp = np.empty(b.nbytes if idx in fetch else 0, np.uint8)
-        plan = _p2p_plan(ep, idx, fetch.get(idx, ()), serve.get(idx, ()))
-        addrs = ffi.new("void *[2]", [ffi.cast("void *", b.address),
-                                      ffi.cast("void *", tmp.__array_interface__["data"][0])])
-        sizes = ffi.new("uint64_t[2]", [b.nbytes, tmp.nbytes])
-        desc = zlib.crc32(f"state:{names[idx]}:{b.nbytes}".encode())
-        st = engine.run(ep.ccomm, plan, addrs, sizes, lib.PC_U8, lib.PC_SUM, seq, desc, timeout, failed)
+    n = len(bufs)
+    addrs = ffi.new("void *[]", [ffi.cast("void *", b.address) for b in bufs])
+    sizes = ffi.new("uint64_t[]", [b.nbytes for b in bufs])
+    first = [0]
+    for b in bufs:
+        first.append(first[-1] + blocks(b.nbytes))
+    digests = ffi.new("uint64_t[]", max(1, first[-1])) if verify and fetch else ffi.NULL
+    desc = zlib.crc32(f"state:{n}:{first[-1]}:{sum(b.nbytes for b in bufs)}".encode())
+    plan = _p2p_plan(ep, n, fetch, serve)
+    try:
+        st = engine.run_buffers(ep.ccomm, plan, n, addrs, sizes, seq, desc, timeout, SEED, digests, threads, failed)
+    finally:
         lib.pc_plan_free(plan)
-        if st != lib.PC_OK:
-            message = engine.last_error(ep.ccomm)
-            return None, (st, message, int(failed[0]))
-        if idx in fetch:
-            tmps[idx] = tmp
-    return tmps, None
+    if st != lib.PC_OK:
+        return None, (st, engine.last_error(ep.ccomm), int(failed[0]))
+    if digests == ffi.NULL:
+        return {}, None
+    return {idx: fold(digests + first[idx], bufs[idx].nbytes) for idx in fetch}, None
 
 
-def _p2p_plan(ep, idx, fetch, serve):
-    """A plan of this peer's sends (from IN = the tensor) and receives (into
-    OUT = a temporary) for tensor ``idx``; both sides list a connection's
-    pieces in the same order (by offset), which is all the engine needs."""
+def _p2p_plan(ep, nbufs, fetch, serve):
+    """A buffer plan of this peer's sends (from the tensors it serves) and receives (into the
+    tensors it fetches); both sides list a connection's pieces in the same order (by tensor,
+    then offset), which is all the engine needs. The tag of a piece is its tensor's index."""
     out = ffi.new("pc_plan **")
-    st = lib.pc_plan_create(ep.world_size, ep.rank, out)
+    st = lib.pc_plan_create_buffers(ep.world_size, ep.rank, nbufs, out)
     if st != lib.PC_OK:
         raise status_error(st, "cannot create a transfer plan")
     plan = out[0]
     op = ffi.new("pc_op *")
     try:
-        for peer, off, length in sorted(serve, key=lambda x: (x[1], x[0])):
-            _set(op, lib.PC_OP_SEND, peer, idx, lib.PC_BUF_IN, off, -1, 0, length)
-            _check(lib.pc_plan_append(plan, op, ffi.NULL, 0, ffi.NULL))
-        for peer, off, length in sorted(fetch, key=lambda x: (x[1], x[0])):
-            _set(op, lib.PC_OP_RECV, peer, idx, -1, 0, lib.PC_BUF_OUT, off, length)
-            _check(lib.pc_plan_append(plan, op, ffi.NULL, 0, ffi.NULL))
+        for idx in sorted(serve):
+            for peer, off, length in sorted(serve[idx], key=lambda x: (x[1], x[0])):
+                _set(op, lib.PC_OP_SEND, peer, idx, idx, off, -1, 0, length)
+                _check(lib.pc_plan_append(plan, op, ffi.NULL, 0, ffi.NULL))
+        for idx in sorted(fetch):
+            for peer, off, length in sorted(fetch[idx], key=lambda x: (x[1], x[0])):
+                _set(op, lib.PC_OP_RECV, peer, idx, -1, 0, idx, off, length)
+                _check(lib.pc_plan_append(plan, op, ffi.NULL, 0, ffi.NULL))
         _check(lib.pc_plan_seal(plan))
     except BaseException:
         lib.pc_plan_free(plan)
@@ -166,7 +188,7 @@ def _check(st):
         raise status_error(st, f"bad transfer plan (status {st})")
 
 
-def sync_shared_state(ep, state, revision, *, timeout=None, retry=True, threads=0):
+def sync_shared_state(ep, state, revision, *, timeout=None, retry=True, threads=0, verify=True):
     """Make ``state`` bit-identical on every peer; returns a SyncResult.
 
     Every member must call it at the same point. Peers whose bytes differ
@@ -174,7 +196,10 @@ def sync_shared_state(ep, state, revision, *, timeout=None, retry=True, threads=
     bytes in place (see the module docstring). Afterwards every peer holds
     ``result.revision``. A lost peer restarts the sync over the survivors
     (``retry``, as for collectives). Raises InvalidArgument when peers
-    disagree on names, dtypes or shapes.
+    disagree on names, dtypes or shapes. ``verify=False`` skips hashing
+    what arrives (the majority is still decided by hashes): faster by the
+    hash's share, and a source whose bytes differ from what it reported goes
+    unnoticed.
     """
     timeout = timeout if timeout is not None else ep.options.timeout
     names, bufs, tensors = _describe(state)
@@ -183,7 +208,7 @@ def sync_shared_state(ep, state, revision, *, timeout=None, retry=True, threads=
     for attempt in range(tries):
         try:
             with ep.exec_lock:
-                result = _sync_once(ep, names, bufs, tensors, revision, timeout, threads)
+                result = _sync_once(ep, names, bufs, tensors, revision, timeout, threads, verify)
             result.attempts = attempt + 1
             result.seconds = time.perf_counter() - t0
             return result
@@ -198,38 +223,45 @@ def sync_shared_state(ep, state, revision, *, timeout=None, retry=True, threads=
     raise AssertionError("unreachable")
 
 
-def _sync_once(ep, names, bufs, tensors, revision, timeout, threads):
+def _sync_once(ep, names, bufs, tensors, revision, timeout, threads, verify):
+    clock = [time.perf_counter()]
+    phases = {}
+
+    def lap(name):
+        now = time.perf_counter()
+        phases[name] = now - clock[0]
+        clock[0] = now
     hashes = _hash_buffers(bufs, threads)
+    lap("hash")
     seq, plan = _round(ep, "state", revision, tensors, hashes, timeout)
-    result = SyncResult(int(plan["revision"]), [], 0, [], 0, {}, dict(plan.get("fetchers", {})), 1, 0.0)
+    lap("plan")
+    result = SyncResult(int(plan["revision"]), [], 0, [], 0, {}, dict(plan.get("fetchers", {})), 1, 0.0, phases)
     if not plan.get("transfer"):
         return result  # everyone already holds the majority bytes: one round trip, nothing else
-    tmps, failure = _transfer(ep, names, bufs, plan, seq, timeout)
+    got, failure = _transfer(ep, names, bufs, plan, seq, timeout, verify, threads)
+    lap("transfer")
     fields = {"ok": True}
-    if failure is None:
+    if failure is not None:
+        ep.mark_broken()
+        fields = {"ok": False, "why": failure[1], "status": int(failure[0])}
+    else:
         majority = plan["majority"]
-        got = _hash_buffers([as_buffer(tmps[i], writable=False) for i in sorted(tmps)], threads)
-        bad = [names[i] for i, h in zip(sorted(tmps), got) if h != majority[i]]
+        bad = [names[i] for i in sorted(got) if got[i] != majority[i]]
         if bad:
             fields = {"ok": False, "why": f"received bytes of {bad[:4]} do not match the majority hash",
                       "status": lib.PC_ERR_PROTO}
-    else:
-        ep.mark_broken()
-        fields = {"ok": False, "why": failure[1], "status": int(failure[0])}
     reply = consensus.report(ep, "collective", ep.next_seq(), timeout, **fields)
+    lap("agree")
     if reply.get("decision") != "commit":
         ep.mark_broken()
         if failure is None and not fields["ok"]:
             raise ParityError(f"rank {ep.rank}: {fields['why']}")
         raise consensus.abort_error(ep, "sync_shared_state transfer", reply,
                                     failure[0] if failure else None, failure[1] if failure else "")
-    for i, tmp in tmps.items():  # the group agreed: now write the state
-        if tmp.nbytes:
-            ffi.memmove(ffi.cast("char *", bufs[i].address), ffi.cast("char *", tmp.__array_interface__["data"][0]),
-                        tmp.nbytes)
-        result.fetched.append(names[i])
-        result.bytes_received += tmp.nbytes
-        result.sources[names[i]] = sorted({p[0] for idx, pieces in plan["fetch"] if idx == i for p in pieces})
+    for idx, pieces in plan["fetch"]:
+        result.fetched.append(names[idx])
+        result.bytes_received += sum(p[2] for p in pieces)
+        result.sources[names[idx]] = sorted({p[0] for p in pieces})
     for idx, items in plan["serve"]:
         result.sent.append(names[idx])
         result.bytes_sent += sum(x[2] for x in items)

@@ -10,9 +10,11 @@ hash of the bytes, plus the revision of their state. From these reports:
   rank, so every run decides the same way;
 * a peer whose hash differs from the majority *fetches* the tensor from the
   peers that hold it (any revision: identical bytes are identical), cut
-  into pieces striped across up to ``max_sources`` holders, and the
-  fetchers are spread so that different fetchers start on different
-  holders.
+  into pieces striped across up to ``max_sources`` holders. Pieces start on
+  the hash's 64 KiB blocks (:data:`BLOCK`), so that the receiver can hash
+  them as they land; each goes to the holder that serves the fewest bytes
+  so far (ties: rotated by tensor and fetcher), so a state of many small
+  tensors is spread over the holders as evenly as one of a few big ones.
 
 Everything here is deterministic in its inputs.
 """
@@ -20,6 +22,7 @@ from collections import Counter
 
 MIN_PIECE = 256 * 1024      # smaller pieces cost more in round trips than they gain
 MAX_SOURCES = 8
+BLOCK = 64 * 1024           # the hash's block (pycoll.h PC_HASH_BLOCK): pieces start on one
 
 
 class LayoutMismatch(ValueError):
@@ -55,6 +58,13 @@ def _layout(reports):
     return [name for name, _ in agreed], dict(agreed)
 
 
+def _cuts(nbytes, k):
+    """k + 1 offsets cutting nbytes into k nearly equal pieces that start on BLOCK boundaries
+    (k <= the number of blocks, so none is empty)."""
+    blocks = -(-nbytes // BLOCK)
+    return [min(nbytes, BLOCK * (blocks * j // k)) for j in range(k + 1)]
+
+
 def plan_sync(reports, min_piece=MIN_PIECE, max_sources=MAX_SOURCES):
     """Decide a shared-state sync.
 
@@ -72,6 +82,7 @@ def plan_sync(reports, min_piece=MIN_PIECE, max_sources=MAX_SOURCES):
     fetch = {r: [] for r in reports}
     serve = {r: [] for r in reports}
     chosen, fetchers = {}, {}
+    load = {r: 0 for r in reports}  # bytes each peer serves so far
     for index, name in enumerate(names):
         want = majority({r: hashes[r][name] for r in current})
         chosen[name] = want
@@ -81,16 +92,18 @@ def plan_sync(reports, min_piece=MIN_PIECE, max_sources=MAX_SOURCES):
             continue
         fetchers[name] = need
         nbytes = int(keys[name][-1])
-        k = max(1, min(len(holders), max_sources, nbytes // min_piece if nbytes >= min_piece else 1))
+        k = max(1, min(len(holders), max_sources, nbytes // min_piece, -(-nbytes // BLOCK)))
+        cuts = _cuts(nbytes, k)
         outgoing = {}
         for i, dst in enumerate(need):
+            turn = {h: (j - i - index) % len(holders) for j, h in enumerate(holders)}
+            sources = sorted(holders, key=lambda h: (load[h], turn[h]))[:k]
             pieces = []
-            for j in range(k):
-                off = nbytes * j // k
-                length = nbytes * (j + 1) // k - off
+            for j, src in enumerate(sources):
+                off, length = cuts[j], cuts[j + 1] - cuts[j]
                 if length == 0:
                     continue
-                src = holders[(i + j) % len(holders)]
+                load[src] += length
                 pieces.append([src, off, length])
                 outgoing.setdefault(src, []).append([dst, off, length])
             fetch[dst].append([index, pieces])

@@ -29,6 +29,13 @@ def run_body(comm, plan, bufs, sizes, dtype, op, seq, desc, timeout, failed):
     return lib.pc_comm_run_part(comm, plan, lib.PC_RUN_BODY, bufs, sizes, dtype, op, seq, desc, timeout, failed)
 
 
+def run_buffers(comm, plan, nbufs, bufs, sizes, seq, desc, timeout, seed, digests, threads, failed):
+    """A buffer plan (``pc_plan_create_buffers``) over ``nbufs`` caller buffers, received bytes
+    straight into them; with ``digests`` (else ``ffi.NULL``) hashed as they land (pycoll.h,
+    ``pc_comm_run_buffers``). Returns the status."""
+    return lib.pc_comm_run_buffers(comm, plan, nbufs, bufs, sizes, seq, desc, timeout, seed, digests, threads, failed)
+
+
 def run_tail(comm, plan, bufs, sizes, dtype, op, seq, desc, timeout, failed):
     """The local copies of ``plan`` out of scratch, after :func:`run_body` (not cancellable)."""
     return lib.pc_comm_run_part(comm, plan, lib.PC_RUN_TAIL, bufs, sizes, dtype, op, seq, desc, timeout, failed)
@@ -111,6 +118,12 @@ def error(comm, status, what, peer=None, message=None):
 def bytes_sent(comm):
     """Bytes ``comm``'s connections carried out of this peer (0 for no comm)."""
     return lib.pc_comm_bytes_sent(comm) if comm is not None else 0
+
+
+def probe_single_copy(comm):
+    """Decide now, on every same-host connection, whether the peer may be read directly
+    (single copy); otherwise that happens at each connection's first receive."""
+    lib.pc_comm_probe_single_copy(comm)
 
 
 def bytes_single_copy(comm):

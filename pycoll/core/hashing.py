@@ -8,9 +8,25 @@ use the same :data:`SEED`.
 from pycoll.core.native import ffi, lib, status_error
 from pycoll.core.buffers import as_buffer
 
-__all__ = ["SEED", "hash_address", "hash_arrays"]
+__all__ = ["SEED", "BLOCK", "hash_address", "hash_arrays", "fold"]
 
 SEED = 0x70636F6C6C  # any fixed value: every peer must use the same
+BLOCK = lib.PC_HASH_BLOCK  # the hash digests blocks of this many bytes, then folds them in order
+
+
+def blocks(nbytes):
+    """How many block digests a buffer of ``nbytes`` bytes has."""
+    return -(-nbytes // BLOCK)
+
+
+def fold(digests, nbytes):
+    """The hash of ``nbytes`` bytes from their block digests (a cffi ``uint64_t *``, in order):
+    what a receiver that hashed the blocks as they landed compares with the sender's hash."""
+    out = ffi.new("uint64_t *")
+    st = lib.pc_hash64_fold(digests, nbytes, SEED, out)
+    if st != lib.PC_OK:
+        raise status_error(st, "hashing failed")
+    return int(out[0])
 
 
 def hash_address(address, nbytes, threads=0):
