@@ -57,7 +57,7 @@ class SyncResult:
     """What ``sync_shared_state`` did on this peer."""
 
     revision: int                 # the revision every peer now holds
-    fetched: list                 # names of the tensors this peer received
+    fetched: list                 # names of the tensors this peer received (in any attempt of the call)
     bytes_received: int
     sent: list                    # names of tensors this peer served (to anyone)
     bytes_sent: int
@@ -205,10 +205,19 @@ def sync_shared_state(ep, state, revision, *, timeout=None, retry=True, threads=
     names, bufs, tensors = _describe(state)
     t0 = time.perf_counter()
     tries = consensus.attempts_for(ep, retry)
+    # What earlier attempts planned to send us: their bytes land in place, so one that failed may
+    # have brought a tensor whole, and the retry then finds it matching and fetches nothing. It was
+    # still received by this call (name -> (bytes, sources)).
+    planned = {}
     for attempt in range(tries):
         try:
             with ep.exec_lock:
-                result = _sync_once(ep, names, bufs, tensors, revision, timeout, threads, verify)
+                result = _sync_once(ep, names, bufs, tensors, revision, timeout, threads, verify, planned)
+            for name in [n for n in names if n in planned and n not in result.fetched]:
+                result.fetched.append(name)
+                result.bytes_received += planned[name][0]
+                result.sources[name] = planned[name][1]
+            result.fetched.sort(key=names.index)
             result.attempts = attempt + 1
             result.seconds = time.perf_counter() - t0
             return result
@@ -223,7 +232,7 @@ def sync_shared_state(ep, state, revision, *, timeout=None, retry=True, threads=
     raise AssertionError("unreachable")
 
 
-def _sync_once(ep, names, bufs, tensors, revision, timeout, threads, verify):
+def _sync_once(ep, names, bufs, tensors, revision, timeout, threads, verify, planned):
     clock = [time.perf_counter()]
     phases = {}
 
@@ -238,6 +247,8 @@ def _sync_once(ep, names, bufs, tensors, revision, timeout, threads, verify):
     result = SyncResult(int(plan["revision"]), [], 0, [], 0, {}, dict(plan.get("fetchers", {})), 1, 0.0, phases)
     if not plan.get("transfer"):
         return result  # everyone already holds the majority bytes: one round trip, nothing else
+    for idx, pieces in plan["fetch"]:  # (see sync_shared_state: kept if this attempt fails)
+        planned[names[idx]] = (sum(p[2] for p in pieces), sorted({p[0] for p in pieces}))
     got, failure = _transfer(ep, names, bufs, plan, seq, timeout, verify, threads)
     lap("transfer")
     fields = {"ok": True}

@@ -231,9 +231,10 @@ def test_sync_restarts_over_the_survivors_when_a_source_dies_mid_transfer():
     assert res["a1"] == KILLED
     digests = {tuple(res[n][0]) for n in ("a0", "a2", "fetcher")}
     assert len(digests) == 1, "survivors are not bit-identical"
-    # the second attempt fetches what the first left unfinished: bytes land in place, so a tensor
-    # that arrived whole before the source died already matches the majority
-    assert res["fetcher"][1] == 2 and set(res["fetcher"][2]) <= {"big", "w"} and res["fetcher"][3] == 3
+    # the second attempt fetches what the first left unfinished (bytes land in place, so a tensor
+    # that arrived whole before the source died already matches the majority); the call reports
+    # both, everything it received
+    assert res["fetcher"][1] == 2 and res["fetcher"][2] == ["big", "w"] and res["fetcher"][3] == 3
 
 
 def _layout(comm):
