@@ -66,7 +66,7 @@ def state_hash(diloco):
 def train(comm, cfg, progress=None, data_name=None):
     """One peer; it draws the batches of ``data_name`` (default: its name). ``cfg``: sync_every,
     rounds, mode, fragments, compression, outer_lr, momentum, inner_lr,
-    ``kills`` {inner step: rank that SIGKILLs itself just before it}, ``join`` (inner step before
+    ``kills`` {inner step: the founder (by its first rank) that SIGKILLs itself just before it}, ``join`` (inner step before
     which the members wait for a pending joiner), ``metrics`` (average the loss each step with
     all_reduce(retry=True), as a user's logging would). ``progress`` (a shared int) gets the revision."""
     from pycoll.train import DiLoCo
@@ -79,11 +79,14 @@ def train(comm, cfg, progress=None, data_name=None):
     data = batches(data_name or comm.name)
     total = cfg["rounds"] * cfg["sync_every"]
     kills, join = cfg.get("kills", {}), cfg.get("join")
+    # a kill names a founder by its first rank: after a death the ranks shift, and a survivor that
+    # re-reaches a kill step (or takes the dead one's rank) is not the one the test meant
+    founder_rank = None if records[0]["joined"] else comm.rank
     for _ in range(total + 1):
         step = diloco.inner_steps + 1
         if step > total:
             break
-        if kills.get(step) == comm.rank:
+        if founder_rank is not None and kills.get(step) == founder_rank:
             _wait_settled(diloco)  # async: its last round's all-reduce has finished (see the test)
             os.kill(os.getpid(), signal.SIGKILL)
         if step == join and not records[0]["joined"]:
