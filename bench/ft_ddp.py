@@ -32,6 +32,8 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HERE = os.path.abspath(__file__)
+sys.path.insert(0, os.path.dirname(HERE))
+import train_step as _ts  # noqa: E402 - bench/ helpers: _killpg
 IMPLS = ("ft", "ft-complete", "pycoll", "gloo")
 
 
@@ -106,11 +108,7 @@ def launch(impl, n, a, tmp):
     finally:
         for p in procs:
             if p.poll() is None:
-                try:
-                    os.killpg(p.pid, signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
-                    pass
-                p.wait()
+                _ts._killpg(p)
     results = []
     for r, (p, out) in enumerate(zip(procs, outs)):
         out.seek(0)
