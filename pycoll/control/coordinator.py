@@ -747,10 +747,7 @@ class Coordinator:
                 # that waits for the leaver is.
                 self._abort_epoch(f"rank {rank} ({m.describe()}) left during an operation", final=True)
         elif self.members.get(m.name) is m:
-            # never admitted: forget it now, so a flood of joins cannot grow memory
-            del self.members[m.name]
-            for ident in [i for i, x in self.by_ident.items() if x is m]:
-                del self.by_ident[ident]
+            self._forget(m)  # never admitted: forget it now, so a flood of joins cannot grow memory
         self._check_abort()
         self._maybe_form_epoch()
 
@@ -982,6 +979,12 @@ class Coordinator:
             resume["told"][name] = now
             self._send(x.hb_ident, {"t": "abort", "epoch": resume["epoch"], "lost": dead, "why": why})
 
+    def _forget(self, m):
+        """Drop a member that is no part of any epoch from the tables."""
+        del self.members[m.name]
+        for ident in [i for i, x in self.by_ident.items() if x is m]:
+            del self.by_ident[ident]
+
     def _drop_stale(self):
         """While re-forming after a lost coordinator: a member that re-registered from an older
         epoch than another, and was not a member of that newer one, had been dropped from the
@@ -1005,9 +1008,7 @@ class Coordinator:
                 m.sync_rid = None
             m.alive = False
             self.removed[name] = why
-            del self.members[name]
-            for ident in [i for i, x in self.by_ident.items() if x is m]:
-                del self.by_ident[ident]
+            self._forget(m)
             self.resume["heard"].discard(name)
             self.resume["expect"].discard(name)
         # the members the newest epoch had are the ones to wait for, not an older epoch's
