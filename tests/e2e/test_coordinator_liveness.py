@@ -1,0 +1,62 @@
+"""A member that dies between its join and its first heartbeat is found dead in a second, not after
+the 4x grace a member gets for its first beat.
+
+A chaos run (seed 316) lost a member that had re-registered with a successor coordinator a moment
+before its SIGKILL: the successor waited 4 x 5 s for its first heartbeat, and the group's step took
+20 s. The coordinator now probes the data listener of a member on its own host that it has not
+heard from: a refusal means the process is gone.
+"""
+import socket
+import time
+
+import pytest
+
+from pycoll.control.client import CoordinatorClient
+from pycoll.control.coordinator import PROTOCOL, Coordinator
+from pycoll.net.mesh import host_id
+
+
+def _listening():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen()
+    return s
+
+
+def _join(coord, listener, **extra):
+    client = CoordinatorClient("127.0.0.1", coord.port, heartbeat_timeout=5.0)
+    client.request({"t": "join", "proto": PROTOCOL, "addr": list(listener.getsockname()), **extra}, timeout=10)
+    return client  # no heartbeats started: as a process killed right after its join's reply
+
+
+def _wait_dead(coord, name, limit):
+    deadline = time.monotonic() + limit
+    while name not in coord.removed and time.monotonic() < deadline:  # (a never-admitted death is forgotten)
+        time.sleep(0.02)
+    return name in coord.removed
+
+
+@pytest.mark.timeout(60)
+def test_a_member_gone_before_its_first_heartbeat_is_found_dead_at_once():
+    coord = Coordinator("127.0.0.1", 0, min_world_size=5, heartbeat_timeout=5.0).start()
+    here = host_id()
+    gone, silent, elsewhere = _listening(), _listening(), _listening()
+    clients = []
+    try:
+        clients.append(_join(coord, gone, host_id=here))
+        clients.append(_join(coord, silent, host_id=here))
+        clients.append(_join(coord, elsewhere, host_id="another-host"))
+        names = [c.name for c in clients]
+        gone.close()        # its process died: the kernel refuses its port
+        elsewhere.close()   # on another host a refusal may be a firewall: not proof
+        t0 = time.monotonic()
+        assert _wait_dead(coord, names[0], 5), "a member gone before its first heartbeat was waited for"
+        assert time.monotonic() - t0 < 3
+        assert "refuses" in coord.removed[names[0]]
+        time.sleep(1.5)  # several probes later: a live but quiet member and a remote one keep their 20 s grace
+        assert names[1] not in coord.removed and names[2] not in coord.removed
+    finally:
+        for c in clients:
+            c.close()
+        silent.close()
+        coord.stop()
