@@ -174,6 +174,7 @@ class Epoch:
         self.last_outcome = None    # agreement.Outcome of the last retry=/verify= collective
         self.stats = collections.deque(maxlen=10000)
         client.on_abort = self.on_abort
+        client.on_evicted = self.on_evicted
 
     # ---- settings ------------------------------------------------------
     @staticmethod
@@ -210,6 +211,17 @@ class Epoch:
         if epoch != self.number:
             return
         self.cancel(epoch)
+
+    def on_evicted(self, msg):
+        """Heartbeat thread: the coordinator, alive, removed us (declared dead while we live, e.g.
+        after a connection of ours closed). Every epoch up to its current one goes on without us:
+        stop waiting in a collective or in building a mesh (whose peers moved on and refuse our
+        hello), so the next coordinator request raises the eviction at once. Waiting on instead
+        left a member stuck until the group finished, and it then succeeded the coordinator alone
+        from its old epoch and ran a step the others had run without it (chaos seed 329)."""
+        self.on_abort({"epoch": max(self.number, int(msg.get("epoch") or -1)),
+                       "why": f"this peer was removed from the group: {msg.get('why')}"})
+        self.cancel()
 
     def sync(self, rebuild, admit=False, timeout=None):
         """Reach a sync point with every live member; rebuild the mesh if the
@@ -371,7 +383,14 @@ class Epoch:
         """Whether a lost coordinator is succeeded here (pycoll.comm.failover): failover on, a
         member of an epoch, and the coordinator gone (its process) or silent past its bound."""
         return (self.options.failover and self.standby is not None and self._join_msg is not None
-                and bool(self.members) and not self._cut_off and self.client.coordinator_lost())
+                and bool(self.members) and not self._cut_off and not self.removed()
+                and self.client.coordinator_lost())
+
+    def removed(self):
+        """Whether a live coordinator told us it removed us (not: a stranger that never knew us).
+        Such a member never succeeds a coordinator lost later: the group went on without it, and
+        its old epoch must not re-form."""
+        return bool(self.client.evicted) and not self.client.stranger
 
     def _joining_anew(self):
         """A pycoll.connect joiner not admitted yet whose coordinator was lost (see _rejoin)."""

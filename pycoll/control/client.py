@@ -54,6 +54,9 @@ class CoordinatorClient:
         self.stranger = False
         self.on_dead = None  # called (heartbeat thread) when the coordinator's process is found gone
         self.on_abort = on_abort
+        # called (heartbeat thread) when the coordinator, alive, says it removed us (with why): whatever
+        # we wait in was aborted without us
+        self.on_evicted = None
         self.last_status = {}
         self._ctx = context or zmq.Context.instance()
         self._lock = threading.Lock()
@@ -292,13 +295,20 @@ class CoordinatorClient:
                         self._confirm_dead()
                 now = time.monotonic()
                 if now >= next_beat or self._beat_now:
-                    self._beat_now = False
-                    try:
-                        hb.send(sealer.seal(pack({"t": "hb", "name": self.name, "cred": self.cred})),
-                                zmq.NOBLOCK)
-                    except zmq.ZMQError:
-                        pass
-                    next_beat = now + self.heartbeat_interval
+                    # The credential is read before the generation is checked: a retarget and a join
+                    # between the two would otherwise send the successor's credential on the socket
+                    # to the lost coordinator's address, which the successor may serve too (and
+                    # then see that connection close, and count us dead: chaos seed 329).
+                    cred = self.cred
+                    if generation == self._retarget:
+                        self._beat_now = False
+                        try:
+                            hb.send(sealer.seal(pack({"t": "hb", "name": self.name, "cred": cred})), zmq.NOBLOCK)
+                        except zmq.ZMQError:
+                            pass
+                        next_beat = now + self.heartbeat_interval
+                    else:
+                        continue  # dial the successor first (top of the loop)
                 if hb.poll(max(0.0, min(next_beat - time.monotonic(), 0.02)) * 1000):
                     try:
                         msg = self._open(opener, hb.recv())
@@ -312,8 +322,14 @@ class CoordinatorClient:
                     if msg.get("t") == "hb":
                         self.last_status = msg
                         if msg.get("known") is False:
+                            newly = self.evicted != msg.get("why")
                             self.evicted = msg.get("why") or "unknown to the coordinator"
                             self.stranger = not msg.get("why")
+                            if msg.get("why") and newly and self.on_evicted is not None:
+                                try:
+                                    self.on_evicted(msg)
+                                except Exception:  # noqa: BLE001 - a callback never breaks the heartbeats
+                                    log.exception("eviction callback failed")
                     elif msg.get("t") == "abort" and self.on_abort is not None:
                         try:
                             self.on_abort(msg)

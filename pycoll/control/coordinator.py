@@ -618,7 +618,8 @@ class Coordinator:
     def _on_hb(self, ident, msg, fd=None):
         m = self._member_for(ident, msg)
         if m is None:
-            return self._send(ident, {"t": "hb", "known": False, "why": self.removed.get(str(msg.get("name")))})
+            return self._send(ident, {"t": "hb", "known": False, "why": self.removed.get(str(msg.get("name"))),
+                                      "epoch": self.epoch})
         if m.hb_ident != ident:
             first = m.hb_ident is None
             m.hb_ident = ident

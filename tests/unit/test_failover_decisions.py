@@ -60,3 +60,22 @@ def test_the_member_that_hosted_it_is_dead_also_when_we_knew_the_coordinator_by_
     assert elect(MEMBERS, ADDRS, STANDBY, 3, lost="127.0.0.1:29500", host="b") == (0, ["b"], [])
     _probes(monkeypatch, {ADDRS[0]: "dead", ADDRS[1]: "alive", ADDRS[2]: "alive", ADDRS[3]: "alive"})
     assert elect(MEMBERS, ADDRS, STANDBY, 1, host="b") == (1, ["a"], [])  # ourselves: never counted dead
+
+
+def test_a_member_the_live_coordinator_removed_never_succeeds_it():
+    """Seed 329: a removed member that later saw the coordinator go (the group had finished)
+    re-formed its old epoch alone. A stranger's "unknown" (a successor that never knew us) is not
+    a removal: that member may still take part in a failover."""
+    from types import SimpleNamespace
+    from pycoll.comm.epoch import Epoch
+
+    def epoch(evicted, stranger):
+        client = SimpleNamespace(evicted=evicted, stranger=stranger, coordinator_lost=lambda: True)
+        e = SimpleNamespace(options=SimpleNamespace(failover=True), standby=object(), _join_msg={}, members=["a"],
+                            _cut_off=False, client=client)
+        e.removed = lambda: Epoch.removed(e)
+        return e
+
+    assert Epoch.can_fail_over(epoch(None, False))
+    assert Epoch.can_fail_over(epoch("unknown to the coordinator", True))
+    assert not Epoch.can_fail_over(epoch("its connection to the coordinator dropped", False))
