@@ -126,6 +126,7 @@ class Epoch:
         self._cut_off = False       # a failover found the coordinator alive for the others: we are cut off
         self._fo_lock = threading.Lock()  # one failover at a time (the caller's, or the heartbeat thread's)
         self._fresh_failover = False  # the heartbeat thread's failover re-registered us
+        self._installing = None     # the epoch whose mesh is being built (a failover aborts it)
         client.on_dead = self._on_coordinator_dead
         self._addrs = []            # per rank of this epoch: the data listener's (host, port)
         self._standby_ports = []    # per rank: the port kept for a successor coordinator (0: none)
@@ -236,6 +237,7 @@ class Epoch:
             rebuild = True
         while True:
             try:
+                generation = self.client.generation
                 reply = self.client.request({"t": "sync", "epoch": self.number, "rebuild": rebuild, "admit": admit},
                                             timeout=max(1.0, deadline - time.monotonic()))
             except CoordinatorError:
@@ -251,6 +253,13 @@ class Epoch:
                 continue
             if reply.get("unchanged") and not rebuild and self.ccomm is not None:
                 return False
+            self._installing = reply.get("epoch")
+            if self.client.generation != generation:
+                # An epoch formed by a coordinator lost since (the heartbeat thread moved us to its
+                # successor): the others may never build it. Sync again under the successor.
+                self._installing = None
+                rebuild = True
+                continue
             try:
                 self._install(reply)
                 return True
@@ -261,6 +270,8 @@ class Epoch:
                 if time.monotonic() > deadline:
                     raise
                 rebuild, admit = True, False
+            finally:
+                self._installing = None
 
     def update_topology(self):
         """The members' sync point (Communicator.update_topology, under exec_lock)."""
@@ -476,7 +487,9 @@ class Epoch:
                             self.members[succ], host, port, dead or "none", unknown or "none")
                 if client.endpoint != f"{host}:{port}":
                     client.retarget(host, port)
-                resume = {"epoch": self.number, "members": list(self.members), "rank": self.rank, "dead": dead}
+                installing = self._installing
+                resume = {"epoch": self.number, "members": list(self.members), "rank": self.rank, "dead": dead,
+                          "seen": max(self.number, installing or 0)}
             client.expect_coordinator()  # the successor may notice the loss a moment after us
             if faults.FAULTS_ARMED:  # test hook: a member slow to re-register with the successor
                 fault_point("failover:register")
@@ -514,6 +527,11 @@ class Epoch:
         client.needs_rejoin = False
         client.evicted = None
         client.stranger = False
+        if installing is not None and installing > self.number:
+            # The lost coordinator formed an epoch we were still building: the others re-registered
+            # too and will not build it, so stop waiting for them (a 30 s mesh timeout in a chaos
+            # run, seed 328); the successor numbers its epochs past it ("seen").
+            self.on_abort({"epoch": installing, "why": "the coordinator that formed this epoch was lost"})
         if background:
             self._fresh_failover = True  # the next call that needs the coordinator re-forms the group
         else:

@@ -103,6 +103,12 @@ class CoordinatorClient:
     def endpoint(self):
         return f"{self.host}:{self.port}"
 
+    @property
+    def generation(self):
+        """How many times this client moved to another coordinator (a reply taken before a move
+        is from one we left)."""
+        return self._retarget
+
     def request(self, msg, timeout, give_up=None):
         """Send one request and wait up to ``timeout`` s for its reply. ``msg``: a dict, or a
         function that makes it, called under the request lock (so it sees every reply an

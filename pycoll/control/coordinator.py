@@ -567,6 +567,9 @@ class Coordinator:
                                "since": time.monotonic()}
                 log.warning("re-forming a group that lost its coordinator (epoch %s)", resume.get("epoch"))
             self.resume["epoch"] = max(self.resume["epoch"], int(resume.get("epoch", 0)))
+            # the newest epoch anyone heard the lost coordinator form (maybe not built anywhere):
+            # ours are numbered past it, so no member mistakes ours for that one
+            self.resume["seen"] = max(self.resume.get("seen", 0), int(resume.get("seen") or 0))
             self.resume["expect"].update(str(n) for n in resume.get("members", []))
             # members whose process this peer found gone (a refused connection): not waited for
             self.resume["dead"].update(str(n) for n in resume.get("dead", []) or [])
@@ -1140,7 +1143,7 @@ class Coordinator:
                 return
             waiting = joiners
             resumed = {m.name for m in joiners}  # members of the lost coordinator's epoch: not joiners
-            self.epoch = max(self.epoch, self.resume["epoch"])
+            self.epoch = max(self.epoch, self.resume["epoch"], self.resume.get("seen", 0))
             self.resume = None
             self._serve_also()
         elif not current:  # first epoch, or everybody died: wait for enough peers

@@ -72,8 +72,10 @@ def _resume(v):
             or not all(isinstance(n, str) and 1 <= len(n) <= 128 for n in v["members"])
             or not (v.get("rank") is None or (isinstance(v["rank"], int) and not isinstance(v["rank"], bool)))
             or not (v.get("dead") is None or (isinstance(v["dead"], list) and len(v["dead"]) <= 1 << 16
-                                              and all(isinstance(n, str) and 1 <= len(n) <= 128 for n in v["dead"])))):
-        return "a map with epoch, members (names), rank and dead (names)"
+                                              and all(isinstance(n, str) and 1 <= len(n) <= 128 for n in v["dead"])))
+            or not (v.get("seen") is None or (isinstance(v["seen"], int) and not isinstance(v["seen"], bool)
+                                              and 0 <= v["seen"] <= _U63))):
+        return "a map with epoch, members (names), rank, dead (names) and seen (an epoch)"
     return None
 
 

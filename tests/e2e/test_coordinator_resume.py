@@ -14,11 +14,12 @@ from pycoll.control.coordinator import PROTOCOL, Coordinator
 from pycoll.errors import CoordinatorError
 
 
-def _resume(coord, name, port, epoch, members, dead):
+def _resume(coord, name, port, epoch, members, dead, seen=None):
     c = CoordinatorClient("127.0.0.1", coord.port, name=name, heartbeat_timeout=5.0)
-    c.request({"t": "join", "proto": PROTOCOL, "addr": ["127.0.0.1", port],
-               "resume": {"epoch": epoch, "members": members, "rank": members.index(name), "dead": dead}},
-              timeout=10)
+    resume = {"epoch": epoch, "members": members, "rank": members.index(name), "dead": dead}
+    if seen is not None:
+        resume["seen"] = seen
+    c.request({"t": "join", "proto": PROTOCOL, "addr": ["127.0.0.1", port], "resume": resume}, timeout=10)
     c.start_heartbeats()
     return c
 
@@ -68,6 +69,26 @@ def test_a_member_of_the_newest_epoch_that_had_not_installed_it_is_kept():
             assert not isinstance(reply, Exception), reply
             assert reply["epoch"] == 30 and sorted(m[0] for m in reply["members"]) == ["a", "b", "c"], reply
             assert reply["joined"] == [], reply
+    finally:
+        for c in clients:
+            c.close()
+        coord.stop()
+
+
+@pytest.mark.timeout(60)
+def test_the_successor_numbers_its_epoch_past_one_the_lost_coordinator_formed_but_nobody_built():
+    """The lost coordinator formed epoch 30 and died; "b" was building its mesh (installed: 29).
+    The successor's epoch must not be 30 too: b aborts the 30 it was building (seed 328: it
+    waited out the 30 s mesh timeout), and an epoch of the same number would be aborted with it."""
+    coord = Coordinator("127.0.0.1", 0, min_world_size=1, heartbeat_timeout=5.0).start()
+    clients = []
+    try:
+        clients.append(_resume(coord, "a", 1001, 29, ["x", "a", "b"], ["x"]))
+        clients.append(_resume(coord, "b", 1002, 29, ["x", "a", "b"], ["x"], seen=30))
+        with cf.ThreadPoolExecutor(2) as ex:
+            replies = list(ex.map(_sync, clients))
+        for reply in replies:
+            assert reply["ok"] and reply["epoch"] == 31, reply
     finally:
         for c in clients:
             c.close()
