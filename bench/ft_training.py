@@ -126,14 +126,15 @@ class _Task:
 
 
 class _Bytes:
-    """pycoll's sent-bytes counter is per membership epoch: add it up across epochs (sampled
-    after every step; what an epoch sent after its last sample, a failed step's, is left out)."""
+    """pycoll's sent-bytes counter belongs to the engine's communicator, which a membership change
+    may replace: add it up across them (sampled after every step; what one sent after its last
+    sample, a failed step's, is left out)."""
 
     def __init__(self, comm):
         self.comm, self.total, self.key, self.last = comm, 0, None, 0
 
     def sample(self):
-        key, cur = self.comm.epoch_state.number, self.comm.bytes_sent
+        key, cur = id(self.comm.epoch_state.ccomm), self.comm.bytes_sent
         self.total += cur - self.last if key == self.key and cur >= self.last else cur
         self.key, self.last = key, cur
         return self.total
@@ -532,13 +533,15 @@ def _partial_loop(q):
 
 
 def _curve(procs, t0):
-    """(wall time, step, eval loss) of the group: one point per eval step, the first to report it."""
+    """(wall time, step, eval loss) of the group: one point per eval step and launch (a Gloo
+    restart goes back to its checkpoint's loss), the first process to report it."""
     seen = {}
     for q in procs:
         for e in q.events:
-            if e["ev"] == "eval" and (e["step"] not in seen or e["t"] < seen[e["step"]][0]):
-                seen[e["step"]] = (e["t"], e["loss"])
-    return sorted((t - t0, s, v) for s, (t, v) in seen.items())
+            key = (q.group, e.get("step"))
+            if e["ev"] == "eval" and (key not in seen or e["t"] < seen[key][0]):
+                seen[key] = (e["t"], e["loss"])
+    return sorted((t - t0, k[1], v) for k, (t, v) in seen.items())
 
 
 # ---- driver: parts, table, plot -------------------------------------------------------------------
