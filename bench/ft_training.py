@@ -44,8 +44,8 @@ updates the final model holds: FT-DDP the applied steps' batches of their contri
 rounds' contributors' local batches, Gloo steps x global batch); samples/s = samples / wall; lost
 (faulty runs: wall minus the median fault-free wall of the same method, and that per failure,
 i.e. / 2 kills; the join's cost is in it); steps lost (FT-DDP: discarded steps; Gloo: steps redone
-after restarts); MB/rank (bytes sent per rank, the mean over the processes that finished; pycoll:
-the communicator's own counter of bytes its connections carried, summed over membership epochs,
+after restarts); MB/rank (bytes sent by all the processes together / --ranks; pycoll: the
+communicator's own counter of bytes its connections carried, summed over membership changes,
 healing included; Gloo: computed, 2 (n-1)/n x gradient bytes per all-reduce of a ring, times the
 all-reduces each rank ran, redone ones included; DDP's start-up broadcast left out); util (compute
 time / time: forward, backward and the inner optimizer's step, summed over every process, over
@@ -148,7 +148,9 @@ def _connect(a, joiner):
         while not os.path.exists(a.joiner) and time.monotonic() < deadline:
             time.sleep(0.01)
         _emit(ev="joining")
-        return pycoll.connect(a.master, a.port, name=f"joiner{a.rank}", join_timeout=a.timeout, **kw)
+        comm = pycoll.connect(a.master, a.port, name=f"joiner{a.rank}", join_timeout=a.timeout, **kw)
+        _emit(ev="admitted")  # (then the heal: the wrapper's or DiLoCo's construction)
+        return comm
     return pycoll.init(a.rank, a.world, a.master, a.port, **kw)
 
 
@@ -180,7 +182,8 @@ def rank_ft(a, task, net):
     task.time_optimizer(opt)
     model = FaultTolerantDDP(net, opt, comm, scheduler=sched)
     heal = model.last_heal
-    _emit(ev="start", step=model.step, world=comm.world_size, healed=heal.bytes_received if heal.fetched else 0)
+    _emit(ev="start", step=model.step, world=comm.world_size, healed=heal.bytes_received if heal.fetched else 0,
+          phases=dict(heal.phases) if heal.fetched else {})
     counter, samples, discarded, peers = _Bytes(comm), 0, 0, comm.world_size
     task.t_loop = time.perf_counter()
     for _ in range(2 * a.steps):  # bounded: a discarded step is followed by another
@@ -516,7 +519,8 @@ def summarize(method, procs, t0, marks, a):
     final = statistics.median(e["final"] for _, e in finished)
     return {"method": method, "wall": wall, "samples": samples, "samples_per_s": samples / wall,
             "steps": max(e["step"] for _, e in finished), "steps_lost": lost_steps,
-            "mb_per_rank": statistics.mean(e["bytes"] for _, e in finished) / 1e6,
+            "mb_per_rank": sum(e["bytes"] for e in (q.last("end") or _last_step(q) or {"bytes": 0}
+                                                      for q in procs)) / a.ranks / 1e6,
             "util": compute / held, "loop_util": compute / loop if loop else 0.0, "final_loss": final,
             "survivors": len(finished), "processes": len(procs), "marks": [(k, t - t0) for k, t in marks],
             "curve": curve, "events": {q.label + f" @{q.t_launch - t0:.2f}": q.events for q in procs}}
@@ -541,7 +545,7 @@ def _curve(procs, t0):
             key = (q.group, e.get("step"))
             if e["ev"] == "eval" and (key not in seen or e["t"] < seen[key][0]):
                 seen[key] = (e["t"], e["loss"])
-    return sorted((t - t0, k[1], v) for k, (t, v) in seen.items())
+    return sorted((t - t0, k[1], v, k[0]) for k, (t, v) in seen.items())
 
 
 # ---- driver: parts, table, plot -------------------------------------------------------------------
@@ -565,6 +569,8 @@ def run_part(part, methods, a, tmp):
             order = methods if rep % 2 == 0 else tuple(reversed(methods))
             for faults in kinds:
                 for method in order:
+                    if faults and method not in a.faults_for.split(","):
+                        continue
                     load = os.getloadavg()[0]
                     if method == "gloo":
                         procs, t0, marks = run_gloo(launcher, a, faults, tmp)
@@ -631,16 +637,19 @@ def plot(runs, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    parts = sorted({r["part"] for r in runs}, reverse=True)
+    parts = list(dict.fromkeys(r["part"] for r in runs))  # (in the order they ran)
     fig, axes = plt.subplots(1, len(parts), figsize=(7 * len(parts), 4.8), squeeze=False)
     colors = {"gloo": "tab:red", "ft": "tab:blue", "diloco": "tab:green", "diloco-int8": "tab:olive"}
     for ax, part in zip(axes[0], parts):
         for r in runs:
             if r["part"] != part or r["rep"] != 0:
                 continue
-            xs, ys = [c[0] for c in r["curve"]], [c[2] for c in r["curve"]]
+            ys = [c[2] for c in r["curve"]]
             label = f"{r['method']}{' + faults' if r['faults'] else ''}"
-            ax.plot(xs, ys, color=colors[r["method"]], linestyle="-" if r["faults"] else ":", label=label)
+            for g in sorted({c[3] for c in r["curve"]}):  # a Gloo restart: a new segment, the gap dead time
+                seg = [c for c in r["curve"] if c[3] == g]
+                ax.plot([c[0] for c in seg], [c[2] for c in seg], color=colors[r["method"]],
+                        linestyle="-" if r["faults"] else ":", label=label if g == r["curve"][0][3] else None)
             for kind, t in r["marks"]:
                 y = next((c[2] for c in r["curve"] if c[0] >= t), ys[-1] if ys else 0)
                 ax.plot([t], [y], marker="x" if kind == "kill" else "^", color=colors[r["method"]], markersize=9,
@@ -670,6 +679,7 @@ def main(argv=None):
     ap.add_argument("--join-at", type=int, default=190)
     ap.add_argument("--ckpt-every", type=int, default=25, help="Gloo's checkpoints, in steps")
     ap.add_argument("--no-faults", action="store_true", help="loopback fault-free only")
+    ap.add_argument("--faults-for", default=",".join(METHODS), help="the methods run with faults too (loopback)")
     ap.add_argument("--wan-rate", default="1gbit")
     ap.add_argument("--wan-delay", default="25ms", help="one way")
     ap.add_argument("--reps", type=int, default=2)
