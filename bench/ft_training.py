@@ -176,14 +176,16 @@ def rank_ft(a, task, net):
     import torch
 
     from pycoll.train import FaultTolerantDDP
-    comm = _connect(a, a.joiner)
+    # (the optimizer first: a process's first one imports torch._dynamo, seconds, which a joiner
+    # would otherwise spend after its admission, holding up the members' heal)
     opt = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=a.steps)
     task.time_optimizer(opt)
+    comm = _connect(a, a.joiner)
     model = FaultTolerantDDP(net, opt, comm, scheduler=sched)
     heal = model.last_heal
     _emit(ev="start", step=model.step, world=comm.world_size, healed=heal.bytes_received if heal.fetched else 0,
-          phases=dict(heal.phases) if heal.fetched else {})
+          phases=dict(heal.phases) if heal.fetched else {}, heal_s=heal.seconds, attempts=heal.attempts)
     counter, samples, discarded, peers = _Bytes(comm), 0, 0, comm.world_size
     task.t_loop = time.perf_counter()
     for _ in range(2 * a.steps):  # bounded: a discarded step is followed by another
@@ -218,9 +220,9 @@ def rank_diloco(a, task, net):
     import torch
 
     from pycoll.train import DiLoCo
-    comm = _connect(a, a.joiner)
-    inner = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=0.01)
+    inner = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=0.01)  # (before connecting: see rank_ft)
     task.time_optimizer(inner)
+    comm = _connect(a, a.joiner)
     diloco = DiLoCo(net, inner, comm, sync_every=a.sync_every, outer_lr=0.7, momentum=0.9,
                     compression="int8" if a.method == "diloco-int8" else None)
     _emit(ev="start", step=diloco.inner_steps, world=comm.world_size, healed=len(diloco.last_round.fetched))
