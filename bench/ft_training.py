@@ -86,10 +86,19 @@ def _emit(**ev):
     print("EV " + json.dumps(ev), flush=True)
 
 
+def _example():
+    """examples/ft_ddp.py (its task: DIM, teacher), by path: bench/ has an ft_ddp.py too."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("ft_ddp_example", os.path.join(ROOT, "examples", "ft_ddp.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def make_net(hidden):
     """examples/ft_ddp.py's student, --hidden wide."""
     import torch
-    from ft_ddp import DIM
+    DIM = _example().DIM
     torch.manual_seed(0)  # every peer starts from the same weights
     return torch.nn.Sequential(torch.nn.Linear(DIM, hidden), torch.nn.Tanh(), torch.nn.Linear(hidden, hidden),
                                torch.nn.Tanh(), torch.nn.Linear(hidden, 1))
@@ -101,10 +110,10 @@ class _Task:
 
     def __init__(self, a, idx):
         import torch
-        from ft_ddp import DIM, teacher
-        self.torch, self.dim, self.f, self.idx = torch, DIM, teacher(), idx
+        ex = _example()
+        self.torch, self.dim, self.f, self.idx = torch, ex.DIM, ex.teacher(), idx
         g = torch.Generator().manual_seed(99)
-        self.x_eval = torch.randn(2048, DIM, generator=g)
+        self.x_eval = torch.randn(2048, ex.DIM, generator=g)
         self.y_eval = self.f(self.x_eval)
         self.compute = 0.0
         self.t_loop = None
@@ -320,7 +329,6 @@ def rank_gloo(a, task, net):
 def rank_main(a):
     signal.alarm(int(a.timeout) + 60)  # dies on its own if the driver is gone
     sys.path.insert(0, ROOT)
-    sys.path.insert(0, os.path.join(ROOT, "examples"))
     import torch
     torch.set_num_threads(1)
     task = _Task(a, JOINER + a.rank if a.joiner else a.rank)
