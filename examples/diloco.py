@@ -61,12 +61,14 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(1)  # several peers share this host's cores in the demo
 
-    comm = pycoll.connect(args.master_addr, args.master_port, name=args.name, stripes=args.stripes,
-                          coordinator_wait=60)
-    print(f"{comm.name}: admitted as rank {comm.rank} of {comm.world_size}", flush=True)
+    # Model and optimizer first: a fresh process's first optimizer imports torch's compiler stack
+    # (seconds), which a joiner must not do after its admission while the members wait to heal it.
     torch.manual_seed(0)  # the founders start from the same weights (a joiner receives the group's)
     model = torch.nn.Sequential(torch.nn.Linear(IN, 128), torch.nn.ReLU(), torch.nn.Linear(128, CLASSES))
     inner = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    comm = pycoll.connect(args.master_addr, args.master_port, name=args.name, stripes=args.stripes,
+                          coordinator_wait=60)
+    print(f"{comm.name}: admitted as rank {comm.rank} of {comm.world_size}", flush=True)
     diloco = DiLoCo(model, inner, comm, sync_every=args.sync_every, mode=args.mode, fragments=args.fragments,
                     outer_lr=args.outer_lr, momentum=args.momentum, compression=args.compression)
     if diloco.revision:

@@ -53,17 +53,19 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(1)
 
+    # Model and optimizer first: a fresh process's first optimizer imports torch's compiler stack
+    # (seconds), which a joiner must not do after its admission while the members wait to heal it.
+    torch.manual_seed(0)  # the same initial model everywhere (a joiner receives the trained one)
+    net = torch.nn.Sequential(torch.nn.Linear(DIM, HIDDEN), torch.nn.Tanh(), torch.nn.Linear(HIDDEN, HIDDEN),
+                              torch.nn.Tanh(), torch.nn.Linear(HIDDEN, 1))
+    opt = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=args.steps)
     if args.rank is not None:
         comm = pycoll.init(args.rank, args.world_size, args.master_addr, args.master_port, heartbeat_timeout=5,
                            preserve_input=False)
     else:  # (preserve_input=False: see pycoll.train.ddp, "Speed")
         comm = pycoll.connect(args.master_addr, args.master_port, heartbeat_timeout=5, coordinator_wait=60,
                               preserve_input=False)
-    torch.manual_seed(0)  # the same initial model everywhere (a joiner receives the trained one)
-    net = torch.nn.Sequential(torch.nn.Linear(DIM, HIDDEN), torch.nn.Tanh(), torch.nn.Linear(HIDDEN, HIDDEN),
-                              torch.nn.Tanh(), torch.nn.Linear(HIDDEN, 1))
-    opt = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=args.steps)
     ckpt = torch.load(args.resume) if args.resume else None
     # every member makes it at once (a joiner on arrival): the joiner is healed here
     model = FaultTolerantDDP(net, opt, comm, scheduler=sched, checkpoint=ckpt)
