@@ -1,3 +1,4 @@
+import os
 import pathlib
 import sys
 
@@ -5,6 +6,13 @@ import pytest
 
 import leak_guard  # tests/support is on the path (pyproject: pythonpath)
 from collective_cases import TRANSPORTS
+
+# Hosts that set PYTHONDONTWRITEBYTECODE (this one and CI do) make every process a test starts
+# compile pycoll and the test helpers anew: ~0.3 s of CPU per rank, minutes over the suite. The
+# suite writes them once (next to the sources; __pycache__ is ignored by git). Before xdist starts
+# its workers, so they and every rank inherit it.
+os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+sys.dont_write_bytecode = False
 
 pytest_plugins = ["emu_fixtures"]  # emu_ok: the check of the tests on emulated hosts
 
