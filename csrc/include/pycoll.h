@@ -184,6 +184,22 @@ pc_status pc_plan_direct(pc_collective coll, int32_t nranks, int32_t rank, uint6
 pc_status pc_plan_reduce(int32_t nranks, int32_t rank, int32_t root, uint64_t count, int32_t elem_size,
                          uint64_t segment_bytes, int32_t stripes, uint32_t flags, pc_plan **out);
 /*
+ * Rooted collectives over a binomial tree (plan_binomial.c), ceil(lg n)
+ * rounds, lg n frames at the root instead of n - 1. Reduce: as
+ * pc_plan_reduce (in place at the root through scratch, pipelined in
+ * segments of segment_bytes) but each node reduces its own input with its
+ * children's subtree results in relative rank order (v = rank - root mod n):
+ * a fixed order per (n, root), not pc_plan_reduce's rank-order chain.
+ * Gather (coll PC_COLL_GATHER: IN one block of nbytes, the root's OUT n
+ * blocks in rank order) and scatter (PC_COLL_SCATTER: the root's IN n
+ * blocks, OUT one block); interior nodes forward their subtree's blocks
+ * through scratch. Both open with plan_agree's frames.
+ */
+pc_status pc_plan_binomial_reduce(int32_t nranks, int32_t rank, int32_t root, uint64_t count, int32_t elem_size,
+                                  uint64_t segment_bytes, int32_t stripes, uint32_t flags, pc_plan **out);
+pc_status pc_plan_binomial_rooted(pc_collective coll, int32_t nranks, int32_t rank, int32_t root, uint64_t nbytes,
+                                  pc_plan **out);
+/*
  * Direct exchange (plan_exchange.c), one step: this rank sends
  * IN[send_off[p], +send_len[p]) to every rank p and receives
  * OUT[recv_off[p], +recv_len[p]) from it (byte ranges; p == rank is a local

@@ -2,8 +2,11 @@
 
 gather, scatter and all_to_all (equal or uneven splits) all move every byte once, straight from
 the rank that has it to the rank that wants it; each is one ``pc_plan_exchange`` with its own
-byte ranges, computed here. reduce to a root is ``pc_plan_reduce``. Every function returns the
-:class:`pycoll.plan.planners.Plan` of ``rank`` of ``n``; sizes are in bytes.
+byte ranges, computed here. reduce to a root is ``pc_plan_reduce``. reduce, gather and scatter
+also have a binomial-tree plan (``algorithm="tree"``, csrc/plan/plan_binomial.c: ceil(lg n)
+rounds, lg n frames at the root); :func:`pycoll.plan.costmodel.CostModel.choose_rooted` picks one.
+Every function returns the :class:`pycoll.plan.planners.Plan` of ``rank`` of ``n``; sizes are in
+bytes.
 """
 from pycoll.errors import InvalidArgument
 from pycoll.plan import planners
@@ -22,13 +25,27 @@ def _rooted(rank, n, root, nbytes, stripes, to_root):
     return planners.plan_exchange(n, rank, send_off, send_len, recv_off, recv_len, stripes=stripes, agree=True)
 
 
-def gather(rank, n, root, nbytes, stripes=1):
+ROOTED_ALGORITHMS = ("direct", "tree")
+
+
+def _check_rooted(algorithm):
+    if algorithm not in ROOTED_ALGORITHMS:
+        raise InvalidArgument(f"rooted collectives run {' or '.join(ROOTED_ALGORITHMS)}, not {algorithm!r}")
+
+
+def gather(rank, n, root, nbytes, stripes=1, algorithm="direct"):
     """Every rank's IN (``nbytes``) into the root's OUT, in rank order."""
+    _check_rooted(algorithm)
+    if algorithm == "tree":
+        return planners.plan_binomial_rooted("gather", n, rank, root, nbytes)
     return _rooted(rank, n, root, nbytes, stripes, to_root=True)
 
 
-def scatter(rank, n, root, nbytes, stripes=1):
+def scatter(rank, n, root, nbytes, stripes=1, algorithm="direct"):
     """Block p (``nbytes``) of the root's IN into rank p's OUT."""
+    _check_rooted(algorithm)
+    if algorithm == "tree":
+        return planners.plan_binomial_rooted("scatter", n, rank, root, nbytes)
     return _rooted(rank, n, root, nbytes, stripes, to_root=False)
 
 
@@ -55,8 +72,13 @@ def all_to_all(rank, n, send_bytes, recv_bytes, stripes=1):
                                   list(recv_bytes), stripes=stripes)
 
 
-def reduce(rank, n, root, count, itemsize, segment_bytes=1 << 19, stripes=1, avg=False):
-    """The others' IN to the root, reduced there in rank order into its OUT."""
+def reduce(rank, n, root, count, itemsize, segment_bytes=1 << 19, stripes=1, avg=False, algorithm="direct"):
+    """The others' IN to the root, reduced there into its OUT: in rank order (direct), or
+    up a binomial tree in relative rank order grouped by subtrees (tree; see plan_binomial.c)."""
+    _check_rooted(algorithm)
+    if algorithm == "tree":
+        return planners.plan_binomial_reduce(n, rank, root, count, itemsize, segment_bytes=segment_bytes,
+                                             stripes=stripes, avg=avg)
     return planners.plan_reduce(n, rank, root, count, itemsize, segment_bytes=segment_bytes, stripes=stripes,
                                 avg=avg)
 

@@ -165,6 +165,26 @@ def plan_reduce(nranks, rank, root, count, itemsize, *, segment_bytes=1 << 19, s
     return Plan(out[0])
 
 
+def plan_binomial_reduce(nranks, rank, root, count, itemsize, *, segment_bytes=1 << 19, stripes=1, avg=False):
+    """Reduce to ``root`` over a binomial tree (plan_binomial.c): every node reduces its input
+    with its children's subtree results in relative rank order and passes it up."""
+    out = ffi.new("pc_plan **")
+    st = lib.pc_plan_binomial_reduce(nranks, rank, root, count, itemsize, segment_bytes, stripes,
+                                     _flags(False, avg), out)
+    if st != lib.PC_OK:
+        raise InvalidArgument(f"cannot plan a tree reduce to {root} for rank {rank} of {nranks} (status {st})")
+    return Plan(out[0])
+
+
+def plan_binomial_rooted(coll, nranks, rank, root, nbytes):
+    """gather or scatter of ``nbytes`` blocks over a binomial tree (plan_binomial.c)."""
+    out = ffi.new("pc_plan **")
+    st = lib.pc_plan_binomial_rooted(COLLECTIVES[coll], nranks, rank, root, nbytes, out)
+    if st != lib.PC_OK:
+        raise InvalidArgument(f"cannot plan a tree {coll} from {root} for rank {rank} of {nranks} (status {st})")
+    return Plan(out[0])
+
+
 def plan_exchange(nranks, rank, send_off, send_len, recv_off, recv_len, *, stripes=1, agree=False):
     """A one-step exchange (all_to_all, gather, scatter): byte ranges of IN to send to and of
     OUT to receive from every rank (:data:`NO_FRAME`: no frame with that rank)."""

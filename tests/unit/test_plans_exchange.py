@@ -162,3 +162,72 @@ def test_ranges_that_wrap_around_are_refused():
         planners.plan_exchange(2, 0, [0, 0], [8, 8], [0, 5], [8, huge])
     with pytest.raises(InvalidArgument):
         exchange.p2p(0, 2, [(1, 1, 5, huge, 0)])
+
+
+# ---- binomial-tree plans (csrc/plan/plan_binomial.c) -----------------------------------------
+def _tree_expr(order, i):
+    """The symbolic expression a reduce in grouping ``order`` gives for element i."""
+    from reference import fold_order
+    return fold_order(order, lambda r: (r, i), lambda a, b: ("op", a, b))
+
+
+@pytest.mark.parametrize("n", WORLD_SIZES)
+@pytest.mark.parametrize("avg", [False, True])
+def test_tree_reduce(n, avg):
+    from reference import binomial_order
+    count = 2 * n + 3
+    for root in sorted({0, n // 2, n - 1}):
+        plans = [exchange.reduce(r, n, root, count, ES, segment_bytes=16, avg=avg, algorithm="tree")
+                 for r in range(n)]
+        bufs = []
+        for r, p in enumerate(plans):
+            data = sym_array(r, count)  # in place
+            bufs.append([data, data, np.empty(p.need_bytes(SCRATCH) // ES, dtype=object)])
+        simulate(plans, bufs, ES, sym_reduce, sym_scale if avg else None, check_races=True, aliased=True)
+        order = binomial_order(n, root)
+        for i in range(count):
+            want = _tree_expr(order, i)
+            if avg and n > 1:
+                want = ("scale", want)
+            assert bufs[root][OUT][i] == want, f"root {root} element {i}"
+        for r in range(n):
+            if r != root:  # the others' buffers are never written
+                assert list(bufs[r][IN]) == list(sym_array(r, count))
+        # the root receives from lg n ranks, not n - 1
+        peers = {op["peer"] for op in plans[root].ops() if op["kind"] == 2}
+        assert len(peers) == (n - 1).bit_length()
+
+
+@pytest.mark.parametrize("n", WORLD_SIZES)
+def test_tree_gather_and_scatter(n):
+    count = 3
+    for root in sorted({0, 1 % n, n // 2, n - 1}):
+        plans = [exchange.gather(r, n, root, count * ES, algorithm="tree") for r in range(n)]
+        ins = [sym_array(r, count) for r in range(n)]
+        bufs = bufs_for(plans, ins, n * count)
+        simulate(plans, bufs, ES, sym_reduce, check_races=True)
+        assert list(bufs[root][OUT]) == [(q, i) for q in range(n) for i in range(count)]
+        for r in range(n):
+            if r != root:
+                assert all(x is None for x in bufs[r][OUT])
+                assert list(bufs[r][IN]) == list(sym_array(r, count))
+
+        plans = [exchange.scatter(r, n, root, count * ES, algorithm="tree") for r in range(n)]
+        ins = [sym_array(r, n * count) if r == root else np.empty(0, dtype=object) for r in range(n)]
+        bufs = bufs_for(plans, ins, count)
+        simulate(plans, bufs, ES, sym_reduce, check_races=True)
+        for r in range(n):
+            assert list(bufs[r][OUT]) == [(root, r * count + i) for i in range(count)]
+        assert list(bufs[root][IN]) == list(sym_array(root, n * count))
+        # lg n rounds: the root sends to lg n ranks
+        peers = {op["peer"] for op in plans[root].ops() if op["kind"] == 0 and op["len"]}
+        assert len(peers) == (n - 1).bit_length()
+
+
+def test_tree_rooted_refuses_other_collectives_and_algorithms():
+    with pytest.raises(InvalidArgument):
+        planners.plan_binomial_rooted("all_to_all", 2, 0, 0, 8)
+    with pytest.raises(InvalidArgument):
+        exchange.gather(0, 2, 0, 8, algorithm="ring")
+    with pytest.raises(InvalidArgument):
+        planners.plan_binomial_reduce(2, 0, 2, 1, 4)  # root outside the group
