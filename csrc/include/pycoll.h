@@ -133,6 +133,11 @@ typedef enum {
                                      frame to and from every rank, so that a rank
                                      whose call differs (another root) fails the
                                      header check instead of waiting out its timeout */
+#define PC_PLAN_STAGED 16u        /* pc_plan_exchange: pairwise exchange in n-1
+                                     steps (step k: send to rank+k, receive from
+                                     rank-k; a step's sends wait for the previous
+                                     step's receive), so each rank has one
+                                     payload in flight each way, not n-1 */
 
 /*
  * Multi-ring planner. `rings` holds nrings permutations of 0..nranks-1 (each

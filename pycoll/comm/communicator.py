@@ -556,16 +556,21 @@ class Communicator:
     def _run_planned(self, coll, key, build, sb, rb, count, op, root, timeout, algorithm="direct", nbytes=0):
         """Run a planned collective (see Epoch.prepare_planned) on the current epoch. Rooted ones
         (reduce, gather, scatter) choose their plan: ``algorithm`` "direct", "tree" or "auto"
-        (the epoch's cost model, for ``nbytes``); ``build(rank, n, options, algorithm)``."""
+        (the epoch's cost model, for ``nbytes``), and so does all_to_all ("direct", "staged");
+        ``build(rank, n, options, algorithm)``."""
         ep = self._epoch
-        ep.ensure_ready(identity(coll, sb.code, op, count, root, algorithm, None))
-        if coll in ("reduce", "gather", "scatter"):
+        ep.ensure_ready(identity(coll, sb.code, op, count, root, "direct" if coll == "all_to_all" else algorithm,
+                                 None))
+        if coll in ("reduce", "gather", "scatter", "all_to_all"):
             chosen = ep.selector().choose_rooted(coll, algorithm, nbytes, root)
             key, plan = tuple(key) + (chosen,), build
             build = lambda rank, n, o: plan(rank, n, o, chosen)  # noqa: E731
         else:
             chosen = "direct"
-        call = ep.prepare_planned(coll, key, build, sb, rb, count, op, root, chosen, algorithm)
+        if coll == "all_to_all":  # a local choice: staged and direct send the same frames
+            call = ep.prepare_planned(coll, key, build, sb, rb, count, op, root)
+        else:
+            call = ep.prepare_planned(coll, key, build, sb, rb, count, op, root, chosen, algorithm)
         ep.launch(call, ffi.cast("void *", sb.address), ffi.cast("void *", rb.address), timeout)
 
     def _check_root(self, root, what):
@@ -644,13 +649,20 @@ class Communicator:
         return self._call(run, async_op, coll, (bb,) if whole is None else (sb, rb))
 
     def all_to_all(self, send: Array, recv: Array, send_counts=None, recv_counts=None, *,
-                   timeout: Optional[float] = None, dtype: Optional[str] = None, async_op: bool = False) -> Any:
+                   timeout: Optional[float] = None, dtype: Optional[str] = None, async_op: bool = False,
+                   algorithm: str = "auto") -> Any:
         """Block r of ``send`` to rank r; rank r's block for us into block r of ``recv``, in
         one step. Equal blocks by default (``send`` and ``recv`` hold world_size blocks each);
         ``send_counts`` / ``recv_counts``: elements per block (uneven splits, torch's
         ``all_to_all_single``), summing to the arrays' sizes; ``send_counts[r]`` on rank q must
         equal ``recv_counts[q]`` on rank r (else every rank fails with ProtocolError).
-        ``send`` and ``recv`` must not overlap. Returns ``recv``."""
+        ``send`` and ``recv`` must not overlap. ``algorithm``: "direct" (every frame at once),
+        "staged" (n-1 pairwise steps, one payload in flight each way: see
+        :func:`pycoll.plan.exchange.all_to_all`) or "auto" (the cost model's choice by the
+        largest block). Returns ``recv``."""
+        if algorithm not in ("auto",) + exchange.ALL_TO_ALL_ALGORITHMS:
+            raise InvalidArgument(f"all_to_all: algorithm {algorithm!r} is not one of auto, "
+                                  f"{', '.join(exchange.ALL_TO_ALL_ALGORITHMS)}")
         sb = as_buffer(send, writable=False, what="all_to_all send", dtype=dtype)
         rb = as_buffer(recv, writable=True, what="all_to_all recv", dtype=dtype)
         self._check_same_dtype(sb, rb, "all_to_all")
@@ -661,9 +673,11 @@ class Communicator:
             sc = _splits(send_counts, sb.count, n, "send")
             rc = _splits(recv_counts, rb.count, n, "recv")
             sbytes, rbytes = tuple(c * es for c in sc), tuple(c * es for c in rc)
+            # each rank decides by its largest block: the two plans exchange the same frames
+            # (so ranks that choose differently still pair up; the digest says "direct")
             self._run_planned("all_to_all", (sbytes, rbytes, self.options.stripes),
-                              lambda rank, n, o: exchange.all_to_all(rank, n, sbytes, rbytes, o.stripes),
-                              sb, rb, 0, "sum", 0, timeout)
+                              lambda rank, n, o, a: exchange.all_to_all(rank, n, sbytes, rbytes, o.stripes, a),
+                              sb, rb, 0, "sum", 0, timeout, algorithm, max(sbytes + rbytes, default=0))
             return recv
         return self._call(run, async_op, "all_to_all", (sb, rb))
 

@@ -72,6 +72,10 @@ CANDIDATES = ("ring", "hamiltonian", "tree", "innetwork", "direct")
 # the whole buffer n-1 times, against about once for the others): auto offers direct only up to
 # this size, where per-message latency dominates and that work is a few microseconds at most.
 DIRECT_MAX_BYTES = 64 << 10
+# all_to_all moves the same bytes either way; the staged (pairwise) exchange only bounds what is
+# in flight, which the model has no term for: auto stages blocks from this size (None: never),
+# as measured by bench/torch_ops.py (see the README's table).
+STAGED_MIN_BYTES = None
 MAX_MULTIRING = 64  # auto considers the multi-ring up to this many ranks (the cycle search grows fast)
 
 
@@ -220,11 +224,27 @@ class CostModel:
             pipeline = D * ((1 << steps) - 1) * slowest
         else:
             pipeline = 0.0
-        return latency + max(self._busiest(traffic), pipeline)
+        return latency + max(self._rooted_busiest(traffic), pipeline)
+
+    def _rooted_busiest(self, traffic):
+        """:meth:`_busiest` for a rooted schedule, where a rank's own rate only limits traffic
+        between hosts: on one host, measured (bench/torch_ops.py-style, 4 ranks on 2 CPUs,
+        shared memory), a direct reduce of 16-64 MiB took 0.7-0.85x the tree's time though its
+        root receives n-1 payloads to the tree's lg n: the senders do the copying, so the
+        host's total work (the same for both) is the limit, and the tree's extra depth a cost."""
+        cross = {a: b for a, b in traffic.items() if self.host_of[a[0]] != self.host_of[a[1]]}
+        worst = self._busiest(cross) if cross else 0.0
+        host_sent = {}
+        for (u, _), b in traffic.items():
+            host_sent[self.host_of[u]] = host_sent.get(self.host_of[u], 0.0) + b
+        return max(worst, max(host_sent.values()) / self.host_Bps)
 
     def choose_rooted(self, coll, nbytes, root=0, segment_bytes=1 << 19):
         """(fastest of direct and tree, {algorithm: predicted seconds}); near-ties (3 %) go to
-        direct."""
+        direct. all_to_all: staged from STAGED_MIN_BYTES per block (see there), else direct."""
+        if coll == "all_to_all":
+            staged = self.n > 2 and STAGED_MIN_BYTES is not None and nbytes >= STAGED_MIN_BYTES
+            return ("staged" if staged else "direct"), {}
         if self.n < 4:  # the binomial tree of 2 or 3 ranks is the direct plan
             return "direct", {"direct": 0.0}
         times = {a: self.predict_rooted(a, coll, nbytes, root, segment_bytes) for a in ("direct", "tree")}

@@ -58,10 +58,17 @@ def offsets(lengths):
     return out
 
 
-def all_to_all(rank, n, send_bytes, recv_bytes, stripes=1):
+ALL_TO_ALL_ALGORITHMS = ("direct", "staged")
+
+
+def all_to_all(rank, n, send_bytes, recv_bytes, stripes=1, algorithm="direct"):
     """Block p of IN (``send_bytes[p]``, blocks end to end) to rank p; rank p's block for us
     into OUT (``recv_bytes[p]``). Every pair exchanges a frame, empty ones too, so splits that
-    disagree across ranks fail the frame's length check instead of waiting."""
+    disagree across ranks fail the frame's length check instead of waiting. ``algorithm``:
+    "direct" (every frame at once) or "staged" (pairwise, n-1 steps: step k sends to rank+k
+    and receives from rank-k, a step's send waiting for the previous step's receive)."""
+    if algorithm not in ALL_TO_ALL_ALGORITHMS:
+        raise InvalidArgument(f"all_to_all runs {' or '.join(ALL_TO_ALL_ALGORITHMS)}, not {algorithm!r}")
     if len(send_bytes) != n or len(recv_bytes) != n:
         raise InvalidArgument(f"all_to_all: {len(send_bytes)} send and {len(recv_bytes)} receive splits for "
                               f"world size {n}")
@@ -69,7 +76,7 @@ def all_to_all(rank, n, send_bytes, recv_bytes, stripes=1):
         raise InvalidArgument(f"all_to_all: rank {rank} sends itself {send_bytes[rank]} bytes but expects "
                               f"{recv_bytes[rank]}")
     return planners.plan_exchange(n, rank, offsets(send_bytes), list(send_bytes), offsets(recv_bytes),
-                                  list(recv_bytes), stripes=stripes)
+                                  list(recv_bytes), stripes=stripes, staged=algorithm == "staged")
 
 
 def reduce(rank, n, root, count, itemsize, segment_bytes=1 << 19, stripes=1, avg=False, algorithm="direct"):

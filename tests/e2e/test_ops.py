@@ -99,11 +99,12 @@ def _run_cases(comm, cases):
                 cm = counts_matrix(n, case[4])
                 send = case_input((kind, dtype, "sum", sum(cm[me]), case[4]), me, n)
                 recv = np.zeros(sum(cm[s][me] for s in range(n)), send.dtype)
-                comm.all_to_all(send, recv, cm[me], [cm[s][me] for s in range(n)], dtype=dt)
+                comm.all_to_all(send, recv, cm[me], [cm[s][me] for s in range(n)], dtype=dt,
+                                algorithm=algorithm_of(case))
             else:
                 send = case_input((kind, dtype, "sum", n * case[3], case[4]), me, n)
                 recv = np.zeros_like(send)
-                comm.all_to_all(send, recv, dtype=dt)
+                comm.all_to_all(send, recv, dtype=dt, algorithm=algorithm_of(case))
             out.append(recv.tobytes())
     return out
 
@@ -165,9 +166,9 @@ def test_gather_scatter_all_to_all(n, transport):
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("n", [4, 5])
-def test_tree_rooted_collectives(n, transport):
+def test_tree_rooted_collectives_and_staged_all_to_all(n, transport):
     """The binomial-tree plans against NumPy: reduce in the tree's grouping (bit for bit),
-    gather and scatter with roots whose subtrees wrap around rank 0."""
+    gather and scatter with roots whose subtrees wrap around rank 0; the staged all_to_all."""
     cases = [("reduce", d, o, 11 + i, 70 + i, (i + 1) % n, "tree")
              for i, (d, o) in enumerate(((d, o) for d in ("float32", "float64", "bfloat16", "int32", "float16")
                                          for o in ("sum", "avg", "max", "prod")))]
@@ -177,6 +178,8 @@ def test_tree_rooted_collectives(n, transport):
         cases += [("gather", "float32", "sum", 7 + i, 93 + i, root, "tree"),
                   ("scatter", "int16", "sum", 5 + i, 99 + i, root, "tree")]
     cases += [("gather", "uint8", "sum", (1 << 20) + 3, 110, 1, "tree"), ("scatter", "int8", "sum", 0, 111, 3, "tree")]
+    cases += [("all_to_all", "float64", "sum", 1 << 17, 112, False, "staged"),
+              ("all_to_all", "int32", "sum", 0, 113, True, "staged"), ("all_to_all", "bool", "sum", 5, 114, True, "staged")]
     # prod's float inputs round differently in another order: the tree's grouping is checked
     # (the sums of quarters are exact in any order)
     assert any(reference_reduce(c, n).tobytes() != reference_reduce(c[:6], n).tobytes() for c in cases[:20])
@@ -360,7 +363,7 @@ def _survive(comm, coll, algorithm="direct"):
                 comm.scatter(np.zeros(n * x.size, x.dtype) if me == 0 else None, np.zeros_like(x), root=0,
                              algorithm=algorithm)
             elif coll == "all_to_all":
-                comm.all_to_all(x, np.zeros_like(x))
+                comm.all_to_all(x, np.zeros_like(x), algorithm=algorithm if algorithm == "staged" else "auto")
             elif coll == "p2p":
                 r = np.zeros_like(x)
                 w = comm.irecv(r, (me - 1) % n)
@@ -389,12 +392,12 @@ def test_peer_death_mid_call_fails_every_survivor(coll, transport):
 
 
 @pytest.mark.timeout(150)
-@pytest.mark.parametrize("coll", ["reduce", "gather", "scatter"])
+@pytest.mark.parametrize("coll", ["reduce", "gather", "scatter", "all_to_all"])
 def test_peer_death_mid_tree_call_fails_every_survivor(coll, transport):
     """On the binomial tree, a rank that forwards for others dies: rank 2 of 4 relays rank
-    3's data (reduce, gather) or receives it for rank 3 (scatter)."""
+    3's data (reduce, gather) or receives it for rank 3 (scatter); all_to_all: staged."""
     n, victim = 4, 2
-    results = run_on(_survive, n, transport, args=(coll, "tree"), timeout=120, kill={victim: f"during:{coll}"},
+    results = run_on(_survive, n, transport, args=(coll, "staged" if coll == "all_to_all" else "tree"), timeout=120, kill={victim: f"during:{coll}"},
                      init_kwargs={"timeout": 30, "heartbeat_timeout": 3.0})
     assert results[victim] == pycoll.testing.KILLED
     for r in range(n):

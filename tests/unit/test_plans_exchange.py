@@ -231,3 +231,62 @@ def test_tree_rooted_refuses_other_collectives_and_algorithms():
         exchange.gather(0, 2, 0, 8, algorithm="ring")
     with pytest.raises(InvalidArgument):
         planners.plan_binomial_reduce(2, 0, 2, 1, 4)  # root outside the group
+
+
+# ---- the cost model's choice for rooted collectives and all_to_all -----------------------------
+def test_rooted_choice_follows_the_bottleneck():
+    from pycoll.plan.costmodel import CostModel
+    big, small = 64 << 20, 4 << 10
+    for n in (2, 3):  # the binomial tree of 2 or 3 ranks is the direct plan
+        assert CostModel(n).choose_rooted("reduce", big)[0] == "direct"
+    # one host: the senders do the copying, the host's work is the same, the tree only adds depth
+    one = CostModel(4)
+    for coll in ("reduce", "gather", "scatter"):
+        for nbytes in (small, 1 << 20, big):
+            assert one.choose_rooted(coll, nbytes)[0] == "direct", (coll, nbytes)
+    # a host per rank behind a NIC: the direct root receives n-1 payloads, the tree's lg n
+    nic = CostModel(8, host_of=range(8), nic_Bps=1.25e9)
+    alg, times = nic.choose_rooted("reduce", big)
+    assert alg == "tree" and times["tree"] < 0.6 * times["direct"]
+    assert nic.choose_rooted("gather", big)[0] == "direct"  # the same bytes reach the root either way
+    # many ranks, small blocks: lg n steps beat a root handling n-1 messages
+    assert CostModel(16).choose_rooted("gather", small)[0] == "tree"
+    assert CostModel(16).choose_rooted("scatter", small)[0] == "tree"
+
+
+def test_staged_all_to_all_same_frames_as_direct():
+    """The staged exchange sends and receives the same frames as the direct one (so ranks that
+    choose differently still pair up) and delivers the same blocks at every world size."""
+    for n in (2, 3, 5, 8):
+        counts = [[(s * 5 + d * 3) % 4 for d in range(n)] for s in range(n)]
+        for r in range(n):
+            send, recv = [c * ES for c in counts[r]], [counts[s][r] * ES for s in range(n)]
+            frames = {}
+            for alg in ("direct", "staged"):
+                ops = exchange.all_to_all(r, n, send, recv, algorithm=alg).ops()
+                frames[alg] = sorted((o["kind"], o["peer"], o["tag"], o["len"]) for o in ops if o["kind"] in (0, 1))
+            assert frames["staged"] == frames["direct"]
+        plans = [exchange.all_to_all(r, n, [c * ES for c in counts[r]], [counts[s][r] * ES for s in range(n)],
+                                     algorithm="staged" if r % 2 else "direct") for r in range(n)]  # mixed
+        bufs = bufs_for(plans, [sym_array(r, sum(counts[r])) for r in range(n)], 0)
+        for r in range(n):
+            bufs[r][OUT] = np.empty(sum(counts[s][r] for s in range(n)), dtype=object)
+        simulate(plans, bufs, ES, sym_reduce, check_races=True)
+        for r in range(n):
+            want = []
+            for s in range(n):
+                start = sum(counts[s][:r])
+                want += [(s, start + i) for i in range(counts[s][r])]
+            assert list(bufs[r][OUT]) == want
+
+
+def test_staged_all_to_all_has_one_payload_in_flight():
+    """Step d's send waits for step d-1's receive: at most one send is ready at any time."""
+    n = 6
+    ops = exchange.all_to_all(0, n, [8] * n, [8] * n, algorithm="staged").ops()
+    sends = [o for o in ops if o["kind"] == 0]
+    assert [o["peer"] for o in sends] == [1, 2, 3, 4, 5]
+    assert not sends[0]["deps"] and all(len(o["deps"]) == 1 for o in sends[1:])
+    for o in sends[1:]:
+        dep = ops[o["deps"][0]]
+        assert dep["kind"] == 1 and dep["peer"] == (0 - (o["peer"] - 1)) % n
