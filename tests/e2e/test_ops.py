@@ -179,7 +179,8 @@ def test_tree_rooted_collectives_and_staged_all_to_all(n, transport):
                   ("scatter", "int16", "sum", 5 + i, 99 + i, root, "tree")]
     cases += [("gather", "uint8", "sum", (1 << 20) + 3, 110, 1, "tree"), ("scatter", "int8", "sum", 0, 111, 3, "tree")]
     cases += [("all_to_all", "float64", "sum", 1 << 17, 112, False, "staged"),
-              ("all_to_all", "int32", "sum", 0, 113, True, "staged"), ("all_to_all", "bool", "sum", 5, 114, True, "staged")]
+              ("all_to_all", "int32", "sum", 0, 113, True, "staged"),
+              ("all_to_all", "bool", "sum", 5, 114, True, "staged")]
     # prod's float inputs round differently in another order: the tree's grouping is checked
     # (the sums of quarters are exact in any order)
     assert any(reference_reduce(c, n).tobytes() != reference_reduce(c[:6], n).tobytes() for c in cases[:20])
@@ -397,7 +398,8 @@ def test_peer_death_mid_tree_call_fails_every_survivor(coll, transport):
     """On the binomial tree, a rank that forwards for others dies: rank 2 of 4 relays rank
     3's data (reduce, gather) or receives it for rank 3 (scatter); all_to_all: staged."""
     n, victim = 4, 2
-    results = run_on(_survive, n, transport, args=(coll, "staged" if coll == "all_to_all" else "tree"), timeout=120, kill={victim: f"during:{coll}"},
+    algorithm = "staged" if coll == "all_to_all" else "tree"
+    results = run_on(_survive, n, transport, args=(coll, algorithm), timeout=120, kill={victim: f"during:{coll}"},
                      init_kwargs={"timeout": 30, "heartbeat_timeout": 3.0})
     assert results[victim] == pycoll.testing.KILLED
     for r in range(n):
