@@ -129,10 +129,13 @@ typedef enum {
                                      aggregator with no data of its own; its
                                      accumulator starts from its first member's
                                      data and lives in scratch (IN/OUT unused) */
-#define PC_PLAN_AGREE 8u          /* pc_plan_exchange: start with plan_agree's empty
-                                     frame to and from every rank, so that a rank
-                                     whose call differs (another root) fails the
-                                     header check instead of waiting out its timeout */
+#define PC_PLAN_AGREE 8u          /* pc_plan_exchange: an empty frame to and from
+                                     every rank that no data frame goes to or comes
+                                     from, so that every pair exchanges a checked
+                                     frame each way and a rank whose call differs
+                                     (another root) fails the header check instead
+                                     of waiting out its timeout (plan.h:
+                                     plan_agree_silent) */
 #define PC_PLAN_STAGED 16u        /* pc_plan_exchange: pairwise exchange in n-1
                                      steps (step k: send to rank+k, receive from
                                      rank-k; a step's sends wait for the previous
@@ -184,7 +187,9 @@ pc_status pc_plan_direct(pc_collective coll, int32_t nranks, int32_t rank, uint6
  * most 8 segments: larger ones past that), and segment g of rank j's reduction waits only for segment
  * g of rank j-1's, so the root reduces while the rest still arrives. Other
  * ranks only send (their OUT is never written); the root's IN is intact if
- * the call fails.
+ * the call fails. Ranks exchange empty frames only where no data flows (the
+ * root's data frames carry the check of its arguments: plan.h,
+ * plan_agree_silent).
  */
 pc_status pc_plan_reduce(int32_t nranks, int32_t rank, int32_t root, uint64_t count, int32_t elem_size,
                          uint64_t segment_bytes, int32_t stripes, uint32_t flags, pc_plan **out);

@@ -13,6 +13,8 @@
  * (PC_PLAN_STAGED, for large all_to_all payloads): n-1 pairwise steps, one
  * payload in flight each way per rank.
  */
+#include <stdlib.h>
+
 #include "plan.h"
 
 #define EXCHANGE_TAG 0xc0000000u
@@ -39,7 +41,20 @@ pc_status pc_plan_reduce(int32_t nranks, int32_t rank, int32_t root, uint64_t co
     pc_plan *plan = plan_new(nranks, rank);
     if (!plan) return PC_ERR_NOMEM;
     uint64_t es = (uint64_t)elem_size, bytes = count * es;
-    if (nranks > 1) plan_agree(plan); /* a rank with another root fails the header check */
+    if (nranks > 1 && bytes == 0) plan_agree(plan); /* no data frames to carry the check */
+    if (nranks > 1 && bytes) { /* a rank with another root fails the header check: see plan_agree_silent */
+        uint8_t *flow = calloc(2, (size_t)nranks);
+        if (!flow) {
+            pc_plan_free(plan);
+            return PC_ERR_NOMEM;
+        }
+        for (int32_t p = 0; p < nranks; p++) {
+            flow[p] = rank != root && p == root;             /* we send our data to the root */
+            flow[nranks + p] = rank == root && p != root;    /* the root receives everyone's */
+        }
+        plan_agree_silent(plan, flow, flow + nranks);
+        free(flow);
+    }
     if (nranks == 1 || bytes == 0) {
         if (bytes) plan_add(plan, PC_OP_COPY, -1, 0, 0, PC_BUF_IN, 0, PC_BUF_OUT, 0, bytes, NULL, 0);
         return plan_finish(plan, out);
@@ -105,6 +120,19 @@ static void add_transfer(pc_plan *plan, int32_t kind, int32_t peer, int32_t stri
     }
 }
 
+/* plan_agree_silent for the exchange's frames. */
+static pc_status agree_silent(pc_plan *plan, int32_t nranks, const uint64_t *send_len, const uint64_t *recv_len) {
+    uint8_t *flow = malloc(2 * (size_t)nranks);
+    if (!flow) return PC_ERR_NOMEM;
+    for (int32_t p = 0; p < nranks; p++) {
+        flow[p] = send_len[p] != PC_NO_FRAME;
+        flow[nranks + p] = recv_len[p] != PC_NO_FRAME;
+    }
+    plan_agree_silent(plan, flow, flow + nranks);
+    free(flow);
+    return PC_OK;
+}
+
 /* This rank's own block, IN to OUT. */
 static void local_copy(pc_plan *plan, int32_t rank, const uint64_t *send_off, const uint64_t *send_len,
                        const uint64_t *recv_off) {
@@ -128,7 +156,14 @@ pc_status pc_plan_exchange(int32_t nranks, int32_t rank, const uint64_t *send_of
     if (send_len[rank] != recv_len[rank]) return PC_ERR_ARG; /* the local copy */
     pc_plan *plan = plan_new(nranks, rank);
     if (!plan) return PC_ERR_NOMEM;
-    if ((flags & PC_PLAN_AGREE) && nranks > 1) plan_agree(plan);
+    if ((flags & PC_PLAN_AGREE) && nranks > 1) {
+        if (flags & PC_PLAN_STAGED) {
+            plan_agree(plan); /* staged sends wait: plan_agree_silent's reasoning needs sends that do not */
+        } else if (agree_silent(plan, nranks, send_len, recv_len) != PC_OK) {
+            pc_plan_free(plan);
+            return PC_ERR_NOMEM;
+        }
+    }
     if (flags & PC_PLAN_STAGED) {
         /* step d: to rank+d, from rank-d; the sends of step d wait for the
          * receive of step d-1, which its sender posted at step d-1 without

@@ -134,6 +134,48 @@ def test_p2p_to_self_or_outside_is_refused():
         exchange.p2p(0, 2, [(1, 2, 0, 8, 0)])
 
 
+def _first_frames_pair_up(plans, n):
+    """Every rank sends, without waiting for anything, at least one frame on stripe 0 to every
+    other rank and receives at least one from it: the first frames of every ordered pair meet."""
+    for a in range(n):
+        ops = plans[a].ops()
+        for b in range(n):
+            if a == b:
+                continue
+            sends = [o for o in ops if o["kind"] == 0 and o["peer"] == b and o["stripe"] == 0]
+            recvs = [o for o in ops if o["kind"] in (1, 2) and o["peer"] == b and o["stripe"] == 0]
+            assert sends and recvs, (a, b)
+            assert not sends[0]["deps"]
+
+
+@pytest.mark.parametrize("n", [2, 3, 4, 5])
+def test_direct_rooted_plans_check_the_root_in_their_data_frames(n):
+    """Direct gather, scatter and reduce send no separate agree frame where data flows (2 frames
+    per root pair instead of 3) and yet, whatever root each rank names, every ordered pair's
+    first frames meet: a rank that names another root fails the header check at once on every
+    rank (the simulator: a tag or length mismatch on the first frame, never a deadlock)."""
+    import itertools
+    builders = {"gather": lambda r, root: exchange.gather(r, n, root, 2 * ES),
+                "scatter": lambda r, root: exchange.scatter(r, n, root, 2 * ES),
+                "reduce": lambda r, root: exchange.reduce(r, n, root, 2, ES)}
+    for coll, build in builders.items():
+        same = [build(r, 0) for r in range(n)]
+        empties = sum(1 for p in same for o in p.ops() if o["kind"] == 0 and o["len"] == 0)
+        assert empties == (n - 1) * (n - 1), coll  # a plan_agree would send n(n-1)
+        for roots in itertools.islice(itertools.product(range(n), repeat=n), 40):
+            plans = [build(r, roots[r]) for r in range(n)]
+            _first_frames_pair_up(plans, n)
+            if len(set(roots)) == 1:
+                continue
+            ins = [sym_array(r, 2 * n) for r in range(n)]
+            bufs = []
+            for r, p in enumerate(plans):
+                bufs.append([ins[r], np.empty(2 * n, dtype=object), np.empty(p.need_bytes(SCRATCH) // ES, dtype=object)])
+            with pytest.raises(AssertionError) as err:
+                simulate(plans, bufs, ES, sym_reduce)
+            assert not isinstance(err.value, PlanDeadlock), (coll, roots)
+
+
 def test_gather_with_different_roots_fails_instead_of_waiting():
     """Ranks that disagree on the root exchange agree frames first: the plans still run to
     the end in the simulator (the engine's header check then fails them), never deadlock."""
