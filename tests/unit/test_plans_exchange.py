@@ -5,6 +5,7 @@ every world size, without sockets. Every output element is checked for who contr
 deadlock nor race (plansim)."""
 import numpy as np
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from pycoll.errors import InvalidArgument
 from pycoll.plan import exchange, planners
@@ -332,3 +333,36 @@ def test_staged_all_to_all_has_one_payload_in_flight():
     for o in sends[1:]:
         dep = ops[o["deps"][0]]
         assert dep["kind"] == 1 and dep["peer"] == (0 - (o["peer"] - 1)) % n
+
+
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(st.integers(1, 20).flatmap(lambda n: st.tuples(
+    st.just(n), st.integers(0, n - 1), st.integers(0, 3 * n + 9), st.integers(1, 6), st.integers(1, 3),
+    st.booleans())))
+def test_tree_plans_random(args):
+    """Random world sizes, roots, counts, segment sizes and stripes: the tree reduce's grouping
+    and the tree gather/scatter's blocks, without deadlock or race."""
+    from reference import binomial_order
+    n, root, count, seg_elems, stripes, avg = args
+    plans = [exchange.reduce(r, n, root, count, ES, segment_bytes=seg_elems * ES, stripes=stripes, avg=avg,
+                             algorithm="tree") for r in range(n)]
+    bufs = []
+    for r, p in enumerate(plans):
+        data = sym_array(r, count)
+        bufs.append([data, data, np.empty(p.need_bytes(SCRATCH) // ES, dtype=object)])
+    simulate(plans, bufs, ES, sym_reduce, sym_scale if avg else None, check_races=True, aliased=True)
+    order = binomial_order(n, root)
+    for i in range(count):
+        want = _tree_expr(order, i)
+        assert bufs[root][OUT][i] == (("scale", want) if avg and n > 1 else want)
+    block = count % 5
+    plans = [exchange.gather(r, n, root, block * ES, algorithm="tree") for r in range(n)]
+    bufs = bufs_for(plans, [sym_array(r, block) for r in range(n)], n * block)
+    simulate(plans, bufs, ES, sym_reduce, check_races=True)
+    assert list(bufs[root][OUT]) == [(q, i) for q in range(n) for i in range(block)]
+    plans = [exchange.scatter(r, n, root, block * ES, algorithm="tree") for r in range(n)]
+    ins = [sym_array(r, n * block) if r == root else np.empty(0, dtype=object) for r in range(n)]
+    bufs = bufs_for(plans, ins, block)
+    simulate(plans, bufs, ES, sym_reduce, check_races=True)
+    for r in range(n):
+        assert list(bufs[r][OUT]) == [(root, r * block + i) for i in range(block)]
