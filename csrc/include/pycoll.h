@@ -129,10 +129,18 @@ typedef enum {
                                      aggregator with no data of its own; its
                                      accumulator starts from its first member's
                                      data and lives in scratch (IN/OUT unused) */
-#define PC_PLAN_AGREE 8u          /* pc_plan_exchange: start with plan_agree's empty
-                                     frame to and from every rank, so that a rank
-                                     whose call differs (another root) fails the
-                                     header check instead of waiting out its timeout */
+#define PC_PLAN_AGREE 8u          /* pc_plan_exchange: an empty frame to and from
+                                     every rank that no data frame goes to or comes
+                                     from, so that every pair exchanges a checked
+                                     frame each way and a rank whose call differs
+                                     (another root) fails the header check instead
+                                     of waiting out its timeout (plan.h:
+                                     plan_agree_silent) */
+#define PC_PLAN_STAGED 16u        /* pc_plan_exchange: pairwise exchange in n-1
+                                     steps (step k: send to rank+k, receive from
+                                     rank-k; a step's sends wait for the previous
+                                     step's receive), so each rank has one
+                                     payload in flight each way, not n-1 */
 
 /*
  * Multi-ring planner. `rings` holds nrings permutations of 0..nranks-1 (each
@@ -179,10 +187,28 @@ pc_status pc_plan_direct(pc_collective coll, int32_t nranks, int32_t rank, uint6
  * most 8 segments: larger ones past that), and segment g of rank j's reduction waits only for segment
  * g of rank j-1's, so the root reduces while the rest still arrives. Other
  * ranks only send (their OUT is never written); the root's IN is intact if
- * the call fails.
+ * the call fails. Ranks exchange empty frames only where no data flows (the
+ * root's data frames carry the check of its arguments: plan.h,
+ * plan_agree_silent).
  */
 pc_status pc_plan_reduce(int32_t nranks, int32_t rank, int32_t root, uint64_t count, int32_t elem_size,
                          uint64_t segment_bytes, int32_t stripes, uint32_t flags, pc_plan **out);
+/*
+ * Rooted collectives over a binomial tree (plan_binomial.c), ceil(lg n)
+ * rounds, lg n frames at the root instead of n - 1. Reduce: as
+ * pc_plan_reduce (in place at the root through scratch, pipelined in
+ * segments of segment_bytes) but each node reduces its own input with its
+ * children's subtree results in relative rank order (v = rank - root mod n):
+ * a fixed order per (n, root), not pc_plan_reduce's rank-order chain.
+ * Gather (coll PC_COLL_GATHER: IN one block of nbytes, the root's OUT n
+ * blocks in rank order) and scatter (PC_COLL_SCATTER: the root's IN n
+ * blocks, OUT one block); interior nodes forward their subtree's blocks
+ * through scratch. Both open with plan_agree's frames.
+ */
+pc_status pc_plan_binomial_reduce(int32_t nranks, int32_t rank, int32_t root, uint64_t count, int32_t elem_size,
+                                  uint64_t segment_bytes, int32_t stripes, uint32_t flags, pc_plan **out);
+pc_status pc_plan_binomial_rooted(pc_collective coll, int32_t nranks, int32_t rank, int32_t root, uint64_t nbytes,
+                                  pc_plan **out);
 /*
  * Direct exchange (plan_exchange.c), one step: this rank sends
  * IN[send_off[p], +send_len[p]) to every rank p and receives

@@ -77,6 +77,17 @@ void plan_agree(pc_plan *p) {
         plan_add(p, PC_OP_RECV, (p->rank + p->nranks - d) % p->nranks, 0, AGREE_TAG, -1, 0, -1, 0, 0, NULL, 0);
 }
 
+void plan_agree_silent(pc_plan *p, const uint8_t *sends, const uint8_t *recvs) {
+    for (int32_t d = 1; d < p->nranks; d++) {
+        int32_t q = (p->rank + d) % p->nranks;
+        if (!sends[q]) plan_add(p, PC_OP_SEND, q, 0, AGREE_TAG, -1, 0, -1, 0, 0, NULL, 0);
+    }
+    for (int32_t d = 1; d < p->nranks; d++) {
+        int32_t q = (p->rank + p->nranks - d) % p->nranks;
+        if (!recvs[q]) plan_add(p, PC_OP_RECV, q, 0, AGREE_TAG, -1, 0, -1, 0, 0, NULL, 0);
+    }
+}
+
 void plan_begin_tail(pc_plan *p) {
     if (p->tail_first < 0) p->tail_first = p->nops;
 }

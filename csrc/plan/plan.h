@@ -46,6 +46,15 @@ void plan_announce(pc_plan *p);
  * other's fails the check on every rank, in the same call, instead of some
  * ranks returning normally. */
 void plan_agree(pc_plan *p);
+/* plan_agree's empty frames only where no data flows: to each rank q with
+ * !sends[q], from each rank q with !recvs[q]. For plans whose sends wait for
+ * nothing and that move at most one payload per direction and pair (the
+ * direct gather, scatter, reduce): every rank then sends exactly one first
+ * frame to, and receives one from, every other rank, whatever root each
+ * names, so a rank whose arguments differ fails the header check on the
+ * data frames themselves, on every rank, at once, and the rooted pairs need
+ * no separate frames (2 frames per pair instead of 3). */
+void plan_agree_silent(pc_plan *p, const uint8_t *sends, const uint8_t *recvs);
 pc_status plan_finish(pc_plan *p, pc_plan **out);
 
 /* Split `count` elements into `parts` nearly equal pieces: piece i starts at

@@ -553,11 +553,24 @@ class Communicator:
         return self._call(run, async_op, "barrier")
 
     # ---- one-step collectives: reduce, gather, scatter, all_to_all (pycoll.plan.exchange) ------
-    def _run_planned(self, coll, key, build, sb, rb, count, op, root, timeout):
-        """Run a one-step collective (see Epoch.prepare_planned) on the current epoch."""
+    def _run_planned(self, coll, key, build, sb, rb, count, op, root, timeout, algorithm="direct", nbytes=0):
+        """Run a planned collective (see Epoch.prepare_planned) on the current epoch. Rooted ones
+        (reduce, gather, scatter) choose their plan: ``algorithm`` "direct", "tree" or "auto"
+        (the epoch's cost model, for ``nbytes``), and so does all_to_all ("direct", "staged");
+        ``build(rank, n, options, algorithm)``."""
         ep = self._epoch
-        ep.ensure_ready(identity(coll, sb.code, op, count, root, "direct", None))
-        call = ep.prepare_planned(coll, key, build, sb, rb, count, op, root)
+        ep.ensure_ready(identity(coll, sb.code, op, count, root, "direct" if coll == "all_to_all" else algorithm,
+                                 None))
+        if coll in ("reduce", "gather", "scatter", "all_to_all"):
+            chosen = ep.selector().choose_rooted(coll, algorithm, nbytes, root)
+            key, plan = tuple(key) + (chosen,), build
+            build = lambda rank, n, o: plan(rank, n, o, chosen)  # noqa: E731
+        else:
+            chosen = "direct"
+        if coll == "all_to_all":  # a local choice: staged and direct send the same frames
+            call = ep.prepare_planned(coll, key, build, sb, rb, count, op, root)
+        else:
+            call = ep.prepare_planned(coll, key, build, sb, rb, count, op, root, chosen, algorithm)
         ep.launch(call, ffi.cast("void *", sb.address), ffi.cast("void *", rb.address), timeout)
 
     def _check_root(self, root, what):
@@ -565,11 +578,16 @@ class Communicator:
             raise InvalidArgument(f"{what}: root {root!r} is not a rank of this group (world size {self.world_size})")
 
     def reduce(self, arr: Array, root: int = 0, op: str = "sum", *, timeout: Optional[float] = None,
-               dtype: Optional[str] = None, async_op: bool = False) -> Any:
+               dtype: Optional[str] = None, async_op: bool = False, algorithm: str = "auto") -> Any:
         """Reduce ``arr`` of every rank into ``root``'s ``arr``, in place there; the other
-        ranks' ``arr`` is only read. The root reduces in rank order (the bits of a direct
-        all_reduce); on failure its ``arr`` holds its input. Returns ``arr``."""
+        ranks' ``arr`` is only read. ``algorithm``: "direct" (the root reduces in rank order:
+        the bits of a direct all_reduce), "tree" (a binomial tree: each rank reduces its input
+        with its subtrees' results, in rank order relative to the root, grouped by subtree: see
+        csrc/plan/plan_binomial.c; the same bits every time for the same world size and root),
+        or "auto" (the cost model picks by size and world size, the same on every rank). On
+        failure the root's ``arr`` holds its input. Returns ``arr``."""
         self._check_root(root, "reduce")
+        _check_rooted_algorithm(algorithm, "reduce")
         buf = as_buffer(arr, writable=self.rank == root, what="reduce buffer", dtype=dtype)
         opc = op_code(op)
         avg = opc == lib.PC_AVG
@@ -579,30 +597,33 @@ class Communicator:
             o = self.options
             count, es = buf.count, lib.pc_dtype_size(buf.code)
             self._run_planned("reduce", (count, es, root, avg, o.segment_bytes, o.stripes),
-                              lambda rank, n, o: exchange.reduce(rank, n, root, count, es, o.segment_bytes, o.stripes,
-                                                                 avg),
-                              buf, buf, count, op, root, timeout)
+                              lambda rank, n, o, alg: exchange.reduce(rank, n, root, count, es, o.segment_bytes,
+                                                                      o.stripes, avg, alg),
+                              buf, buf, count, op, root, timeout, algorithm, buf.nbytes)
             return arr
         return self._call(run, async_op, "reduce", (buf,))
 
     def gather(self, send: Array, recv: Optional[Array] = None, root: int = 0, *, timeout: Optional[float] = None,
-               dtype: Optional[str] = None, async_op: bool = False) -> Any:
+               dtype: Optional[str] = None, async_op: bool = False, algorithm: str = "auto") -> Any:
         """``root``'s ``recv`` (world_size x ``send``'s size) receives every rank's ``send``, in
-        rank order; ``recv`` is only used (and needed) on the root. Returns ``recv``."""
-        return self._rooted("gather", send, recv, root, timeout, dtype, async_op)
+        rank order; ``recv`` is only used (and needed) on the root. ``algorithm``: "direct"
+        (one step), "tree" (binomial, lg n steps) or "auto" (as :meth:`reduce`). Returns ``recv``."""
+        return self._rooted("gather", send, recv, root, timeout, dtype, async_op, algorithm)
 
     def scatter(self, send: Optional[Array], recv: Array, root: int = 0, *, timeout: Optional[float] = None,
-                dtype: Optional[str] = None, async_op: bool = False) -> Any:
+                dtype: Optional[str] = None, async_op: bool = False, algorithm: str = "auto") -> Any:
         """Block r of ``root``'s ``send`` (world_size blocks of ``recv``'s size) into rank r's
-        ``recv``; ``send`` is only used (and needed) on the root. Returns ``recv``."""
-        return self._rooted("scatter", recv, send, root, timeout, dtype, async_op)
+        ``recv``; ``send`` is only used (and needed) on the root. ``algorithm`` as for
+        :meth:`gather`. Returns ``recv``."""
+        return self._rooted("scatter", recv, send, root, timeout, dtype, async_op, algorithm)
 
-    def _rooted(self, coll, block, whole, root, timeout, dtype, async_op):
+    def _rooted(self, coll, block, whole, root, timeout, dtype, async_op, algorithm="auto"):
         """gather (every rank's ``block`` into the root's ``whole``) or scatter (the root's
         ``whole`` cut into every rank's ``block``): one exchange seen from either side."""
         to_root = coll == "gather"
         mine, alls = ("send", "recv") if to_root else ("recv", "send")
         self._check_root(root, coll)
+        _check_rooted_algorithm(algorithm, coll)
         bb = as_buffer(block, writable=not to_root, what=f"{coll} {mine}", dtype=dtype)
         wb = as_buffer(whole, writable=to_root, what=f"{coll} {alls}", dtype=dtype) if whole is not None else _EMPTY
         sb, rb = (bb, wb) if to_root else (wb, bb)
@@ -622,19 +643,26 @@ class Communicator:
             # scatter's digest carries recv's dtype and size: every rank's are the same
             inb, outb = (bb, at_root) if to_root else (_Described(at_root, bb.code), bb)
             self._run_planned(coll, (nbytes, root, me == root, self.options.stripes),
-                              lambda rank, n, o: plan(rank, n, root, nbytes, o.stripes),
-                              inb, outb, bb.count, "sum", root, timeout)
+                              lambda rank, n, o, alg: plan(rank, n, root, nbytes, o.stripes, alg),
+                              inb, outb, bb.count, "sum", root, timeout, algorithm, nbytes)
             return whole if to_root else block
         return self._call(run, async_op, coll, (bb,) if whole is None else (sb, rb))
 
     def all_to_all(self, send: Array, recv: Array, send_counts=None, recv_counts=None, *,
-                   timeout: Optional[float] = None, dtype: Optional[str] = None, async_op: bool = False) -> Any:
+                   timeout: Optional[float] = None, dtype: Optional[str] = None, async_op: bool = False,
+                   algorithm: str = "auto") -> Any:
         """Block r of ``send`` to rank r; rank r's block for us into block r of ``recv``, in
         one step. Equal blocks by default (``send`` and ``recv`` hold world_size blocks each);
         ``send_counts`` / ``recv_counts``: elements per block (uneven splits, torch's
         ``all_to_all_single``), summing to the arrays' sizes; ``send_counts[r]`` on rank q must
         equal ``recv_counts[q]`` on rank r (else every rank fails with ProtocolError).
-        ``send`` and ``recv`` must not overlap. Returns ``recv``."""
+        ``send`` and ``recv`` must not overlap. ``algorithm``: "direct" (every frame at once),
+        "staged" (n-1 pairwise steps, one payload in flight each way: see
+        :func:`pycoll.plan.exchange.all_to_all`) or "auto" (the cost model's choice by the
+        largest block). Returns ``recv``."""
+        if algorithm not in ("auto",) + exchange.ALL_TO_ALL_ALGORITHMS:
+            raise InvalidArgument(f"all_to_all: algorithm {algorithm!r} is not one of auto, "
+                                  f"{', '.join(exchange.ALL_TO_ALL_ALGORITHMS)}")
         sb = as_buffer(send, writable=False, what="all_to_all send", dtype=dtype)
         rb = as_buffer(recv, writable=True, what="all_to_all recv", dtype=dtype)
         self._check_same_dtype(sb, rb, "all_to_all")
@@ -645,9 +673,11 @@ class Communicator:
             sc = _splits(send_counts, sb.count, n, "send")
             rc = _splits(recv_counts, rb.count, n, "recv")
             sbytes, rbytes = tuple(c * es for c in sc), tuple(c * es for c in rc)
+            # each rank decides by its largest block: the two plans exchange the same frames
+            # (so ranks that choose differently still pair up; the digest says "direct")
             self._run_planned("all_to_all", (sbytes, rbytes, self.options.stripes),
-                              lambda rank, n, o: exchange.all_to_all(rank, n, sbytes, rbytes, o.stripes),
-                              sb, rb, 0, "sum", 0, timeout)
+                              lambda rank, n, o, a: exchange.all_to_all(rank, n, sbytes, rbytes, o.stripes, a),
+                              sb, rb, 0, "sum", 0, timeout, algorithm, max(sbytes + rbytes, default=0))
             return recv
         return self._call(run, async_op, "all_to_all", (sb, rb))
 
@@ -966,6 +996,12 @@ class _Described:
     def __init__(self, buf, code):
         self.address, self.nbytes, self.count, self.dtype, self.code = buf.address, buf.nbytes, buf.count, \
             buf.dtype, code
+
+
+def _check_rooted_algorithm(algorithm, what):
+    if algorithm not in ("auto",) + exchange.ROOTED_ALGORITHMS:
+        raise InvalidArgument(f"{what}: algorithm {algorithm!r} is not one of auto, "
+                              f"{', '.join(exchange.ROOTED_ALGORITHMS)}")
 
 
 def _check_apart(a, b, what):

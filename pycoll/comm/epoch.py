@@ -982,13 +982,15 @@ class Epoch:
         return Call(coll, chosen, plan, ccomm, switch, desc, ident, inbuf.code, opc, count, itemsize, inbuf.nbytes,
                     outbuf.nbytes)
 
-    def prepare_planned(self, coll, key, build, inbuf, outbuf, count, op, root=0):
+    def prepare_planned(self, coll, key, build, inbuf, outbuf, count, op, root=0, algorithm="direct", written=None):
         """A :class:`Call` for a one-step collective outside the algorithm choice (reduce,
         gather, scatter, all_to_all, point-to-point; see pycoll.plan.planners.plan_exchange):
         ``build(rank, world_size, options)`` makes this rank's plan, cached under ``key``
         (everything the plan depends on besides rank and world size). ``count`` and ``root``
         go into the argument digest every frame carries (0 where ranks may differ, as
-        uneven all_to_all splits); point-to-point calls have no identity of their own (they
+        uneven all_to_all splits), and so does ``algorithm`` (the plan a rooted collective
+        chose: "direct" or "tree"; ``written``: what the caller asked for, for the identity);
+        point-to-point calls have no identity of their own (they
         are not calls of the whole group, see launch's ``p2p``)."""
         ckey = ("call", coll, self.rank, self.world_size, inbuf.code, op, count, root, inbuf.nbytes,
                 outbuf.nbytes) + tuple(key)
@@ -1004,10 +1006,10 @@ class Epoch:
             if len(self._plans) > 256:
                 self._plans.clear()
             self._plans[pkey] = plan
-        desc = _digest(coll, inbuf.code if coll != "p2p" else 0, opc, count, root, "direct")
-        ident = None if coll == "p2p" else identity(coll, inbuf.code, op, count, root, "direct", None)
+        desc = _digest(coll, inbuf.code if coll != "p2p" else 0, opc, count, root, algorithm)
+        ident = None if coll == "p2p" else identity(coll, inbuf.code, op, count, root, written or algorithm, None)
         itemsize = lib.pc_dtype_size(inbuf.code)
-        call = Call(coll, "direct", plan, self.ccomm, None, desc, ident, inbuf.code, opc, count, itemsize,
+        call = Call(coll, algorithm, plan, self.ccomm, None, desc, ident, inbuf.code, opc, count, itemsize,
                     inbuf.nbytes, outbuf.nbytes)
         try:
             self._plans[ckey] = call

@@ -72,6 +72,10 @@ CANDIDATES = ("ring", "hamiltonian", "tree", "innetwork", "direct")
 # the whole buffer n-1 times, against about once for the others): auto offers direct only up to
 # this size, where per-message latency dominates and that work is a few microseconds at most.
 DIRECT_MAX_BYTES = 64 << 10
+# all_to_all moves the same bytes either way; the staged (pairwise) exchange only bounds what is
+# in flight, which the model has no term for: auto stages blocks from this size (None: never),
+# as measured by bench/torch_ops.py (see the README's table).
+STAGED_MIN_BYTES = None
 MAX_MULTIRING = 64  # auto considers the multi-ring up to this many ranks (the cycle search grows fast)
 
 
@@ -168,6 +172,83 @@ class CostModel:
         fastest = min(times.values())
         best = next(a for a in CANDIDATES if a in times and times[a] <= fastest * 1.03)
         return best, times
+
+    # ---- rooted collectives: reduce, gather, scatter (pycoll.plan.exchange) -----------------
+    def predict_rooted(self, algorithm, coll, nbytes, root=0, segment_bytes=1 << 19):
+        """Predicted seconds of a rooted ``coll`` by ``algorithm`` ("direct" or "tree"):
+        ``nbytes`` is the buffer (reduce) or one rank's block (gather, scatter).
+
+        direct: one step in which the root handles n-1 messages and receives (reduce, gather) or
+        sends (scatter) n-1 payloads; tree (binomial): ceil(lg n) steps of about 1.5 messages
+        each (a subtree's blocks travel in up to 3 pieces), the root handling lg n payloads of a
+        reduce (it also reduces only lg n, the bandwidth and work the tree saves at large sizes)
+        and, for gather and scatter, the same bytes as direct in fewer messages (the latency it
+        saves at small sizes with many ranks). A reduce pipelines its segments up the tree."""
+        n = self.n
+        if n == 1:
+            return 0.0
+        D = float(nbytes)
+        traffic = {}
+        if algorithm == "direct":
+            for j in range(n):
+                if j != root:
+                    traffic[(j, root)] = D
+            steps, msgs = 1, n - 1
+            path = [(j, root) for j in range(n) if j != root][:1]
+        else:
+            path, deepest = [], []
+            for v in range(1, n):
+                parent, span = v - (v & -v), min(v & -v, n - v)
+                edge = ((v + root) % n, (parent + root) % n)
+                traffic[edge] = D * (1 if coll == "reduce" else span)
+                hops, x = [], v
+                while x:
+                    p = x - (x & -x)
+                    hops.append(((x + root) % n, (p + root) % n))
+                    x = p
+                if len(hops) > len(deepest):
+                    deepest = hops
+            path = deepest
+            steps, msgs = max(1, (n - 1).bit_length()), (1 if coll == "reduce" else 2)
+        if coll == "scatter":
+            traffic = {(v, u): b for (u, v), b in traffic.items()}
+            path = [(v, u) for u, v in path]
+        lat = max(self.lat[a] for a in path)
+        latency = steps * (lat + self.overhead_s * (1 + (msgs - 1) / 2))
+        if coll == "reduce" and algorithm == "tree":
+            segs = max(1, math.ceil(D / segment_bytes))
+            unit = D / segs
+            pipeline = unit * sum(self._hop(*a) for a in path) + (segs - 1) * unit * self._slowest(traffic)
+        elif algorithm == "tree":  # unsegmented: round j moves 2^j blocks, few ranks busy at once
+            slowest = max(max(1.0 / self.bw[a] for a in traffic), 1.0 / self.rank_Bps)
+            pipeline = D * ((1 << steps) - 1) * slowest
+        else:
+            pipeline = 0.0
+        return latency + max(self._rooted_busiest(traffic), pipeline)
+
+    def _rooted_busiest(self, traffic):
+        """:meth:`_busiest` for a rooted schedule, where a rank's own rate only limits traffic
+        between hosts: on one host, measured (bench/torch_ops.py-style, 4 ranks on 2 CPUs,
+        shared memory), a direct reduce of 16-64 MiB took 0.7-0.85x the tree's time though its
+        root receives n-1 payloads to the tree's lg n: the senders do the copying, so the
+        host's total work (the same for both) is the limit, and the tree's extra depth a cost."""
+        cross = {a: b for a, b in traffic.items() if self.host_of[a[0]] != self.host_of[a[1]]}
+        worst = self._busiest(cross) if cross else 0.0
+        host_sent = {}
+        for (u, _), b in traffic.items():
+            host_sent[self.host_of[u]] = host_sent.get(self.host_of[u], 0.0) + b
+        return max(worst, max(host_sent.values()) / self.host_Bps)
+
+    def choose_rooted(self, coll, nbytes, root=0, segment_bytes=1 << 19):
+        """(fastest of direct and tree, {algorithm: predicted seconds}); near-ties (3 %) go to
+        direct. all_to_all: staged from STAGED_MIN_BYTES per block (see there), else direct."""
+        if coll == "all_to_all":
+            staged = self.n > 2 and STAGED_MIN_BYTES is not None and nbytes >= STAGED_MIN_BYTES
+            return ("staged" if staged else "direct"), {}
+        if self.n < 4:  # the binomial tree of 2 or 3 ranks is the direct plan
+            return "direct", {"direct": 0.0}
+        times = {a: self.predict_rooted(a, coll, nbytes, root, segment_bytes) for a in ("direct", "tree")}
+        return ("tree" if times["tree"] < times["direct"] / 1.03 else "direct"), times
 
     # ---- schedules: ({(u, v): bytes}, [(steps, mean latency, msgs per step, seconds per byte
     # ---- summed over the steps' hops)]) ------------------------------------------------------
@@ -375,6 +456,22 @@ class Selector:
     def model(self):
         """The cost model (see the class)."""
         return self._model
+
+    def choose_rooted(self, coll, algorithm, nbytes, root):
+        """The plan of a reduce, gather or scatter: ``algorithm`` "direct" or "tree", or "auto"
+        (the model's choice, cached per size and root as :meth:`choose`)."""
+        if algorithm != "auto":
+            return algorithm
+        key = (coll, nbytes, root)
+        chosen = self._choices.get(key)
+        if chosen is None:
+            chosen, times = self.model().choose_rooted(coll, nbytes, root, self.segment_bytes)
+            log.debug("auto: %s for %s of %d B (predicted %s)", chosen, coll, nbytes,
+                      ", ".join(f"{a} {t * 1e3:.3f} ms" for a, t in sorted(times.items(), key=lambda x: x[1])))
+            if len(self._choices) > 4096:
+                self._choices.clear()
+            self._choices[key] = chosen
+        return chosen
 
     def choose(self, coll, algorithm, nbytes):
         """The algorithm that runs this call (``algorithm`` may be auto)."""

@@ -165,14 +165,36 @@ def plan_reduce(nranks, rank, root, count, itemsize, *, segment_bytes=1 << 19, s
     return Plan(out[0])
 
 
-def plan_exchange(nranks, rank, send_off, send_len, recv_off, recv_len, *, stripes=1, agree=False):
+def plan_binomial_reduce(nranks, rank, root, count, itemsize, *, segment_bytes=1 << 19, stripes=1, avg=False):
+    """Reduce to ``root`` over a binomial tree (plan_binomial.c): every node reduces its input
+    with its children's subtree results in relative rank order and passes it up."""
+    out = ffi.new("pc_plan **")
+    st = lib.pc_plan_binomial_reduce(nranks, rank, root, count, itemsize, segment_bytes, stripes,
+                                     _flags(False, avg), out)
+    if st != lib.PC_OK:
+        raise InvalidArgument(f"cannot plan a tree reduce to {root} for rank {rank} of {nranks} (status {st})")
+    return Plan(out[0])
+
+
+def plan_binomial_rooted(coll, nranks, rank, root, nbytes):
+    """gather or scatter of ``nbytes`` blocks over a binomial tree (plan_binomial.c)."""
+    out = ffi.new("pc_plan **")
+    st = lib.pc_plan_binomial_rooted(COLLECTIVES[coll], nranks, rank, root, nbytes, out)
+    if st != lib.PC_OK:
+        raise InvalidArgument(f"cannot plan a tree {coll} from {root} for rank {rank} of {nranks} (status {st})")
+    return Plan(out[0])
+
+
+def plan_exchange(nranks, rank, send_off, send_len, recv_off, recv_len, *, stripes=1, agree=False, staged=False):
     """A one-step exchange (all_to_all, gather, scatter): byte ranges of IN to send to and of
-    OUT to receive from every rank (:data:`NO_FRAME`: no frame with that rank)."""
+    OUT to receive from every rank (:data:`NO_FRAME`: no frame with that rank). ``staged``:
+    n-1 pairwise steps instead, one payload in flight each way (PC_PLAN_STAGED)."""
     arrs = [np.ascontiguousarray(np.asarray(a, dtype=np.uint64).reshape(nranks))
             for a in (send_off, send_len, recv_off, recv_len)]
     ptrs = [ffi.cast("uint64_t *", a.ctypes.data) for a in arrs]
     out = ffi.new("pc_plan **")
-    st = lib.pc_plan_exchange(nranks, rank, *ptrs, stripes, lib.PC_PLAN_AGREE if agree else 0, out)
+    flags = (lib.PC_PLAN_AGREE if agree else 0) | (lib.PC_PLAN_STAGED if staged else 0)
+    st = lib.pc_plan_exchange(nranks, rank, *ptrs, stripes, flags, out)
     if st != lib.PC_OK:
         raise InvalidArgument(f"cannot plan an exchange for rank {rank} of {nranks} (status {st})")
     return Plan(out[0])

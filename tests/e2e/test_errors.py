@@ -19,6 +19,15 @@ def _mismatch(comm, kind):
     try:
         if kind == "op":
             comm.all_reduce(a, op="sum" if comm.rank == 0 else "max")
+        elif kind.endswith("_root"):  # rank 2 names another root (no separate agree round: the data frames)
+            root = 1 if comm.rank == 2 else 0
+            whole = np.ones(comm.world_size * a.size, np.float32) if comm.rank == root else None
+            if kind == "gather_root":
+                comm.gather(a, whole, root=root, algorithm="direct")
+            elif kind == "scatter_root":
+                comm.scatter(whole, a, root=root, algorithm="direct")
+            else:
+                comm.reduce(a, root=root, algorithm="direct")
         elif kind == "collective":
             if comm.rank == 0:
                 comm.all_reduce(a)
@@ -36,7 +45,7 @@ def _mismatch(comm, kind):
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("kind", ["size", "dtype", "op", "collective"])
+@pytest.mark.parametrize("kind", ["size", "dtype", "op", "collective", "gather_root", "scatter_root", "reduce_root"])
 def test_mismatched_calls_fail_on_every_rank_then_recover(kind, transport):
     n = 3
     results = run_on(_mismatch, n, transport, args=(kind,), timeout=90, init_kwargs={"timeout": 20})

@@ -76,3 +76,22 @@ def make_input(dtype, op, count, rank, seed):
     if dtype == "bfloat16":
         return f32_to_bf16(vals.astype(np.float32))
     return vals.astype(dtype)
+
+
+def binomial_order(n, root, v=0):
+    """The grouping a binomial-tree reduce (csrc/plan/plan_binomial.c) combines ranks in: a
+    rank, or a pair (left, right) for left (op) right. Node v (relative to the root) folds its
+    children v+1, v+2, v+4, ... into its own value, left to right."""
+    span = n if v == 0 else v & -v
+    expr, d = (v + root) % n, 1
+    while d < span and v + d < n:
+        expr = (expr, binomial_order(n, root, v + d))
+        d *= 2
+    return expr
+
+
+def fold_order(order, value, op):
+    """Evaluates a :func:`binomial_order` grouping: ``value(rank)`` at the leaves, ``op`` at the pairs."""
+    if isinstance(order, tuple):
+        return op(fold_order(order[0], value, op), fold_order(order[1], value, op))
+    return value(order)
