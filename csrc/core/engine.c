@@ -99,8 +99,9 @@ struct pc_comm {
     int busy_looks;           /* consecutive looks at the host that found it busy (host_busy) */
     int32_t collapse_skip;    /* single-copy runs left before huge pages are tried again (see huge_pages) */
     double busy_seen_at;      /* when the last look was (0: never) */
-    void *scratch;
+    void *scratch;            /* scratch_cap bytes inside a mapping of scratch_map bytes (see grow_scratch) */
     uint64_t scratch_cap;
+    size_t scratch_map;
     void *run_mem;            /* a run's bookkeeping (prepare), kept for the next run */
     size_t run_cap;
     uint64_t sent, received;
@@ -297,7 +298,7 @@ void pc_comm_free(pc_comm *c) {
     }
     free(c->conns);
     free(c->stage);
-    free(c->scratch);
+    if (c->scratch) munmap(c->scratch, c->scratch_map);
     free(c->run_mem);
     if (c->cancel_pipe[0] >= 0) close(c->cancel_pipe[0]);
     if (c->cancel_pipe[1] >= 0) close(c->cancel_pipe[1]);
@@ -1197,6 +1198,37 @@ static void huge_pages(pc_comm *c, void *buf, uint64_t bytes) {
     if (madvise((void *)start, end - start, MADV_COLLAPSE) != 0) c->collapse_skip = COLLAPSE_BACKOFF;
 }
 
+/* Scratch is read by the peers' single-copy reads (results of preserve_input plans, direct
+ * all-reduce accumulators) as much as the caller's buffers are: it lives on huge pages from
+ * its first touch (THP asked for per mapping, so the "madvise" setting grants it), so those
+ * reads walk and pin 2 MiB pages instead of 4 KiB ones. Its contents survive growth: a
+ * body's scratch is what its tail copies out. */
+static pc_status grow_scratch(pc_comm *c, uint64_t need) {
+    if (need > SIZE_MAX / 2) return PC_ERR_NOMEM;
+    int huge = need >= HUGE_PAGE / 2; /* a small one is not worth a 2 MiB page */
+    uint64_t unit = huge ? HUGE_PAGE : 4096u;
+    size_t len = (size_t)((need + unit - 1) & ~(unit - 1));
+    size_t map = len + (huge ? HUGE_PAGE : 0); /* room to align the start */
+    uint8_t *m = mmap(NULL, map, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (m == MAP_FAILED) return PC_ERR_NOMEM;
+    uint8_t *at = huge ? (uint8_t *)(((uintptr_t)m + HUGE_PAGE - 1) & ~(uintptr_t)(HUGE_PAGE - 1)) : m;
+    if (at > m) munmap(m, (size_t)(at - m)); /* trim to [at, at + len) */
+    size_t tail = map - (size_t)(at - m) - len;
+    if (tail) munmap(at + len, tail);
+#ifdef MADV_HUGEPAGE
+    if (huge) madvise(at, len, MADV_HUGEPAGE);
+#endif
+    madvise(at, len, MADV_DONTFORK); /* like the shm segments: a forked child does not keep it */
+    if (c->scratch) {
+        memcpy(at, c->scratch, c->scratch_cap);
+        munmap(c->scratch, c->scratch_map);
+    }
+    c->scratch = at;
+    c->scratch_cap = len;
+    c->scratch_map = len;
+    return PC_OK;
+}
+
 pc_status pc_comm_run(pc_comm *comm, const pc_plan *plan, void *const *bufs, const uint64_t *buf_bytes,
                       int32_t dtype, int32_t op, uint64_t seq, uint32_t desc, double timeout_s,
                       int32_t *failed_peer) {
@@ -1272,14 +1304,10 @@ static pc_status run_part(pc_comm *comm, const pc_plan *plan, int32_t part, void
         set_err(comm, "this plan writes the caller's input before its tail; it cannot run in two parts");
         return PC_ERR_ARG;
     }
-    if (part != PC_RUN_TAIL && plan->need_bytes[PC_BUF_SCRATCH] > comm->scratch_cap) {
-        void *s = realloc(comm->scratch, plan->need_bytes[PC_BUF_SCRATCH]);
-        if (!s) {
-            set_err(comm, "out of memory for %llu bytes of scratch", (unsigned long long)plan->need_bytes[PC_BUF_SCRATCH]);
-            return PC_ERR_NOMEM;
-        }
-        comm->scratch = s;
-        comm->scratch_cap = plan->need_bytes[PC_BUF_SCRATCH];
+    if (part != PC_RUN_TAIL && plan->need_bytes[PC_BUF_SCRATCH] > comm->scratch_cap &&
+        grow_scratch(comm, plan->need_bytes[PC_BUF_SCRATCH]) != PC_OK) {
+        set_err(comm, "out of memory for %llu bytes of scratch", (unsigned long long)plan->need_bytes[PC_BUF_SCRATCH]);
+        return PC_ERR_NOMEM;
     }
     run_state r;
     memset(&r, 0, sizeof r);
