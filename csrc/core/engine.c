@@ -47,6 +47,7 @@
 #define STAGE_BYTES (256u * 1024u)
 #define REMOTE_BUDGET (4ull << 20) /* bytes copied from a peer per pump call */
 #define REMOTE_OP_MIN (64u * 1024u) /* smaller payloads always go through the ring */
+#define MAX_POSTED 64               /* descriptors out on one channel at once */
 /* Buffer runs (pc_comm_run_buffers): a single-copy receive is read in chunks small enough to be
  * hashed while they are still in the reading core's cache, on several threads when it is long. */
 #define READ_CHUNK (512u * 1024u)     /* a multiple of PC_HASH_BLOCK */
@@ -73,8 +74,9 @@ typedef struct {
     uint32_t stage_fill;   /* bytes waiting in the staging buffer */
     short want;            /* poll events this channel waits for */
     /* single copy (PC_FRAME_REMOTE) */
-    int sremote;           /* the head send goes as a descriptor */
-    uint64_t stoken;       /* != 0: its descriptor is out, waiting for the reader's ack */
+    int sremote;           /* the send being written goes as a descriptor */
+    int32_t posted;        /* sends from send_head on whose descriptors are out, waiting for acks */
+    uint64_t stoken;       /* the token of the oldest of them */
     uint8_t sdesc[PC_REMOTE_DESC_BYTES];
     int rremote;           /* the head receive came as a descriptor */
     uint8_t rdesc[PC_REMOTE_DESC_BYTES];
@@ -446,36 +448,49 @@ static uint64_t pad_of(const pc_conn *c, uint64_t len) {
     return c->align > 1 ? (uint64_t)(-len) & (uint64_t)(c->align - 1) : 0;
 }
 
-/* Advance the head send of channel k; returns 1 if bytes moved. */
-static int pump_send(run_state *r, int32_t k) {
+/* Sends whose descriptors are out complete in order as the reader acks them (tokens are
+ * consecutive on a connection: cs->stoken is the oldest's). */
+static int complete_acked(run_state *r, int32_t k) {
     chan_state *cs = &r->ch[k];
     pc_conn *cn = r->comm->conns[k];
     int moved = 0;
-    while (cs->send_head < cs->nsend) {
+    while (cs->posted) {
         int32_t i = cs->send_q[cs->send_head];
+        long res = cn->ops->rma_wait(cn, cs->stoken);
+        if (res == PC_IO_AGAIN) {
+            cs->want |= PC_WANT_RMA_ACK;
+            return moved;
+        }
+        if (res < 0) {
+            io_fail(r, res, r->plan->ops[i].peer, "sending to");
+            return moved;
+        }
+        moved = 1;
+        r->comm->sent += r->plan->ops[i].len;
+        cs->stoken++;
+        cs->posted--;
+        cs->send_head++;
+        complete(r, i);
+    }
+    return moved;
+}
+
+/* Advance the sends of channel k; returns 1 if bytes moved. A send that goes as a descriptor
+ * does not hold up the ready sends behind it: their descriptors follow at once (up to
+ * MAX_POSTED), so the reader finds all of them without waiting for us to be scheduled
+ * between its reads. A send of bytes waits until every descriptor before it was read. */
+static int pump_send(run_state *r, int32_t k) {
+    chan_state *cs = &r->ch[k];
+    pc_conn *cn = r->comm->conns[k];
+    int moved = complete_acked(r, k);
+    while (r->status == PC_OK && cs->send_head + cs->posted < cs->nsend && cs->posted < MAX_POSTED) {
+        int32_t i = cs->send_q[cs->send_head + cs->posted];
         if (!op_ready(r, i)) return moved;
         const pc_op *op = &r->plan->ops[i];
         const uint8_t *src = op->src_buf >= 0 ? r->buf[op->src_buf] + op->src_off : NULL; /* barrier: no bytes */
-        if (cs->stoken) { /* descriptor sent: done once the peer has read our bytes */
-            long res = cn->ops->rma_wait(cn, cs->stoken);
-            if (res == PC_IO_AGAIN) {
-                cs->want |= PC_WANT_RMA_ACK;
-                return moved;
-            }
-            if (res < 0) {
-                io_fail(r, res, op->peer, "sending to");
-                return moved;
-            }
-            moved = 1;
-            r->comm->sent += op->len;
-            cs->stoken = 0;
-            cs->sdone = 0;
-            cs->send_head++;
-            complete(r, i);
-            continue;
-        }
         if (cs->sdone == 0) {
             cs->sremote = r->remote && op->len >= REMOTE_OP_MIN && cn->ops->rma_ok && cn->ops->rma_ok(cn);
+            if (!cs->sremote && cs->posted) return moved | complete_acked(r, k);
             pc_frame_hdr h = {PC_MAGIC, PC_VERSION, cs->sremote ? PC_FRAME_REMOTE : PC_FRAME_DATA, op->tag,
                               r->desc, r->seq, op->len};
             hdr_encode(cs->shdr, &h);
@@ -516,14 +531,17 @@ static int pump_send(run_state *r, int32_t k) {
         moved = 1;
         cs->sdone += (uint64_t)res;
         if (!cs->sremote) r->comm->sent += (uint64_t)res;
-        if (cs->sdone == frame && cs->sremote) {
-            cs->stoken = cn->ops->rma_post(cn); /* completes above, once acked */
-        } else if (cs->sdone == frame) {
-            cs->sdone = 0;
+        if (cs->sdone < frame) continue;
+        cs->sdone = 0;
+        if (cs->sremote) { /* completes in complete_acked, once read */
+            uint64_t token = cn->ops->rma_post(cn);
+            if (!cs->posted++) cs->stoken = token;
+        } else {
             cs->send_head++;
             complete(r, i);
         }
     }
+    if (cs->posted) cs->want |= PC_WANT_RMA_ACK; /* (also when we stopped at MAX_POSTED) */
     return moved;
 }
 
@@ -775,6 +793,10 @@ static int pump_recv(run_state *r, int32_t k) {
             int m = pump_remote(r, k, i);
             moved |= m;
             if (cs->rremote && (!m || r->status != PC_OK)) return moved; /* waiting, or failed */
+            /* A finished reduction: let the other channels take the next step of its chain
+             * (a segment's reductions from several peers) while its accumulator is in cache,
+             * before this channel reads the next segment. */
+            if (!cs->rremote && op->kind == PC_OP_RECV_REDUCE) return moved;
             continue;
         }
         int reduce = op->kind == PC_OP_RECV_REDUCE;
