@@ -573,6 +573,35 @@ def _survive_and_count(comm):
     return first, err, during, _memfd_maps(), [t for t in _fd_targets() if MEMFD in t]
 
 
+def _allpairs_survivor(comm):
+    """Runs on every rank: 16 MiB allpairs all-reduces (single copy) until a peer dies; then
+    whether our input came through intact (preserve_input) and an all-reduce of the survivors."""
+    x = np.full(4 << 20, comm.rank + 1, np.float32)
+    for _ in range(100):
+        try:
+            comm.all_reduce(x, algorithm="allpairs")
+            x[:] = comm.rank + 1
+        except pycoll.PeerFailure:
+            break
+    else:
+        return "no failure"
+    intact = bool((x == comm.rank + 1).all())
+    y = np.ones(1 << 20, np.float32)
+    comm.all_reduce(y, algorithm="allpairs")
+    return intact, comm.world_size, float(y[0]), float(y[-1]), comm.stats[-1].algorithm
+
+
+@pytest.mark.timeout(150)
+def test_allpairs_survivors_fail_cleanly_when_a_peer_dies():
+    """A peer SIGKILLed in the middle of an allpairs all-reduce (its peers may be reading its
+    memory): every survivor raises PeerFailure with its input intact, and the survivors' next
+    allpairs all-reduce is right."""
+    res = pycoll.testing.run(_allpairs_survivor, 4, timeout=120, kill={3: "during:all_reduce"},
+                             init_kwargs={"timeout": 30, "heartbeat_timeout": 3.0, "transport": "shm"})
+    assert res[3] == pycoll.testing.KILLED
+    assert res[:3] == [(True, 3, 3.0, 3.0, "allpairs")] * 3
+
+
 SHM_REPORT = textwrap.dedent("""
     import json, os, sys
     sys.path[:0] = {paths!r}
