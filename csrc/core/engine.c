@@ -47,6 +47,7 @@
 #define STAGE_BYTES (256u * 1024u)
 #define REMOTE_BUDGET (4ull << 20) /* bytes copied from a peer per pump call */
 #define REMOTE_OP_MIN (64u * 1024u) /* smaller payloads always go through the ring */
+#define MAX_POSTED 64               /* descriptors out on one channel at once */
 /* Buffer runs (pc_comm_run_buffers): a single-copy receive is read in chunks small enough to be
  * hashed while they are still in the reading core's cache, on several threads when it is long. */
 #define READ_CHUNK (512u * 1024u)     /* a multiple of PC_HASH_BLOCK */
@@ -73,8 +74,9 @@ typedef struct {
     uint32_t stage_fill;   /* bytes waiting in the staging buffer */
     short want;            /* poll events this channel waits for */
     /* single copy (PC_FRAME_REMOTE) */
-    int sremote;           /* the head send goes as a descriptor */
-    uint64_t stoken;       /* != 0: its descriptor is out, waiting for the reader's ack */
+    int sremote;           /* the send being written goes as a descriptor */
+    int32_t posted;        /* sends from send_head on whose descriptors are out, waiting for acks */
+    uint64_t stoken;       /* the token of the oldest of them */
     uint8_t sdesc[PC_REMOTE_DESC_BYTES];
     int rremote;           /* the head receive came as a descriptor */
     uint8_t rdesc[PC_REMOTE_DESC_BYTES];
@@ -99,8 +101,9 @@ struct pc_comm {
     int busy_looks;           /* consecutive looks at the host that found it busy (host_busy) */
     int32_t collapse_skip;    /* single-copy runs left before huge pages are tried again (see huge_pages) */
     double busy_seen_at;      /* when the last look was (0: never) */
-    void *scratch;
+    void *scratch;            /* scratch_cap bytes inside a mapping of scratch_map bytes (see grow_scratch) */
     uint64_t scratch_cap;
+    size_t scratch_map;
     void *run_mem;            /* a run's bookkeeping (prepare), kept for the next run */
     size_t run_cap;
     uint64_t sent, received;
@@ -297,7 +300,7 @@ void pc_comm_free(pc_comm *c) {
     }
     free(c->conns);
     free(c->stage);
-    free(c->scratch);
+    if (c->scratch) munmap(c->scratch, c->scratch_map);
     free(c->run_mem);
     if (c->cancel_pipe[0] >= 0) close(c->cancel_pipe[0]);
     if (c->cancel_pipe[1] >= 0) close(c->cancel_pipe[1]);
@@ -445,36 +448,49 @@ static uint64_t pad_of(const pc_conn *c, uint64_t len) {
     return c->align > 1 ? (uint64_t)(-len) & (uint64_t)(c->align - 1) : 0;
 }
 
-/* Advance the head send of channel k; returns 1 if bytes moved. */
-static int pump_send(run_state *r, int32_t k) {
+/* Sends whose descriptors are out complete in order as the reader acks them (tokens are
+ * consecutive on a connection: cs->stoken is the oldest's). */
+static int complete_acked(run_state *r, int32_t k) {
     chan_state *cs = &r->ch[k];
     pc_conn *cn = r->comm->conns[k];
     int moved = 0;
-    while (cs->send_head < cs->nsend) {
+    while (cs->posted) {
         int32_t i = cs->send_q[cs->send_head];
+        long res = cn->ops->rma_wait(cn, cs->stoken);
+        if (res == PC_IO_AGAIN) {
+            cs->want |= PC_WANT_RMA_ACK;
+            return moved;
+        }
+        if (res < 0) {
+            io_fail(r, res, r->plan->ops[i].peer, "sending to");
+            return moved;
+        }
+        moved = 1;
+        r->comm->sent += r->plan->ops[i].len;
+        cs->stoken++;
+        cs->posted--;
+        cs->send_head++;
+        complete(r, i);
+    }
+    return moved;
+}
+
+/* Advance the sends of channel k; returns 1 if bytes moved. A send that goes as a descriptor
+ * does not hold up the ready sends behind it: their descriptors follow at once (up to
+ * MAX_POSTED), so the reader finds all of them without waiting for us to be scheduled
+ * between its reads. A send of bytes waits until every descriptor before it was read. */
+static int pump_send(run_state *r, int32_t k) {
+    chan_state *cs = &r->ch[k];
+    pc_conn *cn = r->comm->conns[k];
+    int moved = complete_acked(r, k);
+    while (r->status == PC_OK && cs->send_head + cs->posted < cs->nsend && cs->posted < MAX_POSTED) {
+        int32_t i = cs->send_q[cs->send_head + cs->posted];
         if (!op_ready(r, i)) return moved;
         const pc_op *op = &r->plan->ops[i];
         const uint8_t *src = op->src_buf >= 0 ? r->buf[op->src_buf] + op->src_off : NULL; /* barrier: no bytes */
-        if (cs->stoken) { /* descriptor sent: done once the peer has read our bytes */
-            long res = cn->ops->rma_wait(cn, cs->stoken);
-            if (res == PC_IO_AGAIN) {
-                cs->want |= PC_WANT_RMA_ACK;
-                return moved;
-            }
-            if (res < 0) {
-                io_fail(r, res, op->peer, "sending to");
-                return moved;
-            }
-            moved = 1;
-            r->comm->sent += op->len;
-            cs->stoken = 0;
-            cs->sdone = 0;
-            cs->send_head++;
-            complete(r, i);
-            continue;
-        }
         if (cs->sdone == 0) {
             cs->sremote = r->remote && op->len >= REMOTE_OP_MIN && cn->ops->rma_ok && cn->ops->rma_ok(cn);
+            if (!cs->sremote && cs->posted) return moved | complete_acked(r, k);
             pc_frame_hdr h = {PC_MAGIC, PC_VERSION, cs->sremote ? PC_FRAME_REMOTE : PC_FRAME_DATA, op->tag,
                               r->desc, r->seq, op->len};
             hdr_encode(cs->shdr, &h);
@@ -515,14 +531,17 @@ static int pump_send(run_state *r, int32_t k) {
         moved = 1;
         cs->sdone += (uint64_t)res;
         if (!cs->sremote) r->comm->sent += (uint64_t)res;
-        if (cs->sdone == frame && cs->sremote) {
-            cs->stoken = cn->ops->rma_post(cn); /* completes above, once acked */
-        } else if (cs->sdone == frame) {
-            cs->sdone = 0;
+        if (cs->sdone < frame) continue;
+        cs->sdone = 0;
+        if (cs->sremote) { /* completes in complete_acked, once read */
+            uint64_t token = cn->ops->rma_post(cn);
+            if (!cs->posted++) cs->stoken = token;
+        } else {
             cs->send_head++;
             complete(r, i);
         }
     }
+    if (cs->posted) cs->want |= PC_WANT_RMA_ACK; /* (also when we stopped at MAX_POSTED) */
     return moved;
 }
 
@@ -774,6 +793,10 @@ static int pump_recv(run_state *r, int32_t k) {
             int m = pump_remote(r, k, i);
             moved |= m;
             if (cs->rremote && (!m || r->status != PC_OK)) return moved; /* waiting, or failed */
+            /* A finished reduction: let the other channels take the next step of its chain
+             * (a segment's reductions from several peers) while its accumulator is in cache,
+             * before this channel reads the next segment. */
+            if (!cs->rremote && op->kind == PC_OP_RECV_REDUCE) return moved;
             continue;
         }
         int reduce = op->kind == PC_OP_RECV_REDUCE;
@@ -1197,6 +1220,37 @@ static void huge_pages(pc_comm *c, void *buf, uint64_t bytes) {
     if (madvise((void *)start, end - start, MADV_COLLAPSE) != 0) c->collapse_skip = COLLAPSE_BACKOFF;
 }
 
+/* Scratch is read by the peers' single-copy reads (results of preserve_input plans, direct
+ * all-reduce accumulators) as much as the caller's buffers are: it lives on huge pages from
+ * its first touch (THP asked for per mapping, so the "madvise" setting grants it), so those
+ * reads walk and pin 2 MiB pages instead of 4 KiB ones. Its contents survive growth: a
+ * body's scratch is what its tail copies out. */
+static pc_status grow_scratch(pc_comm *c, uint64_t need) {
+    if (need > SIZE_MAX / 2) return PC_ERR_NOMEM;
+    int huge = need >= HUGE_PAGE / 2; /* a small one is not worth a 2 MiB page */
+    uint64_t unit = huge ? HUGE_PAGE : 4096u;
+    size_t len = (size_t)((need + unit - 1) & ~(unit - 1));
+    size_t map = len + (huge ? HUGE_PAGE : 0); /* room to align the start */
+    uint8_t *m = mmap(NULL, map, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (m == MAP_FAILED) return PC_ERR_NOMEM;
+    uint8_t *at = huge ? (uint8_t *)(((uintptr_t)m + HUGE_PAGE - 1) & ~(uintptr_t)(HUGE_PAGE - 1)) : m;
+    if (at > m) munmap(m, (size_t)(at - m)); /* trim to [at, at + len) */
+    size_t tail = map - (size_t)(at - m) - len;
+    if (tail) munmap(at + len, tail);
+#ifdef MADV_HUGEPAGE
+    if (huge) madvise(at, len, MADV_HUGEPAGE);
+#endif
+    madvise(at, len, MADV_DONTFORK); /* like the shm segments: a forked child does not keep it */
+    if (c->scratch) {
+        memcpy(at, c->scratch, c->scratch_cap);
+        munmap(c->scratch, c->scratch_map);
+    }
+    c->scratch = at;
+    c->scratch_cap = len;
+    c->scratch_map = len;
+    return PC_OK;
+}
+
 pc_status pc_comm_run(pc_comm *comm, const pc_plan *plan, void *const *bufs, const uint64_t *buf_bytes,
                       int32_t dtype, int32_t op, uint64_t seq, uint32_t desc, double timeout_s,
                       int32_t *failed_peer) {
@@ -1272,14 +1326,10 @@ static pc_status run_part(pc_comm *comm, const pc_plan *plan, int32_t part, void
         set_err(comm, "this plan writes the caller's input before its tail; it cannot run in two parts");
         return PC_ERR_ARG;
     }
-    if (part != PC_RUN_TAIL && plan->need_bytes[PC_BUF_SCRATCH] > comm->scratch_cap) {
-        void *s = realloc(comm->scratch, plan->need_bytes[PC_BUF_SCRATCH]);
-        if (!s) {
-            set_err(comm, "out of memory for %llu bytes of scratch", (unsigned long long)plan->need_bytes[PC_BUF_SCRATCH]);
-            return PC_ERR_NOMEM;
-        }
-        comm->scratch = s;
-        comm->scratch_cap = plan->need_bytes[PC_BUF_SCRATCH];
+    if (part != PC_RUN_TAIL && plan->need_bytes[PC_BUF_SCRATCH] > comm->scratch_cap &&
+        grow_scratch(comm, plan->need_bytes[PC_BUF_SCRATCH]) != PC_OK) {
+        set_err(comm, "out of memory for %llu bytes of scratch", (unsigned long long)plan->need_bytes[PC_BUF_SCRATCH]);
+        return PC_ERR_NOMEM;
     }
     run_state r;
     memset(&r, 0, sizeof r);

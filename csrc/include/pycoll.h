@@ -180,6 +180,19 @@ pc_status pc_plan_tree(pc_collective coll, int32_t nranks, int32_t rank, int32_t
 pc_status pc_plan_direct(pc_collective coll, int32_t nranks, int32_t rank, uint64_t count,
                          int32_t elem_size, int32_t stripes, uint32_t flags, pc_plan **out);
 /*
+ * Direct reduce-scatter + all-gather all-reduce (plan_allpairs.c): chunk c of
+ * the buffer is owned by rank c; every rank sends each chunk of its input
+ * straight to its owner, the owner reduces the n contributions (in the order
+ * x_c, x_{c+1}, ..., rank numbers mod n: bit-identical everywhere) and sends
+ * the result straight to every rank. Two steps, a ring's bytes per rank, no
+ * chain through other ranks (see the file). Only PC_COLL_ALLREDUCE; `count`
+ * is the element count of the whole buffer; chunks are cut in segments of at
+ * most `segment_bytes`, spread over the `stripes` connections of each pair.
+ */
+pc_status pc_plan_allpairs(pc_collective coll, int32_t nranks, int32_t rank, uint64_t count,
+                           int32_t elem_size, uint64_t segment_bytes, int32_t stripes, uint32_t flags,
+                           pc_plan **out);
+/*
  * Reduce to a root (plan_exchange.c): every other rank sends IN to `root`,
  * which reduces the n contributions in rank order (x_0 (op) x_1 ...: the
  * bits of pc_plan_direct's all-reduce) in scratch and copies the result to

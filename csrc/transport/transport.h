@@ -38,7 +38,9 @@ typedef struct {
     /* Single copy (same host): instead of a payload the sender writes a
      * PC_FRAME_REMOTE frame naming its buffer, and the receiver copies the
      * bytes straight out of the sender's memory. The sender's op completes
-     * only once the receiver says it is done reading. */
+     * only once the receiver says it is done reading. Tokens count the
+     * descriptors of a connection; several may be out at once, and the reader
+     * finishes them in order. */
     int (*rma_ok)(pc_conn *c);                 /* 1: the peer reads our memory itself */
     uint64_t (*rma_post)(pc_conn *c);          /* a descriptor went out: its token */
     long (*rma_wait)(pc_conn *c, uint64_t token); /* 1 once read; PC_IO_AGAIN / CLOSED */

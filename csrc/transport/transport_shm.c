@@ -106,6 +106,7 @@ typedef struct {
     pid_t peer_pid;        /* from SO_PEERCRED; 0: unknown (no single copy) */
     uint64_t probe_word;   /* the peer reads this to prove it can read us */
     uint64_t rma_posted;   /* descriptors we sent */
+    uint64_t rma_want;     /* the token the last rma_wait found unread: what a sleep waits for */
     int rma_state;         /* can we read the peer (RMA_*) */
 } shm_conn;
 
@@ -311,6 +312,7 @@ static long shm_rma_wait(pc_conn *c, uint64_t token) {
     disarm(s);
     int gone = peer_gone(c); /* first: an ack then a quick exit must still count as an ack */
     if (LOAD_ACQ(&s->tx->rma_acks) >= token) return 1;
+    s->rma_want = token;
     return gone ? PC_IO_CLOSED : PC_IO_AGAIN;
 }
 
@@ -371,7 +373,8 @@ static short shm_arm(pc_conn *c, short want) {
     FENCE();
     if ((want & POLLIN) && rx_avail(s) != 0) return 0;
     if ((want & POLLOUT) && tx_space(s, 8) >= 8) return 0; /* (or corrupt: let sendv say so) */
-    if ((want & PC_WANT_RMA_ACK) && LOAD_ACQ(&s->tx->rma_acks) >= s->rma_posted) return 0;
+    /* several descriptors may be out: the engine waits for the oldest (the last rma_wait's) */
+    if ((want & PC_WANT_RMA_ACK) && LOAD_ACQ(&s->tx->rma_acks) >= s->rma_want) return 0;
     if (peer_gone(c)) return 0;
     return POLLIN; /* our doorbell rang (fd2, the socket, reports EOF) */
 }

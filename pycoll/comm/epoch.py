@@ -887,7 +887,8 @@ class Epoch:
         if not (self.options.calibrate and sel.needs_calibration):
             return
         try:
-            model = costmodel.calibrate(self._calibration_allreduce, self.world_size, sel.layout.hosts)
+            model = costmodel.calibrate(self._calibration_allreduce, self.world_size, sel.layout.hosts,
+                                        shared_memory=all(t in ("self", "shm") for t in self.peer_transports))
         except CollectiveError as exc:
             if isinstance(exc, PeerFailure) and exc.lost:
                 raise  # a member died: sync re-forms the group now

@@ -10,6 +10,9 @@ Algorithms (``algorithm=`` of every collective):
 - ``tree``: pipelined double binary tree (all_reduce, broadcast).
 - ``direct``: one-shot all-reduce, every rank sends its buffer to every
   other and reduces all contributions itself (all_reduce; small messages).
+- ``allpairs``: direct reduce-scatter then all-gather, each rank owning one
+  chunk: a ring's bytes in two steps, with no chain through the other ranks
+  (all_reduce; ranks sharing one host's cores).
 - ``innetwork``: hierarchical all-reduce through one aggregator per group
   (all_reduce).
 - ``auto``: chosen per call by :mod:`pycoll.plan.costmodel`.
@@ -120,6 +123,17 @@ def plan_direct(coll, nranks, rank, count, itemsize, *, stripes=1, preserve=Fals
     return Plan(out[0])
 
 
+def plan_allpairs(coll, nranks, rank, count, itemsize, *, segment_bytes=1 << 19, stripes=1, preserve=False,
+                  avg=False):
+    """A direct reduce-scatter + all-gather plan (all_reduce only, plan_allpairs.c)."""
+    out = ffi.new("pc_plan **")
+    st = lib.pc_plan_allpairs(COLLECTIVES[coll], nranks, rank, count, itemsize, segment_bytes, stripes,
+                              _flags(preserve, avg), out)
+    if st != lib.PC_OK:
+        raise InvalidArgument(f"cannot plan an allpairs {coll} for rank {rank} of {nranks} (status {st})")
+    return Plan(out[0])
+
+
 def tree_links(nranks, tree, rank):
     """(parent, child0, child1) of ``rank`` in all-reduce tree 0 or 1; -1 where absent."""
     p, c0, c1 = ffi.new("int32_t *"), ffi.new("int32_t *"), ffi.new("int32_t *")
@@ -219,7 +233,7 @@ def plan_p2p_list(nranks, rank, transfers):
     return Plan(out[0])
 
 
-ALGORITHMS = ("auto", "ring", "hamiltonian", "tree", "innetwork", "direct")
+ALGORITHMS = ("auto", "ring", "hamiltonian", "tree", "innetwork", "direct", "allpairs")
 # Which collectives each algorithm implements; the others run the ring.
 SUPPORTS = {
     "ring": {"all_reduce", "all_gather", "reduce_scatter", "broadcast", "barrier"},
@@ -227,6 +241,7 @@ SUPPORTS = {
     "tree": {"all_reduce", "broadcast"},
     "innetwork": {"all_reduce"},
     "direct": {"all_reduce"},
+    "allpairs": {"all_reduce"},
 }
 # Tree segments are smaller: its pipeline is as deep as the trees, a ring's only one hop.
 TREE_SEGMENT = 1 << 17
@@ -268,6 +283,8 @@ def build(algorithm, coll, layout, rank, count, itemsize, *, root=0, segment_byt
         return plan_tree(coll, n, rank, count, itemsize, root=root, **kw)
     if algorithm == "direct":
         return plan_direct(coll, n, rank, count, itemsize, stripes=stripes, preserve=preserve, avg=avg)
+    if algorithm == "allpairs":
+        return plan_allpairs(coll, n, rank, count, itemsize, **kw)
     if algorithm == "innetwork":
         return plan_hier(coll, n, rank, layout.agg_of, [layout.agg_ring], count, itemsize, **kw)
     rings = layout.cycles if algorithm == "hamiltonian" else [layout.ring]

@@ -13,11 +13,11 @@ import pytest
 import pycoll.testing
 from collective_cases import expected, make_plans, run_cases_algorithms, run_on
 from pycoll.plan import planners
-from pycoll.plan.costmodel import DIRECT_MAX_BYTES, CostModel, Selector
+from pycoll.plan.costmodel import ALLPAIRS_MIN_BYTES, DIRECT_MAX_BYTES, CostModel, Selector, calibrate
 from pycoll.plan.layout import Layout
 from pycoll.plan.topology import load_topology, parse_topology
 
-ALGOS = ["ring", "hamiltonian", "tree", "innetwork", "direct", "auto"]
+ALGOS = ["ring", "hamiltonian", "tree", "innetwork", "direct", "allpairs", "auto"]
 
 
 def grouped_topology(n):
@@ -49,6 +49,9 @@ def cases_for(n):
         ]
     # several pipeline segments (trees cut at 128 KiB, rings at 1 MiB)
     cases += [("all_reduce", "float32", "sum", 300007, 20, a) for a in ("tree", "innetwork", "hamiltonian")]
+    # allpairs: chunks of several segments; and a buffer past single copy's size
+    cases += [("all_reduce", "float32", "sum", 150001 * n, 24, "allpairs"),
+              ("all_reduce", "float32", "avg", (1 << 20) + 5, 25, "auto")]
     cases += [("all_gather", "float32", "sum", 70001, 21, "hamiltonian"), ("broadcast", "float64", "sum", 40001,
                                                                              22, "tree")]
     return cases
@@ -155,6 +158,34 @@ def test_direct_is_chosen_for_small_messages_on_one_host():
         assert model.choose("all_reduce", 4096, lay)[0] == "direct"
         assert model.choose("all_reduce", 1 << 20, lay)[0] != "direct"
         assert model.choose("broadcast", 64, lay)[0] != "direct"  # all_reduce only
+
+
+def test_allpairs_is_offered_only_where_every_link_is_shared_memory():
+    """allpairs wins an all-reduce from ALLPAIRS_MIN_BYTES where the measured model says every link
+    is shared memory; never below that, never for other collectives, never by default (sockets,
+    a topology file, no measurement)."""
+    for n in (2, 4, 8):
+        lay = Layout(n)
+        shm, plain = CostModel(n, shared_memory=True), CostModel(n)
+        for size in (ALLPAIRS_MIN_BYTES, 64 << 20):
+            assert shm.choose("all_reduce", size, lay)[0] == "allpairs"
+            assert plain.choose("all_reduce", size, lay)[0] != "allpairs"
+            assert shm.choose("all_gather", size, lay)[0] != "allpairs"
+            # it never costs more than the ring in the model (two steps, the same bytes)
+            assert shm.predict("allpairs", "all_reduce", size, lay) <= shm.predict("ring", "all_reduce", size, lay)
+        assert shm.choose("all_reduce", ALLPAIRS_MIN_BYTES // 2, lay)[0] != "allpairs"
+
+
+def _calibrated(comm, shm):
+    return calibrate(lambda a, op: comm.all_reduce(a, op=op, algorithm="ring"), comm.world_size,
+                     shared_memory=shm[comm.rank]).shared_memory
+
+
+@pytest.mark.timeout(120)
+def test_calibration_agrees_on_shared_memory():
+    """One rank with a link that is not shared memory turns it off for every rank."""
+    assert pycoll.testing.run(_calibrated, 3, args=([True] * 3,), timeout=100) == [True] * 3
+    assert pycoll.testing.run(_calibrated, 3, args=([True, False, True],), timeout=100) == [False] * 3
 
 
 def test_auto_uses_aggregators_when_groups_are_far_apart():

@@ -117,13 +117,16 @@ class Mesh:
 
 def run_case(mesh, case, segment_bytes, nrings=1):
     """Run a collective case on the mesh; compare every rank with the reference."""
-    coll, dtype, op, count, seed, _ = case
+    coll, dtype, op, count, seed, algorithm = case
     n = mesh.n
     es = storage_dtype(dtype).itemsize
     root = seed % n if coll == "broadcast" else 0
     rings = [list(range(n)), list(range(n))[::-1]][:nrings]
 
     def plans_for(case, n):
+        if planners.effective(algorithm, coll) == "allpairs":
+            return [planners.plan_allpairs(coll, n, r, count, es, segment_bytes=segment_bytes, stripes=mesh.stripes,
+                                           preserve=True, avg=(op == "avg")) for r in range(n)]
         return [planners.plan_rings(coll, n, r, rings, count, es, root=root, segment_bytes=segment_bytes,
                                     stripes=mesh.stripes, preserve=coll in ("all_reduce", "broadcast"),
                                     avg=(op == "avg")) for r in range(n)]
@@ -147,7 +150,7 @@ def run_case(mesh, case, segment_bytes, nrings=1):
 SIZES = [0, 1, 3, 7, 31, 1000, 4099, 16411, 65537, 100003]
 cases = st.tuples(st.sampled_from(["all_reduce", "all_gather", "reduce_scatter", "broadcast"]),
                   st.sampled_from(ALL_DTYPES), st.sampled_from(OPS), st.sampled_from(SIZES),
-                  st.integers(0, 1000), st.just("ring"))
+                  st.integers(0, 1000), st.sampled_from(["ring", "allpairs"]))
 
 
 @pytest.mark.timeout(300)
@@ -178,6 +181,22 @@ def test_long_copies_published_while_copying(sleepy):
     try:
         for coll, dtype in [("all_reduce", "float64"), ("reduce_scatter", "bfloat16"), ("all_gather", "int32")]:
             run_case(mesh, (coll, dtype, "sum", 100003, 7, "ring"), 200000)
+    finally:
+        mesh.close()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("sleepy", [False, True])
+def test_allpairs_reads_every_peer_at_once(sleepy):
+    """allpairs over single copy: each owner reads its chunk's segments out of all its peers'
+    inputs (several descriptors out on every connection at once, read in each segment's
+    reduction order), then every finished chunk out of its owner; bit-exact, with the bytes
+    really read out of the peers' memory."""
+    mesh = Mesh(4, 2, ring=4 * RING_MIN, sleepy=sleepy, single_copy=1)
+    try:
+        for i, (dtype, op) in enumerate([("float32", "sum"), ("bfloat16", "max"), ("float64", "avg")]):
+            run_case(mesh, ("all_reduce", dtype, op, 400003 + i, i, "allpairs"), 1 << 18)
+        assert all(b > 0 for b in _single_copied(mesh)), _single_copied(mesh)
     finally:
         mesh.close()
 
@@ -552,6 +571,35 @@ def _survive_and_count(comm):
     during = (_memfd_maps(), comm.world_size, list(comm.peer_transports))
     comm.close()
     return first, err, during, _memfd_maps(), [t for t in _fd_targets() if MEMFD in t]
+
+
+def _allpairs_survivor(comm):
+    """Runs on every rank: 16 MiB allpairs all-reduces (single copy) until a peer dies; then
+    whether our input came through intact (preserve_input) and an all-reduce of the survivors."""
+    x = np.full(4 << 20, comm.rank + 1, np.float32)
+    for _ in range(100):
+        try:
+            comm.all_reduce(x, algorithm="allpairs")
+            x[:] = comm.rank + 1
+        except pycoll.PeerFailure:
+            break
+    else:
+        return "no failure"
+    intact = bool((x == comm.rank + 1).all())
+    y = np.ones(1 << 20, np.float32)
+    comm.all_reduce(y, algorithm="allpairs")
+    return intact, comm.world_size, float(y[0]), float(y[-1]), comm.stats[-1].algorithm
+
+
+@pytest.mark.timeout(150)
+def test_allpairs_survivors_fail_cleanly_when_a_peer_dies():
+    """A peer SIGKILLed in the middle of an allpairs all-reduce (its peers may be reading its
+    memory): every survivor raises PeerFailure with its input intact, and the survivors' next
+    allpairs all-reduce is right."""
+    res = pycoll.testing.run(_allpairs_survivor, 4, timeout=120, kill={3: "during:all_reduce"},
+                             init_kwargs={"timeout": 30, "heartbeat_timeout": 3.0, "transport": "shm"})
+    assert res[3] == pycoll.testing.KILLED
+    assert res[:3] == [(True, 3, 3.0, 3.0, "allpairs")] * 3
 
 
 SHM_REPORT = textwrap.dedent("""

@@ -1,4 +1,4 @@
-"""Symbolic verification of the tree, direct, Hamiltonian multi-ring and hierarchical planners.
+"""Symbolic verification of the tree, direct, allpairs, Hamiltonian multi-ring and hierarchical planners.
 
 Every plan set is executed in Python (plansim) with expressions instead of numbers: each output
 element must be reduced over every rank exactly once, and all ranks must hold the *same*
@@ -165,6 +165,47 @@ def test_direct_rejects_other_collectives():
     for coll in ("all_gather", "reduce_scatter", "broadcast"):
         with pytest.raises(Exception, match="direct"):
             planners.plan_direct(coll, 4, 0, 8, 4)
+
+
+# ---- allpairs -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("n", ALL_N)
+@pytest.mark.parametrize("preserve", [False, True])
+@pytest.mark.parametrize("avg", [False, True])
+def test_allpairs_all_reduce_each_owner_reduces_its_chunk(n, preserve, avg):
+    count = 3 * n + 2  # uneven chunks, several segments each
+    for stripes in (1, 2):
+        plans = [planners.plan_allpairs("all_reduce", n, r, count, 8, segment_bytes=16, stripes=stripes,
+                                        preserve=preserve, avg=avg) for r in range(n)]
+        for r, p in enumerate(plans):  # in place: a received chunk must not land on input a peer still reads
+            check_plan_races(p.ops(), p.tail_first, aliased=True, rank=r, itemsize=8)
+            if preserve and n > 1:  # OUT is written in the tail only
+                assert all(o["dst_buf"] != 1 for o in p.ops()[:p.tail_first])
+        outs = run_allreduce(plans, n, count, avg)
+        check_allreduce(outs, n, count, avg)
+        # element i of chunk c: x_c (op) x_{c+1} (op) ... round the ranks, reduced by its owner c alone
+        for c in range(n):
+            lo = c * (count // n) + min(c, count % n)
+            for i in range(lo, lo + count // n + (c < count % n)):
+                assert leaves(outs[0][i]) == [((c + k) % n, i) for k in range(n)]
+
+
+@pytest.mark.parametrize("n", [2, 4, 5])
+def test_allpairs_moves_a_rings_bytes_in_two_steps(n):
+    count, es = 1000 * n + 3, 4
+    for r in range(n):
+        ops = planners.plan_allpairs("all_reduce", n, r, count, es, segment_bytes=1 << 20).ops()
+        sends = [o for o in ops if o["kind"] == 0]
+        rs, ag = sends[:n - 1], sends[n - 1:]
+        assert all(o["deps"] == [] for o in rs)  # the reduce-scatter's sends wait for nothing
+        assert sorted(o["peer"] for o in rs) == sorted(o["peer"] for o in ag) == sorted(set(range(n)) - {r})
+        assert sum(o["len"] for o in sends) in range(2 * (n - 1) * (count // n) * es,
+                                                     2 * (n - 1) * (count // n + 1) * es + 1)
+
+
+def test_allpairs_rejects_other_collectives():
+    for coll in ("all_gather", "reduce_scatter", "broadcast"):
+        with pytest.raises(Exception, match="allpairs"):
+            planners.plan_allpairs(coll, 4, 0, 8, 4)
 
 
 # ---- Hamiltonian multi-ring -------------------------------------------------------------------
