@@ -127,10 +127,13 @@ def _train(comm, outdir, steps, initial):
                 arm(f.read().strip())
             log(event="armed", point=os.environ["PYCOLL_FAULT"], revision=revision)
         pre = (digest(params), digest(delta))  # (a wrong step then tells diverged state from a bad sum)
+        before = delta.copy()
         t0 = time.monotonic()
         comm.all_reduce(delta, op="sum", algorithm=ALGORITHMS[revision % len(ALGORITHMS)], retry=True)
         seconds = time.monotonic() - t0
         out = comm.last_outcome
+        if out.attempts > 1:  # kept for a post-mortem of a wrong retried step (which chunks differ)
+            np.save(os.path.join(outdir, f"retried_{name}_{revision}.npy"), np.stack([before, delta]))
         outer_step(params, delta, out.contributors)
         log(event="step", rev=revision, contributors=list(out.contributors), digest=digest(delta),
             attempts=out.attempts, lost=list(out.lost), epoch=comm.epoch, rank=comm.rank, seconds=seconds,
