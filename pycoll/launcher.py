@@ -139,12 +139,27 @@ def run(argv, nprocs, *, master_addr="127.0.0.1", master_port=None, keep_going=F
                               job_id=job_id).start()
     procs, pumps, watchdog = [], [], None
     previous_sigint = None
+    interrupts = [0]
 
     def impatient(signum, frame):  # a second Ctrl-C: no more grace, no traceback
         os.write(2, b"pycoll run: interrupted again; killing workers\n")  # (print is not reentrant)
         for p in procs:
             if p.poll() is None:
                 p.kill()
+
+    def on_sigint(signum, frame):
+        # Installed before the first Ctrl-C, so a second one kills the workers however soon it
+        # comes: installing `impatient` in the KeyboardInterrupt handler left a window where a
+        # second Ctrl-C on a loaded host interrupted the graceful stop itself.
+        interrupts[0] += 1
+        if interrupts[0] == 1:
+            raise KeyboardInterrupt
+        impatient(signum, frame)
+
+    try:
+        previous_sigint = signal.signal(signal.SIGINT, on_sigint)
+    except ValueError:  # not the main thread: Python's own KeyboardInterrupt, no second chance
+        pass
     try:
         for rank in range(nprocs):
             child_env = dict(os.environ if env is None else env)
@@ -183,10 +198,6 @@ def run(argv, nprocs, *, master_addr="127.0.0.1", master_port=None, keep_going=F
             t.join(timeout=2)
         return first_failure
     except KeyboardInterrupt:
-        try:
-            previous_sigint = signal.signal(signal.SIGINT, impatient)
-        except ValueError:  # not the main thread: no second chance to be impatient
-            pass
         print("pycoll run: interrupted; stopping workers (Ctrl-C again to kill them)", file=sys.stderr,
               flush=True)
         _terminate(procs)
