@@ -337,6 +337,28 @@ def test_run_second_ctrl_c_prints_no_traceback(tmp_path):
     assert not any(_alive(pid) for pid in pids)
 
 
+def test_run_stops_on_ctrl_c_also_when_started_with_sigint_ignored(tmp_path):
+    """A background job of a non-interactive shell (`pycoll run ... &`), or a child of a process
+    that ignores SIGINT, starts with SIGINT ignored, and Python then raises no KeyboardInterrupt:
+    the launcher ignored Ctrl-C and its workers slept on (this test's first form hung in full
+    suite runs, whose worker had inherited an ignored SIGINT). It installs its own handler."""
+    import signal
+    script = _sleeper(tmp_path, ignore_term=True)
+    p = subprocess.Popen([sys.executable, "-m", "pycoll", "run", "-n", "2", str(script), str(tmp_path / "pid")],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    try:
+        pids = _wait_for_pids([tmp_path / "pid0", tmp_path / "pid1"])
+        p.send_signal(signal.SIGINT)
+        time.sleep(0.5)
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=20)
+    finally:
+        p.kill()
+    assert p.returncode == 130 and "Traceback" not in err, err
+    assert not any(_alive(pid) for pid in pids)
+
+
 def _launcher_sigkill_takes_workers_down(tmp_path, cmd):
     import signal
     script = _sleeper(tmp_path)
