@@ -35,7 +35,6 @@ The functions here take the communicator's :class:`pycoll.comm.epoch.Epoch`
 connections under its lock.
 """
 import dataclasses
-import threading
 import time
 import zlib
 
@@ -128,10 +127,16 @@ def _transfer(ep, names, bufs, reply, seq, timeout, verify, threads):
     fetch = {idx: pieces for idx, pieces in reply["fetch"]}
     serve = {idx: items for idx, items in reply["serve"]}
     failed = ffi.new("int32_t *")
+    die_midway = False
     if faults.FAULTS_ARMED:
         fault_point("before:state_transfer")
-        if fault_armed("during:state_transfer"):  # test harness: die while the bytes move
-            threading.Timer(0.002, fault_point, ("during:state_transfer",)).start()
+        # test harness: die while the bytes move. Serving half of the first piece and then dying
+        # is a death inside the transfer on any machine (a timer lost the race on a fast one).
+        die_midway = fault_armed("during:state_transfer")
+        if die_midway and serve:
+            first_idx = min(serve)
+            peer, off, length = min(serve[first_idx], key=lambda x: (x[1], x[0]))
+            serve, fetch = {first_idx: [(peer, off, max(1, length // 2))]}, {}
     n = len(bufs)
     addrs = ffi.new("void *[]", [ffi.cast("void *", b.address) for b in bufs])
     sizes = ffi.new("uint64_t[]", [b.nbytes for b in bufs])
@@ -145,6 +150,8 @@ def _transfer(ep, names, bufs, reply, seq, timeout, verify, threads):
         st = engine.run_buffers(ep.ccomm, plan, n, addrs, sizes, seq, desc, timeout, SEED, digests, threads, failed)
     finally:
         lib.pc_plan_free(plan)
+    if die_midway:
+        fault_point("during:state_transfer")
     if st != lib.PC_OK:
         return None, (st, engine.last_error(ep.ccomm), int(failed[0]))
     if digests == ffi.NULL:
