@@ -231,7 +231,8 @@ class Epoch:
         (update_topology), never at a recovery sync. If a peer fails while
         the new mesh is being built, every member notices and syncs again.
         ``timeout``: seconds (default: the options' sync_timeout)."""
-        deadline = time.monotonic() + (self.options.sync_timeout if timeout is None else timeout)
+        limit = self.options.sync_timeout if timeout is None else timeout
+        deadline = time.monotonic() + limit
         if self.client.needs_rejoin:
             self._rejoin()
             rebuild = True
@@ -258,6 +259,9 @@ class Epoch:
                 # An epoch formed by a coordinator lost since (the heartbeat thread moved us to its
                 # successor): the others may never build it. Sync again under the successor.
                 self._installing = None
+                if time.monotonic() > deadline:
+                    raise CoordinatorError(f"rank {self.rank}: no sync point under a coordinator that stayed "
+                                           f"within {limit:.0f} s (it kept being lost)")
                 rebuild = True
                 continue
             try:

@@ -494,30 +494,26 @@ class Selector:
         (the model's choice, cached per size and root as :meth:`choose`)."""
         if algorithm != "auto":
             return algorithm
-        key = (coll, nbytes, root)
-        chosen = self._choices.get(key)
-        if chosen is None:
-            chosen, times = self.model().choose_rooted(coll, nbytes, root, self.segment_bytes)
-            log.debug("auto: %s for %s of %d B (predicted %s)", chosen, coll, nbytes,
-                      ", ".join(f"{a} {t * 1e3:.3f} ms" for a, t in sorted(times.items(), key=lambda x: x[1])))
-            if len(self._choices) > 4096:
-                self._choices.clear()
-            self._choices[key] = chosen
-        return chosen
+        return self._remembered((coll, nbytes, root), coll, nbytes,
+                                lambda: self.model().choose_rooted(coll, nbytes, root, self.segment_bytes))
 
     def choose(self, coll, algorithm, nbytes):
         """The algorithm that runs this call (``algorithm`` may be auto)."""
         if algorithm != "auto":
             return planners.effective(algorithm, coll)
-        key = (coll, nbytes)
+        if coll == "barrier" or self.layout.world_size == 1:
+            return "ring"
+        return self._remembered((coll, nbytes), coll, nbytes,
+                                lambda: self.model().choose(coll, nbytes, self.layout, self.segment_bytes))
+
+    def _remembered(self, key, coll, nbytes, predict):
+        """The choice cached under ``key``, else ``predict()``'s (algorithm, predicted times), logged
+        and cached (bounded)."""
         chosen = self._choices.get(key)
         if chosen is None:
-            if coll == "barrier" or self.layout.world_size == 1:
-                chosen = "ring"
-            else:
-                chosen, times = self.model().choose(coll, nbytes, self.layout, self.segment_bytes)
-                log.debug("auto: %s for %s of %d B (predicted %s)", chosen, coll, nbytes,
-                          ", ".join(f"{a} {t * 1e3:.3f} ms" for a, t in sorted(times.items(), key=lambda x: x[1])))
+            chosen, times = predict()
+            log.debug("auto: %s for %s of %d B (predicted %s)", chosen, coll, nbytes,
+                      ", ".join(f"{a} {t * 1e3:.3f} ms" for a, t in sorted(times.items(), key=lambda x: x[1])))
             if len(self._choices) > 4096:
                 self._choices.clear()
             self._choices[key] = chosen
