@@ -66,6 +66,17 @@ def local_delta(params, name, revision):
     return np.round(np.clip(p - params, -1.0, 1.0) * GRID) / GRID
 
 
+def exact_sum(deltas):
+    """The sum the group's all-reduce gives, bit for bit: grid values add exactly in any order,
+    and it starts from the first contribution, not from +0.0 (+0.0 + -0.0 is +0.0, so a zero
+    start turns a lone contributor's -0.0 entries into +0.0: seeds 224, 32 and 341 failed on
+    that, a single survivor's step whose result was its own delta, bit for bit)."""
+    total = deltas[0].copy()
+    for d in deltas[1:]:
+        total += d
+    return total
+
+
 def outer_step(params, total, contributors):
     params += total / len(contributors)
 
@@ -178,6 +189,20 @@ def _rank0(logs, candidates):
             if ln["event"] == "step" and ln.get("rank") == 0 and (best is None or ln["epoch"] > best[0]):
                 best = (ln["epoch"], n)
     return best[1] if best is not None and best[1] in candidates else None
+
+
+def test_the_replay_sums_signed_zeros_as_the_group_does():
+    """A lone contributor's step is its own delta, -0.0 entries included; two -0.0 sum to -0.0.
+    The engine's kernel agrees with the replay bit for bit."""
+    from pycoll.core.native import ffi, lib
+    a = np.array([-0.0, 0.0, -0.0, 2.0 ** -20, -(2.0 ** -20)])
+    b = np.array([-0.0, -0.0, 0.0, -(2.0 ** -20), 0.0])
+    assert exact_sum([a]).tobytes() == a.tobytes()
+    engine_sum = np.empty_like(a)
+    assert lib.pc_reduce(ffi.from_buffer(engine_sum), ffi.from_buffer(a), ffi.from_buffer(b), a.size,
+                         lib.PC_F64, lib.PC_SUM) == lib.PC_OK
+    assert exact_sum([a, b]).tobytes() == engine_sum.tobytes()
+    assert np.signbit(exact_sum([a, b])[0]) and not np.signbit((np.zeros(5) + a + b)[0])  # the old replay's flaw
 
 
 @pytest.mark.timeout(DEADLINE + 60)
@@ -335,9 +360,7 @@ def _chaos(tmp_path, transport, *, steps, kills, joins, kill_points, standalone,
     loss0 = loss(params)
     for rev in range(STEPS):
         (contributors, dg), = by_rev[rev]
-        total = np.zeros(DIM)
-        for w in contributors:
-            total += local_delta(params, w, rev)  # exact: grid values
+        total = exact_sum([local_delta(params, w, rev) for w in contributors])
         if digest(total) != dg:
             mine = [(n, ln.get("params_before") == digest(params), ln.get("delta_before") == digest(
                 local_delta(params, n, rev)), ln.get("attempts"), ln.get("epoch")) for n, lines in logs.items()
