@@ -9,7 +9,8 @@
     results = pycoll.testing.run(step, world_size=4, args=(2.0,), timeout=60)
 
 Each rank is a fresh process (spawned, so ``fn`` must be defined at module level, importable by the
-children, and its arguments and result picklable). The results come back in rank order. If a rank
+children, and its arguments and result picklable; :func:`preload` starts them from a fork server
+that imported heavy modules such as torch once, instead of once per rank). The results come back in rank order. If a rank
 raises, :class:`RankError` carries its rank and traceback (and what every other rank did); a rank
 that is still running at ``timeout`` prints every thread's stack to stderr, is killed and reported,
 so a bug shows as a failure, never as a hang, and the failure shows where it waited. Every process
@@ -53,7 +54,7 @@ import types
 from pycoll import faults
 from pycoll.faults import fault_armed, fault_point  # noqa: F401 - public here too (the harness's API)
 
-__all__ = ["run", "fault_point", "fault_armed", "free_port", "RankError", "KILLED"]
+__all__ = ["run", "preload", "process_context", "fault_point", "fault_armed", "free_port", "RankError", "KILLED"]
 
 #: The result of a rank that the harness killed on purpose.
 KILLED = "<killed>"
@@ -103,6 +104,82 @@ def free_port():
 
 
 _arm_faults = faults.arm  # (fault, delay) -> kill-after seconds
+
+_preloaded = set()  # modules the fork server imports (see preload); empty: ranks are spawned
+
+
+def preload(*modules):
+    """Start the ranks of later :func:`run` calls (and processes made from :func:`process_context`)
+    from a fork server that has imported ``modules`` once, e.g. ``preload("torch")``: a rank then
+    starts in tens of milliseconds instead of paying torch's import (~1.5 s of CPU) itself.
+
+    A rank still sees the caller's environment and working directory as they are at :func:`run`
+    (as a spawned one does); what the preloaded modules read from the environment at import is
+    the caller's at the first :func:`run` after this call. Call it before the first run; the
+    server lives as long as this process."""
+    for name in modules:
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"preload: module names are strings, not {name!r}")
+    _preloaded.update(modules)
+    mp.get_context("forkserver").set_forkserver_preload(sorted(_preloaded))
+
+
+class _ProcessContext:
+    """A multiprocessing context whose processes start as spawned ones do: from the fork server
+    when modules are preloaded, each child first takes the parent's environment and working
+    directory of the moment it was started (the server's are those of its own start)."""
+
+    def __init__(self, ctx, forked):
+        self._ctx = ctx
+        self._forked = forked
+
+    def Pipe(self, duplex=True):  # noqa: N802 - multiprocessing's name
+        return self._ctx.Pipe(duplex)
+
+    def Process(self, target, args=(), **kw):  # noqa: N802 - multiprocessing's name
+        if self._forked:
+            args = (dict(os.environ), os.getcwd(), _ParentStdio(), target, args)
+            target = _as_if_spawned
+        return self._ctx.Process(target=target, args=args, **kw)
+
+
+class _ParentStdio:
+    """Pickles, when the process starts, as the parent's stdout and stderr descriptors of that
+    moment (sent along to the child), where a spawned rank's output goes: a test reading its
+    captured stderr sees a hung rank's stacks there."""
+
+    def __reduce__(self):
+        from multiprocessing import reduction
+        return _detach_fds, (reduction.DupFd(1), reduction.DupFd(2))
+
+
+def _detach_fds(*fds):
+    return tuple(fd.detach() for fd in fds)
+
+
+def _as_if_spawned(environ, cwd, stdio, target, args):
+    for stream in (sys.stdout, sys.stderr):
+        if stream is not None:
+            stream.flush()
+    for fd, std in zip(stdio, (1, 2)):
+        os.dup2(fd, std)
+        os.close(fd)
+    os.environ.clear()
+    os.environ.update(environ)
+    os.chdir(cwd)
+    # what pycoll read from the environment at import, the fork server's: read again
+    faults.FAULTS_ARMED = faults.FAULTS_ARMED or bool(environ.get(_FAULT_ENV) or environ.get(_DELAY_ENV))
+    from pycoll.observability import configure_logging
+    configure_logging()
+    target(*args)
+
+
+def process_context():
+    """The context :func:`run` starts ranks with: spawn, or the fork server after :func:`preload`
+    (``ctx.Process(target=..., args=...)`` and ``ctx.Pipe()``), for harnesses that start their own."""
+    if _preloaded:
+        return _ProcessContext(mp.get_context("forkserver"), True)
+    return _ProcessContext(mp.get_context("spawn"), False)
 
 
 def _kill_after(seconds):
@@ -207,7 +284,7 @@ def run(fn, world_size, *, args=(), timeout=60.0, kill=None, delay=None, init="p
         raise TypeError(f"pycoll.testing.run: fn and args must be picklable (fn defined at module level, "
                         f"not a lambda or a local function): {exc}") from exc
     port = port or free_port()
-    ctx = mp.get_context("spawn")
+    ctx = process_context()
     procs, pipes = [], []
     results = [None] * world_size
     deadline = time.monotonic() + timeout

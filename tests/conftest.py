@@ -38,8 +38,28 @@ def transport(request):
     return request.param
 
 
+# Ranks start from a fork server that imported these once per test process (pycoll.testing.preload):
+# a spawned rank paid ~1.5 s of CPU for torch and ~0.45 s for numpy, pytest and hypothesis (the
+# test module it runs imports them), hundreds of times over the suite.
+PRELOAD = ("numpy", "pytest", "hypothesis", "torch", "torch.distributed")
+
+
+def _start_fork_server():
+    import importlib.util
+    import multiprocessing.forkserver
+    import pycoll.testing
+    pycoll.testing.preload(*[m for m in PRELOAD if importlib.util.find_spec(m.split(".")[0]) is not None])
+    # now, not at a test's first rank: the server holds a descriptor of this process for good,
+    # which a test that compares its descriptors before and after would call a leak
+    multiprocessing.forkserver.ensure_running()
+
+
 def pytest_sessionstart(session):
     leak_guard.start()
+    xdist_controller = getattr(session.config.option, "numprocesses", None) and not hasattr(session.config,
+                                                                                           "workerinput")
+    if not xdist_controller and not os.environ.get("PYCOLL_TEST_SPAWN"):
+        _start_fork_server()
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -1,4 +1,5 @@
 """pycoll.testing: results, failures, timeouts, kills at points or after t seconds, delays."""
+import json
 import multiprocessing
 import os
 import time
@@ -194,3 +195,34 @@ def test_fault_point_is_free_without_faults(monkeypatch):
     for _ in range(10000):
         fault_point("x")
     assert time.perf_counter() - t0 < 1.0
+
+
+def _surroundings(comm, probe_module):
+    import sys
+    print(f"rank {comm.rank} speaks", file=sys.stderr, flush=True)
+    return os.getcwd(), os.environ.get("PYCOLL_TEST_PROBE"), probe_module in sys.modules, pycoll.testing.FAULTS_ARMED
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("start", ["fork server", "spawn"])
+def test_ranks_see_the_callers_environment_directory_and_stderr(start, tmp_path, monkeypatch, capfd):
+    """From the fork server (tests/conftest.py preloads for the whole suite) a rank is what a
+    spawned one is: the caller's environment and working directory of the moment, output to the
+    caller's stderr, faults armed from the environment; and the preloaded modules are already
+    there (a spawned rank imports its own)."""
+    if start == "spawn":
+        monkeypatch.setattr(pycoll.testing, "_preloaded", set())
+    elif os.environ.get("PYCOLL_TEST_SPAWN"):
+        pytest.skip("PYCOLL_TEST_SPAWN is set: the suite runs without a fork server")
+    assert start == "spawn" or "hypothesis" in pycoll.testing._preloaded
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PYCOLL_TEST_PROBE", "set after the server started")
+    monkeypatch.setenv("PYCOLL_FAULT_DELAY", json.dumps({"nowhere": 0.0}))
+    res = pycoll.testing.run(_surroundings, 2, args=("hypothesis",), timeout=100)
+    assert res == [(str(tmp_path), "set after the server started", start == "fork server", True)] * 2
+    assert "rank 0 speaks" in capfd.readouterr().err
+
+
+def test_preload_takes_module_names():
+    with pytest.raises(TypeError):
+        pycoll.testing.preload(pycoll)

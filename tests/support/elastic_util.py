@@ -12,7 +12,6 @@ environment variables in the peer before it connects (e.g. PYCOLL_FAULT
 for pycoll.testing fault points). Every process is killed and reaped on
 exit, so a bug shows as a failure, never as a hang or a leak.
 """
-import multiprocessing as mp
 import os
 import pickle
 import signal
@@ -22,6 +21,7 @@ import time
 import traceback
 
 from pycoll.control.coordinator import Coordinator
+import pycoll.testing
 from pycoll.testing import KILLED, RankError, free_port
 
 
@@ -69,7 +69,7 @@ class Cluster:
         else:
             self.coordinator = Coordinator("127.0.0.1", self.port, min_world_size=min_world_size,
                                            heartbeat_timeout=heartbeat_timeout, cause_grace=cause_grace).start()
-        self.ctx = mp.get_context("spawn")
+        self.ctx = pycoll.testing.process_context()  # spawn, or the suite's fork server (tests/conftest.py)
         self.procs, self.pipes, self.done = {}, {}, {}
 
     def spawn(self, name, fn, *args, env=None, **connect_kwargs):
