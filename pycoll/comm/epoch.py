@@ -237,10 +237,18 @@ class Epoch:
             self._rejoin()
             rebuild = True
         while True:
+            # The client's generation when the request goes out, read under its request lock: a
+            # failover thread's move to a successor may come while we wait for that lock, and
+            # then our request goes to the successor, whose reply is current (seeds 406 and 434:
+            # read before, it was taken for a lost coordinator's, the successor's own member
+            # synced again while the others built the mesh with it: 30 s to the mesh timeout).
+            sent = []
+
+            def sync_msg(rebuild=rebuild, admit=admit):
+                sent.append(self.client.generation)
+                return {"t": "sync", "epoch": self.number, "rebuild": rebuild, "admit": admit}
             try:
-                generation = self.client.generation
-                reply = self.client.request({"t": "sync", "epoch": self.number, "rebuild": rebuild, "admit": admit},
-                                            timeout=max(1.0, deadline - time.monotonic()))
+                reply = self.client.request(sync_msg, timeout=max(1.0, deadline - time.monotonic()))
             except CoordinatorError:
                 if not (self.client.needs_rejoin and (self.options.coordinator_wait > 0 or self.can_fail_over()
                                                       or self.failover_pending()
@@ -255,7 +263,7 @@ class Epoch:
             if reply.get("unchanged") and not rebuild and self.ccomm is not None:
                 return False
             self._installing = reply.get("epoch")
-            if self.client.generation != generation:
+            if self.client.generation != sent[-1]:
                 # An epoch formed by a coordinator lost since (the heartbeat thread moved us to its
                 # successor): the others may never build it. Sync again under the successor.
                 self._installing = None

@@ -79,3 +79,31 @@ def test_a_member_the_live_coordinator_removed_never_succeeds_it():
     assert Epoch.can_fail_over(epoch(None, False))
     assert Epoch.can_fail_over(epoch("unknown to the coordinator", True))
     assert not Epoch.can_fail_over(epoch("its connection to the coordinator dropped", False))
+
+
+def test_a_sync_reply_from_the_successor_our_request_went_to_is_installed():
+    """Seeds 406 and 434: the heartbeat thread's failover moved the client to the successor while
+    the caller's sync waited for the client's request lock; the request then went to the
+    successor, and its reply (the new epoch) was taken for the lost coordinator's, because the
+    generation had been read before the request went out. That member synced again while the
+    others built the epoch's mesh with it: 30 s to the mesh timeout."""
+    from types import SimpleNamespace
+    from pycoll.comm.epoch import Epoch
+
+    class Client:
+        needs_rejoin = False
+        generation = 7
+        requests = 0
+
+        def request(self, msg, timeout):
+            self.requests += 1
+            self.generation += 1  # the failover's retarget, done while we waited for the lock
+            msg = msg() if callable(msg) else msg
+            assert msg["t"] == "sync"
+            return {"ok": True, "epoch": 12, "unchanged": False, "rank": 0, "members": []}
+
+    installed = []
+    e = SimpleNamespace(options=SimpleNamespace(sync_timeout=1.0, coordinator_wait=0.0), client=Client(), number=10,
+                        rank=0, ccomm=None, _installing=None, _install=installed.append)
+    assert Epoch.sync(e, rebuild=True) is True
+    assert e.client.requests == 1 and [r["epoch"] for r in installed] == [12]
