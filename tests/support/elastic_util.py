@@ -12,6 +12,7 @@ environment variables in the peer before it connects (e.g. PYCOLL_FAULT
 for pycoll.testing fault points). Every process is killed and reaped on
 exit, so a bug shows as a failure, never as a hang or a leak.
 """
+import faulthandler
 import os
 import pickle
 import signal
@@ -33,6 +34,7 @@ def arm(point):
 
 
 def _peer_main(fn, args, port, name, connect_kwargs, env, conn):
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 <pid>`: where a stuck peer waits
     os.environ.update(env or {})
     if env and "PYCOLL_FAULT" in env:
         arm(env["PYCOLL_FAULT"])
@@ -83,7 +85,16 @@ class Cluster:
         return p
 
     def kill(self, name, sig=signal.SIGKILL):
-        os.kill(self.procs[name].pid, sig)
+        """Signal a peer. One already gone is left be: from the fork server (pycoll.testing.preload)
+        a dead peer is reaped at once (a spawned one stays a zombie until joined, so the kill used to
+        land), and its pid may already be another process's."""
+        p = self.procs[name]
+        if not p.is_alive():
+            return
+        try:
+            os.kill(p.pid, sig)
+        except ProcessLookupError:
+            pass
 
     def kill_coordinator(self):
         """SIGKILL the standalone coordinator's process."""
