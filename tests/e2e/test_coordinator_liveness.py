@@ -14,6 +14,7 @@ import pytest
 from pycoll.control.client import CoordinatorClient
 from pycoll.control.coordinator import PROTOCOL, Coordinator
 from pycoll.net.mesh import host_id
+from pycoll.testing import free_port
 
 
 def _listening():
@@ -60,3 +61,42 @@ def test_a_member_gone_before_its_first_heartbeat_is_found_dead_at_once():
             c.close()
         silent.close()
         coord.stop()
+
+
+@pytest.mark.timeout(60)
+def test_a_coordinator_gone_before_our_heartbeat_socket_reached_it_is_found_dead_at_once():
+    """Chaos seed 465: members re-registered with a successor, which was SIGKILLed before their
+    heartbeat sockets had dialed it. No connection, so none dropped: they waited out the 5 s
+    heartbeat bound. A refused dial after a join is now a death (its port is probed)."""
+    coord = Coordinator("127.0.0.1", 0, min_world_size=2, heartbeat_timeout=5.0).start()
+    listener = _listening()
+    client = _join(coord, listener, host_id=host_id())
+    dead = []
+    client.on_dead = lambda: dead.append(time.monotonic())
+    try:
+        assert client.cred
+        coord.stop()  # gone before the heartbeat thread dials it
+        t0 = time.monotonic()
+        client.start_heartbeats()
+        while not dead and time.monotonic() - t0 < 4:
+            time.sleep(0.02)
+        assert dead and dead[0] - t0 < 2, "a refused dial after the join was not taken for a death"
+        assert client.coordinator_dead
+    finally:
+        client.close()
+        listener.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_coordinator_not_up_yet_is_not_declared_dead():
+    """Before a join a refused dial is a coordinator still starting (a rank that came first)."""
+    port = free_port()
+    client = CoordinatorClient("127.0.0.1", port, heartbeat_timeout=5.0)
+    dead = []
+    client.on_dead = lambda: dead.append(1)
+    try:
+        client.start_heartbeats()
+        time.sleep(1.0)
+        assert not dead and not client.coordinator_dead
+    finally:
+        client.close()
