@@ -455,12 +455,14 @@ def _ddp_lost_peer():
 
 
 @pytest.mark.timeout(200)
-def test_ddp_survivors_raise_when_a_peer_dies_in_all_reduce(transport):
+@pytest.mark.parametrize("transport,victim", [("shm", 2), ("tcp", 2), ("tcp", 0)])
+def test_ddp_survivors_raise_when_a_peer_dies_in_all_reduce(transport, victim):
+    """Rank 0 too: it hosts the coordinator, which a survivor succeeds (pycoll.comm.failover)."""
     out = pycoll.testing.run(_ddp_lost_peer, 4, init="torch:pycoll", timeout=180,
-                             kill={2: ("during:all_reduce", 30)}, env={"PYCOLL_TRANSPORT": transport},
+                             kill={victim: ("during:all_reduce", 30)}, env={"PYCOLL_TRANSPORT": transport},
                              return_exceptions=True)
-    assert out[2] == KILLED, out
-    for r in (0, 1, 3):
+    assert out[victim] == KILLED, out
+    for r in sorted({0, 1, 2, 3} - {victim}):
         assert not isinstance(out[r], Exception), f"rank {r}: {out[r]}"  # e.g. died with SIGSEGV
         what, step, kind, message = out[r]
         assert what == "raised", out[r]
