@@ -330,11 +330,17 @@ def _one_sided_run(mesh, timeout, act=None):
     after 0.3 s. Returns (status, seconds, error text)."""
     plans = [planners.plan_rings("all_reduce", 2, r, [[0, 1]], 1 << 16, 4, preserve=True) for r in range(2)]
     x = np.ones(1 << 16, np.float32)
-    if act is not None:
-        threading.Timer(0.3, act).start()
+    timer = threading.Timer(0.3, act) if act is not None else None
+    if timer is not None:
+        timer.start()
     t0 = time.monotonic()
     st = mesh.run(plans, [[x, x], [x, x]], "float32", "sum", timeout=timeout, only=[0])[0]
     dt = time.monotonic() - t0
+    if timer is not None:
+        # the run may end while ``act`` is still inside pc_comm_cancel/pc_comm_shutdown (it saw
+        # the effect first): the caller frees the comms next, so wait for ``act`` to return (a
+        # full-suite run segfaulted in that window, the test's own use after free)
+        timer.join(10)
     assert np.all(x == 1), "a failed all-reduce must leave the input intact"
     return st, dt, ffi.string(lib.pc_comm_last_error(mesh.comms[0])).decode()
 
