@@ -23,7 +23,8 @@ import signal
 import threading
 import time
 
-__all__ = ["FAULTS_ARMED", "fault_point", "fault_armed", "arm", "FAULT_ENV", "DELAY_ENV"]
+__all__ = ["FAULTS_ARMED", "fault_point", "fault_armed", "arm", "rearm_from_environment", "FAULT_ENV",
+           "DELAY_ENV"]
 
 FAULT_ENV = "PYCOLL_FAULT"        # JSON [point, nth]: this process dies at the nth hit of point
 DELAY_ENV = "PYCOLL_FAULT_DELAY"  # seconds at every point, or JSON {point: seconds}
@@ -32,6 +33,14 @@ DELAY_ENV = "PYCOLL_FAULT_DELAY"  # seconds at every point, or JSON {point: seco
 #: sit on the hot path, at no cost otherwise). Set from the environment at
 #: import, or by :func:`arm`.
 FAULTS_ARMED = bool(os.environ.get(FAULT_ENV) or os.environ.get(DELAY_ENV))
+
+
+def rearm_from_environment():
+    """Read the environment's fault plan again, as at import: for a process whose environment
+    was replaced after pycoll was imported (a rank forked from pycoll.testing's fork server).
+    Never disarms what :func:`arm` armed."""
+    global FAULTS_ARMED
+    FAULTS_ARMED = FAULTS_ARMED or bool(os.environ.get(FAULT_ENV) or os.environ.get(DELAY_ENV))
 
 _hits = {}
 _hits_lock = threading.Lock()

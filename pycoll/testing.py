@@ -59,9 +59,6 @@ __all__ = ["run", "preload", "process_context", "fault_point", "fault_armed", "f
 #: The result of a rank that the harness killed on purpose.
 KILLED = "<killed>"
 
-_FAULT_ENV = faults.FAULT_ENV
-_DELAY_ENV = faults.DELAY_ENV
-
 
 class _TestingModule(types.ModuleType):
     """``pycoll.testing.FAULTS_ARMED`` reads and sets :data:`pycoll.faults.FAULTS_ARMED`, the flag
@@ -168,7 +165,7 @@ def _as_if_spawned(environ, cwd, stdio, target, args):
     os.environ.update(environ)
     os.chdir(cwd)
     # what pycoll read from the environment at import, the fork server's: read again
-    faults.FAULTS_ARMED = faults.FAULTS_ARMED or bool(environ.get(_FAULT_ENV) or environ.get(_DELAY_ENV))
+    faults.rearm_from_environment()
     from pycoll.observability import configure_logging
     configure_logging()
     target(*args)
