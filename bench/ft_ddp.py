@@ -7,9 +7,11 @@ Four implementations of the same data-parallel step (zero_grad, forward, MSE los
 SGD step with momentum), each rank its own process with one torch thread, on loopback:
 
   ft       pycoll.train.FaultTolerantDDP over a pycoll communicator (pycoll.init, with
-           preserve_input=False as the torch backend's): buckets all-reduced during backward, a
-           sync point (update_topology) and an agreed vote per step (on_failure="discard");
-  ft-complete  the same with on_failure="complete": every bucket an agreed all-reduce;
+           preserve_input=False as the torch backend's): buckets all-reduced (avg) during
+           backward, nothing more while nothing fails (on_failure="discard": a sync point only
+           after a failure or for a joiner);
+  ft-complete  the same with on_failure="complete": every bucket an agreed all-reduce and a
+           sync point (update_topology) every step;
   pycoll   torch's DistributedDataParallel on the pycoll torch backend (``backend="pycoll"``);
   gloo     torch's DistributedDataParallel on Gloo.
 

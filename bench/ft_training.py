@@ -14,7 +14,7 @@ size. Methods (--methods):
 
   gloo          torch DistributedDataParallel on Gloo (25 MiB buckets, as DDP's default).
   ft            pycoll.train.FaultTolerantDDP (on_failure="discard"): buckets all-reduced during
-                backward, a sync point and an agreed vote per step (docs/ft-training.md).
+                backward, a sync point after a failure or for a joiner (docs/ft-training.md).
   diloco        pycoll.train.DiLoCo, mode "sync", H = --sync-every inner steps per round (the
                 same AdamW as inner optimizer, outer Nesterov lr 0.7, momentum 0.9); a "step" is
                 an inner step of the group (diloco.inner_steps).

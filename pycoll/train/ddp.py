@@ -17,31 +17,43 @@ How a step goes:
   wrapper does it on construction) run :func:`pycoll.train.state.heal`: a joiner receives
   model, optimizer state, step counter, scheduler and shared RNG state from the peers that hold
   the majority's bytes, striped over several of them and hash-checked on arrival, before its
-  first step.
+  first step. With ``on_failure="discard"`` the sync point runs only when it has work: the
+  step's last bucket carries one more number, how many members know of a joiner waiting (the
+  coordinator's heartbeat replies say so, every 0.5 s), and the next sync point runs when that
+  sum is above zero or the step failed here (see below). A step that needs none pays no round
+  trip through the coordinator. A joiner waits one step more than with a sync point per step.
+  ``on_failure="complete"`` syncs at every step.
 * During ``backward()`` a post-accumulate-grad hook per parameter counts the gradients that are
   in; gradients live in the buckets' flat buffers (``.grad`` are views), and a bucket whose
-  gradients are all in is all-reduced (sum) on the wrapper's own thread while backward goes on,
+  gradients are all in is all-reduced (``avg``: the mean over the peers whose gradients are in
+  it, divided in the engine) on the wrapper's own thread while backward goes on,
   as DDP overlaps them. Buckets are launched in one fixed order (reverse registration order, as
   DDP's first step) on every peer, whatever order the hooks fire in, so the k-th all-reduce
   pairs across peers.
-* ``opt.step()`` waits for the buckets, divides each by the number of peers whose gradients are
-  in it, and steps the optimizer and the scheduler. Every peer takes the same step from the same
+* ``opt.step()`` waits for the buckets and steps the optimizer and the scheduler. Every peer takes the same step from the same
   averaged gradients, so the state stays bit-identical without moving it
   (``model.state.digest()`` checks it).
 
-A step interrupted by a death: every survivor must decide the same, discard or complete it.
+A step interrupted by a death: the survivors must end up in one state.
 
 * ``on_failure="discard"`` (default): the buckets are plain all-reduces (the fast path, as DDP
-  on the pycoll backend runs them), and ``opt.step()`` makes one agreed call per step, a vote
-  (an all-reduce of one flag with ``retry=True``, :mod:`pycoll.comm.agreement`): the step is
-  applied only if every survivor reports all its buckets done (they then hold every member's
-  gradients, see ``_vote``), and the vote's outcome is the same on every survivor. Otherwise the step is dropped everywhere (no
-  optimizer or scheduler step, the step counter stays) and the loop goes on with its next batch:
-  one step of work lost per failure, and every applied step is the mean over the same peers in
-  all its buckets, as a plain DDP step is. Why the default: it costs one small round trip per
-  step when nothing fails, while ``complete`` makes every bucket an agreed call, whose result
-  waits in the engine's scratch until the group commits: a copy of every gradient byte and a
-  round trip per bucket on every step, to save one step per failure.
+  on the pycoll backend runs them) and nothing else is sent. A peer whose buckets all succeeded
+  applies the step: a plain all-reduce that succeeded holds every member's data (a peer fails
+  exactly one call per failed epoch, so none of a step's buckets ran in a re-formed group
+  without one failing first), so its update is the mean over all the members of the step's
+  sync point, even one that died after its buckets. A peer with a failed bucket drops the step
+  (no optimizer or scheduler step, the step counter stays) and goes on with its next batch. So
+  a death can leave the survivors one step apart, each holding a correct state of its step
+  (all peers at step k hold the same bytes). They meet at the next sync point (a peer that
+  applied fails its next step's first call, the epoch being aborted, and drops that step),
+  which heals the group to the highest step: the peers that dropped the step receive the
+  state of those that applied it. One batch of work lost per survivor per failure. Why the
+  default: it costs nothing per step when nothing fails, while ``complete`` makes every bucket
+  an agreed call, whose result waits in the engine's scratch until the group commits: a copy of
+  every gradient byte and a round trip through the coordinator per bucket on every step. (An
+  agreed vote per step, which made every survivor apply or drop alike, cost 3 to 6 ms a step
+  at 4 ranks on this 2-core host; healing the peers that dropped a step costs only when
+  something failed.)
 * ``on_failure="complete"``: every bucket's all-reduce is agreed (``retry=True``): it commits on
   every survivor with the same contributors (``comm.last_outcome.contributors``), or re-runs
   over the survivors. The step is applied: a bucket that committed before the death holds the
@@ -51,11 +63,11 @@ A step interrupted by a death: every survivor must decide the same, discard or c
 Re-running the same batch is not offered: the batch is the user's loop's, and the next batch
 serves as well (a lost step is one batch of samples not trained on, whichever batch it is).
 
-A call that fails beyond its retries (every survivor gets the same failure: agreed) makes the
-step a discarded one on every survivor; the next ``zero_grad()`` re-forms the group.
-``max_discarded`` such steps in a row raise. The loss of the coordinator's host (rank 0 of a
+A step whose call failed is discarded on that peer (``complete``: a call that failed beyond
+its retries, on every survivor alike); the next ``zero_grad()`` re-forms the group.
+``max_discarded`` discarded steps in a row raise. The loss of the coordinator's host (rank 0 of a
 ``pycoll.init`` group, or a standalone ``pycoll master``) is survived the same way: a member
-succeeds it (:mod:`pycoll.comm.failover`) inside the agreed calls and the sync point.
+succeeds it (:mod:`pycoll.comm.failover`) at the sync point (and inside ``complete``'s agreed calls).
 
 Speed: make the communicator with ``preserve_input=False`` (as the torch backend does): a failed
 bucket's buffer is then left undefined instead of restored, which costs nothing here (its step
@@ -109,9 +121,10 @@ class _Bucket:
 
     __slots__ = ("index", "params", "flat", "views", "pending", "work", "contributors", "error")
 
-    def __init__(self, index, params):
+    def __init__(self, index, params, extra=0):
         self.index, self.params = index, params
-        self.flat = torch.zeros(sum(p.numel() for p in params), dtype=torch.float32)
+        # (``extra`` floats after the gradients: the last bucket's joiner count, see _reduce)
+        self.flat = torch.zeros(sum(p.numel() for p in params) + extra, dtype=torch.float32)
         self.views, at = [], 0
         for p in params:
             self.views.append(self.flat[at:at + p.numel()].view_as(p))
@@ -146,7 +159,7 @@ class FaultTolerantDDP(torch.nn.Module):
     holds ``first_bucket_mb``, 1 as DDP's, so that its all-reduce starts early in backward).
     Gradients live in the buckets (``.grad`` are views of them); ``optimizer.zero_grad()`` zeros
     them in place whatever ``set_to_none`` says. ``on_failure``: "discard" or "complete" (the same
-    on every peer). ``retry``: retries of each agreed call, the vote or a bucket (True: the
+    on every peer). ``retry``: retries of each agreed bucket (``complete``; True: the
     communicator's max_retries).
     ``checkpoint``: a :meth:`state_dict` to start from; the peers that start from none (or
     from an older one) receive it when the wrapper is made.
@@ -177,6 +190,7 @@ class FaultTolerantDDP(torch.nn.Module):
         self.last_step: Optional[StepReport] = None
         self.last_heal = None  # the SyncResult of the last heal (None: none since the wrapper was made)
         self.heals = 0
+        self.sync_points = 0  # sync points run since the wrapper was made (its making's not counted)
         self._discarded_in_a_row = 0
         self._buckets = self._make_buckets(optimizer, bucket_cap_mb, first_bucket_mb)
         for b in self._buckets:
@@ -217,7 +231,7 @@ class FaultTolerantDDP(torch.nn.Module):
             size += p.numel()
         if cur:
             buckets.append(cur)
-        return [_Bucket(i, ps) for i, ps in enumerate(buckets)]
+        return [_Bucket(i, ps, extra=int(i == len(buckets) - 1)) for i, ps in enumerate(buckets)]
 
     def _grad_ready(self, p):
         """post-accumulate-grad hook: one more gradient of its bucket is in."""
@@ -245,40 +259,30 @@ class FaultTolerantDDP(torch.nn.Module):
 
     def _reduce(self, b):
         """On the wrapper's thread: the bucket's all-reduce, agreed (``complete``: the same
-        outcome on every survivor) or plain (``discard``: the step's vote settles it). After a
-        failure in this step nothing more runs here: a rank fails exactly one call per failed
-        epoch (pycoll.comm.epoch), so every survivor's next call is the vote or the next
-        sync point, whichever bucket failed where."""
+        outcome on every survivor) or plain (``discard``). After a failure in this step nothing
+        more runs here: a rank fails exactly one call per failed epoch (pycoll.comm.epoch), so
+        every survivor's next call of the group is a sync point, whichever bucket failed where
+        (``discard``: a peer whose buckets all succeeded fails its next step's first bucket).
+        The last bucket's extra float is 1 where this peer knows of a joiner waiting: its mean,
+        the same on every peer whose buckets succeeded, asks for the next sync point when above
+        zero. op="avg": the mean over the contributors (the members; ``complete``: those of the
+        committed attempt), divided in the engine (a ring divides each rank's share of the
+        reduction once, not the whole bucket on every rank after it)."""
         earlier = self._buckets[:b.index]
         failed = self._sync_error or next((x.error for x in earlier if x.error is not None), None)
         if failed is not None:
             b.error = failed
             return
+        if b.index == len(self._buckets) - 1:
+            b.flat[-1] = 1.0 if self.comm.pending_joiners() > 0 else 0.0
         try:
             if self.on_failure == "complete":
-                self.comm.all_reduce(b.flat, op="sum", retry=self.retry, timeout=self.timeout)
+                self.comm.all_reduce(b.flat, op="avg", retry=self.retry, timeout=self.timeout)
                 b.contributors = tuple(self.comm.last_outcome.contributors)
             else:
-                self.comm.all_reduce(b.flat, op="sum", timeout=self.timeout)
+                self.comm.all_reduce(b.flat, op="avg", timeout=self.timeout)
         except (PeerFailure, CoordinatorError, CollectiveError) as exc:
             b.error = exc
-
-    def _vote(self, ok):
-        """``discard``'s one agreed call per step: did every voter's buckets all succeed?
-        Returns (applied, the peers whose gradients are in the buckets, the vote's error).
-
-        A plain all-reduce that succeeded on a peer holds every member's data (a peer fails
-        exactly one call per failed epoch, so none of a step's buckets ran in a re-formed
-        group without one failing first). So when every voter, the survivors, reports all its
-        buckets done, the buckets hold the gradients of every member of the step's sync
-        point, a member that died after its buckets too: the step is applied as it is."""
-        flag = torch.tensor([1.0 if ok else 0.0])
-        try:
-            self.comm.all_reduce(flag, op="sum", retry=self.retry, timeout=self.timeout)
-        except (PeerFailure, CoordinatorError, CollectiveError) as exc:
-            return False, (), exc
-        voters = self.comm.last_outcome.contributors
-        return int(flag[0]) == len(voters), self._members, None
 
     # ---- the step --------------------------------------------------------------------------
     @property
@@ -295,7 +299,8 @@ class FaultTolerantDDP(torch.nn.Module):
         False at once, and the sync runs on the wrapper's thread before the step's buckets,
         overlapped with forward and backward; see below). One sync point per step: calls after
         the first, before the step (and the first after the wrapper was made, whose making was
-        one), do nothing, on every peer alike.
+        one), do nothing, on every peer alike; so does the step's first call when the last
+        step found no work for it (``on_failure="discard"``, see the module docstring).
 
         Why the sync may overlap the forward pass: a heal at a sync point only changes the
         peers that are behind or differ from the majority. A member that took every step with
@@ -319,6 +324,7 @@ class FaultTolerantDDP(torch.nn.Module):
         return changed
 
     def _sync_point(self, restore):
+        self.sync_points += 1
         for attempt in range(SYNC_TRIES):
             try:
                 changed = self.comm.update_topology()
@@ -376,7 +382,7 @@ class FaultTolerantDDP(torch.nn.Module):
                 b.pending = 0
             self._launch_ready()
         self._wait_buckets()
-        self._synced = False  # the next zero_grad() is the next step's sync point
+        self._synced = False  # the next zero_grad() is the next step's sync point (discard: if due)
         if self._sync_error is not None:  # the sync point itself failed: no step can be taken
             raise self._sync_error
         if self._restore_due:
@@ -387,13 +393,13 @@ class FaultTolerantDDP(torch.nn.Module):
         if self.on_failure == "complete":
             contributors = [b.contributors for b in self._buckets]
             applied = error is None
-        else:
-            applied, who, vote_error = self._vote(error is None)
-            error = error or vote_error
-            contributors = [who if applied else None for _ in self._buckets]
-        if applied:
-            for b, who in zip(self._buckets, contributors):
-                b.flat.div_(len(who))  # the .grad views now hold the means
+        else:  # (see the module docstring: applied where every bucket succeeded)
+            applied = error is None
+            contributors = [members if applied else None for _ in self._buckets]
+            # (no buckets, no joiner count: a sync point every step)
+            joiners_seen = not self._buckets or self._buckets[-1].flat[-1] > 0
+            self._synced = applied and not joiners_seen  # else the next zero_grad() syncs
+        if applied:  # (the buckets hold the means: op="avg" divides in the engine, each rank its share)
             self.optimizer.inner.step()
             if self.scheduler is not None:
                 self.scheduler.step()

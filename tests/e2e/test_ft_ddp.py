@@ -101,22 +101,27 @@ def test_training_goes_on_through_a_death_the_coordinator_hosts_death_and_a_join
         discarded = [m[1] for m in steps[idx] if not m[3]]
         applied = {m[1]: m for m in steps[idx] if m[3]}
         assert len(applied) == STEPS
-        if on_failure == "discard":  # at most the two interrupted steps are lost, one per failure
-            # (rank 0 dies just after its zero_grad(), whose sync point runs on the wrapper's
-            # thread: when it dies before that sync point is through, the survivors' sync drops
-            # it and its step runs over them alone, nothing lost)
-            assert discarded in ([kill_a, kill_0], [kill_a]), discarded
+        if on_failure == "discard":  # the two interrupted steps are lost, one per failure
+            # (rank 0 dies after its zero_grad(), which runs no sync point: the last step's vote
+            # saw nothing to do; so the survivors' buckets of that step fail too)
+            assert discarded == [kill_a, kill_0], discarded
             assert applied[kill_a + 1][4] == [3, 3, 3] and applied[kill_0 + 1][4] == [2, 2, 2]
         else:  # none lost; the interrupted steps' buckets are means over their own contributors
             assert discarded == [], discarded
             assert applied[kill_a + 1][4] == [4, 3, 3], applied[kill_a + 1]  # its first bucket in only
             assert applied[kill_0 + 1][4] == [2, 2, 2], applied[kill_0 + 1]  # rank 0 never sent that step
         assert applied[kill_a][4] == [4, 4, 4] and applied[STEPS][4] == [3, 3, 3], applied[STEPS]
-    # the joiner was healed to the group's state before its first step (hash-checked), at the
-    # step the members called it in, from the two members (striped)
+    # the joiner was healed to the group's state before its first step (hash-checked), from the
+    # two members (striped), at the step the members called it in ("complete": a sync point per
+    # step) or the next ("discard": the vote of the step the members called it in saw it waiting,
+    # and only then the next step's sync point runs)
+    admitted_at = join_at if on_failure == "complete" else join_at + 1
     heal = next(m for m in msgs[4] if m[0] == "heal")
-    assert heal[1] == join_at and heal[2] == digests[join_at] and heal[3] > 0 and heal[4] == 2, heal
-    assert steps[4][0][1] == join_at + 1
+    assert heal[1] == admitted_at and heal[2] == digests[admitted_at] and heal[3] > 0 and heal[4] == 2, heal
+    assert steps[4][0][1] == admitted_at + 1
+    for idx in (1, 3):  # "discard" runs a sync point only after a discarded step or to admit the joiner
+        want = len(steps[idx]) - 1 if on_failure == "complete" else 3
+        assert steps[idx][-1][9] == want, (steps[idx][-1], len(steps[idx]))
 
     ref = ft_ddp_peer.reference_run(range(4), STEPS)
     print(f"eval loss: fault-free {ref:.5f}, with faults {[round(d[2], 5) for d in done.values()]}")
@@ -142,6 +147,29 @@ def test_a_member_whose_state_diverged_is_repaired_at_the_next_change(tmp_path):
     assert by[2][join_at + 1][8] > 0 and by[0][join_at + 1][8] == 0  # repaired: it received, they did not
     for s in range(join_at + 1, steps + 1):
         assert len({by[i][s][2] for i in range(4)}) == 1, s  # one state again, the joiner's too
+
+
+@pytest.mark.timeout(120)
+def test_peers_one_step_apart_after_a_failure_meet_at_the_highest_step(tmp_path):
+    """``discard`` applies a step where every bucket succeeded: peer 1's last bucket of step 3
+    fails after peers 0 and 2 finished theirs (the path a connection broken after the last byte
+    takes), so they apply step 3 and peer 1 drops it. Peers 0 and 2 then fail step 4's first
+    call (the epoch was aborted) and drop it; all three meet at the next sync point, where
+    peer 1 receives their state: from there on one state again, one batch lost per peer."""
+    fail_at, steps = 3, 8
+    plans = {0: {}, 1: {"fail_last_bucket_at": fail_at}, 2: {}}
+    plans = {idx: dict(plan, on_failure="discard") for idx, plan in plans.items()}
+    msgs = _run(plans, 3, steps, 100, tmp_path)
+    digests = _check_parity(msgs)  # peers at the same step hold the same bytes, throughout
+    assert set(range(1, steps + 1)) <= set(digests), sorted(digests)
+    records = {idx: [m for m in ms if m[0] == "step"] for idx, ms in msgs.items()}
+    dropped = {idx: [m[1] for m in rs if not m[3]] for idx, rs in records.items()}
+    assert dropped == {0: [fail_at + 1], 1: [fail_at], 2: [fail_at + 1]}, dropped
+    after = {idx: next(m for m in rs if m[3] and m[1] == fail_at + 2) for idx, rs in records.items()}
+    assert after[1][8] > 0 and after[0][8] == after[2][8] == 0, after  # peer 1 received, the others sent
+    for idx, rs in records.items():
+        assert rs[-1][9] == 1, (idx, rs[-1])  # one sync point each: after its dropped step
+        assert next(m for m in msgs[idx] if m[0] == "done")[1] == steps
 
 
 def _grad_peer(idx, world, port, steps, victim, kill_at, on_failure, conn):

@@ -85,10 +85,26 @@ def die_before_bucket(model, index, when):
     model._reduce = maybe_die
 
 
+def fail_after_bucket(model, index, when):
+    """When ``when()``: run bucket ``index``'s all-reduce, then fail it here as a call that broke
+    after its peers had finished theirs does (the engine's failure path: the epoch is marked
+    broken and the failure reported to the coordinator, which aborts the epoch everywhere):
+    the peers apply the step, this one drops it."""
+    from pycoll.core.native import lib
+    reduce = model._reduce
+
+    def reduce_then_fail(b):
+        reduce(b)
+        if b.index == index and b.error is None and when():
+            b.error = model.comm.epoch_state.failure(lib.PC_ERR_IO, -1, "all_reduce")
+    model._reduce = reduce_then_fail
+
+
 def peer(idx, world, port, steps, plan, join_file, conn):
     """One peer. ``plan``: {"die_mid_backward": step, "die_before_backward": step, "join": bool,
     "call_joiner_at": step (a member: at this step, create ``join_file`` and wait for a joiner
-    first), "perturb_at": step (change a weight after that step), "on_failure": ...}."""
+    first), "perturb_at": step (change a weight after that step), "fail_last_bucket_at": step (see
+    fail_after_bucket), "on_failure": ...}."""
     import pycoll
     from pycoll.train import FaultTolerantDDP
     try:
@@ -109,6 +125,8 @@ def peer(idx, world, port, steps, plan, join_file, conn):
               len({r for v in model.last_heal.sources.values() for r in v}))
         if "die_mid_backward" in plan:
             die_before_bucket(model, 1, lambda: model.step == plan["die_mid_backward"])
+        if "fail_last_bucket_at" in plan:
+            fail_after_bucket(model, len(model._buckets) - 1, lambda: model.step == plan["fail_last_bucket_at"])
         for _ in range(steps * 2):  # bounded: a discarded step is tried with the next batch
             if model.step >= steps:
                 break
@@ -131,7 +149,7 @@ def peer(idx, world, port, steps, plan, join_file, conn):
                     net[0].weight[0, 0] += 1e-3
             _send(conn, "step", model.step, model.state.digest(), report.applied,
                   [len(c or ()) for c in report.contributors], len(report.members), comm.world_size, model.heals,
-                  len(model.last_heal.fetched))
+                  len(model.last_heal.fetched), model.sync_points)
         _send(conn, "done", model.step, eval_loss(net), comm.world_size)
         model.close()
         comm.close()
