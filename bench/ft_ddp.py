@@ -19,7 +19,8 @@ Both DDPs and FT-DDP use 25 MiB buckets (DDP's default). A step's time is the sl
 (every rank starts each step after a barrier, untimed); a cell is the median over the timed steps.
 The implementations alternate (--rounds launches each, in the order A B C, C B A, ...) so that
 drift on a shared host hits them alike. The table prints the ratios ft / pycoll (the target:
-within 10 %), ft-complete / pycoll and ft / gloo, and the host's load average before the run (a busy host: the
+within 10 %), ft-complete / pycoll and ft / gloo (of the medians over all launches, and, with
+--rounds > 1, round by round: the ratio of the two launches of each round, median and range), and the host's load average before the run (a busy host: the
 figures are relative, not absolute). Every rank arms an alarm and the driver kills a launch that
 overruns --timeout: nothing hangs.
 """
@@ -156,14 +157,17 @@ def main():
     with tempfile.TemporaryDirectory(prefix="ftd-bench-") as tmp:
         for n in [int(x) for x in a.ranks.split(",")]:
             per = {impl: [] for impl in impls}
+            by_round = {impl: [] for impl in impls}  # each launch's median
             for rnd in range(a.rounds):
                 order = impls if rnd % 2 == 0 else tuple(reversed(impls))
                 for impl in order:
                     res = launch(impl, n, a, tmp)
-                    per[impl].extend(max(step) for step in zip(*res))  # the slowest rank's
+                    steps = [max(step) for step in zip(*res)]  # the slowest rank's
+                    per[impl].extend(steps)
+                    by_round[impl].append(statistics.median(steps))
             med = {impl: statistics.median(v) * 1e3 for impl, v in per.items()}
             dump[str(n)] = {impl: [t * 1e3 for t in v] for impl, v in per.items()}
-            rows.append((n, med))
+            rows.append((n, med, by_round))
     print()
     names = {"ft": "ft", "ft-complete": "ft-complete", "pycoll": "pycoll DDP", "gloo": "gloo DDP"}
     ratios = [(x, y) for x, y in (("ft", "pycoll"), ("ft-complete", "pycoll"), ("ft", "gloo"), ("pycoll", "gloo"))
@@ -171,13 +175,27 @@ def main():
     head = [f"{names[i]} ms/step" for i in impls] + [f"{x} / {y}" for x, y in ratios]
     print("| ranks | " + " | ".join(head) + " |")
     print("|---" * (len(head) + 1) + "|")
-    for n, m in rows:
+    for n, m, by_round in rows:
         cells = [f"{m[i]:.2f}" for i in impls] + [f"{m[x] / m[y]:.3f}" for x, y in ratios]
         print(f"| {n} | " + " | ".join(cells) + " |")
+    if a.rounds > 1:
+        # A shared host's speed drifts between launches by more than the effects measured here:
+        # the ratio of the two launches of the same round (next to each other), then its median.
+        print("\nratios round by round (the two launches of a round ran next to each other): median (min-max)")
+        print("| ranks | " + " | ".join(f"{x} / {y}" for x, y in ratios) + " |")
+        print("|---" * (len(ratios) + 1) + "|")
+        for n, m, by_round in rows:
+            cells = []
+            for x, y in ratios:
+                r = [bx / by for bx, by in zip(by_round[x], by_round[y])]
+                cells.append(f"{statistics.median(r):.3f} ({min(r):.2f}-{max(r):.2f})")
+            print(f"| {n} | " + " | ".join(cells) + " |")
     print(f"\nload average after: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"load_before": load, "medians_ms": {str(n): m for n, m in rows}, "steps_ms": dump}, f)
+            json.dump({"load_before": load, "medians_ms": {str(n): m for n, m, _ in rows}, "steps_ms": dump,
+                       "launch_medians_ms": {str(n): {i: [t * 1e3 for t in v] for i, v in br.items()}
+                                             for n, _, br in rows}}, f)
 
 
 if __name__ == "__main__":

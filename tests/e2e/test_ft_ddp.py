@@ -317,12 +317,15 @@ def test_the_example_trains_through_the_death_of_rank_0():
 @pytest.mark.timeout(120)
 def test_the_benchmark_prints_its_table():
     [(rc, out)] = _run_scripts([[str(ROOT / "bench" / "ft_ddp.py"), "--ranks", "2", "--steps", "3", "--warmup", "1",
-                                 "--rounds", "1", "--width", "64", "--layers", "2"]], 100)
+                                 "--rounds", "2", "--width", "64", "--layers", "2"]], 100)
     assert rc == 0, out
     rows = [line for line in out.splitlines() if line.startswith("| 2 |")]
-    assert len(rows) == 1, out
+    assert len(rows) == 2, out  # the medians over all launches, then the ratios round by round
     cells = [float(c) for c in rows[0].strip("|").split("|")[1:]]
-    assert all(c > 0 for c in cells), rows  # ms per step of ft, pycoll, gloo and their ratios
+    assert len(cells) == 8 and all(c > 0 for c in cells), rows  # ms per step of the four, four ratios
+    for cell in rows[1].strip("|").split("|")[1:]:  # "median (min-max)"
+        median, low, high = (float(x) for x in cell.replace("(", " ").replace(")", " ").replace("-", " ").split())
+        assert 0 < low <= median <= high, rows[1]
 
 
 def _resume_peer(idx, port, ckpt, conn):
