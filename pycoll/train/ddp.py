@@ -224,11 +224,14 @@ class FaultTolerantDDP(torch.nn.Module):
         caps = [max(1, int(mb * (1 << 20)) // 4) for mb in (min(first_mb, cap_mb), cap_mb)]
         buckets, cur, size = [], [], 0
         for p in reversed(params):  # backward produces the last layers' gradients first
-            if cur and size + p.numel() > caps[min(len(buckets), 1)]:
-                buckets.append(cur)
-                cur, size = [], 0
             cur.append(p)
             size += p.numel()
+            # DDP's rule: a bucket closes once it holds its cap or more. (Closing before the
+            # tensor that would pass the cap left a 1 MiB first bucket with the last layer's
+            # bias alone when its weight is larger, and nothing overlapped with backward.)
+            if size >= caps[min(len(buckets), 1)]:
+                buckets.append(cur)
+                cur, size = [], 0
         if cur:
             buckets.append(cur)
         return [_Bucket(i, ps, extra=int(i == len(buckets) - 1)) for i, ps in enumerate(buckets)]

@@ -119,7 +119,8 @@ def peer(idx, world, port, steps, plan, join_file, conn):
             comm = pycoll.init(idx, world, "127.0.0.1", port, **kw)
         net = make_net()
         opt, sched = make_opt(net)
-        model = FaultTolerantDDP(net, opt, comm, scheduler=sched, bucket_cap_mb=HIDDEN * HIDDEN * 4 / 2 ** 20,
+        # 3 buckets: [last bias, last weight, middle bias], [middle weight], [first bias, first weight]
+        model = FaultTolerantDDP(net, opt, comm, scheduler=sched, bucket_cap_mb=2 * HIDDEN * 4 / 2 ** 20,
                                  on_failure=plan.get("on_failure", "complete"))
         _send(conn, "heal", model.step, model.state.digest(), model.last_heal.bytes_received,
               len({r for v in model.last_heal.sources.values() for r in v}))
