@@ -47,7 +47,8 @@ A step interrupted by a death: the survivors must end up in one state.
   (all peers at step k hold the same bytes). They meet at the next sync point (a peer that
   applied fails its next step's first call, the epoch being aborted, and drops that step),
   which heals the group to the highest step: the peers that dropped the step receive the
-  state of those that applied it. One batch of work lost per survivor per failure. Why the
+  state of those that applied it, before their next forward (after a dropped step the sync
+  point blocks ``zero_grad()`` instead of overlapping the forward pass). One batch of work lost per survivor per failure. Why the
   default: it costs nothing per step when nothing fails, while ``complete`` makes every bucket
   an agreed call, whose result waits in the engine's scratch until the group commits: a copy of
   every gradient byte and a round trip through the coordinator per bucket on every step. (An
@@ -307,7 +308,8 @@ class FaultTolerantDDP(torch.nn.Module):
 
         Why the sync may overlap the forward pass: a heal at a sync point only changes the
         peers that are behind or differ from the majority. A member that took every step with
-        the others holds the majority's bytes, so the heal only reads its state (hashes, and
+        the others (its last step was not dropped: after a dropped step ``zero_grad()`` blocks
+        on the sync point) holds the majority's bytes, so the heal only reads its state (hashes, and
         sends to joiners), and a joiner was healed when its wrapper was made, before its first
         forward. A member found to differ (which a correct run never shows) gets the majority's
         bytes at once and its restored scheduler and RNG state at ``optimizer.step()``; the
@@ -355,6 +357,15 @@ class FaultTolerantDDP(torch.nn.Module):
                         self.comm.name, self.step, self.last_heal.fetched[:4])
         self._revision = self.state.step
         self.heals += 1
+
+    def begin_step(self):
+        """``optimizer.zero_grad()``: the sync point, overlapped with the forward pass, then zero
+        the gradients. After a dropped step the sync point runs here instead, before the forward
+        pass: this peer may be a step behind peers that applied it, and its heal must land
+        before it computes gradients (overlapped, its forward would read weights the heal is
+        writing)."""
+        self.sync(block=self._discarded_in_a_row > 0)
+        self.zero_grads()
 
     def zero_grads(self):
         """Zero every gradient in place (``optimizer.zero_grad()``): they stay the buckets' views."""
@@ -448,8 +459,7 @@ class _Optimizer:
     def zero_grad(self, set_to_none: bool = True):
         """The sync point, then zero the gradients in place (they are the buckets' views, so
         ``set_to_none`` is not followed)."""
-        self._ddp.sync(block=False)
-        self._ddp.zero_grads()
+        self._ddp.begin_step()
 
     def step(self, closure=None):
         if closure is not None:

@@ -155,9 +155,11 @@ def test_peers_one_step_apart_after_a_failure_meet_at_the_highest_step(tmp_path)
     fails after peers 0 and 2 finished theirs (the path a connection broken after the last byte
     takes), so they apply step 3 and peer 1 drops it. Peers 0 and 2 then fail step 4's first
     call (the epoch was aborted) and drop it; all three meet at the next sync point, where
-    peer 1 receives their state: from there on one state again, one batch lost per peer."""
+    peer 1 receives their state before its forward: from there on one state again, one batch
+    lost per peer."""
     fail_at, steps = 3, 8
-    plans = {0: {}, 1: {"fail_last_bucket_at": fail_at}, 2: {}}
+    plans = {0: {"mark_last_bucket_at": fail_at}, 1: {"fail_last_bucket_at": fail_at, "after_peers": [0, 2]},
+             2: {"mark_last_bucket_at": fail_at}}
     plans = {idx: dict(plan, on_failure="discard") for idx, plan in plans.items()}
     msgs = _run(plans, 3, steps, 100, tmp_path)
     digests = _check_parity(msgs)  # peers at the same step hold the same bytes, throughout
@@ -167,6 +169,9 @@ def test_peers_one_step_apart_after_a_failure_meet_at_the_highest_step(tmp_path)
     assert dropped == {0: [fail_at + 1], 1: [fail_at], 2: [fail_at + 1]}, dropped
     after = {idx: next(m for m in rs if m[3] and m[1] == fail_at + 2) for idx, rs in records.items()}
     assert after[1][8] > 0 and after[0][8] == after[2][8] == 0, after  # peer 1 received, the others sent
+    # peer 1's heal landed inside its zero_grad(), before its forward: it drew the batch of the
+    # step it was healed to (a heal overlapped with the forward would have landed later)
+    assert after[1][10] == fail_at + 1, after[1]
     for idx, rs in records.items():
         assert rs[-1][9] == 1, (idx, rs[-1])  # one sync point each: after its dropped step
         assert next(m for m in msgs[idx] if m[0] == "done")[1] == steps

@@ -85,26 +85,43 @@ def die_before_bucket(model, index, when):
     model._reduce = maybe_die
 
 
-def fail_after_bucket(model, index, when):
-    """When ``when()``: run bucket ``index``'s all-reduce, then fail it here as a call that broke
-    after its peers had finished theirs does (the engine's failure path: the epoch is marked
-    broken and the failure reported to the coordinator, which aborts the epoch everywhere):
-    the peers apply the step, this one drops it."""
+def fail_after_bucket(model, index, when, peers_done):
+    """Once, when ``when()``: run bucket ``index``'s all-reduce, wait until the files
+    ``peers_done`` exist (the other peers' :func:`mark_bucket_done`: theirs finished too), then
+    fail it here as a call that broke after its peers had finished theirs does (the engine's
+    failure path: the epoch is marked broken and the failure reported to the coordinator,
+    which aborts the epoch everywhere): the peers apply the step, this one drops it."""
     from pycoll.core.native import lib
-    reduce = model._reduce
+    reduce, fired = model._reduce, []
 
     def reduce_then_fail(b):
         reduce(b)
-        if b.index == index and b.error is None and when():
+        if b.index == index and b.error is None and not fired and when():
+            fired.append(True)
+            deadline = time.monotonic() + 30
+            while not all(os.path.exists(f) for f in peers_done):
+                assert time.monotonic() < deadline, "the peers never finished their bucket"
+                time.sleep(0.01)
             b.error = model.comm.epoch_state.failure(lib.PC_ERR_IO, -1, "all_reduce")
     model._reduce = reduce_then_fail
+
+
+def mark_bucket_done(model, index, when, path):
+    """Create ``path`` once bucket ``index``'s all-reduce succeeded, when ``when()``."""
+    reduce = model._reduce
+
+    def reduce_then_mark(b):
+        reduce(b)
+        if b.index == index and b.error is None and when():
+            open(path, "w").close()
+    model._reduce = reduce_then_mark
 
 
 def peer(idx, world, port, steps, plan, join_file, conn):
     """One peer. ``plan``: {"die_mid_backward": step, "die_before_backward": step, "join": bool,
     "call_joiner_at": step (a member: at this step, create ``join_file`` and wait for a joiner
-    first), "perturb_at": step (change a weight after that step), "fail_last_bucket_at": step (see
-    fail_after_bucket), "on_failure": ...}."""
+    first), "perturb_at": step (change a weight after that step), "fail_last_bucket_at": step and
+    "after_peers": [idx, ...] (see fail_after_bucket), "mark_last_bucket_at": step (for them), "on_failure": ...}."""
     import pycoll
     from pycoll.train import FaultTolerantDDP
     try:
@@ -126,8 +143,12 @@ def peer(idx, world, port, steps, plan, join_file, conn):
               len({r for v in model.last_heal.sources.values() for r in v}))
         if "die_mid_backward" in plan:
             die_before_bucket(model, 1, lambda: model.step == plan["die_mid_backward"])
+        last = len(model._buckets) - 1
         if "fail_last_bucket_at" in plan:
-            fail_after_bucket(model, len(model._buckets) - 1, lambda: model.step == plan["fail_last_bucket_at"])
+            fail_after_bucket(model, last, lambda: model.step == plan["fail_last_bucket_at"],
+                              [f"{join_file}.done{i}" for i in plan["after_peers"]])
+        if "mark_last_bucket_at" in plan:
+            mark_bucket_done(model, last, lambda: model.step == plan["mark_last_bucket_at"], f"{join_file}.done{idx}")
         for _ in range(steps * 2):  # bounded: a discarded step is tried with the next batch
             if model.step >= steps:
                 break
@@ -139,7 +160,8 @@ def peer(idx, world, port, steps, plan, join_file, conn):
                     time.sleep(0.02)
                 plan = dict(plan, call_joiner_at=None)
             model.optimizer.zero_grad()
-            x, y = batch(idx, model.step)
+            drawn_at = model.step  # (after a heal that zero_grad() waited for: the healed step)
+            x, y = batch(idx, drawn_at)
             loss = torch.nn.functional.mse_loss(model(x), y)
             if plan.get("die_before_backward") == model.step:
                 os.kill(os.getpid(), signal.SIGKILL)
@@ -150,7 +172,7 @@ def peer(idx, world, port, steps, plan, join_file, conn):
                     net[0].weight[0, 0] += 1e-3
             _send(conn, "step", model.step, model.state.digest(), report.applied,
                   [len(c or ()) for c in report.contributors], len(report.members), comm.world_size, model.heals,
-                  len(model.last_heal.fetched), model.sync_points)
+                  len(model.last_heal.fetched), model.sync_points, drawn_at)
         _send(conn, "done", model.step, eval_loss(net), comm.world_size)
         model.close()
         comm.close()
