@@ -497,6 +497,10 @@ def run_gloo(launcher, a, faults, tmp):
     return allprocs, t0, marks
 
 
+def _ratio(x):
+    return "-" if x is None else f"{x:.2f}"  # (no Gloo run to compare with: --methods without gloo)
+
+
 # ---- driver: one run's figures --------------------------------------------------------------------
 def summarize(method, procs, t0, marks, a):
     ends = [(q, q.last("end")) for q in procs]
@@ -638,8 +642,8 @@ def table(runs, part, a):
         lost = f"{r['lost']:.1f} ({r['lost'] / 2:.1f})" if r["faults"] else "-"
         print(f"| {names[r['method']]} | {fault} | {r['wall']:.1f} | {r['samples']:.0f} | {r['samples_per_s']:.0f} | "
               f"{lost} | {r['steps_lost']:.0f} | {r['mb_per_rank']:.1f} | {r['util']:.0%} | {r['loop_util']:.0%} | "
-              f"{r['final_loss']:.4f} | {r['loss_vs_clean']:.3f} | {r['wall_vs_gloo']:.2f} | "
-              f"{r['speed_vs_gloo']:.2f} |")
+              f"{r['final_loss']:.4f} | {r['loss_vs_clean']:.3f} | {_ratio(r['wall_vs_gloo'])} | "
+              f"{_ratio(r['speed_vs_gloo'])} |")
     return rows
 
 
