@@ -24,7 +24,7 @@ How a step goes:
   trip through the coordinator. A joiner waits one step more than with a sync point per step.
   ``on_failure="complete"`` syncs at every step.
 * During ``backward()`` a post-accumulate-grad hook per parameter counts the gradients that are
-  in; gradients live in the buckets' flat buffers (``.grad`` are views), and a bucket whose
+  in and copies each into its bucket's flat buffer (``.grad`` is then its view), and a bucket whose
   gradients are all in is all-reduced (``avg``: the mean over the peers whose gradients are in
   it, divided in the engine) on the wrapper's own thread while backward goes on,
   as DDP overlaps them. Buckets are launched in one fixed order (reverse registration order, as
@@ -116,9 +116,9 @@ class StepReport:
 
 class _Bucket:
     """Parameters whose gradients are all-reduced together, and the flat buffer they live in:
-    each parameter's ``.grad`` is a view of its slice (``views``), so backward accumulates
-    straight into the buffer and the averaged result is the gradient, with no copy either way
-    (DDP's gradient_as_bucket_view)."""
+    each parameter's gradient is copied into its slice as backward makes it, and its ``.grad``
+    becomes the slice's view (``views``), so the averaged result is the gradient with no copy
+    out."""
 
     __slots__ = ("index", "params", "flat", "views", "pending", "work", "contributors", "error")
 
@@ -158,8 +158,8 @@ class FaultTolerantDDP(torch.nn.Module):
     peer draws) must come from a generator of the peer's own, not from these.
     ``bucket_cap_mb``: gradient bucket size (DDP's default 25; the first bucket, the last layers',
     holds ``first_bucket_mb``, 1 as DDP's, so that its all-reduce starts early in backward).
-    Gradients live in the buckets (``.grad`` are views of them); ``optimizer.zero_grad()`` zeros
-    them in place whatever ``set_to_none`` says. ``on_failure``: "discard" or "complete" (the same
+    Gradients live in the buckets (after backward, ``.grad`` are views of them);
+    ``optimizer.zero_grad()`` sets them to None whatever ``set_to_none`` says. ``on_failure``: "discard" or "complete" (the same
     on every peer). ``retry``: retries of each agreed bucket (``complete``; True: the
     communicator's max_retries).
     ``checkpoint``: a :meth:`state_dict` to start from; the peers that start from none (or
@@ -197,6 +197,7 @@ class FaultTolerantDDP(torch.nn.Module):
         for b in self._buckets:
             b.attach()
         self._bucket_by_param = {id(p): b for b in self._buckets for p in b.params}
+        self._view_by_param = {id(p): v for b in self._buckets for p, v in zip(b.params, b.views)}
         self._next_launch = 0  # buckets launch in index order (see _launch_ready)
         self._lock = threading.Lock()
         self._members = tuple(comm.members)
@@ -238,8 +239,13 @@ class FaultTolerantDDP(torch.nn.Module):
         return [_Bucket(i, ps, extra=int(i == len(buckets) - 1)) for i, ps in enumerate(buckets)]
 
     def _grad_ready(self, p):
-        """post-accumulate-grad hook: one more gradient of its bucket is in."""
+        """post-accumulate-grad hook: one more gradient of its bucket is in (copied into the
+        bucket, where it is not yet: ``.grad`` is its view from here on)."""
         b = self._bucket_by_param[id(p)]
+        view = self._view_by_param[id(p)]
+        if p.grad is not view and p.grad is not None:
+            view.copy_(p.grad)
+            p.grad = view
         with self._lock:
             if b.pending <= 0 or self._next_launch > b.index:
                 raise RuntimeError("FaultTolerantDDP: a second backward() in one step (its bucket is already "
@@ -359,8 +365,8 @@ class FaultTolerantDDP(torch.nn.Module):
         self.heals += 1
 
     def begin_step(self):
-        """``optimizer.zero_grad()``: the sync point, overlapped with the forward pass, then zero
-        the gradients. After a dropped step the sync point runs here instead, before the forward
+        """``optimizer.zero_grad()``: the sync point, overlapped with the forward pass, then the
+        gradients to None. After a dropped step the sync point runs here instead, before the forward
         pass: this peer may be a step behind peers that applied it, and its heal must land
         before it computes gradients (overlapped, its forward would read weights the heal is
         writing)."""
@@ -368,11 +374,13 @@ class FaultTolerantDDP(torch.nn.Module):
         self.zero_grads()
 
     def zero_grads(self):
-        """Zero every gradient in place (``optimizer.zero_grad()``): they stay the buckets' views."""
+        """``optimizer.zero_grad()``: every ``.grad`` to None. Backward then makes each gradient
+        afresh and the hook copies it into its bucket (one pass over the bytes, as DDP's copy
+        into its buckets); zeroing the buckets for backward to add into took two (measured:
+        2.3 ms against 1.9 ms per 16 MiB here)."""
         for b in self._buckets:
-            b.flat.zero_()
-            for p, v in zip(b.params, b.views):
-                p.grad = v
+            for p in b.params:
+                p.grad = None
 
     def _reset_buckets(self):
         self._wait_buckets()  # (a step abandoned without optimizer.step(): let its calls end)
@@ -457,8 +465,7 @@ class _Optimizer:
         self._ddp, self.inner = ddp, inner
 
     def zero_grad(self, set_to_none: bool = True):
-        """The sync point, then zero the gradients in place (they are the buckets' views, so
-        ``set_to_none`` is not followed)."""
+        """The sync point, then every ``.grad`` to None (whatever ``set_to_none`` says)."""
         self._ddp.begin_step()
 
     def step(self, closure=None):
