@@ -330,7 +330,7 @@ def test_the_benchmark_prints_its_table():
     assert len(cells) == 8 and all(c > 0 for c in cells), rows  # ms per step of the four, four ratios
     for cell in rows[1].strip("|").split("|")[1:]:  # "median (min-max)"
         median, low, high = (float(x) for x in cell.replace("(", " ").replace(")", " ").replace("-", " ").split())
-        assert 0 < low <= median <= high, rows[1]
+        assert 0 < low - 0.005 <= median <= high + 0.005, rows[1]  # (the range has two decimals, the median three)
 
 
 def _resume_peer(idx, port, ckpt, conn):
