@@ -136,14 +136,18 @@ class _Bucket:
         """Make every parameter's ``.grad`` its view (after anything replaced it: a
         ``zero_grad(set_to_none=True)`` of the model, say), keeping the gradient it holds."""
         for p, v in zip(self.params, self.views):
-            g = p.grad
-            if g is v:
-                continue
-            if g is None:
+            if p.grad is None:  # (no part in backward: zeros)
                 v.zero_()
+                p.grad = v
             else:
-                v.copy_(g)
-            p.grad = v
+                _adopt(p, v)
+
+
+def _adopt(p, view):
+    """Make ``p.grad`` (a gradient backward made) the bucket's ``view``, copying it in."""
+    if p.grad is not view:
+        view.copy_(p.grad)
+        p.grad = view
 
 
 class FaultTolerantDDP(torch.nn.Module):
@@ -196,8 +200,7 @@ class FaultTolerantDDP(torch.nn.Module):
         self._buckets = self._make_buckets(optimizer, bucket_cap_mb, first_bucket_mb)
         for b in self._buckets:
             b.attach()
-        self._bucket_by_param = {id(p): b for b in self._buckets for p in b.params}
-        self._view_by_param = {id(p): v for b in self._buckets for p, v in zip(b.params, b.views)}
+        self._slot_of = {id(p): (b, v) for b in self._buckets for p, v in zip(b.params, b.views)}
         self._next_launch = 0  # buckets launch in index order (see _launch_ready)
         self._lock = threading.Lock()
         self._members = tuple(comm.members)
@@ -241,11 +244,9 @@ class FaultTolerantDDP(torch.nn.Module):
     def _grad_ready(self, p):
         """post-accumulate-grad hook: one more gradient of its bucket is in (copied into the
         bucket, where it is not yet: ``.grad`` is its view from here on)."""
-        b = self._bucket_by_param[id(p)]
-        view = self._view_by_param[id(p)]
-        if p.grad is not view and p.grad is not None:
-            view.copy_(p.grad)
-            p.grad = view
+        b, view = self._slot_of[id(p)]
+        if p.grad is not None:
+            _adopt(p, view)
         with self._lock:
             if b.pending <= 0 or self._next_launch > b.index:
                 raise RuntimeError("FaultTolerantDDP: a second backward() in one step (its bucket is already "
