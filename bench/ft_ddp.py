@@ -2,6 +2,7 @@
 
     python bench/ft_ddp.py                          # 2 and 4 ranks, MLP 4 x 1024 wide, batch 32
     python bench/ft_ddp.py --ranks 2 --steps 20 --width 256 --json out.json
+    python bench/ft_ddp.py --burn 2                 # loaded: two busy-loop processes beside the ranks
 
 Four implementations of the same data-parallel step (zero_grad, forward, MSE loss, backward,
 SGD step with momentum), each rank its own process with one torch thread, on loopback:
@@ -22,7 +23,8 @@ drift on a shared host hits them alike. The table prints the ratios ft / pycoll 
 within 10 %), ft-complete / pycoll and ft / gloo (of the medians over all launches, and, with
 --rounds > 1, round by round: the ratio of the two launches of each round, median and range), and the host's load average before the run (a busy host: the
 figures are relative, not absolute). Every rank arms an alarm and the driver kills a launch that
-overruns --timeout: nothing hangs.
+overruns --timeout: nothing hangs. ``--burn K`` runs K busy-loop processes (bench/train_step.py's)
+for the whole run, as data loaders and other jobs load a training host.
 """
 import argparse
 import json
@@ -124,6 +126,25 @@ def launch(impl, n, a, tmp):
     return results
 
 
+def run_all(a, impls, rows, dump):
+    """Every world size's launches, alternating the implementations round by round."""
+    import tempfile
+    with tempfile.TemporaryDirectory(prefix="ftd-bench-") as tmp:
+        for n in [int(x) for x in a.ranks.split(",")]:
+            per = {impl: [] for impl in impls}
+            by_round = {impl: [] for impl in impls}  # each launch's median
+            for rnd in range(a.rounds):
+                order = impls if rnd % 2 == 0 else tuple(reversed(impls))
+                for impl in order:
+                    res = launch(impl, n, a, tmp)
+                    steps = [max(step) for step in zip(*res)]  # the slowest rank's
+                    per[impl].extend(steps)
+                    by_round[impl].append(statistics.median(steps))
+            med = {impl: statistics.median(v) * 1e3 for impl, v in per.items()}
+            dump[str(n)] = {impl: [t * 1e3 for t in v] for impl, v in per.items()}
+            rows.append((n, med, by_round))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--worker", choices=IMPLS)
@@ -139,12 +160,12 @@ def main():
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=2, help="launches per implementation and world size")
     ap.add_argument("--timeout", type=float, default=300.0)
+    ap.add_argument("--burn", type=int, default=0, help="busy-loop processes beside the ranks (loaded host)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     if a.worker:
         a.impl = a.worker
         return rank_main(a)
-    import tempfile
     load = os.getloadavg()
     rows, dump = [], {}
     impls = tuple(a.impls.split(","))
@@ -153,21 +174,13 @@ def main():
     mib = a.layers * (a.width * a.width + a.width) * 4 / 2 ** 20
     print(f"MLP {a.layers} x Linear({a.width}, {a.width}) ({mib:.1f} MiB of gradients), batch {a.batch}, "
           f"{a.steps} timed steps x {a.rounds} launches; load average before: {load[0]:.1f} {load[1]:.1f} "
-          f"{load[2]:.1f} on {os.cpu_count()} CPUs", flush=True)
-    with tempfile.TemporaryDirectory(prefix="ftd-bench-") as tmp:
-        for n in [int(x) for x in a.ranks.split(",")]:
-            per = {impl: [] for impl in impls}
-            by_round = {impl: [] for impl in impls}  # each launch's median
-            for rnd in range(a.rounds):
-                order = impls if rnd % 2 == 0 else tuple(reversed(impls))
-                for impl in order:
-                    res = launch(impl, n, a, tmp)
-                    steps = [max(step) for step in zip(*res)]  # the slowest rank's
-                    per[impl].extend(steps)
-                    by_round[impl].append(statistics.median(steps))
-            med = {impl: statistics.median(v) * 1e3 for impl, v in per.items()}
-            dump[str(n)] = {impl: [t * 1e3 for t in v] for impl, v in per.items()}
-            rows.append((n, med, by_round))
+          f"{load[2]:.1f} on {os.cpu_count()} CPUs; busy loops beside the ranks: {a.burn}", flush=True)
+    burners = _ts.start_burners(a.burn)
+    try:
+        run_all(a, impls, rows, dump)
+    finally:
+        for p in burners:
+            _ts._killpg(p)
     print()
     names = {"ft": "ft", "ft-complete": "ft-complete", "pycoll": "pycoll DDP", "gloo": "gloo DDP"}
     ratios = [(x, y) for x, y in (("ft", "pycoll"), ("ft-complete", "pycoll"), ("ft", "gloo"), ("pycoll", "gloo"))
