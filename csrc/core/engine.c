@@ -1312,8 +1312,9 @@ static pc_status run_part(pc_comm *comm, const pc_plan *plan, int32_t part, void
                 comm->rank, comm->nranks);
         return PC_ERR_ARG;
     }
-    if (plan->nbufs) {
-        set_err(comm, "a buffer plan runs through pc_comm_run_buffers");
+    if (plan->nbufs || plan->remapped) {
+        set_err(comm, plan->nbufs ? "a buffer plan runs through pc_comm_run_buffers"
+                                  : "a remapped plan runs through pc_comm_run_remapped");
         return PC_ERR_ARG;
     }
     for (int b = 0; b < 2; b++)
@@ -1357,6 +1358,80 @@ static pc_status run_part(pc_comm *comm, const pc_plan *plan, int32_t part, void
             if (bufs[b] && plan->need_bytes[b]) huge_pages(comm, bufs[b], plan->need_bytes[b]);
     if (part == PC_RUN_TAIL) return run_tail(comm, plan, &r);
     return run_loop(comm, &r, timeout_s, failed_peer);
+}
+
+/* ---- remapped runs (pc_plan_remap: one plan over several caller buffers) ---- */
+pc_status pc_comm_run_remapped(pc_comm *comm, const pc_plan *plan, int32_t nbufs, void *const *bufs,
+                               const uint64_t *buf_bytes, int32_t dtype, int32_t op, uint64_t seq, uint32_t desc,
+                               double timeout_s, int32_t *failed_peer) {
+    if (failed_peer) *failed_peer = -1;
+    if (!comm) return PC_ERR_ARG;
+    if (!plan || !plan->remapped || plan->tail_first < 0 || nbufs < plan->remapped || !bufs || !buf_bytes) {
+        set_err(comm, "not a remapped plan over %d buffers", nbufs);
+        return PC_ERR_ARG;
+    }
+    if (comm->broken) {
+        set_err(comm, "communicator was shut down by an earlier failure; rebuild it");
+        return PC_ERR_IO;
+    }
+    int32_t es = pc_dtype_size(dtype);
+    if (!es || pc_reduce_check(dtype, op) != PC_OK) {
+        set_err(comm, "unsupported dtype %d or op %d (or the op is not defined on the dtype)", dtype, op);
+        return PC_ERR_ARG;
+    }
+    if (plan->nranks != comm->nranks || plan->rank != comm->rank) {
+        set_err(comm, "plan built for rank %d of %d, comm is rank %d of %d", plan->rank, plan->nranks,
+                comm->rank, comm->nranks);
+        return PC_ERR_ARG;
+    }
+    uint64_t total = 0;
+    for (int32_t i = 0; i < plan->nops; i++) { /* every range inside its buffer; IN and OUT are gone */
+        const pc_op *o = &plan->ops[i];
+        int32_t b[2] = {o->src_buf, o->dst_buf};
+        uint64_t off[2] = {o->src_off, o->dst_off};
+        for (int s = 0; s < 2 && o->len; s++) {
+            if (b[s] < 0 || b[s] == PC_BUF_SCRATCH) continue;
+            int32_t c = b[s] - PC_BUF_COUNT;
+            if (c < 0 || c >= nbufs || !bufs[c] || off[s] > buf_bytes[c] || o->len > buf_bytes[c] - off[s]) {
+                set_err(comm, "op %d reaches past buffer %d (%llu bytes at %llu)", i, c, (unsigned long long)o->len,
+                        (unsigned long long)off[s]);
+                return PC_ERR_ARG;
+            }
+        }
+    }
+    for (int32_t c = 0; c < nbufs; c++) total += buf_bytes[c];
+    if (plan->need_bytes[PC_BUF_SCRATCH] > comm->scratch_cap &&
+        grow_scratch(comm, plan->need_bytes[PC_BUF_SCRATCH]) != PC_OK) {
+        set_err(comm, "out of memory for %llu bytes of scratch", (unsigned long long)plan->need_bytes[PC_BUF_SCRATCH]);
+        return PC_ERR_NOMEM;
+    }
+    uint8_t *stack[PC_BUF_COUNT + 16], **table = stack;
+    if (nbufs > 16 && !(table = malloc(sizeof(uint8_t *) * ((size_t)nbufs + PC_BUF_COUNT)))) {
+        set_err(comm, "out of memory for %d buffers", nbufs);
+        return PC_ERR_NOMEM;
+    }
+    table[PC_BUF_IN] = table[PC_BUF_OUT] = NULL; /* (no op addresses them: see plan_remap.c) */
+    table[PC_BUF_SCRATCH] = comm->scratch;
+    for (int32_t c = 0; c < nbufs; c++) table[PC_BUF_COUNT + c] = bufs[c];
+    run_state r;
+    memset(&r, 0, sizeof r);
+    r.comm = comm;
+    r.plan = plan;
+    r.buf = table;
+    r.dtype = dtype;
+    r.op = op;
+    r.es = es;
+    r.seq = seq;
+    r.desc = desc;
+    r.failed_peer = -1;
+    r.end = plan->nops;
+    r.remote = comm->remote_min && total >= comm->remote_min;
+    if (r.remote && single_copy_peers(comm))
+        for (int32_t c = 0; c < nbufs; c++)
+            if (bufs[c] && buf_bytes[c] >= HUGE_PAGE) huge_pages(comm, bufs[c], buf_bytes[c]);
+    pc_status st = run_loop(comm, &r, timeout_s, failed_peer);
+    if (table != stack) free(table);
+    return st;
 }
 
 /* ---- buffer runs ----------------------------------------------------------- */

@@ -291,6 +291,24 @@ pc_status pc_plan_p2p(int32_t nranks, int32_t rank, int32_t peer, uint64_t nbyte
  */
 pc_status pc_plan_compress(const pc_plan *plan, int32_t codec, pc_plan **out);
 
+/* A stretch of a caller's buffer: bytes [off, off + len) of buffer `buf`. */
+typedef struct {
+    int32_t buf;
+    uint64_t off;
+    uint64_t len;
+} pc_extent;
+/*
+ * One plan over several caller buffers (the coalesced collectives): returns
+ * `plan` with IN read as in[0 .. n_in) laid end to end and OUT as
+ * out[0 .. n_out), each stretch in one of nbufs caller buffers; ops that
+ * cross a stretch boundary are cut there (plan_remap.c). Runs through
+ * pc_comm_run_remapped only. PC_ERR_ARG if `plan` is compressed, a buffer
+ * plan, already remapped, holds a network op on scratch (its peer might cut
+ * that transfer elsewhere), or reads or writes past the stretches' total.
+ */
+pc_status pc_plan_remap(const pc_plan *plan, int32_t nbufs, int32_t n_in, const pc_extent *in, int32_t n_out,
+                        const pc_extent *out, pc_plan **remapped);
+
 /* ---- reduction kernels ------------------------------------------------- */
 int32_t pc_dtype_size(int32_t dtype);
 /* dst[i] = a[i] (op) b[i] for i < count; dst may alias a or b. PC_AVG reduces
@@ -457,6 +475,13 @@ pc_status pc_comm_run_part(pc_comm *comm, const pc_plan *plan, int32_t part, voi
 pc_status pc_comm_run_buffers(pc_comm *comm, const pc_plan *plan, int32_t nbufs, void *const *bufs,
                               const uint64_t *buf_bytes, uint64_t seq, uint32_t desc, double timeout_s,
                               uint64_t seed, uint64_t *digests, int32_t threads, int32_t *failed_peer);
+
+/* Runs a plan from pc_plan_remap over the caller's buffers bufs[0 .. nbufs)
+ * of buf_bytes[] bytes (every op's byte ranges checked against them first:
+ * PC_ERR_ARG), otherwise as pc_comm_run. */
+pc_status pc_comm_run_remapped(pc_comm *comm, const pc_plan *plan, int32_t nbufs, void *const *bufs,
+                               const uint64_t *buf_bytes, int32_t dtype, int32_t op, uint64_t seq, uint32_t desc,
+                               double timeout_s, int32_t *failed_peer);
 
 /* The most plans (pc_comm_run / _part calls on any comm) seen running at once in this
  * process since the last reset; reset != 0 returns it and restarts from those running now. */

@@ -35,7 +35,7 @@ from pycoll.core import engine
 from pycoll.core.native import ffi, lib
 from pycoll.core.buffers import as_buffer, byte_view, scratch_like
 from pycoll.core.dtypes import op_code
-from pycoll.plan import exchange
+from pycoll.plan import exchange, remap
 from pycoll.errors import CollectiveError, InvalidArgument
 from pycoll.observability import Stat  # noqa: F401 - public here too (pycoll.Stat)
 from pycoll.options import Options
@@ -729,6 +729,8 @@ class Communicator:
         its output (``out_blocks`` / ``in_blocks`` x the input's size) unpacked into ``outs``,
         each cut in ``out_blocks``; ``outs is ins``: in place. The packed copies are ours alone
         and ``outs`` is written only on success, so the engine need not preserve its input."""
+        if ins and self._run_remapped(coll, ins, outs, in_blocks, out_blocks, op, timeout):
+            return
         dt = ins[0].dtype if ins else None
         flat = _pack(ins, in_blocks)
         fb = as_buffer(flat, writable=outs is ins, what=f"{coll}_coalesced", dtype=dt)
@@ -739,6 +741,26 @@ class Communicator:
         # the count is the per-rank block: all_gather's input, reduce_scatter's output
         self._execute(coll, fb, ob, min(fb.count, ob.count), op, 0, "auto", timeout, False)
         _unpack(out, outs, out_blocks)
+
+    def _run_remapped(self, coll, ins, outs, in_blocks, out_blocks, op, timeout):
+        """:meth:`_coalesced` as one plan straight over the arrays (pycoll.plan.remap: no
+        copy in or out), where it can run so; False where not (nothing ran): the plan for the
+        total size moves data through scratch (small messages), or the arrays are reduced in
+        place and must hold their input again after a failure (``preserve_input``: the packed
+        copy is that backup)."""
+        if outs is ins and self.preserve_input:
+            return False
+        bufs = list(ins) if outs is ins else list(ins) + list(outs)
+        stretch_in = remap.stretches([b.nbytes for b in ins], in_blocks)
+        stretch_out = stretch_in if outs is ins else remap.stretches([b.nbytes for b in outs], out_blocks, len(ins))
+        count = min(sum(b.count for b in ins), sum(b.count for b in outs))  # (as _coalesced's packed call)
+        ep = self._epoch
+        ep.ensure_ready(identity(coll, ins[0].code, op, count, 0, "auto", None))
+        call = ep.prepare_remapped(coll, bufs, count, op, stretch_in, stretch_out)
+        if call is None:
+            return False
+        ep.launch(call, ffi.new("void *[]", [ffi.cast("void *", b.address) for b in bufs]), ffi.NULL, timeout)
+        return True
 
     # ---- point-to-point (pycoll.comm.p2p) ----------------------------------------
     def send(self, arr: Array, dst: int, tag: int = 0, *, timeout: Optional[float] = None) -> None:

@@ -55,7 +55,7 @@ from pycoll.net.mesh import connect_mesh, data_plane_key, local_peers, single_co
 from pycoll.net import probe as _probe
 from pycoll.observability import Stat
 from pycoll.plan import compression as _compression
-from pycoll.plan import costmodel, planners
+from pycoll.plan import costmodel, planners, remap
 from pycoll.plan import topology as _topology
 
 __all__ = ["Epoch", "Call", "Channel"]
@@ -75,7 +75,7 @@ class Call:
     engine arguments, sizes). Only the buffers' addresses vary per call."""
 
     __slots__ = ("coll", "algorithm", "plan", "ptr", "ccomm", "switch", "desc", "ident", "code", "opc", "count",
-                 "itemsize", "nbytes", "sizes")
+                 "itemsize", "nbytes", "sizes", "nbufs")
 
     def __init__(self, coll, algorithm, plan, ccomm, switch, desc, ident, code, opc, count, itemsize, in_nbytes,
                  out_nbytes):
@@ -83,6 +83,7 @@ class Call:
         self.ccomm, self.switch, self.desc, self.code, self.opc = ccomm, switch, desc, code, opc
         self.count, self.itemsize, self.nbytes = count, itemsize, max(in_nbytes, out_nbytes)
         self.sizes = ffi.new("uint64_t[2]", [in_nbytes, out_nbytes])  # read-only once made
+        self.nbufs = 0  # > 0: a remapped plan over that many buffers (Epoch.prepare_remapped)
 
 
 class Channel:
@@ -1030,6 +1031,38 @@ class Epoch:
             pass
         return call
 
+    def prepare_remapped(self, coll, bufs, count, op, ins, outs):
+        """A :class:`Call` running ``coll`` (``count``: its per-rank count) with its input
+        and output on stretches of ``bufs`` (pycoll.plan.remap: ``ins``, ``outs`` as
+        ``(buffer, offset, bytes)``): one plan over the buffers, no packing. None where the
+        plan chosen for the total size cannot be remapped (the caller packs). The stretches'
+        lengths go into the argument digest: ranks whose arrays split the total differently
+        fail the first frame's check instead of exchanging cuts that do not pair."""
+        code = bufs[0].code
+        sizes = tuple(b.nbytes for b in bufs)
+        key = ("remap", coll, code, op, count, sizes, tuple(ins), tuple(outs))
+        call = self._plans.get(key, False)
+        if call is not False and (call is None or call.ccomm is self.ccomm):
+            return call
+        opc = op_code(op)
+        check_op(code, opc)
+        in_nbytes, out_nbytes = sum(n for _, _, n in ins), sum(n for _, _, n in outs)
+        chosen = self.selector().choose(coll, "auto", max(in_nbytes, out_nbytes))
+        itemsize = lib.pc_dtype_size(code)
+        plan = remap.remap(self._plan(coll, chosen, count, itemsize, 0, opc == lib.PC_AVG, False), len(bufs),
+                           ins, outs)
+        call = None
+        if plan is not None:
+            cuts = zlib.crc32(struct.pack(f"<{len(ins) + len(outs)}Q", *(n for _, _, n in ins + outs)))
+            desc = _digest(coll, code, opc, count, 0, chosen) ^ cuts
+            call = Call(coll, chosen, plan, self.ccomm, None, desc, identity(coll, code, op, count, 0, "auto", None),
+                        code, opc, count, itemsize, in_nbytes, out_nbytes)
+            call.nbufs, call.sizes = len(bufs), ffi.new("uint64_t[]", sizes)
+        if len(self._plans) > 256:
+            self._plans.clear()
+        self._plans[key] = call
+        return call
+
     # ---- running -------------------------------------------------------
     def next_seq(self, chan=None):
         """Advance the sequence number of the next call, or round, of this epoch (``chan``: of
@@ -1080,7 +1113,10 @@ class Epoch:
         if switch is not None:  # tell our switches what comes (pycoll.comm.switch)
             st, failed[0] = switch.announce(self.seq, call.desc, call.code, call.opc, call.count, call.itemsize,
                                             timeout)
-        if st == _OK:
+        if st == _OK and call.nbufs:  # remapped (prepare_remapped): inptr is the table of its buffers
+            st = engine.run_remapped(ccomm, call.ptr, call.nbufs, inptr, call.sizes, call.code, call.opc, seq,
+                                     call.desc, timeout, failed)
+        elif st == _OK:
             st = _comm_run(ccomm, call.ptr, bufs, call.sizes, call.code, call.opc, seq, call.desc, timeout, failed)
         dt = _perf_counter() - t0
         if not internal:

@@ -36,6 +36,12 @@ def run_buffers(comm, plan, nbufs, bufs, sizes, seq, desc, timeout, seed, digest
     return lib.pc_comm_run_buffers(comm, plan, nbufs, bufs, sizes, seq, desc, timeout, seed, digests, threads, failed)
 
 
+def run_remapped(comm, plan, nbufs, bufs, sizes, dtype, op, seq, desc, timeout, failed):
+    """A plan from ``pc_plan_remap`` (pycoll.plan.remap) over the caller's ``nbufs`` buffers
+    (``bufs``: their addresses, ``sizes``: their bytes). Returns the status."""
+    return lib.pc_comm_run_remapped(comm, plan, nbufs, bufs, sizes, dtype, op, seq, desc, timeout, failed)
+
+
 def run_tail(comm, plan, bufs, sizes, dtype, op, seq, desc, timeout, failed):
     """The local copies of ``plan`` out of scratch, after :func:`run_body` (not cancellable)."""
     return lib.pc_comm_run_part(comm, plan, lib.PC_RUN_TAIL, bufs, sizes, dtype, op, seq, desc, timeout, failed)

@@ -256,6 +256,86 @@ def test_coalesced(n, transport):
         assert calls == 1
 
 
+def _coalesced_remapped(comm, sizes):
+    """The coalesced forms on a communicator without preserve_input: one plan straight over
+    the arrays (pycoll.plan.remap) wherever the plan for the total allows it. Each result
+    against the same collective over the packed arrays, run with the algorithm the coalesced
+    call ran (the same plan, so the same bits)."""
+    import pycoll.plan.remap as remap_mod
+    remapped, real = [], remap_mod.remap
+
+    def counting(*args):
+        plan = real(*args)
+        remapped.append(plan is not None)
+        return plan
+    remap_mod.remap = counting
+    me, n = comm.rank, comm.world_size
+    rng = np.random.default_rng([me, 11])
+    out = {}
+    arrays = [rng.standard_normal(c).astype(np.float32) for c in sizes]
+    packed = np.concatenate(arrays)
+    comm.all_reduce_coalesced(arrays)
+    algorithm = comm.stats[-1].algorithm
+    comm.all_reduce(packed, algorithm=algorithm)
+    out["all_reduce"] = (np.concatenate(arrays).tobytes() == packed.tobytes(), algorithm)
+    sends = [rng.standard_normal(c).astype(np.float32) for c in sizes]
+    recvs = [np.full(n * c, np.nan, np.float32) for c in sizes]
+    comm.all_gather_coalesced(sends, recvs)
+    out["all_gather"] = all(np.array_equal(r.reshape(n, -1)[me], s) for r, s in zip(recvs, sends))
+    gathered = [r.copy() for r in recvs]
+    rs_sends = [rng.standard_normal(n * c).astype(np.float32) for c in sizes]
+    rs_recvs = [np.full(c, np.nan, np.float32) for c in sizes]
+    comm.reduce_scatter_coalesced(rs_sends, rs_recvs)
+    whole = [np.empty(n * c, np.float32) for c in sizes]
+    for s, w in zip(rs_sends, whole):
+        w[:] = s
+        comm.all_reduce(w, algorithm="ring")
+    return out, remapped, [g.tobytes() for g in gathered], [r.tolist() for r in rs_recvs], [
+        w.reshape(n, -1)[me].tolist() for w in whole], [s.tobytes() for s in sends]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("n", [2, 3])
+def test_coalesced_runs_one_plan_over_the_arrays_themselves(n, transport):
+    sizes = (5, 70001, 0, 200003, 1)  # ~1 MiB: ring or allpairs; cuts inside segments and chunks
+    results = run_on(_coalesced_remapped, n, transport, args=(sizes,), init_kwargs=dict(preserve_input=False))
+    for r, (out, remapped, gathered, rs, rs_ref, _) in enumerate(results):
+        # all_reduce and all_gather: no packing; reduce_scatter's ring keeps its partial sums in
+        # scratch from 3 ranks on and sends them from there: packed (pycoll.plan.remap)
+        assert remapped == [True, True, n == 2], remapped
+        assert out["all_reduce"][0], f"rank {r}: coalesced all_reduce ({out['all_reduce'][1]}) differs from the packed one"
+        assert out["all_gather"]
+        np.testing.assert_allclose(np.concatenate([np.asarray(x) for x in rs]),
+                                   np.concatenate([np.asarray(x) for x in rs_ref]), rtol=1e-5, atol=1e-5)
+        for q in range(n):  # every rank received every rank's sends
+            sent = [np.frombuffer(b, np.float32) for b in results[q][5]]
+            for g, s in zip(gathered, sent):
+                assert np.array_equal(np.frombuffer(g, np.float32).reshape(n, -1)[q], s)
+
+
+def _coalesced_split_differently(comm):
+    total = 300000
+    arrays = [np.ones(total, np.float32)] if comm.rank == 0 else [np.ones(1000, np.float32),
+                                                                   np.ones(total - 1000, np.float32)]
+    try:
+        comm.all_reduce_coalesced(arrays, timeout=20)
+    except pycoll.CollectiveError as exc:
+        return type(exc).__name__, str(exc)
+    return "returned", ""
+
+
+@pytest.mark.timeout(120)
+def test_coalesced_arrays_split_differently_across_ranks_fail_on_every_rank(transport):
+    """The same total cut differently: the stretches' lengths are in every frame's argument
+    digest, so both ranks fail the first frame's check (no transfer pairs cuts that differ)."""
+    results = run_on(_coalesced_split_differently, 2, transport, init_kwargs=dict(preserve_input=False),
+                     return_exceptions=True)
+    for r, res in enumerate(results):
+        assert not isinstance(res, Exception), res
+        kind, why = res
+        assert kind != "returned", f"rank {r} returned from a call whose arrays differ across ranks"
+
+
 # ---- point-to-point -----------------------------------------------------------------------------
 def _p2p(comm, big):
     me, n = comm.rank, comm.world_size
