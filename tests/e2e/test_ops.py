@@ -490,6 +490,39 @@ def test_peer_death_mid_tree_call_fails_every_survivor(coll, transport):
         assert intact, f"rank {r}: the input changed"
 
 
+def _survive_coalesced(comm):
+    """Remapped coalesced all-reduces until a peer dies in one; then one more in the re-formed
+    group, checked against NumPy (its arrays are refilled: a failed call on a communicator
+    without preserve_input leaves them undefined)."""
+    me = comm.rank
+    sizes = (70001, 3, 200003)
+    err = None
+    for _ in range(30):
+        arrays = [np.full(c, me + 1, np.float32) for c in sizes]
+        try:
+            comm.all_reduce_coalesced(arrays)
+        except pycoll.PeerFailure as exc:
+            err = (type(exc).__name__, exc.lost)
+            break
+    arrays = [np.full(c, me + 1, np.float32) for c in sizes]
+    comm.all_reduce_coalesced(arrays)
+    return err, comm.world_size, [float(a[0]) for a in arrays] + [float(a[-1]) for a in arrays]
+
+
+@pytest.mark.timeout(150)
+def test_peer_death_mid_remapped_coalesced_call_fails_every_survivor(transport):
+    n, victim = 3, 2
+    results = run_on(_survive_coalesced, n, transport, timeout=120, kill={victim: "during:all_reduce"},
+                     init_kwargs={"timeout": 30, "heartbeat_timeout": 3.0, "preserve_input": False})
+    assert results[victim] == pycoll.testing.KILLED
+    for r in range(n):
+        if r == victim:
+            continue
+        err, size, values = results[r]
+        assert err is not None and err[0] == "PeerFailure", f"rank {r}: {err}"
+        assert size == 2 and values == [3.0] * 6, (size, values)  # ranks 0 and 1: 1 + 2
+
+
 # ---- receive from any source --------------------------------------------------------------------
 def _any_source(comm):
     me, n = comm.rank, comm.world_size
