@@ -2,6 +2,7 @@
 
     python bench/torch_ops.py                         # 2 and 4 ranks, 4 KiB .. 64 MiB
     python bench/torch_ops.py --ranks 2 --sizes 4K,1M --ops reduce,pingpong --reps 5
+    python bench/torch_ops.py --burn 2                # loaded: two busy loops beside the ranks
 
 Both backends run in the same processes, call by call: the default group is Gloo and a second
 group over the same ranks is pycoll (``dist.new_group(backend="pycoll")``), and every call goes
@@ -16,7 +17,8 @@ gave one cell ratios from 0.33 to 2.13 in runs minutes apart). A collective's ti
 rank's median. Python's one full garbage collection of torch's import-time objects is done
 before timing (gc.freeze), so that it lands in no cell. pingpong: rank 0 sends to rank 1, which
 sends back (the other ranks idle); latency = half the median round trip, bandwidth = bytes /
-that. ratio = Gloo's time / pycoll's (above 1: pycoll is faster).
+that. ratio = Gloo's time / pycoll's (above 1: pycoll is faster). ``--burn K`` runs K busy-loop
+processes (bench/train_step.py's) for the whole run, as a training host's data loaders load it.
 """
 import argparse
 import functools
@@ -30,6 +32,9 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 from pycoll.benchmark import collect_results, human_size, parse_size  # noqa: E402
 from pycoll.testing import free_port  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import train_step  # noqa: E402 - bench/ helpers: start_burners, _killpg
 
 HERE = os.path.abspath(__file__)
 DEFAULT_SIZES = "4K,64K,1M,16M,64M"
@@ -155,6 +160,7 @@ def main(argv=None):
     ap.add_argument("--sizes", default=DEFAULT_SIZES)
     ap.add_argument("--ops", default=",".join(OPS))
     ap.add_argument("--reps", type=int, default=None, help="timed repetitions per cell (default: by size)")
+    ap.add_argument("--burn", type=int, default=0, help="busy-loop processes beside the ranks (loaded host)")
     ap.add_argument("--json", help="also write the results to this file")
     ap.add_argument("--timeout", type=float, default=1800)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -172,12 +178,21 @@ def main(argv=None):
         print("RESULT " + json.dumps([args.rank, out]), flush=True)
         return 0
     all_rows = []
-    for n in [int(x) for x in args.ranks.split(",")]:
-        if n < 2:
-            ap.error("--ranks: world sizes of 2 or more")
-        text, rows = table(n, sizes, ops, {int(k): v for k, v in launch(n, sizes, ops, args.reps, args.timeout).items()})
-        print(text, flush=True)
-        all_rows += rows
+    ranks = [int(x) for x in args.ranks.split(",")]
+    if min(ranks) < 2:
+        ap.error("--ranks: world sizes of 2 or more")
+    print(f"load average before: {' '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} CPUs; "
+          f"busy loops beside the ranks: {args.burn}", flush=True)
+    burners = train_step.start_burners(args.burn)
+    try:
+        for n in ranks:
+            results = launch(n, sizes, ops, args.reps, args.timeout)
+            text, rows = table(n, sizes, ops, {int(k): v for k, v in results.items()})
+            print(text, flush=True)
+            all_rows += rows
+    finally:
+        for p in burners:
+            train_step._killpg(p)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(all_rows, f, indent=1)
