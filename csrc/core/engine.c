@@ -1262,6 +1262,31 @@ pc_status pc_comm_run(pc_comm *comm, const pc_plan *plan, void *const *bufs, con
  * the torch backend's overlapped collectives (one comm per lane) are seen to run together. */
 static int32_t running_plans, peak_plans;
 
+/* What every run checks first: the comm still works (a tail runs after a failure's
+ * agreement too) and the plan was built for this rank of this comm. */
+static pc_status check_run(pc_comm *comm, const pc_plan *plan, int tail_only) {
+    if (comm->broken && !tail_only) {
+        set_err(comm, "communicator was shut down by an earlier failure; rebuild it");
+        return PC_ERR_IO;
+    }
+    if (plan->nranks != comm->nranks || plan->rank != comm->rank) {
+        set_err(comm, "plan built for rank %d of %d, comm is rank %d of %d", plan->rank, plan->nranks,
+                comm->rank, comm->nranks);
+        return PC_ERR_ARG;
+    }
+    return PC_OK;
+}
+
+/* The element size of `dtype`, or 0 (error set) where the dtype or the op on it is unknown. */
+static int32_t check_dtype_op(pc_comm *comm, int32_t dtype, int32_t op) {
+    int32_t es = pc_dtype_size(dtype);
+    if (!es || pc_reduce_check(dtype, op) != PC_OK) { /* e.g. a bitwise op on floats */
+        set_err(comm, "unsupported dtype %d or op %d (or the op is not defined on the dtype)", dtype, op);
+        return 0;
+    }
+    return es;
+}
+
 static pc_status run_part(pc_comm *comm, const pc_plan *plan, int32_t part, void *const *bufs,
                           const uint64_t *buf_bytes, int32_t dtype, int32_t op, uint64_t seq, uint32_t desc,
                           double timeout_s, int32_t *failed_peer);
@@ -1294,22 +1319,12 @@ static pc_status run_part(pc_comm *comm, const pc_plan *plan, int32_t part, void
         set_err(comm, "bad run part %d or unfinished plan", part);
         return PC_ERR_ARG;
     }
-    if (comm->broken && part != PC_RUN_TAIL) {
-        set_err(comm, "communicator was shut down by an earlier failure; rebuild it");
-        return PC_ERR_IO;
-    }
-    int32_t es = pc_dtype_size(dtype);
-    if (!es || pc_reduce_check(dtype, op) != PC_OK) { /* e.g. a bitwise op on floats */
-        set_err(comm, "unsupported dtype %d or op %d (or the op is not defined on the dtype)", dtype, op);
-        return PC_ERR_ARG;
-    }
+    pc_status checked = check_run(comm, plan, part == PC_RUN_TAIL);
+    if (checked != PC_OK) return checked;
+    int32_t es = check_dtype_op(comm, dtype, op);
+    if (!es) return PC_ERR_ARG;
     if (plan->codec != PC_CODEC_NONE && dtype != PC_F32) {
         set_err(comm, "a compressed plan carries float32 only (dtype %d)", dtype);
-        return PC_ERR_ARG;
-    }
-    if (plan->nranks != comm->nranks || plan->rank != comm->rank) {
-        set_err(comm, "plan built for rank %d of %d, comm is rank %d of %d", plan->rank, plan->nranks,
-                comm->rank, comm->nranks);
         return PC_ERR_ARG;
     }
     if (plan->nbufs || plan->remapped) {
@@ -1370,20 +1385,10 @@ pc_status pc_comm_run_remapped(pc_comm *comm, const pc_plan *plan, int32_t nbufs
         set_err(comm, "not a remapped plan over %d buffers", nbufs);
         return PC_ERR_ARG;
     }
-    if (comm->broken) {
-        set_err(comm, "communicator was shut down by an earlier failure; rebuild it");
-        return PC_ERR_IO;
-    }
-    int32_t es = pc_dtype_size(dtype);
-    if (!es || pc_reduce_check(dtype, op) != PC_OK) {
-        set_err(comm, "unsupported dtype %d or op %d (or the op is not defined on the dtype)", dtype, op);
-        return PC_ERR_ARG;
-    }
-    if (plan->nranks != comm->nranks || plan->rank != comm->rank) {
-        set_err(comm, "plan built for rank %d of %d, comm is rank %d of %d", plan->rank, plan->nranks,
-                comm->rank, comm->nranks);
-        return PC_ERR_ARG;
-    }
+    pc_status checked = check_run(comm, plan, 0);
+    if (checked != PC_OK) return checked;
+    int32_t es = check_dtype_op(comm, dtype, op);
+    if (!es) return PC_ERR_ARG;
     uint64_t total = 0;
     for (int32_t i = 0; i < plan->nops; i++) { /* every range inside its buffer; IN and OUT are gone */
         const pc_op *o = &plan->ops[i];
@@ -1477,17 +1482,10 @@ pc_status pc_comm_run_buffers(pc_comm *comm, const pc_plan *plan, int32_t nbufs,
         set_err(comm, "not a sealed buffer plan over %d buffers", nbufs);
         return PC_ERR_ARG;
     }
-    if (comm->broken) {
-        set_err(comm, "communicator was shut down by an earlier failure; rebuild it");
-        return PC_ERR_IO;
-    }
-    if (plan->nranks != comm->nranks || plan->rank != comm->rank) {
-        set_err(comm, "plan built for rank %d of %d, comm is rank %d of %d", plan->rank, plan->nranks,
-                comm->rank, comm->nranks);
-        return PC_ERR_ARG;
-    }
+    pc_status st = check_run(comm, plan, 0);
+    if (st != PC_OK) return st;
     uint64_t net = 0;
-    pc_status st = check_buffer_plan(comm, plan, nbufs, bufs, buf_bytes, digests != NULL, &net);
+    st = check_buffer_plan(comm, plan, nbufs, bufs, buf_bytes, digests != NULL, &net);
     if (st != PC_OK) return st;
     run_state r;
     memset(&r, 0, sizeof r);
