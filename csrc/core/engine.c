@@ -1287,6 +1287,22 @@ static int32_t check_dtype_op(pc_comm *comm, int32_t dtype, int32_t op) {
     return es;
 }
 
+/* A run's state before its ops start: ops index `buf`, ops [0, end) run. */
+static void run_init(run_state *r, pc_comm *comm, const pc_plan *plan, uint8_t *const *buf, int32_t dtype,
+                     int32_t op, int32_t es, uint64_t seq, uint32_t desc, int32_t end) {
+    memset(r, 0, sizeof *r);
+    r->comm = comm;
+    r->plan = plan;
+    r->buf = buf;
+    r->dtype = dtype;
+    r->op = op;
+    r->es = es;
+    r->seq = seq;
+    r->desc = desc;
+    r->failed_peer = -1;
+    r->end = end;
+}
+
 static pc_status run_part(pc_comm *comm, const pc_plan *plan, int32_t part, void *const *bufs,
                           const uint64_t *buf_bytes, int32_t dtype, int32_t op, uint64_t seq, uint32_t desc,
                           double timeout_s, int32_t *failed_peer);
@@ -1348,20 +1364,10 @@ static pc_status run_part(pc_comm *comm, const pc_plan *plan, int32_t part, void
         return PC_ERR_NOMEM;
     }
     run_state r;
-    memset(&r, 0, sizeof r);
-    r.comm = comm;
-    r.plan = plan;
+    run_init(&r, comm, plan, r.own, dtype, op, es, seq, desc, part == PC_RUN_BODY ? plan->tail_first : plan->nops);
     r.own[PC_BUF_IN] = bufs[PC_BUF_IN];
     r.own[PC_BUF_OUT] = bufs[PC_BUF_OUT];
     r.own[PC_BUF_SCRATCH] = comm->scratch;
-    r.buf = r.own;
-    r.dtype = dtype;
-    r.op = op;
-    r.es = es;
-    r.seq = seq;
-    r.desc = desc;
-    r.failed_peer = -1;
-    r.end = part == PC_RUN_BODY ? plan->tail_first : plan->nops;
     /* Single copy pays once the buffers outgrow the caches: below that, the
      * ring's copy in and copy out run on two cores at once, in cache, and
      * beat one process_vm_readv that must also pin the peer's pages. */
@@ -1419,17 +1425,7 @@ pc_status pc_comm_run_remapped(pc_comm *comm, const pc_plan *plan, int32_t nbufs
     table[PC_BUF_SCRATCH] = comm->scratch;
     for (int32_t c = 0; c < nbufs; c++) table[PC_BUF_COUNT + c] = bufs[c];
     run_state r;
-    memset(&r, 0, sizeof r);
-    r.comm = comm;
-    r.plan = plan;
-    r.buf = table;
-    r.dtype = dtype;
-    r.op = op;
-    r.es = es;
-    r.seq = seq;
-    r.desc = desc;
-    r.failed_peer = -1;
-    r.end = plan->nops;
+    run_init(&r, comm, plan, table, dtype, op, es, seq, desc, plan->nops);
     r.remote = comm->remote_min && total >= comm->remote_min;
     if (r.remote && single_copy_peers(comm))
         for (int32_t c = 0; c < nbufs; c++)
@@ -1487,11 +1483,8 @@ pc_status pc_comm_run_buffers(pc_comm *comm, const pc_plan *plan, int32_t nbufs,
     uint64_t net = 0;
     st = check_buffer_plan(comm, plan, nbufs, bufs, buf_bytes, digests != NULL, &net);
     if (st != PC_OK) return st;
-    run_state r;
-    memset(&r, 0, sizeof r);
-    r.comm = comm;
-    r.plan = plan;
-    r.buf = (uint8_t *const *)bufs;
+    run_state r; /* (bytes: dtype u8, op sum) */
+    run_init(&r, comm, plan, (uint8_t *const *)bufs, PC_U8, PC_SUM, 1, seq, desc, plan->nops);
     r.caller_bufs = 1;
     r.seed = seed;
     if (threads <= 0) threads = comm->cpus_online > 0 ? comm->cpus_online : 1;
@@ -1509,13 +1502,6 @@ pc_status pc_comm_run_buffers(pc_comm *comm, const pc_plan *plan, int32_t nbufs,
         }
         r.digests = digests;
     }
-    r.dtype = PC_U8;
-    r.op = PC_SUM;
-    r.es = 1;
-    r.seq = seq;
-    r.desc = desc;
-    r.failed_peer = -1;
-    r.end = plan->nops;
     r.remote = comm->remote_min && net >= comm->remote_min;
     st = run_loop(comm, &r, timeout_s, failed_peer);
     free(r.first);
