@@ -10,7 +10,8 @@ through ``torch.distributed`` (what a user of either backend pays). Sizes are by
 all_to_all_single of that many bytes per rank (equal splits), reduce of that many bytes to rank 0
 (float32 sum), gather of that many bytes from every rank to rank 0, scatter of that many bytes to
 every rank from rank 0, coalesced: all_reduce_coalesced of that many bytes in 8 tensors of unequal
-sizes (float32 sum). Each repetition times one call of each backend (which goes first
+sizes (float32 sum), all_gather: of that many bytes per rank into a list of separate tensors.
+Each repetition times one call of each backend (which goes first
 alternates), each after a barrier of its own group: on a shared host whose load changes by the
 second, both see the same moments (timing all of one backend's repetitions and then the other's
 gave one cell ratios from 0.33 to 2.13 in runs minutes apart). A collective's time is the slowest
@@ -38,7 +39,7 @@ import train_step  # noqa: E402 - bench/ helpers: start_burners, _killpg
 
 HERE = os.path.abspath(__file__)
 DEFAULT_SIZES = "4K,64K,1M,16M,64M"
-OPS = ("all_to_all", "reduce", "gather", "scatter", "pingpong", "coalesced")
+OPS = ("all_to_all", "reduce", "gather", "scatter", "pingpong", "coalesced", "all_gather")
 
 
 def reps_for(nbytes, fixed=None):
@@ -91,6 +92,10 @@ def _call(op, group, nbytes, rank, n):
         if rank == 1:
             return lambda: (dist.recv(x, 0, group=group), dist.send(x, 0, group=group))
         return lambda: None
+    if op == "all_gather":
+        x = torch.ones(count)
+        outs = [torch.empty(count) for _ in range(n)]
+        return lambda: dist.all_gather(outs, x, group=group)
     if op == "coalesced":
         cuts = [count * k // 36 for k in (0, 1, 3, 6, 10, 15, 21, 28, 36)]  # 8 tensors, sizes 1 : 2 : ... : 8
         xs = [torch.ones(b - a) for a, b in zip(cuts, cuts[1:])]

@@ -308,6 +308,9 @@ typedef struct {
  */
 pc_status pc_plan_remap(const pc_plan *plan, int32_t nbufs, int32_t n_in, const pc_extent *in, int32_t n_out,
                         const pc_extent *out, pc_plan **remapped);
+/* How many of a remapped plan's transfers were cut in pieces: 0 means it puts on the wire
+ * exactly the frames of the plan it came from. */
+int32_t pc_plan_cut_transfers(const pc_plan *plan);
 
 /* ---- reduction kernels ------------------------------------------------- */
 int32_t pc_dtype_size(int32_t dtype);

@@ -165,6 +165,7 @@ pc_status pc_plan_remap(const pc_plan *plan, int32_t nbufs, int32_t n_in, const 
             done += piece;
         } while (done < o->len);
         count[i] = p->nops - first[i];
+        if (count[i] > 1 && is_net(o->kind)) p->cut_transfers++;
     }
     if (st == PC_OK && p->failed) st = PC_ERR_NOMEM;
     if (st == PC_OK) {
@@ -183,3 +184,5 @@ pc_status pc_plan_remap(const pc_plan *plan, int32_t nbufs, int32_t n_in, const 
     free(deps);
     return st;
 }
+
+int32_t pc_plan_cut_transfers(const pc_plan *plan) { return plan ? plan->cut_transfers : 0; }

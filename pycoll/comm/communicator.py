@@ -425,9 +425,14 @@ class Communicator:
     def all_gather(self, send: Array, recv: Array, algorithm: str = "auto", *, timeout: Optional[float] = None,
                    dtype: Optional[str] = None, async_op: bool = False, verify: bool = False,
                    compression: Optional[str] = None, tag: Optional[Tag] = None) -> Any:
-        """``recv`` receives world_size blocks of ``send``, in rank order.
+        """``recv`` receives world_size blocks of ``send``, in rank order: one array of
+        world_size x ``send``'s size, or a list of world_size arrays of ``send``'s size (rank
+        r's block lands in ``recv[r]`` itself, with no copy out where the plan allows it: see
+        :meth:`all_reduce_coalesced`; not with ``verify`` or ``tag``).
         ``verify=True`` cross-checks a digest of ``recv`` across the group;
         ``tag`` as for all_reduce."""
+        if isinstance(recv, (list, tuple)):
+            return self._all_gather_list(send, recv, timeout, dtype, async_op, verify, compression, tag)
         key = None
         if type(send) is _ndarray and type(recv) is _ndarray and not (async_op or verify or tag is not None):
             key = ("all_gather", send.dtype, send.size, recv.dtype, recv.size, algorithm, dtype, compression)
@@ -435,6 +440,28 @@ class Communicator:
             if call is not None and self._fast_run(call, send, recv, timeout) is not None:
                 return recv
         return self._all_gather(send, recv, algorithm, timeout, dtype, async_op, verify, compression, key, tag)
+
+    def _all_gather_list(self, send, recvs, timeout, dtype, async_op, verify, compression, tag):
+        """:meth:`all_gather` into a list of arrays: one plan over them where it can run so
+        (:meth:`_run_remapped`), else into one temporary buffer and copied out."""
+        if verify or tag is not None or compression is not None:
+            raise InvalidArgument("all_gather into a list of arrays: no verify, tag or compression (gather into "
+                                  "one array for those)")
+        sb = as_buffer(send, writable=False, what="all_gather send", dtype=dtype)
+        rbs = _same_dtype_buffers(recvs, True, "all_gather recv", dtype)
+
+        def run():
+            if len(rbs) != self.world_size or any(b.count != sb.count or b.dtype != sb.dtype for b in rbs):
+                raise InvalidArgument(f"all_gather: recv must be {self.world_size} arrays (the world size) of "
+                                      f"{sb.dtype} x {sb.count}, as send; got "
+                                      f"{[f'{b.dtype} x {b.count}' for b in rbs]}")
+            if not self._run_remapped("all_gather", [sb], rbs, 1, 1, "sum", timeout):
+                flat = scratch_like(sb, sb.count * self.world_size)
+                fb = as_buffer(flat, writable=True, what="all_gather recv", dtype=sb.dtype)
+                self._execute("all_gather", sb, fb, sb.count, "sum", 0, "auto", timeout, False)
+                _unpack(flat, rbs, 1)
+            return recvs
+        return self._call(run, async_op, "all_gather", (sb, *rbs))
 
     def _all_gather(self, send, recv, algorithm, timeout, dtype, async_op, verify, compression, key, tag):
         sb = as_buffer(send, writable=False, what="all_gather send", dtype=dtype)

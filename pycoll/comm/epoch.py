@@ -1035,9 +1035,12 @@ class Epoch:
         """A :class:`Call` running ``coll`` (``count``: its per-rank count) with its input
         and output on stretches of ``bufs`` (pycoll.plan.remap: ``ins``, ``outs`` as
         ``(buffer, offset, bytes)``): one plan over the buffers, no packing. None where the
-        plan chosen for the total size cannot be remapped (the caller packs). The stretches'
-        lengths go into the argument digest: ranks whose arrays split the total differently
-        fail the first frame's check instead of exchanging cuts that do not pair."""
+        plan chosen for the total size cannot be remapped (the caller packs). Where the remap
+        cut transfers in pieces, the stretches' lengths go into the argument digest: ranks
+        whose arrays split the total differently fail the first frame's check instead of
+        exchanging pieces that do not pair. Where it cut none (an all_gather into a list: the
+        cuts fall between the ranks' blocks), the frames are the plan's own, and so is the
+        digest: a rank gathering into one array pairs with one gathering into a list."""
         code = bufs[0].code
         sizes = tuple(b.nbytes for b in bufs)
         key = ("remap", coll, code, op, count, sizes, tuple(ins), tuple(outs))
@@ -1053,8 +1056,9 @@ class Epoch:
                            ins, outs)
         call = None
         if plan is not None:
-            cuts = zlib.crc32(struct.pack(f"<{len(ins) + len(outs)}Q", *(n for _, _, n in ins + outs)))
-            desc = _digest(coll, code, opc, count, 0, chosen) ^ cuts
+            desc = _digest(coll, code, opc, count, 0, chosen)
+            if lib.pc_plan_cut_transfers(plan.ptr):
+                desc ^= zlib.crc32(struct.pack(f"<{len(ins) + len(outs)}Q", *(n for _, _, n in ins + outs)))
             call = Call(coll, chosen, plan, self.ccomm, None, desc, identity(coll, code, op, count, 0, "auto", None),
                         code, opc, count, itemsize, in_nbytes, out_nbytes)
             call.nbufs, call.sizes = len(bufs), ffi.new("uint64_t[]", sizes)

@@ -682,11 +682,13 @@ class ProcessGroupPycoll(dist.ProcessGroup):
         if len(outs) != self.size():
             raise InvalidArgument(f"pycoll backend: all_gather needs {self.size()} output tensors, got {len(outs)}")
         _same_layout(outs, inp, "all_gather output")
-        flat, post = _consecutive(outs), None
-        if flat is None:  # separate tensors: gather into one buffer, then copy out
-            flat = torch.empty(inp.numel() * self.size(), dtype=inp.dtype)
-            post = functools.partial(_copy_chunks, flat, outs, inp.numel())
-        return self._gather(inp, flat, opts, output_tensors, post)
+        flat = _consecutive(outs)
+        if flat is None:  # separate tensors: rank r's block lands in outs[r] (Communicator.all_gather)
+            comm, timeout = self.communicator, _timeout_s(opts, self._timeout_s)
+            call = lambda a: comm.all_gather(inp, list(outs), timeout=timeout,  # noqa: E731
+                                             dtype=_DTYPES[inp.dtype], async_op=a)
+            return self._run("all_gather", [call], output_tensors, opts=opts, reads=[inp])
+        return self._gather(inp, flat, opts, output_tensors)
 
     def all_gather_single(self, output, input, opts=None):
         """``dist.all_gather_single`` / ``all_gather_into_tensor``."""

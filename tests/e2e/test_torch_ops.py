@@ -1,5 +1,6 @@
 """The torch ProcessGroup's new operations on pycoll's C plans: reduce, gather, scatter,
-all_to_all (list, single with equal and uneven splits), the coalesced forms, the bitwise ops
+all_to_all (list, single with equal and uneven splits), the coalesced forms, all_gather into
+separate tensors, the bitwise ops
 and bool tensors, and point-to-point (send/recv with tags, isend/irecv, batch_isend_irecv),
 each compared with Gloo on the same inputs in the same run (bit for bit where the bytes are
 only moved or the op is exact; a float reduce is compared bit for bit with the rank-order
@@ -91,6 +92,12 @@ def _ops(group):
     outs = [[torch.zeros(c) for c in (1, 4, 9)] for _ in range(n)]
     dist.all_gather_coalesced(outs, ins, group=group)
     out["all_gather_coalesced"] = [_raw(t) for o in outs for t in o]
+    # all_gather into separate tensors: small, and large (a ring whose plan runs straight into them)
+    for c in (5, 300001):
+        x = _x(rank, c, torch.float32, seed=c)
+        outs = [torch.zeros(c) for _ in range(n)]
+        dist.all_gather(outs, x, group=group)
+        out[f"all_gather list {c}"] = [_raw(t) for t in outs]
     # point-to-point: tags, a ring of isend/irecv posted receive-first, a batch
     right, left = (rank + 1) % n, (rank - 1) % n
     if rank == 0:
