@@ -132,3 +132,21 @@ def test_a_remapped_plan_runs_over_the_arrays_and_not_as_a_plain_plan():
         assert "reaches past buffer 1" in engine.last_error(comm)
     finally:
         engine.close(comm)
+
+
+@pytest.mark.parametrize("algorithm", ["ring", "hamiltonian"])
+@pytest.mark.parametrize("n", [2, 3, 4, 5])
+def test_an_all_gather_into_a_list_cuts_no_transfer(algorithm, n):
+    """Its cuts fall between the ranks' blocks, which no transfer crosses: the frames are the
+    plan's own (so a rank gathering into one array pairs with one gathering into a list),
+    while an all-reduce over arrays that end inside a chunk cuts transfers."""
+    from pycoll.core.native import lib
+    count = 100003
+    for r in range(n):
+        plan = planners.build(algorithm, "all_gather", Layout(n), r, count, 4, segment_bytes=1 << 16)
+        m = remap.remap(plan, n + 1, [(0, 0, count * 4)], remap.stretches([count * 4] * n, 1, 1))
+        assert lib.pc_plan_cut_transfers(m.ptr) == 0
+        assert m.nops == plan.nops
+    plan = planners.build(algorithm, "all_reduce", Layout(n), 0, count, 4, segment_bytes=1 << 16)
+    ins = remap.stretches([12345 * 4, (count - 12345) * 4], 1)
+    assert lib.pc_plan_cut_transfers(remap.remap(plan, 2, ins, ins).ptr) > 0
