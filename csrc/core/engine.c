@@ -1381,6 +1381,9 @@ static pc_status run_part(pc_comm *comm, const pc_plan *plan, int32_t part, void
     return run_loop(comm, &r, timeout_s, failed_peer);
 }
 
+static pc_status check_buffer_plan(pc_comm *comm, const pc_plan *plan, int32_t first, int32_t nbufs,
+                                   void *const *bufs, const uint64_t *buf_bytes, int hashed, uint64_t *net);
+
 /* ---- remapped runs (pc_plan_remap: one plan over several caller buffers) ---- */
 pc_status pc_comm_run_remapped(pc_comm *comm, const pc_plan *plan, int32_t nbufs, void *const *bufs,
                                const uint64_t *buf_bytes, int32_t dtype, int32_t op, uint64_t seq, uint32_t desc,
@@ -1395,21 +1398,9 @@ pc_status pc_comm_run_remapped(pc_comm *comm, const pc_plan *plan, int32_t nbufs
     if (checked != PC_OK) return checked;
     int32_t es = check_dtype_op(comm, dtype, op);
     if (!es) return PC_ERR_ARG;
-    uint64_t total = 0;
-    for (int32_t i = 0; i < plan->nops; i++) { /* every range inside its buffer; IN and OUT are gone */
-        const pc_op *o = &plan->ops[i];
-        int32_t b[2] = {o->src_buf, o->dst_buf};
-        uint64_t off[2] = {o->src_off, o->dst_off};
-        for (int s = 0; s < 2 && o->len; s++) {
-            if (b[s] < 0 || b[s] == PC_BUF_SCRATCH) continue;
-            int32_t c = b[s] - PC_BUF_COUNT;
-            if (c < 0 || c >= nbufs || !bufs[c] || off[s] > buf_bytes[c] || o->len > buf_bytes[c] - off[s]) {
-                set_err(comm, "op %d reaches past buffer %d (%llu bytes at %llu)", i, c, (unsigned long long)o->len,
-                        (unsigned long long)off[s]);
-                return PC_ERR_ARG;
-            }
-        }
-    }
+    uint64_t total = 0, net;
+    checked = check_buffer_plan(comm, plan, PC_BUF_COUNT, nbufs, bufs, buf_bytes, 0, &net);
+    if (checked != PC_OK) return checked;
     for (int32_t c = 0; c < nbufs; c++) total += buf_bytes[c];
     if (plan->need_bytes[PC_BUF_SCRATCH] > comm->scratch_cap &&
         grow_scratch(comm, plan->need_bytes[PC_BUF_SCRATCH]) != PC_OK) {
@@ -1438,14 +1429,15 @@ pc_status pc_comm_run_remapped(pc_comm *comm, const pc_plan *plan, int32_t nbufs
 /* ---- buffer runs ----------------------------------------------------------- */
 static uint64_t blocks_of(uint64_t len) { return (len + PC_HASH_BLOCK - 1) / PC_HASH_BLOCK; }
 
-/* Every op's byte ranges inside its buffers, hashed receives on block boundaries; the bytes
- * this rank moves over the network into *net. */
-static pc_status check_buffer_plan(pc_comm *comm, const pc_plan *plan, int32_t nbufs, void *const *bufs,
-                                   const uint64_t *buf_bytes, int hashed, uint64_t *net) {
+/* Every op's byte ranges inside the caller's buffers, hashed receives on block boundaries; the
+ * bytes this rank moves over the network into *net. Caller buffer c is op buffer first + c
+ * (buffer runs: 0; remapped runs: PC_BUF_COUNT, below which the engine's own scratch lies). */
+static pc_status check_buffer_plan(pc_comm *comm, const pc_plan *plan, int32_t first, int32_t nbufs,
+                                   void *const *bufs, const uint64_t *buf_bytes, int hashed, uint64_t *net) {
     *net = 0;
     for (int32_t i = 0; i < plan->nops; i++) {
         const pc_op *o = &plan->ops[i];
-        int32_t b[2] = {o->src_buf, o->dst_buf};
+        int32_t b[2] = {o->src_buf - first, o->dst_buf - first};
         uint64_t off[2] = {o->src_off, o->dst_off};
         for (int s = 0; s < 2; s++) {
             if (b[s] < 0) continue;
@@ -1481,7 +1473,7 @@ pc_status pc_comm_run_buffers(pc_comm *comm, const pc_plan *plan, int32_t nbufs,
     pc_status st = check_run(comm, plan, 0);
     if (st != PC_OK) return st;
     uint64_t net = 0;
-    st = check_buffer_plan(comm, plan, nbufs, bufs, buf_bytes, digests != NULL, &net);
+    st = check_buffer_plan(comm, plan, 0, nbufs, bufs, buf_bytes, digests != NULL, &net);
     if (st != PC_OK) return st;
     run_state r; /* (bytes: dtype u8, op sum) */
     run_init(&r, comm, plan, (uint8_t *const *)bufs, PC_U8, PC_SUM, 1, seq, desc, plan->nops);

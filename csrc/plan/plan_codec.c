@@ -642,7 +642,10 @@ static int acceptable(const pc_plan *in, int *has_payload) {
 pc_status pc_plan_compress(const pc_plan *in, int32_t codec, pc_plan **out) {
     *out = NULL;
     int has_payload;
-    if (!in || in->codec != PC_CODEC_NONE || codec < 0 || codec >= PC_CODEC_COUNT || !acceptable(in, &has_payload))
+    /* (a buffer or remapped plan addresses caller buffers past IN/OUT/SCRATCH, which the
+     * compressed plan, run by pc_comm_run, would index as its own three) */
+    if (!in || in->codec != PC_CODEC_NONE || in->nbufs || in->remapped || codec < 0 || codec >= PC_CODEC_COUNT ||
+        !acceptable(in, &has_payload))
         return PC_ERR_ARG;
     cx c;
     memset(&c, 0, sizeof c);

@@ -31,13 +31,8 @@ def remap(plan, nbufs, ins, outs):
     from pycoll.plan.planners import Plan
     if not ins or not outs:
         return None
-    cin = ffi.new("pc_extent[]", len(ins))
-    for i, (b, off, n) in enumerate(ins):
-        cin[i].buf, cin[i].off, cin[i].len = b, off, n
-    cout = cin if outs is ins else ffi.new("pc_extent[]", len(outs))
-    if outs is not ins:
-        for i, (b, off, n) in enumerate(outs):
-            cout[i].buf, cout[i].off, cout[i].len = b, off, n
+    cin = _extents(ins)
+    cout = cin if outs is ins else _extents(outs)
     out = ffi.new("pc_plan **")
     st = lib.pc_plan_remap(plan.ptr, nbufs, len(ins), cin, len(outs), cout, out)
     if st == lib.PC_ERR_ARG:
@@ -45,3 +40,7 @@ def remap(plan, nbufs, ins, outs):
     if st != lib.PC_OK:
         raise MemoryError(f"pc_plan_remap: status {st}")
     return Plan(out[0])
+
+
+def _extents(stretches_):
+    return ffi.new("pc_extent[]", [{"buf": b, "off": off, "len": n} for b, off, n in stretches_])

@@ -256,11 +256,9 @@ def test_coalesced(n, transport):
         assert calls == 1
 
 
-def _coalesced_remapped(comm, sizes):
-    """The coalesced forms on a communicator without preserve_input: one plan straight over
-    the arrays (pycoll.plan.remap) wherever the plan for the total allows it. Each result
-    against the same collective over the packed arrays, run with the algorithm the coalesced
-    call ran (the same plan, so the same bits)."""
+def _count_remaps():
+    """In this rank: a list that records, per pycoll.plan.remap.remap call from here on,
+    whether the plan was remapped (True) or refused, so the caller packs (False)."""
     import pycoll.plan.remap as remap_mod
     remapped, real = [], remap_mod.remap
 
@@ -269,6 +267,15 @@ def _coalesced_remapped(comm, sizes):
         remapped.append(plan is not None)
         return plan
     remap_mod.remap = counting
+    return remapped
+
+
+def _coalesced_remapped(comm, sizes):
+    """The coalesced forms on a communicator without preserve_input: one plan straight over
+    the arrays (pycoll.plan.remap) wherever the plan for the total allows it. Each result
+    against the same collective over the packed arrays, run with the algorithm the coalesced
+    call ran (the same plan, so the same bits)."""
+    remapped = _count_remaps()
     me, n = comm.rank, comm.world_size
     rng = np.random.default_rng([me, 11])
     out = {}
@@ -316,14 +323,7 @@ def test_coalesced_runs_one_plan_over_the_arrays_themselves(n, transport):
 def _all_gather_into_a_list(comm, count, as_list_on):
     """all_gather into a list of arrays on the ranks in ``as_list_on``, into one array on the
     others (the frames are the same: the two forms pair); every rank's result against NumPy."""
-    import pycoll.plan.remap as remap_mod
-    remapped, real = [], remap_mod.remap
-
-    def counting(*args):
-        plan = real(*args)
-        remapped.append(plan is not None)
-        return plan
-    remap_mod.remap = counting
+    remapped = _count_remaps()
     me, n = comm.rank, comm.world_size
     send = (np.arange(count, dtype=np.float64) + 1000 * me) * 0.5
     if me in as_list_on:

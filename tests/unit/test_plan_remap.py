@@ -105,6 +105,18 @@ def test_stretches_that_hold_less_than_the_plan_are_refused():
     assert remap.remap(plan, 1, whole, whole) is None  # a stretch names buffer 1 of 1
 
 
+def test_a_remapped_plan_is_not_compressed():
+    """A compressed plan runs through pc_comm_run, which knows only IN, OUT and scratch: the
+    caller buffers a remapped plan addresses would be read past that table."""
+    from pycoll.errors import InvalidArgument
+    from pycoll.plan import compression
+    plan = planners.build("ring", "all_reduce", Layout(2), 0, 10, 4)
+    ins = remap.stretches([12, 28], 1)
+    with pytest.raises(InvalidArgument):
+        compression.compress(remap.remap(plan, 2, ins, ins), "bf16")
+    assert compression.compress(plan, "bf16") is not None  # (the plan itself compresses)
+
+
 def test_a_remapped_plan_runs_over_the_arrays_and_not_as_a_plain_plan():
     """On a one-rank C communicator: the remapped run reduces in place over two arrays (a
     copy onto itself); pc_comm_run, which would address the IN and OUT the plan no longer
