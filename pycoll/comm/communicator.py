@@ -905,6 +905,14 @@ class Communicator:
                 if t.peer >= ep.world_size or t.peer == ep.rank:
                     raise InvalidArgument(f"{t.work.description}: the group re-formed (now rank {ep.rank} of "
                                           f"{ep.world_size})")
+            if len(batch) == 1:  # a blocking send or recv: its memory as it is, one transfer
+                t = batch[0]
+                transfers = ((1 if t.is_send else 0, t.peer, 0, t.buf.nbytes, t.tag),)
+                inb, outb = (t.buf, _EMPTY) if t.is_send else (_EMPTY, t.buf)
+                call = ep.prepare_planned("p2p", transfers, lambda rank, n, o: exchange.p2p(rank, n, list(transfers)),
+                                          inb, outb, 0, "sum")
+                ep.launch(call, ffi.cast("void *", inb.address), ffi.cast("void *", outb.address), timeout, p2p=True)
+                return
             sends = [t for t in batch if t.is_send]
             recvs = [t for t in batch if not t.is_send]
             # one send (recv) uses the caller's memory as it is; several go through one buffer

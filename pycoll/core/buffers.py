@@ -61,7 +61,7 @@ def _is_torch(x):
 def as_buffer(x, *, writable, what="buffer", dtype=None):
     """Describe ``x`` for the C core; raises InvalidArgument with the reason."""
     if _is_torch(x):
-        if x.device.type != "cpu":
+        if not x.is_cpu:  # (x.device would build a device object per call)
             raise InvalidArgument(f"{what}: only CPU tensors are supported (got {x.device})")
         if not x.is_contiguous():
             raise InvalidArgument(f"{what}: tensor is not contiguous; call .contiguous() first")
