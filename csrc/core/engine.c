@@ -39,6 +39,7 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include "copy.h"
 #include "plan.h"
 #include "pycoll.h"
 #include "transport.h"
@@ -401,7 +402,7 @@ static void run_local(run_state *r, int32_t i) {
     uint64_t n = op->len / (uint64_t)r->es;
     switch (op->kind) {
     case PC_OP_COPY:
-        if (dst != src && op->len) memcpy(dst, src, op->len);
+        if (dst != src && op->len) pc_copy(dst, src, op->len);
         break;
     case PC_OP_REDUCE:
         pc_reduce(dst, dst, src, n, r->dtype, r->op);

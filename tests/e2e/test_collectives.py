@@ -78,8 +78,30 @@ def test_multi_mib_sizes(world_size, transport):
              ("all_reduce", "bfloat16", "avg", 1 << 20, 2, "ring"),
              ("all_gather", "float64", "sum", (1 << 19) + 3, 3, "ring"),
              ("reduce_scatter", "int32", "max", (1 << 19) - 1, 4, "ring"),
-             ("broadcast", "uint8", "sum", (5 << 20) + 7, 5, "ring")]
+             ("broadcast", "uint8", "sum", (5 << 20) + 7, 5, "ring"),
+             # preserve_input's tail copies 4 MiB and more with streaming stores (csrc/kernels/copy.c)
+             ("all_reduce", "float32", "sum", (4 << 20) // 4 + 5, 6, "auto"),
+             ("all_reduce", "float64", "max", (5 << 20) // 8 + 3, 7, "ring")]
     check(cases, world_size, timeout=240, transport=transport)
+
+
+def _all_reduce_unaligned(comm, count, offset):
+    raw = np.zeros(count * 4 + 64, np.uint8)
+    x = raw[offset:offset + count * 4].view(np.float32)  # not 16-byte aligned: the copy's head path
+    x[:] = np.arange(count, dtype=np.float32) % 1000 + comm.rank
+    comm.all_reduce(x)
+    return x.tobytes(), raw[:offset].tobytes() + raw[offset + count * 4:].tobytes()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("offset", [4, 20])
+def test_large_result_copy_at_an_unaligned_address(transport, offset):
+    count = (4 << 20) // 4 + 13  # the tail copy: above the streaming threshold, not a multiple of 64 bytes
+    results = run_on(_all_reduce_unaligned, 2, transport, (count, offset), 90)
+    want = ((np.arange(count, dtype=np.float32) % 1000) * 2 + 1).astype(np.float32).tobytes()
+    for got, around in results:
+        assert got == want
+        assert around == bytes(len(around))  # nothing written outside the array
 
 
 def _async_many(comm):
