@@ -83,6 +83,16 @@ typedef struct {
     uint8_t rdesc[PC_REMOTE_DESC_BYTES];
 } chan_state;
 
+/* A single-copy buffer's 2 MiB-aligned interior, as huge_pages saw it. */
+enum { HUGE_NEW, HUGE_SEEN, HUGE_PROBED, HUGE_DONE, HUGE_CHURN };
+#define HUGE_RANGES 256 /* DDP buckets of a model of 6 GiB of gradients at 25 MiB each */
+typedef struct {
+    uintptr_t start, end;
+    uint64_t seen_run; /* the single-copy run that last saw it (0: free entry) */
+    int state;         /* HUGE_*: seen once, probed, collapsed, or allocated anew each time */
+    int skip;          /* HUGE_CHURN: sightings left before it is looked at again */
+} huge_range;
+
 struct pc_comm {
     int32_t rank, nranks, stripes;
     pc_conn **conns;          /* nranks * stripes, NULL for self */
@@ -101,6 +111,8 @@ struct pc_comm {
     int32_t cpus_online;
     int busy_looks;           /* consecutive looks at the host that found it busy (host_busy) */
     int32_t collapse_skip;    /* single-copy runs left before huge pages are tried again (see huge_pages) */
+    huge_range huge_seen[HUGE_RANGES]; /* the single-copy buffers of recent runs (see huge_pages) */
+    uint64_t huge_runs;       /* single-copy runs so far: the clock of huge_seen */
     double busy_seen_at;      /* when the last look was (0: never) */
     void *scratch;            /* scratch_cap bytes inside a mapping of scratch_map bytes (see grow_scratch) */
     uint64_t scratch_cap;
@@ -1192,15 +1204,28 @@ static pc_status run_tail(pc_comm *comm, const pc_plan *plan, run_state *r) {
  * Gloo 41 ms). NumPy asks for huge pages on big arrays, but torch's allocator
  * does not, so a DDP bucket is 4 KiB pages. MADV_COLLAPSE (Linux 6.1) turns
  * the 2 MiB-aligned interior of a buffer into huge pages in place (contents
- * unchanged; independent of the THP "madvise" setting); on a buffer already
- * collapsed it returns in microseconds, so it runs on every single-copy call
- * (a reused bucket costs it once). Where it fails (an old kernel, THP off,
- * fragmented memory) it is left alone for COLLAPSE_BACKOFF runs. */
+ * unchanged; independent of the THP "madvise" setting); on a range already
+ * collapsed it returns in microseconds. But it copies every page: 28 MiB
+ * took 60-100 ms here, paid back only by a buffer that is used again, as
+ * DDP's buckets are, never by one allocated for a single call (a fresh tensor
+ * per all-reduce took 70-100 ms a call instead of 11-13). And a freed buffer's
+ * address comes back with the next allocation of its size (malloc's mmap),
+ * on new small pages. So huge_seen remembers the ranges of recent runs, and
+ * a range is collapsed only once it has stayed the same memory: its first
+ * huge page is collapsed the second time a run sees it (the probe), the rest
+ * the third time if that probe page is still huge (collapsing it again took
+ * no time); a probe that moved pages again means the range was allocated anew
+ * in between, and it is left alone for CHURN_SKIP sightings. Every later run
+ * re-probes (microseconds while it stays huge). Where MADV_COLLAPSE fails (an
+ * old kernel, THP off, fragmented memory) it is left alone for
+ * COLLAPSE_BACKOFF runs. */
 #ifndef MADV_COLLAPSE
 #define MADV_COLLAPSE 25
 #endif
 #define HUGE_PAGE (2u << 20)
 #define COLLAPSE_BACKOFF 256
+#define COLLAPSE_WORK_S 150e-6 /* CPU time of a collapse that moved pages (a 2 MiB copy at least) */
+#define CHURN_SKIP 1024
 
 static int single_copy_peers(pc_comm *c) {
     for (int32_t i = 0; i < c->nranks * c->stripes; i++) {
@@ -1208,6 +1233,36 @@ static int single_copy_peers(pc_comm *c) {
         if (cn && cn->ops->rma_ok && cn->ops->rma_ok(cn)) return 1;
     }
     return 0;
+}
+
+/* The entry of [start, end) in huge_seen, or the least recently seen one, reset to it. */
+static huge_range *huge_entry(pc_comm *c, uintptr_t start, uintptr_t end) {
+    huge_range *oldest = &c->huge_seen[0];
+    for (int i = 0; i < HUGE_RANGES; i++) {
+        huge_range *h = &c->huge_seen[i];
+        if (h->start == start && h->end == end && h->seen_run) return h;
+        if (h->seen_run < oldest->seen_run) oldest = h;
+    }
+    *oldest = (huge_range){start, end, 0, HUGE_NEW, 0};
+    return oldest;
+}
+
+static double thread_cpu_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+/* MADV_COLLAPSE of [start, end): -1 if it failed, else whether it moved pages. Told apart by
+ * this thread's CPU time, which a preemption or the kernel's wait for other CPUs (it drains
+ * their page lists first) does not count: a no-op took 2-30 us here, one huge page moved 0.9 ms. */
+static int collapse(pc_comm *c, uintptr_t start, uintptr_t end) {
+    double t0 = thread_cpu_s();
+    if (madvise((void *)start, end - start, MADV_COLLAPSE) != 0) {
+        c->collapse_skip = COLLAPSE_BACKOFF;
+        return -1;
+    }
+    return thread_cpu_s() - t0 > COLLAPSE_WORK_S;
 }
 
 static void huge_pages(pc_comm *c, void *buf, uint64_t bytes) {
@@ -1218,7 +1273,31 @@ static void huge_pages(pc_comm *c, void *buf, uint64_t bytes) {
     uintptr_t start = ((uintptr_t)buf + HUGE_PAGE - 1) & ~(uintptr_t)(HUGE_PAGE - 1);
     uintptr_t end = ((uintptr_t)buf + bytes) & ~(uintptr_t)(HUGE_PAGE - 1);
     if (end <= start) return;
-    if (madvise((void *)start, end - start, MADV_COLLAPSE) != 0) c->collapse_skip = COLLAPSE_BACKOFF;
+    huge_range *h = huge_entry(c, start, end);
+    if (h->seen_run == c->huge_runs) return; /* IN and OUT of one in-place run: one sighting */
+    h->seen_run = c->huge_runs;
+    switch (h->state) {
+    case HUGE_NEW: /* maybe a buffer of this call only */
+        h->state = HUGE_SEEN;
+        return;
+    case HUGE_CHURN:
+        if (--h->skip <= 0) h->state = HUGE_NEW; /* look again: the caller may keep its buffers now */
+        return;
+    case HUGE_SEEN: /* the probe: the first huge page only */
+        if (collapse(c, start, start + HUGE_PAGE) >= 0) h->state = HUGE_PROBED;
+        return;
+    default: { /* HUGE_PROBED, HUGE_DONE: the probe page still huge means the same memory */
+        int moved = collapse(c, start, start + HUGE_PAGE);
+        if (moved < 0) return;
+        if (moved) {
+            h->state = HUGE_CHURN;
+            h->skip = CHURN_SKIP;
+            return;
+        }
+        if (end > start + HUGE_PAGE && collapse(c, start + HUGE_PAGE, end) < 0) return;
+        h->state = HUGE_DONE;
+    }
+    }
 }
 
 /* Scratch is read by the peers' single-copy reads (results of preserve_input plans, direct
@@ -1375,9 +1454,11 @@ static pc_status run_part(pc_comm *comm, const pc_plan *plan, int32_t part, void
     uint64_t span = plan->need_bytes[PC_BUF_IN] > plan->need_bytes[PC_BUF_OUT] ? plan->need_bytes[PC_BUF_IN]
                                                                                : plan->need_bytes[PC_BUF_OUT];
     r.remote = comm->remote_min && span >= comm->remote_min;
-    if (r.remote && part != PC_RUN_TAIL && single_copy_peers(comm))
+    if (r.remote && part != PC_RUN_TAIL && single_copy_peers(comm)) {
+        comm->huge_runs++;
         for (int b = 0; b < 2; b++)
             if (bufs[b] && plan->need_bytes[b]) huge_pages(comm, bufs[b], plan->need_bytes[b]);
+    }
     if (part == PC_RUN_TAIL) return run_tail(comm, plan, &r);
     return run_loop(comm, &r, timeout_s, failed_peer);
 }
@@ -1419,9 +1500,11 @@ pc_status pc_comm_run_remapped(pc_comm *comm, const pc_plan *plan, int32_t nbufs
     run_state r;
     run_init(&r, comm, plan, table, dtype, op, es, seq, desc, plan->nops);
     r.remote = comm->remote_min && total >= comm->remote_min;
-    if (r.remote && single_copy_peers(comm))
+    if (r.remote && single_copy_peers(comm)) {
+        comm->huge_runs++;
         for (int32_t c = 0; c < nbufs; c++)
             if (bufs[c] && buf_bytes[c] >= HUGE_PAGE) huge_pages(comm, bufs[c], buf_bytes[c]);
+    }
     pc_status st = run_loop(comm, &r, timeout_s, failed_peer);
     if (table != stack) free(table);
     return st;

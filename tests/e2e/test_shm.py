@@ -863,11 +863,13 @@ def _huge_kb(addr):
 def _all_reduce_on_small_pages(comm):
     # a bytearray's memory comes from malloc's own mmap: 4 KiB pages (NumPy would ask for huge ones)
     buf = np.frombuffer(bytearray(10 << 20), np.float32)
-    buf[:] = comm.rank + 1
-    before = _huge_kb(buf.ctypes.data)
-    comm.all_reduce(buf)
-    exact = bool(np.all(buf == sum(r + 1 for r in range(comm.world_size))))
-    return before, _huge_kb(buf.ctypes.data), exact, comm.bytes_single_copy, comm.peer_transports
+    huge, exact = [_huge_kb(buf.ctypes.data)], True
+    for _ in range(3):  # a buffer used again, as DDP's buckets are
+        buf[:] = comm.rank + 1
+        comm.all_reduce(buf)
+        exact &= bool(np.all(buf == sum(r + 1 for r in range(comm.world_size))))
+        huge.append(_huge_kb(buf.ctypes.data))
+    return huge, exact, comm.bytes_single_copy, comm.peer_transports
 
 
 def _thp_enabled():
@@ -879,10 +881,48 @@ def _thp_enabled():
 def test_single_copy_buffers_are_moved_to_huge_pages():
     """A peer's process_vm_readv pins the sender's pages one by one: over 4 KiB pages a 28 MiB
     all-reduce took 16-35 ms, over huge pages 5 ms. So the engine collapses the 2 MiB-aligned
-    interior of a single-copy buffer into huge pages (MADV_COLLAPSE) before it runs: a torch
-    bucket, whose allocator never asks for them, ends up on huge pages, its contents intact."""
-    for before, after, exact, copied, transports in pycoll.testing.run(_all_reduce_on_small_pages, 2, timeout=100):
+    interior of a single-copy buffer that is used again into huge pages (MADV_COLLAPSE): a torch
+    bucket, whose allocator never asks for them, ends up on huge pages, its contents intact.
+    Not at once: the first call may be the buffer's only one; the second moves one huge page (the
+    probe), the third the rest once the probe page is still huge."""
+    for huge, exact, copied, transports in pycoll.testing.run(_all_reduce_on_small_pages, 2, timeout=100):
         assert exact and copied > 0, (copied, transports)
-        assert before == 0
+        assert huge[0] == huge[1] == 0, huge  # before, and after the first call
         if _thp_enabled():  # (this machine and CI: [madvise]; a kernel with THP off keeps small pages)
-            assert after >= 4 * 2048, after  # 10 MiB hold at least four aligned 2 MiB pages
+            assert huge[2] == 2048, huge  # the probe page
+            assert huge[3] >= 4 * 2048, huge  # 10 MiB hold at least four aligned 2 MiB pages
+
+
+def _all_reduce_on_memory_allocated_anew(comm, calls):
+    """``calls`` all-reduces of one 10 MiB range, each on fresh small pages mapped at the same address
+    (what malloc does for a tensor freed and allocated again, as mmap hands the address back); the
+    range's AnonHugePages after each call, and whether every result was exact."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    n, prot, flags = 10 << 20, 0x3, 0x02 | 0x20  # PROT_READ|PROT_WRITE, MAP_PRIVATE|MAP_ANONYMOUS
+    addr = libc.mmap(None, n, prot, flags, -1, 0)
+    buf = np.frombuffer((ctypes.c_char * n).from_address(addr), np.float32)
+    huge, exact = [], True
+    for _ in range(calls):
+        assert libc.mmap(addr, n, prot, flags | 0x10, -1, 0) == addr  # MAP_FIXED: new pages, same address
+        buf[:] = comm.rank + 1
+        comm.all_reduce(buf)
+        exact &= bool(np.all(buf == sum(r + 1 for r in range(comm.world_size))))
+        huge.append(_huge_kb(addr))
+    return huge, exact
+
+
+@pytest.mark.timeout(120)
+def test_memory_allocated_anew_each_call_is_not_collapsed():
+    """A buffer allocated for each call (a fresh tensor per all-reduce) never pays back a collapse,
+    which copies every page (70-100 ms a call at 28 MiB where the call itself takes 11-13): the
+    probe page of the second call is small again at the third, so the engine leaves the range
+    alone from then on (the 4th and 5th calls leave it on small pages)."""
+    for huge, exact in pycoll.testing.run(_all_reduce_on_memory_allocated_anew, 2, args=(5,), timeout=100):
+        assert exact
+        if _thp_enabled():
+            assert huge[0] == 0 and huge[1] == 2048, huge  # seen, then the probe
+            assert huge[2] == 2048, huge  # the probe again: it moved pages, so the range is new memory
+            assert huge[3:] == [0, 0], huge  # and left alone from then on
