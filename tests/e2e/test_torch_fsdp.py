@@ -1,6 +1,6 @@
 """The "pycoll" backend under torch's higher layers, each run once on pycoll and once on Gloo and
 compared: FSDP2 (fully_shard over init_device_mesh, so DTensor and its functional collectives),
-torch.distributed.checkpoint, the object collectives, and the collectives these need (the coalesced
+FSDP1 (FullyShardedDataParallel) on CPU, torch.distributed.checkpoint, the object collectives, and the collectives these need (the coalesced
 forms, gather, scatter)."""
 import pytest
 
@@ -78,6 +78,45 @@ def test_fsdp2_trains_bit_identical_to_gloo(tmp_path):
         assert mine[r]["reloaded"] == mine[r]["full"], f"rank {r}: DCP did not restore the sharded model"
     assert mine[0]["full"] == mine[1]["full"]
     assert mine[0]["local"] != mine[1]["local"]  # really sharded
+    assert all(mine[0]["full"][k] != initial[k] for k in initial), "the model did not train"
+    assert mine[0]["losses"][-1] < mine[0]["losses"][0]
+
+
+# ---- FSDP1 (FullyShardedDataParallel) on CPU ----------------------------------------
+def _fsdp1(backend, steps):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+    # each Linear its own flat parameter (all_gather_into_tensor before use, reduce_scatter_tensor
+    # of its gradients), the root wrapping the rest
+    model = FullyShardedDataParallel(_mlp(0), device_id=torch.device("cpu"),
+                                     auto_wrap_policy=ModuleWrapPolicy({torch.nn.Linear}))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(8, 16, generator=torch.Generator().manual_seed(dist.get_rank()))
+    losses = []
+    for _ in range(steps):
+        loss = model(x).square().mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    return {"full": {k: _raw(v) for k, v in full.items()}, "local": [_raw(p) for p in model.parameters()],
+            "losses": losses}
+
+
+@pytest.mark.timeout(300)
+def test_fsdp1_on_cpu_trains_bit_identical_to_gloo():
+    runs = _both(_fsdp1, 2, 4)
+    mine, gloo = runs["pycoll"], runs["gloo"]
+    initial = {k: _raw(v) for k, v in _mlp(0).state_dict().items()}
+    for r in range(2):
+        assert mine[r]["full"] == gloo[r]["full"], f"rank {r}: parameters differ from Gloo's"
+        assert mine[r]["local"] == gloo[r]["local"], f"rank {r}: shards differ from Gloo's"
+        assert mine[r]["losses"] == gloo[r]["losses"]
+    assert mine[0]["full"] == mine[1]["full"]
+    assert mine[0]["local"] != mine[1]["local"]  # really sharded
+    assert set(mine[0]["full"]) == set(initial)
     assert all(mine[0]["full"][k] != initial[k] for k in initial), "the model did not train"
     assert mine[0]["losses"][-1] < mine[0]["losses"][0]
 
