@@ -1216,9 +1216,9 @@ static pc_status run_tail(pc_comm *comm, const pc_plan *plan, run_state *r) {
  * the third time if that probe page is still huge (collapsing it again took
  * no time); a probe that moved pages again means the range was allocated anew
  * in between, and it is left alone for CHURN_SKIP sightings. Every later run
- * re-probes (microseconds while it stays huge). Where MADV_COLLAPSE fails (an
- * old kernel, THP off, fragmented memory) it is left alone for
- * COLLAPSE_BACKOFF runs. */
+ * re-probes (one system call, microseconds while it stays huge). Where
+ * MADV_COLLAPSE fails (an old kernel, THP off, fragmented memory) it is left
+ * alone for COLLAPSE_BACKOFF runs. */
 #ifndef MADV_COLLAPSE
 #define MADV_COLLAPSE 25
 #endif
@@ -1294,6 +1294,7 @@ static void huge_pages(pc_comm *c, void *buf, uint64_t bytes) {
             h->skip = CHURN_SKIP;
             return;
         }
+        if (h->state == HUGE_DONE) return; /* the same memory, huge since */
         if (end > start + HUGE_PAGE && collapse(c, start + HUGE_PAGE, end) < 0) return;
         h->state = HUGE_DONE;
     }
