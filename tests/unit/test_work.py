@@ -126,3 +126,43 @@ def test_a_stuck_queued_call_never_blocks_interpreter_exit():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
     assert proc.returncode == 0 and "exiting" in proc.stdout, proc.stderr
     assert time.monotonic() - t0 < 20
+
+
+def test_many_submitters_lose_no_wake_up_and_keep_each_ones_order():
+    """The worker sleeps on an eventfd between items (pycoll.comm.work._WakeQueue): items put from
+    several threads while it sleeps, runs or is about to sleep all run, each thread's in order."""
+    ex = CallOrderExecutor()
+    ran = []
+    futures = []
+
+    def submitter(t):
+        for i in range(400):
+            futures.append(ex.submit(ran.append, (t, i)))
+            if i % 50 == 0:
+                time.sleep(0.002)  # let the worker drain and go to sleep now and then
+    threads = [threading.Thread(target=submitter, args=(t,)) for t in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    concurrent.futures.wait(futures, timeout=30)
+    assert all(f.done() for f in futures)
+    assert len(ran) == 1600
+    for t in range(4):
+        assert [i for s, i in ran if s == t] == list(range(400))
+    ex.shutdown()
+
+
+def _open_fds():
+    import os
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_shutdown_releases_the_wake_up_descriptor():
+    before = _open_fds()
+    for used in (True, False) * 25:
+        ex = CallOrderExecutor()
+        if used:
+            assert ex.submit(lambda: 7).result(timeout=10) == 7
+        ex.shutdown(wait=True, timeout=10)
+    assert _open_fds() == before
