@@ -38,7 +38,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HERE = os.path.abspath(__file__)
 sys.path.insert(0, os.path.dirname(HERE))
-import train_step as _ts  # noqa: E402 - bench/ helpers: _killpg
+import train_step as _ts  # noqa: E402 - bench/ helpers: busy_loops, _killpg
 IMPLS = ("ft", "ft-complete", "pycoll", "gloo")
 
 
@@ -175,12 +175,8 @@ def main():
     print(f"MLP {a.layers} x Linear({a.width}, {a.width}) ({mib:.1f} MiB of gradients), batch {a.batch}, "
           f"{a.steps} timed steps x {a.rounds} launches; load average before: {load[0]:.1f} {load[1]:.1f} "
           f"{load[2]:.1f} on {os.cpu_count()} CPUs; busy loops beside the ranks: {a.burn}", flush=True)
-    burners = _ts.start_burners(a.burn)
-    try:
+    with _ts.busy_loops(a.burn):
         run_all(a, impls, rows, dump)
-    finally:
-        for p in burners:
-            _ts._killpg(p)
     print()
     names = {"ft": "ft", "ft-complete": "ft-complete", "pycoll": "pycoll DDP", "gloo": "gloo DDP"}
     ratios = [(x, y) for x, y in (("ft", "pycoll"), ("ft-complete", "pycoll"), ("ft", "gloo"), ("pycoll", "gloo"))

@@ -32,7 +32,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HERE = os.path.abspath(__file__)
 sys.path.insert(0, os.path.dirname(HERE))
-import train_step as _ts  # noqa: E402 - bench/ helpers: start_burners, _killpg, ints, _sigterm
+import train_step as _ts  # noqa: E402 - bench/ helpers: busy_loops, _killpg, ints, _sigterm
 
 MODES = ("burst", "staggered")
 
@@ -190,8 +190,7 @@ def main(argv=None):
           f"{2 * a.gap} ms (last rank); burn {a.burn}; {os.cpu_count()} CPUs", flush=True)
     table = {}
     with tempfile.TemporaryDirectory(prefix="ovl-bench-") as tmp:
-        burners = _ts.start_burners(a.burn)
-        try:
+        with _ts.busy_loops(a.burn):
             for n in _ts.ints(a.ranks):
                 runs = {i: [] for i in impls}
                 for k in range(a.rounds):
@@ -199,9 +198,6 @@ def main(argv=None):
                         print(f"# {n} ranks: {impl} launch {k + 1}/{a.rounds}", file=sys.stderr, flush=True)
                         runs[impl].append(launch(impl, n, a, tmp))
                 table[n] = {i: summarize(runs[i]) for i in impls}
-        finally:
-            for p in burners:
-                _ts._killpg(p)
     lane_impls = impls[1:-1]
     head = ("| ranks | in flight | MiB each | mode | " + " | ".join(f"{i} ms" for i in impls)
             + " | " + " | ".join(f"seq/{i}" for i in lane_impls) + " | " + " | ".join(f"gloo/{i}" for i in impls[:-1])

@@ -35,7 +35,7 @@ from pycoll.benchmark import collect_results, human_size, parse_size  # noqa: E4
 from pycoll.testing import free_port  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import train_step  # noqa: E402 - bench/ helpers: start_burners, _killpg
+import train_step  # noqa: E402 - bench/ helpers: busy_loops
 
 HERE = os.path.abspath(__file__)
 DEFAULT_SIZES = "4K,64K,1M,16M,64M"
@@ -188,16 +188,12 @@ def main(argv=None):
         ap.error("--ranks: world sizes of 2 or more")
     print(f"load average before: {' '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} CPUs; "
           f"busy loops beside the ranks: {args.burn}", flush=True)
-    burners = train_step.start_burners(args.burn)
-    try:
+    with train_step.busy_loops(args.burn):
         for n in ranks:
             results = launch(n, sizes, ops, args.reps, args.timeout)
             text, rows = table(n, sizes, ops, {int(k): v for k, v in results.items()})
             print(text, flush=True)
             all_rows += rows
-    finally:
-        for p in burners:
-            train_step._killpg(p)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(all_rows, f, indent=1)

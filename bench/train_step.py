@@ -35,6 +35,7 @@ table row per load. They, and the ranks, are killed on exit, Ctrl-C or error. A 
 not finish in --timeout seconds is killed (every rank also arms its own alarm) and reported.
 """
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
@@ -228,6 +229,18 @@ def summarize(runs):
             "step_ms_all": [1e3 * t for t in per_step["step"]], "buckets_bytes": runs[0][0]["buckets_bytes"]}
 
 
+@contextlib.contextmanager
+def busy_loops(k):
+    """k busy-loop processes at normal priority (start_burners) for the length of the block:
+    killed on the way out, error or Ctrl-C included."""
+    procs = start_burners(k)
+    try:
+        yield procs
+    finally:
+        for p in procs:
+            _killpg(p)
+
+
 def start_burners(k):
     # Each checks every few ms whether its parent is gone, so none outlives a killed driver.
     code = ("import os\nppid = os.getppid()\nwhile os.getppid() == ppid:\n"
@@ -304,9 +317,7 @@ def main(argv=None):
     rows, failures = [], []
     with tempfile.TemporaryDirectory(prefix="train-step-") as tmp:
         for load in ints(a.burn):
-            burners = []
-            try:
-                burners = start_burners(load)
+            with busy_loops(load):
                 for n in ints(a.ranks):
                     for shape in shapes:
                         runs = {b: [] for b in impls}
@@ -323,9 +334,6 @@ def main(argv=None):
                             continue
                         rows.append({"ranks": n, "shape": shape, "burn": load, "batch": SHAPES[shape],
                                      **{b: summarize(runs[b]) for b in impls}})
-            finally:
-                for p in burners:
-                    _killpg(p)
 
     print(f"\n## DDP train step, {grad} gradients, loopback (medians; ms; ratio = gloo/pycoll, "
           ">1: pycoll faster; CPU = user+sys of all ranks per step)")

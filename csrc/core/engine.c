@@ -388,7 +388,6 @@ typedef struct {
     pc_status status;
 } run_state;
 
-static int is_net(int32_t kind) { return kind == PC_OP_SEND || kind == PC_OP_RECV || kind == PC_OP_RECV_REDUCE; }
 
 static int op_ready(const run_state *r, int32_t i) {
     return i < r->end && r->pending[i] == 0 && (i < r->plan->tail_first || r->before_tail == 0);
@@ -399,11 +398,11 @@ static void complete(run_state *r, int32_t i) {
     r->done++;
     for (int32_t k = r->dep_start[i]; k < r->dep_start[i + 1]; k++) {
         int32_t d = r->dependents[k];
-        if (--r->pending[d] == 0 && !is_net(p->ops[d].kind) && op_ready(r, d)) r->ready[r->nready++] = d;
+        if (--r->pending[d] == 0 && !plan_op_is_net(p->ops[d].kind) && op_ready(r, d)) r->ready[r->nready++] = d;
     }
     if (i < p->tail_first && --r->before_tail == 0) {
         for (int32_t t = p->tail_first; t < r->end; t++)
-            if (r->pending[t] == 0 && !is_net(p->ops[t].kind)) r->ready[r->nready++] = t;
+            if (r->pending[t] == 0 && !plan_op_is_net(p->ops[t].kind)) r->ready[r->nready++] = t;
     }
 }
 
@@ -940,7 +939,7 @@ static pc_status prepare(run_state *r) {
             if (d < 0 || d >= i) return PC_ERR_ARG; /* deps point backwards: no cycles */
             r->dep_start[d + 1]++;
         }
-        if (is_net(op->kind) && i < r->end) {
+        if (plan_op_is_net(op->kind) && i < r->end) {
             if (op->peer < 0 || op->peer >= c->nranks || op->peer == c->rank || op->stripe < 0 ||
                 op->stripe >= c->stripes || !c->conns[op->peer * c->stripes + op->stripe])
                 return PC_ERR_ARG;
@@ -967,14 +966,14 @@ static pc_status prepare(run_state *r) {
     }
     for (int32_t i = 0; i < r->end; i++) {
         const pc_op *op = &p->ops[i];
-        if (!is_net(op->kind)) continue;
+        if (!plan_op_is_net(op->kind)) continue;
         chan_state *cs = &r->ch[op->peer * c->stripes + op->stripe];
         if (op->kind == PC_OP_SEND) cs->send_q[cs->nsend++] = i;
         else cs->recv_q[cs->nrecv++] = i;
     }
     r->before_tail = p->tail_first;
     for (int32_t i = 0; i < r->end; i++)
-        if (r->pending[i] == 0 && !is_net(p->ops[i].kind) && op_ready(r, i)) r->ready[r->nready++] = i;
+        if (r->pending[i] == 0 && !plan_op_is_net(p->ops[i].kind) && op_ready(r, i)) r->ready[r->nready++] = i;
     return PC_OK;
 }
 
@@ -1186,7 +1185,7 @@ static int body_keeps_input(const pc_plan *plan, void *const *bufs, const uint64
  * after the group agreed that the body succeeded everywhere). */
 static pc_status run_tail(pc_comm *comm, const pc_plan *plan, run_state *r) {
     for (int32_t i = plan->tail_first; i < plan->nops; i++)
-        if (is_net(plan->ops[i].kind)) {
+        if (plan_op_is_net(plan->ops[i].kind)) {
             set_err(comm, "plan tail holds a network op; it cannot run on its own");
             return PC_ERR_ARG;
         }
@@ -1301,6 +1300,13 @@ static void huge_pages(pc_comm *c, void *buf, uint64_t bytes) {
     }
 }
 
+/* A single-copy run begins: huge_pages for each of its n caller buffers, one sighting each. */
+static void huge_pages_of_run(pc_comm *c, int32_t n, void *const *bufs, const uint64_t *bytes) {
+    c->huge_runs++;
+    for (int32_t i = 0; i < n; i++)
+        if (bufs[i] && bytes[i]) huge_pages(c, bufs[i], bytes[i]);
+}
+
 /* Scratch is read by the peers' single-copy reads (results of preserve_input plans, direct
  * all-reduce accumulators) as much as the caller's buffers are: it lives on huge pages from
  * its first touch (THP asked for per mapping, so the "madvise" setting grants it), so those
@@ -1330,6 +1336,14 @@ static pc_status grow_scratch(pc_comm *c, uint64_t need) {
     c->scratch_cap = len;
     c->scratch_map = len;
     return PC_OK;
+}
+
+/* Scratch big enough for `plan` (PC_ERR_NOMEM, error set, where it cannot grow). */
+static pc_status scratch_for(pc_comm *c, const pc_plan *plan) {
+    uint64_t need = plan->need_bytes[PC_BUF_SCRATCH];
+    if (need <= c->scratch_cap || grow_scratch(c, need) == PC_OK) return PC_OK;
+    set_err(c, "out of memory for %llu bytes of scratch", (unsigned long long)need);
+    return PC_ERR_NOMEM;
 }
 
 pc_status pc_comm_run(pc_comm *comm, const pc_plan *plan, void *const *bufs, const uint64_t *buf_bytes,
@@ -1439,11 +1453,7 @@ static pc_status run_part(pc_comm *comm, const pc_plan *plan, int32_t part, void
         set_err(comm, "this plan writes the caller's input before its tail; it cannot run in two parts");
         return PC_ERR_ARG;
     }
-    if (part != PC_RUN_TAIL && plan->need_bytes[PC_BUF_SCRATCH] > comm->scratch_cap &&
-        grow_scratch(comm, plan->need_bytes[PC_BUF_SCRATCH]) != PC_OK) {
-        set_err(comm, "out of memory for %llu bytes of scratch", (unsigned long long)plan->need_bytes[PC_BUF_SCRATCH]);
-        return PC_ERR_NOMEM;
-    }
+    if (part != PC_RUN_TAIL && scratch_for(comm, plan) != PC_OK) return PC_ERR_NOMEM;
     run_state r;
     run_init(&r, comm, plan, r.own, dtype, op, es, seq, desc, part == PC_RUN_BODY ? plan->tail_first : plan->nops);
     r.own[PC_BUF_IN] = bufs[PC_BUF_IN];
@@ -1455,11 +1465,7 @@ static pc_status run_part(pc_comm *comm, const pc_plan *plan, int32_t part, void
     uint64_t span = plan->need_bytes[PC_BUF_IN] > plan->need_bytes[PC_BUF_OUT] ? plan->need_bytes[PC_BUF_IN]
                                                                                : plan->need_bytes[PC_BUF_OUT];
     r.remote = comm->remote_min && span >= comm->remote_min;
-    if (r.remote && part != PC_RUN_TAIL && single_copy_peers(comm)) {
-        comm->huge_runs++;
-        for (int b = 0; b < 2; b++)
-            if (bufs[b] && plan->need_bytes[b]) huge_pages(comm, bufs[b], plan->need_bytes[b]);
-    }
+    if (r.remote && part != PC_RUN_TAIL && single_copy_peers(comm)) huge_pages_of_run(comm, 2, bufs, plan->need_bytes);
     if (part == PC_RUN_TAIL) return run_tail(comm, plan, &r);
     return run_loop(comm, &r, timeout_s, failed_peer);
 }
@@ -1485,11 +1491,7 @@ pc_status pc_comm_run_remapped(pc_comm *comm, const pc_plan *plan, int32_t nbufs
     checked = check_buffer_plan(comm, plan, PC_BUF_COUNT, nbufs, bufs, buf_bytes, 0, &net);
     if (checked != PC_OK) return checked;
     for (int32_t c = 0; c < nbufs; c++) total += buf_bytes[c];
-    if (plan->need_bytes[PC_BUF_SCRATCH] > comm->scratch_cap &&
-        grow_scratch(comm, plan->need_bytes[PC_BUF_SCRATCH]) != PC_OK) {
-        set_err(comm, "out of memory for %llu bytes of scratch", (unsigned long long)plan->need_bytes[PC_BUF_SCRATCH]);
-        return PC_ERR_NOMEM;
-    }
+    if (scratch_for(comm, plan) != PC_OK) return PC_ERR_NOMEM;
     uint8_t *stack[PC_BUF_COUNT + 16], **table = stack;
     if (nbufs > 16 && !(table = malloc(sizeof(uint8_t *) * ((size_t)nbufs + PC_BUF_COUNT)))) {
         set_err(comm, "out of memory for %d buffers", nbufs);
@@ -1501,11 +1503,7 @@ pc_status pc_comm_run_remapped(pc_comm *comm, const pc_plan *plan, int32_t nbufs
     run_state r;
     run_init(&r, comm, plan, table, dtype, op, es, seq, desc, plan->nops);
     r.remote = comm->remote_min && total >= comm->remote_min;
-    if (r.remote && single_copy_peers(comm)) {
-        comm->huge_runs++;
-        for (int32_t c = 0; c < nbufs; c++)
-            if (bufs[c] && buf_bytes[c] >= HUGE_PAGE) huge_pages(comm, bufs[c], buf_bytes[c]);
-    }
+    if (r.remote && single_copy_peers(comm)) huge_pages_of_run(comm, nbufs, bufs, buf_bytes);
     pc_status st = run_loop(comm, &r, timeout_s, failed_peer);
     if (table != stack) free(table);
     return st;

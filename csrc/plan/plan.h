@@ -71,6 +71,11 @@ static inline uint64_t split_len(uint64_t count, uint64_t parts, uint64_t i) {
 
 static inline int32_t pc_mod(int64_t a, int32_t n) { return (int32_t)(((a % n) + n) % n); }
 
+/* Whether an op of this kind moves bytes over a connection (the rest run locally). */
+static inline int plan_op_is_net(int32_t kind) {
+    return kind == PC_OP_SEND || kind == PC_OP_RECV || kind == PC_OP_RECV_REDUCE;
+}
+
 /* Pipeline segments needed so no segment of a piece of max_piece_bytes is
  * larger than segment_bytes (at least 1, at most 4096: tags hold 12 bits). */
 uint64_t plan_segments(uint64_t max_piece_bytes, uint64_t segment_bytes);

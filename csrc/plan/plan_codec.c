@@ -622,7 +622,6 @@ static void finish_out(cx *c) {
     }
 }
 
-static int is_net(int32_t kind) { return kind == PC_OP_SEND || kind == PC_OP_RECV || kind == PC_OP_RECV_REDUCE; }
 
 /* Plans this pass accepts: original ops only, float32-aligned ranges. */
 static int acceptable(const pc_plan *in, int *has_payload) {
@@ -634,7 +633,7 @@ static int acceptable(const pc_plan *in, int *has_payload) {
         if (op->len && op->kind != PC_OP_SCALE && op->src_buf < 0 && op->kind != PC_OP_RECV) return 0;
         if (op->len && op->kind != PC_OP_SEND && op->dst_buf < 0) return 0;
         if (op->dst_buf == PC_BUF_IN) return 0;
-        if (is_net(op->kind) && op->len) *has_payload = 1;
+        if (plan_op_is_net(op->kind) && op->len) *has_payload = 1;
     }
     return 1;
 }

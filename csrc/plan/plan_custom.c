@@ -45,7 +45,7 @@ pc_status pc_plan_append(pc_plan *p, const pc_op *op, const int32_t *deps, int32
     if (p->nbufs && op->kind != PC_OP_SEND && op->kind != PC_OP_RECV && op->kind != PC_OP_COPY) return PC_ERR_ARG;
     if (!valid_buf(p, op->src_buf) || !valid_buf(p, op->dst_buf)) return PC_ERR_ARG;
     if (op->src_off > UINT64_MAX - op->len || op->dst_off > UINT64_MAX - op->len) return PC_ERR_ARG;
-    int net = op->kind == PC_OP_SEND || op->kind == PC_OP_RECV || op->kind == PC_OP_RECV_REDUCE;
+    int net = plan_op_is_net(op->kind);
     if (net && (op->peer < 0 || op->peer >= p->nranks || op->peer == p->rank || op->stripe < 0))
         return PC_ERR_ARG;
     int needs_src = op->kind == PC_OP_SEND || op->kind == PC_OP_RECV_REDUCE || op->kind == PC_OP_COPY ||

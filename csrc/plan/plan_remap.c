@@ -67,10 +67,6 @@ static const vbuf *view_of(const vbuf *in, const vbuf *out, int32_t buf) {
     return buf == PC_BUF_IN ? in : buf == PC_BUF_OUT ? out : NULL;
 }
 
-static int is_net(int32_t kind) {
-    return kind == PC_OP_SEND || kind == PC_OP_RECV || kind == PC_OP_RECV_REDUCE;
-}
-
 /* Where the piece of `len` bytes at `off` of buffer `buf` lives, and how many bytes of it the
  * stretch there holds (*room). Scratch (and "no buffer") stays where it is. */
 static void place(const vbuf *v, int32_t buf, uint64_t off, int32_t *nbuf, uint64_t *noff, uint64_t *room) {
@@ -103,7 +99,7 @@ pc_status pc_plan_remap(const pc_plan *plan, int32_t nbufs, int32_t n_in, const 
     for (int32_t i = 0; st == PC_OK && i < plan->nops; i++) {
         const pc_op *o = &plan->ops[i];
         if (o->kind > PC_OP_SCALE) st = PC_ERR_ARG;
-        else if (is_net(o->kind) && o->len &&
+        else if (plan_op_is_net(o->kind) && o->len &&
                  ((o->src_buf == PC_BUF_SCRATCH && o->kind != PC_OP_RECV) ||
                   (o->dst_buf == PC_BUF_SCRATCH && o->kind != PC_OP_SEND)))
             st = PC_ERR_ARG; /* see the top of the file */
@@ -165,7 +161,7 @@ pc_status pc_plan_remap(const pc_plan *plan, int32_t nbufs, int32_t n_in, const 
             done += piece;
         } while (done < o->len);
         count[i] = p->nops - first[i];
-        if (count[i] > 1 && is_net(o->kind)) p->cut_transfers++;
+        if (count[i] > 1 && plan_op_is_net(o->kind)) p->cut_transfers++;
     }
     if (st == PC_OK && p->failed) st = PC_ERR_NOMEM;
     if (st == PC_OK) {

@@ -901,30 +901,22 @@ class Communicator:
         """Transfers with known peers as one plan (inside _run_transfers' call)."""
         if batch:
             ep = self._epoch
+            # one pass: each transfer's offset in the (packed) send or receive side
+            sends, recvs, transfers, at = [], [], [], [0, 0]
             for t in batch:
                 if t.peer >= ep.world_size or t.peer == ep.rank:
                     raise InvalidArgument(f"{t.work.description}: the group re-formed (now rank {ep.rank} of "
                                           f"{ep.world_size})")
-            if len(batch) == 1:  # a blocking send or recv: its memory as it is, one transfer
-                t = batch[0]
-                transfers = ((1 if t.is_send else 0, t.peer, 0, t.buf.nbytes, t.tag),)
-                inb, outb = (t.buf, _EMPTY) if t.is_send else (_EMPTY, t.buf)
-                call = ep.prepare_planned("p2p", transfers, lambda rank, n, o: exchange.p2p(rank, n, list(transfers)),
-                                          inb, outb, 0, "sum")
-                ep.launch(call, ffi.cast("void *", inb.address), ffi.cast("void *", outb.address), timeout, p2p=True)
-                return
-            sends = [t for t in batch if t.is_send]
-            recvs = [t for t in batch if not t.is_send]
+                side = 1 if t.is_send else 0
+                (sends if side else recvs).append(t)
+                transfers.append((side, t.peer, at[side], t.buf.nbytes, t.tag))
+                at[side] += t.buf.nbytes
+            transfers = tuple(transfers)
             # one send (recv) uses the caller's memory as it is; several go through one buffer
             inb = (_EMPTY if not sends else sends[0].buf if len(sends) == 1
                    else _bytes_buffer(_pack([t.buf for t in sends], 1, raw=True), False))
-            out = None if len(recvs) < 2 else np.empty(sum(t.buf.nbytes for t in recvs), np.uint8)
+            out = None if len(recvs) < 2 else np.empty(at[0], np.uint8)
             outb = _EMPTY if not recvs else recvs[0].buf if out is None else _bytes_buffer(out, True)
-            transfers, at = [], {True: 0, False: 0}
-            for t in batch:
-                transfers.append((1 if t.is_send else 0, t.peer, at[t.is_send], t.buf.nbytes, t.tag))
-                at[t.is_send] += t.buf.nbytes
-            transfers = tuple(transfers)
             call = ep.prepare_planned("p2p", transfers, lambda rank, n, o: exchange.p2p(rank, n, list(transfers)),
                                       inb, outb, 0, "sum")
             ep.launch(call, ffi.cast("void *", inb.address), ffi.cast("void *", outb.address), timeout, p2p=True)

@@ -80,22 +80,18 @@ class _WakeQueue:
     bucket to the worker took 1.6-4.7 ms next to two busy loops (0.1-0.2 ms idle). Here the
     getter sleeps in an eventfd read, and put() rings it with os.eventfd_write, a system call
     made with the GIL released: a getter that takes the core then also gets the GIL and starts
-    the collective. (Where os.eventfd is missing, a plain SimpleQueue does the job.)"""
+    the collective. (os.eventfd: Linux, Python 3.10, what pycoll runs on anyway.) get() waits
+    without a deadline, as the worker's idle wait did on SimpleQueue: shutdown rings it."""
 
     def __init__(self):
         self._items = collections.deque()
-        self._fd = os.eventfd(0, os.EFD_CLOEXEC) if hasattr(os, "eventfd") else None
-        self._fallback = queue.SimpleQueue() if self._fd is None else None
+        self._fd = os.eventfd(0, os.EFD_CLOEXEC)
 
     def put(self, item):
-        if self._fallback is not None:
-            return self._fallback.put(item)
         self._items.append(item)  # deque.append/popleft are atomic
         os.eventfd_write(self._fd, 1)
 
     def get(self):
-        if self._fallback is not None:
-            return self._fallback.get()
         while True:
             try:
                 return self._items.popleft()
@@ -109,8 +105,6 @@ class _WakeQueue:
                 pass
 
     def get_nowait(self):
-        if self._fallback is not None:
-            return self._fallback.get_nowait()
         try:
             return self._items.popleft()
         except IndexError:

@@ -2,10 +2,10 @@
 table and the JSON report sane numbers. (Tier e2e: tests/conftest.py marks a test by its folder.)"""
 import json
 import os
-import subprocess
 import sys
 
 import pytest
+from bench_run import run_bench
 
 pytest.importorskip("torch", reason="torch is an optional extra (pip install -e '.[torch]')")
 
@@ -21,16 +21,7 @@ def test_diloco_bench_table(tmp_path):
     cmd = [sys.executable, BENCH, "--ranks", "2", "--width", "64", "--layers", "2", "--sync-every", "2",
            "--rounds", "3", "--timeout", "60", "--variants", ",".join(variants), "--json", str(out_json)]
     env = dict(os.environ, TMPDIR=str(tmp_path))
-    # start_new_session + killpg on timeout: the benchmark's own ranks go too
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                         start_new_session=True)
-    try:
-        out, err = p.communicate(timeout=150)
-    except subprocess.TimeoutExpired:
-        os.killpg(p.pid, 9)
-        out, err = p.communicate()
-        pytest.fail(f"bench/diloco.py did not finish in 150 s\n{out}\n{err}")
-    assert p.returncode == 0, f"exit {p.returncode}\n{out}\n{err}"
+    out, err = run_bench(cmd, 150, env)
     rows = {parts[0]: parts[1:] for parts in map(str.split, out.splitlines()) if parts and parts[0] in variants}
     assert sorted(rows) == sorted(variants), out
     assert rows["gloo"][-2:] == ["1.00", "1.00"], out  # the ratios' base

@@ -9,10 +9,10 @@ it. (Tier e2e: tests/conftest.py marks a test by its folder.)"""
 import json
 import math
 import os
-import subprocess
 import sys
 
 import pytest
+from bench_run import run_bench
 
 pytest.importorskip("torch", reason="torch is an optional extra (pip install -e '.[torch]')")
 
@@ -32,16 +32,7 @@ def test_training_through_kills_and_a_join_loopback(tmp_path):
     cmd = [sys.executable, BENCH, "--toy", "--parts", "loopback", "--reps", "1", "--methods", ",".join(METHODS),
            "--faults-for", "ft,diloco", "--timeout", "90", "--json", str(out_json)]
     env = dict(os.environ, TMPDIR=str(tmp_path), TORCH_DEVICE_BACKEND_AUTOLOAD="0")
-    # start_new_session + killpg on timeout: the benchmark's own ranks go too
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                         start_new_session=True)
-    try:
-        out, err = p.communicate(timeout=220)
-    except subprocess.TimeoutExpired:
-        os.killpg(p.pid, 9)
-        out, err = p.communicate()
-        pytest.fail(f"bench/ft_training.py did not finish in 220 s\n{out}\n{err}")
-    assert p.returncode == 0, f"exit {p.returncode}\n{out}\n{err}"
+    out, _ = run_bench(cmd, 220, env)
     data = json.loads(out_json.read_text())
     a = data["args"]
     steps, batch = a["steps"], a["batch"]

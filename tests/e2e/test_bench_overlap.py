@@ -3,10 +3,10 @@ the table reports sane numbers; bench/train_step.py --overlap adds its lanes' co
 import json
 import os
 import re
-import subprocess
 import sys
 
 import pytest
+from bench_run import run_bench
 
 pytest.importorskip("torch", reason="torch is an optional extra (pip install -e '.[torch]')")
 
@@ -16,17 +16,7 @@ pytestmark = pytest.mark.timeout(240)
 
 
 def _run(cmd, tmp_path, limit=200):
-    env = dict(os.environ, TMPDIR=str(tmp_path))
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                         start_new_session=True)
-    try:
-        out, err = p.communicate(timeout=limit)
-    except subprocess.TimeoutExpired:
-        os.killpg(p.pid, 9)
-        out, err = p.communicate()
-        pytest.fail(f"{cmd[1]} did not finish in {limit} s\n{out}\n{err}")
-    assert p.returncode == 0, f"exit {p.returncode}\n{out}\n{err}"
-    return out
+    return run_bench(cmd, limit, dict(os.environ, TMPDIR=str(tmp_path)))[0]
 
 
 def test_overlap_table(tmp_path):

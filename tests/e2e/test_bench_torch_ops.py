@@ -2,10 +2,10 @@
 row with both backends' times and their ratio."""
 import json
 import os
-import subprocess
 import sys
 
 import pytest
+from bench_run import run_bench
 
 pytest.importorskip("torch", reason="torch is an optional extra (pip install -e '.[torch]')")
 
@@ -17,14 +17,7 @@ def test_the_benchmark_prints_a_row_per_op_and_size(tmp_path):
     out_json = tmp_path / "rows.json"
     cmd = [sys.executable, os.path.join(ROOT, "bench", "torch_ops.py"), "--ranks", "2", "--sizes", "4K,64K",
            "--ops", "coalesced,reduce", "--reps", "3", "--burn", "1", "--timeout", "150", "--json", str(out_json)]
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        out, err = p.communicate(timeout=180)
-    except subprocess.TimeoutExpired:
-        os.killpg(p.pid, 9)
-        out, err = p.communicate()
-        pytest.fail(f"bench/torch_ops.py did not finish\n{out}\n{err}")
-    assert p.returncode == 0, f"exit {p.returncode}\n{out}\n{err}"
+    out, _ = run_bench(cmd, 180)
     assert "busy loops beside the ranks: 1" in out.splitlines()[0], out
     rows = json.loads(out_json.read_text())
     assert sorted((r["op"], r["bytes"]) for r in rows) == [("coalesced", 4096), ("coalesced", 65536),

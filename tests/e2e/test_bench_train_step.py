@@ -3,10 +3,10 @@ sane numbers. (Tier e2e: tests/conftest.py marks a test by its folder.)"""
 import json
 import os
 import re
-import subprocess
 import sys
 
 import pytest
+from bench_run import run_bench
 
 pytest.importorskip("torch", reason="torch is an optional extra (pip install -e '.[torch]')")
 
@@ -21,16 +21,7 @@ def test_train_step_table(tmp_path):
     cmd = [sys.executable, BENCH, "--ranks", "2", "--shapes", "comm", "--steps", "3", "--warmup", "1",
            "--width", "64", "--layers", "2", "--json", str(out_json)]
     env = dict(os.environ, TMPDIR=str(tmp_path))
-    # start_new_session + killpg on timeout: the benchmark's own ranks go too
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                         start_new_session=True)
-    try:
-        out, err = p.communicate(timeout=120)
-    except subprocess.TimeoutExpired:
-        os.killpg(p.pid, 9)
-        out, err = p.communicate()
-        pytest.fail(f"bench/train_step.py did not finish in 120 s\n{out}\n{err}")
-    assert p.returncode == 0, f"exit {p.returncode}\n{out}\n{err}"
+    out, _ = run_bench(cmd, 120, env)
 
     header = next(line for line in out.splitlines() if line.startswith("| ranks"))
     assert "pycoll step" in header and "gloo step" in header
