@@ -84,13 +84,12 @@ typedef struct {
 } chan_state;
 
 /* A single-copy buffer's 2 MiB-aligned interior, as huge_pages saw it. */
-enum { HUGE_NEW, HUGE_SEEN, HUGE_PROBED, HUGE_DONE, HUGE_CHURN };
+enum { HUGE_NEW, HUGE_SEEN, HUGE_DONE };
 #define HUGE_RANGES 256 /* DDP buckets of a model of 6 GiB of gradients at 25 MiB each */
 typedef struct {
     uintptr_t start, end;
     uint64_t seen_run; /* the single-copy run that last saw it (0: free entry) */
-    int state;         /* HUGE_*: seen once, probed, collapsed, or allocated anew each time */
-    int skip;          /* HUGE_CHURN: sightings left before it is looked at again */
+    int state;         /* HUGE_*: new, seen once, collapsed */
 } huge_range;
 
 struct pc_comm {
@@ -1203,28 +1202,23 @@ static pc_status run_tail(pc_comm *comm, const pc_plan *plan, run_state *r) {
  * Gloo 41 ms). NumPy asks for huge pages on big arrays, but torch's allocator
  * does not, so a DDP bucket is 4 KiB pages. MADV_COLLAPSE (Linux 6.1) turns
  * the 2 MiB-aligned interior of a buffer into huge pages in place (contents
- * unchanged; independent of the THP "madvise" setting); on a range already
- * collapsed it returns in microseconds. But it copies every page: 28 MiB
- * took 60-100 ms here, paid back only by a buffer that is used again, as
- * DDP's buckets are, never by one allocated for a single call (a fresh tensor
- * per all-reduce took 70-100 ms a call instead of 11-13). And a freed buffer's
- * address comes back with the next allocation of its size (malloc's mmap),
- * on new small pages. So huge_seen remembers the ranges of recent runs, and
- * a range is collapsed only once it has stayed the same memory: its first
- * huge page is collapsed the second time a run sees it (the probe), the rest
- * the third time if that probe page is still huge (collapsing it again took
- * no time); a probe that moved pages again means the range was allocated anew
- * in between, and it is left alone for CHURN_SKIP sightings. Every later run
- * re-probes (one system call, microseconds while it stays huge). Where
- * MADV_COLLAPSE fails (an old kernel, THP off, fragmented memory) it is left
- * alone for COLLAPSE_BACKOFF runs. */
+ * unchanged; independent of the THP "madvise" setting). But it copies every
+ * page: 28 MiB took 60-100 ms here, paid back only by a buffer that is used
+ * again, as DDP's buckets are, never by one allocated for a single call (a
+ * fresh tensor per all-reduce took 70-100 ms a call instead of 11-13 when
+ * every call collapsed it). So huge_seen remembers the ranges of recent
+ * runs: a range is collapsed the second time a run sees it, and never again.
+ * A buffer freed and allocated anew at the same address (malloc's mmap hands
+ * a freed size's address back) then stays on small pages: slower reads, but
+ * no copy of it per call. (Telling that memory apart by the collapse's own
+ * cost did not hold: a no-op and moving one page overlapped in CPU time.)
+ * Where MADV_COLLAPSE fails (an old kernel, THP off, fragmented memory) it
+ * is left alone for COLLAPSE_BACKOFF runs. */
 #ifndef MADV_COLLAPSE
 #define MADV_COLLAPSE 25
 #endif
 #define HUGE_PAGE (2u << 20)
 #define COLLAPSE_BACKOFF 256
-#define COLLAPSE_WORK_S 150e-6 /* CPU time of a collapse that moved pages (a 2 MiB copy at least) */
-#define CHURN_SKIP 1024
 
 static int single_copy_peers(pc_comm *c) {
     for (int32_t i = 0; i < c->nranks * c->stripes; i++) {
@@ -1242,26 +1236,8 @@ static huge_range *huge_entry(pc_comm *c, uintptr_t start, uintptr_t end) {
         if (h->start == start && h->end == end && h->seen_run) return h;
         if (h->seen_run < oldest->seen_run) oldest = h;
     }
-    *oldest = (huge_range){start, end, 0, HUGE_NEW, 0};
+    *oldest = (huge_range){start, end, 0, HUGE_NEW};
     return oldest;
-}
-
-static double thread_cpu_s(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-}
-
-/* MADV_COLLAPSE of [start, end): -1 if it failed, else whether it moved pages. Told apart by
- * this thread's CPU time, which a preemption or the kernel's wait for other CPUs (it drains
- * their page lists first) does not count: a no-op took 2-30 us here, one huge page moved 0.9 ms. */
-static int collapse(pc_comm *c, uintptr_t start, uintptr_t end) {
-    double t0 = thread_cpu_s();
-    if (madvise((void *)start, end - start, MADV_COLLAPSE) != 0) {
-        c->collapse_skip = COLLAPSE_BACKOFF;
-        return -1;
-    }
-    return thread_cpu_s() - t0 > COLLAPSE_WORK_S;
 }
 
 static void huge_pages(pc_comm *c, void *buf, uint64_t bytes) {
@@ -1275,28 +1251,11 @@ static void huge_pages(pc_comm *c, void *buf, uint64_t bytes) {
     huge_range *h = huge_entry(c, start, end);
     if (h->seen_run == c->huge_runs) return; /* IN and OUT of one in-place run: one sighting */
     h->seen_run = c->huge_runs;
-    switch (h->state) {
-    case HUGE_NEW: /* maybe a buffer of this call only */
+    if (h->state == HUGE_NEW) { /* maybe a buffer of this call only */
         h->state = HUGE_SEEN;
-        return;
-    case HUGE_CHURN:
-        if (--h->skip <= 0) h->state = HUGE_NEW; /* look again: the caller may keep its buffers now */
-        return;
-    case HUGE_SEEN: /* the probe: the first huge page only */
-        if (collapse(c, start, start + HUGE_PAGE) >= 0) h->state = HUGE_PROBED;
-        return;
-    default: { /* HUGE_PROBED, HUGE_DONE: the probe page still huge means the same memory */
-        int moved = collapse(c, start, start + HUGE_PAGE);
-        if (moved < 0) return;
-        if (moved) {
-            h->state = HUGE_CHURN;
-            h->skip = CHURN_SKIP;
-            return;
-        }
-        if (h->state == HUGE_DONE) return; /* the same memory, huge since */
-        if (end > start + HUGE_PAGE && collapse(c, start + HUGE_PAGE, end) < 0) return;
-        h->state = HUGE_DONE;
-    }
+    } else if (h->state == HUGE_SEEN) {
+        if (madvise((void *)start, end - start, MADV_COLLAPSE) != 0) c->collapse_skip = COLLAPSE_BACKOFF;
+        else h->state = HUGE_DONE;
     }
 }
 
