@@ -40,6 +40,7 @@
 #include <unistd.h>
 
 #include "copy.h"
+#include "huge_pages.h"
 #include "plan.h"
 #include "pycoll.h"
 #include "transport.h"
@@ -83,15 +84,6 @@ typedef struct {
     uint8_t rdesc[PC_REMOTE_DESC_BYTES];
 } chan_state;
 
-/* A single-copy buffer's 2 MiB-aligned interior, as huge_pages saw it. */
-enum { HUGE_NEW, HUGE_SEEN, HUGE_DONE };
-#define HUGE_RANGES 256 /* DDP buckets of a model of 6 GiB of gradients at 25 MiB each */
-typedef struct {
-    uintptr_t start, end;
-    uint64_t seen_run; /* the single-copy run that last saw it (0: free entry) */
-    int state;         /* HUGE_*: new, seen once, collapsed */
-} huge_range;
-
 struct pc_comm {
     int32_t rank, nranks, stripes;
     pc_conn **conns;          /* nranks * stripes, NULL for self */
@@ -109,9 +101,7 @@ struct pc_comm {
     uint32_t spin_ns[WAIT_KINDS]; /* learned spin budget per kind of wait */
     int32_t cpus_online;
     int busy_looks;           /* consecutive looks at the host that found it busy (host_busy) */
-    int32_t collapse_skip;    /* single-copy runs left before huge pages are tried again (see huge_pages) */
-    huge_range huge_seen[HUGE_RANGES]; /* the single-copy buffers of recent runs (see huge_pages) */
-    uint64_t huge_runs;       /* single-copy runs so far: the clock of huge_seen */
+    huge_pages huge;          /* which single-copy buffers go onto huge pages (huge_pages.c) */
     double busy_seen_at;      /* when the last look was (0: never) */
     void *scratch;            /* scratch_cap bytes inside a mapping of scratch_map bytes (see grow_scratch) */
     uint64_t scratch_cap;
@@ -195,6 +185,7 @@ pc_status pc_comm_create_keyed(int32_t rank, int32_t nranks, int32_t stripes, co
     pc_comm *c = calloc(1, sizeof *c);
     pc_status st = PC_ERR_NOMEM;
     if (!c) goto fail_fds;
+    huge_pages_init(&c->huge);
     c->rank = rank;
     c->nranks = nranks;
     c->stripes = stripes;
@@ -313,6 +304,7 @@ void pc_comm_free(pc_comm *c) {
     free(c->conns);
     free(c->stage);
     if (c->scratch) munmap(c->scratch, c->scratch_map);
+    huge_pages_free(&c->huge);
     free(c->run_mem);
     if (c->cancel_pipe[0] >= 0) close(c->cancel_pipe[0]);
     if (c->cancel_pipe[1] >= 0) close(c->cancel_pipe[1]);
@@ -1196,74 +1188,13 @@ static pc_status run_tail(pc_comm *comm, const pc_plan *plan, run_state *r) {
     return PC_OK;
 }
 
-/* ---- huge pages for single copy --------------------------------------------
- * A peer's process_vm_readv pins our buffer page by page: over 4 KiB pages a
- * 28 MiB all-reduce between 2 ranks took 16-35 ms, over huge pages 5 ms (and
- * Gloo 41 ms). NumPy asks for huge pages on big arrays, but torch's allocator
- * does not, so a DDP bucket is 4 KiB pages. MADV_COLLAPSE (Linux 6.1) turns
- * the 2 MiB-aligned interior of a buffer into huge pages in place (contents
- * unchanged; independent of the THP "madvise" setting). But it copies every
- * page: 28 MiB took 60-100 ms here, paid back only by a buffer that is used
- * again, as DDP's buckets are, never by one allocated for a single call (a
- * fresh tensor per all-reduce took 70-100 ms a call instead of 11-13 when
- * every call collapsed it). So huge_seen remembers the ranges of recent
- * runs: a range is collapsed the second time a run sees it, and never again.
- * A buffer freed and allocated anew at the same address (malloc's mmap hands
- * a freed size's address back) then stays on small pages: slower reads, but
- * no copy of it per call. (Telling that memory apart by the collapse's own
- * cost did not hold: a no-op and moving one page overlapped in CPU time.)
- * Where MADV_COLLAPSE fails (an old kernel, THP off, fragmented memory) it
- * is left alone for COLLAPSE_BACKOFF runs. */
-#ifndef MADV_COLLAPSE
-#define MADV_COLLAPSE 25
-#endif
-#define HUGE_PAGE (2u << 20)
-#define COLLAPSE_BACKOFF 256
-
+/* ---- huge pages for single copy (huge_pages.c decides which buffers) ---- */
 static int single_copy_peers(pc_comm *c) {
     for (int32_t i = 0; i < c->nranks * c->stripes; i++) {
         pc_conn *cn = c->conns[i];
         if (cn && cn->ops->rma_ok && cn->ops->rma_ok(cn)) return 1;
     }
     return 0;
-}
-
-/* The entry of [start, end) in huge_seen, or the least recently seen one, reset to it. */
-static huge_range *huge_entry(pc_comm *c, uintptr_t start, uintptr_t end) {
-    huge_range *oldest = &c->huge_seen[0];
-    for (int i = 0; i < HUGE_RANGES; i++) {
-        huge_range *h = &c->huge_seen[i];
-        if (h->start == start && h->end == end && h->seen_run) return h;
-        if (h->seen_run < oldest->seen_run) oldest = h;
-    }
-    *oldest = (huge_range){start, end, 0, HUGE_NEW};
-    return oldest;
-}
-
-static void huge_pages(pc_comm *c, void *buf, uint64_t bytes) {
-    if (c->collapse_skip > 0) {
-        c->collapse_skip--;
-        return;
-    }
-    uintptr_t start = ((uintptr_t)buf + HUGE_PAGE - 1) & ~(uintptr_t)(HUGE_PAGE - 1);
-    uintptr_t end = ((uintptr_t)buf + bytes) & ~(uintptr_t)(HUGE_PAGE - 1);
-    if (end <= start) return;
-    huge_range *h = huge_entry(c, start, end);
-    if (h->seen_run == c->huge_runs) return; /* IN and OUT of one in-place run: one sighting */
-    h->seen_run = c->huge_runs;
-    if (h->state == HUGE_NEW) { /* maybe a buffer of this call only */
-        h->state = HUGE_SEEN;
-    } else if (h->state == HUGE_SEEN) {
-        if (madvise((void *)start, end - start, MADV_COLLAPSE) != 0) c->collapse_skip = COLLAPSE_BACKOFF;
-        else h->state = HUGE_DONE;
-    }
-}
-
-/* A single-copy run begins: huge_pages for each of its n caller buffers, one sighting each. */
-static void huge_pages_of_run(pc_comm *c, int32_t n, void *const *bufs, const uint64_t *bytes) {
-    c->huge_runs++;
-    for (int32_t i = 0; i < n; i++)
-        if (bufs[i] && bytes[i]) huge_pages(c, bufs[i], bytes[i]);
 }
 
 /* Scratch is read by the peers' single-copy reads (results of preserve_input plans, direct
@@ -1273,13 +1204,13 @@ static void huge_pages_of_run(pc_comm *c, int32_t n, void *const *bufs, const ui
  * body's scratch is what its tail copies out. */
 static pc_status grow_scratch(pc_comm *c, uint64_t need) {
     if (need > SIZE_MAX / 2) return PC_ERR_NOMEM;
-    int huge = need >= HUGE_PAGE / 2; /* a small one is not worth a 2 MiB page */
-    uint64_t unit = huge ? HUGE_PAGE : 4096u;
+    int huge = need >= PC_HUGE_PAGE / 2; /* a small one is not worth a 2 MiB page */
+    uint64_t unit = huge ? PC_HUGE_PAGE : 4096u;
     size_t len = (size_t)((need + unit - 1) & ~(unit - 1));
-    size_t map = len + (huge ? HUGE_PAGE : 0); /* room to align the start */
+    size_t map = len + (huge ? PC_HUGE_PAGE : 0); /* room to align the start */
     uint8_t *m = mmap(NULL, map, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (m == MAP_FAILED) return PC_ERR_NOMEM;
-    uint8_t *at = huge ? (uint8_t *)(((uintptr_t)m + HUGE_PAGE - 1) & ~(uintptr_t)(HUGE_PAGE - 1)) : m;
+    uint8_t *at = huge ? (uint8_t *)(((uintptr_t)m + PC_HUGE_PAGE - 1) & ~(uintptr_t)(PC_HUGE_PAGE - 1)) : m;
     if (at > m) munmap(m, (size_t)(at - m)); /* trim to [at, at + len) */
     size_t tail = map - (size_t)(at - m) - len;
     if (tail) munmap(at + len, tail);
@@ -1424,7 +1355,7 @@ static pc_status run_part(pc_comm *comm, const pc_plan *plan, int32_t part, void
     uint64_t span = plan->need_bytes[PC_BUF_IN] > plan->need_bytes[PC_BUF_OUT] ? plan->need_bytes[PC_BUF_IN]
                                                                                : plan->need_bytes[PC_BUF_OUT];
     r.remote = comm->remote_min && span >= comm->remote_min;
-    if (r.remote && part != PC_RUN_TAIL && single_copy_peers(comm)) huge_pages_of_run(comm, 2, bufs, plan->need_bytes);
+    if (r.remote && part != PC_RUN_TAIL && single_copy_peers(comm)) huge_pages_of_run(&comm->huge, 2, bufs, plan->need_bytes);
     if (part == PC_RUN_TAIL) return run_tail(comm, plan, &r);
     return run_loop(comm, &r, timeout_s, failed_peer);
 }
@@ -1462,7 +1393,7 @@ pc_status pc_comm_run_remapped(pc_comm *comm, const pc_plan *plan, int32_t nbufs
     run_state r;
     run_init(&r, comm, plan, table, dtype, op, es, seq, desc, plan->nops);
     r.remote = comm->remote_min && total >= comm->remote_min;
-    if (r.remote && single_copy_peers(comm)) huge_pages_of_run(comm, nbufs, bufs, buf_bytes);
+    if (r.remote && single_copy_peers(comm)) huge_pages_of_run(&comm->huge, nbufs, bufs, buf_bytes);
     pc_status st = run_loop(comm, &r, timeout_s, failed_peer);
     if (table != stack) free(table);
     return st;

@@ -926,3 +926,113 @@ def test_memory_allocated_anew_each_call_is_not_collapsed():
         if _thp_madvise():
             assert huge[0] == 0 and huge[1] >= 4 * 2048, huge  # seen, then collapsed
             assert huge[2:] == [0, 0, 0], huge  # not again: new memory each call stays on small pages
+
+
+def _pagemap_scan_works():
+    """Whether this kernel answers PAGEMAP_SCAN (Linux 6.7), which the engine asks whether a
+    buffer it collapsed is still on huge pages."""
+    import ctypes
+    import fcntl
+
+    class _Arg(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_uint64) for name in (
+            "size flags start end walk_end vec vec_len max_pages category_inverted category_mask "
+            "category_anyof_mask return_mask").split()]
+    page = ctypes.create_string_buffer(4096)
+    arg = _Arg(size=ctypes.sizeof(_Arg), start=ctypes.addressof(page) & ~4095,
+               end=(ctypes.addressof(page) & ~4095) + 4096, return_mask=1 << 6)
+    request = (3 << 30) | (ctypes.sizeof(_Arg) << 16) | (ord("f") << 8) | 16  # _IOWR('f', 16, ...)
+    try:
+        with open("/proc/self/pagemap", "rb") as f:
+            fcntl.ioctl(f.fileno(), request, arg)
+        return True
+    except OSError:
+        return False
+
+
+def _buffers_used_twice_then_again(comm, n_buffers):
+    """n_buffers 10 MiB buffers (mappings of their own: small pages), each all-reduced twice in a
+    row; then each all-reduced once more. The AnonHugePages of each after the first pass and after
+    the second, and whether every result was exact."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    n = 10 << 20
+    bufs = []
+    for _ in range(n_buffers):  # each its own mapping, a guard page after it (or the kernel merges them)
+        addr = libc.mmap(None, n + 4096, 0x3, 0x02 | 0x20, -1, 0)
+        assert libc.mprotect(addr + n, 4096, 0) == 0
+        bufs.append(np.frombuffer((ctypes.c_char * n).from_address(addr), np.float32))
+    exact = True
+
+    def all_reduce(buf):
+        nonlocal exact
+        buf[:] = comm.rank + 1
+        comm.all_reduce(buf)
+        exact &= bool(np.all(buf == sum(r + 1 for r in range(comm.world_size))))
+    for buf in bufs:
+        all_reduce(buf)
+        all_reduce(buf)
+    first = [_huge_kb(b.ctypes.data) for b in bufs]
+    for buf in bufs:
+        all_reduce(buf)
+    return first, [_huge_kb(b.ctypes.data) for b in bufs], exact
+
+
+@pytest.mark.timeout(120)
+def test_collapses_not_yet_paid_back_are_bounded():
+    """A collapse copies every page; what a buffer that is never seen again cost is bounded: at
+    most 8 collapses are out before one of them is seen again, still on huge pages (a buffer used
+    again). So of 12 buffers each used twice, 8 are collapsed at their second call and 4 wait;
+    the third pass sees the 8 again (their credits come back) and collapses the other 4."""
+    for first, second, exact in pycoll.testing.run(_buffers_used_twice_then_again, 2, args=(12,), timeout=100):
+        assert exact
+        if _thp_madvise():
+            collapsed = [kb >= 4 * 2048 for kb in first]
+            assert collapsed == [True] * 8 + [False] * 4, first
+            assert all(kb >= 4 * 2048 for kb in second), second
+
+
+def _kept_buffer_replaced(comm):
+    """A 10 MiB range used three times (collapsed at the second call), then mapped anew (small
+    pages, same address: a tensor freed and allocated again) and used twice more, then mapped
+    anew once more and used twice. The range's AnonHugePages after each call, and whether every
+    result was exact."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    n, prot, flags = 10 << 20, 0x3, 0x02 | 0x20  # PROT_READ|PROT_WRITE, MAP_PRIVATE|MAP_ANONYMOUS
+    addr = libc.mmap(None, n, prot, flags, -1, 0)
+    buf = np.frombuffer((ctypes.c_char * n).from_address(addr), np.float32)
+    huge, exact = [], True
+    for calls in (3, 2, 2):
+        assert libc.mmap(addr, n, prot, flags | 0x10, -1, 0) == addr  # MAP_FIXED: new pages, same address
+        for _ in range(calls):
+            buf[:] = comm.rank + 1
+            comm.all_reduce(buf)
+            exact &= bool(np.all(buf == sum(r + 1 for r in range(comm.world_size))))
+            huge.append(_huge_kb(addr))
+    return huge, exact
+
+
+@pytest.mark.timeout(120)
+def test_new_memory_where_a_kept_buffer_was_is_judged_again():
+    """A buffer that proved it is used again, then freed, and a new one allocated at its address
+    (malloc's heap reuses addresses): the new one may be used again too, so it is collapsed at its
+    second call. Where that happens once more (new memory at the address every time), the address
+    is not collapsed again. Without PAGEMAP_SCAN (kernels before 6.7) the engine cannot see that
+    the memory changed, and an address is collapsed once, ever."""
+    scan = _pagemap_scan_works()
+    for huge, exact in pycoll.testing.run(_kept_buffer_replaced, 2, timeout=100):
+        assert exact
+        if _thp_madvise():
+            big = [kb >= 4 * 2048 for kb in huge]
+            assert big[:3] == [False, True, True], huge  # seen, collapsed, kept
+            if scan:
+                assert big[3:5] == [False, True], huge  # new memory: seen, collapsed again
+            else:
+                assert big[3:5] == [False, False], huge
+            assert big[5:] == [False, False], huge  # new memory again
