@@ -894,23 +894,43 @@ def test_single_copy_buffers_are_moved_to_huge_pages():
             assert huge[2] >= 4 * 2048 and huge[3] == huge[2], huge  # 10 MiB hold four aligned 2 MiB pages
 
 
-def _all_reduce_on_memory_allocated_anew(comm, calls):
-    """``calls`` all-reduces of one 10 MiB range, each on fresh small pages mapped at the same address
-    (what malloc does for a tensor freed and allocated again, as mmap hands the address back); the
-    range's AnonHugePages after each call, and whether every result was exact."""
+def _libc():
+    """libc with mmap and mprotect typed: the tests below place buffers on mappings of their own."""
     import ctypes
     libc = ctypes.CDLL(None, use_errno=True)
     libc.mmap.restype = ctypes.c_void_p
     libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
-    n, prot, flags = 10 << 20, 0x3, 0x02 | 0x20  # PROT_READ|PROT_WRITE, MAP_PRIVATE|MAP_ANONYMOUS
-    addr = libc.mmap(None, n, prot, flags, -1, 0)
-    buf = np.frombuffer((ctypes.c_char * n).from_address(addr), np.float32)
+    libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return libc
+
+
+_RW, _ANON = 0x3, 0x02 | 0x20  # PROT_READ|PROT_WRITE, MAP_PRIVATE|MAP_ANONYMOUS
+_MAP_FIXED = 0x10
+
+
+def _float_view(addr, nbytes):
+    import ctypes
+    return np.frombuffer((ctypes.c_char * nbytes).from_address(addr), np.float32)
+
+
+def _all_reduce_exact(comm, buf):
+    """All-reduce rank + 1 in buf; whether every element came back as the sum."""
+    buf[:] = comm.rank + 1
+    comm.all_reduce(buf)
+    return bool(np.all(buf == sum(r + 1 for r in range(comm.world_size))))
+
+
+def _all_reduce_on_memory_allocated_anew(comm, calls):
+    """``calls`` all-reduces of one 10 MiB range, each on fresh small pages mapped at the same address
+    (what malloc does for a tensor freed and allocated again, as mmap hands the address back); the
+    range's AnonHugePages after each call, and whether every result was exact."""
+    libc, n = _libc(), 10 << 20
+    addr = libc.mmap(None, n, _RW, _ANON, -1, 0)
+    buf = _float_view(addr, n)
     huge, exact = [], True
     for _ in range(calls):
-        assert libc.mmap(addr, n, prot, flags | 0x10, -1, 0) == addr  # MAP_FIXED: new pages, same address
-        buf[:] = comm.rank + 1
-        comm.all_reduce(buf)
-        exact &= bool(np.all(buf == sum(r + 1 for r in range(comm.world_size))))
+        assert libc.mmap(addr, n, _RW, _ANON | _MAP_FIXED, -1, 0) == addr  # new pages, same address
+        exact &= _all_reduce_exact(comm, buf)
         huge.append(_huge_kb(addr))
     return huge, exact
 
@@ -919,8 +939,8 @@ def _all_reduce_on_memory_allocated_anew(comm, calls):
 def test_memory_allocated_anew_each_call_is_not_collapsed():
     """A buffer allocated for each call (a fresh tensor per all-reduce) never pays back a collapse,
     which copies every page (70-100 ms a call at 28 MiB where the call itself takes 11-13): the
-    engine collapses a range once, the second time it sees it, and never again, so the fresh pages
-    mapped there for the 3rd, 4th and 5th calls stay small."""
+    engine collapses a range the second time it sees it; finding new small pages there at the
+    third, it never collapses that address again, so the 3rd, 4th and 5th calls' pages stay small."""
     for huge, exact in pycoll.testing.run(_all_reduce_on_memory_allocated_anew, 2, args=(5,), timeout=100):
         assert exact
         if _thp_madvise():
@@ -954,30 +974,15 @@ def _buffers_used_twice_then_again(comm, n_buffers):
     """n_buffers 10 MiB buffers (mappings of their own: small pages), each all-reduced twice in a
     row; then each all-reduced once more. The AnonHugePages of each after the first pass and after
     the second, and whether every result was exact."""
-    import ctypes
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mmap.restype = ctypes.c_void_p
-    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
-    libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    n = 10 << 20
+    libc, n = _libc(), 10 << 20
     bufs = []
     for _ in range(n_buffers):  # each its own mapping, a guard page after it (or the kernel merges them)
-        addr = libc.mmap(None, n + 4096, 0x3, 0x02 | 0x20, -1, 0)
+        addr = libc.mmap(None, n + 4096, _RW, _ANON, -1, 0)
         assert libc.mprotect(addr + n, 4096, 0) == 0
-        bufs.append(np.frombuffer((ctypes.c_char * n).from_address(addr), np.float32))
-    exact = True
-
-    def all_reduce(buf):
-        nonlocal exact
-        buf[:] = comm.rank + 1
-        comm.all_reduce(buf)
-        exact &= bool(np.all(buf == sum(r + 1 for r in range(comm.world_size))))
-    for buf in bufs:
-        all_reduce(buf)
-        all_reduce(buf)
+        bufs.append(_float_view(addr, n))
+    exact = all([_all_reduce_exact(comm, buf) & _all_reduce_exact(comm, buf) for buf in bufs])  # used twice
     first = [_huge_kb(b.ctypes.data) for b in bufs]
-    for buf in bufs:
-        all_reduce(buf)
+    exact &= all([_all_reduce_exact(comm, buf) for buf in bufs])
     return first, [_huge_kb(b.ctypes.data) for b in bufs], exact
 
 
@@ -1000,20 +1005,14 @@ def _kept_buffer_replaced(comm):
     pages, same address: a tensor freed and allocated again) and used twice more, then mapped
     anew once more and used twice. The range's AnonHugePages after each call, and whether every
     result was exact."""
-    import ctypes
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mmap.restype = ctypes.c_void_p
-    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
-    n, prot, flags = 10 << 20, 0x3, 0x02 | 0x20  # PROT_READ|PROT_WRITE, MAP_PRIVATE|MAP_ANONYMOUS
-    addr = libc.mmap(None, n, prot, flags, -1, 0)
-    buf = np.frombuffer((ctypes.c_char * n).from_address(addr), np.float32)
+    libc, n = _libc(), 10 << 20
+    addr = libc.mmap(None, n, _RW, _ANON, -1, 0)
+    buf = _float_view(addr, n)
     huge, exact = [], True
     for calls in (3, 2, 2):
-        assert libc.mmap(addr, n, prot, flags | 0x10, -1, 0) == addr  # MAP_FIXED: new pages, same address
+        assert libc.mmap(addr, n, _RW, _ANON | _MAP_FIXED, -1, 0) == addr  # new pages, same address
         for _ in range(calls):
-            buf[:] = comm.rank + 1
-            comm.all_reduce(buf)
-            exact &= bool(np.all(buf == sum(r + 1 for r in range(comm.world_size))))
+            exact &= _all_reduce_exact(comm, buf)
             huge.append(_huge_kb(addr))
     return huge, exact
 
