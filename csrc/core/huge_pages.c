@@ -20,7 +20,9 @@
  *   - seen again, still on small pages: collapsed, if a credit is left;
  *   - seen after its collapse: still huge, the buffer is used again (its
  *     credit comes back); on small pages again, the address gets new memory
- *     every call and is never collapsed again;
+ *     every call: it is left alone for REPLACED_BACKOFF runs, twice as long
+ *     each time it is found so again (a buffer that stays may come to live
+ *     there later: DDP's buckets where its start-up broadcasts' were);
  *   - already huge (NumPy's arrays, THP "always"): nothing to do.
  * Credits bound what memory that is never seen again can cost: at most
  * CREDITS collapses are out unconfirmed at once, and a lost credit comes
@@ -44,6 +46,8 @@
 #define COLLAPSE_BACKOFF 256
 #define CREDITS 8
 #define CREDIT_RUNS 256
+#define REPLACED_BACKOFF 16
+#define REPLACED_BACKOFF_MAX 4096
 
 /* PAGEMAP_SCAN's interface (linux/fs.h from 6.7), spelled out for older headers. */
 struct pc_pm_scan_arg {
@@ -60,7 +64,7 @@ enum {
     RANGE_SMALL_ONCE, /* seen once on small pages */
     RANGE_COLLAPSED,  /* collapsed by us, not seen since */
     RANGE_KEPT,       /* on huge pages when last seen */
-    RANGE_REPLACED    /* collapsed, then found on new small pages: never again */
+    RANGE_REPLACED    /* collapsed, then found on new small pages: left alone until retry_at */
 };
 
 void huge_pages_init(huge_pages *h) {
@@ -120,7 +124,7 @@ static huge_range *range_entry(huge_pages *h, uintptr_t start, uintptr_t end) {
         if (e->start == start && e->end == end && e->seen_run) return e;
         if (e->seen_run < oldest->seen_run) oldest = e;
     }
-    *oldest = (huge_range){start, end, 0, RANGE_SMALL_ONCE};
+    *oldest = (huge_range){start, end, 0, RANGE_SMALL_ONCE, 0, 0};
     return oldest;
 }
 
@@ -132,7 +136,7 @@ static void sight(huge_pages *h, void *buf, uint64_t bytes) {
     if (e->seen_run == h->runs) return; /* IN and OUT of one in-place run */
     int first = e->seen_run == 0;
     e->seen_run = h->runs;
-    if (e->state == RANGE_REPLACED) return;
+    if (e->state == RANGE_REPLACED && h->runs < e->retry_at) return;
     int huge = range_is_huge(h, start, end);
     if (first) {
         e->state = huge == 1 ? RANGE_KEPT : RANGE_SMALL_ONCE;
@@ -140,6 +144,7 @@ static void sight(huge_pages *h, void *buf, uint64_t bytes) {
     }
     switch (e->state) {
     case RANGE_SMALL_ONCE:
+    case RANGE_REPLACED: /* its backoff is over: one more try */
         if (huge == 1)
             e->state = RANGE_KEPT;
         else if (collapse(h, start, end))
@@ -148,6 +153,9 @@ static void sight(huge_pages *h, void *buf, uint64_t bytes) {
     case RANGE_COLLAPSED:
         if (huge == 0) {
             e->state = RANGE_REPLACED;
+            e->backoff = e->backoff ? e->backoff * 2 : REPLACED_BACKOFF;
+            if (e->backoff > REPLACED_BACKOFF_MAX) e->backoff = REPLACED_BACKOFF_MAX;
+            e->retry_at = h->runs + e->backoff;
         } else { /* used again (or cannot tell: trusted, as before PAGEMAP_SCAN) */
             e->state = RANGE_KEPT;
             if (h->credits < CREDITS) h->credits++;

@@ -23,6 +23,8 @@ typedef struct {
     uintptr_t start, end;
     uint64_t seen_run; /* the run that last saw it (0: free entry) */
     int state;         /* RANGE_* in huge_pages.c */
+    uint32_t backoff;  /* runs a replaced range waits before it is tried again (doubles each time) */
+    uint64_t retry_at; /* ... the run from which it may be */
 } huge_range;
 
 typedef struct {

@@ -940,7 +940,7 @@ def test_memory_allocated_anew_each_call_is_not_collapsed():
     """A buffer allocated for each call (a fresh tensor per all-reduce) never pays back a collapse,
     which copies every page (70-100 ms a call at 28 MiB where the call itself takes 11-13): the
     engine collapses a range the second time it sees it; finding new small pages there at the
-    third, it never collapses that address again, so the 3rd, 4th and 5th calls' pages stay small."""
+    third, it leaves that address alone for 16 runs, so the 3rd, 4th and 5th calls' pages stay small."""
     for huge, exact in pycoll.testing.run(_all_reduce_on_memory_allocated_anew, 2, args=(5,), timeout=100):
         assert exact
         if _thp_madvise():
@@ -1022,7 +1022,7 @@ def test_new_memory_where_a_kept_buffer_was_is_judged_again():
     """A buffer that proved it is used again, then freed, and a new one allocated at its address
     (malloc's heap reuses addresses): the new one may be used again too, so it is collapsed at its
     second call. Where that happens once more (new memory at the address every time), the address
-    is not collapsed again. Without PAGEMAP_SCAN (kernels before 6.7) the engine cannot see that
+    is left alone (for 16 runs: see the next test). Without PAGEMAP_SCAN (kernels before 6.7) the engine cannot see that
     the memory changed, and an address is collapsed once, ever."""
     scan = _pagemap_scan_works()
     for huge, exact in pycoll.testing.run(_kept_buffer_replaced, 2, timeout=100):
@@ -1035,3 +1035,38 @@ def test_new_memory_where_a_kept_buffer_was_is_judged_again():
             else:
                 assert big[3:5] == [False, False], huge
             assert big[5:] == [False, False], huge  # new memory again
+
+
+def _replaced_address_used_again(comm):
+    """A 10 MiB range used twice (collapsed at the second call), mapped anew and used once (found on
+    new small pages), then kept and used 18 more times: the range's AnonHugePages after each of the
+    21 calls, and whether every result was exact."""
+    libc, n = _libc(), 10 << 20
+    addr = libc.mmap(None, n, _RW, _ANON, -1, 0)
+    buf = _float_view(addr, n)
+    huge, exact = [], True
+    for calls in (2, 19):
+        assert libc.mmap(addr, n, _RW, _ANON | _MAP_FIXED, -1, 0) == addr  # new pages, same address
+        for _ in range(calls):
+            exact &= _all_reduce_exact(comm, buf)
+            huge.append(_huge_kb(addr))
+    return huge, exact
+
+
+@pytest.mark.timeout(120)
+def test_an_address_found_replaced_is_tried_again_after_a_backoff():
+    """An address where new memory was found is left alone for 16 runs, not for good: a buffer
+    that stays may come to live there later (DDP's buckets where its start-up broadcasts' fresh
+    tensors were). So a buffer kept at such an address is collapsed at the first call after the
+    backoff (the 19th run: the replacement was found at the 3rd), and stays on huge pages."""
+    scan = _pagemap_scan_works()
+    for huge, exact in pycoll.testing.run(_replaced_address_used_again, 2, timeout=100):
+        assert exact
+        if _thp_madvise():
+            big = [kb >= 4 * 2048 for kb in huge]
+            assert big[:2] == [False, True], huge  # seen, collapsed
+            assert not any(big[2:18]), huge  # new memory found at the 3rd run, then the backoff
+            if scan:
+                assert all(big[18:]), huge  # tried again at the 19th, and kept
+            else:
+                assert not any(big[18:]), huge  # without PAGEMAP_SCAN: collapsed once, ever
