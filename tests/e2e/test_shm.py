@@ -920,18 +920,19 @@ def _all_reduce_exact(comm, buf):
     return bool(np.all(buf == sum(r + 1 for r in range(comm.world_size))))
 
 
-def _all_reduce_on_memory_allocated_anew(comm, calls):
-    """``calls`` all-reduces of one 10 MiB range, each on fresh small pages mapped at the same address
-    (what malloc does for a tensor freed and allocated again, as mmap hands the address back); the
-    range's AnonHugePages after each call, and whether every result was exact."""
+def _all_reduce_on_pages_mapped_anew(comm, phases):
+    """All-reduces of one 10 MiB range: for each entry of ``phases``, fresh small pages are mapped at
+    the same address (what malloc does for a tensor freed and allocated again) and used that many
+    times. The range's AnonHugePages after each call, and whether every result was exact."""
     libc, n = _libc(), 10 << 20
     addr = libc.mmap(None, n, _RW, _ANON, -1, 0)
     buf = _float_view(addr, n)
     huge, exact = [], True
-    for _ in range(calls):
+    for calls in phases:
         assert libc.mmap(addr, n, _RW, _ANON | _MAP_FIXED, -1, 0) == addr  # new pages, same address
-        exact &= _all_reduce_exact(comm, buf)
-        huge.append(_huge_kb(addr))
+        for _ in range(calls):
+            exact &= _all_reduce_exact(comm, buf)
+            huge.append(_huge_kb(addr))
     return huge, exact
 
 
@@ -941,7 +942,7 @@ def test_memory_allocated_anew_each_call_is_not_collapsed():
     which copies every page (70-100 ms a call at 28 MiB where the call itself takes 11-13): the
     engine collapses a range the second time it sees it; finding new small pages there at the
     third, it leaves that address alone for 16 runs, so the 3rd, 4th and 5th calls' pages stay small."""
-    for huge, exact in pycoll.testing.run(_all_reduce_on_memory_allocated_anew, 2, args=(5,), timeout=100):
+    for huge, exact in pycoll.testing.run(_all_reduce_on_pages_mapped_anew, 2, args=((1, 1, 1, 1, 1),), timeout=100):
         assert exact
         if _thp_madvise():
             assert huge[0] == 0 and huge[1] >= 4 * 2048, huge  # seen, then collapsed
@@ -1000,32 +1001,16 @@ def test_collapses_not_yet_paid_back_are_bounded():
             assert all(kb >= 4 * 2048 for kb in second), second
 
 
-def _kept_buffer_replaced(comm):
-    """A 10 MiB range used three times (collapsed at the second call), then mapped anew (small
-    pages, same address: a tensor freed and allocated again) and used twice more, then mapped
-    anew once more and used twice. The range's AnonHugePages after each call, and whether every
-    result was exact."""
-    libc, n = _libc(), 10 << 20
-    addr = libc.mmap(None, n, _RW, _ANON, -1, 0)
-    buf = _float_view(addr, n)
-    huge, exact = [], True
-    for calls in (3, 2, 2):
-        assert libc.mmap(addr, n, _RW, _ANON | _MAP_FIXED, -1, 0) == addr  # new pages, same address
-        for _ in range(calls):
-            exact &= _all_reduce_exact(comm, buf)
-            huge.append(_huge_kb(addr))
-    return huge, exact
-
-
 @pytest.mark.timeout(120)
 def test_new_memory_where_a_kept_buffer_was_is_judged_again():
     """A buffer that proved it is used again, then freed, and a new one allocated at its address
     (malloc's heap reuses addresses): the new one may be used again too, so it is collapsed at its
     second call. Where that happens once more (new memory at the address every time), the address
-    is left alone (for 16 runs: see the next test). Without PAGEMAP_SCAN (kernels before 6.7) the engine cannot see that
-    the memory changed, and an address is collapsed once, ever."""
+    is left alone (for 16 runs: see the next test). 3 calls, then new pages and 2 calls, twice.
+    Without PAGEMAP_SCAN (kernels before 6.7) the engine cannot see that the memory changed, and
+    an address is collapsed once, ever."""
     scan = _pagemap_scan_works()
-    for huge, exact in pycoll.testing.run(_kept_buffer_replaced, 2, timeout=100):
+    for huge, exact in pycoll.testing.run(_all_reduce_on_pages_mapped_anew, 2, args=((3, 2, 2),), timeout=100):
         assert exact
         if _thp_madvise():
             big = [kb >= 4 * 2048 for kb in huge]
@@ -1037,30 +1022,15 @@ def test_new_memory_where_a_kept_buffer_was_is_judged_again():
             assert big[5:] == [False, False], huge  # new memory again
 
 
-def _replaced_address_used_again(comm):
-    """A 10 MiB range used twice (collapsed at the second call), mapped anew and used once (found on
-    new small pages), then kept and used 18 more times: the range's AnonHugePages after each of the
-    21 calls, and whether every result was exact."""
-    libc, n = _libc(), 10 << 20
-    addr = libc.mmap(None, n, _RW, _ANON, -1, 0)
-    buf = _float_view(addr, n)
-    huge, exact = [], True
-    for calls in (2, 19):
-        assert libc.mmap(addr, n, _RW, _ANON | _MAP_FIXED, -1, 0) == addr  # new pages, same address
-        for _ in range(calls):
-            exact &= _all_reduce_exact(comm, buf)
-            huge.append(_huge_kb(addr))
-    return huge, exact
-
-
 @pytest.mark.timeout(120)
 def test_an_address_found_replaced_is_tried_again_after_a_backoff():
     """An address where new memory was found is left alone for 16 runs, not for good: a buffer
     that stays may come to live there later (DDP's buckets where its start-up broadcasts' fresh
     tensors were). So a buffer kept at such an address is collapsed at the first call after the
-    backoff (the 19th run: the replacement was found at the 3rd), and stays on huge pages."""
+    backoff (the 19th run: the replacement was found at the 3rd), and stays on huge pages. 2 calls,
+    then new pages kept for 19 calls."""
     scan = _pagemap_scan_works()
-    for huge, exact in pycoll.testing.run(_replaced_address_used_again, 2, timeout=100):
+    for huge, exact in pycoll.testing.run(_all_reduce_on_pages_mapped_anew, 2, args=((2, 19),), timeout=100):
         assert exact
         if _thp_madvise():
             big = [kb >= 4 * 2048 for kb in huge]
