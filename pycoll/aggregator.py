@@ -36,7 +36,7 @@ from pycoll.core import engine
 from pycoll.plan import planners
 from pycoll.plan import topology as _topology
 from pycoll.core.native import ffi, lib
-from pycoll.errors import CollectiveError
+from pycoll.errors import CollectiveError, PeerFailure
 from pycoll.plan.layout import Layout
 # The workers' side, shared with the switch (and public here too, as before it moved to pycoll.comm.switch):
 from pycoll.comm.switch import (DESC_BYTES, DESC_DIGEST, DESC_FORMAT, DESC_MAGIC, DESC_SEQ,  # noqa: F401
@@ -46,6 +46,7 @@ log = logging.getLogger("pycoll.aggregator")
 
 ROLE = "aggregator"
 IDLE_TIMEOUT = 1e9             # a switch waits for the next collective as long as the epoch lasts
+FAIL_WAIT = 3.0                # seconds to wait for the coordinator's answer to a failure report
 
 
 class Aggregator:
@@ -145,7 +146,18 @@ class Aggregator:
                                              timeout=self.sync_timeout)
                 continue
             self._drop()
-            installed = self._install(reply)
+            try:
+                installed = self._install(reply)
+            except PeerFailure as exc:
+                # A member died between the coordinator forming this epoch and its mesh (the other
+                # switch, killed while every worker was idle): as a worker does, report it, so the
+                # others abort now, and sync again for the epoch without it.
+                log.warning("aggregator %s: building the mesh of epoch %s failed: %s", self.group,
+                            reply.get("epoch"), exc)
+                self._report_mesh_failure(reply, exc)
+                reply = self._client.request({"t": "sync", "epoch": self.epoch, "rebuild": True},
+                                             timeout=self.sync_timeout)
+                continue
             if installed is None:
                 log.info("aggregator %s: no workers left, stopping", self.group)
                 return
@@ -168,6 +180,14 @@ class Aggregator:
                 if self._comm is not None:
                     engine.cancel(self._comm)
             worker.join(timeout=10)
+
+    def _report_mesh_failure(self, reply, exc):
+        msg = {"t": "fail", "epoch": reply.get("epoch"), "seq": 0, "status": int(lib.PC_ERR_PEER),
+               "why": f"building the mesh failed: {exc}"[:2000]}
+        try:
+            self._client.request(msg, timeout=FAIL_WAIT)
+        except CollectiveError:
+            pass  # the coordinator learns of the death from the heartbeats too
 
     def close(self):
         self._stop.set()
