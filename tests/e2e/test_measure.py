@@ -135,3 +135,31 @@ def test_probe_and_bench_across_hosts_say_what_they_need(monkeypatch, capsys):
     assert "--master" in capsys.readouterr().err
     assert main(["bench", "--master", "127.0.0.1:44999"]) == 2
     assert "--rank and --world-size" in capsys.readouterr().err
+
+
+def _probe_with_a_doubtful_uplink(comm):
+    """pycoll.net.probe on loopback with the ranks split into two "sites" (even and odd) and the
+    first verdict on their uplink made doubtful: the probe's rounds, the rounds of its schedule,
+    how often it asked, and the slots it measured."""
+    from pycoll.net import probe as probe_mod
+    from pycoll.plan import measured
+    asked = []
+    measured.find_sites = lambda rtt: [r % 2 for r in range(len(rtt))]
+    measured.doubtful_uplinks = lambda sites, results: asked.append(results) or ([(0, 1)] if len(asked) == 1 else [])
+    res = probe_mod.probe(comm.rank, [("127.0.0.1", 0)] * comm.world_size,
+                          lambda a, op: comm.all_reduce(a, op=op), seconds=0.05)
+    return res.rounds, len(measured.probe_rounds(res.sites)), len(asked), sorted(res.results), res.sites
+
+
+@pytest.mark.timeout(120)
+def test_a_doubtful_uplink_is_measured_again():
+    """A site pair whose uplink test was doubtful (uneven flows that saw no sharing: a busy host's
+    starved flows) gets its solo and dual tests again, on every rank alike: two more rounds (they
+    share both sites, so they cannot run at once), and every slot still measured."""
+    results = pycoll.testing.run(_probe_with_a_doubtful_uplink, 4, timeout=100)
+    for rounds, scheduled, asked, slots, sites in results:
+        assert sites == [0, 1, 0, 1]
+        assert asked == 1  # asked once, after the first rounds (not again after the second look)
+        assert rounds == scheduled + 2, (rounds, scheduled)
+        assert ("solo", (0, 1)) in slots and ("dual", (0, 1)) in slots and ("dual", (2, 3)) in slots
+    assert all(r[:4] == results[0][:4] for r in results)  # every rank saw the same schedule
