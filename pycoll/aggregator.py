@@ -39,6 +39,7 @@ from pycoll.core.native import ffi, lib
 from pycoll.errors import CollectiveError, PeerFailure
 from pycoll.plan.layout import Layout
 # The workers' side, shared with the switch (and public here too, as before it moved to pycoll.comm.switch):
+from pycoll.comm.epoch import FAIL_WAIT  # how long a worker waits for the answer to its report
 from pycoll.comm.switch import (DESC_BYTES, DESC_DIGEST, DESC_FORMAT, DESC_MAGIC, DESC_SEQ,  # noqa: F401
                      EngineLayout, SwitchPath, pack_descriptor, run_plan, split_members, unpack_descriptor)
 
@@ -46,7 +47,6 @@ log = logging.getLogger("pycoll.aggregator")
 
 ROLE = "aggregator"
 IDLE_TIMEOUT = 1e9             # a switch waits for the next collective as long as the epoch lasts
-FAIL_WAIT = 3.0                # seconds to wait for the coordinator's answer to a failure report
 
 
 class Aggregator:

@@ -32,7 +32,6 @@
  * left alone for COLLAPSE_BACKOFF runs.
  */
 #define _GNU_SOURCE
-#include <errno.h>
 #include <fcntl.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>

@@ -32,10 +32,8 @@ typedef struct {
     uint64_t runs;                /* single-copy runs so far: the clock of `seen` */
     int32_t collapse_skip;        /* runs left before a failed collapse is tried again */
     int32_t credits;              /* collapses still allowed on memory not yet seen to stay huge */
-    uint64_t credit_at;           /* the run at which a lost credit comes back */
     int pagemap_fd;               /* /proc/self/pagemap for PAGEMAP_SCAN: -1 not open, -2 unusable */
     pid_t pagemap_pid;            /* whose pagemap it is (a forked child must not read its parent's) */
-    uint64_t collapses, wasted;   /* collapses made, and those found undone by new memory */
 } huge_pages;
 
 void huge_pages_init(huge_pages *h);
