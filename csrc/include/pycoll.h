@@ -389,6 +389,20 @@ pc_status pc_comm_create_keyed(int32_t rank, int32_t nranks, int32_t stripes, co
  * mapping of it exits, however it exits.
  */
 pc_status pc_shm_segment_create(uint64_t ring_bytes, int32_t *fds);
+/*
+ * Single copy under Yama (ptrace_scope 1): a shared-memory connection names
+ * the nearest common ancestor of this process and its peer (the launcher of
+ * sibling ranks) as this process's ptracer, so that the peer may read our
+ * buffers (pc_readers_admit(peer_pid); it only ever widens to cover every
+ * peer seen, and never names pid 1 outside a container's pid namespace,
+ * which would admit every process on the host). pc_readers_admitted returns the pid named (0: none) and in *err
+ * the errno of that prctl (EINVAL: the kernel has no Yama, nothing needed).
+ * pc_common_ancestor(a, b): the nearest process both descend from (a
+ * process counts as its own ancestor), 0 when /proc cannot tell.
+ */
+void pc_readers_admit(int32_t peer_pid);
+int32_t pc_readers_admitted(int32_t *err);
+int32_t pc_common_ancestor(int32_t a, int32_t b);
 
 /* Thread-safe: makes the running (or next) pc_comm_run return
  * PC_ERR_CANCELLED promptly. pc_comm_clear_cancel() re-arms the comm. */

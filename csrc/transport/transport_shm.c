@@ -36,7 +36,9 @@
  * whether it can read its memory (`can_read`): it found out by reading a
  * probe word the other published (a cookie at a known address) the first
  * time it received; ptrace rules (Yama, seccomp, a non-dumpable process)
- * can forbid it, and then the bytes go through the ring as before. A
+ * can forbid it, and then the bytes go through the ring as before (under
+ * Yama's ptrace_scope 1 each side first names the peers' launcher as its
+ * ptracer: shm_readers.c). A
  * reader checks after every copy that the writer has not shut down: a
  * writer whose collective failed may change its buffer once it returns.
  *
@@ -467,6 +469,7 @@ pc_conn *pc_shm_conn(int sock, const int32_t *shm_fds, int side, pc_status *st) 
     struct ucred cred;
     socklen_t cl = sizeof cred;
     s->peer_pid = getsockopt(sock, SOL_SOCKET, SO_PEERCRED, &cred, &cl) == 0 ? cred.pid : 0;
+    pc_readers_admit(s->peer_pid); /* before the probe word: the peer probes once it sees it */
     /* publish our probe word: any value the peer cannot guess by accident */
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);

@@ -765,6 +765,29 @@ def test_single_copy_setting(monkeypatch, setting, env, want):
         assert (copied > 0) == (want > 0 and allowed), (copied, allowed)
 
 
+def _admitted_job(comm):
+    from pycoll.core.native import ffi
+    err = ffi.new("int32_t *")
+    pid = lib.pc_readers_admitted(err)
+    return pid, err[0], os.getppid(), _can_read_a_peer(comm)
+
+
+@pytest.mark.timeout(120)
+def test_sibling_ranks_name_their_launcher_as_ptracer():
+    """Ranks started side by side (as torchrun starts them) are siblings:
+    under Yama's ptrace_scope 1 none could read another's buffers. Every
+    rank's shared-memory connections name their common parent, the
+    launcher; where the kernel takes it (Yama present) the ranks can then
+    read each other, which single copy's probe relies on."""
+    import errno
+    for pid, err, parent, can_read in pycoll.testing.run(_admitted_job, 3, timeout=90,
+                                                          init_kwargs={"transport": "shm"}):
+        assert pid == parent
+        assert err in (0, errno.EINVAL), os.strerror(err)  # EINVAL: this kernel has no Yama
+        if err == 0:
+            assert can_read
+
+
 def test_single_copy_setting_is_checked():
     from pycoll.net.mesh import single_copy_bytes
     assert single_copy_bytes("off") == 0 and single_copy_bytes("4096") == 4096
