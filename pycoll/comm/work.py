@@ -86,10 +86,15 @@ class _WakeQueue:
     def __init__(self):
         self._items = collections.deque()
         self._fd = os.eventfd(0, os.EFD_CLOEXEC)
+        # put() rings after it appended, and the getter may take the item (shutdown's None)
+        # and close the eventfd in between: the lock makes close() wait for that ring, which
+        # would otherwise hit a closed fd (EBADF) or whatever file took its number since
+        self._ring = threading.Lock()
 
     def put(self, item):
-        self._items.append(item)  # deque.append/popleft are atomic
-        os.eventfd_write(self._fd, 1)
+        with self._ring:
+            self._items.append(item)  # deque.append/popleft are atomic
+            os.eventfd_write(self._fd, 1)
 
     def get(self):
         while True:
@@ -113,7 +118,8 @@ class _WakeQueue:
     def close(self):
         """Release the eventfd: called by the getter once it stopped getting (or by the owner
         when no getter ever ran); a put() after it is a bug."""
-        fd, self._fd = self._fd, None
+        with self._ring:
+            fd, self._fd = self._fd, None
         if fd is not None:
             os.close(fd)
 

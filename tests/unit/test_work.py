@@ -166,3 +166,26 @@ def test_shutdown_releases_the_wake_up_descriptor():
             assert ex.submit(lambda: 7).result(timeout=10) == 7
         ex.shutdown(wait=True, timeout=10)
     assert _open_fds() == before
+
+
+def test_shutdown_while_the_worker_is_awake_rings_before_the_descriptor_closes(monkeypatch):
+    """shutdown() queues None, then rings the eventfd; a worker that is awake (finishing a call)
+    can take the None in between and close the eventfd. The ring must not reach the descriptor
+    after that: it raised EBADF (once in seven suites: the first test of this file), and could
+    have written into whatever file took the number. The ring is slowed here (the real call
+    releases the GIL at the same place) so that the worker always gets there first."""
+    import os
+    real_write = os.eventfd_write
+
+    def slow_write(fd, value):
+        time.sleep(0.005)
+        return real_write(fd, value)
+    monkeypatch.setattr(os, "eventfd_write", slow_write)
+    for _ in range(10):
+        ex = CallOrderExecutor()
+        running = threading.Event()
+        done = ex.submit(lambda: (running.set(), time.sleep(0.002)))
+        running.wait(10)
+        ex.shutdown(wait=True, timeout=10)  # raised OSError(EBADF) every time before the fix
+        assert done.result(timeout=10) == (None, None)  # it ran to the end
+        assert ex._queue._fd is None  # the worker closed it
