@@ -63,6 +63,29 @@ static int try_read(const char *who, pid_t pid, uint64_t addr) {
     return r == (ssize_t)sizeof got && got == MAGIC ? 0 : 1;
 }
 
+/* Forks A, a sibling of the running B: B is told A's pid (to_b), A reads
+ * the address B sends (from_b) and says when it is done (done_to_b). Waits
+ * for both; a B that failed counts as unmet. Whether A's read succeeded. */
+static int sibling_reads(pid_t b, int to_b, int from_b, int done_to_b, pid_t launcher) {
+    pid_t a = fork();
+    if (a == 0) {
+        uint64_t addr;
+        xread(from_b, &addr, sizeof addr);
+        int32_t nca = pc_common_ancestor((int32_t)getpid(), (int32_t)b);
+        printf("    A (pid %d): pc_common_ancestor(A, B=%d) = %d; launcher pid %d -> %s\n", (int)getpid(),
+               (int)b, nca, (int)launcher, nca == launcher ? "as expected" : "UNEXPECTED");
+        int rc = try_read("A", b, addr);
+        xwrite(done_to_b, "x", 1);
+        _exit(rc);
+    }
+    xwrite(to_b, &a, sizeof a);
+    int sa, sb;
+    waitpid(a, &sa, 0);
+    waitpid(b, &sb, 0);
+    unmet += !WIFEXITED(sb) || WEXITSTATUS(sb) != 0;
+    return WIFEXITED(sa) && WEXITSTATUS(sa) == 0;
+}
+
 /* Cases 1 and 2: launcher forks siblings B and A; A reads B's memory. */
 static void sibling_case(int num, int admit) {
     printf("\n=== case %d: siblings, B %s pc_readers_admit(A) ===\n", num, admit ? "CALLS" : "does NOT call");
@@ -88,22 +111,7 @@ static void sibling_case(int num, int admit) {
         xread(a_to_b[0], &done, 1); /* stay alive until A has read */
         _exit(secret == MAGIC ? 0 : 1);
     }
-    pid_t a = fork();
-    if (a == 0) {
-        uint64_t addr;
-        xread(b_to_a[0], &addr, sizeof addr);
-        int32_t nca = pc_common_ancestor((int32_t)getpid(), (int32_t)b);
-        printf("    A (pid %d): pc_common_ancestor(A=%d, B=%d) = %d; launcher pid %d -> %s\n", (int)getpid(),
-               (int)getpid(), (int)b, nca, (int)launcher, nca == launcher ? "as expected" : "UNEXPECTED");
-        int rc = try_read("A", b, addr);
-        xwrite(a_to_b[1], "x", 1);
-        _exit(rc);
-    }
-    xwrite(to_b[1], &a, sizeof a);
-    int sa, sb;
-    waitpid(a, &sa, 0);
-    waitpid(b, &sb, 0);
-    expect("A reads its sibling B", WIFEXITED(sa) && WEXITSTATUS(sa) == 0, admit || !yama_on);
+    expect("A reads its sibling B", sibling_reads(b, to_b[1], b_to_a[0], a_to_b[1], launcher), admit || !yama_on);
 }
 
 /* Case 3: B forks its own child C; C reads B (descendant reading ancestor),
@@ -187,20 +195,8 @@ static void widening_case(int num) {
         xread(a_to_b[0], &done, 1);
         _exit(unmet + bad);
     }
-    pid_t a = fork();
-    if (a == 0) {
-        uint64_t addr;
-        xread(b_to_a[0], &addr, sizeof addr);
-        int rc = try_read("A", b, addr);
-        xwrite(a_to_b[1], "x", 1);
-        _exit(rc);
-    }
-    xwrite(to_b[1], &a, sizeof a);
-    int sa, sb;
-    waitpid(a, &sa, 0);
-    waitpid(b, &sb, 0);
-    expect("A (B's sibling) reads B, after B admitted A and C", WIFEXITED(sa) && WEXITSTATUS(sa) == 0, 1);
-    unmet += !WIFEXITED(sb) || WEXITSTATUS(sb) != 0;
+    int read = sibling_reads(b, to_b[1], b_to_a[0], a_to_b[1], launcher);
+    expect("A (B's sibling) reads B, after B admitted A and C", read, 1);
 }
 
 int main(int argc, char **argv) {
