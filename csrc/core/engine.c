@@ -322,6 +322,16 @@ void pc_comm_probe_single_copy(pc_comm *c) {
     }
 }
 
+int32_t pc_comm_single_copy_refused(const pc_comm *c, int32_t peer) {
+    if (peer < 0 || peer >= c->nranks) return 0;
+    for (int32_t s = 0; s < c->stripes; s++) {
+        pc_conn *cn = c->conns[peer * c->stripes + s];
+        int err = cn && cn->ops->rma_refused ? cn->ops->rma_refused(cn) : 0;
+        if (err) return err;
+    }
+    return 0;
+}
+
 /* ---- frame validation (also exported for fuzzing) ---------------------- */
 pc_status pc_frame_check(const uint8_t *hdr, uint32_t tag, uint32_t desc, uint64_t seq,
                          uint64_t len, char *why, uint32_t why_len) {

@@ -446,6 +446,12 @@ uint64_t pc_comm_bytes_single_copy(const pc_comm *comm);
  * decides it now on every connection of the comm (not while a plan runs on
  * it): a healing joiner's very first transfer is then single copy too. */
 void pc_comm_probe_single_copy(pc_comm *comm);
+/* Why single copy from same-host peer `peer` is off: the errno with which
+ * the kernel refused our read of its memory (EPERM: ptrace rules such as
+ * Yama's ptrace_scope 2; EIO: the read gave back another word), or 0 (reads
+ * allowed, not a shared-memory peer, or not found out yet: each side probes
+ * at its first receive, or at pc_comm_probe_single_copy). */
+int32_t pc_comm_single_copy_refused(const pc_comm *comm, int32_t peer);
 
 /*
  * Runs a plan to completion or failure. `bufs[PC_BUF_IN]`/`bufs[PC_BUF_OUT]`

@@ -54,6 +54,9 @@ typedef struct {
     /* Single copy: find out now (instead of at the first receive) whether we can read the
      * peer's memory, and tell it; a no-op once known. */
     void (*rma_probe)(pc_conn *c);
+    /* Single copy: the errno with which the kernel refused our read of the peer's memory (0:
+     * allowed, or not known yet). */
+    int (*rma_refused)(pc_conn *c);
 } pc_conn_ops;
 
 /* Poll bit (arm's `want`) for "waiting until the peer finished a remote read". */

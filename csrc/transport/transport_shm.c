@@ -110,6 +110,7 @@ typedef struct {
     uint64_t rma_posted;   /* descriptors we sent */
     uint64_t rma_want;     /* the token the last rma_wait found unread: what a sleep waits for */
     int rma_state;         /* can we read the peer (RMA_*) */
+    int probe_err;         /* RMA_NO: why (the read's errno; EIO: it read back another word) */
 } shm_conn;
 
 #define LOAD_ACQ(p) __atomic_load_n((p), __ATOMIC_ACQUIRE)
@@ -296,8 +297,9 @@ static long peer_read(shm_conn *s, void *dst, uint64_t from, uint64_t n) {
 static void probe(shm_conn *s) {
     uint64_t addr = LOAD_ACQ(&s->ctl->probe_addr[1 - s->side]), seen = 0;
     if (!addr) return; /* the peer has not published its probe word yet */
-    int ok = s->peer_pid > 0 && peer_read(s, &seen, addr, sizeof seen) == 0 &&
-             seen == LOAD_RLX(&s->ctl->probe_val[1 - s->side]);
+    long e = s->peer_pid > 0 ? peer_read(s, &seen, addr, sizeof seen) : -ESRCH;
+    int ok = e == 0 && seen == LOAD_RLX(&s->ctl->probe_val[1 - s->side]);
+    s->probe_err = ok ? 0 : e ? (int)-e : EIO;
     s->rma_state = ok ? RMA_YES : RMA_NO;
     STORE_REL(&s->ctl->can_read[s->side], (uint32_t)s->rma_state);
 }
@@ -345,6 +347,12 @@ static long shm_rma_done(pc_conn *c) {
 static void shm_rma_probe(pc_conn *c) {
     shm_conn *s = impl(c);
     if (s->rma_state == RMA_UNKNOWN) probe(s);
+}
+
+static int shm_rma_refused(pc_conn *c) {
+    shm_conn *s = impl(c);
+    /* ESRCH: the peer was gone when we looked, which its failure reports, not a refusal */
+    return s->rma_state == RMA_NO && s->probe_err != ESRCH ? s->probe_err : 0;
 }
 
 static void shm_rma_allow(pc_conn *c, int allow) {
@@ -403,7 +411,8 @@ static void shm_destroy(pc_conn *c) {
 
 static const pc_conn_ops shm_ops = {shm_sendv,    shm_recvv,    shm_shutdown, shm_destroy,  shm_arm,
                                     shm_peek,     shm_consume,  shm_rma_ok,   shm_rma_post, shm_rma_wait,
-                                    shm_rma_read, shm_rma_done, shm_rma_allow, shm_peek_copy, shm_rma_probe};
+                                    shm_rma_read, shm_rma_done, shm_rma_allow, shm_peek_copy, shm_rma_probe,
+                                    shm_rma_refused};
 
 pc_status pc_shm_segment_create(uint64_t ring_bytes, int32_t *fds) {
     fds[0] = fds[1] = fds[2] = -1;

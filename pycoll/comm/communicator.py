@@ -18,6 +18,7 @@ the public API over it, its fast path, async work and tags' threads.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from typing import Any, Optional, Union
@@ -987,6 +988,14 @@ class Communicator:
         """Bytes this peer copied straight out of same-host peers' memory this
         epoch (single copy, see ``single_copy``), instead of through a ring."""
         return engine.bytes_single_copy(self._epoch.ccomm)
+
+    @property
+    def single_copy_refused(self) -> dict:
+        """Same-host peers whose memory the kernel refuses this peer to read, as {rank: reason}
+        (e.g. "Operation not permitted" under Yama's ptrace_scope 2): their large payloads go
+        through the shared-memory rings instead of single copy. Known once a connection has
+        received (the first large call of an epoch warns about it in the log)."""
+        return {p: os.strerror(err) for p, err in self._epoch.single_copy_refused().items()}
 
     # ---- lifetime ------------------------------------------------------
     def close(self) -> None:

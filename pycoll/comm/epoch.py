@@ -35,6 +35,7 @@ import collections
 import functools
 import hashlib
 import logging
+import os
 import struct
 import threading
 import time
@@ -144,6 +145,7 @@ class Epoch:
         self.lost = []              # names lost at the last membership change
         self.joined = []            # names admitted at the last membership change
         self.peer_transports = []   # per rank of this epoch: "shm", "tcp" or "self"
+        self._refusals_unseen = False  # single copy on, a same-host peer, no big call yet to tell
         self._hosts = None
         # the connections
         self.ccomm = None
@@ -588,6 +590,7 @@ class Epoch:
         self._selector = None
         self.peer_transports = ["self" if p == rank else "shm" if links.kinds[p * o.stripes] == lib.PC_CONN_SHM
                                 else "tcp" for p in range(len(members))]
+        self._refusals_unseen = "shm" in self.peer_transports and self.single_copy_bytes() > 0
         self.lost = list(reply.get("lost", []))
         self.joined = list(reply.get("joined", []))
         self._coord_host = reply.get("host") if isinstance(reply.get("host"), str) else None
@@ -655,6 +658,24 @@ class Epoch:
         return engine.create(rank, n, o.stripes, links, spin_us=o.spin_us, single_copy=self.single_copy_bytes(),
                              stall_timeout=o.progress_timeout or 0.0, psk=self._tls_key,
                              handshake_timeout=o.mesh_timeout or 30.0)
+
+    def single_copy_refused(self):
+        """{rank: errno} of the same-host peers whose memory the kernel refused us to read."""
+        refused = {p: engine.single_copy_refused(self.ccomm, p) for p, t in enumerate(self.peer_transports)
+                   if t == "shm"}
+        return {p: err for p, err in refused.items() if err}
+
+    def _report_refusals(self):
+        """Once per epoch, after its first call big enough for single copy (its connections have
+        probed by then): say so if the kernel refused reads, which only costs speed."""
+        self._refusals_unseen = False
+        refused = self.single_copy_refused()
+        if refused:
+            log.warning("rank %d: the kernel does not let this process read the memory of same-host "
+                        "rank(s) %s (%s%s): their payloads of %d bytes and more go through the shared-memory "
+                        "rings instead of single copy, which is slower (single_copy=0 turns single copy and "
+                        "this message off)", self.rank, sorted(refused),
+                        os.strerror(next(iter(refused.values()))), _yama_hint(), self.single_copy_bytes())
 
     def single_copy_bytes(self):
         """The single-copy threshold in bytes (the options', else the C core's default)."""
@@ -1127,6 +1148,8 @@ class Epoch:
             self.stats.append(_tuple_new(Stat, (coll, call.algorithm, call.nbytes, dt, self.world_size, self.number,
                                                 st == _OK, 0)))
         if st == _OK:
+            if self._refusals_unseen and call.nbytes >= self.single_copy_bytes():
+                self._report_refusals()
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("rank %d/%d epoch %d: %s %s %d B in %.3f ms (%.3f GB/s)", self.rank, self.world_size,
                           self.number, coll, call.algorithm, call.nbytes, dt * 1e3,
@@ -1165,6 +1188,15 @@ P2P_SEQ = 0
 
 
 @functools.lru_cache(maxsize=4096)
+def _yama_hint():
+    """'; Yama ptrace_scope N' where the kernel has Yama (the usual reason for a refusal)."""
+    try:
+        with open("/proc/sys/kernel/yama/ptrace_scope") as f:
+            return f"; Yama ptrace_scope {f.read().strip()}"
+    except OSError:
+        return ""
+
+
 def _digest(coll, dtype_code, op_code_, count, root, algorithm, codec="none"):
     """32-bit digest of a collective's arguments, carried in every frame so
     that mismatched calls across ranks are detected by the receiver."""

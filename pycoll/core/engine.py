@@ -132,6 +132,12 @@ def probe_single_copy(comm):
     lib.pc_comm_probe_single_copy(comm)
 
 
+def single_copy_refused(comm, peer):
+    """The errno with which the kernel refused ``comm``'s reads of same-host ``peer``'s memory
+    (0: allowed, not a shared-memory peer, or not known yet)."""
+    return int(lib.pc_comm_single_copy_refused(comm, peer)) if comm is not None else 0
+
+
 def bytes_single_copy(comm):
     """Bytes ``comm`` copied straight out of same-host peers' memory (0 for no comm)."""
     return lib.pc_comm_bytes_single_copy(comm) if comm is not None else 0

@@ -7,6 +7,7 @@ compared bit for bit with the plans executed in Python. Process tests check
 what only processes can show: a SIGKILLed peer wakes a sleeping waiter, the
 survivors' old segments are unmapped, and nothing appears in /dev/shm.
 """
+import errno
 import os
 import shutil
 import signal
@@ -786,6 +787,52 @@ def test_sibling_ranks_name_their_launcher_as_ptracer():
         assert err in (0, errno.EINVAL), os.strerror(err)  # EINVAL: this kernel has no Yama
         if err == 0:
             assert can_read
+
+
+def _drop_ptrace_capability():
+    """Clear CAP_SYS_PTRACE from this process's effective set (root reads any process with it,
+    which is how these tests run), via capget/capset."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this process
+    data = (ctypes.c_uint32 * 6)()                # {effective, permitted, inheritable} x 2
+    assert libc.capget(header, data) == 0, os.strerror(ctypes.get_errno())
+    data[0] &= ~(1 << 19)                         # CAP_SYS_PTRACE
+    assert libc.capset(header, data) == 0, os.strerror(ctypes.get_errno())
+
+
+def _refused_job():
+    """Rank 0 gives up CAP_SYS_PTRACE and rank 1 makes itself non-dumpable, before the group
+    forms: the kernel then refuses rank 0's reads of rank 1 (not the other way round)."""
+    import ctypes
+    import logging
+    if int(os.environ["RANK"]) == 0:
+        _drop_ptrace_capability()
+    else:
+        assert ctypes.CDLL(None).prctl(4, 0, 0, 0, 0) == 0  # PR_SET_DUMPABLE 0
+    seen = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    logging.getLogger("pycoll").addHandler(handler)
+    with pycoll.init(transport="shm") as comm:
+        x = np.arange(1 << 20, dtype=np.float32) * (comm.rank + 1)  # 4 MiB: single copy's size
+        comm.all_reduce(x)
+        exact = bool(np.array_equal(x, np.arange(1 << 20, dtype=np.float32) * 3))
+        return comm.single_copy_refused, comm.bytes_single_copy, exact, [m for m in seen if "does not let" in m]
+
+
+@pytest.mark.timeout(120)
+def test_a_refused_single_copy_is_told_and_the_ring_carries_the_bytes():
+    """Where the kernel refuses a rank reads of a peer's memory (ptrace rules: Yama's
+    ptrace_scope 2, a non-dumpable peer read without CAP_SYS_PTRACE), results are still exact
+    (the ring), comm.single_copy_refused names the peer and why, and the first call big enough
+    for single copy logs it once; the peer that may read still single-copies."""
+    (refused0, copied0, exact0, said0), (refused1, copied1, exact1, said1) = pycoll.testing.run(
+        _refused_job, 2, init=None, timeout=90)
+    assert exact0 and exact1
+    assert refused0 == {1: os.strerror(errno.EPERM)} and copied0 == 0
+    assert len(said0) == 1 and "rank(s) [1]" in said0[0] and "Operation not permitted" in said0[0], said0
+    assert refused1 == {} and copied1 > 0 and said1 == []
 
 
 def test_single_copy_setting_is_checked():
