@@ -1187,7 +1187,6 @@ FAIL_WAIT = 3.0
 P2P_SEQ = 0
 
 
-@functools.lru_cache(maxsize=4096)
 def _yama_hint():
     """'; Yama ptrace_scope N' where the kernel has Yama (the usual reason for a refusal)."""
     try:
@@ -1197,6 +1196,7 @@ def _yama_hint():
         return ""
 
 
+@functools.lru_cache(maxsize=4096)
 def _digest(coll, dtype_code, op_code_, count, root, algorithm, codec="none"):
     """32-bit digest of a collective's arguments, carried in every frame so
     that mismatched calls across ranks are detected by the receiver."""
