@@ -957,7 +957,7 @@ def test_single_copy_buffers_are_moved_to_huge_pages():
     interior of a single-copy buffer that is used again into huge pages (MADV_COLLAPSE): a torch
     bucket, whose allocator never asks for them, ends up on huge pages, its contents intact.
     Not at once: the first call may be the buffer's only one; the second collapses it."""
-    for huge, exact, copied, transports in pycoll.testing.run(_all_reduce_on_small_pages, 2, timeout=100):
+    for huge, exact, copied, transports in _huge_page_run(_all_reduce_on_small_pages):
         assert exact and copied > 0, (copied, transports)
         if _thp_madvise():
             assert huge[0] == huge[1] == 0, huge  # before, and after the first call
@@ -990,6 +990,25 @@ def _all_reduce_exact(comm, buf):
     return bool(np.all(buf == sum(r + 1 for r in range(comm.world_size))))
 
 
+def _huge_page_run(job, args=(), sizes=lambda result: result[0], attempts=3):
+    """pycoll.testing.run(job, 2 ranks), run again (after asking the kernel to compact memory) while
+    a rank saw a buffer only partly on huge pages (``sizes(result)``: its AnonHugePages readings,
+    kB): a collapse the kernel could not finish, for want of a free 2 MiB page at that moment (the
+    suite's other worker fragments memory; seen once: 3 of a buffer's 4 pages), which also stops
+    collapses for a while. That is the host's state, not what these tests are about; a rule that
+    is wrong shows on every attempt."""
+    for _ in range(attempts):
+        results = pycoll.testing.run(job, 2, args=args, timeout=30)
+        if not any(0 < kb < 4 * 2048 for result in results for kb in sizes(result)):
+            break
+        try:
+            with open("/proc/sys/vm/compact_memory", "w") as f:  # root only; harmless
+                f.write("1")
+        except OSError:
+            pass
+    return results
+
+
 def _all_reduce_on_pages_mapped_anew(comm, phases):
     """All-reduces of one 10 MiB range: for each entry of ``phases``, fresh small pages are mapped at
     the same address (what malloc does for a tensor freed and allocated again) and used that many
@@ -1012,7 +1031,7 @@ def test_memory_allocated_anew_each_call_is_not_collapsed():
     which copies every page (70-100 ms a call at 28 MiB where the call itself takes 11-13): the
     engine collapses a range the second time it sees it; finding new small pages there at the
     third, it leaves that address alone for 16 runs, so the 3rd, 4th and 5th calls' pages stay small."""
-    for huge, exact in pycoll.testing.run(_all_reduce_on_pages_mapped_anew, 2, args=((1, 1, 1, 1, 1),), timeout=100):
+    for huge, exact in _huge_page_run(_all_reduce_on_pages_mapped_anew, ((1, 1, 1, 1, 1),)):
         assert exact
         if _thp_madvise():
             assert huge[0] == 0 and huge[1] >= 4 * 2048, huge  # seen, then collapsed
@@ -1063,7 +1082,7 @@ def test_collapses_not_yet_paid_back_are_bounded():
     most 8 collapses are out before one of them is seen again, still on huge pages (a buffer used
     again). So of 12 buffers each used twice, 8 are collapsed at their second call and 4 wait;
     the third pass sees the 8 again (their credits come back) and collapses the other 4."""
-    for first, second, exact in pycoll.testing.run(_buffers_used_twice_then_again, 2, args=(12,), timeout=100):
+    for first, second, exact in _huge_page_run(_buffers_used_twice_then_again, (12,), lambda r: r[0] + r[1]):
         assert exact
         if _thp_madvise():
             collapsed = [kb >= 4 * 2048 for kb in first]
@@ -1080,7 +1099,7 @@ def test_new_memory_where_a_kept_buffer_was_is_judged_again():
     Without PAGEMAP_SCAN (kernels before 6.7) the engine cannot see that the memory changed, and
     an address is collapsed once, ever."""
     scan = _pagemap_scan_works()
-    for huge, exact in pycoll.testing.run(_all_reduce_on_pages_mapped_anew, 2, args=((3, 2, 2),), timeout=100):
+    for huge, exact in _huge_page_run(_all_reduce_on_pages_mapped_anew, ((3, 2, 2),)):
         assert exact
         if _thp_madvise():
             big = [kb >= 4 * 2048 for kb in huge]
@@ -1100,7 +1119,7 @@ def test_an_address_found_replaced_is_tried_again_after_a_backoff():
     backoff (the 19th run: the replacement was found at the 3rd), and stays on huge pages. 2 calls,
     then new pages kept for 19 calls."""
     scan = _pagemap_scan_works()
-    for huge, exact in pycoll.testing.run(_all_reduce_on_pages_mapped_anew, 2, args=((2, 19),), timeout=100):
+    for huge, exact in _huge_page_run(_all_reduce_on_pages_mapped_anew, ((2, 19),)):
         assert exact
         if _thp_madvise():
             big = [kb >= 4 * 2048 for kb in huge]
