@@ -39,9 +39,15 @@
 #define INIT_PID_NS 4026531836u /* the initial pid namespace's inode (PROC_PID_INIT_INO) */
 
 static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_once_t fork_handler_once = PTHREAD_ONCE_INIT;
 static pid_t admitted_pid;     /* the process we named (0: none yet) */
 static int admitted_err;       /* errno of that prctl (0: it succeeded) */
 static pid_t admitted_for;     /* getpid() when we named it: a forked child starts over */
+
+/* A child forked while another thread held the lock (a data loader forked during a mesh build)
+ * would wait on it for ever: the child gets a fresh one. */
+static void fresh_lock_in_child(void) { pthread_mutex_init(&lock, NULL); }
+static void add_fork_handler(void) { pthread_atfork(NULL, NULL, fresh_lock_in_child); }
 
 /* The parent of pid, or 0 when it cannot be read. The command name in
  * parentheses may hold anything, so the fields are read after its last ')'. */
@@ -100,6 +106,7 @@ void pc_readers_admit(int32_t peer) {
     pid_t nca = (pid_t)pc_common_ancestor((int32_t)self, (int32_t)peer);
     if (nca <= 0 || (nca == 1 && in_initial_pid_namespace())) return;
     int n = chain_of(self, chain);
+    pthread_once(&fork_handler_once, add_fork_handler);
     pthread_mutex_lock(&lock);
     if (admitted_for != self) admitted_pid = 0, admitted_err = 0, admitted_for = self;
     /* Keep whichever of the two sits higher on our chain: it covers both peers. */
