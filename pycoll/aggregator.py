@@ -39,7 +39,7 @@ from pycoll.core.native import ffi, lib
 from pycoll.errors import CollectiveError, PeerFailure
 from pycoll.plan.layout import Layout
 # The workers' side, shared with the switch (and public here too, as before it moved to pycoll.comm.switch):
-from pycoll.comm.epoch import FAIL_WAIT  # how long a worker waits for the answer to its report
+from pycoll.comm.epoch import FAIL_WAIT, failure_report  # a worker's report, and its wait for the answer
 from pycoll.comm.switch import (DESC_BYTES, DESC_DIGEST, DESC_FORMAT, DESC_MAGIC, DESC_SEQ,  # noqa: F401
                      EngineLayout, SwitchPath, pack_descriptor, run_plan, split_members, unpack_descriptor)
 
@@ -182,8 +182,7 @@ class Aggregator:
             worker.join(timeout=10)
 
     def _report_mesh_failure(self, reply, exc):
-        msg = {"t": "fail", "epoch": reply.get("epoch"), "seq": 0, "status": int(lib.PC_ERR_PEER),
-               "why": f"building the mesh failed: {exc}"[:2000]}
+        msg = failure_report(reply.get("epoch"), 0, f"building the mesh failed: {exc}", lib.PC_ERR_PEER)
         try:
             self._client.request(msg, timeout=FAIL_WAIT)
         except CollectiveError:

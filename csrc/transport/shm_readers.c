@@ -83,12 +83,18 @@ static int index_in(const pid_t *chain, int n, pid_t pid) {
     return -1;
 }
 
-int32_t pc_common_ancestor(int32_t a, int32_t b) {
-    pid_t ca[MAX_DEPTH], cb[MAX_DEPTH];
-    int na = chain_of((pid_t)a, ca), nb = chain_of((pid_t)b, cb);
+/* The nearest of b and its ancestors that is on chain (a process's chain_of), or 0. */
+static pid_t nearest_on(const pid_t *chain, int n, pid_t b) {
+    pid_t cb[MAX_DEPTH];
+    int nb = chain_of(b, cb);
     for (int j = 0; j < nb; j++)
-        if (index_in(ca, na, cb[j]) >= 0) return (int32_t)cb[j];
+        if (index_in(chain, n, cb[j]) >= 0) return cb[j];
     return 0;
+}
+
+int32_t pc_common_ancestor(int32_t a, int32_t b) {
+    pid_t ca[MAX_DEPTH];
+    return (int32_t)nearest_on(ca, chain_of((pid_t)a, ca), (pid_t)b);
 }
 
 static int in_initial_pid_namespace(void) {
@@ -103,9 +109,9 @@ static int in_initial_pid_namespace(void) {
 void pc_readers_admit(int32_t peer) {
     if (peer <= 0) return;
     pid_t self = getpid(), chain[MAX_DEPTH];
-    pid_t nca = (pid_t)pc_common_ancestor((int32_t)self, (int32_t)peer);
-    if (nca <= 0 || (nca == 1 && in_initial_pid_namespace())) return;
     int n = chain_of(self, chain);
+    pid_t nca = nearest_on(chain, n, (pid_t)peer);
+    if (nca <= 0 || (nca == 1 && in_initial_pid_namespace())) return;
     pthread_once(&fork_handler_once, add_fork_handler);
     pthread_mutex_lock(&lock);
     if (admitted_for != self) admitted_pid = 0, admitted_err = 0, admitted_for = self;

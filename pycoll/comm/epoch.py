@@ -145,7 +145,9 @@ class Epoch:
         self.lost = []              # names lost at the last membership change
         self.joined = []            # names admitted at the last membership change
         self.peer_transports = []   # per rank of this epoch: "shm", "tcp" or "self"
-        self._refusals_unseen = False  # single copy on, a same-host peer, no big call yet to tell
+        # single copy on, a same-host peer, no call yet big enough to tell whether the kernel
+        # refused a read: the threshold such a call reaches (0: nothing to tell)
+        self._refusal_check_from = 0
         self._hosts = None
         # the connections
         self.ccomm = None
@@ -590,7 +592,7 @@ class Epoch:
         self._selector = None
         self.peer_transports = ["self" if p == rank else "shm" if links.kinds[p * o.stripes] == lib.PC_CONN_SHM
                                 else "tcp" for p in range(len(members))]
-        self._refusals_unseen = "shm" in self.peer_transports and self.single_copy_bytes() > 0
+        self._refusal_check_from = self.single_copy_bytes() if "shm" in self.peer_transports else 0
         self.lost = list(reply.get("lost", []))
         self.joined = list(reply.get("joined", []))
         self._coord_host = reply.get("host") if isinstance(reply.get("host"), str) else None
@@ -668,7 +670,7 @@ class Epoch:
     def _report_refusals(self):
         """Once per epoch, after its first call big enough for single copy (its connections have
         probed by then): say so if the kernel refused reads, which only costs speed."""
-        self._refusals_unseen = False
+        self._refusal_check_from = 0
         refused = self.single_copy_refused()
         if refused:
             log.warning("rank %d: the kernel does not let this process read the memory of same-host "
@@ -853,7 +855,7 @@ class Epoch:
         identity and number of the user's call that failed while we were inside
         it (see ensure_ready). ``group``: (members, addrs, rank) of an epoch whose mesh
         could not be built (see unreachable)."""
-        msg = {"t": "fail", "epoch": epoch, "seq": self.seq, "why": str(why)[:2000], "status": int(status)}
+        msg = failure_report(epoch, self.seq, why, status)
         unreachable = self.unreachable(status, *(group or ()))
         if unreachable and (epoch == self.number or group):
             msg["unreachable"] = unreachable
@@ -1148,7 +1150,7 @@ class Epoch:
             self.stats.append(_tuple_new(Stat, (coll, call.algorithm, call.nbytes, dt, self.world_size, self.number,
                                                 st == _OK, 0)))
         if st == _OK:
-            if self._refusals_unseen and call.nbytes >= self.single_copy_bytes():
+            if self._refusal_check_from and call.nbytes >= self._refusal_check_from:
                 self._report_refusals()
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("rank %d/%d epoch %d: %s %s %d B in %.3f ms (%.3f GB/s)", self.rank, self.world_size,
@@ -1185,6 +1187,12 @@ class _Watch:
 FAIL_WAIT = 3.0
 #: the sequence number of point-to-point frames (collectives count from 1)
 P2P_SEQ = 0
+
+
+def failure_report(epoch, seq, why, status):
+    """The message that tells the coordinator an operation of ``epoch`` failed (a worker's, a
+    switch's): the others abort at once instead of at their timeout."""
+    return {"t": "fail", "epoch": epoch, "seq": seq, "why": str(why)[:2000], "status": int(status)}
 
 
 def _yama_hint():

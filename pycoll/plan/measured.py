@@ -146,12 +146,10 @@ def fill_matrices(sites, results, rtt):
     n = len(sites)
     bw = np.full((n, n), math.inf)
     uplinks = {}
-    solo = {}
+    solo = _solo_rates(sites, results)
     for (kind, (a, b)), (ab, ba) in results.items():
         if kind == "pair":
             bw[a, b], bw[b, a] = ab, ba
-        elif kind == "solo":
-            solo[(sites[a], sites[b])] = (ab, ba)
     best = dict(solo)  # a pair across takes its site pair's best single flow (the dual's, if better)
     for (kind, (a, b)), (ab, ba) in results.items():
         key = (sites[a], sites[b])
@@ -172,6 +170,11 @@ def fill_matrices(sites, results, rtt):
     np.fill_diagonal(lat, 0.0)
     np.fill_diagonal(bw, math.inf)
     return bw, lat, uplinks
+
+
+def _solo_rates(sites, results):
+    """{(site s, site t): (rate s->t, rate t->s)} of the solo tests across sites."""
+    return {(sites[a], sites[b]): v for (k, (a, b)), v in results.items() if k == "solo"}
 
 
 def _dual_evidence(sites, results, solo):
@@ -202,8 +205,7 @@ def doubtful_uplinks(sites, results):
     a flow starved of CPU passes for a slow link, and two starved flows pass for private links
     (seen in the suite: one flow 11.8, two at once 11.6 + 10.7 Mbit/s over a shared 40 Mbit/s,
     23.1 + 11.8 the other way). Their solo and dual tests are worth a second look."""
-    solo = {(sites[a], sites[b]): v for (k, (a, b)), v in results.items() if k == "solo"}
-    return sorted({(s, t) for s, t, shared, uneven in _dual_evidence(sites, results, solo)
+    return sorted({(s, t) for s, t, shared, uneven in _dual_evidence(sites, results, _solo_rates(sites, results))
                    if uneven and not shared})
 
 

@@ -767,7 +767,6 @@ def test_single_copy_setting(monkeypatch, setting, env, want):
 
 
 def _admitted_job(comm):
-    from pycoll.core.native import ffi
     err = ffi.new("int32_t *")
     pid = lib.pc_readers_admitted(err)
     return pid, err[0], os.getppid(), _can_read_a_peer(comm)
@@ -780,7 +779,6 @@ def test_sibling_ranks_name_their_launcher_as_ptracer():
     rank's shared-memory connections name their common parent, the
     launcher; where the kernel takes it (Yama present) the ranks can then
     read each other, which single copy's probe relies on."""
-    import errno
     for pid, err, parent, can_read in pycoll.testing.run(_admitted_job, 3, timeout=90,
                                                           init_kwargs={"transport": "shm"}):
         assert pid == parent
