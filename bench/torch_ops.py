@@ -39,7 +39,8 @@ import train_step  # noqa: E402 - bench/ helpers: busy_loops
 
 HERE = os.path.abspath(__file__)
 DEFAULT_SIZES = "4K,64K,1M,16M,64M"
-OPS = ("all_to_all", "reduce", "gather", "scatter", "pingpong", "coalesced", "all_gather")
+OPS = ("all_to_all", "reduce", "gather", "scatter", "pingpong", "coalesced", "all_gather", "reduce_scatter",
+       "all_gather_into")
 
 
 def reps_for(nbytes, fixed=None):
@@ -96,6 +97,13 @@ def _call(op, group, nbytes, rank, n):
         x = torch.ones(count)
         outs = [torch.empty(count) for _ in range(n)]
         return lambda: dist.all_gather(outs, x, group=group)
+    if op == "reduce_scatter":  # FSDP's gradient path: bytes per rank in, 1/n of them out
+        count -= count % n
+        x, y = torch.ones(count), torch.empty(count // n)
+        return lambda: dist.reduce_scatter_tensor(y, x, group=group)
+    if op == "all_gather_into":  # FSDP's parameter path: one flat output of n blocks
+        x, y = torch.ones(count), torch.empty(n * count)
+        return lambda: dist.all_gather_into_tensor(y, x, group=group)
     if op == "coalesced":
         cuts = [count * k // 36 for k in (0, 1, 3, 6, 10, 15, 21, 28, 36)]  # 8 tensors, sizes 1 : 2 : ... : 8
         xs = [torch.ones(b - a) for a, b in zip(cuts, cuts[1:])]

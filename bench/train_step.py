@@ -1,9 +1,10 @@
-"""A DDP training step on loopback: pycoll vs torch.distributed Gloo, one run.
+"""A DDP (or FSDP2) training step on loopback: pycoll vs torch.distributed Gloo, one run.
 
     python bench/train_step.py                              # 2 and 4 ranks, comm- and compute-bound
     python bench/train_step.py --burn 2                     # the same next to 2 busy-looping processes
     python bench/train_step.py --ranks 2 --shapes comm --steps 10 --json out.json
     python bench/train_step.py --overlap 2 --bucket-mb 8   # also pycoll with 2 lanes (pycoll.torch.lanes)
+    python bench/train_step.py --wrap fsdp2                 # the model sharded by FSDP2 instead of DDP
 
 The model is an MLP of --layers (8) blocks Linear(--width, --width) + ReLU: 1024 wide that is
 32 MiB of float32 gradients per step. "comm" trains it at batch 4 (the all-reduce dominates),
@@ -22,6 +23,11 @@ the timed steps, and exposed comm = median step - median compute (what the commu
 to a step after what DDP overlaps with backward). CPU is user+sys of all rank processes (every
 thread) during the DDP step, per step: on 2 cores with 4 ranks the wall time can't show what a
 spinning progress thread costs, the CPU column does.
+
+--wrap fsdp2 shards the model with FSDP2 instead (fully_shard on each Linear, then on the model,
+torch's defaults: parameters all-gathered before each unit's forward and again before its
+backward, gradients reduce-scattered, every collective a blocking call on CPU); "comm" is then
+those collectives alone, over buffers of the same sizes, in the same order.
 
 --overlap K adds a third implementation, ``pycoll-lK``: pycoll with PYCOLL_TORCH_OVERLAP=K (its
 async collectives, DDP's buckets, on K lanes that run at once); its columns come last, with its
@@ -74,7 +80,14 @@ def rank_main(a):
     torch.manual_seed(0)  # same initial model on every rank and backend
     model = nn.Sequential(*[m for _ in range(a.layers) for m in (nn.Linear(a.width, a.width), nn.ReLU())])
     plain = copy.deepcopy(model)
-    ddp = nn.parallel.DistributedDataParallel(model, bucket_cap_mb=a.bucket_mb)
+    if a.wrap == "fsdp2":
+        from torch.distributed.fsdp import fully_shard
+        for m in model:  # one FSDP unit per Linear, then the root: FSDP2's usual wrapping
+            if isinstance(m, nn.Linear):
+                fully_shard(m)
+        ddp = fully_shard(model)
+    else:
+        ddp = nn.parallel.DistributedDataParallel(model, bucket_cap_mb=a.bucket_mb)
     opt_ddp = torch.optim.SGD(ddp.parameters(), lr=1e-3)
     opt_plain = torch.optim.SGD(plain.parameters(), lr=1e-3)
     g = torch.Generator().manual_seed(1 + a.rank)  # fixed data: loading is not what we measure
@@ -114,24 +127,47 @@ def rank_main(a):
             nn.functional.mse_loss(probe(x), y).backward()
         return seen
 
-    buckets = ddp_buckets()
-    assert sum(buckets) == sum(p.numel() for p in plain.parameters()), buckets
+    def fsdp2_comm():
+        """FSDP2's collectives of one step with reshard_after_forward (its default), blocking as
+        it calls them on CPU: each unit's parameters all-gathered in forward, again in backward
+        (last unit first), and its gradients reduce-scattered."""
+        units = [sum(p.numel() for p in m.parameters()) for m in plain if isinstance(m, nn.Linear)]
+        shards = [-(-k // a.n) for k in units]  # FSDP2 pads each unit to a multiple of the ranks
+        mine = [torch.zeros(k) for k in shards]
+        full = [torch.zeros(k * a.n) for k in shards]
+        grads = [torch.zeros(k * a.n) for k in shards]
+
+        def comm():
+            for i in range(len(units)):
+                dist.all_gather_into_tensor(full[i], mine[i])
+            for i in reversed(range(len(units))):
+                dist.all_gather_into_tensor(full[i], mine[i])
+                dist.reduce_scatter_tensor(mine[i], grads[i])
+        return comm, [4 * k * a.n for k in shards]
+
+    if a.wrap == "fsdp2":
+        comm, sizes = fsdp2_comm()
+    else:
+        buckets = ddp_buckets()
+        assert sum(buckets) == sum(p.numel() for p in plain.parameters()), buckets
+        sizes = [4 * b for b in buckets]
     res = {k: [] for k in ("step", "step_cpu", "compute", "compute_cpu", "comm", "comm_cpu")}
     for i in range(a.warmup + a.steps):
         st = timed(lambda: train_step(ddp, opt_ddp))
         ct = timed(lambda: train_step(plain, opt_plain))
-        flat = torch.cat([p.grad.reshape(-1) for p in plain.parameters()])  # untimed copy
+        if a.wrap != "fsdp2":
+            flat = torch.cat([p.grad.reshape(-1) for p in plain.parameters()])  # untimed copy
 
-        def comm():
-            works = [dist.all_reduce(b, async_op=True) for b in flat.split(buckets)]
-            for w in works:
-                w.wait()
+            def comm():
+                works = [dist.all_reduce(b, async_op=True) for b in flat.split(buckets)]
+                for w in works:
+                    w.wait()
         mt = timed(comm)
         if i >= a.warmup:
             for name, (wall, c) in (("step", st), ("compute", ct), ("comm", mt)):
                 res[name].append(wall)
                 res[name + "_cpu"].append(c)
-    res["buckets_bytes"] = [4 * b for b in buckets]
+    res["buckets_bytes"] = sizes
     dist.barrier()
     dist.destroy_process_group()
     print("RESULT " + json.dumps(res), flush=True)
@@ -175,7 +211,7 @@ def launch(impl, n, shape, steps, a, tmp):
             cmd = [sys.executable, HERE, "--worker", backend, "--rank", str(r), "--n", str(n), "--port", str(port),
                    "--batch", str(SHAPES[shape]), "--width", str(a.width), "--layers", str(a.layers),
                    "--steps", str(steps), "--warmup", str(a.warmup), "--timeout", str(a.timeout),
-                   "--bucket-mb", str(a.bucket_mb)]
+                   "--bucket-mb", str(a.bucket_mb), "--wrap", a.wrap]
             procs.append(subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=env,
                                           start_new_session=True))
         deadline, failed_at = time.monotonic() + a.timeout, None
@@ -275,6 +311,8 @@ def build_parser():
     ap.add_argument("--overlap", type=int, default=0,
                     help="also run pycoll with this many lanes (PYCOLL_TORCH_OVERLAP; default 0: not)")
     ap.add_argument("--bucket-mb", type=float, default=25.0, help="DDP's bucket_cap_mb (default 25)")
+    ap.add_argument("--wrap", choices=("ddp", "fsdp2"), default="ddp",
+                    help="ddp (default) or fsdp2: the model sharded with FSDP2's fully_shard per Linear")
     # worker mode
     ap.add_argument("--worker", choices=("pycoll", "gloo"), help=argparse.SUPPRESS)
     ap.add_argument("--rank", type=int, help=argparse.SUPPRESS)
@@ -335,7 +373,7 @@ def main(argv=None):
                         rows.append({"ranks": n, "shape": shape, "burn": load, "batch": SHAPES[shape],
                                      **{b: summarize(runs[b]) for b in impls}})
 
-    print(f"\n## DDP train step, {grad} gradients, loopback (medians; ms; ratio = gloo/pycoll, "
+    print(f"\n## {a.wrap.upper()} train step, {grad} gradients, loopback (medians; ms; ratio = gloo/pycoll, "
           ">1: pycoll faster; CPU = user+sys of all ranks per step)")
     head = ("| ranks | shape | load | pycoll step | gloo step | ratio | pycoll compute | gloo compute "
             "| pycoll exposed comm | gloo exposed comm | pycoll comm alone | gloo comm alone "
@@ -360,8 +398,11 @@ def main(argv=None):
     done = [r for r in rows if "failed" not in r]
     if done:
         sizes = ", ".join(mib(b) for b in done[0]["pycoll"]["buckets_bytes"])
-        print(f"\ncomm alone = one async all_reduce per DDP bucket ({sizes}), then wait; "
-              "exposed comm = step - compute (can be negative within noise).")
+        what = (f"FSDP2's collectives of a step, blocking: an all_gather_into_tensor per unit ({sizes} "
+                "gathered) in forward, another per unit in backward with a reduce_scatter_tensor of its "
+                "gradients" if a.wrap == "fsdp2" else
+                f"one async all_reduce per DDP bucket ({sizes}), then wait")
+        print(f"\ncomm alone = {what}; exposed comm = step - compute (can be negative within noise).")
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"args": {k: v for k, v in vars(a).items() if k not in ("worker", "rank", "n", "port",

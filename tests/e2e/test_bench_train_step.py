@@ -46,3 +46,19 @@ def test_train_step_table(tmp_path):
         assert r["comm_ms"] > 0 and r["step_cpu_ms"] > 0
         assert sum(r["buckets_bytes"]) == 2 * (64 * 64 + 64) * 4  # every gradient byte, in DDP's buckets
     assert ratio == pytest.approx(row["gloo"]["step_ms"] / row["pycoll"]["step_ms"], abs=0.006)
+
+
+def test_train_step_fsdp2(tmp_path):
+    """--wrap fsdp2: the same table for FSDP2's step; "comm alone" is its all-gathers and
+    reduce-scatters, one unit per Linear."""
+    out_json = tmp_path / "out.json"
+    cmd = [sys.executable, BENCH, "--wrap", "fsdp2", "--ranks", "2", "--shapes", "comm", "--steps", "2",
+           "--warmup", "1", "--rounds", "1", "--width", "64", "--layers", "2", "--json", str(out_json)]
+    out, _ = run_bench(cmd, 150, dict(os.environ, TMPDIR=str(tmp_path)))
+    assert "## FSDP2 train step" in out, out
+    assert "all_gather_into_tensor per unit" in out, out
+    (row,) = json.loads(out_json.read_text())["rows"]
+    for backend in ("pycoll", "gloo"):
+        r = row[backend]
+        assert r["steps"] == 2 and all(t > 0 for t in r["step_ms_all"]) and r["comm_ms"] > 0, r
+        assert r["buckets_bytes"] == [(64 * 64 + 64) * 4] * 2  # each unit gathered whole (2 ranks: no padding)
