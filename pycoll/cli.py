@@ -5,6 +5,7 @@
     pycoll run --elastic -n 4 train.py # the same, elastic: the dead are replaced, the others carry on
     pycoll master --port 29500         # a standalone coordinator
     pycoll bench --plot busbw.png      # all-reduce benchmark against Gloo
+    pycoll bench --train --burn 0,2    # the DDP training step against Gloo, idle and next to 2 busy loops
     pycoll topology topo.toml          # check a topology file, show the ring and the multi-ring's cycles
     pycoll probe --master H:P --world-size N --rank R   # measure the network, write a topology file
     pycoll aggregator --group rack0    # a standalone in-network aggregator for one topology group
@@ -139,6 +140,9 @@ def _cmd_aggregator(args):
 
 
 def _cmd_bench(args):
+    if args.train is not None:  # the training-step benchmark takes the rest of the line
+        from pycoll.train_bench import run
+        return run(args.train, "pycoll bench --train")
     from pycoll.benchmark import run_from_args
     return run_from_args(args)
 
@@ -290,6 +294,9 @@ def build_parser():
                                    "for Gloo (needs torch): median of barrier-separated iterations, slowest rank; "
                                    "prints algbw and busbw per size; --plot draws busbw against size.")
     add_arguments(b)
+    b.add_argument("--train", nargs=argparse.REMAINDER, metavar="ARGS",
+                   help="instead: the training step (DDP or FSDP2) on pycoll against Gloo, idle and loaded; "
+                        "every argument after --train is its own (pycoll bench --train --help)")
     b.set_defaults(func=_cmd_bench)
 
     t = sub.add_parser("topology", help="check a topology file; show groups, links, ring and Hamiltonian cycles",

@@ -62,3 +62,53 @@ def test_train_step_fsdp2(tmp_path):
         r = row[backend]
         assert r["steps"] == 2 and all(t > 0 for t in r["step_ms_all"]) and r["comm_ms"] > 0, r
         assert r["buckets_bytes"] == [(64 * 64 + 64) * 4] * 2  # each unit gathered whole (2 ranks: no padding)
+
+
+def _ranks_with_timeout(marker):
+    """pids of training-step ranks whose --timeout is ``marker`` (one test's own)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                args = f.read().split(b"\0")
+        except OSError:
+            continue
+        if b"pycoll.train_bench" in args and b"--timeout" in args and marker.encode() in args:
+            found.append(int(pid))
+    return found
+
+
+def test_pycoll_bench_train_runs_the_training_step(tmp_path):
+    """The installed entry point (`pycoll bench --train`, not a checkout's bench/ script): every
+    argument after --train is the training-step benchmark's."""
+    cmd = [sys.executable, "-m", "pycoll", "bench", "--train", "--ranks", "2", "--shapes", "comm", "--steps", "2",
+           "--warmup", "1", "--rounds", "1", "--width", "64", "--layers", "2"]
+    out, _ = run_bench(cmd, 150, dict(os.environ, TMPDIR=str(tmp_path)))
+    assert "## DDP train step" in out, out
+    assert len([line for line in out.splitlines() if re.match(r"\| 2 \| comm \(batch 4\) \| idle \|", line)]) == 1, out
+
+
+def test_pycoll_bench_train_ctrl_c_leaves_no_rank_behind(tmp_path):
+    import signal
+    import subprocess
+    import time
+    marker = "4321.5"
+    cmd = [sys.executable, "-m", "pycoll", "bench", "--train", "--ranks", "2", "--shapes", "comm", "--steps",
+           "100000", "--warmup", "1", "--rounds", "1", "--width", "64", "--layers", "2", "--timeout", marker]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                         env=dict(os.environ, TMPDIR=str(tmp_path)))
+    try:
+        deadline = time.monotonic() + 60
+        while len(_ranks_with_timeout(marker)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert len(_ranks_with_timeout(marker)) == 2, "the ranks did not start"
+        time.sleep(2)  # they are training now
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=30)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+    assert p.returncode == 130, err
+    assert "pycoll bench --train: interrupted" in err, err
+    assert _ranks_with_timeout(marker) == [], "a rank outlived the benchmark"
