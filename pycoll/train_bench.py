@@ -210,7 +210,8 @@ def launch(impl, n, shape, steps, a, tmp):
             out = open(os.path.join(tmp, f"{impl}-{n}-{shape}-{r}.out"), "w+")
             err = open(os.path.join(tmp, f"{impl}-{n}-{shape}-{r}.err"), "w+")
             files.append((out, err))
-            cmd = [sys.executable, "-m", "pycoll.train_bench", "--worker", backend, "--rank", str(r), "--n", str(n), "--port", str(port),
+            cmd = [sys.executable, "-m", "pycoll.train_bench", "--worker", backend, "--rank", str(r), "--n", str(n),
+                   "--port", str(port),
                    "--batch", str(SHAPES[shape]), "--width", str(a.width), "--layers", str(a.layers),
                    "--steps", str(steps), "--warmup", str(a.warmup), "--timeout", str(a.timeout),
                    "--bucket-mb", str(a.bucket_mb), "--wrap", a.wrap]

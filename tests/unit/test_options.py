@@ -137,9 +137,10 @@ def test_the_table_names_every_variable_pycoll_reads():
 
 # The modules that may read os.environ themselves: pycoll.options (the table), those below it
 # (which may not import it), the build script, and the tools, which set up their children's
-# environments (pycoll run, the test harness) or only show a default in --help.
+# environments (pycoll run, the test harness, the training-step benchmark's ranks) or only show a
+# default in --help.
 OWN_READERS = {"options.py", "faults.py", "limits.py", "auth.py", "observability.py", "emulator/core.py",
-               "emulator/_build.py", "_build.py", "cli.py", "launcher.py", "testing.py"}
+               "emulator/_build.py", "_build.py", "cli.py", "launcher.py", "testing.py", "train_bench.py"}
 
 
 def _environ_uses(package):
