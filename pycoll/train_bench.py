@@ -342,6 +342,13 @@ def main(argv=None, prog=None):
     problems += [f"{flag} must be at least {low}" for flag, value, low in (
         ("--steps", a.steps, 1), ("--warmup", a.warmup, 0), ("--rounds", a.rounds, 1), ("--width", a.width, 1),
         ("--layers", a.layers, 1)) if value < low]
+    for flag, text, low in (("--ranks", a.ranks, 1), ("--burn", a.burn, 0)):
+        try:
+            values = ints(text)
+        except ValueError:
+            values = None
+        if not values or min(values) < low:
+            problems.append(f"{flag} takes a comma list of integers of at least {low}, not {text!r}")
     if problems:
         print(f"{prog}: " + "; ".join(problems), file=sys.stderr)
         return 2
