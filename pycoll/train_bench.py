@@ -31,6 +31,13 @@ torch's defaults: parameters all-gathered before each unit's forward and again b
 backward, gradients reduce-scattered, every collective a blocking call on CPU); "comm" is then
 those collectives alone, over buffers of the same sizes, in the same order.
 
+--sessions says which scheduler groups the ranks and busy loops share. Where the kernel groups
+tasks by session (autogroups: on when /proc/sys/kernel/sched_autogroup_enabled is 1 and the tasks
+are in the root cpu cgroup), it shares the CPUs fairly between sessions first. "each" (the
+default) puts every rank and busy loop in a session of its own; "job" keeps them all in this
+command's session, as a rank's data-loader workers are; "apart" keeps the ranks together, as
+torchrun's workers are, and gives each busy loop its own session, as another user's job has.
+
 --overlap K adds a third implementation, ``pycoll-lK``: pycoll with PYCOLL_TORCH_OVERLAP=K (its
 async collectives, DDP's buckets, on K lanes that run at once); its columns come last, with its
 ratio to Gloo and to one-lane pycoll. --bucket-mb sets DDP's bucket_cap_mb (default 25, DDP's).
@@ -185,6 +192,21 @@ class LaunchError(RuntimeError):
     pass
 
 
+# Which scheduler group the processes land in (--sessions). Where the kernel has autogroups
+# (sched_autogroup_enabled, a cgroup-v1 or root cpu cgroup), CPU time is shared fairly between
+# sessions first, then between the threads inside one; torchrun's workers share its session, a
+# rank's data loaders share the rank's, another user's job has its own.
+SESSIONS = ("each", "job", "apart")
+
+
+def _group_of_its_own(new_session):
+    """Popen arguments: the child leads a process group (so _killpg takes it and its children),
+    in a session of its own or in ours."""
+    if new_session:
+        return {"start_new_session": True}
+    return {"preexec_fn": os.setpgrp}
+
+
 def _killpg(p):
     try:
         os.killpg(p.pid, signal.SIGKILL)  # each child leads its own process group
@@ -216,7 +238,7 @@ def launch(impl, n, shape, steps, a, tmp):
                    "--steps", str(steps), "--warmup", str(a.warmup), "--timeout", str(a.timeout),
                    "--bucket-mb", str(a.bucket_mb), "--wrap", a.wrap]
             procs.append(subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=env,
-                                          start_new_session=True))
+                                          **_group_of_its_own(a.sessions == "each")))
         deadline, failed_at = time.monotonic() + a.timeout, None
         while any(p.poll() is None for p in procs):
             now = time.monotonic()
@@ -269,10 +291,10 @@ def summarize(runs):
 
 
 @contextlib.contextmanager
-def busy_loops(k):
+def busy_loops(k, own_sessions=True):
     """k busy-loop processes at normal priority (start_burners) for the length of the block:
     killed on the way out, error or Ctrl-C included."""
-    procs = start_burners(k)
+    procs = start_burners(k, own_sessions)
     try:
         yield procs
     finally:
@@ -280,12 +302,12 @@ def busy_loops(k):
             _killpg(p)
 
 
-def start_burners(k):
+def start_burners(k, own_sessions=True):
     # Each checks every few ms whether its parent is gone, so none outlives a killed driver.
     code = ("import os\nppid = os.getppid()\nwhile os.getppid() == ppid:\n"
             "    for _ in range(100000):\n        pass\n")
     return [subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL, start_new_session=True) for _ in range(k)]
+                             stderr=subprocess.DEVNULL, **_group_of_its_own(own_sessions)) for _ in range(k)]
 
 
 def mib(nbytes):
@@ -314,6 +336,10 @@ def build_parser(prog=None):
     ap.add_argument("--overlap", type=int, default=0,
                     help="also run pycoll with this many lanes (PYCOLL_TORCH_OVERLAP; default 0: not)")
     ap.add_argument("--bucket-mb", type=float, default=25.0, help="DDP's bucket_cap_mb (default 25)")
+    ap.add_argument("--sessions", choices=SESSIONS, default="each",
+                    help="each (default): every rank and busy loop in a session of its own; job: all in this "
+                         "command's session (busy loops as the ranks' data loaders); apart: the ranks in this "
+                         "command's session, as torchrun's, each busy loop in its own (other jobs)")
     ap.add_argument("--wrap", choices=("ddp", "fsdp2"), default="ddp",
                     help="ddp (default) or fsdp2: the model sharded with FSDP2's fully_shard per Linear")
     # worker mode
@@ -363,12 +389,12 @@ def main(argv=None, prog=None):
     grad = mib(a.layers * (a.width * a.width + a.width) * 4)
     print(f"# MLP {a.layers} x Linear({a.width}, {a.width}) + ReLU, {grad} float32 gradients; "
           f"{a.steps} timed steps per cell and backend in {rounds} launch(es), {a.warmup} warm-up each; "
-          f"1 torch thread per rank; {os.cpu_count()} CPUs", flush=True)
+          f"1 torch thread per rank; {os.cpu_count()} CPUs; sessions: {a.sessions}", flush=True)
 
     rows, failures = [], []
     with tempfile.TemporaryDirectory(prefix="train-step-") as tmp:
         for load in ints(a.burn):
-            with busy_loops(load):
+            with busy_loops(load, a.sessions != "job"):
                 for n in ints(a.ranks):
                     for shape in shapes:
                         runs = {b: [] for b in impls}

@@ -112,3 +112,54 @@ def test_pycoll_bench_train_ctrl_c_leaves_no_rank_behind(tmp_path):
     assert p.returncode == 130, err
     assert "pycoll bench --train: interrupted" in err, err
     assert _ranks_with_timeout(marker) == [], "a rank outlived the benchmark"
+
+
+def _session_of(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[3])  # field 6: the session id
+
+
+def _children(pid):
+    kids = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                kids += [int(k) for k in f.read().split()]
+        except OSError:
+            pass
+    return kids
+
+
+@pytest.mark.parametrize("layout", ["each", "job", "apart"])
+def test_sessions_place_ranks_and_busy_loops(layout, tmp_path):
+    """--sessions: each rank and busy loop in a session of its own (each), all in the benchmark's
+    session (job), or the ranks in it and each busy loop in its own (apart)."""
+    import signal
+    import subprocess
+    import time
+    marker = {"each": "4322.5", "job": "4323.5", "apart": "4324.5"}[layout]
+    cmd = [sys.executable, BENCH, "--ranks", "2", "--shapes", "comm", "--steps", "100000", "--warmup", "1",
+           "--rounds", "1", "--width", "64", "--layers", "2", "--burn", "1", "--sessions", layout,
+           "--timeout", marker]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                         env=dict(os.environ, TMPDIR=str(tmp_path)))
+    try:
+        deadline = time.monotonic() + 60
+        while len(_ranks_with_timeout(marker)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        ranks = _ranks_with_timeout(marker)
+        assert len(ranks) == 2, "the ranks did not start"
+        loops = [k for k in _children(p.pid) if k not in ranks]
+        assert len(loops) == 1, loops
+        ours = _session_of(p.pid)
+        rank_sessions = [_session_of(r) for r in ranks]
+        loop_session = _session_of(loops[0])
+        p.send_signal(signal.SIGINT)
+        p.communicate(timeout=30)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+    assert rank_sessions == (ranks if layout == "each" else [ours, ours])
+    assert loop_session == (ours if layout == "job" else loops[0])
+    assert p.returncode == 130
