@@ -1,9 +1,12 @@
 """bench/train_step.py end to end at toy size: both backends run DDP steps and the table reports
 sane numbers. (Tier e2e: tests/conftest.py marks a test by its folder.)"""
+import contextlib
 import json
 import os
 import re
+import signal
 import sys
+import time
 
 import pytest
 from bench_run import run_bench
@@ -88,27 +91,40 @@ def test_pycoll_bench_train_runs_the_training_step(tmp_path):
     assert len([line for line in out.splitlines() if re.match(r"\| 2 \| comm \(batch 4\) \| idle \|", line)]) == 1, out
 
 
-def test_pycoll_bench_train_ctrl_c_leaves_no_rank_behind(tmp_path):
-    import signal
+@contextlib.contextmanager
+def _training(cmd, marker, tmp_path):
+    """Start the benchmark ``cmd`` (long: it trains until stopped) in a session of its own and
+    wait for its two ranks, found by their --timeout ``marker``; yields (process, rank pids).
+    The benchmark's whole session is killed on the way out if it is still there."""
     import subprocess
-    import time
-    marker = "4321.5"
-    cmd = [sys.executable, "-m", "pycoll", "bench", "--train", "--ranks", "2", "--shapes", "comm", "--steps",
-           "100000", "--warmup", "1", "--rounds", "1", "--width", "64", "--layers", "2", "--timeout", marker]
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
                          env=dict(os.environ, TMPDIR=str(tmp_path)))
     try:
         deadline = time.monotonic() + 60
         while len(_ranks_with_timeout(marker)) < 2 and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert len(_ranks_with_timeout(marker)) == 2, "the ranks did not start"
-        time.sleep(2)  # they are training now
-        p.send_signal(signal.SIGINT)
-        _, err = p.communicate(timeout=30)
+        ranks = _ranks_with_timeout(marker)
+        assert len(ranks) == 2, "the ranks did not start"
+        yield p, ranks
     finally:
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)
             p.wait()
+
+
+def _interrupt(p):
+    """Ctrl-C to the benchmark; its stderr once it exited."""
+    p.send_signal(signal.SIGINT)
+    return p.communicate(timeout=30)[1]
+
+
+def test_pycoll_bench_train_ctrl_c_leaves_no_rank_behind(tmp_path):
+    marker = "4321.5"
+    cmd = [sys.executable, "-m", "pycoll", "bench", "--train", "--ranks", "2", "--shapes", "comm", "--steps",
+           "100000", "--warmup", "1", "--rounds", "1", "--width", "64", "--layers", "2", "--timeout", marker]
+    with _training(cmd, marker, tmp_path) as (p, _):
+        time.sleep(2)  # they are training now
+        err = _interrupt(p)
     assert p.returncode == 130, err
     assert "pycoll bench --train: interrupted" in err, err
     assert _ranks_with_timeout(marker) == [], "a rank outlived the benchmark"
@@ -134,32 +150,17 @@ def _children(pid):
 def test_sessions_place_ranks_and_busy_loops(layout, tmp_path):
     """--sessions: each rank and busy loop in a session of its own (each), all in the benchmark's
     session (job), or the ranks in it and each busy loop in its own (apart)."""
-    import signal
-    import subprocess
-    import time
     marker = {"each": "4322.5", "job": "4323.5", "apart": "4324.5"}[layout]
     cmd = [sys.executable, BENCH, "--ranks", "2", "--shapes", "comm", "--steps", "100000", "--warmup", "1",
            "--rounds", "1", "--width", "64", "--layers", "2", "--burn", "1", "--sessions", layout,
            "--timeout", marker]
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                         env=dict(os.environ, TMPDIR=str(tmp_path)))
-    try:
-        deadline = time.monotonic() + 60
-        while len(_ranks_with_timeout(marker)) < 2 and time.monotonic() < deadline:
-            time.sleep(0.2)
-        ranks = _ranks_with_timeout(marker)
-        assert len(ranks) == 2, "the ranks did not start"
+    with _training(cmd, marker, tmp_path) as (p, ranks):
         loops = [k for k in _children(p.pid) if k not in ranks]
         assert len(loops) == 1, loops
         ours = _session_of(p.pid)
         rank_sessions = [_session_of(r) for r in ranks]
         loop_session = _session_of(loops[0])
-        p.send_signal(signal.SIGINT)
-        p.communicate(timeout=30)
-    finally:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
+        _interrupt(p)
     assert rank_sessions == (ranks if layout == "each" else [ours, ours])
     assert loop_session == (ours if layout == "job" else loops[0])
     assert p.returncode == 130
