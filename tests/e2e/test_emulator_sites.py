@@ -24,15 +24,18 @@ def _spec(uplink, nic=None, delay=0.004, members=((0, 2), (1, 3))):
 @pytest.mark.timeout(120)
 def test_sites_route_and_delay_only_between_sites(emu_ok):
     """Interleaved placement (rank r in site r % 2): every pair reachable, RTT 2 x delay across
-    sites and about 0 inside one; the delay line sees only traffic between the routers."""
+    sites and about 0 inside one; the delay line sees only traffic between the routers. A busy
+    host only adds to a round trip (one median of 3 read 49 ms across), so the fastest of 5 is
+    held to the bounds: every one of them delayed at least the 20 ms across, none inside."""
     with Emulator(_spec(None, delay=0.01)) as emu:
         assert len(emu.router_netns) == 2 and all(ns in list_netns() for ns in emu.router_netns)
-        res = emu.loopback_check(count=3)
+        res = emu.loopback_check(count=5)
         for (u, v), r in res.items():
             if u % 2 == v % 2:
-                assert r["expected"] == 0 and r["rtt"] < 0.01, (u, v, r)  # half the 20 ms across: a loaded host took 4 ms
+                assert r["expected"] == 0 and r["min"] < 0.01, (u, v, r)  # half the 20 ms across
             else:
-                assert r["expected"] == pytest.approx(0.02) and 0.019 < r["rtt"] < 0.04, (u, v, r)
+                assert r["expected"] == pytest.approx(0.02) and 0.019 < r["min"] < 0.04, (u, v, r)
+                assert r["rtt"] >= r["min"], (u, v, r)
         assert emu.stats()["unknown_dst"] == 0
         routes = emu.exec_in(0, ["ip", "route"], timeout=10).stdout
         assert "10.77.0.2 via 10.77.255.1" in routes and "10.77.0.3 via" not in routes
