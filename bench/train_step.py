@@ -5,8 +5,9 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
-from pycoll.train_bench import (  # noqa: E402,F401 - helpers for bench/ scripts
-    _killpg, _sigterm, busy_loops, ints, main, mib, run, start_burners)
+from pycoll.train_bench import run  # noqa: E402
+# the helpers other bench/ scripts take from here (import train_step as _ts)
+from pycoll.train_bench import _killpg, _sigterm, busy_loops, ints  # noqa: E402,F401
 
 if __name__ == "__main__":
     sys.exit(run(prog="bench/train_step.py"))
