@@ -50,40 +50,57 @@ def test_measure_on_loopback():
 
 
 # ---- emulator ---------------------------------------------------------------------------------
-@pytest.mark.timeout(240)
-def test_pycoll_probe_finds_interleaved_racks_and_their_shared_uplink(emu_ok, tmp_path):
-    from pycoll.emulator import Emulator, EmuSpec, RUN_PREFIX, SiteSpec, list_netns
-    from pycoll.plan.topology import load_topology, ring_order
-    n = 6
-    base = EmuSpec.uniform(n, delay_s=0.005)
-    truth = [r % 2 for r in range(n)]
-    spec = EmuSpec(n, link=base.link, host_nic_bps=400e6,
-                   sites=[SiteSpec((0, 2, 4), 40e6), SiteSpec((1, 3, 5), 40e6)])
-    out = tmp_path / "measured.toml"
+def _probe_emulated_racks(spec, out):
+    """`pycoll probe` once per emulated host; rank 0's report."""
+    from pycoll.emulator import Emulator, RUN_PREFIX, list_netns
     env = {"PYTHONPATH": str(ROOT), "TORCH_DEVICE_BACKEND_AUTOLOAD": "0"}
     with Emulator(spec) as emu:
         master = f"{emu.peer_ip(0)}:44777"
-        procs = [emu.run_in(r, [sys.executable, "-m", "pycoll", "probe", "--master", master, "--world-size", str(n),
-                                "--rank", str(r), "--out", str(out), "--join-timeout", "60"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(n)]
+        procs = [emu.run_in(r, [sys.executable, "-m", "pycoll", "probe", "--master", master, "--world-size",
+                                str(spec.n_peers), "--rank", str(r), "--out", str(out), "--join-timeout", "60"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(spec.n_peers)]
         outs = []
         for p in procs:
             o, e = p.communicate(timeout=150)
             assert p.returncode == 0, e[-2000:]
             outs.append(o)
     assert not [ns for ns in list_netns() if ns.startswith(RUN_PREFIX)]
-    print(outs[0])
-    assert f"sites: {truth}" in outs[0]
-    seconds = float(outs[0].split("probe took ")[1].split(" s")[0])
+    return outs[0]
+
+
+@pytest.mark.timeout(420)
+def test_pycoll_probe_finds_interleaved_racks_and_their_shared_uplink(emu_ok, tmp_path):
+    from pycoll.emulator import EmuSpec, SiteSpec
+    from pycoll.plan.topology import load_topology, ring_order
+    n = 6
+    base = EmuSpec.uniform(n, delay_s=0.005)
+    truth = [r % 2 for r in range(n)]
+    uplink_Bps = 5e6  # 40 Mbit/s per site, shared by its three hosts
+    spec = EmuSpec(n, link=base.link, host_nic_bps=400e6,
+                   sites=[SiteSpec((0, 2, 4), 8 * uplink_Bps), SiteSpec((1, 3, 5), 8 * uplink_Bps)])
+    # A busy host starves the emulator's delay lines: every flow across then crawls at the same
+    # CPU-bound rate (CI: one flow 11.6, two at once 14.5 + 12.0 Mbit/s over the 40 Mbit/s uplink),
+    # so two flows add up and no sharing can show. Such a run measured the host, not the network:
+    # it is tried again (at most twice). A missed uplink with flows near the link rate fails at once.
+    for attempt in range(3):
+        out = tmp_path / f"measured{attempt}.toml"
+        report = _probe_emulated_racks(spec, out)
+        print(report)
+        topo = load_topology(out)
+        starved = topo.link(0, 1).bandwidth_Bps < 0.5 * uplink_Bps
+        found = all(np.isfinite(topo.uplinks_Bps()))
+        if found or not starved:
+            break
+    assert f"sites: {truth}" in report
+    seconds = float(report.split("probe took ")[1].split(" s")[0])
     assert seconds < 20.0  # (timing figures: bench/probe.py; here only a hang would fail)
-    topo = load_topology(out)
     assert [g.ranks for g in topo.groups] == [(0, 2, 4), (1, 3, 5)]
     ups = topo.uplinks_Bps()
     # 40 Mbit/s shared, found by the two-flow test. The lower bounds leave room for a loaded host,
     # where a probe's short flows come out slow (2.8 MB/s seen at load 15); the NIC rate (50 MB/s)
     # is what a missed uplink would show.
-    assert all(0.3 * 5e6 < u < 1.2 * 5e6 for u in ups), ups
-    assert 0.3 * 5e6 < topo.link(0, 1).bandwidth_Bps < 1.2 * 5e6
+    assert all(0.3 * uplink_Bps < u < 1.2 * uplink_Bps for u in ups), (ups, attempt)
+    assert 0.3 * uplink_Bps < topo.link(0, 1).bandwidth_Bps < 1.2 * uplink_Bps
     assert topo.link(0, 2).bandwidth_Bps > 4 * topo.link(0, 1).bandwidth_Bps
     assert topo.link(0, 1).latency_s == pytest.approx(0.005, rel=0.3)
     ring = ring_order(topo)
