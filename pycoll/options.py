@@ -205,6 +205,10 @@ ENVIRONMENT = {v.name: v for v in (
     Variable("PYCOLL_SINGLE_COPY", "bytes from which a same-host peer copies a payload straight out of our "
              "memory; 0 or off: never (single_copy=; default: the C core's)", "pycoll.options",
              parse_single_copy, "single_copy"),
+    Variable("PYCOLL_SINGLE_COPY_ADAPT", "1: each communicator times single copy against the rings now and then "
+             "and keeps the faster per size (single copy waits for the peer to run: slower where other jobs "
+             "hold the cores); 0: always single copy from PYCOLL_SINGLE_COPY (single_copy_adapt=; default 1)",
+             "pycoll.options", _flag, "single_copy_adapt"),
     Variable("PYCOLL_COMPRESSION", "default wire codec of float32 payloads: none, fp16, bf16, int8 "
              "(compression=)", "pycoll.options", _text, "compression"),
     Variable("PYCOLL_PROBE_SECONDS", "seconds each pair's bandwidth flow lasts in the topology=\"measure\" "
@@ -287,6 +291,7 @@ class Options:
     preserve_input: bool = True                 # a failed call leaves the input as it was
     transport: str = "auto"                     # "auto": shared memory to same-host peers, TCP to the rest
     single_copy: Optional[int] = None           # bytes from which same-host payloads copy once (None: C default)
+    single_copy_adapt: bool = True              # learn per size whether single copy or the rings is faster
     compression: Any = None                     # default wire codec of float32 payloads (checked by plan.compression)
     topology: Any = None                        # as given: a path, TOML file name or Topology (loaded by plan.topology)
     calibrate: bool = True                      # measure the cost model when an epoch is installed
@@ -319,6 +324,7 @@ class Options:
         check("failover", _flag)
         check("transport", parse_transport)
         check("single_copy", parse_single_copy)
+        check("single_copy_adapt", _flag)
         check("max_retries", _count)
         object.__setattr__(self, "tags", tag_list(self.tags))
 

@@ -177,6 +177,9 @@ def rank_main(a):
                 res[name].append(wall)
                 res[name + "_cpu"].append(c)
     res["buckets_bytes"] = sizes
+    if a.backend == "pycoll":  # which way its big same-host payloads went (single_copy_adapt)
+        runs = pycoll.torch.communicator().single_copy_runs
+        res["single_copy_runs"] = [runs["single_copy"], runs["rings"]]
     dist.barrier()
     dist.destroy_process_group()
     print("RESULT " + json.dumps(res), flush=True)
@@ -287,7 +290,9 @@ def summarize(runs):
     return {"step_ms": med["step"], "compute_ms": med["compute"], "comm_ms": med["comm"],
             "exposed_ms": med["step"] - med["compute"], "step_cpu_ms": 1e3 * cpu["step"] / count,
             "compute_cpu_ms": 1e3 * cpu["compute"] / count, "steps": count,
-            "step_ms_all": [1e3 * t for t in per_step["step"]], "buckets_bytes": runs[0][0]["buckets_bytes"]}
+            "step_ms_all": [1e3 * t for t in per_step["step"]], "buckets_bytes": runs[0][0]["buckets_bytes"],
+            "single_copy_runs": [sum(r.get("single_copy_runs", (0, 0))[k] for ranks in runs for r in ranks)
+                                 for k in (0, 1)]}
 
 
 @contextlib.contextmanager
@@ -442,6 +447,12 @@ def main(argv=None, prog=None):
                 "gradients" if a.wrap == "fsdp2" else
                 f"one async all_reduce per DDP bucket ({sizes}), then wait")
         print(f"\ncomm alone = {what}; exposed comm = step - compute (can be negative within noise).")
+        ways = [f"{r['ranks']} ranks {r['shape']} {'burn ' + str(r['burn']) if r['burn'] else 'idle'}: "
+                f"{r['pycoll']['single_copy_runs'][1]} of {sum(r['pycoll']['single_copy_runs'])}"
+                for r in done if sum(r["pycoll"]["single_copy_runs"])]
+        if ways:
+            print("pycoll's collectives big enough for single copy that went through the shared-memory rings "
+                  "instead (single_copy_adapt: timed faster here, or a probe), all ranks: " + "; ".join(ways) + ".")
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"args": {k: v for k, v in vars(a).items() if k not in ("worker", "rank", "n", "port",

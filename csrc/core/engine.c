@@ -40,6 +40,7 @@
 #include <unistd.h>
 
 #include "copy.h"
+#include "copy_choice.h"
 #include "huge_pages.h"
 #include "plan.h"
 #include "pycoll.h"
@@ -102,6 +103,7 @@ struct pc_comm {
     int32_t cpus_online;
     int busy_looks;           /* consecutive looks at the host that found it busy (host_busy) */
     huge_pages huge;          /* which single-copy buffers go onto huge pages (huge_pages.c) */
+    copy_choice choice;       /* single copy or the rings, learned per size class (copy_choice.c) */
     double busy_seen_at;      /* when the last look was (0: never) */
     void *scratch;            /* scratch_cap bytes inside a mapping of scratch_map bytes (see grow_scratch) */
     uint64_t scratch_cap;
@@ -186,6 +188,7 @@ pc_status pc_comm_create_keyed(int32_t rank, int32_t nranks, int32_t stripes, co
     pc_status st = PC_ERR_NOMEM;
     if (!c) goto fail_fds;
     huge_pages_init(&c->huge);
+    copy_choice_init(&c->choice);
     c->rank = rank;
     c->nranks = nranks;
     c->stripes = stripes;
@@ -287,6 +290,13 @@ void pc_comm_set_single_copy(pc_comm *c, uint64_t min_bytes) {
     c->remote_min = min_bytes;
     for (int32_t i = 0; i < c->nranks * c->stripes; i++)
         if (c->conns[i] && c->conns[i]->ops->rma_allow) c->conns[i]->ops->rma_allow(c->conns[i], min_bytes != 0);
+}
+
+void pc_comm_set_single_copy_adapt(pc_comm *c, int32_t adapt) { c->choice.adapt = adapt != 0; }
+
+void pc_comm_single_copy_runs(const pc_comm *c, uint64_t *single_copy, uint64_t *rings) {
+    if (single_copy) *single_copy = c->choice.runs[1];
+    if (rings) *rings = c->choice.runs[0];
 }
 
 void pc_comm_shutdown(pc_comm *c) {
@@ -1322,6 +1332,19 @@ int32_t pc_engine_peak_running(int32_t reset) {
     return __atomic_load_n(&peak_plans, __ATOMIC_RELAXED);
 }
 
+/* Runs a prepared run whose payloads may go single-copy (r->remote): which way they go is the
+ * comm's learned choice for runs of `bytes` (copy_choice.c), timed for it on success. */
+static pc_status run_choosing(pc_comm *comm, run_state *r, uint64_t bytes, void *const *bufs,
+                              const uint64_t *buf_bytes, int32_t nbufs, double timeout_s, int32_t *failed_peer) {
+    int choosing = r->remote && single_copy_peers(comm);
+    if (choosing) r->remote = copy_choice_pick(&comm->choice, bytes);
+    if (r->remote && choosing) huge_pages_of_run(&comm->huge, nbufs, bufs, buf_bytes);
+    double t0 = now_s();
+    pc_status st = run_loop(comm, r, timeout_s, failed_peer);
+    if (choosing && st == PC_OK) copy_choice_learn(&comm->choice, bytes, r->remote, now_s() - t0);
+    return st;
+}
+
 static pc_status run_part(pc_comm *comm, const pc_plan *plan, int32_t part, void *const *bufs,
                           const uint64_t *buf_bytes, int32_t dtype, int32_t op, uint64_t seq, uint32_t desc,
                           double timeout_s, int32_t *failed_peer) {
@@ -1365,9 +1388,8 @@ static pc_status run_part(pc_comm *comm, const pc_plan *plan, int32_t part, void
     uint64_t span = plan->need_bytes[PC_BUF_IN] > plan->need_bytes[PC_BUF_OUT] ? plan->need_bytes[PC_BUF_IN]
                                                                                : plan->need_bytes[PC_BUF_OUT];
     r.remote = comm->remote_min && span >= comm->remote_min;
-    if (r.remote && part != PC_RUN_TAIL && single_copy_peers(comm)) huge_pages_of_run(&comm->huge, 2, bufs, plan->need_bytes);
     if (part == PC_RUN_TAIL) return run_tail(comm, plan, &r);
-    return run_loop(comm, &r, timeout_s, failed_peer);
+    return run_choosing(comm, &r, span, bufs, plan->need_bytes, 2, timeout_s, failed_peer);
 }
 
 static pc_status check_buffer_plan(pc_comm *comm, const pc_plan *plan, int32_t first, int32_t nbufs,
@@ -1403,8 +1425,7 @@ pc_status pc_comm_run_remapped(pc_comm *comm, const pc_plan *plan, int32_t nbufs
     run_state r;
     run_init(&r, comm, plan, table, dtype, op, es, seq, desc, plan->nops);
     r.remote = comm->remote_min && total >= comm->remote_min;
-    if (r.remote && single_copy_peers(comm)) huge_pages_of_run(&comm->huge, nbufs, bufs, buf_bytes);
-    pc_status st = run_loop(comm, &r, timeout_s, failed_peer);
+    pc_status st = run_choosing(comm, &r, total, bufs, buf_bytes, nbufs, timeout_s, failed_peer);
     if (table != stack) free(table);
     return st;
 }

@@ -433,6 +433,15 @@ void pc_comm_set_shm_spin(pc_comm *comm, int32_t spin_us);
  * the first collective. */
 #define PC_SINGLE_COPY_DEFAULT 3145728
 void pc_comm_set_single_copy(pc_comm *comm, uint64_t min_bytes);
+/* Whether such payloads go single-copy is learned per comm and size class
+ * (default on): a run's rendezvous waits for the peer to run, which costs more
+ * than the ring's second copy where the ranks seldom run at once (other jobs'
+ * sessions on the cores); the comm times both ways now and then, on the same
+ * calls on every rank, and keeps the faster (core/copy_choice.h). 0: always
+ * single copy from min_bytes. */
+void pc_comm_set_single_copy_adapt(pc_comm *comm, int32_t adapt);
+/* Runs big enough for single copy, with single-copy peers, sent each way. */
+void pc_comm_single_copy_runs(const pc_comm *comm, uint64_t *single_copy, uint64_t *rings);
 /* Closes every connection; the comm can only be freed afterwards. Peers
  * blocked on us see PC_ERR_PEER at once (this is how a failure propagates). */
 void pc_comm_shutdown(pc_comm *comm);

@@ -117,6 +117,8 @@ class Communicator:
     transport = _setting("transport", '"auto" (shared memory to same-host peers, TCP to the rest), "shm" or "tcp".')
     single_copy = _setting("single_copy", "Bytes from which a same-host peer copies a payload straight out of our "
                            "memory (0: never).", lambda self: self._epoch.single_copy_bytes())
+    single_copy_adapt = _setting("single_copy_adapt", "Each size's payloads go single-copy or through the rings, "
+                                 "whichever this communicator timed faster (False: always single copy).")
     compression = _setting("compression", "The default wire codec of float32 payloads.")
     topology = _setting("topology", "The topology (pycoll.plan.topology.Topology) or None.",
                         lambda self: self._epoch.topology)
@@ -988,6 +990,14 @@ class Communicator:
         """Bytes this peer copied straight out of same-host peers' memory this
         epoch (single copy, see ``single_copy``), instead of through a ring."""
         return engine.bytes_single_copy(self._epoch.ccomm)
+
+    @property
+    def single_copy_runs(self) -> dict:
+        """This epoch's collectives big enough for single copy with same-host peers that allow it,
+        by the way this peer sent them: {"single_copy": n, "rings": m} (``single_copy_adapt``
+        chose the rings where they were timed faster, and for its probes)."""
+        single, rings = engine.single_copy_runs(self._epoch.ccomm)
+        return {"single_copy": single, "rings": rings}
 
     @property
     def single_copy_refused(self) -> dict:

@@ -659,7 +659,7 @@ class Epoch:
         o = self.options
         return engine.create(rank, n, o.stripes, links, spin_us=o.spin_us, single_copy=self.single_copy_bytes(),
                              stall_timeout=o.progress_timeout or 0.0, psk=self._tls_key,
-                             handshake_timeout=o.mesh_timeout or 30.0)
+                             handshake_timeout=o.mesh_timeout or 30.0, single_copy_adapt=o.single_copy_adapt)
 
     def single_copy_refused(self):
         """{rank: errno} of the same-host peers whose memory the kernel refused us to read."""

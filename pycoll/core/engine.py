@@ -49,7 +49,7 @@ def run_tail(comm, plan, bufs, sizes, dtype, op, seq, desc, timeout, failed):
 
 # ---- lifetime ----------------------------------------------------------------------------------
 def create(rank, nranks, stripes, links, spin_us=None, single_copy=None, stall_timeout=None, psk=None,
-           handshake_timeout=10.0):
+           handshake_timeout=10.0, single_copy_adapt=None):
     """A C communicator over ``links`` (:class:`pycoll.net.mesh.Links`: a kind and fds per
     connection; the comm owns them from here on, also when this fails) with its settings
     (None: the C default). ``psk``: the key of the PC_CONN_TLS connections (their TLS 1.3
@@ -74,6 +74,8 @@ def create(rank, nranks, stripes, links, spin_us=None, single_copy=None, stall_t
         lib.pc_comm_set_spin(comm, spin_us)
     if single_copy is not None:
         lib.pc_comm_set_single_copy(comm, single_copy)
+    if single_copy_adapt is not None:
+        lib.pc_comm_set_single_copy_adapt(comm, bool(single_copy_adapt))
     if stall_timeout is not None:
         lib.pc_comm_set_stall_timeout(comm, float(stall_timeout))
     return comm
@@ -136,6 +138,16 @@ def single_copy_refused(comm, peer):
     """The errno with which the kernel refused ``comm``'s reads of same-host ``peer``'s memory
     (0: allowed, not a shared-memory peer, or not known yet)."""
     return int(lib.pc_comm_single_copy_refused(comm, peer)) if comm is not None else 0
+
+
+def single_copy_runs(comm):
+    """(runs sent single-copy, runs sent through the rings) among ``comm``'s runs big enough for
+    single copy with same-host peers that allow it ((0, 0) for no comm)."""
+    if comm is None:
+        return 0, 0
+    single, rings = ffi.new("uint64_t *"), ffi.new("uint64_t *")
+    lib.pc_comm_single_copy_runs(comm, single, rings)
+    return int(single[0]), int(rings[0])
 
 
 def bytes_single_copy(comm):

@@ -766,6 +766,42 @@ def test_single_copy_setting(monkeypatch, setting, env, want):
         assert (copied > 0) == (want > 0 and allowed), (copied, allowed)
 
 
+def _adaptive_single_copy_job(comm, calls):
+    allowed = _can_read_a_peer(comm)
+    exact = True
+    for i in range(calls):  # integer values: any reduction order gives NumPy's bits
+        inputs = [np.random.default_rng([i, r]).integers(-1000, 1000, 1 << 20).astype(np.float32)
+                  for r in range(comm.world_size)]
+        x = inputs[comm.rank].copy()
+        comm.all_reduce(x)
+        exact &= bool(np.array_equal(x, np.sum(inputs, axis=0, dtype=np.float32)))
+    return comm.single_copy_runs, comm.bytes_single_copy, exact, allowed, comm.single_copy_adapt
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("adapt,preserve", [(None, True), (None, False), ("0", True)])
+def test_single_copy_or_rings_is_learned_per_size(monkeypatch, adapt, preserve):
+    """Each comm times single copy against the rings on the same calls on every rank (its first
+    probe: calls 5-7) and keeps the faster per size; every call, probes included, returns NumPy's
+    bits. PYCOLL_SINGLE_COPY_ADAPT=0 (single_copy_adapt=False) sends every run single-copy."""
+    if adapt is None:
+        monkeypatch.delenv("PYCOLL_SINGLE_COPY_ADAPT", raising=False)
+    else:
+        monkeypatch.setenv("PYCOLL_SINGLE_COPY_ADAPT", adapt)
+    calls = 12
+    results = pycoll.testing.run(_adaptive_single_copy_job, 3, args=(calls,), timeout=90,
+                                 init_kwargs={"transport": "shm", "preserve_input": preserve})
+    for runs, copied, exact, allowed, on in results:
+        assert exact
+        assert on == (adapt is None)
+        if not allowed:  # the host forbids reading a peer: nothing to choose
+            assert runs == {"single_copy": 0, "rings": 0} and copied == 0, runs
+            continue
+        assert runs["single_copy"] + runs["rings"] == calls, runs
+        assert runs["rings"] >= (3 if on else 0) and (on or runs["rings"] == 0), runs
+        assert copied > 0
+
+
 def _admitted_job(comm):
     err = ffi.new("int32_t *")
     pid = lib.pc_readers_admitted(err)
@@ -994,9 +1030,10 @@ def _huge_page_run(job, args=(), sizes=lambda result: result[0], attempts=3):
     kB): a collapse the kernel could not finish, for want of a free 2 MiB page at that moment (the
     suite's other worker fragments memory; seen once: 3 of a buffer's 4 pages), which also stops
     collapses for a while. That is the host's state, not what these tests are about; a rule that
-    is wrong shows on every attempt."""
+    is wrong shows on every attempt. Every call goes single-copy (single_copy_adapt off): these
+    tests count collapses call by call, and only a single-copy run collapses its buffers."""
     for _ in range(attempts):
-        results = pycoll.testing.run(job, 2, args=args, timeout=30)
+        results = pycoll.testing.run(job, 2, args=args, timeout=30, init_kwargs={"single_copy_adapt": False})
         if not any(0 < kb < 4 * 2048 for result in results for kb in sizes(result)):
             break
         try:

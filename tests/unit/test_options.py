@@ -23,13 +23,15 @@ def test_defaults_without_arguments_or_environment():
         (120.0, 30.0, 0.0, 1, 1 << 20, 200)
     assert (o.transport, o.single_copy, o.compression, o.topology, o.calibrate, o.tags, o.max_retries) == \
         ("auto", None, None, None, True, (), 8)
+    assert o.single_copy_adapt is True
 
 
 def test_the_environment_sets_what_no_argument_gives():
     env = {"PYCOLL_TIMEOUT": "7.5", "PYCOLL_STALL_TIMEOUT": "0", "PYCOLL_STRIPES": "3", "PYCOLL_TRANSPORT": "TCP",
            "PYCOLL_SINGLE_COPY": "off", "PYCOLL_COMPRESSION": "bf16", "PYCOLL_CALIBRATE": "0",
-           "PYCOLL_TOPOLOGY": "sites.toml", "PYCOLL_LINK": "2gbit/50ms"}
+           "PYCOLL_TOPOLOGY": "sites.toml", "PYCOLL_LINK": "2gbit/50ms", "PYCOLL_SINGLE_COPY_ADAPT": "0"}
     o = Options.resolve(env=env)
+    assert o.single_copy_adapt is False
     assert (o.timeout, o.stall_timeout, o.stripes, o.transport, o.single_copy) == (7.5, 0.0, 3, "tcp", 0)
     assert (o.compression, o.calibrate, o.topology, o.link) == ("bf16", False, "sites.toml", "2gbit/50ms")
 
@@ -62,6 +64,7 @@ def test_stripes_default_to_auto_when_a_link_or_topology_is_known():
     ("PYCOLL_TIMEOUT", "soon"), ("PYCOLL_TIMEOUT", "-1"), ("PYCOLL_TIMEOUT", "0"), ("PYCOLL_STALL_TIMEOUT", "x"),
     ("PYCOLL_STRIPES", "many"), ("PYCOLL_STRIPES", "65"), ("PYCOLL_TRANSPORT", "rdma"),
     ("PYCOLL_SINGLE_COPY", "lots"), ("PYCOLL_SINGLE_COPY", "-5"), ("PYCOLL_CALIBRATE", "maybe"),
+    ("PYCOLL_SINGLE_COPY_ADAPT", "sometimes"),
 ])
 def test_a_bad_variable_raises_invalid_argument_naming_it(name, value):
     with pytest.raises(pycoll.InvalidArgument, match=f"environment variable {name}={value!r}"):
@@ -75,6 +78,7 @@ def test_a_bad_variable_raises_invalid_argument_naming_it(name, value):
     ("timeout", -1), ("timeout", "soon"), ("stall_timeout", -0.5), ("stripes", 0), ("stripes", "lots"),
     ("segment_bytes", 0), ("spin_us", 1.5), ("transport", "rdma"), ("single_copy", -1), ("tags", [1, 1]),
     ("tags", [1.5]), ("preserve_input", "perhaps"), ("max_retries", -1), ("mesh_timeout", 0),
+    ("single_copy_adapt", "sometimes"),
 ])
 def test_a_bad_argument_raises_invalid_argument_naming_it(name, value):
     with pytest.raises(pycoll.InvalidArgument, match=re.escape(name if name != "tags" else "tags:")):
