@@ -196,7 +196,7 @@ def test_streaming_with_compressed_pseudo_gradients_over_striped_links(compressi
                connect={"stripes": 2})
     names = ["f0", "f1", "f2"]
     with Group(3, cfg) as g:
-        g.join_when(4 * 4, "s3")  # (4 fragment syncs per round)
+        g.join_when(5 * 4 - 1, "s3")  # the sync before round 5's first (4 fragment syncs per round)
         results = g.results()
     victims = [n for n, r in results.items() if r is KILLED]
     live = {n: r for n, r in results.items() if r is not KILLED}

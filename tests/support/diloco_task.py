@@ -90,6 +90,14 @@ def train(comm, cfg, progress=None, data_name=None):
             _wait_settled(diloco)  # async: its last round's all-reduce has finished (see the test)
             os.kill(os.getpid(), signal.SIGKILL)
         if step == join and not records[0]["joined"]:
+            # Every sync point before the join done, and said so: the joiner connects only then
+            # (Group.join_when: the revision before the join), so the next sync point admits it,
+            # however fast it starts (in CI a joiner that connected while members were still
+            # before an earlier sync point was admitted there, and met this wait's all-reduce).
+            _wait_settled(diloco)
+            if progress is not None:
+                with progress.get_lock():
+                    progress.value = max(progress.value, diloco.revision)
             _wait_for_joiner(comm)
         x, y = next(data)
         loss = torch.nn.functional.mse_loss(model(x), y)
