@@ -6,13 +6,13 @@
 #include <string.h>
 
 #define FIRST_PROBE 5     /* the first probe: after a warm-up run and a few measured ones */
-#define MIN_GAP 8         /* calls between the first probes ... */
-#define MAX_GAP 256       /* ... doubling up to this (a probe then costs about 1 % of the calls) */
+#define MIN_GAP 32        /* calls between the first probes ... */
+#define MAX_GAP 512       /* ... doubling up to this (a probe then costs 0.6 % of the calls) */
 #define MIN_SEEN 3        /* recent runs needed to judge a probe */
 /* A switch needs the probe's median under this share of the recent runs' median. To the rings
  * only when they are clearly faster: they copy every byte twice (more CPU, more memory traffic)
  * and on a loaded host near-ties are noise; back to single copy as soon as it is ahead. */
-#define TO_RINGS_BELOW 0.67f
+#define TO_RINGS_BELOW 0.5f
 #define TO_SINGLE_BELOW 0.9f
 
 void copy_choice_init(copy_choice *c) {

@@ -10,7 +10,7 @@
  * while a ring send lands and returns. No fixed rule tells the two apart, so each comm learns
  * it per size class from its own runs: it keeps the time per byte of the preferred way's last
  * 8 runs, runs the other way now and then (a probe: 3 runs in a row, at gaps that double from
- * 8 calls to 256), and switches when the probe's median is clearly below the recent runs'
+ * 32 calls to 512), and switches when the probe's median is clearly below the recent runs'
  * (medians: on a loaded host one run in a few is descheduled and takes several times longer).
  *
  * Probes fall on the same calls on every rank (they count calls, not time, and the schedule
