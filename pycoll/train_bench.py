@@ -70,8 +70,10 @@ SHAPES = {"comm": 4, "compute": 64}  # shape name -> batch size
 
 # ---- rank side (each rank is its own process) ----------------------------------------------
 def rank_main(a):
-    # Die on our own if the driver is gone or stuck: SIGALRM's default action ends the process.
+    # Die on our own if the driver is gone or stuck: SIGALRM's default action ends the process;
+    # and with the driver, where the kernel can say so (a SIGKILLed driver cleans nothing up).
     signal.alarm(int(a.timeout) + 30)
+    _die_with_parent()
     import copy
     import datetime
     import resource
@@ -188,6 +190,20 @@ def rank_main(a):
     # and then aborts ("terminate called without an active exception", ~1 in 15 launches here)
     # after destroy_process_group has returned, failing a launch whose results are complete.
     os._exit(0)
+
+
+def _die_with_parent():
+    """SIGKILL this process when the one that started it ends (Linux: PR_SET_PDEATHSIG)."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    parent = os.getppid()
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # it ended before the request took effect
+        os._exit(1)
 
 
 # ---- driver ---------------------------------------------------------------------------------

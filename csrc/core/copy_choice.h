@@ -5,8 +5,9 @@
  * transfer is a rendezvous: the reader reads only after the sender posted, and the sender's
  * send ends only when the reader has read. Where the ranks run at once (an idle host, or load
  * that shares their session) that costs nothing and halves the bytes. Where they seldom run at
- * once (a job squeezed by other jobs' sessions: measured 2 ranks, 16 MiB, single copy 41-50 ms
- * against 15 ms through the rings) each rendezvous waits for the peer's next turn on a core,
+ * once (a job squeezed by other jobs' sessions: measured 2 ranks, a DDP step's 28 + 4 MiB
+ * all-reduces, 41-50 ms single-copied against 15 ms through the rings) each rendezvous waits
+ * for the peer's next turn on a core,
  * while a ring send lands and returns. No fixed rule tells the two apart, so each comm learns
  * it per size class from its own runs: it keeps the time per byte of the preferred way's last
  * 8 runs, runs the other way now and then (a probe: 3 runs in a row, at gaps that double from

@@ -67,8 +67,14 @@ def test_train_step_fsdp2(tmp_path):
         assert r["buckets_bytes"] == [(64 * 64 + 64) * 4] * 2  # each unit gathered whole (2 ranks: no padding)
 
 
-def _ranks_with_timeout(marker):
-    """pids of training-step ranks whose --timeout is ``marker`` (one test's own)."""
+def _parent_of(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])  # field 4: the parent's pid
+
+
+def _ranks_with_timeout(marker, parent=None):
+    """pids of training-step ranks whose --timeout is ``marker`` (one test's own); with ``parent``,
+    only its children (a process a rank forks keeps the rank's command line for a while)."""
     found = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
@@ -77,7 +83,11 @@ def _ranks_with_timeout(marker):
         except OSError:
             continue
         if b"pycoll.train_bench" in args and b"--timeout" in args and marker.encode() in args:
-            found.append(int(pid))
+            try:
+                if parent is None or _parent_of(pid) == parent:
+                    found.append(int(pid))
+            except OSError:
+                continue
     return found
 
 
@@ -95,21 +105,29 @@ def test_pycoll_bench_train_runs_the_training_step(tmp_path):
 def _training(cmd, marker, tmp_path):
     """Start the benchmark ``cmd`` (long: it trains until stopped) in a session of its own and
     wait for its two ranks, found by their --timeout ``marker``; yields (process, rank pids).
-    The benchmark's whole session is killed on the way out if it is still there."""
+    On the way out the benchmark's process group is killed if it is still there, and every rank
+    of this test: in the layouts that keep the ranks in the benchmark's session they have process
+    groups of their own (a suite run once left two such pairs training for an hour, after an
+    assertion failed before the Ctrl-C, and the load failed six other tests)."""
     import subprocess
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
                          env=dict(os.environ, TMPDIR=str(tmp_path)))
     try:
         deadline = time.monotonic() + 60
-        while len(_ranks_with_timeout(marker)) < 2 and time.monotonic() < deadline:
+        while len(_ranks_with_timeout(marker, p.pid)) < 2 and time.monotonic() < deadline:
             time.sleep(0.2)
-        ranks = _ranks_with_timeout(marker)
-        assert len(ranks) == 2, "the ranks did not start"
+        ranks = _ranks_with_timeout(marker, p.pid)
+        assert len(ranks) == 2, f"the ranks did not start: {ranks}"
         yield p, ranks
     finally:
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)
             p.wait()
+        for pid in _ranks_with_timeout(marker):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
 
 
 def _interrupt(p):
@@ -128,6 +146,23 @@ def test_pycoll_bench_train_ctrl_c_leaves_no_rank_behind(tmp_path):
     assert p.returncode == 130, err
     assert "pycoll bench --train: interrupted" in err, err
     assert _ranks_with_timeout(marker) == [], "a rank outlived the benchmark"
+
+
+def test_ranks_end_with_a_killed_benchmark(tmp_path):
+    """SIGKILL to the benchmark alone (no Ctrl-C handler runs): its ranks, in process groups of
+    their own, end with it instead of training on until their --timeout."""
+    marker = "4325.5"
+    cmd = [sys.executable, BENCH, "--ranks", "2", "--shapes", "comm", "--steps", "100000", "--warmup", "1",
+           "--rounds", "1", "--width", "64", "--layers", "2", "--sessions", "job", "--timeout", marker]
+    with _training(cmd, marker, tmp_path) as (p, ranks):
+        time.sleep(1)
+        os.kill(p.pid, signal.SIGKILL)
+        p.wait()
+        deadline = time.monotonic() + 20
+        while _ranks_with_timeout(marker) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        left = _ranks_with_timeout(marker)
+    assert left == [], f"ranks {left} outlived their benchmark"
 
 
 def _session_of(pid):
