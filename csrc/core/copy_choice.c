@@ -18,20 +18,21 @@
 void copy_choice_init(copy_choice *c) {
     memset(c, 0, sizeof *c);
     c->adapt = 1;
-    for (int k = 0; k < COPY_CHOICE_CLASSES; k++) {
-        c->cls[k].single = 1;
-        c->cls[k].next_probe = FIRST_PROBE;
-        c->cls[k].gap = MIN_GAP;
-    }
+    for (int kind = 0; kind < COPY_CHOICE_KINDS; kind++)
+        for (int k = 0; k < COPY_CHOICE_CLASSES; k++) {
+            c->cls[kind][k].single = 1;
+            c->cls[kind][k].next_probe = FIRST_PROBE;
+            c->cls[kind][k].gap = MIN_GAP;
+        }
 }
 
-static copy_class *class_of(copy_choice *c, uint64_t bytes) {
+static copy_class *class_of(copy_choice *c, int kind, uint64_t bytes) {
     int k = 0;
     while (bytes > 1 && k < COPY_CHOICE_CLASSES - 1) {
         bytes >>= 1;
         k++;
     }
-    return &c->cls[k];
+    return &c->cls[kind >= 0 && kind < COPY_CHOICE_KINDS ? kind : COPY_RUN_EQUAL][k];
 }
 
 static int probing(const copy_class *k, uint32_t call) {
@@ -65,10 +66,10 @@ static void end_probe(copy_class *k) {
     k->gap = k->gap * 2 > MAX_GAP ? MAX_GAP : k->gap * 2;
 }
 
-int copy_choice_pick(copy_choice *c, uint64_t bytes) {
+int copy_choice_pick(copy_choice *c, int kind, uint64_t bytes) {
     int single = 1;
     if (c->adapt) {
-        copy_class *k = class_of(c, bytes);
+        copy_class *k = class_of(c, kind, bytes);
         if (k->calls == k->next_probe + COPY_CHOICE_PROBE) end_probe(k);
         single = probing(k, k->calls) ? !k->single : k->single;
         k->calls++;
@@ -77,9 +78,9 @@ int copy_choice_pick(copy_choice *c, uint64_t bytes) {
     return single;
 }
 
-void copy_choice_learn(copy_choice *c, uint64_t bytes, int single, double seconds) {
-    if (!c->adapt || !bytes || seconds < 0) return;
-    copy_class *k = class_of(c, bytes);
+void copy_choice_learn(copy_choice *c, int kind, uint64_t bytes, int single, double seconds) {
+    if (!c->adapt || seconds < 0) return;
+    copy_class *k = class_of(c, kind, bytes);
     uint32_t call = k->calls - 1; /* the run being reported: runs of one comm do not overlap */
     float x = (float)(seconds * 1e9 / (double)bytes);
     if (probing(k, call)) {

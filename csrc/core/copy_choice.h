@@ -9,7 +9,7 @@
  * all-reduces, 41-50 ms single-copied against 15 ms through the rings) each rendezvous waits
  * for the peer's next turn on a core,
  * while a ring send lands and returns. No fixed rule tells the two apart, so each comm learns
- * it per size class from its own runs: it keeps the time per byte of the preferred way's last
+ * it per kind of run and size class from its own runs: it keeps the time per byte of the preferred way's last
  * 8 runs, runs the other way now and then (a probe: 3 runs in a row, at gaps that double from
  * 32 calls to 512), and switches when the probe's median is clearly below the recent runs'
  * (medians: on a loaded host one run in a few is descheduled and takes several times longer).
@@ -25,6 +25,9 @@
 #include <stdint.h>
 
 #define COPY_CHOICE_CLASSES 48 /* size classes: one per power of two of the run's bytes */
+/* Kinds of run, learned apart: a size's all-gather and reduce-scatter (FSDP's pair, one after
+ * the other) cost different times per byte, and one window mixing them biases every probe. */
+enum { COPY_RUN_EQUAL, COPY_RUN_IN_LARGER, COPY_RUN_OUT_LARGER, COPY_RUN_REMAPPED, COPY_CHOICE_KINDS };
 
 #define COPY_CHOICE_WINDOW 8 /* recent runs of the preferred way that it is judged by */
 #define COPY_CHOICE_PROBE 3  /* runs of the other way per probe */
@@ -42,14 +45,14 @@ typedef struct {
 
 typedef struct {
     int adapt;           /* 0: always single copy (the learner is off) */
-    copy_class cls[COPY_CHOICE_CLASSES];
+    copy_class cls[COPY_CHOICE_KINDS][COPY_CHOICE_CLASSES];
     uint64_t runs[2];    /* runs sent each way (index: single), for observability */
 } copy_choice;
 
 void copy_choice_init(copy_choice *c);
-/* The way for the next run of `bytes` (1: single copy); counts the call. */
-int copy_choice_pick(copy_choice *c, uint64_t bytes);
+/* The way for the next run of `kind` (COPY_RUN_*) over `bytes` (1: single copy); counts the call. */
+int copy_choice_pick(copy_choice *c, int kind, uint64_t bytes);
 /* What that run took (call only for runs that succeeded). */
-void copy_choice_learn(copy_choice *c, uint64_t bytes, int single, double seconds);
+void copy_choice_learn(copy_choice *c, int kind, uint64_t bytes, int single, double seconds);
 
 #endif

@@ -1333,15 +1333,15 @@ int32_t pc_engine_peak_running(int32_t reset) {
 }
 
 /* Runs a prepared run whose payloads may go single-copy (r->remote): which way they go is the
- * comm's learned choice for runs of `bytes` (copy_choice.c), timed for it on success. */
-static pc_status run_choosing(pc_comm *comm, run_state *r, uint64_t bytes, void *const *bufs,
+ * comm's learned choice for runs of `kind` over `bytes` (copy_choice.c), timed for it on success. */
+static pc_status run_choosing(pc_comm *comm, run_state *r, int kind, uint64_t bytes, void *const *bufs,
                               const uint64_t *buf_bytes, int32_t nbufs, double timeout_s, int32_t *failed_peer) {
     int choosing = r->remote && single_copy_peers(comm);
-    if (choosing) r->remote = copy_choice_pick(&comm->choice, bytes);
+    if (choosing) r->remote = copy_choice_pick(&comm->choice, kind, bytes);
     if (r->remote && choosing) huge_pages_of_run(&comm->huge, nbufs, bufs, buf_bytes);
     double t0 = now_s();
     pc_status st = run_loop(comm, r, timeout_s, failed_peer);
-    if (choosing && st == PC_OK) copy_choice_learn(&comm->choice, bytes, r->remote, now_s() - t0);
+    if (choosing && st == PC_OK) copy_choice_learn(&comm->choice, kind, bytes, r->remote, now_s() - t0);
     return st;
 }
 
@@ -1385,11 +1385,11 @@ static pc_status run_part(pc_comm *comm, const pc_plan *plan, int32_t part, void
     /* Single copy pays once the buffers outgrow the caches: below that, the
      * ring's copy in and copy out run on two cores at once, in cache, and
      * beat one process_vm_readv that must also pin the peer's pages. */
-    uint64_t span = plan->need_bytes[PC_BUF_IN] > plan->need_bytes[PC_BUF_OUT] ? plan->need_bytes[PC_BUF_IN]
-                                                                               : plan->need_bytes[PC_BUF_OUT];
+    uint64_t in = plan->need_bytes[PC_BUF_IN], out = plan->need_bytes[PC_BUF_OUT], span = in > out ? in : out;
     r.remote = comm->remote_min && span >= comm->remote_min;
     if (part == PC_RUN_TAIL) return run_tail(comm, plan, &r);
-    return run_choosing(comm, &r, span, bufs, plan->need_bytes, 2, timeout_s, failed_peer);
+    int kind = in == out ? COPY_RUN_EQUAL : in > out ? COPY_RUN_IN_LARGER : COPY_RUN_OUT_LARGER;
+    return run_choosing(comm, &r, kind, span, bufs, plan->need_bytes, 2, timeout_s, failed_peer);
 }
 
 static pc_status check_buffer_plan(pc_comm *comm, const pc_plan *plan, int32_t first, int32_t nbufs,
@@ -1425,7 +1425,7 @@ pc_status pc_comm_run_remapped(pc_comm *comm, const pc_plan *plan, int32_t nbufs
     run_state r;
     run_init(&r, comm, plan, table, dtype, op, es, seq, desc, plan->nops);
     r.remote = comm->remote_min && total >= comm->remote_min;
-    pc_status st = run_choosing(comm, &r, total, bufs, buf_bytes, nbufs, timeout_s, failed_peer);
+    pc_status st = run_choosing(comm, &r, COPY_RUN_REMAPPED, total, bufs, buf_bytes, nbufs, timeout_s, failed_peer);
     if (table != stack) free(table);
     return st;
 }

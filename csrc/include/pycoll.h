@@ -433,7 +433,7 @@ void pc_comm_set_shm_spin(pc_comm *comm, int32_t spin_us);
  * the first collective. */
 #define PC_SINGLE_COPY_DEFAULT 3145728
 void pc_comm_set_single_copy(pc_comm *comm, uint64_t min_bytes);
-/* Whether such payloads go single-copy is learned per comm and size class
+/* Whether such payloads go single-copy is learned per comm, kind and size
  * (default on): a run's rendezvous waits for the peer to run, which costs more
  * than the ring's second copy where the ranks seldom run at once (other jobs'
  * sessions on the cores); the comm times both ways now and then, on the same

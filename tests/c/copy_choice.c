@@ -27,10 +27,10 @@ static int drive(copy_choice *c, uint64_t bytes, int calls, const double per_mib
                  int *last) {
     int singles = 0;
     for (int i = 0; i < calls; i++) {
-        int s = copy_choice_pick(c, bytes);
+        int s = copy_choice_pick(c, COPY_RUN_EQUAL, bytes);
         singles += s;
         *last = s;
-        copy_choice_learn(c, bytes, s, took(per_mib, s, bytes, jitter, seed));
+        copy_choice_learn(c, COPY_RUN_EQUAL, bytes, s, took(per_mib, s, bytes, jitter, seed));
     }
     return singles;
 }
@@ -72,10 +72,10 @@ int main(void) {
     copy_choice_init(&c);
     int moved = 0;
     for (int i = 0; i < 1000; i++) {
-        int s = copy_choice_pick(&c, 16 * MIB);
+        int s = copy_choice_pick(&c, COPY_RUN_EQUAL, 16 * MIB);
         double t = (s ? 1e-3 : 1.1e-3) * 16 * (i % 4 == 0 && s ? 5.0 : 1.0);
-        copy_choice_learn(&c, 16 * MIB, s, t);
-        moved |= !c.cls[24].single; /* the class (2^24 bytes) preferring the rings */
+        copy_choice_learn(&c, COPY_RUN_EQUAL, 16 * MIB, s, t);
+        moved |= !c.cls[COPY_RUN_EQUAL][24].single; /* the class (2^24 bytes) preferring the rings */
     }
     CHECK(!moved, "outliers moved the class to the rings");
 
@@ -88,17 +88,32 @@ int main(void) {
     }
     CHECK(last_small == 1 && last_big == 0, "classes: 4 MiB single %d, 64 MiB single %d", last_small, last_big);
 
+    /* Kinds learn apart too: one size's reduce-scatters keep single copy while its all-gathers,
+     * called in turn with them, move. */
+    copy_choice_init(&c);
+    int rs_single = 0, ag_single = 0; /* over the last 100 of 200 calls of each */
+    for (int i = 0; i < 200; i++) {
+        int s = copy_choice_pick(&c, COPY_RUN_IN_LARGER, 4 * MIB);
+        copy_choice_learn(&c, COPY_RUN_IN_LARGER, 4 * MIB, s, took(single_fast, s, 4 * MIB, 0.1, &seed));
+        rs_single += i >= 100 && s;
+        s = copy_choice_pick(&c, COPY_RUN_OUT_LARGER, 4 * MIB);
+        copy_choice_learn(&c, COPY_RUN_OUT_LARGER, 4 * MIB, s, took(rings_fast, s, 4 * MIB, 0.1, &seed));
+        ag_single += i >= 100 && s;
+    }
+    CHECK(rs_single >= 90 && ag_single <= 10, "kinds: reduce-scatter %d of 100 single, all-gather %d", rs_single,
+          ag_single);
+
     /* Two ranks that measure differently still probe on the same calls. */
     copy_choice a, b;
     copy_choice_init(&a);
     copy_choice_init(&b);
     unsigned sa = 1, sb = 2;
     for (int i = 0; i < 2000; i++) {
-        int pa = copy_choice_pick(&a, 8 * MIB), pb = copy_choice_pick(&b, 8 * MIB);
-        int probe_a = pa != a.cls[23].single, probe_b = pb != b.cls[23].single;
+        int pa = copy_choice_pick(&a, COPY_RUN_EQUAL, 8 * MIB), pb = copy_choice_pick(&b, COPY_RUN_EQUAL, 8 * MIB);
+        int probe_a = pa != a.cls[COPY_RUN_EQUAL][23].single, probe_b = pb != b.cls[COPY_RUN_EQUAL][23].single;
         CHECK(probe_a == probe_b, "call %d: rank a probing %d, rank b %d", i, probe_a, probe_b);
-        copy_choice_learn(&a, 8 * MIB, pa, took(i < 1000 ? single_fast : rings_fast, pa, 8 * MIB, 0.5, &sa));
-        copy_choice_learn(&b, 8 * MIB, pb, took(rings_fast, pb, 8 * MIB, 0.5, &sb));
+        copy_choice_learn(&a, COPY_RUN_EQUAL, 8 * MIB, pa, took(i < 1000 ? single_fast : rings_fast, pa, 8 * MIB, 0.5, &sa));
+        copy_choice_learn(&b, COPY_RUN_EQUAL, 8 * MIB, pb, took(rings_fast, pb, 8 * MIB, 0.5, &sb));
     }
 
     /* Off: always single copy, whatever the times. */
