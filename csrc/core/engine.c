@@ -45,6 +45,7 @@
 #include "plan.h"
 #include "pycoll.h"
 #include "transport.h"
+#include "window.h"
 #include "wire.h"
 
 #define STAGE_BYTES (256u * 1024u)
@@ -108,6 +109,16 @@ struct pc_comm {
     void *scratch;            /* scratch_cap bytes inside a mapping of scratch_map bytes (see grow_scratch) */
     uint64_t scratch_cap;
     size_t scratch_map;
+    /* result windows (window.c): ours, our mappings of the peers' (per rank), and where the
+     * last windowed body left each of its receives (alias[op]: NULL where in scratch) */
+    window_own win;
+    window_peer *peer_win;
+    const uint8_t **alias;
+    int32_t alias_cap;
+    const pc_plan *alias_plan; /* the plan and call the aliases belong to */
+    uint64_t alias_seq;
+    int alias_window;          /* that body's scratch was the window */
+    uint64_t window_copied;    /* bytes our tails copied straight out of peers' windows */
     void *run_mem;            /* a run's bookkeeping (prepare), kept for the next run */
     size_t run_cap;
     uint64_t sent, received;
@@ -189,6 +200,7 @@ pc_status pc_comm_create_keyed(int32_t rank, int32_t nranks, int32_t stripes, co
     if (!c) goto fail_fds;
     huge_pages_init(&c->huge);
     copy_choice_init(&c->choice);
+    window_own_init(&c->win);
     c->rank = rank;
     c->nranks = nranks;
     c->stripes = stripes;
@@ -198,7 +210,8 @@ pc_status pc_comm_create_keyed(int32_t rank, int32_t nranks, int32_t stripes, co
     c->cancel_pipe[0] = c->cancel_pipe[1] = -1;
     c->conns = calloc((size_t)nconn, sizeof *c->conns);
     c->stage = calloc((size_t)nconn, sizeof *c->stage);
-    if (!c->conns || !c->stage) goto fail_fds;
+    c->peer_win = calloc((size_t)nranks, sizeof *c->peer_win);
+    if (!c->conns || !c->stage || !c->peer_win) goto fail_fds;
     if (pipe(c->cancel_pipe) != 0) {
         st = PC_ERR_IO;
         goto fail_fds;
@@ -244,6 +257,7 @@ fail_fds:
     if (c) {
         free(c->conns);
         free(c->stage);
+        free(c->peer_win);
         if (c->cancel_pipe[0] >= 0) close(c->cancel_pipe[0]);
         if (c->cancel_pipe[1] >= 0) close(c->cancel_pipe[1]);
         free(c);
@@ -314,6 +328,10 @@ void pc_comm_free(pc_comm *c) {
     free(c->conns);
     free(c->stage);
     if (c->scratch) munmap(c->scratch, c->scratch_map);
+    window_own_free(&c->win);
+    for (int32_t i = 0; c->peer_win && i < c->nranks; i++) window_peer_free(&c->peer_win[i]);
+    free(c->peer_win);
+    free(c->alias);
     huge_pages_free(&c->huge);
     free(c->run_mem);
     if (c->cancel_pipe[0] >= 0) close(c->cancel_pipe[0]);
@@ -324,6 +342,7 @@ void pc_comm_free(pc_comm *c) {
 const char *pc_comm_last_error(const pc_comm *c) { return c->err; }
 uint64_t pc_comm_bytes_sent(const pc_comm *c) { return c->sent; }
 uint64_t pc_comm_bytes_single_copy(const pc_comm *c) { return c->single_copied; }
+uint64_t pc_comm_bytes_from_windows(const pc_comm *c) { return c->window_copied; }
 
 void pc_comm_probe_single_copy(pc_comm *c) {
     for (int32_t i = 0; i < c->nranks * c->stripes; i++) {
@@ -396,6 +415,7 @@ typedef struct {
     int32_t nactive;
     int32_t failed_peer;
     int remote;            /* big enough for single copy (comm->remote_min) */
+    const uint8_t **alias; /* a windowed run: comm->alias (see pump_remote, run_local) */
     pc_status status;
 } run_state;
 
@@ -424,6 +444,11 @@ static void run_local(run_state *r, int32_t i) {
     uint64_t n = op->len / (uint64_t)r->es;
     switch (op->kind) {
     case PC_OP_COPY:
+        if ((op->flags & PC_OPF_FROM_RECV) && r->alias && r->alias[op->aux_off]) {
+            src = r->alias[op->aux_off]; /* in the peer's result window */
+            r->comm->window_copied += op->len;
+            r->comm->single_copied += op->len;
+        }
         if (dst != src && op->len) pc_copy(dst, src, op->len);
         break;
     case PC_OP_REDUCE:
@@ -741,6 +766,20 @@ static int pump_remote(run_state *r, int32_t k, int32_t i) {
     int reduce = op->kind == PC_OP_RECV_REDUCE;
     if (reduce && !has_stage(r, k)) return moved;
     uint64_t from = get_u64(cs->rdesc), budget = REMOTE_BUDGET;
+    if ((op->flags & PC_OPF_WINDOW) && r->alias && cs->reduced == 0) {
+        /* the bytes lie in the sender's result window: the tail copies them from there */
+        const uint8_t *at = window_peer_find(&comm->peer_win[op->peer], cn, from, op->len);
+        if (at) {
+            long res = cn->ops->rma_done(cn);
+            if (res < 0) {
+                io_fail(r, res, op->peer, "receiving from");
+                return moved;
+            }
+            r->alias[i] = at;
+            recv_done(r, cs, i);
+            return 1;
+        }
+    }
     uint8_t *dst = r->buf[op->dst_buf] + op->dst_off;
     if (r->caller_bufs && cs->reduced < op->len) { /* a buffer run: chunked, hashed, threaded */
         int err = 0;
@@ -1200,7 +1239,8 @@ static pc_status run_tail(pc_comm *comm, const pc_plan *plan, run_state *r) {
             set_err(comm, "plan tail holds a network op; it cannot run on its own");
             return PC_ERR_ARG;
         }
-    if (plan->need_bytes[PC_BUF_SCRATCH] > comm->scratch_cap) {
+    uint64_t cap = plan->windowed && comm->alias_window ? comm->win.len : comm->scratch_cap;
+    if (plan->need_bytes[PC_BUF_SCRATCH] > cap) {
         set_err(comm, "tail run without the body that fills scratch");
         return PC_ERR_ARG;
     }
@@ -1245,6 +1285,42 @@ static pc_status grow_scratch(pc_comm *c, uint64_t need) {
     c->scratch = at;
     c->scratch_cap = len;
     c->scratch_map = len;
+    return PC_OK;
+}
+
+static pc_status scratch_for(pc_comm *c, const pc_plan *plan);
+
+/* A windowed plan's scratch (window.h): the result window where it can be had (published to
+ * every peer when new), else plain scratch; the run's receives start with no aliases. A tail
+ * finds what its body left: the same plan and call, or it fails. */
+static pc_status window_for(pc_comm *c, const pc_plan *plan, int32_t part, uint64_t seq, run_state *r) {
+    if (part == PC_RUN_TAIL) {
+        if (c->alias_plan != plan || c->alias_seq != seq) {
+            set_err(c, "tail run without the body that fills its window");
+            return PC_ERR_ARG;
+        }
+    } else {
+        if (plan->nops > c->alias_cap) {
+            const uint8_t **a = realloc(c->alias, sizeof *a * (size_t)plan->nops);
+            if (!a) {
+                set_err(c, "out of memory for %d aliases", plan->nops);
+                return PC_ERR_NOMEM;
+            }
+            c->alias = a;
+            c->alias_cap = plan->nops;
+        }
+        memset(c->alias, 0, sizeof *c->alias * (size_t)plan->nops);
+        uint64_t gen = c->win.gen;
+        c->alias_window = window_own_ensure(&c->win, plan->need_bytes[PC_BUF_SCRATCH]) == 0;
+        if (c->alias_window && c->win.gen != gen)
+            for (int32_t i = 0; i < c->nranks * c->stripes; i++)
+                if (c->conns[i]) window_own_publish(&c->win, c->conns[i]);
+        if (!c->alias_window && scratch_for(c, plan) != PC_OK) return PC_ERR_NOMEM;
+        c->alias_plan = plan;
+        c->alias_seq = seq;
+    }
+    r->own[PC_BUF_SCRATCH] = c->alias_window ? c->win.base : c->scratch;
+    r->alias = c->alias;
     return PC_OK;
 }
 
@@ -1376,12 +1452,16 @@ static pc_status run_part(pc_comm *comm, const pc_plan *plan, int32_t part, void
         set_err(comm, "this plan writes the caller's input before its tail; it cannot run in two parts");
         return PC_ERR_ARG;
     }
-    if (part != PC_RUN_TAIL && scratch_for(comm, plan) != PC_OK) return PC_ERR_NOMEM;
+    if (part != PC_RUN_TAIL && !plan->windowed && scratch_for(comm, plan) != PC_OK) return PC_ERR_NOMEM;
     run_state r;
     run_init(&r, comm, plan, r.own, dtype, op, es, seq, desc, part == PC_RUN_BODY ? plan->tail_first : plan->nops);
     r.own[PC_BUF_IN] = bufs[PC_BUF_IN];
     r.own[PC_BUF_OUT] = bufs[PC_BUF_OUT];
     r.own[PC_BUF_SCRATCH] = comm->scratch;
+    if (plan->windowed) {
+        pc_status ws = window_for(comm, plan, part, seq, &r);
+        if (ws != PC_OK) return ws;
+    }
     /* Single copy pays once the buffers outgrow the caches: below that, the
      * ring's copy in and copy out run on two cores at once, in cache, and
      * beat one process_vm_readv that must also pin the peer's pages. */

@@ -84,9 +84,15 @@ typedef struct {
     int32_t dep_first; /* this op waits for deps[dep_first .. dep_first+dep_count) */
     int32_t dep_count;
     int32_t aux_buf;   /* third operand (PC_OP_DECODE_REDUCE), else -1 */
-    int32_t reserved;
+    int32_t flags;     /* PC_OPF_*: 0 for most ops */
     uint64_t aux_off;
 } pc_op;
+
+/* Op flags: result windows (core/window.h). Engines that ignore them still run the plan
+ * right: the receive lands in dst and the copy reads src. */
+#define PC_OPF_WINDOW 1u    /* PC_OP_RECV: where the sender's bytes lie in its result window,
+                             * the receiver may leave them there (no copy into dst) */
+#define PC_OPF_FROM_RECV 2u /* PC_OP_COPY: src is wherever receive op aux_off's bytes are */
 
 typedef struct pc_plan pc_plan;
 typedef struct pc_comm pc_comm;
@@ -450,6 +456,8 @@ const char *pc_comm_last_error(const pc_comm *comm);
 uint64_t pc_comm_bytes_sent(const pc_comm *comm);
 /* Bytes this comm copied straight out of peers' memory (single copy). */
 uint64_t pc_comm_bytes_single_copy(const pc_comm *comm);
+/* Of those, bytes copied out of peers' result windows (preserving all-reduces, core/window.h). */
+uint64_t pc_comm_bytes_from_windows(const pc_comm *comm);
 /* Single copy is decided per connection the first time its receiver receives,
  * so a peer's first payloads on a fresh connection go through the ring. This
  * decides it now on every connection of the comm (not while a plan runs on

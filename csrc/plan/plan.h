@@ -26,6 +26,7 @@ struct pc_plan {
     int32_t nbufs;            /* > 0: a buffer plan over that many caller buffers (plan_custom.c) */
     int32_t remapped;         /* > 0: IN and OUT remapped onto that many caller buffers (plan_remap.c) */
     int32_t cut_transfers;    /* of a remapped plan: network ops cut in pieces */
+    int32_t windowed;         /* its scratch is the comm's result window (PC_OPF_WINDOW ops) */
 };
 
 pc_plan *plan_new(int32_t nranks, int32_t rank);

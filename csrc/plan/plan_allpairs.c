@@ -21,7 +21,13 @@
  * the reads of the next.
  *
  * Results accumulate in OUT, or with PC_PLAN_PRESERVE_INPUT in scratch and a
- * tail copies them out. In place (IN is OUT) the owner overwrites only its
+ * tail copies them out. A preserving plan is *windowed* (core/window.h): its
+ * scratch is the rank's result window, which same-host peers map. Each rank
+ * first sends an empty frame to every peer and writes its window only once
+ * every peer's has come (so nobody still reads the window from the call
+ * before); the all-gather's receives may then leave a peer's chunk where it
+ * lies (PC_OPF_WINDOW) and the tail copies each chunk into OUT from
+ * wherever it is: one copy per byte instead of two. In place (IN is OUT) the owner overwrites only its
  * own chunk, which no peer reads; a received chunk q lands on input that
  * rank q may still be reading, so it waits until our send of it is done.
  */
@@ -63,6 +69,21 @@ pc_status pc_plan_allpairs(pc_collective coll, int32_t nranks, int32_t rank, uin
         pc_plan_free(plan);
         return PC_ERR_NOMEM;
     }
+    /* Windowed: an empty frame to and from every peer first; our window waits for all of them. */
+    int32_t *arrived = NULL;
+    if (preserve) {
+        arrived = malloc(sizeof(int32_t) * (size_t)n);
+        if (!arrived) {
+            free(rs_send);
+            pc_plan_free(plan);
+            return PC_ERR_NOMEM;
+        }
+        plan->windowed = 1;
+        for (int32_t k = 1; k < n; k++)
+            plan_add(plan, PC_OP_SEND, (p + k) % n, 0, AP_TAG(2, 0), -1, 0, -1, 0, 0, NULL, 0);
+        for (int32_t k = 1; k < n; k++)
+            arrived[k - 1] = plan_add(plan, PC_OP_RECV, (p + n - k) % n, 0, AP_TAG(2, 0), -1, 0, -1, 0, 0, NULL, 0);
+    }
     /* Reduce-scatter: every input chunk to its owner, rank+1, rank+2, ... first (at each step of
      * the rotation every rank sends to a different peer). */
     for (uint64_t g = 0; g < segs; g++)
@@ -74,7 +95,11 @@ pc_status pc_plan_allpairs(pc_collective coll, int32_t nranks, int32_t rank, uin
                                                      AP_TAG(0, g), PC_BUF_IN, off, -1, 0, len, NULL, 0);
         }
     int32_t *last = malloc(sizeof(int32_t) * segs);
-    if (!last) {
+    int32_t *ag_recv = malloc(sizeof(int32_t) * (size_t)n * segs);
+    if (!last || !ag_recv) {
+        free(last);
+        free(ag_recv);
+        free(arrived);
         free(rs_send);
         pc_plan_free(plan);
         return PC_ERR_NOMEM;
@@ -86,7 +111,8 @@ pc_status pc_plan_allpairs(pc_collective coll, int32_t nranks, int32_t rank, uin
         int32_t prev = -1;
         for (int32_t k = 1; k < n; k++)
             prev = plan_add(plan, PC_OP_RECV_REDUCE, (p + k) % n, (int32_t)(g % (uint64_t)stripes), AP_TAG(0, g),
-                            k == 1 ? PC_BUF_IN : acc, off, acc, off, len, &prev, 1);
+                            k == 1 ? PC_BUF_IN : acc, off, acc, off, len, k == 1 && arrived ? arrived : &prev,
+                            k == 1 && arrived ? n - 1 : 1);
         if (flags & PC_PLAN_AVG) prev = plan_add(plan, PC_OP_SCALE, -1, 0, 0, -1, 0, acc, off, len, &prev, 1);
         last[g] = prev;
     }
@@ -103,14 +129,28 @@ pc_status pc_plan_allpairs(pc_collective coll, int32_t nranks, int32_t rank, uin
             int32_t q = (p + n - k) % n;
             uint64_t off, len;
             seg_range(count, n, segs, es, q, g, &off, &len);
-            plan_add(plan, PC_OP_RECV, q, (int32_t)(g % (uint64_t)stripes), AP_TAG(1, g), -1, 0, acc, off, len,
-                     &rs_send[(size_t)q * segs + g], 1);
+            int32_t at = plan_add(plan, PC_OP_RECV, q, (int32_t)(g % (uint64_t)stripes), AP_TAG(1, g), -1, 0, acc,
+                                  off, len, &rs_send[(size_t)q * segs + g], 1);
+            ag_recv[(size_t)q * segs + g] = at;
+            if (preserve && at >= 0) plan->ops[at].flags = PC_OPF_WINDOW;
         }
-    free(last);
-    free(rs_send);
-    if (preserve) {
+    if (preserve) { /* the tail: every chunk into OUT from where it lies */
         plan_begin_tail(plan);
-        plan_add(plan, PC_OP_COPY, -1, 0, 0, PC_BUF_SCRATCH, 0, PC_BUF_OUT, 0, bytes, NULL, 0);
+        for (int32_t c = 0; c < n; c++)
+            for (uint64_t g = 0; g < segs; g++) {
+                uint64_t off, len;
+                seg_range(count, n, segs, es, c, g, &off, &len);
+                if (!len) continue;
+                int32_t at = plan_add(plan, PC_OP_COPY, -1, 0, 0, PC_BUF_SCRATCH, off, PC_BUF_OUT, off, len, NULL, 0);
+                if (c != p && at >= 0) {
+                    plan->ops[at].flags = PC_OPF_FROM_RECV;
+                    plan->ops[at].aux_off = (uint64_t)ag_recv[(size_t)c * segs + g];
+                }
+            }
     }
+    free(ag_recv);
+    free(last);
+    free(arrived);
+    free(rs_send);
     return plan_finish(plan, out);
 }

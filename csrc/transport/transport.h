@@ -57,6 +57,12 @@ typedef struct {
     /* Single copy: the errno with which the kernel refused our read of the peer's memory (0:
      * allowed, or not known yet). */
     int (*rma_refused)(pc_conn *c);
+    /* Result windows (core/window.h): tell the peer where ours is; the generation the peer
+     * published last (0: none); a new fd of the peer's window with what it published (or
+     * -errno: unknown, not allowed, gone). */
+    void (*win_publish)(pc_conn *c, int fd, uint64_t base, uint64_t len, uint64_t gen);
+    uint64_t (*win_gen)(pc_conn *c);
+    int (*win_fetch)(pc_conn *c, uint64_t *gen, uint64_t *base, uint64_t *len);
 } pc_conn_ops;
 
 /* Poll bit (arm's `want`) for "waiting until the peer finished a remote read". */

@@ -58,10 +58,18 @@
 #include <sys/socket.h>
 #include <sys/eventfd.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/types.h>
 #include <sys/uio.h>
 #include <time.h>
 #include <unistd.h>
+
+#ifndef SYS_pidfd_open
+#define SYS_pidfd_open 434 /* the same number on every architecture */
+#endif
+#ifndef SYS_pidfd_getfd
+#define SYS_pidfd_getfd 438
+#endif
 
 #include "pycoll.h"
 #include "transport.h"
@@ -90,7 +98,14 @@ typedef struct {
     uint32_t can_read[2];    /* side s reads side 1-s's memory: 0 not yet known, 1 yes, 2 no */
     uint64_t probe_addr[2];  /* side s: address of its probe word (0: not published yet) */
     uint64_t probe_val[2];   /* ... and the value the reader must find there */
+    /* side s's result window (core/window.h): its fd, address and length in side s, published
+     * before the generation that announces them */
+    uint64_t win_gen[2];
+    uint64_t win_base[2];
+    uint64_t win_len[2];
+    int32_t win_fd[2];
 } shm_ctl;
+typedef char shm_ctl_fits_its_page[sizeof(shm_ctl) <= CTL_BYTES ? 1 : -1];
 
 enum { RMA_UNKNOWN = 0, RMA_YES = 1, RMA_NO = 2 };
 
@@ -409,10 +424,58 @@ static void shm_destroy(pc_conn *c) {
     free(c);
 }
 
-static const pc_conn_ops shm_ops = {shm_sendv,    shm_recvv,    shm_shutdown, shm_destroy,  shm_arm,
-                                    shm_peek,     shm_consume,  shm_rma_ok,   shm_rma_post, shm_rma_wait,
-                                    shm_rma_read, shm_rma_done, shm_rma_allow, shm_peek_copy, shm_rma_probe,
-                                    shm_rma_refused};
+/* ---- result windows --------------------------------------------------- */
+static void shm_win_publish(pc_conn *c, int fd, uint64_t base, uint64_t len, uint64_t gen) {
+    shm_conn *s = impl(c);
+    __atomic_store_n(&s->ctl->win_fd[s->side], fd, __ATOMIC_RELAXED);
+    __atomic_store_n(&s->ctl->win_base[s->side], base, __ATOMIC_RELAXED);
+    __atomic_store_n(&s->ctl->win_len[s->side], len, __ATOMIC_RELAXED);
+    STORE_REL(&s->ctl->win_gen[s->side], gen);
+}
+
+static uint64_t shm_win_gen(pc_conn *c) {
+    shm_conn *s = impl(c);
+    return LOAD_ACQ(&s->ctl->win_gen[1 - s->side]);
+}
+
+/* The peer's window fd, fetched from the peer process itself (pidfd_getfd: the same ptrace
+ * permission as the single-copy reads, which must work already). */
+static int shm_win_fetch(pc_conn *c, uint64_t *gen, uint64_t *base, uint64_t *len) {
+    shm_conn *s = impl(c);
+    int o = 1 - s->side;
+    if (s->rma_state != RMA_YES || s->peer_pid <= 0) return -EPERM;
+    uint64_t g = LOAD_ACQ(&s->ctl->win_gen[o]);
+    if (!g) return -ENOENT;
+    int32_t rfd = __atomic_load_n(&s->ctl->win_fd[o], __ATOMIC_RELAXED);
+    uint64_t b = __atomic_load_n(&s->ctl->win_base[o], __ATOMIC_RELAXED);
+    uint64_t l = __atomic_load_n(&s->ctl->win_len[o], __ATOMIC_RELAXED);
+    int pfd = (int)syscall(SYS_pidfd_open, s->peer_pid, 0);
+    if (pfd < 0) return -errno;
+    /* the pid is still our peer's (not reused) while its end of the socket is open */
+    char x;
+    ssize_t r = recv(c->fd2, &x, 1, MSG_DONTWAIT | MSG_PEEK);
+    if (peer_gone(c) || r == 0) {
+        close(pfd);
+        return -ESRCH;
+    }
+    int fd = (int)syscall(SYS_pidfd_getfd, pfd, rfd, 0);
+    int e = errno;
+    close(pfd);
+    if (fd < 0) return -e;
+    if (LOAD_ACQ(&s->ctl->win_gen[o]) != g) { /* it moved on while we fetched */
+        close(fd);
+        return -EAGAIN;
+    }
+    *gen = g;
+    *base = b;
+    *len = l;
+    return fd;
+}
+
+static const pc_conn_ops shm_ops = {shm_sendv,       shm_recvv,   shm_shutdown,  shm_destroy,   shm_arm,
+                                    shm_peek,        shm_consume, shm_rma_ok,    shm_rma_post,  shm_rma_wait,
+                                    shm_rma_read,    shm_rma_done, shm_rma_allow, shm_peek_copy, shm_rma_probe,
+                                    shm_rma_refused, shm_win_publish, shm_win_gen, shm_win_fetch};
 
 pc_status pc_shm_segment_create(uint64_t ring_bytes, int32_t *fds) {
     fds[0] = fds[1] = fds[2] = -1;

@@ -992,6 +992,13 @@ class Communicator:
         return engine.bytes_single_copy(self._epoch.ccomm)
 
     @property
+    def bytes_from_windows(self) -> int:
+        """Of ``bytes_single_copy``, the bytes copied out of same-host peers' result windows this
+        epoch: a preserving all-reduce's reduced chunks, copied into this peer's output once,
+        after every transfer succeeded (no copy into scratch first)."""
+        return engine.bytes_from_windows(self._epoch.ccomm)
+
+    @property
     def single_copy_runs(self) -> dict:
         """This epoch's collectives big enough for single copy with same-host peers that allow it,
         by the way this peer sent them: {"single_copy": n, "rings": m} (``single_copy_adapt``

@@ -155,6 +155,11 @@ def bytes_single_copy(comm):
     return lib.pc_comm_bytes_single_copy(comm) if comm is not None else 0
 
 
+def bytes_from_windows(comm):
+    """Of those, bytes copied out of peers' result windows (0 for no comm)."""
+    return lib.pc_comm_bytes_from_windows(comm) if comm is not None else 0
+
+
 def stream_ring(comm, nbytes, timeout):
     """Stream ``nbytes`` to the right-hand neighbour while receiving as many from the left;
     returns (status, seconds)."""
