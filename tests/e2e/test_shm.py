@@ -206,6 +206,71 @@ def _single_copied(mesh):
     return [lib.pc_comm_bytes_single_copy(c) for c in mesh.comms]
 
 
+def _windowed(mesh):
+    return [lib.pc_comm_bytes_from_windows(c) for c in mesh.comms]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("stripes", [1, 2])
+def test_preserving_allpairs_copies_each_chunk_once_out_of_its_owners_window(stripes):
+    """A preserving allpairs all-reduce over single copy: every rank reads its peers' inputs for
+    its own chunk (reduce-scatter) and no other chunk during the body; after it, every other
+    chunk is copied once, straight out of its owner's result window into the output. Bit-exact;
+    the bytes each way counted exactly."""
+    n = 4
+    mesh = Mesh(n, stripes, ring=4 * RING_MIN, single_copy=1)
+    for c in mesh.comms:  # as pycoll.init does: single copy known on every connection before the first call
+        lib.pc_comm_probe_single_copy(c)
+    try:
+        want_windows, want_single = [0] * n, [0] * n
+        for i, (dtype, op) in enumerate([("float32", "sum"), ("bfloat16", "max"), ("float64", "avg")]):
+            count = 400003 + i
+            run_case(mesh, ("all_reduce", dtype, op, count, i, "allpairs"), 1 << 18)
+            es = storage_dtype(dtype).itemsize
+            for r in range(n):
+                mine = count // n + (1 if r < count % n else 0)
+                want_windows[r] += (count - mine) * es
+                want_single[r] += (n - 1) * mine * es + (count - mine) * es
+        assert _windowed(mesh) == want_windows
+        assert _single_copied(mesh) == want_single
+    finally:
+        mesh.close()
+
+
+def _window_outlives_its_owner(comm):
+    """Every rank: a committed allpairs all-reduce (retry=True) whose last rank dies after the
+    commit, before its own copy-out; the others copy it out a second later."""
+    x = np.arange(4 << 20, dtype=np.float32) * (comm.rank + 1) / 7.0
+    inputs = [np.arange(4 << 20, dtype=np.float32) * (r + 1) / 7.0 for r in range(comm.world_size)]
+    comm.all_reduce(x, algorithm="allpairs", retry=True)
+    n = comm.world_size
+    want = np.empty_like(x)
+    for p in range(n):  # chunk p reduced at its owner as x_p + x_{p+1} + ... (allpairs' order)
+        lo, hi = p * x.size // n, (p + 1) * x.size // n
+        acc = inputs[p][lo:hi].copy()
+        for k in range(1, n):
+            acc += inputs[(p + k) % n][lo:hi]
+        want[lo:hi] = acc
+    return (x.tobytes() == want.tobytes(), list(comm.last_outcome.contributors), comm.last_outcome.attempts,
+            comm.bytes_from_windows)
+
+
+@pytest.mark.timeout(150)
+def test_a_committed_chunk_outlives_its_owner():
+    """The owner of a reduced chunk dies after the group committed the all-reduce and before
+    the others copied its chunk out: its window's pages live on in their mappings, so every
+    survivor's result is the whole group's, bit for bit, as the commit promised."""
+    n = 4
+    late = {"decided:all_reduce": 1.0}
+    res = pycoll.testing.run(_window_outlives_its_owner, n, timeout=120, kill={n - 1: "decided:all_reduce"},
+                             delay={r: late for r in range(n - 1)},
+                             init_kwargs={"timeout": 30, "transport": "shm", "single_copy_adapt": False})
+    assert res[n - 1] == pycoll.testing.KILLED
+    for exact, contributors, attempts, windowed in res[:n - 1]:
+        assert exact and len(contributors) == n and attempts == 1
+        assert windowed == (n - 1) * (4 << 20) * 4 // n  # every other chunk, out of its owner's window
+
+
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("sleepy", [False, True])
 def test_single_copy_reads_the_senders_buffer(sleepy):
