@@ -449,7 +449,12 @@ static void run_local(run_state *r, int32_t i) {
             r->comm->window_copied += op->len;
             r->comm->single_copied += op->len;
         }
-        if (dst != src && op->len) pc_copy(dst, src, op->len);
+        if (dst == src || !op->len) break;
+        /* a windowed tail copies a large result in segments: stream them all, as one copy would */
+        if (r->plan->windowed && i >= r->plan->tail_first && r->plan->need_bytes[PC_BUF_OUT] >= PC_STREAM_COPY_MIN)
+            pc_copy_streaming(dst, src, op->len);
+        else
+            pc_copy(dst, src, op->len);
         break;
     case PC_OP_REDUCE:
         pc_reduce(dst, dst, src, n, r->dtype, r->op);

@@ -19,8 +19,15 @@
 #include "copy.h"
 
 void pc_copy(void *dst, const void *src, uint64_t n) {
+    if (n >= PC_STREAM_COPY_MIN)
+        pc_copy_streaming(dst, src, n);
+    else
+        memcpy(dst, src, n);
+}
+
+void pc_copy_streaming(void *dst, const void *src, uint64_t n) {
 #if defined(__x86_64__)
-    if (n >= PC_STREAM_COPY_MIN) {
+    if (n >= 64) {
         uint8_t *d = dst;
         const uint8_t *s = src;
         uint64_t head = (16u - ((uintptr_t)d & 15u)) & 15u; /* streaming stores want 16-byte alignment */

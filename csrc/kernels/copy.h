@@ -13,5 +13,8 @@
  * writes with non-temporal stores: the destination is not read into the
  * cache first and does not evict what the next steps read. */
 void pc_copy(void *dst, const void *src, uint64_t n);
+/* The same with non-temporal stores whatever n: for one piece of a large copy done in pieces
+ * (a windowed tail copies each segment from where it lies). */
+void pc_copy_streaming(void *dst, const void *src, uint64_t n);
 
 #endif
