@@ -72,7 +72,7 @@ void window_peer_free(window_peer *p) {
 static int map_peer(window_peer *p, pc_conn *cn) {
     uint64_t gen, base, len;
     int fd = cn->ops->win_fetch(cn, &gen, &base, &len);
-    if (fd < 0) return fd;
+    if (fd < 0) return fd; /* (the caller remembers the generation that failed) */
     struct stat sb;
     int seals = fcntl(fd, F_GET_SEALS);
     int ok = seals >= 0 && (seals & F_SEAL_SHRINK) && fstat(fd, &sb) == 0 && len > 0 && len <= WINDOW_MAX &&
@@ -98,7 +98,10 @@ const uint8_t *window_peer_find(window_peer *p, pc_conn *cn, uint64_t from, uint
     uint64_t gen = cn->ops->win_gen(cn);
     if (!gen) return NULL;
     if (gen != p->gen) {
-        if (gen == p->bad_gen || map_peer(p, cn) != 0 || p->gen != gen) return NULL;
+        if (gen == p->bad_gen) return NULL;
+        int e = map_peer(p, cn);
+        if (e != 0 && e != -EAGAIN) p->bad_gen = gen; /* refused (no pidfd_getfd, not allowed): once */
+        if (e != 0 || p->gen != gen) return NULL;
     }
     if (from < p->base || n > p->len || from - p->base > p->len - n) return NULL;
     return p->map + (from - p->base);

@@ -114,9 +114,11 @@ int main(void) {
     CHECK(window_peer_find(&q, &conn, base, 0) == NULL && q.map == NULL);
     publish(w.fd, w.gen + 400, UINT64_MAX - 4095, 8192);
     CHECK(window_peer_find(&q, &conn, UINT64_MAX - 4095, 8) == NULL && q.map == NULL);
-    /* an fd we cannot fetch */
+    /* an fd we cannot fetch (a kernel without pidfd_getfd, a peer we may not read): asked once */
     publish(-1, w.gen + 500, base, 4096);
+    before = pub.fetches;
     CHECK(window_peer_find(&q, &conn, base, 8) == NULL && q.map == NULL);
+    CHECK(window_peer_find(&q, &conn, base, 8) == NULL && pub.fetches == before + 1);
 
     window_peer_free(&p);
     window_peer_free(&q);
