@@ -1474,7 +1474,9 @@ static pc_status run_part(pc_comm *comm, const pc_plan *plan, int32_t part, void
     r.remote = comm->remote_min && span >= comm->remote_min;
     if (part == PC_RUN_TAIL) return run_tail(comm, plan, &r);
     int kind = in == out ? COPY_RUN_EQUAL : in > out ? COPY_RUN_IN_LARGER : COPY_RUN_OUT_LARGER;
-    return run_choosing(comm, &r, kind, span, bufs, plan->need_bytes, 2, timeout_s, failed_peer);
+    pc_status st = run_choosing(comm, &r, kind, span, bufs, plan->need_bytes, 2, timeout_s, failed_peer);
+    if (st != PC_OK && plan->windowed) comm->alias_plan = NULL; /* a failed body has no tail to run */
+    return st;
 }
 
 static pc_status check_buffer_plan(pc_comm *comm, const pc_plan *plan, int32_t first, int32_t nbufs,
