@@ -450,8 +450,9 @@ static void run_local(run_state *r, int32_t i) {
             r->comm->single_copied += op->len;
         }
         if (dst == src || !op->len) break;
-        /* a windowed tail copies a large result in segments: stream them all, as one copy would */
-        if (r->plan->windowed && i >= r->plan->tail_first && r->plan->need_bytes[PC_BUF_OUT] >= PC_STREAM_COPY_MIN)
+        /* a tail copies a result out, nothing reads it again in this call: into a large output every
+         * piece streams, as one copy of it would (a windowed tail copies segment by segment) */
+        if (i >= r->plan->tail_first && r->plan->need_bytes[PC_BUF_OUT] >= PC_STREAM_COPY_MIN)
             pc_copy_streaming(dst, src, op->len);
         else
             pc_copy(dst, src, op->len);

@@ -14,7 +14,7 @@
  * cache first and does not evict what the next steps read. */
 void pc_copy(void *dst, const void *src, uint64_t n);
 /* The same with non-temporal stores whatever n: for one piece of a large copy done in pieces
- * (a windowed tail copies each segment from where it lies). */
+ * (a tail that copies a large result out segment by segment). */
 void pc_copy_streaming(void *dst, const void *src, uint64_t n);
 
 #endif

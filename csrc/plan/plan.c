@@ -70,11 +70,13 @@ void plan_announce(pc_plan *p) {
 
 #define AGREE_TAG 0xa1000000u
 
-void plan_agree(pc_plan *p) {
+int32_t plan_agree(pc_plan *p) {
     for (int32_t d = 1; d < p->nranks; d++)
         plan_add(p, PC_OP_SEND, (p->rank + d) % p->nranks, 0, AGREE_TAG, -1, 0, -1, 0, 0, NULL, 0);
+    int32_t first = p->nops;
     for (int32_t d = 1; d < p->nranks; d++)
         plan_add(p, PC_OP_RECV, (p->rank + p->nranks - d) % p->nranks, 0, AGREE_TAG, -1, 0, -1, 0, 0, NULL, 0);
+    return first;
 }
 
 void plan_agree_silent(pc_plan *p, const uint8_t *sends, const uint8_t *recvs) {

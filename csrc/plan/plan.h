@@ -47,8 +47,10 @@ void plan_announce(pc_plan *p);
  * broadcast root, the head of a chain): every frame's header carries the
  * digest of the sender's arguments, so a rank whose call differs from any
  * other's fails the check on every rank, in the same call, instead of some
- * ranks returning normally. */
-void plan_agree(pc_plan *p);
+ * ranks returning normally. Returns the index of the first of its nranks-1
+ * receives (they follow one another): an op that depends on all of them runs
+ * only once every other rank has entered the same call. */
+int32_t plan_agree(pc_plan *p);
 /* plan_agree's empty frames only where no data flows: to each rank q with
  * !sends[q], from each rank q with !recvs[q]. For plans whose sends wait for
  * nothing and that move at most one payload per direction and pair (the

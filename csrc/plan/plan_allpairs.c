@@ -79,10 +79,8 @@ pc_status pc_plan_allpairs(pc_collective coll, int32_t nranks, int32_t rank, uin
             return PC_ERR_NOMEM;
         }
         plan->windowed = 1;
-        for (int32_t k = 1; k < n; k++)
-            plan_add(plan, PC_OP_SEND, (p + k) % n, 0, AP_TAG(2, 0), -1, 0, -1, 0, 0, NULL, 0);
-        for (int32_t k = 1; k < n; k++)
-            arrived[k - 1] = plan_add(plan, PC_OP_RECV, (p + n - k) % n, 0, AP_TAG(2, 0), -1, 0, -1, 0, 0, NULL, 0);
+        int32_t first = plan_agree(plan);
+        for (int32_t k = 1; k < n; k++) arrived[k - 1] = first + k - 1;
     }
     /* Reduce-scatter: every input chunk to its owner, rank+1, rank+2, ... first (at each step of
      * the rotation every rank sends to a different peer). */

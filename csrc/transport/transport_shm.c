@@ -377,14 +377,19 @@ static void shm_rma_allow(pc_conn *c, int allow) {
 }
 
 /* Clear our doorbell; notice EOF on the socket (the peer process is gone). */
+/* EOF or an error on the unix socket: the peer process is gone. */
+static int socket_closed(pc_conn *c) {
+    char b;
+    ssize_t r = recv(c->fd2, &b, 1, MSG_DONTWAIT | MSG_PEEK);
+    return r == 0 || (r < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR);
+}
+
 static void drain(pc_conn *c) {
     shm_conn *s = impl(c);
     uint64_t v;
     ssize_t r = read(c->fd, &v, sizeof v);
     (void)r; /* EAGAIN: nobody rang */
-    char b;
-    r = recv(c->fd2, &b, 1, MSG_DONTWAIT | MSG_PEEK);
-    if (r == 0 || (r < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)) s->dead = 1;
+    if (socket_closed(c)) s->dead = 1;
 }
 
 static short shm_arm(pc_conn *c, short want) {
@@ -452,9 +457,7 @@ static int shm_win_fetch(pc_conn *c, uint64_t *gen, uint64_t *base, uint64_t *le
     int pfd = (int)syscall(SYS_pidfd_open, s->peer_pid, 0);
     if (pfd < 0) return -errno;
     /* the pid is still our peer's (not reused) while its end of the socket is open */
-    char x;
-    ssize_t r = recv(c->fd2, &x, 1, MSG_DONTWAIT | MSG_PEEK);
-    if (peer_gone(c) || r == 0) {
+    if (peer_gone(c) || socket_closed(c)) {
         close(pfd);
         return -ESRCH;
     }
