@@ -133,10 +133,17 @@ def _death_in_flight():
     r = dist.get_rank()
     ts = [torch.full((1 << 21,), float(r + 1)) for _ in range(4)]
     start = time.monotonic()
-    works = [dist.all_reduce(t, async_op=True) for t in ts]
+    works = []
+    for t in ts:  # a slow rank may learn of the death before it issues its last buckets: they raise at once
+        try:
+            works.append(dist.all_reduce(t, async_op=True))
+        except pycoll.CollectiveError as exc:
+            works.append(exc)
     outcome = []
     for w in works:
         try:
+            if isinstance(w, Exception):
+                raise w
             w.wait()
             outcome.append("ok")
         except pycoll.CollectiveError as exc:
