@@ -106,6 +106,8 @@ struct pc_comm {
     huge_pages huge;          /* which single-copy buffers go onto huge pages (huge_pages.c) */
     copy_choice choice;       /* single copy or the rings, learned per size class (copy_choice.c) */
     double busy_seen_at;      /* when the last look was (0: never) */
+    double spun_s;            /* seconds spent spinning in waits (pc_comm_wait_stats) */
+    uint64_t sleeps;          /* waits that went to sleep in the kernel */
     void *scratch;            /* scratch_cap bytes inside a mapping of scratch_map bytes (see grow_scratch) */
     uint64_t scratch_cap;
     size_t scratch_map;
@@ -343,6 +345,11 @@ const char *pc_comm_last_error(const pc_comm *c) { return c->err; }
 uint64_t pc_comm_bytes_sent(const pc_comm *c) { return c->sent; }
 uint64_t pc_comm_bytes_single_copy(const pc_comm *c) { return c->single_copied; }
 uint64_t pc_comm_bytes_from_windows(const pc_comm *c) { return c->window_copied; }
+
+void pc_comm_wait_stats(const pc_comm *c, double *spun_s, uint64_t *sleeps) {
+    *spun_s = c->spun_s;
+    *sleeps = c->sleeps;
+}
 
 void pc_comm_probe_single_copy(pc_comm *c) {
     for (int32_t i = 0; i < c->nranks * c->stripes; i++) {
@@ -1066,8 +1073,14 @@ static int shm_only_waits(const run_state *r) {
  *    them" (host_busy) is two looks in a row, BUSY_RECHECK apart and only
  *    when a wait begins, that both saw more runnable tasks than CPUs (the
  *    running count of /proc/loadavg), not counting this comm's own ranks on
- *    the host; tasks at a lower priority count too (discounting them kept
- *    ranks spinning beside busy loops). One look is not enough, because
+ *    the host that may be running: where they outnumber the CPUs, those
+ *    not asleep in a wait of their engine (each says so in its shared-
+ *    memory connections, around every sleep). Counting all of them hid two
+ *    busy loops beside 4 ranks on 2 cores, most of them asleep at any time:
+ *    the ranks spun 10-36 % of the time, yielding whole time slices to the
+ *    loops (1 MiB ring: 2.5-4.3 ms a call; counting the awake: no spin,
+ *    0.75-0.9 ms). Tasks at a lower priority count too (discounting them
+ *    kept ranks spinning beside busy loops). One look is not enough, because
  *    with every CPU running a rank any other thread that wakes for a moment
  *    tips it over (with 2 ranks on 2 idle cores, a heartbeat
  *    thread or the parent's polling loop: 15-25 % of the looks, each
@@ -1126,12 +1139,40 @@ static int32_t runnable_tasks(void) {
     return p ? (int32_t)strtol(p, NULL, 10) : 0;
 }
 
+/* Our same-host ranks that may be running now: all but those whose engine
+ * said it sleeps in a wait (we are awake: we are looking). */
+static int32_t local_ranks_awake(const pc_comm *c) {
+    int32_t awake = c->local_ranks;
+    for (int32_t p = 0; p < c->nranks; p++) {
+        pc_conn *cn = p == c->rank ? NULL : c->conns[p * c->stripes];
+        if (cn && cn->ops->peer_asleep && cn->ops->peer_asleep(cn)) awake--;
+    }
+    return awake;
+}
+
+/* Say in every same-host connection whether our engine sleeps now. */
+static void tell_asleep(pc_comm *c, int asleep) {
+    for (int32_t p = 0; p < c->nranks; p++) {
+        pc_conn *cn = p == c->rank ? NULL : c->conns[p * c->stripes];
+        if (cn && cn->ops->set_asleep) cn->ops->set_asleep(cn, asleep);
+    }
+}
+
 /* Busy: more tasks want a CPU than there are CPUs, not counting our own ranks
- * on this host (they take turns with us: that is what the yields of an
- * oversubscribed spin are for). */
+ * on this host that may be running (they take turns with us: that is what the
+ * yields of an oversubscribed spin are for). Those are all of them unless they
+ * outnumber the CPUs; then the ones awake, plus one: a rank whose doorbell
+ * rang still says it sleeps until it gets a CPU (without that one, 4 ranks on 2
+ * idle cores saw a busy host in a quarter of their looks; two busy loops
+ * beside them show as at least two more in every look). */
 static int host_busy(pc_comm *c, double t) {
     if (c->busy_seen_at == 0 || t - c->busy_seen_at >= BUSY_RECHECK) {
-        int32_t room = c->cpus_online > c->local_ranks ? c->cpus_online : c->local_ranks;
+        int32_t ours = c->local_ranks;
+        if (c->oversubscribed) {
+            int32_t awake = local_ranks_awake(c) + 1;
+            if (awake < ours) ours = awake;
+        }
+        int32_t room = c->cpus_online > ours ? c->cpus_online : ours;
         c->busy_seen_at = t;
         c->busy_looks = runnable_tasks() > room ? c->busy_looks + 1 : 0;
     }
@@ -1213,7 +1254,9 @@ static void wait_for_io(run_state *r, double deadline) {
     }
     double left = deadline - now_s();
     int ms = left <= 0 ? 0 : (left > 0.2 ? 200 : (int)(left * 1000.0) + 1);
+    tell_asleep(c, 1);
     poll(fds, (nfds_t)n, ms);
+    tell_asleep(c, 0);
     if ((fds[0].revents & POLLIN) && !__atomic_load_n(&c->cancelled, __ATOMIC_SEQ_CST))
         drain_cancel_pipe(c); /* stale: left by a cancel that raced the last clear */
     if (fds != stack_fds) free(fds);
@@ -1615,6 +1658,7 @@ static pc_status run_loop(pc_comm *comm, run_state *rp, double timeout_s, int32_
     int wait_kind = WAIT_NONE;
     uint32_t spin_ns = 0;
     double looked = 0; /* when the last pass of this wait found nothing, if we did not sleep since */
+    int slept = 0;     /* this wait went to sleep (its spin, if any, is counted) */
     while (r.status == PC_OK && r.done < r.end) {
         int moved = run_locals(&r);
         for (int32_t a = 0; a < r.nactive && r.status == PC_OK; a++) {
@@ -1627,7 +1671,11 @@ static pc_status run_loop(pc_comm *comm, run_state *rp, double timeout_s, int32_
         if (r.status != PC_OK) break;
         if (r.done == r.end) {
             /* the wait ended within a pass of `looked` (no clock read on the fast path) */
-            if (idle_since >= 0) end_wait(comm, wait_kind, (looked > 0 ? looked : now_s()) - idle_since);
+            if (idle_since >= 0) {
+                double waited = (looked > 0 ? looked : now_s()) - idle_since;
+                end_wait(comm, wait_kind, waited);
+                if (!slept) comm->spun_s += waited;
+            }
             break;
         }
         if (__atomic_load_n(&comm->cancelled, __ATOMIC_SEQ_CST)) {
@@ -1641,7 +1689,10 @@ static pc_status run_loop(pc_comm *comm, run_state *rp, double timeout_s, int32_
             break;
         }
         if (moved) {
-            if (idle_since >= 0) end_wait(comm, wait_kind, t - idle_since);
+            if (idle_since >= 0) {
+                end_wait(comm, wait_kind, t - idle_since);
+                if (!slept) comm->spun_s += t - idle_since;
+            }
             idle_since = -1;
             last_move = t;
             continue;
@@ -1654,6 +1705,7 @@ static pc_status run_loop(pc_comm *comm, run_state *rp, double timeout_s, int32_
          * host), then sleep until a channel is ready or we are cancelled. */
         if (idle_since < 0) {
             idle_since = t;
+            slept = 0;
             spin_ns = begin_wait(&r, t, small, &wait_kind);
         }
         if ((t - idle_since) * 1e9 < (double)spin_ns) {
@@ -1662,6 +1714,9 @@ static pc_status run_loop(pc_comm *comm, run_state *rp, double timeout_s, int32_
             continue;
         }
         looked = 0;
+        if (!slept) comm->spun_s += t - idle_since;
+        slept = 1;
+        comm->sleeps++;
         wait_for_io(&r, deadline);
     }
     st = r.status;

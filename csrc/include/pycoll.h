@@ -458,6 +458,9 @@ uint64_t pc_comm_bytes_sent(const pc_comm *comm);
 uint64_t pc_comm_bytes_single_copy(const pc_comm *comm);
 /* Of those, bytes copied out of peers' result windows (preserving all-reduces, core/window.h). */
 uint64_t pc_comm_bytes_from_windows(const pc_comm *comm);
+/* The waiting policy at work: seconds this comm spent spinning in its waits, and how many
+ * waits went to sleep in the kernel. */
+void pc_comm_wait_stats(const pc_comm *comm, double *spun_s, uint64_t *sleeps);
 /* Single copy is decided per connection the first time its receiver receives,
  * so a peer's first payloads on a fresh connection go through the ring. This
  * decides it now on every connection of the comm (not while a plan runs on

@@ -63,6 +63,10 @@ typedef struct {
     void (*win_publish)(pc_conn *c, int fd, uint64_t base, uint64_t len, uint64_t gen);
     uint64_t (*win_gen)(pc_conn *c);
     int (*win_fetch)(pc_conn *c, uint64_t *gen, uint64_t *base, uint64_t *len);
+    /* Same host: whether our engine sleeps in a wait now (set around each sleep), and whether
+     * the peer's does: the ranks that want no CPU when the engine asks if the host is busy. */
+    void (*set_asleep)(pc_conn *c, int asleep);
+    int (*peer_asleep)(pc_conn *c);
 } pc_conn_ops;
 
 /* Poll bit (arm's `want`) for "waiting until the peer finished a remote read". */

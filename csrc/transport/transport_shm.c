@@ -104,6 +104,7 @@ typedef struct {
     uint64_t win_base[2];
     uint64_t win_len[2];
     int32_t win_fd[2];
+    uint32_t asleep[2];      /* side s's engine sleeps in a wait (host_busy in engine.c) */
 } shm_ctl;
 typedef char shm_ctl_fits_its_page[sizeof(shm_ctl) <= CTL_BYTES ? 1 : -1];
 
@@ -475,10 +476,22 @@ static int shm_win_fetch(pc_conn *c, uint64_t *gen, uint64_t *base, uint64_t *le
     return fd;
 }
 
+/* ---- who sleeps ----------------------------------------------------- */
+static void shm_set_asleep(pc_conn *c, int asleep) {
+    shm_conn *s = impl(c);
+    __atomic_store_n(&s->ctl->asleep[s->side], asleep ? 1u : 0u, __ATOMIC_RELAXED);
+}
+
+static int shm_peer_asleep(pc_conn *c) {
+    shm_conn *s = impl(c);
+    return __atomic_load_n(&s->ctl->asleep[1 - s->side], __ATOMIC_RELAXED) != 0;
+}
+
 static const pc_conn_ops shm_ops = {shm_sendv,       shm_recvv,   shm_shutdown,  shm_destroy,   shm_arm,
                                     shm_peek,        shm_consume, shm_rma_ok,    shm_rma_post,  shm_rma_wait,
                                     shm_rma_read,    shm_rma_done, shm_rma_allow, shm_peek_copy, shm_rma_probe,
-                                    shm_rma_refused, shm_win_publish, shm_win_gen, shm_win_fetch};
+                                    shm_rma_refused, shm_win_publish, shm_win_gen, shm_win_fetch, shm_set_asleep,
+                                    shm_peer_asleep};
 
 pc_status pc_shm_segment_create(uint64_t ring_bytes, int32_t *fds) {
     fds[0] = fds[1] = fds[2] = -1;

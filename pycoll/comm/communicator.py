@@ -999,6 +999,15 @@ class Communicator:
         return engine.bytes_from_windows(self._epoch.ccomm)
 
     @property
+    def wait_stats(self) -> dict:
+        """How this peer waited for its peers this epoch: {"spun_seconds": s, "sleeps": n}, the
+        time its engine spun (a CPU kept busy while nothing arrived) and the waits it slept
+        through in the kernel instead. The engine spins only where its recent waits say a spin
+        pays and never while other work wants the host's CPUs."""
+        spun, sleeps = engine.wait_stats(self._epoch.ccomm)
+        return {"spun_seconds": spun, "sleeps": sleeps}
+
+    @property
     def single_copy_runs(self) -> dict:
         """This epoch's collectives big enough for single copy with same-host peers that allow it,
         by the way this peer sent them: {"single_copy": n, "rings": m} (``single_copy_adapt``

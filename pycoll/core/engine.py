@@ -160,6 +160,15 @@ def bytes_from_windows(comm):
     return lib.pc_comm_bytes_from_windows(comm) if comm is not None else 0
 
 
+def wait_stats(comm):
+    """(seconds ``comm`` spun in its waits, waits that slept in the kernel); (0.0, 0) for no comm."""
+    if comm is None:
+        return 0.0, 0
+    spun, sleeps = ffi.new("double *"), ffi.new("uint64_t *")
+    lib.pc_comm_wait_stats(comm, spun, sleeps)
+    return float(spun[0]), int(sleeps[0])
+
+
 def stream_ring(comm, nbytes, timeout):
     """Stream ``nbytes`` to the right-hand neighbour while receiving as many from the left;
     returns (status, seconds)."""
