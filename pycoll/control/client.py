@@ -53,6 +53,9 @@ class CoordinatorClient:
         # successor serving at the lost one's address (pycoll.comm.failover)
         self.stranger = False
         self.on_dead = None  # called (heartbeat thread) when the coordinator's process is found gone
+        # we left the group (Epoch.leave): the coordinator may stop as soon as it saw the last member
+        # go, before close() stops our heartbeats, and its loss is then no news
+        self.left = False
         self.on_abort = on_abort
         # called (heartbeat thread) when the coordinator, alive, says it removed us (with why): whatever
         # we wait in was aborted without us
@@ -240,6 +243,8 @@ class CoordinatorClient:
         stays silent, is not proof (a restart, a cut link: the heartbeat bound decides those)."""
         # (a dying process closes its connections and its listening socket one after the other:
         # a probe in between is still accepted, so look again for a moment)
+        if self.left:
+            return
         with self._dead_lock:
             generation, addr = self._retarget, (self.host, self.port)
         for _ in range(5):
@@ -249,8 +254,8 @@ class CoordinatorClient:
         else:
             return
         with self._dead_lock:
-            if generation != self._retarget:
-                return  # we moved to a successor meanwhile: the verdict was on the one we left
+            if generation != self._retarget or self.left:
+                return  # we moved to a successor meanwhile (the verdict was on the one we left), or left
             newly = not self.coordinator_dead
             self.coordinator_dead = True
         if newly:

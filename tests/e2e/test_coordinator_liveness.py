@@ -100,3 +100,34 @@ def test_a_coordinator_not_up_yet_is_not_declared_dead():
         assert not dead and not client.coordinator_dead
     finally:
         client.close()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("left", [False, True], ids=["member", "left"])
+def test_a_coordinator_that_stops_after_we_left_is_no_news(left, caplog):
+    """A member leaves (Communicator.close: Epoch.leave marks its client ``left``), the
+    coordinator, having seen the last member go, stops before the member's close() ended its
+    heartbeats: that loss is expected and silent (no "is gone" warning, no failover callback);
+    every job's end raced into it before. A member that has not left still finds it dead."""
+    coord = Coordinator("127.0.0.1", 0, min_world_size=1, heartbeat_timeout=5.0).start()
+    listener = _listening()
+    client = _join(coord, listener, host_id=host_id())
+    dead = []
+    client.on_dead = lambda: dead.append(time.monotonic())
+    try:
+        client.start_heartbeats()
+        time.sleep(0.3)  # heartbeats answered: connected
+        client.left = left
+        caplog.set_level("WARNING", logger="pycoll")
+        coord.stop()
+        t0 = time.monotonic()
+        while not dead and time.monotonic() - t0 < 2:
+            time.sleep(0.02)
+        gone = [r.getMessage() for r in caplog.records if "is gone" in r.getMessage()]
+        if left:
+            assert not dead and not gone and not client.coordinator_dead, (dead, gone)
+        else:
+            assert dead and gone and client.coordinator_dead
+    finally:
+        client.close()
+        listener.close()
