@@ -14,22 +14,28 @@ The model is an MLP of --layers (8) blocks Linear(--width, --width) + ReLU: 1024
 a step is zero_grad + forward + MSE loss + backward + SGD step, DDP with default settings
 (25 MiB buckets), the way a user would write it.
 
-Each timed iteration runs three things, each after a barrier, so they see the same load:
+Each timed iteration runs four things, each after a barrier, so they see the same load:
   step     the DDP step;
+  floor    the same DDP step with a comm hook that communicates nothing (it hands DDP its bucket
+           back at once): DDP's own work (bucket copies, hooks) and the ranks' skew, no
+           communication; the fastest a backend could make this step;
   compute  the same step on a plain copy of the model (no DDP, so no communication);
   comm     the gradients' all-reduce alone: one async all_reduce per DDP bucket (the sizes DDP
            uses after its first-step rebuild, 4 + 28 MiB for the default model), over a flat
            copy of this step's gradients, then wait for all.
 A time is the slowest rank's (the one the next step waits for); the table gives the median over
 the timed steps, and exposed comm = median step - median compute (what the communication adds
-to a step after what DDP overlaps with backward). CPU is user+sys of all rank processes (every
+to a step after what DDP overlaps with backward), and over floor = median step - median floor
+(what the backend's communication adds to the step: the part a backend can change). CPU is
+user+sys of all rank processes (every
 thread) during the DDP step, per step: on 2 cores with 4 ranks the wall time can't show what a
 spinning progress thread costs, the CPU column does.
 
 --wrap fsdp2 shards the model with FSDP2 instead (fully_shard on each Linear, then on the model,
 torch's defaults: parameters all-gathered before each unit's forward and again before its
 backward, gradients reduce-scattered, every collective a blocking call on CPU); "comm" is then
-those collectives alone, over buffers of the same sizes, in the same order.
+those collectives alone, over buffers of the same sizes, in the same order (and no floor: FSDP2's
+collectives run inside forward and backward, with no hook to skip them).
 
 --sessions says which scheduler groups the ranks and busy loops share. Where the kernel groups
 tasks by session (autogroups: on when /proc/sys/kernel/sched_autogroup_enabled is 1 and the tasks
@@ -105,10 +111,30 @@ def rank_main(a):
     x = torch.randn(a.batch, a.width, generator=g)
     y = torch.randn(a.batch, a.width, generator=g)
 
+    floor = None
+    if a.wrap != "fsdp2":  # DDP without communication (see the module doc)
+        floor = nn.parallel.DistributedDataParallel(copy.deepcopy(plain), bucket_cap_mb=a.bucket_mb)
+        floor.register_comm_hook(None, _no_communication)
+        opt_floor = torch.optim.SGD(floor.parameters(), lr=1e-3)
+
     def train_step(net, opt):
         opt.zero_grad()
         nn.functional.mse_loss(net(x), y).backward()
         opt.step()
+
+    floor_calls = []  # pycoll: the collectives each floor step ran (none, by its definition)
+    if floor is not None:  # DDP broadcasts the bucket order it rebuilt after its first step in its second
+        for _ in range(2):
+            train_step(floor, opt_floor)
+
+    def floor_step():
+        if a.backend != "pycoll":
+            return train_step(floor, opt_floor)
+        stats = pycoll.torch.communicator().stats
+        last = stats[-1] if stats else None
+        train_step(floor, opt_floor)
+        since = list(stats)[next((len(stats) - i for i, st in enumerate(reversed(stats)) if st is last), 0):]
+        floor_calls.append(sum(st.op != "barrier" for st in since))  # (timed()'s barrier may land after `last`)
 
     def cpu():
         r = resource.getrusage(resource.RUSAGE_SELF)  # all threads, ns-precise on Linux
@@ -162,9 +188,10 @@ def rank_main(a):
         buckets = ddp_buckets()
         assert sum(buckets) == sum(p.numel() for p in plain.parameters()), buckets
         sizes = [4 * b for b in buckets]
-    res = {k: [] for k in ("step", "step_cpu", "compute", "compute_cpu", "comm", "comm_cpu")}
+    res = {k: [] for k in ("step", "step_cpu", "floor", "floor_cpu", "compute", "compute_cpu", "comm", "comm_cpu")}
     for i in range(a.warmup + a.steps):
         st = timed(lambda: train_step(ddp, opt_ddp))
+        ft = timed(lambda: floor_step()) if floor is not None else (0.0, 0.0)
         ct = timed(lambda: train_step(plain, opt_plain))
         if a.wrap != "fsdp2":
             flat = torch.cat([p.grad.reshape(-1) for p in plain.parameters()])  # untimed copy
@@ -175,10 +202,12 @@ def rank_main(a):
                     w.wait()
         mt = timed(comm)
         if i >= a.warmup:
-            for name, (wall, c) in (("step", st), ("compute", ct), ("comm", mt)):
+            for name, (wall, c) in (("step", st), ("floor", ft), ("compute", ct), ("comm", mt)):
                 res[name].append(wall)
                 res[name + "_cpu"].append(c)
     res["buckets_bytes"] = sizes
+    if floor_calls:
+        res["floor_collectives"] = sum(floor_calls)
     if a.backend == "pycoll":  # which way its big same-host payloads went (single_copy_adapt)
         runs = pycoll.torch.communicator().single_copy_runs
         res["single_copy_runs"] = [runs["single_copy"], runs["rings"]]
@@ -190,6 +219,14 @@ def rank_main(a):
     # and then aborts ("terminate called without an active exception", ~1 in 15 launches here)
     # after destroy_process_group has returned, failing a launch whose results are complete.
     os._exit(0)
+
+
+def _no_communication(state, bucket):
+    """A DDP comm hook that communicates nothing: the bucket back as it is, at once."""
+    import torch
+    fut = torch.futures.Future()
+    fut.set_result(bucket.buffer())
+    return fut
 
 
 def _die_with_parent():
@@ -294,7 +331,7 @@ def launch(impl, n, shape, steps, a, tmp):
 
 def summarize(runs):
     """Pool the launches of one backend and cell: medians (ms) of the slowest rank per step."""
-    per_step = {k: [] for k in ("step", "compute", "comm")}
+    per_step = {k: [] for k in ("step", "floor", "compute", "comm")}
     cpu = {k: 0.0 for k in per_step}
     count = 0
     for ranks in runs:
@@ -304,11 +341,14 @@ def summarize(runs):
         count += len(ranks[0]["step"])
     med = {k: 1e3 * statistics.median(v) for k, v in per_step.items()}
     return {"step_ms": med["step"], "compute_ms": med["compute"], "comm_ms": med["comm"],
-            "exposed_ms": med["step"] - med["compute"], "step_cpu_ms": 1e3 * cpu["step"] / count,
+            "exposed_ms": med["step"] - med["compute"], "floor_ms": med["floor"] or None,
+            "over_floor_ms": med["step"] - med["floor"] if med["floor"] else None,
+            "step_cpu_ms": 1e3 * cpu["step"] / count,
             "compute_cpu_ms": 1e3 * cpu["compute"] / count, "steps": count,
             "step_ms_all": [1e3 * t for t in per_step["step"]], "buckets_bytes": runs[0][0]["buckets_bytes"],
             "single_copy_runs": [sum(r.get("single_copy_runs", (0, 0))[k] for ranks in runs for r in ranks)
-                                 for k in (0, 1)]}
+                                 for k in (0, 1)],
+            "floor_collectives": sum(r.get("floor_collectives", 0) for ranks in runs for r in ranks)}
 
 
 @contextlib.contextmanager
@@ -437,7 +477,7 @@ def main(argv=None, prog=None):
           ">1: pycoll faster; CPU = user+sys of all ranks per step)")
     head = ("| ranks | shape | load | pycoll step | gloo step | ratio | pycoll compute | gloo compute "
             "| pycoll exposed comm | gloo exposed comm | pycoll comm alone | gloo comm alone "
-            "| pycoll CPU/step | gloo CPU/step |"
+            "| pycoll CPU/step | gloo CPU/step | DDP floor pycoll/gloo | over floor pycoll | over floor gloo |"
             + "".join(f" {x} step | gloo/{x} | pycoll/{x} | {x} exposed comm | {x} comm alone | {x} CPU/step |"
                       for x in extra))
     print(head)
@@ -446,12 +486,14 @@ def main(argv=None, prog=None):
         lead = f"| {row['ranks']} | {row['shape']} (batch {SHAPES[row['shape']]}) | " + \
                (f"burn {row['burn']}" if row["burn"] else "idle")
         if "failed" in row:
-            print(lead + " | FAILED" + " |" * (12 + 6 * len(extra)))
+            print(lead + " | FAILED" + " |" * (15 + 6 * len(extra)))
             continue
         p, g = row["pycoll"], row["gloo"]
         print(lead + f" | {p['step_ms']:.1f} | {g['step_ms']:.1f} | {g['step_ms'] / p['step_ms']:.2f}x"
               f" | {p['compute_ms']:.1f} | {g['compute_ms']:.1f} | {p['exposed_ms']:.1f} | {g['exposed_ms']:.1f}"
               f" | {p['comm_ms']:.1f} | {g['comm_ms']:.1f} | {p['step_cpu_ms']:.0f} | {g['step_cpu_ms']:.0f} |"
+              + (f" {p['floor_ms']:.1f} / {g['floor_ms']:.1f} | {p['over_floor_ms']:.1f} | {g['over_floor_ms']:.1f} |"
+                 if p["floor_ms"] and g["floor_ms"] else " - | - | - |")
               + "".join(f" {row[x]['step_ms']:.1f} | {g['step_ms'] / row[x]['step_ms']:.2f}x"
                         f" | {p['step_ms'] / row[x]['step_ms']:.2f}x | {row[x]['exposed_ms']:.1f}"
                         f" | {row[x]['comm_ms']:.1f} | {row[x]['step_cpu_ms']:.0f} |" for x in extra))
@@ -462,7 +504,10 @@ def main(argv=None, prog=None):
                 "gathered) in forward, another per unit in backward with a reduce_scatter_tensor of its "
                 "gradients" if a.wrap == "fsdp2" else
                 f"one async all_reduce per DDP bucket ({sizes}), then wait")
-        print(f"\ncomm alone = {what}; exposed comm = step - compute (can be negative within noise).")
+        print(f"\ncomm alone = {what}; exposed comm = step - compute (can be negative within noise)"
+              + ("." if a.wrap == "fsdp2" else "; DDP floor = the DDP step with a comm hook that communicates "
+                 "nothing (DDP's own work and the ranks' skew), measured in each backend's launches; over floor = "
+                 "step - floor: what the backend's communication adds to the step."))
         ways = [f"{r['ranks']} ranks {r['shape']} {'burn ' + str(r['burn']) if r['burn'] else 'idle'}: "
                 f"{r['pycoll']['single_copy_runs'][1]} of {sum(r['pycoll']['single_copy_runs'])}"
                 for r in done if sum(r["pycoll"]["single_copy_runs"])]

@@ -39,6 +39,9 @@ def test_train_step_table(tmp_path):
     for v in (step_p, step_g, compute_p, compute_g):
         assert 0 < v < 10_000, rows[0]
     assert cpu_p >= 0 and cpu_g >= 0
+    floor_p, floor_g = (float(v) for v in cells[14].split(" / "))
+    over_p, over_g = float(cells[15]), float(cells[16])
+    assert over_p == pytest.approx(step_p - floor_p, abs=0.11) and over_g == pytest.approx(step_g - floor_g, abs=0.11)
 
     data = json.loads(out_json.read_text())
     (row,) = data["rows"]
@@ -48,6 +51,9 @@ def test_train_step_table(tmp_path):
         assert all(t > 0 for t in r["step_ms_all"])
         assert r["comm_ms"] > 0 and r["step_cpu_ms"] > 0
         assert sum(r["buckets_bytes"]) == 2 * (64 * 64 + 64) * 4  # every gradient byte, in DDP's buckets
+        # DDP with a comm hook that communicates nothing: its own work, timed like the step
+        assert 0 < r["floor_ms"] < 10_000 and r["over_floor_ms"] == pytest.approx(r["step_ms"] - r["floor_ms"])
+    assert row["pycoll"]["floor_collectives"] == 0  # counted on pycoll's ranks: the floor step sent nothing
     assert ratio == pytest.approx(row["gloo"]["step_ms"] / row["pycoll"]["step_ms"], abs=0.006)
 
 
@@ -65,6 +71,7 @@ def test_train_step_fsdp2(tmp_path):
         r = row[backend]
         assert r["steps"] == 2 and all(t > 0 for t in r["step_ms_all"]) and r["comm_ms"] > 0, r
         assert r["buckets_bytes"] == [(64 * 64 + 64) * 4] * 2  # each unit gathered whole (2 ranks: no padding)
+        assert r["floor_ms"] is None and r["over_floor_ms"] is None  # FSDP2 has no hook to skip its collectives
 
 
 def _parent_of(pid):
