@@ -1077,7 +1077,7 @@ static int shm_only_waits(const run_state *r) {
  *    not asleep in a wait of their engine (each says so in its shared-
  *    memory connections, around every sleep). Counting all of them hid two
  *    busy loops beside 4 ranks on 2 cores, most of them asleep at any time:
- *    the ranks spun 10-36 % of the time, yielding whole time slices to the
+ *    the ranks spun 9-24 % of the time, yielding whole time slices to the
  *    loops (1 MiB ring: 2.5-4.3 ms a call; counting the awake: no spin,
  *    0.75-0.9 ms). Tasks at a lower priority count too (discounting them
  *    kept ranks spinning beside busy loops). One look is not enough, because
