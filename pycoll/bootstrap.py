@@ -168,8 +168,8 @@ def join(master_addr, master_port, *, join_timeout, rank=None, world_size=None, 
             kept.close()
         if listener is not None:
             listener.close()
+        if coordinator is not None:  # first: it would take our client's goodbye for a member's death
+            coordinator.stop()
         if client is not None:
             client.close()
-        if coordinator is not None:
-            coordinator.stop()
         raise

@@ -769,7 +769,10 @@ class Coordinator:
         self.removed[m.name] = why
         while len(self.removed) > 1000:
             self.removed.popitem(last=False)
-        (log.info if graceful else log.warning)("member %s is gone: %s", m.name, why)
+        # a member never admitted to an epoch (the group still forming) fails nothing by going: its
+        # join timing out, as every rank's does when one never starts, is no death to warn of
+        quiet = graceful or m.name not in self.epoch_members
+        (log.info if quiet else log.warning)("member %s is gone: %s", m.name, why)
         if m.name in self.epoch_members:
             rank = self._rank_of(m.name)
             if not graceful:
