@@ -30,6 +30,17 @@ def _join(coord, listener, **extra):
     return client  # no heartbeats started: as a process killed right after its join's reply
 
 
+def _watched_member(min_world_size):
+    """A coordinator here and one member joined to it (heartbeats not started): (coordinator,
+    the member's listener, its client, the times its on_dead callback was called)."""
+    coord = Coordinator("127.0.0.1", 0, min_world_size=min_world_size, heartbeat_timeout=5.0).start()
+    listener = _listening()
+    client = _join(coord, listener, host_id=host_id())
+    dead = []
+    client.on_dead = lambda: dead.append(time.monotonic())
+    return coord, listener, client, dead
+
+
 def _wait_dead(coord, name, limit):
     deadline = time.monotonic() + limit
     while name not in coord.removed and time.monotonic() < deadline:  # (a never-admitted death is forgotten)
@@ -68,11 +79,7 @@ def test_a_coordinator_gone_before_our_heartbeat_socket_reached_it_is_found_dead
     """Chaos seed 465: members re-registered with a successor, which was SIGKILLed before their
     heartbeat sockets had dialed it. No connection, so none dropped: they waited out the 5 s
     heartbeat bound. A refused dial after a join is now a death (its port is probed)."""
-    coord = Coordinator("127.0.0.1", 0, min_world_size=2, heartbeat_timeout=5.0).start()
-    listener = _listening()
-    client = _join(coord, listener, host_id=host_id())
-    dead = []
-    client.on_dead = lambda: dead.append(time.monotonic())
+    coord, listener, client, dead = _watched_member(min_world_size=2)
     try:
         assert client.cred
         coord.stop()  # gone before the heartbeat thread dials it
@@ -109,11 +116,7 @@ def test_a_coordinator_that_stops_after_we_left_is_no_news(left, caplog):
     coordinator, having seen the last member go, stops before the member's close() ended its
     heartbeats: that loss is expected and silent (no "is gone" warning, no failover callback);
     every job's end raced into it before. A member that has not left still finds it dead."""
-    coord = Coordinator("127.0.0.1", 0, min_world_size=1, heartbeat_timeout=5.0).start()
-    listener = _listening()
-    client = _join(coord, listener, host_id=host_id())
-    dead = []
-    client.on_dead = lambda: dead.append(time.monotonic())
+    coord, listener, client, dead = _watched_member(min_world_size=1)
     try:
         client.start_heartbeats()
         time.sleep(0.3)  # heartbeats answered: connected
