@@ -1078,8 +1078,9 @@ static int shm_only_waits(const run_state *r) {
  *    memory connections, around every sleep). Counting all of them hid two
  *    busy loops beside 4 ranks on 2 cores, most of them asleep at any time:
  *    the ranks spun 9-24 % of the time, yielding whole time slices to the
- *    loops (1 MiB ring: 2.5-4.3 ms a call; counting the awake: no spin,
- *    0.75-0.9 ms). Tasks at a lower priority count too (discounting them
+ *    loops; counting the awake, they do not spin there (1 MiB: 1.8-3.4 ms
+ *    a call against 1.3-4.9, in launches that swing 2-3x). Tasks at a
+ *    lower priority count too (discounting them
  *    kept ranks spinning beside busy loops). One look is not enough, because
  *    with every CPU running a rank any other thread that wakes for a moment
  *    tips it over (with 2 ranks on 2 idle cores, a heartbeat

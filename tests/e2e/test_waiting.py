@@ -152,8 +152,7 @@ def test_ranks_that_outnumber_the_cores_do_not_spin_beside_busy_loops():
     in its waits (each spin would yield a busy loop the core for a whole time slice), which
     takes seeing that the tasks that want the CPUs are not our ranks: most of those sleep in
     their waits. Counting them all as running (as the engine did), the ranks spun 9-24 % of
-    the time here on average and a 1 MiB all-reduce (a ring: each step waits for a peer) took 2.5-4.3 ms
-    on this 2-core VM; now they sleep through every wait, 0.75-0.9 ms."""
+    the time here on average, on this 2-core VM; now they sleep through every wait."""
     cpus = os.cpu_count() or 1
     burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(cpus)]
     try:
