@@ -133,8 +133,8 @@ def rank_main(a):
         stats = pycoll.torch.communicator().stats
         last = stats[-1] if stats else None
         train_step(floor, opt_floor)
-        since = list(stats)[next((len(stats) - i for i, st in enumerate(reversed(stats)) if st is last), 0):]
-        floor_calls.append(sum(st.op != "barrier" for st in since))  # (timed()'s barrier may land after `last`)
+        # (timed()'s barrier may land after `last`: barriers do not count)
+        floor_calls.append(sum(op != "barrier" for op in _ops_since(stats, last)))
 
     def cpu():
         r = resource.getrusage(resource.RUSAGE_SELF)  # all threads, ns-precise on Linux
@@ -219,6 +219,16 @@ def rank_main(a):
     # and then aborts ("terminate called without an active exception", ~1 in 15 launches here)
     # after destroy_process_group has returned, failing a launch whose results are complete.
     os._exit(0)
+
+
+def _ops_since(stats, last):
+    """The ops of the collectives recorded in ``stats`` (newest last) after ``last``."""
+    ops = []
+    for st in reversed(stats):
+        if st is last:
+            break
+        ops.append(st.op)
+    return ops
 
 
 def _no_communication(state, bucket):
@@ -343,7 +353,7 @@ def summarize(runs):
     return {"step_ms": med["step"], "compute_ms": med["compute"], "comm_ms": med["comm"],
             "exposed_ms": med["step"] - med["compute"], "floor_ms": med["floor"] or None,
             "over_floor_ms": med["step"] - med["floor"] if med["floor"] else None,
-            "step_cpu_ms": 1e3 * cpu["step"] / count,
+            "step_cpu_ms": 1e3 * cpu["step"] / count, "floor_cpu_ms": 1e3 * cpu["floor"] / count or None,
             "compute_cpu_ms": 1e3 * cpu["compute"] / count, "steps": count,
             "step_ms_all": [1e3 * t for t in per_step["step"]], "buckets_bytes": runs[0][0]["buckets_bytes"],
             "single_copy_runs": [sum(r.get("single_copy_runs", (0, 0))[k] for ranks in runs for r in ranks)

@@ -153,10 +153,13 @@ static void close_from(int32_t from, int32_t nconn, int32_t stripes, int32_t ran
 }
 
 /* Ranks of this comm on this host, ourselves included. */
+/* The first connection to rank p (NULL for ourselves). */
+static pc_conn *first_conn(const pc_comm *c, int32_t p) { return p == c->rank ? NULL : c->conns[p * c->stripes]; }
+
 static int32_t local_ranks(const pc_comm *c) {
     int32_t n = 1;
     for (int32_t p = 0; p < c->nranks; p++) {
-        pc_conn *cn = p == c->rank ? NULL : c->conns[p * c->stripes];
+        pc_conn *cn = first_conn(c, p);
         n += cn && pc_conn_same_host(cn);
     }
     return n;
@@ -1145,16 +1148,18 @@ static int32_t runnable_tasks(void) {
 static int32_t local_ranks_awake(const pc_comm *c) {
     int32_t awake = c->local_ranks;
     for (int32_t p = 0; p < c->nranks; p++) {
-        pc_conn *cn = p == c->rank ? NULL : c->conns[p * c->stripes];
+        pc_conn *cn = first_conn(c, p);
         if (cn && cn->ops->peer_asleep && cn->ops->peer_asleep(cn)) awake--;
     }
     return awake;
 }
 
-/* Say in every same-host connection whether our engine sleeps now. */
+/* Say in every same-host connection whether our engine sleeps now: only where our ranks
+ * outnumber the CPUs, the one case in which host_busy reads it. */
 static void tell_asleep(pc_comm *c, int asleep) {
+    if (!c->oversubscribed) return;
     for (int32_t p = 0; p < c->nranks; p++) {
-        pc_conn *cn = p == c->rank ? NULL : c->conns[p * c->stripes];
+        pc_conn *cn = first_conn(c, p);
         if (cn && cn->ops->set_asleep) cn->ops->set_asleep(cn, asleep);
     }
 }
@@ -1218,6 +1223,13 @@ static void end_wait(pc_comm *c, int kind, double waited) {
         *budget /= 2;
         if (*budget < SPIN_SLACK) *budget = 0;
     }
+}
+
+/* A wait of `waited` seconds ended: the policy learns from it, and a wait that never slept
+ * was spun through (pc_comm_wait_stats; one that slept counted its spin when it went to sleep). */
+static void wait_ended(pc_comm *c, int kind, double waited, int slept) {
+    end_wait(c, kind, waited);
+    if (!slept) c->spun_s += waited;
 }
 
 /* Events to poll for on c->fd while waiting for `want`; 0: ready now. */
@@ -1672,11 +1684,7 @@ static pc_status run_loop(pc_comm *comm, run_state *rp, double timeout_s, int32_
         if (r.status != PC_OK) break;
         if (r.done == r.end) {
             /* the wait ended within a pass of `looked` (no clock read on the fast path) */
-            if (idle_since >= 0) {
-                double waited = (looked > 0 ? looked : now_s()) - idle_since;
-                end_wait(comm, wait_kind, waited);
-                if (!slept) comm->spun_s += waited;
-            }
+            if (idle_since >= 0) wait_ended(comm, wait_kind, (looked > 0 ? looked : now_s()) - idle_since, slept);
             break;
         }
         if (__atomic_load_n(&comm->cancelled, __ATOMIC_SEQ_CST)) {
@@ -1690,10 +1698,7 @@ static pc_status run_loop(pc_comm *comm, run_state *rp, double timeout_s, int32_
             break;
         }
         if (moved) {
-            if (idle_since >= 0) {
-                end_wait(comm, wait_kind, t - idle_since);
-                if (!slept) comm->spun_s += t - idle_since;
-            }
+            if (idle_since >= 0) wait_ended(comm, wait_kind, t - idle_since, slept);
             idle_since = -1;
             last_move = t;
             continue;

@@ -104,7 +104,9 @@ typedef struct {
     uint64_t win_base[2];
     uint64_t win_len[2];
     int32_t win_fd[2];
-    uint32_t asleep[2];      /* side s's engine sleeps in a wait (host_busy in engine.c) */
+    /* side s's engine sleeps in a wait (host_busy in engine.c): written around every sleep, so on
+     * a line of its own, away from the window generation that every receive reads */
+    uint32_t asleep[2] __attribute__((aligned(64)));
 } shm_ctl;
 typedef char shm_ctl_fits_its_page[sizeof(shm_ctl) <= CTL_BYTES ? 1 : -1];
 
@@ -377,7 +379,6 @@ static void shm_rma_allow(pc_conn *c, int allow) {
     STORE_REL(&s->ctl->can_read[s->side], (uint32_t)s->rma_state);
 }
 
-/* Clear our doorbell; notice EOF on the socket (the peer process is gone). */
 /* EOF or an error on the unix socket: the peer process is gone. */
 static int socket_closed(pc_conn *c) {
     char b;
@@ -385,6 +386,7 @@ static int socket_closed(pc_conn *c) {
     return r == 0 || (r < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR);
 }
 
+/* Clear our doorbell; notice EOF on the socket (the peer process is gone). */
 static void drain(pc_conn *c) {
     shm_conn *s = impl(c);
     uint64_t v;
