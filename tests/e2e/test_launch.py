@@ -188,8 +188,9 @@ def test_a_rank_that_never_starts_gets_progress_lines_and_PYCOLL_JOIN_TIMEOUT():
         assert "rank 2" in err and "2 of 3" in err, err
         early = [m for t, m in warnings if t < 7]
         assert any("2 of 3" in m and "waiting for rank 2" in m for m in early), warnings
-        # ranks whose join timed out leave a group that never formed: no member's death to warn of
-        # ("member ... is gone", rank 0's coordinator seeing the other rank, or rank 0 itself, go)
+        # ranks whose join timed out leave a group that never formed: no death to warn of ("member ...
+        # is gone": rank 0's coordinator seeing a rank go; "the coordinator ... is gone": a rank still
+        # joining seeing rank 0's coordinator stop, which its own join error reports)
         assert not any("is gone" in m for _, m in warnings), warnings
 
 
