@@ -256,6 +256,8 @@ ENVIRONMENT = {v.name: v for v in (
     Variable("PYCOLL_DELAYLINE_BIN", "the WAN emulator's delay line program", "pycoll.emulator"),
     Variable("PYCOLL_DELAYLINE_SRC", "the WAN emulator's delay line source", "pycoll.emulator"),
     Variable("PYCOLL_CACHE_DIR", "where the WAN emulator builds its delay line", "pycoll.emulator"),
+    Variable("PYCOLL_SHARED_BUFFERS", "0: a reused single-copy buffer is never moved onto shared memory "
+             "for same-host peers to map (default: moved; process-wide)", "the C core (core/shared_buffers.c)"),
     Variable("PYCOLL_SANITIZE", "build the C core with sanitizers", "pycoll._build (setup.py)"),
     Variable("PYCOLL_CFLAGS", "extra C compiler flags for the C core", "pycoll._build (setup.py)"),
 )}

@@ -42,6 +42,8 @@
 #include "copy.h"
 #include "copy_choice.h"
 #include "huge_pages.h"
+#include "shared_buffers.h"
+#include "shared_peer.h"
 #include "plan.h"
 #include "pycoll.h"
 #include "transport.h"
@@ -115,6 +117,8 @@ struct pc_comm {
      * last windowed body left each of its receives (alias[op]: NULL where in scratch) */
     window_own win;
     window_peer *peer_win;
+    shared_peer *peer_shared;  /* our mappings of each rank's shared buffers (shared_peer.c) */
+    uint64_t shared_read;      /* bytes we read straight out of those mappings */
     const uint8_t **alias;
     int32_t alias_cap;
     const pc_plan *alias_plan; /* the plan and call the aliases belong to */
@@ -216,7 +220,8 @@ pc_status pc_comm_create_keyed(int32_t rank, int32_t nranks, int32_t stripes, co
     c->conns = calloc((size_t)nconn, sizeof *c->conns);
     c->stage = calloc((size_t)nconn, sizeof *c->stage);
     c->peer_win = calloc((size_t)nranks, sizeof *c->peer_win);
-    if (!c->conns || !c->stage || !c->peer_win) goto fail_fds;
+    c->peer_shared = calloc((size_t)nranks, sizeof *c->peer_shared);
+    if (!c->conns || !c->stage || !c->peer_win || !c->peer_shared) goto fail_fds;
     if (pipe(c->cancel_pipe) != 0) {
         st = PC_ERR_IO;
         goto fail_fds;
@@ -255,6 +260,7 @@ pc_status pc_comm_create_keyed(int32_t rank, int32_t nranks, int32_t stripes, co
     c->cpus_online = online > 0 ? (int32_t)online : 1;
     c->spin_ns[WAIT_SHM] = (uint32_t)c->shm_spin_us * 1000u;
     c->spin_ns[WAIT_SOCK] = (uint32_t)c->spin_us * 1000u;
+    shared_buffers_attach();
     *out = c;
     return PC_OK;
 fail_fds:
@@ -263,6 +269,7 @@ fail_fds:
         free(c->conns);
         free(c->stage);
         free(c->peer_win);
+        free(c->peer_shared);
         if (c->cancel_pipe[0] >= 0) close(c->cancel_pipe[0]);
         if (c->cancel_pipe[1] >= 0) close(c->cancel_pipe[1]);
         free(c);
@@ -336,8 +343,11 @@ void pc_comm_free(pc_comm *c) {
     window_own_free(&c->win);
     for (int32_t i = 0; c->peer_win && i < c->nranks; i++) window_peer_free(&c->peer_win[i]);
     free(c->peer_win);
+    for (int32_t i = 0; c->peer_shared && i < c->nranks; i++) shared_peer_free(&c->peer_shared[i]);
+    free(c->peer_shared);
     free(c->alias);
     huge_pages_free(&c->huge);
+    shared_buffers_detach();
     free(c->run_mem);
     if (c->cancel_pipe[0] >= 0) close(c->cancel_pipe[0]);
     if (c->cancel_pipe[1] >= 0) close(c->cancel_pipe[1]);
@@ -348,6 +358,7 @@ const char *pc_comm_last_error(const pc_comm *c) { return c->err; }
 uint64_t pc_comm_bytes_sent(const pc_comm *c) { return c->sent; }
 uint64_t pc_comm_bytes_single_copy(const pc_comm *c) { return c->single_copied; }
 uint64_t pc_comm_bytes_from_windows(const pc_comm *c) { return c->window_copied; }
+uint64_t pc_comm_bytes_from_shared(const pc_comm *c) { return c->shared_read; }
 
 void pc_comm_wait_stats(const pc_comm *c, double *spun_s, uint64_t *sleeps) {
     *spun_s = c->spun_s;
@@ -401,6 +412,9 @@ pc_status pc_frame_check(const uint8_t *hdr, uint32_t tag, uint32_t desc, uint64
 }
 
 /* ---- the run ----------------------------------------------------------- */
+#define SHARED_RUN_BUFS 8 /* a run's buffers looked up in shared_buffers (a buffer run's first ones) */
+#define SHARED_STREAM_MIN (64u << 10) /* a copy out of a peer's shared buffer streams from this size */
+
 typedef struct {
     pc_comm *comm;
     const pc_plan *plan;
@@ -426,6 +440,7 @@ typedef struct {
     int32_t failed_peer;
     int remote;            /* big enough for single copy (comm->remote_min) */
     const uint8_t **alias; /* a windowed run: comm->alias (see pump_remote, run_local) */
+    shared_ref shared[SHARED_RUN_BUFS]; /* buffers that lie in shared memory (shared_buffers.c) */
     pc_status status;
 } run_state;
 
@@ -539,6 +554,21 @@ static int complete_acked(run_state *r, int32_t k) {
     return moved;
 }
 
+/* A single-copy descriptor of op's bytes at src: where they lie in our memory, and the shared
+ * buffer they lie in, if one (shared_buffers.h; gen 0: none). */
+static void describe_remote(const run_state *r, const pc_op *op, const uint8_t *src, uint8_t *desc) {
+    memset(desc, 0, PC_REMOTE_DESC_BYTES);
+    put_u64(desc, (uint64_t)(uintptr_t)src);
+    put_u64(desc + 8, op->len);
+    const shared_ref *ref = op->src_buf >= 0 && op->src_buf < SHARED_RUN_BUFS ? &r->shared[op->src_buf] : NULL;
+    uint64_t at = (uint64_t)(uintptr_t)src;
+    if (!ref || !ref->gen || at < ref->base || op->len > ref->len || at - ref->base > ref->len - op->len) return;
+    put_u64(desc + 16, ref->gen);
+    put_u64(desc + 24, (uint64_t)(uint32_t)ref->fd);
+    put_u64(desc + 32, ref->base);
+    put_u64(desc + 40, ref->len);
+}
+
 /* Advance the sends of channel k; returns 1 if bytes moved. A send that goes as a descriptor
  * does not hold up the ready sends behind it: their descriptors follow at once (up to
  * MAX_POSTED), so the reader finds all of them without waiting for us to be scheduled
@@ -558,10 +588,7 @@ static int pump_send(run_state *r, int32_t k) {
             pc_frame_hdr h = {PC_MAGIC, PC_VERSION, cs->sremote ? PC_FRAME_REMOTE : PC_FRAME_DATA, op->tag,
                               r->desc, r->seq, op->len};
             hdr_encode(cs->shdr, &h);
-            if (cs->sremote) {
-                put_u64(cs->sdesc, (uint64_t)(uintptr_t)src);
-                put_u64(cs->sdesc + 8, op->len);
-            }
+            if (cs->sremote) describe_remote(r, op, src, cs->sdesc);
         }
         /* on the wire: header, then the payload or its descriptor, then padding */
         uint64_t body = cs->sremote ? PC_REMOTE_DESC_BYTES : op->len;
@@ -797,6 +824,29 @@ static int pump_remote(run_state *r, int32_t k, int32_t i) {
         }
     }
     uint8_t *dst = r->buf[op->dst_buf] + op->dst_off;
+    const uint8_t *mapped = NULL;
+    if (!r->caller_bufs && get_u64(cs->rdesc + 16))
+        mapped = shared_peer_find(&comm->peer_shared[op->peer], cn, get_u64(cs->rdesc + 16),
+                                  (int32_t)get_u64(cs->rdesc + 24), get_u64(cs->rdesc + 32), get_u64(cs->rdesc + 40),
+                                  from, op->len);
+    while (mapped && cs->reduced < op->len && budget) {
+        /* the sender's bytes lie in shared memory we mapped: used where they lie, no staging, no
+         * pinning (a result nobody reads again in this call goes around the cache) */
+        uint64_t n = min_u64(op->len - cs->reduced, budget);
+        if (reduce)
+            pc_reduce(dst + cs->reduced, r->buf[op->src_buf] + op->src_off + cs->reduced, mapped + cs->reduced,
+                      n / (uint64_t)r->es, r->dtype, r->op);
+        else if (n >= SHARED_STREAM_MIN)
+            pc_copy_streaming(dst + cs->reduced, mapped + cs->reduced, n);
+        else
+            memcpy(dst + cs->reduced, mapped + cs->reduced, n);
+        cs->reduced += n;
+        comm->received += n;
+        comm->single_copied += n;
+        comm->shared_read += n;
+        budget -= n;
+        moved = 1;
+    }
     if (r->caller_bufs && cs->reduced < op->len) { /* a buffer run: chunked, hashed, threaded */
         int err = 0;
         long res = read_round_run(r, k, op, from, &err);
@@ -1470,13 +1520,32 @@ int32_t pc_engine_peak_running(int32_t reset) {
     return __atomic_load_n(&peak_plans, __ATOMIC_RELAXED);
 }
 
+/* Before a single-copy run: which of its buffers lie in shared memory (shared_buffers.c), and
+ * for the others the huge-page policy (huge_pages.c); a buffer that policy finds reused is
+ * moved onto shared memory. A buffer run's buffers past SHARED_RUN_BUFS stay where they are. */
+static void place_buffers(pc_comm *comm, run_state *r, int32_t nbufs, void *const *bufs,
+                          const uint64_t *buf_bytes) {
+    void *rest[SHARED_RUN_BUFS];
+    uint8_t reused[SHARED_RUN_BUFS];
+    int32_t n = nbufs < SHARED_RUN_BUFS ? nbufs : SHARED_RUN_BUFS;
+    shared_buffers_check(n, bufs, buf_bytes, r->shared);
+    if (nbufs > SHARED_RUN_BUFS) { /* too many to track: the huge-page policy alone, as before */
+        huge_pages_of_run(&comm->huge, nbufs, bufs, buf_bytes, NULL);
+        return;
+    }
+    for (int32_t b = 0; b < n; b++) rest[b] = r->shared[b].gen ? NULL : bufs[b];
+    huge_pages_of_run(&comm->huge, n, rest, buf_bytes, reused);
+    for (int32_t b = 0; b < n; b++)
+        if (reused[b]) shared_buffers_move(bufs[b], buf_bytes[b], &r->shared[b]);
+}
+
 /* Runs a prepared run whose payloads may go single-copy (r->remote): which way they go is the
  * comm's learned choice for runs of `kind` over `bytes` (copy_choice.c), timed for it on success. */
 static pc_status run_choosing(pc_comm *comm, run_state *r, int kind, uint64_t bytes, void *const *bufs,
                               const uint64_t *buf_bytes, int32_t nbufs, double timeout_s, int32_t *failed_peer) {
     int choosing = r->remote && single_copy_peers(comm);
     if (choosing) r->remote = copy_choice_pick(&comm->choice, kind, bytes);
-    if (r->remote && choosing) huge_pages_of_run(&comm->huge, nbufs, bufs, buf_bytes);
+    if (r->remote && choosing) place_buffers(comm, r, nbufs, bufs, buf_bytes);
     double t0 = now_s();
     pc_status st = run_loop(comm, r, timeout_s, failed_peer);
     if (choosing && st == PC_OK) copy_choice_learn(&comm->choice, kind, bytes, r->remote, now_s() - t0);

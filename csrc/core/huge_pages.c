@@ -33,6 +33,7 @@
  */
 #define _GNU_SOURCE
 #include <fcntl.h>
+#include <string.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <unistd.h>
@@ -127,20 +128,21 @@ static huge_range *range_entry(huge_pages *h, uintptr_t start, uintptr_t end) {
     return oldest;
 }
 
-static void sight(huge_pages *h, void *buf, uint64_t bytes) {
+static int sight(huge_pages *h, void *buf, uint64_t bytes) {
     uintptr_t start = ((uintptr_t)buf + PC_HUGE_PAGE - 1) & ~(uintptr_t)(PC_HUGE_PAGE - 1);
     uintptr_t end = ((uintptr_t)buf + bytes) & ~(uintptr_t)(PC_HUGE_PAGE - 1);
-    if (end <= start) return;
+    if (end <= start) return 0;
     huge_range *e = range_entry(h, start, end);
-    if (e->seen_run == h->runs) return; /* IN and OUT of one in-place run */
+    if (e->seen_run == h->runs) return e->state == RANGE_KEPT; /* IN and OUT of one in-place run */
     int first = e->seen_run == 0;
     e->seen_run = h->runs;
-    if (e->state == RANGE_REPLACED && h->runs < e->retry_at) return;
+    if (e->state == RANGE_REPLACED && h->runs < e->retry_at) return 0;
     int huge = range_is_huge(h, start, end);
     if (first) {
         e->state = huge == 1 ? RANGE_KEPT : RANGE_SMALL_ONCE;
-        return;
+        return 0;
     }
+    int reused = 0;
     switch (e->state) {
     case RANGE_SMALL_ONCE:
     case RANGE_REPLACED: /* its backoff is over: one more try */
@@ -158,15 +160,19 @@ static void sight(huge_pages *h, void *buf, uint64_t bytes) {
         } else { /* used again (or cannot tell: trusted, as before PAGEMAP_SCAN) */
             e->state = RANGE_KEPT;
             if (h->credits < CREDITS) h->credits++;
+            reused = huge == 1;
         }
         break;
     case RANGE_KEPT:
         if (huge == 0) e->state = RANGE_SMALL_ONCE; /* new memory where a kept buffer was: start over */
+        reused = huge == 1;
         break;
     }
+    return reused;
 }
 
-void huge_pages_of_run(huge_pages *h, int32_t n, void *const *bufs, const uint64_t *bytes) {
+void huge_pages_of_run(huge_pages *h, int32_t n, void *const *bufs, const uint64_t *bytes, uint8_t *reused) {
+    if (reused) memset(reused, 0, (size_t)n);
     h->runs++;
     if (h->credits < CREDITS && h->runs % CREDIT_RUNS == 0) h->credits++;
     if (h->collapse_skip > 0) {
@@ -174,5 +180,5 @@ void huge_pages_of_run(huge_pages *h, int32_t n, void *const *bufs, const uint64
         return;
     }
     for (int32_t i = 0; i < n; i++)
-        if (bufs[i] && bytes[i]) sight(h, bufs[i], bytes[i]);
+        if (bufs[i] && bytes[i] && sight(h, bufs[i], bytes[i]) && reused) reused[i] = 1;
 }

@@ -39,7 +39,9 @@ typedef struct {
 void huge_pages_init(huge_pages *h);
 void huge_pages_free(huge_pages *h);
 /* A single-copy run begins: one sighting of each of its n buffers (a buffer given twice, IN and
- * OUT of an in-place run, is seen once). */
-void huge_pages_of_run(huge_pages *h, int32_t n, void *const *bufs, const uint64_t *bytes);
+ * OUT of an in-place run, is seen once; NULL ones not at all). reused[i] (if not NULL) is set
+ * to 1 where buffer i is known to be the same memory as in an earlier run: found on huge pages
+ * then and now (core/shared_buffers.h moves such buffers). */
+void huge_pages_of_run(huge_pages *h, int32_t n, void *const *bufs, const uint64_t *bytes, uint8_t *reused);
 
 #endif

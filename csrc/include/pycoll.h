@@ -458,6 +458,15 @@ uint64_t pc_comm_bytes_sent(const pc_comm *comm);
 uint64_t pc_comm_bytes_single_copy(const pc_comm *comm);
 /* Of those, bytes copied out of peers' result windows (preserving all-reduces, core/window.h). */
 uint64_t pc_comm_bytes_from_windows(const pc_comm *comm);
+/* Of those, bytes read with plain loads out of our mappings of peers' shared buffers. */
+uint64_t pc_comm_bytes_from_shared(const pc_comm *comm);
+/* Shared buffers (process-wide): a caller's buffer seen in two single-copy runs is moved onto
+ * shared memory (same addresses and bytes) that same-host peers map and read with plain loads.
+ * enable 0: nothing more is moved. Stats: buffers moved so far, moves dropped since (the memory
+ * was freed and given back), moves live now. available: 1 where this kernel allows it. */
+void pc_shared_buffers_enable(int32_t enable);
+int32_t pc_shared_buffers_available(void);
+void pc_shared_buffers_stats(uint64_t *moved, uint64_t *dropped, int32_t *live);
 /* The waiting policy at work: seconds this comm spent spinning in its waits, and how many
  * waits went to sleep in the kernel. */
 void pc_comm_wait_stats(const pc_comm *comm, double *spun_s, uint64_t *sleeps);

@@ -63,6 +63,9 @@ typedef struct {
     void (*win_publish)(pc_conn *c, int fd, uint64_t base, uint64_t len, uint64_t gen);
     uint64_t (*win_gen)(pc_conn *c);
     int (*win_fetch)(pc_conn *c, uint64_t *gen, uint64_t *base, uint64_t *len);
+    /* Shared buffers (core/shared_buffers.h): a new fd of the peer's fd number `remote_fd`, or
+     * -errno (not allowed, gone). */
+    int (*fd_fetch)(pc_conn *c, int32_t remote_fd);
     /* Same host: whether our engine sleeps in a wait now (set around each sleep), and whether
      * the peer's does: the ranks that want no CPU when the engine asks if the host is busy. */
     void (*set_asleep)(pc_conn *c, int asleep);

@@ -446,17 +446,11 @@ static uint64_t shm_win_gen(pc_conn *c) {
     return LOAD_ACQ(&s->ctl->win_gen[1 - s->side]);
 }
 
-/* The peer's window fd, fetched from the peer process itself (pidfd_getfd: the same ptrace
- * permission as the single-copy reads, which must work already). */
-static int shm_win_fetch(pc_conn *c, uint64_t *gen, uint64_t *base, uint64_t *len) {
+/* A new fd of the peer's fd `rfd`, fetched from the peer process itself (pidfd_getfd: the same
+ * ptrace permission as the single-copy reads, which must work already): the fd, or -errno. */
+static int shm_fd_fetch(pc_conn *c, int32_t rfd) {
     shm_conn *s = impl(c);
-    int o = 1 - s->side;
     if (s->rma_state != RMA_YES || s->peer_pid <= 0) return -EPERM;
-    uint64_t g = LOAD_ACQ(&s->ctl->win_gen[o]);
-    if (!g) return -ENOENT;
-    int32_t rfd = __atomic_load_n(&s->ctl->win_fd[o], __ATOMIC_RELAXED);
-    uint64_t b = __atomic_load_n(&s->ctl->win_base[o], __ATOMIC_RELAXED);
-    uint64_t l = __atomic_load_n(&s->ctl->win_len[o], __ATOMIC_RELAXED);
     int pfd = (int)syscall(SYS_pidfd_open, s->peer_pid, 0);
     if (pfd < 0) return -errno;
     /* the pid is still our peer's (not reused) while its end of the socket is open */
@@ -467,7 +461,21 @@ static int shm_win_fetch(pc_conn *c, uint64_t *gen, uint64_t *base, uint64_t *le
     int fd = (int)syscall(SYS_pidfd_getfd, pfd, rfd, 0);
     int e = errno;
     close(pfd);
-    if (fd < 0) return -e;
+    return fd < 0 ? -e : fd;
+}
+
+/* The peer's window fd and what it published with it. */
+static int shm_win_fetch(pc_conn *c, uint64_t *gen, uint64_t *base, uint64_t *len) {
+    shm_conn *s = impl(c);
+    int o = 1 - s->side;
+    if (s->rma_state != RMA_YES || s->peer_pid <= 0) return -EPERM;
+    uint64_t g = LOAD_ACQ(&s->ctl->win_gen[o]);
+    if (!g) return -ENOENT;
+    int32_t rfd = __atomic_load_n(&s->ctl->win_fd[o], __ATOMIC_RELAXED);
+    uint64_t b = __atomic_load_n(&s->ctl->win_base[o], __ATOMIC_RELAXED);
+    uint64_t l = __atomic_load_n(&s->ctl->win_len[o], __ATOMIC_RELAXED);
+    int fd = shm_fd_fetch(c, rfd);
+    if (fd < 0) return fd;
     if (LOAD_ACQ(&s->ctl->win_gen[o]) != g) { /* it moved on while we fetched */
         close(fd);
         return -EAGAIN;
@@ -492,8 +500,8 @@ static int shm_peer_asleep(pc_conn *c) {
 static const pc_conn_ops shm_ops = {shm_sendv,       shm_recvv,   shm_shutdown,  shm_destroy,   shm_arm,
                                     shm_peek,        shm_consume, shm_rma_ok,    shm_rma_post,  shm_rma_wait,
                                     shm_rma_read,    shm_rma_done, shm_rma_allow, shm_peek_copy, shm_rma_probe,
-                                    shm_rma_refused, shm_win_publish, shm_win_gen, shm_win_fetch, shm_set_asleep,
-                                    shm_peer_asleep};
+                                    shm_rma_refused, shm_win_publish, shm_win_gen, shm_win_fetch, shm_fd_fetch,
+                                    shm_set_asleep,  shm_peer_asleep};
 
 pc_status pc_shm_segment_create(uint64_t ring_bytes, int32_t *fds) {
     fds[0] = fds[1] = fds[2] = -1;

@@ -5,9 +5,11 @@
  *   0  u32 magic    "PCOL"
  *   4  u16 version  PC_VERSION
  *   6  u16 kind     PC_FRAME_DATA, or PC_FRAME_REMOTE: the payload is then a
- *                   16-byte descriptor (u64 address, u64 len) of the bytes in
+ *                   48-byte descriptor (u64 address, u64 len) of the bytes in
  *                   the sender's memory, for the receiver to copy itself
- *                   (same-host shared-memory connections only)
+ *                   (same-host shared-memory connections only), then the
+ *                   shared buffer they lie in (u64 registration, u64 fd,
+ *                   u64 address, u64 len; all 0: none; core/shared_buffers.h)
  *   8  u32 tag      which piece of which step (planner-defined)
  *  12  u32 desc     digest of the collective's arguments
  *  16  u64 seq      collective sequence number on this comm
@@ -24,7 +26,7 @@
 #define PC_MAGIC 0x4c4f4350u /* "PCOL" read as little-endian */
 #define PC_FRAME_DATA 1
 #define PC_FRAME_REMOTE 2
-#define PC_REMOTE_DESC_BYTES 16
+#define PC_REMOTE_DESC_BYTES 48
 #define PC_HDR_BYTES 32
 
 typedef struct {

@@ -160,6 +160,18 @@ def bytes_from_windows(comm):
     return lib.pc_comm_bytes_from_windows(comm) if comm is not None else 0
 
 
+def bytes_from_shared(comm):
+    """Of those, bytes read out of our mappings of peers' shared buffers (0 for no comm)."""
+    return lib.pc_comm_bytes_from_shared(comm) if comm is not None else 0
+
+
+def shared_buffers_stats():
+    """This process's shared buffers: {"moved", "dropped", "live"} (see pycoll.h)."""
+    moved, dropped, live = ffi.new("uint64_t *"), ffi.new("uint64_t *"), ffi.new("int32_t *")
+    lib.pc_shared_buffers_stats(moved, dropped, live)
+    return {"moved": int(moved[0]), "dropped": int(dropped[0]), "live": int(live[0])}
+
+
 def wait_stats(comm):
     """(seconds ``comm`` spun in its waits, waits that slept in the kernel); (0.0, 0) for no comm."""
     if comm is None:

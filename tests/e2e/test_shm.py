@@ -455,11 +455,12 @@ def _first_recv_from_1():
     return next(op for op in plan.ops() if op["kind"] in (lib.PC_OP_RECV, lib.PC_OP_RECV_REDUCE) and op["peer"] == 1)
 
 
-def _send_descriptor(mem, address, length, probe=None):
+def _send_descriptor(mem, address, length, probe=None, shared=None):
     """Play side 1 sending rank 0 a PC_FRAME_REMOTE frame (the first of the
     all-reduce in _one_sided_run); with ``probe`` (an array in this process,
     which is also the peer's process here) also publish a probe word that
-    rank 0's probe will find, so that rank 0 agrees to read us."""
+    rank 0's probe will find, so that rank 0 agrees to read us. ``shared``: the (registration,
+    fd, address, length) of a shared buffer the bytes are said to lie in."""
     import struct
     if probe is not None:
         probe[0] = 0x5A5A_1234_ABCD_0042
@@ -468,8 +469,66 @@ def _send_descriptor(mem, address, length, probe=None):
     op = _first_recv_from_1()
     frame = struct.pack("<IHHIIQQ", 0x4C4F4350, lib.PC_VERSION, 2, op["tag"], 0x5EED, 1, op["len"])
     frame += struct.pack("<QQ", address, op["len"] if length is None else length)
+    frame += struct.pack("<QQQQ", *(shared or (0, 0, 0, 0)))  # the shared buffer it lies in (0: none)
     mem[4096 + RING_MIN:4096 + RING_MIN + len(frame)] = frame
     _u64(mem, 256, len(frame))
+
+
+def _memfd(name, size, seal=True):
+    fd = os.memfd_create(name, os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, size)
+    if seal:
+        import fcntl
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
+    return fd
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("lie", ["too_long", "outside", "wrong_name", "unsealed", "not_a_memfd"])
+def test_a_forged_shared_buffer_is_not_mapped(lie):
+    """A descriptor may say its bytes lie in a shared buffer (core/shared_peer.h): the receiver
+    maps it only if the fd it fetches is that registration's memfd (by name), sealed, as long as
+    claimed, with the bytes inside it. Each lie here is refused, and the receive falls back to
+    reading the named address the usual way (here: memory the peer does not have, an I/O error):
+    nothing is read through a mapping."""
+    size = 1 << 20
+    fd = {"wrong_name": lambda: _memfd("pycoll-shared-8", size),
+          "unsealed": lambda: _memfd("pycoll-shared-7", size, seal=False),
+          "not_a_memfd": lambda: os.open("/dev/zero", os.O_RDONLY)}.get(lie, lambda: _memfd("pycoll-shared-7", size))()
+    shared = {"too_long": (7, fd, 0, 1 << 41), "outside": (7, fd, 1 << 30, size)}.get(lie, (7, fd, 0, size))
+    mesh, mem, sock = _hostile_side()
+    probe = np.zeros(1, np.uint64)
+    try:
+        _send_descriptor(mem, 8, None, probe=probe, shared=shared)
+        st, dt, why = _one_sided_run(mesh, timeout=2.0)
+        assert st == lib.PC_ERR_IO, why
+        assert lib.pc_comm_bytes_from_shared(mesh.comms[0]) == 0
+    finally:
+        mesh.close()
+        mem.close()
+        sock.close()
+        os.close(fd)
+
+
+@pytest.mark.timeout(60)
+def test_a_true_shared_buffer_is_read_where_it_lies():
+    """The control for the lies above: the same descriptor naming a real registration (a sealed
+    memfd of the right name, as long as claimed, holding the bytes) is reduced straight out of
+    our mapping of it."""
+    mesh, mem, sock = _hostile_side()
+    probe = np.zeros(1, np.uint64)
+    op = _first_recv_from_1()
+    fd = _memfd("pycoll-shared-9", 1 << 20)
+    try:
+        _send_descriptor(mem, 4096, None, probe=probe, shared=(9, fd, 0, 1 << 20))
+        st, dt, why = _one_sided_run(mesh, timeout=1.0)
+        assert lib.pc_comm_bytes_from_shared(mesh.comms[0]) == op["len"]
+        assert st == lib.PC_ERR_TIMEOUT, why  # (side 1 never acts again: the run stops later)
+    finally:
+        mesh.close()
+        mem.close()
+        sock.close()
+        os.close(fd)
 
 
 @pytest.mark.timeout(60)
@@ -1038,7 +1097,17 @@ def _all_reduce_on_small_pages(comm):
         comm.all_reduce(buf)
         exact &= bool(np.all(buf == sum(r + 1 for r in range(comm.world_size))))
         huge.append(_huge_kb(buf.ctypes.data))
-    return huge, exact, comm.bytes_single_copy, comm.peer_transports
+    return huge, exact, comm.bytes_single_copy, comm.peer_transports, _in_shared_buffer(buf.ctypes.data + buf.nbytes // 2)
+
+
+def _in_shared_buffer(addr):
+    """Whether addr lies in a shared buffer's mapping (core/shared_buffers.h)."""
+    with open("/proc/self/maps") as f:
+        for line in f:
+            lo, hi = (int(v, 16) for v in line.split()[0].split("-"))
+            if lo <= addr < hi:
+                return "memfd:pycoll-shared-" in line and line.split()[1].endswith("s")
+    return False
 
 
 def _thp_madvise():
@@ -1055,12 +1124,18 @@ def test_single_copy_buffers_are_moved_to_huge_pages():
     all-reduce took 16-35 ms, over huge pages 5 ms. So the engine collapses the 2 MiB-aligned
     interior of a single-copy buffer that is used again into huge pages (MADV_COLLAPSE): a torch
     bucket, whose allocator never asks for them, ends up on huge pages, its contents intact.
-    Not at once: the first call may be the buffer's only one; the second collapses it."""
-    for huge, exact, copied, transports in _huge_page_run(_all_reduce_on_small_pages):
+    Not at once: the first call may be the buffer's only one; the second collapses it. Found
+    still on them at the third, the buffer is proven reused and moves on to shared memory
+    (core/shared_buffers.h), where peers need no pinning at all."""
+    for huge, exact, copied, transports, shared in _huge_page_run(_all_reduce_on_small_pages):
         assert exact and copied > 0, (copied, transports)
         if _thp_madvise():
             assert huge[0] == huge[1] == 0, huge  # before, and after the first call
-            assert huge[2] >= 4 * 2048 and huge[3] == huge[2], huge  # 10 MiB hold four aligned 2 MiB pages
+            assert huge[2] >= 4 * 2048, huge  # 10 MiB hold four aligned 2 MiB pages
+            if lib.pc_shared_buffers_available():
+                assert shared and huge[3] == 0, huge  # moved onto (small-paged) shared memory
+            else:
+                assert not shared and huge[3] == huge[2], huge
 
 
 def _libc():
@@ -1109,10 +1184,18 @@ def _huge_page_run(job, args=(), sizes=lambda result: result[0], attempts=3):
     return results
 
 
+def _huge_pages_alone():
+    """In a rank: no buffer moves on to shared memory (core/shared_buffers.h), which a buffer
+    proven reused otherwise does, leaving huge pages: the tests that call this judge the
+    huge-page policy by its pages alone."""
+    lib.pc_shared_buffers_enable(0)
+
+
 def _all_reduce_on_pages_mapped_anew(comm, phases):
     """All-reduces of one 10 MiB range: for each entry of ``phases``, fresh small pages are mapped at
     the same address (what malloc does for a tensor freed and allocated again) and used that many
     times. The range's AnonHugePages after each call, and whether every result was exact."""
+    _huge_pages_alone()
     libc, n = _libc(), 10 << 20
     addr = libc.mmap(None, n, _RW, _ANON, -1, 0)
     buf = _float_view(addr, n)
@@ -1164,6 +1247,7 @@ def _buffers_used_twice_then_again(comm, n_buffers):
     """n_buffers 10 MiB buffers (mappings of their own: small pages), each all-reduced twice in a
     row; then each all-reduced once more. The AnonHugePages of each after the first pass and after
     the second, and whether every result was exact."""
+    _huge_pages_alone()
     libc, n = _libc(), 10 << 20
     bufs = []
     for _ in range(n_buffers):  # each its own mapping, a guard page after it (or the kernel merges them)

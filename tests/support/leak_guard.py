@@ -51,6 +51,14 @@ def _pycoll_listeners():
     return {row[6] for row in rows if len(row) > 7 and row[7].startswith("@pycoll-mesh/")}
 
 
+def _own_memory(maps_line):
+    """A private mapping of a shared buffer's memfd (core/shared_buffers.h): memory of this
+    process that was moved onto shared memory and made private again when its last comm closed
+    (copy-on-write of the memfd's pages). It is the process's own memory, shared with nobody."""
+    fields = maps_line.split()
+    return "memfd:pycoll-shared-" in maps_line and fields[1].endswith("p")
+
+
 def own_handles():
     """This process's pycoll shared-memory handles: segment fds and
     mappings, and same-host listener sockets, as readable strings."""
@@ -61,7 +69,7 @@ def own_handles():
             if t.startswith("socket:[") and t[8:-1] in listeners]
     with open("/proc/self/maps") as f:
         out += [f"mapping {line.split()[0]} of {line.split(None, 5)[-1].strip()}" for line in f
-                if "memfd:pycoll" in line]
+                if "memfd:pycoll" in line and not _own_memory(line)]
     return sorted(out)
 
 

@@ -1,0 +1,267 @@
+/*
+ * shared_buffers.c - moving reused single-copy buffers onto shared memory
+ * (see shared_buffers.h).
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "pycoll.h"
+#include "shared_buffers.h"
+
+#define SHARED_MAX 64         /* moved ranges at once; the least recently used one goes */
+
+/* PROCMAP_QUERY (linux/fs.h from 6.11), spelled out for older headers. */
+struct pc_procmap_query {
+    uint64_t size, query_flags, query_addr, vma_start, vma_end, vma_flags, vma_page_size, vma_offset, inode;
+    uint32_t dev_major, dev_minor, vma_name_size, build_id_size;
+    uint64_t vma_name_addr, build_id_addr;
+};
+#define PC_PROCMAP_QUERY _IOWR('f', 17, struct pc_procmap_query)
+#define PC_VMA_SHARED 0x08
+#define PC_QUERY_COVERING_OR_NEXT 0x10
+
+typedef struct {
+    uintptr_t start, end; /* page-aligned */
+    int fd;
+    uint64_t ino;
+    uint32_t dev_major, dev_minor;
+    uint64_t gen;
+    uint64_t used_run;    /* 0: free slot */
+} moved_range;
+
+static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_once_t once = PTHREAD_ONCE_INIT;
+static moved_range moved[SHARED_MAX];
+static uint64_t runs, next_gen, n_moved, n_dropped;
+static int32_t comms; /* comms alive: moves last while any does */
+static int enabled = 1;
+static int maps_fd = -1; /* /proc/self/maps; -2: PROCMAP_QUERY unusable here */
+static pid_t maps_pid;
+
+/* The mapping that covers addr (or the next one, with covering_or_next): 0, or -1 where none. */
+static int query(uintptr_t addr, int covering_or_next, struct pc_procmap_query *q) {
+    if (maps_fd == -2) return -1;
+    if (maps_fd >= 0 && maps_pid != getpid()) { /* a forked child: that fd shows the parent */
+        close(maps_fd);
+        maps_fd = -1;
+    }
+    if (maps_fd < 0) {
+        maps_fd = open("/proc/self/maps", O_RDONLY | O_CLOEXEC);
+        maps_pid = getpid();
+        if (maps_fd < 0) {
+            maps_fd = -2;
+            return -1;
+        }
+    }
+    memset(q, 0, sizeof *q);
+    q->size = sizeof *q;
+    q->query_addr = addr;
+    q->query_flags = covering_or_next ? PC_QUERY_COVERING_OR_NEXT : 0;
+    if (ioctl(maps_fd, PC_PROCMAP_QUERY, q) == 0) return 0;
+    if (errno == ENOTTY || errno == EINVAL) { /* no PROCMAP_QUERY on this kernel */
+        close(maps_fd);
+        maps_fd = -2;
+    }
+    return -1;
+}
+
+int32_t pc_shared_buffers_available(void) {
+    struct pc_procmap_query q;
+    pthread_mutex_lock(&lock);
+    int ok = query((uintptr_t)&q, 0, &q) == 0;
+    pthread_mutex_unlock(&lock);
+    return ok;
+}
+
+/* Our shared mapping of m's memfd covers all of m's range, at the offsets we gave it. */
+static int still_ours(const moved_range *m) {
+    struct pc_procmap_query q;
+    return query(m->start, 0, &q) == 0 && (q.vma_flags & PC_VMA_SHARED) && q.inode == m->ino &&
+           q.dev_major == m->dev_major && q.dev_minor == m->dev_minor && q.vma_start <= m->start &&
+           q.vma_end >= m->end && q.vma_offset + (m->start - q.vma_start) == 0;
+}
+
+/* Whatever of m's range is still our shared mapping of its memfd becomes a private mapping of it
+ * (same bytes, copy-on-write from now on), so that nobody else's pages are ever ours; then m is
+ * forgotten. */
+static void make_private(moved_range *m) {
+    uintptr_t at = m->start;
+    struct pc_procmap_query q;
+    for (int guard = 0; at < m->end && guard < 1024; guard++) {
+        if (query(at, 1, &q) != 0 || q.vma_start >= m->end) break;
+        uintptr_t s = q.vma_start > at ? q.vma_start : at, e = q.vma_end < m->end ? q.vma_end : m->end;
+        if ((q.vma_flags & PC_VMA_SHARED) && q.inode == m->ino && q.dev_major == m->dev_major &&
+            q.dev_minor == m->dev_minor)
+            mmap((void *)s, e - s, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_FIXED, m->fd,
+                 (off_t)(q.vma_offset + (s - q.vma_start)));
+        at = e > at ? e : at + 4096;
+    }
+    close(m->fd);
+    memset(m, 0, sizeof *m);
+    m->fd = -1;
+}
+
+/* A forked child keeps no shared pages of ours (see shared_buffers.h). */
+static void fork_prepare(void) { pthread_mutex_lock(&lock); }
+static void fork_parent(void) { pthread_mutex_unlock(&lock); }
+static void fork_child(void) {
+    for (int i = 0; i < SHARED_MAX; i++)
+        if (moved[i].used_run) make_private(&moved[i]);
+    pthread_mutex_unlock(&lock);
+}
+static void init_once(void) {
+    for (int i = 0; i < SHARED_MAX; i++) moved[i].fd = -1;
+    const char *env = getenv("PYCOLL_SHARED_BUFFERS"); /* 0: off for this process */
+    if (env && env[0] == '0' && !env[1]) enabled = 0;
+    pthread_atfork(fork_prepare, fork_parent, fork_child);
+}
+
+/* Moves [s, e) onto a new memfd mapped over it: 0, or -1 (nothing changed). */
+static int move_range(uintptr_t s, uintptr_t e, moved_range *m) {
+    uint64_t len = e - s, gen = next_gen + 1;
+    char name[64];
+    snprintf(name, sizeof name, SHARED_NAME_FMT, (unsigned long long)gen);
+    int fd = memfd_create(name, MFD_CLOEXEC | MFD_ALLOW_SEALING);
+    if (fd < 0) return -1;
+    struct stat sb;
+    void *tmp = MAP_FAILED;
+    if (ftruncate(fd, (off_t)len) != 0 || fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) != 0 ||
+        fstat(fd, &sb) != 0 ||
+        (tmp = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd, 0)) == MAP_FAILED) {
+        close(fd);
+        return -1;
+    }
+    memcpy(tmp, (const void *)s, len);
+    /* mremap moves the filled pages over the buffer in one step; where it fails the buffer is
+     * left as it was (the checks come before the old mapping goes) */
+    if (mremap(tmp, len, len, MREMAP_MAYMOVE | MREMAP_FIXED, (void *)s) == MAP_FAILED) {
+        munmap(tmp, len);
+        close(fd);
+        return -1;
+    }
+    next_gen = gen;
+    *m = (moved_range){s, e, fd, (uint64_t)sb.st_ino, 0, 0, gen, runs};
+    struct pc_procmap_query q;
+    if (query(s, 0, &q) == 0) {
+        m->dev_major = q.dev_major;
+        m->dev_minor = q.dev_minor;
+    }
+    n_moved++;
+    return 0;
+}
+
+static moved_range *covering(uintptr_t s, uintptr_t e) {
+    for (int i = 0; i < SHARED_MAX; i++)
+        if (moved[i].used_run && moved[i].start <= s && moved[i].end >= e) return &moved[i];
+    return NULL;
+}
+
+static void drop_overlapping(uintptr_t s, uintptr_t e) {
+    for (int i = 0; i < SHARED_MAX; i++)
+        if (moved[i].used_run && moved[i].start < e && s < moved[i].end) {
+            make_private(&moved[i]);
+            n_dropped++;
+        }
+}
+
+static moved_range *free_slot(void) {
+    moved_range *lru = &moved[0];
+    for (int i = 0; i < SHARED_MAX; i++) {
+        if (!moved[i].used_run) return &moved[i];
+        if (moved[i].used_run < lru->used_run) lru = &moved[i];
+    }
+    make_private(lru);
+    return lru;
+}
+
+static void page_interior(void *buf, uint64_t bytes, uintptr_t *s, uintptr_t *e) {
+    uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE);
+    *s = ((uintptr_t)buf + page - 1) & ~(page - 1);
+    *e = ((uintptr_t)buf + bytes) & ~(page - 1);
+}
+
+static void fill_ref(const moved_range *m, shared_ref *ref) {
+    *ref = (shared_ref){m->gen, m->fd, m->start, m->end - m->start};
+}
+
+void shared_buffers_check(int32_t nbufs, void *const *bufs, const uint64_t *buf_bytes, shared_ref *refs) {
+    pthread_once(&once, init_once);
+    pthread_mutex_lock(&lock);
+    runs++;
+    for (int32_t b = 0; b < nbufs; b++) {
+        memset(&refs[b], 0, sizeof refs[b]);
+        if (!bufs[b] || buf_bytes[b] < SHARED_MIN_BYTES) continue;
+        uintptr_t s, e;
+        page_interior(bufs[b], buf_bytes[b], &s, &e);
+        moved_range *m = e > s ? covering(s, e) : NULL;
+        if (m && m->used_run != runs && !still_ours(m)) { /* freed and given new memory since */
+            make_private(m);
+            n_dropped++;
+            m = NULL;
+        }
+        if (!m) continue;
+        m->used_run = runs;
+        fill_ref(m, &refs[b]);
+    }
+    pthread_mutex_unlock(&lock);
+}
+
+void shared_buffers_move(void *buf, uint64_t bytes, shared_ref *ref) {
+    pthread_once(&once, init_once);
+    pthread_mutex_lock(&lock);
+    uintptr_t s, e;
+    page_interior(buf, bytes, &s, &e);
+    moved_range *m = e > s ? covering(s, e) : NULL; /* moved already (IN and OUT of one run) */
+    if (!m && enabled && bytes >= SHARED_MIN_BYTES && e > s && maps_fd != -2) {
+        drop_overlapping(s, e);
+        moved_range *slot = free_slot();
+        if (move_range(s, e, slot) == 0) m = slot;
+    }
+    if (m) {
+        m->used_run = runs;
+        fill_ref(m, ref);
+    }
+    pthread_mutex_unlock(&lock);
+}
+
+void shared_buffers_attach(void) {
+    pthread_once(&once, init_once);
+    pthread_mutex_lock(&lock);
+    comms++;
+    pthread_mutex_unlock(&lock);
+}
+
+void shared_buffers_detach(void) {
+    pthread_mutex_lock(&lock);
+    if (--comms <= 0) { /* the last comm is gone: no peer reads our memory any more */
+        comms = 0;
+        for (int i = 0; i < SHARED_MAX; i++)
+            if (moved[i].used_run) make_private(&moved[i]);
+    }
+    pthread_mutex_unlock(&lock);
+}
+
+void pc_shared_buffers_stats(uint64_t *moved_out, uint64_t *dropped, int32_t *live) {
+    pthread_mutex_lock(&lock);
+    int32_t n = 0;
+    for (int i = 0; i < SHARED_MAX; i++) n += moved[i].used_run != 0;
+    if (moved_out) *moved_out = n_moved;
+    if (dropped) *dropped = n_dropped;
+    if (live) *live = n;
+    pthread_mutex_unlock(&lock);
+}
+
+void pc_shared_buffers_enable(int32_t on) {
+    pthread_mutex_lock(&lock);
+    enabled = on != 0;
+    pthread_mutex_unlock(&lock);
+}
