@@ -260,7 +260,7 @@ pc_status pc_comm_create_keyed(int32_t rank, int32_t nranks, int32_t stripes, co
     c->cpus_online = online > 0 ? (int32_t)online : 1;
     c->spin_ns[WAIT_SHM] = (uint32_t)c->shm_spin_us * 1000u;
     c->spin_ns[WAIT_SOCK] = (uint32_t)c->spin_us * 1000u;
-    shared_buffers_attach();
+    shared_buffers_sweep();
     *out = c;
     return PC_OK;
 fail_fds:
@@ -347,7 +347,7 @@ void pc_comm_free(pc_comm *c) {
     free(c->peer_shared);
     free(c->alias);
     huge_pages_free(&c->huge);
-    shared_buffers_detach();
+    shared_buffers_sweep();
     free(c->run_mem);
     if (c->cancel_pipe[0] >= 0) close(c->cancel_pipe[0]);
     if (c->cancel_pipe[1] >= 0) close(c->cancel_pipe[1]);
@@ -1548,6 +1548,7 @@ static pc_status run_choosing(pc_comm *comm, run_state *r, int kind, uint64_t by
     if (r->remote && choosing) place_buffers(comm, r, nbufs, bufs, buf_bytes);
     double t0 = now_s();
     pc_status st = run_loop(comm, r, timeout_s, failed_peer);
+    shared_buffers_release(SHARED_RUN_BUFS, r->shared);
     if (choosing && st == PC_OK) copy_choice_learn(&comm->choice, kind, bytes, r->remote, now_s() - t0);
     return st;
 }

@@ -17,7 +17,9 @@
 #include "pycoll.h"
 #include "shared_buffers.h"
 
-#define SHARED_MAX 64         /* moved ranges at once; the least recently used one goes */
+#define SHARED_MAX 256        /* moved ranges at once (DDP buckets of 6 GiB of gradients at 25 MiB);
+                                 the least recently used one goes */
+#define SWEEP_RUNS 1024       /* runs between looks at every move (see sweep) */
 
 /* PROCMAP_QUERY (linux/fs.h from 6.11), spelled out for older headers. */
 struct pc_procmap_query {
@@ -36,13 +38,22 @@ typedef struct {
     uint32_t dev_major, dev_minor;
     uint64_t gen;
     uint64_t used_run;    /* 0: free slot */
+    int32_t users;        /* runs in flight that named it: it is not dropped under them */
 } moved_range;
 
 static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_once_t once = PTHREAD_ONCE_INIT;
 static moved_range moved[SHARED_MAX];
+/* Buffers seen over memory we moved before (malloc gives freed moved memory to new buffers):
+ * huge pages never prove such a buffer reused (shared memory has none here), so being seen
+ * again at the same range does; a fresh buffer per call there costs one move, not one per call,
+ * since that memory stays ours. */
+#define SIGHTINGS 64
+static struct {
+    uintptr_t start, end;
+    uint64_t run;
+} sightings[SIGHTINGS];
 static uint64_t runs, next_gen, n_moved, n_dropped;
-static int32_t comms; /* comms alive: moves last while any does */
 static int enabled = 1;
 static int maps_fd = -1; /* /proc/self/maps; -2: PROCMAP_QUERY unusable here */
 static pid_t maps_pid;
@@ -110,6 +121,7 @@ static void make_private(moved_range *m) {
     m->fd = -1;
 }
 
+
 /* A forked child keeps no shared pages of ours (see shared_buffers.h). */
 static void fork_prepare(void) { pthread_mutex_lock(&lock); }
 static void fork_parent(void) { pthread_mutex_unlock(&lock); }
@@ -149,7 +161,7 @@ static int move_range(uintptr_t s, uintptr_t e, moved_range *m) {
         return -1;
     }
     next_gen = gen;
-    *m = (moved_range){s, e, fd, (uint64_t)sb.st_ino, 0, 0, gen, runs};
+    *m = (moved_range){s, e, fd, (uint64_t)sb.st_ino, 0, 0, gen, runs, 0};
     struct pc_procmap_query q;
     if (query(s, 0, &q) == 0) {
         m->dev_major = q.dev_major;
@@ -159,27 +171,56 @@ static int move_range(uintptr_t s, uintptr_t e, moved_range *m) {
     return 0;
 }
 
+static int overlaps_a_move(uintptr_t s, uintptr_t e) {
+    for (int i = 0; i < SHARED_MAX; i++)
+        if (moved[i].used_run && moved[i].start < e && s < moved[i].end) return 1;
+    return 0;
+}
+
+/* Seen [s, e) now: 1 if it was seen in an earlier run too. */
+static int seen_before(uintptr_t s, uintptr_t e) {
+    int lru = 0;
+    for (int i = 0; i < SIGHTINGS; i++) {
+        if (sightings[i].start == s && sightings[i].end == e && sightings[i].run) {
+            int before = sightings[i].run < runs;
+            sightings[i].run = runs;
+            return before;
+        }
+        if (sightings[i].run < sightings[lru].run) lru = i;
+    }
+    sightings[lru].start = s;
+    sightings[lru].end = e;
+    sightings[lru].run = runs;
+    return 0;
+}
+
 static moved_range *covering(uintptr_t s, uintptr_t e) {
     for (int i = 0; i < SHARED_MAX; i++)
         if (moved[i].used_run && moved[i].start <= s && moved[i].end >= e) return &moved[i];
     return NULL;
 }
 
-static void drop_overlapping(uintptr_t s, uintptr_t e) {
+/* Drops the moves that overlap [s, e) (a bigger buffer over a moved one): 0, or -1 where one is
+ * in a run's use (then nothing is dropped). */
+static int drop_overlapping(uintptr_t s, uintptr_t e) {
+    for (int i = 0; i < SHARED_MAX; i++)
+        if (moved[i].used_run && moved[i].start < e && s < moved[i].end && moved[i].users) return -1;
     for (int i = 0; i < SHARED_MAX; i++)
         if (moved[i].used_run && moved[i].start < e && s < moved[i].end) {
             make_private(&moved[i]);
             n_dropped++;
         }
+    return 0;
 }
 
+/* A free slot, or the least recently used move that no run uses, made private; NULL if none. */
 static moved_range *free_slot(void) {
-    moved_range *lru = &moved[0];
+    moved_range *lru = NULL;
     for (int i = 0; i < SHARED_MAX; i++) {
         if (!moved[i].used_run) return &moved[i];
-        if (moved[i].used_run < lru->used_run) lru = &moved[i];
+        if (!moved[i].users && (!lru || moved[i].used_run < lru->used_run)) lru = &moved[i];
     }
-    make_private(lru);
+    if (lru) make_private(lru);
     return lru;
 }
 
@@ -189,14 +230,27 @@ static void page_interior(void *buf, uint64_t bytes, uintptr_t *s, uintptr_t *e)
     *e = ((uintptr_t)buf + bytes) & ~(page - 1);
 }
 
-static void fill_ref(const moved_range *m, shared_ref *ref) {
+/* A run names m: it stays until the run releases it (shared_buffers_release). */
+static void fill_ref(moved_range *m, shared_ref *ref) {
+    m->used_run = runs;
+    m->users++;
     *ref = (shared_ref){m->gen, m->fd, m->start, m->end - m->start};
+}
+
+/* Drops every move whose memory is no longer ours (freed back to the kernel), so that its memfd
+ * goes too; the lock is held. */
+static void sweep(void) {
+    for (int i = 0; i < SHARED_MAX; i++)
+        if (moved[i].used_run && !moved[i].users && !still_ours(&moved[i])) {
+            make_private(&moved[i]);
+            n_dropped++;
+        }
 }
 
 void shared_buffers_check(int32_t nbufs, void *const *bufs, const uint64_t *buf_bytes, shared_ref *refs) {
     pthread_once(&once, init_once);
     pthread_mutex_lock(&lock);
-    runs++;
+    if (++runs % SWEEP_RUNS == 0) sweep();
     for (int32_t b = 0; b < nbufs; b++) {
         memset(&refs[b], 0, sizeof refs[b]);
         if (!bufs[b] || buf_bytes[b] < SHARED_MIN_BYTES) continue;
@@ -208,9 +262,11 @@ void shared_buffers_check(int32_t nbufs, void *const *bufs, const uint64_t *buf_
             n_dropped++;
             m = NULL;
         }
-        if (!m) continue;
-        m->used_run = runs;
-        fill_ref(m, &refs[b]);
+        if (!m && enabled && e > s && overlaps_a_move(s, e) && seen_before(s, e) && drop_overlapping(s, e) == 0) {
+            moved_range *slot = free_slot();
+            if (slot && move_range(s, e, slot) == 0) m = slot;
+        }
+        if (m) fill_ref(m, &refs[b]);
     }
     pthread_mutex_unlock(&lock);
 }
@@ -221,32 +277,28 @@ void shared_buffers_move(void *buf, uint64_t bytes, shared_ref *ref) {
     uintptr_t s, e;
     page_interior(buf, bytes, &s, &e);
     moved_range *m = e > s ? covering(s, e) : NULL; /* moved already (IN and OUT of one run) */
-    if (!m && enabled && bytes >= SHARED_MIN_BYTES && e > s && maps_fd != -2) {
-        drop_overlapping(s, e);
+    if (!m && enabled && bytes >= SHARED_MIN_BYTES && e > s && maps_fd != -2 && drop_overlapping(s, e) == 0) {
         moved_range *slot = free_slot();
-        if (move_range(s, e, slot) == 0) m = slot;
+        if (slot && move_range(s, e, slot) == 0) m = slot;
     }
-    if (m) {
-        m->used_run = runs;
-        fill_ref(m, ref);
+    if (m && !ref->gen) fill_ref(m, ref);
+    pthread_mutex_unlock(&lock);
+}
+
+void shared_buffers_release(int32_t nrefs, shared_ref *refs) {
+    pthread_mutex_lock(&lock);
+    for (int32_t b = 0; b < nrefs; b++) {
+        for (int i = 0; refs[b].gen && i < SHARED_MAX; i++)
+            if (moved[i].used_run && moved[i].gen == refs[b].gen && moved[i].users > 0) moved[i].users--;
+        refs[b].gen = 0;
     }
     pthread_mutex_unlock(&lock);
 }
 
-void shared_buffers_attach(void) {
+void shared_buffers_sweep(void) {
     pthread_once(&once, init_once);
     pthread_mutex_lock(&lock);
-    comms++;
-    pthread_mutex_unlock(&lock);
-}
-
-void shared_buffers_detach(void) {
-    pthread_mutex_lock(&lock);
-    if (--comms <= 0) { /* the last comm is gone: no peer reads our memory any more */
-        comms = 0;
-        for (int i = 0; i < SHARED_MAX; i++)
-            if (moved[i].used_run) make_private(&moved[i]);
-    }
+    sweep();
     pthread_mutex_unlock(&lock);
 }
 

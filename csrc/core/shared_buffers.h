@@ -30,7 +30,11 @@
  * range's leftovers are made private the same way in this process.
  *
  * The registry is process-wide (it is about this process's memory, whatever
- * comm sends it) and locked; its moves last while any comm does.
+ * comm sends it) and locked. A move lasts while its memory is ours: it is
+ * checked by every run that names it, and all of them by a sweep at each
+ * comm's creation and free and every SWEEP_RUNS runs (a buffer freed back to
+ * the kernel then lets its memfd go). Moves made private (the least recently
+ * used of SHARED_MAX, or one inside a bigger buffer that moves) stay private.
  */
 #ifndef PYCOLL_SHARED_BUFFERS_H
 #define PYCOLL_SHARED_BUFFERS_H
@@ -52,13 +56,17 @@ typedef struct {
  * otherwise). */
 void shared_buffers_check(int32_t nbufs, void *const *bufs, const uint64_t *buf_bytes, shared_ref *refs);
 /* Moves buf, which the caller found reused (huge_pages.c), onto shared memory and fills *ref;
- * leaves both as they were where it cannot (switched off, no PROCMAP_QUERY, too small). */
+ * leaves both as they were where it cannot (switched off, no PROCMAP_QUERY, too small, or the
+ * slots and overlapping moves are all in runs' use). */
 void shared_buffers_move(void *buf, uint64_t bytes, shared_ref *ref);
+/* The run that got these refs ended: the moves they name may be dropped again (a move in use is
+ * never made private: a peer may have it mapped, and our writes must reach it). */
+void shared_buffers_release(int32_t nrefs, shared_ref *refs);
 
-/* Each comm attaches when made and detaches when freed; when the last one goes every move is
- * made private (its fd closed): no peer reads our memory any more. */
-void shared_buffers_attach(void);
-void shared_buffers_detach(void);
+/* Drops the moves whose memory was freed back to the kernel (and with them their memfds): each
+ * comm's creation and free calls it, and every SWEEP_RUNS runs do. A move whose memory is still
+ * ours stays, whether or not a comm is left (its fd with it). */
+void shared_buffers_sweep(void);
 
 /* The switch, the counters and whether this kernel can (pc_shared_buffers_* in pycoll.h). */
 

@@ -51,12 +51,13 @@ def _pycoll_listeners():
     return {row[6] for row in rows if len(row) > 7 and row[7].startswith("@pycoll-mesh/")}
 
 
-def _own_memory(maps_line):
-    """A private mapping of a shared buffer's memfd (core/shared_buffers.h): memory of this
-    process that was moved onto shared memory and made private again when its last comm closed
-    (copy-on-write of the memfd's pages). It is the process's own memory, shared with nobody."""
-    fields = maps_line.split()
-    return "memfd:pycoll-shared-" in maps_line and fields[1].endswith("p")
+def _moved_memory(text):
+    """A shared buffer (core/shared_buffers.h): the process's own memory, moved onto a memfd so
+    that same-host peers can map it. It stays moved while the memory is the process's (a heap
+    buffer freed to malloc still is), fd and all, whether or not a comm is left, so it is no
+    leaked segment; tests/e2e/test_shared_buffers.py checks that memory freed back to the kernel
+    lets its memfd go."""
+    return "memfd:pycoll-shared-" in text
 
 
 def own_handles():
@@ -64,12 +65,12 @@ def own_handles():
     mappings, and same-host listener sockets, as readable strings."""
     fds = _own_fds()
     listeners = _pycoll_listeners()
-    out = [f"fd {fd} -> {t}" for fd, t in fds.items() if "memfd:pycoll" in t]
+    out = [f"fd {fd} -> {t}" for fd, t in fds.items() if "memfd:pycoll" in t and not _moved_memory(t)]
     out += [f"fd {fd} -> {t} (a pycoll same-host listener)" for fd, t in fds.items()
             if t.startswith("socket:[") and t[8:-1] in listeners]
     with open("/proc/self/maps") as f:
         out += [f"mapping {line.split()[0]} of {line.split(None, 5)[-1].strip()}" for line in f
-                if "memfd:pycoll" in line and not _own_memory(line)]
+                if "memfd:pycoll" in line and not _moved_memory(line)]
     return sorted(out)
 
 
