@@ -999,6 +999,14 @@ class Communicator:
         return engine.bytes_from_windows(self._epoch.ccomm)
 
     @property
+    def bytes_from_shared(self) -> int:
+        """Of ``bytes_single_copy``, the bytes read with plain loads out of same-host peers' shared
+        buffers this epoch: a peer's buffer used call after call (DDP's buckets) is moved onto
+        shared memory that this peer maps (csrc/core/shared_buffers.h), so its reads need no
+        process_vm_readv; ``PYCOLL_SHARED_BUFFERS=0`` turns the moves off."""
+        return engine.bytes_from_shared(self._epoch.ccomm)
+
+    @property
     def wait_stats(self) -> dict:
         """How this peer waited for its peers this epoch: {"spun_seconds": s, "sleeps": n}, the
         time its engine spun (a CPU kept busy while nothing arrived) and the waits it slept

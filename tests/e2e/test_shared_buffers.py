@@ -10,6 +10,9 @@ import os
 import numpy as np
 import pytest
 
+import pycoll
+import pycoll.testing
+
 from pycoll.core.native import ffi, lib
 from pycoll.plan import planners
 from test_shm import Mesh, RING_MIN
@@ -232,3 +235,43 @@ def test_a_forked_child_does_not_share_a_moved_buffer():
         _calls(mesh, bufs, count, [9])  # and the moved buffers still work after the fork
     finally:
         mesh.close()
+
+
+def _moved_then_a_peer_dies(comm):
+    """Every rank: in-place all-reduces without preserve_input (the torch backend's setting) of one
+    buffer, so that it moves and peers read it through their mappings, until a peer dies; then the
+    survivors' next all-reduce."""
+    x = np.empty(6 << 20 >> 2, np.float32)
+    read = 0
+    for call in range(100):
+        x[:] = comm.rank + 1 + call
+        try:
+            comm.all_reduce(x, algorithm="allpairs")
+        except pycoll.PeerFailure:
+            break
+        if not (x == sum(r + 1 + call for r in range(comm.world_size))).all():
+            return "wrong result"
+        read = comm.bytes_from_shared
+    else:
+        return "no failure"
+    y = np.ones(1 << 20, np.float32)
+    comm.all_reduce(y, algorithm="allpairs")
+    return read > 0, comm.world_size, float(y[0]), float(y[-1])
+
+
+@needs_moves
+@pytest.mark.timeout(150)
+def test_a_peer_killed_while_its_moved_buffer_is_read():
+    """The rank whose moved buffer its peers map is SIGKILLed in the middle of an all-reduce, after
+    its buffer moved (the sixth call): every survivor raises PeerFailure (our mapping keeps the
+    dead rank's pages, and the read is not acknowledged as done: the peer is gone), and the
+    survivors' next all-reduce is right."""
+    for attempt in range(3):
+        res = pycoll.testing.run(_moved_then_a_peer_dies, 3, timeout=120, kill={2: ("during:all_reduce", 6)},
+                                 init_kwargs={"timeout": 30, "heartbeat_timeout": 3.0, "transport": "shm",
+                                              "preserve_input": False, "single_copy_adapt": False})
+        if all(r[0] for r in res[:2]) or attempt == 2:
+            break
+        _compact_memory()  # no move: the host had no huge page to give (see _compact_memory)
+    assert res[2] == pycoll.testing.KILLED
+    assert res[:2] == [(True, 2, 2.0, 2.0)] * 2
