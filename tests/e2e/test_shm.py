@@ -483,6 +483,23 @@ def _memfd(name, size, seal=True):
     return fd
 
 
+def _run_with_shared_descriptor(address, shared, timeout):
+    """Rank 0's one-sided run (_one_sided_run) given side 1's descriptor of ``address`` in the
+    shared buffer ``shared`` = (registration, fd, base, length), whose fd is closed afterwards:
+    (status, error text, bytes rank 0 read out of a mapping of it)."""
+    mesh, mem, sock = _hostile_side()
+    probe = np.zeros(1, np.uint64)
+    try:
+        _send_descriptor(mem, address, None, probe=probe, shared=shared)
+        st, _, why = _one_sided_run(mesh, timeout=timeout)
+        return st, why, lib.pc_comm_bytes_from_shared(mesh.comms[0])
+    finally:
+        mesh.close()
+        mem.close()
+        sock.close()
+        os.close(shared[1])
+
+
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("lie", ["too_long", "outside", "wrong_name", "unsealed", "not_a_memfd"])
 def test_a_forged_shared_buffer_is_not_mapped(lie):
@@ -496,18 +513,9 @@ def test_a_forged_shared_buffer_is_not_mapped(lie):
           "unsealed": lambda: _memfd("pycoll-shared-7", size, seal=False),
           "not_a_memfd": lambda: os.open("/dev/zero", os.O_RDONLY)}.get(lie, lambda: _memfd("pycoll-shared-7", size))()
     shared = {"too_long": (7, fd, 0, 1 << 41), "outside": (7, fd, 1 << 30, size)}.get(lie, (7, fd, 0, size))
-    mesh, mem, sock = _hostile_side()
-    probe = np.zeros(1, np.uint64)
-    try:
-        _send_descriptor(mem, 8, None, probe=probe, shared=shared)
-        st, dt, why = _one_sided_run(mesh, timeout=2.0)
-        assert st == lib.PC_ERR_IO, why
-        assert lib.pc_comm_bytes_from_shared(mesh.comms[0]) == 0
-    finally:
-        mesh.close()
-        mem.close()
-        sock.close()
-        os.close(fd)
+    st, why, mapped = _run_with_shared_descriptor(8, shared, timeout=2.0)
+    assert st == lib.PC_ERR_IO, why
+    assert mapped == 0
 
 
 @pytest.mark.timeout(60)
@@ -515,20 +523,10 @@ def test_a_true_shared_buffer_is_read_where_it_lies():
     """The control for the lies above: the same descriptor naming a real registration (a sealed
     memfd of the right name, as long as claimed, holding the bytes) is reduced straight out of
     our mapping of it."""
-    mesh, mem, sock = _hostile_side()
-    probe = np.zeros(1, np.uint64)
-    op = _first_recv_from_1()
     fd = _memfd("pycoll-shared-9", 1 << 20)
-    try:
-        _send_descriptor(mem, 4096, None, probe=probe, shared=(9, fd, 0, 1 << 20))
-        st, dt, why = _one_sided_run(mesh, timeout=1.0)
-        assert lib.pc_comm_bytes_from_shared(mesh.comms[0]) == op["len"]
-        assert st == lib.PC_ERR_TIMEOUT, why  # (side 1 never acts again: the run stops later)
-    finally:
-        mesh.close()
-        mem.close()
-        sock.close()
-        os.close(fd)
+    st, why, mapped = _run_with_shared_descriptor(4096, (9, fd, 0, 1 << 20), timeout=1.0)
+    assert mapped == _first_recv_from_1()["len"]
+    assert st == lib.PC_ERR_TIMEOUT, why  # (side 1 never acts again: the run stops later)
 
 
 @pytest.mark.timeout(60)
