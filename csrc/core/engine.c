@@ -1526,14 +1526,14 @@ int32_t pc_engine_peak_running(int32_t reset) {
 static void place_buffers(pc_comm *comm, run_state *r, int32_t nbufs, void *const *bufs,
                           const uint64_t *buf_bytes) {
     void *rest[SHARED_RUN_BUFS];
-    uint8_t reused[SHARED_RUN_BUFS];
+    uint8_t reused[SHARED_RUN_BUFS], ours[SHARED_RUN_BUFS];
     int32_t n = nbufs < SHARED_RUN_BUFS ? nbufs : SHARED_RUN_BUFS;
-    shared_buffers_check(n, bufs, buf_bytes, r->shared);
+    shared_buffers_check(n, bufs, buf_bytes, r->shared, ours);
     if (nbufs > SHARED_RUN_BUFS) { /* too many to track: the huge-page policy alone, as before */
         huge_pages_of_run(&comm->huge, nbufs, bufs, buf_bytes, NULL);
         return;
     }
-    for (int32_t b = 0; b < n; b++) rest[b] = r->shared[b].gen ? NULL : bufs[b];
+    for (int32_t b = 0; b < n; b++) rest[b] = r->shared[b].gen || ours[b] ? NULL : bufs[b];
     huge_pages_of_run(&comm->huge, n, rest, buf_bytes, reused);
     for (int32_t b = 0; b < n; b++)
         if (reused[b]) shared_buffers_move(bufs[b], buf_bytes[b], &r->shared[b]);

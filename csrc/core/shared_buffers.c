@@ -53,6 +53,14 @@ static struct {
     uintptr_t start, end;
     uint64_t run;
 } sightings[SIGHTINGS];
+/* Memfds whose leftovers make_private mapped privately: memory of ours that is neither a move
+ * nor anonymous (no huge pages there either), judged like memory under a move. */
+#define RETIRED 64
+static struct {
+    uint64_t ino;
+    uint32_t dev_major, dev_minor;
+} retired[RETIRED];
+static int n_retired, next_retired;
 static uint64_t runs, next_gen, n_moved, n_dropped;
 static int enabled = 1;
 static int maps_fd = -1; /* /proc/self/maps; -2: PROCMAP_QUERY unusable here */
@@ -106,14 +114,22 @@ static int still_ours(const moved_range *m) {
  * forgotten. */
 static void make_private(moved_range *m) {
     uintptr_t at = m->start;
+    uint64_t kept = 0; /* m's inode once recorded in retired[] */
     struct pc_procmap_query q;
     for (int guard = 0; at < m->end && guard < 1024; guard++) {
         if (query(at, 1, &q) != 0 || q.vma_start >= m->end) break;
         uintptr_t s = q.vma_start > at ? q.vma_start : at, e = q.vma_end < m->end ? q.vma_end : m->end;
         if ((q.vma_flags & PC_VMA_SHARED) && q.inode == m->ino && q.dev_major == m->dev_major &&
-            q.dev_minor == m->dev_minor)
+            q.dev_minor == m->dev_minor &&
             mmap((void *)s, e - s, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_FIXED, m->fd,
-                 (off_t)(q.vma_offset + (s - q.vma_start)));
+                 (off_t)(q.vma_offset + (s - q.vma_start))) != MAP_FAILED && kept != m->ino) {
+            kept = m->ino;
+            retired[next_retired].ino = m->ino;
+            retired[next_retired].dev_major = m->dev_major;
+            retired[next_retired].dev_minor = m->dev_minor;
+            next_retired = (next_retired + 1) % RETIRED;
+            if (n_retired < RETIRED) n_retired++;
+        }
         at = e > at ? e : at + 4096;
     }
     close(m->fd);
@@ -171,9 +187,24 @@ static int move_range(uintptr_t s, uintptr_t e, moved_range *m) {
     return 0;
 }
 
-static int overlaps_a_move(uintptr_t s, uintptr_t e) {
+static int retired_inode(const struct pc_procmap_query *q) {
+    for (int i = 0; i < n_retired; i++)
+        if (retired[i].ino == q->inode && retired[i].dev_major == q->dev_major && retired[i].dev_minor == q->dev_minor)
+            return 1;
+    return 0;
+}
+
+/* [s, e) lies, in part or whole, on memory of ours: under a move, or left private by one. */
+static int over_our_memory(uintptr_t s, uintptr_t e) {
     for (int i = 0; i < SHARED_MAX; i++)
         if (moved[i].used_run && moved[i].start < e && s < moved[i].end) return 1;
+    struct pc_procmap_query q;
+    uintptr_t at = s;
+    for (int guard = 0; n_retired && at < e && guard < 8; guard++) { /* the mappings across it */
+        if (query(at, 1, &q) != 0 || q.vma_start >= e) break;
+        if (!(q.vma_flags & PC_VMA_SHARED) && q.inode && retired_inode(&q)) return 1;
+        at = q.vma_end > at ? q.vma_end : at + 4096;
+    }
     return 0;
 }
 
@@ -247,12 +278,14 @@ static void sweep(void) {
         }
 }
 
-void shared_buffers_check(int32_t nbufs, void *const *bufs, const uint64_t *buf_bytes, shared_ref *refs) {
+void shared_buffers_check(int32_t nbufs, void *const *bufs, const uint64_t *buf_bytes, shared_ref *refs,
+                          uint8_t *ours) {
     pthread_once(&once, init_once);
     pthread_mutex_lock(&lock);
     if (++runs % SWEEP_RUNS == 0) sweep();
     for (int32_t b = 0; b < nbufs; b++) {
         memset(&refs[b], 0, sizeof refs[b]);
+        ours[b] = 0;
         if (!bufs[b] || buf_bytes[b] < SHARED_MIN_BYTES) continue;
         uintptr_t s, e;
         page_interior(bufs[b], buf_bytes[b], &s, &e);
@@ -262,7 +295,8 @@ void shared_buffers_check(int32_t nbufs, void *const *bufs, const uint64_t *buf_
             n_dropped++;
             m = NULL;
         }
-        if (!m && enabled && e > s && overlaps_a_move(s, e) && seen_before(s, e) && drop_overlapping(s, e) == 0) {
+        ours[b] = m != NULL || (e > s && over_our_memory(s, e));
+        if (!m && ours[b] && enabled && seen_before(s, e) && drop_overlapping(s, e) == 0) {
             moved_range *slot = free_slot();
             if (slot && move_range(s, e, slot) == 0) m = slot;
         }

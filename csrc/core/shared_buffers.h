@@ -53,8 +53,11 @@ typedef struct {
 
 /* A single-copy run is about to send from these buffers: check the moves covering them (a
  * stale one is dropped) and fill refs[b] for each buffer that lies in shared memory (gen 0
- * otherwise). */
-void shared_buffers_check(int32_t nbufs, void *const *bufs, const uint64_t *buf_bytes, shared_ref *refs);
+ * otherwise). ours[b] = 1 where buffer b lies on memory we moved (under a move, or left private
+ * by one): huge pages can neither be had there nor prove it reused, so such a buffer moves when
+ * seen again at the same range, and the huge-page policy must leave it alone. */
+void shared_buffers_check(int32_t nbufs, void *const *bufs, const uint64_t *buf_bytes, shared_ref *refs,
+                          uint8_t *ours);
 /* Moves buf, which the caller found reused (huge_pages.c), onto shared memory and fills *ref;
  * leaves both as they were where it cannot (switched off, no PROCMAP_QUERY, too small, or the
  * slots and overlapping moves are all in runs' use). */
