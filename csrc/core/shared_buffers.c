@@ -18,7 +18,7 @@
 #include "shared_buffers.h"
 
 #define SHARED_MAX 256        /* moved ranges at once (DDP buckets of 6 GiB of gradients at 25 MiB);
-                                 the least recently used one goes */
+                                 when full, nothing more moves (see free_slot) */
 #define SWEEP_RUNS 1024       /* runs between looks at every move (see sweep) */
 
 /* PROCMAP_QUERY (linux/fs.h from 6.11), spelled out for older headers. */
@@ -244,15 +244,19 @@ static int drop_overlapping(uintptr_t s, uintptr_t e) {
     return 0;
 }
 
-/* A free slot, or the least recently used move that no run uses, made private; NULL if none. */
+static void sweep(void);
+
+/* A free slot, or a slot whose move's memory is no longer ours (freed since); NULL if every
+ * slot holds a live move. A full table moves nothing more rather than evict: with more reused
+ * buffers than slots (DDP's buckets, used in turn) every eviction would come back as a move, a
+ * copy of the buffer, each step; the buffers past SHARED_MAX stay single-copied as before. */
 static moved_range *free_slot(void) {
-    moved_range *lru = NULL;
-    for (int i = 0; i < SHARED_MAX; i++) {
+    for (int i = 0; i < SHARED_MAX; i++)
         if (!moved[i].used_run) return &moved[i];
-        if (!moved[i].users && (!lru || moved[i].used_run < lru->used_run)) lru = &moved[i];
-    }
-    if (lru) make_private(lru);
-    return lru;
+    sweep();
+    for (int i = 0; i < SHARED_MAX; i++)
+        if (!moved[i].used_run) return &moved[i];
+    return NULL;
 }
 
 static void page_interior(void *buf, uint64_t bytes, uintptr_t *s, uintptr_t *e) {

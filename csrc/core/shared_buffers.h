@@ -33,8 +33,9 @@
  * comm sends it) and locked. A move lasts while its memory is ours: it is
  * checked by every run that names it, and all of them by a sweep at each
  * comm's creation and free and every SWEEP_RUNS runs (a buffer freed back to
- * the kernel then lets its memfd go). Moves made private (the least recently
- * used of SHARED_MAX, or one inside a bigger buffer that moves) stay private.
+ * the kernel then lets its memfd go). At most SHARED_MAX moves live at once:
+ * past that, buffers stay where they are (evicting would copy buffers used in
+ * turn every step).
  */
 #ifndef PYCOLL_SHARED_BUFFERS_H
 #define PYCOLL_SHARED_BUFFERS_H
