@@ -129,7 +129,6 @@ class Epoch:
         self._fo_lock = threading.Lock()  # one failover at a time (the caller's, or the heartbeat thread's)
         self._fresh_failover = False  # the heartbeat thread's failover re-registered us
         self._installing = None     # the epoch whose mesh is being built (a failover aborts it)
-        client.on_dead = self._on_coordinator_dead
         self._addrs = []            # per rank of this epoch: the data listener's (host, port)
         self._standby_ports = []    # per rank: the port kept for a successor coordinator (0: none)
         self._coord_host = None      # the member whose process hosts the coordinator (the epoch says), if any
@@ -586,6 +585,10 @@ class Epoch:
             self.number = reply["epoch"]  # (with the connections: see cancel)
         self.rank, self.world_size, self.number = rank, len(members), reply["epoch"]
         self.members = [m[0] for m in members]
+        # From the first epoch on, a lost coordinator is news (and may be succeeded): before it,
+        # the group is still forming, and its formation fails with the reason (the client logs the
+        # loss at info while nothing is set: every failed launch would warn of it twice)
+        self.client.on_dead = self._on_coordinator_dead
         self._addrs = [tuple(m[1]) for m in members]  # (the workers': who may succeed a lost coordinator)
         self._standby_ports = [int(m[5]) if len(m) > 5 and isinstance(m[5], int) else 0 for m in members]
         self._hosts = [m[2] if len(m) > 2 else None for m in members]

@@ -259,8 +259,9 @@ class CoordinatorClient:
             newly = not self.coordinator_dead
             self.coordinator_dead = True
         if newly:
-            # a client still joining (no epoch has set on_dead yet) hears of it from its join, which
-            # fails with the reason: the same news twice, the first one alarming, in every failed launch
+            # a client still joining, or in a group still forming (no epoch has set on_dead yet), hears
+            # of it from its join or the formation, which fails with the reason: the same news twice,
+            # the first one alarming, in every failed launch
             (log.warning if self.on_dead is not None else log.info)(
                 "the coordinator at %s:%d is gone (its connection dropped, its port refuses)", *addr)
             if self.on_dead is not None:
