@@ -101,11 +101,21 @@ int32_t pc_shared_buffers_available(void) {
     return ok;
 }
 
+/* The mapping q is a shared mapping of m's memfd. */
+static int shares_memfd_of(const struct pc_procmap_query *q, const moved_range *m) {
+    return (q->vma_flags & PC_VMA_SHARED) && q->inode == m->ino && q->dev_major == m->dev_major &&
+           q->dev_minor == m->dev_minor;
+}
+
+/* m's range is moved, or overlaps [s, e). */
+static int overlaps(const moved_range *m, uintptr_t s, uintptr_t e) {
+    return m->used_run && m->start < e && s < m->end;
+}
+
 /* Our shared mapping of m's memfd covers all of m's range, at the offsets we gave it. */
 static int still_ours(const moved_range *m) {
     struct pc_procmap_query q;
-    return query(m->start, 0, &q) == 0 && (q.vma_flags & PC_VMA_SHARED) && q.inode == m->ino &&
-           q.dev_major == m->dev_major && q.dev_minor == m->dev_minor && q.vma_start <= m->start &&
+    return query(m->start, 0, &q) == 0 && shares_memfd_of(&q, m) && q.vma_start <= m->start &&
            q.vma_end >= m->end && q.vma_offset + (m->start - q.vma_start) == 0;
 }
 
@@ -119,8 +129,7 @@ static void make_private(moved_range *m) {
     for (int guard = 0; at < m->end && guard < 1024; guard++) {
         if (query(at, 1, &q) != 0 || q.vma_start >= m->end) break;
         uintptr_t s = q.vma_start > at ? q.vma_start : at, e = q.vma_end < m->end ? q.vma_end : m->end;
-        if ((q.vma_flags & PC_VMA_SHARED) && q.inode == m->ino && q.dev_major == m->dev_major &&
-            q.dev_minor == m->dev_minor &&
+        if (shares_memfd_of(&q, m) &&
             mmap((void *)s, e - s, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_FIXED, m->fd,
                  (off_t)(q.vma_offset + (s - q.vma_start))) != MAP_FAILED && kept != m->ino) {
             kept = m->ino;
@@ -136,7 +145,6 @@ static void make_private(moved_range *m) {
     memset(m, 0, sizeof *m);
     m->fd = -1;
 }
-
 
 /* A forked child keeps no shared pages of ours (see shared_buffers.h). */
 static void fork_prepare(void) { pthread_mutex_lock(&lock); }
@@ -197,7 +205,7 @@ static int retired_inode(const struct pc_procmap_query *q) {
 /* [s, e) lies, in part or whole, on memory of ours: under a move, or left private by one. */
 static int over_our_memory(uintptr_t s, uintptr_t e) {
     for (int i = 0; i < SHARED_MAX; i++)
-        if (moved[i].used_run && moved[i].start < e && s < moved[i].end) return 1;
+        if (overlaps(&moved[i], s, e)) return 1;
     struct pc_procmap_query q;
     uintptr_t at = s;
     for (int guard = 0; n_retired && at < e && guard < 8; guard++) { /* the mappings across it */
@@ -235,9 +243,9 @@ static moved_range *covering(uintptr_t s, uintptr_t e) {
  * in a run's use (then nothing is dropped). */
 static int drop_overlapping(uintptr_t s, uintptr_t e) {
     for (int i = 0; i < SHARED_MAX; i++)
-        if (moved[i].used_run && moved[i].start < e && s < moved[i].end && moved[i].users) return -1;
+        if (overlaps(&moved[i], s, e) && moved[i].users) return -1;
     for (int i = 0; i < SHARED_MAX; i++)
-        if (moved[i].used_run && moved[i].start < e && s < moved[i].end) {
+        if (overlaps(&moved[i], s, e)) {
             make_private(&moved[i]);
             n_dropped++;
         }
@@ -257,6 +265,14 @@ static moved_range *free_slot(void) {
     for (int i = 0; i < SHARED_MAX; i++)
         if (!moved[i].used_run) return &moved[i];
     return NULL;
+}
+
+/* Moves [s, e) (dropping the moves it overlaps) into a free slot: the move, or NULL where it
+ * cannot (switched off, no PROCMAP_QUERY, an overlapping move in use, no slot, a failed move). */
+static moved_range *move_into_slot(uintptr_t s, uintptr_t e) {
+    if (!enabled || maps_fd == -2 || e <= s || drop_overlapping(s, e) != 0) return NULL;
+    moved_range *slot = free_slot();
+    return slot && move_range(s, e, slot) == 0 ? slot : NULL;
 }
 
 static void page_interior(void *buf, uint64_t bytes, uintptr_t *s, uintptr_t *e) {
@@ -300,10 +316,7 @@ void shared_buffers_check(int32_t nbufs, void *const *bufs, const uint64_t *buf_
             m = NULL;
         }
         ours[b] = m != NULL || (e > s && over_our_memory(s, e));
-        if (!m && ours[b] && enabled && seen_before(s, e) && drop_overlapping(s, e) == 0) {
-            moved_range *slot = free_slot();
-            if (slot && move_range(s, e, slot) == 0) m = slot;
-        }
+        if (!m && ours[b] && seen_before(s, e)) m = move_into_slot(s, e);
         if (m) fill_ref(m, &refs[b]);
     }
     pthread_mutex_unlock(&lock);
@@ -315,10 +328,7 @@ void shared_buffers_move(void *buf, uint64_t bytes, shared_ref *ref) {
     uintptr_t s, e;
     page_interior(buf, bytes, &s, &e);
     moved_range *m = e > s ? covering(s, e) : NULL; /* moved already (IN and OUT of one run) */
-    if (!m && enabled && bytes >= SHARED_MIN_BYTES && e > s && maps_fd != -2 && drop_overlapping(s, e) == 0) {
-        moved_range *slot = free_slot();
-        if (slot && move_range(s, e, slot) == 0) m = slot;
-    }
+    if (!m && bytes >= SHARED_MIN_BYTES) m = move_into_slot(s, e);
     if (m && !ref->gen) fill_ref(m, ref);
     pthread_mutex_unlock(&lock);
 }

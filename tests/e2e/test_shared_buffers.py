@@ -15,7 +15,7 @@ import pycoll.testing
 
 from pycoll.core.native import ffi, lib
 from pycoll.plan import planners
-from test_shm import Mesh, RING_MIN
+from test_shm import Mesh, RING_MIN, _compact_memory, _in_shared_buffer, _libc
 
 
 def _stats():
@@ -36,18 +36,6 @@ def _thp_madvise():
 # runs); a host without transparent huge pages or PROCMAP_QUERY (Linux 6.11) never moves.
 needs_moves = pytest.mark.skipif(not (_thp_madvise() and lib.pc_shared_buffers_available()),
                                  reason="no transparent huge pages or no PROCMAP_QUERY on this host")
-
-
-def _compact_memory():
-    """Moves need the proof that a buffer is reused: found on huge pages in two runs. With the
-    suite's other worker fragmenting memory the kernel may have no free 2 MiB page at that
-    moment (the host's state, not what these tests are about): compact and try again. A rule
-    that is wrong shows on every attempt."""
-    try:
-        with open("/proc/sys/vm/compact_memory", "w") as f:  # root only; harmless
-            f.write("1")
-    except OSError:
-        pass
 
 
 def _allpairs_want(inputs):
@@ -98,7 +86,8 @@ def _calls(mesh, bufs, count, calls):
 def _until_moved(n, make, count, calls=range(4)):
     """A mesh and buffers (``make()``: the buffers and how to free them) after ``calls`` whose
     buffers lie in shared memory, every rank's (its peers read out of their mappings): up to
-    three attempts (see _compact_memory)."""
+    three attempts (compacting memory between them: the proof of reuse needs huge pages, which the
+    suite's other worker may have fragmented away; a rule that is wrong shows on every attempt)."""
     for attempt in range(3):
         mesh, (bufs, free) = _mesh(n), make()
         try:
@@ -118,13 +107,7 @@ def _until_moved(n, make, count, calls=range(4)):
 
 def _in_shared_memory(buf):
     """The middle of buf lies in a shared buffer's shared mapping (core/shared_buffers.h)."""
-    addr = buf.ctypes.data + buf.nbytes // 2
-    with open("/proc/self/maps") as f:
-        for line in f:
-            lo, hi = (int(v, 16) for v in line.split()[0].split("-"))
-            if lo <= addr < hi:
-                return "memfd:pycoll-shared-" in line and line.split()[1].endswith("s")
-    return False
+    return _in_shared_buffer(buf.ctypes.data + buf.nbytes // 2)
 
 
 def _numpy_bufs(n, count):
@@ -149,11 +132,7 @@ def test_reused_buffers_move_and_are_reduced_where_they_lie(n):
         mesh.close()
 
 
-libc = ctypes.CDLL(None, use_errno=True)
-libc.mmap.restype = ctypes.c_void_p
-libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
-libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+libc = _libc()
 MAP_FIXED, MADV_HUGEPAGE = 0x10, 14
 
 
@@ -284,6 +263,6 @@ def test_a_peer_killed_while_its_moved_buffer_is_read():
                                               "preserve_input": False, "single_copy_adapt": False})
         if all(r[0] for r in res[:2]) or attempt == 2:
             break
-        _compact_memory()  # no move: the host had no huge page to give (see _compact_memory)
+        _compact_memory()  # no move: the host had no huge page to give
     assert res[2] == pycoll.testing.KILLED
     assert res[:2] == [(True, 2, 2.0, 2.0)] * 2

@@ -1143,7 +1143,20 @@ def _libc():
     libc.mmap.restype = ctypes.c_void_p
     libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
     libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     return libc
+
+
+def _compact_memory():
+    """Ask the kernel to compact memory (root only; harmless): for the tests that need a free
+    2 MiB page, which the suite's other worker may have fragmented away (the host's state, not
+    what they are about)."""
+    try:
+        with open("/proc/sys/vm/compact_memory", "w") as f:
+            f.write("1")
+    except OSError:
+        pass
 
 
 _RW, _ANON = 0x3, 0x02 | 0x20  # PROT_READ|PROT_WRITE, MAP_PRIVATE|MAP_ANONYMOUS
@@ -1174,11 +1187,7 @@ def _huge_page_run(job, args=(), sizes=lambda result: result[0], attempts=3):
         results = pycoll.testing.run(job, 2, args=args, timeout=30, init_kwargs={"single_copy_adapt": False})
         if not any(0 < kb < 4 * 2048 for result in results for kb in sizes(result)):
             break
-        try:
-            with open("/proc/sys/vm/compact_memory", "w") as f:  # root only; harmless
-                f.write("1")
-        except OSError:
-            pass
+        _compact_memory()
     return results
 
 
